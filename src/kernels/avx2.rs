@@ -1,0 +1,157 @@
+//! AVX2 + FMA + F16C kernels. Private `unsafe` functions, reached only through
+//! the safe wrappers in [`super`], which check CPU features and slice sizes.
+//!
+//! Batch invariance: every kernel computes each activation row with exactly
+//! the same sequence of floating-point operations whatever the tile size `R`
+//! (the per-row accumulators never mix), so a row's result does not depend on
+//! which other rows share its batch.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::BlockQ8;
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let hi = _mm256_extractf128_ps(v, 1);
+    let lo = _mm256_castps256_ps128(v);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+fn f16_ptr(p: *const u8) -> f32 {
+    // SAFETY: callers pass a pointer to at least 2 readable bytes inside a block.
+    let bits = unsafe { u16::from_le_bytes([*p, *p.add(1)]) };
+    f16::from_bits(bits).to_f32()
+}
+
+/// Weight format handled by the tiled quantized kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum QKind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl QKind {
+    const fn block_bytes(self) -> usize {
+        match self {
+            QKind::Q4_0 => 18,
+            QKind::Q4_1 => 20,
+            QKind::Q8_0 => 34,
+        }
+    }
+}
+
+/// `out[r * out_stride + o] = dot(w row o, x row r)` for `r < R`, `o` in `cols`.
+///
+/// # Safety
+/// CPU supports avx2, fma and f16c; `w` holds at least `cols.end * nb` blocks of
+/// `kind`; `x` holds at least `R * nb` blocks; `out` holds at least
+/// `(R - 1) * out_stride + cols.end` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_q<const R: usize>(
+    kind: QKind,
+    w: &[u8],
+    nb: usize,
+    x: &[BlockQ8],
+    out: &mut [f32],
+    out_stride: usize,
+    cols: std::ops::Range<usize>,
+) {
+    let bb = kind.block_bytes();
+    let ones = _mm256_set1_epi16(1);
+    let mask = _mm_set1_epi8(0x0F);
+    let wp = w.as_ptr();
+    let xp = x.as_ptr();
+    for o in cols {
+        let wrow = wp.add(o * nb * bb);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut macc = [0.0f32; R];
+        for b in 0..nb {
+            let bp = wrow.add(b * bb);
+            let d = f16_ptr(bp);
+            match kind {
+                QKind::Q4_0 | QKind::Q4_1 => {
+                    let qoff = if kind == QKind::Q4_1 { 4 } else { 2 };
+                    let m = if kind == QKind::Q4_1 { f16_ptr(bp.add(2)) } else { -8.0 * d };
+                    let q = _mm_loadu_si128(bp.add(qoff) as *const __m128i);
+                    let lo = _mm_and_si128(q, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                    let wv = _mm256_set_m128i(hi, lo);
+                    for r in 0..R {
+                        let xb = &*xp.add(r * nb + b);
+                        let a = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a), ones);
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc[r]);
+                        macc[r] += m * xb.s;
+                    }
+                }
+                QKind::Q8_0 => {
+                    let wv = _mm256_loadu_si256(bp.add(2) as *const __m256i);
+                    let aw = _mm256_sign_epi8(wv, wv);
+                    for r in 0..R {
+                        let xb = &*xp.add(r * nb + b);
+                        let a = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                        let sa = _mm256_sign_epi8(a, wv);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc[r]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            *out.get_unchecked_mut(r * out_stride + o) = hsum(acc[r]) + macc[r];
+        }
+    }
+}
+
+/// `sum_i a[i] * b[i]`, `b` in f16.
+///
+/// # Safety
+/// CPU supports avx2, fma and f16c; `a.len() == b.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    let n = a.len();
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let bv = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+        let av = _mm256_loadu_ps(a.as_ptr().add(i));
+        acc = _mm256_fmadd_ps(av, bv, acc);
+        i += 8;
+    }
+    let mut s = hsum(acc);
+    while i < n {
+        s += a[i] * b[i].to_f32();
+        i += 1;
+    }
+    s
+}
+
+/// `out[i] += w * v[i]`, `v` in f16.
+///
+/// # Safety
+/// CPU supports avx2, fma and f16c; `out.len() == v.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    let n = out.len();
+    let wv = _mm256_set1_ps(w);
+    let mut i = 0;
+    while i + 8 <= n {
+        let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+        let o = _mm256_loadu_ps(out.as_ptr().add(i));
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_fmadd_ps(wv, vv, o));
+        i += 8;
+    }
+    while i < n {
+        out[i] += w * v[i].to_f32();
+        i += 1;
+    }
+}

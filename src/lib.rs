@@ -1,0 +1,27 @@
+//! Brigade: a throughput-oriented LLM inference and serving runtime for CPUs.
+//!
+//! An answer is made in three steps, each its own stage:
+//!
+//! ```text
+//!   text ──► tokenizer ──► predict (layer-group workers) ──► select (sampler) ──► tokens
+//!                                 ▲                                   │
+//!                                 └──────── chosen token fed back ────┘
+//! ```
+//!
+//! Modules:
+//! - [`gguf`]: bounds-checked GGUF reader on `memmap2` (and a small writer for tests).
+//! - [`tokenizer`]: byte-level BPE from GGUF metadata, chat templates, incremental detokenizer.
+//! - [`kernels`]: the only home of `unsafe` and SIMD, safe wrappers + scalar references.
+//! - [`model`]: Llama forward pass over quantized weights, paged KV access.
+//! - [`sampling`]: logits → token.
+#![deny(unsafe_code)]
+#![warn(rust_2018_idioms)]
+
+pub mod gguf;
+pub mod kernels;
+pub mod model;
+pub mod paths;
+pub mod runner;
+pub mod sampling;
+pub mod testing;
+pub mod tokenizer;

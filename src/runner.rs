@@ -1,0 +1,143 @@
+//! A single-sequence runner over the whole model: the direct path used by
+//! `brigade perplexity` and by reference tests. Serving goes through the
+//! pipelined runtime instead; both call the same [`Model`] functions.
+
+use std::sync::Arc;
+
+use crate::model::kv::KvStore;
+use crate::model::llama::{Scratch, SeqChunk};
+use crate::model::Model;
+
+/// Runs one sequence at a time with its own contiguous block table.
+#[derive(Debug)]
+pub struct Runner {
+    /// The model.
+    pub model: Arc<Model>,
+    kv: KvStore,
+    block_table: Vec<u32>,
+    scratch: Scratch,
+    pool: Option<rayon::ThreadPool>,
+    pos: usize,
+    x: Vec<f32>,
+}
+
+/// Error from the runner: the sequence does not fit its context.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// More tokens than the runner's context.
+    #[error("sequence of {need} tokens exceeds the context of {max} tokens")]
+    ContextFull { need: usize, max: usize },
+    /// Token id outside the vocabulary.
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(u32),
+    /// Thread pool could not be built.
+    #[error("thread pool: {0}")]
+    Pool(String),
+}
+
+impl Runner {
+    /// A runner for sequences up to `max_ctx` tokens using `threads` threads.
+    pub fn new(model: Arc<Model>, max_ctx: usize, threads: usize) -> Result<Self, RunnerError> {
+        let bs = 16;
+        let nblocks = max_ctx.div_ceil(bs).max(1);
+        let kv = KvStore::new(0, model.config.n_layers, nblocks, bs, model.config.kv_dim);
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("runner-{i}"))
+                    .build()
+                    .map_err(|e| RunnerError::Pool(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            model,
+            kv,
+            block_table: (0..nblocks as u32).collect(),
+            scratch: Scratch::default(),
+            pool,
+            pos: 0,
+            x: Vec::new(),
+        })
+    }
+
+    /// Forgets the current sequence.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Current sequence length.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Feeds `tokens` and returns logits (`vocab` each) for every fed token when
+    /// `all_logits`, else only for the last one.
+    pub fn feed(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, RunnerError> {
+        let c = &self.model.config;
+        let (dim, vocab) = (c.dim, c.vocab_size);
+        let max = self.block_table.len() * self.kv.block_size;
+        if self.pos + tokens.len() > max {
+            return Err(RunnerError::ContextFull { need: self.pos + tokens.len(), max });
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RunnerError::BadToken(t));
+        }
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        self.x.resize(n * dim, 0.0);
+        self.model.embed(tokens, &mut self.x);
+        let chunk = SeqChunk { pos: self.pos, len: n, block_table: &self.block_table };
+        self.model.forward_layers(
+            0..c.n_layers,
+            &mut self.x,
+            &[chunk],
+            &mut self.kv,
+            &mut self.scratch,
+            self.pool.as_ref(),
+        );
+        self.pos += n;
+        let rows = if all_logits { &self.x[..] } else { &self.x[(n - 1) * dim..] };
+        let mut logits = vec![0.0; rows.len() / dim * vocab];
+        self.model.logits(rows, &mut logits, &mut self.scratch, self.pool.as_ref());
+        Ok(logits)
+    }
+}
+
+/// Result of [`perplexity`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Perplexity {
+    /// `exp(nll / tokens)`.
+    pub perplexity: f64,
+    /// Number of scored tokens.
+    pub tokens: usize,
+    /// Total negative log-likelihood (nats).
+    pub nll: f64,
+}
+
+/// Perplexity of `ids`: consecutive windows of `ctx` tokens (the last partial
+/// window included if it has at least 2 tokens); within each window every token
+/// after the first is scored given the preceding tokens of that window only.
+pub fn perplexity(runner: &mut Runner, ids: &[u32], ctx: usize) -> Result<Perplexity, RunnerError> {
+    let vocab = runner.model.config.vocab_size;
+    let mut nll = 0.0f64;
+    let mut tokens = 0usize;
+    for window in ids.chunks(ctx.max(2)) {
+        if window.len() < 2 {
+            continue;
+        }
+        runner.reset();
+        let logits = runner.feed(&window[..window.len() - 1], true)?;
+        for (i, &next) in window[1..].iter().enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            nll -= crate::sampling::logprob(row, next) as f64;
+            tokens += 1;
+        }
+    }
+    let perplexity = if tokens > 0 { (nll / tokens as f64).exp() } else { f64::NAN };
+    Ok(Perplexity { perplexity, tokens, nll })
+}
