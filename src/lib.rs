@@ -17,8 +17,11 @@
 #![deny(unsafe_code)]
 #![warn(rust_2018_idioms)]
 
+pub mod config;
+pub mod engine;
 pub mod gguf;
 pub mod kernels;
+pub mod kv;
 pub mod model;
 pub mod paths;
 pub mod runner;

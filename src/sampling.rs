@@ -65,6 +65,188 @@ pub fn sample_temperature(logits: &[f32], temperature: f32, u: f64) -> u32 {
     argmax(logits)
 }
 
+
+/// Picks the `k` largest entries of `logits` as `(index, logit)`, best first
+/// (ties: lower index first). Partial selection, no full sort of the vocabulary.
+pub fn top_k_entries(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(cmp);
+    idx
+}
+
+/// What the sampler needs for one row: parameters and the keys of its random stream.
+#[derive(Clone, Copy, Debug)]
+pub struct RowParams<'a> {
+    /// Sampling parameters.
+    pub params: &'a crate::engine::request::SamplingParams,
+    /// Seed of the random stream.
+    pub seed: u64,
+    /// Completion index.
+    pub index: usize,
+    /// Position of the token being chosen (the sequence length before it).
+    pub position: usize,
+    /// Prompt tokens (repetition penalty).
+    pub prompt: &'a [u32],
+    /// Generated tokens so far (penalties).
+    pub output: &'a [u32],
+    /// Mask these ids (stop tokens while `min_tokens` is not reached).
+    pub masked: &'a [u32],
+}
+
+/// Result of sampling one row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    /// Chosen token.
+    pub token: u32,
+    /// Its log-probability under the raw (unprocessed) distribution.
+    pub logprob: f32,
+    /// Top alternatives under the raw distribution, best first (if requested).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Applies the logits processors in place, in this fixed order:
+///
+/// 1. **penalties** — repetition (divide positive / multiply negative logits of
+///    tokens in prompt or output, as in CTRL/HF/vLLM), then presence and
+///    frequency (subtract once / per occurrence in the output, as OpenAI);
+///    they describe the model's raw preferences, so they come first;
+/// 2. **logit bias** — the caller's explicit per-token edit, applied on the
+///    penalized logits so it is not undone by them (OpenAI semantics);
+/// 3. **stop-token mask** while `min_tokens` is not reached.
+///
+/// Temperature and truncation (top-k, top-p, min-p) follow in [`sample`],
+/// truncation after temperature so that top-p/min-p act on the distribution
+/// actually sampled from (vLLM's order).
+pub fn apply_processors(logits: &mut [f32], r: &RowParams<'_>) {
+    let p = r.params;
+    let vocab = logits.len();
+    if p.repetition_penalty != 1.0 {
+        let rp = p.repetition_penalty;
+        let mut seen = vec![false; vocab];
+        for &t in r.prompt.iter().chain(r.output) {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        for (l, _) in logits.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+            *l = if *l > 0.0 { *l / rp } else { *l * rp };
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        for &t in r.output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&t, &c) in &counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+    }
+    for (&t, &b) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
+    for &t in r.masked {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The candidate set kept by top-k, then top-p, then min-p, on logits already
+/// divided by the temperature, as `(token, logit)` best first.
+pub fn truncate(scaled: &[f32], top_k: i32, top_p: f32, min_p: f32) -> Vec<(u32, f32)> {
+    let vocab = scaled.len();
+    let k = if top_k > 0 { (top_k as usize).min(vocab) } else { vocab };
+    let m = scaled.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    // Total softmax mass (over the whole vocabulary, or the top-k set).
+    let mut want = if top_p < 1.0 { 64.min(k) } else { k };
+    loop {
+        let cand = top_k_entries(scaled, want);
+        let z: f64 = if k < vocab {
+            top_k_entries(scaled, k).iter().map(|&(_, v)| ((v - m) as f64).exp()).sum()
+        } else {
+            scaled.iter().map(|&v| ((v - m) as f64).exp()).sum()
+        };
+        let mut kept = cand.len();
+        let mut complete = want >= k;
+        if top_p < 1.0 {
+            let mut acc = 0.0f64;
+            let mut cut = None;
+            for (i, &(_, v)) in cand.iter().enumerate() {
+                acc += ((v - m) as f64).exp() / z;
+                if acc >= top_p as f64 {
+                    cut = Some(i + 1);
+                    break;
+                }
+            }
+            if let Some(c) = cut {
+                kept = c;
+                complete = true;
+            }
+        }
+        if complete {
+            let mut out = cand;
+            out.truncate(kept.max(1));
+            if min_p > 0.0 {
+                // p_i >= min_p * p_max  <=>  v_i >= m + ln(min_p)
+                let thr = m + min_p.ln();
+                out.retain(|&(_, v)| v >= thr);
+            }
+            return out;
+        }
+        want = (want * 4).min(k);
+    }
+}
+
+/// Samples one token from processed `logits` (already through
+/// [`apply_processors`]); `raw` are the model's unmodified logits, used for
+/// the reported log-probabilities.
+pub fn sample(raw: &[f32], logits: &mut [f32], r: &RowParams<'_>) -> Sampled {
+    let p = r.params;
+    apply_processors(logits, r);
+    let token = if p.temperature <= 0.0 {
+        argmax(logits)
+    } else {
+        let inv_t = 1.0 / p.temperature;
+        for l in logits.iter_mut() {
+            *l *= inv_t;
+        }
+        let cand = truncate(logits, p.top_k, p.top_p, p.min_p);
+        let m = cand.first().map(|c| c.1).unwrap_or(0.0);
+        let w: Vec<f64> = cand.iter().map(|&(_, v)| ((v - m) as f64).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let u = uniform(r.seed, r.index as u64, r.position as u64) * total;
+        let mut acc = 0.0;
+        let mut chosen = cand.last().map(|c| c.0).unwrap_or_else(|| argmax(raw));
+        for (&(t, _), &wi) in cand.iter().zip(&w) {
+            acc += wi;
+            if acc > u {
+                chosen = t;
+                break;
+            }
+        }
+        chosen
+    };
+    let lse = logsumexp(raw);
+    let top = match p.logprobs {
+        Some(n) if n > 0 => top_k_entries(raw, n).into_iter().map(|(t, v)| (t, v - lse)).collect(),
+        _ => Vec::new(),
+    };
+    Sampled { token, logprob: raw[token as usize] - lse, top }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

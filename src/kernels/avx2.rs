@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::BlockQ8;
+use super::{BlockQ8, Q8_RESIDUAL_SCALE};
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -87,9 +87,13 @@ pub(super) unsafe fn tile_q<const R: usize>(
                     let wv = _mm256_set_m128i(hi, lo);
                     for r in 0..R {
                         let xb = &*xp.add(r * nb + b);
-                        let a = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a), ones);
-                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc[r]);
+                        let a1 = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                        let a2 = _mm256_loadu_si256(xb.qr.as_ptr() as *const __m256i);
+                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a1), ones);
+                        let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a2), ones);
+                        let p = _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
+                        let scale = d * (xb.d / Q8_RESIDUAL_SCALE);
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc[r]);
                         macc[r] += m * xb.s;
                     }
                 }
@@ -98,10 +102,13 @@ pub(super) unsafe fn tile_q<const R: usize>(
                     let aw = _mm256_sign_epi8(wv, wv);
                     for r in 0..R {
                         let xb = &*xp.add(r * nb + b);
-                        let a = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                        let sa = _mm256_sign_epi8(a, wv);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
-                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p), acc[r]);
+                        let a1 = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                        let a2 = _mm256_loadu_si256(xb.qr.as_ptr() as *const __m256i);
+                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a1, wv)), ones);
+                        let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a2, wv)), ones);
+                        let p = _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
+                        let scale = d * (xb.d / Q8_RESIDUAL_SCALE);
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc[r]);
                     }
                 }
             }

@@ -14,7 +14,7 @@
 
 use half::{bf16, f16};
 
-use super::{BlockQ8, QK};
+use super::{BlockQ8, QK, Q8_RESIDUAL_SCALE};
 use crate::gguf::GgmlDType;
 
 /// Reads a little-endian f16 at `b[0..2]` as f32.
@@ -30,26 +30,30 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
-        for (q, &v) in blk.qs.iter_mut().zip(chunk) {
-            let r = (v * id).round() as i32;
-            *q = r.clamp(-127, 127) as i8;
-            sum += *q as i32;
+        for ((q, qr), &v) in blk.qs.iter_mut().zip(blk.qr.iter_mut()).zip(chunk) {
+            let q1 = ((v * id).round() as i32).clamp(-127, 127);
+            let rem = v - q1 as f32 * d;
+            let q2 = ((rem * id * Q8_RESIDUAL_SCALE).round() as i32).clamp(-127, 127);
+            *q = q1 as i8;
+            *qr = q2 as i8;
+            sum += q1 * Q8_RESIDUAL_SCALE as i32 + q2;
         }
         blk.d = d;
-        blk.s = d * sum as f32;
+        blk.s = d / Q8_RESIDUAL_SCALE * sum as f32;
     }
 }
 
 /// Integer dot product of 32 unsigned nibble weights (packed in 16 bytes, ggml
-/// order) with 32 signed activations.
+/// order) with both digits of a Q8 block, in units of `d / 128`.
 #[inline(always)]
-fn dot_nibbles(qs: &[u8], a: &[i8; 32]) -> i32 {
-    let mut s = 0i32;
+fn dot_nibbles(qs: &[u8], b: &BlockQ8) -> i32 {
+    let (mut s1, mut s2) = (0i32, 0i32);
     for j in 0..16 {
-        s += (qs[j] & 0x0F) as i32 * a[j] as i32;
-        s += (qs[j] >> 4) as i32 * a[j + 16] as i32;
+        let (lo, hi) = ((qs[j] & 0x0F) as i32, (qs[j] >> 4) as i32);
+        s1 += lo * b.qs[j] as i32 + hi * b.qs[j + 16] as i32;
+        s2 += lo * b.qr[j] as i32 + hi * b.qr[j + 16] as i32;
     }
-    s
+    s1 * Q8_RESIDUAL_SCALE as i32 + s2
 }
 
 /// Dot product of one quantized weight row (raw block bytes) with one Q8 row.
@@ -60,26 +64,29 @@ pub fn vec_dot_q(dtype: GgmlDType, w: &[u8], x: &[BlockQ8]) -> f32 {
         GgmlDType::Q4_0 => {
             for (b, xb) in w.chunks_exact(bs).zip(x) {
                 let d = f16_at(b);
-                let isum = dot_nibbles(&b[2..18], &xb.qs);
-                acc += d * xb.d * isum as f32 - 8.0 * d * xb.s;
+                let isum = dot_nibbles(&b[2..18], xb);
+                acc += d * (xb.d / Q8_RESIDUAL_SCALE) * isum as f32 - 8.0 * d * xb.s;
             }
         }
         GgmlDType::Q4_1 => {
             for (b, xb) in w.chunks_exact(bs).zip(x) {
                 let d = f16_at(b);
                 let m = f16_at(&b[2..]);
-                let isum = dot_nibbles(&b[4..20], &xb.qs);
-                acc += d * xb.d * isum as f32 + m * xb.s;
+                let isum = dot_nibbles(&b[4..20], xb);
+                acc += d * (xb.d / Q8_RESIDUAL_SCALE) * isum as f32 + m * xb.s;
             }
         }
         GgmlDType::Q8_0 => {
             for (b, xb) in w.chunks_exact(bs).zip(x) {
                 let d = f16_at(b);
-                let mut isum = 0i32;
+                let (mut s1, mut s2) = (0i32, 0i32);
                 for j in 0..QK {
-                    isum += (b[2 + j] as i8) as i32 * xb.qs[j] as i32;
+                    let w = (b[2 + j] as i8) as i32;
+                    s1 += w * xb.qs[j] as i32;
+                    s2 += w * xb.qr[j] as i32;
                 }
-                acc += d * xb.d * isum as f32;
+                let isum = s1 * Q8_RESIDUAL_SCALE as i32 + s2;
+                acc += d * (xb.d / Q8_RESIDUAL_SCALE) * isum as f32;
             }
         }
         #[allow(unreachable_patterns)]

@@ -1,0 +1,295 @@
+//! Configuration: `config/*.toml` → validated structs.
+//!
+//! Every knob has a serde default equal to `config/default.toml`; unknown keys
+//! are rejected (`deny_unknown_fields`), and [`Config::validate`] names the key
+//! and the allowed range of any bad value.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A count that may be `"auto"` (chosen from the core count) or a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+pub enum Count {
+    /// Pick from the machine.
+    #[default]
+    Auto,
+    /// Exactly this many.
+    N(usize),
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            N(i64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::S(s) if s == "auto" => Ok(Count::Auto),
+            Raw::S(s) => Err(serde::de::Error::custom(format!("expected \"auto\" or a positive integer, got \"{s}\""))),
+            Raw::N(n) if n >= 1 => Ok(Count::N(n as usize)),
+            Raw::N(n) => Err(serde::de::Error::custom(format!("expected \"auto\" or a positive integer, got {n}"))),
+        }
+    }
+}
+
+/// Where the model comes from.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Path of the GGUF file (empty: `BRIGADE_MODEL` or the cached default).
+    pub path: Option<PathBuf>,
+}
+
+/// The actor pipeline and batching.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Layer-group worker actors (`"auto"` or 1..=64).
+    pub workers: Count,
+    /// Compute threads inside each worker (`"auto"` or 1..=256).
+    pub threads_per_worker: Count,
+    /// Token budget of one micro-batch (decode tokens + prefill chunks).
+    pub max_batched_tokens: usize,
+    /// Most sequences in one micro-batch.
+    pub max_seqs: usize,
+    /// Micro-batches in flight at once (`"auto"` = number of workers).
+    pub pipeline_depth: Count,
+    /// Prompts longer than this are prefilled in chunks of at most this many tokens (0 = off).
+    pub prefill_chunk: usize,
+    /// Capacity of each inter-actor channel (>= pipeline depth).
+    pub channel_capacity: usize,
+    /// Requests that may wait in the engine's inbox before `submit` reports overload.
+    pub request_queue: usize,
+    /// Largest `n` (completions per request).
+    pub max_n: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            workers: Count::Auto,
+            threads_per_worker: Count::Auto,
+            max_batched_tokens: 512,
+            max_seqs: 64,
+            pipeline_depth: Count::Auto,
+            prefill_chunk: 256,
+            channel_capacity: 8,
+            request_queue: 1024,
+            max_n: 16,
+        }
+    }
+}
+
+/// Element type of the K/V storage.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDType {
+    /// IEEE half precision.
+    #[default]
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// f32.
+    F32,
+}
+
+/// The paged KV-cache.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvCacheConfig {
+    /// Tokens per block (1..=128).
+    pub block_size: usize,
+    /// Capacity in tokens (0 = use `capacity_bytes`).
+    pub capacity_tokens: usize,
+    /// Capacity in bytes over all layers (used when `capacity_tokens` is 0).
+    pub capacity_bytes: u64,
+    /// Element type of stored K/V.
+    pub dtype: KvDType,
+    /// Reuse cached blocks of identical prefixes.
+    pub prefix_caching: bool,
+}
+
+impl Default for KvCacheConfig {
+    fn default() -> Self {
+        Self { block_size: 16, capacity_tokens: 32768, capacity_bytes: 0, dtype: KvDType::F16, prefix_caching: true }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[runtime]`.
+    pub runtime: RuntimeConfig,
+    /// `[kv_cache]`.
+    pub kv_cache: KvCacheConfig,
+    /// `[server]` (the HTTP front end; free-form until the server lands).
+    #[serde(default)]
+    pub server: Option<toml::Table>,
+}
+
+/// A configuration error naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// File could not be read.
+    #[error("reading config {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// TOML syntax, unknown key or wrong type.
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value out of range.
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string().trim().to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.runtime;
+        let inv = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if let Count::N(n) = r.workers {
+            if n > 64 {
+                return inv("runtime.workers", format!("must be \"auto\" or in 1..=64, got {n}"));
+            }
+        }
+        if let Count::N(n) = r.threads_per_worker {
+            if n > 256 {
+                return inv("runtime.threads_per_worker", format!("must be \"auto\" or in 1..=256, got {n}"));
+            }
+        }
+        if !(1..=65536).contains(&r.max_batched_tokens) {
+            return inv("runtime.max_batched_tokens", format!("must be in 1..=65536, got {}", r.max_batched_tokens));
+        }
+        if !(1..=4096).contains(&r.max_seqs) {
+            return inv("runtime.max_seqs", format!("must be in 1..=4096, got {}", r.max_seqs));
+        }
+        if let Count::N(n) = r.pipeline_depth {
+            if n > 64 {
+                return inv("runtime.pipeline_depth", format!("must be \"auto\" or in 1..=64, got {n}"));
+            }
+        }
+        if !(1..=4096).contains(&r.channel_capacity) {
+            return inv("runtime.channel_capacity", format!("must be in 1..=4096, got {}", r.channel_capacity));
+        }
+        if let Count::N(d) = r.pipeline_depth {
+            if r.channel_capacity < d {
+                return inv("runtime.channel_capacity", format!("must be >= pipeline_depth ({d}), got {}", r.channel_capacity));
+            }
+        }
+        if !(1..=1_000_000).contains(&r.request_queue) {
+            return inv("runtime.request_queue", format!("must be in 1..=1000000, got {}", r.request_queue));
+        }
+        if !(1..=256).contains(&r.max_n) {
+            return inv("runtime.max_n", format!("must be in 1..=256, got {}", r.max_n));
+        }
+        let k = &self.kv_cache;
+        if !(1..=crate::model::kv::MAX_BLOCK_SIZE).contains(&k.block_size) {
+            return inv("kv_cache.block_size", format!("must be in 1..={}, got {}", crate::model::kv::MAX_BLOCK_SIZE, k.block_size));
+        }
+        if k.capacity_tokens == 0 && k.capacity_bytes == 0 {
+            return inv("kv_cache.capacity_tokens", "one of capacity_tokens or capacity_bytes must be > 0".into());
+        }
+        if k.capacity_tokens > 16 * 1024 * 1024 {
+            return inv("kv_cache.capacity_tokens", format!("must be <= 16777216, got {}", k.capacity_tokens));
+        }
+        Ok(())
+    }
+
+    /// Number of workers after resolving `auto` (`cores` = available cores).
+    pub fn workers(&self, _cores: usize, n_layers: usize) -> usize {
+        let w = match self.runtime.workers {
+            Count::N(n) => n,
+            Count::Auto => 1,
+        };
+        w.clamp(1, n_layers.max(1))
+    }
+
+    /// Threads per worker after resolving `auto`.
+    pub fn threads_per_worker(&self, cores: usize, workers: usize) -> usize {
+        match self.runtime.threads_per_worker {
+            Count::N(n) => n,
+            Count::Auto => (cores / workers.max(1)).max(1),
+        }
+    }
+
+    /// Pipeline depth after resolving `auto`.
+    pub fn pipeline_depth(&self, workers: usize) -> usize {
+        match self.runtime.pipeline_depth {
+            Count::N(n) => n,
+            Count::Auto => workers.max(1),
+        }
+        .min(self.runtime.channel_capacity)
+    }
+
+    /// KV capacity in blocks for a model with `n_layers` layers of width `kv_dim`.
+    pub fn kv_blocks(&self, n_layers: usize, kv_dim: usize) -> usize {
+        let k = &self.kv_cache;
+        let elem = match k.dtype {
+            KvDType::F16 | KvDType::Bf16 => 2,
+            KvDType::F32 => 4,
+        };
+        let tokens = if k.capacity_tokens > 0 {
+            k.capacity_tokens
+        } else {
+            (k.capacity_bytes / (2 * n_layers.max(1) * kv_dim.max(1) * elem) as u64) as usize
+        };
+        (tokens / k.block_size).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_equals_defaults() {
+        let text = include_str!("../config/default.toml");
+        let cfg = Config::parse(text, "default.toml").unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = Config::parse("[runtime]\nworkerz = 2\n", "t").unwrap_err().to_string();
+        assert!(e.contains("workerz"), "{e}");
+        let e = Config::parse("[runtime]\nmax_seqs = 0\n", "t").unwrap_err().to_string();
+        assert!(e.contains("runtime.max_seqs") && e.contains("1..=4096"), "{e}");
+        let e = Config::parse("[kv_cache]\nblock_size = 1000\n", "t").unwrap_err().to_string();
+        assert!(e.contains("kv_cache.block_size"), "{e}");
+        let e = Config::parse("[runtime]\nworkers = \"many\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("auto"), "{e}");
+        let e = Config::parse("[kv_cache]\ndtype = \"f8\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("f8") || e.contains("dtype"), "{e}");
+        let e = Config::parse("[runtime]\npipeline_depth = 8\nchannel_capacity = 4\n", "t").unwrap_err().to_string();
+        assert!(e.contains("runtime.channel_capacity"), "{e}");
+    }
+
+    #[test]
+    fn auto_resolution() {
+        let c = Config::parse("[runtime]\nworkers = 2\nthreads_per_worker = \"auto\"\n", "t").unwrap();
+        assert_eq!(c.workers(2, 30), 2);
+        assert_eq!(c.threads_per_worker(2, 2), 1);
+        assert_eq!(c.pipeline_depth(2), 2);
+        assert_eq!(c.kv_blocks(30, 192), 32768 / 16);
+    }
+}

@@ -1,0 +1,474 @@
+//! The continuous-batching scheduler: a plain synchronous struct (no threads,
+//! channels or clocks), wrapped by the scheduler actor.
+//!
+//! Every call to [`Scheduler::schedule`] forms one micro-batch:
+//!
+//! 1. running sequences that are not in flight, oldest first: one decode
+//!    token each, or the next prefill chunk (at most `prefill_chunk` tokens)
+//!    of a sequence whose prompt is not fully computed;
+//! 2. then waiting sequences, in queue order (preempted ones first), admitted
+//!    while blocks and the token budget last, reusing cached prefix blocks.
+//!
+//! Limits: `max_batched_tokens` tokens and `max_seqs` sequences per batch.
+//! A sequence is in at most one in-flight batch, so concurrent micro-batches
+//! have disjoint sequence sets. When a running sequence needs a block and none
+//! is free, the most recently arrived running sequence that is not in flight
+//! is preempted: its blocks are freed (full blocks stay in the prefix cache)
+//! and it is recomputed later from its prompt and the tokens it had made.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::request::{FinishReason, SamplingParams};
+use crate::kv::{KvCacheManager, KvError};
+
+/// Scheduler limits.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Token budget per micro-batch.
+    pub max_batched_tokens: usize,
+    /// Sequences per micro-batch.
+    pub max_seqs: usize,
+    /// Longest prefill chunk (0 = only the budget limits it).
+    pub prefill_chunk: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks.
+    pub num_blocks: usize,
+    /// Reuse cached prefix blocks.
+    pub prefix_caching: bool,
+}
+
+/// Whether a sequence waits for admission or holds blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// In the waiting queue, no blocks.
+    Waiting,
+    /// Holds blocks; scheduled every step it is not in flight.
+    Running,
+}
+
+/// One completion being generated.
+#[derive(Debug)]
+pub struct Sequence {
+    /// Unique id of this completion.
+    pub id: u64,
+    /// Request it belongs to.
+    pub request_id: u64,
+    /// Completion index within the request.
+    pub index: usize,
+    /// Prompt followed by generated tokens.
+    pub tokens: Vec<u32>,
+    /// Prompt length.
+    pub num_prompt: usize,
+    /// Tokens whose K/V are in the cache.
+    pub num_computed: usize,
+    /// Prompt tokens served by the prefix cache at the last admission.
+    pub num_cached: usize,
+    /// Part of an in-flight micro-batch.
+    pub in_flight: bool,
+    /// Waiting or running.
+    pub status: Status,
+    /// Admission order (smaller = earlier); preemption picks the largest.
+    pub arrival: u64,
+    /// Lower runs first among waiting requests.
+    pub priority: i32,
+    /// Sampling parameters (shared by the request's completions).
+    pub params: Arc<SamplingParams>,
+    /// Seed of the random stream.
+    pub seed: u64,
+    /// Hard cap on `tokens.len()` (context length).
+    pub max_len: usize,
+    /// Set by the caller (or a dropped stream) to cancel the request.
+    pub cancelled: Arc<AtomicBool>,
+    /// Set when this completion alone must end (a stop string was seen).
+    pub stopped: Arc<AtomicBool>,
+    /// Times this sequence was preempted.
+    pub preemptions: u32,
+    /// Token ids that end generation (EOS and friends) unless `ignore_eos`.
+    pub eog: Arc<Vec<u32>>,
+    /// The prompt, shared with the sampler (prompt log-probabilities, repetition penalty).
+    pub prompt: Arc<Vec<u32>>,
+}
+
+impl Sequence {
+    /// Generated tokens so far.
+    pub fn num_generated(&self) -> usize {
+        self.tokens.len() - self.num_prompt
+    }
+    /// Cancelled by the caller, or stopped by a stop string.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed) || self.stopped.load(Ordering::Relaxed)
+    }
+    /// Whether the caller asked for prompt log-probabilities.
+    pub fn wants_prompt_logprobs(&self) -> bool {
+        self.params.prompt_logprobs.is_some()
+    }
+}
+
+/// One sequence's part of a micro-batch.
+#[derive(Clone, Debug)]
+pub struct ScheduledChunk {
+    /// Sequence id.
+    pub seq_id: u64,
+    /// Position of the first token.
+    pub pos: usize,
+    /// Tokens to compute (`tokens[pos..pos + len]`).
+    pub tokens: Vec<u32>,
+    /// Block table covering `0..pos + len`.
+    pub block_table: Vec<u32>,
+    /// The chunk ends at the sequence's last token: sample the next one.
+    pub sample: bool,
+    /// Logits wanted for every row (prompt log-probabilities), not only the last.
+    pub all_logits: bool,
+    /// What the sampler needs (present when `sample` or `all_logits`).
+    pub ctx: Option<SampleCtx>,
+}
+
+/// Everything the (stateless) sampler needs to pick a sequence's next token.
+#[derive(Clone, Debug)]
+pub struct SampleCtx {
+    /// Sampling parameters.
+    pub params: Arc<SamplingParams>,
+    /// Seed of the random stream.
+    pub seed: u64,
+    /// Completion index (keys the random stream).
+    pub index: usize,
+    /// The prompt.
+    pub prompt: Arc<Vec<u32>>,
+    /// Generated tokens so far (filled only when a penalty needs them).
+    pub output: Vec<u32>,
+    /// Whether end-of-generation / stop tokens must be masked (`min_tokens` not reached).
+    pub mask_stop: bool,
+    /// End-of-generation ids.
+    pub eog: Arc<Vec<u32>>,
+}
+
+/// A micro-batch.
+#[derive(Clone, Debug, Default)]
+pub struct MicroBatch {
+    /// Step number.
+    pub step_id: u64,
+    /// Sequence chunks, in row order.
+    pub chunks: Vec<ScheduledChunk>,
+}
+
+impl MicroBatch {
+    /// Total rows.
+    pub fn num_tokens(&self) -> usize {
+        self.chunks.iter().map(|c| c.tokens.len()).sum()
+    }
+}
+
+/// What happened to a sequence when a micro-batch came back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqUpdate {
+    /// Sequence id.
+    pub seq_id: u64,
+    /// The sampled token, if the chunk sampled one.
+    pub token: Option<u32>,
+    /// Set when the sequence ended (its blocks are already freed).
+    pub finish: Option<FinishReason>,
+}
+
+/// Counters for stats and metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SchedulerCounters {
+    /// Preemptions so far.
+    pub preemptions: u64,
+    /// Micro-batches formed.
+    pub steps: u64,
+    /// Prompt tokens computed (not served from cache).
+    pub prefill_tokens: u64,
+    /// Decode tokens computed.
+    pub decode_tokens: u64,
+}
+
+/// The scheduler.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    /// Block metadata (tables, ref counts, prefix cache).
+    pub kv: KvCacheManager,
+    seqs: HashMap<u64, Sequence>,
+    waiting: VecDeque<u64>,
+    running: Vec<u64>,
+    next_step: u64,
+    /// Counters.
+    pub counters: SchedulerCounters,
+}
+
+impl Scheduler {
+    /// An empty scheduler over `cfg.num_blocks` blocks.
+    pub fn new(cfg: SchedulerConfig) -> Result<Self, KvError> {
+        let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)?;
+        Ok(Self {
+            cfg,
+            kv,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_step: 0,
+            counters: SchedulerCounters::default(),
+        })
+    }
+
+    /// Most tokens one sequence can ever hold (all blocks).
+    pub fn capacity_tokens(&self) -> usize {
+        self.cfg.num_blocks * self.cfg.block_size
+    }
+
+    /// Queues a new sequence (status Waiting). Ordered by priority, then arrival.
+    pub fn add(&mut self, mut seq: Sequence) {
+        seq.status = Status::Waiting;
+        let pos = self
+            .waiting
+            .iter()
+            .position(|id| self.seqs.get(id).is_some_and(|s| s.priority > seq.priority))
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(pos, seq.id);
+        self.seqs.insert(seq.id, seq);
+    }
+
+    /// The sequence `id`, if known.
+    pub fn get(&self, id: u64) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+
+    /// Number of running / waiting sequences.
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    /// Waiting sequences.
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    /// Sequences in flight.
+    pub fn num_in_flight(&self) -> usize {
+        self.running.iter().filter(|id| self.seqs.get(id).is_some_and(|s| s.in_flight)).count()
+    }
+    /// Any sequence at all.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Removes and returns cancelled sequences that are not in flight
+    /// (their blocks are freed). In-flight ones are collected when their batch returns.
+    pub fn reap_cancelled(&mut self) -> Vec<Sequence> {
+        let ids: Vec<u64> = self
+            .seqs
+            .values()
+            .filter(|s| !s.in_flight && s.is_cancelled())
+            .map(|s| s.id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    /// Removes a sequence that is not in flight, freeing its blocks.
+    pub fn remove(&mut self, id: u64) -> Option<Sequence> {
+        if self.seqs.get(&id)?.in_flight {
+            return None;
+        }
+        let seq = self.seqs.remove(&id)?;
+        match seq.status {
+            Status::Running => {
+                self.kv.free(id);
+                self.running.retain(|&r| r != id);
+            }
+            Status::Waiting => self.waiting.retain(|&w| w != id),
+        }
+        Some(seq)
+    }
+
+    /// Preempts running sequence `id` (not in flight): frees its blocks and
+    /// puts it at the front of the waiting queue for recompute.
+    fn preempt(&mut self, id: u64) {
+        self.kv.free(id);
+        self.running.retain(|&r| r != id);
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.status = Status::Waiting;
+            s.num_computed = 0;
+            s.preemptions += 1;
+        }
+        self.waiting.push_front(id);
+        self.counters.preemptions += 1;
+    }
+
+    fn chunk_len(&self, remaining: usize, budget: usize) -> usize {
+        let mut n = remaining.min(budget);
+        if self.cfg.prefill_chunk > 0 {
+            n = n.min(self.cfg.prefill_chunk.max(1));
+        }
+        n
+    }
+
+    /// Forms the next micro-batch, or `None` when nothing can run now.
+    pub fn schedule(&mut self) -> Option<MicroBatch> {
+        let mut budget = self.cfg.max_batched_tokens;
+        let mut chunks = Vec::new();
+
+        // 1. Running sequences, oldest first.
+        let mut order: Vec<u64> = self.running.clone();
+        order.sort_by_key(|id| self.seqs.get(id).map(|s| s.arrival).unwrap_or(u64::MAX));
+        for id in order {
+            if budget == 0 || chunks.len() >= self.cfg.max_seqs {
+                break;
+            }
+            let Some(s) = self.seqs.get(&id) else { continue };
+            if s.in_flight || s.status != Status::Running || s.is_cancelled() {
+                continue;
+            }
+            let remaining = s.tokens.len() - s.num_computed;
+            if remaining == 0 {
+                continue;
+            }
+            let n = self.chunk_len(remaining, budget);
+            let need = s.num_computed + n;
+            // Make room, preempting the latest arrivals if blocks ran out.
+            let mut ok = self.kv.grow(id, need).unwrap_or(false);
+            while !ok {
+                let victim = self
+                    .running
+                    .iter()
+                    .filter_map(|r| self.seqs.get(r))
+                    .filter(|v| !v.in_flight)
+                    .max_by_key(|v| v.arrival)
+                    .map(|v| v.id);
+                match victim {
+                    Some(v) => {
+                        self.preempt(v);
+                        if v == id {
+                            break;
+                        }
+                        ok = self.kv.grow(id, need).unwrap_or(false);
+                    }
+                    None => break,
+                }
+            }
+            if !ok {
+                continue;
+            }
+            chunks.push(self.make_chunk(id, n));
+            budget -= n;
+        }
+
+        // 2. Waiting sequences, in queue order.
+        while budget > 0 && chunks.len() < self.cfg.max_seqs {
+            let Some(&id) = self.waiting.front() else { break };
+            let Some(s) = self.seqs.get(&id) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            let (computed, num_cached) = if self.cfg.prefix_caching && !s.wants_prompt_logprobs() {
+                self.kv.get_computed_blocks(&s.tokens)
+            } else {
+                (Vec::new(), 0)
+            };
+            let n = self.chunk_len(s.tokens.len() - num_cached, budget);
+            if !self.kv.allocate(id, num_cached + n, computed).unwrap_or(false) {
+                break;
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.status = Status::Running;
+                s.num_computed = num_cached;
+                if s.num_generated() == 0 || s.preemptions == 0 {
+                    s.num_cached = num_cached;
+                }
+            }
+            chunks.push(self.make_chunk(id, n));
+            budget -= n;
+        }
+
+        if chunks.is_empty() {
+            return None;
+        }
+        for c in &chunks {
+            if let Some(s) = self.seqs.get_mut(&c.seq_id) {
+                s.in_flight = true;
+                if c.pos + c.tokens.len() <= s.num_prompt {
+                    self.counters.prefill_tokens += c.tokens.len() as u64;
+                } else {
+                    self.counters.decode_tokens += c.tokens.len() as u64;
+                }
+            }
+        }
+        let step_id = self.next_step;
+        self.next_step += 1;
+        self.counters.steps += 1;
+        Some(MicroBatch { step_id, chunks })
+    }
+
+    fn make_chunk(&self, id: u64, n: usize) -> ScheduledChunk {
+        let s = &self.seqs[&id];
+        let pos = s.num_computed;
+        let sample = pos + n == s.tokens.len() && s.params.max_tokens > 0;
+        let all_logits = s.wants_prompt_logprobs() && pos < s.num_prompt;
+        let ctx = (sample || all_logits).then(|| {
+            let p = &s.params;
+            let penalties = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0;
+            SampleCtx {
+                params: p.clone(),
+                seed: s.seed,
+                index: s.index,
+                prompt: s.prompt.clone(),
+                output: if penalties { s.tokens[s.num_prompt..].to_vec() } else { Vec::new() },
+                mask_stop: s.num_generated() < p.min_tokens,
+                eog: s.eog.clone(),
+            }
+        });
+        ScheduledChunk {
+            seq_id: id,
+            pos,
+            tokens: s.tokens[pos..pos + n].to_vec(),
+            block_table: self.kv.block_table(id).map(<[u32]>::to_vec).unwrap_or_default(),
+            sample,
+            all_logits,
+            ctx,
+        }
+    }
+
+    /// Applies a returned micro-batch: advances computed counts, appends
+    /// sampled tokens (`sampled[i]` for chunk `i`), detects finished
+    /// sequences and frees their blocks. Cancelled sequences finish with `Abort`.
+    pub fn on_batch_done(&mut self, batch: &MicroBatch, sampled: &[Option<u32>]) -> Vec<SeqUpdate> {
+        let mut updates = Vec::with_capacity(batch.chunks.len());
+        for (c, tok) in batch.chunks.iter().zip(sampled) {
+            let Some(s) = self.seqs.get_mut(&c.seq_id) else { continue };
+            s.in_flight = false;
+            s.num_computed = c.pos + c.tokens.len();
+            let computed = s.num_computed;
+            let mut finish = None;
+            let mut token = None;
+            if s.is_cancelled() {
+                finish = Some(FinishReason::Abort);
+            } else if let (true, Some(t)) = (c.sample, *tok) {
+                s.tokens.push(t);
+                token = Some(t);
+                let generated = s.num_generated();
+                let p = &s.params;
+                let is_stop = (!p.ignore_eos && s.eog.contains(&t)) || p.stop_token_ids.contains(&t);
+                if is_stop && generated > p.min_tokens.min(generated.saturating_sub(1)) {
+                    finish = Some(FinishReason::Stop);
+                } else if generated >= p.max_tokens || s.tokens.len() >= s.max_len {
+                    finish = Some(FinishReason::Length);
+                }
+            }
+            if finish.is_none() && s.params.max_tokens == 0 && computed == s.tokens.len() {
+                finish = Some(FinishReason::Length);
+            }
+            {
+                let s = &self.seqs[&c.seq_id];
+                // Only computed tokens (the sampled one has no K/V yet).
+                let _ = self.kv.commit_full_blocks(c.seq_id, &s.tokens[..computed]);
+            }
+            if finish.is_some() {
+                self.remove(c.seq_id);
+            }
+            updates.push(SeqUpdate { seq_id: c.seq_id, token, finish });
+        }
+        updates
+    }
+}
