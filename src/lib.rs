@@ -26,5 +26,6 @@ pub mod model;
 pub mod paths;
 pub mod runner;
 pub mod sampling;
+pub mod server;
 pub mod testing;
 pub mod tokenizer;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use brigade::config::Config;
 use brigade::gguf::GgufFile;
 use brigade::model::Model;
 use brigade::paths;
 use brigade::runner::Runner;
-use brigade::sampling;
-use brigade::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
+use brigade::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Parser, Debug)]
 #[command(name = "brigade", version, about = "Throughput-oriented LLM inference on CPUs")]
@@ -59,6 +59,8 @@ enum Cmd {
         #[command(flatten)]
         m: ModelArgs,
     },
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(brigade::server::ServeArgs),
     /// Print model metadata, tensors and memory use.
     Inspect {
         /// Print JSON.
@@ -89,6 +91,9 @@ struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     m: ModelArgs,
 }
@@ -143,73 +148,85 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { json, m } => inspect(&m, json),
+        Cmd::Serve(args) => brigade::server::run(args),
     }
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let (model, tok) = load(&a.m)?;
-    let text = if a.chat {
-        let tmpl = tok.chat_template().context("the model has no chat template")?;
-        tmpl.render(&[ChatMessage { role: "user".into(), content: a.prompt.clone() }], true)?
+    use brigade::engine::{Engine, Event, GenerateRequest, Prompt, SamplingParams};
+    let cfg = load_config(a.config.as_deref())?;
+    let (model, tok) = load_with(&a.m, &cfg)?;
+    let prompt = if a.chat {
+        Prompt::Chat(vec![ChatMessage { role: "user".into(), content: a.prompt.clone() }])
     } else {
-        a.prompt.clone()
+        Prompt::Text(a.prompt.clone())
     };
-    let prompt_ids = tok.encode_with_bos(&text, true)?;
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        bail!("--temperature must be >= 0, got {}", a.temperature);
-    }
-    let seed = a.seed.unwrap_or_else(|| sampling::mix64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)));
-    let max_ctx = prompt_ids.len() + a.max_tokens;
-    if max_ctx > model.config.context_length {
-        bail!("prompt ({} tokens) + max_tokens ({}) exceeds the context length {}", prompt_ids.len(), a.max_tokens, model.config.context_length);
-    }
-    let mut runner = Runner::new(model.clone(), max_ctx.max(1), a.m.threads.unwrap_or_else(default_threads))?;
-    let mut dec = IncrementalDecoder::new(&tok, true);
+    let params = SamplingParams { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, logprobs: Some(0), ..SamplingParams::default() };
+    let engine = Engine::start(model, tok, cfg)?;
+    let mut stream = engine.submit(GenerateRequest { prompt, params, priority: 0 })?;
+    let mut prompt_ids = Vec::new();
+    let mut seed = 0;
     let mut out_ids = Vec::new();
     let mut logprobs = Vec::new();
-    let mut text_out = String::new();
-    let mut finish = "length";
-    let mut logits = if prompt_ids.is_empty() { Vec::new() } else { runner.feed(&prompt_ids, false)? };
+    let mut text = String::new();
+    let mut finish = "abort";
     let stdout = std::io::stdout();
-    for i in 0..a.max_tokens {
-        if logits.is_empty() {
-            bail!("empty prompt: nothing to condition on");
-        }
-        let u = sampling::uniform(seed, 0, (prompt_ids.len() + i) as u64);
-        let t = sampling::sample_temperature(&logits, a.temperature, u);
-        logprobs.push(sampling::logprob(&logits, t));
-        if tok.eog_ids().contains(&t) {
-            finish = "stop";
-            break;
-        }
-        out_ids.push(t);
-        let piece = dec.push(t)?;
-        text_out.push_str(&piece);
-        if !a.json {
-            let mut lock = stdout.lock();
-            write!(lock, "{piece}")?;
-            lock.flush()?;
-        }
-        if i + 1 < a.max_tokens {
-            logits = runner.feed(&[t], false)?;
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            Event::Started { prompt_tokens, seed: s } => {
+                prompt_ids = prompt_tokens;
+                seed = s;
+            }
+            Event::PromptLogprobs(_) => {}
+            Event::Token { token, text: piece, .. } => {
+                out_ids.push(token.token);
+                logprobs.push(token.logprob);
+                text.push_str(&piece);
+                if !a.json {
+                    let mut lock = stdout.lock();
+                    write!(lock, "{piece}")?;
+                    lock.flush()?;
+                }
+            }
+            Event::Finished { reason, text: rest, .. } => {
+                text.push_str(&rest);
+                if !a.json {
+                    println!("{rest}");
+                }
+                finish = reason.as_str();
+                // The last token of a `stop` finish is the stop token itself: not part of the text.
+                break;
+            }
+            Event::Error(e) => bail!("{e}"),
         }
     }
-    let rest = dec.finish();
-    text_out.push_str(&rest);
     if a.json {
         let v = serde_json::json!({
             "prompt_token_ids": prompt_ids,
             "token_ids": out_ids,
-            "text": text_out,
+            "text": text,
             "finish_reason": finish,
             "logprobs": logprobs,
             "seed": seed,
         });
         println!("{v}");
-    } else {
-        println!("{rest}");
     }
     Ok(())
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+fn load_with(m: &ModelArgs, cfg: &Config) -> Result<(Arc<Model>, Arc<Tokenizer>)> {
+    let path = paths::resolve_model(m.model.as_deref(), cfg.model.path.as_deref())?;
+    let file = Arc::new(GgufFile::open(&path).with_context(|| format!("loading {}", path.display()))?);
+    let tok = Tokenizer::from_gguf(&file).with_context(|| format!("tokenizer of {}", path.display()))?;
+    let model = Model::from_gguf(file).with_context(|| format!("model {}", path.display()))?;
+    Ok((Arc::new(model), Arc::new(tok)))
 }
 
 fn inspect(m: &ModelArgs, json: bool) -> Result<()> {
