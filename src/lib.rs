@@ -17,11 +17,13 @@
 #![deny(unsafe_code)]
 #![warn(rust_2018_idioms)]
 
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod gguf;
 pub mod kernels;
 pub mod kv;
+pub mod metrics;
 pub mod model;
 pub mod paths;
 pub mod runner;

@@ -59,6 +59,8 @@ enum Cmd {
         #[command(flatten)]
         m: ModelArgs,
     },
+    /// Offline throughput benchmark through the full runtime.
+    Bench(brigade::bench::BenchArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(brigade::server::ServeArgs),
     /// Print model metadata, tensors and memory use.
@@ -149,6 +151,18 @@ fn run() -> Result<()> {
         }
         Cmd::Inspect { json, m } => inspect(&m, json),
         Cmd::Serve(args) => brigade::server::run(args),
+        Cmd::Bench(args) => {
+            let cfg = load_config(args.config.as_deref())?;
+            let m = ModelArgs { model: args.model.clone(), threads: None };
+            let (model, tok) = load_with(&m, &cfg)?;
+            let r = brigade::bench::run_offline(&args, model, tok, cfg)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                brigade::bench::print_table(&r);
+            }
+            Ok(())
+        }
     }
 }
 

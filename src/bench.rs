@@ -1,0 +1,401 @@
+//! `brigade bench`: offline throughput benchmark through the full actor
+//! runtime, in the spirit of `vllm bench throughput` and `llama-batched-bench`.
+//!
+//! Requests have random token prompts (no special tokens) and generate exactly
+//! their output length (`ignore_eos`). They are submitted all at once or with
+//! Poisson arrivals, under a concurrency cap; per-request TTFT and
+//! time-per-output-token are measured on the caller's side of the stream.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::config::{Config, Count};
+use crate::engine::{Engine, Event, GenerateRequest, SamplingParams};
+use crate::model::Model;
+use crate::sampling::mix64;
+use crate::tokenizer::Tokenizer;
+
+/// A length: fixed (`128`) or uniform in a range (`64:256`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LenSpec {
+    /// Smallest.
+    pub min: usize,
+    /// Largest (inclusive).
+    pub max: usize,
+}
+
+impl std::str::FromStr for LenSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{s}` is not a length or a range like 64:256"));
+        match s.split_once(':') {
+            Some((a, b)) => {
+                let (min, max) = (parse(a)?, parse(b)?);
+                if min > max {
+                    return Err(format!("range `{s}` is empty"));
+                }
+                Ok(Self { min, max })
+            }
+            None => {
+                let v = parse(s)?;
+                Ok(Self { min: v, max: v })
+            }
+        }
+    }
+}
+
+impl LenSpec {
+    fn draw(&self, r: u64) -> usize {
+        self.min + (r % (self.max - self.min + 1) as u64) as usize
+    }
+}
+
+/// `brigade bench` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Number of requests.
+    #[arg(long, default_value_t = 64)]
+    pub num_requests: usize,
+    /// Prompt length in tokens: `N` or a uniform range `MIN:MAX`.
+    #[arg(long, default_value = "128")]
+    pub input_len: LenSpec,
+    /// Output length in tokens: `N` or `MIN:MAX`.
+    #[arg(long, default_value = "128")]
+    pub output_len: LenSpec,
+    /// JSONL file of requests: `{"prompt": "...", "output_len": N}` or `{"input_len": N, "output_len": N}`.
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// Most requests in flight at once (default: all).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Poisson arrival rate in requests/s (default: all at once).
+    #[arg(long)]
+    pub request_rate: Option<f64>,
+    /// Layer-group workers (overrides the config).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Threads per worker (overrides the config).
+    #[arg(long)]
+    pub threads_per_worker: Option<usize>,
+    /// Pipeline depth (overrides the config).
+    #[arg(long)]
+    pub pipeline_depth: Option<usize>,
+    /// Token budget per micro-batch (overrides the config).
+    #[arg(long)]
+    pub max_batched_tokens: Option<usize>,
+    /// Shared prefix length in tokens prepended to every prompt (prefix caching).
+    #[arg(long, default_value_t = 0)]
+    pub prefix_len: usize,
+    /// Seed for the synthetic prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Configuration file (TOML).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model file (GGUF).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Disable the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Percentiles of a latency, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Pct {
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+impl Pct {
+    /// Percentiles of `v` (ms).
+    pub fn of(mut v: Vec<f64>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+        Self { mean: v.iter().sum::<f64>() / v.len() as f64, p50: q(0.5), p90: q(0.9), p99: q(0.99) }
+    }
+}
+
+/// What `brigade bench` reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BenchReport {
+    /// Requests completed.
+    pub num_requests: usize,
+    /// Requests that failed.
+    pub failed: usize,
+    /// Wall time, seconds.
+    pub duration_s: f64,
+    /// Completed requests per second.
+    pub requests_per_s: f64,
+    /// Prompt tokens per second.
+    pub input_tokens_per_s: f64,
+    /// Generated tokens per second.
+    pub output_tokens_per_s: f64,
+    /// Prompt + generated tokens per second.
+    pub total_tokens_per_s: f64,
+    /// Prompt tokens in total.
+    pub total_input_tokens: usize,
+    /// Generated tokens in total.
+    pub total_output_tokens: usize,
+    /// Time to first token.
+    pub ttft_ms: Pct,
+    /// Time per output token after the first.
+    pub tpot_ms: Pct,
+    /// End-to-end latency.
+    pub e2e_ms: Pct,
+    /// Highest fraction of KV blocks in use.
+    pub peak_kv_usage: f64,
+    /// Preemptions.
+    pub preemptions: u64,
+    /// Prompt tokens served from the prefix cache / prompt tokens looked up.
+    pub prefix_cache_hit_rate: f64,
+    /// Workers, threads per worker, pipeline depth.
+    pub workers: usize,
+    /// Threads per worker.
+    pub threads_per_worker: usize,
+    /// Concurrency cap.
+    pub concurrency: usize,
+    /// Busy fraction of each worker over the run.
+    pub worker_busy_fraction: Vec<f64>,
+}
+
+struct Job {
+    prompt: GenerateRequest,
+    input_len: usize,
+}
+
+fn build_jobs(a: &BenchArgs, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job>> {
+    let mut rng = mix64(a.seed ^ 0x5EED);
+    let mut next = move || {
+        rng = mix64(rng);
+        rng
+    };
+    // Ordinary tokens only: skip the special ids at the start of the vocabulary.
+    let first = (0..vocab as u32).find(|&t| !tok.is_special(t)).unwrap_or(0);
+    let span = (vocab as u32 - first).max(1) as u64;
+    let prefix: Vec<u32> = (0..a.prefix_len).map(|_| first + (next() % span) as u32).collect();
+    let params = |out: usize| SamplingParams { max_tokens: out, ignore_eos: true, ..SamplingParams::greedy(out) };
+    if let Some(path) = &a.dataset {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut jobs = Vec::new();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            let out = v["output_len"].as_u64().with_context(|| format!("{}:{}: missing output_len", path.display(), i + 1))? as usize;
+            let ids = if let Some(p) = v["prompt"].as_str() {
+                tok.encode(p, true)?
+            } else {
+                let n = v["input_len"].as_u64().with_context(|| format!("{}:{}: needs prompt or input_len", path.display(), i + 1))?;
+                (0..n).map(|_| first + (next() % span) as u32).collect()
+            };
+            let mut prompt = prefix.clone();
+            prompt.extend(ids);
+            jobs.push(Job { input_len: prompt.len(), prompt: GenerateRequest::tokens(prompt, params(out.max(1))) });
+        }
+        if jobs.is_empty() {
+            bail!("{}: no requests", path.display());
+        }
+        return Ok(jobs);
+    }
+    Ok((0..a.num_requests)
+        .map(|_| {
+            let n = a.input_len.draw(next()).max(1);
+            let out = a.output_len.draw(next()).max(1);
+            let mut prompt = prefix.clone();
+            prompt.extend((0..n).map(|_| first + (next() % span) as u32));
+            Job { input_len: prompt.len(), prompt: GenerateRequest::tokens(prompt, params(out)) }
+        })
+        .collect())
+}
+
+/// Applies the command-line overrides to a config.
+pub fn bench_config(a: &BenchArgs, mut cfg: Config, concurrency: usize) -> Result<Config> {
+    if let Some(w) = a.workers {
+        cfg.runtime.workers = Count::N(w);
+    }
+    if let Some(t) = a.threads_per_worker {
+        cfg.runtime.threads_per_worker = Count::N(t);
+    }
+    if let Some(d) = a.pipeline_depth {
+        cfg.runtime.pipeline_depth = Count::N(d);
+        cfg.runtime.channel_capacity = cfg.runtime.channel_capacity.max(d);
+    }
+    if let Some(b) = a.max_batched_tokens {
+        cfg.runtime.max_batched_tokens = b;
+    }
+    cfg.runtime.max_seqs = cfg.runtime.max_seqs.max(concurrency.min(4096));
+    cfg.runtime.request_queue = cfg.runtime.request_queue.max(a.num_requests + 1);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Runs the offline benchmark on a loaded model.
+pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: Config) -> Result<BenchReport> {
+    let jobs = build_jobs(a, &tok, model.config.vocab_size)?;
+    let n = jobs.len();
+    let concurrency = a.concurrency.unwrap_or(n).max(1);
+    let cfg = bench_config(a, cfg, concurrency)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let workers = cfg.workers(cores, model.config.n_layers);
+    let threads = cfg.threads_per_worker(cores, workers);
+    let engine = Engine::start(model, tok, cfg)?;
+    // Warm-up: one short request (first-touch of weights and buffers).
+    drain(engine.submit(GenerateRequest::tokens(vec![100, 200, 300], SamplingParams::greedy(2)))?);
+    let busy0 = engine.stats().worker_busy_s;
+
+    let progress = !a.no_progress && !a.json && std::io::stderr().is_terminal();
+    let done = Arc::new(AtomicUsize::new(0));
+    let (slot_tx, slot_rx) = crossbeam_channel::bounded::<()>(concurrency);
+    let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<(usize, usize, f64, f64, f64), String>>();
+    let mut rng = mix64(a.seed ^ 0xA441);
+    let start = Instant::now();
+    let mut next_arrival = 0.0f64;
+    let mut threads_v = Vec::new();
+    for job in jobs {
+        if let Some(rate) = a.request_rate.filter(|r| *r > 0.0 && r.is_finite()) {
+            rng = mix64(rng);
+            let u = ((rng >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            next_arrival += -u.ln() / rate;
+            let wait = next_arrival - start.elapsed().as_secs_f64();
+            if wait > 0.0 {
+                std::thread::sleep(Duration::from_secs_f64(wait));
+            }
+        }
+        slot_tx.send(())?; // blocks while `concurrency` requests are in flight
+        let t0 = Instant::now();
+        let stream = engine.submit(job.prompt);
+        let (res_tx, slot_rx, done_c) = (res_tx.clone(), slot_rx.clone(), done.clone());
+        let input_len = job.input_len;
+        threads_v.push(std::thread::spawn(move || {
+            let r = match stream {
+                Ok(s) => measure(s, t0, input_len),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = res_tx.send(r);
+            let _ = slot_rx.recv();
+            done_c.fetch_add(1, Ordering::Relaxed);
+        }));
+        if progress {
+            draw_progress(done.load(Ordering::Relaxed), n);
+        }
+    }
+    drop(res_tx);
+    while done.load(Ordering::Relaxed) < n {
+        if progress {
+            draw_progress(done.load(Ordering::Relaxed), n);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for t in threads_v {
+        let _ = t.join();
+    }
+    let duration = start.elapsed().as_secs_f64();
+    if progress {
+        draw_progress(n, n);
+        eprintln!();
+    }
+    let stats = engine.stats();
+    let mut r = BenchReport { workers, threads_per_worker: threads, concurrency, ..Default::default() };
+    let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+    for res in res_rx.iter() {
+        match res {
+            Ok((inp, out, t_first, t_per, t_all)) => {
+                r.num_requests += 1;
+                r.total_input_tokens += inp;
+                r.total_output_tokens += out;
+                ttft.push(t_first);
+                if out > 1 {
+                    tpot.push(t_per);
+                }
+                e2e.push(t_all);
+            }
+            Err(_) => r.failed += 1,
+        }
+    }
+    r.duration_s = duration;
+    r.requests_per_s = r.num_requests as f64 / duration;
+    r.input_tokens_per_s = r.total_input_tokens as f64 / duration;
+    r.output_tokens_per_s = r.total_output_tokens as f64 / duration;
+    r.total_tokens_per_s = (r.total_input_tokens + r.total_output_tokens) as f64 / duration;
+    r.ttft_ms = Pct::of(ttft);
+    r.tpot_ms = Pct::of(tpot);
+    r.e2e_ms = Pct::of(e2e);
+    r.peak_kv_usage = stats.kv_usage_peak;
+    r.preemptions = stats.preemptions;
+    r.prefix_cache_hit_rate = if stats.prefix_queries > 0 { stats.prefix_hits as f64 / stats.prefix_queries as f64 } else { 0.0 };
+    r.worker_busy_fraction =
+        stats.worker_busy_s.iter().zip(busy0.iter().chain(std::iter::repeat(&0.0))).map(|(b, b0)| (b - b0) / duration).collect();
+    drop(engine);
+    Ok(r)
+}
+
+fn drain(mut s: crate::engine::ResponseStream) {
+    while s.blocking_next().is_some() {}
+}
+
+/// Consumes one stream: `(input, output tokens, ttft ms, tpot ms, e2e ms)`.
+fn measure(mut s: crate::engine::ResponseStream, t0: Instant, input_len: usize) -> Result<(usize, usize, f64, f64, f64), String> {
+    let mut first = None;
+    let mut last = t0;
+    let mut out = 0usize;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            Event::Token { .. } => {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = now;
+                out += 1;
+            }
+            Event::Error(e) => return Err(e.to_string()),
+            Event::Finished { .. } => break,
+            _ => {}
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let first = first.unwrap_or(last);
+    let tpot = if out > 1 { ms(last - first) / (out - 1) as f64 } else { 0.0 };
+    Ok((input_len, out, ms(first - t0), tpot, ms(last - t0)))
+}
+
+fn draw_progress(done: usize, total: usize) {
+    let width = 40;
+    let filled = if total > 0 { done * width / total } else { width };
+    eprint!("\r[{}{}] {done}/{total} requests", "#".repeat(filled), " ".repeat(width - filled));
+    let _ = std::io::stderr().flush();
+}
+
+/// Prints the report as a table.
+pub fn print_table(r: &BenchReport) {
+    println!("{:<34} {:>12}", "requests (ok / failed)", format!("{} / {}", r.num_requests, r.failed));
+    println!("{:<34} {:>12}", "workers x threads, concurrency", format!("{}x{}, {}", r.workers, r.threads_per_worker, r.concurrency));
+    println!("{:<34} {:>12.2}", "duration (s)", r.duration_s);
+    println!("{:<34} {:>12.2}", "requests/s", r.requests_per_s);
+    println!("{:<34} {:>12.1}", "input tokens/s", r.input_tokens_per_s);
+    println!("{:<34} {:>12.1}", "output tokens/s", r.output_tokens_per_s);
+    println!("{:<34} {:>12.1}", "total tokens/s", r.total_tokens_per_s);
+    for (name, p) in [("TTFT (ms)", r.ttft_ms), ("TPOT (ms)", r.tpot_ms), ("end-to-end (ms)", r.e2e_ms)] {
+        println!("{:<34} {:>12}", format!("{name} p50/p90/p99"), format!("{:.1}/{:.1}/{:.1}", p.p50, p.p90, p.p99));
+    }
+    println!("{:<34} {:>12.1}", "peak KV usage (%)", r.peak_kv_usage * 100.0);
+    println!("{:<34} {:>12}", "preemptions", r.preemptions);
+    println!("{:<34} {:>12.1}", "prefix cache hit rate (%)", r.prefix_cache_hit_rate * 100.0);
+    let busy: Vec<String> = r.worker_busy_fraction.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
+    println!("{:<34} {:>12}", "worker busy", busy.join(" "));
+}
