@@ -1,0 +1,237 @@
+//! The `[server]` section of the configuration file: listen address, limits,
+//! tenants and fair-queuing weights.
+//!
+//! Owns parsing and range checks of `[server]` only; the rest of the file is
+//! [`crate::config::Config`]. Unknown keys fail at start naming the key
+//! (`deny_unknown_fields`); command-line flags override the file.
+
+use serde::{Deserialize, Serialize};
+
+/// Errors in the `[server]` section.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerConfigError {
+    /// Unknown key, wrong type or TOML syntax.
+    #[error("config [server]: {0}")]
+    Parse(String),
+    /// A value out of range.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted key path.
+        key: String,
+        /// What is wrong, with the allowed range.
+        message: String,
+    },
+}
+
+/// One tenant: who it is, how its keys hash, and its share and limits.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant name (metric label `tenant`, log field); `[A-Za-z0-9_.-]{1,64}`.
+    pub name: String,
+    /// SHA-256 hashes of the tenant's API keys (`brigade hash-key`), hex, optionally `sha256:`-prefixed.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Fair-share weight (> 0); served tokens over a backlogged period follow the weights.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Most of this tenant's sequences in the engine at once (0 = no limit).
+    #[serde(default)]
+    pub max_concurrent: usize,
+    /// Most requests of this tenant waiting for admission; more get 429 at once.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: usize,
+    /// Token-rate limit in prompt + generated tokens per minute (0 = no limit).
+    #[serde(default)]
+    pub tokens_per_minute: u64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_max_queued() -> usize {
+    256
+}
+
+impl TenantConfig {
+    /// An open tenant with default limits.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            api_keys: Vec::new(),
+            weight: 1.0,
+            max_concurrent: 0,
+            max_queued: default_max_queued(),
+            tokens_per_minute: 0,
+        }
+    }
+}
+
+/// The `[server]` section.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub host: String,
+    /// Listen port (0 = any free port).
+    pub port: u16,
+    /// Name in `/v1/models` and the `model` field (empty = the model's own name).
+    pub served_model_name: String,
+    /// Largest request body in bytes; larger gets 413.
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests may run after SIGTERM/SIGINT before they are aborted.
+    pub shutdown_timeout_s: f64,
+    /// Sequences admitted into the engine at once (0 = `runtime.max_seqs`). The fair
+    /// queue holds the rest, so this bounds how long a newly arriving tenant waits.
+    pub max_running: usize,
+    /// Capacity of the admission actor's inbox (requests arriving at the same moment).
+    pub admission_inbox: usize,
+    /// `Retry-After` seconds sent with 429 for a full queue.
+    pub retry_after_s: u64,
+    /// Virtual Token Counter cost of one prompt token.
+    pub vtc_input_weight: f64,
+    /// Virtual Token Counter cost of one generated token.
+    pub vtc_output_weight: f64,
+    /// Tenants; empty = open server with one tenant `default` and no API keys.
+    pub tenants: Vec<TenantConfig>,
+    /// Limits of the `default` tenant when no tenants are configured.
+    pub default_max_queued: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            served_model_name: String::new(),
+            max_body_bytes: 4 << 20,
+            shutdown_timeout_s: 30.0,
+            max_running: 0,
+            admission_inbox: 1024,
+            retry_after_s: 1,
+            vtc_input_weight: 1.0,
+            vtc_output_weight: 2.0,
+            tenants: Vec::new(),
+            default_max_queued: 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Parses the `[server]` table of the config file (None = defaults) and validates it.
+    pub fn from_table(table: Option<&toml::Table>) -> Result<Self, ServerConfigError> {
+        let cfg = match table {
+            Some(t) => ServerConfig::deserialize(toml::Value::Table(t.clone()))
+                .map_err(|e| ServerConfigError::Parse(e.to_string().trim().to_string()))?,
+            None => ServerConfig::default(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses the body of a `[server]` section given as TOML text (for tests and tools).
+    pub fn from_toml_str(text: &str) -> Result<Self, ServerConfigError> {
+        let t: toml::Table = toml::from_str(text).map_err(|e| ServerConfigError::Parse(e.to_string().trim().to_string()))?;
+        Self::from_table(Some(&t))
+    }
+
+    /// Range checks naming the key.
+    pub fn validate(&self) -> Result<(), ServerConfigError> {
+        let inv = |key: &str, message: String| Err(ServerConfigError::Invalid { key: format!("server.{key}"), message });
+        if !(1024..=1 << 30).contains(&self.max_body_bytes) {
+            return inv("max_body_bytes", format!("must be in 1024..=1073741824, got {}", self.max_body_bytes));
+        }
+        if !(self.shutdown_timeout_s.is_finite() && (0.0..=3600.0).contains(&self.shutdown_timeout_s)) {
+            return inv("shutdown_timeout_s", format!("must be in [0, 3600], got {}", self.shutdown_timeout_s));
+        }
+        if self.max_running > 65536 {
+            return inv("max_running", format!("must be in 0..=65536, got {}", self.max_running));
+        }
+        if !(1..=1_000_000).contains(&self.admission_inbox) {
+            return inv("admission_inbox", format!("must be in 1..=1000000, got {}", self.admission_inbox));
+        }
+        if !(1..=1_000_000).contains(&self.default_max_queued) {
+            return inv("default_max_queued", format!("must be in 1..=1000000, got {}", self.default_max_queued));
+        }
+        for (k, v) in [("vtc_input_weight", self.vtc_input_weight), ("vtc_output_weight", self.vtc_output_weight)] {
+            if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
+                return inv(k, format!("must be in [0, 1000], got {v}"));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let key = |f: &str| format!("tenants[{i}].{f}");
+            let ok_name = !t.name.is_empty()
+                && t.name.len() <= 64
+                && t.name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            if !ok_name {
+                return inv(&key("name"), format!("must match [A-Za-z0-9_.-]{{1,64}}, got {:?}", t.name));
+            }
+            if !names.insert(t.name.clone()) {
+                return inv(&key("name"), format!("duplicate tenant name {:?}", t.name));
+            }
+            if !(t.weight.is_finite() && t.weight > 0.0 && t.weight <= 1e6) {
+                return inv(&key("weight"), format!("must be in (0, 1e6], got {}", t.weight));
+            }
+            if !(1..=1_000_000).contains(&t.max_queued) {
+                return inv(&key("max_queued"), format!("must be in 1..=1000000, got {}", t.max_queued));
+            }
+            if t.api_keys.is_empty() {
+                return inv(&key("api_keys"), "a configured tenant needs at least one API key hash (`brigade hash-key`)".into());
+            }
+            for h in &t.api_keys {
+                let Some(hex) = super::auth::normalize_hash(h) else {
+                    return inv(&key("api_keys"), "each entry must be a SHA-256 hash: 64 hex digits, optionally prefixed `sha256:` (make one with `brigade hash-key`)".into());
+                };
+                if !keys.insert(hex) {
+                    return inv(&key("api_keys"), "the same key hash is listed twice".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tenants in force: the configured ones, or one open `default` tenant.
+    pub fn effective_tenants(&self) -> Vec<TenantConfig> {
+        if self.tenants.is_empty() {
+            let mut t = TenantConfig::named("default");
+            t.max_queued = self.default_max_queued;
+            vec![t]
+        } else {
+            self.tenants.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = ServerConfig::from_toml_str("hots = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("hots"), "{e}");
+        let e = ServerConfig::from_toml_str("[[tenants]]\nname = \"a\"\napi_keys = []\nwieght = 2\n").unwrap_err().to_string();
+        assert!(e.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let h = super::super::auth::hash_key("k");
+        let e = ServerConfig::from_toml_str(&format!("[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\nweight = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("server.tenants[0].weight"), "{e}");
+        let e = ServerConfig::from_toml_str("[[tenants]]\nname = \"a\"\napi_keys = [\"plain-key\"]\n").unwrap_err().to_string();
+        assert!(e.contains("api_keys"), "{e}");
+        let ok = ServerConfig::from_toml_str(&format!("port = 0\n[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\n")).unwrap();
+        assert_eq!(ok.tenants[0].max_queued, 256);
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../../config/tenants.example.toml");
+        let cfg = crate::config::Config::parse(text, "tenants.example.toml").unwrap();
+        let s = ServerConfig::from_table(cfg.server.as_ref()).unwrap();
+        assert!(s.tenants.len() >= 2);
+    }
+}

@@ -1,0 +1,390 @@
+//! Virtual Token Counter fair queuing (Sheng et al., "Fairness in Serving Large
+//! Language Models", OSDI 2024), as a pure data structure: no channels, clocks
+//! or threads, so it is tested like a scheduler.
+//!
+//! ```text
+//!  tenant A: [r r r r r r]  c_A = 812.0   ─┐
+//!  tenant B: [r r]          c_B = 640.5   ─┼─► pop(): backlogged tenant with the lowest
+//!  tenant C: []             c_C = 120.0   ─┘   counter (and room under max_concurrent)
+//!                                              c_k += w_in · prompt_tokens / weight_k
+//!  on_output(k, n):  c_k += w_out · n / weight_k        (as tokens are generated)
+//!  push(u, r) when u has nothing queued:  c_u = max(c_u, min{c_v : v backlogged})
+//!                                         (or the counter of the last tenant to leave
+//!                                         the backlog when none is): no banked credit.
+//! ```
+//!
+//! Inside a tenant, requests leave by `priority` (lower first), then arrival.
+//! Each tenant's queue is bounded (`max_queued`): `push` refuses beyond it.
+//! Owns: counters, per-tenant queues and in-flight counts. Does not own: the
+//! engine, time, or token-rate limits ([`TokenBucket`] is separate).
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+/// Static parameters of one tenant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantShare {
+    /// Weight (> 0).
+    pub weight: f64,
+    /// Most sequences in flight (0 = unlimited).
+    pub max_concurrent: usize,
+    /// Most queued requests.
+    pub max_queued: usize,
+}
+
+struct Entry<T> {
+    priority: i32,
+    seq: u64,
+    input_tokens: usize,
+    slots: usize,
+    item: T,
+}
+
+impl<T> PartialEq for Entry<T> {
+    fn eq(&self, o: &Self) -> bool {
+        self.priority == o.priority && self.seq == o.seq
+    }
+}
+impl<T> Eq for Entry<T> {}
+impl<T> PartialOrd for Entry<T> {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl<T> Ord for Entry<T> {
+    /// Max-heap order: the entry that should leave first is the greatest.
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.priority.cmp(&self.priority).then(o.seq.cmp(&self.seq))
+    }
+}
+
+struct Tenant<T> {
+    share: TenantShare,
+    counter: f64,
+    queue: BinaryHeap<Entry<T>>,
+    in_flight: usize,
+}
+
+/// A request leaving the queue.
+#[derive(Debug)]
+pub struct Popped<T> {
+    /// Tenant index.
+    pub tenant: usize,
+    /// Engine sequences it occupies (its `n`).
+    pub slots: usize,
+    /// Prompt tokens charged.
+    pub input_tokens: usize,
+    /// The queued item.
+    pub item: T,
+}
+
+/// The queue refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The tenant already has `max_queued` requests waiting.
+    TenantQueueFull,
+}
+
+/// Per-tenant bounded queues ordered across tenants by virtual token counters.
+pub struct FairQueue<T> {
+    tenants: Vec<Tenant<T>>,
+    input_weight: f64,
+    output_weight: f64,
+    /// The tenant that most recently left the backlogged set.
+    last_left: Option<usize>,
+    next_seq: u64,
+}
+
+impl<T> std::fmt::Debug for FairQueue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FairQueue").field("counters", &self.counters()).field("queued", &self.total_queued()).finish()
+    }
+}
+
+impl<T> FairQueue<T> {
+    /// Empty queues for `shares`; `input_weight`/`output_weight` price prompt and generated tokens.
+    pub fn new(shares: Vec<TenantShare>, input_weight: f64, output_weight: f64) -> Self {
+        let tenants = shares.into_iter().map(|share| Tenant { share, counter: 0.0, queue: BinaryHeap::new(), in_flight: 0 }).collect();
+        Self { tenants, input_weight, output_weight, last_left: None, next_seq: 0 }
+    }
+
+    /// Number of tenants.
+    pub fn num_tenants(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// Virtual counter of each tenant.
+    pub fn counters(&self) -> Vec<f64> {
+        self.tenants.iter().map(|t| t.counter).collect()
+    }
+
+    /// Queued requests of tenant `k`.
+    pub fn queued(&self, k: usize) -> usize {
+        self.tenants.get(k).map_or(0, |t| t.queue.len())
+    }
+
+    /// Sequences of tenant `k` in flight.
+    pub fn in_flight(&self, k: usize) -> usize {
+        self.tenants.get(k).map_or(0, |t| t.in_flight)
+    }
+
+    /// Queued requests over all tenants.
+    pub fn total_queued(&self) -> usize {
+        self.tenants.iter().map(|t| t.queue.len()).sum()
+    }
+
+    /// Sequences in flight over all tenants.
+    pub fn total_in_flight(&self) -> usize {
+        self.tenants.iter().map(|t| t.in_flight).sum()
+    }
+
+    /// Enqueues a request of tenant `k` costing `input_tokens` prompt tokens and
+    /// occupying `slots` engine sequences; lifts an idle tenant's counter first.
+    pub fn push(&mut self, k: usize, priority: i32, input_tokens: usize, slots: usize, item: T) -> Result<(), (PushError, T)> {
+        let Some(t) = self.tenants.get(k) else { return Err((PushError::TenantQueueFull, item)) };
+        if t.queue.len() >= t.share.max_queued {
+            return Err((PushError::TenantQueueFull, item));
+        }
+        if t.queue.is_empty() {
+            // Returning from idle: no credit for the time away.
+            let floor = self
+                .tenants
+                .iter()
+                .filter(|o| !o.queue.is_empty())
+                .map(|o| o.counter)
+                .min_by(f64::total_cmp)
+                .or_else(|| self.last_left.and_then(|l| self.tenants.get(l)).map(|o| o.counter));
+            if let (Some(floor), Some(t)) = (floor, self.tenants.get_mut(k)) {
+                t.counter = t.counter.max(floor);
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(t) = self.tenants.get_mut(k) {
+            t.queue.push(Entry { priority, seq, input_tokens, slots: slots.max(1), item });
+        }
+        Ok(())
+    }
+
+    /// The next request to admit when `free_slots` engine sequences are free: the
+    /// backlogged tenant with the lowest counter among those under `max_concurrent`
+    /// whose head request fits. Charges its prompt tokens.
+    pub fn pop(&mut self, free_slots: usize) -> Option<Popped<T>> {
+        let k = self
+            .tenants
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| match t.queue.peek() {
+                Some(e) => {
+                    let under_cap = t.share.max_concurrent == 0 || t.in_flight < t.share.max_concurrent;
+                    under_cap && e.slots <= free_slots
+                }
+                None => false,
+            })
+            .min_by(|a, b| a.1.counter.total_cmp(&b.1.counter).then(a.0.cmp(&b.0)))
+            .map(|(k, _)| k)?;
+        let iw = self.input_weight;
+        let t = self.tenants.get_mut(k)?;
+        let e = t.queue.pop()?;
+        t.counter += iw * e.input_tokens as f64 / t.share.weight;
+        t.in_flight += e.slots;
+        if t.queue.is_empty() {
+            self.last_left = Some(k);
+        }
+        Some(Popped { tenant: k, slots: e.slots, input_tokens: e.input_tokens, item: e.item })
+    }
+
+    /// Charges `tokens` generated tokens to tenant `k`.
+    pub fn on_output(&mut self, k: usize, tokens: u64) {
+        let ow = self.output_weight;
+        if let Some(t) = self.tenants.get_mut(k) {
+            t.counter += ow * tokens as f64 / t.share.weight;
+        }
+    }
+
+    /// Returns `slots` engine sequences of tenant `k` (its request ended).
+    pub fn on_done(&mut self, k: usize, slots: usize) {
+        if let Some(t) = self.tenants.get_mut(k) {
+            debug_assert!(t.in_flight >= slots, "tenant {k}: done {slots} > in flight {}", t.in_flight);
+            t.in_flight = t.in_flight.saturating_sub(slots);
+        }
+    }
+
+    /// Drops queued requests for which `keep` is false (e.g. the client went away); returns them.
+    pub fn remove_where(&mut self, mut drop_it: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut out = Vec::new();
+        for t in &mut self.tenants {
+            if t.queue.iter().any(|e| drop_it(&e.item)) {
+                let old = std::mem::take(&mut t.queue).into_vec();
+                for e in old {
+                    if drop_it(&e.item) {
+                        out.push(e.item);
+                    } else {
+                        t.queue.push(e);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes and returns every queued request.
+    pub fn drain_all(&mut self) -> Vec<T> {
+        self.remove_where(|_| true)
+    }
+}
+
+/// A token bucket refilled at `per_minute / 60` tokens per second, holding at most
+/// `per_minute` tokens. Usage is charged after the fact and may drive it negative;
+/// a tenant in debt is refused until it refills.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    per_minute: f64,
+    level: f64,
+    last_s: f64,
+}
+
+impl TokenBucket {
+    /// A full bucket at time `now_s`.
+    pub fn new(per_minute: u64, now_s: f64) -> Self {
+        Self { per_minute: per_minute as f64, level: per_minute as f64, last_s: now_s }
+    }
+
+    fn refill(&mut self, now_s: f64) {
+        let dt = (now_s - self.last_s).max(0.0);
+        self.level = (self.level + dt * self.per_minute / 60.0).min(self.per_minute);
+        self.last_s = now_s;
+    }
+
+    /// Charges `tokens` used.
+    pub fn charge(&mut self, tokens: u64, now_s: f64) {
+        self.refill(now_s);
+        self.level -= tokens as f64;
+    }
+
+    /// None if a request may start now, else seconds until the debt is repaid.
+    pub fn check(&mut self, now_s: f64) -> Option<f64> {
+        self.refill(now_s);
+        if self.level >= 0.0 || self.per_minute <= 0.0 {
+            None
+        } else {
+            Some(-self.level * 60.0 / self.per_minute)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(weight: f64) -> TenantShare {
+        TenantShare { weight, max_concurrent: 0, max_queued: 1000 }
+    }
+
+    /// Simulates a server with `slots` sequences; each request has `inp` prompt
+    /// tokens and generates `out` tokens, one per step. Returns the tokens served
+    /// per tenant, the largest |counter difference| seen while all tenants were
+    /// backlogged, and the order requests were admitted in.
+    fn simulate(q: &mut FairQueue<u32>, slots: usize, inp: usize, out: u64, steps: usize) -> (Vec<f64>, f64, Vec<usize>) {
+        let n = q.num_tenants();
+        let mut running: Vec<(usize, u64)> = Vec::new();
+        let mut served = vec![0.0; n];
+        let mut max_gap: f64 = 0.0;
+        let mut order = Vec::new();
+        for _ in 0..steps {
+            while running.len() < slots {
+                let Some(p) = q.pop(slots - running.len()) else { break };
+                served[p.tenant] += inp as f64;
+                order.push(p.tenant);
+                running.push((p.tenant, out));
+            }
+            for r in &mut running {
+                q.on_output(r.0, 1);
+                served[r.0] += 1.0;
+                r.1 -= 1;
+            }
+            for r in running.iter().filter(|r| r.1 == 0) {
+                q.on_done(r.0, 1);
+            }
+            running.retain(|r| r.1 > 0);
+            if (0..n).all(|k| q.queued(k) > 0) {
+                let c = q.counters();
+                let gap = c.iter().cloned().fold(f64::MIN, f64::max) - c.iter().cloned().fold(f64::MAX, f64::min);
+                max_gap = max_gap.max(gap);
+            }
+        }
+        (served, max_gap, order)
+    }
+
+    #[test]
+    fn newcomer_is_not_stuck_behind_backlog() {
+        let mut q = FairQueue::new(vec![share(1.0), share(1.0)], 1.0, 2.0);
+        for i in 0..200 {
+            q.push(0, 0, 20, 1, i).unwrap();
+        }
+        // A runs alone for a while and accumulates counter.
+        let _ = simulate(&mut q, 4, 20, 50, 300);
+        let before = q.queued(0);
+        for i in 0..20 {
+            q.push(1, 0, 20, 1, 1000 + i).unwrap();
+        }
+        // B was lifted to A's counter, not to 0: it does not get unbounded priority either.
+        let c = q.counters();
+        assert!((c[1] - c[0]).abs() < 1e-9, "{c:?}");
+        let (_, _, order) = simulate(&mut q, 4, 20, 50, 1000);
+        // B's 20 requests are all admitted within the first ~40 admissions (alternating), not after A's backlog.
+        let last_b = order.iter().rposition(|&t| t == 1).unwrap();
+        assert!(order.iter().filter(|&&t| t == 1).count() == 20);
+        assert!(last_b < 45, "last B admission at {last_b}; A had {before} queued; order {order:?}");
+    }
+
+    #[test]
+    fn shares_follow_weights_within_bound() {
+        let (inp, out) = (16usize, 32u64);
+        let mut q = FairQueue::new(vec![share(3.0), share(1.0)], 1.0, 2.0);
+        for i in 0..500 {
+            q.push(0, 0, inp, 1, i).unwrap();
+            q.push(1, 0, inp, 1, i).unwrap();
+        }
+        let (served, gap, _) = simulate(&mut q, 8, inp, out, 2000);
+        // Paper's bound (Thm 4.4 style): backlogged counters differ by at most
+        // max(w_in·L_in, w_out·M) per request in flight, over the smallest weight.
+        let u = (1.0 * inp as f64).max(2.0 * out as f64) + 2.0 * 8.0;
+        assert!(gap <= 2.0 * u * 8.0, "gap {gap} > bound");
+        let ratio = served[0] / served[1];
+        assert!((ratio - 3.0).abs() < 0.35, "ratio {ratio}, served {served:?}");
+    }
+
+    #[test]
+    fn bounds_priorities_and_caps() {
+        let mut q = FairQueue::new(vec![TenantShare { weight: 1.0, max_concurrent: 1, max_queued: 2 }, share(1.0)], 1.0, 2.0);
+        q.push(0, 5, 1, 1, "late").unwrap();
+        q.push(0, -1, 1, 1, "urgent").unwrap();
+        assert_eq!(q.push(0, 0, 1, 1, "x").unwrap_err().0, PushError::TenantQueueFull);
+        q.push(1, 0, 1, 1, "other").unwrap();
+        let a = q.pop(10).unwrap();
+        assert_eq!((a.tenant, a.item), (0, "urgent"));
+        // Tenant 0 at max_concurrent: tenant 1 goes even with a higher counter.
+        let b = q.pop(10).unwrap();
+        assert_eq!(b.item, "other");
+        assert!(q.pop(10).is_none());
+        q.on_done(0, 1);
+        assert_eq!(q.pop(10).unwrap().item, "late");
+        // Slots: a request needing 3 sequences waits for 3 free ones.
+        q.push(1, 0, 1, 3, "n3").unwrap();
+        assert!(q.pop(2).is_none());
+        assert_eq!(q.pop(3).unwrap().slots, 3);
+        let gone = { q.push(1, 0, 1, 1, "gone").unwrap(); q.remove_where(|s| *s == "gone") };
+        assert_eq!(gone, vec!["gone"]);
+    }
+
+    #[test]
+    fn token_bucket() {
+        let mut b = TokenBucket::new(600, 0.0); // 10 tokens/s
+        assert!(b.check(0.0).is_none());
+        b.charge(700, 0.0);
+        let wait = b.check(0.0).unwrap();
+        assert!((wait - 10.0).abs() < 1e-9, "{wait}");
+        assert!(b.check(10.0).is_none());
+    }
+}

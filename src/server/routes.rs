@@ -1,0 +1,355 @@
+//! Routes and handlers: `/v1/completions`, `/v1/chat/completions`, `/v1/models`,
+//! `/tokenize`, `/detokenize`, `/health`, `/ready`, `/metrics`; the request
+//! context middleware (request id, span, drain gate, error metrics) and the
+//! tenant and body extractors.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{header, request::Parts, HeaderValue, Method, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tracing::Instrument;
+
+use super::api::{self, ChatRequest, CompletionRequest, DetokenizeRequest, PromptInput, TokenizeRequest};
+use super::error::{ApiError, ErrorKind};
+use super::stream::{self, Kind, PromptSpec};
+use super::App;
+use crate::engine::validate_params;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+
+/// The request id (from `x-request-id` or generated).
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// Builds the router.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), request_context))
+        .with_state(app)
+}
+
+fn valid_request_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Request id, span, drain gate, error metrics, access log.
+async fn request_context(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| valid_request_id(s))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let path = req.uri().path().to_string();
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %path, tenant = tracing::field::Empty);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let probe = matches!(path.as_str(), "/health" | "/ready" | "/metrics");
+    let t0 = Instant::now();
+    let mut resp = if app.draining.load(Ordering::Relaxed) && !probe {
+        ApiError::Unavailable("the server is shutting down".into()).into_response()
+    } else {
+        next.run(req).instrument(span.clone()).await
+    };
+    if let Some(kind) = resp.extensions().get::<ErrorKind>() {
+        app.metrics.on_error(kind.0);
+    }
+    if !probe {
+        let _g = span.enter();
+        tracing::info!(status = resp.status().as_u16(), latency_ms = t0.elapsed().as_secs_f64() * 1e3, "response");
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The authenticated tenant (index into the tenant list).
+#[derive(Clone, Copy, Debug)]
+pub struct Tenant(pub usize);
+
+impl FromRequestParts<App> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, ApiError> {
+        let auth = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        match app.keys.authenticate(auth) {
+            Ok(k) => {
+                let name = app.tenants.get(k).map_or("unknown", |t| t.name.as_str());
+                tracing::Span::current().record("tenant", name);
+                Ok(Tenant(k))
+            }
+            Err(super::auth::AuthFailure::Missing) => Err(ApiError::Unauthorized(
+                "Missing API key: send `Authorization: Bearer <key>`".into(),
+            )),
+            Err(super::auth::AuthFailure::Unknown) => Err(ApiError::Unauthorized("Incorrect API key provided".into())),
+        }
+    }
+}
+
+/// A JSON body of at most `server.max_body_bytes`, parsed with field-naming errors.
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<T: api::ApiRequest> FromRequest<App> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &App) -> Result<Self, ApiError> {
+        let limit = app.cfg.max_body_bytes;
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::TooLarge { limit });
+        }
+        let bytes = match axum::body::to_bytes(req.into_body(), limit).await {
+            Ok(b) => b,
+            Err(e) => {
+                let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+                while let Some(s) = src {
+                    if s.is::<http_body_util::LengthLimitError>() {
+                        return Err(ApiError::TooLarge { limit });
+                    }
+                    src = s.source();
+                }
+                return Err(ApiError::invalid("body", format!("reading the body failed: {e}")));
+            }
+        };
+        Ok(Body(T::parse(&bytes)?))
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::RouteNotFound(uri.path().to_string())
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(app): State<App>) -> Result<Json<serde_json::Value>, ApiError> {
+    if app.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable("draining: the server is shutting down".into()));
+    }
+    Ok(Json(json!({"status": "ready", "model": app.model_name})))
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    app.metrics.refresh_engine(&app.engine.stats(), app.admission.queued());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render()).into_response()
+}
+
+fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != app.model_name => Err(ApiError::ModelNotFound(m.to_string())),
+        _ => Ok(()),
+    }
+}
+
+async fn models(State(app): State<App>, _t: Tenant) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.model_name,
+            "object": "model",
+            "created": app.created,
+            "owned_by": "brigade",
+            "root": app.model_name,
+            "max_model_len": app.max_len,
+        }]
+    }))
+}
+
+/// Runs `f` on the blocking pool (tokenization can take a while on long prompts).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
+}
+
+/// Prompt ids of a text prompt, exactly as the engine encodes `Prompt::Text`.
+fn encode_text(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
+    tok.encode_with_bos(text, true).map_err(|e| ApiError::invalid("prompt", e.to_string()))
+}
+
+/// Prompt ids of messages, exactly as the engine encodes `Prompt::Chat`.
+fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage], add_generation_prompt: bool, add_bos: bool) -> Result<Vec<u32>, ApiError> {
+    let tmpl = tok.chat_template().ok_or_else(|| ApiError::invalid("messages", "the model has no chat template"))?;
+    let text = tmpl.render(messages, add_generation_prompt).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let r = if add_bos { tok.encode_with_bos(&text, true) } else { tok.encode(&text, true) };
+    r.map_err(|e| ApiError::invalid("messages", e.to_string()))
+}
+
+fn check_ids(ids: &[u32], vocab: usize, param: &str) -> Result<(), ApiError> {
+    if ids.is_empty() {
+        return Err(ApiError::invalid(param, "the prompt must contain at least one token"));
+    }
+    if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(param, format!("token id {t} is out of range (vocabulary size {vocab})")));
+    }
+    Ok(())
+}
+
+fn check_length(app: &App, prompt_len: usize, max_tokens: usize, param: &str) -> Result<(), ApiError> {
+    if prompt_len + max_tokens > app.max_len {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "this model's maximum context length is {} tokens; the request asks for {} tokens ({} in the prompt, {} to generate)",
+                app.max_len,
+                prompt_len + max_tokens,
+                prompt_len,
+                max_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+const MAX_PROMPTS: usize = 64;
+
+async fn completions(State(app): State<App>, tenant: Tenant, Body(req): Body<CompletionRequest>) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    check_model(&app, req.common.model.as_deref())?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
+    }
+    let mut params = req.common.sampling()?;
+    params.max_tokens = req.max_tokens.unwrap_or(16);
+    let echo = req.echo.unwrap_or(false);
+    if let Some(k) = req.logprobs {
+        if k > 20 {
+            return Err(ApiError::invalid("logprobs", format!("logprobs must be in [0, 20], got {k}")));
+        }
+        params.logprobs = Some(k);
+        if echo {
+            params.prompt_logprobs = Some(k);
+        }
+    }
+    if params.max_tokens == 0 && !(echo && req.logprobs.is_some()) {
+        return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1 (0 only with `echo` and `logprobs`)"));
+    }
+    let vocab = app.engine.model().config.vocab_size;
+    validate_params(&params, vocab, app.engine.config().runtime.max_n).map_err(ApiError::from)?;
+    // Prompts → token ids (texts keep their text for `echo`).
+    let tok = app.engine.tokenizer().clone();
+    let prompts: Vec<PromptSpec> = blocking(move || {
+        let specs: Vec<PromptSpec> = match req.prompt {
+            PromptInput::Text(t) => vec![PromptSpec { ids: encode_text(&tok, &t)?, text: Some(t) }],
+            PromptInput::Texts(ts) => ts
+                .into_iter()
+                .map(|t| Ok(PromptSpec { ids: encode_text(&tok, &t)?, text: Some(t) }))
+                .collect::<Result<_, ApiError>>()?,
+            PromptInput::Tokens(ids) => vec![PromptSpec { ids, text: None }],
+            PromptInput::TokenLists(l) => l.into_iter().map(|ids| PromptSpec { ids, text: None }).collect(),
+        };
+        Ok(specs)
+    })
+    .await?;
+    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid("prompt", format!("between 1 and {MAX_PROMPTS} prompts are accepted, got {}", prompts.len())));
+    }
+    for p in &prompts {
+        check_ids(&p.ids, vocab, "prompt")?;
+        check_length(&app, p.ids.len(), params.max_tokens, "max_tokens")?;
+    }
+    let (streaming, include_usage) = req.common.streaming();
+    let priority = req.common.priority.unwrap_or(0);
+    let kind = Kind::Completion { echo, logprobs: req.logprobs };
+    stream::generate(app, tenant.0, kind, prompts, params, priority, streaming, include_usage, arrival).await
+}
+
+async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Body<ChatRequest>) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    check_model(&app, req.common.model.as_deref())?;
+    let messages = api::messages(&req.messages)?;
+    let mut params = req.common.sampling()?;
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    if let Some(k) = req.top_logprobs {
+        if k > 20 {
+            return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be in [0, 20], got {k}")));
+        }
+        if !want_logprobs {
+            return Err(ApiError::invalid("top_logprobs", "`top_logprobs` requires `logprobs: true`"));
+        }
+    }
+    if want_logprobs {
+        params.logprobs = Some(req.top_logprobs.unwrap_or(0));
+    }
+    let vocab = app.engine.model().config.vocab_size;
+    let tok = app.engine.tokenizer().clone();
+    let ids = blocking(move || encode_chat(&tok, &messages, true, true)).await?;
+    check_ids(&ids, vocab, "messages")?;
+    let requested = req.max_completion_tokens.or(req.max_tokens);
+    let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    params.max_tokens = match requested {
+        Some(m) => m,
+        None => {
+            if ids.len() >= app.max_len {
+                return Err(ApiError::invalid("messages", format!("the prompt has {} tokens; this model's maximum context length is {}", ids.len(), app.max_len)));
+            }
+            app.max_len - ids.len()
+        }
+    };
+    if params.max_tokens == 0 {
+        return Err(ApiError::invalid(param, format!("`{param}` must be at least 1")));
+    }
+    validate_params(&params, vocab, app.engine.config().runtime.max_n).map_err(ApiError::from)?;
+    check_length(&app, ids.len(), params.max_tokens, param)?;
+    let (streaming, include_usage) = req.common.streaming();
+    let priority = req.common.priority.unwrap_or(0);
+    let kind = Kind::Chat { logprobs: want_logprobs };
+    let prompts = vec![PromptSpec { ids, text: None }];
+    stream::generate(app, tenant.0, kind, prompts, params, priority, streaming, include_usage, arrival).await
+}
+
+async fn tokenize(State(app): State<App>, _t: Tenant, Body(req): Body<TokenizeRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+    check_model(&app, req.model.as_deref())?;
+    let tok = app.engine.tokenizer().clone();
+    let want_strs = req.return_token_strs.unwrap_or(false);
+    let (ids, strs) = blocking(move || {
+        let ids = match (&req.prompt, &req.messages) {
+            (Some(p), None) => {
+                if req.add_special_tokens.unwrap_or(true) {
+                    encode_text(&tok, p)?
+                } else {
+                    tok.encode(p, true).map_err(|e| ApiError::invalid("prompt", e.to_string()))?
+                }
+            }
+            (None, Some(m)) => {
+                let msgs = api::messages(m)?;
+                encode_chat(&tok, &msgs, req.add_generation_prompt.unwrap_or(true), req.add_special_tokens.unwrap_or(false))?
+            }
+            _ => return Err(ApiError::invalid("prompt", "exactly one of `prompt` or `messages` is required")),
+        };
+        let strs: Option<Vec<String>> = want_strs.then(|| ids.iter().map(|&i| tok.token_str(i).unwrap_or("").to_string()).collect());
+        Ok((ids, strs))
+    })
+    .await?;
+    Ok(Json(json!({"count": ids.len(), "max_model_len": app.max_len, "tokens": ids, "token_strs": strs})))
+}
+
+async fn detokenize(State(app): State<App>, _t: Tenant, Body(req): Body<DetokenizeRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+    check_model(&app, req.model.as_deref())?;
+    let vocab = app.engine.tokenizer().vocab_size();
+    if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid("tokens", format!("token id {t} is out of range (vocabulary size {vocab})")));
+    }
+    let text = app.engine.tokenizer().decode(&req.tokens, false).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(Json(json!({"prompt": text})))
+}
