@@ -63,6 +63,8 @@ enum Cmd {
     Bench(brigade::bench::BenchArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(brigade::server::ServeArgs),
+    /// Print the SHA-256 hash of an API key for the config's `api_keys` (key from stdin if omitted).
+    HashKey(brigade::server::HashKeyArgs),
     /// Print model metadata, tensors and memory use.
     Inspect {
         /// Print JSON.
@@ -151,6 +153,7 @@ fn run() -> Result<()> {
         }
         Cmd::Inspect { json, m } => inspect(&m, json),
         Cmd::Serve(args) => brigade::server::run(args),
+        Cmd::HashKey(args) => brigade::server::hash_key_main(args),
         Cmd::Bench(args) => {
             let cfg = load_config(args.config.as_deref())?;
             let m = ModelArgs { model: args.model.clone(), threads: None };
