@@ -249,6 +249,164 @@ pub fn sample(raw: &[f32], logits: &mut [f32], r: &RowParams<'_>) -> Sampled {
 
 #[cfg(test)]
 mod tests {
+    use crate::engine::request::SamplingParams;
+
+    fn row<'a>(p: &'a SamplingParams, prompt: &'a [u32], output: &'a [u32]) -> RowParams<'a> {
+        RowParams { params: p, seed: 1, index: 0, position: 0, prompt, output, masked: &[] }
+    }
+
+    fn softmax(v: &[f32]) -> Vec<f64> {
+        let m = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let e: Vec<f64> = v.iter().map(|&x| ((x - m) as f64).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.into_iter().map(|x| x / z).collect()
+    }
+
+    /// Chi-square statistic of observed counts against expected probabilities
+    /// (cells with p = 0 must have count 0).
+    fn chi2(counts: &[u64], probs: &[f64], n: u64) -> f64 {
+        let mut chi = 0.0;
+        for (&c, &p) in counts.iter().zip(probs) {
+            if p == 0.0 {
+                assert_eq!(c, 0, "token with zero probability was sampled");
+                continue;
+            }
+            let e = p * n as f64;
+            chi += (c as f64 - e).powi(2) / e;
+        }
+        chi
+    }
+
+    #[test]
+    fn frequencies_match_softmax_at_several_temperatures() {
+        let logits = [2.0f32, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5];
+        // 0.1% critical value of chi-square with 7 degrees of freedom.
+        let crit = 24.32;
+        for &t in &[0.3f32, 0.7, 1.0, 1.8] {
+            let p = SamplingParams { temperature: t, ..Default::default() };
+            let n = 60_000u64;
+            let mut counts = [0u64; 8];
+            for pos in 0..n {
+                let mut w = logits;
+                let r = RowParams { position: pos as usize, ..row(&p, &[], &[]) };
+                counts[sample(&logits, &mut w, &r).token as usize] += 1;
+            }
+            let scaled: Vec<f32> = logits.iter().map(|v| v / t).collect();
+            let chi = chi2(&counts, &softmax(&scaled), n);
+            assert!(chi < crit, "T={t}: chi-square {chi}, counts {counts:?}");
+        }
+    }
+
+    #[test]
+    fn truncations_keep_exactly_the_intended_sets() {
+        // probabilities (T=1): softmax of these logits
+        let logits = [3.0f32, 2.0, 1.0, 0.0, -1.0, 2.5];
+        let probs = softmax(&logits);
+        let set = |v: Vec<(u32, f32)>| {
+            let mut s: Vec<u32> = v.into_iter().map(|c| c.0).collect();
+            s.sort();
+            s
+        };
+        assert_eq!(set(truncate(&logits, 2, 1.0, 0.0)), vec![0, 5]);
+        assert_eq!(set(truncate(&logits, 0, 1.0, 0.0)).len(), 6);
+        assert_eq!(set(truncate(&logits, -1, 1.0, 0.0)).len(), 6);
+        // top-p: smallest prefix (by probability) whose mass reaches p
+        let mut order: Vec<usize> = (0..6).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        for &p in &[0.3f32, 0.5, 0.8, 0.95, 0.999] {
+            let mut acc = 0.0;
+            let mut want = Vec::new();
+            for &i in &order {
+                want.push(i as u32);
+                acc += probs[i];
+                if acc >= p as f64 {
+                    break;
+                }
+            }
+            want.sort();
+            assert_eq!(set(truncate(&logits, -1, p, 0.0)), want, "top_p {p}");
+        }
+        // min-p: keep p_i >= min_p * p_max
+        for &mp in &[0.05f32, 0.2, 0.5, 0.9] {
+            let pmax = probs[0];
+            let mut want: Vec<u32> = (0..6).filter(|&i| probs[i] >= mp as f64 * pmax - 1e-12).map(|i| i as u32).collect();
+            want.sort();
+            assert_eq!(set(truncate(&logits, -1, 1.0, mp)), want, "min_p {mp}");
+        }
+        // combined: top-k 3 then top-p 0.7 within the renormalized top-3
+        let k3 = [probs[0], probs[5], probs[1]];
+        let z: f64 = k3.iter().sum();
+        assert!(probs[0] / z < 0.7);
+        assert_eq!(set(truncate(&logits, 3, 0.7, 0.0)), vec![0, 5]);
+    }
+
+    #[test]
+    fn sampled_tokens_stay_inside_the_truncated_set() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+        let p = SamplingParams { temperature: 1.0, top_k: 5, ..Default::default() };
+        let allowed: Vec<u32> = top_k_entries(&logits, 5).into_iter().map(|c| c.0).collect();
+        let mut counts = std::collections::HashMap::new();
+        for pos in 0..20_000 {
+            let mut w = logits.clone();
+            let r = RowParams { position: pos, ..row(&p, &[], &[]) };
+            let t = sample(&logits, &mut w, &r).token;
+            assert!(allowed.contains(&t));
+            *counts.entry(t).or_insert(0u64) += 1;
+        }
+        // frequencies follow the renormalized top-5 softmax
+        let top: Vec<f32> = allowed.iter().map(|&t| logits[t as usize]).collect();
+        let probs = softmax(&top);
+        let c: Vec<u64> = allowed.iter().map(|t| counts.get(t).copied().unwrap_or(0)).collect();
+        assert!(chi2(&c, &probs, 20_000) < 18.47, "counts {c:?}"); // 4 dof, 0.1%
+    }
+
+    #[test]
+    fn penalties_and_bias_match_hand_computed_values() {
+        // logits for tokens 0..5
+        let base = [2.0f32, -1.0, 0.5, 3.0, -2.0];
+        let prompt = [0u32];
+        let output = [3u32, 3, 2];
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: [(1u32, 5.0f32), (4, -1.0)].into_iter().collect(),
+            ..Default::default()
+        };
+        let mut l = base;
+        apply_processors(&mut l, &row(&p, &prompt, &output));
+        // token 0: in prompt, positive -> 2/2 = 1; not in output
+        // token 1: unseen -> -1 + bias 5 = 4
+        // token 2: in output once, positive -> 0.5/2 = 0.25, - 0.5 - 0.25*1 = -0.5
+        // token 3: in output twice -> 3/2 = 1.5, - 0.5 - 0.25*2 = 0.5
+        // token 4: unseen -> -2 + bias -1 = -3
+        assert_eq!(l, [1.0, 4.0, -0.5, 0.5, -3.0]);
+        // negative logit with repetition penalty is multiplied
+        let p2 = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let mut l2 = base;
+        apply_processors(&mut l2, &row(&p2, &[1], &[]));
+        assert_eq!(l2[1], -2.0);
+        // masked tokens can never be chosen
+        let p3 = SamplingParams::greedy(1);
+        let mut l3 = base;
+        let r = RowParams { masked: &[3], ..row(&p3, &[], &[]) };
+        assert_eq!(sample(&base, &mut l3, &r).token, 0);
+    }
+
+    #[test]
+    fn reported_logprobs_are_raw_log_softmax() {
+        let raw = [1.0f32, 2.0, 3.0, 0.0];
+        let p = SamplingParams { temperature: 0.0, logprobs: Some(2), logit_bias: [(0u32, 100.0f32)].into_iter().collect(), ..Default::default() };
+        let mut w = raw;
+        let s = sample(&raw, &mut w, &row(&p, &[], &[]));
+        assert_eq!(s.token, 0); // the bias decides the choice
+        let lse = logsumexp(&raw);
+        assert!((s.logprob - (1.0 - lse)).abs() < 1e-6); // ...but not the reported logprob
+        assert_eq!(s.top.len(), 2);
+        assert_eq!(s.top[0].0, 2);
+        assert!((s.top[0].1 - (3.0 - lse)).abs() < 1e-6);
+    }
+
     use super::*;
 
     #[test]

@@ -677,6 +677,7 @@ impl SchedulerActor {
                     return;
                 }
                 let n = v.params.n.max(1);
+                let mut seqs = Vec::with_capacity(n);
                 for index in 0..n {
                     let seq_id = self.next_seq;
                     self.next_seq += 1;
@@ -691,7 +692,7 @@ impl SchedulerActor {
                         tx: v.tx.clone(),
                         arrival: v.arrival,
                     });
-                    self.sched.add(Sequence {
+                    seqs.push(Sequence {
                         id: seq_id,
                         request_id: v.id,
                         index,
@@ -711,8 +712,13 @@ impl SchedulerActor {
                         preemptions: 0,
                         eog: self.eog.clone(),
                         prompt: v.prompt.clone(),
+                        pending_forks: Vec::new(),
                     });
                 }
+                // Siblings ride on the first completion until it forks them.
+                let mut parent = seqs.remove(0);
+                parent.pending_forks = seqs;
+                self.sched.add(parent);
             }
             SchedMsg::Abort(_) => {} // the cancel flag is already set; reaped next loop
             SchedMsg::Drain => self.draining = true,
@@ -727,10 +733,18 @@ impl SchedulerActor {
                 let _ = self.out.send(OutMsg::PromptLogprobs { seq_id: c.seq_id, entries: lp });
             }
         }
-        let cached: Vec<usize> = r.batch.chunks.iter().map(|c| self.sched.get(c.seq_id).map(|s| s.num_cached).unwrap_or(0)).collect();
+        let mut sampled: HashMap<u64, sampling::Sampled> = HashMap::new();
+        let mut cached: HashMap<u64, usize> = HashMap::new();
+        for (c, smp) in r.batch.chunks.iter().zip(r.sampled) {
+            cached.insert(c.seq_id, self.sched.get(c.seq_id).map(|s| s.num_cached).unwrap_or(0));
+            if let Some(smp) = smp {
+                sampled.insert(c.seq_id, smp);
+            }
+        }
         let updates = self.sched.on_batch_done(&r.batch, &tokens);
-        for ((u, s), cached) in updates.into_iter().zip(r.sampled).zip(cached) {
-            match (u.token, s) {
+        for u in updates {
+            let cached = cached.get(&u.seq_id).copied().unwrap_or(0);
+            match (u.token, sampled.remove(&u.seq_id)) {
                 (Some(_), Some(s)) => {
                     let token = TokenLogprob { token: s.token, logprob: s.logprob, top: s.top };
                     let _ = self.out.send(OutMsg::Token { seq_id: u.seq_id, token, finish: u.finish, cached });
@@ -803,6 +817,9 @@ impl Worker {
             let t0 = Instant::now();
             let batch = item.batch.clone();
             let n = batch.num_tokens();
+            for &(src, dst) in &batch.copies {
+                self.kv.copy_block(src as usize, dst as usize);
+            }
             if self.k == 0 {
                 item.x.resize(n * dim, 0.0);
                 let mut row = 0;

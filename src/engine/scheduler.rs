@@ -90,6 +90,12 @@ pub struct Sequence {
     pub eog: Arc<Vec<u32>>,
     /// The prompt, shared with the sampler (prompt log-probabilities, repetition penalty).
     pub prompt: Arc<Vec<u32>>,
+    /// Sibling completions (`n > 1`) not yet forked: they are forked from this
+    /// sequence when all prompt tokens but the last are computed, sharing its
+    /// blocks by reference count; each then computes the last prompt token
+    /// itself (copy-on-write of the partial last block) and samples its own
+    /// first token.
+    pub pending_forks: Vec<Sequence>,
 }
 
 impl Sequence {
@@ -104,6 +110,15 @@ impl Sequence {
     /// Whether the caller asked for prompt log-probabilities.
     pub fn wants_prompt_logprobs(&self) -> bool {
         self.params.prompt_logprobs.is_some()
+    }
+    /// How far to compute before the next event: one short of the prompt
+    /// while siblings wait to be forked, else the whole sequence.
+    fn target_len(&self) -> usize {
+        if !self.pending_forks.is_empty() {
+            self.num_prompt.saturating_sub(1)
+        } else {
+            self.tokens.len()
+        }
     }
 }
 
@@ -152,6 +167,9 @@ pub struct MicroBatch {
     pub step_id: u64,
     /// Sequence chunks, in row order.
     pub chunks: Vec<ScheduledChunk>,
+    /// Block copies `(src, dst)` every worker applies before computing
+    /// (copy-on-write of shared partial blocks after a fork).
+    pub copies: Vec<(u32, u32)>,
 }
 
 impl MicroBatch {
@@ -262,7 +280,14 @@ impl Scheduler {
             .filter(|s| !s.in_flight && s.is_cancelled())
             .map(|s| s.id)
             .collect();
-        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(mut s) = self.remove(id) {
+                out.append(&mut s.pending_forks);
+                out.push(s);
+            }
+        }
+        out
     }
 
     /// Removes a sequence that is not in flight, freeing its blocks.
@@ -309,9 +334,13 @@ impl Scheduler {
         let mut chunks = Vec::new();
 
         // 1. Running sequences, oldest first.
+        let mut copies = Vec::new();
         let mut order: Vec<u64> = self.running.clone();
         order.sort_by_key(|id| self.seqs.get(id).map(|s| s.arrival).unwrap_or(u64::MAX));
-        for id in order {
+        let mut i = 0;
+        while i < order.len() {
+            let id = order[i];
+            i += 1;
             if budget == 0 || chunks.len() >= self.cfg.max_seqs {
                 break;
             }
@@ -319,14 +348,22 @@ impl Scheduler {
             if s.in_flight || s.status != Status::Running || s.is_cancelled() {
                 continue;
             }
-            let remaining = s.tokens.len() - s.num_computed;
+            if s.num_computed == s.target_len() && !s.pending_forks.is_empty() {
+                // Fork the siblings now: they share every block computed so far.
+                for child in self.fork_children(id) {
+                    order.push(child);
+                }
+            }
+            let Some(s) = self.seqs.get(&id) else { continue };
+            let remaining = s.target_len() - s.num_computed;
             if remaining == 0 {
                 continue;
             }
             let n = self.chunk_len(remaining, budget);
             let need = s.num_computed + n;
-            // Make room, preempting the latest arrivals if blocks ran out.
-            let mut ok = self.kv.grow(id, need).unwrap_or(false);
+            // Make room (private copies of shared blocks, then new blocks),
+            // preempting the latest arrivals if blocks ran out.
+            let mut ok = self.make_room(id, need, &mut copies);
             while !ok {
                 let victim = self
                     .running
@@ -341,7 +378,7 @@ impl Scheduler {
                         if v == id {
                             break;
                         }
-                        ok = self.kv.grow(id, need).unwrap_or(false);
+                        ok = self.make_room(id, need, &mut copies);
                     }
                     None => break,
                 }
@@ -365,7 +402,22 @@ impl Scheduler {
             } else {
                 (Vec::new(), 0)
             };
-            let n = self.chunk_len(s.tokens.len() - num_cached, budget);
+            let target = s.target_len();
+            if num_cached >= target {
+                // Everything up to the fork point is cached: admit with no compute.
+                if !self.kv.allocate(id, num_cached, computed).unwrap_or(false) {
+                    break;
+                }
+                self.waiting.pop_front();
+                self.running.push(id);
+                if let Some(s) = self.seqs.get_mut(&id) {
+                    s.status = Status::Running;
+                    s.num_computed = num_cached;
+                    s.num_cached = num_cached;
+                }
+                continue;
+            }
+            let n = self.chunk_len(target - num_cached, budget);
             if !self.kv.allocate(id, num_cached + n, computed).unwrap_or(false) {
                 break;
             }
@@ -398,7 +450,39 @@ impl Scheduler {
         let step_id = self.next_step;
         self.next_step += 1;
         self.counters.steps += 1;
-        Some(MicroBatch { step_id, chunks })
+        Some(MicroBatch { step_id, chunks, copies })
+    }
+
+    /// Gives `id` private copies of shared blocks it will write and room for
+    /// `need` tokens; false (nothing changed but earlier copies) if blocks ran out.
+    fn make_room(&mut self, id: u64, need: usize, copies: &mut Vec<(u32, u32)>) -> bool {
+        match self.kv.copy_on_write(id) {
+            Ok(Some(c)) => copies.push(c),
+            Ok(None) => {}
+            Err(_) => return false,
+        }
+        self.kv.grow(id, need).unwrap_or(false)
+    }
+
+    /// Forks the pending siblings of `parent`; returns their ids.
+    fn fork_children(&mut self, parent: u64) -> Vec<u64> {
+        let Some(p) = self.seqs.get_mut(&parent) else { return Vec::new() };
+        let children = std::mem::take(&mut p.pending_forks);
+        let computed = p.num_computed;
+        let cached = p.num_cached;
+        let mut ids = Vec::new();
+        for mut c in children {
+            if self.kv.fork(parent, c.id).is_err() {
+                continue;
+            }
+            c.status = Status::Running;
+            c.num_computed = computed;
+            c.num_cached = cached;
+            ids.push(c.id);
+            self.running.push(c.id);
+            self.seqs.insert(c.id, c);
+        }
+        ids
     }
 
     fn make_chunk(&self, id: u64, n: usize) -> ScheduledChunk {
@@ -465,7 +549,11 @@ impl Scheduler {
                 let _ = self.kv.commit_full_blocks(c.seq_id, &s.tokens[..computed]);
             }
             if finish.is_some() {
-                self.remove(c.seq_id);
+                if let Some(mut removed) = self.remove(c.seq_id) {
+                    for child in removed.pending_forks.drain(..) {
+                        updates.push(SeqUpdate { seq_id: child.id, token: None, finish: Some(FinishReason::Abort) });
+                    }
+                }
             }
             updates.push(SeqUpdate { seq_id: c.seq_id, token, finish });
         }

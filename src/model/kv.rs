@@ -74,6 +74,14 @@ impl KvStore {
         }
     }
 
+    /// Copies block `src` to block `dst` in every layer held here.
+    pub fn copy_block(&mut self, src: usize, dst: usize) {
+        let n = self.block_size * self.kv_dim;
+        for arr in self.k.iter_mut().chain(self.v.iter_mut()) {
+            arr.copy_within(src * n..(src + 1) * n, dst * n);
+        }
+    }
+
     /// K and V arrays of absolute `layer`.
     pub fn layer(&self, layer: usize) -> (&[f16], &[f16]) {
         let l = layer - self.first_layer;
