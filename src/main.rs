@@ -29,6 +29,9 @@ struct ModelArgs {
     /// Threads for compute.
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Configuration file (TOML); command-line flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,12 +95,42 @@ struct GenerateArgs {
     /// Random seed (default: drawn fresh and reported).
     #[arg(long)]
     seed: Option<u64>,
+    /// Keep the k most likely tokens (-1 or 0: off).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    top_k: i32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens below min_p x the top probability.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Presence penalty in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Frequency penalty in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Stop string (repeatable); not included in the output.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Return this many top alternatives per token (0..=20) in --json output.
+    #[arg(long)]
+    logprobs: Option<usize>,
+    /// Completions of the prompt.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Generate at least this many tokens before end-of-generation may stop.
+    #[arg(long, default_value_t = 0)]
+    min_tokens: usize,
+    /// Keep going past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Configuration file (TOML).
-    #[arg(long)]
-    config: Option<PathBuf>,
     #[command(flatten)]
     m: ModelArgs,
 }
@@ -107,11 +140,8 @@ fn default_threads() -> usize {
 }
 
 fn load(m: &ModelArgs) -> Result<(Arc<Model>, Arc<Tokenizer>)> {
-    let path = paths::resolve_model(m.model.as_deref(), None)?;
-    let file = Arc::new(GgufFile::open(&path).with_context(|| format!("loading {}", path.display()))?);
-    let tok = Tokenizer::from_gguf(&file).with_context(|| format!("tokenizer of {}", path.display()))?;
-    let model = Model::from_gguf(file).with_context(|| format!("model {}", path.display()))?;
-    Ok((Arc::new(model), Arc::new(tok)))
+    let cfg = load_config(m.config.as_deref())?;
+    load_with(m, &cfg)
 }
 
 fn main() {
@@ -156,7 +186,7 @@ fn run() -> Result<()> {
         Cmd::HashKey(args) => brigade::server::hash_key_main(args),
         Cmd::Bench(args) => {
             let cfg = load_config(args.config.as_deref())?;
-            let m = ModelArgs { model: args.model.clone(), threads: None };
+            let m = ModelArgs { model: args.model.clone(), threads: None, config: args.config.clone() };
             let (model, tok) = load_with(&m, &cfg)?;
             let r = brigade::bench::run_offline(&args, model, tok, cfg)?;
             if args.json {
@@ -171,23 +201,45 @@ fn run() -> Result<()> {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     use brigade::engine::{Engine, Event, GenerateRequest, Prompt, SamplingParams};
-    let cfg = load_config(a.config.as_deref())?;
+    let cfg = load_config(a.m.config.as_deref())?;
     let (model, tok) = load_with(&a.m, &cfg)?;
     let prompt = if a.chat {
         Prompt::Chat(vec![ChatMessage { role: "user".into(), content: a.prompt.clone() }])
     } else {
         Prompt::Text(a.prompt.clone())
     };
-    let params = SamplingParams { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, logprobs: Some(0), ..SamplingParams::default() };
+    let params = SamplingParams {
+        max_tokens: a.max_tokens,
+        min_tokens: a.min_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        stop: a.stop.clone(),
+        seed: a.seed,
+        logprobs: Some(a.logprobs.unwrap_or(0)),
+        n: a.n,
+        ignore_eos: a.ignore_eos,
+        ..SamplingParams::default()
+    };
     let engine = Engine::start(model, tok, cfg)?;
     let mut stream = engine.submit(GenerateRequest { prompt, params, priority: 0 })?;
     let mut prompt_ids = Vec::new();
     let mut seed = 0;
-    let mut out_ids = Vec::new();
-    let mut logprobs = Vec::new();
-    let mut text = String::new();
-    let mut finish = "abort";
+    #[derive(Default)]
+    struct Choice {
+        ids: Vec<u32>,
+        logprobs: Vec<f32>,
+        top: Vec<Vec<(u32, f32)>>,
+        text: String,
+        finish: Option<&'static str>,
+    }
+    let mut choices: Vec<Choice> = (0..a.n.max(1)).map(|_| Choice::default()).collect();
     let stdout = std::io::stdout();
+    let stream_text = !a.json && a.n <= 1;
     while let Some(ev) = stream.blocking_next() {
         match ev {
             Event::Started { prompt_tokens, seed: s } => {
@@ -195,37 +247,54 @@ fn generate(a: GenerateArgs) -> Result<()> {
                 seed = s;
             }
             Event::PromptLogprobs(_) => {}
-            Event::Token { token, text: piece, .. } => {
-                out_ids.push(token.token);
-                logprobs.push(token.logprob);
-                text.push_str(&piece);
-                if !a.json {
+            Event::Token { index, token, text: piece } => {
+                let Some(c) = choices.get_mut(index) else { continue };
+                c.ids.push(token.token);
+                c.logprobs.push(token.logprob);
+                c.top.push(token.top);
+                c.text.push_str(&piece);
+                if stream_text {
                     let mut lock = stdout.lock();
                     write!(lock, "{piece}")?;
                     lock.flush()?;
                 }
             }
-            Event::Finished { reason, text: rest, .. } => {
-                text.push_str(&rest);
-                if !a.json {
+            Event::Finished { index, reason, text: rest, .. } => {
+                let Some(c) = choices.get_mut(index) else { continue };
+                c.text.push_str(&rest);
+                c.finish = Some(reason.as_str());
+                if stream_text {
                     println!("{rest}");
                 }
-                finish = reason.as_str();
-                // The last token of a `stop` finish is the stop token itself: not part of the text.
-                break;
             }
             Event::Error(e) => bail!("{e}"),
         }
     }
+    if !a.json && !stream_text {
+        for (i, c) in choices.iter().enumerate() {
+            println!("--- completion {i} ({})", c.finish.unwrap_or("abort"));
+            println!("{}", c.text);
+        }
+    }
     if a.json {
-        let v = serde_json::json!({
-            "prompt_token_ids": prompt_ids,
-            "token_ids": out_ids,
-            "text": text,
-            "finish_reason": finish,
-            "logprobs": logprobs,
-            "seed": seed,
-        });
+        let choice_json = |c: &Choice| {
+            let mut v = serde_json::json!({
+                "token_ids": c.ids,
+                "text": c.text,
+                "finish_reason": c.finish.unwrap_or("abort"),
+                "logprobs": c.logprobs,
+            });
+            if a.logprobs.unwrap_or(0) > 0 {
+                v["top_logprobs"] = serde_json::json!(c.top);
+            }
+            v
+        };
+        let mut v = choice_json(&choices[0]);
+        v["prompt_token_ids"] = serde_json::json!(prompt_ids);
+        v["seed"] = serde_json::json!(seed);
+        if choices.len() > 1 {
+            v["choices"] = serde_json::Value::Array(choices.iter().map(choice_json).collect());
+        }
         println!("{v}");
     }
     Ok(())
@@ -247,7 +316,8 @@ fn load_with(m: &ModelArgs, cfg: &Config) -> Result<(Arc<Model>, Arc<Tokenizer>)
 }
 
 fn inspect(m: &ModelArgs, json: bool) -> Result<()> {
-    let path = paths::resolve_model(m.model.as_deref(), None)?;
+    let cfg = load_config(m.config.as_deref())?;
+    let path = paths::resolve_model(m.model.as_deref(), cfg.model.path.as_deref())?;
     let file = Arc::new(GgufFile::open(&path)?);
     let model = Model::from_gguf(file.clone())?;
     let kv_per_token = brigade::model::kv::KvStore::bytes_per_token(model.config.n_layers, model.config.kv_dim);
