@@ -548,6 +548,31 @@ fn sigterm_drains_and_exits_zero() {
 
 // ---------------------------------------------------------------- fairness
 
+/// Starts a long request of `n` sequences with `key` and waits until it runs.
+async fn spawn_blocker(s: &Arc<Server>, key: &'static str, n: usize) -> tokio::task::JoinHandle<()> {
+    let s2 = s.clone();
+    let h = tokio::spawn(async move {
+        let _ = s2.post("/v1/completions", Some(key), &json!({"prompt": "x", "max_tokens": 1900, "ignore_eos": true, "n": n})).await;
+    });
+    let e = s.engine.clone();
+    until("the blocker to run", || e.stats().running == n).await;
+    h
+}
+
+/// Waits until `tenant` has `depth` requests in the fair queue.
+async fn wait_queue_depth(s: &Server, tenant: &str, depth: f64) {
+    let series = format!("brigade:tenant_queue_depth{{tenant=\"{tenant}\"}}");
+    let t0 = Instant::now();
+    loop {
+        let (_, m) = s.get("/metrics").await;
+        if metric_value(&m, &series).unwrap_or(0.0) >= depth {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{tenant}'s backlog never reached {depth}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Tenant A floods 200 long requests; B then sends 20. Under FCFS B would wait
 /// behind all of A's backlog; under VTC B's counter is lifted to A's and the two
 /// alternate, so B's requests finish within about 2·20 + max_running completions.
@@ -558,7 +583,9 @@ async fn newcomer_is_served_within_the_vtc_bound() {
         hash_key("key-a"),
         hash_key("key-b")
     );
-    let s = Arc::new(Server::start(tiny(256), engine_config(8192), &toml).await);
+    let s = Arc::new(Server::start(tiny(2048), engine_config(16384), &toml).await);
+    // A blocker fills the engine so that A's whole backlog is queued before anything else runs.
+    let blocker = spawn_blocker(&s, "key-a", 4).await;
     let rank = Arc::new(AtomicUsize::new(0));
     let a_done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -572,18 +599,7 @@ async fn newcomer_is_served_within_the_vtc_bound() {
             ('a', rank.fetch_add(1, Ordering::SeqCst))
         }));
     }
-    // Wait until A's backlog is queued.
-    let s2 = s.clone();
-    let t0 = Instant::now();
-    loop {
-        let (_, m) = s2.get("/metrics").await;
-        let depth = metric_value(&m, "brigade:tenant_queue_depth{tenant=\"a\"}").unwrap_or(0.0);
-        if depth >= 150.0 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "A's backlog never formed");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_queue_depth(&s, "a", 200.0).await;
     let start_rank = rank.load(Ordering::SeqCst);
     for _ in 0..20 {
         let (s, rank, body) = (s.clone(), rank.clone(), body.clone());
@@ -593,6 +609,8 @@ async fn newcomer_is_served_within_the_vtc_bound() {
             ('b', rank.fetch_add(1, Ordering::SeqCst))
         }));
     }
+    wait_queue_depth(&s, "b", 20.0).await;
+    blocker.abort(); // client gone: the engine frees the blocker's slots
     let mut b_ranks = Vec::new();
     for t in tasks {
         let (who, r) = t.await.unwrap();
@@ -617,14 +635,9 @@ async fn served_shares_follow_weights() {
         hash_key("key-h"),
         hash_key("key-l")
     );
-    let s = Arc::new(Server::start(tiny(256), engine_config(8192), &toml).await);
+    let s = Arc::new(Server::start(tiny(2048), engine_config(16384), &toml).await);
     // Occupy the engine so both backlogs form before anything is admitted.
-    let blocker = {
-        let s = s.clone();
-        tokio::spawn(async move { s.post("/v1/completions", Some("key-h"), &json!({"prompt": "x", "max_tokens": 200, "ignore_eos": true, "n": 2})).await })
-    };
-    let e = s.engine.clone();
-    until("the blocker to run", || e.stats().running == 2).await;
+    let blocker = spawn_blocker(&s, "key-h", 2).await;
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let body = json!({"prompt": "the cat sat on the mat", "max_tokens": 16, "ignore_eos": true});
     let mut tasks = Vec::new();
@@ -637,19 +650,9 @@ async fn served_shares_follow_weights() {
             order.lock().unwrap().push(key);
         }));
     }
-    let s2 = s.clone();
-    let t0 = Instant::now();
-    loop {
-        let (_, m) = s2.get("/metrics").await;
-        let q = metric_value(&m, "brigade:tenant_queue_depth{tenant=\"heavy\"}").unwrap_or(0.0)
-            + metric_value(&m, "brigade:tenant_queue_depth{tenant=\"light\"}").unwrap_or(0.0);
-        if q >= 120.0 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "backlogs never formed");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(blocker.await.unwrap().0, 200);
+    wait_queue_depth(&s, "heavy", 60.0).await;
+    wait_queue_depth(&s, "light", 60.0).await;
+    blocker.abort();
     for t in tasks {
         t.await.unwrap();
     }
