@@ -820,3 +820,43 @@ async fn real_model_same_greedy_text_as_generate() {
     assert_eq!(stream_text(&chunks, true).0, want["text"].as_str().unwrap());
     s.shutdown().await;
 }
+
+// ---------------------------------------------------------------- HTTP bench
+
+#[test]
+fn http_bench_reports_latencies_and_per_tenant_tokens() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let toml = format!(
+        "[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"b\"\napi_keys = [\"{}\"]\n",
+        hash_key("key-a"),
+        hash_key("key-b")
+    );
+    let s = rt.block_on(Server::tiny(&toml));
+    let args = brigade::server::HttpBenchArgs {
+        url: s.base.clone(),
+        endpoint: "completions".into(),
+        model_name: None,
+        num_prompts: 12,
+        concurrency: 4,
+        request_rate: Some(200.0),
+        api_keys: vec!["a=key-a".into(), "b=key-b".into(), "bad=nope".into()],
+        input_len: 16,
+        output_len: 8,
+        slo_ttft_ms: Some(60_000.0),
+        slo_tpot_ms: None,
+        slo_e2e_ms: None,
+        seed: 1,
+        timeout_s: 60.0,
+    };
+    let r = brigade::server::run_http_bench(args).unwrap();
+    assert_eq!(r["completed"], 8, "{r}");
+    assert_eq!(r["errors_by_status"]["401"], 4, "{r}");
+    assert_eq!(r["total_output_tokens"], 64, "{r}");
+    assert_eq!(r["per_tenant"]["a"]["output_tokens"], 32, "{r}");
+    assert_eq!(r["per_tenant"]["b"]["completed"], 4, "{r}");
+    for k in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
+        assert!(r[k]["p99"].as_f64().unwrap() >= r[k]["p50"].as_f64().unwrap(), "{k}: {r}");
+    }
+    assert!(r["goodput"].as_f64().unwrap() > 0.0);
+    rt.block_on(s.shutdown());
+}

@@ -92,7 +92,7 @@ struct Pending {
 }
 
 enum AdmissionMsg {
-    Enqueue { tenant: usize, priority: i32, input_tokens: usize, pending: Pending },
+    Enqueue { tenant: usize, priority: i32, input_tokens: usize, pending: Box<Pending> },
     FailQueued,
 }
 
@@ -175,7 +175,7 @@ impl AdmissionHandle {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
         let (reply, rx) = oneshot::channel();
-        let pending = Pending { req, reply, span: tracing::Span::current() };
+        let pending = Box::new(Pending { req, reply, span: tracing::Span::current() });
         match self.tx.try_send(AdmissionMsg::Enqueue { tenant, priority, input_tokens, pending }) {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -279,6 +279,7 @@ impl AdmissionActor {
                     }
                 }
                 let slots = pending.req.params.n.clamp(1, self.max_running);
+                let pending = *pending;
                 if let Err((PushError::TenantQueueFull, p)) = self.fq.push(tenant, priority, input_tokens, slots, pending) {
                     // Purge clients that left, then retry once before refusing.
                     drop(self.fq.remove_where(|p| p.reply.is_closed()));
