@@ -64,6 +64,8 @@ enum Cmd {
     },
     /// Offline throughput benchmark through the full runtime.
     Bench(brigade::bench::BenchArgs),
+    /// Serving benchmark: drive a running `brigade serve` over HTTP (like `vllm bench serve`).
+    BenchServe(brigade::server::HttpBenchArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(brigade::server::ServeArgs),
     /// Print the SHA-256 hash of an API key for the config's `api_keys` (key from stdin if omitted).
@@ -183,6 +185,11 @@ fn run() -> Result<()> {
         }
         Cmd::Inspect { json, m } => inspect(&m, json),
         Cmd::Serve(args) => brigade::server::run(args),
+        Cmd::BenchServe(args) => {
+            let v = brigade::server::run_http_bench(args)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Cmd::HashKey(args) => brigade::server::hash_key_main(args),
         Cmd::Bench(args) => {
             let cfg = load_config(args.config.as_deref())?;
