@@ -1,9 +1,15 @@
 //! Compute kernels: the one home of `unsafe` and SIMD in Brigade.
 //!
-//! Every kernel has a scalar reference in [`scalar`] (the test oracle and the
-//! fallback) and, on x86-64, an AVX2/FMA/F16C version in `avx2` selected at run
-//! time from cached CPU feature detection. Callers only see the safe functions
-//! of this module, which validate slice sizes before dispatching.
+//! Every kernel has a scalar reference in [`scalar`] / `packed` (the test
+//! oracle and the fallback) and, on x86-64, SIMD versions selected at run time
+//! from cached CPU feature detection ([`isa`]): AVX2/FMA/F16C in `avx2`, and
+//! AVX-512 VNNI in `avx512` (quantized matmul over [`PackedMatrix`]'s
+//! interleaved layout, activation quantization, f16 attention helpers).
+//! Callers only see the safe functions of this module, which validate slice
+//! sizes before dispatching.
+//!
+//! Environment: `BRIGADE_FORCE_SCALAR=1` forces the scalar kernels;
+//! `BRIGADE_ISA=scalar|avx2|avx512` caps the instruction set (for comparisons).
 //!
 //! Batch invariance: each output element is computed with a fixed sequence of
 //! operations that depends only on its own weight row and activation row, never
@@ -12,7 +18,12 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod packed;
 pub mod scalar;
+
+pub use packed::{PackedMatrix, GROUP};
 
 use std::sync::OnceLock;
 
@@ -50,30 +61,74 @@ const _: () = assert!(std::mem::size_of::<BlockQ8>() == 72);
 /// Ratio of the two digits' scales (a power of two: exact in float).
 pub const Q8_RESIDUAL_SCALE: f32 = 128.0;
 
-/// Which instruction set the dispatching wrappers use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which instruction set the dispatching wrappers use (ordered: each level
+/// includes the ones before it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Portable scalar code.
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2 level plus AVX-512 F/BW/VL and AVX-512 VNNI.
+    Avx512Vnni,
 }
 
-/// The best instruction set of this CPU (detected once, cached).
-pub fn isa() -> Isa {
+impl Isa {
+    /// Short lowercase name (`scalar`, `avx2`, `avx512`), as in bench ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512",
+        }
+    }
+}
+
+/// The best instruction set this CPU supports, ignoring the environment
+/// (detected once, cached).
+pub fn detected_isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("BRIGADE_FORCE_SCALAR").map(|v| v == "1").unwrap_or(false) {
-            return Isa::Scalar;
-        }
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            let avx2 =
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            if avx2 && avx512 {
+                return Isa::Avx512Vnni;
+            }
+            if avx2 {
                 return Isa::Avx2;
             }
         }
         Isa::Scalar
     })
+}
+
+/// The instruction set the dispatching wrappers use: [`detected_isa`], capped
+/// by `BRIGADE_FORCE_SCALAR=1` or `BRIGADE_ISA=scalar|avx2|avx512` (cached).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detected_isa();
+        if std::env::var("BRIGADE_FORCE_SCALAR").map(|v| v == "1").unwrap_or(false) {
+            return Isa::Scalar;
+        }
+        let cap = match std::env::var("BRIGADE_ISA").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512Vnni,
+        };
+        best.min(cap)
+    })
+}
+
+/// Instruction sets available on this CPU, lowest first (for tests and benches).
+pub fn available_isas() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|&i| i <= detected_isa()).collect()
 }
 
 /// Errors from building kernel views over raw weight bytes.
@@ -140,10 +195,24 @@ impl<'a> QMatrix<'a> {
     }
 }
 
-/// Quantizes `n` rows of `cols` activations to Q8 blocks.
+/// Quantizes `n` rows of `cols` activations to Q8 blocks (bit-identical on
+/// every ISA).
 pub fn quantize_rows_q8(x: &[f32], cols: usize, out: &mut [BlockQ8]) {
+    quantize_rows_q8_isa(isa(), x, cols, out)
+}
+
+/// [`quantize_rows_q8`] with an explicit instruction set (capped at
+/// [`detected_isa`]).
+pub fn quantize_rows_q8_isa(isa: Isa, x: &[f32], cols: usize, out: &mut [BlockQ8]) {
+    assert!(cols % QK == 0, "quantize_rows_q8: cols must be a multiple of 32");
     let nb = cols / QK;
     for (row, blocks) in x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)) {
+        #[cfg(target_arch = "x86_64")]
+        if isa.min(detected_isa()) == Isa::Avx512Vnni {
+            // SAFETY: avx512f/bw/vl detected; `row.len() == blocks.len() * 32`.
+            unsafe { avx512::quantize_q8(row, blocks) };
+            continue;
+        }
         scalar::quantize_q8(row, blocks);
     }
 }
@@ -183,6 +252,13 @@ impl SharedOut {
 /// Output columns are split over the threads of `pool` (if any); results are
 /// bit-identical for any pool size and any batch composition.
 pub fn matmul(w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+    matmul_isa(isa(), w, x, out, pool)
+}
+
+/// [`matmul`] with an explicit instruction set (capped at [`detected_isa`]);
+/// raw (unpacked) weights use the AVX2 kernel on AVX-512 CPUs too.
+pub fn matmul_isa(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+    let isa = isa.min(detected_isa());
     let n = x.n;
     assert!(x.f.len() >= n * w.cols, "matmul: activations too short");
     if w.dtype.block_size() > 1 {
@@ -194,30 +270,41 @@ pub fn matmul(w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], pool: Optio
         // SAFETY: `shared` spans `out`; each call writes only columns `cols`
         // of each row, and the column ranges of concurrent calls are disjoint.
         let out = unsafe { shared.slice() };
-        matmul_cols(w, x, out, cols);
+        matmul_cols(isa, w, x, out, cols);
     };
+    split_columns(pool, w.rows, 8, &run);
+}
+
+/// Runs `run` over disjoint ranges of `0..n_units` (column units), split over
+/// the threads of `pool` in chunks that are multiples of `align` units.
+fn split_columns(
+    pool: Option<&rayon::ThreadPool>,
+    n_units: usize,
+    align: usize,
+    run: &(dyn Fn(std::ops::Range<usize>) + Sync),
+) {
     match pool {
-        Some(p) if p.current_num_threads() > 1 && w.rows >= 64 => {
+        Some(p) if p.current_num_threads() > 1 && n_units >= 2 * align => {
             let nt = p.current_num_threads();
-            // A few chunks per thread for balance; multiple of 8 columns.
-            let chunk = (w.rows.div_ceil(nt * 4)).next_multiple_of(8).max(8);
-            let n_chunks = w.rows.div_ceil(chunk);
+            // A few chunks per thread for balance on a shared machine.
+            let chunk = (n_units.div_ceil(nt * 4)).next_multiple_of(align).max(align);
+            let n_chunks = n_units.div_ceil(chunk);
             p.scope(|s| {
-                for c in 0..n_chunks {
-                    let run = &run;
-                    s.spawn(move |_| run(c * chunk..((c + 1) * chunk).min(w.rows)));
+                for c in 1..n_chunks {
+                    s.spawn(move |_| run(c * chunk..((c + 1) * chunk).min(n_units)));
                 }
+                run(0..chunk.min(n_units));
             });
         }
-        _ => run(0..w.rows),
+        _ => run(0..n_units),
     }
 }
 
 /// Computes output columns `cols` of every row. Sizes were checked by `matmul`.
-fn matmul_cols(w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], cols: std::ops::Range<usize>) {
+fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], cols: std::ops::Range<usize>) {
     let n = x.n;
     let stride = w.rows;
-    if !(w.dtype.block_size() > 1) {
+    if w.dtype.block_size() <= 1 {
         for r in 0..n {
             let xr = &x.f[r * w.cols..(r + 1) * w.cols];
             for o in cols.clone() {
@@ -228,7 +315,7 @@ fn matmul_cols(w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], cols: std:
     }
     let nb = w.cols / QK;
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    if isa >= Isa::Avx2 {
         let kind = match w.dtype {
             GgmlDType::Q4_0 => avx2::QKind::Q4_0,
             GgmlDType::Q4_1 => avx2::QKind::Q4_1,
@@ -239,10 +326,11 @@ fn matmul_cols(w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], cols: std:
             let take = (n - r).min(4);
             let xs = &x.q[r * nb..(r + take) * nb];
             let os = &mut out[r * stride..];
-            // SAFETY: avx2/fma/f16c detected by `isa()`; `w.data` holds
-            // `w.rows * nb` blocks (checked in QMatrix::new) and cols.end <=
-            // w.rows; `xs` holds `take * nb` blocks; `os` holds at least
-            // `(take - 1) * stride + cols.end` floats (checked in `matmul`).
+            // SAFETY: avx2/fma/f16c detected (`isa` is capped at
+            // `detected_isa()`); `w.data` holds `w.rows * nb` blocks (checked
+            // in QMatrix::new) and cols.end <= w.rows; `xs` holds `take * nb`
+            // blocks; `os` holds at least `(take - 1) * stride + cols.end`
+            // floats (checked in `matmul_isa`).
             unsafe {
                 match take {
                     4 => avx2::tile_q::<4>(kind, w.data, nb, xs, os, stride, cols.clone()),
@@ -255,6 +343,7 @@ fn matmul_cols(w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], cols: std:
         }
         return;
     }
+    let _ = isa;
     for r in 0..n {
         let xr = &x.q[r * nb..(r + 1) * nb];
         for o in cols.clone() {
@@ -263,24 +352,144 @@ fn matmul_cols(w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], cols: std:
     }
 }
 
+/// `out[r * p.rows() + o] = sum_k w[o, k] * x[r, k]` over packed weights
+/// (AVX-512 VNNI kernel; the scalar reference elsewhere — same results, bit
+/// for bit). Column groups are split over the threads of `pool`; results are
+/// bit-identical for any pool size and any batch composition.
+pub fn matmul_packed(p: &PackedMatrix, x: &Activations<'_>, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+    matmul_packed_isa(isa(), p, x, out, pool)
+}
+
+/// [`matmul_packed`] with an explicit instruction set (capped at [`detected_isa`]).
+pub fn matmul_packed_isa(
+    isa: Isa,
+    p: &PackedMatrix,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
+    let isa = isa.min(detected_isa());
+    let (n, nb) = (x.n, p.nb);
+    assert!(x.q.len() >= n * nb, "matmul_packed: q8 activations too short");
+    assert!(out.len() >= n * p.rows(), "matmul_packed: output too short");
+    let shared = SharedOut(out.as_mut_ptr(), out.len());
+    let run = |groups: std::ops::Range<usize>| {
+        // SAFETY: `shared` spans `out`; each call writes only the columns of
+        // `groups` of each row; the group ranges of concurrent calls are disjoint.
+        let out = unsafe { shared.slice() };
+        matmul_packed_groups(isa, p, x, out, groups);
+    };
+    split_columns(pool, p.n_groups(), 1, &run);
+}
+
+/// Activation rows whose Q8 blocks stay cache-resident while a thread sweeps
+/// its column groups (weights are then read once per macro tile).
+const MACRO_ROWS: usize = 64;
+
+/// Computes the output columns of column groups `groups` for every row.
+fn matmul_packed_groups(isa: Isa, p: &PackedMatrix, x: &Activations<'_>, out: &mut [f32], groups: std::ops::Range<usize>) {
+    let (n, nb, stride) = (x.n, p.nb, p.rows());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        const T: usize = avx512::MAX_TILE_ROWS;
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + MACRO_ROWS).min(n);
+            for g in groups.clone() {
+                let gp = p.group(g).as_ptr();
+                let valid = (stride - g * GROUP).min(GROUP);
+                let lanes = ((1u32 << valid) - 1) as u16;
+                let mut r = r0;
+                while r < r1 {
+                    let take = (r1 - r).min(T);
+                    let xp = x.q[r * nb..].as_ptr();
+                    let op = out[r * stride + g * GROUP..].as_mut_ptr();
+                    // SAFETY: avx512f/bw/vl/vnni detected (`isa` is capped at
+                    // `detected_isa()`); `gp` spans packed group `g` of `nb`
+                    // blocks; `x.q` holds `n * nb >= (r + take) * nb` blocks
+                    // and `out` holds `n * stride` floats, so rows `r..r +
+                    // take` fit; only the `valid` lanes (columns `< stride`)
+                    // are stored.
+                    unsafe {
+                        match take {
+                            8 => avx512::gemm_group::<8>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                            7 => avx512::gemm_group::<7>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                            6 => avx512::gemm_group::<6>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                            5 => avx512::gemm_group::<5>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                            4 => avx512::gemm_group::<4>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                            3 => avx512::gemm_group::<3>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                            2 => avx512::gemm_group::<2>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                            _ => avx512::gemm_group::<1>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                        }
+                    }
+                    r += take;
+                }
+            }
+            r0 = r1;
+        }
+        return;
+    }
+    let _ = isa;
+    for r in 0..n {
+        let xr = &x.q[r * nb..(r + 1) * nb];
+        for o in groups.start * GROUP..(groups.end * GROUP).min(stride) {
+            out[r * stride + o] = packed::ref_dot(p, o, xr);
+        }
+    }
+}
+
+/// [`matmul_packed`] when `packed` is given, else [`matmul`] on the raw `w`.
+/// The model calls this with the `Option` from [`PackedMatrix::for_current_isa`].
+pub fn matmul_best(
+    w: &QMatrix<'_>,
+    packed: Option<&PackedMatrix>,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
+    match packed {
+        Some(p) => {
+            debug_assert!(p.rows() == w.rows && p.cols() == w.cols, "matmul_best: packed matrix of another shape");
+            matmul_packed(p, x, out, pool)
+        }
+        None => matmul(w, x, out, pool),
+    }
+}
+
 /// `sum_i a[i] * b[i]` with `b` in f16.
 pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    dot_f16_isa(isa(), a, b)
+}
+
+/// [`dot_f16`] with an explicit instruction set (capped at [`detected_isa`]).
+pub fn dot_f16_isa(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot_f16: length mismatch");
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    match isa.min(detected_isa()) {
         // SAFETY: features detected; lengths equal (asserted above).
-        return unsafe { avx2::dot_f16(a, b) };
+        Isa::Avx512Vnni => return unsafe { avx512::dot_f16(a, b) },
+        // SAFETY: features detected; lengths equal (asserted above).
+        Isa::Avx2 => return unsafe { avx2::dot_f16(a, b) },
+        Isa::Scalar => {}
     }
     scalar::dot_f16(a, b)
 }
 
 /// `out[i] += w * v[i]` with `v` in f16.
 pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    axpy_f16_isa(isa(), out, w, v)
+}
+
+/// [`axpy_f16`] with an explicit instruction set (capped at [`detected_isa`]).
+pub fn axpy_f16_isa(isa: Isa, out: &mut [f32], w: f32, v: &[f16]) {
     assert_eq!(out.len(), v.len(), "axpy_f16: length mismatch");
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    match isa.min(detected_isa()) {
         // SAFETY: features detected; lengths equal (asserted above).
-        return unsafe { avx2::axpy_f16(out, w, v) };
+        Isa::Avx512Vnni => return unsafe { avx512::axpy_f16(out, w, v) },
+        // SAFETY: features detected; lengths equal (asserted above).
+        Isa::Avx2 => return unsafe { avx2::axpy_f16(out, w, v) },
+        Isa::Scalar => {}
     }
     scalar::axpy_f16(out, w, v)
 }
@@ -315,34 +524,77 @@ mod tests {
         out
     }
 
+    /// Every output of `matmul_isa` / `matmul_packed_isa` for one ISA.
+    fn run_isa(isa: Isa, packed: Option<&PackedMatrix>, w: &QMatrix<'_>, x: &Activations<'_>, pool: Option<&rayon::ThreadPool>) -> Vec<f32> {
+        let mut out = vec![f32::NAN; x.n * w.rows];
+        match packed {
+            Some(p) => matmul_packed_isa(isa, p, x, &mut out, pool),
+            None => matmul_isa(isa, w, x, &mut out, pool),
+        }
+        out
+    }
+
     #[test]
     fn simd_matmul_matches_scalar_reference() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            for &(rows, cols, n) in &[(8, 32, 1), (17, 64, 3), (64, 256, 5), (100, 576, 9)] {
+            for &(rows, cols, n) in &[(8, 32, 1), (17, 64, 3), (64, 256, 5), (100, 576, 9), (48, 96, 70)] {
                 let data = rand_weights(&mut rng, dtype, rows, cols);
                 let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
+                let p = PackedMatrix::new(&w).unwrap();
                 let xf = rand_vec(&mut rng, n * cols);
                 let mut xq = vec![BlockQ8::default(); n * cols / QK];
                 quantize_rows_q8(&xf, cols, &mut xq);
                 let x = Activations { f: &xf, q: &xq, n };
-                let mut out = vec![0.0; n * rows];
-                matmul(&w, &x, &mut out, None);
-                for r in 0..n {
-                    for o in 0..rows {
-                        let want = scalar::vec_dot_q(dtype, w.row(o), &xq[r * cols / QK..(r + 1) * cols / QK]);
-                        let got = out[r * rows + o];
-                        let tol = 1e-4 * (1.0 + want.abs());
-                        assert!((got - want).abs() <= tol, "{dtype:?} r{r} o{o}: {got} vs {want}");
+                let nb = cols / QK;
+                for isa in available_isas() {
+                    for packed in [None, Some(&p)] {
+                        let out = run_isa(isa, packed, &w, &x, None);
+                        for r in 0..n {
+                            let xr = &xq[r * nb..(r + 1) * nb];
+                            for o in 0..rows {
+                                let want = scalar::vec_dot_q(dtype, w.row(o), xr);
+                                let got = out[r * rows + o];
+                                let tol = 1e-4 * (1.0 + want.abs());
+                                assert!((got - want).abs() <= tol, "{isa:?} packed={} {dtype:?} r{r} o{o}: {got} vs {want}", packed.is_some());
+                                if packed.is_some() {
+                                    // The packed kernel equals its scalar reference bit for bit.
+                                    assert_eq!(got.to_bits(), packed::ref_dot(&p, o, xr).to_bits(), "{isa:?} {dtype:?} r{r} o{o}");
+                                }
+                            }
+                        }
+                        // Against full-precision dequantized weights: the Q8 activation error budget.
+                        let mut wrow = vec![0.0; cols];
+                        for o in 0..rows {
+                            w.dequantize_row(o, &mut wrow);
+                            let exact: f32 = wrow.iter().zip(&xf[..cols]).map(|(a, b)| a * b).sum();
+                            let norm: f32 = wrow.iter().map(|v| v.abs()).sum::<f32>() / 127.0 + 1e-3;
+                            assert!((out[o] - exact).abs() <= norm, "{dtype:?} o{o}: {} vs {exact}", out[o]);
+                        }
                     }
                 }
-                // Against full-precision dequantized weights: the Q8 activation error budget.
-                let mut wrow = vec![0.0; cols];
-                for o in 0..rows {
-                    w.dequantize_row(o, &mut wrow);
-                    let exact: f32 = wrow.iter().zip(&xf[..cols]).map(|(a, b)| a * b).sum();
-                    let norm: f32 = wrow.iter().map(|v| v.abs()).sum::<f32>() / 127.0 + 1e-3;
-                    assert!((out[o] - exact).abs() <= norm, "{dtype:?} o{o}: {} vs {exact}", out[o]);
+            }
+        }
+    }
+
+    #[test]
+    fn packed_layout_round_trips() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (rows, cols) = (37, 96);
+            let data = rand_weights(&mut rng, dtype, rows, cols);
+            let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
+            let p = PackedMatrix::new(&w).unwrap();
+            assert_eq!(p.size_bytes() % 64, 0);
+            let mut want = vec![0.0; cols];
+            for o in 0..rows {
+                w.dequantize_row(o, &mut want);
+                for b in 0..cols / QK {
+                    let (d, m, u) = p.block(o, b);
+                    for k in 0..QK {
+                        let got = d * u[k] as f32 + m;
+                        assert!((got - want[b * QK + k]).abs() <= 1e-6 * (1.0 + got.abs()), "{dtype:?} o{o} b{b} k{k}");
+                    }
                 }
             }
         }
@@ -352,21 +604,73 @@ mod tests {
     fn matmul_rows_are_batch_invariant_and_thread_invariant() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool3 = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (rows, cols, n) = (200, 128, 7);
+            // n > MACRO_ROWS: every tile size 1..=8 and a macro-tile boundary occur.
+            let (rows, cols, n) = (200, 128, 75);
             let data = rand_weights(&mut rng, dtype, rows, cols);
             let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
+            let p = PackedMatrix::new(&w).unwrap();
             let xf = rand_vec(&mut rng, n * cols);
             let mut xq = vec![BlockQ8::default(); n * cols / QK];
             quantize_rows_q8(&xf, cols, &mut xq);
-            let mut all = vec![0.0; n * rows];
-            matmul(&w, &Activations { f: &xf, q: &xq, n }, &mut all, Some(&pool));
             let nb = cols / QK;
-            for r in 0..n {
-                let mut one = vec![0.0; rows];
-                let x1 = Activations { f: &xf[r * cols..(r + 1) * cols], q: &xq[r * nb..(r + 1) * nb], n: 1 };
-                matmul(&w, &x1, &mut one, None);
-                assert_eq!(&all[r * rows..(r + 1) * rows], &one[..], "{dtype:?} row {r}");
+            for isa in available_isas() {
+                for packed in [None, Some(&p)] {
+                    let all = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, Some(&pool));
+                    let all3 = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, Some(&pool3));
+                    let all1 = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, None);
+                    assert_eq!(all, all3, "{isa:?} {dtype:?} 2 vs 3 threads");
+                    assert_eq!(all, all1, "{isa:?} {dtype:?} 2 vs 1 thread");
+                    // Sub-batches of every size 1..=9 at shifting offsets.
+                    let mut start = 0;
+                    for len in (1..=9).cycle() {
+                        if start >= n {
+                            break;
+                        }
+                        let len = len.min(n - start);
+                        let x = Activations {
+                            f: &xf[start * cols..(start + len) * cols],
+                            q: &xq[start * nb..(start + len) * nb],
+                            n: len,
+                        };
+                        let part = run_isa(isa, packed, &w, &x, if len % 2 == 0 { Some(&pool) } else { None });
+                        assert_eq!(
+                            &all[start * rows..(start + len) * rows],
+                            &part[..],
+                            "{isa:?} packed={} {dtype:?} rows {start}..{}",
+                            packed.is_some(),
+                            start + len
+                        );
+                        start += len;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_simd_is_bit_identical_to_scalar() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(13);
+        let cols = 576;
+        let mut xf = rand_vec(&mut rng, 8 * cols);
+        // Exact rounding ties (k + 0.5 steps of d), an all-zero block and huge values.
+        for (i, v) in xf[..QK].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0 + 0.5) * (1.0 / 127.0);
+        }
+        xf[QK] = 1.0;
+        for (i, v) in xf[QK + 1..2 * QK].iter_mut().enumerate() {
+            *v = (i as f32 - 15.5) / 127.0;
+        }
+        xf[2 * QK..3 * QK].fill(0.0);
+        xf[3 * QK] = 3.0e30;
+        let mut want = vec![BlockQ8::default(); 8 * cols / QK];
+        quantize_rows_q8_isa(Isa::Scalar, &xf, cols, &mut want);
+        for isa in available_isas() {
+            let mut got = vec![BlockQ8::default(); 8 * cols / QK];
+            quantize_rows_q8_isa(isa, &xf, cols, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!((g.d.to_bits(), g.s.to_bits(), g.qs, g.qr), (w.d.to_bits(), w.s.to_bits(), w.qs, w.qr), "{isa:?} block {i}");
             }
         }
     }
@@ -374,17 +678,19 @@ mod tests {
     #[test]
     fn f16_kernels_match_scalar() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
-        for n in [1usize, 7, 8, 64, 67] {
+        for n in [1usize, 7, 8, 15, 16, 17, 33, 64, 67] {
             let a = rand_vec(&mut rng, n);
             let b: Vec<f16> = rand_vec(&mut rng, n).into_iter().map(f16::from_f32).collect();
             let want = scalar::dot_f16(&a, &b);
-            assert!((dot_f16(&a, &b) - want).abs() < 1e-5 * (n as f32));
-            let mut o1 = a.clone();
-            let mut o2 = a.clone();
-            axpy_f16(&mut o1, 0.37, &b);
-            scalar::axpy_f16(&mut o2, 0.37, &b);
-            for (x, y) in o1.iter().zip(&o2) {
-                assert!((x - y).abs() < 1e-6);
+            for isa in available_isas() {
+                assert!((dot_f16_isa(isa, &a, &b) - want).abs() < 1e-5 * (n as f32), "{isa:?} n{n}");
+                let mut o1 = a.clone();
+                let mut o2 = a.clone();
+                axpy_f16_isa(isa, &mut o1, 0.37, &b);
+                scalar::axpy_f16(&mut o2, 0.37, &b);
+                for (x, y) in o1.iter().zip(&o2) {
+                    assert!((x - y).abs() < 1e-6, "{isa:?} n{n}");
+                }
             }
         }
     }

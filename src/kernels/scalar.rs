@@ -31,9 +31,9 @@ pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for ((q, qr), &v) in blk.qs.iter_mut().zip(blk.qr.iter_mut()).zip(chunk) {
-            let q1 = ((v * id).round() as i32).clamp(-127, 127);
+            let q1 = ((v * id).round_ties_even() as i32).clamp(-127, 127);
             let rem = v - q1 as f32 * d;
-            let q2 = ((rem * id * Q8_RESIDUAL_SCALE).round() as i32).clamp(-127, 127);
+            let q2 = ((rem * id * Q8_RESIDUAL_SCALE).round_ties_even() as i32).clamp(-127, 127);
             *q = q1 as i8;
             *qr = q2 as i8;
             sum += q1 * Q8_RESIDUAL_SCALE as i32 + q2;
