@@ -30,14 +30,62 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// `exp(x)` for `x <= 0` with < 5e-7 relative error: range reduction to
+/// `2^n * 2^f` and a degree-6 polynomial, written so the compiler vectorizes
+/// loops over it (no libm call). Inputs below -87 give 0.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    // Cody-Waite range reduction: x = n ln2 + r, |r| <= ln2 / 2.
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    // e^r: Taylor series to degree 7 (error < 1e-8 for |r| <= 0.35)
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// `sum_i exp(v[i] - m)` with 8 independent f32 accumulators (vectorizes),
+/// combined in f64.
+pub fn sum_exp(v: &[f32], m: f32) -> f64 {
+    let mut acc = [0.0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] += fast_exp(c[j] - m);
+        }
+    }
+    let mut total: f64 = acc.iter().map(|&a| a as f64).sum();
+    for &x in rest {
+        total += fast_exp(x - m) as f64;
+    }
+    total
+}
+
+/// Largest value (NEG_INFINITY for an empty slice).
+pub fn max_of(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] = acc[j].max(c[j]);
+        }
+    }
+    acc.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
 /// `log(sum(exp(logits)))`, computed stably.
 pub fn logsumexp(logits: &[f32]) -> f32 {
-    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let m = max_of(logits);
     if !m.is_finite() {
         return m;
     }
-    let s: f64 = logits.iter().map(|&v| ((v - m) as f64).exp()).sum();
-    m + s.ln() as f32
+    m + sum_exp(logits, m).ln() as f32
 }
 
 /// Log-probability of `token` under softmax(logits).
@@ -165,49 +213,52 @@ pub fn apply_processors(logits: &mut [f32], r: &RowParams<'_>) {
 }
 
 /// The candidate set kept by top-k, then top-p, then min-p, on logits already
-/// divided by the temperature, as `(token, logit)` best first.
+/// divided by the temperature, as `(token, logit)`. Partial selection only:
+/// top-p grows a sorted head of the distribution (64, 256, … entries) until it
+/// holds the requested mass, so the whole vocabulary is never sorted.
 pub fn truncate(scaled: &[f32], top_k: i32, top_p: f32, min_p: f32) -> Vec<(u32, f32)> {
     let vocab = scaled.len();
     let k = if top_k > 0 { (top_k as usize).min(vocab) } else { vocab };
-    let m = scaled.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    // Total softmax mass (over the whole vocabulary, or the top-k set).
-    let mut want = if top_p < 1.0 { 64.min(k) } else { k };
-    loop {
-        let cand = top_k_entries(scaled, want);
-        let z: f64 = if k < vocab {
-            top_k_entries(scaled, k).iter().map(|&(_, v)| ((v - m) as f64).exp()).sum()
+    let m = max_of(scaled);
+    let mut cand = if top_p < 1.0 {
+        // Mass is normalized over the top-k set (the whole vocabulary when k is off).
+        let z = if k < vocab {
+            top_k_entries(scaled, k).iter().map(|&(_, v)| fast_exp(v - m) as f64).sum()
         } else {
-            scaled.iter().map(|&v| ((v - m) as f64).exp()).sum()
+            sum_exp(scaled, m)
         };
-        let mut kept = cand.len();
-        let mut complete = want >= k;
-        if top_p < 1.0 {
+        let mut want = 64.min(k);
+        loop {
+            let head = top_k_entries(scaled, want);
             let mut acc = 0.0f64;
-            let mut cut = None;
-            for (i, &(_, v)) in cand.iter().enumerate() {
-                acc += ((v - m) as f64).exp() / z;
-                if acc >= top_p as f64 {
-                    cut = Some(i + 1);
-                    break;
+            let cut = head.iter().position(|&(_, v)| {
+                acc += fast_exp(v - m) as f64 / z;
+                acc >= top_p as f64
+            });
+            match cut {
+                Some(c) => {
+                    let mut head = head;
+                    head.truncate(c + 1);
+                    break head;
                 }
-            }
-            if let Some(c) = cut {
-                kept = c;
-                complete = true;
+                None if want >= k => break head,
+                None => want = (want * 4).min(k),
             }
         }
-        if complete {
-            let mut out = cand;
-            out.truncate(kept.max(1));
-            if min_p > 0.0 {
-                // p_i >= min_p * p_max  <=>  v_i >= m + ln(min_p)
-                let thr = m + min_p.ln();
-                out.retain(|&(_, v)| v >= thr);
-            }
-            return out;
-        }
-        want = (want * 4).min(k);
+    } else if k < vocab {
+        top_k_entries(scaled, k)
+    } else {
+        scaled.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect()
+    };
+    if min_p > 0.0 {
+        // p_i >= min_p * p_max  <=>  v_i >= m + ln(min_p)
+        let thr = m + min_p.ln();
+        cand.retain(|&(_, v)| v >= thr);
     }
+    if cand.is_empty() {
+        cand.push((argmax(scaled), m));
+    }
+    cand
 }
 
 /// Samples one token from processed `logits` (already through
@@ -223,21 +274,38 @@ pub fn sample(raw: &[f32], logits: &mut [f32], r: &RowParams<'_>) -> Sampled {
         for l in logits.iter_mut() {
             *l *= inv_t;
         }
-        let cand = truncate(logits, p.top_k, p.top_p, p.min_p);
-        let m = cand.first().map(|c| c.1).unwrap_or(0.0);
-        let w: Vec<f64> = cand.iter().map(|&(_, v)| ((v - m) as f64).exp()).collect();
-        let total: f64 = w.iter().sum();
-        let u = uniform(r.seed, r.index as u64, r.position as u64) * total;
-        let mut acc = 0.0;
-        let mut chosen = cand.last().map(|c| c.0).unwrap_or_else(|| argmax(raw));
-        for (&(t, _), &wi) in cand.iter().zip(&w) {
-            acc += wi;
-            if acc > u {
-                chosen = t;
-                break;
+        let u = uniform(r.seed, r.index as u64, r.position as u64);
+        let truncating = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
+        if truncating {
+            let cand = truncate(logits, p.top_k, p.top_p, p.min_p);
+            let m = cand.iter().fold(f32::NEG_INFINITY, |a, c| a.max(c.1));
+            let total: f64 = cand.iter().map(|&(_, v)| fast_exp(v - m) as f64).sum();
+            let target = u * total;
+            let mut acc = 0.0;
+            let mut chosen = cand[cand.len() - 1].0;
+            for &(t, v) in &cand {
+                acc += fast_exp(v - m) as f64;
+                if acc > target {
+                    chosen = t;
+                    break;
+                }
             }
+            chosen
+        } else {
+            // Whole vocabulary: one pass for the total, one scan to the target.
+            let m = max_of(logits);
+            let target = u * sum_exp(logits, m);
+            let mut acc = 0.0f64;
+            let mut chosen = argmax(logits);
+            for (i, &v) in logits.iter().enumerate() {
+                acc += fast_exp(v - m) as f64;
+                if acc > target {
+                    chosen = i as u32;
+                    break;
+                }
+            }
+            chosen
         }
-        chosen
     };
     let lse = logsumexp(raw);
     let top = match p.logprobs {
@@ -408,6 +476,23 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp();
+            let rel = ((fast_exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.001;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(fast_exp(-1000.0), fast_exp(-87.0));
+        let v: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 10.0).collect();
+        let exact: f64 = v.iter().map(|&x| (x as f64 - 10.0).exp()).sum();
+        assert!((sum_exp(&v, 10.0) / exact - 1.0).abs() < 1e-6);
+    }
 
     #[test]
     fn uniform_is_in_range_and_keyed() {
