@@ -137,6 +137,9 @@ impl Metrics {
         self.running.with_label_values(&m).set(st.running as i64);
         self.waiting.with_label_values(&m).set((st.waiting + fair_queued) as i64);
         self.kv_usage.with_label_values(&m).set(st.kv_usage);
+        for (name, len, _cap) in &st.channels {
+            self.set_channel_occupancy(name, *len);
+        }
         let Ok(mut last) = self.last.lock() else { return };
         self.prefix_queries.with_label_values(&m).inc_by(st.prefix_queries.saturating_sub(last.prefix_queries));
         self.prefix_hits.with_label_values(&m).inc_by(st.prefix_hits.saturating_sub(last.prefix_hits));

@@ -171,6 +171,10 @@ pub struct EngineStats {
     pub decode_tokens: u64,
     /// Busy seconds of each worker.
     pub worker_busy_s: Vec<f64>,
+    /// Occupancy of each bounded channel: `(name, queued, capacity)`.
+    pub channels: Vec<(String, usize, usize)>,
+    /// Micro-batches in flight now.
+    pub in_flight: usize,
     /// Seconds since start.
     pub uptime_s: f64,
 }
@@ -191,7 +195,7 @@ struct HandleInner {
     tokenizer: Arc<Tokenizer>,
     model: Arc<Model>,
     config: Config,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    _threads: Mutex<Vec<JoinHandle<()>>>,
     draining: AtomicBool,
 }
 
@@ -255,6 +259,13 @@ impl Engine {
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let busy: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
         let mut handles = Vec::new();
+        let mut probes: Vec<(String, ChannelProbe)> = vec![
+            ("requests".into(), probe(&submit_rx)),
+            ("scheduler_inbox".into(), probe(&sched_rx)),
+            ("output".into(), probe(&out_rx)),
+            ("feedback".into(), probe(&feedback_rx)),
+            ("logits".into(), probe(&logits_rx)),
+        ];
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new().name(name).spawn(f).map_err(|e| StartError::Spawn(e.to_string()))
         };
@@ -264,6 +275,7 @@ impl Engine {
         let ranges = split_layers(c.n_layers, workers);
         for k in (0..workers).rev() {
             let (tx, rx) = bounded::<WorkItem>(cap);
+            probes.push((format!("worker_{k}"), probe(&rx)));
             let range = ranges[k].clone();
             let kv = KvStore::new(range.start, range.len(), num_blocks, block_size, c.kv_dim);
             let pool = if threads > 1 {
@@ -328,6 +340,7 @@ impl Engine {
                 kv_peak: 0.0,
                 draining: false,
                 inbox_closed: false,
+                probes,
             };
             handles.push(spawn("scheduler".into(), Box::new(move || actor.run()))?);
         }
@@ -353,7 +366,7 @@ impl Engine {
                 tokenizer,
                 model,
                 config,
-                threads: Mutex::new(handles),
+                _threads: Mutex::new(handles),
                 draining: AtomicBool::new(false),
             }),
         })
@@ -487,15 +500,7 @@ fn validate(
 ) -> Result<(Vec<u32>, u64), EngineError> {
     let p = &sub.req.params;
     validate_params(p, vocab, max_n)?;
-    let prompt = match &sub.req.prompt {
-        Prompt::Text(t) => tok.encode_with_bos(t, true).map_err(|e| EngineError::invalid("prompt", e.to_string()))?,
-        Prompt::Tokens(ids) => ids.clone(),
-        Prompt::Chat(messages) => {
-            let tmpl = tok.chat_template().ok_or_else(|| EngineError::invalid("messages", "the model has no chat template"))?;
-            let text = tmpl.render(messages, true).map_err(|e| EngineError::invalid("messages", e.to_string()))?;
-            tok.encode_with_bos(&text, true).map_err(|e| EngineError::invalid("messages", e.to_string()))?
-        }
-    };
+    let prompt = encode_prompt(tok, &sub.req.prompt)?;
     if prompt.is_empty() {
         return Err(EngineError::invalid("prompt", "the prompt must contain at least one token"));
     }
@@ -518,6 +523,21 @@ fn validate(
         sampling::mix64(t ^ sampling::mix64(sub.id))
     });
     Ok((prompt, seed))
+}
+
+/// The token ids the engine runs for `prompt`: text with special tokens
+/// parsed (and BOS if the model adds one), chat messages through the model's
+/// template with the generation prompt, token ids as they are.
+pub fn encode_prompt(tok: &Tokenizer, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+    Ok(match prompt {
+        Prompt::Text(t) => tok.encode_with_bos(t, true).map_err(|e| EngineError::invalid("prompt", e.to_string()))?,
+        Prompt::Tokens(ids) => ids.clone(),
+        Prompt::Chat(messages) => {
+            let tmpl = tok.chat_template().ok_or_else(|| EngineError::invalid("messages", "the model has no chat template"))?;
+            let text = tmpl.render(messages, true).map_err(|e| EngineError::invalid("messages", e.to_string()))?;
+            tok.encode_with_bos(&text, true).map_err(|e| EngineError::invalid("messages", e.to_string()))?
+        }
+    })
 }
 
 /// Range checks on sampling parameters, naming the field.
@@ -613,6 +633,16 @@ struct SchedulerActor {
     kv_peak: f64,
     draining: bool,
     inbox_closed: bool,
+    /// Probes of channel occupancy: name, current length, capacity.
+    probes: Vec<(String, ChannelProbe)>,
+}
+
+/// Reads a channel's length without touching its messages.
+type ChannelProbe = Box<dyn Fn() -> (usize, usize) + Send>;
+
+fn probe<T: Send + 'static>(r: &Receiver<T>) -> ChannelProbe {
+    let r = r.clone();
+    Box::new(move || (r.len(), r.capacity().unwrap_or(0)))
 }
 
 impl SchedulerActor {
@@ -720,7 +750,7 @@ impl SchedulerActor {
                 parent.pending_forks = seqs;
                 self.sched.add(parent);
             }
-            SchedMsg::Abort(_) => {} // the cancel flag is already set; reaped next loop
+            SchedMsg::Abort(id) => tracing::debug!(request_id = id, "abort requested"), // flag already set; reaped next loop
             SchedMsg::Drain => self.draining = true,
         }
     }
@@ -786,6 +816,11 @@ impl SchedulerActor {
             s.prefill_tokens = self.sched.counters.prefill_tokens;
             s.decode_tokens = self.sched.counters.decode_tokens;
             s.worker_busy_s = self.busy.iter().map(|b| b.load(Ordering::Relaxed) as f64 * 1e-9).collect();
+            s.channels = self.probes.iter().map(|(n, p)| {
+                let (len, cap) = p();
+                (n.clone(), len, cap)
+            }).collect();
+            s.in_flight = self.in_flight;
             s.uptime_s = self.started.elapsed().as_secs_f64();
         }
     }

@@ -184,7 +184,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
 
 /// Prompt ids of a text prompt, exactly as the engine encodes `Prompt::Text`.
 fn encode_text(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
-    tok.encode_with_bos(text, true).map_err(|e| ApiError::invalid("prompt", e.to_string()))
+    crate::engine::encode_prompt(tok, &crate::engine::Prompt::Text(text.to_string())).map_err(ApiError::from)
 }
 
 /// Prompt ids of messages, exactly as the engine encodes `Prompt::Chat`.
