@@ -206,3 +206,63 @@ pub(super) unsafe fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
         _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, _mm512_fmadd_ps(wv, vv, o));
     }
 }
+
+/// `out[j] = sum_i q[i] * k[j * stride + i]` for `j < out.len()`, `k` in f16.
+///
+/// # Safety
+/// CPU supports avx512f/bw/vl and f16c; `k.len() >= (out.len() - 1) * stride
+/// + q.len()` when `out` is not empty.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
+pub(super) unsafe fn dot_f16_rows(q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
+    if q.len() != 64 {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = dot_f16(q, &k[j * stride..j * stride + q.len()]);
+        }
+        return;
+    }
+    // Head size 64 (the common case): q stays in 4 registers.
+    let qv = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(q.as_ptr().add(i)));
+    for (j, o) in out.iter_mut().enumerate() {
+        let kp = k.as_ptr().add(j * stride) as *const __m256i;
+        let k0 = _mm512_cvtph_ps(_mm256_loadu_si256(kp));
+        let k1 = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(1)));
+        let k2 = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(2)));
+        let k3 = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(3)));
+        let a0 = _mm512_fmadd_ps(qv[1], k1, _mm512_mul_ps(qv[0], k0));
+        let a1 = _mm512_fmadd_ps(qv[3], k3, _mm512_mul_ps(qv[2], k2));
+        *o = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+/// `out[i] += sum_j w[j] * v[j * stride + i]`, applied for `j = 0, 1, ...` in
+/// order (one fused multiply-add per element and `j`), `v` in f16.
+///
+/// # Safety
+/// CPU supports avx512f/bw/vl and f16c; `v.len() >= (w.len() - 1) * stride +
+/// out.len()` when `w` is not empty.
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
+pub(super) unsafe fn axpy_f16_rows(out: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+    let n = out.len();
+    let mut i = 0;
+    // 64 outputs at a time in 4 registers.
+    while i + 64 <= n {
+        let op = out.as_mut_ptr().add(i);
+        let mut acc = [0, 16, 32, 48].map(|k| _mm512_loadu_ps(op.add(k)));
+        for (j, &wj) in w.iter().enumerate() {
+            let wv = _mm512_set1_ps(wj);
+            let vp = v.as_ptr().add(j * stride + i) as *const __m256i;
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(wv, _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(k))), *a);
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(op.add(16 * k), *a);
+        }
+        i += 64;
+    }
+    if i < n {
+        for (j, &wj) in w.iter().enumerate() {
+            axpy_f16(&mut out[i..], wj, &v[j * stride + i..j * stride + n]);
+        }
+    }
+}

@@ -494,6 +494,59 @@ pub fn axpy_f16_isa(isa: Isa, out: &mut [f32], w: f32, v: &[f16]) {
     scalar::axpy_f16(out, w, v)
 }
 
+/// Scores of one query head against `out.len()` f16 key rows spaced `stride`
+/// elements apart: `out[j] = sum_i q[i] * k[j * stride + i]`.
+pub fn dot_f16_rows(q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
+    dot_f16_rows_isa(isa(), q, k, stride, out)
+}
+
+/// [`dot_f16_rows`] with an explicit instruction set (capped at [`detected_isa`]).
+pub fn dot_f16_rows_isa(isa: Isa, q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
+    if out.is_empty() {
+        return;
+    }
+    assert!(k.len() >= (out.len() - 1) * stride + q.len(), "dot_f16_rows: keys too short");
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(detected_isa()) == Isa::Avx512Vnni {
+        // SAFETY: features detected; `k` covers every row (asserted above).
+        return unsafe { avx512::dot_f16_rows(q, k, stride, out) };
+    }
+    if isa.min(detected_isa()) == Isa::Avx2 {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = dot_f16_isa(Isa::Avx2, q, &k[j * stride..j * stride + q.len()]);
+        }
+        return;
+    }
+    scalar::dot_f16_rows(q, k, stride, out)
+}
+
+/// Weighted sum of `w.len()` f16 value rows spaced `stride` elements apart:
+/// `out[i] += w[j] * v[j * stride + i]` for `j = 0, 1, ...` in order.
+pub fn axpy_f16_rows(out: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+    axpy_f16_rows_isa(isa(), out, w, v, stride)
+}
+
+/// [`axpy_f16_rows`] with an explicit instruction set (capped at [`detected_isa`]).
+pub fn axpy_f16_rows_isa(isa: Isa, out: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+    if w.is_empty() {
+        return;
+    }
+    assert!(v.len() >= (w.len() - 1) * stride + out.len(), "axpy_f16_rows: values too short");
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(detected_isa()) == Isa::Avx512Vnni {
+        // SAFETY: features detected; `v` covers every row (asserted above).
+        return unsafe { avx512::axpy_f16_rows(out, w, v, stride) };
+    }
+    if isa.min(detected_isa()) == Isa::Avx2 {
+        let n = out.len();
+        for (j, &wj) in w.iter().enumerate() {
+            axpy_f16_isa(Isa::Avx2, out, wj, &v[j * stride..j * stride + n]);
+        }
+        return;
+    }
+    scalar::axpy_f16_rows(out, w, v, stride)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,6 +724,38 @@ mod tests {
             quantize_rows_q8_isa(isa, &xf, cols, &mut got);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!((g.d.to_bits(), g.s.to_bits(), g.qs, g.qr), (w.d.to_bits(), w.s.to_bits(), w.qs, w.qr), "{isa:?} block {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_row_kernels_match_scalar() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
+        for &(hd, stride, rows) in &[(64usize, 192usize, 16usize), (64, 64, 5), (48, 96, 3), (130, 130, 4)] {
+            let q = rand_vec(&mut rng, hd);
+            let kv: Vec<f16> = rand_vec(&mut rng, (rows - 1) * stride + hd).into_iter().map(f16::from_f32).collect();
+            let w = rand_vec(&mut rng, rows);
+            let mut want = vec![0.0; rows];
+            scalar::dot_f16_rows(&q, &kv, stride, &mut want);
+            let mut o_want = q.clone();
+            scalar::axpy_f16_rows(&mut o_want, &w, &kv, stride);
+            for isa in available_isas() {
+                let mut got = vec![0.0; rows];
+                dot_f16_rows_isa(isa, &q, &kv, stride, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() < 1e-5 * hd as f32, "{isa:?} {hd}: {g} vs {w}");
+                }
+                let mut o = q.clone();
+                axpy_f16_rows_isa(isa, &mut o, &w, &kv, stride);
+                for (g, w) in o.iter().zip(&o_want) {
+                    assert!((g - w).abs() < 1e-5 * rows as f32, "{isa:?} {hd}: {g} vs {w}");
+                }
+                // Row kernels equal the one-row kernels of the same ISA bit for bit.
+                let mut o1 = q.clone();
+                for (j, &wj) in w.iter().enumerate() {
+                    axpy_f16_isa(isa, &mut o1, wj, &kv[j * stride..j * stride + hd]);
+                }
+                assert_eq!(o, o1, "{isa:?} {hd}");
             }
         }
     }

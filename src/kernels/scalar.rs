@@ -181,3 +181,18 @@ pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
         *o += w * x.to_f32();
     }
 }
+
+/// `out[j] = sum_i q[i] * k[j * stride + i]` for `j < out.len()`, `k` in f16.
+pub fn dot_f16_rows(q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_f16(q, &k[j * stride..j * stride + q.len()]);
+    }
+}
+
+/// `out[i] += sum_j w[j] * v[j * stride + i]`, for `j = 0, 1, ...` in order.
+pub fn axpy_f16_rows(out: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+    let n = out.len();
+    for (j, &wj) in w.iter().enumerate() {
+        axpy_f16(out, wj, &v[j * stride..j * stride + n]);
+    }
+}
