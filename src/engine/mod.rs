@@ -256,6 +256,9 @@ impl Engine {
         let (out_tx, out_rx) = bounded::<OutMsg>(cap.max(64) * 4);
         let (feedback_tx, feedback_rx) = bounded::<StepResult>(cap);
         let (logits_tx, logits_rx) = bounded::<LogitsMsg>(cap);
+        // Logits buffers go back from the sampler to the last worker for reuse
+        // (a 64-row batch has 12 MB of logits: no fresh pages every step).
+        let (recycle_tx, recycle_rx) = bounded::<Vec<f32>>(cap + 1);
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let busy: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
         let mut handles = Vec::new();
@@ -291,7 +294,7 @@ impl Engine {
             };
             let next = match next_tx.take() {
                 Some(n) => Next::Worker(n),
-                None => Next::Sampler(logits_tx.clone()),
+                None => Next::Sampler(logits_tx.clone(), recycle_rx.clone()),
             };
             let w = Worker { k, model: model.clone(), range, kv, pool, rx, next, busy: busy.clone(), scratch: Scratch::default() };
             handles.push(spawn(format!("worker-{k}"), Box::new(move || w.run()))?);
@@ -303,7 +306,7 @@ impl Engine {
         // Sampler.
         {
             let vocab = c.vocab_size;
-            handles.push(spawn("sampler".into(), Box::new(move || sampler_loop(logits_rx, feedback_tx, vocab)))?);
+            handles.push(spawn("sampler".into(), Box::new(move || sampler_loop(logits_rx, feedback_tx, recycle_tx, vocab)))?);
         }
         // Output.
         {
@@ -830,7 +833,7 @@ impl SchedulerActor {
 
 enum Next {
     Worker(Sender<WorkItem>),
-    Sampler(Sender<LogitsMsg>),
+    Sampler(Sender<LogitsMsg>, Receiver<Vec<f32>>),
 }
 
 struct Worker {
@@ -872,7 +875,7 @@ impl Worker {
                     self.add_busy(t0);
                     tx.send(item).is_ok()
                 }
-                Next::Sampler(tx) => {
+                Next::Sampler(tx, recycled) => {
                     // Gather the rows that need logits: the last row of sampling
                     // chunks, every row of chunks that want prompt log-probabilities.
                     let mut rows = Vec::new();
@@ -902,7 +905,9 @@ impl Worker {
                         xs.extend_from_slice(&item.x[row * dim..(row + 1) * dim]);
                     }
                     let vocab = self.model.config.vocab_size;
-                    let mut logits = vec![0.0f32; rows.len() * vocab];
+                    let mut logits = recycled.try_recv().unwrap_or_default();
+                    logits.clear();
+                    logits.resize(rows.len() * vocab, 0.0);
                     if !rows.is_empty() {
                         self.model.logits(&xs, &mut logits, &mut self.scratch, self.pool.as_ref());
                     }
@@ -925,7 +930,7 @@ impl Worker {
 
 // ---------------------------------------------------------------- sampler
 
-fn sampler_loop(rx: Receiver<LogitsMsg>, tx: Sender<StepResult>, vocab: usize) {
+fn sampler_loop(rx: Receiver<LogitsMsg>, tx: Sender<StepResult>, recycle: Sender<Vec<f32>>, vocab: usize) {
     let mut work = vec![0.0f32; vocab];
     while let Ok(m) = rx.recv() {
         let nchunks = m.batch.chunks.len();
@@ -971,6 +976,7 @@ fn sampler_loop(rx: Receiver<LogitsMsg>, tx: Sender<StepResult>, vocab: usize) {
                 sampled[ci] = Some(sampling::sample(raw, &mut work, &rp));
             }
         }
+        let _ = recycle.try_send(m.logits); // full: let the buffer go
         if tx.send(StepResult { batch: m.batch, sampled, prompt_lp }).is_err() {
             return;
         }
