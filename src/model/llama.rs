@@ -136,9 +136,9 @@ impl Model {
             kernels::quantize_rows_q8(&s.xb[..n * dim], dim, &mut s.xq[..n * dim / QK]);
             let xa = Activations { f: &s.xb[..n * dim], q: &s.xq[..n * dim / QK], n };
             // (n, dim), (n, kv_dim), (n, kv_dim): q, k, v projections
-            kernels::matmul(&self.mat(&lw.wq), &xa, &mut s.q[..n * dim], pool);
-            kernels::matmul(&self.mat(&lw.wk), &xa, &mut s.k[..n * kv_dim], pool);
-            kernels::matmul(&self.mat(&lw.wv), &xa, &mut s.v[..n * kv_dim], pool);
+            kernels::matmul_best(&self.mat(&lw.wq), lw.wq.packed.as_deref(), &xa, &mut s.q[..n * dim], pool);
+            kernels::matmul_best(&self.mat(&lw.wk), lw.wk.packed.as_deref(), &xa, &mut s.k[..n * kv_dim], pool);
+            kernels::matmul_best(&self.mat(&lw.wv), lw.wv.packed.as_deref(), &xa, &mut s.v[..n * kv_dim], pool);
             // RoPE on every q and k head, at each row's absolute position
             for r in 0..n {
                 let pos = s.row_pos[r];
@@ -175,7 +175,7 @@ impl Model {
             // (n, dim): x += att @ wo
             kernels::quantize_rows_q8(&s.att[..n * dim], dim, &mut s.xq[..n * dim / QK]);
             let aa = Activations { f: &s.att[..n * dim], q: &s.xq[..n * dim / QK], n };
-            kernels::matmul(&self.mat(&lw.wo), &aa, &mut s.xb[..n * dim], pool);
+            kernels::matmul_best(&self.mat(&lw.wo), lw.wo.packed.as_deref(), &aa, &mut s.xb[..n * dim], pool);
             for (xi, d) in x.iter_mut().zip(&s.xb[..n * dim]) {
                 *xi += d;
             }
@@ -187,15 +187,15 @@ impl Model {
             kernels::quantize_rows_q8(&s.xb[..n * dim], dim, &mut s.xq[..n * dim / QK]);
             let xa = Activations { f: &s.xb[..n * dim], q: &s.xq[..n * dim / QK], n };
             // (n, ffn): gate, up
-            kernels::matmul(&self.mat(&lw.w_gate), &xa, &mut s.gate[..n * ffn], pool);
-            kernels::matmul(&self.mat(&lw.w_up), &xa, &mut s.up[..n * ffn], pool);
+            kernels::matmul_best(&self.mat(&lw.w_gate), lw.w_gate.packed.as_deref(), &xa, &mut s.gate[..n * ffn], pool);
+            kernels::matmul_best(&self.mat(&lw.w_up), lw.w_up.packed.as_deref(), &xa, &mut s.up[..n * ffn], pool);
             for (g, u) in s.gate[..n * ffn].iter_mut().zip(&s.up[..n * ffn]) {
                 *g = silu(*g) * u;
             }
             kernels::quantize_rows_q8(&s.gate[..n * ffn], ffn, &mut s.hq[..n * ffn / QK]);
             let ha = Activations { f: &s.gate[..n * ffn], q: &s.hq[..n * ffn / QK], n };
             // (n, dim): x += h @ w_down
-            kernels::matmul(&self.mat(&lw.w_down), &ha, &mut s.xb[..n * dim], pool);
+            kernels::matmul_best(&self.mat(&lw.w_down), lw.w_down.packed.as_deref(), &ha, &mut s.xb[..n * dim], pool);
             for (xi, d) in x.iter_mut().zip(&s.xb[..n * dim]) {
                 *xi += d;
             }
@@ -214,7 +214,7 @@ impl Model {
         }
         kernels::quantize_rows_q8(&s.xb[..m * dim], dim, &mut s.xq[..m * dim / QK]);
         let xa = Activations { f: &s.xb[..m * dim], q: &s.xq[..m * dim / QK], n: m };
-        kernels::matmul(&self.mat(&self.output), &xa, &mut logits[..m * self.config.vocab_size], pool);
+        kernels::matmul_best(&self.mat(&self.output), self.output.packed.as_deref(), &xa, &mut logits[..m * self.config.vocab_size], pool);
     }
 }
 
@@ -247,11 +247,14 @@ fn attend(
         for (bi, &block) in block_table.iter().enumerate().take(n_ctx.div_ceil(bs)) {
             let base = block as usize * bs;
             let cnt = bs.min(n_ctx - bi * bs);
+            // (cnt,): scores of this block's keys, rows kv_dim apart
+            let off = base * kv_dim + kvh * hd;
+            let span = (cnt - 1) * kv_dim + hd;
+            kernels::dot_f16_rows(qh, &kc[off..off + span], kv_dim, &mut sc[..cnt]);
             let mut bm = f32::NEG_INFINITY;
-            for j in 0..cnt {
-                let off = (base + j) * kv_dim + kvh * hd;
-                sc[j] = kernels::dot_f16(qh, &kc[off..off + hd]) * scale;
-                bm = bm.max(sc[j]);
+            for v in sc[..cnt].iter_mut() {
+                *v *= scale;
+                bm = bm.max(*v);
             }
             if bm > m {
                 let corr = (m - bm).exp();
@@ -261,12 +264,12 @@ fn attend(
                 }
                 m = bm;
             }
-            for j in 0..cnt {
-                let e = (sc[j] - m).exp();
-                l += e;
-                let off = (base + j) * kv_dim + kvh * hd;
-                kernels::axpy_f16(oh, e, &vc[off..off + hd]);
+            for v in sc[..cnt].iter_mut() {
+                *v = (*v - m).exp();
+                l += *v;
             }
+            // (hd,): oh += sum_j e_j * v_j over this block's values
+            kernels::axpy_f16_rows(oh, &sc[..cnt], &vc[off..off + span], kv_dim);
         }
         let inv = 1.0 / l;
         for v in oh.iter_mut() {

@@ -165,6 +165,8 @@ pub struct WeightRef {
     pub cols: usize,
     /// Byte range in [`GgufFile::as_bytes`].
     pub bytes: Range<usize>,
+    /// Repacked copy for the AVX-512 VNNI kernel (None on other CPUs).
+    pub packed: Option<Arc<crate::kernels::PackedMatrix>>,
 }
 
 /// The weights of one transformer block.
@@ -267,10 +269,11 @@ fn weight(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Weigh
         return Err(ModelError::BadShape { tensor: name.into(), got: info.dims.clone(), expected });
     }
     let data = file.tensor_data(name)?;
-    QMatrix::new(info.dtype, rows, cols, data).map_err(|source| ModelError::Kernel { tensor: name.into(), source })?;
+    let qm = QMatrix::new(info.dtype, rows, cols, data).map_err(|source| ModelError::Kernel { tensor: name.into(), source })?;
+    let packed = crate::kernels::PackedMatrix::for_current_isa(&qm).map(Arc::new);
     let base = file.as_bytes().as_ptr() as usize;
     let start = data.as_ptr() as usize - base;
-    Ok(WeightRef { name: name.into(), dtype: info.dtype, rows, cols, bytes: start..start + data.len() })
+    Ok(WeightRef { name: name.into(), dtype: info.dtype, rows, cols, bytes: start..start + data.len(), packed })
 }
 
 /// Reads a 1-D tensor of length `n` (any float dtype) into f32.
