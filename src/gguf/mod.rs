@@ -566,6 +566,22 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
+/// `madvise(MADV_DONTNEED)` on whole pages inside `range` of a read-only map.
+#[allow(unsafe_code)]
+fn advise_dont_need(m: &memmap2::Mmap, range: std::ops::Range<usize>) {
+    const PAGE: usize = 4096;
+    let start = range.start.next_multiple_of(PAGE);
+    let end = range.end / PAGE * PAGE;
+    if start >= end {
+        return;
+    }
+    // SAFETY: the map is a private, read-only mapping of a file that is not
+    // modified while mapped (see `map_file`). Dropping its pages cannot change
+    // what any live slice reads: the next access faults the same bytes back
+    // in from the file. The range lies inside the map (checked by the caller).
+    let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+}
+
 /// Maps `file` read-only.
 #[allow(unsafe_code)]
 fn map_file(file: &File) -> std::io::Result<memmap2::Mmap> {
@@ -637,6 +653,18 @@ impl GgufFile {
     /// The whole file's bytes (mapping or owned buffer).
     pub fn as_bytes(&self) -> &[u8] {
         self.storage.bytes()
+    }
+
+    /// Tells the kernel the mapped pages of `range` are not needed for now
+    /// (after their content was repacked elsewhere): they leave resident
+    /// memory and are read again from the file if touched. No-op for owned
+    /// buffers or ranges outside the file.
+    pub fn release_pages(&self, range: std::ops::Range<usize>) {
+        if let Storage::Mmap(m) = &self.storage {
+            if range.start < range.end && range.end <= m.len() {
+                advise_dont_need(m, range);
+            }
+        }
     }
 
     /// All metadata entries in file order.

@@ -41,8 +41,10 @@ impl KvStore {
             num_blocks,
             kv_dim,
             first_layer,
-            k: (0..n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
-            v: (0..n_layers).map(|_| vec![f16::ZERO; per_layer]).collect(),
+            // Zeroed allocations (calloc): pages become resident only when a
+            // block is first written, so memory follows the KV actually used.
+            k: (0..n_layers).map(|_| bytemuck::zeroed_vec::<f16>(per_layer)).collect(),
+            v: (0..n_layers).map(|_| bytemuck::zeroed_vec::<f16>(per_layer)).collect(),
         }
     }
 

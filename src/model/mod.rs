@@ -244,6 +244,13 @@ impl Model {
             });
         }
         let output_norm = vector(&file, "output_norm.weight", c.dim)?;
+        // Weights now live in their packed copies: let their mapped pages go
+        // (embedding rows are faulted back in one page at a time when looked up).
+        for w in layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]).chain([&output]) {
+            if w.packed.is_some() {
+                file.release_pages(w.bytes.clone());
+            }
+        }
         let half = c.rope_dim / 2;
         let rope_inv_freq =
             (0..half).map(|i| (c.rope_theta as f64).powf(-2.0 * i as f64 / c.rope_dim as f64) as f32).collect();
