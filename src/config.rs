@@ -217,18 +217,22 @@ impl Config {
 
     /// Number of workers after resolving `auto` (`cores` = available cores).
     pub fn workers(&self, _cores: usize, n_layers: usize) -> usize {
+        // Measured on 2 cores (closing note of the kernels issue): two pipeline
+        // stages overlap micro-batches best; more add bubbles and latency.
         let w = match self.runtime.workers {
             Count::N(n) => n,
-            Count::Auto => 1,
+            Count::Auto => _cores.clamp(1, 2),
         };
         w.clamp(1, n_layers.max(1))
     }
 
-    /// Threads per worker after resolving `auto`.
-    pub fn threads_per_worker(&self, cores: usize, workers: usize) -> usize {
+    /// Threads per worker after resolving `auto`: every worker may use all
+    /// cores (a stage runs alone whenever the pipeline holds one micro-batch,
+    /// as in single-stream decode; idle pool threads sleep).
+    pub fn threads_per_worker(&self, cores: usize, _workers: usize) -> usize {
         match self.runtime.threads_per_worker {
             Count::N(n) => n,
-            Count::Auto => (cores / workers.max(1)).max(1),
+            Count::Auto => cores.max(1),
         }
     }
 
@@ -288,7 +292,9 @@ mod tests {
     fn auto_resolution() {
         let c = Config::parse("[runtime]\nworkers = 2\nthreads_per_worker = \"auto\"\n", "t").unwrap();
         assert_eq!(c.workers(2, 30), 2);
-        assert_eq!(c.threads_per_worker(2, 2), 1);
+        assert_eq!(c.threads_per_worker(2, 2), 2);
+        assert_eq!(Config::default().workers(2, 30), 2);
+        assert_eq!(Config::default().workers(1, 30), 1);
         assert_eq!(c.pipeline_depth(2), 2);
         assert_eq!(c.kv_blocks(30, 192), 32768 / 16);
     }
