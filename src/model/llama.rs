@@ -16,7 +16,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::kv::{KvStore, MAX_BLOCK_SIZE};
+use super::kv::{KvElem, KvLayer, KvStore, MAX_BLOCK_SIZE};
 use super::Model;
 use crate::kernels::{self, Activations, BlockQ8, QK};
 
@@ -157,19 +157,14 @@ impl Model {
             }
             // (n, dim): att = softmax(q k^T / sqrt(hd)) v, causal, per row and head
             {
-                let (kc, vc) = kv.layer(l);
                 let q = &s.q[..n * dim];
-                let (row_pos, row_seq) = (&s.row_pos, &s.row_seq);
+                let att = &mut s.att[..n * dim];
+                let rows = RowMap { pos: &s.row_pos, seq: &s.row_seq };
                 let bs = kv.block_size;
-                let attend_row = |r: usize, out: &mut [f32]| {
-                    let seq = &seqs[row_seq[r]];
-                    attend(c, kc, vc, bs, seq.block_table, row_pos[r], &q[r * dim..(r + 1) * dim], out);
-                };
-                match pool {
-                    Some(p) if n > 1 => p.install(|| {
-                        s.att[..n * dim].par_chunks_mut(dim).enumerate().for_each(|(r, out)| attend_row(r, out))
-                    }),
-                    _ => s.att[..n * dim].chunks_mut(dim).enumerate().for_each(|(r, out)| attend_row(r, out)),
+                match kv.layer(l) {
+                    KvLayer::F16(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, q, att, pool),
+                    KvLayer::Bf16(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, q, att, pool),
+                    KvLayer::F32(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, q, att, pool),
                 }
             }
             // (n, dim): x += att @ wo
@@ -218,14 +213,45 @@ impl Model {
     }
 }
 
+/// Position and sequence index of every row of a batch.
+struct RowMap<'a> {
+    pos: &'a [usize],
+    seq: &'a [usize],
+}
+
+/// Attention for every row of the batch (rows in parallel over `pool`).
+#[allow(clippy::too_many_arguments)]
+fn attention<T: KvElem>(
+    c: &super::ModelConfig,
+    kc: &[T],
+    vc: &[T],
+    bs: usize,
+    seqs: &[SeqChunk<'_>],
+    rows: &RowMap<'_>,
+    q: &[f32],
+    att: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
+    let dim = c.dim;
+    let n = rows.pos.len();
+    let attend_row = |r: usize, out: &mut [f32]| {
+        let seq = &seqs[rows.seq[r]];
+        attend(c, kc, vc, bs, seq.block_table, rows.pos[r], &q[r * dim..(r + 1) * dim], out);
+    };
+    match pool {
+        Some(p) if n > 1 => p.install(|| att.par_chunks_mut(dim).enumerate().for_each(|(r, out)| attend_row(r, out))),
+        _ => att.chunks_mut(dim).enumerate().for_each(|(r, out)| attend_row(r, out)),
+    }
+}
+
 /// Attention of one query row (all heads) at position `pos` over positions
 /// `0..=pos` of its sequence, read through `block_table`. Online softmax per
 /// block of keys: no heap allocation, fixed operation order.
 #[allow(clippy::too_many_arguments)]
-fn attend(
+fn attend<T: KvElem>(
     c: &super::ModelConfig,
-    kc: &[half::f16],
-    vc: &[half::f16],
+    kc: &[T],
+    vc: &[T],
     bs: usize,
     block_table: &[u32],
     pos: usize,
@@ -250,7 +276,7 @@ fn attend(
             // (cnt,): scores of this block's keys, rows kv_dim apart
             let off = base * kv_dim + kvh * hd;
             let span = (cnt - 1) * kv_dim + hd;
-            kernels::dot_f16_rows(qh, &kc[off..off + span], kv_dim, &mut sc[..cnt]);
+            T::dot_rows(qh, &kc[off..off + span], kv_dim, &mut sc[..cnt]);
             let mut bm = f32::NEG_INFINITY;
             for v in sc[..cnt].iter_mut() {
                 *v *= scale;
@@ -269,7 +295,7 @@ fn attend(
                 l += *v;
             }
             // (hd,): oh += sum_j e_j * v_j over this block's values
-            kernels::axpy_f16_rows(oh, &sc[..cnt], &vc[off..off + span], kv_dim);
+            T::axpy_rows(oh, &sc[..cnt], &vc[off..off + span], kv_dim);
         }
         let inv = 1.0 / l;
         for v in oh.iter_mut() {
