@@ -92,18 +92,20 @@ impl Runner {
         self.x.resize(n * dim, 0.0);
         self.model.embed(tokens, &mut self.x);
         let chunk = SeqChunk { pos: self.pos, len: n, block_table: &self.block_table };
-        self.model.forward_layers(
-            0..c.n_layers,
-            &mut self.x,
-            &[chunk],
-            &mut self.kv,
-            &mut self.scratch,
-            self.pool.as_ref(),
-        );
+        let (model, x, kv, scratch) = (&self.model, &mut self.x, &mut self.kv, &mut self.scratch);
+        let layers = 0..c.n_layers;
+        let rows_from = if all_logits { 0 } else { (n - 1) * dim };
+        let mut logits = vec![0.0; (n * dim - rows_from) / dim * vocab];
+        // Inside the pool, nested parallel loops are cheap forks (see engine workers).
+        let run = |pool: Option<&rayon::ThreadPool>| {
+            model.forward_layers(layers, x, &[chunk], kv, scratch, pool);
+            model.logits(&x[rows_from..], &mut logits, scratch, pool);
+        };
+        match &self.pool {
+            Some(p) => p.install(|| run(Some(p))),
+            None => run(None),
+        }
         self.pos += n;
-        let rows = if all_logits { &self.x[..] } else { &self.x[(n - 1) * dim..] };
-        let mut logits = vec![0.0; rows.len() / dim * vocab];
-        self.model.logits(rows, &mut logits, &mut self.scratch, self.pool.as_ref());
         Ok(logits)
     }
 }
