@@ -19,15 +19,11 @@ pub fn uniform(seed: u64, index: u64, position: u64) -> f64 {
     (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// Index of the largest logit (lowest index wins ties).
+/// Index of the largest logit (lowest index wins ties; NaNs are ignored).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    // Two passes, both vectorizable: the maximum, then its first position.
+    let m = max_of(logits);
+    logits.iter().position(|&v| v == m).unwrap_or(0) as u32
 }
 
 /// `exp(x)` for `x <= 0` with < 5e-7 relative error: range reduction to
@@ -37,7 +33,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.max(-87.0);
     // Cody-Waite range reduction: x = n ln2 + r, |r| <= ln2 / 2.
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest with the 1.5 * 2^23 trick: plain adds, so the loop
+    // vectorizes without SSE4.1's round instruction (no libm call).
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // e^r: Taylor series to degree 7 (error < 1e-8 for |r| <= 0.35)
     let p = 1.0
