@@ -402,22 +402,9 @@ impl Scheduler {
             } else {
                 (Vec::new(), 0)
             };
+            // Nothing to compute when everything up to the fork point is cached.
             let target = s.target_len();
-            if num_cached >= target {
-                // Everything up to the fork point is cached: admit with no compute.
-                if !self.kv.allocate(id, num_cached, computed).unwrap_or(false) {
-                    break;
-                }
-                self.waiting.pop_front();
-                self.running.push(id);
-                if let Some(s) = self.seqs.get_mut(&id) {
-                    s.status = Status::Running;
-                    s.num_computed = num_cached;
-                    s.num_cached = num_cached;
-                }
-                continue;
-            }
-            let n = self.chunk_len(target - num_cached, budget);
+            let n = if num_cached >= target { 0 } else { self.chunk_len(target - num_cached, budget) };
             if !self.kv.allocate(id, num_cached + n, computed).unwrap_or(false) {
                 break;
             }
@@ -426,9 +413,13 @@ impl Scheduler {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.status = Status::Running;
                 s.num_computed = num_cached;
+                // Usage reports the cache hits of the first admission.
                 if s.num_generated() == 0 || s.preemptions == 0 {
                     s.num_cached = num_cached;
                 }
+            }
+            if n == 0 {
+                continue;
             }
             chunks.push(self.make_chunk(id, n));
             budget -= n;
