@@ -316,10 +316,7 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
 
 fn load_with(m: &ModelArgs, cfg: &Config) -> Result<(Arc<Model>, Arc<Tokenizer>)> {
     let path = paths::resolve_model(m.model.as_deref(), cfg.model.path.as_deref())?;
-    let file = Arc::new(GgufFile::open(&path).with_context(|| format!("loading {}", path.display()))?);
-    let tok = Tokenizer::from_gguf(&file).with_context(|| format!("tokenizer of {}", path.display()))?;
-    let model = Model::from_gguf(file).with_context(|| format!("model {}", path.display()))?;
-    Ok((Arc::new(model), Arc::new(tok)))
+    Ok(brigade::model::load_with_tokenizer(&path)?)
 }
 
 fn inspect(m: &ModelArgs, json: bool) -> Result<()> {

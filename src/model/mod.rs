@@ -35,6 +35,30 @@ pub enum ModelError {
     Kernel { tensor: String, source: KernelError },
 }
 
+/// Errors of [`load_with_tokenizer`], naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be opened or parsed.
+    #[error("loading {path}: {source}")]
+    Gguf { path: String, source: GgufError },
+    /// The tokenizer metadata is unusable.
+    #[error("tokenizer of {path}: {source}")]
+    Tokenizer { path: String, source: crate::tokenizer::TokenizerError },
+    /// The model tensors or hyper-parameters are unusable.
+    #[error("model {path}: {source}")]
+    Model { path: String, source: ModelError },
+}
+
+/// Maps a GGUF file once and builds both the model and its tokenizer from it
+/// (the one loading path of every command and the server).
+pub fn load_with_tokenizer(path: &Path) -> Result<(Arc<Model>, Arc<crate::tokenizer::Tokenizer>), LoadError> {
+    let p = || path.display().to_string();
+    let file = Arc::new(GgufFile::open(path).map_err(|source| LoadError::Gguf { path: p(), source })?);
+    let tok = crate::tokenizer::Tokenizer::from_gguf(&file).map_err(|source| LoadError::Tokenizer { path: p(), source })?;
+    let model = Model::from_gguf(file).map_err(|source| LoadError::Model { path: p(), source })?;
+    Ok((Arc::new(model), Arc::new(tok)))
+}
+
 /// Hyper-parameters of a Llama-architecture model.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ModelConfig {

@@ -256,10 +256,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         scfg.served_model_name = n;
     }
     let path = crate::paths::resolve_model(args.model.as_deref(), cfg.model.path.as_deref())?;
-    let file = Arc::new(crate::gguf::GgufFile::open(&path).with_context(|| format!("loading {}", path.display()))?);
-    let tok = crate::tokenizer::Tokenizer::from_gguf(&file).with_context(|| format!("tokenizer of {}", path.display()))?;
-    let model = crate::model::Model::from_gguf(file).with_context(|| format!("model {}", path.display()))?;
-    let engine = crate::engine::Engine::start(Arc::new(model), Arc::new(tok), cfg)?;
+    let (model, tok) = crate::model::load_with_tokenizer(&path)?;
+    let engine = crate::engine::Engine::start(model, tok, cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("http").build()?;
     rt.block_on(async move {
         let addr: SocketAddr = tokio::net::lookup_host((scfg.host.as_str(), scfg.port))
