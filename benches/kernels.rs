@@ -100,30 +100,36 @@ fn quantize(c: &mut Criterion) {
     g.finish();
 }
 
-fn attention_helpers(c: &mut Criterion) {
+fn attention(c: &mut Criterion) {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
-    let mut g = c.benchmark_group("f16");
+    let mut g = c.benchmark_group("attention");
     g.sample_size(20);
-    // One head (64) over 256 positions: 256 dots then 256 axpys.
-    let (hd, n_pos) = (64usize, 256usize);
-    let q: Vec<f32> = (0..hd).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-    let kv: Vec<f16> = (0..hd * n_pos).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
-    g.throughput(Throughput::Elements((hd * n_pos) as u64));
-    for isa in kernels::available_isas() {
-        g.bench_function(BenchmarkId::new("dot/64x256", isa.name()), |b| {
-            b.iter(|| kv.chunks_exact(hd).map(|k| kernels::dot_f16_isa(isa, &q, k)).sum::<f32>())
-        });
-        let mut o = vec![0.0f32; hd];
-        g.bench_function(BenchmarkId::new("axpy/64x256", isa.name()), |b| {
-            b.iter(|| {
-                for v in kv.chunks_exact(hd) {
-                    kernels::axpy_f16_isa(isa, &mut o, 0.01, v);
-                }
-            })
-        });
+    // The default model's shape: head_dim 64, 3 query heads per KV head, 3 KV
+    // heads, 16-token blocks; one query row (all 9 heads) over n_ctx positions.
+    let (hd, group, kvn, bs) = (64usize, 3usize, 3usize, 16usize);
+    let kv_dim = hd * kvn;
+    let shape = kernels::AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale: 0.125 };
+    for n_ctx in [256usize, 1024] {
+        let nblk = n_ctx / bs;
+        let k: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
+        let v: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
+        let table: Vec<u32> = (0..nblk as u32).rev().collect();
+        let q: Vec<f32> = (0..group * kvn * hd).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let mut out = vec![0.0f32; group * kvn * hd];
+        // Elements = query heads x positions attended.
+        g.throughput(Throughput::Elements((group * kvn * n_ctx) as u64));
+        for isa in kernels::available_isas() {
+            g.bench_function(BenchmarkId::new(format!("row/9x64/ctx{n_ctx}"), isa.name()), |b| {
+                b.iter(|| {
+                    for (kvh, (qg, og)) in q.chunks_exact(group * hd).zip(out.chunks_exact_mut(group * hd)).enumerate() {
+                        kernels::attend_f16_isa(isa, &shape, qg, kvh, &k, &v, &table, n_ctx, og);
+                    }
+                })
+            });
+        }
     }
     g.finish();
 }
 
-criterion_group!(benches, matmul, quantize, attention_helpers);
+criterion_group!(benches, matmul, quantize, attention);
 criterion_main!(benches);

@@ -40,7 +40,7 @@ impl Runner {
     pub fn new(model: Arc<Model>, max_ctx: usize, threads: usize) -> Result<Self, RunnerError> {
         let bs = 16;
         let nblocks = max_ctx.div_ceil(bs).max(1);
-        let kv = KvStore::new(0, model.config.n_layers, nblocks, bs, model.config.kv_dim);
+        let kv = KvStore::new(0, model.config.n_layers, nblocks, bs, model.config.kv_dim, model.config.head_dim);
         let pool = if threads > 1 {
             Some(
                 rayon::ThreadPoolBuilder::new()

@@ -287,7 +287,7 @@ impl Engine {
             let (tx, rx) = bounded::<WorkItem>(cap);
             probes.push((format!("worker_{k}"), probe(&rx)));
             let range = ranges[k].clone();
-            let kv = KvStore::with_dtype(range.start, range.len(), num_blocks, block_size, c.kv_dim, config.kv_cache.dtype);
+            let kv = KvStore::with_dtype(range.start, range.len(), num_blocks, block_size, c.kv_dim, c.head_dim, config.kv_cache.dtype);
             let pool = if threads > 1 {
                 Some(
                     rayon::ThreadPoolBuilder::new()

@@ -155,114 +155,127 @@ pub(super) unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
-/// `sum_i a[i] * b[i]`, `b` in f16.
+
+/// `exp(x)` for 16 lanes, inputs clamped to [-87, 88] (so never NaN or
+/// infinite for finite input): Cody-Waite reduction by ln 2, degree-6
+/// polynomial, and `scalef` for the power of two. Relative error < 2e-7.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+    let n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm512_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// `g[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + exp(-x))`.
 ///
 /// # Safety
-/// CPU supports avx512f and f16c; `a.len() == b.len()`.
-#[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
-pub(super) unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    let n = a.len();
-    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+/// CPU supports avx512f; `g.len() == u.len()`.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
+    let n = g.len();
+    let one = _mm512_set1_ps(1.0);
     let mut i = 0;
-    while i + 32 <= n {
-        let b0 = _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
-        let b1 = _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().add(i + 16) as *const __m256i));
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), b0, acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i + 16)), b1, acc1);
-        i += 32;
-    }
-    if i + 16 <= n {
-        let b0 = _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
-        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), b0, acc0);
+    while i < n {
+        let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        let x = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
+        let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
+        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        let y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), uv);
+        _mm512_mask_storeu_ps(g.as_mut_ptr().add(i), m, y);
         i += 16;
     }
-    if i < n {
-        let m: u16 = (1u32 << (n - i)) as u16 - 1;
-        let bv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, b.as_ptr().add(i) as *const i16));
-        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a.as_ptr().add(i)), bv, acc1);
-    }
-    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
 }
 
-/// `out[i] += w * v[i]`, `v` in f16.
+/// Paged attention of `G` query heads sharing KV head `kvh` (head size
+/// `16 * HV`) for one query row over `n_ctx` positions; see
+/// [`super::scalar::attend`] for the layout and the steps, which this follows
+/// with 16 keys per register (scores of a chunk are one vector: no horizontal
+/// sums per key) and each K/V element converted once for all `G` heads.
 ///
 /// # Safety
-/// CPU supports avx512f and f16c; `out.len() == v.len()`.
+/// CPU supports avx512f/bw/vl and f16c; `q` and `out` hold `G * 16 * HV`
+/// floats; `table` holds `n_ctx.div_ceil(bs)` block ids, each `< nblk`
+/// where `k` and `v` hold `nblk * bs * kv_dim` elements; `(kvh + 1) * 16 *
+/// HV <= kv_dim`; `n_ctx >= 1`.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
-pub(super) unsafe fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
-    let n = out.len();
-    let wv = _mm512_set1_ps(w);
-    let mut i = 0;
-    while i + 16 <= n {
-        let vv = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i) as *const __m256i));
-        let o = _mm512_loadu_ps(out.as_ptr().add(i));
-        _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_fmadd_ps(wv, vv, o));
-        i += 16;
-    }
-    if i < n {
-        let m: u16 = (1u32 << (n - i)) as u16 - 1;
-        let vv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, v.as_ptr().add(i) as *const i16));
-        let o = _mm512_maskz_loadu_ps(m, out.as_ptr().add(i));
-        _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, _mm512_fmadd_ps(wv, vv, o));
-    }
-}
-
-/// `out[j] = sum_i q[i] * k[j * stride + i]` for `j < out.len()`, `k` in f16.
-///
-/// # Safety
-/// CPU supports avx512f/bw/vl and f16c; `k.len() >= (out.len() - 1) * stride
-/// + q.len()` when `out` is not empty.
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
-pub(super) unsafe fn dot_f16_rows(q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
-    if q.len() != 64 {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = dot_f16(q, &k[j * stride..j * stride + q.len()]);
-        }
-        return;
-    }
-    // Head size 64 (the common case): q stays in 4 registers.
-    let qv = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(q.as_ptr().add(i)));
-    for (j, o) in out.iter_mut().enumerate() {
-        let kp = k.as_ptr().add(j * stride) as *const __m256i;
-        let k0 = _mm512_cvtph_ps(_mm256_loadu_si256(kp));
-        let k1 = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(1)));
-        let k2 = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(2)));
-        let k3 = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(3)));
-        let a0 = _mm512_fmadd_ps(qv[1], k1, _mm512_mul_ps(qv[0], k0));
-        let a1 = _mm512_fmadd_ps(qv[3], k3, _mm512_mul_ps(qv[2], k2));
-        *o = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    }
-}
-
-/// `out[i] += sum_j w[j] * v[j * stride + i]`, applied for `j = 0, 1, ...` in
-/// order (one fused multiply-add per element and `j`), `v` in f16.
-///
-/// # Safety
-/// CPU supports avx512f/bw/vl and f16c; `v.len() >= (w.len() - 1) * stride +
-/// out.len()` when `w` is not empty.
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
-pub(super) unsafe fn axpy_f16_rows(out: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
-    let n = out.len();
-    let mut i = 0;
-    // 64 outputs at a time in 4 registers.
-    while i + 64 <= n {
-        let op = out.as_mut_ptr().add(i);
-        let mut acc = [0, 16, 32, 48].map(|k| _mm512_loadu_ps(op.add(k)));
-        for (j, &wj) in w.iter().enumerate() {
-            let wv = _mm512_set1_ps(wj);
-            let vp = v.as_ptr().add(j * stride + i) as *const __m256i;
-            for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(wv, _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(k))), *a);
+pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
+    q: *const f32,
+    kvh: usize,
+    k: *const f16,
+    v: *const f16,
+    bs: usize,
+    kv_dim: usize,
+    table: &[u32],
+    n_ctx: usize,
+    scale: f32,
+    out: *mut f32,
+) {
+    let hd = 16 * HV;
+    let mut acc = [[_mm512_setzero_ps(); HV]; G];
+    let mut m = [f32::NEG_INFINITY; G];
+    let mut l = [0.0f32; G];
+    let mut p = [[0.0f32; 16]; G];
+    let scv = _mm512_set1_ps(scale);
+    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)) {
+        let blk = blk as usize;
+        let cnt = bs.min(n_ctx - bi * bs);
+        let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
+        let vb = v.add(blk * bs * kv_dim + kvh * hd);
+        let mut c = 0;
+        while c < cnt {
+            let n = 16.min(cnt - c);
+            let mask: u16 = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+            // (G, 16) scores: lane j = key c + j; two partial sums over d.
+            let mut s = [[_mm512_setzero_ps(); 2]; G];
+            for d in 0..hd {
+                let kd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, kt.add(d * bs + c) as *const i16));
+                for (g, sg) in s.iter_mut().enumerate() {
+                    sg[d % 2] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(g * hd + d)), kd, sg[d % 2]);
+                }
             }
+            for g in 0..G {
+                let sv = _mm512_mul_ps(_mm512_add_ps(s[g][0], s[g][1]), scv);
+                let bm = _mm512_mask_reduce_max_ps(mask, sv);
+                let m_new = m[g].max(bm);
+                let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[g] - m_new)));
+                let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+                l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
+                m[g] = m_new;
+                _mm512_storeu_ps(p[g].as_mut_ptr(), pv);
+                let cv = _mm512_set1_ps(corr);
+                for a in acc[g].iter_mut() {
+                    *a = _mm512_mul_ps(*a, cv);
+                }
+            }
+            // (G, hd) += p[g][j] * V row of key c + j
+            for j in 0..n {
+                let vp = vb.add((c + j) * kv_dim) as *const __m256i;
+                let mut vv = [_mm512_setzero_ps(); HV];
+                for (h, x) in vv.iter_mut().enumerate() {
+                    *x = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(h)));
+                }
+                for g in 0..G {
+                    let w = _mm512_set1_ps(p[g][j]);
+                    for (a, x) in acc[g].iter_mut().zip(&vv) {
+                        *a = _mm512_fmadd_ps(w, *x, *a);
+                    }
+                }
+            }
+            c += 16;
         }
-        for (k, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(op.add(16 * k), *a);
-        }
-        i += 64;
     }
-    if i < n {
-        for (j, &wj) in w.iter().enumerate() {
-            axpy_f16(&mut out[i..], wj, &v[j * stride + i..j * stride + n]);
+    for g in 0..G {
+        let inv = _mm512_set1_ps(1.0 / l[g]);
+        for (h, a) in acc[g].iter().enumerate() {
+            _mm512_storeu_ps(out.add(g * hd + 16 * h), _mm512_mul_ps(*a, inv));
         }
     }
 }

@@ -217,6 +217,22 @@ pub fn quantize_rows_q8_isa(isa: Isa, x: &[f32], cols: usize, out: &mut [BlockQ8
     }
 }
 
+/// SwiGLU gate: `g[i] = silu(g[i]) * u[i]`, `silu(x) = x / (1 + exp(-x))`.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    silu_mul_isa(isa(), g, u)
+}
+
+/// [`silu_mul`] with an explicit instruction set (capped at [`detected_isa`]).
+pub fn silu_mul_isa(isa: Isa, g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len(), "silu_mul: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(detected_isa()) == Isa::Avx512Vnni {
+        // SAFETY: avx512f detected; lengths equal (asserted above).
+        return unsafe { avx512::silu_mul(g, u) };
+    }
+    scalar::silu_mul(g, u)
+}
+
 /// A batch of `n` activation rows, in f32 and (for quantized weights) Q8.
 #[derive(Clone, Copy, Debug)]
 pub struct Activations<'a> {
@@ -456,95 +472,119 @@ pub fn matmul_best(
     }
 }
 
-/// `sum_i a[i] * b[i]` with `b` in f16.
-pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    dot_f16_isa(isa(), a, b)
+/// Keys per online-softmax step of the attention kernels (one 512-bit
+/// register of f32 lanes).
+pub const ATT_CHUNK: usize = 16;
+
+/// Most query heads per KV head the attention kernels support.
+pub const MAX_GROUP: usize = 16;
+
+/// Geometry of the paged KV cache for [`attend_f16`] / [`attend_ref`].
+///
+/// Per block and layer, K is stored transposed per KV head and V row-major:
+///
+/// ```text
+/// k: [block][kv_head][head_dim][block_size]   (a key is a column of its head's slab)
+/// v: [block][block_size][kv_dim]              (kv_dim = kv_heads * head_dim)
+/// ```
+///
+/// so the scores of 16 consecutive keys are one vector of multiply-adds over
+/// `head_dim`, and a value row is contiguous.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Query heads per KV head (grouped-query attention).
+    pub group: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// K (or V) elements per token: KV heads x head_dim.
+    pub kv_dim: usize,
+    /// Score scale, usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
 }
 
-/// [`dot_f16`] with an explicit instruction set (capped at [`detected_isa`]).
-pub fn dot_f16_isa(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot_f16: length mismatch");
-    #[cfg(target_arch = "x86_64")]
-    match isa.min(detected_isa()) {
-        // SAFETY: features detected; lengths equal (asserted above).
-        Isa::Avx512Vnni => return unsafe { avx512::dot_f16(a, b) },
-        // SAFETY: features detected; lengths equal (asserted above).
-        Isa::Avx2 => return unsafe { avx2::dot_f16(a, b) },
-        Isa::Scalar => {}
+impl AttnShape {
+    /// Checks the arguments of one attention call (panics with a message on
+    /// a violated precondition: these are internal invariants, never input).
+    fn check<T>(&self, q: &[f32], kvh: usize, k: &[T], v: &[T], table: &[u32], n_ctx: usize, out: &[f32]) {
+        let (hd, bs) = (self.head_dim, self.block_size);
+        assert!(hd > 0 && bs > 0 && (1..=MAX_GROUP).contains(&self.group), "attend: bad shape {self:?}");
+        assert!(q.len() == self.group * hd && out.len() == q.len(), "attend: q/out must be group x head_dim");
+        assert!((kvh + 1) * hd <= self.kv_dim && self.kv_dim % hd == 0, "attend: KV head {kvh} outside kv_dim");
+        assert!(n_ctx >= 1 && table.len() >= n_ctx.div_ceil(bs), "attend: block table shorter than the context");
+        let nblk = k.len().min(v.len()) / (bs * self.kv_dim);
+        assert!(table[..n_ctx.div_ceil(bs)].iter().all(|&b| (b as usize) < nblk), "attend: block id out of range");
     }
-    scalar::dot_f16(a, b)
 }
 
-/// `out[i] += w * v[i]` with `v` in f16.
-pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
-    axpy_f16_isa(isa(), out, w, v)
+/// Attention of the query heads of KV head `kvh` (`q`, `out`: `group x
+/// head_dim`) at the last of `n_ctx` positions, reading keys and values
+/// through `table` (f16 cache; layout in [`AttnShape`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_f16(s: &AttnShape, q: &[f32], kvh: usize, k: &[f16], v: &[f16], table: &[u32], n_ctx: usize, out: &mut [f32]) {
+    attend_f16_isa(isa(), s, q, kvh, k, v, table, n_ctx, out)
 }
 
-/// [`axpy_f16`] with an explicit instruction set (capped at [`detected_isa`]).
-pub fn axpy_f16_isa(isa: Isa, out: &mut [f32], w: f32, v: &[f16]) {
-    assert_eq!(out.len(), v.len(), "axpy_f16: length mismatch");
-    #[cfg(target_arch = "x86_64")]
-    match isa.min(detected_isa()) {
-        // SAFETY: features detected; lengths equal (asserted above).
-        Isa::Avx512Vnni => return unsafe { avx512::axpy_f16(out, w, v) },
-        // SAFETY: features detected; lengths equal (asserted above).
-        Isa::Avx2 => return unsafe { avx2::axpy_f16(out, w, v) },
-        Isa::Scalar => {}
-    }
-    scalar::axpy_f16(out, w, v)
-}
-
-/// Scores of one query head against `out.len()` f16 key rows spaced `stride`
-/// elements apart: `out[j] = sum_i q[i] * k[j * stride + i]`.
-pub fn dot_f16_rows(q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
-    dot_f16_rows_isa(isa(), q, k, stride, out)
-}
-
-/// [`dot_f16_rows`] with an explicit instruction set (capped at [`detected_isa`]).
-pub fn dot_f16_rows_isa(isa: Isa, q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
-    if out.is_empty() {
-        return;
-    }
-    assert!(k.len() >= (out.len() - 1) * stride + q.len(), "dot_f16_rows: keys too short");
-    #[cfg(target_arch = "x86_64")]
-    if isa.min(detected_isa()) == Isa::Avx512Vnni {
-        // SAFETY: features detected; `k` covers every row (asserted above).
-        return unsafe { avx512::dot_f16_rows(q, k, stride, out) };
-    }
-    if isa.min(detected_isa()) == Isa::Avx2 {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = dot_f16_isa(Isa::Avx2, q, &k[j * stride..j * stride + q.len()]);
-        }
-        return;
-    }
-    scalar::dot_f16_rows(q, k, stride, out)
-}
-
-/// Weighted sum of `w.len()` f16 value rows spaced `stride` elements apart:
-/// `out[i] += w[j] * v[j * stride + i]` for `j = 0, 1, ...` in order.
-pub fn axpy_f16_rows(out: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
-    axpy_f16_rows_isa(isa(), out, w, v, stride)
-}
-
-/// [`axpy_f16_rows`] with an explicit instruction set (capped at [`detected_isa`]).
-pub fn axpy_f16_rows_isa(isa: Isa, out: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
-    if w.is_empty() {
-        return;
-    }
-    assert!(v.len() >= (w.len() - 1) * stride + out.len(), "axpy_f16_rows: values too short");
+/// [`attend_f16`] with an explicit instruction set (capped at
+/// [`detected_isa`]). AVX-512 covers head_dim 64 with up to 4 query heads per
+/// KV head and head_dim 128 with up to 2; other shapes and ISAs run the
+/// scalar reference.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_f16_isa(
+    isa: Isa,
+    s: &AttnShape,
+    q: &[f32],
+    kvh: usize,
+    k: &[f16],
+    v: &[f16],
+    table: &[u32],
+    n_ctx: usize,
+    out: &mut [f32],
+) {
+    s.check(q, kvh, k, v, table, n_ctx, out);
     #[cfg(target_arch = "x86_64")]
     if isa.min(detected_isa()) == Isa::Avx512Vnni {
-        // SAFETY: features detected; `v` covers every row (asserted above).
-        return unsafe { avx512::axpy_f16_rows(out, w, v, stride) };
-    }
-    if isa.min(detected_isa()) == Isa::Avx2 {
-        let n = out.len();
-        for (j, &wj) in w.iter().enumerate() {
-            axpy_f16_isa(Isa::Avx2, out, wj, &v[j * stride..j * stride + n]);
+        let (qp, op, kp, vp) = (q.as_ptr(), out.as_mut_ptr(), k.as_ptr(), v.as_ptr());
+        let (bs, kd, sc) = (s.block_size, s.kv_dim, s.scale);
+        macro_rules! go {
+            ($g:literal, $hv:literal) => {
+                // SAFETY: features detected; `check` verified the q/out sizes
+                // (group x head_dim), the KV head range, the table length and
+                // that every used block id lies inside `k` and `v`.
+                return unsafe { avx512::attend_f16::<$g, $hv>(qp, kvh, kp, vp, bs, kd, table, n_ctx, sc, op) }
+            };
         }
-        return;
+        match (s.head_dim, s.group) {
+            (64, 1) => go!(1, 4),
+            (64, 2) => go!(2, 4),
+            (64, 3) => go!(3, 4),
+            (64, 4) => go!(4, 4),
+            (128, 1) => go!(1, 8),
+            (128, 2) => go!(2, 8),
+            _ => {}
+        }
     }
-    scalar::axpy_f16_rows(out, w, v, stride)
+    let _ = isa;
+    scalar::attend(s, q, kvh, k, v, table, n_ctx, out, f16::to_f32)
+}
+
+/// Scalar attention for any stored element type (bf16 and f32 caches), with
+/// the same layout and steps as [`attend_f16`].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_ref<T: Copy>(
+    s: &AttnShape,
+    q: &[f32],
+    kvh: usize,
+    k: &[T],
+    v: &[T],
+    table: &[u32],
+    n_ctx: usize,
+    out: &mut [f32],
+    cvt: impl Fn(T) -> f32,
+) {
+    s.check(q, kvh, k, v, table, n_ctx, out);
+    scalar::attend(s, q, kvh, k, v, table, n_ctx, out, cvt)
 }
 
 #[cfg(test)]
@@ -728,55 +768,106 @@ mod tests {
         }
     }
 
+    /// Plain softmax attention in f64 over keys/values given position-major.
+    fn attention_f64(q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>], scale: f32) -> Vec<f64> {
+        let sc: Vec<f64> = keys.iter().map(|k| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64).collect();
+        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        (0..q.len()).map(|d| e.iter().zip(vals).map(|(w, v)| w * v[d] as f64).sum::<f64>() / z).collect()
+    }
+
     #[test]
-    fn f16_row_kernels_match_scalar() {
+    fn paged_attention_matches_reference() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
-        for &(hd, stride, rows) in &[(64usize, 192usize, 16usize), (64, 64, 5), (48, 96, 3), (130, 130, 4)] {
-            let q = rand_vec(&mut rng, hd);
-            let kv: Vec<f16> = rand_vec(&mut rng, (rows - 1) * stride + hd).into_iter().map(f16::from_f32).collect();
-            let w = rand_vec(&mut rng, rows);
-            let mut want = vec![0.0; rows];
-            scalar::dot_f16_rows(&q, &kv, stride, &mut want);
-            let mut o_want = q.clone();
-            scalar::axpy_f16_rows(&mut o_want, &w, &kv, stride);
-            for isa in available_isas() {
-                let mut got = vec![0.0; rows];
-                dot_f16_rows_isa(isa, &q, &kv, stride, &mut got);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() < 1e-5 * hd as f32, "{isa:?} {hd}: {g} vs {w}");
+        // (head_dim, group, kv_heads, block_size, n_ctx): SIMD shapes and fallbacks,
+        // partial chunks and blocks, block sizes not a multiple of 16.
+        for &(hd, group, kvn, bs, n_ctx) in &[
+            (64usize, 3usize, 3usize, 16usize, 1usize),
+            (64, 3, 3, 16, 37),
+            (64, 3, 3, 16, 300),
+            (64, 1, 2, 32, 70),
+            (64, 4, 1, 8, 19),
+            (64, 2, 2, 24, 50),
+            (128, 2, 2, 16, 33),
+            (128, 1, 1, 128, 130),
+            (32, 5, 2, 16, 21),
+            (48, 3, 1, 5, 12),
+        ] {
+            let kv_dim = kvn * hd;
+            let nblk = n_ctx.div_ceil(bs) + 3;
+            // A shuffled block table over a pool with spare blocks.
+            let mut table: Vec<u32> = (0..nblk as u32).collect();
+            for i in (1..table.len()).rev() {
+                table.swap(i, rng.gen_range(0..=i));
+            }
+            let mut k = vec![f16::ZERO; nblk * bs * kv_dim];
+            let mut v = vec![f16::ZERO; nblk * bs * kv_dim];
+            let mut keys = vec![vec![vec![0.0f32; hd]; n_ctx]; kvn];
+            let mut vals = vec![vec![vec![0.0f32; hd]; n_ctx]; kvn];
+            for pos in 0..n_ctx {
+                let (blk, off) = (table[pos / bs] as usize, pos % bs);
+                for h in 0..kvn {
+                    for d in 0..hd {
+                        let (kx, vx) = (f16::from_f32(rng.gen_range(-2.0f32..2.0)), f16::from_f32(rng.gen_range(-1.0f32..1.0)));
+                        k[blk * bs * kv_dim + h * hd * bs + d * bs + off] = kx;
+                        v[(blk * bs + off) * kv_dim + h * hd + d] = vx;
+                        keys[h][pos][d] = kx.to_f32();
+                        vals[h][pos][d] = vx.to_f32();
+                    }
                 }
-                let mut o = q.clone();
-                axpy_f16_rows_isa(isa, &mut o, &w, &kv, stride);
-                for (g, w) in o.iter().zip(&o_want) {
-                    assert!((g - w).abs() < 1e-5 * rows as f32, "{isa:?} {hd}: {g} vs {w}");
+            }
+            let s = AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale: 1.0 / (hd as f32).sqrt() };
+            for kvh in 0..kvn {
+                let q = rand_vec(&mut rng, group * hd);
+                let mut want = vec![0.0f32; group * hd];
+                scalar::attend(&s, &q, kvh, &k, &v, &table, n_ctx, &mut want, f16::to_f32);
+                for g in 0..group {
+                    let exact = attention_f64(&q[g * hd..(g + 1) * hd], &keys[kvh], &vals[kvh], s.scale);
+                    for (a, b) in want[g * hd..(g + 1) * hd].iter().zip(&exact) {
+                        assert!((*a as f64 - b).abs() < 1e-5, "scalar {hd}/{group}/{bs}/{n_ctx}: {a} vs {b}");
+                    }
                 }
-                // Row kernels equal the one-row kernels of the same ISA bit for bit.
-                let mut o1 = q.clone();
-                for (j, &wj) in w.iter().enumerate() {
-                    axpy_f16_isa(isa, &mut o1, wj, &kv[j * stride..j * stride + hd]);
+                for isa in available_isas() {
+                    let mut got = vec![f32::NAN; group * hd];
+                    attend_f16_isa(isa, &s, &q, kvh, &k, &v, &table, n_ctx, &mut got);
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!((a - b).abs() < 2e-6, "{isa:?} {hd}/{group}/{bs}/{n_ctx}: {a} vs {b}");
+                    }
                 }
-                assert_eq!(o, o1, "{isa:?} {hd}");
             }
         }
     }
 
     #[test]
-    fn f16_kernels_match_scalar() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
-        for n in [1usize, 7, 8, 15, 16, 17, 33, 64, 67] {
-            let a = rand_vec(&mut rng, n);
-            let b: Vec<f16> = rand_vec(&mut rng, n).into_iter().map(f16::from_f32).collect();
-            let want = scalar::dot_f16(&a, &b);
+    fn silu_mul_matches_scalar() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        for n in [1usize, 15, 16, 17, 100, 1536] {
+            let mut g: Vec<f32> = (0..n).map(|_| rng.gen_range(-30.0f32..30.0)).collect();
+            g[0] = -200.0; // exp(-x) saturates: silu -> -0
+            if n > 1 {
+                g[1] = 200.0;
+            }
+            let u = rand_vec(&mut rng, n);
+            let mut want = g.clone();
+            scalar::silu_mul(&mut want, &u);
             for isa in available_isas() {
-                assert!((dot_f16_isa(isa, &a, &b) - want).abs() < 1e-5 * (n as f32), "{isa:?} n{n}");
-                let mut o1 = a.clone();
-                let mut o2 = a.clone();
-                axpy_f16_isa(isa, &mut o1, 0.37, &b);
-                scalar::axpy_f16(&mut o2, 0.37, &b);
-                for (x, y) in o1.iter().zip(&o2) {
-                    assert!((x - y).abs() < 1e-6, "{isa:?} n{n}");
+                let mut got = g.clone();
+                silu_mul_isa(isa, &mut got, &u);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{isa:?} n{n}: {a} vs {b}");
                 }
             }
         }
     }
+
+    #[test]
+    #[should_panic(expected = "block id out of range")]
+    fn paged_attention_checks_block_ids() {
+        let s = AttnShape { head_dim: 64, group: 3, block_size: 16, kv_dim: 192, scale: 0.125 };
+        let (k, v) = (vec![f16::ZERO; 2 * 16 * 192], vec![f16::ZERO; 2 * 16 * 192]);
+        let mut out = vec![0.0; 192];
+        attend_f16(&s, &[0.0; 192], 0, &k, &v, &[0, 2], 20, &mut out);
+    }
+
 }

@@ -170,29 +170,85 @@ pub fn dequantize_row(dtype: GgmlDType, w: &[u8], out: &mut [f32]) {
     }
 }
 
-/// `sum_i a[i] * b[i]` with `b` in f16.
-pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum()
-}
-
-/// `out[i] += w * v[i]` with `v` in f16.
-pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
-    for (o, &x) in out.iter_mut().zip(v) {
-        *o += w * x.to_f32();
+/// `g[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + exp(-x))`.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    for (x, &y) in g.iter_mut().zip(u) {
+        *x = *x / (1.0 + (-*x).exp()) * y;
     }
 }
 
-/// `out[j] = sum_i q[i] * k[j * stride + i]` for `j < out.len()`, `k` in f16.
-pub fn dot_f16_rows(q: &[f32], k: &[f16], stride: usize, out: &mut [f32]) {
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = dot_f16(q, &k[j * stride..j * stride + q.len()]);
+/// Paged attention of the `group` query heads that share KV head `kvh`, for
+/// one query row at the last of `n_ctx` positions (scalar reference, generic
+/// over the stored element type through `cvt`).
+///
+/// Layout (see [`super::AttnShape`]): block `b` of K holds, for each KV head,
+/// a `[head_dim][block_size]` (transposed) slab; V holds `[block_size][kv_dim]`
+/// rows. `q` and `out` are `group x head_dim`. Softmax is computed online over
+/// chunks of [`super::ATT_CHUNK`] keys (max, rescale, accumulate), the same
+/// steps as the SIMD kernels; results agree with them to f32 rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn attend<T: Copy>(
+    s: &super::AttnShape,
+    q: &[f32],
+    kvh: usize,
+    k: &[T],
+    v: &[T],
+    table: &[u32],
+    n_ctx: usize,
+    out: &mut [f32],
+    cvt: impl Fn(T) -> f32,
+) {
+    const C: usize = super::ATT_CHUNK;
+    let (hd, g, bs, kv_dim) = (s.head_dim, s.group, s.block_size, s.kv_dim);
+    let mut m = [f32::NEG_INFINITY; super::MAX_GROUP];
+    let mut l = [0.0f32; super::MAX_GROUP];
+    let mut p = [[0.0f32; C]; super::MAX_GROUP];
+    out.fill(0.0);
+    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)) {
+        let blk = blk as usize;
+        let cnt = bs.min(n_ctx - bi * bs);
+        let kt = blk * bs * kv_dim + kvh * hd * bs;
+        let vb = blk * bs * kv_dim + kvh * hd;
+        for c in (0..cnt).step_by(C) {
+            let n = C.min(cnt - c);
+            for gi in 0..g {
+                let qh = &q[gi * hd..(gi + 1) * hd];
+                let mut sc = [f32::NEG_INFINITY; C];
+                for (j, scj) in sc.iter_mut().enumerate().take(n) {
+                    let mut acc = [0.0f32; 2];
+                    for (d, &qd) in qh.iter().enumerate() {
+                        acc[d % 2] += qd * cvt(k[kt + d * bs + c + j]);
+                    }
+                    *scj = (acc[0] + acc[1]) * s.scale;
+                }
+                let m_new = sc[..n].iter().fold(m[gi], |a, &b| a.max(b));
+                let corr = (m[gi] - m_new).exp();
+                let mut sum = 0.0f32;
+                for j in 0..C {
+                    p[gi][j] = if j < n { (sc[j] - m_new).exp() } else { 0.0 };
+                    sum += p[gi][j];
+                }
+                l[gi] = l[gi] * corr + sum;
+                m[gi] = m_new;
+                for o in out[gi * hd..(gi + 1) * hd].iter_mut() {
+                    *o *= corr;
+                }
+            }
+            for j in 0..n {
+                let vr = &v[vb + (c + j) * kv_dim..vb + (c + j) * kv_dim + hd];
+                for gi in 0..g {
+                    let w = p[gi][j];
+                    for (o, &x) in out[gi * hd..(gi + 1) * hd].iter_mut().zip(vr) {
+                        *o += w * cvt(x);
+                    }
+                }
+            }
+        }
     }
-}
-
-/// `out[i] += sum_j w[j] * v[j * stride + i]`, for `j = 0, 1, ...` in order.
-pub fn axpy_f16_rows(out: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
-    let n = out.len();
-    for (j, &wj) in w.iter().enumerate() {
-        axpy_f16(out, wj, &v[j * stride..j * stride + n]);
+    for gi in 0..g {
+        let inv = 1.0 / l[gi];
+        for o in out[gi * hd..(gi + 1) * hd].iter_mut() {
+            *o *= inv;
+        }
     }
 }

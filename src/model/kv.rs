@@ -7,11 +7,20 @@
 //! Layout per layer (element type f16 by default, bf16 or f32 selectable):
 //!
 //! ```text
-//! k: [num_blocks][block_size][kv_dim]     slot = block_id * block_size + offset
-//! v: [num_blocks][block_size][kv_dim]
+//! k: [num_blocks][kv_heads][head_dim][block_size]   (per head transposed: a key is a column)
+//! v: [num_blocks][block_size][kv_dim]                slot = block_id * block_size + offset
+//! ```
+//!
+//! (the layout of [`crate::kernels::AttnShape`]: 16 consecutive keys of a head
+//! are one SIMD load per dimension). A block occupies `block_size * kv_dim`
+//! elements in both arrays, so copying a block is one contiguous copy.
+//!
+//! ```text
 //! ```
 
 use half::f16;
+
+use crate::kernels::AttnShape;
 
 pub use crate::config::KvDType;
 
@@ -22,44 +31,30 @@ pub const MAX_BLOCK_SIZE: usize = 128;
 pub trait KvElem: Copy + Send + Sync + bytemuck::Zeroable + 'static {
     /// Converts from f32 (round to nearest).
     fn from_f32(x: f32) -> Self;
-    /// `out[j] = dot(q, rows[j * stride..][..q.len()])` for each `j < out.len()`.
-    fn dot_rows(q: &[f32], rows: &[Self], stride: usize, out: &mut [f32]);
-    /// `acc += sum_j w[j] * rows[j * stride..][..acc.len()]`.
-    fn axpy_rows(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize);
+    /// Attention of the query heads of KV head `kvh` over `n_ctx` positions
+    /// read through `table` (see [`crate::kernels::AttnShape`] for the layout).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], n_ctx: usize, out: &mut [f32]);
 }
 
 impl KvElem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
-    fn dot_rows(q: &[f32], rows: &[Self], stride: usize, out: &mut [f32]) {
-        crate::kernels::dot_f16_rows(q, rows, stride, out)
-    }
-    fn axpy_rows(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize) {
-        crate::kernels::axpy_f16_rows(acc, w, rows, stride)
+    fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], n_ctx: usize, out: &mut [f32]) {
+        crate::kernels::attend_f16(s, q, kvh, k, v, table, n_ctx, out)
     }
 }
 
-/// Scalar attention helpers for element types without SIMD kernels.
+/// Element types attended by the scalar kernel.
 macro_rules! scalar_kv_elem {
     ($t:ty, $from:expr, $to:expr) => {
         impl KvElem for $t {
             fn from_f32(x: f32) -> Self {
                 $from(x)
             }
-            fn dot_rows(q: &[f32], rows: &[Self], stride: usize, out: &mut [f32]) {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let r = &rows[j * stride..j * stride + q.len()];
-                    *o = q.iter().zip(r).map(|(&a, &b)| a * $to(b)).sum();
-                }
-            }
-            fn axpy_rows(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize) {
-                for (j, &wj) in w.iter().enumerate() {
-                    let r = &rows[j * stride..j * stride + acc.len()];
-                    for (a, &b) in acc.iter_mut().zip(r) {
-                        *a += wj * $to(b);
-                    }
-                }
+            fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], n_ctx: usize, out: &mut [f32]) {
+                crate::kernels::attend_ref(s, q, kvh, k, v, table, n_ctx, out, $to)
             }
         }
     };
@@ -95,6 +90,8 @@ pub struct KvStore {
     pub num_blocks: usize,
     /// Width of one K (or V) row.
     pub kv_dim: usize,
+    /// Elements per head (`kv_dim` is a multiple).
+    pub head_dim: usize,
     /// First layer index stored here.
     pub first_layer: usize,
     /// Element type.
@@ -114,10 +111,21 @@ fn write_row<T: KvElem>(dst: &mut [T], src: &[f32]) {
     }
 }
 
+/// Writes one key (`src`, kv_dim) at offset `off` of its block's transposed
+/// per-head slabs (`dst`: the block, `block_size * kv_dim` elements).
+fn write_key<T: KvElem>(dst: &mut [T], src: &[f32], head_dim: usize, bs: usize, off: usize) {
+    for (h, kh) in src.chunks_exact(head_dim).enumerate() {
+        let slab = &mut dst[h * head_dim * bs..(h + 1) * head_dim * bs];
+        for (d, &x) in kh.iter().enumerate() {
+            slab[d * bs + off] = T::from_f32(x);
+        }
+    }
+}
+
 impl KvStore {
     /// Allocates zeroed f16 storage for layers `first_layer..first_layer + n_layers`.
-    pub fn new(first_layer: usize, n_layers: usize, num_blocks: usize, block_size: usize, kv_dim: usize) -> Self {
-        Self::with_dtype(first_layer, n_layers, num_blocks, block_size, kv_dim, KvDType::F16)
+    pub fn new(first_layer: usize, n_layers: usize, num_blocks: usize, block_size: usize, kv_dim: usize, head_dim: usize) -> Self {
+        Self::with_dtype(first_layer, n_layers, num_blocks, block_size, kv_dim, head_dim, KvDType::F16)
     }
 
     /// Allocates zeroed storage of element type `dtype`.
@@ -127,16 +135,18 @@ impl KvStore {
         num_blocks: usize,
         block_size: usize,
         kv_dim: usize,
+        head_dim: usize,
         dtype: KvDType,
     ) -> Self {
         assert!(block_size > 0 && block_size <= MAX_BLOCK_SIZE, "block size must be in 1..={MAX_BLOCK_SIZE}");
+        assert!(head_dim > 0 && kv_dim % head_dim == 0, "kv_dim must be a multiple of head_dim");
         let per_layer = num_blocks * block_size * kv_dim;
         let arrays = match dtype {
             KvDType::F16 => Arrays::F16 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
             KvDType::Bf16 => Arrays::Bf16 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
             KvDType::F32 => Arrays::F32 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
         };
-        Self { block_size, num_blocks, kv_dim, first_layer, dtype, arrays }
+        Self { block_size, num_blocks, kv_dim, head_dim, first_layer, dtype, arrays }
     }
 
     fn n_layers(&self) -> usize {
@@ -166,18 +176,21 @@ impl KvStore {
     /// Writes one token's K and V rows (f32 → storage type) for absolute `layer`.
     pub fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
         let l = layer - self.first_layer;
+        let (bs, hd) = (self.block_size, self.head_dim);
+        let blk = (slot / bs) * bs * self.kv_dim..(slot / bs + 1) * bs * self.kv_dim;
+        let off = slot % bs;
         let r = slot * self.kv_dim..(slot + 1) * self.kv_dim;
         match &mut self.arrays {
             Arrays::F16 { k: ka, v: va } => {
-                write_row(&mut ka[l][r.clone()], k);
+                write_key(&mut ka[l][blk], k, hd, bs, off);
                 write_row(&mut va[l][r], v);
             }
             Arrays::Bf16 { k: ka, v: va } => {
-                write_row(&mut ka[l][r.clone()], k);
+                write_key(&mut ka[l][blk], k, hd, bs, off);
                 write_row(&mut va[l][r], v);
             }
             Arrays::F32 { k: ka, v: va } => {
-                write_row(&mut ka[l][r.clone()], k);
+                write_key(&mut ka[l][blk], k, hd, bs, off);
                 write_row(&mut va[l][r], v);
             }
         }

@@ -16,9 +16,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::kv::{KvElem, KvLayer, KvStore, MAX_BLOCK_SIZE};
+use super::kv::{KvElem, KvLayer, KvStore};
 use super::Model;
-use crate::kernels::{self, Activations, BlockQ8, QK};
+use crate::kernels::{self, Activations, AttnShape, BlockQ8, QK};
 
 /// One sequence's slice of a batch.
 #[derive(Clone, Copy, Debug)]
@@ -46,6 +46,8 @@ pub struct Scratch {
     hq: Vec<BlockQ8>,
     row_pos: Vec<usize>,
     row_seq: Vec<usize>,
+    /// Per row: `(cos, sin)` of `pos * inv_freq[i]` for every RoPE pair.
+    rope_cs: Vec<(f32, f32)>,
 }
 
 fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
@@ -63,22 +65,25 @@ pub fn rms_norm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     }
 }
 
-/// Rotates pairs `(x[2i], x[2i+1])` of one head by `pos * inv_freq[i]`
-/// (llama.cpp's "normal" RoPE, used for the `llama` architecture, whose GGUF
-/// Q/K weights are stored permuted to match).
-pub fn rope(head: &mut [f32], pos: usize, inv_freq: &[f32]) {
-    for (i, &f) in inv_freq.iter().enumerate() {
+/// `cs[i] = (cos, sin)(pos * inv_freq[i])`: computed once per row and shared
+/// by every head of every layer.
+pub fn rope_table(pos: usize, inv_freq: &[f32], cs: &mut [(f32, f32)]) {
+    for (o, &f) in cs.iter_mut().zip(inv_freq) {
         let (s, c) = (pos as f32 * f).sin_cos();
-        let (a, b) = (head[2 * i], head[2 * i + 1]);
-        head[2 * i] = a * c - b * s;
-        head[2 * i + 1] = a * s + b * c;
+        *o = (c, s);
     }
 }
 
-/// SiLU(x) = x * sigmoid(x).
+/// Rotates pairs `(x[2i], x[2i+1])` of one head by the angles of `cs`
+/// (llama.cpp's "normal" RoPE, used for the `llama` architecture, whose GGUF
+/// Q/K weights are stored permuted to match).
 #[inline]
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+pub fn rope_apply(head: &mut [f32], cs: &[(f32, f32)]) {
+    for (p, &(c, s)) in head.chunks_exact_mut(2).zip(cs) {
+        let (a, b) = (p[0], p[1]);
+        p[0] = a * c - b * s;
+        p[1] = a * s + b * c;
+    }
 }
 
 impl Model {
@@ -125,28 +130,45 @@ impl Model {
                 s.row_seq.push(si);
             }
         }
+        let npairs = c.rope_dim / 2;
+        s.rope_cs.clear();
+        s.rope_cs.resize(n * npairs, (0.0, 0.0));
+        for (r, cs) in s.rope_cs.chunks_exact_mut(npairs.max(1)).enumerate().take(n) {
+            rope_table(s.row_pos[r], &self.rope_inv_freq, cs);
+        }
 
+        // Row-wise passes run in parallel over rows on the worker's pool
+        // (each row's arithmetic is the same wherever it runs).
+        let rows_par = pool.filter(|_| n >= PAR_ROWS);
+        let eps = c.rms_eps;
+        let mut pending = false; // x += s.xb still to be applied (fused into the next norm)
         for l in layers {
             let lw = &self.layers[l];
             // ---- attention ----
-            // (n, dim): xb = rmsnorm(x) * attn_norm
-            for (o, xi) in s.xb[..n * dim].chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                rms_norm(o, xi, &lw.attn_norm, c.rms_eps);
-            }
-            kernels::quantize_rows_q8(&s.xb[..n * dim], dim, &mut s.xq[..n * dim / QK]);
+            // (n, dim): [x += xb]; xb = rmsnorm(x) * attn_norm; xq = q8(xb)
+            add_norm_quant(rows_par, x, &mut s.xb[..n * dim], &mut s.xq[..n * dim / QK], pending, &lw.attn_norm, eps);
             let xa = Activations { f: &s.xb[..n * dim], q: &s.xq[..n * dim / QK], n };
             // (n, dim), (n, kv_dim), (n, kv_dim): q, k, v projections
             kernels::matmul_best(&self.mat(&lw.wq), lw.wq.packed.as_deref(), &xa, &mut s.q[..n * dim], pool);
             kernels::matmul_best(&self.mat(&lw.wk), lw.wk.packed.as_deref(), &xa, &mut s.k[..n * kv_dim], pool);
             kernels::matmul_best(&self.mat(&lw.wv), lw.wv.packed.as_deref(), &xa, &mut s.v[..n * kv_dim], pool);
             // RoPE on every q and k head, at each row's absolute position
-            for r in 0..n {
-                let pos = s.row_pos[r];
-                for h in s.q[r * dim..(r + 1) * dim].chunks_exact_mut(hd) {
-                    rope(&mut h[..c.rope_dim], pos, &self.rope_inv_freq);
-                }
-                for h in s.k[r * kv_dim..(r + 1) * kv_dim].chunks_exact_mut(hd) {
-                    rope(&mut h[..c.rope_dim], pos, &self.rope_inv_freq);
+            {
+                let rope_row = |(q, k, cs): (&mut [f32], &mut [f32], &[(f32, f32)])| {
+                    for h in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                        rope_apply(&mut h[..c.rope_dim], cs);
+                    }
+                };
+                let (q, k, cs) = (&mut s.q[..n * dim], &mut s.k[..n * kv_dim], &s.rope_cs[..n * npairs]);
+                match rows_par {
+                    Some(p) => p.install(|| {
+                        q.par_chunks_mut(dim)
+                            .zip(k.par_chunks_mut(kv_dim))
+                            .zip(cs.par_chunks(npairs))
+                            .with_min_len(MIN_ROWS_PER_TASK)
+                            .for_each(|((q, k), cs)| rope_row((q, k, cs)))
+                    }),
+                    None => q.chunks_mut(dim).zip(k.chunks_mut(kv_dim)).zip(cs.chunks(npairs)).for_each(|((q, k), cs)| rope_row((q, k, cs))),
                 }
             }
             // (n, kv_dim) -> paged slots: write this batch's k, v before attending
@@ -167,30 +189,42 @@ impl Model {
                     KvLayer::F32(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, q, att, pool),
                 }
             }
-            // (n, dim): x += att @ wo
-            kernels::quantize_rows_q8(&s.att[..n * dim], dim, &mut s.xq[..n * dim / QK]);
+            // (n, dim): xb = att @ wo
+            quantize_rows(rows_par, &s.att[..n * dim], dim, &mut s.xq[..n * dim / QK]);
             let aa = Activations { f: &s.att[..n * dim], q: &s.xq[..n * dim / QK], n };
             kernels::matmul_best(&self.mat(&lw.wo), lw.wo.packed.as_deref(), &aa, &mut s.xb[..n * dim], pool);
-            for (xi, d) in x.iter_mut().zip(&s.xb[..n * dim]) {
-                *xi += d;
-            }
 
             // ---- feed-forward (SwiGLU) ----
-            for (o, xi) in s.xb[..n * dim].chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                rms_norm(o, xi, &lw.ffn_norm, c.rms_eps);
-            }
-            kernels::quantize_rows_q8(&s.xb[..n * dim], dim, &mut s.xq[..n * dim / QK]);
+            // (n, dim): x += xb; xb = rmsnorm(x) * ffn_norm; xq = q8(xb)
+            add_norm_quant(rows_par, x, &mut s.xb[..n * dim], &mut s.xq[..n * dim / QK], true, &lw.ffn_norm, eps);
             let xa = Activations { f: &s.xb[..n * dim], q: &s.xq[..n * dim / QK], n };
             // (n, ffn): gate, up
             kernels::matmul_best(&self.mat(&lw.w_gate), lw.w_gate.packed.as_deref(), &xa, &mut s.gate[..n * ffn], pool);
             kernels::matmul_best(&self.mat(&lw.w_up), lw.w_up.packed.as_deref(), &xa, &mut s.up[..n * ffn], pool);
-            for (g, u) in s.gate[..n * ffn].iter_mut().zip(&s.up[..n * ffn]) {
-                *g = silu(*g) * u;
+            // (n, ffn): h = silu(gate) * up; hq = q8(h)
+            {
+                let (g, u, hq) = (&mut s.gate[..n * ffn], &s.up[..n * ffn], &mut s.hq[..n * ffn / QK]);
+                let row = |(g, u, hq): (&mut [f32], &[f32], &mut [BlockQ8])| {
+                    kernels::silu_mul(g, u);
+                    kernels::quantize_rows_q8(g, ffn, hq);
+                };
+                match rows_par {
+                    Some(p) => p.install(|| {
+                        g.par_chunks_mut(ffn)
+                            .zip(u.par_chunks(ffn))
+                            .zip(hq.par_chunks_mut(ffn / QK))
+                            .with_min_len(MIN_ROWS_PER_TASK)
+                            .for_each(|((g, u), hq)| row((g, u, hq)))
+                    }),
+                    None => g.chunks_mut(ffn).zip(u.chunks(ffn)).zip(hq.chunks_mut(ffn / QK)).for_each(|((g, u), hq)| row((g, u, hq))),
+                }
             }
-            kernels::quantize_rows_q8(&s.gate[..n * ffn], ffn, &mut s.hq[..n * ffn / QK]);
             let ha = Activations { f: &s.gate[..n * ffn], q: &s.hq[..n * ffn / QK], n };
-            // (n, dim): x += h @ w_down
+            // (n, dim): xb = h @ w_down (added to x by the next norm or below)
             kernels::matmul_best(&self.mat(&lw.w_down), lw.w_down.packed.as_deref(), &ha, &mut s.xb[..n * dim], pool);
+            pending = true;
+        }
+        if pending {
             for (xi, d) in x.iter_mut().zip(&s.xb[..n * dim]) {
                 *xi += d;
             }
@@ -210,6 +244,49 @@ impl Model {
         kernels::quantize_rows_q8(&s.xb[..m * dim], dim, &mut s.xq[..m * dim / QK]);
         let xa = Activations { f: &s.xb[..m * dim], q: &s.xq[..m * dim / QK], n: m };
         kernels::matmul_best(&self.mat(&self.output), self.output.packed.as_deref(), &xa, &mut logits[..m * self.config.vocab_size], pool);
+    }
+}
+
+/// Batches of at least this many rows run their row-wise passes in parallel.
+const PAR_ROWS: usize = 8;
+/// Rows per parallel task in row-wise passes.
+const MIN_ROWS_PER_TASK: usize = 4;
+
+/// Per row: `x += delta` (when `add`, `delta` being `xb`'s old contents), then
+/// `xb = rmsnorm(x) * w` and `xq = q8(xb)`.
+fn add_norm_quant(pool: Option<&rayon::ThreadPool>, x: &mut [f32], xb: &mut [f32], xq: &mut [BlockQ8], add: bool, w: &[f32], eps: f32) {
+    let dim = w.len();
+    let row = |(x, xb, xq): (&mut [f32], &mut [f32], &mut [BlockQ8])| {
+        if add {
+            for (xi, d) in x.iter_mut().zip(xb.iter()) {
+                *xi += d;
+            }
+        }
+        rms_norm(xb, x, w, eps);
+        kernels::quantize_rows_q8(xb, dim, xq);
+    };
+    match pool {
+        Some(p) => p.install(|| {
+            x.par_chunks_mut(dim)
+                .zip(xb.par_chunks_mut(dim))
+                .zip(xq.par_chunks_mut(dim / QK))
+                .with_min_len(MIN_ROWS_PER_TASK)
+                .for_each(|((x, xb), xq)| row((x, xb, xq)))
+        }),
+        None => x.chunks_mut(dim).zip(xb.chunks_mut(dim)).zip(xq.chunks_mut(dim / QK)).for_each(|((x, xb), xq)| row((x, xb, xq))),
+    }
+}
+
+/// `out = q8(x)` row by row (`cols` per row), in parallel when `pool` is given.
+fn quantize_rows(pool: Option<&rayon::ThreadPool>, x: &[f32], cols: usize, out: &mut [BlockQ8]) {
+    match pool {
+        Some(p) => p.install(|| {
+            x.par_chunks(cols)
+                .zip(out.par_chunks_mut(cols / QK))
+                .with_min_len(MIN_ROWS_PER_TASK)
+                .for_each(|(x, o)| kernels::quantize_rows_q8(x, cols, o))
+        }),
+        None => kernels::quantize_rows_q8(x, cols, out),
     }
 }
 
@@ -245,8 +322,9 @@ fn attention<T: KvElem>(
 }
 
 /// Attention of one query row (all heads) at position `pos` over positions
-/// `0..=pos` of its sequence, read through `block_table`. Online softmax per
-/// block of keys: no heap allocation, fixed operation order.
+/// `0..=pos` of its sequence, read through `block_table`: one kernel call per
+/// KV head covers the query heads that share it (online softmax, no heap
+/// allocation, fixed operation order).
 #[allow(clippy::too_many_arguments)]
 fn attend<T: KvElem>(
     c: &super::ModelConfig,
@@ -258,48 +336,10 @@ fn attend<T: KvElem>(
     q: &[f32],
     out: &mut [f32],
 ) {
-    let (hd, kv_dim) = (c.head_dim, c.kv_dim);
+    let hd = c.head_dim;
     let group = c.n_heads / c.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let n_ctx = pos + 1;
-    for h in 0..c.n_heads {
-        let kvh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        oh.fill(0.0);
-        let mut m = f32::NEG_INFINITY;
-        let mut l = 0.0f32;
-        let mut sc = [0.0f32; MAX_BLOCK_SIZE];
-        for (bi, &block) in block_table.iter().enumerate().take(n_ctx.div_ceil(bs)) {
-            let base = block as usize * bs;
-            let cnt = bs.min(n_ctx - bi * bs);
-            // (cnt,): scores of this block's keys, rows kv_dim apart
-            let off = base * kv_dim + kvh * hd;
-            let span = (cnt - 1) * kv_dim + hd;
-            T::dot_rows(qh, &kc[off..off + span], kv_dim, &mut sc[..cnt]);
-            let mut bm = f32::NEG_INFINITY;
-            for v in sc[..cnt].iter_mut() {
-                *v *= scale;
-                bm = bm.max(*v);
-            }
-            if bm > m {
-                let corr = (m - bm).exp();
-                l *= corr;
-                for v in oh.iter_mut() {
-                    *v *= corr;
-                }
-                m = bm;
-            }
-            for v in sc[..cnt].iter_mut() {
-                *v = (*v - m).exp();
-                l += *v;
-            }
-            // (hd,): oh += sum_j e_j * v_j over this block's values
-            T::axpy_rows(oh, &sc[..cnt], &vc[off..off + span], kv_dim);
-        }
-        let inv = 1.0 / l;
-        for v in oh.iter_mut() {
-            *v *= inv;
-        }
+    let shape = AttnShape { head_dim: hd, group, block_size: bs, kv_dim: c.kv_dim, scale: 1.0 / (hd as f32).sqrt() };
+    for (kvh, (qg, og)) in q.chunks_exact(group * hd).zip(out.chunks_exact_mut(group * hd)).enumerate() {
+        T::attend(&shape, qg, kvh, kc, vc, block_table, pos + 1, og);
     }
 }

@@ -117,6 +117,12 @@ impl ModelConfig {
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             return Err(bad("attention.head_count_kv", format!("{n_kv_heads} does not divide head_count {n_heads}")));
         }
+        if n_heads / n_kv_heads > crate::kernels::MAX_GROUP {
+            return Err(bad(
+                "attention.head_count_kv",
+                format!("{} query heads per KV head (at most {} supported)", n_heads / n_kv_heads, crate::kernels::MAX_GROUP),
+            ));
+        }
         let head_dim = dim / n_heads;
         if head_dim % 2 != 0 {
             return Err(bad("attention.head_count", format!("head dim {head_dim} is odd")));
