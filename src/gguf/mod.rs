@@ -672,6 +672,23 @@ impl GgufFile {
         &self.metadata
     }
 
+    /// Frees metadata arrays longer than `max_len` elements (the tokenizer's
+    /// vocabulary and merges, once the tokenizer has been built from them):
+    /// they are replaced by empty arrays, so the keys remain listed. Returns
+    /// the number of arrays emptied.
+    pub fn drop_large_arrays(&mut self, max_len: usize) -> usize {
+        let mut n = 0;
+        for (_, v) in self.metadata.iter_mut() {
+            if let MetaValue::Array(items) = v {
+                if items.len() > max_len {
+                    *items = Vec::new();
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&MetaValue> {
         self.key_index

@@ -682,6 +682,9 @@ mod tests {
             let mut want = vec![0.0; cols];
             for o in 0..rows {
                 w.dequantize_row(o, &mut want);
+                let mut got = vec![f32::NAN; cols];
+                p.dequantize_row(o, &mut got);
+                assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{dtype:?} row {o}");
                 for b in 0..cols / QK {
                     let (d, m, u) = p.block(o, b);
                     for k in 0..QK {

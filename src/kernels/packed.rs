@@ -177,6 +177,24 @@ impl PackedMatrix {
         &lines_as_bytes(&self.lines)[g * self.group_bytes..(g + 1) * self.group_bytes]
     }
 
+    /// Dequantizes output column `o` (row `o` of the original matrix) into
+    /// `out` (`cols` floats), bit-identical to dequantizing the ggml row: the
+    /// embedding lookup of a tied output head reads the packed copy, so the
+    /// mapped original never has to be resident.
+    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
+        assert!(o < self.rows && out.len() == self.cols, "dequantize_row: row {o} or length out of range");
+        for (b, ob) in out.chunks_exact_mut(QK).enumerate() {
+            let (d, m, u) = self.block(o, b);
+            for (x, &q) in ob.iter_mut().zip(&u) {
+                *x = match self.kind {
+                    PackKind::Q4_0 => (q as i32 - 8) as f32 * d,
+                    PackKind::Q4_1 => q as f32 * d + m,
+                    PackKind::Q8_0 => (q as i32 - 128) as f32 * d,
+                };
+            }
+        }
+    }
+
     /// Block `b` of column `o`: `(d, m, u)` with weights `w[k] = d * u[k] + m`.
     pub(crate) fn block(&self, o: usize, b: usize) -> (f32, f32, [u8; QK]) {
         let (gb, c, nb) = (self.group(o / GROUP), o % GROUP, self.nb);

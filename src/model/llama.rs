@@ -93,7 +93,11 @@ impl Model {
         let dim = self.config.dim;
         let m = self.mat(&self.tok_embd);
         for (t, row) in tokens.iter().zip(x.chunks_exact_mut(dim)) {
-            m.dequantize_row(*t as usize, row);
+            // The packed copy when there is one (the mapped pages are released).
+            match &self.tok_embd.packed {
+                Some(p) => p.dequantize_row(*t as usize, row),
+                None => m.dequantize_row(*t as usize, row),
+            }
         }
     }
 
@@ -114,14 +118,15 @@ impl Model {
         let n: usize = seqs.iter().map(|q| q.len).sum();
         debug_assert_eq!(x.len(), n * dim);
         grow(&mut s.xb, n * dim);
-        grow(&mut s.xq, n * dim.max(ffn) / QK);
+        grow(&mut s.xq, n * dim / QK);
         grow(&mut s.q, n * dim);
         grow(&mut s.k, n * kv_dim);
         grow(&mut s.v, n * kv_dim);
         grow(&mut s.att, n * dim);
-        grow(&mut s.gate, n * ffn);
-        grow(&mut s.up, n * ffn);
-        grow(&mut s.hq, n * ffn / QK);
+        let nf = n.min(FFN_ROWS);
+        grow(&mut s.gate, nf * ffn);
+        grow(&mut s.up, nf * ffn);
+        grow(&mut s.hq, nf * ffn / QK);
         s.row_pos.clear();
         s.row_seq.clear();
         for (si, q) in seqs.iter().enumerate() {
@@ -197,18 +202,22 @@ impl Model {
             // ---- feed-forward (SwiGLU) ----
             // (n, dim): x += xb; xb = rmsnorm(x) * ffn_norm; xq = q8(xb)
             add_norm_quant(rows_par, x, &mut s.xb[..n * dim], &mut s.xq[..n * dim / QK], true, &lw.ffn_norm, eps);
-            let xa = Activations { f: &s.xb[..n * dim], q: &s.xq[..n * dim / QK], n };
-            // (n, ffn): gate, up
-            kernels::matmul_best(&self.mat(&lw.w_gate), lw.w_gate.packed.as_deref(), &xa, &mut s.gate[..n * ffn], pool);
-            kernels::matmul_best(&self.mat(&lw.w_up), lw.w_up.packed.as_deref(), &xa, &mut s.up[..n * ffn], pool);
-            // (n, ffn): h = silu(gate) * up; hq = q8(h)
-            {
-                let (g, u, hq) = (&mut s.gate[..n * ffn], &s.up[..n * ffn], &mut s.hq[..n * ffn / QK]);
+            // In chunks of at most FFN_ROWS rows (bounds the rows x ffn scratch);
+            // each chunk's output replaces its own, consumed, rows of xb.
+            for r0 in (0..n).step_by(FFN_ROWS) {
+                let m = FFN_ROWS.min(n - r0);
+                let rows = r0 * dim..(r0 + m) * dim;
+                let xa = Activations { f: &s.xb[rows.clone()], q: &s.xq[r0 * dim / QK..(r0 + m) * dim / QK], n: m };
+                // (m, ffn): gate, up
+                kernels::matmul_best(&self.mat(&lw.w_gate), lw.w_gate.packed.as_deref(), &xa, &mut s.gate[..m * ffn], pool);
+                kernels::matmul_best(&self.mat(&lw.w_up), lw.w_up.packed.as_deref(), &xa, &mut s.up[..m * ffn], pool);
+                // (m, ffn): h = silu(gate) * up; hq = q8(h)
+                let (g, u, hq) = (&mut s.gate[..m * ffn], &s.up[..m * ffn], &mut s.hq[..m * ffn / QK]);
                 let row = |(g, u, hq): (&mut [f32], &[f32], &mut [BlockQ8])| {
                     kernels::silu_mul(g, u);
                     kernels::quantize_rows_q8(g, ffn, hq);
                 };
-                match rows_par {
+                match pool.filter(|_| m >= PAR_ROWS) {
                     Some(p) => p.install(|| {
                         g.par_chunks_mut(ffn)
                             .zip(u.par_chunks(ffn))
@@ -218,10 +227,10 @@ impl Model {
                     }),
                     None => g.chunks_mut(ffn).zip(u.chunks(ffn)).zip(hq.chunks_mut(ffn / QK)).for_each(|((g, u), hq)| row((g, u, hq))),
                 }
+                let ha = Activations { f: &s.gate[..m * ffn], q: &s.hq[..m * ffn / QK], n: m };
+                // (m, dim): xb = h @ w_down (added to x by the next norm or below)
+                kernels::matmul_best(&self.mat(&lw.w_down), lw.w_down.packed.as_deref(), &ha, &mut s.xb[rows], pool);
             }
-            let ha = Activations { f: &s.gate[..n * ffn], q: &s.hq[..n * ffn / QK], n };
-            // (n, dim): xb = h @ w_down (added to x by the next norm or below)
-            kernels::matmul_best(&self.mat(&lw.w_down), lw.w_down.packed.as_deref(), &ha, &mut s.xb[..n * dim], pool);
             pending = true;
         }
         if pending {
@@ -249,6 +258,9 @@ impl Model {
 
 /// Batches of at least this many rows run their row-wise passes in parallel.
 const PAR_ROWS: usize = 8;
+/// Most rows the feed-forward block processes at once (its scratch is
+/// `FFN_ROWS x ffn_dim`; weights stay cache-resident across chunks).
+const FFN_ROWS: usize = 128;
 /// Rows per parallel task in row-wise passes.
 const MIN_ROWS_PER_TASK: usize = 4;
 

@@ -53,8 +53,12 @@ pub enum LoadError {
 /// (the one loading path of every command and the server).
 pub fn load_with_tokenizer(path: &Path) -> Result<(Arc<Model>, Arc<crate::tokenizer::Tokenizer>), LoadError> {
     let p = || path.display().to_string();
-    let file = Arc::new(GgufFile::open(path).map_err(|source| LoadError::Gguf { path: p(), source })?);
+    let mut file = GgufFile::open(path).map_err(|source| LoadError::Gguf { path: p(), source })?;
     let tok = crate::tokenizer::Tokenizer::from_gguf(&file).map_err(|source| LoadError::Tokenizer { path: p(), source })?;
+    // The vocabulary and merges now live in the tokenizer; the model never
+    // reads metadata arrays (a few MiB of strings kept for nothing otherwise).
+    file.drop_large_arrays(4096);
+    let file = Arc::new(file);
     let model = Model::from_gguf(file).map_err(|source| LoadError::Model { path: p(), source })?;
     Ok((Arc::new(model), Arc::new(tok)))
 }
@@ -274,9 +278,9 @@ impl Model {
             });
         }
         let output_norm = vector(&file, "output_norm.weight", c.dim)?;
-        // Weights now live in their packed copies: let their mapped pages go
-        // (embedding rows are faulted back in one page at a time when looked up).
-        for w in layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]).chain([&output]) {
+        // Weights now live in their packed copies (embedding lookups read the
+        // packed copy too): let their mapped pages go.
+        for w in layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]).chain([&output, &tok_embd]) {
             if w.packed.is_some() {
                 file.release_pages(w.bytes.clone());
             }
