@@ -159,6 +159,14 @@ pub struct BenchReport {
     pub ttft_ms: Pct,
     /// Time per output token after the first.
     pub tpot_ms: Pct,
+    /// Generated tokens per second while every request was decoding: tokens
+    /// received between the last request's first token and the first
+    /// request's last token, over that window (no prefill in it; the
+    /// counterpart of llama-batched-bench's S_TG). 0 when the window is
+    /// empty (e.g. requests that do not all run at once).
+    pub steady_decode_tokens_per_s: f64,
+    /// Length of that window, seconds.
+    pub steady_window_s: f64,
     /// End-to-end latency.
     pub e2e_ms: Pct,
     /// Highest fraction of KV blocks in use.
@@ -263,7 +271,7 @@ pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: C
     let progress = !a.no_progress && !a.json && std::io::stderr().is_terminal();
     let done = Arc::new(AtomicUsize::new(0));
     let (slot_tx, slot_rx) = crossbeam_channel::bounded::<()>(concurrency);
-    let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<(usize, usize, f64, f64, f64), String>>();
+    let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<Measured, String>>();
     let mut rng = mix64(a.seed ^ 0xA441);
     let start = Instant::now();
     let mut next_arrival = 0.0f64;
@@ -314,21 +322,24 @@ pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: C
     let stats = engine.stats();
     let mut r = BenchReport { workers, threads_per_worker: threads, concurrency, ..Default::default() };
     let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+    let mut token_times: Vec<Vec<Instant>> = Vec::new();
     for res in res_rx.iter() {
         match res {
-            Ok((inp, out, t_first, t_per, t_all)) => {
+            Ok(m) => {
                 r.num_requests += 1;
-                r.total_input_tokens += inp;
-                r.total_output_tokens += out;
-                ttft.push(t_first);
-                if out > 1 {
-                    tpot.push(t_per);
+                r.total_input_tokens += m.input;
+                r.total_output_tokens += m.output;
+                ttft.push(m.ttft_ms);
+                if m.output > 1 {
+                    tpot.push(m.tpot_ms);
                 }
-                e2e.push(t_all);
+                e2e.push(m.e2e_ms);
+                token_times.push(m.token_times);
             }
             Err(_) => r.failed += 1,
         }
     }
+    (r.steady_decode_tokens_per_s, r.steady_window_s) = steady_decode(&token_times);
     r.duration_s = duration;
     r.requests_per_s = r.num_requests as f64 / duration;
     r.input_tokens_per_s = r.total_input_tokens as f64 / duration;
@@ -350,28 +361,48 @@ fn drain(mut s: crate::engine::ResponseStream) {
     while s.blocking_next().is_some() {}
 }
 
-/// Consumes one stream: `(input, output tokens, ttft ms, tpot ms, e2e ms)`.
-fn measure(mut s: crate::engine::ResponseStream, t0: Instant, input_len: usize) -> Result<(usize, usize, f64, f64, f64), String> {
-    let mut first = None;
-    let mut last = t0;
-    let mut out = 0usize;
+/// What one request measured.
+struct Measured {
+    input: usize,
+    output: usize,
+    ttft_ms: f64,
+    tpot_ms: f64,
+    e2e_ms: f64,
+    /// Arrival time of every generated token.
+    token_times: Vec<Instant>,
+}
+
+/// Consumes one stream.
+fn measure(mut s: crate::engine::ResponseStream, t0: Instant, input_len: usize) -> Result<Measured, String> {
+    let mut times = Vec::new();
     while let Some(ev) = s.blocking_next() {
         match ev {
-            Event::Token { .. } => {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = now;
-                out += 1;
-            }
+            Event::Token { .. } => times.push(Instant::now()),
             Event::Error(e) => return Err(e.to_string()),
             Event::Finished { .. } => break,
             _ => {}
         }
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let first = first.unwrap_or(last);
+    let out = times.len();
+    let (first, last) = (times.first().copied().unwrap_or(t0), times.last().copied().unwrap_or(t0));
     let tpot = if out > 1 { ms(last - first) / (out - 1) as f64 } else { 0.0 };
-    Ok((input_len, out, ms(first - t0), tpot, ms(last - t0)))
+    Ok(Measured { input: input_len, output: out, ttft_ms: ms(first - t0), tpot_ms: tpot, e2e_ms: ms(last - t0), token_times: times })
+}
+
+/// Decode rate while all requests were decoding: tokens received in the
+/// window `(last first-token, first last-token]`, over its length.
+/// `(tokens/s, window s)`, `(0, 0)` when the window is empty.
+fn steady_decode(token_times: &[Vec<Instant>]) -> (f64, f64) {
+    let firsts = token_times.iter().filter_map(|t| t.first());
+    let lasts = token_times.iter().filter_map(|t| t.last());
+    let (Some(start), Some(end)) = (firsts.max(), lasts.min()) else { return (0.0, 0.0) };
+    if end <= start || token_times.iter().any(|t| t.is_empty()) {
+        return (0.0, 0.0);
+    }
+    let n: usize = token_times.iter().map(|t| t.iter().filter(|&&x| x > *start && x <= *end).count()).sum();
+    let w = (*end - *start).as_secs_f64();
+    (n as f64 / w, w)
 }
 
 fn draw_progress(done: usize, total: usize) {
@@ -393,9 +424,36 @@ pub fn print_table(r: &BenchReport) {
     for (name, p) in [("TTFT (ms)", r.ttft_ms), ("TPOT (ms)", r.tpot_ms), ("end-to-end (ms)", r.e2e_ms)] {
         println!("{:<34} {:>12}", format!("{name} p50/p90/p99"), format!("{:.1}/{:.1}/{:.1}", p.p50, p.p90, p.p99));
     }
+    println!(
+        "{:<34} {:>12}",
+        "steady decode tok/s (window s)",
+        format!("{:.1} ({:.2})", r.steady_decode_tokens_per_s, r.steady_window_s)
+    );
     println!("{:<34} {:>12.1}", "peak KV usage (%)", r.peak_kv_usage * 100.0);
     println!("{:<34} {:>12}", "preemptions", r.preemptions);
     println!("{:<34} {:>12.1}", "prefix cache hit rate (%)", r.prefix_cache_hit_rate * 100.0);
     let busy: Vec<String> = r.worker_busy_fraction.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
     println!("{:<34} {:>12}", "worker busy", busy.join(" "));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steady_decode_counts_the_all_decoding_window() {
+        let t = Instant::now();
+        let at = |ms: &[u64]| ms.iter().map(|&m| t + Duration::from_millis(m)).collect::<Vec<_>>();
+        // Request A decodes early (prefill of B still running), B starts at 300 ms;
+        // A finishes at 1000 ms. Window (300, 1000]: A has 7 tokens, B has 7.
+        let a = at(&[100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]);
+        let b = at(&[300, 400, 500, 600, 700, 800, 900, 1000, 1100, 1200]);
+        let (rate, w) = steady_decode(&[a.clone(), b]);
+        assert!((w - 0.7).abs() < 1e-9, "{w}");
+        assert!((rate - 14.0 / 0.7).abs() < 1e-6, "{rate}");
+        // Disjoint requests (one after the other): no common window.
+        let c = at(&[1100, 1200]);
+        assert_eq!(steady_decode(&[a, c]), (0.0, 0.0));
+        assert_eq!(steady_decode(&[]), (0.0, 0.0));
+    }
 }

@@ -47,35 +47,14 @@ pub fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// `sum_i exp(v[i] - m)` with 8 independent f32 accumulators (vectorizes),
-/// combined in f64.
+/// `sum_i exp(v[i] - m)` (SIMD kernel; relative error < 1e-6).
 pub fn sum_exp(v: &[f32], m: f32) -> f64 {
-    let mut acc = [0.0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for j in 0..8 {
-            acc[j] += fast_exp(c[j] - m);
-        }
-    }
-    let mut total: f64 = acc.iter().map(|&a| a as f64).sum();
-    for &x in rest {
-        total += fast_exp(x - m) as f64;
-    }
-    total
+    crate::kernels::sum_exp(v, m)
 }
 
-/// Largest value (NEG_INFINITY for an empty slice).
+/// Largest value (NEG_INFINITY for an empty slice; NaNs are skipped).
 pub fn max_of(v: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for j in 0..8 {
-            acc[j] = acc[j].max(c[j]);
-        }
-    }
-    acc.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    crate::kernels::max_f32(v)
 }
 
 /// `log(sum(exp(logits)))`, computed stably.

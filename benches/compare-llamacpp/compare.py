@@ -244,7 +244,8 @@ def metric_defs(parallel: list[int]) -> list[tuple[str, str, str, bool]]:
     ]
     for n in parallel:
         m += [
-            (f"b{n}_decode", f"{n} seqs: decode (gen) tok/s", "tok/s", True),
+            (f"b{n}_steady", f"{n} seqs: decode tok/s, all streams decoding", "tok/s", True),
+            (f"b{n}_decode", f"{n} seqs: decode tok/s from TPOT p50", "tok/s", True),
             (f"b{n}_out", f"{n} seqs: output tok/s, whole run", "tok/s", True),
             (f"b{n}_total", f"{n} seqs: (prompt+output) tok/s", "tok/s", True),
             (f"b{n}_rss", f"{n} seqs: peak RSS", "MiB", False),
@@ -257,6 +258,8 @@ DEFINITIONS = {
     "tg128": "llama.cpp: llama-bench -p 0 -n 128 avg_ts. brigade: 1000 / TPOT p50 ms (1 request, --input-len 16 --output-len 128).",
     "decode": "llama.cpp: S_TG = N*128 / T_TG (decode steps only). brigade: N / (TPOT p50 s), TPOT = per-request (last-first token time)/(out-1) - "
               "comparable decode rate when all N streams decode together (includes interference from other streams' prefill chunks).",
+    "steady": "llama.cpp: S_TG = N*128 / T_TG (decode steps only, all N streams in lock-step). brigade: steady_decode_tokens_per_s = tokens "
+              "received while all N requests were decoding (between the last request's first token and the first request's last token) / that window.",
     "out": "llama.cpp: N*128 / (T_PP + T_TG). brigade: output_tokens_per_s = N*128 / wall duration of the bench run (includes tokenize/prefill).",
     "total": "llama.cpp: S t/s = (N*128 + N*128) / (T_PP + T_TG). brigade: total_tokens_per_s.",
     "rss": "Maximum resident set size from /usr/bin/time -v of the whole process (includes the mmapped model pages touched). Lower is better.",
@@ -334,14 +337,15 @@ def run_round(rnd: int, args, bins, brigade: Path, cases: set[str], parallel: li
         for n in parallel:
             def l_b(n=n):
                 r = llama_batched(batched, args.model, t, n, args._llama_batched_extra, args.timeout)
-                return ({f"b{n}_decode": r["s_tg"], f"b{n}_out": r["out_tok_s"], f"b{n}_total": r["s_total"],
+                return ({f"b{n}_steady": r["s_tg"], f"b{n}_decode": r["s_tg"], f"b{n}_out": r["out_tok_s"], f"b{n}_total": r["s_total"],
                          f"b{n}_rss": r["rss_kib"] / 1024.0 if r["rss_kib"] else None},
                         {"cmd": r["cmd"], "report": r["raw"]})
 
             def b_b(n=n):
                 r = brigade_bench(brigade, args.model, n, BATCH_PP, BATCH_TG, bargs, args.timeout, measure_rss=True)
                 tpot = r["tpot_ms"]["p50"]
-                return ({f"b{n}_decode": n / (tpot / 1000.0) if tpot > 0 else None,
+                steady = r.get("steady_decode_tokens_per_s") or None
+                return ({f"b{n}_steady": steady, f"b{n}_decode": n / (tpot / 1000.0) if tpot > 0 else None,
                          f"b{n}_out": r["output_tokens_per_s"], f"b{n}_total": r["total_tokens_per_s"],
                          f"b{n}_rss": r["_rss_kib"] / 1024.0 if r["_rss_kib"] else None},
                         {"cmd": r["_cmd"], "report": r})
@@ -398,7 +402,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
     print("ratio = brigade / llama.cpp (higher is better for tok/s, lower is better for RSS); spread = half the min-max range / median;")
     print("noisy l/b = runs kept although other processes used more than --noise-threshold of the cores during them (after --retry-noisy).")
     print("Definitions:")
-    for k in ("pp512", "tg128", "decode", "out", "total", "rss"):
+    for k in ("pp512", "tg128", "steady", "decode", "out", "total", "rss"):
         print(f"  {k:<7} {DEFINITIONS[k]}")
     print(f"load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}")
 

@@ -193,6 +193,60 @@ pub(super) unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// Largest element (`-inf` for an empty slice; NaNs are skipped).
+///
+/// # Safety
+/// CPU supports avx512f.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn max_f32(v: &[f32]) -> f32 {
+    let n = v.len();
+    let mut acc = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // max(x, a) returns `a` when x is NaN.
+            *a = _mm512_max_ps(_mm512_loadu_ps(v.as_ptr().add(i + 16 * k)), *a);
+        }
+        i += 64;
+    }
+    while i < n {
+        let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        acc[0] = _mm512_mask_max_ps(acc[0], m, _mm512_maskz_loadu_ps(m, v.as_ptr().add(i)), acc[0]);
+        i += 16;
+    }
+    _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3])))
+}
+
+/// `sum_i exp(v[i] - m)`: 4 x 16 f32 partial sums, combined in f64.
+///
+/// # Safety
+/// CPU supports avx512f.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
+    let n = v.len();
+    let mv = _mm512_set1_ps(m);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let x = _mm512_sub_ps(_mm512_loadu_ps(v.as_ptr().add(i + 16 * k)), mv);
+            *a = _mm512_add_ps(*a, exp16(x));
+        }
+        i += 64;
+    }
+    while i < n {
+        let k: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, v.as_ptr().add(i)), mv);
+        acc[0] = _mm512_add_ps(acc[0], _mm512_maskz_mov_ps(k, exp16(x)));
+        i += 16;
+    }
+    let mut lanes = [0.0f32; 64];
+    for (k, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * k), *a);
+    }
+    lanes.iter().map(|&x| x as f64).sum()
+}
+
 /// Paged attention of `G` query heads sharing KV head `kvh` (head size
 /// `16 * HV`) for one query row over `n_ctx` positions; see
 /// [`super::scalar::attend`] for the layout and the steps, which this follows

@@ -217,6 +217,38 @@ pub fn quantize_rows_q8_isa(isa: Isa, x: &[f32], cols: usize, out: &mut [BlockQ8
     }
 }
 
+/// Largest element of `v` (`-inf` when empty; NaNs are skipped): the
+/// sampler's softmax and argmax over the vocabulary.
+pub fn max_f32(v: &[f32]) -> f32 {
+    max_f32_isa(isa(), v)
+}
+
+/// [`max_f32`] with an explicit instruction set (capped at [`detected_isa`]).
+pub fn max_f32_isa(isa: Isa, v: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(detected_isa()) == Isa::Avx512Vnni {
+        // SAFETY: avx512f detected; the kernel reads within `v`.
+        return unsafe { avx512::max_f32(v) };
+    }
+    scalar::max_f32(v)
+}
+
+/// `sum_i exp(v[i] - m)` for `m >= max(v)` (softmax normalizer; relative
+/// error below 1e-6 against the f64 reference).
+pub fn sum_exp(v: &[f32], m: f32) -> f64 {
+    sum_exp_isa(isa(), v, m)
+}
+
+/// [`sum_exp`] with an explicit instruction set (capped at [`detected_isa`]).
+pub fn sum_exp_isa(isa: Isa, v: &[f32], m: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(detected_isa()) == Isa::Avx512Vnni {
+        // SAFETY: avx512f detected; the kernel reads within `v`.
+        return unsafe { avx512::sum_exp(v, m) };
+    }
+    scalar::sum_exp(v, m)
+}
+
 /// SwiGLU gate: `g[i] = silu(g[i]) * u[i]`, `silu(x) = x / (1 + exp(-x))`.
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     silu_mul_isa(isa(), g, u)
@@ -837,6 +869,28 @@ mod tests {
                     for (a, b) in got.iter().zip(&want) {
                         assert!((a - b).abs() < 2e-6, "{isa:?} {hd}/{group}/{bs}/{n_ctx}: {a} vs {b}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_reductions_match_scalar() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+        for n in [0usize, 1, 15, 17, 63, 64, 65, 1000, 49152] {
+            let mut v: Vec<f32> = (0..n).map(|_| rng.gen_range(-20.0f32..20.0)).collect();
+            if n > 3 {
+                v[1] = f32::NAN;
+                v[2] = f32::NEG_INFINITY;
+            }
+            let want_max = scalar::max_f32(&v);
+            let finite: Vec<f32> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+            let want_sum = scalar::sum_exp(&finite, want_max);
+            for isa in available_isas() {
+                assert_eq!(max_f32_isa(isa, &v).to_bits(), want_max.to_bits(), "{isa:?} n{n}");
+                if n > 0 {
+                    let got = sum_exp_isa(isa, &finite, want_max);
+                    assert!((got / want_sum - 1.0).abs() < 1e-6, "{isa:?} n{n}: {got} vs {want_sum}");
                 }
             }
         }

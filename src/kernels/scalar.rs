@@ -170,6 +170,16 @@ pub fn dequantize_row(dtype: GgmlDType, w: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Largest element (`-inf` for an empty slice; NaNs are skipped).
+pub fn max_f32(v: &[f32]) -> f32 {
+    v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `sum_i exp(v[i] - m)`, accumulated in f64.
+pub fn sum_exp(v: &[f32], m: f32) -> f64 {
+    v.iter().map(|&x| ((x - m) as f64).exp()).sum()
+}
+
 /// `g[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + exp(-x))`.
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     for (x, &y) in g.iter_mut().zip(u) {
