@@ -119,3 +119,128 @@ pub(super) unsafe fn tile_q<const R: usize>(
     }
 }
 
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hmax(v: __m256) -> f32 {
+    let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// `exp(x)` for 8 lanes with `x <= 0` (inputs below -87 clamp there): the
+/// same reduction and polynomial as the AVX-512 `exp16`, with the power of
+/// two built in the exponent bits.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp8_neg(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_setzero_ps());
+    let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm256_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    // n in [-126, 0]: 2^n is a normal float with biased exponent n + 127.
+    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    _mm256_mul_ps(p, pow2)
+}
+
+/// Paged attention of `G` query heads sharing KV head `kvh` (head size
+/// `8 * HV`): the AVX2 counterpart of `avx512::attend_f16`, with 8 keys per
+/// online-softmax step (so results agree with the scalar reference, which
+/// steps by 16, to f32 rounding).
+///
+/// # Safety
+/// CPU supports avx2, fma and f16c; `q` and `out` hold `G * 8 * HV` floats;
+/// `table` holds `n_ctx.div_ceil(bs)` block ids, each `< nblk` where `k` and
+/// `v` hold `nblk * bs * kv_dim` elements; `(kvh + 1) * 8 * HV <= kv_dim`;
+/// `n_ctx >= 1`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
+    q: *const f32,
+    kvh: usize,
+    k: *const f16,
+    v: *const f16,
+    bs: usize,
+    kv_dim: usize,
+    table: &[u32],
+    n_ctx: usize,
+    scale: f32,
+    out: *mut f32,
+) {
+    let hd = 8 * HV;
+    for i in 0..G * hd {
+        *out.add(i) = 0.0;
+    }
+    let mut m = [f32::NEG_INFINITY; G];
+    let mut l = [0.0f32; G];
+    let mut p = [[0.0f32; 8]; G];
+    let scv = _mm256_set1_ps(scale);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)) {
+        let blk = blk as usize;
+        let cnt = bs.min(n_ctx - bi * bs);
+        let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
+        let vb = v.add(blk * bs * kv_dim + kvh * hd);
+        let mut c = 0;
+        while c < cnt {
+            let n = 8.min(cnt - c);
+            let valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane));
+            // (G, 8) scores: lane j = key c + j; two partial sums over d.
+            let mut s = [[_mm256_setzero_ps(); 2]; G];
+            for d in 0..hd {
+                let row = kt.add(d * bs + c);
+                let kd = if n == 8 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(row as *const __m128i))
+                } else {
+                    let mut tmp = [0u16; 8];
+                    std::ptr::copy_nonoverlapping(row as *const u16, tmp.as_mut_ptr(), n);
+                    _mm256_cvtph_ps(_mm_loadu_si128(tmp.as_ptr() as *const __m128i))
+                };
+                for (g, sg) in s.iter_mut().enumerate() {
+                    sg[d % 2] = _mm256_fmadd_ps(_mm256_set1_ps(*q.add(g * hd + d)), kd, sg[d % 2]);
+                }
+            }
+            let mut corr = [0.0f32; G];
+            for g in 0..G {
+                let sv = _mm256_mul_ps(_mm256_add_ps(s[g][0], s[g][1]), scv);
+                let sv = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), sv, valid);
+                let m_new = m[g].max(hmax(sv));
+                corr[g] = _mm_cvtss_f32(_mm256_castps256_ps128(exp8_neg(_mm256_set1_ps(m[g] - m_new))));
+                let pv = _mm256_and_ps(exp8_neg(_mm256_sub_ps(sv, _mm256_set1_ps(m_new))), valid);
+                l[g] = l[g] * corr[g] + hsum(pv);
+                m[g] = m_new;
+                _mm256_storeu_ps(p[g].as_mut_ptr(), pv);
+            }
+            // (G, hd) = corr * (G, hd) + sum_j p[g][j] * V row of key c + j,
+            // 8 output lanes at a time (accumulators of all G heads in registers).
+            for h in 0..HV {
+                let mut acc = [_mm256_setzero_ps(); G];
+                for (g, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_mul_ps(_mm256_loadu_ps(out.add(g * hd + 8 * h)), _mm256_set1_ps(corr[g]));
+                }
+                for j in 0..n {
+                    let x = _mm256_cvtph_ps(_mm_loadu_si128(vb.add((c + j) * kv_dim + 8 * h) as *const __m128i));
+                    for (g, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_set1_ps(p[g][j]), x, *a);
+                    }
+                }
+                for (g, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(g * hd + 8 * h), *a);
+                }
+            }
+            c += 8;
+        }
+    }
+    for g in 0..G {
+        let inv = _mm256_set1_ps(1.0 / l[g]);
+        for h in 0..HV {
+            let o = out.add(g * hd + 8 * h);
+            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), inv));
+        }
+    }
+}

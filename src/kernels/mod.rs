@@ -560,8 +560,8 @@ pub fn attend_f16(s: &AttnShape, q: &[f32], kvh: usize, k: &[f16], v: &[f16], ta
 
 /// [`attend_f16`] with an explicit instruction set (capped at
 /// [`detected_isa`]). AVX-512 covers head_dim 64 with up to 4 query heads per
-/// KV head and head_dim 128 with up to 2; other shapes and ISAs run the
-/// scalar reference.
+/// KV head and head_dim 128 with up to 2, AVX2 head_dim 64 (groups up to 4)
+/// and 128 (groups 1, 2, 4); other shapes run the scalar reference.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_f16_isa(
     isa: Isa,
@@ -594,6 +594,29 @@ pub fn attend_f16_isa(
             (64, 4) => go!(4, 4),
             (128, 1) => go!(1, 8),
             (128, 2) => go!(2, 8),
+            _ => {}
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(detected_isa()) == Isa::Avx2 && s.head_dim % 8 == 0 {
+        let (qp, op, kp, vp) = (q.as_ptr(), out.as_mut_ptr(), k.as_ptr(), v.as_ptr());
+        let (bs, kd, sc) = (s.block_size, s.kv_dim, s.scale);
+        macro_rules! go {
+            ($g:literal, $hv:literal) => {
+                // SAFETY: avx2/fma/f16c detected; `check` verified the q/out
+                // sizes, the KV head range, the table length and that every
+                // used block id lies inside `k` and `v`.
+                return unsafe { avx2::attend_f16::<$g, $hv>(qp, kvh, kp, vp, bs, kd, table, n_ctx, sc, op) }
+            };
+        }
+        match (s.head_dim, s.group) {
+            (64, 1) => go!(1, 8),
+            (64, 2) => go!(2, 8),
+            (64, 3) => go!(3, 8),
+            (64, 4) => go!(4, 8),
+            (128, 1) => go!(1, 16),
+            (128, 2) => go!(2, 16),
+            (128, 4) => go!(4, 16),
             _ => {}
         }
     }
