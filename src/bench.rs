@@ -271,11 +271,37 @@ pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: C
     let progress = !a.no_progress && !a.json && std::io::stderr().is_terminal();
     let done = Arc::new(AtomicUsize::new(0));
     let (slot_tx, slot_rx) = crossbeam_channel::bounded::<()>(concurrency);
-    let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<Measured, String>>();
     let mut rng = mix64(a.seed ^ 0xA441);
     let start = Instant::now();
+    // Streams are consumed by tasks on one current-thread runtime (one OS
+    // thread for all requests, not one per request: the harness should not
+    // compete with the engine for cores or memory).
+    let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<Measured, String>>();
+    let (stream_tx, mut stream_rx) =
+        tokio::sync::mpsc::channel::<(std::result::Result<crate::engine::ResponseStream, String>, Instant, usize)>(concurrency);
+    let consumer = {
+        let (done, slot_rx) = (done.clone(), slot_rx.clone());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+        std::thread::Builder::new().name("bench-client".into()).spawn(move || {
+            rt.block_on(async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                while let Some((stream, t0, input_len)) = stream_rx.recv().await {
+                    let (res_tx, slot_rx, done) = (res_tx.clone(), slot_rx.clone(), done.clone());
+                    tasks.spawn(async move {
+                        let r = match stream {
+                            Ok(s) => measure(s, t0, input_len).await,
+                            Err(e) => Err(e),
+                        };
+                        let _ = res_tx.send(r);
+                        let _ = slot_rx.try_recv(); // this request's slot (always present)
+                        done.fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            })
+        })?
+    };
     let mut next_arrival = 0.0f64;
-    let mut threads_v = Vec::new();
     for job in jobs {
         if let Some(rate) = a.request_rate.filter(|r| *r > 0.0 && r.is_finite()) {
             rng = mix64(rng);
@@ -288,32 +314,22 @@ pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: C
         }
         slot_tx.send(())?; // blocks while `concurrency` requests are in flight
         let t0 = Instant::now();
-        let stream = engine.submit(job.prompt);
-        let (res_tx, slot_rx, done_c) = (res_tx.clone(), slot_rx.clone(), done.clone());
-        let input_len = job.input_len;
-        threads_v.push(std::thread::spawn(move || {
-            let r = match stream {
-                Ok(s) => measure(s, t0, input_len),
-                Err(e) => Err(e.to_string()),
-            };
-            let _ = res_tx.send(r);
-            let _ = slot_rx.recv();
-            done_c.fetch_add(1, Ordering::Relaxed);
-        }));
+        let stream = engine.submit(job.prompt).map_err(|e| e.to_string());
+        if stream_tx.blocking_send((stream, t0, job.input_len)).is_err() {
+            break; // the consumer is gone (it only ends after this loop)
+        }
         if progress {
             draw_progress(done.load(Ordering::Relaxed), n);
         }
     }
-    drop(res_tx);
-    while done.load(Ordering::Relaxed) < n {
+    drop(stream_tx);
+    while done.load(Ordering::Relaxed) < n && !consumer.is_finished() {
         if progress {
             draw_progress(done.load(Ordering::Relaxed), n);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    for t in threads_v {
-        let _ = t.join();
-    }
+    let _ = consumer.join();
     let duration = start.elapsed().as_secs_f64();
     if progress {
         draw_progress(n, n);
@@ -373,9 +389,9 @@ struct Measured {
 }
 
 /// Consumes one stream.
-fn measure(mut s: crate::engine::ResponseStream, t0: Instant, input_len: usize) -> Result<Measured, String> {
+async fn measure(mut s: crate::engine::ResponseStream, t0: Instant, input_len: usize) -> Result<Measured, String> {
     let mut times = Vec::new();
-    while let Some(ev) = s.blocking_next() {
+    while let Some(ev) = s.next().await {
         match ev {
             Event::Token { .. } => times.push(Instant::now()),
             Event::Error(e) => return Err(e.to_string()),
