@@ -308,7 +308,9 @@ struct RowMap<'a> {
     seq: &'a [usize],
 }
 
-/// Attention for every row of the batch (rows in parallel over `pool`).
+/// Attention for every row of the batch: one task per (row, KV head) — the
+/// query heads sharing that KV head — in parallel over `pool`, so even a
+/// single decode row keeps every thread busy.
 #[allow(clippy::too_many_arguments)]
 fn attention<T: KvElem>(
     c: &super::ModelConfig,
@@ -321,37 +323,18 @@ fn attention<T: KvElem>(
     att: &mut [f32],
     pool: Option<&rayon::ThreadPool>,
 ) {
-    let dim = c.dim;
-    let n = rows.pos.len();
-    let attend_row = |r: usize, out: &mut [f32]| {
+    let (hd, nkv) = (c.head_dim, c.n_kv_heads);
+    let group = c.n_heads / nkv;
+    let w = group * hd;
+    let shape = AttnShape { head_dim: hd, group, block_size: bs, kv_dim: c.kv_dim, scale: 1.0 / (hd as f32).sqrt() };
+    // Item i: row i / nkv, KV head i % nkv; q and att rows are nkv items of w floats.
+    let item = |i: usize, out: &mut [f32]| {
+        let (r, kvh) = (i / nkv, i % nkv);
         let seq = &seqs[rows.seq[r]];
-        attend(c, kc, vc, bs, seq.block_table, rows.pos[r], &q[r * dim..(r + 1) * dim], out);
+        T::attend(&shape, &q[i * w..(i + 1) * w], kvh, kc, vc, seq.block_table, rows.pos[r] + 1, out);
     };
     match pool {
-        Some(p) if n > 1 => p.install(|| att.par_chunks_mut(dim).enumerate().for_each(|(r, out)| attend_row(r, out))),
-        _ => att.chunks_mut(dim).enumerate().for_each(|(r, out)| attend_row(r, out)),
-    }
-}
-
-/// Attention of one query row (all heads) at position `pos` over positions
-/// `0..=pos` of its sequence, read through `block_table`: one kernel call per
-/// KV head covers the query heads that share it (online softmax, no heap
-/// allocation, fixed operation order).
-#[allow(clippy::too_many_arguments)]
-fn attend<T: KvElem>(
-    c: &super::ModelConfig,
-    kc: &[T],
-    vc: &[T],
-    bs: usize,
-    block_table: &[u32],
-    pos: usize,
-    q: &[f32],
-    out: &mut [f32],
-) {
-    let hd = c.head_dim;
-    let group = c.n_heads / c.n_kv_heads;
-    let shape = AttnShape { head_dim: hd, group, block_size: bs, kv_dim: c.kv_dim, scale: 1.0 / (hd as f32).sqrt() };
-    for (kvh, (qg, og)) in q.chunks_exact(group * hd).zip(out.chunks_exact_mut(group * hd)).enumerate() {
-        T::attend(&shape, qg, kvh, kc, vc, block_table, pos + 1, og);
+        Some(p) if att.len() > w => p.install(|| att.par_chunks_mut(w).enumerate().for_each(|(i, out)| item(i, out))),
+        _ => att.chunks_mut(w).enumerate().for_each(|(i, out)| item(i, out)),
     }
 }
