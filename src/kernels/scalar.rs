@@ -221,15 +221,25 @@ pub fn attend<T: Copy>(
         let vb = blk * bs * kv_dim + kvh * hd;
         for c in (0..cnt).step_by(C) {
             let n = C.min(cnt - c);
+            // (g, n) scores: two partial sums per key (even / odd d), each K
+            // row of the chunk converted once for all g heads.
+            let mut acc = [[[0.0f32; C]; 2]; super::MAX_GROUP];
+            let mut kf = [0.0f32; C];
+            for d in 0..hd {
+                for (f, &x) in kf.iter_mut().zip(&k[kt + d * bs + c..kt + d * bs + c + n]) {
+                    *f = cvt(x);
+                }
+                for (gi, ag) in acc.iter_mut().enumerate().take(g) {
+                    let qd = q[gi * hd + d];
+                    for (a, &x) in ag[d % 2].iter_mut().zip(&kf[..n]) {
+                        *a += qd * x;
+                    }
+                }
+            }
             for gi in 0..g {
-                let qh = &q[gi * hd..(gi + 1) * hd];
                 let mut sc = [f32::NEG_INFINITY; C];
                 for (j, scj) in sc.iter_mut().enumerate().take(n) {
-                    let mut acc = [0.0f32; 2];
-                    for (d, &qd) in qh.iter().enumerate() {
-                        acc[d % 2] += qd * cvt(k[kt + d * bs + c + j]);
-                    }
-                    *scj = (acc[0] + acc[1]) * s.scale;
+                    *scj = (acc[gi][0][j] + acc[gi][1][j]) * s.scale;
                 }
                 let m_new = sc[..n].iter().fold(m[gi], |a, &b| a.max(b));
                 let corr = (m[gi] - m_new).exp();
@@ -244,12 +254,21 @@ pub fn attend<T: Copy>(
                     *o *= corr;
                 }
             }
+            // (g, hd) += p[g][j] * V row of key c + j, converted once per
+            // piece of up to 64 elements for all g heads.
+            let mut vf = [0.0f32; 64];
             for j in 0..n {
-                let vr = &v[vb + (c + j) * kv_dim..vb + (c + j) * kv_dim + hd];
-                for gi in 0..g {
-                    let w = p[gi][j];
-                    for (o, &x) in out[gi * hd..(gi + 1) * hd].iter_mut().zip(vr) {
-                        *o += w * cvt(x);
+                let row = vb + (c + j) * kv_dim;
+                for d0 in (0..hd).step_by(64) {
+                    let w = 64.min(hd - d0);
+                    for (f, &x) in vf.iter_mut().zip(&v[row + d0..row + d0 + w]) {
+                        *f = cvt(x);
+                    }
+                    for gi in 0..g {
+                        let pw = p[gi][j];
+                        for (o, &x) in out[gi * hd + d0..gi * hd + d0 + w].iter_mut().zip(&vf[..w]) {
+                            *o += pw * x;
+                        }
                     }
                 }
             }
