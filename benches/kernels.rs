@@ -1,6 +1,7 @@
 //! Kernel throughput: quantized matmul per dtype x activation rows x model
 //! shape (SmolLM2-135M), each ISA side by side, in GFLOP/s (2 flops per
-//! multiply-add); activation quantization; f16 attention helpers.
+//! multiply-add); activation quantization; paged attention over the f16 KV
+//! cache (`attention/row/9x64/ctx<n>/<isa>`: one query row, all 9 heads).
 //!
 //! `cargo bench --bench kernels -- matmul/q4_1/576x1536`
 //!

@@ -2,9 +2,10 @@
 //!
 //! Every kernel has a scalar reference in [`scalar`] / `packed` (the test
 //! oracle and the fallback) and, on x86-64, SIMD versions selected at run time
-//! from cached CPU feature detection ([`isa`]): AVX2/FMA/F16C in `avx2`, and
-//! AVX-512 VNNI in `avx512` (quantized matmul over [`PackedMatrix`]'s
-//! interleaved layout, activation quantization, f16 attention helpers).
+//! from cached CPU feature detection ([`isa`]): AVX2/FMA/F16C in `avx2`
+//! (quantized matmul over raw ggml blocks, paged attention), and AVX-512 VNNI
+//! in `avx512` (quantized matmul over [`PackedMatrix`]'s interleaved layout,
+//! activation quantization, paged attention, SiLU, softmax reductions).
 //! Callers only see the safe functions of this module, which validate slice
 //! sizes before dispatching.
 //!
