@@ -91,7 +91,6 @@ pub fn sample_temperature(logits: &[f32], temperature: f32, u: f64) -> u32 {
     argmax(logits)
 }
 
-
 /// Picks the `k` largest entries of `logits` as `(index, logit)`, best first
 /// (ties: lower index first). Partial selection, no full sort of the vocabulary.
 pub fn top_k_entries(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
@@ -272,17 +271,24 @@ pub fn sample(raw: &[f32], logits: &mut [f32], r: &RowParams<'_>) -> Sampled {
         } else {
             // Whole vocabulary: one pass for the total, one scan to the target.
             let m = max_of(logits);
+            // The total (SIMD exp) and the scan (scalar exp) round differently:
+            // when a draw within rounding of 1 is not reached, the last
+            // selectable token is the one the draw points at.
             let target = u * sum_exp(logits, m);
             let mut acc = 0.0f64;
-            let mut chosen = argmax(logits);
-            for (i, &v) in logits.iter().enumerate() {
-                acc += fast_exp(v - m) as f64;
-                if acc > target {
-                    chosen = i as u32;
-                    break;
+            let mut last = argmax(logits);
+            'scan: {
+                for (i, &v) in logits.iter().enumerate() {
+                    acc += fast_exp(v - m) as f64;
+                    if acc > target {
+                        break 'scan i as u32;
+                    }
+                    if v > f32::NEG_INFINITY {
+                        last = i as u32;
+                    }
                 }
+                last
             }
-            chosen
         }
     };
     let lse = logsumexp(raw);

@@ -577,47 +577,33 @@ pub fn attend_f16_isa(
 ) {
     s.check(q, kvh, k, v, table, n_ctx, out);
     #[cfg(target_arch = "x86_64")]
-    if isa.min(detected_isa()) == Isa::Avx512Vnni {
+    {
         let (qp, op, kp, vp) = (q.as_ptr(), out.as_mut_ptr(), k.as_ptr(), v.as_ptr());
         let (bs, kd, sc) = (s.block_size, s.kv_dim, s.scale);
         macro_rules! go {
-            ($g:literal, $hv:literal) => {
-                // SAFETY: features detected; `check` verified the q/out sizes
-                // (group x head_dim), the KV head range, the table length and
-                // that every used block id lies inside `k` and `v`.
-                return unsafe { avx512::attend_f16::<$g, $hv>(qp, kvh, kp, vp, bs, kd, table, n_ctx, sc, op) }
+            ($m:ident, $g:literal, $hv:literal) => {
+                // SAFETY: the ISA's features were detected (`isa` is capped at
+                // `detected_isa`); `check` verified the q/out sizes (group x
+                // head_dim), the KV head range, the table length and that
+                // every used block id lies inside `k` and `v`.
+                return unsafe { $m::attend_f16::<$g, $hv>(qp, kvh, kp, vp, bs, kd, table, n_ctx, sc, op) }
             };
         }
-        match (s.head_dim, s.group) {
-            (64, 1) => go!(1, 4),
-            (64, 2) => go!(2, 4),
-            (64, 3) => go!(3, 4),
-            (64, 4) => go!(4, 4),
-            (128, 1) => go!(1, 8),
-            (128, 2) => go!(2, 8),
-            _ => {}
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if isa.min(detected_isa()) == Isa::Avx2 && s.head_dim % 8 == 0 {
-        let (qp, op, kp, vp) = (q.as_ptr(), out.as_mut_ptr(), k.as_ptr(), v.as_ptr());
-        let (bs, kd, sc) = (s.block_size, s.kv_dim, s.scale);
-        macro_rules! go {
-            ($g:literal, $hv:literal) => {
-                // SAFETY: avx2/fma/f16c detected; `check` verified the q/out
-                // sizes, the KV head range, the table length and that every
-                // used block id lies inside `k` and `v`.
-                return unsafe { avx2::attend_f16::<$g, $hv>(qp, kvh, kp, vp, bs, kd, table, n_ctx, sc, op) }
-            };
-        }
-        match (s.head_dim, s.group) {
-            (64, 1) => go!(1, 8),
-            (64, 2) => go!(2, 8),
-            (64, 3) => go!(3, 8),
-            (64, 4) => go!(4, 8),
-            (128, 1) => go!(1, 16),
-            (128, 2) => go!(2, 16),
-            (128, 4) => go!(4, 16),
+        // Register-resident accumulators: (group, head_dim / lanes) pairs per ISA.
+        match (isa.min(detected_isa()), s.head_dim, s.group) {
+            (Isa::Avx512Vnni, 64, 1) => go!(avx512, 1, 4),
+            (Isa::Avx512Vnni, 64, 2) => go!(avx512, 2, 4),
+            (Isa::Avx512Vnni, 64, 3) => go!(avx512, 3, 4),
+            (Isa::Avx512Vnni, 64, 4) => go!(avx512, 4, 4),
+            (Isa::Avx512Vnni, 128, 1) => go!(avx512, 1, 8),
+            (Isa::Avx512Vnni, 128, 2) => go!(avx512, 2, 8),
+            (Isa::Avx2, 64, 1) => go!(avx2, 1, 8),
+            (Isa::Avx2, 64, 2) => go!(avx2, 2, 8),
+            (Isa::Avx2, 64, 3) => go!(avx2, 3, 8),
+            (Isa::Avx2, 64, 4) => go!(avx2, 4, 8),
+            (Isa::Avx2, 128, 1) => go!(avx2, 1, 16),
+            (Isa::Avx2, 128, 2) => go!(avx2, 2, 16),
+            (Isa::Avx2, 128, 4) => go!(avx2, 4, 16),
             _ => {}
         }
     }

@@ -158,24 +158,11 @@ impl Model {
             kernels::matmul_best(&self.mat(&lw.wk), lw.wk.packed.as_deref(), &xa, &mut s.k[..n * kv_dim], pool);
             kernels::matmul_best(&self.mat(&lw.wv), lw.wv.packed.as_deref(), &xa, &mut s.v[..n * kv_dim], pool);
             // RoPE on every q and k head, at each row's absolute position
-            {
-                let rope_row = |(q, k, cs): (&mut [f32], &mut [f32], &[(f32, f32)])| {
-                    for h in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                        rope_apply(&mut h[..c.rope_dim], cs);
-                    }
-                };
-                let (q, k, cs) = (&mut s.q[..n * dim], &mut s.k[..n * kv_dim], &s.rope_cs[..n * npairs]);
-                match rows_par {
-                    Some(p) => p.install(|| {
-                        q.par_chunks_mut(dim)
-                            .zip(k.par_chunks_mut(kv_dim))
-                            .zip(cs.par_chunks(npairs))
-                            .with_min_len(MIN_ROWS_PER_TASK)
-                            .for_each(|((q, k), cs)| rope_row((q, k, cs)))
-                    }),
-                    None => q.chunks_mut(dim).zip(k.chunks_mut(kv_dim)).zip(cs.chunks(npairs)).for_each(|((q, k), cs)| rope_row((q, k, cs))),
+            for_rows(rows_par, (&mut s.q[..n * dim], dim), (&mut s.k[..n * kv_dim], kv_dim), (&mut s.rope_cs[..n * npairs], npairs), |q, k, cs| {
+                for h in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                    rope_apply(&mut h[..c.rope_dim], cs);
                 }
-            }
+            });
             // (n, kv_dim) -> paged slots: write this batch's k, v before attending
             for r in 0..n {
                 let seq = &seqs[s.row_seq[r]];
@@ -212,21 +199,11 @@ impl Model {
                 kernels::matmul_best(&self.mat(&lw.w_gate), lw.w_gate.packed.as_deref(), &xa, &mut s.gate[..m * ffn], pool);
                 kernels::matmul_best(&self.mat(&lw.w_up), lw.w_up.packed.as_deref(), &xa, &mut s.up[..m * ffn], pool);
                 // (m, ffn): h = silu(gate) * up; hq = q8(h)
-                let (g, u, hq) = (&mut s.gate[..m * ffn], &s.up[..m * ffn], &mut s.hq[..m * ffn / QK]);
-                let row = |(g, u, hq): (&mut [f32], &[f32], &mut [BlockQ8])| {
+                let hq = (&mut s.hq[..m * ffn / QK], ffn / QK);
+                for_rows(pool.filter(|_| m >= PAR_ROWS), (&mut s.gate[..m * ffn], ffn), (&mut s.up[..m * ffn], ffn), hq, |g, u, hq| {
                     kernels::silu_mul(g, u);
                     kernels::quantize_rows_q8(g, ffn, hq);
-                };
-                match pool.filter(|_| m >= PAR_ROWS) {
-                    Some(p) => p.install(|| {
-                        g.par_chunks_mut(ffn)
-                            .zip(u.par_chunks(ffn))
-                            .zip(hq.par_chunks_mut(ffn / QK))
-                            .with_min_len(MIN_ROWS_PER_TASK)
-                            .for_each(|((g, u), hq)| row((g, u, hq)))
-                    }),
-                    None => g.chunks_mut(ffn).zip(u.chunks(ffn)).zip(hq.chunks_mut(ffn / QK)).for_each(|((g, u), hq)| row((g, u, hq))),
-                }
+                });
                 let ha = Activations { f: &s.gate[..m * ffn], q: &s.hq[..m * ffn / QK], n: m };
                 // (m, dim): xb = h @ w_down (added to x by the next norm or below)
                 kernels::matmul_best(&self.mat(&lw.w_down), lw.w_down.packed.as_deref(), &ha, &mut s.xb[rows], pool);
@@ -268,7 +245,7 @@ const MIN_ROWS_PER_TASK: usize = 4;
 /// `xb = rmsnorm(x) * w` and `xq = q8(xb)`.
 fn add_norm_quant(pool: Option<&rayon::ThreadPool>, x: &mut [f32], xb: &mut [f32], xq: &mut [BlockQ8], add: bool, w: &[f32], eps: f32) {
     let dim = w.len();
-    let row = |(x, xb, xq): (&mut [f32], &mut [f32], &mut [BlockQ8])| {
+    for_rows(pool, (x, dim), (xb, dim), (xq, dim / QK), |x, xb, xq| {
         if add {
             for (xi, d) in x.iter_mut().zip(xb.iter()) {
                 *xi += d;
@@ -276,16 +253,27 @@ fn add_norm_quant(pool: Option<&rayon::ThreadPool>, x: &mut [f32], xb: &mut [f32
         }
         rms_norm(xb, x, w, eps);
         kernels::quantize_rows_q8(xb, dim, xq);
-    };
+    });
+}
+
+/// Runs `f` on row `r` of three row-major buffers (`(buffer, row width)`),
+/// for every row: in parallel on `pool` (a few rows per task) or serially.
+fn for_rows<A: Send, B: Send, C: Send>(
+    pool: Option<&rayon::ThreadPool>,
+    (a, wa): (&mut [A], usize),
+    (b, wb): (&mut [B], usize),
+    (c, wc): (&mut [C], usize),
+    f: impl Fn(&mut [A], &mut [B], &mut [C]) + Sync,
+) {
     match pool {
         Some(p) => p.install(|| {
-            x.par_chunks_mut(dim)
-                .zip(xb.par_chunks_mut(dim))
-                .zip(xq.par_chunks_mut(dim / QK))
+            a.par_chunks_mut(wa)
+                .zip(b.par_chunks_mut(wb))
+                .zip(c.par_chunks_mut(wc))
                 .with_min_len(MIN_ROWS_PER_TASK)
-                .for_each(|((x, xb), xq)| row((x, xb, xq)))
+                .for_each(|((a, b), c)| f(a, b, c))
         }),
-        None => x.chunks_mut(dim).zip(xb.chunks_mut(dim)).zip(xq.chunks_mut(dim / QK)).for_each(|((x, xb), xq)| row((x, xb, xq))),
+        None => a.chunks_mut(wa).zip(b.chunks_mut(wb)).zip(c.chunks_mut(wc)).for_each(|((a, b), c)| f(a, b, c)),
     }
 }
 
