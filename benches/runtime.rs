@@ -59,7 +59,7 @@ fn scheduler_step(c: &mut Criterion) {
                 s.add(seq(i, 128));
             }
             let b = s.schedule().unwrap();
-            s.on_batch_done(&b, &vec![Some(7); b.chunks.len()]);
+            s.update_from_output(&b, &vec![Some(7); b.chunks.len()]);
             s
         };
         let mut s = build();
@@ -74,7 +74,7 @@ fn scheduler_step(c: &mut Criterion) {
                     }
                 };
                 let sampled = vec![Some(7u32); b.chunks.len()];
-                s.on_batch_done(&b, &sampled)
+                s.update_from_output(&b, &sampled)
             })
         });
     }

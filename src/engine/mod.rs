@@ -42,7 +42,7 @@ use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
 pub use request::{
     Event, FinishReason, GenerateRequest, Prompt, SamplingParams, Timings, TokenLogprob, Usage,
 };
-use scheduler::{MicroBatch, Scheduler, SchedulerConfig, Sequence, Status};
+use scheduler::{SchedulerOutput, Scheduler, SchedulerConfig, Sequence, Status};
 
 use crate::config::Config;
 use crate::model::kv::KvStore;
@@ -116,19 +116,19 @@ enum SchedMsg {
 }
 
 struct WorkItem {
-    batch: Arc<MicroBatch>,
+    batch: Arc<SchedulerOutput>,
     x: Vec<f32>,
 }
 
 struct LogitsMsg {
-    batch: Arc<MicroBatch>,
+    batch: Arc<SchedulerOutput>,
     /// `(chunk index, row within chunk)` of each logits row.
     rows: Vec<(usize, usize)>,
     logits: Vec<f32>,
 }
 
 struct StepResult {
-    batch: Arc<MicroBatch>,
+    batch: Arc<SchedulerOutput>,
     sampled: Vec<Option<sampling::Sampled>>,
     /// Per chunk: `(position of predicted token, logprob entry)`.
     prompt_lp: Vec<Vec<(usize, TokenLogprob)>>,
@@ -802,7 +802,7 @@ impl SchedulerActor {
                 sampled.insert(c.seq_id, smp);
             }
         }
-        let updates = self.sched.on_batch_done(&r.batch, &tokens);
+        let updates = self.sched.update_from_output(&r.batch, &tokens);
         for u in updates {
             let cached = cached.get(&u.seq_id).copied().unwrap_or(0);
             match (u.token, sampled.remove(&u.seq_id)) {

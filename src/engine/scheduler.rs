@@ -160,9 +160,9 @@ pub struct SampleCtx {
     pub eog: Arc<Vec<u32>>,
 }
 
-/// A micro-batch.
+/// One scheduling step's output: the micro-batch to run (vLLM's `SchedulerOutput`).
 #[derive(Clone, Debug, Default)]
-pub struct MicroBatch {
+pub struct SchedulerOutput {
     /// Step number.
     pub step_id: u64,
     /// Sequence chunks, in row order.
@@ -172,7 +172,7 @@ pub struct MicroBatch {
     pub copies: Vec<(u32, u32)>,
 }
 
-impl MicroBatch {
+impl SchedulerOutput {
     /// Total rows.
     pub fn num_tokens(&self) -> usize {
         self.chunks.iter().map(|c| c.tokens.len()).sum()
@@ -329,7 +329,7 @@ impl Scheduler {
     }
 
     /// Forms the next micro-batch, or `None` when nothing can run now.
-    pub fn schedule(&mut self) -> Option<MicroBatch> {
+    pub fn schedule(&mut self) -> Option<SchedulerOutput> {
         let mut budget = self.cfg.max_batched_tokens;
         let mut chunks = Vec::new();
 
@@ -441,7 +441,7 @@ impl Scheduler {
         let step_id = self.next_step;
         self.next_step += 1;
         self.counters.steps += 1;
-        Some(MicroBatch { step_id, chunks, copies })
+        Some(SchedulerOutput { step_id, chunks, copies })
     }
 
     /// Gives `id` private copies of shared blocks it will write and room for
@@ -508,7 +508,7 @@ impl Scheduler {
     /// Applies a returned micro-batch: advances computed counts, appends
     /// sampled tokens (`sampled[i]` for chunk `i`), detects finished
     /// sequences and frees their blocks. Cancelled sequences finish with `Abort`.
-    pub fn on_batch_done(&mut self, batch: &MicroBatch, sampled: &[Option<u32>]) -> Vec<SeqUpdate> {
+    pub fn update_from_output(&mut self, batch: &SchedulerOutput, sampled: &[Option<u32>]) -> Vec<SeqUpdate> {
         let mut updates = Vec::with_capacity(batch.chunks.len());
         for (c, tok) in batch.chunks.iter().zip(sampled) {
             let Some(s) = self.seqs.get_mut(&c.seq_id) else { continue };
