@@ -4,8 +4,7 @@ mod cli;
 
 fn main() {
     if let Err(e) = cli::run() {
-        // One line: the error and its causes, `: `-separated.
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", cli::one_line(&e));
         std::process::exit(1);
     }
 }

@@ -79,6 +79,21 @@ pub(crate) fn run() -> Result<()> {
     }
 }
 
+/// The error and its causes on one line, `: `-separated; a cause whose text
+/// the message already quotes (library errors name their source) is not
+/// repeated.
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
 /// The configuration file, or the defaults.
 pub(crate) fn load_config(path: Option<&Path>) -> Result<Config> {
     Ok(match path {
@@ -105,4 +120,26 @@ pub(crate) fn load(m: &ModelArgs) -> Result<(Arc<Model>, Arc<Tokenizer>)> {
 /// Threads for compute when `--threads` is not given: one per core.
 pub(crate) fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading m.gguf: {source}")]
+    struct Quoting {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn one_line_joins_causes_once() {
+        let io = || std::io::Error::other("truncated at byte 0");
+        // A library error that quotes its source: the source is not repeated.
+        let e = anyhow::Error::new(Quoting { source: io() });
+        assert_eq!(one_line(&e), "loading m.gguf: truncated at byte 0");
+        // anyhow context over an error: both parts, once each.
+        let e = anyhow::Error::new(io()).context("reading f.txt");
+        assert_eq!(one_line(&e), "reading f.txt: truncated at byte 0");
+    }
 }
