@@ -3,7 +3,7 @@
 //! bench-serve`, a running server driven over HTTP).
 //!
 //! Owns: synthetic workloads, per-request measurement and the latency
-//! statistics both report ([`Pct`], [`percentile`]). Does not own: argument
+//! statistics both report ([`Pct`], one percentile routine). Does not own: argument
 //! parsing or printing (the binary's `cli` module), the criterion
 //! micro-benchmarks (`benches/`).
 
@@ -16,7 +16,7 @@ use crate::sampling::SplitMix64;
 
 /// The value at quantile `q` (in `[0, 1]`) of ascending `sorted`: the element
 /// at rank `round(q * (len - 1))`; 0 when `sorted` is empty.
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+fn percentile(sorted: &[f64], q: f64) -> f64 {
     let Some(last) = sorted.len().checked_sub(1) else { return 0.0 };
     let rank = (q.clamp(0.0, 1.0) * last as f64).round() as usize;
     sorted.get(rank.min(last)).copied().unwrap_or(0.0)
@@ -42,7 +42,7 @@ impl Pct {
     }
 
     /// Statistics of `v` (ms) with its maximum; `None` when `v` is empty.
-    pub fn with_max(v: &[f64]) -> Option<PctMax> {
+    pub(crate) fn with_max(v: &[f64]) -> Option<PctMax> {
         if v.is_empty() {
             return None;
         }
