@@ -419,7 +419,7 @@ fn steady_decode(token_times: &[Vec<Instant>]) -> (f64, f64) {
 
 fn draw_progress(done: usize, total: usize) {
     let width = 40;
-    let filled = if total > 0 { done * width / total } else { width };
+    let filled = (done * width).checked_div(total).unwrap_or(width).min(width);
     eprint!("\r[{}{}] {done}/{total} requests", "#".repeat(filled), " ".repeat(width - filled));
     let _ = std::io::stderr().flush();
 }
