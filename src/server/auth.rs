@@ -1,10 +1,9 @@
-//! API keys: SHA-256 hashing (`brigade hash-key`) and key → tenant lookup.
+//! API keys: SHA-256 hashing (what `brigade hash-key` prints) and key → tenant lookup.
 //!
 //! Only hashes are kept in the config and in memory; a presented key is hashed
 //! and looked up. Keys are never logged.
 
 use std::collections::HashMap;
-use std::io::BufRead;
 
 use sha2::{Digest, Sha256};
 
@@ -17,30 +16,6 @@ pub fn hash_key(key: &str) -> String {
 pub fn normalize_hash(entry: &str) -> Option<String> {
     let hex = entry.strip_prefix("sha256:").unwrap_or(entry);
     (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| hex.to_ascii_lowercase())
-}
-
-/// `brigade hash-key` arguments.
-#[derive(clap::Args, Debug, Clone)]
-pub struct HashKeyArgs {
-    /// The API key; read from the first line of stdin when absent (keeps it out of shell history).
-    pub key: Option<String>,
-}
-
-/// Prints the `api_keys` entry for a key.
-pub fn hash_key_main(args: HashKeyArgs) -> anyhow::Result<()> {
-    let key = match args.key {
-        Some(k) => k,
-        None => {
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line)?;
-            line.trim_end_matches(['\r', '\n']).to_string()
-        }
-    };
-    if key.is_empty() {
-        anyhow::bail!("the API key must not be empty");
-    }
-    println!("{}", hash_key(&key));
-    Ok(())
 }
 
 /// Key hash → tenant index; open (no keys) when no tenants are configured.

@@ -11,8 +11,9 @@
 //! Modules: [`config`] (the `[server]` section), [`auth`] (key hashing, tenant
 //! lookup), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
 //! actor around it), [`api`] (request DTOs), [`routes`] (handlers), [`stream`]
-//! (event → response assembly), [`error`] (the one status table), [`bench`]
-//! (the HTTP serving benchmark). Metrics live in [`crate::metrics`].
+//! (event → response assembly), [`error`] (the one status table). Metrics
+//! live in [`crate::metrics`]; the HTTP serving benchmark in
+//! [`crate::bench::http`]; `brigade serve` itself in the binary.
 //!
 //! Owns: HTTP, tenants, admission order. Does not own: tokenization rules,
 //! sampling, batching (the engine's).
@@ -20,7 +21,6 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod config;
 pub mod error;
 pub mod fair;
@@ -28,43 +28,15 @@ pub mod routes;
 pub mod stream;
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
-pub use auth::{hash_key, hash_key_main, HashKeyArgs};
-pub use bench::{run_http_bench, HttpBenchArgs};
+pub use auth::hash_key;
 pub use config::{ServerConfig, TenantConfig};
 
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
-
-/// `brigade serve` arguments. Flags override the config file.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Configuration file (TOML).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Model file (GGUF).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Listen address (default 127.0.0.1, or `server.host`).
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Listen port (default 8000, or `server.port`; 0 = any free port).
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Model name served in `/v1/models` and required in `model` fields.
-    #[arg(long)]
-    pub served_model_name: Option<String>,
-    /// Log format: `pretty` (human-readable) or `json`. `RUST_LOG` sets the filter.
-    #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
-    pub log_format: String,
-}
 
 /// Errors serving.
 #[derive(Debug, thiserror::Error)]
@@ -227,52 +199,4 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// Installs the global tracing subscriber (`json` or `pretty`), filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    // try_init: a subscriber may already be set (tests); keep it.
-    let _ = if format == "json" { builder.json().with_current_span(true).try_init() } else { builder.try_init() };
-}
-
-/// Runs `brigade serve` until SIGTERM/SIGINT; returns after a graceful drain.
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(&args.log_format);
-    let cfg = match &args.config {
-        Some(p) => crate::config::Config::load(p)?,
-        None => crate::config::Config::default(),
-    };
-    let mut scfg = ServerConfig::from_table(cfg.server.as_ref())?;
-    if let Some(h) = args.host {
-        scfg.host = h;
-    }
-    if let Some(p) = args.port {
-        scfg.port = p;
-    }
-    if let Some(n) = args.served_model_name {
-        scfg.served_model_name = n;
-    }
-    let path = crate::paths::resolve_model(args.model.as_deref(), cfg.model.path.as_deref())?;
-    let (model, tok) = crate::model::load_with_tokenizer(&path)?;
-    let engine = crate::engine::Engine::start(model, tok, cfg)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("http").build()?;
-    rt.block_on(async move {
-        let addr: SocketAddr = tokio::net::lookup_host((scfg.host.as_str(), scfg.port))
-            .await
-            .with_context(|| format!("resolving {}:{}", scfg.host, scfg.port))?
-            .next()
-            .with_context(|| format!("no address for {}", scfg.host))?;
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        let local = listener.local_addr()?;
-        tracing::info!(address = %local, model = %path.display(), "listening");
-        // Machine-readable line for scripts that start the server on port 0.
-        eprintln!("brigade: listening on http://{local}");
-        serve_with(engine, scfg, listener, shutdown_signal()).await?;
-        anyhow::Ok(())
-    })?;
-    rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(())
 }
