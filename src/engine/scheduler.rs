@@ -179,7 +179,9 @@ impl SchedulerOutput {
     }
 }
 
-/// What happened to a sequence when a micro-batch came back.
+/// What happened to a sequence: when a micro-batch came back
+/// ([`Scheduler::update_from_output`]), or when the scheduler failed it
+/// ([`Scheduler::take_failed`], [`Scheduler::fail_batch`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeqUpdate {
     /// Sequence id.
@@ -188,6 +190,57 @@ pub struct SeqUpdate {
     pub token: Option<u32>,
     /// Set when the sequence ended (its blocks are already freed).
     pub finish: Option<FinishReason>,
+    /// Prompt tokens served by the prefix cache (for usage).
+    pub num_cached: usize,
+    /// Why the sequence failed; set exactly when `finish` is [`FinishReason::Error`].
+    pub error: Option<SchedulerError>,
+}
+
+impl SeqUpdate {
+    fn failed(seq_id: u64, num_cached: usize, error: SchedulerError) -> Self {
+        Self { seq_id, token: None, finish: Some(FinishReason::Error), num_cached, error: Some(error) }
+    }
+}
+
+/// A bookkeeping bug that failed one sequence (logged at error level, reported in a
+/// [`SeqUpdate`] with [`FinishReason::Error`]). "No free blocks" is never one of these:
+/// that makes a sequence wait or preempts another.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerError {
+    /// The KV manager rejected an operation on the sequence's blocks.
+    #[error("KV cache bookkeeping failed in `{op}` for sequence {seq_id}: {source}")]
+    Kv {
+        /// Sequence whose blocks were operated on (the parent, for a sibling not yet forked).
+        seq_id: u64,
+        /// The KV manager call.
+        op: &'static str,
+        /// What the KV manager said.
+        source: KvError,
+    },
+    /// A returned micro-batch holds a sequence that is not in flight.
+    #[error("micro-batch {step_id} returned sequence {seq_id}, which is not in flight")]
+    NotInFlight {
+        /// The micro-batch.
+        step_id: u64,
+        /// The sequence.
+        seq_id: u64,
+    },
+    /// A chunk that had to sample came back without a token.
+    #[error("micro-batch {step_id} returned no sampled token for sequence {seq_id}")]
+    NoSampledToken {
+        /// The micro-batch.
+        step_id: u64,
+        /// The sequence.
+        seq_id: u64,
+    },
+    /// The micro-batch holding the sequence failed (e.g. a worker panicked).
+    #[error("micro-batch {step_id} failed: {reason}")]
+    StepFailed {
+        /// The micro-batch.
+        step_id: u64,
+        /// What the caller of [`Scheduler::fail_batch`] reported.
+        reason: String,
+    },
 }
 
 /// Counters for stats and metrics.
@@ -213,6 +266,8 @@ pub struct Scheduler {
     waiting: VecDeque<u64>,
     running: Vec<u64>,
     next_step: u64,
+    /// Sequences failed by `schedule` since the last `take_failed`.
+    failed: Vec<SeqUpdate>,
     /// Counters.
     pub counters: SchedulerCounters,
 }
@@ -228,13 +283,9 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_step: 0,
+            failed: Vec::new(),
             counters: SchedulerCounters::default(),
         })
-    }
-
-    /// Most tokens one sequence can ever hold (all blocks).
-    pub fn capacity_tokens(&self) -> usize {
-        self.cfg.num_blocks * self.cfg.block_size
     }
 
     /// Queues a new sequence (status Waiting). Ordered by priority, then arrival.
@@ -254,17 +305,13 @@ impl Scheduler {
         self.seqs.get(&id)
     }
 
-    /// Number of running / waiting sequences.
+    /// Running sequences (holding blocks).
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
     /// Waiting sequences.
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
-    }
-    /// Sequences in flight.
-    pub fn num_in_flight(&self) -> usize {
-        self.running.iter().filter(|id| self.seqs.get(id).is_some_and(|s| s.in_flight)).count()
     }
     /// Any sequence at all.
     pub fn is_empty(&self) -> bool {
@@ -290,15 +337,43 @@ impl Scheduler {
         out
     }
 
+    /// Sequences that [`Self::schedule`] failed since the last call (a KV bookkeeping
+    /// bug: each already logged at error level, removed, its blocks freed), each with
+    /// [`FinishReason::Error`] and the error. The caller sends each an error event.
+    pub fn take_failed(&mut self) -> Vec<SeqUpdate> {
+        std::mem::take(&mut self.failed)
+    }
+
+    /// Fails every sequence of in-flight micro-batch `batch` (its step could not run,
+    /// e.g. a worker panicked): each is removed and its blocks are freed without
+    /// registering anything computed in that step. Returns one [`FinishReason::Error`]
+    /// update per sequence (siblings not yet forked included). Sequences of other
+    /// batches are untouched (batches hold disjoint sequences).
+    pub fn fail_batch(&mut self, batch: &SchedulerOutput, reason: &str) -> Vec<SeqUpdate> {
+        let mut updates = Vec::with_capacity(batch.chunks.len());
+        for c in &batch.chunks {
+            let error = SchedulerError::StepFailed { step_id: batch.step_id, reason: reason.to_owned() };
+            if self.seqs.get(&c.seq_id).is_some_and(|s| s.in_flight) {
+                updates.extend(self.fail(c.seq_id, error));
+            } else {
+                tracing::error!(step = batch.step_id, seq_id = c.seq_id, "failed micro-batch holds a sequence not in flight");
+            }
+        }
+        updates
+    }
+
     /// Removes a sequence that is not in flight, freeing its blocks.
-    pub fn remove(&mut self, id: u64) -> Option<Sequence> {
+    fn remove(&mut self, id: u64) -> Option<Sequence> {
         if self.seqs.get(&id)?.in_flight {
             return None;
         }
         let seq = self.seqs.remove(&id)?;
         match seq.status {
             Status::Running => {
-                self.kv.free(id);
+                if let Err(e) = self.kv.free(id) {
+                    // The sequence ends anyway; its table is gone, so nothing is left to retry.
+                    tracing::error!(seq_id = id, error = %e, "KV cache bookkeeping bug while freeing a finished sequence");
+                }
                 self.running.retain(|&r| r != id);
             }
             Status::Waiting => self.waiting.retain(|&w| w != id),
@@ -306,10 +381,42 @@ impl Scheduler {
         Some(seq)
     }
 
+    /// Fails sequence `id` loudly (error log, one [`FinishReason::Error`] update for it and
+    /// one per sibling not yet forked), removing it and freeing whatever blocks it holds.
+    fn fail(&mut self, id: u64, error: SchedulerError) -> Vec<SeqUpdate> {
+        tracing::error!(seq_id = id, error = %error, "failing the sequence");
+        let Some(mut seq) = self.seqs.remove(&id) else {
+            return vec![SeqUpdate::failed(id, 0, error)];
+        };
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&w| w != id);
+        if self.kv.contains(id) {
+            if let Err(e) = self.kv.free(id) {
+                tracing::error!(seq_id = id, error = %e, "KV cache bookkeeping bug while freeing a failed sequence");
+            }
+        }
+        let mut out: Vec<SeqUpdate> = seq
+            .pending_forks
+            .drain(..)
+            .map(|child| SeqUpdate::failed(child.id, child.num_cached, error.clone()))
+            .collect();
+        out.push(SeqUpdate::failed(id, seq.num_cached, error));
+        out
+    }
+
+    /// Fails `id` from inside [`Self::schedule`]: reported by [`Self::take_failed`].
+    fn fail_in_schedule(&mut self, id: u64, op: &'static str, source: KvError) {
+        let updates = self.fail(id, SchedulerError::Kv { seq_id: id, op, source });
+        self.failed.extend(updates);
+    }
+
     /// Preempts running sequence `id` (not in flight): frees its blocks and
     /// puts it at the front of the waiting queue for recompute.
     fn preempt(&mut self, id: u64) {
-        self.kv.free(id);
+        if let Err(e) = self.kv.free(id) {
+            self.fail_in_schedule(id, "free", e);
+            return;
+        }
         self.running.retain(|&r| r != id);
         if let Some(s) = self.seqs.get_mut(&id) {
             s.status = Status::Waiting;
@@ -321,25 +428,27 @@ impl Scheduler {
     }
 
     fn chunk_len(&self, remaining: usize, budget: usize) -> usize {
-        let mut n = remaining.min(budget);
+        let n = remaining.min(budget);
         if self.cfg.prefill_chunk > 0 {
-            n = n.min(self.cfg.prefill_chunk.max(1));
+            n.min(self.cfg.prefill_chunk)
+        } else {
+            n
         }
-        n
     }
 
-    /// Forms the next micro-batch, or `None` when nothing can run now.
+    /// Forms the next micro-batch, or `None` when nothing can run now. Sequences it
+    /// had to fail (bookkeeping bugs) are collected by [`Self::take_failed`], also when
+    /// it returns `None`.
     pub fn schedule(&mut self) -> Option<SchedulerOutput> {
         let mut budget = self.cfg.max_batched_tokens;
         let mut chunks = Vec::new();
+        let mut copies = Vec::new();
 
         // 1. Running sequences, oldest first.
-        let mut copies = Vec::new();
         let mut order: Vec<u64> = self.running.clone();
-        order.sort_by_key(|id| self.seqs.get(id).map(|s| s.arrival).unwrap_or(u64::MAX));
+        order.sort_by_key(|id| self.seqs.get(id).map_or(u64::MAX, |s| s.arrival));
         let mut i = 0;
-        while i < order.len() {
-            let id = order[i];
+        while let Some(&id) = order.get(i) {
             i += 1;
             if budget == 0 || chunks.len() >= self.cfg.max_seqs {
                 break;
@@ -350,44 +459,27 @@ impl Scheduler {
             }
             if s.num_computed == s.target_len() && !s.pending_forks.is_empty() {
                 // Fork the siblings now: they share every block computed so far.
-                for child in self.fork_children(id) {
-                    order.push(child);
-                }
+                let children = self.fork_children(id);
+                order.extend(children);
             }
             let Some(s) = self.seqs.get(&id) else { continue };
-            let remaining = s.target_len() - s.num_computed;
+            let remaining = s.target_len().saturating_sub(s.num_computed);
             if remaining == 0 {
                 continue;
             }
             let n = self.chunk_len(remaining, budget);
             let need = s.num_computed + n;
-            // Make room (private copies of shared blocks, then new blocks),
-            // preempting the latest arrivals if blocks ran out.
-            let mut ok = self.make_room(id, need, &mut copies);
-            while !ok {
-                let victim = self
-                    .running
-                    .iter()
-                    .filter_map(|r| self.seqs.get(r))
-                    .filter(|v| !v.in_flight)
-                    .max_by_key(|v| v.arrival)
-                    .map(|v| v.id);
-                match victim {
-                    Some(v) => {
-                        self.preempt(v);
-                        if v == id {
-                            break;
-                        }
-                        ok = self.make_room(id, need, &mut copies);
-                    }
-                    None => break,
+            match self.make_room(id, need, &mut copies) {
+                Ok(true) => {}
+                Ok(false) => continue, // preempted itself, or nothing left to preempt
+                Err(e) => {
+                    self.fail_in_schedule(id, "allocate_slots", e);
+                    continue;
                 }
             }
-            if !ok {
-                continue;
+            if self.push_chunk(id, n, &mut chunks) {
+                budget -= n;
             }
-            chunks.push(self.make_chunk(id, n));
-            budget -= n;
         }
 
         // 2. Waiting sequences, in queue order.
@@ -405,8 +497,13 @@ impl Scheduler {
             // Nothing to compute when everything up to the fork point is cached.
             let target = s.target_len();
             let n = if num_cached >= target { 0 } else { self.chunk_len(target - num_cached, budget) };
-            if !self.kv.allocate(id, num_cached + n, computed).unwrap_or(false) {
-                break;
+            match self.kv.allocate(id, num_cached + n, computed) {
+                Ok(true) => {}
+                Ok(false) => break, // no room: the queue head waits, and so does everyone behind it
+                Err(e) => {
+                    self.fail_in_schedule(id, "allocate", e);
+                    continue;
+                }
             }
             self.waiting.pop_front();
             self.running.push(id);
@@ -418,24 +515,19 @@ impl Scheduler {
                     s.num_cached = num_cached;
                 }
             }
-            if n == 0 {
-                continue;
+            if n > 0 && self.push_chunk(id, n, &mut chunks) {
+                budget -= n;
             }
-            chunks.push(self.make_chunk(id, n));
-            budget -= n;
         }
 
         if chunks.is_empty() {
             return None;
         }
         for c in &chunks {
-            if let Some(s) = self.seqs.get_mut(&c.seq_id) {
-                s.in_flight = true;
-                if c.pos + c.tokens.len() <= s.num_prompt {
-                    self.counters.prefill_tokens += c.tokens.len() as u64;
-                } else {
-                    self.counters.decode_tokens += c.tokens.len() as u64;
-                }
+            let n = c.tokens.len() as u64;
+            match self.seqs.get(&c.seq_id) {
+                Some(s) if c.pos + c.tokens.len() <= s.num_prompt => self.counters.prefill_tokens += n,
+                _ => self.counters.decode_tokens += n,
             }
         }
         let step_id = self.next_step;
@@ -444,18 +536,31 @@ impl Scheduler {
         Some(SchedulerOutput { step_id, chunks, copies })
     }
 
-    /// Gives `id` private copies of shared blocks it will write and room for
-    /// `need` tokens; false (nothing changed but earlier copies) if blocks ran out.
-    fn make_room(&mut self, id: u64, need: usize, copies: &mut Vec<(u32, u32)>) -> bool {
-        match self.kv.copy_on_write(id) {
-            Ok(Some(c)) => copies.push(c),
-            Ok(None) => {}
-            Err(_) => return false,
+    /// Gives `id` private copies of the shared blocks it will write and room for `need`
+    /// tokens, preempting the latest arrivals (not in flight) while blocks are short.
+    /// `Ok(false)`: `id` itself was preempted or nobody is left to preempt.
+    fn make_room(&mut self, id: u64, need: usize, copies: &mut Vec<(u32, u32)>) -> Result<bool, KvError> {
+        loop {
+            if self.kv.allocate_slots(id, need, copies)? {
+                return Ok(true);
+            }
+            let victim = self
+                .running
+                .iter()
+                .filter_map(|r| self.seqs.get(r))
+                .filter(|v| !v.in_flight)
+                .max_by_key(|v| v.arrival)
+                .map(|v| v.id);
+            let Some(v) = victim else { return Ok(false) };
+            self.preempt(v);
+            if v == id {
+                return Ok(false);
+            }
         }
-        self.kv.grow(id, need).unwrap_or(false)
     }
 
-    /// Forks the pending siblings of `parent`; returns their ids.
+    /// Forks the pending siblings of `parent`; returns their ids. A sibling whose fork
+    /// the KV manager rejects is failed.
     fn fork_children(&mut self, parent: u64) -> Vec<u64> {
         let Some(p) = self.seqs.get_mut(&parent) else { return Vec::new() };
         let children = std::mem::take(&mut p.pending_forks);
@@ -463,7 +568,10 @@ impl Scheduler {
         let cached = p.num_cached;
         let mut ids = Vec::new();
         for mut c in children {
-            if self.kv.fork(parent, c.id).is_err() {
+            if let Err(e) = self.kv.fork(parent, c.id) {
+                let error = SchedulerError::Kv { seq_id: c.id, op: "fork", source: e };
+                tracing::error!(seq_id = c.id, parent, error = %error, "failing the sequence");
+                self.failed.push(SeqUpdate::failed(c.id, cached, error));
                 continue;
             }
             c.status = Status::Running;
@@ -476,9 +584,31 @@ impl Scheduler {
         ids
     }
 
-    fn make_chunk(&self, id: u64, n: usize) -> ScheduledChunk {
-        let s = &self.seqs[&id];
+    /// Appends `id`'s next chunk of `n` tokens to `chunks` and marks it in flight (so it
+    /// cannot be preempted later in this step); false if the sequence had to be failed.
+    fn push_chunk(&mut self, id: u64, n: usize, chunks: &mut Vec<ScheduledChunk>) -> bool {
+        match self.make_chunk(id, n) {
+            Some(c) => {
+                chunks.push(c);
+                if let Some(s) = self.seqs.get_mut(&id) {
+                    s.in_flight = true;
+                }
+                true
+            }
+            None => {
+                self.fail_in_schedule(id, "block_table", KvError::UnknownSeq(id));
+                false
+            }
+        }
+    }
+
+    /// The chunk `tokens[num_computed..num_computed + n]` of `id`; `None` if the sequence,
+    /// its block table or those tokens are missing (a bookkeeping bug).
+    fn make_chunk(&self, id: u64, n: usize) -> Option<ScheduledChunk> {
+        let s = self.seqs.get(&id)?;
         let pos = s.num_computed;
+        let tokens = s.tokens.get(pos..pos + n)?.to_vec();
+        let block_table = self.kv.block_table(id)?.to_vec();
         let sample = pos + n == s.tokens.len() && s.params.max_tokens > 0;
         let all_logits = s.wants_prompt_logprobs() && pos < s.num_prompt;
         let ctx = (sample || all_logits).then(|| {
@@ -494,60 +624,78 @@ impl Scheduler {
                 eog: s.eog.clone(),
             }
         });
-        ScheduledChunk {
-            seq_id: id,
-            pos,
-            tokens: s.tokens[pos..pos + n].to_vec(),
-            block_table: self.kv.block_table(id).map(<[u32]>::to_vec).unwrap_or_default(),
-            sample,
-            all_logits,
-            ctx,
-        }
+        Some(ScheduledChunk { seq_id: id, pos, tokens, block_table, sample, all_logits, ctx })
     }
 
     /// Applies a returned micro-batch: advances computed counts, appends
     /// sampled tokens (`sampled[i]` for chunk `i`), detects finished
-    /// sequences and frees their blocks. Cancelled sequences finish with `Abort`.
+    /// sequences and frees their blocks. Cancelled sequences finish with `Abort`;
+    /// a chunk that cannot be applied (bookkeeping bug) fails its sequence with `Error`.
     pub fn update_from_output(&mut self, batch: &SchedulerOutput, sampled: &[Option<u32>]) -> Vec<SeqUpdate> {
         let mut updates = Vec::with_capacity(batch.chunks.len());
-        for (c, tok) in batch.chunks.iter().zip(sampled) {
-            let Some(s) = self.seqs.get_mut(&c.seq_id) else { continue };
-            s.in_flight = false;
-            s.num_computed = c.pos + c.tokens.len();
-            let computed = s.num_computed;
-            let mut finish = None;
-            let mut token = None;
-            if s.is_cancelled() {
-                finish = Some(FinishReason::Abort);
-            } else if let (true, Some(t)) = (c.sample, *tok) {
-                s.tokens.push(t);
-                token = Some(t);
-                let generated = s.num_generated();
-                let p = &s.params;
-                let is_stop = (!p.ignore_eos && s.eog.contains(&t)) || p.stop_token_ids.contains(&t);
-                if is_stop && generated > p.min_tokens.min(generated.saturating_sub(1)) {
-                    finish = Some(FinishReason::Stop);
-                } else if generated >= p.max_tokens || s.tokens.len() >= s.max_len {
-                    finish = Some(FinishReason::Length);
-                }
-            }
-            if finish.is_none() && s.params.max_tokens == 0 && computed == s.tokens.len() {
-                finish = Some(FinishReason::Length);
-            }
-            {
-                let s = &self.seqs[&c.seq_id];
-                // Only computed tokens (the sampled one has no K/V yet).
-                let _ = self.kv.commit_full_blocks(c.seq_id, &s.tokens[..computed]);
-            }
-            if finish.is_some() {
-                if let Some(mut removed) = self.remove(c.seq_id) {
-                    for child in removed.pending_forks.drain(..) {
-                        updates.push(SeqUpdate { seq_id: child.id, token: None, finish: Some(FinishReason::Abort) });
-                    }
-                }
-            }
-            updates.push(SeqUpdate { seq_id: c.seq_id, token, finish });
+        for (i, c) in batch.chunks.iter().enumerate() {
+            let token = sampled.get(i).copied().flatten();
+            self.apply_chunk(batch.step_id, c, token, &mut updates);
         }
         updates
+    }
+
+    /// [`Self::update_from_output`] for one chunk.
+    fn apply_chunk(&mut self, step_id: u64, c: &ScheduledChunk, token: Option<u32>, updates: &mut Vec<SeqUpdate>) {
+        let id = c.seq_id;
+        let Some(s) = self.seqs.get_mut(&id).filter(|s| s.in_flight) else {
+            updates.extend(self.fail(id, SchedulerError::NotInFlight { step_id, seq_id: id }));
+            return;
+        };
+        s.in_flight = false;
+        let computed = c.pos + c.tokens.len();
+        s.num_computed = computed;
+        let mut finish = None;
+        let mut new_token = None;
+        if s.is_cancelled() {
+            finish = Some(FinishReason::Abort);
+        } else if c.sample {
+            let Some(t) = token else {
+                updates.extend(self.fail(id, SchedulerError::NoSampledToken { step_id, seq_id: id }));
+                return;
+            };
+            s.tokens.push(t);
+            new_token = Some(t);
+            let p = &s.params;
+            // Stop tokens are masked while `min_tokens` is not reached (`SampleCtx::mask_stop`),
+            // so a sampled one always ends the completion.
+            if (!p.ignore_eos && s.eog.contains(&t)) || p.stop_token_ids.contains(&t) {
+                finish = Some(FinishReason::Stop);
+            } else if s.num_generated() >= p.max_tokens || s.tokens.len() >= s.max_len {
+                finish = Some(FinishReason::Length);
+            }
+        }
+        if finish.is_none() && s.params.max_tokens == 0 && computed == s.tokens.len() {
+            finish = Some(FinishReason::Length);
+        }
+        let num_cached = s.num_cached;
+        // Only computed tokens (the sampled one has no K/V yet).
+        let committed = match s.tokens.get(..computed) {
+            Some(tokens) => self.kv.commit_full_blocks(id, tokens),
+            None => Err(KvError::ComputedBeyondAllocation { seq: id, got: computed, max: s.tokens.len() }),
+        };
+        if let Err(e) = committed {
+            updates.extend(self.fail(id, SchedulerError::Kv { seq_id: id, op: "commit_full_blocks", source: e }));
+            return;
+        }
+        if finish.is_some() {
+            if let Some(mut removed) = self.remove(id) {
+                for child in removed.pending_forks.drain(..) {
+                    updates.push(SeqUpdate {
+                        seq_id: child.id,
+                        token: None,
+                        finish: Some(FinishReason::Abort),
+                        num_cached: child.num_cached,
+                        error: None,
+                    });
+                }
+            }
+        }
+        updates.push(SeqUpdate { seq_id: id, token: new_token, finish, num_cached, error: None });
     }
 }
