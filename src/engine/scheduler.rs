@@ -1,20 +1,40 @@
 //! The continuous-batching scheduler: a plain synchronous struct (no threads,
-//! channels or clocks), wrapped by the scheduler actor.
+//! channels or clocks), wrapped by the scheduler actor. It owns the sequences, the
+//! waiting/running queues and the KV block metadata ([`KvCacheManager`]); not the
+//! K/V data (workers), sampling (the sampler) or detokenization (the output actor).
 //!
 //! Every call to [`Scheduler::schedule`] forms one micro-batch:
 //!
 //! 1. running sequences that are not in flight, oldest first: one decode
 //!    token each, or the next prefill chunk (at most `prefill_chunk` tokens)
 //!    of a sequence whose prompt is not fully computed;
-//! 2. then waiting sequences, in queue order (preempted ones first), admitted
-//!    while blocks and the token budget last, reusing cached prefix blocks.
+//! 2. then waiting sequences, in queue order (priority, then arrival; preempted
+//!    ones first), admitted while blocks and the token budget last, reusing cached
+//!    prefix blocks. A head that does not fit blocks everyone behind it (FCFS).
 //!
 //! Limits: `max_batched_tokens` tokens and `max_seqs` sequences per batch.
-//! A sequence is in at most one in-flight batch, so concurrent micro-batches
-//! have disjoint sequence sets. When a running sequence needs a block and none
-//! is free, the most recently arrived running sequence that is not in flight
-//! is preempted: its blocks are freed (full blocks stay in the prefix cache)
-//! and it is recomputed later from its prompt and the tokens it had made.
+//! A sequence is in at most one in-flight batch (it is marked in flight as soon
+//! as its chunk is formed), so concurrent micro-batches have disjoint sequence
+//! sets. When a running sequence needs a block and none is free, the most
+//! recently arrived running sequence that is not in flight (nor already in this
+//! batch) is preempted: its blocks are freed (full blocks stay in the prefix
+//! cache) and it is recomputed later from its prompt and the tokens it had made.
+//!
+//! `n > 1`: the siblings ride on the first completion as `pending_forks` until
+//! all prompt tokens but the last are computed, then fork its blocks (reference
+//! counts) and each computes the last prompt token itself, after a copy-on-write
+//! of the shared partial block (the `copies` of [`SchedulerOutput`]).
+//!
+//! "No room" and "bug" are different results. No free blocks makes a sequence
+//! wait or preempts another; a KV manager error (a bookkeeping bug) fails that
+//! one sequence loudly: an error log, a [`SeqUpdate`] with
+//! [`FinishReason::Error`] and a [`SchedulerError`] (from
+//! [`Scheduler::update_from_output`], or [`Scheduler::take_failed`] for those
+//! failed while scheduling), its blocks freed. It never turns into a silent wait.
+//!
+//! Feedback: [`Scheduler::update_from_output`] applies a returned micro-batch
+//! (micro-batches may return in any order); [`Scheduler::fail_batch`] fails the
+//! sequences of one that cannot return (e.g. its worker panicked).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1127,16 +1147,16 @@ mod tests {
         assert_eq!(rows(&out), vec![(0, 0, 2), (1, 0, 2)]);
         // In flight: cancelling does not reap it; the returned batch finishes it as Abort,
         // dropping the token it sampled.
-        s.get(0).map(|q| q.cancelled.store(true, Ordering::Relaxed));
+        s.get(0).expect("known").cancelled.store(true, Ordering::Relaxed);
         assert!(s.reap_cancelled().is_empty());
         let up = s.update_from_output(&out, &sampled(&out, 5));
         check(&s, &[]);
         assert_eq!(up[0], SeqUpdate { seq_id: 0, token: None, finish: Some(FinishReason::Abort), num_cached: 0, error: None });
         assert_eq!(up[1].finish, None);
         // A stop string (the `stopped` flag) ends one completion the same way.
-        s.get(1).map(|q| q.stopped.store(true, Ordering::Relaxed));
+        s.get(1).expect("known").stopped.store(true, Ordering::Relaxed);
         // Not in flight: reaped at once, siblings not yet forked included.
-        s.get(2).map(|q| q.cancelled.store(true, Ordering::Relaxed));
+        s.get(2).expect("known").cancelled.store(true, Ordering::Relaxed);
         let mut reaped: Vec<u64> = s.reap_cancelled().iter().map(|q| q.id).collect();
         reaped.sort_unstable();
         assert_eq!(reaped, vec![1, 2, 3]);
