@@ -338,7 +338,7 @@ async fn post_without_a_json_content_type_is_415() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_header_is_checked() {
-    // Default, listening on loopback: loopback names and IP addresses only.
+    // Default, listening on loopback: loopback names (and IP addresses) only.
     let s = Server::start("").await;
     let port = s.addr.rsplit(':').next().unwrap().to_string();
     for (host, want) in [
@@ -363,7 +363,7 @@ async fn host_header_is_checked() {
     s.shutdown().await;
     // An explicit list.
     let s = Server::start("allowed_hosts = [\"api.example.com\", \"*.internal.example\"]\n").await;
-    for (host, want) in [("api.example.com", 200), ("API.example.com:443", 200), ("x.internal.example", 200), ("evil.com", 403), ("localhost", 403)] {
+    for (host, want) in [("api.example.com", 200), ("API.example.com:443", 200), ("x.internal.example", 200), ("evil.com", 403), ("localhost", 403), ("10.0.0.7:8000", 200)] {
         let r = raw(&s.addr, format!("GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await;
         assert_eq!(r.status, want, "{host}: {r:?}");
     }

@@ -115,9 +115,10 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Longest request URI (path and query) in bytes; longer gets 414.
     pub max_uri_bytes: usize,
-    /// Accepted `Host` header values (DNS-rebinding protection): exact names or
-    /// IP addresses, `*.suffix` for subdomains, `*` for any. Empty = automatic:
-    /// on a loopback listener only loopback names and IP addresses, else any.
+    /// Accepted `Host` header names (DNS-rebinding protection): exact names,
+    /// `*.suffix` for subdomains, `*` for any; IP addresses always pass. Empty =
+    /// automatic: on a loopback listener only `localhost`, `*.localhost` and
+    /// names without a dot, else any.
     pub allowed_hosts: Vec<String>,
     /// Key hashes allowed to read `/metrics` (`Authorization: Bearer`); empty = open.
     /// Tenants' keys do not open it.

@@ -28,7 +28,9 @@
 //! request is in the service and the previous response is flushed, so
 //! [`EdgeIo`] recognises it there and writes the JSON error instead. A head
 //! that never completes (slowloris) gets no response, only a close (as hyper,
-//! nginx and Go do).
+//! nginx and Go do). One case keeps hyper's empty body: a malformed request
+//! pipelined behind a response whose last bytes are not yet flushed (both leave
+//! in one write, which is passed through unchanged).
 
 use std::convert::Infallible;
 use std::io;
@@ -88,6 +90,7 @@ impl RequestChecks {
 
     /// Host, URI length and the `/metrics` key; the error to answer instead of routing.
     pub(crate) fn check(&self, req: &Request) -> Result<(), ApiError> {
+        // No Host (HTTP/1.0) passes: browsers always send one.
         let host = req.headers().get(header::HOST).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         if let Some(host) = host {
             if !self.hosts.allows(&host) {
@@ -114,8 +117,8 @@ impl RequestChecks {
 enum HostPolicy {
     /// Any host.
     Any,
-    /// Names a DNS-rebinding page cannot send: `localhost`, `*.localhost`, names
-    /// without a dot (never public DNS names) and IP addresses.
+    /// Names a DNS-rebinding page cannot send: `localhost`, `*.localhost` and
+    /// names without a dot (never public DNS names).
     Loopback,
     /// Exact names (lower case) and `.suffix` patterns.
     List(Vec<String>),
@@ -134,13 +137,17 @@ impl HostPolicy {
         }
     }
 
+    /// IP addresses always pass: a page whose origin is an IP address is
+    /// same-origin with the server already (no rebinding), and probes such as
+    /// Kubernetes' send the pod IP.
     fn allows(&self, host_header: &str) -> bool {
         let name = host_name(host_header);
+        if name.parse::<IpAddr>().is_ok() {
+            return true;
+        }
         match self {
             HostPolicy::Any => true,
-            HostPolicy::Loopback => {
-                name.parse::<IpAddr>().is_ok() || name == "localhost" || name.ends_with(".localhost") || (!name.is_empty() && !name.contains('.'))
-            }
+            HostPolicy::Loopback => name == "localhost" || name.ends_with(".localhost") || (!name.is_empty() && !name.contains('.')),
             HostPolicy::List(list) => list.iter().any(|p| if p.starts_with('.') { name.ends_with(p.as_str()) } else { name == *p }),
         }
     }
@@ -634,6 +641,7 @@ mod tests {
         for bad in ["example.com", "internal", "xinternal", "localhost"] {
             assert!(!list.allows(bad), "{bad}");
         }
+        assert!(list.allows("10.0.0.7:8000") && list.allows("[fe80::1]"), "IP addresses always pass");
     }
 
     #[test]
