@@ -126,27 +126,51 @@ fn assert_error(r: &RawResponse, status: u16) {
     assert!(e.get("param").is_some() && e.get("code").is_some(), "{r:?}");
 }
 
-/// Reads one response with a `content-length` from a kept-alive connection.
-async fn read_one_response(sock: &mut TcpStream) -> RawResponse {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let t0 = Instant::now();
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .expect("content-length");
-            if buf.len() >= end + 4 + len {
-                return parse_response(&buf[..end + 4 + len]);
+/// A kept-alive connection read one response at a time (bytes past a response are kept).
+struct KeptAlive {
+    sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeptAlive {
+    async fn connect(addr: &str) -> KeptAlive {
+        KeptAlive { sock: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).await.unwrap();
+    }
+
+    /// The next response (it must have a `content-length`).
+    async fn response(&mut self) -> RawResponse {
+        let mut chunk = [0u8; 4096];
+        let t0 = Instant::now();
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("content-length");
+                if self.buf.len() >= end + 4 + len {
+                    let r = parse_response(&self.buf[..end + 4 + len]);
+                    self.buf.drain(..end + 4 + len);
+                    return r;
+                }
             }
+            assert!(t0.elapsed() < EVENTUALLY, "no complete response");
+            let n = tokio::time::timeout(EVENTUALLY, self.sock.read(&mut chunk)).await.expect("read timed out").unwrap();
+            assert!(n > 0, "closed before a complete response");
+            self.buf.extend_from_slice(&chunk[..n]);
         }
-        assert!(t0.elapsed() < EVENTUALLY, "no complete response");
-        let n = tokio::time::timeout(EVENTUALLY, sock.read(&mut chunk)).await.expect("read timed out").unwrap();
-        assert!(n > 0, "closed before a complete response");
-        buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// What is left up to the server's close; Err if it stays open.
+    async fn rest_to_close(&mut self) -> Result<Vec<u8>, String> {
+        let mut rest = std::mem::take(&mut self.buf);
+        rest.extend(read_to_close(&mut self.sock).await?);
+        Ok(rest)
     }
 }
 
@@ -231,16 +255,24 @@ async fn slowloris_is_disconnected_after_the_header_read_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connection_is_closed() {
     let s = Server::start("keep_alive_timeout_s = 1\nheader_read_timeout_s = 60\n").await;
-    let mut sock = TcpStream::connect(&s.addr).await.unwrap();
+    let mut conn = KeptAlive::connect(&s.addr).await;
     let req = format!("GET /health HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr);
     // Two requests on the kept-alive connection, then silence.
     for _ in 0..2 {
-        sock.write_all(req.as_bytes()).await.unwrap();
-        let r = read_one_response(&mut sock).await;
+        conn.send(req.as_bytes()).await;
+        let r = conn.response().await;
         assert_eq!(r.status, 200, "{r:?}");
         assert!(!r.head.contains("connection: close"), "{r:?}");
     }
-    let rest = read_to_close(&mut sock).await.expect("an idle keep-alive connection was held open");
+    // Pipelined requests in one write are all answered, in order.
+    let three = format!("GET /health HTTP/1.1\r\nHost: {0}\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: {0}\r\n\r\nGET /health HTTP/1.1\r\nHost: {0}\r\n\r\n", s.addr);
+    conn.send(three.as_bytes()).await;
+    for want in ["status", "data", "status"] {
+        let r = conn.response().await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.json().get(want).is_some(), "{r:?}");
+    }
+    let rest = conn.rest_to_close().await.expect("an idle keep-alive connection was held open");
     assert!(rest.is_empty(), "unexpected bytes on an idle connection: {:?}", String::from_utf8_lossy(&rest));
     s.shutdown().await;
 }
@@ -254,10 +286,10 @@ async fn shutdown_with_idle_connections_open_is_prompt() {
         socks.push(TcpStream::connect(&s.addr).await.unwrap());
     }
     for _ in 0..3 {
-        let mut sock = TcpStream::connect(&s.addr).await.unwrap();
-        sock.write_all(format!("GET /health HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr).as_bytes()).await.unwrap();
-        assert_eq!(read_one_response(&mut sock).await.status, 200);
-        socks.push(sock);
+        let mut conn = KeptAlive::connect(&s.addr).await;
+        conn.send(format!("GET /health HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr).as_bytes()).await;
+        assert_eq!(conn.response().await.status, 200);
+        socks.push(conn.sock);
     }
     // And one that stalls in the middle of its headers.
     let mut stalled = TcpStream::connect(&s.addr).await.unwrap();
@@ -283,6 +315,10 @@ async fn errors_before_routing_have_json_bodies() {
     let big = "a".repeat(64 * 1024);
     let r = raw(&s.addr, format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nx-big: {big}\r\n\r\n").as_bytes()).await;
     assert_error(&r, 431);
+    // 431: more header fields than are read (100).
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let r = raw(&s.addr, format!("GET /v1/models HTTP/1.1\r\nHost: {host}\r\n{many}\r\n").as_bytes()).await;
+    assert_error(&r, 431);
     // 414: a URI over server.max_uri_bytes (default 8 KiB).
     let long = "q".repeat(12 * 1024);
     let r = raw(&s.addr, format!("GET /v1/models?x={long} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await;
@@ -297,11 +333,11 @@ async fn errors_before_routing_have_json_bodies() {
     let r = raw(&s.addr, b"GARBAGE\r\n\r\n").await;
     assert_error(&r, 400);
     // A kept-alive connection: a good request, then a malformed one.
-    let mut sock = TcpStream::connect(&s.addr).await.unwrap();
-    sock.write_all(format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
-    assert_eq!(read_one_response(&mut sock).await.status, 200);
-    sock.write_all(format!("POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: x\r\n\r\n").as_bytes()).await.unwrap();
-    let r = parse_response(&read_to_close(&mut sock).await.unwrap());
+    let mut conn = KeptAlive::connect(&s.addr).await;
+    conn.send(format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await;
+    assert_eq!(conn.response().await.status, 200);
+    conn.send(format!("POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: x\r\n\r\n").as_bytes()).await;
+    let r = parse_response(&conn.rest_to_close().await.unwrap());
     assert_error(&r, 400);
     // The server is still healthy.
     let r = s.client.get(s.url("/health")).send().await.unwrap();

@@ -57,6 +57,7 @@ use tower_service::Service;
 use super::auth::KeyDirectory;
 use super::config::{ServerConfig, MAX_URI_BYTES};
 use super::error::ApiError;
+use crate::metrics::Metrics;
 
 /// Header fields hyper reads at most (its default); more gets 431.
 const MAX_HEADER_FIELDS: usize = 100;
@@ -212,14 +213,16 @@ enum Stage {
     Forced,
 }
 
-/// Settings of every connection.
+/// What every connection shares: settings, prepared responses, metrics.
 #[derive(Debug)]
-struct ConnLimits {
+struct ConnShared {
     header_read_timeout: Duration,
     keep_alive_timeout: Duration,
     max_header_bytes: usize,
     /// The JSON responses that replace hyper's automatic ones, by status.
     auto_responses: Vec<(u16, Bytes)>,
+    /// Counts the errors answered here (`error_type` label), as the router does its own.
+    metrics: Arc<Metrics>,
 }
 
 /// The accept loop and its connections; [`Edge::close`] ends them.
@@ -233,8 +236,9 @@ pub(crate) struct Edge {
 
 impl Edge {
     /// Starts accepting on `listener`, serving `router` on each connection.
-    pub(crate) fn spawn(listener: TcpListener, router: Router, cfg: &ServerConfig) -> Edge {
-        let limits = Arc::new(ConnLimits {
+    pub(crate) fn spawn(listener: TcpListener, router: Router, cfg: &ServerConfig, metrics: Arc<Metrics>) -> Edge {
+        let shared = Arc::new(ConnShared {
+            metrics,
             header_read_timeout: Duration::from_secs_f64(cfg.header_read_timeout_s),
             keep_alive_timeout: Duration::from_secs_f64(cfg.keep_alive_timeout_s),
             max_header_bytes: cfg.max_header_bytes,
@@ -256,7 +260,7 @@ impl Edge {
         );
         let (stage, stage_rx) = watch::channel(Stage::Serving);
         let slots = Arc::new(Semaphore::new(cfg.max_connections));
-        let accept_task = tokio::spawn(accept_loop(listener, router, limits, slots.clone(), stage_rx, over_cap));
+        let accept_task = tokio::spawn(accept_loop(listener, router, shared, slots.clone(), stage_rx, over_cap));
         Edge { stage, slots, max_connections: cfg.max_connections, accept_task }
     }
 
@@ -290,7 +294,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 async fn accept_loop(
     listener: TcpListener,
     router: Router,
-    limits: Arc<ConnLimits>,
+    shared: Arc<ConnShared>,
     slots: Arc<Semaphore>,
     mut stage: watch::Receiver<Stage>,
     over_cap: Bytes,
@@ -317,17 +321,20 @@ async fn accept_loop(
         // Small writes (SSE tokens) go out at once.
         let _ = stream.set_nodelay(true); // best effort: only latency depends on it
         match slots.clone().try_acquire_owned() {
+            Err(_) => {
+                shared.metrics.on_error("service_unavailable_error");
+                match refusals.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(refuse(stream, over_cap.clone(), permit));
+                    }
+                    // Too many being answered already: close at once, unanswered.
+                    Err(_) => drop(stream),
+                }
+            }
             Ok(permit) => {
                 let draining = *stage.borrow() >= Stage::Draining;
-                tokio::spawn(serve_connection(stream, router.clone(), limits.clone(), stage.clone(), permit, draining));
+                tokio::spawn(serve_connection(stream, router.clone(), shared.clone(), stage.clone(), permit, draining));
             }
-            Err(_) => match refusals.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    tokio::spawn(refuse(stream, over_cap.clone(), permit));
-                }
-                // Too many being answered already: close at once, unanswered.
-                Err(_) => drop(stream),
-            },
         }
     }
 }
@@ -401,10 +408,10 @@ impl ConnState {
     }
 
     /// When the current phase times out (None: no timer while a request runs).
-    fn deadline(&self, limits: &ConnLimits) -> Option<Instant> {
+    fn deadline(&self, shared: &ConnShared) -> Option<Instant> {
         let timeout = match self.phase() {
-            Phase::Fresh | Phase::Head => limits.header_read_timeout,
-            Phase::Idle => limits.keep_alive_timeout,
+            Phase::Fresh | Phase::Head => shared.header_read_timeout,
+            Phase::Idle => shared.keep_alive_timeout,
             Phase::Busy | Phase::Tail => return None,
         };
         Some(self.epoch + Duration::from_millis(self.since_ms.load(Ordering::Relaxed)) + timeout)
@@ -469,7 +476,7 @@ impl http_body::Body for GuardedBody {
 struct EdgeIo {
     inner: TcpStream,
     state: Arc<ConnState>,
-    limits: Arc<ConnLimits>,
+    shared: Arc<ConnShared>,
     /// Set once hyper wrote an automatic error: the JSON replacement still to
     /// send (from `.1`); every later hyper write is swallowed.
     replacement: Option<(Bytes, usize)>,
@@ -493,7 +500,7 @@ impl EdgeIo {
     /// The JSON response for one of hyper's automatic ones (`HTTP/1.1 NNN …`).
     fn replacement_for(&self, buf: &[u8]) -> Option<Bytes> {
         let code: u16 = std::str::from_utf8(buf.strip_prefix(b"HTTP/1.1 ")?.get(..3)?).ok()?.parse().ok()?;
-        self.limits.auto_responses.iter().find(|(c, _)| *c == code).map(|(_, b)| b.clone())
+        self.shared.auto_responses.iter().find(|(c, _)| *c == code).map(|(_, b)| b.clone())
     }
 }
 
@@ -515,6 +522,7 @@ impl AsyncWrite for EdgeIo {
         }
         if self.state.no_response_pending() {
             if let Some(json) = self.replacement_for(buf) {
+                self.shared.metrics.on_error("invalid_request_error");
                 self.replacement = Some((json, 0));
                 return Poll::Ready(Ok(buf.len())); // sent by poll_flush / poll_shutdown
             }
@@ -542,13 +550,13 @@ impl AsyncWrite for EdgeIo {
 async fn serve_connection(
     stream: TcpStream,
     router: Router,
-    limits: Arc<ConnLimits>,
+    shared: Arc<ConnShared>,
     mut stage: watch::Receiver<Stage>,
     _slot: OwnedSemaphorePermit,
     accepted_draining: bool,
 ) {
     let state = Arc::new(ConnState::new());
-    let io = TokioIo::new(EdgeIo { inner: stream, state: state.clone(), limits: limits.clone(), replacement: None });
+    let io = TokioIo::new(EdgeIo { inner: stream, state: state.clone(), shared: shared.clone(), replacement: None });
     let svc_state = state.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         svc_state.set(Phase::Busy, false);
@@ -564,7 +572,7 @@ async fn serve_connection(
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Our own timers (ConnState) replace hyper's, whose header timer also ends idle keep-alive.
-    builder.header_read_timeout(None).max_header_size(limits.max_header_bytes).keep_alive(!accepted_draining);
+    builder.header_read_timeout(None).max_header_size(shared.max_header_bytes).keep_alive(!accepted_draining);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let mut draining = accepted_draining;
@@ -576,7 +584,7 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             shutting_down = true;
         }
-        let deadline = state.deadline(&limits);
+        let deadline = state.deadline(&shared);
         let timer = async move {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -592,7 +600,7 @@ async fn serve_connection(
             }
             () = timer => {
                 // Re-checked: a phase change may have moved the deadline.
-                if state.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
+                if state.deadline(&shared).is_some_and(|d| d <= Instant::now()) {
                     tracing::debug!(phase = ?state.phase(), "connection timed out; closing");
                     return;
                 }
@@ -656,20 +664,21 @@ mod tests {
 
     #[test]
     fn phases_and_deadlines() {
-        let limits = ConnLimits {
+        let shared = ConnShared {
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(30),
             max_header_bytes: 1 << 15,
             auto_responses: Vec::new(),
+            metrics: Arc::new(Metrics::new("test").unwrap()),
         };
         let s = ConnState::new();
-        let fresh = s.deadline(&limits).unwrap();
+        let fresh = s.deadline(&shared).unwrap();
         s.on_bytes_read();
         assert_eq!(s.phase(), Phase::Head);
-        assert_eq!(s.deadline(&limits), Some(fresh), "the header timer runs from the connection's start");
+        assert_eq!(s.deadline(&shared), Some(fresh), "the header timer runs from the connection's start");
         assert!(s.no_response_pending());
         s.set(Phase::Busy, false);
-        assert_eq!(s.deadline(&limits), None);
+        assert_eq!(s.deadline(&shared), None);
         assert!(!s.no_response_pending());
         drop(RequestGuard(Arc::new(ConnState::new()))); // another connection's guard
         assert_eq!(s.phase(), Phase::Busy);
@@ -679,7 +688,7 @@ mod tests {
         assert!(!s.no_response_pending());
         s.on_flushed();
         assert_eq!(s.phase(), Phase::Idle);
-        assert!(s.deadline(&limits).unwrap() >= fresh + Duration::from_secs(20));
+        assert!(s.deadline(&shared).unwrap() >= fresh + Duration::from_secs(20));
         s.on_bytes_read();
         assert_eq!(s.phase(), Phase::Head);
     }

@@ -165,7 +165,7 @@ pub async fn serve_with(
         checks: edge::RequestChecks::new(&cfg, loopback),
         cfg: cfg.clone(),
     });
-    let edge = edge::Edge::spawn(listener, routes::router(app.clone()), &cfg);
+    let edge = edge::Edge::spawn(listener, routes::router(app.clone()), &cfg, app.metrics.clone());
     shutdown.await;
 
     // Drain: refuse new work, let admitted and queued work finish up to the timeout.
