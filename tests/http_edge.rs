@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brigade::config::{Config, Count};
-use brigade::engine::Engine;
+use brigade::engine::{Engine, EngineHandle};
 use brigade::model::Model;
 use brigade::server::{hash_key, serve_with, ServerConfig};
 use brigade::testing::TinyLlamaSpec;
@@ -23,21 +23,22 @@ use tokio::net::TcpStream;
 /// A bound for "eventually" (a hang, not a timing assertion).
 const EVENTUALLY: Duration = Duration::from_secs(30);
 
-fn engine_config() -> Config {
+fn engine_config(kv_tokens: usize) -> Config {
     let mut c = Config::default();
     c.runtime.workers = Count::N(1);
     c.runtime.threads_per_worker = Count::N(1);
-    c.kv_cache.capacity_tokens = 8192;
+    c.kv_cache.capacity_tokens = kv_tokens;
     c.validate().unwrap();
     c
 }
 
-fn tiny() -> (Arc<Model>, Arc<Tokenizer>) {
-    common::tiny_model(&TinyLlamaSpec { context_length: 256, ..TinyLlamaSpec::default() })
+fn tiny(context_length: u32) -> (Arc<Model>, Arc<Tokenizer>) {
+    common::tiny_model(&TinyLlamaSpec { context_length, ..TinyLlamaSpec::default() })
 }
 
 struct Server {
     addr: String,
+    engine: EngineHandle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), brigade::server::ServeError>>,
     client: reqwest::Client,
@@ -45,16 +46,26 @@ struct Server {
 
 impl Server {
     async fn start(server_toml: &str) -> Server {
-        let (model, tok) = tiny();
-        let engine = Engine::start(model, tok, engine_config()).unwrap();
+        Self::start_with(256, 8192, server_toml).await
+    }
+
+    async fn start_with(context_length: u32, kv_tokens: usize, server_toml: &str) -> Server {
+        let (model, tok) = tiny(context_length);
+        let engine = Engine::start(model, tok, engine_config(kv_tokens)).unwrap();
         let cfg = ServerConfig::from_toml_str(server_toml).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve_with(engine, cfg, listener, async move {
+        let task = tokio::spawn(serve_with(engine.clone(), cfg, listener, async move {
             let _ = rx.await;
         }));
-        Server { addr, stop: Some(tx), task, client: reqwest::Client::new() }
+        Server { addr, engine, stop: Some(tx), task, client: reqwest::Client::new() }
+    }
+
+    fn signal_shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -64,9 +75,7 @@ impl Server {
     /// Signals shutdown and waits (bounded) for `serve_with` to return; the time it took.
     async fn shutdown(mut self) -> Duration {
         let t0 = Instant::now();
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+        self.signal_shutdown();
         tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("serve_with did not return").unwrap().unwrap();
         t0.elapsed()
     }
@@ -233,8 +242,10 @@ async fn slowloris_is_disconnected_after_the_header_read_timeout() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
+    // Well past the 1 s configured, well short of hyper's own 30 s default.
+    let bound = Duration::from_secs(15);
     let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(EVENTUALLY, async {
+    let closed = tokio::time::timeout(bound, async {
         loop {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -243,7 +254,7 @@ async fn slowloris_is_disconnected_after_the_header_read_timeout() {
         }
     })
     .await;
-    assert!(closed.is_ok(), "the slowloris connection was held open for {EVENTUALLY:?}");
+    assert!(closed.is_ok(), "the slowloris connection was held open for {bound:?}");
     dribble.abort();
     read_to_close(&mut silent).await.expect("a silent connection was held open past the header-read timeout");
     // The server still serves.
@@ -303,6 +314,31 @@ async fn shutdown_with_idle_connections_open_is_prompt() {
     for sock in &mut socks {
         read_to_close(sock).await.expect("an idle connection outlived the server");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_idle_connections_at_once_and_lets_a_busy_one_finish() {
+    let mut s = Server::start_with(4096, 16384, "shutdown_timeout_s = 120").await;
+    let mut idle = KeptAlive::connect(&s.addr).await;
+    idle.send(format!("GET /health HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr).as_bytes()).await;
+    assert_eq!(idle.response().await.status, 200);
+    let body = json!({"prompt": "the cat", "max_tokens": 4000, "ignore_eos": true, "stream": true});
+    let resp = s.client.post(s.url("/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let t0 = Instant::now();
+    while s.engine.stats().running != 1 {
+        assert!(t0.elapsed() < EVENTUALLY, "the stream never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.signal_shutdown();
+    // The idle connection closes while the stream still runs.
+    idle.rest_to_close().await.expect("an idle connection stayed open during the drain");
+    let running = s.engine.stats().running;
+    let text = tokio::time::timeout(Duration::from_secs(120), resp.text()).await.expect("the stream did not end").unwrap();
+    assert_eq!(running, 1, "the stream had ended before the idle connection closed; the test proves nothing");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{}", &text[text.len().saturating_sub(300)..]);
+    assert!(text.contains("\"finish_reason\":\"length\""), "the busy request did not finish normally");
+    s.shutdown().await;
 }
 
 // ---------------------------------------------------------------- errors before routing
