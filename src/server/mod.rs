@@ -3,13 +3,15 @@
 //! request tracing and graceful shutdown.
 //!
 //! ```text
-//!  client ─HTTP─► [request_context: id, span, drain gate] ─► auth (tenant) ─► body (≤ max_body_bytes)
+//!  client ─TCP─► edge: connection cap, header-read / keep-alive timeouts, hyper HTTP/1.1
+//!     ─► [request_context: Host, URI length, /metrics key, id, span, drain gate]
+//!     ─► [require_json: POST Content-Type] ─► auth (tenant) ─► body (≤ max_body_bytes)
 //!     ─► routes: validate + tokenize (blocking pool) ─► admission actor (VTC fair queue, per-tenant bounds)
 //!     ─► EngineHandle::submit ─► ResponseStream ─► stream.rs: JSON or SSE (`data: {…}` … `data: [DONE]`)
 //! ```
 //!
-//! Modules: [`config`] (the `[server]` section), [`auth`] (key hashing, tenant
-//! lookup), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
+//! Modules: [`config`] (the `[server]` section), [`auth`] (key hashes, tenant
+//! lookup), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
 //! actor around it), [`api`] (request DTOs), [`routes`] (handlers), [`stream`]
 //! (event → response assembly), [`error`] (the one status table). Metrics
 //! live in [`crate::metrics`]; the HTTP serving benchmark in
@@ -22,6 +24,7 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
+mod edge;
 pub mod error;
 pub mod fair;
 pub mod routes;
@@ -71,6 +74,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Unix time the server started (`created` of `/v1/models`).
     pub created: u64,
+    /// Host, URI-length and `/metrics` checks run before routing.
+    pub(crate) checks: edge::RequestChecks,
 }
 
 impl std::fmt::Debug for AppState {
@@ -88,9 +93,10 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains: readiness and
-/// new requests get 503, queued and running requests finish for up to
-/// `server.shutdown_timeout_s`, the rest are aborted (`finish_reason: "abort"`),
-/// and the function returns once every connection is closed.
+/// new requests get 503, idle connections close, queued and running requests
+/// finish for up to `server.shutdown_timeout_s`, the rest are aborted
+/// (`finish_reason: "abort"`), and the function returns once every connection
+/// is closed (those still open [`CONNECTION_CLOSE_GRACE`] later are dropped).
 pub async fn serve_with(
     engine: EngineHandle,
     cfg: ServerConfig,
@@ -117,8 +123,9 @@ pub async fn serve_with(
         engine.clone(),
         metrics.clone(),
     );
+    let loopback = listener.local_addr()?.ip().is_loopback();
     let app: App = Arc::new(AppState {
-        keys: auth::KeyDirectory::new(&tenants, cfg.tenants.is_empty()),
+        keys: auth::KeyDirectory::new(tenants.iter().map(|t| t.api_keys.as_slice()), cfg.tenants.is_empty()),
         tenants,
         engine: engine.clone(),
         model_name,
@@ -127,30 +134,18 @@ pub async fn serve_with(
         metrics,
         draining: AtomicBool::new(false),
         created: unix_now(),
+        checks: edge::RequestChecks::new(&cfg, loopback),
         cfg: cfg.clone(),
     });
-    let router = routes::router(app.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        let _ = stop_rx.await; // sender dropped = stop too
-    });
-    let mut server_task = tokio::spawn(async move { server.await });
-
-    tokio::select! {
-        _ = shutdown => {}
-        r = &mut server_task => {
-            // The server ended on its own (listener error).
-            return match r {
-                Ok(r) => r.map_err(ServeError::Io),
-                Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
-            };
-        }
-    }
+    let edge = edge::Edge::spawn(listener, routes::router(app.clone()), &cfg, app.metrics.clone());
+    shutdown.await;
 
     // Drain: refuse new work, let admitted and queued work finish up to the timeout.
+    // Idle connections close now; busy ones after their response.
     tracing::info!(timeout_s = cfg.shutdown_timeout_s, "shutdown requested: draining");
     app.draining.store(true, Ordering::SeqCst);
     admission.start_draining();
+    edge.start_draining();
     let deadline = Instant::now() + Duration::from_secs_f64(cfg.shutdown_timeout_s);
     while (admission.queued() > 0 || admission.in_flight() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -165,18 +160,15 @@ pub async fn serve_with(
         }
     }
     engine.drain();
-    let _ = stop_tx.send(()); // server task may have ended
-    match tokio::time::timeout(Duration::from_secs(10), &mut server_task).await {
-        Ok(Ok(r)) => r.map_err(ServeError::Io)?,
-        Ok(Err(e)) => return Err(ServeError::Io(std::io::Error::other(e.to_string()))),
-        Err(_) => {
-            tracing::warn!("connections still open 10 s after draining; closing them");
-            server_task.abort();
-        }
-    }
+    // Every request has ended: what is left is a response being written, or a
+    // client that is slow to send its head or to read.
+    edge.close(CONNECTION_CLOSE_GRACE).await;
     tracing::info!("shutdown complete");
     Ok(())
 }
+
+/// How long connections may take to close once every request has ended.
+const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
