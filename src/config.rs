@@ -43,6 +43,16 @@ pub struct ModelSection {
     pub path: Option<PathBuf>,
 }
 
+/// How prompts are tokenized.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerConfig {
+    /// Parse control-token text (`<|im_start|>`, ...) inside chat message content as
+    /// control tokens. Off (the default): content is plain text, as OpenAI tokenizes it,
+    /// so users cannot forge turns. On: the old behaviour, for trusted clients only.
+    pub parse_special_in_content: bool,
+}
+
 /// The actor pipeline and batching.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -131,6 +141,8 @@ pub struct Config {
     /// `[server]` (the HTTP front end; free-form until the server lands).
     #[serde(default)]
     pub server: Option<toml::Table>,
+    /// `[tokenizer]`.
+    pub tokenizer: TokenizerConfig,
 }
 
 /// A configuration error naming the key.
@@ -270,6 +282,15 @@ mod tests {
         let text = include_str!("../config/default.toml");
         let cfg = Config::parse(text, "default.toml").unwrap();
         assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn tokenizer_section() {
+        assert!(!Config::default().tokenizer.parse_special_in_content);
+        let c = Config::parse("[tokenizer]\nparse_special_in_content = true\n", "t").unwrap();
+        assert!(c.tokenizer.parse_special_in_content);
+        let e = Config::parse("[tokenizer]\nparse_special = true\n", "t").unwrap_err().to_string();
+        assert!(e.contains("parse_special"), "{e}");
     }
 
     #[test]
