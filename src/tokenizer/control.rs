@@ -82,7 +82,9 @@ impl ControlTokens {
     /// The first control-token string found in `text`, if any.
     pub(crate) fn first_in(&self, text: &str) -> Option<&str> {
         let found = self.matcher.as_ref()?.find(text)?;
-        self.strs.get(found.pattern().as_usize()).map(String::as_str)
+        self.strs
+            .get(found.pattern().as_usize())
+            .map(String::as_str)
     }
 }
 
@@ -98,10 +100,14 @@ mod tests {
 
     #[test]
     fn leftmost_longest_like_tokenizers() {
-        let control = ControlTokens::new([("<a>", 1), ("<a><b>", 2), ("b>", 3), ("", 4), ("<a>", 5)])
-            .unwrap();
+        let control =
+            ControlTokens::new([("<a>", 1), ("<a><b>", 2), ("b>", 3), ("", 4), ("<a>", 5)])
+                .unwrap();
         // The longest match at the leftmost start wins; `b>` inside it is not reported.
-        assert_eq!(matches(&control, "x<a><b>y<a>"), vec![(11, 17, 2), (18, 21, 1)]);
+        assert_eq!(
+            matches(&control, "x<a><b>y<a>"),
+            vec![(11, 17, 2), (18, 21, 1)]
+        );
         assert_eq!(control.first_in("zz b> <a>"), Some("b>"));
         assert_eq!(control.first_in("plain"), None);
     }
