@@ -152,7 +152,7 @@ pub enum TokenizerError {
     TemplateRender(#[source] minijinja::Error),
     /// A message's content holds control-token text and the chat template changes content
     /// in a way that hides where it lands, so it cannot be kept plain text.
-    #[error("`messages[{index}].content` contains the control-token text {token:?}, which this model's chat template does not let be kept as plain text; remove it")]
+    #[error("`messages[{index}].content` contains the control-token text {token:?}; this model's chat template rewrites message content, so it cannot be kept as plain text: remove it")]
     ControlTokenInContent {
         /// Position of the message in the conversation.
         index: usize,
@@ -508,8 +508,9 @@ impl Tokenizer {
     ///
     /// Control tokens are parsed only in the text the template writes itself; every message
     /// content is plain text, so a user cannot forge a turn by typing `<|im_end|>`. Where
-    /// contents hold no control-token text the ids equal `encode(render(..), true)` (what
-    /// Hugging Face's `apply_chat_template(tokenize=True)` gives). A template that changes
+    /// contents hold no control-token text (and no control token spans a content's edge)
+    /// the ids equal `encode(render(..), true)`, what Hugging Face's
+    /// `apply_chat_template(tokenize=True)` gives. A template that changes
     /// content beyond trimming it is encoded the old way when no content holds control-token
     /// text, and refused with [`TokenizerError::ControlTokenInContent`] when one does. A role
     /// holding control-token text is refused ([`TokenizerError::ControlTokenInRole`]).
