@@ -43,6 +43,16 @@ pub struct ModelSection {
     pub path: Option<PathBuf>,
 }
 
+/// How prompts are tokenized.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerConfig {
+    /// Parse control-token text (`<|im_start|>`, ...) inside chat message content as
+    /// control tokens. Off (the default): content is plain text, as OpenAI tokenizes it,
+    /// so users cannot forge turns. On: the old behaviour, for trusted clients only.
+    pub parse_special_in_content: bool,
+}
+
 /// The actor pipeline and batching.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -134,9 +144,10 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// `[kv_cache]`.
     pub kv_cache: KvCacheConfig,
-    /// `[server]` (the HTTP front end; free-form until the server lands).
-    #[serde(default)]
-    pub server: Option<toml::Table>,
+    /// `[server]`: the HTTP front end (`brigade serve`).
+    pub server: crate::server::config::ServerConfig,
+    /// `[tokenizer]`.
+    pub tokenizer: TokenizerConfig,
     /// `[testing]`: fault injection for supervision tests (off by default).
     pub testing: TestingConfig,
 }
@@ -162,6 +173,9 @@ pub enum ConfigError {
     /// A value out of range.
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// A bad value in `[server]`.
+    #[error(transparent)]
+    Server(#[from] crate::server::config::ServerConfigError),
 }
 
 impl Config {
@@ -182,6 +196,7 @@ impl Config {
 
     /// Checks every value's range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.validate()?;
         let r = &self.runtime;
         let inv = |key, message: String| Err(ConfigError::Invalid { key, message });
         if let Count::N(n) = r.workers {
@@ -296,6 +311,15 @@ mod tests {
         let text = include_str!("../config/default.toml");
         let cfg = Config::parse(text, "default.toml").unwrap();
         assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn tokenizer_section() {
+        assert!(!Config::default().tokenizer.parse_special_in_content);
+        let c = Config::parse("[tokenizer]\nparse_special_in_content = true\n", "t").unwrap();
+        assert!(c.tokenizer.parse_special_in_content);
+        let e = Config::parse("[tokenizer]\nparse_special = true\n", "t").unwrap_err().to_string();
+        assert!(e.contains("parse_special"), "{e}");
     }
 
     #[test]
