@@ -144,11 +144,19 @@ async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// Liveness: 503 once an engine actor died for good (so the orchestrator restarts the pod).
+async fn health(State(app): State<App>) -> Result<Json<serde_json::Value>, ApiError> {
+    match app.engine.health() {
+        Ok(()) => Ok(Json(json!({"status": "ok"}))),
+        Err(why) => Err(ApiError::Unavailable(format!("the engine has stopped: {why}"))),
+    }
 }
 
+/// Readiness: 503 while draining or once the engine is dead.
 async fn ready(State(app): State<App>) -> Result<Json<serde_json::Value>, ApiError> {
+    if let Err(why) = app.engine.health() {
+        return Err(ApiError::Unavailable(format!("the engine has stopped: {why}")));
+    }
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable("draining: the server is shutting down".into()));
     }
