@@ -482,6 +482,41 @@ fn corrupt_tensor_infos() {
 }
 
 #[test]
+fn overlapping_tensors_are_rejected() {
+    // `a` (Q8_0, 68 bytes) lies at 0..68 and `b` (F32, 16 bytes) at 96..112; before the
+    // check, pointing `b` into `a` loaded and read `a`'s bytes as `b`'s values.
+    let mut w = base_writer();
+    assert!(w.override_offset("b", 64));
+    let err = parse(w.to_bytes()).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            GgufError::OverlappingTensors { first, first_start: 0, first_end: 68, second, second_start: 64, second_end: 80 }
+                if first == "a" && second == "b"
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("`a`") && msg.contains("`b`") && msg.contains("overlap"), "{msg}");
+
+    // Two tensors at the same offset (aliasing), whatever their order in the file.
+    let mut w = base_writer();
+    w.override_offset("b", 0);
+    assert!(matches!(
+        parse(w.to_bytes()),
+        Err(GgufError::OverlappingTensors { first_start: 0, second_start: 0, .. })
+    ));
+
+    // A tensor starting where another ends is fine (ranges are half-open).
+    let mut w = base_writer();
+    w.add_tensor("c", &[8], GgmlDType::F32, vec![0; 32]);
+    w.add_tensor("d", &[8], GgmlDType::F32, vec![0; 32]);
+    let f = parse(w.to_bytes()).unwrap();
+    let (c, d) = (f.tensor_info("c").unwrap(), f.tensor_info("d").unwrap());
+    assert_eq!(c.offset + c.size_bytes, d.offset);
+}
+
+#[test]
 fn random_mutations_never_panic() {
     let spec = TinyLlamaSpec {
         n_layers: 1,

@@ -222,6 +222,25 @@ pub enum GgufError {
         /// File length.
         file_len: u64,
     },
+    /// The data ranges of two tensors overlap (one tensor's bytes would be read as
+    /// another's). Offsets are from the start of the data section.
+    #[error(
+        "tensors `{first}` (data bytes {first_start}..{first_end}) and `{second}` (data bytes {second_start}..{second_end}) overlap"
+    )]
+    OverlappingTensors {
+        /// The tensor that starts first.
+        first: String,
+        /// Its start offset.
+        first_start: u64,
+        /// Its end offset (exclusive).
+        first_end: u64,
+        /// The tensor that starts inside `first`.
+        second: String,
+        /// Its start offset.
+        second_start: u64,
+        /// Its end offset (exclusive).
+        second_end: u64,
+    },
     /// A required metadata key is absent.
     #[error("missing metadata key `{0}`")]
     MissingKey(String),
@@ -1189,6 +1208,8 @@ fn parse(buf: &[u8]) -> Result<Parsed, GgufError> {
         });
     }
 
+    check_no_overlap(&tensors)?;
+
     Ok(Parsed {
         version,
         alignment,
@@ -1198,6 +1219,30 @@ fn parse(buf: &[u8]) -> Result<Parsed, GgufError> {
         tensor_index,
         data_start,
     })
+}
+
+/// Rejects tensors whose data ranges (`offset..offset + size_bytes`, already
+/// checked to lie inside the file) share a byte. Empty tensors overlap nothing.
+fn check_no_overlap(tensors: &[TensorInfo]) -> Result<(), GgufError> {
+    let end = |t: &TensorInfo| t.offset.saturating_add(t.size_bytes);
+    let mut by_start: Vec<&TensorInfo> = tensors.iter().filter(|t| t.size_bytes > 0).collect();
+    by_start.sort_by_key(|t| t.offset);
+    // Sorted by start and disjoint so far: only the previous tensor can reach past
+    // the next one's start.
+    for pair in by_start.windows(2) {
+        let [prev, t] = pair else { continue };
+        if t.offset < end(prev) {
+            return Err(GgufError::OverlappingTensors {
+                first: prev.name.clone(),
+                first_start: prev.offset,
+                first_end: end(prev),
+                second: t.name.clone(),
+                second_start: t.offset,
+                second_end: end(t),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
