@@ -82,6 +82,12 @@ pub enum GgufError {
         #[source]
         source: std::io::Error,
     },
+    /// The path is a directory, not a GGUF file.
+    #[error("cannot read GGUF file `{path}`: it is a directory")]
+    IsDirectory {
+        /// Path given to [`GgufFile::open`].
+        path: String,
+    },
     /// The first four bytes are not `GGUF`.
     #[error("bad magic: expected \"GGUF\", found {found:02x?}")]
     BadMagic {
@@ -620,7 +626,12 @@ impl GgufFile {
             source,
         };
         let file = File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
+        let meta = file.metadata().map_err(io_err)?;
+        if meta.is_dir() {
+            // Opening a directory succeeds on Unix; mapping it fails with ENODEV.
+            return Err(GgufError::IsDirectory { path: path.display().to_string() });
+        }
+        let len = meta.len();
         let storage = if len == 0 {
             // Mapping an empty file fails on some platforms; the parser reports Truncated.
             Storage::Owned(Vec::new())
