@@ -5,7 +5,8 @@ mod common;
 
 use std::sync::Arc;
 
-use brigade::gguf::{GgmlDType, GgufFile, GgufWriter, MetaValue};
+use brigade::gguf::{GgufFile, GgufWriter, MetaValue};
+use brigade::quant::GgmlDType;
 use brigade::model::{Model, ModelError};
 use brigade::testing::{tiny_llama_gguf, TinyLlamaSpec};
 

@@ -12,7 +12,8 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::gguf::{GgmlDType, GgufError, GgufFile};
+use crate::gguf::{GgufError, GgufFile};
+use crate::quant::GgmlDType;
 use crate::kernels::{KernelError, QMatrix};
 
 /// Errors while building a model from a GGUF file.
@@ -246,12 +247,6 @@ pub struct Model {
 }
 
 impl Model {
-    /// Maps and loads a GGUF model file.
-    pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let file = GgufFile::open(path)?;
-        Self::from_gguf(Arc::new(file))
-    }
-
     /// Builds a model over an opened GGUF file.
     pub fn from_gguf(file: Arc<GgufFile>) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(&file)?;
