@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::model::kv::{KvDType, MAX_BLOCK_SIZE};
+
 /// A count that may be `"auto"` (chosen from the core count) or a number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
 pub enum Count {
@@ -94,19 +96,6 @@ impl Default for RuntimeConfig {
             max_stop_bytes: 4096,
         }
     }
-}
-
-/// Element type of the K/V storage.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum KvDType {
-    /// IEEE half precision.
-    #[default]
-    F16,
-    /// bfloat16.
-    Bf16,
-    /// f32.
-    F32,
 }
 
 /// The paged KV-cache.
@@ -241,8 +230,8 @@ impl Config {
             return inv("testing.fault", e.to_string());
         }
         let k = &self.kv_cache;
-        if !(1..=crate::model::kv::MAX_BLOCK_SIZE).contains(&k.block_size) {
-            return inv("kv_cache.block_size", format!("must be in 1..={}, got {}", crate::model::kv::MAX_BLOCK_SIZE, k.block_size));
+        if !(1..=MAX_BLOCK_SIZE).contains(&k.block_size) {
+            return inv("kv_cache.block_size", format!("must be in 1..={}, got {}", MAX_BLOCK_SIZE, k.block_size));
         }
         if k.capacity_tokens == 0 && k.capacity_bytes == 0 {
             return inv("kv_cache.capacity_tokens", "one of capacity_tokens or capacity_bytes must be > 0".into());
@@ -289,10 +278,7 @@ impl Config {
     /// KV capacity in blocks for a model with `n_layers` layers of width `kv_dim`.
     pub fn kv_blocks(&self, n_layers: usize, kv_dim: usize) -> usize {
         let k = &self.kv_cache;
-        let elem = match k.dtype {
-            KvDType::F16 | KvDType::Bf16 => 2,
-            KvDType::F32 => 4,
-        };
+        let elem = k.dtype.elem_bytes();
         let tokens = if k.capacity_tokens > 0 {
             k.capacity_tokens
         } else {

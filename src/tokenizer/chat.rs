@@ -70,10 +70,15 @@ impl ChatMessage {
 
 /// A compiled chat template plus the special-token strings it may refer to.
 ///
+/// A model's template that fails to parse is kept (see [`ChatTemplate::compile`]):
+/// rendering it reports the parse error, so a chat request says what went wrong
+/// instead of "no chat template".
+///
 /// Cheap to clone (the compiled environment is shared) and `Send + Sync`.
 #[derive(Clone)]
 pub struct ChatTemplate {
-    env: Arc<Environment<'static>>,
+    /// The compiled environment, or the error the source failed to parse with.
+    env: Result<Arc<Environment<'static>>, Arc<Error>>,
     source: Arc<str>,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -83,6 +88,7 @@ impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate")
             .field("source_len", &self.source.len())
+            .field("parse_error", &self.parse_error().map(|e| format!("{e:#}")))
             .field("bos_token", &self.bos_token)
             .field("eos_token", &self.eos_token)
             .finish()
@@ -92,11 +98,24 @@ impl std::fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// Compiles `source`; `bos_token` / `eos_token` are exposed to the template under those
     /// names when `Some` (as HF passes the tokenizer's special-token strings).
+    /// A source that does not parse is an error ([`TokenizerError::TemplateSyntax`]).
     pub fn new(
         source: &str,
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Result<Self, TokenizerError> {
+        let template = Self::compile(source, bos_token, eos_token);
+        match &template.env {
+            Ok(_) => Ok(template),
+            Err(e) => Err(TokenizerError::TemplateSyntax(e.clone())),
+        }
+    }
+
+    /// Like [`ChatTemplate::new`], but a source that does not parse gives a template
+    /// whose [`render`](Self::render) returns that parse error
+    /// ([`TokenizerError::TemplateSyntax`]) and whose [`parse_error`](Self::parse_error)
+    /// is `Some`: how a model's own template is loaded.
+    pub fn compile(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Self {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -105,14 +124,21 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
-            .map_err(TokenizerError::TemplateSyntax)?;
-        Ok(Self {
-            env: Arc::new(env),
+        let env = match env.add_template_owned(TEMPLATE_NAME, source.to_owned()) {
+            Ok(()) => Ok(Arc::new(env)),
+            Err(e) => Err(Arc::new(e)),
+        };
+        Self {
+            env,
             source: Arc::from(source),
             bos_token,
             eos_token,
-        })
+        }
+    }
+
+    /// The error the source failed to parse with (`None` when it compiled).
+    pub fn parse_error(&self) -> Option<&Error> {
+        self.env.as_ref().err().map(|e| &**e)
     }
 
     /// The template's Jinja source.
@@ -127,8 +153,11 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let template = self
+        let env = self
             .env
+            .as_ref()
+            .map_err(|e| TokenizerError::TemplateSyntax(e.clone()))?;
+        let template = env
             .get_template(TEMPLATE_NAME)
             .map_err(TokenizerError::TemplateRender)?;
         let ctx = minijinja::context! {
@@ -398,6 +427,17 @@ mod tests {
     fn syntax_error_is_typed() {
         let err = ChatTemplate::new("{% for %}", None, None).unwrap_err();
         assert!(matches!(err, TokenizerError::TemplateSyntax(_)));
+    }
+
+    #[test]
+    fn a_template_that_fails_to_parse_renders_its_parse_error() {
+        let t = ChatTemplate::compile("{% for %}", None, None);
+        let parse = format!("{:#}", t.parse_error().unwrap());
+        let err = t.render(&[ChatMessage::new("user", "hi")], true).unwrap_err();
+        assert!(matches!(err, TokenizerError::TemplateSyntax(_)));
+        let msg = err.to_string();
+        assert!(msg.contains("failed to parse") && msg.contains(&parse), "{msg}");
+        assert!(ChatTemplate::compile("{{ 1 }}", None, None).parse_error().is_none());
     }
 
     #[test]

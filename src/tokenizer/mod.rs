@@ -144,9 +144,9 @@ pub enum TokenizerError {
     /// Reading tokenizer metadata from the GGUF file failed.
     #[error("reading tokenizer metadata: {0}")]
     Gguf(#[from] GgufError),
-    /// The chat template does not compile.
-    #[error("chat template does not compile: {0:#}")]
-    TemplateSyntax(#[source] minijinja::Error),
+    /// The chat template fails to parse (the template's own error inside).
+    #[error("the chat template failed to parse: {0:#}")]
+    TemplateSyntax(#[source] std::sync::Arc<minijinja::Error>),
     /// Rendering the chat template failed (including `raise_exception` from the template).
     #[error("chat template rendering failed: {0:#}")]
     TemplateRender(#[source] minijinja::Error),
@@ -322,8 +322,8 @@ impl Tokenizer {
 
     /// Builds the tokenizer from plain data (see [`TokenizerSpec`]).
     ///
-    /// A chat template that does not compile is logged and dropped (`chat_template()` is
-    /// then `None`): plain completion still works.
+    /// A chat template that fails to parse is logged (warn) and kept: plain completion
+    /// still works, and rendering it (a chat request) reports the parse error.
     pub fn from_spec(spec: TokenizerSpec) -> Result<Self, TokenizerError> {
         let TokenizerSpec {
             tokens,
@@ -438,13 +438,11 @@ impl Tokenizer {
         let chat_template = match chat_template {
             None => None,
             Some(source) => {
-                match ChatTemplate::new(&source, token_string(bos), token_string(eos)) {
-                    Ok(template) => Some(template),
-                    Err(err) => {
-                        tracing::warn!(%err, "ignoring tokenizer.chat_template");
-                        None
-                    }
+                let template = ChatTemplate::compile(&source, token_string(bos), token_string(eos));
+                if let Some(err) = template.parse_error() {
+                    tracing::warn!(error = %format!("{err:#}"), "tokenizer.chat_template failed to parse; chat requests will fail with this error");
                 }
+                Some(template)
             }
         };
 
@@ -672,7 +670,8 @@ impl Tokenizer {
         self.inner.hf_parse_special.token_to_id(token)
     }
 
-    /// The model's chat template, if it has one that compiles.
+    /// The model's chat template, if it has one (one that failed to parse included:
+    /// see [`ChatTemplate::parse_error`]).
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.inner.chat_template.as_ref()
     }

@@ -180,11 +180,15 @@ fn chat_template_gets_bos_and_eos_strings() {
 }
 
 #[test]
-fn broken_chat_template_is_dropped_not_fatal() {
+fn broken_chat_template_is_kept_with_its_parse_error_not_fatal() {
     let mut spec = small_spec("smollm");
     spec.chat_template = Some("{% if %}".into());
     let tok = Tokenizer::from_spec(spec).unwrap();
-    assert!(tok.chat_template().is_none());
+    let tmpl = tok.chat_template().expect("a template that fails to parse is still reported");
+    assert!(tmpl.parse_error().is_some());
+    let err = tmpl.render(&[ChatMessage::new("user", "hi")], true).unwrap_err();
+    assert!(err.to_string().contains("failed to parse"), "{err}");
+    assert!(tok.encode("hi", false).is_ok());
 }
 
 #[test]
