@@ -205,11 +205,32 @@ pub fn top_k_entries(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
-    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
     let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k <= 32 {
+        // Log-probability alternatives (k <= 20): one pass keeping the best k in
+        // order, no vocabulary-sized buffer.
+        let mut top: Vec<(u32, f32)> = Vec::with_capacity(k);
+        for (i, &v) in logits.iter().enumerate() {
+            let e = (i as u32, v);
+            if top.len() == k {
+                match top.last() {
+                    Some(worst) if cmp(&e, worst).is_lt() => {
+                        top.pop();
+                    }
+                    _ => continue,
+                }
+            }
+            let at = top.partition_point(|t| cmp(t, &e).is_lt());
+            top.insert(at, e);
+        }
+        return top;
+    }
+    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);
+        // The result may be kept (per token): it must not hold the vocabulary-sized buffer.
+        idx.shrink_to_fit();
     }
     idx.sort_unstable_by(cmp);
     idx
@@ -639,5 +660,26 @@ mod tests {
         assert_eq!(sample_temperature(&logits, 0.0, 0.9), 1);
         let lp: f32 = (0..4).map(|i| logprob(&logits, i).exp()).sum();
         assert!((lp - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_entries_match_a_full_sort_and_hold_only_k() {
+        let mut x: u64 = 7;
+        for len in [1usize, 5, 40, 1000] {
+            for k in [1usize, 3, 20, 32, 33, 100] {
+                let logits: Vec<f32> = (0..len)
+                    .map(|_| {
+                        x = mix64(x);
+                        ((x >> 40) % 17) as f32 * 0.5 // many ties
+                    })
+                    .collect();
+                let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+                all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                all.truncate(k.min(len));
+                let got = top_k_entries(&logits, k);
+                assert_eq!(got, all, "len {len} k {k}");
+                assert!(got.capacity() <= k.max(1), "len {len} k {k}: capacity {}", got.capacity());
+            }
+        }
     }
 }
