@@ -419,6 +419,96 @@ async fn tenant_over_queue_bound_gets_429_others_unaffected() {
     s.shutdown().await;
 }
 
+// ---------------------------------------------------------------- admission limits
+
+/// Issue 10, observation 1: a request of more sequences than can ever run at once
+/// (prompts × `n` over `max_running`, or over the tenant's `max_concurrent`) used to
+/// take the slots it could get and wait forever for the rest, starving its tenant.
+/// It is refused at once with 400 naming `n` and the limit; a request that fits
+/// exactly still runs, and the tenant is served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_at_once_and_block_nothing() {
+    let toml = format!(
+        "[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"b\"\napi_keys = [\"{}\"]\nmax_concurrent = 8\n",
+        hash_key("key-a"),
+        hash_key("key-b")
+    );
+    let s = Server::tiny(&toml).await; // max_running = runtime.max_seqs = 64
+    let bound = Duration::from_secs(60); // a hang, not a timing assertion
+    let post = |key: &'static str, body: Value| {
+        let s = &s;
+        async move { tokio::time::timeout(bound, s.post("/v1/completions", Some(key), &body)).await.expect("the request hung") }
+    };
+    let small = json!({"prompt": "the cat", "max_tokens": 4});
+    // 5 prompts × n=16 = 80 sequences > max_running 64.
+    let (st, _, v) = post("key-a", json!({"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 4})).await;
+    assert_error(st, &v, 400, Some("n"));
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("80") && msg.contains("max_running") && msg.contains("64"), "{msg}");
+    let (st, _, v) = post("key-a", small.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    // Tenant b: 2 prompts × n=8 = 16 > its max_concurrent 8.
+    let (st, _, v) = post("key-b", json!({"prompt": ["a", "b"], "n": 8, "max_tokens": 4})).await;
+    assert_error(st, &v, 400, Some("n"));
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("16") && msg.contains("max_concurrent") && msg.contains('8'), "{msg}");
+    let (st, _, v) = post("key-b", small.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    // Exactly at the limits: served whole.
+    let (st, _, v) = post("key-b", json!({"prompt": "x", "n": 8, "max_tokens": 4, "ignore_eos": true})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 8);
+    let (st, _, v) = post("key-a", json!({"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 4, "ignore_eos": true})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 64);
+    assert_eq!(v["usage"]["completion_tokens"], 256);
+    pool_whole(&s.engine).await;
+    s.shutdown().await;
+}
+
+/// Issue 10, observation 7: `tokens_per_minute` was checked only for debt, so eight
+/// requests arriving together all passed and 512 tokens went through a 200/min
+/// budget. Each request now reserves prompt + `n` × `max_tokens` at admission
+/// (unused tokens are refunded at the end), so what is served stays within the
+/// budget plus its refill; a request larger than the whole budget is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_is_never_overshot() {
+    let toml = format!("[[tenants]]\nname = \"t\"\napi_keys = [\"{}\"]\ntokens_per_minute = 200\n", hash_key("key-t"));
+    let s = Arc::new(Server::tiny(&toml).await);
+    let t0 = Instant::now();
+    let body = json!({"prompt": "the cat", "max_tokens": 60, "ignore_eos": true});
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, body) = (s.clone(), body.clone());
+        tasks.push(tokio::spawn(async move { s.post("/v1/completions", Some("key-t"), &body).await }));
+    }
+    let (mut served, mut n200, mut n429) = (0u64, 0, 0);
+    for t in tasks {
+        let (st, h, v) = t.await.unwrap();
+        match st {
+            200 => {
+                n200 += 1;
+                served += v["usage"]["total_tokens"].as_u64().unwrap();
+            }
+            429 => {
+                n429 += 1;
+                assert_error(st, &v, 429, None);
+                assert!(h.contains_key("retry-after"));
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    // The budget refills at 200/60 tokens per second while the test runs.
+    let allowed = 200.0 + t0.elapsed().as_secs_f64() * 200.0 / 60.0;
+    assert!((served as f64) <= allowed, "{served} tokens served through a 200/min budget ({n200} × 200, {n429} × 429)");
+    assert!(n200 >= 1 && n429 >= 1, "200: {n200}, 429: {n429}");
+    // More than the whole budget can never be admitted.
+    let (st, _, v) = s.post("/v1/completions", Some("key-t"), &json!({"prompt": "x", "max_tokens": 250})).await;
+    assert_error(st, &v, 400, Some("max_tokens"));
+    assert!(v["error"]["message"].as_str().unwrap().contains("tokens_per_minute"), "{v}");
+    s.shutdown().await;
+}
+
 // ---------------------------------------------------------------- cancellation
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@
 //!
 //! Modules: [`config`] (the `[server]` section), [`auth`] (key hashing, tenant
 //! lookup), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
-//! actor around it), [`api`] (request DTOs), [`routes`] (handlers), [`stream`]
+//! actor around it), [`api`] (request DTOs and the accepted-field lists),
+//! [`responses`] (response DTOs), [`routes`] (handlers), [`stream`]
 //! (event → response assembly), [`error`] (the one status table), [`bench`]
 //! (the HTTP serving benchmark). Metrics live in [`crate::metrics`].
 //!
@@ -24,6 +25,7 @@ pub mod bench;
 pub mod config;
 pub mod error;
 pub mod fair;
+pub mod responses;
 pub mod routes;
 pub mod stream;
 
