@@ -509,6 +509,149 @@ async fn tokens_per_minute_is_never_overshot() {
     s.shutdown().await;
 }
 
+// ---------------------------------------------------------------- request fields
+
+fn with(mut base: Value, extra: &Value) -> Value {
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// Issue 10, observation 5: parameters that change what is generated but are
+/// not implemented (structured output, tools, other servers' samplers) used to be
+/// accepted and ignored, giving 200 and output of the wrong shape. They are now a
+/// 400 naming the field, as are unknown fields (OpenAI's "Unrecognized request
+/// argument"); bookkeeping fields and no-op values are still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_parameters_are_refused_and_no_ops_accepted() {
+    let s = Server::tiny("").await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let completion = json!({"prompt": "the cat", "max_tokens": 2});
+    let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+    let refused_on_both = [
+        json!({"response_format": {"type": "json_object"}}),
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}),
+        json!({"guided_json": schema}),
+        json!({"guided_regex": "[a-z]+"}),
+        json!({"guided_choice": ["yes", "no"]}),
+        json!({"guided_grammar": "root ::= \"a\""}),
+        json!({"guided_decoding_backend": "xgrammar"}),
+        json!({"structured_outputs": {"json": schema}}),
+        json!({"grammar": "root ::= \"a\""}),
+        json!({"json_schema": schema}),
+        json!({"best_of": 4}),
+        json!({"prediction": {"type": "content", "content": "x"}}),
+        json!({"audio": {"voice": "alloy", "format": "wav"}}),
+        json!({"modalities": ["text", "audio"]}),
+        json!({"reasoning_effort": "low"}),
+        json!({"top_a": 0.5}),
+        json!({"mirostat": 2}),
+        json!({"typical_p": 0.9}),
+        json!({"tfs_z": 0.5}),
+        json!({"dynatemp_range": 0.5}),
+        json!({"n_probs": 3}),
+        json!({"prompt_logprobs": 2}),
+        json!({"made_up_field": 1}),
+    ];
+    let refused_on_chat = [
+        json!({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}),
+        json!({"tool_choice": "required"}),
+        json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+        json!({"functions": [{"name": "f", "parameters": {}}]}),
+        json!({"function_call": {"name": "f"}}),
+        json!({"echo": true}),
+        json!({"suffix": "x"}),
+    ];
+    let cases = refused_on_both
+        .iter()
+        .flat_map(|e| [("/v1/chat/completions", with(chat.clone(), e)), ("/v1/completions", with(completion.clone(), e))])
+        .chain(refused_on_chat.iter().map(|e| ("/v1/chat/completions", with(chat.clone(), e))));
+    for (path, body) in cases {
+        let (st, _, v) = s.post(path, None, &body).await;
+        let field = body.as_object().unwrap().keys().find(|k| !["messages", "prompt", "max_tokens"].contains(&k.as_str())).unwrap().clone();
+        assert_error(st, &v, 400, Some(&field));
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(&field), "{path} {body}: {msg}");
+        if field == "made_up_field" || (field == "suffix" && path.contains("chat")) {
+            assert!(msg.contains("Unrecognized request argument supplied"), "{msg}");
+        }
+    }
+    let (st, _, v) = s.post("/tokenize", None, &json!({"prompt": "x", "tools": [{"type": "function"}]})).await;
+    assert_error(st, &v, 400, Some("tools"));
+
+    // Bookkeeping fields and no-op values of unsupported ones are accepted.
+    let chat_ok = json!({
+        "user": "u-1", "metadata": {"k": "v"}, "store": false, "service_tier": "auto", "parallel_tool_calls": true,
+        "stream_options": null, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+        "functions": null, "modalities": ["text"], "typical_p": 1.0, "mirostat": 0, "guided_json": null,
+    });
+    let (st, _, v) = s.post("/v1/chat/completions", None, &with(chat.clone(), &chat_ok)).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, _, v) = s.post("/v1/chat/completions", None, &with(chat.clone(), &json!({"tool_choice": "auto"}))).await;
+    assert_eq!(st, 200, "{v}");
+    for extra in [json!({"best_of": 1}), json!({"n": 2, "best_of": 2}), json!({"user": "u", "response_format": {"type": "text"}})] {
+        let (st, _, v) = s.post("/v1/completions", None, &with(completion.clone(), &extra)).await;
+        assert_eq!(st, 200, "{extra}: {v}");
+    }
+    pool_whole(&s.engine).await;
+    s.shutdown().await;
+}
+
+/// Issue 10, observations 5 and 7: `max_tokens` = 10^9 was refused with the
+/// context-length message while u64::MAX overflowed the check and was accepted.
+/// Any count past the context now gets that same 400, and negative counts a 400
+/// naming the field; nothing overflows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_and_negative_counts_follow_one_rule() {
+    let s = Server::tiny("").await;
+    let raw = |path: &'static str, body: String| {
+        let s = &s;
+        async move {
+            let resp = s.client.post(s.url(path)).header("content-type", "application/json").body(body).send().await.unwrap();
+            let st = resp.status().as_u16();
+            (st, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let huge = ["1000000000", "18446744073709551615", "18446744073709551616", "100000000000000000000000000000", "1e30"];
+    for h in huge {
+        for (path, field, body) in [
+            ("/v1/completions", "max_tokens", format!(r#"{{"prompt": "the cat", "max_tokens": {h}}}"#)),
+            ("/v1/chat/completions", "max_tokens", format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": {h}}}"#)),
+            ("/v1/chat/completions", "max_completion_tokens", format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_completion_tokens": {h}}}"#)),
+        ] {
+            let (st, v) = raw(path, body.clone()).await;
+            assert_error(st, &v, 400, Some(field));
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.starts_with("this model's maximum context length is 256 tokens"), "{body}: {msg}");
+        }
+        for (field, body) in [
+            ("min_tokens", format!(r#"{{"prompt": "x", "min_tokens": {h}}}"#)),
+            ("n", format!(r#"{{"prompt": "x", "n": {h}}}"#)),
+            ("logprobs", format!(r#"{{"prompt": "x", "logprobs": {h}}}"#)),
+        ] {
+            let (st, v) = raw("/v1/completions", body.clone()).await;
+            assert_error(st, &v, 400, Some(field));
+        }
+        let body = format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "logprobs": true, "top_logprobs": {h}}}"#);
+        let (st, v) = raw("/v1/chat/completions", body).await;
+        assert_error(st, &v, 400, Some("top_logprobs"));
+    }
+    for field in ["max_tokens", "min_tokens", "n", "logprobs"] {
+        let (st, _, v) = s.post("/v1/completions", None, &json!({"prompt": "x", field: -1})).await;
+        assert_error(st, &v, 400, Some(field));
+        assert!(v["error"]["message"].as_str().unwrap().contains("non-negative"), "{v}");
+    }
+    for field in ["max_tokens", "max_completion_tokens", "top_logprobs"] {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, field: -5});
+        let (st, _, v) = s.post("/v1/chat/completions", None, &body).await;
+        assert_error(st, &v, 400, Some(field));
+    }
+    let (st, _, v) = s.post("/v1/completions", None, &json!({"prompt": "the cat", "max_tokens": 4})).await;
+    assert_eq!(st, 200, "{v}");
+    s.shutdown().await;
+}
+
 // ---------------------------------------------------------------- cancellation
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,13 +864,16 @@ async fn newcomer_is_served_within_the_vtc_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn served_shares_follow_weights() {
     let toml = format!(
-        "max_running = 2\n[[tenants]]\nname = \"heavy\"\nweight = 3.0\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"light\"\nweight = 1.0\napi_keys = [\"{}\"]\n",
+        "max_running = 2\n[[tenants]]\nname = \"heavy\"\nweight = 3.0\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"light\"\nweight = 1.0\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"blocker\"\napi_keys = [\"{}\"]\n",
         hash_key("key-h"),
-        hash_key("key-l")
+        hash_key("key-l"),
+        hash_key("key-x")
     );
     let s = Arc::new(Server::start(tiny(2048), engine_config(16384), &toml).await);
-    // Occupy the engine so both backlogs form before anything is admitted.
-    let blocker = spawn_blocker(&s, "key-h", 2).await;
+    // Occupy the engine so both backlogs form before anything is admitted. The
+    // blocker is a third tenant: its tokens (as many as the backlogs take to form,
+    // which depends on the machine's load) must not count against heavy or light.
+    let blocker = spawn_blocker(&s, "key-x", 2).await;
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let body = json!({"prompt": "the cat sat on the mat", "max_tokens": 16, "ignore_eos": true});
     let mut tasks = Vec::new();

@@ -204,15 +204,14 @@ fn check_ids(ids: &[u32], vocab: usize, param: &str) -> Result<(), ApiError> {
 }
 
 fn check_length(app: &App, prompt_len: usize, max_tokens: usize, param: &str) -> Result<(), ApiError> {
-    if prompt_len + max_tokens > app.max_len {
+    // Saturating: `max_tokens` may be anything up to usize::MAX (api::Count).
+    let total = prompt_len.saturating_add(max_tokens);
+    if total > app.max_len {
         return Err(ApiError::invalid(
             param,
             format!(
                 "this model's maximum context length is {} tokens; the request asks for {} tokens ({} in the prompt, {} to generate)",
-                app.max_len,
-                prompt_len + max_tokens,
-                prompt_len,
-                max_tokens
+                app.max_len, total, prompt_len, max_tokens
             ),
         ));
     }
