@@ -4,7 +4,6 @@
 //!
 //! `cargo bench --bench runtime`
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
@@ -30,8 +29,7 @@ fn seq(id: u64, prompt_len: usize) -> Sequence {
         params: Arc::new(SamplingParams { max_tokens: 1_000_000, ..SamplingParams::greedy(1_000_000) }),
         seed: id,
         max_len: 1 << 20,
-        cancelled: Arc::new(AtomicBool::new(false)),
-        stopped: Arc::new(AtomicBool::new(false)),
+        cancelled: false,
         preemptions: 0,
         eog: Arc::new(vec![]),
         prompt: Arc::new(prompt),

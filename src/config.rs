@@ -65,6 +65,8 @@ pub struct RuntimeConfig {
     pub request_queue: usize,
     /// Largest `n` (completions per request).
     pub max_n: usize,
+    /// Most bytes of all stop strings of one request together.
+    pub max_stop_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -79,6 +81,7 @@ impl Default for RuntimeConfig {
             channel_capacity: 8,
             request_queue: 1024,
             max_n: 16,
+            max_stop_bytes: 4096,
         }
     }
 }
@@ -110,11 +113,14 @@ pub struct KvCacheConfig {
     pub dtype: KvDType,
     /// Reuse cached blocks of identical prefixes.
     pub prefix_caching: bool,
+    /// Seconds the engine must be idle (no request at all) before it gives the
+    /// KV pages and the prefix cache back to the OS (0 = never).
+    pub release_idle_s: f64,
 }
 
 impl Default for KvCacheConfig {
     fn default() -> Self {
-        Self { block_size: 16, capacity_tokens: 32768, capacity_bytes: 0, dtype: KvDType::F16, prefix_caching: true }
+        Self { block_size: 16, capacity_tokens: 32768, capacity_bytes: 0, dtype: KvDType::F16, prefix_caching: true, release_idle_s: 5.0 }
     }
 }
 
@@ -131,6 +137,17 @@ pub struct Config {
     /// `[server]` (the HTTP front end; free-form until the server lands).
     #[serde(default)]
     pub server: Option<toml::Table>,
+    /// `[testing]`: fault injection for supervision tests (off by default).
+    pub testing: TestingConfig,
+}
+
+/// The `[testing]` section: switches for tests of the runtime itself.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// Fault-injection plan (see [`crate::engine::fault`]), e.g.
+    /// `"worker:1:panic@step=20"`; empty = none. `BRIGADE_FAULT` overrides it.
+    pub fault: String,
 }
 
 /// A configuration error naming the key.
@@ -202,12 +219,21 @@ impl Config {
         if !(1..=256).contains(&r.max_n) {
             return inv("runtime.max_n", format!("must be in 1..=256, got {}", r.max_n));
         }
+        if !(1..=1 << 20).contains(&r.max_stop_bytes) {
+            return inv("runtime.max_stop_bytes", format!("must be in 1..=1048576, got {}", r.max_stop_bytes));
+        }
+        if let Err(e) = crate::engine::fault::FaultPlan::parse(&self.testing.fault) {
+            return inv("testing.fault", e.to_string());
+        }
         let k = &self.kv_cache;
         if !(1..=crate::model::kv::MAX_BLOCK_SIZE).contains(&k.block_size) {
             return inv("kv_cache.block_size", format!("must be in 1..={}, got {}", crate::model::kv::MAX_BLOCK_SIZE, k.block_size));
         }
         if k.capacity_tokens == 0 && k.capacity_bytes == 0 {
             return inv("kv_cache.capacity_tokens", "one of capacity_tokens or capacity_bytes must be > 0".into());
+        }
+        if !(k.release_idle_s.is_finite() && (0.0..=86400.0).contains(&k.release_idle_s)) {
+            return inv("kv_cache.release_idle_s", format!("must be in [0, 86400], got {}", k.release_idle_s));
         }
         if k.capacity_tokens > 16 * 1024 * 1024 {
             return inv("kv_cache.capacity_tokens", format!("must be <= 16777216, got {}", k.capacity_tokens));

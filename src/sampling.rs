@@ -4,6 +4,84 @@
 //! of `(seed, completion index, position)`, so a seeded request gives the same
 //! tokens whatever batch it shares, and across preemption and restart.
 
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Sampling controls, named as in the OpenAI and vLLM APIs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Most new tokens per completion.
+    pub max_tokens: usize,
+    /// EOS and stop tokens are ignored until this many tokens were generated.
+    pub min_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (-1 or 0 = off).
+    pub top_k: i32,
+    /// Nucleus mass in (0, 1].
+    pub top_p: f32,
+    /// Drop tokens with probability < min_p * max probability; in [0, 1].
+    pub min_p: f32,
+    /// Multiplicative penalty on logits of tokens seen in prompt or output (1 = off).
+    pub repetition_penalty: f32,
+    /// Subtracted once from logits of tokens present in the output; in [-2, 2].
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence in the output; in [-2, 2].
+    pub frequency_penalty: f32,
+    /// Token id → bias added to its logit; bias in [-100, 100].
+    pub logit_bias: HashMap<u32, f32>,
+    /// Seed of the counter-based random stream (None: drawn fresh, reported back).
+    pub seed: Option<u64>,
+    /// Stop strings (not included in the output).
+    pub stop: Vec<String>,
+    /// Extra token ids that end a completion.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+    /// Return the log-probability of each chosen token and this many top alternatives (0..=20).
+    pub logprobs: Option<usize>,
+    /// Return log-probabilities of prompt tokens with this many alternatives (0..=20).
+    pub prompt_logprobs: Option<usize>,
+    /// Completions of this prompt.
+    pub n: usize,
+    /// Skip special tokens when detokenizing.
+    pub skip_special_tokens: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 16,
+            min_tokens: 0,
+            temperature: 1.0,
+            top_k: -1,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: HashMap::new(),
+            seed: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+            prompt_logprobs: None,
+            n: 1,
+            skip_special_tokens: true,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding of `max_tokens` tokens.
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self { max_tokens, temperature: 0.0, ..Self::default() }
+    }
+}
+
 /// SplitMix64 finalizer: a strong 64-bit mixing function.
 #[inline]
 pub fn mix64(mut z: u64) -> u64 {
@@ -112,7 +190,7 @@ pub fn top_k_entries(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 #[derive(Clone, Copy, Debug)]
 pub struct RowParams<'a> {
     /// Sampling parameters.
-    pub params: &'a crate::engine::request::SamplingParams,
+    pub params: &'a SamplingParams,
     /// Seed of the random stream.
     pub seed: u64,
     /// Completion index.
@@ -301,7 +379,6 @@ pub fn sample(raw: &[f32], logits: &mut [f32], r: &RowParams<'_>) -> Sampled {
 
 #[cfg(test)]
 mod tests {
-    use crate::engine::request::SamplingParams;
 
     fn row<'a>(p: &'a SamplingParams, prompt: &'a [u32], output: &'a [u32]) -> RowParams<'a> {
         RowParams { params: p, seed: 1, index: 0, position: 0, prompt, output, masked: &[] }

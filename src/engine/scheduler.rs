@@ -17,7 +17,6 @@
 //! and it is recomputed later from its prompt and the tokens it had made.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::request::{FinishReason, SamplingParams};
@@ -80,10 +79,9 @@ pub struct Sequence {
     pub seed: u64,
     /// Hard cap on `tokens.len()` (context length).
     pub max_len: usize,
-    /// Set by the caller (or a dropped stream) to cancel the request.
-    pub cancelled: Arc<AtomicBool>,
-    /// Set when this completion alone must end (a stop string was seen).
-    pub stopped: Arc<AtomicBool>,
+    /// Cancelled (by the caller, a dropped stream, a stop string or a failure):
+    /// removed when not in flight, finished as `Abort` when its batch returns.
+    pub cancelled: bool,
     /// Times this sequence was preempted.
     pub preemptions: u32,
     /// Token ids that end generation (EOS and friends) unless `ignore_eos`.
@@ -103,9 +101,9 @@ impl Sequence {
     pub fn num_generated(&self) -> usize {
         self.tokens.len() - self.num_prompt
     }
-    /// Cancelled by the caller, or stopped by a stop string.
+    /// Cancelled by the caller, stopped by a stop string, or failed.
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed) || self.stopped.load(Ordering::Relaxed)
+        self.cancelled
     }
     /// Whether the caller asked for prompt log-probabilities.
     pub fn wants_prompt_logprobs(&self) -> bool {
@@ -170,6 +168,9 @@ pub struct SchedulerOutput {
     /// Block copies `(src, dst)` every worker applies before computing
     /// (copy-on-write of shared partial blocks after a fork).
     pub copies: Vec<(u32, u32)>,
+    /// Every worker drops its physical K/V first (idle release: no sequence
+    /// holds a block; set only on an output without chunks).
+    pub reset_kv: bool,
 }
 
 impl SchedulerOutput {
@@ -215,6 +216,8 @@ pub struct Scheduler {
     next_step: u64,
     /// Counters.
     pub counters: SchedulerCounters,
+    /// Prefix-cache statistics of KV managers replaced by [`Self::reset_kv`].
+    stats_offset: (u64, u64),
 }
 
 impl Scheduler {
@@ -229,6 +232,7 @@ impl Scheduler {
             running: Vec::new(),
             next_step: 0,
             counters: SchedulerCounters::default(),
+            stats_offset: (0, 0),
         })
     }
 
@@ -271,23 +275,87 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
-    /// Removes and returns cancelled sequences that are not in flight
-    /// (their blocks are freed). In-flight ones are collected when their batch returns.
-    pub fn reap_cancelled(&mut self) -> Vec<Sequence> {
-        let ids: Vec<u64> = self
-            .seqs
-            .values()
-            .filter(|s| !s.in_flight && s.is_cancelled())
-            .map(|s| s.id)
-            .collect();
+    /// A step id for an output that is not a micro-batch of sequences (the idle release).
+    pub fn next_step_id(&mut self) -> u64 {
+        let id = self.next_step;
+        self.next_step += 1;
+        id
+    }
+
+    /// Cancels every sequence of request `request_id`: those not in flight are
+    /// removed (blocks freed) and returned with their unforked siblings;
+    /// in-flight ones end as `Abort` when their micro-batch returns.
+    pub fn cancel_request(&mut self, request_id: u64) -> Vec<Sequence> {
+        let ids: Vec<u64> = self.seqs.values().filter(|s| s.request_id == request_id).map(|s| s.id).collect();
+        self.cancel_ids(ids)
+    }
+
+    /// Cancels one completion (a stop string ended it), as [`Self::cancel_request`].
+    pub fn cancel_seq(&mut self, seq_id: u64) -> Vec<Sequence> {
+        self.cancel_ids(vec![seq_id])
+    }
+
+    /// Cancels everything (shutdown), as [`Self::cancel_request`].
+    pub fn cancel_all(&mut self) -> Vec<Sequence> {
+        let ids: Vec<u64> = self.seqs.keys().copied().collect();
+        self.cancel_ids(ids)
+    }
+
+    fn cancel_ids(&mut self, ids: Vec<u64>) -> Vec<Sequence> {
         let mut out = Vec::new();
         for id in ids {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.cancelled = true;
+            }
             if let Some(mut s) = self.remove(id) {
                 out.append(&mut s.pending_forks);
                 out.push(s);
             }
         }
         out
+    }
+
+    /// A micro-batch came back failed (a stage panicked): its sequences are
+    /// no longer in flight and nothing they computed is kept. Returns the
+    /// requests they belong to (the caller fails them as a whole).
+    pub fn fail_batch(&mut self, batch: &SchedulerOutput) -> Vec<u64> {
+        let mut requests = Vec::new();
+        for c in &batch.chunks {
+            if let Some(s) = self.seqs.get_mut(&c.seq_id) {
+                s.in_flight = false;
+                if !requests.contains(&s.request_id) {
+                    requests.push(s.request_id);
+                }
+            }
+        }
+        requests
+    }
+
+    /// Request ids of every sequence held (running, waiting or in flight).
+    pub fn request_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.seqs.values().map(|s| s.request_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Forgets every cached block (the idle release). Only when no sequence is
+    /// held; prefix statistics are kept. Returns whether it reset.
+    pub fn reset_kv(&mut self) -> Result<bool, KvError> {
+        if !self.seqs.is_empty() {
+            return Ok(false);
+        }
+        let st = self.kv.stats();
+        self.stats_offset.0 += st.prefix_query_tokens;
+        self.stats_offset.1 += st.prefix_hit_tokens;
+        self.kv = KvCacheManager::new(self.cfg.num_blocks, self.cfg.block_size, self.cfg.prefix_caching)?;
+        Ok(true)
+    }
+
+    /// Prompt tokens looked up in / found in the prefix cache since start.
+    pub fn prefix_stats(&self) -> (u64, u64) {
+        let st = self.kv.stats();
+        (st.prefix_query_tokens + self.stats_offset.0, st.prefix_hit_tokens + self.stats_offset.1)
     }
 
     /// Removes a sequence that is not in flight, freeing its blocks.
@@ -441,7 +509,7 @@ impl Scheduler {
         let step_id = self.next_step;
         self.next_step += 1;
         self.counters.steps += 1;
-        Some(SchedulerOutput { step_id, chunks, copies })
+        Some(SchedulerOutput { step_id, chunks, copies, reset_kv: false })
     }
 
     /// Gives `id` private copies of shared blocks it will write and room for

@@ -21,9 +21,11 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod memory;
 mod packed;
 pub mod scalar;
 
+pub use memory::{release_free_heap, tune_allocator};
 pub use packed::{PackedMatrix, GROUP};
 
 use std::sync::OnceLock;

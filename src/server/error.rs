@@ -127,6 +127,7 @@ impl From<EngineError> for ApiError {
             EngineError::Overloaded => ApiError::RateLimited { message: e.to_string(), retry_after_s: 1 },
             EngineError::ShuttingDown => ApiError::Unavailable("the server is shutting down".into()),
             EngineError::Internal(m) => ApiError::Internal(m),
+            EngineError::Dead(m) => ApiError::Unavailable(format!("the engine has stopped: {m}")),
         }
     }
 }

@@ -19,8 +19,7 @@ use super::error::{ApiError, ErrorKind};
 use super::responses::{DetokenizeResponse, ModelCard, ModelList, StatusResponse, TokenizeResponse};
 use super::stream::{self, Kind, PromptSpec};
 use super::App;
-use crate::engine::validate_params;
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tokenizer::ChatMessage;
 
 /// The request id (from `x-request-id` or generated).
 #[derive(Clone, Debug)]
@@ -180,42 +179,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
 }
 
-/// Prompt ids of a text prompt, exactly as the engine encodes `Prompt::Text`.
-fn encode_text(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
-    crate::engine::encode_prompt(tok, &crate::engine::Prompt::Text(text.to_string())).map_err(ApiError::from)
+/// Prompt ids of a text prompt, through the engine's one validator.
+fn encode_text(app: &App, text: &str, max_tokens: usize) -> Result<Vec<u32>, ApiError> {
+    app.engine.validator().encode_prompt(&crate::engine::Prompt::Text(text.to_string()), max_tokens).map_err(ApiError::from)
 }
 
-/// Prompt ids of messages, exactly as the engine encodes `Prompt::Chat`.
-fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage], add_generation_prompt: bool, add_bos: bool) -> Result<Vec<u32>, ApiError> {
-    let tmpl = tok.chat_template().ok_or_else(|| ApiError::invalid("messages", "the model has no chat template"))?;
-    let text = tmpl.render(messages, add_generation_prompt).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let r = if add_bos { tok.encode_with_bos(&text, true) } else { tok.encode(&text, true) };
-    r.map_err(|e| ApiError::invalid("messages", e.to_string()))
-}
-
-fn check_ids(ids: &[u32], vocab: usize, param: &str) -> Result<(), ApiError> {
-    if ids.is_empty() {
-        return Err(ApiError::invalid(param, "the prompt must contain at least one token"));
-    }
-    if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid(param, format!("token id {t} is out of range (vocabulary size {vocab})")));
-    }
-    Ok(())
-}
-
-fn check_length(app: &App, prompt_len: usize, max_tokens: usize, param: &str) -> Result<(), ApiError> {
-    // Saturating: `max_tokens` may be anything up to usize::MAX (api::Count).
-    let total = prompt_len.saturating_add(max_tokens);
-    if total > app.max_len {
-        return Err(ApiError::invalid(
-            param,
-            format!(
-                "this model's maximum context length is {} tokens; the request asks for {} tokens ({} in the prompt, {} to generate)",
-                app.max_len, total, prompt_len, max_tokens
-            ),
-        ));
-    }
-    Ok(())
+/// Prompt ids of messages, through the engine's one validator.
+fn encode_chat(app: &App, messages: &[ChatMessage], add_generation_prompt: bool, add_bos: bool) -> Result<Vec<u32>, ApiError> {
+    app.engine.validator().encode_chat(messages, add_generation_prompt, add_bos).map_err(ApiError::from)
 }
 
 const MAX_PROMPTS: usize = 64;
@@ -241,16 +212,17 @@ async fn completions(State(app): State<App>, tenant: Tenant, Body(req): Body<Com
     if params.max_tokens == 0 && !(echo && req.logprobs.is_some()) {
         return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1 (0 only with `echo` and `logprobs`)"));
     }
-    let vocab = app.engine.model().config.vocab_size;
-    validate_params(&params, vocab, app.engine.config().runtime.max_n).map_err(ApiError::from)?;
+    app.engine.validator().validate_params(&params).map_err(ApiError::from)?;
     // Prompts → token ids (texts keep their text for `echo`).
-    let tok = app.engine.tokenizer().clone();
+    let max_tokens = params.max_tokens;
+    let app2 = app.clone();
     let prompts: Vec<PromptSpec> = blocking(move || {
+        let app = app2;
         let specs: Vec<PromptSpec> = match req.prompt {
-            PromptInput::Text(t) => vec![PromptSpec { ids: encode_text(&tok, &t)?, text: Some(t) }],
+            PromptInput::Text(t) => vec![PromptSpec { ids: encode_text(&app, &t, max_tokens)?, text: Some(t) }],
             PromptInput::Texts(ts) => ts
                 .into_iter()
-                .map(|t| Ok(PromptSpec { ids: encode_text(&tok, &t)?, text: Some(t) }))
+                .map(|t| Ok(PromptSpec { ids: encode_text(&app, &t, max_tokens)?, text: Some(t) }))
                 .collect::<Result<_, ApiError>>()?,
             PromptInput::Tokens(ids) => vec![PromptSpec { ids, text: None }],
             PromptInput::TokenLists(l) => l.into_iter().map(|ids| PromptSpec { ids, text: None }).collect(),
@@ -262,8 +234,7 @@ async fn completions(State(app): State<App>, tenant: Tenant, Body(req): Body<Com
         return Err(ApiError::invalid("prompt", format!("between 1 and {MAX_PROMPTS} prompts are accepted, got {}", prompts.len())));
     }
     for p in &prompts {
-        check_ids(&p.ids, vocab, "prompt")?;
-        check_length(&app, p.ids.len(), params.max_tokens, "max_tokens")?;
+        app.engine.validator().check_prompt(&p.ids, params.max_tokens, params.min_tokens).map_err(ApiError::from)?;
     }
     let (streaming, include_usage) = req.common.streaming();
     let priority = req.common.priority.unwrap_or(0);
@@ -288,10 +259,11 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
     if want_logprobs {
         params.logprobs = Some(req.top_logprobs.unwrap_or(0));
     }
-    let vocab = app.engine.model().config.vocab_size;
-    let tok = app.engine.tokenizer().clone();
-    let ids = blocking(move || encode_chat(&tok, &messages, true, true)).await?;
-    check_ids(&ids, vocab, "messages")?;
+    let app2 = app.clone();
+    let ids = blocking(move || encode_chat(&app2, &messages, true, true)).await?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid("messages", "the prompt must contain at least one token"));
+    }
     let requested = req.max_completion_tokens.or(req.max_tokens);
     let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     params.max_tokens = match requested {
@@ -306,8 +278,11 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
     if params.max_tokens == 0 {
         return Err(ApiError::invalid(param, format!("`{param}` must be at least 1")));
     }
-    validate_params(&params, vocab, app.engine.config().runtime.max_n).map_err(ApiError::from)?;
-    check_length(&app, ids.len(), params.max_tokens, param)?;
+    app.engine.validator().validate_params(&params).map_err(ApiError::from)?;
+    app.engine.validator().check_prompt(&ids, params.max_tokens, params.min_tokens).map_err(|e| match e {
+        crate::engine::EngineError::Invalid { param: Some(p), message } if p == "max_tokens" => ApiError::invalid(param, message),
+        e => ApiError::from(e),
+    })?;
     let (streaming, include_usage) = req.common.streaming();
     let priority = req.common.priority.unwrap_or(0);
     let kind = Kind::Chat { logprobs: want_logprobs };
@@ -319,18 +294,20 @@ async fn tokenize(State(app): State<App>, _t: Tenant, Body(req): Body<TokenizeRe
     check_model(&app, req.model.as_deref())?;
     let tok = app.engine.tokenizer().clone();
     let want_strs = req.return_token_strs.unwrap_or(false);
+    let app2 = app.clone();
     let (ids, strs) = blocking(move || {
+        let app = app2;
         let ids = match (&req.prompt, &req.messages) {
             (Some(p), None) => {
                 if req.add_special_tokens.unwrap_or(true) {
-                    encode_text(&tok, p)?
+                    encode_text(&app, p, 0)?
                 } else {
                     tok.encode(p, true).map_err(|e| ApiError::invalid("prompt", e.to_string()))?
                 }
             }
             (None, Some(m)) => {
                 let msgs = api::messages(m)?;
-                encode_chat(&tok, &msgs, req.add_generation_prompt.unwrap_or(true), req.add_special_tokens.unwrap_or(false))?
+                encode_chat(&app, &msgs, req.add_generation_prompt.unwrap_or(true), req.add_special_tokens.unwrap_or(false))?
             }
             _ => return Err(ApiError::invalid("prompt", "exactly one of `prompt` or `messages` is required")),
         };

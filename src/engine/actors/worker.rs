@@ -1,0 +1,232 @@
+//! A layer-group worker: owns layers `a..b` (their weights are shared, read
+//! only) and the physical K/V of those layers for every block; runs each
+//! micro-batch through its layers and hands it on. The last worker also
+//! applies the final norm and output head: to the sampling rows (one per
+//! sequence that samples), and, in chunks of [`PROMPT_LOGPROB_ROWS`] rows, to
+//! prompt rows whose log-probabilities were asked for, reducing each row to
+//! the token's log-probability and the top-k as soon as it is computed (a
+//! full-vocabulary row per prompt token is never kept).
+//!
+//! A panic inside one micro-batch is caught: the item goes on marked failed,
+//! so its requests end with an error and the worker serves the next one.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use rayon::prelude::*;
+
+use super::guarded;
+use crate::engine::fault::{fire, FaultActor, FaultKind, FaultPlan};
+use crate::engine::msg::{LogitsMsg, PromptLogprobs, WorkItem};
+use crate::engine::request::TokenLogprob;
+use crate::engine::scheduler::SchedulerOutput;
+use crate::model::kv::KvStore;
+use crate::model::llama::{Scratch, SeqChunk};
+use crate::model::Model;
+use crate::sampling;
+
+/// Prompt rows turned into logits at once when prompt log-probabilities are asked for.
+pub(crate) const PROMPT_LOGPROB_ROWS: usize = 32;
+
+/// Where a worker's output goes.
+pub(crate) enum Next {
+    /// The next layer group.
+    Worker(Sender<WorkItem>),
+    /// The sampler (this is the last worker); logits buffers come back for reuse.
+    Sampler(Sender<LogitsMsg>, Receiver<Vec<f32>>),
+}
+
+pub(crate) struct WorkerActor {
+    pub(crate) k: usize,
+    pub(crate) model: Arc<Model>,
+    pub(crate) range: Range<usize>,
+    pub(crate) kv: KvStore,
+    /// Makes a fresh (unallocated, zeroed) KV store: the idle release.
+    pub(crate) new_kv: Box<dyn Fn() -> KvStore + Send>,
+    pub(crate) pool: Option<rayon::ThreadPool>,
+    pub(crate) rx: Receiver<WorkItem>,
+    pub(crate) next: Next,
+    pub(crate) busy: Arc<Vec<AtomicU64>>,
+    pub(crate) scratch: Scratch,
+    pub(crate) faults: FaultPlan,
+}
+
+impl WorkerActor {
+    pub(crate) fn run(mut self) {
+        while let Ok(mut item) = self.rx.recv() {
+            let t0 = Instant::now();
+            let step = item.batch.step_id;
+            self.faults.trigger(FaultActor::Worker, self.k, step, FaultKind::Die);
+            let span = item.span.clone();
+            let _g = span.enter();
+            if item.batch.reset_kv {
+                // Idle release: no sequence holds a block; give the pages back.
+                self.kv = (self.new_kv)();
+            }
+            if item.failed.is_none() && !item.batch.chunks.is_empty() {
+                let k = self.k;
+                let inject = self.faults.at(FaultActor::Worker, k, step) == Some(FaultKind::Panic);
+                let r = guarded(|| {
+                    if inject {
+                        fire(FaultActor::Worker, k, step, FaultKind::Panic);
+                    }
+                    self.forward(&mut item)
+                });
+                if let Err(panic) = r {
+                    tracing::error!(worker = self.k, step, %panic, "micro-batch failed");
+                    item.failed = Some(format!("worker {} failed on step {step}: {panic}", self.k));
+                }
+            }
+            let sent = if matches!(self.next, Next::Sampler(..)) {
+                let msg = self.head(item);
+                self.add_busy(t0);
+                match &self.next {
+                    Next::Sampler(tx, _) => tx.send(msg).is_ok(),
+                    Next::Worker(_) => false,
+                }
+            } else {
+                self.add_busy(t0);
+                match &self.next {
+                    Next::Worker(tx) => tx.send(item).is_ok(),
+                    Next::Sampler(..) => false,
+                }
+            };
+            if !sent {
+                return; // downstream gone: shutting down (or it died: the supervisor reports it)
+            }
+        }
+    }
+
+    /// Copies, embeddings (first worker) and this group's layers.
+    fn forward(&mut self, item: &mut WorkItem) {
+        let dim = self.model.config.dim;
+        let batch = item.batch.clone();
+        let n = batch.num_tokens();
+        for &(src, dst) in &batch.copies {
+            self.kv.copy_block(src as usize, dst as usize);
+        }
+        if self.k == 0 {
+            item.x.resize(n * dim, 0.0);
+            let mut row = 0;
+            for c in &batch.chunks {
+                self.model.embed(&c.tokens, &mut item.x[row * dim..(row + c.tokens.len()) * dim]);
+                row += c.tokens.len();
+            }
+        }
+        let chunks: Vec<SeqChunk<'_>> =
+            batch.chunks.iter().map(|c| SeqChunk { pos: c.pos, len: c.tokens.len(), block_table: &c.block_table }).collect();
+        // Run on the worker's own pool: the nested parallel loops of every
+        // matmul are then cheap work-stealing forks, not cross-thread wakeups.
+        let (model, range, kv, scratch) = (&self.model, self.range.clone(), &mut self.kv, &mut self.scratch);
+        match &self.pool {
+            Some(p) => p.install(|| model.forward_layers(range, &mut item.x, &chunks, kv, scratch, Some(p))),
+            None => model.forward_layers(range, &mut item.x, &chunks, kv, scratch, None),
+        }
+    }
+
+    /// The last worker: final norm + output head for the rows that need logits.
+    fn head(&mut self, item: WorkItem) -> LogitsMsg {
+        let WorkItem { batch, x, failed, span } = item;
+        let nchunks = batch.chunks.len();
+        let mut msg = LogitsMsg { batch: batch.clone(), rows: Vec::new(), logits: Vec::new(), prompt_lp: vec![Vec::new(); nchunks], failed, span };
+        if msg.failed.is_some() || nchunks == 0 {
+            return msg;
+        }
+        let step = batch.step_id;
+        let r = guarded(|| self.head_rows(&batch, &x));
+        match r {
+            Ok((rows, logits, prompt_lp)) => {
+                msg.rows = rows;
+                msg.logits = logits;
+                msg.prompt_lp = prompt_lp;
+            }
+            Err(panic) => {
+                tracing::error!(worker = self.k, step, %panic, "output head failed");
+                msg.failed = Some(format!("worker {} failed on step {step}: {panic}", self.k));
+            }
+        }
+        msg
+    }
+
+    fn head_rows(&mut self, batch: &SchedulerOutput, x: &[f32]) -> (Vec<usize>, Vec<f32>, PromptLogprobs) {
+        let dim = self.model.config.dim;
+        let vocab = self.model.config.vocab_size;
+        let mut offsets = Vec::with_capacity(batch.chunks.len());
+        let mut acc = 0;
+        for c in &batch.chunks {
+            offsets.push(acc);
+            acc += c.tokens.len();
+        }
+        // Sampling rows: the last row of each chunk that samples.
+        let rows: Vec<usize> = batch.chunks.iter().enumerate().filter(|(_, c)| c.sample).map(|(ci, _)| ci).collect();
+        let mut xs = Vec::with_capacity(rows.len() * dim);
+        for &ci in &rows {
+            let row = offsets[ci] + batch.chunks[ci].tokens.len() - 1;
+            xs.extend_from_slice(&x[row * dim..(row + 1) * dim]);
+        }
+        let mut logits = match &self.next {
+            Next::Sampler(_, recycled) => recycled.try_recv().unwrap_or_default(),
+            Next::Worker(_) => Vec::new(),
+        };
+        logits.clear();
+        logits.resize(rows.len() * vocab, 0.0);
+        if !rows.is_empty() {
+            self.logits(&xs, &mut logits);
+        }
+        // Prompt log-probabilities: rows predicting a prompt token, in chunks.
+        let mut prompt_lp: PromptLogprobs = vec![Vec::new(); batch.chunks.len()];
+        let mut buf = Vec::new();
+        for (ci, c) in batch.chunks.iter().enumerate() {
+            let Some(ctx) = c.ctx.as_ref().filter(|_| c.all_logits) else { continue };
+            let top_n = ctx.params.prompt_logprobs.unwrap_or(0);
+            // Row r (position c.pos + r) predicts the token at c.pos + r + 1.
+            let wanted: Vec<usize> = (0..c.tokens.len()).filter(|r| c.pos + r + 1 < ctx.prompt.len()).collect();
+            for group in wanted.chunks(PROMPT_LOGPROB_ROWS) {
+                xs.clear();
+                for &r in group {
+                    let row = offsets[ci] + r;
+                    xs.extend_from_slice(&x[row * dim..(row + 1) * dim]);
+                }
+                buf.clear();
+                buf.resize(group.len() * vocab, 0.0);
+                self.logits(&xs, &mut buf);
+                let reduce = |(i, raw): (usize, &[f32])| {
+                    let pos = c.pos + group[i] + 1;
+                    let next = ctx.prompt.get(pos).copied().unwrap_or(0);
+                    (pos, prompt_logprob(raw, next, top_n))
+                };
+                let entries: Vec<(usize, TokenLogprob)> = match &self.pool {
+                    Some(p) => p.install(|| buf.par_chunks_exact(vocab).enumerate().map(reduce).collect()),
+                    None => buf.chunks_exact(vocab).enumerate().map(reduce).collect(),
+                };
+                prompt_lp[ci].extend(entries);
+            }
+        }
+        (rows, logits, prompt_lp)
+    }
+
+    fn logits(&mut self, xs: &[f32], out: &mut [f32]) {
+        let (model, scratch) = (&self.model, &mut self.scratch);
+        match &self.pool {
+            Some(p) => p.install(|| model.logits(xs, out, scratch, Some(p))),
+            None => model.logits(xs, out, scratch, None),
+        }
+    }
+
+    fn add_busy(&self, t0: Instant) {
+        if let Some(b) = self.busy.get(self.k) {
+            b.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One prompt position's entry: the log-probability of the actual `next` token and the top `n`.
+fn prompt_logprob(raw: &[f32], next: u32, n: usize) -> TokenLogprob {
+    let lse = sampling::logsumexp(raw);
+    let top = if n > 0 { sampling::top_k_entries(raw, n).into_iter().map(|(t, v)| (t, v - lse)).collect() } else { Vec::new() };
+    let logprob = raw.get(next as usize).map_or(f32::NEG_INFINITY, |v| v - lse);
+    TokenLogprob { token: next, logprob, top }
+}
