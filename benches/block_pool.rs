@@ -23,7 +23,7 @@ fn allocate_free(c: &mut Criterion) {
                     debug_assert!(ok);
                 }
                 for seq in 0..num_seqs {
-                    m.free(seq);
+                    m.free(seq).expect("allocated above");
                 }
             })
         });
@@ -39,7 +39,7 @@ fn prefix_lookup(c: &mut Criterion) {
     let cached: Vec<u32> = (0..512).map(|i| (i * 7919 % 32000) as u32).collect();
     assert!(m.allocate(0, cached.len(), Vec::new()).expect("fresh seq"));
     m.commit_full_blocks(0, &cached).expect("known seq");
-    m.free(0);
+    m.free(0).expect("allocated above");
     let mut prompt = cached.clone();
     prompt.extend((0..512).map(|i| (i * 104_729 % 32000 + 1) as u32));
     let (_, hit) = m.get_computed_blocks(&prompt);
@@ -54,7 +54,7 @@ fn prefix_lookup(c: &mut Criterion) {
                 let (c, _) = m.get_computed_blocks(&p);
                 let ok = m.allocate(1, p.len(), c).expect("fresh seq");
                 debug_assert!(ok);
-                m.free(1);
+                m.free(1).expect("allocated above");
             },
             BatchSize::SmallInput,
         )

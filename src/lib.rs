@@ -14,6 +14,10 @@
 //! - [`kernels`]: the only home of `unsafe` and SIMD, safe wrappers + scalar references.
 //! - [`model`]: Llama forward pass over quantized weights, paged KV access.
 //! - [`sampling`]: logits → token.
+//! - [`bench`]: the engine and HTTP benchmarks behind `brigade bench` and `brigade bench-serve`.
+//!
+//! The `brigade` command line (argument parsing, one-line error reports) is the binary's `cli`
+//! module, not part of this library.
 #![deny(unsafe_code)]
 #![warn(rust_2018_idioms)]
 

@@ -11,8 +11,7 @@ use crate::model::Model;
 /// Runs one sequence at a time with its own contiguous block table.
 #[derive(Debug)]
 pub struct Runner {
-    /// The model.
-    pub model: Arc<Model>,
+    model: Arc<Model>,
     kv: KvStore,
     block_table: Vec<u32>,
     scratch: Scratch,
@@ -26,7 +25,12 @@ pub struct Runner {
 pub enum RunnerError {
     /// More tokens than the runner's context.
     #[error("sequence of {need} tokens exceeds the context of {max} tokens")]
-    ContextFull { need: usize, max: usize },
+    ContextFull {
+        /// Tokens the sequence would hold.
+        need: usize,
+        /// The runner's context (`max_ctx` rounded up to whole blocks).
+        max: usize,
+    },
     /// Token id outside the vocabulary.
     #[error("token id {0} is outside the vocabulary")]
     BadToken(u32),

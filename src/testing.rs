@@ -17,11 +17,12 @@
 //! output.weight         [dim, vocab]        spec.weight_dtype, only if spec.untied
 //! ```
 //!
-//! Uses its own SplitMix64 generator so the library does not depend on `rand`.
+//! Random weights come from [`crate::sampling::SplitMix64`] (no `rand` dependency).
 
 use std::path::Path;
 
 use crate::gguf::{quantize, GgmlDType, GgufError, GgufWriter, MetaValue};
+use crate::sampling::SplitMix64;
 
 /// Shape and contents of a tiny random Llama model.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,26 +215,11 @@ pub fn tiny_vocab() -> TinyVocab {
     }
 }
 
-/// SplitMix64: tiny, seedable, good enough for random weights.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn fill(&mut self, n: usize, scale: f32, center: f32) -> Vec<f32> {
-        (0..n).map(|_| center + scale * self.uniform()).collect()
-    }
+/// `n` values uniform in `center ± scale`.
+fn fill(rng: &mut SplitMix64, n: usize, scale: f32, center: f32) -> Vec<f32> {
+    // Top 24 bits → uniform in [-1, 1).
+    let uniform = |rng: &mut SplitMix64| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+    (0..n).map(|_| center + scale * uniform(rng)).collect()
 }
 
 /// ggml `general.file_type` (llama_ftype) for a weight dtype.
@@ -281,7 +267,7 @@ pub fn tiny_llama_gguf(spec: &TinyLlamaSpec) -> Vec<u8> {
     let dim = u64::from(spec.dim);
     let kv_dim = u64::from(spec.kv_dim());
     let ffn = u64::from(spec.ffn_dim);
-    let mut rng = SplitMix64(spec.seed);
+    let mut rng = SplitMix64::new(spec.seed);
 
     let mut w = GgufWriter::new();
     w.add_str("general.architecture", "llama")
@@ -317,12 +303,12 @@ pub fn tiny_llama_gguf(spec: &TinyLlamaSpec) -> Vec<u8> {
                   dims: [u64; 2],
                   dtype: GgmlDType,
                   scale: f32| {
-        let values = rng.fill((dims[0] * dims[1]) as usize, scale, 0.0);
+        let values = fill(rng, (dims[0] * dims[1]) as usize, scale, 0.0);
         let data = quantize::quantize(dtype, &values).unwrap_or_default();
         w.add_tensor(name, &dims, dtype, data);
     };
     let norm = |w: &mut GgufWriter, rng: &mut SplitMix64, name: String| {
-        let values = rng.fill(dim as usize, 0.1, 1.0);
+        let values = fill(rng, dim as usize, 0.1, 1.0);
         let data = quantize::quantize(GgmlDType::F32, &values).unwrap_or_default();
         w.add_tensor(name, &[dim], GgmlDType::F32, data);
     };

@@ -1068,9 +1068,9 @@ fn http_bench_reports_latencies_and_per_tenant_tokens() {
         hash_key("key-b")
     );
     let s = rt.block_on(Server::tiny(&toml));
-    let args = brigade::server::HttpBenchArgs {
+    let args = brigade::bench::http::HttpBenchOptions {
         url: s.base.clone(),
-        endpoint: "completions".into(),
+        endpoint: brigade::bench::http::Endpoint::Completions,
         model_name: None,
         num_prompts: 12,
         concurrency: 4,
@@ -1084,7 +1084,7 @@ fn http_bench_reports_latencies_and_per_tenant_tokens() {
         seed: 1,
         timeout_s: 60.0,
     };
-    let r = brigade::server::run_http_bench(args).unwrap();
+    let r = serde_json::to_value(brigade::bench::http::run_http_bench(args).unwrap()).unwrap();
     assert_eq!(r["completed"], 8, "{r}");
     assert_eq!(r["errors_by_status"]["401"], 4, "{r}");
     assert_eq!(r["total_output_tokens"], 64, "{r}");

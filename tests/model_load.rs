@@ -104,7 +104,10 @@ fn cli_reports_a_malformed_model_in_one_line() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("error:") && !err.contains("panicked"), "{err}");
+    assert!(err.starts_with("error:") && !err.contains("panicked") && err.lines().count() == 1, "{err}");
+    // The cause is said once, not once by the library error and again by its source chain.
+    let cause = err.rsplit(": ").next().unwrap_or_default().trim();
+    assert_eq!(err.matches(cause).count(), 1, "{err}");
     let missing = dir.path().join("none.gguf");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
         .args(["tokenize", "hi", "--model"])

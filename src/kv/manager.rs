@@ -20,12 +20,18 @@
 //! 1. new request: `(computed, n) = get_computed_blocks(&prompt)`, then
 //!    `allocate(seq, prompt.len(), computed)` *before any other mutating call*; compute
 //!    from position `n`;
-//! 2. before writing K/V: `copy_on_write(seq)` (only needed after `fork`), copy the
-//!    returned `(src, dst)` block on every worker;
+//! 2. before writing K/V: `copy_on_write(seq, &mut copies)` (only needed after `fork`),
+//!    copy each pushed `(src, dst)` block on every worker;
 //! 3. after the forward pass: `commit_full_blocks(seq, &tokens[..num_computed])` with
 //!    exactly the tokens whose K/V are now written;
-//! 4. next token: `grow(seq, num_computed + 1)`; `Ok(false)` → preempt someone;
+//! 4. next token: `grow(seq, num_computed + 1)`; `Ok(false)` → preempt someone
+//!    (`allocate_slots` does 2 and 4 in one all-or-nothing call);
 //! 5. finished / preempted / aborted: `free(seq)`.
+//!
+//! "No room" and "bug" are different results: every call that needs free blocks answers
+//! `Ok(false)` when there are too few (and changes nothing); an `Err(KvError)` always means
+//! the caller's bookkeeping is broken (unknown or duplicate sequence, stale prefix blocks,
+//! double free) and must fail that sequence, not wait for room.
 
 use std::collections::HashMap;
 
@@ -324,16 +330,20 @@ impl KvCacheManager {
 
     /// Releases `seq`'s blocks (ref −1 each; last block first, so that in the LRU order a
     /// prefix's tail is evicted before its head). Blocks reaching ref 0 return to the free
-    /// list, cached ones reusable until evicted. Returns `false` if `seq` was unknown.
-    pub fn free(&mut self, seq: u64) -> bool {
-        let Some(s) = self.seqs.remove(&seq) else {
-            return false;
-        };
+    /// list, cached ones reusable until evicted.
+    ///
+    /// Errors (bugs, not conditions): [`KvError::UnknownSeq`] if `seq` holds no blocks (a
+    /// double free), [`KvError::InvalidBlock`] if its table held a free block (every other
+    /// block is still released and the table is gone).
+    pub fn free(&mut self, seq: u64) -> Result<(), KvError> {
+        let s = self.seqs.remove(&seq).ok_or(KvError::UnknownSeq(seq))?;
+        let mut result = Ok(());
         for &id in s.table.iter().rev() {
-            let released = self.pool.release(id);
-            debug_assert!(released.is_ok(), "table held a free block");
+            if let Err(e) = self.pool.release(id) {
+                result = result.and(Err(e));
+            }
         }
-        true
+        result
     }
 
     /// Makes `child` share all of `parent`'s blocks (ref +1 each) and counts. Never needs
@@ -353,41 +363,84 @@ impl KvCacheManager {
 
     /// Gives `seq` private copies of the shared (ref > 1) blocks it will write, i.e. those
     /// at or after position `num_computed_tokens`. Only the block holding that position can
-    /// hold data (if `num_computed_tokens % block_size != 0`): for it returns
-    /// `Some((src, dst))`, and the caller must copy block `src` to `dst` on every worker
-    /// before writing. Shared blocks after it hold nothing and are just replaced.
-    /// `Ok(None)`: nothing to copy. All or nothing: [`KvError::NoFreeBlocks`] if not enough
-    /// blocks are free (nothing changed).
-    pub fn copy_on_write(&mut self, seq: u64) -> Result<Option<(BlockId, BlockId)>, KvError> {
+    /// hold data (if `num_computed_tokens % block_size != 0`): for it `(src, dst)` is pushed
+    /// to `copies`, and the caller must copy block `src` to `dst` on every worker before
+    /// writing. Shared blocks after it hold nothing and are just replaced.
+    ///
+    /// All or nothing: `Ok(false)` if not enough blocks are free (nothing changed);
+    /// `Ok(true)` when every block from the write position on is private (nothing to do
+    /// included). [`KvError::UnknownSeq`] if `seq` holds no blocks.
+    pub fn copy_on_write(&mut self, seq: u64, copies: &mut Vec<(BlockId, BlockId)>) -> Result<bool, KvError> {
+        let needed = self.num_shared_to_write(seq)?;
+        if needed == 0 {
+            return Ok(true);
+        }
+        if needed > self.pool.num_free_blocks() {
+            return Ok(false);
+        }
         let bs = self.pool.block_size();
         let s = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSeq(seq))?;
         let first_written = s.num_computed_tokens / bs;
         let pool = &mut self.pool;
-        let is_shared = |id: &BlockId| pool.ref_count(*id).is_some_and(|r| r > 1);
-        let needed = s.table.iter().skip(first_written).filter(|id| is_shared(id)).count();
-        if needed == 0 {
-            return Ok(None);
-        }
-        if needed > pool.num_free_blocks() {
-            return Err(KvError::NoFreeBlocks { needed, free: pool.num_free_blocks() });
-        }
-        let mut copy = None;
         for j in first_written..s.table.len() {
             let src = s.table[j];
             if pool.ref_count(src).is_none_or(|r| r <= 1) {
                 continue;
             }
             let Some(dst) = pool.allocate() else {
+                // The free count was checked above; a pool that disagrees is broken.
                 debug_assert!(false, "free count checked above");
-                return Err(KvError::NoFreeBlocks { needed, free: 0 });
+                return Err(KvError::InvalidBlock(src));
             };
             pool.release(src)?;
             s.table[j] = dst;
             if j == first_written && s.num_computed_tokens % bs != 0 {
-                copy = Some((src, dst));
+                copies.push((src, dst));
             }
         }
-        Ok(copy)
+        Ok(true)
+    }
+
+    /// Makes `seq` ready to write K/V up to `num_tokens_total` tokens (vLLM's
+    /// `allocate_slots`): private copies of the shared blocks it will write
+    /// ([`Self::copy_on_write`], pushing a needed copy to `copies`) and room for
+    /// `num_tokens_total` tokens ([`Self::grow`]). All or nothing across both:
+    /// `Ok(false)` if the free blocks do not cover both (nothing changed, nothing pushed).
+    ///
+    /// Free blocks needed: shared blocks at or after the write position, plus
+    /// `ceil(num_tokens_total / block_size) - table length` new ones.
+    pub fn allocate_slots(
+        &mut self,
+        seq: u64,
+        num_tokens_total: usize,
+        copies: &mut Vec<(BlockId, BlockId)>,
+    ) -> Result<bool, KvError> {
+        let num_shared = self.num_shared_to_write(seq)?;
+        let table_len = self.seqs.get(&seq).map_or(0, |s| s.table.len());
+        let num_new = self.num_blocks_for(num_tokens_total).saturating_sub(table_len);
+        if num_shared + num_new > self.pool.num_free_blocks() {
+            return Ok(false);
+        }
+        let copied = self.copy_on_write(seq, copies)?;
+        let grown = self.grow(seq, num_tokens_total)?;
+        debug_assert!(copied && grown, "free count checked above");
+        Ok(copied && grown)
+    }
+
+    /// Shared (ref > 1) blocks of `seq` at or after its write position `num_computed_tokens`.
+    fn num_shared_to_write(&self, seq: u64) -> Result<usize, KvError> {
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSeq(seq))?;
+        let first_written = s.num_computed_tokens / self.pool.block_size();
+        Ok(s.table
+            .iter()
+            .skip(first_written)
+            .filter(|&&id| self.pool.ref_count(id).is_some_and(|r| r > 1))
+            .count())
+    }
+
+    /// Sequences holding a block table (for invariant checks and stats).
+    pub fn num_seqs(&self) -> usize {
+        self.seqs.len()
     }
 
     /// Checks every invariant (for tests): the pool's own (free list = exactly the blocks
@@ -499,7 +552,7 @@ mod tests {
         assert_eq!(m.allocate(1, 10, c), Ok(true)); // blocks 0, 1, 2
         m.commit_full_blocks(1, &prompt).expect("known seq"); // caches blocks 0 and 1
         assert_eq!(m.stats().num_cached_blocks, 2);
-        assert!(m.free(1));
+        assert_eq!(m.free(1), Ok(()));
         ok(&m);
         // Free list: uncached 2 at the head, then 1, 0 (freed last-block-first).
         assert_eq!(m.pool().free_block_ids(), vec![2, 3, 4, 5, 6, 7, 1, 0]);
@@ -548,7 +601,7 @@ mod tests {
         assert_eq!(m.block_table(2), Some(&[0, 1, 3][..]));
         assert_eq!(m.pool().ref_count(0), Some(2));
         ok(&m);
-        m.free(1);
+        m.free(1).expect("known seq");
         assert_eq!(m.pool().ref_count(0), Some(1));
         ok(&m);
     }
@@ -561,12 +614,12 @@ mod tests {
         let p2 = [2, 2, 9]; // 1 full block
         assert_eq!(m.allocate(1, 5, vec![]), Ok(true)); // 0, 1, 2
         m.commit_full_blocks(1, &p1).expect("known seq");
-        m.free(1); // free list: 2 (uncached, head), then 1, 0 (cached, last block first)
+        m.free(1).expect("known seq"); // free list: 2 (uncached, head), then 1, 0 (cached, last block first)
         assert_eq!(m.pool().free_block_ids(), vec![2, 3, 1, 0]);
         assert_eq!(m.allocate(2, 3, vec![]), Ok(true)); // takes 2, 3: no eviction
         assert_eq!(m.block_table(2), Some(&[2, 3][..]));
         m.commit_full_blocks(2, &p2).expect("known seq"); // caches 2
-        m.free(2); // free list: 3, then 1, 0, 2
+        m.free(2).expect("known seq"); // free list: 3, then 1, 0, 2
         assert_eq!(m.pool().free_block_ids(), vec![3, 1, 0, 2]);
         assert_eq!(m.stats().num_evictions, 0);
         // 4 tokens → 2 blocks: 3 (uncached) and 1 (LRU cached: p1's second block) → 1 eviction.
@@ -585,12 +638,12 @@ mod tests {
         let p = [5, 5, 6];
         assert_eq!(m.allocate(1, 3, vec![]), Ok(true)); // 0, 1
         m.commit_full_blocks(1, &p).expect("known seq"); // caches 0
-        m.free(1);
+        m.free(1).expect("known seq");
         let (c, _) = m.get_computed_blocks(&p);
         assert_eq!(c, vec![0]);
         // Another allocation in between takes both blocks and evicts 0.
         assert_eq!(m.allocate(2, 4, vec![]), Ok(true));
-        m.free(2);
+        m.free(2).expect("known seq");
         assert!(matches!(m.allocate(3, 3, c), Err(KvError::InvalidComputed { .. })));
         assert!(!m.contains(3));
         ok(&m);
@@ -603,7 +656,7 @@ mod tests {
         let p = [1, 2, 3, 4, 5];
         assert_eq!(m.allocate(1, 5, vec![]), Ok(true));
         m.commit_full_blocks(1, &p).expect("known seq");
-        m.free(1); // all 3 free, 0 and 1 cached
+        m.free(1).expect("known seq"); // all 3 free, 0 and 1 cached
         let (c, n) = m.get_computed_blocks(&p);
         assert_eq!((c.clone(), n), (vec![0, 1], 4));
         assert_eq!(m.allocate(9, 4, vec![]), Ok(true)); // holds 2 blocks: 2 and (evicting) 1
@@ -630,10 +683,13 @@ mod tests {
         ok(&m);
         // Next token goes to position 6 in block 1 (6 / 4 = 1), shared → seq 1 gets a copy: 2.
         assert_eq!(m.grow(1, 7), Ok(true));
-        assert_eq!(m.copy_on_write(1), Ok(Some((1, 2))));
+        let mut copies = vec![];
+        assert_eq!(m.copy_on_write(1, &mut copies), Ok(true));
+        assert_eq!(copies, vec![(1, 2)]);
         assert_eq!(m.block_table(1), Some(&[0, 2][..]));
         // Seq 2 now holds block 1 alone: no copy.
-        assert_eq!(m.copy_on_write(2), Ok(None));
+        assert_eq!(m.copy_on_write(2, &mut copies), Ok(true));
+        assert_eq!(copies, vec![(1, 2)]);
         assert_eq!(m.pool().ref_count(1), Some(1));
         assert_eq!(m.pool().ref_count(0), Some(2)); // full computed block stays shared
         ok(&m);
@@ -649,11 +705,47 @@ mod tests {
         m.commit_full_blocks(1, &[1, 2, 3, 4, 5, 6, 7, 8]).expect("known seq");
         m.fork(1, 2).expect("fork");
         // Position 8 is in block 2 (empty, shared): replaced, nothing to copy — but no free block.
-        assert_eq!(m.copy_on_write(1), Err(KvError::NoFreeBlocks { needed: 1, free: 0 }));
+        // No room is not an error: Ok(false), nothing changed.
+        let mut copies = vec![];
+        assert_eq!(m.copy_on_write(1, &mut copies), Ok(false));
         assert_eq!(m.block_table(1), Some(&[0, 1, 2][..]));
+        assert!(copies.is_empty());
         ok(&m);
-        m.free(2);
-        assert_eq!(m.copy_on_write(1), Ok(None)); // no longer shared
+        m.free(2).expect("known seq");
+        assert_eq!(m.copy_on_write(1, &mut copies), Ok(true)); // no longer shared
+        assert!(copies.is_empty());
+        ok(&m);
+    }
+
+    #[test]
+    fn allocate_slots_is_all_or_nothing_across_copy_and_grow() {
+        let mut m = mgr(4, 4);
+        // 6 computed tokens: block 0 full, block 1 holds positions 4..6.
+        assert_eq!(m.allocate(1, 6, vec![]), Ok(true)); // 0, 1
+        m.commit_full_blocks(1, &[1, 2, 3, 4, 5, 6]).expect("known seq");
+        m.fork(1, 2).expect("fork"); // 2 shares 0 and 1; free: 2, 3
+        let mut copies = vec![];
+        // Seq 2 to 14 tokens: copy of shared block 1 (1) + ceil(14/4) - 2 = 2 new = 3 > 2 free.
+        assert_eq!(m.allocate_slots(2, 14, &mut copies), Ok(false));
+        assert_eq!(m.block_table(2), Some(&[0, 1][..]));
+        assert_eq!((copies.len(), m.num_free_blocks()), (0, 2));
+        ok(&m);
+        // To 10 tokens: 1 copy + ceil(10/4) - 2 = 1 new = 2 free blocks: block 1 → 2, new 3.
+        assert_eq!(m.allocate_slots(2, 10, &mut copies), Ok(true));
+        assert_eq!(copies, vec![(1, 2)]);
+        assert_eq!(m.block_table(2), Some(&[0, 2, 3][..]));
+        assert_eq!(m.num_tokens(2), Some(10));
+        ok(&m);
+        assert_eq!(m.allocate_slots(9, 4, &mut copies), Err(KvError::UnknownSeq(9)));
+    }
+
+    #[test]
+    fn double_free_is_an_error_not_a_no_op() {
+        let mut m = mgr(4, 4);
+        assert_eq!(m.allocate(1, 5, vec![]), Ok(true));
+        assert_eq!(m.free(1), Ok(()));
+        assert_eq!(m.free(1), Err(KvError::UnknownSeq(1)));
+        assert_eq!(m.num_free_blocks(), 4);
         ok(&m);
     }
 
@@ -666,7 +758,7 @@ mod tests {
             Err(KvError::ComputedBeyondAllocation { seq: 1, got: 6, max: 5 })
         );
         assert_eq!(m.commit_full_blocks(2, &[0; 1]), Err(KvError::UnknownSeq(2)));
-        assert!(!m.free(2));
+        assert_eq!(m.free(2), Err(KvError::UnknownSeq(2)));
     }
 
     #[test]
@@ -693,7 +785,7 @@ mod tests {
         let p = [1, 1, 2];
         assert_eq!(m.allocate(1, 3, vec![]), Ok(true));
         m.commit_full_blocks(1, &p).expect("known seq");
-        m.free(1);
+        m.free(1).expect("known seq");
         assert_eq!(m.get_computed_blocks(&p), (vec![], 0));
         assert_eq!(m.stats(), KvStats { num_blocks: 4, num_free_blocks: 4, ..KvStats::default() });
         assert!(KvCacheManager::new(4, 0, true).is_err());
@@ -743,7 +835,7 @@ mod tests {
                         assert!(!m.contains(id));
                         // Preempt a random sequence, as the scheduler would.
                         if let Some(victim) = pick(&mut rng) {
-                            assert!(m.free(victim));
+                            m.free(victim).expect("live");
                             live.remove(&victim);
                         }
                     }
@@ -752,16 +844,16 @@ mod tests {
                 30..=59 => {
                     if let Some(id) = pick(&mut rng) {
                         let free_before = m.num_free_blocks();
-                        match m.copy_on_write(id) {
-                            Ok(Some((src, dst))) => {
-                                assert_ne!(src, dst);
-                                written[dst as usize] = written[src as usize].clone();
-                                assert!(m.num_free_blocks() < free_before);
-                            }
-                            Ok(None) => {}
-                            // Cannot write without private blocks: skip this step.
-                            Err(KvError::NoFreeBlocks { .. }) => continue,
-                            Err(e) => panic!("copy_on_write: {e}"),
+                        let mut copies = vec![];
+                        // Cannot write without private blocks: skip this step.
+                        if !m.copy_on_write(id, &mut copies).expect("live") {
+                            assert_eq!(m.num_free_blocks(), free_before);
+                            continue;
+                        }
+                        for &(src, dst) in &copies {
+                            assert_ne!(src, dst);
+                            written[dst as usize] = written[src as usize].clone();
+                            assert!(m.num_free_blocks() < free_before);
                         }
                         let (tokens, computed) = live.get_mut(&id).expect("live");
                         let (old, new) = (*computed, rng.gen_range(*computed..=tokens.len()));
@@ -791,7 +883,7 @@ mod tests {
                 }
                 80..=94 => {
                     if let Some(id) = pick(&mut rng) {
-                        assert!(m.free(id));
+                        m.free(id).expect("live");
                         live.remove(&id);
                     }
                 }
@@ -819,7 +911,7 @@ mod tests {
         assert!(num_admitted > 5000 && num_admitted_with_hit > 1000, "{num_admitted} {num_admitted_with_hit}");
         assert!(st.num_evictions > 0);
         for id in live.keys().copied().collect::<Vec<_>>() {
-            assert!(m.free(id));
+            m.free(id).expect("live");
         }
         ok(&m);
         assert_eq!(m.num_free_blocks(), 64);

@@ -18,9 +18,10 @@ pub use block_hash::BlockHash;
 pub use block_pool::{BlockId, BlockPool, CachedBlockRef};
 pub use manager::{KvCacheManager, KvStats, DEFAULT_BLOCK_SIZE};
 
-/// Errors of the KV-cache metadata layer. "Not enough free blocks" for `allocate`/`grow`
-/// is *not* an error (they return `Ok(false)`); these are bad configuration or caller bugs,
-/// except [`KvError::NoFreeBlocks`] from `copy_on_write`.
+/// Errors of the KV-cache metadata layer: bad configuration or a caller's bookkeeping bug,
+/// never "not enough free blocks" (`allocate`, `grow`, `copy_on_write` and
+/// `allocate_slots` return `Ok(false)` for that, and then nothing changed). A caller that
+/// gets one of these must not retry and wait: the state it asked about is broken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
     /// `block_size` was 0.
@@ -64,13 +65,5 @@ pub enum KvError {
         got: usize,
         /// Tokens allocated (`allocate`/`grow`).
         max: usize,
-    },
-    /// `copy_on_write` needs fresh blocks and not enough are free.
-    #[error("copy-on-write needs {needed} free blocks, {free} free")]
-    NoFreeBlocks {
-        /// Blocks needed.
-        needed: usize,
-        /// Blocks free.
-        free: usize,
     },
 }

@@ -246,12 +246,6 @@ pub struct Model {
 }
 
 impl Model {
-    /// Maps and loads a GGUF model file.
-    pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let file = GgufFile::open(path)?;
-        Self::from_gguf(Arc::new(file))
-    }
-
     /// Builds a model over an opened GGUF file.
     pub fn from_gguf(file: Arc<GgufFile>) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(&file)?;

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::auth::KeyHash;
+
 /// Errors in the `[server]` section.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerConfigError {
@@ -23,6 +25,12 @@ pub enum ServerConfigError {
     },
 }
 
+/// Upper bound of `max_header_bytes` (below hyper's ~400 KB read buffer, so
+/// hyper's own limit answers first and the response is rewritten to JSON).
+pub const MAX_HEADER_BYTES: usize = 256 << 10;
+/// Upper bound of `max_uri_bytes`: hyper refuses longer URIs itself (414).
+pub const MAX_URI_BYTES: usize = 65534;
+
 /// One tenant: who it is, how its keys hash, and its share and limits.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -31,7 +39,7 @@ pub struct TenantConfig {
     pub name: String,
     /// SHA-256 hashes of the tenant's API keys (`brigade hash-key`), hex, optionally `sha256:`-prefixed.
     #[serde(default)]
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<KeyHash>,
     /// Fair-share weight (> 0); served tokens over a backlogged period follow the weights.
     #[serde(default = "one")]
     pub weight: f64,
@@ -96,6 +104,25 @@ pub struct ServerConfig {
     pub tenants: Vec<TenantConfig>,
     /// Limits of the `default` tenant when no tenants are configured.
     pub default_max_queued: usize,
+    /// Most open client connections; one more is answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Seconds a client has to send a whole request head, from its connection
+    /// (or its first byte on a kept-alive connection); then it is closed.
+    pub header_read_timeout_s: f64,
+    /// Seconds a kept-alive connection may sit idle between requests.
+    pub keep_alive_timeout_s: f64,
+    /// Largest request head (request line and headers) in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Longest request URI (path and query) in bytes; longer gets 414.
+    pub max_uri_bytes: usize,
+    /// Accepted `Host` header names (DNS-rebinding protection): exact names,
+    /// `*.suffix` for subdomains, `*` for any; IP addresses always pass. Empty =
+    /// automatic: on a loopback listener only `localhost`, `*.localhost` and
+    /// names without a dot, else any.
+    pub allowed_hosts: Vec<String>,
+    /// Key hashes allowed to read `/metrics` (`Authorization: Bearer`); empty = open.
+    /// Tenants' keys do not open it.
+    pub metrics_api_keys: Vec<KeyHash>,
 }
 
 impl Default for ServerConfig {
@@ -113,6 +140,13 @@ impl Default for ServerConfig {
             vtc_output_weight: 2.0,
             tenants: Vec::new(),
             default_max_queued: 1024,
+            max_connections: 1024,
+            header_read_timeout_s: 10.0,
+            keep_alive_timeout_s: 30.0,
+            max_header_bytes: 32 << 10,
+            max_uri_bytes: 8 << 10,
+            allowed_hosts: Vec::new(),
+            metrics_api_keys: Vec::new(),
         }
     }
 }
@@ -121,8 +155,13 @@ impl ServerConfig {
     /// Parses the `[server]` table of the config file (None = defaults) and validates it.
     pub fn from_table(table: Option<&toml::Table>) -> Result<Self, ServerConfigError> {
         let cfg = match table {
-            Some(t) => ServerConfig::deserialize(toml::Value::Table(t.clone()))
-                .map_err(|e| ServerConfigError::Parse(e.to_string().trim().to_string()))?,
+            // The path names the entry (`tenants[0].api_keys[1]`) when a value is wrong.
+            Some(t) => serde_path_to_error::deserialize(toml::Value::Table(t.clone())).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                let inner = inner.trim();
+                ServerConfigError::Parse(if path == "." { inner.to_string() } else { format!("`{path}`: {inner}") })
+            })?,
             None => ServerConfig::default(),
         };
         cfg.validate()?;
@@ -153,6 +192,27 @@ impl ServerConfig {
         if !(1..=1_000_000).contains(&self.default_max_queued) {
             return inv("default_max_queued", format!("must be in 1..=1000000, got {}", self.default_max_queued));
         }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return inv("max_connections", format!("must be in 1..=1000000, got {}", self.max_connections));
+        }
+        for (k, v) in [("header_read_timeout_s", self.header_read_timeout_s), ("keep_alive_timeout_s", self.keep_alive_timeout_s)] {
+            if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
+                return inv(k, format!("must be in (0, 3600], got {v}"));
+            }
+        }
+        if !(1024..=MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            return inv("max_header_bytes", format!("must be in 1024..={MAX_HEADER_BYTES}, got {}", self.max_header_bytes));
+        }
+        if !(256..=MAX_URI_BYTES).contains(&self.max_uri_bytes) {
+            return inv("max_uri_bytes", format!("must be in 256..={MAX_URI_BYTES}, got {}", self.max_uri_bytes));
+        }
+        for (i, h) in self.allowed_hosts.iter().enumerate() {
+            let name = h.strip_prefix("*.").unwrap_or(h);
+            let ok = h == "*" || (!name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)));
+            if !ok {
+                return inv(&format!("allowed_hosts[{i}]"), format!("must be a host name or IP address, `*.domain` or `*`, got {h:?}"));
+            }
+        }
         for (k, v) in [("vtc_input_weight", self.vtc_input_weight), ("vtc_output_weight", self.vtc_output_weight)] {
             if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
                 return inv(k, format!("must be in [0, 1000], got {v}"));
@@ -181,10 +241,7 @@ impl ServerConfig {
                 return inv(&key("api_keys"), "a configured tenant needs at least one API key hash (`brigade hash-key`)".into());
             }
             for h in &t.api_keys {
-                let Some(hex) = super::auth::normalize_hash(h) else {
-                    return inv(&key("api_keys"), "each entry must be a SHA-256 hash: 64 hex digits, optionally prefixed `sha256:` (make one with `brigade hash-key`)".into());
-                };
-                if !keys.insert(hex) {
+                if !keys.insert(*h) {
                     return inv(&key("api_keys"), "the same key hash is listed twice".into());
                 }
             }
@@ -219,12 +276,43 @@ mod tests {
     #[test]
     fn bad_values_name_the_key() {
         let h = super::super::auth::hash_key("k");
+        let e = ServerConfig::from_toml_str(&format!("[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\", \"nope\"]\n")).unwrap_err().to_string();
+        assert!(e.contains("tenants[0].api_keys[1]") && e.contains("brigade hash-key"), "{e}");
+        let e = ServerConfig::from_toml_str("metrics_api_keys = [\"secret\"]\n").unwrap_err().to_string();
+        assert!(e.contains("metrics_api_keys[0]") && !e.contains("secret"), "{e}");
+        for (text, key) in [
+            ("max_connections = 0", "server.max_connections"),
+            ("header_read_timeout_s = 0", "server.header_read_timeout_s"),
+            ("keep_alive_timeout_s = -1", "server.keep_alive_timeout_s"),
+            ("max_header_bytes = 10", "server.max_header_bytes"),
+            ("max_uri_bytes = 100000", "server.max_uri_bytes"),
+            ("allowed_hosts = [\"a b\"]", "server.allowed_hosts[0]"),
+        ] {
+            let e = ServerConfig::from_toml_str(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
         let e = ServerConfig::from_toml_str(&format!("[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\nweight = 0\n")).unwrap_err().to_string();
         assert!(e.contains("server.tenants[0].weight"), "{e}");
         let e = ServerConfig::from_toml_str("[[tenants]]\nname = \"a\"\napi_keys = [\"plain-key\"]\n").unwrap_err().to_string();
         assert!(e.contains("api_keys"), "{e}");
         let ok = ServerConfig::from_toml_str(&format!("port = 0\n[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\n")).unwrap();
         assert_eq!(ok.tenants[0].max_queued, 256);
+    }
+
+    #[test]
+    fn default_file_matches_the_serde_defaults() {
+        // Every [server] key, commented out, with its default value.
+        let text = include_str!("../../config/default.toml");
+        let section = text.split("\n[server]\n").nth(1).expect("a [server] section in default.toml");
+        let body: String = section.lines().filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))).map(|l| format!("{l}\n")).collect();
+        let parsed = ServerConfig::from_toml_str(&body).unwrap();
+        assert_eq!(parsed, ServerConfig::default());
+        let table: toml::Table = toml::from_str(&body).unwrap();
+        let all = toml::Table::try_from(ServerConfig::default()).unwrap();
+        for k in all.keys() {
+            assert!(table.contains_key(k) || k == "tenants", "config/default.toml does not document server.{k}");
+        }
     }
 
     #[test]

@@ -3,17 +3,20 @@
 //! request tracing and graceful shutdown.
 //!
 //! ```text
-//!  client ─HTTP─► [request_context: id, span, drain gate] ─► auth (tenant) ─► body (≤ max_body_bytes)
+//!  client ─TCP─► edge: connection cap, header-read / keep-alive timeouts, hyper HTTP/1.1
+//!     ─► [request_context: Host, URI length, /metrics key, id, span, drain gate]
+//!     ─► [require_json: POST Content-Type] ─► auth (tenant) ─► body (≤ max_body_bytes)
 //!     ─► routes: validate + tokenize (blocking pool) ─► admission actor (VTC fair queue, per-tenant bounds)
 //!     ─► EngineHandle::submit ─► ResponseStream ─► stream.rs: JSON or SSE (`data: {…}` … `data: [DONE]`)
 //! ```
 //!
-//! Modules: [`config`] (the `[server]` section), [`auth`] (key hashing, tenant
-//! lookup), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
+//! Modules: [`config`] (the `[server]` section), [`auth`] (key hashes, tenant
+//! lookup), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
 //! actor around it), [`api`] (request DTOs and the accepted-field lists),
 //! [`responses`] (response DTOs), [`routes`] (handlers), [`stream`]
-//! (event → response assembly), [`error`] (the one status table), [`bench`]
-//! (the HTTP serving benchmark). Metrics live in [`crate::metrics`].
+//! (event → response assembly), [`error`] (the one status table). Metrics
+//! live in [`crate::metrics`]; the HTTP serving benchmark in
+//! [`crate::bench::http`]; `brigade serve` itself in the binary.
 //!
 //! Owns: HTTP, tenants, admission order. Does not own: tokenization rules,
 //! sampling, batching (the engine's).
@@ -21,8 +24,8 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod config;
+mod edge;
 pub mod error;
 pub mod fair;
 pub mod responses;
@@ -30,43 +33,15 @@ pub mod routes;
 pub mod stream;
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
-pub use auth::{hash_key, hash_key_main, HashKeyArgs};
-pub use bench::{run_http_bench, HttpBenchArgs};
+pub use auth::hash_key;
 pub use config::{ServerConfig, TenantConfig};
 
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
-
-/// `brigade serve` arguments. Flags override the config file.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Configuration file (TOML).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Model file (GGUF).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Listen address (default 127.0.0.1, or `server.host`).
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Listen port (default 8000, or `server.port`; 0 = any free port).
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Model name served in `/v1/models` and required in `model` fields.
-    #[arg(long)]
-    pub served_model_name: Option<String>,
-    /// Log format: `pretty` (human-readable) or `json`. `RUST_LOG` sets the filter.
-    #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
-    pub log_format: String,
-}
 
 /// Errors serving.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +76,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Unix time the server started (`created` of `/v1/models`).
     pub created: u64,
+    /// Host, URI-length and `/metrics` checks run before routing.
+    pub(crate) checks: edge::RequestChecks,
 }
 
 impl std::fmt::Debug for AppState {
@@ -118,9 +95,10 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains: readiness and
-/// new requests get 503, queued and running requests finish for up to
-/// `server.shutdown_timeout_s`, the rest are aborted (`finish_reason: "abort"`),
-/// and the function returns once every connection is closed.
+/// new requests get 503, idle connections close, queued and running requests
+/// finish for up to `server.shutdown_timeout_s`, the rest are aborted
+/// (`finish_reason: "abort"`), and the function returns once every connection
+/// is closed (those still open [`CONNECTION_CLOSE_GRACE`] later are dropped).
 pub async fn serve_with(
     engine: EngineHandle,
     cfg: ServerConfig,
@@ -147,8 +125,9 @@ pub async fn serve_with(
         engine.clone(),
         metrics.clone(),
     );
+    let loopback = listener.local_addr()?.ip().is_loopback();
     let app: App = Arc::new(AppState {
-        keys: auth::KeyDirectory::new(&tenants, cfg.tenants.is_empty()),
+        keys: auth::KeyDirectory::new(tenants.iter().map(|t| t.api_keys.as_slice()), cfg.tenants.is_empty()),
         tenants,
         engine: engine.clone(),
         model_name,
@@ -157,30 +136,18 @@ pub async fn serve_with(
         metrics,
         draining: AtomicBool::new(false),
         created: unix_now(),
+        checks: edge::RequestChecks::new(&cfg, loopback),
         cfg: cfg.clone(),
     });
-    let router = routes::router(app.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        let _ = stop_rx.await; // sender dropped = stop too
-    });
-    let mut server_task = tokio::spawn(async move { server.await });
-
-    tokio::select! {
-        _ = shutdown => {}
-        r = &mut server_task => {
-            // The server ended on its own (listener error).
-            return match r {
-                Ok(r) => r.map_err(ServeError::Io),
-                Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
-            };
-        }
-    }
+    let edge = edge::Edge::spawn(listener, routes::router(app.clone()), &cfg, app.metrics.clone());
+    shutdown.await;
 
     // Drain: refuse new work, let admitted and queued work finish up to the timeout.
+    // Idle connections close now; busy ones after their response.
     tracing::info!(timeout_s = cfg.shutdown_timeout_s, "shutdown requested: draining");
     app.draining.store(true, Ordering::SeqCst);
     admission.start_draining();
+    edge.start_draining();
     let deadline = Instant::now() + Duration::from_secs_f64(cfg.shutdown_timeout_s);
     while (admission.queued() > 0 || admission.in_flight() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -195,18 +162,15 @@ pub async fn serve_with(
         }
     }
     engine.drain();
-    let _ = stop_tx.send(()); // server task may have ended
-    match tokio::time::timeout(Duration::from_secs(10), &mut server_task).await {
-        Ok(Ok(r)) => r.map_err(ServeError::Io)?,
-        Ok(Err(e)) => return Err(ServeError::Io(std::io::Error::other(e.to_string()))),
-        Err(_) => {
-            tracing::warn!("connections still open 10 s after draining; closing them");
-            server_task.abort();
-        }
-    }
+    // Every request has ended: what is left is a response being written, or a
+    // client that is slow to send its head or to read.
+    edge.close(CONNECTION_CLOSE_GRACE).await;
     tracing::info!("shutdown complete");
     Ok(())
 }
+
+/// How long connections may take to close once every request has ended.
+const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -229,52 +193,4 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// Installs the global tracing subscriber (`json` or `pretty`), filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    // try_init: a subscriber may already be set (tests); keep it.
-    let _ = if format == "json" { builder.json().with_current_span(true).try_init() } else { builder.try_init() };
-}
-
-/// Runs `brigade serve` until SIGTERM/SIGINT; returns after a graceful drain.
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(&args.log_format);
-    let cfg = match &args.config {
-        Some(p) => crate::config::Config::load(p)?,
-        None => crate::config::Config::default(),
-    };
-    let mut scfg = ServerConfig::from_table(cfg.server.as_ref())?;
-    if let Some(h) = args.host {
-        scfg.host = h;
-    }
-    if let Some(p) = args.port {
-        scfg.port = p;
-    }
-    if let Some(n) = args.served_model_name {
-        scfg.served_model_name = n;
-    }
-    let path = crate::paths::resolve_model(args.model.as_deref(), cfg.model.path.as_deref())?;
-    let (model, tok) = crate::model::load_with_tokenizer(&path)?;
-    let engine = crate::engine::Engine::start(model, tok, cfg)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("http").build()?;
-    rt.block_on(async move {
-        let addr: SocketAddr = tokio::net::lookup_host((scfg.host.as_str(), scfg.port))
-            .await
-            .with_context(|| format!("resolving {}:{}", scfg.host, scfg.port))?
-            .next()
-            .with_context(|| format!("no address for {}", scfg.host))?;
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        let local = listener.local_addr()?;
-        tracing::info!(address = %local, model = %path.display(), "listening");
-        // Machine-readable line for scripts that start the server on port 0.
-        eprintln!("brigade: listening on http://{local}");
-        serve_with(engine, scfg, listener, shutdown_signal()).await?;
-        anyhow::Ok(())
-    })?;
-    rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(())
 }

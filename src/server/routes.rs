@@ -36,6 +36,8 @@ pub fn router(app: App) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        // Matched routes only: an unknown path stays 404 whatever its Content-Type.
+        .route_layer(axum::middleware::from_fn(super::edge::require_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), request_context))
@@ -46,7 +48,8 @@ fn valid_request_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Request id, span, drain gate, error metrics, access log.
+/// Request id, span, the checks before routing (Host, URI length, `/metrics`
+/// key), drain gate, error metrics, access log.
 async fn request_context(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
@@ -60,7 +63,9 @@ async fn request_context(State(app): State<App>, mut req: Request, next: Next) -
     req.extensions_mut().insert(RequestId(id.clone()));
     let probe = matches!(path.as_str(), "/health" | "/ready" | "/metrics");
     let t0 = Instant::now();
-    let mut resp = if app.draining.load(Ordering::Relaxed) && !probe {
+    let mut resp = if let Err(e) = app.checks.check(&req) {
+        e.into_response()
+    } else if app.draining.load(Ordering::Relaxed) && !probe {
         ApiError::Unavailable("the server is shutting down".into()).into_response()
     } else {
         next.run(req).instrument(span.clone()).await

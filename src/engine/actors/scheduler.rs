@@ -26,7 +26,7 @@ use crate::engine::fault::{FaultActor, FaultKind, FaultPlan};
 use crate::engine::handle::{EngineStats, Health};
 use crate::engine::msg::{Admit, Control, ControlReceiver, OutMsg, StepResult, WorkItem};
 use crate::engine::request::{Event, FinishReason, TokenLogprob};
-use crate::engine::scheduler::{Scheduler, SchedulerOutput, Sequence, Status};
+use crate::engine::scheduler::{Scheduler, SchedulerOutput, SeqUpdate, Sequence, Status};
 use crate::sampling::Sampled;
 
 /// Reads a channel's length without touching its messages.
@@ -67,6 +67,8 @@ pub(crate) struct ActorState {
     /// Request id → its span (the trace of a request crosses every actor)
     /// and the number of its completions still held.
     spans: HashMap<u64, (tracing::Span, usize)>,
+    /// Sequence id → request id, for every sequence held.
+    seq_request: HashMap<u64, u64>,
     scheduled_once: HashSet<u64>,
     kv_peak: f64,
     draining: bool,
@@ -147,7 +149,11 @@ impl SchedulerActor {
     /// Forms micro-batches while the pipeline has room.
     fn schedule(&mut self) -> Result<(), String> {
         while self.state.in_flight < self.depth {
-            let Some(batch) = self.sched.schedule() else { break };
+            let formed = self.sched.schedule();
+            // Sequences the scheduler had to fail (a KV bookkeeping bug): loud, never a silent wait.
+            let failed = self.sched.take_failed();
+            self.fail_updates(failed);
+            let Some(batch) = formed else { break };
             self.faults.trigger(FaultActor::Scheduler, 0, batch.step_id, FaultKind::Die);
             self.faults.trigger(FaultActor::Scheduler, 0, batch.step_id, FaultKind::Panic);
             let span = tracing::debug_span!(parent: None, "step", step = batch.step_id, tokens = batch.num_tokens(), seqs = batch.chunks.len());
@@ -218,6 +224,7 @@ impl SchedulerActor {
         for index in 0..n {
             let seq_id = self.state.next_seq;
             self.state.next_seq += 1;
+            self.state.seq_request.insert(seq_id, id);
             let _ = self.out.send(OutMsg::Register {
                 seq_id,
                 request_id: id,
@@ -276,13 +283,13 @@ impl SchedulerActor {
             Control::Cancel(id) => self.cancel_request(id),
             Control::CancelAll => {
                 for s in self.sched.cancel_all() {
-                    self.finish(s.id, s.request_id, FinishReason::Abort, s.num_cached);
+                    self.finish(s.id, FinishReason::Abort, s.num_cached);
                 }
             }
             Control::Stop(seq_id) => {
                 for s in self.sched.cancel_seq(seq_id) {
                     // The output actor already sent this completion's end.
-                    self.forget_seq(s.id, s.request_id);
+                    self.forget_seq(s.id);
                 }
             }
             Control::Drain => self.state.draining = true,
@@ -296,7 +303,7 @@ impl SchedulerActor {
 
     fn cancel_request(&mut self, id: u64) {
         for s in self.sched.cancel_request(id) {
-            self.finish(s.id, s.request_id, FinishReason::Abort, s.num_cached);
+            self.finish(s.id, FinishReason::Abort, s.num_cached);
         }
     }
 
@@ -308,12 +315,8 @@ impl SchedulerActor {
         }
         if let Some(why) = r.failed {
             self.state.failed_steps += 1;
-            for request in self.sched.fail_batch(&r.batch) {
-                let _ = self.out.send(OutMsg::Fail { request_id: request, error: EngineError::Internal(why.clone()) });
-                for s in self.sched.cancel_request(request) {
-                    self.forget_seq(s.id, s.request_id);
-                }
-            }
+            let updates = self.sched.fail_batch(&r.batch, &why);
+            self.fail_updates(updates);
             self.note_idle();
             return;
         }
@@ -324,42 +327,65 @@ impl SchedulerActor {
             }
         }
         let mut sampled: HashMap<u64, Sampled> = HashMap::new();
-        let mut cached: HashMap<u64, (usize, u64)> = HashMap::new();
         for (c, smp) in r.batch.chunks.iter().zip(r.sampled) {
-            if let Some(s) = self.sched.get(c.seq_id) {
-                cached.insert(c.seq_id, (s.num_cached, s.request_id));
-            }
             if let Some(smp) = smp {
                 sampled.insert(c.seq_id, smp);
             }
         }
+        let mut failed = Vec::new();
         for u in self.sched.update_from_output(&r.batch, &tokens) {
-            let (cached_tokens, request_id) = cached.get(&u.seq_id).copied().unwrap_or((0, u64::MAX));
+            if u.error.is_some() {
+                failed.push(u);
+                continue;
+            }
             match (u.token, sampled.remove(&u.seq_id)) {
                 (Some(_), Some(s)) => {
                     let token = TokenLogprob { token: s.token, logprob: s.logprob, top: s.top };
-                    let _ = self.out.send(OutMsg::Token { seq_id: u.seq_id, token, finish: u.finish, cached: cached_tokens });
+                    let _ = self.out.send(OutMsg::Token { seq_id: u.seq_id, token, finish: u.finish, cached: u.num_cached });
                 }
                 _ => {
                     if let Some(reason) = u.finish {
-                        let _ = self.out.send(OutMsg::Finish { seq_id: u.seq_id, reason, cached: cached_tokens });
+                        let _ = self.out.send(OutMsg::Finish { seq_id: u.seq_id, reason, cached: u.num_cached });
                     }
                 }
             }
             if u.finish.is_some() {
-                self.forget_seq(u.seq_id, request_id);
+                self.forget_seq(u.seq_id);
             }
         }
+        self.fail_updates(failed);
         self.note_idle();
     }
 
-    fn finish(&mut self, seq_id: u64, request_id: u64, reason: FinishReason, cached: usize) {
-        let _ = self.out.send(OutMsg::Finish { seq_id, reason, cached });
-        self.forget_seq(seq_id, request_id);
+    /// Failed sequences (already removed by the scheduler): their requests end
+    /// with one error event, and their other completions are cancelled.
+    fn fail_updates(&mut self, updates: Vec<SeqUpdate>) {
+        let mut requests: Vec<(u64, String)> = Vec::new();
+        for u in updates {
+            let why = u.error.as_ref().map_or_else(|| "the sequence failed".to_string(), ToString::to_string);
+            if let Some(&r) = self.state.seq_request.get(&u.seq_id) {
+                if !requests.iter().any(|(q, _)| *q == r) {
+                    requests.push((r, why));
+                }
+            }
+            self.forget_seq(u.seq_id);
+        }
+        for (request, why) in requests {
+            let _ = self.out.send(OutMsg::Fail { request_id: request, error: EngineError::Internal(why) });
+            for s in self.sched.cancel_request(request) {
+                self.forget_seq(s.id);
+            }
+        }
     }
 
-    fn forget_seq(&mut self, seq_id: u64, request_id: u64) {
+    fn finish(&mut self, seq_id: u64, reason: FinishReason, cached: usize) {
+        let _ = self.out.send(OutMsg::Finish { seq_id, reason, cached });
+        self.forget_seq(seq_id);
+    }
+
+    fn forget_seq(&mut self, seq_id: u64) {
         self.state.scheduled_once.remove(&seq_id);
+        let Some(request_id) = self.state.seq_request.remove(&seq_id) else { return };
         if let Some((_, open)) = self.state.spans.get_mut(&request_id) {
             *open = open.saturating_sub(1);
             if *open == 0 {

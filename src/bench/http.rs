@@ -1,4 +1,4 @@
-//! The HTTP serving benchmark (`brigade bench --url …`): drives a running
+//! The HTTP serving benchmark (`brigade bench-serve --url …`): drives a running
 //! server with streaming requests at a fixed concurrency or a Poisson arrival
 //! rate, optionally spread over several tenants' API keys, and reports what
 //! `vllm bench serve` reports: request/token throughput, TTFT, TPOT, ITL and
@@ -9,55 +9,150 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use futures_util::StreamExt;
+use serde::Serialize;
 use serde_json::{json, Value};
 
-/// `brigade bench --url` arguments.
-#[derive(clap::Args, Debug, Clone)]
-pub struct HttpBenchArgs {
+use super::{poisson_gap_s, Pct, PctMax};
+use crate::sampling::SplitMix64;
+
+/// Which OpenAI endpoint the benchmark drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Endpoint {
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/chat/completions`.
+    Chat,
+}
+
+/// `brigade bench-serve` options.
+#[derive(Debug, Clone)]
+pub struct HttpBenchOptions {
     /// Base URL of the server, e.g. `http://127.0.0.1:8000`.
-    #[arg(long)]
     pub url: String,
-    /// API: `completions` or `chat`.
-    #[arg(long, default_value = "completions", value_parser = ["completions", "chat"])]
-    pub endpoint: String,
+    /// The API driven.
+    pub endpoint: Endpoint,
     /// Model name to send (default: the first of `/v1/models`).
-    #[arg(long)]
     pub model_name: Option<String>,
     /// Requests to send.
-    #[arg(long, default_value_t = 64)]
     pub num_prompts: usize,
     /// Most requests in flight at once.
-    #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Poisson arrival rate in requests/s (default: all at once, limited by --concurrency).
-    #[arg(long)]
+    /// Poisson arrival rate in requests/s (default: all at once, limited by `concurrency`).
     pub request_rate: Option<f64>,
     /// API keys, `KEY` or `TENANT=KEY`; requests go round-robin over them.
-    #[arg(long = "api-key")]
     pub api_keys: Vec<String>,
     /// Approximate prompt length in tokens.
-    #[arg(long, default_value_t = 128)]
     pub input_len: usize,
     /// Generated tokens per request (`max_tokens`, with `ignore_eos`).
-    #[arg(long, default_value_t = 128)]
     pub output_len: usize,
     /// SLO on time to first token, ms (goodput counts requests meeting every SLO given).
-    #[arg(long)]
     pub slo_ttft_ms: Option<f64>,
     /// SLO on time per output token, ms.
-    #[arg(long)]
     pub slo_tpot_ms: Option<f64>,
     /// SLO on end-to-end latency, ms.
-    #[arg(long)]
     pub slo_e2e_ms: Option<f64>,
     /// Seed of the arrival process and prompts.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Per-request timeout in seconds.
-    #[arg(long, default_value_t = 600.0)]
     pub timeout_s: f64,
+}
+
+/// Why the HTTP benchmark could not run (failed requests are counted, not errors).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpBenchError {
+    /// The tokio runtime could not be built.
+    #[error("bench runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Client(reqwest::Error),
+    /// `GET /v1/models` failed.
+    #[error("GET /v1/models: {0}")]
+    Models(reqwest::Error),
+    /// `/v1/models` answered a body that is not a model list.
+    #[error("/v1/models body: {0}")]
+    ModelsBody(reqwest::Error),
+    /// `/v1/models` listed no model.
+    #[error("no model in /v1/models")]
+    NoModel,
+    /// A request task panicked or was cancelled.
+    #[error("request task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The latency SLOs goodput was measured against, ms (`None`: not set).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Slo {
+    /// Time to first token.
+    pub ttft_ms: Option<f64>,
+    /// Time per output token.
+    pub tpot_ms: Option<f64>,
+    /// End-to-end latency.
+    pub e2e_ms: Option<f64>,
+}
+
+/// One tenant's requests and tokens.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct TenantTotals {
+    /// Requests that completed with 200.
+    pub completed: u64,
+    /// Requests that did not.
+    pub failed: u64,
+    /// Prompt tokens of completed requests (from `usage`).
+    pub prompt_tokens: u64,
+    /// Generated tokens (from `usage`).
+    pub output_tokens: u64,
+}
+
+/// What `brigade bench-serve` reports (the keys of `vllm bench serve` where they exist).
+#[derive(Clone, Debug, Serialize)]
+pub struct HttpBenchReport {
+    /// Base URL driven.
+    pub url: String,
+    /// The API driven.
+    pub endpoint: Endpoint,
+    /// Model name sent.
+    pub model: String,
+    /// Requests sent.
+    pub num_prompts: usize,
+    /// Most requests in flight.
+    pub concurrency: usize,
+    /// Poisson arrival rate, requests/s (`None`: all at once).
+    pub request_rate: Option<f64>,
+    /// Requests answered 200 without a stream error.
+    pub completed: usize,
+    /// The others.
+    pub failed: usize,
+    /// Failed requests by HTTP status (`"connection"` when there was none).
+    pub errors_by_status: BTreeMap<String, u64>,
+    /// Wall time, seconds.
+    pub duration_s: f64,
+    /// Prompt tokens of completed requests.
+    pub total_input_tokens: u64,
+    /// Generated tokens of completed requests.
+    pub total_output_tokens: u64,
+    /// Completed requests per second.
+    pub request_throughput: f64,
+    /// Generated tokens per second.
+    pub output_throughput: f64,
+    /// Prompt + generated tokens per second.
+    pub total_token_throughput: f64,
+    /// Completed requests meeting every SLO, per second.
+    pub goodput: f64,
+    /// The SLOs of `goodput`.
+    pub slo: Slo,
+    /// Time to first token (`None`: no sample).
+    pub ttft_ms: Option<PctMax>,
+    /// Time per output token after the first.
+    pub tpot_ms: Option<PctMax>,
+    /// Inter-token latency.
+    pub itl_ms: Option<PctMax>,
+    /// End-to-end latency.
+    pub e2e_ms: Option<PctMax>,
+    /// Requests and tokens per tenant (key name).
+    pub per_tenant: BTreeMap<String, TenantTotals>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -72,24 +167,9 @@ struct Outcome {
     output_tokens: u64,
 }
 
-fn splitmix(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Percentile summary in milliseconds.
-fn summary_ms(v: &[f64]) -> Value {
-    if v.is_empty() {
-        return Value::Null;
-    }
-    let mut s: Vec<f64> = v.iter().map(|x| x * 1e3).collect();
-    s.sort_by(f64::total_cmp);
-    let pct = |p: f64| s[((p / 100.0) * (s.len() - 1) as f64).round() as usize];
-    let mean = s.iter().sum::<f64>() / s.len() as f64;
-    json!({"mean": mean, "p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "max": pct(100.0)})
+/// Statistics of `v` (seconds) in milliseconds.
+fn summary_ms(v: &[f64]) -> Option<PctMax> {
+    Pct::with_max(&v.iter().map(|x| x * 1e3).collect::<Vec<_>>())
 }
 
 async fn one_request(client: reqwest::Client, url: String, key: Option<(String, String)>, body: Value, chat: bool) -> Outcome {
@@ -154,15 +234,18 @@ async fn one_request(client: reqwest::Client, url: String, key: Option<(String, 
     o
 }
 
-/// Runs the benchmark and returns the report (also suitable for `--json`).
-pub fn run_http_bench(args: HttpBenchArgs) -> anyhow::Result<Value> {
+/// Runs the benchmark on its own tokio runtime and returns the report.
+pub fn run_http_bench(opts: HttpBenchOptions) -> Result<HttpBenchReport, HttpBenchError> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(bench(args))
+    rt.block_on(bench(opts))
 }
 
-async fn bench(a: HttpBenchArgs) -> anyhow::Result<Value> {
+async fn bench(a: HttpBenchOptions) -> Result<HttpBenchReport, HttpBenchError> {
     let base = a.url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs_f64(a.timeout_s)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs_f64(a.timeout_s))
+        .build()
+        .map_err(HttpBenchError::Client)?;
     let keys: Vec<(String, String)> = a
         .api_keys
         .iter()
@@ -179,26 +262,25 @@ async fn bench(a: HttpBenchArgs) -> anyhow::Result<Value> {
             if let Some((_, k)) = keys.first() {
                 req = req.bearer_auth(k);
             }
-            let v: Value = req.send().await.context("GET /v1/models")?.json().await.context("/v1/models body")?;
-            v["data"][0]["id"].as_str().context("no model in /v1/models")?.to_string()
+            let v: Value = req.send().await.map_err(HttpBenchError::Models)?.json().await.map_err(HttpBenchError::ModelsBody)?;
+            v["data"][0]["id"].as_str().ok_or(HttpBenchError::NoModel)?.to_string()
         }
     };
-    let chat = a.endpoint == "chat";
+    let chat = a.endpoint == Endpoint::Chat;
     let url = if chat { format!("{base}/v1/chat/completions") } else { format!("{base}/v1/completions") };
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
-    let mut rng = a.seed ^ 0x5EED;
+    let mut rng = SplitMix64::new(a.seed ^ 0x5EED);
     let words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"];
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(a.num_prompts);
     for i in 0..a.num_prompts {
         if let Some(rate) = a.request_rate.filter(|r| *r > 0.0 && r.is_finite()) {
-            let u = ((splitmix(&mut rng) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            tokio::time::sleep(Duration::from_secs_f64(-u.ln() / rate)).await;
+            tokio::time::sleep(Duration::from_secs_f64(poisson_gap_s(&mut rng, rate))).await;
         }
         let mut prompt = format!("Request {i}:");
         for _ in 0..a.input_len.saturating_sub(4) {
             prompt.push(' ');
-            prompt.push_str(words[(splitmix(&mut rng) % words.len() as u64) as usize]);
+            prompt.push_str(words[(rng.next_u64() % words.len() as u64) as usize]);
         }
         let mut body = json!({
             "model": model,
@@ -214,7 +296,8 @@ async fn bench(a: HttpBenchArgs) -> anyhow::Result<Value> {
             body["prompt"] = json!(prompt);
         }
         let key = if keys.is_empty() { None } else { keys.get(i % keys.len()).cloned() };
-        let permit = sem.clone().acquire_owned().await?;
+        // The semaphore is never closed.
+        let Ok(permit) = sem.clone().acquire_owned().await else { break };
         let (client, url) = (client.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             let o = one_request(client, url, key, body, chat).await;
@@ -251,37 +334,39 @@ async fn bench(a: HttpBenchArgs) -> anyhow::Result<Value> {
         .count();
     let input: u64 = ok.iter().map(|o| o.prompt_tokens).sum();
     let output: u64 = ok.iter().map(|o| o.output_tokens).sum();
-    let mut per_tenant: BTreeMap<String, Value> = BTreeMap::new();
+    let mut per_tenant: BTreeMap<String, TenantTotals> = BTreeMap::new();
     for o in &outcomes {
-        let e = per_tenant.entry(o.tenant.clone()).or_insert_with(|| json!({"completed": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0}));
-        let okk = o.error.is_none() && o.status == Some(200);
-        let key = if okk { "completed" } else { "failed" };
-        e[key] = json!(e[key].as_u64().unwrap_or(0) + 1);
-        e["prompt_tokens"] = json!(e["prompt_tokens"].as_u64().unwrap_or(0) + o.prompt_tokens);
-        e["output_tokens"] = json!(e["output_tokens"].as_u64().unwrap_or(0) + o.output_tokens);
+        let e = per_tenant.entry(o.tenant.clone()).or_default();
+        if o.error.is_none() && o.status == Some(200) {
+            e.completed += 1;
+        } else {
+            e.failed += 1;
+        }
+        e.prompt_tokens += o.prompt_tokens;
+        e.output_tokens += o.output_tokens;
     }
-    Ok(json!({
-        "url": base,
-        "endpoint": a.endpoint,
-        "model": model,
-        "num_prompts": a.num_prompts,
-        "concurrency": a.concurrency,
-        "request_rate": a.request_rate,
-        "completed": ok.len(),
-        "failed": outcomes.len() - ok.len(),
-        "errors_by_status": errors,
-        "duration_s": duration,
-        "total_input_tokens": input,
-        "total_output_tokens": output,
-        "request_throughput": ok.len() as f64 / duration,
-        "output_throughput": output as f64 / duration,
-        "total_token_throughput": (input + output) as f64 / duration,
-        "goodput": good as f64 / duration,
-        "slo": {"ttft_ms": a.slo_ttft_ms, "tpot_ms": a.slo_tpot_ms, "e2e_ms": a.slo_e2e_ms},
-        "ttft_ms": summary_ms(&ttft),
-        "tpot_ms": summary_ms(&tpot),
-        "itl_ms": summary_ms(&itl),
-        "e2e_ms": summary_ms(&e2e),
-        "per_tenant": per_tenant,
-    }))
+    Ok(HttpBenchReport {
+        url: base,
+        endpoint: a.endpoint,
+        model,
+        num_prompts: a.num_prompts,
+        concurrency: a.concurrency,
+        request_rate: a.request_rate,
+        completed: ok.len(),
+        failed: outcomes.len() - ok.len(),
+        errors_by_status: errors,
+        duration_s: duration,
+        total_input_tokens: input,
+        total_output_tokens: output,
+        request_throughput: ok.len() as f64 / duration,
+        output_throughput: output as f64 / duration,
+        total_token_throughput: (input + output) as f64 / duration,
+        goodput: good as f64 / duration,
+        slo: Slo { ttft_ms: a.slo_ttft_ms, tpot_ms: a.slo_tpot_ms, e2e_ms: a.slo_e2e_ms },
+        ttft_ms: summary_ms(&ttft),
+        tpot_ms: summary_ms(&tpot),
+        itl_ms: summary_ms(&itl),
+        e2e_ms: summary_ms(&e2e),
+        per_tenant,
+    })
 }

@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::config::{Config, Count};
-use crate::engine::{Engine, Event, GenerateRequest, SamplingParams};
+use super::{poisson_gap_s, Pct};
+use crate::config::{Config, ConfigError, Count};
+use crate::engine::{Engine, EngineError, Event, GenerateRequest, ResponseStream, SamplingParams, StartError};
 use crate::model::Model;
-use crate::sampling::mix64;
-use crate::tokenizer::Tokenizer;
+use crate::sampling::SplitMix64;
+use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// A length: fixed (`128`) or uniform in a range (`64:256`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,87 +51,84 @@ impl std::str::FromStr for LenSpec {
 }
 
 impl LenSpec {
+    /// The length for random bits `r`: `min + r mod (max - min + 1)`.
     fn draw(&self, r: u64) -> usize {
-        self.min + (r % (self.max - self.min + 1) as u64) as usize
+        let span = ((self.max - self.min) as u64).checked_add(1);
+        self.min + span.map_or(r, |n| r % n) as usize
     }
 }
 
-/// `brigade bench` options.
-#[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {
-    /// Number of requests.
-    #[arg(long, default_value_t = 64)]
+/// `brigade bench` options (the command's flags, less the model and config
+/// paths and the output format).
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Number of requests (ignored with a dataset).
     pub num_requests: usize,
-    /// Prompt length in tokens: `N` or a uniform range `MIN:MAX`.
-    #[arg(long, default_value = "128")]
+    /// Prompt length in tokens.
     pub input_len: LenSpec,
-    /// Output length in tokens: `N` or `MIN:MAX`.
-    #[arg(long, default_value = "128")]
+    /// Output length in tokens.
     pub output_len: LenSpec,
     /// JSONL file of requests: `{"prompt": "...", "output_len": N}` or `{"input_len": N, "output_len": N}`.
-    #[arg(long)]
     pub dataset: Option<PathBuf>,
     /// Most requests in flight at once (default: all).
-    #[arg(long)]
     pub concurrency: Option<usize>,
     /// Poisson arrival rate in requests/s (default: all at once).
-    #[arg(long)]
     pub request_rate: Option<f64>,
     /// Layer-group workers (overrides the config).
-    #[arg(long)]
     pub workers: Option<usize>,
     /// Threads per worker (overrides the config).
-    #[arg(long)]
     pub threads_per_worker: Option<usize>,
     /// Pipeline depth (overrides the config).
-    #[arg(long)]
     pub pipeline_depth: Option<usize>,
     /// Token budget per micro-batch (overrides the config).
-    #[arg(long)]
     pub max_batched_tokens: Option<usize>,
     /// Shared prefix length in tokens prepended to every prompt (prefix caching).
-    #[arg(long, default_value_t = 0)]
     pub prefix_len: usize,
-    /// Seed for the synthetic prompts.
-    #[arg(long, default_value_t = 0)]
+    /// Seed for the synthetic prompts and arrivals.
     pub seed: u64,
-    /// Configuration file (TOML).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Model file (GGUF).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Print one JSON object.
-    #[arg(long)]
-    pub json: bool,
-    /// Disable the progress bar.
-    #[arg(long)]
-    pub no_progress: bool,
+    /// Draw a progress bar on stderr when it is a terminal.
+    pub progress: bool,
 }
 
-/// Percentiles of a latency, in milliseconds.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct Pct {
-    /// Mean.
-    pub mean: f64,
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-    /// 99th percentile.
-    pub p99: f64,
-}
-
-impl Pct {
-    /// Percentiles of `v` (ms).
-    pub fn of(mut v: Vec<f64>) -> Self {
-        if v.is_empty() {
-            return Self::default();
-        }
-        v.sort_by(f64::total_cmp);
-        let q = |p: f64| v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
-        Self { mean: v.iter().sum::<f64>() / v.len() as f64, p50: q(0.5), p90: q(0.9), p99: q(0.99) }
-    }
+/// Why `brigade bench` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The dataset file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    ReadDataset {
+        /// The `--dataset` file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A dataset line is not a valid request.
+    #[error("{}:{line}: {what}", path.display())]
+    DatasetLine {
+        /// The `--dataset` file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The dataset has no requests.
+    #[error("{}: no requests", .0.display())]
+    EmptyDataset(PathBuf),
+    /// A dataset prompt could not be tokenized.
+    #[error(transparent)]
+    Tokenize(#[from] TokenizerError),
+    /// The overridden configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The engine did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The warm-up request was refused.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The client thread or its runtime could not be created.
+    #[error("bench client: {0}")]
+    Client(#[from] std::io::Error),
 }
 
 /// What `brigade bench` reports.
@@ -190,27 +187,25 @@ struct Job {
     input_len: usize,
 }
 
-fn build_jobs(a: &BenchArgs, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job>> {
-    let mut rng = mix64(a.seed ^ 0x5EED);
-    let mut next = move || {
-        rng = mix64(rng);
-        rng
-    };
+fn build_jobs(a: &BenchOptions, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job>, BenchError> {
+    let mut rng = SplitMix64::new(a.seed ^ 0x5EED);
+    let mut next = move || rng.next_u64();
     // Ordinary tokens only: skip the special ids at the start of the vocabulary.
     let first = (0..vocab as u32).find(|&t| !tok.is_special(t)).unwrap_or(0);
     let span = (vocab as u32 - first).max(1) as u64;
     let prefix: Vec<u32> = (0..a.prefix_len).map(|_| first + (next() % span) as u32).collect();
     let params = |out: usize| SamplingParams { max_tokens: out, ignore_eos: true, ..SamplingParams::greedy(out) };
     if let Some(path) = &a.dataset {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|source| BenchError::ReadDataset { path: path.clone(), source })?;
+        let bad = |line: usize, what: &str| BenchError::DatasetLine { path: path.clone(), line, what: what.to_string() };
         let mut jobs = Vec::new();
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-            let out = v["output_len"].as_u64().with_context(|| format!("{}:{}: missing output_len", path.display(), i + 1))? as usize;
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|_| bad(i + 1, "not JSON"))?;
+            let out = v["output_len"].as_u64().ok_or_else(|| bad(i + 1, "missing output_len"))? as usize;
             let ids = if let Some(p) = v["prompt"].as_str() {
                 tok.encode(p, true)?
             } else {
-                let n = v["input_len"].as_u64().with_context(|| format!("{}:{}: needs prompt or input_len", path.display(), i + 1))?;
+                let n = v["input_len"].as_u64().ok_or_else(|| bad(i + 1, "needs prompt or input_len"))?;
                 (0..n).map(|_| first + (next() % span) as u32).collect()
             };
             let mut prompt = prefix.clone();
@@ -218,7 +213,7 @@ fn build_jobs(a: &BenchArgs, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job>> 
             jobs.push(Job { input_len: prompt.len(), prompt: GenerateRequest::tokens(prompt, params(out.max(1))) });
         }
         if jobs.is_empty() {
-            bail!("{}: no requests", path.display());
+            return Err(BenchError::EmptyDataset(path.clone()));
         }
         return Ok(jobs);
     }
@@ -234,7 +229,7 @@ fn build_jobs(a: &BenchArgs, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job>> 
 }
 
 /// Applies the command-line overrides to a config.
-pub fn bench_config(a: &BenchArgs, mut cfg: Config, concurrency: usize) -> Result<Config> {
+fn bench_config(a: &BenchOptions, mut cfg: Config, concurrency: usize) -> Result<Config, ConfigError> {
     if let Some(w) = a.workers {
         cfg.runtime.workers = Count::N(w);
     }
@@ -255,7 +250,7 @@ pub fn bench_config(a: &BenchArgs, mut cfg: Config, concurrency: usize) -> Resul
 }
 
 /// Runs the offline benchmark on a loaded model.
-pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: Config) -> Result<BenchReport> {
+pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: Config) -> Result<BenchReport, BenchError> {
     let jobs = build_jobs(a, &tok, model.config.vocab_size)?;
     let n = jobs.len();
     let concurrency = a.concurrency.unwrap_or(n).max(1);
@@ -268,17 +263,17 @@ pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: C
     drain(engine.submit(GenerateRequest::tokens(vec![100, 200, 300], SamplingParams::greedy(2)))?);
     let busy0 = engine.stats().worker_busy_s;
 
-    let progress = !a.no_progress && !a.json && std::io::stderr().is_terminal();
+    let progress = a.progress && std::io::stderr().is_terminal();
     let done = Arc::new(AtomicUsize::new(0));
     let (slot_tx, slot_rx) = crossbeam_channel::bounded::<()>(concurrency);
-    let mut rng = mix64(a.seed ^ 0xA441);
+    let mut rng = SplitMix64::new(a.seed ^ 0xA441);
     let start = Instant::now();
     // Streams are consumed by tasks on one current-thread runtime (one OS
     // thread for all requests, not one per request: the harness should not
     // compete with the engine for cores or memory).
     let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<Measured, String>>();
     let (stream_tx, mut stream_rx) =
-        tokio::sync::mpsc::channel::<(std::result::Result<crate::engine::ResponseStream, String>, Instant, usize)>(concurrency);
+        tokio::sync::mpsc::channel::<(Result<ResponseStream, String>, Instant, usize)>(concurrency);
     let consumer = {
         let (done, slot_rx) = (done.clone(), slot_rx.clone());
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
@@ -304,15 +299,16 @@ pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: C
     let mut next_arrival = 0.0f64;
     for job in jobs {
         if let Some(rate) = a.request_rate.filter(|r| *r > 0.0 && r.is_finite()) {
-            rng = mix64(rng);
-            let u = ((rng >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            next_arrival += -u.ln() / rate;
+            next_arrival += poisson_gap_s(&mut rng, rate);
             let wait = next_arrival - start.elapsed().as_secs_f64();
             if wait > 0.0 {
                 std::thread::sleep(Duration::from_secs_f64(wait));
             }
         }
-        slot_tx.send(())?; // blocks while `concurrency` requests are in flight
+        // Blocks while `concurrency` requests are in flight; cannot fail (`slot_rx` lives here).
+        if slot_tx.send(()).is_err() {
+            break;
+        }
         let t0 = Instant::now();
         let stream = engine.submit(job.prompt).map_err(|e| e.to_string());
         if stream_tx.blocking_send((stream, t0, job.input_len)).is_err() {
@@ -361,9 +357,9 @@ pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: C
     r.input_tokens_per_s = r.total_input_tokens as f64 / duration;
     r.output_tokens_per_s = r.total_output_tokens as f64 / duration;
     r.total_tokens_per_s = (r.total_input_tokens + r.total_output_tokens) as f64 / duration;
-    r.ttft_ms = Pct::of(ttft);
-    r.tpot_ms = Pct::of(tpot);
-    r.e2e_ms = Pct::of(e2e);
+    r.ttft_ms = Pct::of(&ttft);
+    r.tpot_ms = Pct::of(&tpot);
+    r.e2e_ms = Pct::of(&e2e);
     r.peak_kv_usage = stats.kv_usage_peak;
     r.preemptions = stats.preemptions;
     r.prefix_cache_hit_rate = if stats.prefix_queries > 0 { stats.prefix_hits as f64 / stats.prefix_queries as f64 } else { 0.0 };
@@ -373,7 +369,7 @@ pub fn run_offline(a: &BenchArgs, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: C
     Ok(r)
 }
 
-fn drain(mut s: crate::engine::ResponseStream) {
+fn drain(mut s: ResponseStream) {
     while s.blocking_next().is_some() {}
 }
 
@@ -389,7 +385,7 @@ struct Measured {
 }
 
 /// Consumes one stream.
-async fn measure(mut s: crate::engine::ResponseStream, t0: Instant, input_len: usize) -> Result<Measured, String> {
+async fn measure(mut s: ResponseStream, t0: Instant, input_len: usize) -> Result<Measured, String> {
     let mut times = Vec::new();
     while let Some(ev) = s.next().await {
         match ev {
@@ -423,33 +419,9 @@ fn steady_decode(token_times: &[Vec<Instant>]) -> (f64, f64) {
 
 fn draw_progress(done: usize, total: usize) {
     let width = 40;
-    let filled = if total > 0 { done * width / total } else { width };
+    let filled = (done * width).checked_div(total).unwrap_or(width).min(width);
     eprint!("\r[{}{}] {done}/{total} requests", "#".repeat(filled), " ".repeat(width - filled));
     let _ = std::io::stderr().flush();
-}
-
-/// Prints the report as a table.
-pub fn print_table(r: &BenchReport) {
-    println!("{:<34} {:>12}", "requests (ok / failed)", format!("{} / {}", r.num_requests, r.failed));
-    println!("{:<34} {:>12}", "workers x threads, concurrency", format!("{}x{}, {}", r.workers, r.threads_per_worker, r.concurrency));
-    println!("{:<34} {:>12.2}", "duration (s)", r.duration_s);
-    println!("{:<34} {:>12.2}", "requests/s", r.requests_per_s);
-    println!("{:<34} {:>12.1}", "input tokens/s", r.input_tokens_per_s);
-    println!("{:<34} {:>12.1}", "output tokens/s", r.output_tokens_per_s);
-    println!("{:<34} {:>12.1}", "total tokens/s", r.total_tokens_per_s);
-    for (name, p) in [("TTFT (ms)", r.ttft_ms), ("TPOT (ms)", r.tpot_ms), ("end-to-end (ms)", r.e2e_ms)] {
-        println!("{:<34} {:>12}", format!("{name} p50/p90/p99"), format!("{:.1}/{:.1}/{:.1}", p.p50, p.p90, p.p99));
-    }
-    println!(
-        "{:<34} {:>12}",
-        "steady decode tok/s (window s)",
-        format!("{:.1} ({:.2})", r.steady_decode_tokens_per_s, r.steady_window_s)
-    );
-    println!("{:<34} {:>12.1}", "peak KV usage (%)", r.peak_kv_usage * 100.0);
-    println!("{:<34} {:>12}", "preemptions", r.preemptions);
-    println!("{:<34} {:>12.1}", "prefix cache hit rate (%)", r.prefix_cache_hit_rate * 100.0);
-    let busy: Vec<String> = r.worker_busy_fraction.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
-    println!("{:<34} {:>12}", "worker busy", busy.join(" "));
 }
 
 #[cfg(test)]

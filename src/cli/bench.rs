@@ -1,0 +1,190 @@
+//! `brigade bench` (offline, through the runtime) and `brigade bench-serve`
+//! (a running server over HTTP): flags → [`brigade::bench`] options, report →
+//! stdout (JSON or a table).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use brigade::bench::engine::{run_offline, BenchOptions, BenchReport, LenSpec};
+use brigade::bench::http::{run_http_bench, Endpoint, HttpBenchOptions};
+
+use super::ModelArgs;
+
+/// `brigade bench` flags.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct BenchArgs {
+    /// Number of requests.
+    #[arg(long, default_value_t = 64)]
+    num_requests: usize,
+    /// Prompt length in tokens: `N` or a uniform range `MIN:MAX`.
+    #[arg(long, default_value = "128")]
+    input_len: LenSpec,
+    /// Output length in tokens: `N` or `MIN:MAX`.
+    #[arg(long, default_value = "128")]
+    output_len: LenSpec,
+    /// JSONL file of requests: `{"prompt": "...", "output_len": N}` or `{"input_len": N, "output_len": N}`.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Most requests in flight at once (default: all).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Poisson arrival rate in requests/s (default: all at once).
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// Layer-group workers (overrides the config).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Threads per worker (overrides the config).
+    #[arg(long)]
+    threads_per_worker: Option<usize>,
+    /// Pipeline depth (overrides the config).
+    #[arg(long)]
+    pipeline_depth: Option<usize>,
+    /// Token budget per micro-batch (overrides the config).
+    #[arg(long)]
+    max_batched_tokens: Option<usize>,
+    /// Shared prefix length in tokens prepended to every prompt (prefix caching).
+    #[arg(long, default_value_t = 0)]
+    prefix_len: usize,
+    /// Seed for the synthetic prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model file (GGUF).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Disable the progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// Runs `brigade bench` and prints its report.
+pub(crate) fn run(a: BenchArgs) -> Result<()> {
+    let cfg = super::load_config(a.config.as_deref())?;
+    let m = ModelArgs { model: a.model.clone(), threads: None, config: a.config.clone() };
+    let (model, tok) = super::load_with(&m, &cfg)?;
+    let opts = BenchOptions {
+        num_requests: a.num_requests,
+        input_len: a.input_len,
+        output_len: a.output_len,
+        dataset: a.dataset,
+        concurrency: a.concurrency,
+        request_rate: a.request_rate,
+        workers: a.workers,
+        threads_per_worker: a.threads_per_worker,
+        pipeline_depth: a.pipeline_depth,
+        max_batched_tokens: a.max_batched_tokens,
+        prefix_len: a.prefix_len,
+        seed: a.seed,
+        progress: !a.no_progress && !a.json,
+    };
+    let r = run_offline(&opts, model, tok, cfg)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_table(&r);
+    }
+    Ok(())
+}
+
+/// Prints the report as a table.
+fn print_table(r: &BenchReport) {
+    println!("{:<34} {:>12}", "requests (ok / failed)", format!("{} / {}", r.num_requests, r.failed));
+    println!("{:<34} {:>12}", "workers x threads, concurrency", format!("{}x{}, {}", r.workers, r.threads_per_worker, r.concurrency));
+    println!("{:<34} {:>12.2}", "duration (s)", r.duration_s);
+    println!("{:<34} {:>12.2}", "requests/s", r.requests_per_s);
+    println!("{:<34} {:>12.1}", "input tokens/s", r.input_tokens_per_s);
+    println!("{:<34} {:>12.1}", "output tokens/s", r.output_tokens_per_s);
+    println!("{:<34} {:>12.1}", "total tokens/s", r.total_tokens_per_s);
+    for (name, p) in [("TTFT (ms)", r.ttft_ms), ("TPOT (ms)", r.tpot_ms), ("end-to-end (ms)", r.e2e_ms)] {
+        println!("{:<34} {:>12}", format!("{name} p50/p90/p99"), format!("{:.1}/{:.1}/{:.1}", p.p50, p.p90, p.p99));
+    }
+    println!(
+        "{:<34} {:>12}",
+        "steady decode tok/s (window s)",
+        format!("{:.1} ({:.2})", r.steady_decode_tokens_per_s, r.steady_window_s)
+    );
+    println!("{:<34} {:>12.1}", "peak KV usage (%)", r.peak_kv_usage * 100.0);
+    println!("{:<34} {:>12}", "preemptions", r.preemptions);
+    println!("{:<34} {:>12.1}", "prefix cache hit rate (%)", r.prefix_cache_hit_rate * 100.0);
+    let busy: Vec<String> = r.worker_busy_fraction.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
+    println!("{:<34} {:>12}", "worker busy", busy.join(" "));
+}
+
+/// `brigade bench-serve` flags.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct BenchServeArgs {
+    /// Base URL of the server, e.g. `http://127.0.0.1:8000`.
+    #[arg(long)]
+    url: String,
+    /// API: `completions` or `chat`.
+    #[arg(long, default_value = "completions", value_parser = ["completions", "chat"])]
+    endpoint: String,
+    /// Model name to send (default: the first of `/v1/models`).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Requests to send.
+    #[arg(long, default_value_t = 64)]
+    num_prompts: usize,
+    /// Most requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Poisson arrival rate in requests/s (default: all at once, limited by --concurrency).
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// API keys, `KEY` or `TENANT=KEY`; requests go round-robin over them.
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+    /// Approximate prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    input_len: usize,
+    /// Generated tokens per request (`max_tokens`, with `ignore_eos`).
+    #[arg(long, default_value_t = 128)]
+    output_len: usize,
+    /// SLO on time to first token, ms (goodput counts requests meeting every SLO given).
+    #[arg(long)]
+    slo_ttft_ms: Option<f64>,
+    /// SLO on time per output token, ms.
+    #[arg(long)]
+    slo_tpot_ms: Option<f64>,
+    /// SLO on end-to-end latency, ms.
+    #[arg(long)]
+    slo_e2e_ms: Option<f64>,
+    /// Seed of the arrival process and prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout_s: f64,
+}
+
+/// Runs `brigade bench-serve` and prints its report as pretty JSON.
+pub(crate) fn run_serve(a: BenchServeArgs) -> Result<()> {
+    let opts = HttpBenchOptions {
+        url: a.url,
+        endpoint: if a.endpoint == "chat" { Endpoint::Chat } else { Endpoint::Completions },
+        model_name: a.model_name,
+        num_prompts: a.num_prompts,
+        concurrency: a.concurrency,
+        request_rate: a.request_rate,
+        api_keys: a.api_keys,
+        input_len: a.input_len,
+        output_len: a.output_len,
+        slo_ttft_ms: a.slo_ttft_ms,
+        slo_tpot_ms: a.slo_tpot_ms,
+        slo_e2e_ms: a.slo_e2e_ms,
+        seed: a.seed,
+        timeout_s: a.timeout_s,
+    };
+    let r = run_http_bench(opts)?;
+    // Through `Value`, as before the report was typed: the same key order.
+    println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&r)?)?);
+    Ok(())
+}

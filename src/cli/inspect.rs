@@ -1,0 +1,69 @@
+//! `brigade inspect`: model metadata, tensors and memory use.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::Args;
+
+use brigade::gguf::GgufFile;
+use brigade::model::kv::KvStore;
+use brigade::model::Model;
+
+use super::ModelArgs;
+
+#[derive(Args, Debug)]
+pub(crate) struct InspectArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    m: ModelArgs,
+}
+
+/// Prints the file's metadata and tensor table and the model's memory use.
+pub(crate) fn run(a: InspectArgs) -> Result<()> {
+    let cfg = super::load_config(a.m.config.as_deref())?;
+    let path = super::model_path(&a.m, &cfg)?;
+    let file = Arc::new(GgufFile::open(&path)?);
+    let model = Model::from_gguf(file.clone())?;
+    let kv_per_token = KvStore::bytes_per_token(model.config.n_layers, model.config.kv_dim);
+    if a.json {
+        let tensors: Vec<_> = file
+            .tensors()
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "dims": t.dims, "dtype": t.dtype.name(), "bytes": t.size_bytes}))
+            .collect();
+        let v = serde_json::json!({
+            "path": path.display().to_string(),
+            "version": file.version(),
+            "config": model.config,
+            "weight_bytes": model.weight_bytes(),
+            "file_bytes": file.data_bytes(),
+            "kv_bytes_per_token": kv_per_token,
+            "tensors": tensors,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("file: {} (GGUF v{}, {} bytes)", path.display(), file.version(), file.data_bytes());
+    println!("metadata:");
+    for (k, v) in file.metadata() {
+        let s = match v.as_array() {
+            Some(a) => format!("[{} values]", a.len()),
+            None => format!("{v:?}"),
+        };
+        let s: String = s.chars().take(100).collect();
+        println!("  {k} = {s}");
+    }
+    println!("tensors ({}):", file.tensors().len());
+    for t in file.tensors() {
+        println!("  {:<32} {:>6} {:?} {} bytes", t.name, t.dtype.name(), t.dims, t.size_bytes);
+    }
+    let c = &model.config;
+    let mib = (1 << 20) as f64;
+    println!("memory:");
+    println!("  weights (mmapped): {:.1} MiB", model.weight_bytes() as f64 / mib);
+    println!("  kv cache per token (f16): {} bytes ({:.1} MiB per 1k tokens)", kv_per_token, kv_per_token as f64 * 1024.0 / mib);
+    println!("  context length: {}", c.context_length);
+    Ok(())
+}
