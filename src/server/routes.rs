@@ -144,14 +144,19 @@ async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
 }
 
-async fn health() -> Json<StatusResponse> {
-    Json(StatusResponse { status: "ok", model: None })
+/// 200 while every engine actor is alive; 503 once one died for good (so an
+/// orchestrator restarts the process).
+async fn health(State(app): State<App>) -> Result<Json<StatusResponse>, ApiError> {
+    app.engine.health().map_err(|why| ApiError::Unavailable(format!("the engine has stopped: {why}")))?;
+    Ok(Json(StatusResponse { status: "ok", model: None }))
 }
 
+/// 200 while serving; 503 when draining or when the engine is dead.
 async fn ready(State(app): State<App>) -> Result<Json<StatusResponse>, ApiError> {
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable("draining: the server is shutting down".into()));
     }
+    app.engine.health().map_err(|why| ApiError::Unavailable(format!("the engine has stopped: {why}")))?;
     Ok(Json(StatusResponse { status: "ready", model: Some(app.model_name.clone()) }))
 }
 
