@@ -68,7 +68,7 @@ impl Server {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
-        let v = serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text));
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, headers, v)
     }
 
