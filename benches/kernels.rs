@@ -14,8 +14,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::f16;
 use rand::{Rng, SeedableRng};
 
-use brigade::gguf::GgmlDType;
 use brigade::kernels::{self, Activations, BlockQ8, Isa, PackedMatrix, QMatrix, QK};
+use brigade::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlDType};
 
 const SHAPES: [(usize, usize); 5] = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)];
 const ROWS: [usize; 5] = [1, 4, 16, 64, 512];
@@ -28,14 +28,14 @@ fn threads() -> usize {
 fn weights(rng: &mut rand::rngs::SmallRng, dtype: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(rows * cols / QK * dtype.type_size());
     for _ in 0..rows * cols / QK {
-        out.extend_from_slice(&f16::from_f32(rng.gen_range(0.001f32..0.05)).to_bits().to_le_bytes());
+        let d = f16::from_f32(rng.gen_range(0.001f32..0.05));
         match dtype {
             GgmlDType::Q4_1 => {
-                out.extend_from_slice(&f16::from_f32(rng.gen_range(-0.2f32..0.0)).to_bits().to_le_bytes());
-                out.extend((0..16).map(|_| rng.gen::<u8>()));
+                let m = f16::from_f32(rng.gen_range(-0.2f32..0.0));
+                out.extend_from_slice(bytemuck::bytes_of(&BlockQ4_1 { d, m, qs: std::array::from_fn(|_| rng.gen::<u8>()) }));
             }
-            GgmlDType::Q4_0 => out.extend((0..16).map(|_| rng.gen::<u8>())),
-            _ => out.extend((0..32).map(|_| rng.gen::<u8>())),
+            GgmlDType::Q4_0 => out.extend_from_slice(bytemuck::bytes_of(&BlockQ4_0 { d, qs: std::array::from_fn(|_| rng.gen::<u8>()) })),
+            _ => out.extend_from_slice(bytemuck::bytes_of(&BlockQ8_0 { d, qs: std::array::from_fn(|_| rng.gen::<u8>() as i8) })),
         }
     }
     out

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::model::kv::{KvDType, MAX_BLOCK_SIZE};
+
 /// A count that may be `"auto"` (chosen from the core count) or a number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
 pub enum Count {
@@ -41,6 +43,16 @@ impl<'de> Deserialize<'de> for Count {
 pub struct ModelSection {
     /// Path of the GGUF file (empty: `BRIGADE_MODEL` or the cached default).
     pub path: Option<PathBuf>,
+}
+
+/// How prompts are tokenized.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerConfig {
+    /// Parse control-token text (`<|im_start|>`, ...) inside chat message content as
+    /// control tokens. Off (the default): content is plain text, as OpenAI tokenizes it,
+    /// so users cannot forge turns. On: the old behaviour, for trusted clients only.
+    pub parse_special_in_content: bool,
 }
 
 /// The actor pipeline and batching.
@@ -86,19 +98,6 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// Element type of the K/V storage.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum KvDType {
-    /// IEEE half precision.
-    #[default]
-    F16,
-    /// bfloat16.
-    Bf16,
-    /// f32.
-    F32,
-}
-
 /// The paged KV-cache.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -134,9 +133,10 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// `[kv_cache]`.
     pub kv_cache: KvCacheConfig,
-    /// `[server]` (the HTTP front end; free-form until the server lands).
-    #[serde(default)]
-    pub server: Option<toml::Table>,
+    /// `[server]`: the HTTP front end (`brigade serve`).
+    pub server: crate::server::config::ServerConfig,
+    /// `[tokenizer]`.
+    pub tokenizer: TokenizerConfig,
     /// `[testing]`: fault injection for supervision tests (off by default).
     pub testing: TestingConfig,
 }
@@ -162,6 +162,9 @@ pub enum ConfigError {
     /// A value out of range.
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    /// A bad value in `[server]`.
+    #[error(transparent)]
+    Server(#[from] crate::server::config::ServerConfigError),
 }
 
 impl Config {
@@ -182,6 +185,7 @@ impl Config {
 
     /// Checks every value's range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.validate()?;
         let r = &self.runtime;
         let inv = |key, message: String| Err(ConfigError::Invalid { key, message });
         if let Count::N(n) = r.workers {
@@ -226,8 +230,8 @@ impl Config {
             return inv("testing.fault", e.to_string());
         }
         let k = &self.kv_cache;
-        if !(1..=crate::model::kv::MAX_BLOCK_SIZE).contains(&k.block_size) {
-            return inv("kv_cache.block_size", format!("must be in 1..={}, got {}", crate::model::kv::MAX_BLOCK_SIZE, k.block_size));
+        if !(1..=MAX_BLOCK_SIZE).contains(&k.block_size) {
+            return inv("kv_cache.block_size", format!("must be in 1..={}, got {}", MAX_BLOCK_SIZE, k.block_size));
         }
         if k.capacity_tokens == 0 && k.capacity_bytes == 0 {
             return inv("kv_cache.capacity_tokens", "one of capacity_tokens or capacity_bytes must be > 0".into());
@@ -274,10 +278,7 @@ impl Config {
     /// KV capacity in blocks for a model with `n_layers` layers of width `kv_dim`.
     pub fn kv_blocks(&self, n_layers: usize, kv_dim: usize) -> usize {
         let k = &self.kv_cache;
-        let elem = match k.dtype {
-            KvDType::F16 | KvDType::Bf16 => 2,
-            KvDType::F32 => 4,
-        };
+        let elem = k.dtype.elem_bytes();
         let tokens = if k.capacity_tokens > 0 {
             k.capacity_tokens
         } else {
@@ -296,6 +297,15 @@ mod tests {
         let text = include_str!("../config/default.toml");
         let cfg = Config::parse(text, "default.toml").unwrap();
         assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn tokenizer_section() {
+        assert!(!Config::default().tokenizer.parse_special_in_content);
+        let c = Config::parse("[tokenizer]\nparse_special_in_content = true\n", "t").unwrap();
+        assert!(c.tokenizer.parse_special_in_content);
+        let e = Config::parse("[tokenizer]\nparse_special = true\n", "t").unwrap_err().to_string();
+        assert!(e.contains("parse_special"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Modules:
-//! - [`gguf`]: bounds-checked GGUF reader on `memmap2` (and a small writer for tests).
+//! - [`quant`]: ggml dtypes and quantized block layouts, reference dequantizers.
+//! - [`gguf`]: bounds-checked GGUF reader on `memmap2` (and, with the `test-support`
+//!   feature, a small writer for tests).
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, chat templates, incremental detokenizer.
 //! - [`kernels`]: the only home of `unsafe` and SIMD, safe wrappers + scalar references.
 //! - [`model`]: Llama forward pass over quantized weights, paged KV access.
@@ -30,8 +32,10 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod paths;
+pub mod quant;
 pub mod runner;
 pub mod sampling;
 pub mod server;
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tokenizer;

@@ -1,4 +1,4 @@
-//! Test support: a tiny random Llama model in GGUF form, laid out like llama.cpp's
+//! Test support (feature `test-support`): a tiny random Llama model in GGUF form, laid out like llama.cpp's
 //! `convert_hf_to_gguf.py` output, with a small byte-level GPT-2 BPE tokenizer.
 //!
 //! Owns: synthetic model files for integration tests and benches. Does not own: any
@@ -21,7 +21,8 @@
 
 use std::path::Path;
 
-use crate::gguf::{quantize, GgmlDType, GgufError, GgufWriter, MetaValue};
+use crate::gguf::{GgufError, GgufWriter, MetaValue};
+use crate::quant::{reference, GgmlDType};
 use crate::sampling::SplitMix64;
 
 /// Shape and contents of a tiny random Llama model.
@@ -304,12 +305,12 @@ pub fn tiny_llama_gguf(spec: &TinyLlamaSpec) -> Vec<u8> {
                   dtype: GgmlDType,
                   scale: f32| {
         let values = fill(rng, (dims[0] * dims[1]) as usize, scale, 0.0);
-        let data = quantize::quantize(dtype, &values).unwrap_or_default();
+        let data = reference::quantize(dtype, &values).unwrap_or_default();
         w.add_tensor(name, &dims, dtype, data);
     };
     let norm = |w: &mut GgufWriter, rng: &mut SplitMix64, name: String| {
         let values = fill(rng, dim as usize, 0.1, 1.0);
-        let data = quantize::quantize(GgmlDType::F32, &values).unwrap_or_default();
+        let data = reference::quantize(GgmlDType::F32, &values).unwrap_or_default();
         w.add_tensor(name, &[dim], GgmlDType::F32, data);
     };
 

@@ -289,7 +289,7 @@ fn kv_cache_dtypes_f16_bf16_f32_all_work() {
     let Some((model, tok)) = real() else { return };
     let prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"];
     let mut results = Vec::new();
-    for dtype in [brigade::config::KvDType::F16, brigade::config::KvDType::Bf16, brigade::config::KvDType::F32] {
+    for dtype in [brigade::model::kv::KvDType::F16, brigade::model::kv::KvDType::Bf16, brigade::model::kv::KvDType::F32] {
         let mut c = config(2, 0, 2048, true);
         c.kv_cache.dtype = dtype;
         let h = Engine::start(model.clone(), tok.clone(), c).unwrap();

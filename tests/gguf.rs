@@ -7,8 +7,9 @@
 
 use std::path::PathBuf;
 
-use brigade::gguf::quantize::{self, QuantizeError};
-use brigade::gguf::{GgmlDType, GgufError, GgufFile, GgufWriter, MetaValue};
+use brigade::gguf::{GgufError, GgufFile, GgufWriter, MetaValue};
+use brigade::quant::reference::{self, QuantizeError};
+use brigade::quant::GgmlDType;
 use brigade::testing::{
     tiny_llama_gguf, tiny_vocab, write_tiny_llama, TinyLlamaSpec, CHATML_TEMPLATE,
 };
@@ -195,7 +196,7 @@ fn roundtrip_all_dtypes_and_alignments() {
             };
             let n: u64 = dims.iter().product();
             let values = rand_vec(&mut rng, n as usize, 2.0);
-            let data = quantize::quantize(dtype, &values).unwrap();
+            let data = reference::quantize(dtype, &values).unwrap();
             let name = format!("t.{}", dtype.name());
             w.add_tensor(name.clone(), &dims, dtype, data.clone());
             expected.push((name, dims, dtype, data));
@@ -239,7 +240,7 @@ fn version_2_is_accepted_and_open_maps_files() {
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(
         f.tensor_data("b").unwrap(),
-        &quantize::quantize(GgmlDType::F32, &[1.0, 2.0, 3.0, 4.0]).unwrap()[..]
+        &reference::quantize(GgmlDType::F32, &[1.0, 2.0, 3.0, 4.0]).unwrap()[..]
     );
     assert_eq!(f.get_u32("answer").unwrap(), 42);
     assert!(matches!(
@@ -482,6 +483,41 @@ fn corrupt_tensor_infos() {
 }
 
 #[test]
+fn overlapping_tensors_are_rejected() {
+    // `a` (Q8_0, 68 bytes) lies at 0..68 and `b` (F32, 16 bytes) at 96..112; before the
+    // check, pointing `b` into `a` loaded and read `a`'s bytes as `b`'s values.
+    let mut w = base_writer();
+    assert!(w.override_offset("b", 64));
+    let err = parse(w.to_bytes()).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            GgufError::OverlappingTensors { first, first_start: 0, first_end: 68, second, second_start: 64, second_end: 80 }
+                if first == "a" && second == "b"
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("`a`") && msg.contains("`b`") && msg.contains("overlap"), "{msg}");
+
+    // Two tensors at the same offset (aliasing), whatever their order in the file.
+    let mut w = base_writer();
+    w.override_offset("b", 0);
+    assert!(matches!(
+        parse(w.to_bytes()),
+        Err(GgufError::OverlappingTensors { first_start: 0, second_start: 0, .. })
+    ));
+
+    // A tensor starting where another ends is fine (ranges are half-open).
+    let mut w = base_writer();
+    w.add_tensor("c", &[8], GgmlDType::F32, vec![0; 32]);
+    w.add_tensor("d", &[8], GgmlDType::F32, vec![0; 32]);
+    let f = parse(w.to_bytes()).unwrap();
+    let (c, d) = (f.tensor_info("c").unwrap(), f.tensor_info("d").unwrap());
+    assert_eq!(c.offset + c.size_bytes, d.offset);
+}
+
+#[test]
 fn random_mutations_never_panic() {
     let spec = TinyLlamaSpec {
         n_layers: 1,
@@ -532,7 +568,7 @@ fn random_mutations_never_panic() {
             for t in f.tensors() {
                 let data = f.tensor_data(&t.name)?;
                 assert_eq!(data.len() as u64, t.size_bytes);
-                let _ = quantize::dequantize(t.dtype, data, t.n_elements() as usize);
+                let _ = reference::dequantize(t.dtype, data, t.n_elements() as usize);
             }
             Ok::<(), GgufError>(())
         });
@@ -563,9 +599,9 @@ fn quantize_error_bounds() {
         let scale = 10f32.powf(rng.gen_range(-3.0..2.0));
         let x = rand_vec(&mut rng, 256, scale);
         for dtype in GgmlDType::ALL {
-            let bytes = quantize::quantize(dtype, &x).unwrap();
+            let bytes = reference::quantize(dtype, &x).unwrap();
             assert_eq!(bytes.len(), 256 / dtype.block_size() * dtype.type_size());
-            let y = quantize::dequantize(dtype, &bytes, x.len()).unwrap();
+            let y = reference::dequantize(dtype, &bytes, x.len()).unwrap();
             for (blk_x, blk_y) in x.chunks(32).zip(y.chunks(32)) {
                 let amax = blk_x.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let min = blk_x.iter().fold(f32::MAX, |m, &v| m.min(v));
@@ -600,55 +636,55 @@ fn quantize_hand_computed_blocks() {
     // Q8_0: x[j] = j - 16. amax = 16, d = 16/127 -> f16 0x3008 (0.1259765625),
     // id = 127/16 = 7.9375, q[j] = round((j - 16) * 7.9375).
     let x: Vec<f32> = (0..32).map(|j| j as f32 - 16.0).collect();
-    let b = quantize::quantize(GgmlDType::Q8_0, &x).unwrap();
+    let b = reference::quantize(GgmlDType::Q8_0, &x).unwrap();
     assert_eq!(&b[..2], &0x3008u16.to_le_bytes());
     assert_eq!(b[2] as i8, -127); // j = 0: -127
     assert_eq!(b[2 + 1] as i8, -119); // -15 * 7.9375 = -119.06
     assert_eq!(b[2 + 14] as i8, -16); // -2 * 7.9375 = -15.875
     assert_eq!(b[2 + 16] as i8, 0);
     assert_eq!(b[2 + 31] as i8, 119); // 15 * 7.9375 = 119.06
-    let y = quantize::dequantize(GgmlDType::Q8_0, &b, 32).unwrap();
+    let y = reference::dequantize(GgmlDType::Q8_0, &b, 32).unwrap();
     assert_eq!(y[0], -127.0 * (129.0 / 1024.0));
 
     // Q4_0: same x. The first largest |x| is x[0] = -16, so d = -16 / -8 = 2 (f16 0x4000),
     // id = 0.5, q = trunc(x * 0.5 + 8.5) clamped to 15.
-    let b = quantize::quantize(GgmlDType::Q4_0, &x).unwrap();
+    let b = reference::quantize(GgmlDType::Q4_0, &x).unwrap();
     assert_eq!(&b[..2], &0x4000u16.to_le_bytes());
     assert_eq!(b[2], 0x80); // j=0: x=-16 -> 0; x[16]=0 -> 8
     assert_eq!(b[2 + 1], 0x91); // x=-15 -> 1;  x[17]=1 -> 9
     assert_eq!(b[2 + 3], 0xA2); // x=-13 -> 2;  x[19]=3 -> 10
     assert_eq!(b[2 + 15], 0xF8); // x=-1 -> 8; x[31]=15 -> 16, clamped to 15
-    let y = quantize::dequantize(GgmlDType::Q4_0, &b, 32).unwrap();
+    let y = reference::dequantize(GgmlDType::Q4_0, &b, 32).unwrap();
     assert_eq!(y[0], -16.0);
     assert_eq!(y[31], 14.0);
 
     // Q4_1: x[j] = (j % 16) + 1. min = 1, max = 16, d = 1, q[j] = j % 16.
     let x: Vec<f32> = (0..32).map(|j| (j % 16) as f32 + 1.0).collect();
-    let b = quantize::quantize(GgmlDType::Q4_1, &x).unwrap();
+    let b = reference::quantize(GgmlDType::Q4_1, &x).unwrap();
     assert_eq!(&b[..4], &[0x00, 0x3C, 0x00, 0x3C]);
     let expected: Vec<u8> = (0..16u8).map(|j| j | (j << 4)).collect();
     assert_eq!(&b[4..], &expected[..]);
-    assert_eq!(quantize::dequantize(GgmlDType::Q4_1, &b, 32).unwrap(), x);
+    assert_eq!(reference::dequantize(GgmlDType::Q4_1, &b, 32).unwrap(), x);
 
     // All-zero blocks give d = 0 and decode to zeros.
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-        let b = quantize::quantize(dtype, &[0.0; 32]).unwrap();
-        assert_eq!(quantize::dequantize(dtype, &b, 32).unwrap(), vec![0.0; 32]);
+        let b = reference::quantize(dtype, &[0.0; 32]).unwrap();
+        assert_eq!(reference::dequantize(dtype, &b, 32).unwrap(), vec![0.0; 32]);
     }
 
     // BF16 / F16 exact values.
-    let b = quantize::quantize(GgmlDType::BF16, &[1.0, -2.0]).unwrap();
+    let b = reference::quantize(GgmlDType::BF16, &[1.0, -2.0]).unwrap();
     assert_eq!(b, vec![0x80, 0x3F, 0x00, 0xC0]);
-    let b = quantize::quantize(GgmlDType::F16, &[1.0, -2.0]).unwrap();
+    let b = reference::quantize(GgmlDType::F16, &[1.0, -2.0]).unwrap();
     assert_eq!(b, vec![0x00, 0x3C, 0x00, 0xC0]);
 
     // Errors.
     assert!(matches!(
-        quantize::quantize(GgmlDType::Q8_0, &[0.0; 33]),
+        reference::quantize(GgmlDType::Q8_0, &[0.0; 33]),
         Err(QuantizeError::NotBlockMultiple { n_elements: 33, .. })
     ));
     assert!(matches!(
-        quantize::dequantize(GgmlDType::Q8_0, &[0; 33], 32),
+        reference::dequantize(GgmlDType::Q8_0, &[0; 33], 32),
         Err(QuantizeError::ByteLenMismatch {
             expected: 34,
             got: 33,
@@ -723,7 +759,7 @@ fn tiny_llama_parses_back() {
                     weight_dtype
                 };
                 assert_eq!(info.dtype, want, "{name}");
-                let values = quantize::dequantize(
+                let values = reference::dequantize(
                     info.dtype,
                     f.info_data(info).unwrap(),
                     info.n_elements() as usize,
@@ -848,12 +884,12 @@ fn real_smollm2_q4_1() {
     // reference quantizer is idempotent on its own output).
     let data = f.tensor_data("token_embd.weight").unwrap();
     let rows = &data[..embd.row_size_bytes() as usize * 64];
-    let values = quantize::dequantize(GgmlDType::Q8_0, rows, 576 * 64).unwrap();
+    let values = reference::dequantize(GgmlDType::Q8_0, rows, 576 * 64).unwrap();
     assert!(values.iter().all(|v| v.is_finite()));
-    assert_eq!(quantize::quantize(GgmlDType::Q8_0, &values).unwrap(), rows);
+    assert_eq!(reference::quantize(GgmlDType::Q8_0, &values).unwrap(), rows);
 
     // Q4_1 values decode finite and small.
     let w =
-        quantize::dequantize(q.dtype, f.info_data(q).unwrap(), q.n_elements() as usize).unwrap();
+        reference::dequantize(q.dtype, f.info_data(q).unwrap(), q.n_elements() as usize).unwrap();
     assert!(w.iter().all(|v| v.is_finite() && v.abs() < 100.0));
 }

@@ -5,7 +5,8 @@ mod common;
 
 use std::sync::Arc;
 
-use brigade::gguf::{GgmlDType, GgufFile, GgufWriter, MetaValue};
+use brigade::gguf::{GgufFile, GgufWriter, MetaValue};
+use brigade::quant::GgmlDType;
 use brigade::model::{Model, ModelError};
 use brigade::testing::{tiny_llama_gguf, TinyLlamaSpec};
 
@@ -116,4 +117,38 @@ fn cli_reports_a_malformed_model_in_one_line() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("scripts/fetch-model.sh") && err.lines().count() == 1, "{err}");
+}
+
+#[test]
+fn a_directory_as_model_is_reported_as_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    // The loader itself (serve and every command go through it).
+    let e = brigade::model::load_with_tokenizer(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("is a directory"), "{e}");
+    // The CLI: one line saying what the path is, not "model not found".
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
+        .args(["tokenize", "hi", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is a directory") && !err.contains("not found") && err.lines().count() == 1, "{err}");
+}
+
+#[test]
+fn a_chat_template_that_fails_to_parse_is_reported_as_such() {
+    // The model loads (plain completion works) and a chat request gets the
+    // template's parse error, not "the model has no chat template".
+    let broken = |k: &str, v: &MetaValue| Some(if k == "tokenizer.chat_template" { MetaValue::Str("{% for %}".into()) } else { v.clone() });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken-template.gguf");
+    std::fs::write(&path, rebuild(broken, None, None)).unwrap();
+    let (_model, tok) = brigade::model::load_with_tokenizer(&path).unwrap();
+    let tmpl = tok.chat_template().expect("the broken template is kept");
+    let parse = format!("{:#}", tmpl.parse_error().expect("parse error recorded"));
+    let chat = brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage::new("user", "hi")]);
+    let v = brigade::engine::Validator::new(tok.clone(), 256, 1, 4096, false);
+    let err = v.encode_prompt(&chat, 1).unwrap_err().to_string();
+    assert!(err.contains("failed to parse") && err.contains(&parse) && !err.contains("no chat template"), "{err}");
+    assert!(v.encode_prompt(&brigade::engine::Prompt::Text("hi".into()), 1).is_ok());
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use brigade::engine::Engine;
-use brigade::server::{serve_with, shutdown_signal, ServerConfig};
+use brigade::server::{serve_with, shutdown_signal};
 
 /// `brigade serve` arguments. Flags override the config file.
 #[derive(Args, Debug, Clone)]
@@ -46,7 +46,7 @@ fn init_logging(format: &str) {
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
     init_logging(&args.log_format);
     let cfg = super::load_config(args.config.as_deref())?;
-    let mut scfg = ServerConfig::from_table(cfg.server.as_ref())?;
+    let mut scfg = cfg.server.clone();
     if let Some(h) = args.host {
         scfg.host = h;
     }

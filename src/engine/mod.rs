@@ -106,7 +106,13 @@ impl Engine {
         let num_blocks = config.kv_blocks(c.n_layers, c.kv_dim);
         let block_size = config.kv_cache.block_size;
         let max_len = c.context_length.min(num_blocks * block_size);
-        let validator = Validator::new(tokenizer.clone(), max_len, config.runtime.max_n, config.runtime.max_stop_bytes);
+        let validator = Validator::new(
+            tokenizer.clone(),
+            max_len,
+            config.runtime.max_n,
+            config.runtime.max_stop_bytes,
+            config.tokenizer.parse_special_in_content,
+        );
         crate::kernels::tune_allocator();
 
         let (submit_tx, submit_rx) = bounded::<Submission>(config.runtime.request_queue);

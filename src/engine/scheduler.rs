@@ -511,7 +511,28 @@ impl Scheduler {
     /// Forms the next micro-batch, or `None` when nothing can run now. Sequences it
     /// had to fail (bookkeeping bugs) are collected by [`Self::take_failed`], also when
     /// it returns `None`.
+    ///
+    /// A pass can admit sequences with nothing to compute yet (every token up to
+    /// the fork point is cached, or the fork point is 0): the next pass forks or
+    /// runs them, so passes repeat while they admit without producing a batch —
+    /// `None` then really means "nothing can run until something changes", and
+    /// the actor may sleep.
     pub fn schedule(&mut self) -> Option<SchedulerOutput> {
+        // Bounded: each repeat admits or forks at least one sequence.
+        for _ in 0..self.seqs.len() + 2 {
+            let running_before = self.running.len();
+            let waiting_before = self.waiting.len();
+            if let Some(out) = self.schedule_pass() {
+                return Some(out);
+            }
+            if self.running.len() == running_before && self.waiting.len() == waiting_before {
+                return None;
+            }
+        }
+        None
+    }
+
+    fn schedule_pass(&mut self) -> Option<SchedulerOutput> {
         let mut budget = self.cfg.max_batched_tokens;
         let mut chunks = Vec::new();
         let mut copies = Vec::new();
@@ -955,6 +976,16 @@ mod tests {
             return Err(format!("marked in flight {flagged:?}, in batches {flying:?}"));
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_request_with_nothing_to_compute_before_its_fork_is_scheduled_in_the_same_call() {
+        // n = 2 over a 1-token prompt: the fork point is token 0, so admission
+        // computes nothing; the same schedule() call must fork and run both.
+        let mut s = scheduler(config(64, 8, 0, 4, 16));
+        s.add(request(0, &[7], greedy(4), 2));
+        let out = s.schedule().expect("a batch, not None (the actor would sleep forever)");
+        assert_eq!(rows(&out), vec![(0, 0, 1), (1, 0, 1)]);
     }
 
     #[test]

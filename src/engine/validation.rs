@@ -15,7 +15,7 @@ use super::error::EngineError;
 use super::request::{GenerateRequest, Prompt};
 use super::stop::StopMatcher;
 use crate::sampling::{self, SamplingParams};
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tokenizer::{ChatEncodeOptions, ChatMessage, Tokenizer};
 
 /// The engine's request limits, computed once at start ([`super::EngineHandle::info`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -68,6 +68,8 @@ impl ValidRequest {
 pub struct Validator {
     tok: Arc<Tokenizer>,
     info: EngineInfo,
+    /// `[tokenizer] parse_special_in_content`: control-token text in messages is parsed.
+    parse_special_in_content: bool,
 }
 
 fn invalid(param: &str, message: impl Into<String>) -> EngineError {
@@ -76,7 +78,7 @@ fn invalid(param: &str, message: impl Into<String>) -> EngineError {
 
 impl Validator {
     /// A validator for `tok` with the given limits (`max_token_bytes` is measured from `tok`).
-    pub fn new(tok: Arc<Tokenizer>, max_len: usize, max_n: usize, max_stop_bytes: usize) -> Self {
+    pub fn new(tok: Arc<Tokenizer>, max_len: usize, max_n: usize, max_stop_bytes: usize, parse_special_in_content: bool) -> Self {
         let vocab_size = tok.vocab_size();
         let max_token_bytes = (0..vocab_size as u32)
             .map(|id| {
@@ -87,7 +89,7 @@ impl Validator {
             .max()
             .unwrap_or(1)
             .max(1);
-        Self { tok, info: EngineInfo { max_len, vocab_size, max_n, max_stop_bytes, max_token_bytes } }
+        Self { tok, info: EngineInfo { max_len, vocab_size, max_n, max_stop_bytes, max_token_bytes }, parse_special_in_content }
     }
 
     /// The limits.
@@ -130,12 +132,13 @@ impl Validator {
         }
     }
 
-    /// Chat messages through the model's template.
+    /// Chat messages through the model's template. Message contents and roles
+    /// are plain text: control-token text in them stays text (OpenAI's rule),
+    /// unless `[tokenizer] parse_special_in_content` is on.
     pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool, add_bos: bool) -> Result<Vec<u32>, EngineError> {
         let tmpl = self.tok.chat_template().ok_or_else(|| invalid("messages", "the model has no chat template"))?;
-        let text = tmpl.render(messages, add_generation_prompt).map_err(|e| invalid("messages", e.to_string()))?;
-        let r = if add_bos { self.tok.encode_with_bos(&text, true) } else { self.tok.encode(&text, true) };
-        r.map_err(|e| invalid("messages", e.to_string()))
+        let options = ChatEncodeOptions { add_generation_prompt, with_bos: add_bos, parse_special_in_content: self.parse_special_in_content };
+        self.tok.encode_chat(tmpl, messages, options).map_err(|e| invalid(&e.param().unwrap_or_else(|| "messages".into()), e.to_string()))
     }
 
     /// Refuses a text of `bytes` bytes that no tokenization could fit.

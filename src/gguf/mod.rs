@@ -1,15 +1,16 @@
-//! Bounds-checked GGUF reader (v2 and v3) over `memmap2`, plus a small in-memory
-//! writer ([`writer`]) and reference quantizers ([`quantize`]).
+//! Bounds-checked GGUF reader (v2 and v3) over `memmap2`, plus (feature
+//! `test-support`) a small in-memory writer (`writer`) for tests.
 //!
 //! Owns: parsing and validating the file header, the metadata key/value table and the
-//! tensor-info table, and handing out bounds-checked byte slices of tensor data.
-//! Does not own: interpreting tensor bytes (see `kernels`), model hyper-parameters
-//! (see `model`) or the tokenizer (see `tokenizer`).
+//! tensor-info table (no two tensors' data may overlap), and handing out bounds-checked
+//! byte slices of tensor data. Does not own: the dtype table and block layouts (see
+//! [`crate::quant`]), interpreting tensor bytes (see `quant` and `kernels`), model
+//! hyper-parameters (see `model`) or the tokenizer (see `tokenizer`).
 //!
 //! The agreed public API, which every other module codes against:
 //!
 //! ```text
-//! GgmlDType { F32, F16, BF16, Q4_0, Q4_1, Q8_0 }  block_size(), type_size(), from_raw(u32), name()
+//! GgmlDType (from crate::quant) { F32, F16, BF16, Q4_0, Q4_1, Q8_0 }  block_size(), type_size(), from_raw(u32), name()
 //! MetaValue { U8, I8, U16, I16, U32, I32, U64, I64, F32, F64, Bool, Str(String), Array(Vec<MetaValue>) }
 //! TensorInfo { name: String, dims: Vec<u64> /* ggml order: dims[0] is the contiguous row length */,
 //!              dtype: GgmlDType, offset: u64 /* from start of data section */, size_bytes: u64 }
@@ -50,13 +51,16 @@
 //! [`GgufError::UnsupportedDType`]; any other unknown type id gives
 //! [`GgufError::UnknownDType`].
 
-pub mod quantize;
+#[cfg(any(test, feature = "test-support"))]
 pub mod writer;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
+/// The dtype of a [`TensorInfo`] (owned by [`crate::quant`], re-exported here).
+pub use crate::quant::GgmlDType;
+#[cfg(any(test, feature = "test-support"))]
 pub use writer::GgufWriter;
 
 /// The four magic bytes at the start of every GGUF file.
@@ -81,6 +85,12 @@ pub enum GgufError {
         /// Underlying I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// The path is a directory, not a GGUF file.
+    #[error("cannot read GGUF file `{path}`: it is a directory")]
+    IsDirectory {
+        /// Path given to [`GgufFile::open`].
+        path: String,
     },
     /// The first four bytes are not `GGUF`.
     #[error("bad magic: expected \"GGUF\", found {found:02x?}")]
@@ -159,7 +169,7 @@ pub enum GgufError {
         raw: u32,
     },
     /// A known ggml type this runtime does not support (K-quants, ...).
-    #[error("tensor `{tensor}`: ggml type {name} ({raw}) is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)")]
+    #[error("tensor `{tensor}`: ggml type {name} ({raw}) is not supported (supported: {})", GgmlDType::supported_names())]
     UnsupportedDType {
         /// Tensor name.
         tensor: String,
@@ -222,6 +232,25 @@ pub enum GgufError {
         /// File length.
         file_len: u64,
     },
+    /// The data ranges of two tensors overlap (one tensor's bytes would be read as
+    /// another's). Offsets are from the start of the data section.
+    #[error(
+        "tensors `{first}` (data bytes {first_start}..{first_end}) and `{second}` (data bytes {second_start}..{second_end}) overlap"
+    )]
+    OverlappingTensors {
+        /// The tensor that starts first.
+        first: String,
+        /// Its start offset.
+        first_start: u64,
+        /// Its end offset (exclusive).
+        first_end: u64,
+        /// The tensor that starts inside `first`.
+        second: String,
+        /// Its start offset.
+        second_start: u64,
+        /// Its end offset (exclusive).
+        second_end: u64,
+    },
     /// A required metadata key is absent.
     #[error("missing metadata key `{0}`")]
     MissingKey(String),
@@ -248,137 +277,6 @@ pub enum GgufError {
     /// A required tensor is absent.
     #[error("missing tensor `{0}`")]
     MissingTensor(String),
-}
-
-/// Tensor element types (ggml `enum ggml_type`), restricted to the ones we can compute with.
-///
-/// New variants (e.g. K-quants) can be added; code in this crate should match on the
-/// variants it supports and treat the rest via [`GgmlDType::block_size`]/[`GgmlDType::type_size`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GgmlDType {
-    /// 32-bit float, ggml id 0.
-    F32,
-    /// IEEE half, ggml id 1.
-    F16,
-    /// bfloat16, ggml id 30.
-    BF16,
-    /// 4-bit symmetric, 32 elements in 18 bytes, ggml id 2.
-    Q4_0,
-    /// 4-bit with minimum, 32 elements in 20 bytes, ggml id 3.
-    Q4_1,
-    /// 8-bit symmetric, 32 elements in 34 bytes, ggml id 8.
-    Q8_0,
-}
-
-impl GgmlDType {
-    /// All supported dtypes.
-    pub const ALL: [GgmlDType; 6] = [
-        GgmlDType::F32,
-        GgmlDType::F16,
-        GgmlDType::BF16,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q8_0,
-    ];
-
-    /// Maps a ggml type id to a supported dtype (`None` for unknown/unsupported ids).
-    pub fn from_raw(raw: u32) -> Option<GgmlDType> {
-        match raw {
-            0 => Some(GgmlDType::F32),
-            1 => Some(GgmlDType::F16),
-            2 => Some(GgmlDType::Q4_0),
-            3 => Some(GgmlDType::Q4_1),
-            8 => Some(GgmlDType::Q8_0),
-            30 => Some(GgmlDType::BF16),
-            _ => None,
-        }
-    }
-
-    /// The ggml type id.
-    pub fn raw(self) -> u32 {
-        match self {
-            GgmlDType::F32 => 0,
-            GgmlDType::F16 => 1,
-            GgmlDType::Q4_0 => 2,
-            GgmlDType::Q4_1 => 3,
-            GgmlDType::Q8_0 => 8,
-            GgmlDType::BF16 => 30,
-        }
-    }
-
-    /// Elements per block (1 for float types, 32 for Q4_0/Q4_1/Q8_0).
-    pub fn block_size(self) -> usize {
-        match self {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => 1,
-            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 => 32,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn type_size(self) -> usize {
-        match self {
-            GgmlDType::F32 => 4,
-            GgmlDType::F16 | GgmlDType::BF16 => 2,
-            GgmlDType::Q4_0 => 18,
-            GgmlDType::Q4_1 => 20,
-            GgmlDType::Q8_0 => 34,
-        }
-    }
-
-    /// ggml's name for the type (`"Q4_0"`, `"F16"`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            GgmlDType::F32 => "F32",
-            GgmlDType::F16 => "F16",
-            GgmlDType::BF16 => "BF16",
-            GgmlDType::Q4_0 => "Q4_0",
-            GgmlDType::Q4_1 => "Q4_1",
-            GgmlDType::Q8_0 => "Q8_0",
-        }
-    }
-
-    /// Bytes taken by `n_elements` elements, or `None` if `n_elements` is not a
-    /// multiple of the block size or the size overflows.
-    pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
-        let bs = self.block_size() as u64;
-        if !n_elements.is_multiple_of(bs) {
-            return None;
-        }
-        (n_elements / bs).checked_mul(self.type_size() as u64)
-    }
-}
-
-/// Name of a ggml type id that exists in ggml but that we do not support.
-fn known_unsupported_name(raw: u32) -> Option<&'static str> {
-    Some(match raw {
-        6 => "Q5_0",
-        7 => "Q5_1",
-        9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
-        15 => "Q8_K",
-        16 => "IQ2_XXS",
-        17 => "IQ2_XS",
-        18 => "IQ3_XXS",
-        19 => "IQ1_S",
-        20 => "IQ4_NL",
-        21 => "IQ3_S",
-        22 => "IQ2_S",
-        23 => "IQ4_XS",
-        24 => "I8",
-        25 => "I16",
-        26 => "I32",
-        27 => "I64",
-        28 => "F64",
-        29 => "IQ1_M",
-        34 => "TQ1_0",
-        35 => "TQ2_0",
-        39 => "MXFP4",
-        _ => return None,
-    })
 }
 
 /// A metadata value. Arrays read from a file are homogeneous (one element type).
@@ -601,7 +499,12 @@ impl GgufFile {
             source,
         };
         let file = File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
+        let meta = file.metadata().map_err(io_err)?;
+        if meta.is_dir() {
+            // Opening a directory succeeds on Unix; mapping it fails with ENODEV.
+            return Err(GgufError::IsDirectory { path: path.display().to_string() });
+        }
+        let len = meta.len();
         let storage = if len == 0 {
             // Mapping an empty file fails on some platforms; the parser reports Truncated.
             Storage::Owned(Vec::new())
@@ -1121,7 +1024,7 @@ fn parse(buf: &[u8]) -> Result<Parsed, GgufError> {
         let dtype = match GgmlDType::from_raw(raw_type) {
             Some(d) => d,
             None => {
-                return Err(match known_unsupported_name(raw_type) {
+                return Err(match GgmlDType::unsupported_name(raw_type) {
                     Some(n) => GgufError::UnsupportedDType {
                         tensor: name,
                         name: n,
@@ -1189,6 +1092,8 @@ fn parse(buf: &[u8]) -> Result<Parsed, GgufError> {
         });
     }
 
+    check_no_overlap(&tensors)?;
+
     Ok(Parsed {
         version,
         alignment,
@@ -1200,18 +1105,33 @@ fn parse(buf: &[u8]) -> Result<Parsed, GgufError> {
     })
 }
 
+/// Rejects tensors whose data ranges (`offset..offset + size_bytes`, already
+/// checked to lie inside the file) share a byte. Empty tensors overlap nothing.
+fn check_no_overlap(tensors: &[TensorInfo]) -> Result<(), GgufError> {
+    let end = |t: &TensorInfo| t.offset.saturating_add(t.size_bytes);
+    let mut by_start: Vec<&TensorInfo> = tensors.iter().filter(|t| t.size_bytes > 0).collect();
+    by_start.sort_by_key(|t| t.offset);
+    // Sorted by start and disjoint so far: only the previous tensor can reach past
+    // the next one's start.
+    for pair in by_start.windows(2) {
+        let [prev, t] = pair else { continue };
+        if t.offset < end(prev) {
+            return Err(GgufError::OverlappingTensors {
+                first: prev.name.clone(),
+                first_start: prev.offset,
+                first_end: end(prev),
+                second: t.name.clone(),
+                second_start: t.offset,
+                second_end: end(t),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dtype_roundtrip_raw() {
-        for d in GgmlDType::ALL {
-            assert_eq!(GgmlDType::from_raw(d.raw()), Some(d));
-        }
-        assert_eq!(GgmlDType::from_raw(12), None);
-        assert_eq!(known_unsupported_name(12), Some("Q4_K"));
-    }
 
     #[test]
     fn align_up_works() {

@@ -1,4 +1,5 @@
-//! In-memory GGUF v3 writer, laid out like llama.cpp's `gguf_write_to_buf`.
+//! In-memory GGUF v3 writer, laid out like llama.cpp's `gguf_write_to_buf` (feature
+//! `test-support`: tests and benches build synthetic files with it).
 //!
 //! Owns: serialising metadata and tensors into GGUF bytes. Does not own: validation.
 //! The writer is deliberately permissive (raw type ids, duplicate keys, offset overrides,
@@ -131,7 +132,7 @@ impl GgufWriter {
     }
 
     /// Appends a tensor with already-encoded bytes (`dims` in ggml order). The bytes are
-    /// written as given; use [`quantize`](super::quantize::quantize) to encode f32 values.
+    /// written as given; use [`quantize`](crate::quant::reference::quantize) to encode f32 values.
     pub fn add_tensor(
         &mut self,
         name: impl Into<String>,
@@ -167,8 +168,8 @@ impl GgufWriter {
         dims: &[u64],
         dtype: GgmlDType,
         values: &[f32],
-    ) -> Result<&mut Self, super::quantize::QuantizeError> {
-        let data = super::quantize::quantize(dtype, values)?;
+    ) -> Result<&mut Self, crate::quant::reference::QuantizeError> {
+        let data = crate::quant::reference::quantize(dtype, values)?;
         Ok(self.add_tensor(name, dims, dtype, data))
     }
 

@@ -11,7 +11,10 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
+use std::mem::offset_of;
+
 use super::{BlockQ8, Q8_RESIDUAL_SCALE};
+use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0};
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -40,14 +43,18 @@ pub(super) enum QKind {
 }
 
 impl QKind {
+    /// Bytes per weight block.
     const fn block_bytes(self) -> usize {
         match self {
-            QKind::Q4_0 => 18,
-            QKind::Q4_1 => 20,
-            QKind::Q8_0 => 34,
+            QKind::Q4_0 => size_of::<BlockQ4_0>(),
+            QKind::Q4_1 => size_of::<BlockQ4_1>(),
+            QKind::Q8_0 => size_of::<BlockQ8_0>(),
         }
     }
 }
+
+// The kernel reads `d` at the start of every block.
+const _: () = assert!(offset_of!(BlockQ4_0, d) == 0 && offset_of!(BlockQ4_1, d) == 0 && offset_of!(BlockQ8_0, d) == 0);
 
 /// `out[r * out_stride + o] = dot(w row o, x row r)` for `r < R`, `o` in `cols`.
 ///
@@ -79,8 +86,8 @@ pub(super) unsafe fn tile_q<const R: usize>(
             let d = f16_ptr(bp);
             match kind {
                 QKind::Q4_0 | QKind::Q4_1 => {
-                    let qoff = if kind == QKind::Q4_1 { 4 } else { 2 };
-                    let m = if kind == QKind::Q4_1 { f16_ptr(bp.add(2)) } else { -8.0 * d };
+                    let qoff = if kind == QKind::Q4_1 { offset_of!(BlockQ4_1, qs) } else { offset_of!(BlockQ4_0, qs) };
+                    let m = if kind == QKind::Q4_1 { f16_ptr(bp.add(offset_of!(BlockQ4_1, m))) } else { -8.0 * d };
                     let q = _mm_loadu_si128(bp.add(qoff) as *const __m128i);
                     let lo = _mm_and_si128(q, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
@@ -98,7 +105,7 @@ pub(super) unsafe fn tile_q<const R: usize>(
                     }
                 }
                 QKind::Q8_0 => {
-                    let wv = _mm256_loadu_si256(bp.add(2) as *const __m256i);
+                    let wv = _mm256_loadu_si256(bp.add(offset_of!(BlockQ8_0, qs)) as *const __m256i);
                     let aw = _mm256_sign_epi8(wv, wv);
                     for r in 0..R {
                         let xb = &*xp.add(r * nb + b);

@@ -32,10 +32,11 @@ use std::sync::OnceLock;
 
 use half::f16;
 
-use crate::gguf::GgmlDType;
+use crate::quant::GgmlDType;
 
-/// Elements per quantization block (all supported quantized dtypes).
-pub const QK: usize = 32;
+/// Elements per quantization block (all supported quantized dtypes; also the
+/// block of [`BlockQ8`] activations).
+pub use crate::quant::QK;
 
 /// One block of 32 activations quantized to two 8-bit digits.
 ///
@@ -192,9 +193,10 @@ impl<'a> QMatrix<'a> {
         &self.data[i * rb..(i + 1) * rb]
     }
 
-    /// Dequantizes row `i` into `out` (`out.len() == cols`).
+    /// Dequantizes row `i` into `out` (`out.len() == cols`) with the reference
+    /// dequantizer ([`crate::quant::dequantize_row`]).
     pub fn dequantize_row(&self, i: usize, out: &mut [f32]) {
-        scalar::dequantize_row(self.dtype, self.row(i), &mut out[..self.cols]);
+        crate::quant::dequantize_row(self.dtype, self.row(i), &mut out[..self.cols]);
     }
 }
 
@@ -642,19 +644,25 @@ mod tests {
 
     /// Builds random raw blocks of a quantized dtype (valid scales).
     fn rand_weights(rng: &mut rand::rngs::SmallRng, dtype: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
+        use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0};
         let nb = rows * cols / QK;
         let mut out = Vec::new();
         for _ in 0..nb {
-            let d = f16::from_f32(rng.gen_range(0.001f32..0.05)).to_bits().to_le_bytes();
-            out.extend_from_slice(&d);
+            let d = f16::from_f32(rng.gen_range(0.001f32..0.05));
             match dtype {
                 GgmlDType::Q4_1 => {
-                    let m = f16::from_f32(rng.gen_range(-0.2f32..0.0)).to_bits().to_le_bytes();
-                    out.extend_from_slice(&m);
-                    out.extend((0..16).map(|_| rng.gen::<u8>()));
+                    let m = f16::from_f32(rng.gen_range(-0.2f32..0.0));
+                    let b = BlockQ4_1 { d, m, qs: std::array::from_fn(|_| rng.gen::<u8>()) };
+                    out.extend_from_slice(bytemuck::bytes_of(&b));
                 }
-                GgmlDType::Q4_0 => out.extend((0..16).map(|_| rng.gen::<u8>())),
-                GgmlDType::Q8_0 => out.extend((0..32).map(|_| rng.gen_range(-128i32..=127) as i8 as u8)),
+                GgmlDType::Q4_0 => {
+                    let b = BlockQ4_0 { d, qs: std::array::from_fn(|_| rng.gen::<u8>()) };
+                    out.extend_from_slice(bytemuck::bytes_of(&b));
+                }
+                GgmlDType::Q8_0 => {
+                    let b = BlockQ8_0 { d, qs: std::array::from_fn(|_| rng.gen_range(-128i32..=127) as i8) };
+                    out.extend_from_slice(bytemuck::bytes_of(&b));
+                }
                 _ => unreachable!(),
             }
         }

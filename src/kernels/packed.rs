@@ -22,7 +22,7 @@
 use half::f16;
 
 use super::{BlockQ8, KernelError, QMatrix, QK, Q8_RESIDUAL_SCALE};
-use crate::gguf::GgmlDType;
+use crate::quant::{blocks, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlDType};
 
 /// Output columns per packed group (one 512-bit register of i32 lanes).
 pub const GROUP: usize = 16;
@@ -110,37 +110,43 @@ impl PackedMatrix {
         let n_groups = w.rows.div_ceil(GROUP);
         let mut lines = vec![Line([0; 64]); n_groups * group_bytes / 64];
         let mut p = Self { kind, rows: w.rows, cols: w.cols, nb, group_bytes, lines: Vec::new() };
-        let bb = w.dtype.type_size();
         {
             let bytes = lines_as_bytes_mut(&mut lines);
             for o in 0..w.rows {
                 let (g, c) = (o / GROUP, o % GROUP);
                 let gb = &mut bytes[g * group_bytes..(g + 1) * group_bytes];
-                let row = w.row(o);
-                for b in 0..nb {
-                    let blk = &row[b * bb..(b + 1) * bb];
-                    // d (and m) of column c
-                    gb[b * 32 + 2 * c..b * 32 + 2 * c + 2].copy_from_slice(&blk[0..2]);
-                    let qs_base = nb * kind.scale_bytes() + b * kind.qs_bytes();
-                    match kind {
-                        PackKind::Q4_1 => {
-                            gb[nb * 32 + b * 32 + 2 * c..nb * 32 + b * 32 + 2 * c + 2].copy_from_slice(&blk[2..4]);
+                // d (and m) of column c, block b: little-endian f16 as in the ggml block.
+                fn put_f16(gb: &mut [u8], at: usize, x: f16) {
+                    gb[at..at + 2].copy_from_slice(&x.to_le_bytes());
+                }
+                let qs_base = |b: usize| nb * kind.scale_bytes() + b * kind.qs_bytes();
+                match kind {
+                    PackKind::Q4_1 => {
+                        for (b, blk) in blocks::<BlockQ4_1>(w.row(o)).enumerate() {
+                            put_f16(gb, b * 32 + 2 * c, blk.d);
+                            put_f16(gb, nb * 32 + b * 32 + 2 * c, blk.m);
                             for j in 0..4 {
-                                let dst = qs_base + j * 64 + 4 * c;
-                                gb[dst..dst + 4].copy_from_slice(&blk[4 + 4 * j..8 + 4 * j]);
+                                let dst = qs_base(b) + j * 64 + 4 * c;
+                                gb[dst..dst + 4].copy_from_slice(&blk.qs[4 * j..4 * j + 4]);
                             }
                         }
-                        PackKind::Q4_0 => {
+                    }
+                    PackKind::Q4_0 => {
+                        for (b, blk) in blocks::<BlockQ4_0>(w.row(o)).enumerate() {
+                            put_f16(gb, b * 32 + 2 * c, blk.d);
                             for j in 0..4 {
-                                let dst = qs_base + j * 64 + 4 * c;
-                                gb[dst..dst + 4].copy_from_slice(&blk[2 + 4 * j..6 + 4 * j]);
+                                let dst = qs_base(b) + j * 64 + 4 * c;
+                                gb[dst..dst + 4].copy_from_slice(&blk.qs[4 * j..4 * j + 4]);
                             }
                         }
-                        PackKind::Q8_0 => {
+                    }
+                    PackKind::Q8_0 => {
+                        for (b, blk) in blocks::<BlockQ8_0>(w.row(o)).enumerate() {
+                            put_f16(gb, b * 32 + 2 * c, blk.d);
                             for j in 0..8 {
-                                let dst = qs_base + j * 64 + 4 * c;
+                                let dst = qs_base(b) + j * 64 + 4 * c;
                                 for k in 0..4 {
-                                    gb[dst + k] = blk[2 + 4 * j + k] ^ 0x80;
+                                    gb[dst + k] = (blk.qs[4 * j + k] as u8) ^ 0x80;
                                 }
                             }
                         }

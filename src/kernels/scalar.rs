@@ -1,26 +1,19 @@
 //! Scalar reference kernels: the test oracle for every SIMD kernel, and the
 //! fallback on CPUs without AVX2.
 //!
-//! Quantized formats follow ggml (see `ggml-common.h`):
-//!
-//! ```text
-//! Q4_0: [d: f16][qs: 16 x u8]          x[j] = (lo(qs[j]) - 8) * d, x[j+16] = (hi(qs[j]) - 8) * d
-//! Q4_1: [d: f16][m: f16][qs: 16 x u8]  x[j] = lo(qs[j]) * d + m,   x[j+16] = hi(qs[j]) * d + m
-//! Q8_0: [d: f16][qs: 32 x i8]          x[j] = qs[j] * d
-//! ```
-//!
-//! Activations are quantized per 32-element block to [`BlockQ8`] (f32 scale and
+//! Weight blocks are the `#[repr(C)]` structs of [`crate::quant`] (their layouts
+//! and reference dequantizers live there). Activations are quantized per 32-element block to [`BlockQ8`] (f32 scale and
 //! the scaled sum, which the Q4_0/Q4_1 dot products need for their offsets).
 
 use half::{bf16, f16};
 
 use super::{BlockQ8, QK, Q8_RESIDUAL_SCALE};
-use crate::gguf::GgmlDType;
+use crate::quant::{blocks, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlDType};
 
 /// Reads a little-endian f16 at `b[0..2]` as f32.
 #[inline(always)]
-pub(crate) fn f16_at(b: &[u8]) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+fn f16_at(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
 /// Quantizes one row of activations to Q8 blocks (`x.len()` is a multiple of 32).
@@ -58,30 +51,29 @@ fn dot_nibbles(qs: &[u8], b: &BlockQ8) -> i32 {
 
 /// Dot product of one quantized weight row (raw block bytes) with one Q8 row.
 pub fn vec_dot_q(dtype: GgmlDType, w: &[u8], x: &[BlockQ8]) -> f32 {
-    let bs = dtype.type_size();
     let mut acc = 0.0f32;
     match dtype {
         GgmlDType::Q4_0 => {
-            for (b, xb) in w.chunks_exact(bs).zip(x) {
-                let d = f16_at(b);
-                let isum = dot_nibbles(&b[2..18], xb);
+            for (b, xb) in blocks::<BlockQ4_0>(w).zip(x) {
+                let d = b.d.to_f32();
+                let isum = dot_nibbles(&b.qs, xb);
                 acc += d * (xb.d / Q8_RESIDUAL_SCALE) * isum as f32 - 8.0 * d * xb.s;
             }
         }
         GgmlDType::Q4_1 => {
-            for (b, xb) in w.chunks_exact(bs).zip(x) {
-                let d = f16_at(b);
-                let m = f16_at(&b[2..]);
-                let isum = dot_nibbles(&b[4..20], xb);
+            for (b, xb) in blocks::<BlockQ4_1>(w).zip(x) {
+                let d = b.d.to_f32();
+                let m = b.m.to_f32();
+                let isum = dot_nibbles(&b.qs, xb);
                 acc += d * (xb.d / Q8_RESIDUAL_SCALE) * isum as f32 + m * xb.s;
             }
         }
         GgmlDType::Q8_0 => {
-            for (b, xb) in w.chunks_exact(bs).zip(x) {
-                let d = f16_at(b);
+            for (b, xb) in blocks::<BlockQ8_0>(w).zip(x) {
+                let d = b.d.to_f32();
                 let (mut s1, mut s2) = (0i32, 0i32);
                 for j in 0..QK {
-                    let w = (b[2 + j] as i8) as i32;
+                    let w = b.qs[j] as i32;
                     s1 += w * xb.qs[j] as i32;
                     s2 += w * xb.qr[j] as i32;
                 }
@@ -89,8 +81,7 @@ pub fn vec_dot_q(dtype: GgmlDType, w: &[u8], x: &[BlockQ8]) -> f32 {
                 acc += d * (xb.d / Q8_RESIDUAL_SCALE) * isum as f32;
             }
         }
-        #[allow(unreachable_patterns)]
-        _ => {}
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {}
     }
     acc
 }
@@ -118,56 +109,6 @@ pub fn vec_dot_f(dtype: GgmlDType, w: &[u8], x: &[f32]) -> f32 {
         _ => {}
     }
     acc
-}
-
-/// Dequantizes one row of any supported dtype to f32.
-pub fn dequantize_row(dtype: GgmlDType, w: &[u8], out: &mut [f32]) {
-    match dtype {
-        GgmlDType::F32 => {
-            for (b, o) in w.chunks_exact(4).zip(out.iter_mut()) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        GgmlDType::F16 => {
-            for (b, o) in w.chunks_exact(2).zip(out.iter_mut()) {
-                *o = f16_at(b);
-            }
-        }
-        GgmlDType::BF16 => {
-            for (b, o) in w.chunks_exact(2).zip(out.iter_mut()) {
-                *o = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-            }
-        }
-        GgmlDType::Q4_0 => {
-            for (b, o) in w.chunks_exact(18).zip(out.chunks_exact_mut(QK)) {
-                let d = f16_at(b);
-                for j in 0..16 {
-                    o[j] = ((b[2 + j] & 0x0F) as i32 - 8) as f32 * d;
-                    o[j + 16] = ((b[2 + j] >> 4) as i32 - 8) as f32 * d;
-                }
-            }
-        }
-        GgmlDType::Q4_1 => {
-            for (b, o) in w.chunks_exact(20).zip(out.chunks_exact_mut(QK)) {
-                let d = f16_at(b);
-                let m = f16_at(&b[2..]);
-                for j in 0..16 {
-                    o[j] = (b[4 + j] & 0x0F) as f32 * d + m;
-                    o[j + 16] = (b[4 + j] >> 4) as f32 * d + m;
-                }
-            }
-        }
-        GgmlDType::Q8_0 => {
-            for (b, o) in w.chunks_exact(34).zip(out.chunks_exact_mut(QK)) {
-                let d = f16_at(b);
-                for j in 0..QK {
-                    o[j] = (b[2 + j] as i8) as f32 * d;
-                }
-            }
-        }
-        #[allow(unreachable_patterns)]
-        _ => {}
-    }
 }
 
 /// Largest element (`-inf` for an empty slice; NaNs are skipped).

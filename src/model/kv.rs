@@ -15,14 +15,33 @@
 //! are one SIMD load per dimension). A block occupies `block_size * kv_dim`
 //! elements in both arrays, so copying a block is one contiguous copy.
 //!
-//! ```text
-//! ```
 
 use half::f16;
 
 use crate::kernels::AttnShape;
 
-pub use crate::config::KvDType;
+/// Element type of the K/V storage (the `[kv_cache] dtype` config key).
+#[derive(Clone, Copy, Debug, serde::Deserialize, serde::Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDType {
+    /// IEEE half precision.
+    #[default]
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// f32.
+    F32,
+}
+
+impl KvDType {
+    /// Bytes per stored element.
+    pub fn elem_bytes(self) -> usize {
+        match self {
+            KvDType::F16 | KvDType::Bf16 => 2,
+            KvDType::F32 => 4,
+        }
+    }
+}
 
 /// Largest supported block size (attention keeps one block of scores on the stack).
 pub const MAX_BLOCK_SIZE: usize = 128;
@@ -159,12 +178,12 @@ impl KvStore {
 
     /// Bytes of K/V storage held (reserved; resident only where written).
     pub fn bytes(&self) -> usize {
-        2 * self.n_layers() * self.num_blocks * self.block_size * self.kv_dim * elem_bytes(self.dtype)
+        2 * self.n_layers() * self.num_blocks * self.block_size * self.kv_dim * self.dtype.elem_bytes()
     }
 
     /// Bytes one token occupies across `n_layers` layers (K and V, f16).
     pub fn bytes_per_token(n_layers: usize, kv_dim: usize) -> usize {
-        2 * n_layers * kv_dim * elem_bytes(KvDType::F16)
+        2 * n_layers * kv_dim * KvDType::F16.elem_bytes()
     }
 
     /// Physical slot of position `pos` through a block table.
@@ -228,13 +247,5 @@ impl KvStore {
             Arrays::Bf16 { k, v } => KvLayer::Bf16(&k[l], &v[l]),
             Arrays::F32 { k, v } => KvLayer::F32(&k[l], &v[l]),
         }
-    }
-}
-
-/// Bytes per stored element.
-pub fn elem_bytes(dtype: KvDType) -> usize {
-    match dtype {
-        KvDType::F16 | KvDType::Bf16 => 2,
-        KvDType::F32 => 4,
     }
 }

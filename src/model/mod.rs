@@ -12,7 +12,8 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::gguf::{GgmlDType, GgufError, GgufFile};
+use crate::gguf::{GgufError, GgufFile};
+use crate::quant::GgmlDType;
 use crate::kernels::{KernelError, QMatrix};
 
 /// Errors while building a model from a GGUF file.

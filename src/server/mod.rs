@@ -52,6 +52,9 @@ pub enum ServeError {
     /// Building the metrics registry.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// An engine actor died for good; the server drained and stopped.
+    #[error("the engine died: {0}")]
+    EngineDead(String),
 }
 
 /// Shared state of all handlers.
@@ -108,8 +111,7 @@ pub async fn serve_with(
     let model = engine.model().clone();
     let model_name = if cfg.served_model_name.is_empty() { model.config.name.clone() } else { cfg.served_model_name.clone() };
     let econf = engine.config().clone();
-    let kv_tokens = econf.kv_blocks(model.config.n_layers, model.config.kv_dim) * econf.kv_cache.block_size;
-    let max_len = model.config.context_length.min(kv_tokens);
+    let max_len = engine.info().max_len;
     let metrics = Arc::new(Metrics::new(&model_name)?);
     let tenants = cfg.effective_tenants();
     let max_running = if cfg.max_running == 0 { econf.runtime.max_seqs } else { cfg.max_running };
@@ -140,7 +142,15 @@ pub async fn serve_with(
         cfg: cfg.clone(),
     });
     let edge = edge::Edge::spawn(listener, routes::router(app.clone()), &cfg, app.metrics.clone());
-    shutdown.await;
+    // Until asked to stop, or until the engine dies (then /health is already
+    // 503, every open request has its error, and serving ends non-zero).
+    let died = tokio::select! {
+        _ = shutdown => false,
+        _ = engine.dead() => true,
+    };
+    if died {
+        tracing::error!(reason = engine.health().err().unwrap_or_default(), "the engine died: draining and stopping");
+    }
 
     // Drain: refuse new work, let admitted and queued work finish up to the timeout.
     // Idle connections close now; busy ones after their response.
@@ -165,6 +175,9 @@ pub async fn serve_with(
     // Every request has ended: what is left is a response being written, or a
     // client that is slow to send its head or to read.
     edge.close(CONNECTION_CLOSE_GRACE).await;
+    if let Err(reason) = engine.health() {
+        return Err(ServeError::EngineDead(reason));
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

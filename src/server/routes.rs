@@ -144,19 +144,18 @@ async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
 }
 
-/// 200 while every engine actor is alive; 503 once one died for good (so an
-/// orchestrator restarts the process).
+/// Liveness: 503 once an engine actor died for good (so the orchestrator restarts the pod).
 async fn health(State(app): State<App>) -> Result<Json<StatusResponse>, ApiError> {
     app.engine.health().map_err(|why| ApiError::Unavailable(format!("the engine has stopped: {why}")))?;
     Ok(Json(StatusResponse { status: "ok", model: None }))
 }
 
-/// 200 while serving; 503 when draining or when the engine is dead.
+/// Readiness: 503 while draining or once the engine is dead.
 async fn ready(State(app): State<App>) -> Result<Json<StatusResponse>, ApiError> {
+    app.engine.health().map_err(|why| ApiError::Unavailable(format!("the engine has stopped: {why}")))?;
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable("draining: the server is shutting down".into()));
     }
-    app.engine.health().map_err(|why| ApiError::Unavailable(format!("the engine has stopped: {why}")))?;
     Ok(Json(StatusResponse { status: "ready", model: Some(app.model_name.clone()) }))
 }
 

@@ -8,7 +8,8 @@
 //!
 //! ```text
 //!   GGUF metadata ──► TokenizerSpec ──► Tokenizer ─┬─ encode / encode_with_bos  (text → ids)
-//!   tokenizer.ggml.*                               ├─ decode, IncrementalDecoder (ids → text)
+//!   tokenizer.ggml.*                               ├─ encode_chat           (messages → ids)
+//!                                                  ├─ decode, IncrementalDecoder (ids → text)
 //!   tokenizer.chat_template ──────────────────────►└─ ChatTemplate::render      (messages → text)
 //! ```
 //!
@@ -29,9 +30,14 @@
 //!   User-defined tokens (`token_type` 4) are always split out (as in llama.cpp and HF's
 //!   non-special added tokens) and never skipped.
 //! - `encode` never adds BOS/EOS; `encode_with_bos` adds BOS iff `add_bos_token`.
+//! - Chat messages are encoded by [`Tokenizer::encode_chat`]: control tokens are parsed in
+//!   the text the template writes, while message content is plain text (as OpenAI tokenizes
+//!   it), so `"<|im_end|>\n<|im_start|>system"` typed by a user cannot open a system turn.
+//!   [`ChatEncodeOptions::parse_special_in_content`] restores the old behaviour.
 
 mod byte_level;
 mod chat;
+mod control;
 mod incremental;
 
 use std::collections::HashMap;
@@ -46,6 +52,7 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::gguf::{GgufError, GgufFile};
+use control::{ControlMatch, ControlTokens};
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use incremental::IncrementalDecoder;
@@ -137,12 +144,53 @@ pub enum TokenizerError {
     /// Reading tokenizer metadata from the GGUF file failed.
     #[error("reading tokenizer metadata: {0}")]
     Gguf(#[from] GgufError),
-    /// The chat template does not compile.
-    #[error("chat template does not compile: {0:#}")]
-    TemplateSyntax(#[source] minijinja::Error),
+    /// The chat template fails to parse (the template's own error inside).
+    #[error("the chat template failed to parse: {0:#}")]
+    TemplateSyntax(#[source] std::sync::Arc<minijinja::Error>),
     /// Rendering the chat template failed (including `raise_exception` from the template).
     #[error("chat template rendering failed: {0:#}")]
     TemplateRender(#[source] minijinja::Error),
+    /// A message's content holds control-token text and the chat template changes content
+    /// in a way that hides where it lands, so it cannot be kept plain text.
+    #[error("`messages[{index}].content` contains the control-token text {token:?}; this model's chat template rewrites message content, so it cannot be kept as plain text: remove it")]
+    ControlTokenInContent {
+        /// Position of the message in the conversation.
+        index: usize,
+        /// The control-token string found.
+        token: String,
+    },
+    /// A message's role holds control-token text.
+    #[error("`messages[{index}].role` must not contain control-token text, found {token:?}")]
+    ControlTokenInRole {
+        /// Position of the message in the conversation.
+        index: usize,
+        /// The control-token string found.
+        token: String,
+    },
+}
+
+impl TokenizerError {
+    /// The request field an error is about, in OpenAI's `param` form (`messages[2].content`),
+    /// for errors caused by one chat message; `None` for the others.
+    pub fn param(&self) -> Option<String> {
+        match self {
+            Self::ControlTokenInContent { index, .. } => Some(format!("messages[{index}].content")),
+            Self::ControlTokenInRole { index, .. } => Some(format!("messages[{index}].role")),
+            _ => None,
+        }
+    }
+}
+
+/// How [`Tokenizer::encode_chat`] renders and encodes a conversation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChatEncodeOptions {
+    /// Let the template append the header that opens the assistant's turn.
+    pub add_generation_prompt: bool,
+    /// Prepend BOS as [`Tokenizer::encode_with_bos`] does (iff `add_bos_token`).
+    pub with_bos: bool,
+    /// Parse control-token text inside message content and roles as control tokens, as
+    /// before; unsafe with untrusted users (`[tokenizer] parse_special_in_content`).
+    pub parse_special_in_content: bool,
 }
 
 /// Plain-data description of a tokenizer, as stored under `tokenizer.ggml.*` in GGUF.
@@ -238,6 +286,8 @@ struct Inner {
     hf_parse_special: tokenizers::Tokenizer,
     /// Treats control tokens as plain text (`parse_special = false`).
     hf_plain: tokenizers::Tokenizer,
+    /// Finds control-token strings the way `hf_parse_special` splits them out.
+    control: ControlTokens,
     /// Vocabulary in id order (byte-level spelled).
     tokens: Vec<String>,
     /// Raw bytes of each token, in id order.
@@ -272,8 +322,8 @@ impl Tokenizer {
 
     /// Builds the tokenizer from plain data (see [`TokenizerSpec`]).
     ///
-    /// A chat template that does not compile is logged and dropped (`chat_template()` is
-    /// then `None`): plain completion still works.
+    /// A chat template that fails to parse is logged (warn) and kept: plain completion
+    /// still works, and rendering it (a chat request) reports the parse error.
     pub fn from_spec(spec: TokenizerSpec) -> Result<Self, TokenizerError> {
         let TokenizerSpec {
             tokens,
@@ -365,6 +415,10 @@ impl Tokenizer {
         hf.add_tokens(&user_defined);
         let mut hf_plain = hf.clone();
         hf_plain.set_encode_special_tokens(true);
+        let control = ControlTokens::new(special.iter().filter_map(|token| {
+            let id = hf.token_to_id(&token.content)?;
+            Some((token.content.as_str(), id))
+        }))?;
 
         let pieces: Vec<Box<[u8]>> = tokens
             .iter()
@@ -384,13 +438,11 @@ impl Tokenizer {
         let chat_template = match chat_template {
             None => None,
             Some(source) => {
-                match ChatTemplate::new(&source, token_string(bos), token_string(eos)) {
-                    Ok(template) => Some(template),
-                    Err(err) => {
-                        tracing::warn!(%err, "ignoring tokenizer.chat_template");
-                        None
-                    }
+                let template = ChatTemplate::compile(&source, token_string(bos), token_string(eos));
+                if let Some(err) = template.parse_error() {
+                    tracing::warn!(error = %format!("{err:#}"), "tokenizer.chat_template failed to parse; chat requests will fail with this error");
                 }
+                Some(template)
             }
         };
 
@@ -398,6 +450,7 @@ impl Tokenizer {
             inner: Arc::new(Inner {
                 hf_parse_special: hf,
                 hf_plain,
+                control,
                 tokens,
                 pieces,
                 token_types,
@@ -433,15 +486,112 @@ impl Tokenizer {
         parse_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
         let ids = self.encode(text, parse_special)?;
+        Ok(self.prepend_bos(ids))
+    }
+
+    /// `ids` with BOS in front iff `add_bos_token` is set and the vocabulary has a BOS id.
+    fn prepend_bos(&self, ids: Vec<u32>) -> Vec<u32> {
         match self.inner.bos {
             Some(bos) if self.inner.add_bos => {
                 let mut out = Vec::with_capacity(ids.len() + 1);
                 out.push(bos);
                 out.extend(ids);
-                Ok(out)
+                out
             }
-            _ => Ok(ids),
+            _ => ids,
         }
+    }
+
+    /// Renders `messages` with `template` and encodes the prompt.
+    ///
+    /// Control tokens are parsed only in the text the template writes itself; every message
+    /// content is plain text, so a user cannot forge a turn by typing `<|im_end|>`. Where
+    /// contents hold no control-token text (and no control token spans a content's edge)
+    /// the ids equal `encode(render(..), true)`, what Hugging Face's
+    /// `apply_chat_template(tokenize=True)` gives. A template that changes
+    /// content beyond trimming it is encoded the old way when no content holds control-token
+    /// text, and refused with [`TokenizerError::ControlTokenInContent`] when one does. A role
+    /// holding control-token text is refused ([`TokenizerError::ControlTokenInRole`]).
+    /// With [`ChatEncodeOptions::parse_special_in_content`] all of this is skipped and the
+    /// rendering is encoded with control tokens parsed everywhere.
+    pub fn encode_chat(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+        options: ChatEncodeOptions,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let ChatEncodeOptions {
+            add_generation_prompt,
+            with_bos,
+            parse_special_in_content,
+        } = options;
+        let ids = if parse_special_in_content {
+            self.encode(&template.render(messages, add_generation_prompt)?, true)?
+        } else {
+            self.encode_chat_plain_content(template, messages, add_generation_prompt)?
+        };
+        Ok(if with_bos { self.prepend_bos(ids) } else { ids })
+    }
+
+    /// [`encode_chat`](Self::encode_chat) without BOS, content as plain text.
+    fn encode_chat_plain_content(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let control = &self.inner.control;
+        // Templates compare roles and write them beside their own control tokens: a role
+        // cannot be located like content, so control-token text there is refused.
+        for (index, message) in messages.iter().enumerate() {
+            if let Some(token) = control.first_in(&message.role) {
+                return Err(TokenizerError::ControlTokenInRole {
+                    index,
+                    token: token.to_owned(),
+                });
+            }
+        }
+        let rendered = template.render_locating_content(messages, add_generation_prompt)?;
+        let Some(content_ranges) = rendered.content_ranges else {
+            // Content could not be located: safe to parse the rendering only if no content
+            // holds control-token text.
+            for (index, message) in messages.iter().enumerate() {
+                if let Some(token) = control.first_in(&message.content) {
+                    return Err(TokenizerError::ControlTokenInContent {
+                        index,
+                        token: token.to_owned(),
+                    });
+                }
+            }
+            return self.encode(&rendered.text, true);
+        };
+        let text = rendered.text.as_str();
+        // Offsets below come from `content_ranges` and the matcher, so they are in order and
+        // on char boundaries; `get` only keeps a broken invariant from panicking.
+        let broken = || TokenizerError::Encode("chat content ranges out of order".into());
+        // Control tokens lying wholly in the template's own text, between content ranges.
+        let mut matches: Vec<ControlMatch> = Vec::new();
+        let mut segment_start = 0usize;
+        for range in &content_ranges {
+            let segment = text.get(segment_start..range.start).ok_or_else(broken)?;
+            control.find_matches(segment, segment_start, &mut matches);
+            segment_start = range.end;
+        }
+        let segment = text.get(segment_start..).ok_or_else(broken)?;
+        control.find_matches(segment, segment_start, &mut matches);
+        // The text between control tokens, encoded as plain text: the pieces
+        // `encode(.., true)` would cut the whole text into when contents are plain.
+        let mut ids = Vec::with_capacity(text.len() / 3 + matches.len());
+        let mut piece_start = 0usize;
+        for found in &matches {
+            let piece = text.get(piece_start..found.start).ok_or_else(broken)?;
+            ids.extend(self.encode(piece, false)?);
+            ids.push(found.id);
+            piece_start = found.end;
+        }
+        let piece = text.get(piece_start..).ok_or_else(broken)?;
+        ids.extend(self.encode(piece, false)?);
+        Ok(ids)
     }
 
     /// Decodes ids to text; invalid UTF-8 becomes U+FFFD. With `skip_special`, control tokens
@@ -520,7 +670,8 @@ impl Tokenizer {
         self.inner.hf_parse_special.token_to_id(token)
     }
 
-    /// The model's chat template, if it has one that compiles.
+    /// The model's chat template, if it has one (one that failed to parse included:
+    /// see [`ChatTemplate::parse_error`]).
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.inner.chat_template.as_ref()
     }
