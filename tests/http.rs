@@ -579,6 +579,19 @@ async fn unsupported_parameters_are_refused_and_no_ops_accepted() {
     }
     let (st, _, v) = s.post("/tokenize", None, &json!({"prompt": "x", "tools": [{"type": "function"}]})).await;
     assert_error(st, &v, 400, Some("tools"));
+    // Message fields the template would drop, and tool-calling turns.
+    let call = json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+    for (messages, param) in [
+        (json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": call}]), "messages[1].tool_calls"),
+        (json!([{"role": "tool", "tool_call_id": "c1", "content": "42"}]), "messages[0].role"),
+        (json!([{"role": "user", "content": "hi", "name": "bob"}]), "messages[0].name"),
+    ] {
+        let (st, _, v) = s.post("/v1/chat/completions", None, &json!({"messages": messages, "max_tokens": 2})).await;
+        assert_error(st, &v, 400, Some(param));
+    }
+    let sdk_turn = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "refusal": null, "tool_calls": [], "audio": null}, {"role": "user", "content": "more"}]);
+    let (st, _, v) = s.post("/v1/chat/completions", None, &json!({"messages": sdk_turn, "max_tokens": 2})).await;
+    assert_eq!(st, 200, "{v}");
 
     // Bookkeeping fields and no-op values of unsupported ones are accepted.
     let chat_ok = json!({

@@ -54,6 +54,13 @@
 //! 4. **Anything else** is a 400 naming it, as OpenAI answers:
 //!    "Unrecognized request argument supplied: X".
 //!
+//! Inside `messages[i]` ([`check_message_fields`]): `role` and `content` are
+//! honoured; `name`, `tool_calls`, `function_call`, `tool_call_id`, `audio`,
+//! `refusal`, `annotations` and `reasoning_content` are accepted only empty
+//! (`null`, `""` or `[]`: what SDKs send back with an assistant turn), since the
+//! chat template would drop them; roles `tool` and `function` are refused
+//! (tool calling is not implemented); anything else is unrecognized.
+//!
 //! Counts (`n`, `max_tokens`, `max_completion_tokens`, `min_tokens`,
 //! `logprobs`, `top_logprobs`) accept any non-negative JSON integer, however
 //! large: values past `usize` saturate, so the range checks answer with their
@@ -523,6 +530,41 @@ pub fn check_fields(ep: Endpoint, body: &Map<String, Value>) -> Result<(), ApiEr
     Ok(())
 }
 
+/// Fields of a message that the template would drop: accepted only empty.
+const MESSAGE_EMPTY_ONLY_FIELDS: &[&str] =
+    &["name", "tool_calls", "function_call", "tool_call_id", "audio", "refusal", "annotations", "reasoning_content"];
+
+/// Refuses (400 naming `messages[i].field`) message fields that would be
+/// silently dropped, and tool-calling roles (module docs).
+pub fn check_message_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
+    let Some(Value::Array(msgs)) = body.get("messages") else { return Ok(()) }; // type errors: serde's
+    for (i, m) in msgs.iter().enumerate() {
+        let Some(m) = m.as_object() else { continue };
+        for (field, v) in m {
+            let param = format!("messages[{i}].{field}");
+            match field.as_str() {
+                "role" => {
+                    if let Some(role @ ("tool" | "function")) = v.as_str() {
+                        return Err(ApiError::invalid(&param, format!("`{role}` messages are not supported: this server does not implement tool calling")));
+                    }
+                }
+                "content" => {}
+                f if MESSAGE_EMPTY_ONLY_FIELDS.contains(&f) => {
+                    let empty = v.is_null() || v.as_str().is_some_and(str::is_empty) || v.as_array().is_some_and(|a| a.is_empty());
+                    if !empty {
+                        return Err(ApiError::invalid(
+                            &param,
+                            format!("`{param}` is not supported by this server (the chat template would drop it); remove it"),
+                        ));
+                    }
+                }
+                _ => return Err(ApiError::invalid(&param, format!("Unrecognized request argument supplied: {param}"))),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A request body type: parsed from JSON bytes with errors naming the field.
 pub trait ApiRequest: Sized {
     /// Parses the body and checks its fields.
@@ -542,6 +584,9 @@ fn parse_object(ep: Endpoint, bytes: &[u8]) -> Result<Value, ApiError> {
         return Err(ApiError::Invalid { param: None, message: "invalid request body: expected a JSON object".into() });
     };
     check_fields(ep, body)?;
+    if matches!(ep, Endpoint::Chat | Endpoint::Tokenize) {
+        check_message_fields(body)?;
+    }
     Ok(v)
 }
 
@@ -668,5 +713,22 @@ mod tests {
         assert_eq!(e.body()["error"]["param"], "best_of", "{e}");
         let e = TokenizeRequest::parse(br#"{"prompt":"x","tools":[{"type":"function"}]}"#).unwrap_err();
         assert_eq!(e.body()["error"]["param"], "tools", "{e}");
+    }
+
+    /// Message fields the template would drop are refused unless empty.
+    #[test]
+    fn message_fields_refused_unless_empty() {
+        for (body, param) in [
+            (r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]}"#, "messages[1].tool_calls"),
+            (r#"{"messages":[{"role":"tool","content":"42","tool_call_id":""}]}"#, "messages[0].role"),
+            (r#"{"messages":[{"role":"user","content":"x","name":"bob"}]}"#, "messages[0].name"),
+            (r#"{"messages":[{"role":"user","content":"x","weight":1}]}"#, "messages[0].weight"),
+        ] {
+            let e = ChatRequest::parse(body.as_bytes()).unwrap_err();
+            assert_eq!(e.body()["error"]["param"], param, "{body}: {e}");
+        }
+        // An assistant turn as the SDKs send it back.
+        let ok = r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y","refusal":null,"tool_calls":[],"function_call":null,"audio":null,"annotations":[]}]}"#;
+        ChatRequest::parse(ok.as_bytes()).unwrap();
     }
 }
