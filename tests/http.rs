@@ -819,6 +819,47 @@ async fn wait_queue_depth(s: &Server, tenant: &str, depth: f64) {
     }
 }
 
+/// The admission actor has no timer: a client that goes away while its request
+/// waits in the fair queue wakes it (its reply drops), and the entry is dropped
+/// at once instead of at the next poll or never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_of_gone_clients_leave_the_queue() {
+    let toml = format!("max_running = 1\n[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n", hash_key("key-a"));
+    let s = Arc::new(Server::start(tiny(32768), engine_config(40000), &toml).await);
+    // A blocker far longer than the test: only the gone clients can wake the actor.
+    let s2 = s.clone();
+    let blocker = tokio::spawn(async move {
+        let _ = s2.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 32000, "ignore_eos": true})).await;
+    });
+    let e = s.engine.clone();
+    until("the blocker to run", || e.stats().running == 1).await;
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let s = s.clone();
+        waiting.push(tokio::spawn(async move { s.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 2})).await }));
+    }
+    wait_queue_depth(&s, "a", 3.0).await;
+    for t in &waiting {
+        t.abort(); // the clients go away
+    }
+    let series = "brigade:tenant_queue_depth{tenant=\"a\"}";
+    let t0 = Instant::now();
+    loop {
+        let (_, m) = s.get("/metrics").await;
+        if metric_value(&m, series) == Some(0.0) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the gone clients' requests stayed queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!blocker.is_finished(), "the blocker ended first: the test proved nothing");
+    blocker.abort();
+    let (st, _, v) = s.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(st, 200, "{v}");
+    pool_whole(&s.engine).await;
+    s.shutdown().await;
+}
+
 /// Tenant A floods 200 long requests; B then sends 20. Under FCFS B would wait
 /// behind all of A's backlog; under VTC B's counter is lifted to A's and the two
 /// alternate, so B's requests finish within about 2·20 + max_running completions.

@@ -18,17 +18,20 @@
 //! ```text
 //!  handler ──try_send(Enqueue)──► [admission] ──submit──► engine
 //!     ▲       (Full → 429)          │  ▲  ▲
-//!     └──── oneshot<Admitted> ──────┘  │  └── Ticket drop: done slots (atomics + Notify)
-//!                                      └───── Ticket::add_output: generated tokens (atomics)
+//!     └──── AdmissionReply ─────────┘  │  └── Ticket release/drop: done slots, refunds (atomics + Notify)
+//!           (drop: Notify)             └───── Ticket::add_output: generated tokens (atomics)
 //! ```
 //!
 //! Handlers report progress through per-tenant atomics and a `Notify`, never by
 //! blocking sends, so a finishing or disconnecting request can always report.
+//! The actor sleeps until a message or a notification: no timer. A client
+//! that goes away while queued drops its [`AdmissionReply`], which notifies,
+//! and the actor then drops the entry (refunding its reservation).
 //! Owns: queues, counters, buckets. Does not own: HTTP, the engine's own queue.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -49,8 +52,35 @@ pub struct Admitted {
     pub admitted_at: Instant,
 }
 
-/// What a handler waits on after [`AdmissionHandle::enqueue`].
-pub type AdmissionReply = oneshot::Receiver<Result<Admitted, ApiError>>;
+/// What a handler waits on after [`AdmissionHandle::enqueue`]: resolves to the
+/// admission (or its refusal); `Err` when the actor is gone. Dropping it
+/// unadmitted (the client went away) wakes the actor to drop the queued entry.
+pub struct AdmissionReply {
+    rx: oneshot::Receiver<Result<Admitted, ApiError>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AdmissionReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmissionReply").finish_non_exhaustive()
+    }
+}
+
+impl std::future::Future for AdmissionReply {
+    type Output = Result<Result<Admitted, ApiError>, oneshot::error::RecvError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx).poll(cx)
+    }
+}
+
+impl Drop for AdmissionReply {
+    fn drop(&mut self) {
+        // Closed before the wake-up, so the actor sees `is_closed` when it looks.
+        self.rx.close();
+        self.shared.notify.notify_one();
+    }
+}
 
 struct TenantShared {
     name: String,
@@ -242,7 +272,7 @@ impl AdmissionHandle {
         let (reply, rx) = oneshot::channel();
         let pending = Box::new(Pending { reqs, reply, span: tracing::Span::current(), input_tokens: 0, reserved_tokens: 0 });
         match self.tx.try_send(AdmissionMsg::Enqueue { tenant, priority, pending }) {
-            Ok(()) => Ok(rx),
+            Ok(()) => Ok(AdmissionReply { rx, shared: self.shared.clone() }),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Err(ApiError::RateLimited { message: "the server is overloaded: admission queue full".into(), retry_after_s: 1 })
             }
@@ -294,8 +324,6 @@ struct AdmissionActor {
 impl AdmissionActor {
     async fn run(mut self) {
         loop {
-            // The timer only looks for queued clients that went away: off when nothing waits.
-            let queued = self.fq.total_queued() > 0;
             tokio::select! {
                 m = self.rx.recv() => match m {
                     Some(m) => self.on_msg(m),
@@ -306,7 +334,6 @@ impl AdmissionActor {
                     }
                 },
                 _ = self.shared.notify.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)), if queued => {}
             }
             // Take everything already waiting before deciding.
             while let Ok(m) = self.rx.try_recv() {
