@@ -163,6 +163,15 @@ def run_cmd(cmd: list[str], timeout: float, measure_rss: bool = False) -> tuple[
     return p.stdout, p.stderr, wall, rss
 
 
+def cpu_has_amx() -> bool:
+    """Whether /proc/cpuinfo lists AMX tile support (Linux; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def llama_bench(bench: Path, model: str, threads: int, p: int, n: int, extra: list[str], timeout: float) -> dict:
     cmd = [str(bench), "-m", model, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json"] + extra
     out, _err, wall, _ = run_cmd(cmd, timeout)
@@ -426,6 +435,8 @@ def main() -> int:
                          "--threads-per-worker or --config, the script adds --workers 1 --threads-per-worker THREADS.")
     ap.add_argument("--llama-bench-args", default="", help="extra flags for llama-bench (e.g. \"-fa 1\")")
     ap.add_argument("--llama-batched-args", default="", help="extra flags for llama-batched-bench (e.g. \"-fa on\")")
+    ap.add_argument("--llama-repack", action="store_true",
+                    help="keep llama.cpp's weight repacking on CPUs with AMX (off by default there: its AMX kernel dies with SIGILL)")
     ap.add_argument("--wait-idle", type=float, default=120.0,
                     help="before each run wait up to this many seconds for the machine to go idle (0: do not wait; default 120)")
     ap.add_argument("--idle-threshold", type=float, default=0.2,
@@ -465,6 +476,16 @@ def main() -> int:
     args._brigade_extra = bextra
     args._llama_bench_extra = shlex.split(args.llama_bench_args)
     args._llama_batched_extra = shlex.split(args.llama_batched_args)
+    # llama.cpp built with -DGGML_NATIVE=ON dies with SIGILL in its AMX repack
+    # kernel on CPUs with AMX: run its tools without weight repacking there.
+    amx = cpu_has_amx()
+    if amx and not args.llama_repack:
+        if not any(a.startswith("--repack") for a in args._llama_bench_extra):
+            args._llama_bench_extra += ["--repack", "0"]
+        if not any(a in ("--no-repack", "-nr", "--repack") for a in args._llama_batched_extra):
+            args._llama_batched_extra += ["--no-repack"]
+        print("note: this CPU has AMX: llama.cpp runs with weight repacking off (--repack 0 / --no-repack); "
+              "--llama-repack keeps it on", file=sys.stderr)
 
     meta = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -60,25 +60,50 @@ pub struct EngineStats {
 /// Whether the engine is alive; set once, when an actor dies for good.
 #[derive(Debug)]
 pub(crate) struct Health {
-    dead: OnceLock<String>,
+    /// Why the engine died: `(reason, from the actor's own panic)`.
+    dead: Mutex<Option<(String, bool)>>,
     watch: tokio::sync::watch::Sender<bool>,
 }
 
 impl Health {
     pub(crate) fn new() -> Self {
-        Self { dead: OnceLock::new(), watch: tokio::sync::watch::Sender::new(false) }
+        Self { dead: Mutex::new(None), watch: tokio::sync::watch::Sender::new(false) }
     }
 
-    /// Marks the engine dead (the first reason wins).
+    /// Marks the engine dead because of what was seen (e.g. the step pipeline
+    /// closed); a later [`Self::mark_died`] with the panic itself replaces the reason.
     pub(crate) fn mark_dead(&self, reason: String) {
-        if self.dead.set(reason.clone()).is_ok() {
+        self.set(reason, false);
+    }
+
+    /// Marks the engine dead: an actor's own panic (the reason that stays).
+    pub(crate) fn mark_died(&self, reason: String) {
+        self.set(reason, true);
+    }
+
+    fn set(&self, reason: String, cause: bool) {
+        let mut d = match self.dead.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        let replace = match &*d {
+            None => true,
+            Some((_, had_cause)) => cause && !had_cause,
+        };
+        if replace {
             tracing::error!(%reason, "engine dead");
+            *d = Some((reason, cause));
         }
+        drop(d);
         self.watch.send_replace(true);
     }
 
-    pub(crate) fn dead_reason(&self) -> Option<&str> {
-        self.dead.get().map(String::as_str)
+    pub(crate) fn dead_reason(&self) -> Option<String> {
+        let d = match self.dead.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        d.as_ref().map(|(r, _)| r.clone())
     }
 }
 
@@ -144,7 +169,7 @@ impl ResponseStream {
             // say so once instead of ending silently.
             None if self.remaining > 0 => {
                 self.remaining = 0;
-                let why = self.health.dead_reason().unwrap_or("the engine stopped before finishing the request").to_string();
+                let why = self.health.dead_reason().unwrap_or_else(|| "the engine stopped before finishing the request".to_string());
                 Some(Event::Error(EngineError::Dead(why)))
             }
             None => None,
@@ -200,7 +225,7 @@ impl EngineHandle {
 
     fn enqueue(&self, body: SubmissionBody, n: usize, max_tokens: usize) -> Result<ResponseStream, EngineError> {
         if let Some(why) = self.inner.health.dead_reason() {
-            return Err(EngineError::Dead(why.to_string()));
+            return Err(EngineError::Dead(why));
         }
         if self.inner.draining.load(Ordering::Relaxed) {
             return Err(EngineError::ShuttingDown);
@@ -218,7 +243,7 @@ impl EngineHandle {
             Err(TrySendError::Full(_)) => return Err(EngineError::Overloaded),
             Err(TrySendError::Disconnected(_)) => {
                 return Err(match self.inner.health.dead_reason() {
-                    Some(why) => EngineError::Dead(why.to_string()),
+                    Some(why) => EngineError::Dead(why),
                     None => EngineError::ShuttingDown,
                 })
             }
@@ -273,7 +298,7 @@ impl EngineHandle {
     /// `Ok` while every actor is alive; the reason once one died for good.
     pub fn health(&self) -> Result<(), String> {
         match self.inner.health.dead_reason() {
-            Some(why) => Err(why.to_string()),
+            Some(why) => Err(why),
             None => Ok(()),
         }
     }

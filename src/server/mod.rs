@@ -149,7 +149,11 @@ pub async fn serve_with(
         _ = engine.dead() => true,
     };
     if died {
-        tracing::error!(reason = engine.health().err().unwrap_or_default(), "the engine died: draining and stopping");
+        // Every open request already has its error. Keep answering (503 for
+        // /health, /ready and every request) for the drain timeout, so probes
+        // and clients see why, then stop non-zero.
+        tracing::error!(reason = engine.health().err().unwrap_or_default(), timeout_s = cfg.shutdown_timeout_s, "the engine died: answering 503 until the drain timeout, then exiting");
+        tokio::time::sleep(Duration::from_secs_f64(cfg.shutdown_timeout_s)).await;
     }
 
     // Drain: refuse new work, let admitted and queued work finish up to the timeout.

@@ -39,7 +39,7 @@ pub(crate) fn spawn(name: String, sup: &Supervisor, f: impl FnOnce() + Send + 's
         .spawn(move || {
             if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
                 let reason = format!("actor `{name}` died: {}", panic_message(&*payload));
-                sup.health.mark_dead(reason.clone());
+                sup.health.mark_died(reason.clone());
                 sup.control.send(Control::ActorDied { actor: name, reason });
             }
         })

@@ -102,6 +102,16 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
+/// The request a message is about.
+enum Target {
+    /// A registered completion.
+    Seq(u64),
+    /// A completion being registered (not in the map yet).
+    New(u64, EventTx),
+    /// Nothing to fail.
+    None,
+}
+
 pub(crate) struct OutputActor {
     pub(crate) rx: Receiver<OutMsg>,
     pub(crate) tok: Arc<Tokenizer>,
@@ -121,13 +131,14 @@ impl OutputActor {
         while let Ok(m) = self.rx.recv() {
             handled += 1;
             self.faults.trigger(FaultActor::Output, 0, handled, FaultKind::Die);
+            // What to fail if handling this message panics.
             let target = match &m {
-                OutMsg::Register { seq_id, .. }
-                | OutMsg::Scheduled { seq_id, .. }
+                OutMsg::Register { request_id, tx, .. } => Target::New(*request_id, tx.clone()),
+                OutMsg::Scheduled { seq_id, .. }
                 | OutMsg::PromptLogprobs { seq_id, .. }
                 | OutMsg::Token { seq_id, .. }
-                | OutMsg::Finish { seq_id, .. } => Some(*seq_id),
-                OutMsg::Fail { .. } => None,
+                | OutMsg::Finish { seq_id, .. } => Target::Seq(*seq_id),
+                OutMsg::Fail { .. } => Target::None,
             };
             let inject = self.faults.at(FaultActor::Output, 0, handled) == Some(FaultKind::Panic);
             if let Err(panic) = guarded(|| {
@@ -138,15 +149,28 @@ impl OutputActor {
             }) {
                 // Fail the request this message was about; the rest go on.
                 tracing::error!(%panic, "output actor failed on a message");
-                let request = target.and_then(|s| self.seqs.get(&s)).map(|s| s.request_id);
+                let error = EngineError::Internal(format!("producing the output failed: {panic}"));
+                let request = match target {
+                    Target::Seq(s) => self.seqs.get(&s).map(|s| s.request_id),
+                    Target::New(r, tx) => {
+                        if self.seqs.values().any(|s| s.request_id == r) {
+                            Some(r)
+                        } else {
+                            let _ = tx.try_send(Event::Error(error.clone())); // caller may have gone
+                            self.control.send(Control::Cancel(r));
+                            None
+                        }
+                    }
+                    Target::None => None,
+                };
                 if let Some(r) = request {
-                    self.fail_request(r, EngineError::Internal(format!("producing the output failed: {panic}")));
+                    self.fail_request(r, error);
                     self.control.send(Control::Cancel(r));
                 }
             }
         }
         // Inbox closed. Normally nothing is open here; if the scheduler died, say so.
-        let why = self.health.dead_reason().unwrap_or("the engine stopped").to_string();
+        let why = self.health.dead_reason().unwrap_or_else(|| "the engine stopped".to_string());
         let open: Vec<u64> = self.seqs.values().map(|s| s.request_id).collect();
         for r in open {
             self.fail_request(r, EngineError::Dead(why.clone()));

@@ -107,7 +107,7 @@ impl SchedulerActor {
             while let Ok(a) = self.inbox.try_recv() {
                 self.on_admit(a);
             }
-            if let Some(why) = self.health.dead_reason().map(str::to_string) {
+            if let Some(why) = self.health.dead_reason() {
                 return self.die(why);
             }
             if let Err(why) = self.schedule() {
