@@ -68,7 +68,7 @@ impl Server {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
-        let v = serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text));
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, headers, v)
     }
 
@@ -419,6 +419,252 @@ async fn tenant_over_queue_bound_gets_429_others_unaffected() {
     s.shutdown().await;
 }
 
+// ---------------------------------------------------------------- admission limits
+
+/// Issue 10, observation 1: a request of more sequences than can ever run at once
+/// (prompts × `n` over `max_running`, or over the tenant's `max_concurrent`) used to
+/// take the slots it could get and wait forever for the rest, starving its tenant.
+/// It is refused at once with 400 naming `n` and the limit; a request that fits
+/// exactly still runs, and the tenant is served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_at_once_and_block_nothing() {
+    let toml = format!(
+        "[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"b\"\napi_keys = [\"{}\"]\nmax_concurrent = 8\n",
+        hash_key("key-a"),
+        hash_key("key-b")
+    );
+    let s = Server::tiny(&toml).await; // max_running = runtime.max_seqs = 64
+    let bound = Duration::from_secs(60); // a hang, not a timing assertion
+    let post = |key: &'static str, body: Value| {
+        let s = &s;
+        async move { tokio::time::timeout(bound, s.post("/v1/completions", Some(key), &body)).await.expect("the request hung") }
+    };
+    let small = json!({"prompt": "the cat", "max_tokens": 4});
+    // 5 prompts × n=16 = 80 sequences > max_running 64.
+    let (st, _, v) = post("key-a", json!({"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 4})).await;
+    assert_error(st, &v, 400, Some("n"));
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("80") && msg.contains("max_running") && msg.contains("64"), "{msg}");
+    let (st, _, v) = post("key-a", small.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    // Tenant b: 2 prompts × n=8 = 16 > its max_concurrent 8.
+    let (st, _, v) = post("key-b", json!({"prompt": ["a", "b"], "n": 8, "max_tokens": 4})).await;
+    assert_error(st, &v, 400, Some("n"));
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("16") && msg.contains("max_concurrent") && msg.contains('8'), "{msg}");
+    let (st, _, v) = post("key-b", small.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    // Exactly at the limits: served whole.
+    let (st, _, v) = post("key-b", json!({"prompt": "x", "n": 8, "max_tokens": 4, "ignore_eos": true})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 8);
+    let (st, _, v) = post("key-a", json!({"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 4, "ignore_eos": true})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 64);
+    assert_eq!(v["usage"]["completion_tokens"], 256);
+    pool_whole(&s.engine).await;
+    s.shutdown().await;
+}
+
+/// Issue 10, observation 7: `tokens_per_minute` was checked only for debt, so eight
+/// requests arriving together all passed and 512 tokens went through a 200/min
+/// budget. Each request now reserves prompt + `n` × `max_tokens` at admission
+/// (unused tokens are refunded at the end), so what is served stays within the
+/// budget plus its refill; a request larger than the whole budget is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_minute_is_never_overshot() {
+    let toml = format!("[[tenants]]\nname = \"t\"\napi_keys = [\"{}\"]\ntokens_per_minute = 200\n", hash_key("key-t"));
+    let s = Arc::new(Server::tiny(&toml).await);
+    let t0 = Instant::now();
+    let body = json!({"prompt": "the cat", "max_tokens": 60, "ignore_eos": true});
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, body) = (s.clone(), body.clone());
+        tasks.push(tokio::spawn(async move { s.post("/v1/completions", Some("key-t"), &body).await }));
+    }
+    let (mut served, mut n200, mut n429) = (0u64, 0, 0);
+    for t in tasks {
+        let (st, h, v) = t.await.unwrap();
+        match st {
+            200 => {
+                n200 += 1;
+                served += v["usage"]["total_tokens"].as_u64().unwrap();
+            }
+            429 => {
+                n429 += 1;
+                assert_error(st, &v, 429, None);
+                assert!(h.contains_key("retry-after"));
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    // The budget refills at 200/60 tokens per second while the test runs.
+    let allowed = 200.0 + t0.elapsed().as_secs_f64() * 200.0 / 60.0;
+    assert!((served as f64) <= allowed, "{served} tokens served through a 200/min budget ({n200} × 200, {n429} × 429)");
+    assert!(n200 >= 1 && n429 >= 1, "200: {n200}, 429: {n429}");
+    // More than the whole budget can never be admitted.
+    let (st, _, v) = s.post("/v1/completions", Some("key-t"), &json!({"prompt": "x", "max_tokens": 250})).await;
+    assert_error(st, &v, 400, Some("max_tokens"));
+    assert!(v["error"]["message"].as_str().unwrap().contains("tokens_per_minute"), "{v}");
+    s.shutdown().await;
+}
+
+// ---------------------------------------------------------------- request fields
+
+fn with(mut base: Value, extra: &Value) -> Value {
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// Issue 10, observation 5: parameters that change what is generated but are
+/// not implemented (structured output, tools, other servers' samplers) used to be
+/// accepted and ignored, giving 200 and output of the wrong shape. They are now a
+/// 400 naming the field, as are unknown fields (OpenAI's "Unrecognized request
+/// argument"); bookkeeping fields and no-op values are still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_parameters_are_refused_and_no_ops_accepted() {
+    let s = Server::tiny("").await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let completion = json!({"prompt": "the cat", "max_tokens": 2});
+    let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+    let refused_on_both = [
+        json!({"response_format": {"type": "json_object"}}),
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}),
+        json!({"guided_json": schema}),
+        json!({"guided_regex": "[a-z]+"}),
+        json!({"guided_choice": ["yes", "no"]}),
+        json!({"guided_grammar": "root ::= \"a\""}),
+        json!({"guided_decoding_backend": "xgrammar"}),
+        json!({"structured_outputs": {"json": schema}}),
+        json!({"grammar": "root ::= \"a\""}),
+        json!({"json_schema": schema}),
+        json!({"best_of": 4}),
+        json!({"prediction": {"type": "content", "content": "x"}}),
+        json!({"audio": {"voice": "alloy", "format": "wav"}}),
+        json!({"modalities": ["text", "audio"]}),
+        json!({"reasoning_effort": "low"}),
+        json!({"top_a": 0.5}),
+        json!({"mirostat": 2}),
+        json!({"typical_p": 0.9}),
+        json!({"tfs_z": 0.5}),
+        json!({"dynatemp_range": 0.5}),
+        json!({"n_probs": 3}),
+        json!({"prompt_logprobs": 2}),
+        json!({"made_up_field": 1}),
+    ];
+    let refused_on_chat = [
+        json!({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}),
+        json!({"tool_choice": "required"}),
+        json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+        json!({"functions": [{"name": "f", "parameters": {}}]}),
+        json!({"function_call": {"name": "f"}}),
+        json!({"echo": true}),
+        json!({"suffix": "x"}),
+    ];
+    let cases = refused_on_both
+        .iter()
+        .flat_map(|e| [("/v1/chat/completions", with(chat.clone(), e)), ("/v1/completions", with(completion.clone(), e))])
+        .chain(refused_on_chat.iter().map(|e| ("/v1/chat/completions", with(chat.clone(), e))));
+    for (path, body) in cases {
+        let (st, _, v) = s.post(path, None, &body).await;
+        let field = body.as_object().unwrap().keys().find(|k| !["messages", "prompt", "max_tokens"].contains(&k.as_str())).unwrap().clone();
+        assert_error(st, &v, 400, Some(&field));
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(&field), "{path} {body}: {msg}");
+        if field == "made_up_field" || (field == "suffix" && path.contains("chat")) {
+            assert!(msg.contains("Unrecognized request argument supplied"), "{msg}");
+        }
+    }
+    let (st, _, v) = s.post("/tokenize", None, &json!({"prompt": "x", "tools": [{"type": "function"}]})).await;
+    assert_error(st, &v, 400, Some("tools"));
+    // Message fields the template would drop, and tool-calling turns.
+    let call = json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+    for (messages, param) in [
+        (json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": call}]), "messages[1].tool_calls"),
+        (json!([{"role": "tool", "tool_call_id": "c1", "content": "42"}]), "messages[0].role"),
+        (json!([{"role": "user", "content": "hi", "name": "bob"}]), "messages[0].name"),
+    ] {
+        let (st, _, v) = s.post("/v1/chat/completions", None, &json!({"messages": messages, "max_tokens": 2})).await;
+        assert_error(st, &v, 400, Some(param));
+    }
+    let sdk_turn = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "refusal": null, "tool_calls": [], "audio": null}, {"role": "user", "content": "more"}]);
+    let (st, _, v) = s.post("/v1/chat/completions", None, &json!({"messages": sdk_turn, "max_tokens": 2})).await;
+    assert_eq!(st, 200, "{v}");
+
+    // Bookkeeping fields and no-op values of unsupported ones are accepted.
+    let chat_ok = json!({
+        "user": "u-1", "metadata": {"k": "v"}, "store": false, "service_tier": "auto", "parallel_tool_calls": true,
+        "stream_options": null, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+        "functions": null, "modalities": ["text"], "typical_p": 1.0, "mirostat": 0, "guided_json": null,
+    });
+    let (st, _, v) = s.post("/v1/chat/completions", None, &with(chat.clone(), &chat_ok)).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, _, v) = s.post("/v1/chat/completions", None, &with(chat.clone(), &json!({"tool_choice": "auto"}))).await;
+    assert_eq!(st, 200, "{v}");
+    for extra in [json!({"best_of": 1}), json!({"n": 2, "best_of": 2}), json!({"user": "u", "response_format": {"type": "text"}})] {
+        let (st, _, v) = s.post("/v1/completions", None, &with(completion.clone(), &extra)).await;
+        assert_eq!(st, 200, "{extra}: {v}");
+    }
+    pool_whole(&s.engine).await;
+    s.shutdown().await;
+}
+
+/// Issue 10, observations 5 and 7: `max_tokens` = 10^9 was refused with the
+/// context-length message while u64::MAX overflowed the check and was accepted.
+/// Any count past the context now gets that same 400, and negative counts a 400
+/// naming the field; nothing overflows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_and_negative_counts_follow_one_rule() {
+    let s = Server::tiny("").await;
+    let raw = |path: &'static str, body: String| {
+        let s = &s;
+        async move {
+            let resp = s.client.post(s.url(path)).header("content-type", "application/json").body(body).send().await.unwrap();
+            let st = resp.status().as_u16();
+            (st, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let huge = ["1000000000", "18446744073709551615", "18446744073709551616", "100000000000000000000000000000", "1e30"];
+    for h in huge {
+        for (path, field, body) in [
+            ("/v1/completions", "max_tokens", format!(r#"{{"prompt": "the cat", "max_tokens": {h}}}"#)),
+            ("/v1/chat/completions", "max_tokens", format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": {h}}}"#)),
+            ("/v1/chat/completions", "max_completion_tokens", format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_completion_tokens": {h}}}"#)),
+        ] {
+            let (st, v) = raw(path, body.clone()).await;
+            assert_error(st, &v, 400, Some(field));
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.starts_with("this model's maximum context length is 256 tokens"), "{body}: {msg}");
+        }
+        for (field, body) in [
+            ("min_tokens", format!(r#"{{"prompt": "x", "min_tokens": {h}}}"#)),
+            ("n", format!(r#"{{"prompt": "x", "n": {h}}}"#)),
+            ("logprobs", format!(r#"{{"prompt": "x", "logprobs": {h}}}"#)),
+        ] {
+            let (st, v) = raw("/v1/completions", body.clone()).await;
+            assert_error(st, &v, 400, Some(field));
+        }
+        let body = format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "logprobs": true, "top_logprobs": {h}}}"#);
+        let (st, v) = raw("/v1/chat/completions", body).await;
+        assert_error(st, &v, 400, Some("top_logprobs"));
+    }
+    for field in ["max_tokens", "min_tokens", "n", "logprobs"] {
+        let (st, _, v) = s.post("/v1/completions", None, &json!({"prompt": "x", field: -1})).await;
+        assert_error(st, &v, 400, Some(field));
+        assert!(v["error"]["message"].as_str().unwrap().contains("non-negative"), "{v}");
+    }
+    for field in ["max_tokens", "max_completion_tokens", "top_logprobs"] {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, field: -5});
+        let (st, _, v) = s.post("/v1/chat/completions", None, &body).await;
+        assert_error(st, &v, 400, Some(field));
+    }
+    let (st, _, v) = s.post("/v1/completions", None, &json!({"prompt": "the cat", "max_tokens": 4})).await;
+    assert_eq!(st, 200, "{v}");
+    s.shutdown().await;
+}
+
 // ---------------------------------------------------------------- cancellation
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -573,6 +819,47 @@ async fn wait_queue_depth(s: &Server, tenant: &str, depth: f64) {
     }
 }
 
+/// The admission actor has no timer: a client that goes away while its request
+/// waits in the fair queue wakes it (its reply drops), and the entry is dropped
+/// at once instead of at the next poll or never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_of_gone_clients_leave_the_queue() {
+    let toml = format!("max_running = 1\n[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n", hash_key("key-a"));
+    let s = Arc::new(Server::start(tiny(32768), engine_config(40000), &toml).await);
+    // A blocker far longer than the test: only the gone clients can wake the actor.
+    let s2 = s.clone();
+    let blocker = tokio::spawn(async move {
+        let _ = s2.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 32000, "ignore_eos": true})).await;
+    });
+    let e = s.engine.clone();
+    until("the blocker to run", || e.stats().running == 1).await;
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let s = s.clone();
+        waiting.push(tokio::spawn(async move { s.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 2})).await }));
+    }
+    wait_queue_depth(&s, "a", 3.0).await;
+    for t in &waiting {
+        t.abort(); // the clients go away
+    }
+    let series = "brigade:tenant_queue_depth{tenant=\"a\"}";
+    let t0 = Instant::now();
+    loop {
+        let (_, m) = s.get("/metrics").await;
+        if metric_value(&m, series) == Some(0.0) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the gone clients' requests stayed queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!blocker.is_finished(), "the blocker ended first: the test proved nothing");
+    blocker.abort();
+    let (st, _, v) = s.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(st, 200, "{v}");
+    pool_whole(&s.engine).await;
+    s.shutdown().await;
+}
+
 /// Tenant A floods 200 long requests; B then sends 20. Under FCFS B would wait
 /// behind all of A's backlog; under VTC B's counter is lifted to A's and the two
 /// alternate, so B's requests finish within about 2·20 + max_running completions.
@@ -631,13 +918,16 @@ async fn newcomer_is_served_within_the_vtc_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn served_shares_follow_weights() {
     let toml = format!(
-        "max_running = 2\n[[tenants]]\nname = \"heavy\"\nweight = 3.0\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"light\"\nweight = 1.0\napi_keys = [\"{}\"]\n",
+        "max_running = 2\n[[tenants]]\nname = \"heavy\"\nweight = 3.0\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"light\"\nweight = 1.0\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"blocker\"\napi_keys = [\"{}\"]\n",
         hash_key("key-h"),
-        hash_key("key-l")
+        hash_key("key-l"),
+        hash_key("key-x")
     );
     let s = Arc::new(Server::start(tiny(2048), engine_config(16384), &toml).await);
-    // Occupy the engine so both backlogs form before anything is admitted.
-    let blocker = spawn_blocker(&s, "key-h", 2).await;
+    // Occupy the engine so both backlogs form before anything is admitted. The
+    // blocker is a third tenant: its tokens (as many as the backlogs take to form,
+    // which depends on the machine's load) must not count against heavy or light.
+    let blocker = spawn_blocker(&s, "key-x", 2).await;
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let body = json!({"prompt": "the cat sat on the mat", "max_tokens": 16, "ignore_eos": true});
     let mut tasks = Vec::new();

@@ -3,47 +3,91 @@
 //! fewer than `max_running` sequences are in flight, tenant by tenant in
 //! Virtual Token Counter order.
 //!
+//! One HTTP request (several prompts × `n`) is ONE queue entry of
+//! prompts × `n` slots, admitted whole: every prompt is submitted to the engine
+//! at the same moment, under one [`Ticket`]. A request that could never fit
+//! (more slots than `max_running` or than its tenant's `max_concurrent`, or a
+//! token reservation larger than its `tokens_per_minute`) is refused with 400
+//! at once, so no request ever holds slots while it waits for more.
+//!
+//! Token-rate limits reserve, at enqueue, the most a request can use (its
+//! prompt tokens + `n` × `max_tokens` per prompt) and refund what it did not use
+//! when its ticket drops (or all of it when it leaves the queue unadmitted):
+//! the bucket never goes negative, so a budget cannot be overshot.
+//!
 //! ```text
 //!  handler ──try_send(Enqueue)──► [admission] ──submit──► engine
 //!     ▲       (Full → 429)          │  ▲  ▲
-//!     └──── oneshot<Admitted> ──────┘  │  └── Ticket drop: done slots (atomics + Notify)
-//!                                      └───── Ticket::add_output: generated tokens (atomics)
+//!     └──── AdmissionReply ─────────┘  │  └── Ticket release/drop: done slots, refunds (atomics + Notify)
+//!           (drop: Notify)             └───── Ticket::add_output: generated tokens (atomics)
 //! ```
 //!
 //! Handlers report progress through per-tenant atomics and a `Notify`, never by
 //! blocking sends, so a finishing or disconnecting request can always report.
+//! The actor sleeps until a message or a notification: no timer. A client
+//! that goes away while queued drops its [`AdmissionReply`], which notifies,
+//! and the actor then drops the entry (refunding its reservation).
 //! Owns: queues, counters, buckets. Does not own: HTTP, the engine's own queue.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::config::TenantConfig;
 use super::error::ApiError;
-use super::fair::{FairQueue, PushError, TenantShare, TokenBucket};
+use super::fair::{FairQueue, PushError, ReserveError, TenantShare, TokenBucket};
 use crate::engine::{EngineHandle, GenerateRequest, ResponseStream};
 use crate::metrics::Metrics;
 
 /// A request admitted into the engine.
 #[derive(Debug)]
 pub struct Admitted {
-    /// The engine's event stream (dropping it cancels the request).
-    pub stream: ResponseStream,
-    /// Holds the request's engine slots until dropped.
+    /// The engine's event streams, one per prompt in order (dropping one cancels it).
+    pub streams: Vec<ResponseStream>,
+    /// Holds the request's engine slots (and token reservation) until dropped.
     pub ticket: Ticket,
     /// When it left the fair queue.
     pub admitted_at: Instant,
 }
 
-/// What a handler waits on after [`AdmissionHandle::enqueue`].
-pub type AdmissionReply = oneshot::Receiver<Result<Admitted, ApiError>>;
+/// What a handler waits on after [`AdmissionHandle::enqueue`]: resolves to the
+/// admission (or its refusal); `Err` when the actor is gone. Dropping it
+/// unadmitted (the client went away) wakes the actor to drop the queued entry.
+pub struct AdmissionReply {
+    rx: oneshot::Receiver<Result<Admitted, ApiError>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AdmissionReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmissionReply").finish_non_exhaustive()
+    }
+}
+
+impl std::future::Future for AdmissionReply {
+    type Output = Result<Result<Admitted, ApiError>, oneshot::error::RecvError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx).poll(cx)
+    }
+}
+
+impl Drop for AdmissionReply {
+    fn drop(&mut self) {
+        // Closed before the wake-up, so the actor sees `is_closed` when it looks.
+        self.rx.close();
+        self.shared.notify.notify_one();
+    }
+}
 
 struct TenantShared {
     name: String,
     pending_output: AtomicU64,
     done_slots: AtomicUsize,
+    /// Reserved tokens not used by finished requests, to return to the bucket.
+    refund_tokens: AtomicU64,
 }
 
 struct Shared {
@@ -54,10 +98,15 @@ struct Shared {
     draining: AtomicBool,
 }
 
-/// A request's claim on engine sequences; dropping it returns them.
+/// A request's claim on engine sequences and on its tenant's token budget;
+/// dropping it returns the slots still held and the unused reservation.
 pub struct Ticket {
     tenant: usize,
     slots: usize,
+    /// Tokens reserved in the tenant's bucket (0 without a token-rate limit).
+    reserved_tokens: u64,
+    /// Tokens used so far: the prompts, then each generated token.
+    used_tokens: u64,
     shared: Arc<Shared>,
 }
 
@@ -68,11 +117,22 @@ impl std::fmt::Debug for Ticket {
 }
 
 impl Ticket {
-    /// Charges `n` generated tokens to the tenant's virtual counter and token bucket.
-    pub fn add_output(&self, n: u64) {
+    /// Charges `n` generated tokens to the tenant's virtual counter.
+    pub fn add_output(&mut self, n: u64) {
+        self.used_tokens = self.used_tokens.saturating_add(n);
         if let Some(t) = self.shared.tenants.get(self.tenant) {
             t.pending_output.fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// Returns `slots` of the held slots now (some completions finished early).
+    pub fn release(&mut self, slots: usize) {
+        let slots = slots.min(self.slots);
+        self.slots -= slots;
+        if let Some(t) = self.shared.tenants.get(self.tenant) {
+            t.done_slots.fetch_add(slots, Ordering::Relaxed);
+        }
+        self.shared.notify.notify_one();
     }
 }
 
@@ -80,20 +140,45 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some(t) = self.shared.tenants.get(self.tenant) {
             t.done_slots.fetch_add(self.slots, Ordering::Relaxed);
+            let unused = self.reserved_tokens.saturating_sub(self.used_tokens);
+            if unused > 0 {
+                t.refund_tokens.fetch_add(unused, Ordering::Relaxed);
+            }
         }
         self.shared.notify.notify_one();
     }
 }
 
 struct Pending {
-    req: GenerateRequest,
+    reqs: Vec<GenerateRequest>,
     reply: oneshot::Sender<Result<Admitted, ApiError>>,
     span: tracing::Span,
+    /// Prompt tokens over all prompts.
+    input_tokens: u64,
+    /// Tokens reserved in the tenant's bucket at enqueue.
+    reserved_tokens: u64,
 }
 
 enum AdmissionMsg {
-    Enqueue { tenant: usize, priority: i32, input_tokens: usize, pending: Box<Pending> },
+    Enqueue { tenant: usize, priority: i32, pending: Box<Pending> },
     FailQueued,
+}
+
+/// Engine sequences of a request (`n` per prompt), its prompt tokens, and the
+/// most tokens it can use (prompts + `n` × `max_tokens` each), all saturating.
+fn request_size(reqs: &[GenerateRequest]) -> (usize, u64, u64) {
+    let (mut slots, mut input, mut most) = (0usize, 0u64, 0u64);
+    for r in reqs {
+        let n = r.params.n.max(1);
+        let prompt = match &r.prompt {
+            crate::engine::Prompt::Tokens(ids) => ids.len() as u64,
+            _ => 0, // text and chat prompts are encoded by the handlers before admission
+        };
+        slots = slots.saturating_add(n);
+        input = input.saturating_add(prompt);
+        most = most.saturating_add(prompt).saturating_add((n as u64).saturating_mul(r.params.max_tokens as u64));
+    }
+    (slots, input, most)
 }
 
 /// The handlers' side of the admission actor. Cheap to clone.
@@ -134,7 +219,12 @@ impl AdmissionHandle {
             tenants: cfg
                 .tenants
                 .iter()
-                .map(|t| TenantShared { name: t.name.clone(), pending_output: AtomicU64::new(0), done_slots: AtomicUsize::new(0) })
+                .map(|t| TenantShared {
+                    name: t.name.clone(),
+                    pending_output: AtomicU64::new(0),
+                    done_slots: AtomicUsize::new(0),
+                    refund_tokens: AtomicU64::new(0),
+                })
                 .collect(),
             notify: Notify::new(),
             queued: AtomicUsize::new(0),
@@ -153,7 +243,7 @@ impl AdmissionHandle {
             .map(|t| (t.tokens_per_minute > 0).then(|| TokenBucket::new(t.tokens_per_minute, 0.0)))
             .collect();
         let actor = AdmissionActor {
-            fq: FairQueue::new(shares, cfg.input_weight, cfg.output_weight),
+            fq: FairQueue::new(shares, cfg.max_running.max(1), cfg.input_weight, cfg.output_weight),
             buckets,
             rx,
             shared: shared.clone(),
@@ -169,15 +259,20 @@ impl AdmissionHandle {
         Self { tx, shared }
     }
 
-    /// Queues a request of `tenant`; the reply resolves when it is admitted or refused.
-    pub fn enqueue(&self, tenant: usize, priority: i32, input_tokens: usize, req: GenerateRequest) -> Result<AdmissionReply, ApiError> {
+    /// Queues one HTTP request of `tenant` (one engine request per prompt, all
+    /// with token-id prompts) as a single entry; the reply resolves when all of
+    /// it is admitted, or it is refused (400 at once when it could never fit).
+    pub fn enqueue(&self, tenant: usize, priority: i32, reqs: Vec<GenerateRequest>) -> Result<AdmissionReply, ApiError> {
         if self.shared.draining.load(Ordering::Relaxed) {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
+        if reqs.is_empty() {
+            return Err(ApiError::invalid("prompt", "the request has no prompt"));
+        }
         let (reply, rx) = oneshot::channel();
-        let pending = Box::new(Pending { req, reply, span: tracing::Span::current() });
-        match self.tx.try_send(AdmissionMsg::Enqueue { tenant, priority, input_tokens, pending }) {
-            Ok(()) => Ok(rx),
+        let pending = Box::new(Pending { reqs, reply, span: tracing::Span::current(), input_tokens: 0, reserved_tokens: 0 });
+        match self.tx.try_send(AdmissionMsg::Enqueue { tenant, priority, pending }) {
+            Ok(()) => Ok(AdmissionReply { rx, shared: self.shared.clone() }),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Err(ApiError::RateLimited { message: "the server is overloaded: admission queue full".into(), retry_after_s: 1 })
             }
@@ -234,14 +329,11 @@ impl AdmissionActor {
                     Some(m) => self.on_msg(m),
                     None => {
                         // Every handle is gone: the server stopped.
-                        for p in self.fq.drain_all() {
-                            let _ = p.reply.send(Err(ApiError::Unavailable("the server is shutting down".into())));
-                        }
+                        self.fail_all_queued();
                         return;
                     }
                 },
                 _ = self.shared.notify.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
             // Take everything already waiting before deciding.
             while let Ok(m) = self.rx.try_recv() {
@@ -249,8 +341,7 @@ impl AdmissionActor {
             }
             self.absorb();
             // Clients that went away while queued.
-            let gone = self.fq.remove_where(|p| p.reply.is_closed());
-            drop(gone);
+            self.purge_gone();
             self.dispatch();
             self.publish();
         }
@@ -262,40 +353,109 @@ impl AdmissionActor {
 
     fn on_msg(&mut self, m: AdmissionMsg) {
         match m {
-            AdmissionMsg::Enqueue { tenant, priority, input_tokens, pending } => {
+            AdmissionMsg::Enqueue { tenant, priority, mut pending } => {
                 if self.shared.draining.load(Ordering::Relaxed) {
                     let _ = pending.reply.send(Err(ApiError::Unavailable("the server is shutting down".into())));
                     return;
                 }
                 self.absorb();
+                let (slots, input_tokens, most_tokens) = request_size(&pending.reqs);
+                // Could it ever fit? If not, refuse now instead of holding anything.
+                if let Err(e) = self.fq.check_fits(tenant, slots) {
+                    let _ = pending.reply.send(Err(self.push_error(e, tenant, slots, &pending.reqs)));
+                    return;
+                }
+                pending.input_tokens = input_tokens;
                 let now = self.now_s();
                 if let Some(Some(b)) = self.buckets.get_mut(tenant) {
-                    if let Some(wait) = b.check(now) {
-                        let _ = pending.reply.send(Err(ApiError::RateLimited {
-                            message: "tenant token-rate limit (tokens_per_minute) exceeded".into(),
-                            retry_after_s: wait.ceil().max(1.0) as u64,
-                        }));
-                        return;
+                    match b.reserve(most_tokens, now) {
+                        Ok(()) => pending.reserved_tokens = most_tokens,
+                        Err(e) => {
+                            let _ = pending.reply.send(Err(self.reserve_error(e, tenant, most_tokens)));
+                            return;
+                        }
                     }
                 }
-                let slots = pending.req.params.n.clamp(1, self.max_running);
                 let pending = *pending;
-                if let Err((PushError::TenantQueueFull, p)) = self.fq.push(tenant, priority, input_tokens, slots, pending) {
+                let input = usize::try_from(input_tokens).unwrap_or(usize::MAX);
+                if let Err((_, p)) = self.fq.push(tenant, priority, input, slots, pending) {
                     // Purge clients that left, then retry once before refusing.
-                    drop(self.fq.remove_where(|p| p.reply.is_closed()));
-                    if let Err((_, p)) = self.fq.push(tenant, priority, input_tokens, slots, p) {
-                        let _ = p.reply.send(Err(ApiError::RateLimited {
-                            message: format!("tenant queue full ({} requests waiting); retry later", self.fq.queued(tenant)),
-                            retry_after_s: self.retry_after_s,
-                        }));
+                    self.purge_gone();
+                    if let Err((e, p)) = self.fq.push(tenant, priority, input, slots, p) {
+                        self.refund(tenant, p.reserved_tokens);
+                        let _ = p.reply.send(Err(self.push_error(e, tenant, slots, &p.reqs)));
                     }
                 }
             }
-            AdmissionMsg::FailQueued => {
-                for p in self.fq.drain_all() {
-                    let _ = p.reply.send(Err(ApiError::Unavailable("the server is shutting down".into())));
-                }
-            }
+            AdmissionMsg::FailQueued => self.fail_all_queued(),
+        }
+    }
+
+    /// The client-facing error of a refused push.
+    fn push_error(&self, e: PushError, tenant: usize, slots: usize, reqs: &[GenerateRequest]) -> ApiError {
+        let n = reqs.first().map_or(1, |r| r.params.n.max(1));
+        let shape = format!("{} prompt(s) × n={n}", reqs.len());
+        match e {
+            PushError::TenantQueueFull => ApiError::RateLimited {
+                message: format!("tenant queue full ({} requests waiting); retry later", self.fq.queued(tenant)),
+                retry_after_s: self.retry_after_s,
+            },
+            PushError::ExceedsMaxSlots { limit } => ApiError::invalid(
+                "n",
+                format!("this request needs {slots} sequences ({shape}), more than the server runs at once (max_running = {limit}); lower `n` or send fewer prompts per request"),
+            ),
+            PushError::ExceedsTenantCap { limit } => ApiError::invalid(
+                "n",
+                format!(
+                    "this request needs {slots} sequences ({shape}), more than tenant `{}` may run at once (max_concurrent = {limit}); lower `n` or send fewer prompts per request",
+                    self.shared.tenants.get(tenant).map_or("unknown", |t| t.name.as_str())
+                ),
+            ),
+        }
+    }
+
+    /// The client-facing error of a refused token reservation.
+    fn reserve_error(&self, e: ReserveError, tenant: usize, tokens: u64) -> ApiError {
+        let name = self.shared.tenants.get(tenant).map_or("unknown", |t| t.name.as_str());
+        match e {
+            ReserveError::Wait { wait_s, available } => ApiError::RateLimited {
+                message: format!(
+                    "tenant `{name}` token-rate limit (tokens_per_minute) reached: this request may use {tokens} tokens (prompt + n × max_tokens), {available} are available now; retry later"
+                ),
+                retry_after_s: wait_s.ceil().max(1.0) as u64,
+            },
+            ReserveError::TooLarge { capacity } => ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "this request may use {tokens} tokens (prompt + n × max_tokens), more than tenant `{name}`'s whole budget (tokens_per_minute = {capacity}); lower `max_tokens` or `n`"
+                ),
+            ),
+        }
+    }
+
+    /// Returns `tokens` to tenant `k`'s bucket.
+    fn refund(&mut self, k: usize, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let now = self.now_s();
+        if let Some(Some(b)) = self.buckets.get_mut(k) {
+            b.refund(tokens, now);
+        }
+    }
+
+    /// Drops queued requests whose client went away, refunding their reservations.
+    fn purge_gone(&mut self) {
+        for (k, p) in self.fq.remove_where(|p| p.reply.is_closed()) {
+            self.refund(k, p.reserved_tokens);
+        }
+    }
+
+    /// Answers every queued request with 503.
+    fn fail_all_queued(&mut self) {
+        for (k, p) in self.fq.drain_all() {
+            self.refund(k, p.reserved_tokens);
+            let _ = p.reply.send(Err(ApiError::Unavailable("the server is shutting down".into())));
         }
     }
 
@@ -306,8 +466,11 @@ impl AdmissionActor {
             let out = t.pending_output.swap(0, Ordering::Relaxed);
             if out > 0 {
                 self.fq.on_output(k, out);
+            }
+            let refund = t.refund_tokens.swap(0, Ordering::Relaxed);
+            if refund > 0 {
                 if let Some(Some(b)) = self.buckets.get_mut(k) {
-                    b.charge(out, now);
+                    b.refund(refund, now);
                 }
             }
             let done = t.done_slots.swap(0, Ordering::Relaxed);
@@ -325,28 +488,28 @@ impl AdmissionActor {
                 break;
             }
             let Some(p) = self.fq.pop(free) else { break };
-            let (tenant, slots, input_tokens, pending) = (p.tenant, p.slots, p.input_tokens, p.item);
-            let Pending { req, reply, span } = pending;
+            let (tenant, slots, pending) = (p.tenant, p.slots, p.item);
+            let Pending { reqs, reply, span, input_tokens, reserved_tokens } = pending;
             if reply.is_closed() {
                 self.fq.on_done(tenant, slots);
+                self.refund(tenant, reserved_tokens);
                 continue;
             }
-            let now = self.now_s();
-            if let Some(Some(b)) = self.buckets.get_mut(tenant) {
-                b.charge(input_tokens as u64, now);
-            }
             let _g = span.enter();
-            match self.engine.submit(req) {
-                Ok(stream) => {
-                    tracing::debug!(engine_id = stream.id, "admitted");
-                    let ticket = Ticket { tenant, slots, shared: self.shared.clone() };
+            // Every prompt at once; on a refusal the streams already made drop (cancel).
+            let streams: Result<Vec<ResponseStream>, _> = reqs.into_iter().map(|r| self.engine.submit(r)).collect();
+            match streams {
+                Ok(streams) => {
+                    tracing::debug!(engine_ids = ?streams.iter().map(|s| s.id).collect::<Vec<_>>(), "admitted");
+                    let ticket = Ticket { tenant, slots, reserved_tokens, used_tokens: input_tokens, shared: self.shared.clone() };
                     // Bookkeeping counts the slots as in flight until the ticket drops.
                     self.shared.in_flight.store(self.fq.total_in_flight(), Ordering::Relaxed);
                     // Client gone → the Admitted drops here: cancel + ticket release.
-                    let _ = reply.send(Ok(Admitted { stream, ticket, admitted_at: Instant::now() }));
+                    let _ = reply.send(Ok(Admitted { streams, ticket, admitted_at: Instant::now() }));
                 }
                 Err(e) => {
                     self.fq.on_done(tenant, slots);
+                    self.refund(tenant, reserved_tokens);
                     let _ = reply.send(Err(e.into()));
                 }
             }

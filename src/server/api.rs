@@ -1,12 +1,77 @@
-//! Request bodies of the OpenAI-compatible API (and vLLM's extensions), and
-//! their conversion to engine [`SamplingParams`]. No engine logic here.
+//! Request bodies of the OpenAI-compatible API (and vLLM's extensions), their
+//! accepted-field lists, and their conversion to engine [`SamplingParams`].
+//! No engine logic here. A wrong type or range is a 400 naming the field (the
+//! JSON path comes from `serde_path_to_error`).
 //!
-//! Unknown fields are ignored, as OpenAI does; a wrong type or range is a 400
-//! naming the field (the JSON path comes from `serde_path_to_error`).
+//! # Which fields are accepted
+//!
+//! Every top-level field of a body is one of four kinds; the first that
+//! matches decides ([`check_fields`]):
+//!
+//! 1. **Honoured**: parsed into the structs below and acted on.
+//!    - both generation endpoints ([`CommonParams`]): `model`, `n`,
+//!      `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`,
+//!      `presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `stop`,
+//!      `stop_token_ids`, `ignore_eos`, `min_tokens`, `skip_special_tokens`,
+//!      `stream`, `stream_options`, `priority`;
+//!    - `/v1/completions`: `prompt`, `max_tokens`, `logprobs`, `echo`,
+//!      `suffix` (400 unless empty);
+//!    - `/v1/chat/completions`: `messages`, `max_tokens`,
+//!      `max_completion_tokens`, `logprobs`, `top_logprobs`;
+//!    - `/tokenize`: `model`, `prompt`, `messages`, `add_special_tokens`,
+//!      `add_generation_prompt`, `return_token_strs`; `/detokenize`: `model`,
+//!      `tokens`.
+//! 2. **Bookkeeping** ([`BOOKKEEPING_FIELDS`]), accepted and ignored because
+//!    they do not change what is generated: `user`, `metadata`, `store`,
+//!    `service_tier`, `parallel_tool_calls` (meaningful only with tools),
+//!    `safety_identifier`, `prompt_cache_key`, `request_id` (vLLM),
+//!    `cache_prompt` (llama.cpp).
+//! 3. **Known but not supported** ([`unsupported_no_op`]): they would change
+//!    the output and are not implemented, so any value other than a no-op is a
+//!    400 naming the field. `null` is always a no-op; the other no-op values:
+//!    - `response_format`: `{"type": "text"}`; `tools`, `functions`: `[]`;
+//!      `tool_choice`: `"none"`, or `"auto"` without tools; `function_call`:
+//!      `"none"`, or `"auto"` without functions; `best_of`: 1 or `n`;
+//!      `modalities`: `["text"]`;
+//!    - vLLM: `echo` (chat): false; `add_generation_prompt` (chat): true;
+//!      `continue_final_message`: false; `add_special_tokens`: false on chat,
+//!      true on completions; `include_stop_str_in_output`: false;
+//!      `spaces_between_special_tokens`: true; `use_beam_search`: false;
+//!      `length_penalty`: 1; `prompt_logprobs`, `guided_json`,
+//!      `guided_regex`, `guided_choice`, `guided_grammar`,
+//!      `guided_decoding_backend`, `guided_whitespace_pattern`,
+//!      `structured_outputs`, `truncate_prompt_tokens`, `allowed_token_ids`,
+//!      `bad_words`, `logits_processors`, `return_tokens_as_token_ids`,
+//!      `chat_template`, `chat_template_kwargs`, `documents`,
+//!      `mm_processor_kwargs`: none;
+//!    - llama.cpp / text-generation-webui: `grammar`, `json_schema`,
+//!      `n_predict`, `repeat_penalty`, `repeat_last_n`, `penalize_nl`,
+//!      `samplers`, `dry_*`, `xtc_*`: none; `typical_p`, `tfs_z`: 1;
+//!      `top_a`, `mirostat`, `n_probs`, `min_keep`, `dynatemp_range`: 0;
+//!      `dynatemp_exponent`: 1;
+//!    - OpenAI: `prediction`, `audio`, `reasoning_effort`, `reasoning`,
+//!      `verbosity`, `web_search_options`: none.
+//! 4. **Anything else** is a 400 naming it, as OpenAI answers:
+//!    "Unrecognized request argument supplied: X".
+//!
+//! Inside `messages[i]` ([`check_message_fields`]): `role` and `content` are
+//! honoured; `name`, `tool_calls`, `function_call`, `tool_call_id`, `audio`,
+//! `refusal`, `annotations` and `reasoning_content` are accepted only empty
+//! (`null`, `""` or `[]`: what SDKs send back with an assistant turn), since the
+//! chat template would drop them; roles `tool` and `function` are refused
+//! (tool calling is not implemented); anything else is unrecognized.
+//!
+//! Counts (`n`, `max_tokens`, `max_completion_tokens`, `min_tokens`,
+//! `logprobs`, `top_logprobs`) accept any non-negative JSON integer, however
+//! large: values past `usize` saturate, so the range checks answer with their
+//! usual message (e.g. the context-length one for `max_tokens`) instead of an
+//! overflow; negative or fractional values are a 400 naming the field.
 
 use std::collections::HashMap;
 
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::engine::SamplingParams;
@@ -44,12 +109,54 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// A non-negative JSON integer as a `usize`, saturating: larger values become
+/// `usize::MAX` (so range checks, not arithmetic, reject them).
+struct Count(usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(usize::try_from(v).unwrap_or(usize::MAX)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("must be a non-negative integer, got {v}"))),
+                }
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
+                // JSON integers past u64 arrive as floats: saturate those; reject fractions.
+                if v.is_finite() && v.fract() == 0.0 && v >= u64::MAX as f64 {
+                    Ok(Count(usize::MAX))
+                } else if v < 0.0 {
+                    Err(E::custom(format!("must be a non-negative integer, got {v}")))
+                } else {
+                    Err(E::custom(format!("must be an integer, got {v}")))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `deserialize_with` for optional counts (see [`Count`]).
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    Ok(Option::<Count>::deserialize(d)?.map(|c| c.0))
+}
+
 /// Sampling fields shared by completions and chat.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct CommonParams {
     /// Model name; must be the served name when present.
     pub model: Option<String>,
     /// Completions per prompt.
+    #[serde(default, deserialize_with = "count")]
     pub n: Option<usize>,
     /// Sampling temperature (default 1).
     pub temperature: Option<f32>,
@@ -76,6 +183,7 @@ pub struct CommonParams {
     /// vLLM: ignore end-of-generation tokens.
     pub ignore_eos: Option<bool>,
     /// vLLM: minimum tokens before stopping.
+    #[serde(default, deserialize_with = "count")]
     pub min_tokens: Option<usize>,
     /// vLLM: skip special tokens when detokenizing (default true).
     pub skip_special_tokens: Option<bool>,
@@ -93,8 +201,10 @@ pub struct CompletionRequest {
     /// The prompt(s).
     pub prompt: PromptInput,
     /// Most new tokens (default 16).
+    #[serde(default, deserialize_with = "count")]
     pub max_tokens: Option<usize>,
     /// Log-probabilities of this many top tokens (0..=20).
+    #[serde(default, deserialize_with = "count")]
     pub logprobs: Option<usize>,
     /// Return the prompt before the completion.
     pub echo: Option<bool>,
@@ -141,12 +251,15 @@ pub struct ChatRequest {
     /// The conversation.
     pub messages: Vec<MessageInput>,
     /// Most new tokens (deprecated name).
+    #[serde(default, deserialize_with = "count")]
     pub max_tokens: Option<usize>,
     /// Most new tokens (takes precedence).
+    #[serde(default, deserialize_with = "count")]
     pub max_completion_tokens: Option<usize>,
     /// Return log-probabilities of chosen tokens.
     pub logprobs: Option<bool>,
     /// With `logprobs`: this many alternatives (0..=20).
+    #[serde(default, deserialize_with = "count")]
     pub top_logprobs: Option<usize>,
     /// Shared sampling fields (parsed separately by [`ApiRequest::parse`], so
     /// errors keep their field path; serde's `flatten` would lose it).
@@ -281,48 +394,237 @@ impl CommonParams {
     }
 }
 
+/// The body types, for their field lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /tokenize`.
+    Tokenize,
+    /// `POST /detokenize`.
+    Detokenize,
+}
+
+/// Fields of [`CommonParams`] (both generation endpoints).
+const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "stream",
+    "stream_options",
+    "priority",
+];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "max_tokens", "logprobs", "echo", "suffix"];
+const CHAT_FIELDS: &[&str] = &["messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"];
+const TOKENIZE_FIELDS: &[&str] = &["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"];
+const DETOKENIZE_FIELDS: &[&str] = &["model", "tokens"];
+
+/// Accepted on every endpoint and ignored: they do not change what is generated.
+pub const BOOKKEEPING_FIELDS: &[&str] =
+    &["user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key", "request_id", "cache_prompt"];
+
+impl Endpoint {
+    /// Whether `field` is parsed and acted on by this endpoint.
+    fn honours(self, field: &str) -> bool {
+        let lists: &[&[&str]] = match self {
+            Endpoint::Completions => &[COMMON_FIELDS, COMPLETION_FIELDS],
+            Endpoint::Chat => &[COMMON_FIELDS, CHAT_FIELDS],
+            Endpoint::Tokenize => &[TOKENIZE_FIELDS],
+            Endpoint::Detokenize => &[DETOKENIZE_FIELDS],
+        };
+        lists.iter().any(|l| l.contains(&field))
+    }
+}
+
+/// For a field that is known but not supported (it would change the output):
+/// `Some(true)` when `v` is a no-op value that may be accepted, `Some(false)`
+/// when it must be refused; `None` for fields this table does not know.
+/// (`null`, a no-op for all of them, is accepted by [`check_fields`].)
+pub fn unsupported_no_op(ep: Endpoint, field: &str, v: &Value, body: &Map<String, Value>) -> Option<bool> {
+    let empty = |v: Option<&Value>| v.is_none_or(|v| v.is_null() || v.as_array().is_some_and(|a| a.is_empty()));
+    let num = |x: f64| v.as_f64() == Some(x);
+    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1);
+    Some(match field {
+        "response_format" => v.as_object().is_some_and(|o| o.len() == 1 && o.get("type").is_some_and(|t| t == "text")),
+        "tools" | "functions" => empty(Some(v)),
+        "tool_choice" => v == "none" || (v == "auto" && empty(body.get("tools"))),
+        "function_call" => v == "none" || (v == "auto" && empty(body.get("functions"))),
+        "best_of" => v.as_u64().is_some_and(|b| b == 1 || b == n),
+        "modalities" => v.as_array().is_some_and(|a| a.len() == 1 && a.first().is_some_and(|m| m == "text")),
+        "echo" | "continue_final_message" | "include_stop_str_in_output" | "use_beam_search" => v == false,
+        "add_generation_prompt" | "spaces_between_special_tokens" => v == true,
+        // Completions add BOS (true); chat renders its template without (false).
+        "add_special_tokens" => *v == Value::Bool(ep == Endpoint::Completions),
+        "length_penalty" | "typical_p" | "tfs_z" | "dynatemp_exponent" => num(1.0),
+        "top_a" | "mirostat" | "n_probs" | "min_keep" | "dynatemp_range" => num(0.0),
+        "prompt_logprobs"
+        | "guided_json"
+        | "guided_regex"
+        | "guided_choice"
+        | "guided_grammar"
+        | "guided_decoding_backend"
+        | "guided_whitespace_pattern"
+        | "structured_outputs"
+        | "truncate_prompt_tokens"
+        | "allowed_token_ids"
+        | "bad_words"
+        | "logits_processors"
+        | "return_tokens_as_token_ids"
+        | "chat_template"
+        | "chat_template_kwargs"
+        | "documents"
+        | "mm_processor_kwargs"
+        | "grammar"
+        | "json_schema"
+        | "n_predict"
+        | "repeat_penalty"
+        | "repeat_last_n"
+        | "penalize_nl"
+        | "samplers"
+        | "mirostat_tau"
+        | "mirostat_eta"
+        | "prediction"
+        | "audio"
+        | "reasoning_effort"
+        | "reasoning"
+        | "verbosity"
+        | "web_search_options" => false,
+        f if f.starts_with("dry_") || f.starts_with("xtc_") || f.starts_with("guided_") => false,
+        _ => return None,
+    })
+}
+
+/// Refuses (400 naming it) every top-level field that is neither honoured by
+/// `ep`, nor bookkeeping, nor a known field with a no-op value (module docs).
+pub fn check_fields(ep: Endpoint, body: &Map<String, Value>) -> Result<(), ApiError> {
+    for (field, v) in body {
+        if ep.honours(field) || BOOKKEEPING_FIELDS.contains(&field.as_str()) {
+            continue;
+        }
+        match unsupported_no_op(ep, field, v, body) {
+            Some(no_op) if no_op || v.is_null() => {}
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("`{field}` is not supported by this server (it would change the output and is not implemented); remove it"),
+                ))
+            }
+            None => return Err(ApiError::invalid(field, format!("Unrecognized request argument supplied: {field}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Fields of a message that the template would drop: accepted only empty.
+const MESSAGE_EMPTY_ONLY_FIELDS: &[&str] =
+    &["name", "tool_calls", "function_call", "tool_call_id", "audio", "refusal", "annotations", "reasoning_content"];
+
+/// Refuses (400 naming `messages[i].field`) message fields that would be
+/// silently dropped, and tool-calling roles (module docs).
+pub fn check_message_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
+    let Some(Value::Array(msgs)) = body.get("messages") else { return Ok(()) }; // type errors: serde's
+    for (i, m) in msgs.iter().enumerate() {
+        let Some(m) = m.as_object() else { continue };
+        for (field, v) in m {
+            let param = format!("messages[{i}].{field}");
+            match field.as_str() {
+                "role" => {
+                    if let Some(role @ ("tool" | "function")) = v.as_str() {
+                        return Err(ApiError::invalid(&param, format!("`{role}` messages are not supported: this server does not implement tool calling")));
+                    }
+                }
+                "content" => {}
+                f if MESSAGE_EMPTY_ONLY_FIELDS.contains(&f) => {
+                    let empty = v.is_null() || v.as_str().is_some_and(str::is_empty) || v.as_array().is_some_and(|a| a.is_empty());
+                    if !empty {
+                        return Err(ApiError::invalid(
+                            &param,
+                            format!("`{param}` is not supported by this server (the chat template would drop it); remove it"),
+                        ));
+                    }
+                }
+                _ => return Err(ApiError::invalid(&param, format!("Unrecognized request argument supplied: {param}"))),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A request body type: parsed from JSON bytes with errors naming the field.
 pub trait ApiRequest: Sized {
-    /// Parses the body.
+    /// Parses the body and checks its fields.
     fn parse(bytes: &[u8]) -> Result<Self, ApiError>;
 }
 
-macro_rules! plain_request {
-    ($($t:ty),*) => {$(
-        impl ApiRequest for $t {
-            fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
-                parse_json(bytes)
-            }
+/// Parses `bytes` as a JSON object whose fields pass [`check_fields`] for `ep`.
+fn parse_object(ep: Endpoint, bytes: &[u8]) -> Result<Value, ApiError> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ApiError::Invalid { param: None, message: format!("the body is not valid JSON: {e}") }
+        } else {
+            ApiError::Invalid { param: None, message: format!("invalid request body: {e}") }
         }
-    )*};
+    })?;
+    let Value::Object(body) = &v else {
+        return Err(ApiError::Invalid { param: None, message: "invalid request body: expected a JSON object".into() });
+    };
+    check_fields(ep, body)?;
+    if matches!(ep, Endpoint::Chat | Endpoint::Tokenize) {
+        check_message_fields(body)?;
+    }
+    Ok(v)
 }
-plain_request!(TokenizeRequest, DetokenizeRequest);
+
+impl ApiRequest for TokenizeRequest {
+    fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        from_value(&parse_object(Endpoint::Tokenize, bytes)?)
+    }
+}
+
+impl ApiRequest for DetokenizeRequest {
+    fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        from_value(&parse_object(Endpoint::Detokenize, bytes)?)
+    }
+}
 
 impl ApiRequest for CompletionRequest {
     fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
-        let mut r: Self = parse_json(bytes)?;
-        r.common = parse_json(bytes)?;
+        let v = parse_object(Endpoint::Completions, bytes)?;
+        let mut r: Self = from_value(&v)?;
+        r.common = from_value(&v)?;
         Ok(r)
     }
 }
 
 impl ApiRequest for ChatRequest {
     fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
-        let mut r: Self = parse_json(bytes)?;
-        r.common = parse_json(bytes)?;
+        let v = parse_object(Endpoint::Chat, bytes)?;
+        let mut r: Self = from_value(&v)?;
+        r.common = from_value(&v)?;
         Ok(r)
     }
 }
 
-/// Parses a JSON body into `T`, naming the offending field in the 400.
-pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+/// Deserializes a parsed body into `T`, naming the offending field in the 400.
+fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            return ApiError::Invalid { param: None, message: format!("the body is not valid JSON: {inner}") };
-        }
         let param = (path != "." && !path.is_empty()).then_some(path);
         let message = match &param {
             Some(p) => format!("invalid value for `{p}`: {inner}"),
@@ -346,8 +648,87 @@ mod tests {
         assert!(e.to_string().contains("messages"), "{e}");
         let e = ChatRequest::parse(b"{not json").unwrap_err();
         assert!(e.to_string().contains("not valid JSON"), "{e}");
-        let ok = CompletionRequest::parse(br#"{"prompt":[1,2,3],"unknown_field":{"a":1},"seed":-1,"stop":"x"}"#).unwrap();
+        let ok = CompletionRequest::parse(br#"{"prompt":[1,2,3],"user":"u","metadata":{"a":1},"seed":-1,"stop":"x"}"#).unwrap();
         assert!(matches!(ok.prompt, PromptInput::Tokens(_)));
         assert_eq!(ok.common.sampling().unwrap().seed, Some(u64::MAX));
+        let e = CompletionRequest::parse(br#"{"prompt":"x","unknown_field":{"a":1}}"#).unwrap_err();
+        assert_eq!(e.body()["error"]["param"], "unknown_field", "{e}");
+        assert!(e.to_string().contains("Unrecognized request argument supplied: unknown_field"), "{e}");
+        let e = CompletionRequest::parse(b"[1]").unwrap_err();
+        assert!(e.to_string().contains("JSON object"), "{e}");
+    }
+
+    /// Issue 10, observation 7: counts saturate instead of overflowing; negative
+    /// and fractional ones are refused naming the field.
+    #[test]
+    fn counts_saturate_and_refuse_negatives() {
+        let r = CompletionRequest::parse(br#"{"prompt":"x","max_tokens":18446744073709551615,"n":1e30,"min_tokens":100000000000000000000000}"#).unwrap();
+        assert_eq!((r.max_tokens, r.common.n, r.common.min_tokens), (Some(usize::MAX), Some(usize::MAX), Some(usize::MAX)));
+        for (body, param) in [
+            (r#"{"prompt":"x","max_tokens":-1}"#, "max_tokens"),
+            (r#"{"prompt":"x","n":-3}"#, "n"),
+            (r#"{"prompt":"x","min_tokens":-9223372036854775808}"#, "min_tokens"),
+            (r#"{"prompt":"x","logprobs":-1}"#, "logprobs"),
+            (r#"{"prompt":"x","max_tokens":1.5}"#, "max_tokens"),
+        ] {
+            let e = CompletionRequest::parse(body.as_bytes()).unwrap_err();
+            assert_eq!(e.body()["error"]["param"], param, "{body}: {e}");
+        }
+        for (body, param) in [
+            (r#"{"messages":[],"max_completion_tokens":-1}"#, "max_completion_tokens"),
+            (r#"{"messages":[],"top_logprobs":-2}"#, "top_logprobs"),
+        ] {
+            let e = ChatRequest::parse(body.as_bytes()).unwrap_err();
+            assert_eq!(e.body()["error"]["param"], param, "{body}: {e}");
+            assert!(e.to_string().contains("non-negative"), "{e}");
+        }
+    }
+
+    /// Issue 10, observation 5 (request side): unsupported output-changing
+    /// fields are refused naming them, unless their value is a no-op.
+    #[test]
+    fn unsupported_fields_refused_unless_no_op() {
+        for (body, param) in [
+            (r#"{"messages":[],"response_format":{"type":"json_object"}}"#, "response_format"),
+            (r#"{"messages":[],"tools":[{"type":"function","function":{"name":"f"}}]}"#, "tools"),
+            (r#"{"messages":[],"tool_choice":"required"}"#, "tool_choice"),
+            (r#"{"messages":[],"guided_json":{"type":"object"}}"#, "guided_json"),
+            (r#"{"messages":[],"modalities":["text","audio"]}"#, "modalities"),
+            (r#"{"messages":[],"dry_multiplier":0.8}"#, "dry_multiplier"),
+            (r#"{"messages":[],"echo":true}"#, "echo"),
+        ] {
+            let e = ChatRequest::parse(body.as_bytes()).unwrap_err();
+            assert_eq!(e.body()["error"]["param"], param, "{body}: {e}");
+        }
+        for body in [
+            r#"{"messages":[],"response_format":{"type":"text"},"tools":[],"tool_choice":"auto","parallel_tool_calls":true}"#,
+            r#"{"messages":[],"tool_choice":"none","functions":null,"function_call":"auto","modalities":["text"],"add_generation_prompt":true}"#,
+            r#"{"messages":[],"user":"u","metadata":{"k":"v"},"store":false,"service_tier":"auto","typical_p":1.0,"mirostat":0}"#,
+        ] {
+            ChatRequest::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+        }
+        CompletionRequest::parse(br#"{"prompt":"x","n":3,"best_of":3,"add_special_tokens":true}"#).unwrap();
+        CompletionRequest::parse(br#"{"prompt":"x","n":3,"best_of":1}"#).unwrap();
+        let e = CompletionRequest::parse(br#"{"prompt":"x","n":2,"best_of":4}"#).unwrap_err();
+        assert_eq!(e.body()["error"]["param"], "best_of", "{e}");
+        let e = TokenizeRequest::parse(br#"{"prompt":"x","tools":[{"type":"function"}]}"#).unwrap_err();
+        assert_eq!(e.body()["error"]["param"], "tools", "{e}");
+    }
+
+    /// Message fields the template would drop are refused unless empty.
+    #[test]
+    fn message_fields_refused_unless_empty() {
+        for (body, param) in [
+            (r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]}"#, "messages[1].tool_calls"),
+            (r#"{"messages":[{"role":"tool","content":"42","tool_call_id":""}]}"#, "messages[0].role"),
+            (r#"{"messages":[{"role":"user","content":"x","name":"bob"}]}"#, "messages[0].name"),
+            (r#"{"messages":[{"role":"user","content":"x","weight":1}]}"#, "messages[0].weight"),
+        ] {
+            let e = ChatRequest::parse(body.as_bytes()).unwrap_err();
+            assert_eq!(e.body()["error"]["param"], param, "{body}: {e}");
+        }
+        // An assistant turn as the SDKs send it back.
+        let ok = r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y","refusal":null,"tool_calls":[],"function_call":null,"audio":null,"annotations":[]}]}"#;
+        ChatRequest::parse(ok.as_bytes()).unwrap();
     }
 }

@@ -15,6 +15,10 @@
 //!
 //! Inside a tenant, requests leave by `priority` (lower first), then arrival.
 //! Each tenant's queue is bounded (`max_queued`): `push` refuses beyond it.
+//! A request is one entry however many sequences it runs (prompts × `n`), and
+//! is admitted whole or not at all: `push` refuses at once an entry that could
+//! never fit (more slots than `max_slots` or than the tenant's
+//! `max_concurrent`), so nothing ever holds slots while waiting for more.
 //! Owns: counters, per-tenant queues and in-flight counts. Does not own: the
 //! engine, time, or token-rate limits ([`TokenBucket`] is separate).
 
@@ -81,13 +85,25 @@ pub struct Popped<T> {
 /// The queue refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
-    /// The tenant already has `max_queued` requests waiting.
+    /// The tenant already has `max_queued` requests waiting (or does not exist).
     TenantQueueFull,
+    /// The request needs more slots than the server ever runs at once.
+    ExceedsMaxSlots {
+        /// The queue's `max_slots` (the server's `max_running`).
+        limit: usize,
+    },
+    /// The request needs more slots than its tenant may hold at once.
+    ExceedsTenantCap {
+        /// The tenant's `max_concurrent`.
+        limit: usize,
+    },
 }
 
 /// Per-tenant bounded queues ordered across tenants by virtual token counters.
 pub struct FairQueue<T> {
     tenants: Vec<Tenant<T>>,
+    /// Most slots in flight over all tenants (the server's `max_running`).
+    max_slots: usize,
     input_weight: f64,
     output_weight: f64,
     /// The tenant that most recently left the backlogged set.
@@ -102,10 +118,24 @@ impl<T> std::fmt::Debug for FairQueue<T> {
 }
 
 impl<T> FairQueue<T> {
-    /// Empty queues for `shares`; `input_weight`/`output_weight` price prompt and generated tokens.
-    pub fn new(shares: Vec<TenantShare>, input_weight: f64, output_weight: f64) -> Self {
+    /// Empty queues for `shares`, with at most `max_slots` slots in flight in all;
+    /// `input_weight`/`output_weight` price prompt and generated tokens.
+    pub fn new(shares: Vec<TenantShare>, max_slots: usize, input_weight: f64, output_weight: f64) -> Self {
         let tenants = shares.into_iter().map(|share| Tenant { share, counter: 0.0, queue: BinaryHeap::new(), in_flight: 0 }).collect();
-        Self { tenants, input_weight, output_weight, last_left: None, next_seq: 0 }
+        Self { tenants, max_slots: max_slots.max(1), input_weight, output_weight, last_left: None, next_seq: 0 }
+    }
+
+    /// Whether a request of tenant `k` occupying `slots` sequences can ever be admitted.
+    pub fn check_fits(&self, k: usize, slots: usize) -> Result<(), PushError> {
+        let Some(t) = self.tenants.get(k) else { return Err(PushError::TenantQueueFull) };
+        if slots > self.max_slots {
+            return Err(PushError::ExceedsMaxSlots { limit: self.max_slots });
+        }
+        let cap = t.share.max_concurrent;
+        if cap > 0 && slots > cap {
+            return Err(PushError::ExceedsTenantCap { limit: cap });
+        }
+        Ok(())
     }
 
     /// Number of tenants.
@@ -140,7 +170,12 @@ impl<T> FairQueue<T> {
 
     /// Enqueues a request of tenant `k` costing `input_tokens` prompt tokens and
     /// occupying `slots` engine sequences; lifts an idle tenant's counter first.
+    /// Refuses a request that could never fit ([`FairQueue::check_fits`]).
     pub fn push(&mut self, k: usize, priority: i32, input_tokens: usize, slots: usize, item: T) -> Result<(), (PushError, T)> {
+        let slots = slots.max(1);
+        if let Err(e) = self.check_fits(k, slots) {
+            return Err((e, item));
+        }
         let Some(t) = self.tenants.get(k) else { return Err((PushError::TenantQueueFull, item)) };
         if t.queue.len() >= t.share.max_queued {
             return Err((PushError::TenantQueueFull, item));
@@ -161,14 +196,15 @@ impl<T> FairQueue<T> {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(t) = self.tenants.get_mut(k) {
-            t.queue.push(Entry { priority, seq, input_tokens, slots: slots.max(1), item });
+            t.queue.push(Entry { priority, seq, input_tokens, slots, item });
         }
         Ok(())
     }
 
     /// The next request to admit when `free_slots` engine sequences are free: the
-    /// backlogged tenant with the lowest counter among those under `max_concurrent`
-    /// whose head request fits. Charges its prompt tokens.
+    /// backlogged tenant with the lowest counter among those whose head request
+    /// fits both in `free_slots` and under the tenant's `max_concurrent`.
+    /// Charges its prompt tokens.
     pub fn pop(&mut self, free_slots: usize) -> Option<Popped<T>> {
         let k = self
             .tenants
@@ -176,7 +212,8 @@ impl<T> FairQueue<T> {
             .enumerate()
             .filter(|(_, t)| match t.queue.peek() {
                 Some(e) => {
-                    let under_cap = t.share.max_concurrent == 0 || t.in_flight < t.share.max_concurrent;
+                    let cap = t.share.max_concurrent;
+                    let under_cap = cap == 0 || t.in_flight.saturating_add(e.slots) <= cap;
                     under_cap && e.slots <= free_slots
                 }
                 None => false,
@@ -210,15 +247,16 @@ impl<T> FairQueue<T> {
         }
     }
 
-    /// Drops queued requests for which `keep` is false (e.g. the client went away); returns them.
-    pub fn remove_where(&mut self, mut drop_it: impl FnMut(&T) -> bool) -> Vec<T> {
+    /// Removes the queued requests for which `drop_it` holds (e.g. the client went
+    /// away); returns them with their tenant index.
+    pub fn remove_where(&mut self, mut drop_it: impl FnMut(&T) -> bool) -> Vec<(usize, T)> {
         let mut out = Vec::new();
-        for t in &mut self.tenants {
+        for (k, t) in self.tenants.iter_mut().enumerate() {
             if t.queue.iter().any(|e| drop_it(&e.item)) {
                 let old = std::mem::take(&mut t.queue).into_vec();
                 for e in old {
                     if drop_it(&e.item) {
-                        out.push(e.item);
+                        out.push((k, e.item));
                     } else {
                         t.queue.push(e);
                     }
@@ -228,20 +266,39 @@ impl<T> FairQueue<T> {
         out
     }
 
-    /// Removes and returns every queued request.
-    pub fn drain_all(&mut self) -> Vec<T> {
+    /// Removes and returns every queued request (with its tenant index).
+    pub fn drain_all(&mut self) -> Vec<(usize, T)> {
         self.remove_where(|_| true)
     }
 }
 
 /// A token bucket refilled at `per_minute / 60` tokens per second, holding at most
-/// `per_minute` tokens. Usage is charged after the fact and may drive it negative;
-/// a tenant in debt is refused until it refills.
+/// `per_minute` tokens. A request reserves the most it can use (prompt + `n` ×
+/// `max_tokens`) before it is admitted, and what it did not use is refunded when
+/// it ends, so the bucket never goes below zero: over any interval of `t`
+/// seconds a tenant gets at most `per_minute · (1 + t / 60)` tokens.
 #[derive(Clone, Debug)]
 pub struct TokenBucket {
     per_minute: f64,
     level: f64,
     last_s: f64,
+}
+
+/// A reservation the bucket cannot grant.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ReserveError {
+    /// Not enough tokens now; enough after this many seconds.
+    Wait {
+        /// Seconds until the bucket holds the reservation.
+        wait_s: f64,
+        /// Tokens in the bucket now (rounded down).
+        available: u64,
+    },
+    /// More than the bucket ever holds (`per_minute`).
+    TooLarge {
+        /// The bucket's capacity.
+        capacity: u64,
+    },
 }
 
 impl TokenBucket {
@@ -253,23 +310,28 @@ impl TokenBucket {
     fn refill(&mut self, now_s: f64) {
         let dt = (now_s - self.last_s).max(0.0);
         self.level = (self.level + dt * self.per_minute / 60.0).min(self.per_minute);
-        self.last_s = now_s;
+        self.last_s = self.last_s.max(now_s);
     }
 
-    /// Charges `tokens` used.
-    pub fn charge(&mut self, tokens: u64, now_s: f64) {
+    /// Takes `tokens` out of the bucket if it holds them now.
+    pub fn reserve(&mut self, tokens: u64, now_s: f64) -> Result<(), ReserveError> {
         self.refill(now_s);
-        self.level -= tokens as f64;
-    }
-
-    /// None if a request may start now, else seconds until the debt is repaid.
-    pub fn check(&mut self, now_s: f64) -> Option<f64> {
-        self.refill(now_s);
-        if self.level >= 0.0 || self.per_minute <= 0.0 {
-            None
-        } else {
-            Some(-self.level * 60.0 / self.per_minute)
+        let want = tokens as f64;
+        if want > self.per_minute {
+            return Err(ReserveError::TooLarge { capacity: self.per_minute as u64 });
         }
+        if want > self.level {
+            let wait_s = (want - self.level) * 60.0 / self.per_minute;
+            return Err(ReserveError::Wait { wait_s, available: self.level.max(0.0) as u64 });
+        }
+        self.level -= want;
+        Ok(())
+    }
+
+    /// Returns `tokens` reserved but not used (never beyond the capacity).
+    pub fn refund(&mut self, tokens: u64, now_s: f64) {
+        self.refill(now_s);
+        self.level = (self.level + tokens as f64).min(self.per_minute);
     }
 }
 
@@ -318,7 +380,7 @@ mod tests {
 
     #[test]
     fn newcomer_is_not_stuck_behind_backlog() {
-        let mut q = FairQueue::new(vec![share(1.0), share(1.0)], 1.0, 2.0);
+        let mut q = FairQueue::new(vec![share(1.0), share(1.0)], 64, 1.0, 2.0);
         for i in 0..200 {
             q.push(0, 0, 20, 1, i).unwrap();
         }
@@ -341,7 +403,7 @@ mod tests {
     #[test]
     fn shares_follow_weights_within_bound() {
         let (inp, out) = (16usize, 32u64);
-        let mut q = FairQueue::new(vec![share(3.0), share(1.0)], 1.0, 2.0);
+        let mut q = FairQueue::new(vec![share(3.0), share(1.0)], 64, 1.0, 2.0);
         for i in 0..500 {
             q.push(0, 0, inp, 1, i).unwrap();
             q.push(1, 0, inp, 1, i).unwrap();
@@ -357,7 +419,7 @@ mod tests {
 
     #[test]
     fn bounds_priorities_and_caps() {
-        let mut q = FairQueue::new(vec![TenantShare { weight: 1.0, max_concurrent: 1, max_queued: 2 }, share(1.0)], 1.0, 2.0);
+        let mut q = FairQueue::new(vec![TenantShare { weight: 1.0, max_concurrent: 1, max_queued: 2 }, share(1.0)], 64, 1.0, 2.0);
         q.push(0, 5, 1, 1, "late").unwrap();
         q.push(0, -1, 1, 1, "urgent").unwrap();
         assert_eq!(q.push(0, 0, 1, 1, "x").unwrap_err().0, PushError::TenantQueueFull);
@@ -375,16 +437,65 @@ mod tests {
         assert!(q.pop(2).is_none());
         assert_eq!(q.pop(3).unwrap().slots, 3);
         let gone = { q.push(1, 0, 1, 1, "gone").unwrap(); q.remove_where(|s| *s == "gone") };
-        assert_eq!(gone, vec!["gone"]);
+        assert_eq!(gone, vec![(1, "gone")]);
+    }
+
+    /// Issue 10, observation 1 (pure core): a request is one entry of prompts × n
+    /// slots; one that can never fit is refused at push, and one that fits is
+    /// admitted whole (never partly), counting all its slots against the caps.
+    #[test]
+    fn whole_requests_only_and_never_fitting_ones_refused() {
+        let capped = TenantShare { weight: 1.0, max_concurrent: 8, max_queued: 10 };
+        let mut q = FairQueue::new(vec![share(1.0), capped], 64, 1.0, 2.0);
+        // 5 prompts × n=16 = 80 > 64: refused, nothing queued or held.
+        assert_eq!(q.push(0, 0, 5, 80, "big").unwrap_err().0, PushError::ExceedsMaxSlots { limit: 64 });
+        // 2 prompts × n=8 = 16 > tenant 1's max_concurrent 8.
+        assert_eq!(q.push(1, 0, 2, 16, "b16").unwrap_err().0, PushError::ExceedsTenantCap { limit: 8 });
+        assert_eq!((q.total_queued(), q.total_in_flight()), (0, 0));
+        // Exactly at the limits: admitted whole.
+        q.push(0, 0, 4, 64, "a64").unwrap();
+        assert!(q.pop(63).is_none(), "64 slots do not fit in 63; nothing is taken partly");
+        let p = q.pop(64).unwrap();
+        assert_eq!((p.item, p.slots), ("a64", 64));
+        q.on_done(0, 64);
+        q.push(1, 0, 1, 8, "b8").unwrap();
+        q.push(1, 0, 1, 1, "b1").unwrap();
+        assert_eq!(q.pop(64).unwrap().item, "b8");
+        // Tenant 1 holds 8 of its 8: even a 1-slot request waits.
+        assert!(q.pop(64).is_none());
+        // One completion of the 8 finished early and returned its slot: 7 + 1 fits.
+        q.on_done(1, 1);
+        assert_eq!(q.pop(64).unwrap().item, "b1");
+        assert_eq!(q.in_flight(1), 8);
     }
 
     #[test]
-    fn token_bucket() {
+    fn token_bucket_reserves_and_refunds() {
         let mut b = TokenBucket::new(600, 0.0); // 10 tokens/s
-        assert!(b.check(0.0).is_none());
-        b.charge(700, 0.0);
-        let wait = b.check(0.0).unwrap();
-        assert!((wait - 10.0).abs() < 1e-9, "{wait}");
-        assert!(b.check(10.0).is_none());
+        b.reserve(400, 0.0).unwrap();
+        // 200 left: a 300-token reservation waits 10 s, never drives the level negative.
+        assert_eq!(b.reserve(300, 0.0), Err(ReserveError::Wait { wait_s: 10.0, available: 200 }));
+        b.reserve(200, 0.0).unwrap();
+        assert!(matches!(b.reserve(1, 0.0), Err(ReserveError::Wait { .. })));
+        // More than the whole bucket: never.
+        assert_eq!(b.reserve(601, 100.0), Err(ReserveError::TooLarge { capacity: 600 }));
+        // A request that used 150 of its 400 refunds 250 (capped at the capacity).
+        let mut b = TokenBucket::new(600, 0.0);
+        b.reserve(400, 0.0).unwrap();
+        b.refund(250, 0.0);
+        assert_eq!(b.reserve(451, 0.0), Err(ReserveError::Wait { wait_s: 0.1, available: 450 }));
+        b.reserve(450, 0.0).unwrap();
+        b.refund(10_000, 1.0);
+        assert!(matches!(b.reserve(601, 1.0), Err(ReserveError::TooLarge { .. })));
+        b.reserve(600, 1.0).unwrap();
+    }
+
+    /// Eight reservations arriving together through a 200/min bucket: only what
+    /// fits is granted (the HTTP test `tokens_per_minute_is_never_overshot`).
+    #[test]
+    fn token_bucket_is_never_overshot() {
+        let mut b = TokenBucket::new(200, 0.0);
+        let granted = (0..8).filter(|_| b.reserve(64, 0.0).is_ok()).count();
+        assert_eq!(granted, 3);
     }
 }

@@ -12,7 +12,8 @@
 //!
 //! Modules: [`config`] (the `[server]` section), [`auth`] (key hashes, tenant
 //! lookup), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
-//! actor around it), [`api`] (request DTOs), [`routes`] (handlers), [`stream`]
+//! actor around it), [`api`] (request DTOs and the accepted-field lists),
+//! [`responses`] (response DTOs), [`routes`] (handlers), [`stream`]
 //! (event → response assembly), [`error`] (the one status table). Metrics
 //! live in [`crate::metrics`]; the HTTP serving benchmark in
 //! [`crate::bench::http`]; `brigade serve` itself in the binary.
@@ -27,6 +28,7 @@ pub mod config;
 mod edge;
 pub mod error;
 pub mod fair;
+pub mod responses;
 pub mod routes;
 pub mod stream;
 

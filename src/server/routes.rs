@@ -12,11 +12,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 use tracing::Instrument;
 
 use super::api::{self, ChatRequest, CompletionRequest, DetokenizeRequest, PromptInput, TokenizeRequest};
 use super::error::{ApiError, ErrorKind};
+use super::responses::{DetokenizeResponse, ModelCard, ModelList, StatusResponse, TokenizeResponse};
 use super::stream::{self, Kind, PromptSpec};
 use super::App;
 use crate::tokenizer::ChatMessage;
@@ -145,22 +145,18 @@ async fn method_not_allowed(method: Method) -> ApiError {
 }
 
 /// Liveness: 503 once an engine actor died for good (so the orchestrator restarts the pod).
-async fn health(State(app): State<App>) -> Result<Json<serde_json::Value>, ApiError> {
-    match app.engine.health() {
-        Ok(()) => Ok(Json(json!({"status": "ok"}))),
-        Err(why) => Err(ApiError::Unavailable(format!("the engine has stopped: {why}"))),
-    }
+async fn health(State(app): State<App>) -> Result<Json<StatusResponse>, ApiError> {
+    app.engine.health().map_err(|why| ApiError::Unavailable(format!("the engine has stopped: {why}")))?;
+    Ok(Json(StatusResponse { status: "ok", model: None }))
 }
 
 /// Readiness: 503 while draining or once the engine is dead.
-async fn ready(State(app): State<App>) -> Result<Json<serde_json::Value>, ApiError> {
-    if let Err(why) = app.engine.health() {
-        return Err(ApiError::Unavailable(format!("the engine has stopped: {why}")));
-    }
+async fn ready(State(app): State<App>) -> Result<Json<StatusResponse>, ApiError> {
+    app.engine.health().map_err(|why| ApiError::Unavailable(format!("the engine has stopped: {why}")))?;
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable("draining: the server is shutting down".into()));
     }
-    Ok(Json(json!({"status": "ready", "model": app.model_name})))
+    Ok(Json(StatusResponse { status: "ready", model: Some(app.model_name.clone()) }))
 }
 
 async fn metrics(State(app): State<App>) -> Response {
@@ -175,18 +171,16 @@ fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-async fn models(State(app): State<App>, _t: Tenant) -> Json<serde_json::Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": app.model_name,
-            "object": "model",
-            "created": app.created,
-            "owned_by": "brigade",
-            "root": app.model_name,
-            "max_model_len": app.max_len,
-        }]
-    }))
+async fn models(State(app): State<App>, _t: Tenant) -> Json<ModelList> {
+    let card = ModelCard {
+        id: app.model_name.clone(),
+        object: "model",
+        created: app.created,
+        owned_by: "brigade",
+        root: app.model_name.clone(),
+        max_model_len: app.max_len,
+    };
+    Json(ModelList { object: "list", data: vec![card] })
 }
 
 /// Runs `f` on the blocking pool (tokenization can take a while on long prompts).
@@ -305,7 +299,7 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
     stream::generate(app, tenant.0, kind, prompts, params, priority, streaming, include_usage, arrival).await
 }
 
-async fn tokenize(State(app): State<App>, _t: Tenant, Body(req): Body<TokenizeRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn tokenize(State(app): State<App>, _t: Tenant, Body(req): Body<TokenizeRequest>) -> Result<Json<TokenizeResponse>, ApiError> {
     check_model(&app, req.model.as_deref())?;
     let tok = app.engine.tokenizer().clone();
     let want_strs = req.return_token_strs.unwrap_or(false);
@@ -330,15 +324,15 @@ async fn tokenize(State(app): State<App>, _t: Tenant, Body(req): Body<TokenizeRe
         Ok((ids, strs))
     })
     .await?;
-    Ok(Json(json!({"count": ids.len(), "max_model_len": app.max_len, "tokens": ids, "token_strs": strs})))
+    Ok(Json(TokenizeResponse { count: ids.len(), max_model_len: app.max_len, tokens: ids, token_strs: strs }))
 }
 
-async fn detokenize(State(app): State<App>, _t: Tenant, Body(req): Body<DetokenizeRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn detokenize(State(app): State<App>, _t: Tenant, Body(req): Body<DetokenizeRequest>) -> Result<Json<DetokenizeResponse>, ApiError> {
     check_model(&app, req.model.as_deref())?;
     let vocab = app.engine.tokenizer().vocab_size();
     if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid("tokens", format!("token id {t} is out of range (vocabulary size {vocab})")));
     }
     let text = app.engine.tokenizer().decode(&req.tokens, false).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
-    Ok(Json(json!({"prompt": text})))
+    Ok(Json(DetokenizeResponse { prompt: text }))
 }

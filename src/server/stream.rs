@@ -2,10 +2,13 @@
 //! (several prompts × `n` completions), assembled into a JSON body or streamed
 //! as server-sent events (`data: {…}\n\n` chunks, then `data: [DONE]\n\n`).
 //!
-//! Dropping a `Generation` (the client went away: hyper drops the handler
-//! future or the SSE body) drops every [`ResponseStream`], which cancels the
-//! requests in the engine, and every admission ticket. Metrics of each
-//! completion are recorded here as its events arrive.
+//! The whole request goes through admission as one entry (all prompts × `n`,
+//! admitted together under one [`Ticket`], whose slots are returned one per
+//! finished completion). Dropping a `Generation` (the client went away: hyper
+//! drops the handler future or the SSE body) drops every [`ResponseStream`],
+//! which cancels the requests in the engine, and the ticket. Bodies and chunks
+//! are the typed structs of [`super::responses`]. Metrics of each completion
+//! are recorded here as its events arrive.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -16,11 +19,15 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{self as fstream, SelectAll, Stream, StreamExt};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 use tracing::Instrument;
 
 use super::admission::{Admitted, Ticket};
 use super::error::ApiError;
+use super::responses::{
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
+    ChatTopLogprob, Chunk, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, PromptTokensDetails, TopLogprobMap, Usage,
+};
 use super::App;
 use crate::engine::{Event, GenerateRequest, Prompt, ResponseStream, SamplingParams, TokenLogprob};
 use crate::metrics::RequestTimes;
@@ -54,8 +61,6 @@ pub struct PromptSpec {
 type EventStream = Pin<Box<dyn Stream<Item = (usize, Event)> + Send>>;
 
 struct Sub {
-    ticket: Option<Ticket>,
-    admitted_at: Instant,
     prompt_ids: Vec<u32>,
     prompt_text: Option<String>,
     prompt_lp: Option<Vec<Option<TokenLogprob>>>,
@@ -81,6 +86,9 @@ struct Generation {
     kind: Kind,
     n: usize,
     arrival: Instant,
+    admitted_at: Instant,
+    /// The request's slots and token reservation (None once every choice ended).
+    ticket: Option<Ticket>,
     id: String,
     created: u64,
     subs: Vec<Sub>,
@@ -93,8 +101,8 @@ fn event_stream(p: usize, rs: ResponseStream) -> EventStream {
     Box::pin(fstream::unfold(rs, |mut rs| async move { rs.next().await.map(|e| (e, rs)) }).map(move |e| (p, e)))
 }
 
-/// Submits every prompt through admission, waits for each to start, and answers
-/// with a JSON body or an SSE stream.
+/// Submits the request (every prompt, as one admission entry), waits for it to
+/// start, and answers with a JSON body or an SSE stream.
 #[allow(clippy::too_many_arguments)]
 pub async fn generate(
     app: App,
@@ -108,35 +116,22 @@ pub async fn generate(
     arrival: Instant,
 ) -> Result<Response, ApiError> {
     let n = params.n.max(1);
-    // Queue every prompt, then wait for all admissions (dropping on error cancels the rest).
-    let mut replies = Vec::with_capacity(prompts.len());
-    for p in &prompts {
-        let req = GenerateRequest { prompt: Prompt::Tokens(p.ids.clone()), params: params.clone(), priority };
-        replies.push(app.admission.enqueue(tenant, priority, p.ids.len(), req)?);
-    }
-    let mut admitted: Vec<Admitted> = Vec::with_capacity(replies.len());
-    for r in replies {
-        let a = r.await.map_err(|_| ApiError::Unavailable("the server is shutting down".into()))??;
-        admitted.push(a);
-    }
+    let reqs = prompts
+        .iter()
+        .map(|p| GenerateRequest { prompt: Prompt::Tokens(p.ids.clone()), params: params.clone(), priority })
+        .collect();
+    let reply = app.admission.enqueue(tenant, priority, reqs)?;
+    let Admitted { streams, ticket, admitted_at } = reply.await.map_err(|_| ApiError::Unavailable("the server is shutting down".into()))??;
     let tenant_name = app.admission.tenant_name(tenant).to_string();
-    let mut subs = Vec::with_capacity(admitted.len());
+    let mut subs = Vec::with_capacity(streams.len());
     let mut events: SelectAll<EventStream> = SelectAll::new();
-    for (i, (mut a, spec)) in admitted.into_iter().zip(prompts).enumerate() {
+    for (i, (mut stream, spec)) in streams.into_iter().zip(prompts).enumerate() {
         // First event: Started, or the engine's refusal (answered with its status).
-        match a.stream.next().await {
+        match stream.next().await {
             Some(Event::Started { prompt_tokens, .. }) => {
                 app.metrics.on_prompt(&tenant_name, prompt_tokens.len());
-                subs.push(Sub {
-                    ticket: Some(a.ticket),
-                    admitted_at: a.admitted_at,
-                    prompt_ids: prompt_tokens,
-                    prompt_text: spec.text,
-                    prompt_lp: None,
-                    remaining: n,
-                    cached: 0,
-                });
-                events.push(event_stream(i, a.stream));
+                subs.push(Sub { prompt_ids: prompt_tokens, prompt_text: spec.text, prompt_lp: None, remaining: n, cached: 0 });
+                events.push(event_stream(i, stream));
             }
             Some(Event::Error(e)) => return Err(e.into()),
             Some(_) => return Err(ApiError::Internal("the engine sent an event before `Started`".into())),
@@ -151,6 +146,8 @@ pub async fn generate(
         kind,
         n,
         arrival,
+        admitted_at,
+        ticket: Some(ticket),
         id: format!("{prefix}{}", uuid::Uuid::new_v4().simple()),
         created: super::unix_now(),
         subs,
@@ -171,6 +168,17 @@ fn token_text(app: &App, id: u32) -> (String, Vec<u8>) {
     (String::from_utf8_lossy(&bytes).into_owned(), bytes)
 }
 
+/// One SSE frame: `data: {json}\n\n`.
+fn frame<T: Serialize>(v: &T) -> Bytes {
+    match serde_json::to_string(v) {
+        Ok(s) => Bytes::from(format!("data: {s}\n\n")),
+        Err(e) => {
+            let err = ApiError::Internal(format!("serializing a chunk failed: {e}"));
+            Bytes::from(format!("data: {}\n\n", err.body()))
+        }
+    }
+}
+
 impl Generation {
     fn tenant_name(&self) -> &str {
         self.app.admission.tenant_name(self.tenant)
@@ -180,8 +188,13 @@ impl Generation {
         self.subs.iter().all(|s| s.remaining == 0)
     }
 
+    /// Whether generated tokens carry log-probabilities.
+    fn wants_logprobs(&self) -> bool {
+        matches!(self.kind, Kind::Completion { logprobs: Some(_), .. } | Kind::Chat { logprobs: true })
+    }
+
     /// Applies one event; returns the streaming chunks it produces (when `emit`).
-    fn apply(&mut self, p: usize, ev: Event, emit: bool) -> Result<Vec<Value>, ApiError> {
+    fn apply(&mut self, p: usize, ev: Event, emit: bool) -> Result<Vec<Chunk>, ApiError> {
         let mut out = Vec::new();
         match ev {
             Event::Started { .. } => {}
@@ -195,7 +208,7 @@ impl Generation {
                 let now = Instant::now();
                 let since = self.choices.get(ci).and_then(|c| c.last_token_at).map(|t| now.duration_since(t).as_secs_f64());
                 self.app.metrics.on_token(self.app.admission.tenant_name(self.tenant), since);
-                if let Some(t) = self.subs.get(p).and_then(|s| s.ticket.as_ref()) {
+                if let Some(t) = self.ticket.as_mut() {
                     t.add_output(1);
                 }
                 let echo = emit.then(|| self.echo_chunk(p, ci)).flatten();
@@ -205,11 +218,8 @@ impl Generation {
                 c.last_token_at = Some(now);
                 c.completion_tokens += 1;
                 c.text.push_str(&text);
-                if emit {
-                    let lp = self.logprobs_json(std::slice::from_ref(&token), None);
-                    if !text.is_empty() || lp.is_some() {
-                        out.push(self.delta_chunk(ci, &text, lp, None));
-                    }
+                if emit && (!text.is_empty() || self.wants_logprobs()) {
+                    out.push(self.delta_chunk(ci, &text, Some(&token), None));
                 }
                 if let Some(c) = self.choices.get_mut(ci) {
                     c.tokens.push(token);
@@ -227,10 +237,14 @@ impl Generation {
                 let Some(sub) = self.subs.get_mut(p) else { return Ok(out) };
                 sub.cached = sub.cached.max(usage.cached_tokens);
                 sub.remaining = sub.remaining.saturating_sub(1);
-                if sub.remaining == 0 {
-                    sub.ticket = None; // engine slots are free again
+                // This completion's engine sequence is free again.
+                if let Some(t) = self.ticket.as_mut() {
+                    t.release(1);
                 }
-                let admitted_at = sub.admitted_at;
+                if self.all_done() {
+                    self.ticket = None; // refunds the unused token reservation
+                }
+                let admitted_at = self.admitted_at;
                 let Some(c) = self.choices.get_mut(ci) else { return Ok(out) };
                 c.text.push_str(&text);
                 c.finish = Some(reason.as_str());
@@ -254,7 +268,7 @@ impl Generation {
     }
 
     /// The prompt text (and prompt log-probabilities) as the first chunk of an echoing choice.
-    fn echo_chunk(&mut self, p: usize, ci: usize) -> Option<Value> {
+    fn echo_chunk(&mut self, p: usize, ci: usize) -> Option<Chunk> {
         let Kind::Completion { echo: true, .. } = self.kind else { return None };
         let c = self.choices.get_mut(ci)?;
         if c.echoed {
@@ -262,9 +276,8 @@ impl Generation {
         }
         c.echoed = true;
         let sub = self.subs.get(p)?;
-        let text = self.prompt_text(sub);
-        let lp = self.prompt_logprobs_json(sub);
-        Some(self.chunk(json!({"index": ci, "text": text, "logprobs": lp, "finish_reason": Value::Null})))
+        let choice = CompletionChoice { index: ci, text: self.prompt_text(sub), logprobs: self.prompt_logprobs(sub), finish_reason: None };
+        Some(self.completion_chunk(choice))
     }
 
     fn prompt_text(&self, sub: &Sub) -> String {
@@ -274,115 +287,130 @@ impl Generation {
         }
     }
 
-    /// Completions-style logprobs of the prompt tokens (first token: null).
-    fn prompt_logprobs_json(&self, sub: &Sub) -> Value {
-        let Kind::Completion { logprobs: Some(_), .. } = self.kind else { return Value::Null };
-        let mut tokens = Vec::new();
-        let mut token_lps = Vec::new();
-        let mut tops = Vec::new();
-        let mut offsets = Vec::new();
+    /// Completions-style logprobs of the prompt tokens (first token: null); None when not requested.
+    fn prompt_logprobs(&self, sub: &Sub) -> Option<CompletionLogprobs> {
+        let Kind::Completion { logprobs: Some(_), .. } = self.kind else { return None };
+        let mut lp = CompletionLogprobs::default();
         let mut off = 0usize;
         for (i, &id) in sub.prompt_ids.iter().enumerate() {
             let (s, _) = token_text(&self.app, id);
-            offsets.push(off);
+            lp.text_offset.push(off);
             off += s.chars().count();
-            tokens.push(s);
-            match sub.prompt_lp.as_ref().and_then(|v| v.get(i)).and_then(|x| x.as_ref()) {
-                Some(lp) => {
-                    token_lps.push(json!(lp.logprob));
-                    tops.push(self.top_map(lp));
-                }
-                None => {
-                    token_lps.push(Value::Null);
-                    tops.push(Value::Null);
-                }
-            }
+            lp.tokens.push(s);
+            let entry = sub.prompt_lp.as_ref().and_then(|v| v.get(i)).and_then(|x| x.as_ref());
+            lp.token_logprobs.push(entry.map(|e| f64::from(e.logprob)));
+            lp.top_logprobs.push(entry.map(|e| self.top_map(e)));
         }
-        json!({"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets})
+        Some(lp)
     }
 
-    fn top_map(&self, lp: &TokenLogprob) -> Value {
-        let mut m = Map::new();
+    fn top_map(&self, lp: &TokenLogprob) -> TopLogprobMap {
+        let mut m = TopLogprobMap::new();
         for &(id, v) in &lp.top {
-            m.entry(token_text(&self.app, id).0).or_insert(json!(v));
+            m.entry(token_text(&self.app, id).0).or_insert(f64::from(v));
         }
         // OpenAI always lists the chosen token too.
-        m.entry(token_text(&self.app, lp.token).0).or_insert(json!(lp.logprob));
-        Value::Object(m)
+        m.entry(token_text(&self.app, lp.token).0).or_insert(f64::from(lp.logprob));
+        m
     }
 
-    /// Log-probabilities of generated tokens in the API's shape (None when not requested).
-    fn logprobs_json(&self, tokens: &[TokenLogprob], start_offset: Option<usize>) -> Option<Value> {
-        match self.kind {
-            Kind::Completion { logprobs: Some(_), .. } => {
-                let mut off = start_offset.unwrap_or(0);
-                let mut t = Vec::new();
-                let mut lps = Vec::new();
-                let mut tops = Vec::new();
-                let mut offsets = Vec::new();
-                for lp in tokens {
-                    let (s, _) = token_text(&self.app, lp.token);
-                    offsets.push(off);
-                    off += s.chars().count();
-                    t.push(s);
-                    lps.push(json!(lp.logprob));
-                    tops.push(self.top_map(lp));
-                }
-                Some(json!({"tokens": t, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}))
-            }
-            Kind::Chat { logprobs: true } => {
-                let content: Vec<Value> = tokens
+    /// Completions-style log-probabilities of generated tokens, offsets from `start_offset`.
+    fn completion_logprobs(&self, tokens: &[TokenLogprob], start_offset: usize) -> CompletionLogprobs {
+        let mut out = CompletionLogprobs::default();
+        let mut off = start_offset;
+        for lp in tokens {
+            let (s, _) = token_text(&self.app, lp.token);
+            out.text_offset.push(off);
+            off += s.chars().count();
+            out.tokens.push(s);
+            out.token_logprobs.push(Some(f64::from(lp.logprob)));
+            out.top_logprobs.push(Some(self.top_map(lp)));
+        }
+        out
+    }
+
+    /// Chat-style log-probabilities of generated tokens.
+    fn chat_logprobs(&self, tokens: &[TokenLogprob]) -> ChatLogprobs {
+        let content = tokens
+            .iter()
+            .map(|lp| {
+                let (token, bytes) = token_text(&self.app, lp.token);
+                let top_logprobs = lp
+                    .top
                     .iter()
-                    .map(|lp| {
-                        let (s, b) = token_text(&self.app, lp.token);
-                        let top: Vec<Value> = lp
-                            .top
-                            .iter()
-                            .map(|&(id, v)| {
-                                let (s, b) = token_text(&self.app, id);
-                                json!({"token": s, "logprob": v, "bytes": b})
-                            })
-                            .collect();
-                        json!({"token": s, "logprob": lp.logprob, "bytes": b, "top_logprobs": top})
+                    .map(|&(id, v)| {
+                        let (token, bytes) = token_text(&self.app, id);
+                        ChatTopLogprob { token, logprob: f64::from(v), bytes }
                     })
                     .collect();
-                Some(json!({"content": content}))
-            }
-            _ => None,
-        }
+                ChatTokenLogprob { token, logprob: f64::from(lp.logprob), bytes, top_logprobs }
+            })
+            .collect();
+        ChatLogprobs { content }
     }
 
-    fn chunk(&self, choice: Value) -> Value {
-        let object = if matches!(self.kind, Kind::Chat { .. }) { "chat.completion.chunk" } else { "text_completion" };
-        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.app.model_name, "choices": [choice]});
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v
+    /// `usage` of chunks: absent without `include_usage`, else `null` until the last.
+    fn chunk_usage(&self) -> Option<Option<Usage>> {
+        self.include_usage.then_some(None)
     }
 
-    fn delta_chunk(&self, ci: usize, text: &str, lp: Option<Value>, finish: Option<&str>) -> Value {
-        let lp = lp.unwrap_or(Value::Null);
-        let choice = match self.kind {
+    fn completion_chunk(&self, choice: CompletionChoice) -> Chunk {
+        Chunk::Completion(CompletionChunk {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.app.model_name.clone(),
+            choices: vec![choice],
+            usage: self.chunk_usage(),
+        })
+    }
+
+    fn chat_chunk(&self, choice: ChatChunkChoice) -> Chunk {
+        Chunk::Chat(ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.app.model_name.clone(),
+            choices: vec![choice],
+            usage: self.chunk_usage(),
+        })
+    }
+
+    /// A chunk of new text (with the token's log-probabilities when requested) or a finish.
+    fn delta_chunk(&self, ci: usize, text: &str, token: Option<&TokenLogprob>, finish: Option<&'static str>) -> Chunk {
+        let token = token.filter(|_| self.wants_logprobs());
+        match self.kind {
             Kind::Chat { .. } => {
-                let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
-                json!({"index": ci, "delta": delta, "logprobs": lp, "finish_reason": finish})
+                let delta = ChatDelta { role: None, content: (!text.is_empty()).then(|| text.to_string()) };
+                let logprobs = token.map(|t| self.chat_logprobs(std::slice::from_ref(t)));
+                self.chat_chunk(ChatChunkChoice { index: ci, delta, logprobs, finish_reason: finish })
             }
-            Kind::Completion { .. } => json!({"index": ci, "text": text, "logprobs": lp, "finish_reason": finish}),
-        };
-        self.chunk(choice)
+            Kind::Completion { .. } => {
+                let logprobs = token.map(|t| self.completion_logprobs(std::slice::from_ref(t), 0));
+                self.completion_chunk(CompletionChoice { index: ci, text: text.to_string(), logprobs, finish_reason: finish })
+            }
+        }
     }
 
-    fn usage(&self) -> Value {
+    /// The last chunk of a stream with `include_usage`: no choices, the usage.
+    fn usage_chunk(&self) -> Chunk {
+        let (id, created, model, usage) = (self.id.clone(), self.created, self.app.model_name.clone(), Some(Some(self.usage())));
+        match self.kind {
+            Kind::Chat { .. } => Chunk::Chat(ChatCompletionChunk { id, object: "chat.completion.chunk", created, model, choices: vec![], usage }),
+            Kind::Completion { .. } => Chunk::Completion(CompletionChunk { id, object: "text_completion", created, model, choices: vec![], usage }),
+        }
+    }
+
+    fn usage(&self) -> Usage {
         let prompt: usize = self.subs.iter().map(|s| s.prompt_ids.len()).sum();
         let completion: usize = self.choices.iter().map(|c| c.completion_tokens).sum();
         let cached: usize = self.subs.iter().map(|s| s.cached).sum();
-        json!({
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        })
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: cached },
+        }
     }
 
     /// Non-streaming: waits for every completion and builds the body.
@@ -395,56 +423,48 @@ impl Generation {
                 None => return Err(ApiError::Internal("the engine ended a request without finishing it".into())),
             }
         }
-        let mut choices = Vec::with_capacity(self.choices.len());
-        for (ci, c) in self.choices.iter().enumerate() {
-            let p = ci / self.n;
-            let finish = c.finish.unwrap_or("abort");
-            match self.kind {
-                Kind::Chat { .. } => {
-                    let lp = self.logprobs_json(&c.tokens, None).unwrap_or(Value::Null);
-                    choices.push(json!({
-                        "index": ci,
-                        "message": {"role": "assistant", "content": c.text},
-                        "logprobs": lp,
-                        "finish_reason": finish,
-                    }));
-                }
-                Kind::Completion { echo, .. } => {
-                    let sub = self.subs.get(p);
-                    let (mut text, mut lp) = (String::new(), Value::Null);
-                    if let (true, Some(sub)) = (echo, sub) {
+        let (id, created, model) = (self.id.clone(), self.created, self.app.model_name.clone());
+        match self.kind {
+            Kind::Chat { .. } => {
+                let choices = self
+                    .choices
+                    .iter()
+                    .enumerate()
+                    .map(|(ci, c)| ChatChoice {
+                        index: ci,
+                        message: ChatMessageOut { role: "assistant", content: c.text.clone() },
+                        logprobs: self.wants_logprobs().then(|| self.chat_logprobs(&c.tokens)),
+                        finish_reason: Some(c.finish.unwrap_or("abort")),
+                    })
+                    .collect();
+                let body = ChatCompletion { id, object: "chat.completion", created, model, choices, usage: self.usage() };
+                Ok(axum::Json(body).into_response())
+            }
+            Kind::Completion { echo, .. } => {
+                let mut choices = Vec::with_capacity(self.choices.len());
+                for (ci, c) in self.choices.iter().enumerate() {
+                    let (mut text, mut logprobs) = (String::new(), None);
+                    if let (true, Some(sub)) = (echo, self.subs.get(ci / self.n)) {
                         text = self.prompt_text(sub);
-                        lp = self.prompt_logprobs_json(sub);
+                        logprobs = self.prompt_logprobs(sub);
                     }
-                    let start = text.chars().count();
-                    text.push_str(&c.text);
-                    if let Some(gen) = self.logprobs_json(&c.tokens, Some(start)) {
-                        if lp.is_null() {
-                            lp = gen;
-                        } else {
-                            for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
-                                if let (Some(a), Some(b)) = (lp[key].as_array().cloned(), gen[key].as_array()) {
-                                    let mut a = a;
-                                    a.extend(b.iter().cloned());
-                                    lp[key] = Value::Array(a);
-                                }
+                    if self.wants_logprobs() {
+                        let generated = self.completion_logprobs(&c.tokens, text.chars().count());
+                        logprobs = Some(match logprobs {
+                            Some(mut prompt) => {
+                                prompt.extend(generated);
+                                prompt
                             }
-                        }
+                            None => generated,
+                        });
                     }
-                    choices.push(json!({"index": ci, "text": text, "logprobs": lp, "finish_reason": finish}));
+                    text.push_str(&c.text);
+                    choices.push(CompletionChoice { index: ci, text, logprobs, finish_reason: Some(c.finish.unwrap_or("abort")) });
                 }
+                let body = Completion { id, object: "text_completion", created, model, choices, usage: self.usage() };
+                Ok(axum::Json(body).into_response())
             }
         }
-        let object = if matches!(self.kind, Kind::Chat { .. }) { "chat.completion" } else { "text_completion" };
-        let body = json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.app.model_name,
-            "choices": choices,
-            "usage": self.usage(),
-        });
-        Ok(axum::Json(body).into_response())
     }
 
     /// Streaming: an SSE body; dropping it (client gone) cancels everything.
@@ -454,14 +474,12 @@ impl Generation {
             pending: VecDeque<Bytes>,
             finished: bool,
         }
-        fn frame(v: &Value) -> Bytes {
-            Bytes::from(format!("data: {v}\n\n"))
-        }
         let span = tracing::Span::current();
         let mut pending = VecDeque::new();
         if let Kind::Chat { .. } = self.kind {
             for ci in 0..self.choices.len() {
-                let v = self.chunk(json!({"index": ci, "delta": {"role": "assistant", "content": ""}, "logprobs": Value::Null, "finish_reason": Value::Null}));
+                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+                let v = self.chat_chunk(ChatChunkChoice { index: ci, delta, logprobs: None, finish_reason: None });
                 pending.push_back(frame(&v));
             }
         }
@@ -482,9 +500,7 @@ impl Generation {
                                 st.pending.extend(chunks.iter().map(frame));
                                 if st.g.all_done() {
                                     if st.g.include_usage {
-                                        let object = if matches!(st.g.kind, Kind::Chat { .. }) { "chat.completion.chunk" } else { "text_completion" };
-                                        let v = json!({"id": st.g.id, "object": object, "created": st.g.created, "model": st.g.app.model_name, "choices": [], "usage": st.g.usage()});
-                                        st.pending.push_back(frame(&v));
+                                        st.pending.push_back(frame(&st.g.usage_chunk()));
                                     }
                                     st.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                                     st.finished = true;
