@@ -155,13 +155,28 @@ pub struct TestingConfig {
 pub enum ConfigError {
     /// File could not be read.
     #[error("reading config {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// TOML syntax, unknown key or wrong type.
     #[error("config {path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        /// The file (or origin) parsed.
+        path: String,
+        /// The parser's message (names the key).
+        message: String,
+    },
     /// A value out of range.
     #[error("config key `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// Dotted key.
+        key: &'static str,
+        /// What is wrong, with the allowed range.
+        message: String,
+    },
     /// A bad value in `[server]`.
     #[error(transparent)]
     Server(#[from] crate::server::config::ServerConfigError),

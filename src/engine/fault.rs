@@ -133,6 +133,7 @@ impl FaultPlan {
 }
 
 /// Raises the planned fault (the crate's one deliberate panic: the plan asks for it).
+#[allow(clippy::panic)]
 pub fn fire(actor: FaultActor, index: usize, step: u64, kind: FaultKind) -> ! {
     std::panic::panic_any(InjectedFault { actor, index, step, kind })
 }

@@ -852,7 +852,7 @@ mod tests {
                 c.index = i as usize;
                 c.request_id = id;
                 c.params = parent.params.clone();
-                c.cancelled = parent.cancelled.clone();
+                c.cancelled = parent.cancelled;
                 c
             })
             .collect();

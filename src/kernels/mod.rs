@@ -16,6 +16,9 @@
 //! operations that depends only on its own weight row and activation row, never
 //! on the batch size, the tile size or how columns are split over threads.
 #![allow(unsafe_code)]
+// Kernels index several arrays with one loop counter, llama2.c style; iterator
+// chains would hide the arithmetic the scalar references exist to show.
+#![allow(clippy::needless_range_loop)]
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -143,10 +146,28 @@ pub enum KernelError {
     UnsupportedDType(GgmlDType),
     /// Row length is not a multiple of the dtype's block size.
     #[error("row length {cols} is not a multiple of the block size {block} of {dtype:?}")]
-    BadRowLength { dtype: GgmlDType, cols: usize, block: usize },
+    BadRowLength {
+        /// Weight type.
+        dtype: GgmlDType,
+        /// Row length.
+        cols: usize,
+        /// Block length it must be a multiple of.
+        block: usize,
+    },
     /// Byte buffer size does not match rows x cols.
     #[error("weight data has {got} bytes, expected {expected} for {rows}x{cols} {dtype:?}")]
-    BadSize { dtype: GgmlDType, rows: usize, cols: usize, expected: usize, got: usize },
+    BadSize {
+        /// Weight type.
+        dtype: GgmlDType,
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Bytes expected.
+        expected: usize,
+        /// Bytes given.
+        got: usize,
+    },
 }
 
 /// A row-major weight matrix in its on-disk dtype: `rows` output features, each
@@ -172,7 +193,7 @@ impl<'a> QMatrix<'a> {
             other => return Err(KernelError::UnsupportedDType(other)),
         }
         let block = dtype.block_size();
-        if cols % block != 0 || ((dtype.block_size() > 1) && cols % QK != 0) {
+        if !cols.is_multiple_of(block) || ((dtype.block_size() > 1) && !cols.is_multiple_of(QK)) {
             return Err(KernelError::BadRowLength { dtype, cols, block });
         }
         let expected = rows * (cols / block) * dtype.type_size();
@@ -209,7 +230,7 @@ pub fn quantize_rows_q8(x: &[f32], cols: usize, out: &mut [BlockQ8]) {
 /// [`quantize_rows_q8`] with an explicit instruction set (capped at
 /// [`detected_isa`]).
 pub fn quantize_rows_q8_isa(isa: Isa, x: &[f32], cols: usize, out: &mut [BlockQ8]) {
-    assert!(cols % QK == 0, "quantize_rows_q8: cols must be a multiple of 32");
+    assert!(cols.is_multiple_of(QK), "quantize_rows_q8: cols must be a multiple of 32");
     let nb = cols / QK;
     for (row, blocks) in x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)) {
         #[cfg(target_arch = "x86_64")]
@@ -544,11 +565,12 @@ pub struct AttnShape {
 impl AttnShape {
     /// Checks the arguments of one attention call (panics with a message on
     /// a violated precondition: these are internal invariants, never input).
+    #[allow(clippy::too_many_arguments)]
     fn check<T>(&self, q: &[f32], kvh: usize, k: &[T], v: &[T], table: &[u32], n_ctx: usize, out: &[f32]) {
         let (hd, bs) = (self.head_dim, self.block_size);
         assert!(hd > 0 && bs > 0 && (1..=MAX_GROUP).contains(&self.group), "attend: bad shape {self:?}");
         assert!(q.len() == self.group * hd && out.len() == q.len(), "attend: q/out must be group x head_dim");
-        assert!((kvh + 1) * hd <= self.kv_dim && self.kv_dim % hd == 0, "attend: KV head {kvh} outside kv_dim");
+        assert!((kvh + 1) * hd <= self.kv_dim && self.kv_dim.is_multiple_of(hd), "attend: KV head {kvh} outside kv_dim");
         assert!(n_ctx >= 1 && table.len() >= n_ctx.div_ceil(bs), "attend: block table shorter than the context");
         let nblk = k.len().min(v.len()) / (bs * self.kv_dim);
         assert!(table[..n_ctx.div_ceil(bs)].iter().all(|&b| (b as usize) < nblk), "attend: block id out of range");

@@ -242,7 +242,7 @@ const _: () = assert!(std::mem::size_of::<Line>() == 64);
 /// activation row: the same operations in the same order as the AVX-512
 /// kernel (exact integer block sums, then two fused multiply-adds per block),
 /// so results are bit-identical.
-pub fn ref_dot(p: &PackedMatrix, o: usize, x: &[BlockQ8]) -> f32 {
+pub(super) fn ref_dot(p: &PackedMatrix, o: usize, x: &[BlockQ8]) -> f32 {
     let mut acc = 0.0f32;
     for (b, xb) in x.iter().enumerate().take(p.nb) {
         let (d, m, u) = p.block(o, b);

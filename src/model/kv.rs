@@ -158,7 +158,7 @@ impl KvStore {
         dtype: KvDType,
     ) -> Self {
         assert!(block_size > 0 && block_size <= MAX_BLOCK_SIZE, "block size must be in 1..={MAX_BLOCK_SIZE}");
-        assert!(head_dim > 0 && kv_dim % head_dim == 0, "kv_dim must be a multiple of head_dim");
+        assert!(head_dim > 0 && kv_dim.is_multiple_of(head_dim), "kv_dim must be a multiple of head_dim");
         let per_layer = num_blocks * block_size * kv_dim;
         let arrays = match dtype {
             KvDType::F16 => Arrays::F16 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },

@@ -27,13 +27,30 @@ pub enum ModelError {
     UnsupportedArch(String),
     /// A hyper-parameter is out of range or inconsistent.
     #[error("invalid model hyper-parameter `{key}`: {reason}")]
-    BadHParam { key: String, reason: String },
+    BadHParam {
+        /// Metadata key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A tensor has an unexpected shape.
     #[error("tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
-    BadShape { tensor: String, got: Vec<u64>, expected: Vec<u64> },
+    BadShape {
+        /// Tensor name.
+        tensor: String,
+        /// Its shape.
+        got: Vec<u64>,
+        /// The shape the hyper-parameters imply.
+        expected: Vec<u64>,
+    },
     /// A tensor has a dtype we cannot compute with.
     #[error("tensor `{tensor}`: {source}")]
-    Kernel { tensor: String, source: KernelError },
+    Kernel {
+        /// Tensor name.
+        tensor: String,
+        /// The kernel layer's error.
+        source: KernelError,
+    },
 }
 
 /// Errors of [`load_with_tokenizer`], naming the file.
@@ -41,13 +58,28 @@ pub enum ModelError {
 pub enum LoadError {
     /// The file could not be opened or parsed.
     #[error("loading {path}: {source}")]
-    Gguf { path: String, source: GgufError },
+    Gguf {
+        /// The model file.
+        path: String,
+        /// The reader's error.
+        source: GgufError,
+    },
     /// The tokenizer metadata is unusable.
     #[error("tokenizer of {path}: {source}")]
-    Tokenizer { path: String, source: crate::tokenizer::TokenizerError },
+    Tokenizer {
+        /// The model file.
+        path: String,
+        /// The tokenizer's error.
+        source: crate::tokenizer::TokenizerError,
+    },
     /// The model tensors or hyper-parameters are unusable.
     #[error("model {path}: {source}")]
-    Model { path: String, source: ModelError },
+    Model {
+        /// The model file.
+        path: String,
+        /// The model's error.
+        source: ModelError,
+    },
 }
 
 /// Maps a GGUF file once and builds both the model and its tokenizer from it

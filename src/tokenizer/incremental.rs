@@ -33,6 +33,7 @@ const MAX_UTF8_CHAR_LEN: usize = 4;
 /// # Ok(text) }
 /// ```
 #[derive(Clone)]
+#[allow(missing_debug_implementations)] // holds a whole tokenizer; nothing useful to print
 pub struct IncrementalDecoder {
     tokenizer: Tokenizer,
     skip_special: bool,
