@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::config::TenantConfig;
 use super::error::ApiError;
 use super::fair::{FairQueue, PushError, ReserveError, TenantShare, TokenBucket};
-use crate::engine::{EngineHandle, GenerateRequest, ResponseStream};
+use crate::engine::{EngineHandle, ResponseStream, ValidRequest};
 use crate::metrics::Metrics;
 
 /// A request admitted into the engine.
@@ -150,7 +150,7 @@ impl Drop for Ticket {
 }
 
 struct Pending {
-    reqs: Vec<GenerateRequest>,
+    reqs: Vec<ValidRequest>,
     reply: oneshot::Sender<Result<Admitted, ApiError>>,
     span: tracing::Span,
     /// Prompt tokens over all prompts.
@@ -166,17 +166,14 @@ enum AdmissionMsg {
 
 /// Engine sequences of a request (`n` per prompt), its prompt tokens, and the
 /// most tokens it can use (prompts + `n` × `max_tokens` each), all saturating.
-fn request_size(reqs: &[GenerateRequest]) -> (usize, u64, u64) {
+fn request_size(reqs: &[ValidRequest]) -> (usize, u64, u64) {
     let (mut slots, mut input, mut most) = (0usize, 0u64, 0u64);
     for r in reqs {
-        let n = r.params.n.max(1);
-        let prompt = match &r.prompt {
-            crate::engine::Prompt::Tokens(ids) => ids.len() as u64,
-            _ => 0, // text and chat prompts are encoded by the handlers before admission
-        };
+        let n = r.params().n.max(1);
+        let prompt = r.prompt_ids().len() as u64;
         slots = slots.saturating_add(n);
         input = input.saturating_add(prompt);
-        most = most.saturating_add(prompt).saturating_add((n as u64).saturating_mul(r.params.max_tokens as u64));
+        most = most.saturating_add(prompt).saturating_add((n as u64).saturating_mul(r.params().max_tokens as u64));
     }
     (slots, input, most)
 }
@@ -262,7 +259,7 @@ impl AdmissionHandle {
     /// Queues one HTTP request of `tenant` (one engine request per prompt, all
     /// with token-id prompts) as a single entry; the reply resolves when all of
     /// it is admitted, or it is refused (400 at once when it could never fit).
-    pub fn enqueue(&self, tenant: usize, priority: i32, reqs: Vec<GenerateRequest>) -> Result<AdmissionReply, ApiError> {
+    pub fn enqueue(&self, tenant: usize, priority: i32, reqs: Vec<ValidRequest>) -> Result<AdmissionReply, ApiError> {
         if self.shared.draining.load(Ordering::Relaxed) {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
@@ -392,7 +389,7 @@ impl AdmissionActor {
     }
 
     /// The client-facing error of a refused push.
-    fn push_error(&self, e: PushError, tenant: usize, slots: usize, reqs: &[GenerateRequest]) -> ApiError {
+    fn push_error(&self, e: PushError, tenant: usize, slots: usize, reqs: &[ValidRequest]) -> ApiError {
         let n = reqs.first().map_or(1, |r| r.params.n.max(1));
         let shape = format!("{} prompt(s) × n={n}", reqs.len());
         match e {
@@ -497,7 +494,7 @@ impl AdmissionActor {
             }
             let _g = span.enter();
             // Every prompt at once; on a refusal the streams already made drop (cancel).
-            let streams: Result<Vec<ResponseStream>, _> = reqs.into_iter().map(|r| self.engine.submit(r)).collect();
+            let streams: Result<Vec<ResponseStream>, _> = reqs.into_iter().map(|r| self.engine.submit_valid(r)).collect();
             match streams {
                 Ok(streams) => {
                     tracing::debug!(engine_ids = ?streams.iter().map(|s| s.id).collect::<Vec<_>>(), "admitted");

@@ -19,6 +19,7 @@ use super::error::{ApiError, ErrorKind};
 use super::responses::{DetokenizeResponse, ModelCard, ModelList, StatusResponse, TokenizeResponse};
 use super::stream::{self, Kind, PromptSpec};
 use super::App;
+use crate::engine::{GenerateRequest, Prompt};
 use crate::tokenizer::ChatMessage;
 
 /// The request id (from `x-request-id` or generated).
@@ -221,34 +222,36 @@ async fn completions(State(app): State<App>, tenant: Tenant, Body(req): Body<Com
     if params.max_tokens == 0 && !(echo && req.logprobs.is_some()) {
         return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1 (0 only with `echo` and `logprobs`)"));
     }
-    app.engine.validator().validate_params(&params).map_err(ApiError::from)?;
-    // Prompts → token ids (texts keep their text for `echo`).
-    let max_tokens = params.max_tokens;
+    app.engine.validator().validate_params(&params).map_err(ApiError::from)?; // cheap checks before any encoding
+    let n_prompts = match &req.prompt {
+        PromptInput::Text(_) | PromptInput::Tokens(_) => 1,
+        PromptInput::Texts(v) => v.len(),
+        PromptInput::TokenLists(v) => v.len(),
+    };
+    if n_prompts == 0 || n_prompts > MAX_PROMPTS {
+        return Err(ApiError::invalid("prompt", format!("between 1 and {MAX_PROMPTS} prompts are accepted, got {n_prompts}")));
+    }
+    // Every prompt through the engine's one validator (texts keep their text for `echo`).
+    let priority = req.common.priority.unwrap_or(0);
     let app2 = app.clone();
+    let p2 = params.clone();
     let prompts: Vec<PromptSpec> = blocking(move || {
-        let app = app2;
-        let specs: Vec<PromptSpec> = match req.prompt {
-            PromptInput::Text(t) => vec![PromptSpec { ids: encode_text(&app, &t, max_tokens)?, text: Some(t) }],
-            PromptInput::Texts(ts) => ts
-                .into_iter()
-                .map(|t| Ok(PromptSpec { ids: encode_text(&app, &t, max_tokens)?, text: Some(t) }))
-                .collect::<Result<_, ApiError>>()?,
-            PromptInput::Tokens(ids) => vec![PromptSpec { ids, text: None }],
-            PromptInput::TokenLists(l) => l.into_iter().map(|ids| PromptSpec { ids, text: None }).collect(),
+        let v = app2.engine.validator();
+        let check = |prompt: Prompt, text: Option<String>| -> Result<PromptSpec, ApiError> {
+            let valid = v.validate(GenerateRequest { prompt, params: p2.clone(), priority }).map_err(ApiError::from)?;
+            Ok(PromptSpec { valid, text })
         };
-        Ok(specs)
+        match req.prompt {
+            PromptInput::Text(t) => Ok(vec![check(Prompt::Text(t.clone()), Some(t))?]),
+            PromptInput::Texts(ts) => ts.into_iter().map(|t| check(Prompt::Text(t.clone()), Some(t))).collect(),
+            PromptInput::Tokens(ids) => Ok(vec![check(Prompt::Tokens(ids), None)?]),
+            PromptInput::TokenLists(l) => l.into_iter().map(|ids| check(Prompt::Tokens(ids), None)).collect(),
+        }
     })
     .await?;
-    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
-        return Err(ApiError::invalid("prompt", format!("between 1 and {MAX_PROMPTS} prompts are accepted, got {}", prompts.len())));
-    }
-    for p in &prompts {
-        app.engine.validator().check_prompt(&p.ids, params.max_tokens, params.min_tokens).map_err(ApiError::from)?;
-    }
     let (streaming, include_usage) = req.common.streaming();
-    let priority = req.common.priority.unwrap_or(0);
     let kind = Kind::Completion { echo, logprobs: req.logprobs };
-    stream::generate(app, tenant.0, kind, prompts, params, priority, streaming, include_usage, arrival).await
+    stream::generate(app, tenant.0, kind, prompts, params, streaming, include_usage, arrival).await
 }
 
 async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Body<ChatRequest>) -> Result<Response, ApiError> {
@@ -287,16 +290,16 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
     if params.max_tokens == 0 {
         return Err(ApiError::invalid(param, format!("`{param}` must be at least 1")));
     }
-    app.engine.validator().validate_params(&params).map_err(ApiError::from)?;
-    app.engine.validator().check_prompt(&ids, params.max_tokens, params.min_tokens).map_err(|e| match e {
+    let priority = req.common.priority.unwrap_or(0);
+    let greq = GenerateRequest { prompt: Prompt::Tokens(ids), params: params.clone(), priority };
+    let valid = app.engine.validator().validate(greq).map_err(|e| match e {
         crate::engine::EngineError::Invalid { param: Some(p), message } if p == "max_tokens" => ApiError::invalid(param, message),
         e => ApiError::from(e),
     })?;
     let (streaming, include_usage) = req.common.streaming();
-    let priority = req.common.priority.unwrap_or(0);
     let kind = Kind::Chat { logprobs: want_logprobs };
-    let prompts = vec![PromptSpec { ids, text: None }];
-    stream::generate(app, tenant.0, kind, prompts, params, priority, streaming, include_usage, arrival).await
+    let prompts = vec![PromptSpec { valid, text: None }];
+    stream::generate(app, tenant.0, kind, prompts, params, streaming, include_usage, arrival).await
 }
 
 async fn tokenize(State(app): State<App>, _t: Tenant, Body(req): Body<TokenizeRequest>) -> Result<Json<TokenizeResponse>, ApiError> {

@@ -29,7 +29,7 @@ use super::responses::{
     ChatTopLogprob, Chunk, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, PromptTokensDetails, TopLogprobMap, Usage,
 };
 use super::App;
-use crate::engine::{Event, GenerateRequest, Prompt, ResponseStream, SamplingParams, TokenLogprob};
+use crate::engine::{Event, ResponseStream, SamplingParams, TokenLogprob, ValidRequest};
 use crate::metrics::RequestTimes;
 
 /// Which API shape to produce.
@@ -52,8 +52,8 @@ pub enum Kind {
 /// One prompt of a request.
 #[derive(Clone, Debug)]
 pub struct PromptSpec {
-    /// Token ids (as the engine would encode them).
-    pub ids: Vec<u32>,
+    /// The prompt, checked and encoded by the engine's validator (once).
+    pub valid: ValidRequest,
     /// Original text, if the prompt was text (for `echo`).
     pub text: Option<String>,
 }
@@ -110,16 +110,13 @@ pub async fn generate(
     kind: Kind,
     prompts: Vec<PromptSpec>,
     params: SamplingParams,
-    priority: i32,
     streaming: bool,
     include_usage: bool,
     arrival: Instant,
 ) -> Result<Response, ApiError> {
     let n = params.n.max(1);
-    let reqs = prompts
-        .iter()
-        .map(|p| GenerateRequest { prompt: Prompt::Tokens(p.ids.clone()), params: params.clone(), priority })
-        .collect();
+    let priority = prompts.first().map_or(0, |p| p.valid.priority());
+    let reqs = prompts.iter().map(|p| p.valid.clone()).collect();
     let reply = app.admission.enqueue(tenant, priority, reqs)?;
     let Admitted { streams, ticket, admitted_at } = reply.await.map_err(|_| ApiError::Unavailable("the server is shutting down".into()))??;
     let tenant_name = app.admission.tenant_name(tenant).to_string();
