@@ -176,11 +176,8 @@ fn stress_500_requests_random_aborts_tiny_channels_leaves_pool_whole() {
     c.runtime.max_seqs = 16;
     c.validate().unwrap();
     let h = Engine::start(model, tok, c).unwrap();
-    let mut rng = 12345u64;
-    let mut next = || {
-        rng = brigade::sampling::mix64(rng);
-        rng
-    };
+    let mut rng = brigade::sampling::SplitMix64::new(12345);
+    let mut next = || rng.next_u64();
     let mut streams = Vec::new();
     let mut dropped = 0;
     for i in 0..500 {

@@ -262,3 +262,60 @@ fn a_dead_engine_makes_health_503_and_serve_exit_non_zero() {
     };
     assert!(!status.success(), "exit status {status:?}");
 }
+
+/// 32 concurrent HTTP completions on a server; returns (status, text or error message) per request.
+async fn http_run(fault: &str) -> (Vec<(u16, String)>, u16) {
+    let (m, t) = tiny();
+    let engine = Engine::start(m, t, config(2, fault)).unwrap();
+    let cfg = brigade::server::ServerConfig::from_toml_str("").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(brigade::server::serve_with(engine.clone(), cfg, listener, async move {
+        let _ = stop_rx.await;
+    }));
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let (client, base) = (client.clone(), base.clone());
+        tasks.push(tokio::spawn(async move {
+            let prompt: Vec<u32> = (0..(3 + i % 20)).map(|j| ((i * 31 + j * 7) % 250 + 3) as u32).collect();
+            let body = json!({"prompt": prompt, "max_tokens": 12 + i % 9, "temperature": 0.7, "seed": i});
+            let r = client.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap();
+            let text = if status == 200 { v["choices"][0]["text"].as_str().unwrap().to_string() } else { v["error"]["message"].as_str().unwrap().to_string() };
+            (status, text)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(tokio::time::timeout(Duration::from_secs(120), t).await.expect("a request hung").unwrap());
+    }
+    let health = client.get(format!("{base}/health")).send().await.unwrap().status().as_u16();
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(60), task).await.expect("shutdown hung").unwrap().unwrap();
+    (out, health)
+}
+
+#[test]
+fn over_http_a_worker_panic_fails_its_requests_with_500_and_the_server_stays_healthy() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let (clean, _) = http_run("").await;
+        assert!(clean.iter().all(|(s, _)| *s == 200));
+        let (got, health) = http_run("worker:1:panic@step=20").await;
+        let mut failed = 0;
+        for (i, ((s, text), (_, want))) in got.iter().zip(&clean).enumerate() {
+            if *s == 200 {
+                assert_eq!(text, want, "request {i} changed by a fault elsewhere");
+            } else {
+                assert_eq!(*s, 500, "request {i}: {text}");
+                assert!(text.contains("injected fault"), "{text}");
+                failed += 1;
+            }
+        }
+        assert!(failed >= 1, "no request failed");
+        assert_eq!(health, 200, "the server must stay healthy after a micro-batch failure");
+    });
+}

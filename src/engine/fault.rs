@@ -58,7 +58,7 @@ pub struct Fault {
 
 /// A malformed plan.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad fault spec {spec:?}: {reason} (expected ACTOR[:INDEX]:panic|die@step=N)")]
+#[error("bad fault-injection spec {spec:?} (`[testing] fault` or BRIGADE_FAULT): {reason} (expected ACTOR[:INDEX]:panic|die@step=N)")]
 pub struct FaultParseError {
     spec: String,
     reason: String,
