@@ -63,8 +63,14 @@ impl WorkerActor {
             let span = item.span.clone();
             let _g = span.enter();
             if item.batch.reset_kv {
-                // Idle release: no sequence holds a block; give the pages back.
+                // Idle release: no sequence holds a block; give the pages back,
+                // with the scratch grown for the largest batch and the recycled
+                // logits buffers (a 64-row buffer is 12 MB).
                 self.kv = (self.new_kv)();
+                self.scratch = Scratch::default();
+                if let Next::Sampler(_, recycled) = &self.next {
+                    while recycled.try_recv().is_ok() {}
+                }
             }
             if item.failed.is_none() && !item.batch.chunks.is_empty() {
                 let k = self.k;
