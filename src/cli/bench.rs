@@ -54,7 +54,7 @@ pub(crate) struct BenchArgs {
     /// Configuration file (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Model file (GGUF).
+    /// Model file (GGUF) or known model name (smollm2-135m, gemma3-270m).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Print one JSON object.

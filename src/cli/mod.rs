@@ -34,7 +34,9 @@ struct Cli {
 /// The model and config flags of the commands that load a model.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ModelArgs {
-    /// Model file (GGUF). Default: $BRIGADE_MODEL, then the config, then the cached default model.
+    /// Model file (GGUF) or known model name (smollm2-135m, gemma3-270m: fetched by
+    /// `bash scripts/fetch-model.sh NAME`). Default: $BRIGADE_MODEL, then the config, then the
+    /// cached default model.
     #[arg(long, global = true)]
     pub(crate) model: Option<PathBuf>,
     /// Threads for compute.

@@ -16,7 +16,7 @@ pub(crate) struct ServeArgs {
     /// Configuration file (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Model file (GGUF).
+    /// Model file (GGUF) or known model name (smollm2-135m, gemma3-270m).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Listen address (default 127.0.0.1, or `server.host`).
