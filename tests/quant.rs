@@ -80,7 +80,7 @@ fn every_type_gguf() -> Vec<u8> {
     w.add("general.architecture", brigade::gguf::MetaValue::Str("none".into()));
     for dtype in GgmlDType::ALL {
         let f = fixture(dtype);
-        w.add_tensor(&format!("t.{}", dtype.name()), &[f.bits.len() as u64], dtype, f.bytes);
+        w.add_tensor(format!("t.{}", dtype.name()), &[f.bits.len() as u64], dtype, f.bytes);
     }
     w.to_bytes()
 }
@@ -121,7 +121,7 @@ fn tiny_model_with(dtype: GgmlDType) -> Vec<u8> {
     }
     for d in GgmlDType::ALL {
         let f = fixture(d);
-        w.add_tensor(&format!("extra.{}", d.name()), &[f.bits.len() as u64], d, f.bytes);
+        w.add_tensor(format!("extra.{}", d.name()), &[f.bits.len() as u64], d, f.bytes);
     }
     w.to_bytes()
 }

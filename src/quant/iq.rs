@@ -5,7 +5,9 @@
 //!       x[j] = K[lo(qs[j])] * d,  x[j+16] = K[hi(qs[j])] * d,  K = KVALUES_IQ4NL
 //! ```
 //!
-//! Struct and size as in ggml-common.h (`block_iq4_nl`, `QK4_NL = 32`, and
+//! Struct and size as in ggml-common.h
+//! (<https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-common.h>,
+//! `block_iq4_nl`, `QK4_NL = 32`, and
 //! `kvalues_iq4nl`); the dequantizer is ggml-quants.c's `dequantize_row_iq4_nl`
 //! and gguf-py's `IQ4_NL.dequantize_blocks`, bit for bit.
 

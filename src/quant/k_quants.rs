@@ -14,12 +14,14 @@
 //!       x = d * scale * ((q_lo | q_hi << 4) - 32),   16 sub-blocks of 16
 //! ```
 //!
-//! Structs and sizes as in ggml-common.h (`block_q2_K` ... `block_q6_K` and
-//! their `static_assert`s, with `QK_K = 256`); the dequantizers follow the
-//! arithmetic of gguf-py's `gguf.quants` (`Q2_K.dequantize_blocks`, ...) and
-//! ggml-quants.c's `dequantize_row_q*_K` operation for operation (f32 products
-//! in the same order, no fused multiply-add), so they are bit-identical to
-//! both. Element `i`'s quant and sub-block are read by index arithmetic, one
+//! Structs and sizes as in ggml-common.h
+//! (<https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-common.h>,
+//! `block_q2_K` ... `block_q6_K` and their `static_assert`s, with `QK_K = 256`); the dequantizers are
+//! ggml-quants.c's `dequantize_row_q*_K` formulas, evaluated operation for
+//! operation as gguf-py's `gguf.quants` does (`Q2_K.dequantize_blocks`, ...:
+//! f32 products in the same order, no fused multiply-add), so they are
+//! bit-identical to gguf-py (a C build that contracts to FMA may differ in the
+//! last bit). Element `i`'s quant and sub-block are read by index arithmetic, one
 //! element at a time: this is the reference, not a kernel.
 
 use half::f16;
