@@ -239,6 +239,7 @@ fn file_type(dtype: GgmlDType) -> u32 {
         GgmlDType::Q5_K => 17, // Q5_K_M
         GgmlDType::Q6_K => 18,
         GgmlDType::IQ4_NL => 25,
+        GgmlDType::IQ4_XS => 30,
         GgmlDType::BF16 => 32,
     }
 }

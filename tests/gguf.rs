@@ -402,10 +402,10 @@ fn corrupt_tensor_infos() {
         matches!(parse(w.to_bytes()), Err(GgufError::UnknownDType { tensor, raw: 99 }) if tensor == "weird")
     );
     let mut w = base_writer();
-    w.add_tensor_raw("k", &[256], 23, vec![0; 136]);
+    w.add_tensor_raw("k", &[256], 16, vec![0; 66]);
     assert!(matches!(
         parse(w.to_bytes()),
-        Err(GgufError::UnsupportedDType { tensor, name: "IQ4_XS", raw: 23 }) if tensor == "k"
+        Err(GgufError::UnsupportedDType { tensor, name: "IQ2_XXS", raw: 16 }) if tensor == "k"
     ));
 
     // n_dims > 4 and n_dims == 0.

@@ -4,7 +4,7 @@
 //! Owns: [`GgmlDType`] (ggml type id, name, elements and bytes per block), the
 //! `#[repr(C)]` block structs with their compile-time size checks (one file per
 //! family: [`legacy`] holds Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; [`k_quants`] Q2_K ...
-//! Q6_K; [`iq`] IQ4_NL), one scalar reference dequantizer per type
+//! Q6_K; [`iq`] IQ4_NL, IQ4_XS), one scalar reference dequantizer per type
 //! ([`QuantBlock::dequantize`], [`dequantize_row`]; bit-identical to gguf-py's
 //! `gguf.quants.dequantize`, checked on the fixtures of `tests/quant.rs`) and,
 //! for tests (`test-support` feature), ggml's reference quantizers where
@@ -40,7 +40,7 @@ pub mod reference;
 
 use half::{bf16, f16};
 
-pub use iq::BlockIQ4NL;
+pub use iq::{BlockIQ4NL, BlockIQ4XS};
 pub use k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 pub use legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
 
@@ -52,7 +52,7 @@ pub const QK: usize = 32;
 /// parse and dequantize. Code elsewhere matches on the variants it supports and
 /// treats the rest through [`GgmlDType::block_size`] / [`GgmlDType::type_size`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(non_camel_case_types)] // ggml's names: Q4_K, IQ4_NL
+#[allow(non_camel_case_types)] // ggml's names: Q4_K, IQ4_NL, ...
 pub enum GgmlDType {
     /// 32-bit float, ggml id 0.
     F32,
@@ -82,11 +82,13 @@ pub enum GgmlDType {
     Q6_K,
     /// 4-bit non-linear ([`BlockIQ4NL`]), ggml id 20.
     IQ4_NL,
+    /// 4-bit non-linear with 6-bit sub-block scales ([`BlockIQ4XS`]), ggml id 23.
+    IQ4_XS,
 }
 
 impl GgmlDType {
     /// All supported dtypes.
-    pub const ALL: [GgmlDType; 14] = [
+    pub const ALL: [GgmlDType; 15] = [
         GgmlDType::F32,
         GgmlDType::F16,
         GgmlDType::BF16,
@@ -101,6 +103,7 @@ impl GgmlDType {
         GgmlDType::Q5_K,
         GgmlDType::Q6_K,
         GgmlDType::IQ4_NL,
+        GgmlDType::IQ4_XS,
     ];
 
     /// Maps a ggml type id to a supported dtype (`None` for unknown/unsupported ids).
@@ -124,6 +127,7 @@ impl GgmlDType {
             GgmlDType::Q5_K => 13,
             GgmlDType::Q6_K => 14,
             GgmlDType::IQ4_NL => 20,
+            GgmlDType::IQ4_XS => 23,
             GgmlDType::BF16 => 30,
         }
     }
@@ -143,6 +147,7 @@ impl GgmlDType {
             GgmlDType::Q5_K => BlockQ5K::BLOCK_SIZE,
             GgmlDType::Q6_K => BlockQ6K::BLOCK_SIZE,
             GgmlDType::IQ4_NL => BlockIQ4NL::BLOCK_SIZE,
+            GgmlDType::IQ4_XS => BlockIQ4XS::BLOCK_SIZE,
         }
     }
 
@@ -163,6 +168,7 @@ impl GgmlDType {
             GgmlDType::Q5_K => size_of::<BlockQ5K>(),
             GgmlDType::Q6_K => size_of::<BlockQ6K>(),
             GgmlDType::IQ4_NL => size_of::<BlockIQ4NL>(),
+            GgmlDType::IQ4_XS => size_of::<BlockIQ4XS>(),
         }
     }
 
@@ -183,6 +189,7 @@ impl GgmlDType {
             GgmlDType::Q5_K => "Q5_K",
             GgmlDType::Q6_K => "Q6_K",
             GgmlDType::IQ4_NL => "IQ4_NL",
+            GgmlDType::IQ4_XS => "IQ4_XS",
         }
     }
 
@@ -213,7 +220,6 @@ impl GgmlDType {
             19 => "IQ1_S",
             21 => "IQ3_S",
             22 => "IQ2_S",
-            23 => "IQ4_XS",
             24 => "I8",
             25 => "I16",
             26 => "I32",
@@ -284,6 +290,7 @@ pub fn dequantize_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
         GgmlDType::Q5_K => dequantize_blocks::<BlockQ5K>(bytes, out),
         GgmlDType::Q6_K => dequantize_blocks::<BlockQ6K>(bytes, out),
         GgmlDType::IQ4_NL => dequantize_blocks::<BlockIQ4NL>(bytes, out),
+        GgmlDType::IQ4_XS => dequantize_blocks::<BlockIQ4XS>(bytes, out),
     }
 }
 
@@ -298,21 +305,21 @@ mod tests {
             assert_eq!(GgmlDType::unsupported_name(d.raw()), None, "{d:?}");
         }
         assert_eq!(GgmlDType::from_raw(12), Some(GgmlDType::Q4_K));
-        assert_eq!(GgmlDType::from_raw(23), None);
-        assert_eq!(GgmlDType::unsupported_name(23), Some("IQ4_XS"));
+        assert_eq!(GgmlDType::from_raw(16), None);
+        assert_eq!(GgmlDType::unsupported_name(16), Some("IQ2_XXS"));
         assert_eq!(GgmlDType::Q4_1.bytes_for(64), Some(40));
         assert_eq!(GgmlDType::Q4_K.bytes_for(512), Some(288));
         assert_eq!(GgmlDType::Q6_K.bytes_for(255), None);
         assert_eq!(
             GgmlDType::supported_names(),
-            "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL"
+            "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS"
         );
         // (block size, type size) as in gguf-py's GGML_QUANT_SIZES.
         let sizes: Vec<(usize, usize)> = GgmlDType::ALL.map(|d| (d.block_size(), d.type_size())).to_vec();
         assert_eq!(
             sizes,
             [(1, 4), (1, 2), (1, 2), (32, 18), (32, 20), (32, 22), (32, 24), (32, 34),
-             (256, 84), (256, 110), (256, 144), (256, 176), (256, 210), (32, 18)]
+             (256, 84), (256, 110), (256, 144), (256, 176), (256, 210), (32, 18), (256, 136)]
         );
     }
 }

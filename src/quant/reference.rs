@@ -132,7 +132,8 @@ pub fn quantize(dtype: GgmlDType, x: &[f32]) -> Result<Vec<u8>, QuantizeError> {
         | GgmlDType::Q4_K
         | GgmlDType::Q5_K
         | GgmlDType::Q6_K
-        | GgmlDType::IQ4_NL => return Err(QuantizeError::NoQuantizer { dtype: dtype.name() }),
+        | GgmlDType::IQ4_NL
+        | GgmlDType::IQ4_XS => return Err(QuantizeError::NoQuantizer { dtype: dtype.name() }),
     }
     Ok(out)
 }

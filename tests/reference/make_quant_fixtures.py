@@ -56,6 +56,7 @@ TYPES = {
     "Q5_K": (4, [0, 2]),
     "Q6_K": (4, [208]),
     "IQ4_NL": (8, [0]),
+    "IQ4_XS": (4, [0]),
 }
 # float types: element count, bytes per element
 FLOATS = {"F32": (64, 4), "F16": (64, 2), "BF16": (64, 2)}
