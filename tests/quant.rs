@@ -3,7 +3,9 @@
 //! of `tests/reference/make_quant_fixtures.py` (seeded random blocks), a GGUF
 //! file holding every type parses, and a model whose weights include a type
 //! without a matmul kernel is listed by `brigade inspect` and refused by the
-//! loader in one line naming the type and the tensor.
+//! loader in one line naming the type and the tensor. An ignored test does
+//! the same on every tensor of the real Gemma 3 270M Q4_K_M file when it is
+//! cached (`cargo test --test quant -- --ignored`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -171,4 +173,30 @@ fn cli_inspect_lists_every_type_and_generate_names_the_refused_one() {
     assert!(!out.status.success());
     assert!(err.starts_with("error:") && err.lines().count() == 1 && !err.contains("panicked"), "{err}");
     assert!(err.contains("Q5_0") && err.contains("blk.0.attn_q.weight"), "{err}");
+}
+
+#[test]
+#[ignore = "needs gemma-3-270m-q4_k_m.gguf in the model cache (the Gemma 3 270M Q4_K_M of issue 11)"]
+fn real_model_tensors_dequantize_like_gguf_py() {
+    // Every tensor but token_embd of a real Q4_K_M mix (F32, Q4_K, Q5_0, Q6_K,
+    // Q8_0), hashed as make_quant_fixtures.py --gguf hashes gguf-py's output.
+    use sha2::{Digest, Sha256};
+    let path = brigade::paths::model_cache_dir().join("gemma-3-270m-q4_k_m.gguf");
+    let fixture: PathBuf =
+        [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "quant", "real", "gemma-3-270m-q4_k_m.json"].iter().collect();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tensors = v["tensors"].as_object().unwrap();
+    assert_eq!(tensors.len() + 1, file.tensors().len());
+    for (name, want) in tensors {
+        let info = file.tensor_info(name).unwrap();
+        assert_eq!(want["type"], info.dtype.name(), "{name}");
+        let n: u64 = info.dims.iter().product();
+        assert_eq!(want["n_elements"], n, "{name}");
+        let mut out = vec![f32::NAN; n as usize];
+        dequantize_row(info.dtype, file.tensor_data(name).unwrap(), &mut out);
+        let mut h = Sha256::new();
+        out.iter().for_each(|x| h.update(x.to_le_bytes()));
+        assert_eq!(hex::encode(h.finalize()), want["sha256"].as_str().unwrap(), "{name} ({})", info.dtype.name());
+    }
 }

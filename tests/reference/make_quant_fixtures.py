@@ -22,6 +22,13 @@ Run (from the repo root, a second):
 
     /tmp/quantenv/bin/python tests/reference/make_quant_fixtures.py
 
+With `--gguf PATH` it also dequantizes every tensor of a real GGUF file
+(except `token_embd.weight`, the largest) and writes the sha256 of each
+tensor's f32 outputs (little-endian bytes) to
+tests/fixtures/quant/real/<file stem>.json (used by the ignored test
+`real_model_tensors_dequantize_like_gguf_py`; Gemma 3 270M Q4_K_M:
+`--gguf ~/.cache/brigade/models/gemma-3-270m-q4_k_m.gguf`).
+
 Output: tests/fixtures/quant/<TYPE>.json, one per type:
 
     {"type": "Q4_K", "ggml_type": 12, "block_size": 256, "type_size": 144,
@@ -31,13 +38,15 @@ Output: tests/fixtures/quant/<TYPE>.json, one per type:
                    digits) per element, in order>"}
 """
 
+import argparse
+import hashlib
 import json
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures" / "quant"
@@ -114,7 +123,29 @@ def make(name: str, rng: np.random.Generator) -> dict:
     }
 
 
+def real_file(path: Path) -> None:
+    reader = GGUFReader(path)
+    tensors = {}
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            continue
+        out = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype="<f4").reshape(-1)
+        tensors[t.name] = {
+            "type": t.tensor_type.name,
+            "n_elements": int(out.size),
+            "sha256": hashlib.sha256(out.tobytes()).hexdigest(),
+        }
+    fixture = {"file": path.name, "file_bytes": path.stat().st_size, "gguf_py": version("gguf"), "tensors": tensors}
+    dest = OUT / "real" / f"{path.stem}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(fixture, indent=1, sort_keys=True) + "\n")
+    print(f"{dest}: {len(tensors)} tensors")
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", type=Path, help="also hash the dequantized tensors of this GGUF file")
+    args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(SEED)
     total = 0
@@ -126,6 +157,8 @@ def main() -> int:
         total += len(text)
         print(f"{path.relative_to(OUT.parent.parent.parent)}: {fixture['n_elements']} elements, {len(text)} bytes")
     print(f"total {total} bytes")
+    if args.gguf:
+        real_file(args.gguf.expanduser())
     return 0
 
 
