@@ -617,6 +617,10 @@ fn quantize_error_bounds() {
                         GgmlDType::Q8_0 => amax / 127.0 * 0.57 + F16_SUBNORMAL_SLACK,
                         // The value opposite to `max` can be clamped a full step.
                         GgmlDType::Q4_0 => amax / 8.0 * 1.01 + F16_SUBNORMAL_SLACK,
+                        GgmlDType::Q5_0 => amax / 16.0 * 1.01 + F16_SUBNORMAL_SLACK,
+                        GgmlDType::Q5_1 => {
+                            (max - min) / 31.0 * 0.52 + amax / 512.0 + F16_SUBNORMAL_SLACK
+                        }
                         GgmlDType::Q4_1 => {
                             (max - min) / 15.0 * 0.52 + amax / 512.0 + F16_SUBNORMAL_SLACK
                         }

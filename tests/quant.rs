@@ -1,6 +1,7 @@
 //! Tensor formats against gguf-py: every [`GgmlDType`]'s scalar reference
 //! dequantizer reproduces `gguf.quants.dequantize` bit for bit on the fixtures
-//! of `tests/reference/make_quant_fixtures.py` (seeded random blocks), a GGUF
+//! of `tests/reference/make_quant_fixtures.py` (seeded random blocks), the
+//! reference quantizers reproduce `gguf.quants.quantize`, a GGUF
 //! file holding every type parses, and a model whose weights include a type
 //! without a matmul kernel is listed by `brigade inspect` and refused by the
 //! loader in one line naming the type and the tensor. An ignored test does
@@ -31,9 +32,7 @@ fn fixture(dtype: GgmlDType) -> Fixture {
     assert_eq!(v["block_size"], dtype.block_size(), "{dtype:?}: block size");
     assert_eq!(v["type_size"], dtype.type_size(), "{dtype:?}: type size");
     let bytes = hex::decode(v["bytes"].as_str().unwrap()).unwrap();
-    let bits_hex = v["f32_bits"].as_str().unwrap();
-    let bits: Vec<u32> =
-        (0..bits_hex.len() / 8).map(|i| u32::from_str_radix(&bits_hex[8 * i..8 * i + 8], 16).unwrap()).collect();
+    let bits: Vec<u32> = f32s(v["f32_bits"].as_str().unwrap()).iter().map(|x| x.to_bits()).collect();
     let n = v["n_elements"].as_u64().unwrap();
     assert_eq!(bits.len() as u64, n);
     assert_eq!(dtype.bytes_for(n), Some(bytes.len() as u64), "{dtype:?}: fixture byte count");
@@ -73,6 +72,35 @@ fn the_fixtures_can_fail() {
         let f = fixture(dtype);
         let bytes: Vec<u8> = f.bytes.iter().map(|b| b ^ 0x01).collect();
         assert!(first_mismatch(dtype, &bytes, &f.bits).is_some(), "{dtype:?}: a corrupted block still matches");
+    }
+}
+
+/// Hex of 8-digit u32s -> f32 values.
+fn f32s(hex_bits: &str) -> Vec<f32> {
+    (0..hex_bits.len() / 8).map(|i| f32::from_bits(u32::from_str_radix(&hex_bits[8 * i..8 * i + 8], 16).unwrap())).collect()
+}
+
+#[test]
+fn quantize_matches_gguf_py_bit_for_bit() {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "quant", "quantize.json"].iter().collect();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = v.as_object().unwrap();
+    // Every quantizer but F32's identity has a case.
+    let mut names: Vec<&str> = cases.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let mut want: Vec<&str> = reference::QUANTIZABLE.iter().filter(|d| **d != GgmlDType::F32).map(|d| d.name()).collect();
+    want.sort_unstable();
+    assert_eq!(names, want);
+    for (name, case) in cases {
+        let dtype = GgmlDType::ALL.into_iter().find(|d| d.name() == name).unwrap();
+        let x = f32s(case["input_f32_bits"].as_str().unwrap());
+        let expected = hex::decode(case["bytes"].as_str().unwrap()).unwrap();
+        let got = reference::quantize(dtype, &x).unwrap();
+        let tb = dtype.type_size();
+        if let Some(b) = (0..expected.len() / tb).find(|&b| got[b * tb..(b + 1) * tb] != expected[b * tb..(b + 1) * tb]) {
+            panic!("{name}: block {b}: got {:02x?}, gguf-py {:02x?}", &got[b * tb..(b + 1) * tb], &expected[b * tb..(b + 1) * tb]);
+        }
+        assert_eq!(got.len(), expected.len(), "{name}");
     }
 }
 

@@ -16,8 +16,8 @@
 //! (`lo`/`hi`: the low and high nibble.) Structs and sizes as in ggml-common.h
 //! (`block_q4_0`, `block_q4_1`, `block_q5_0`, `block_q5_1`, `block_q8_0` and their
 //! `static_assert`s); the dequantizers are ggml-quants.c's `dequantize_row_*`
-//! (and gguf-py's `dequantize_blocks`), the quantizers (Q4_0, Q4_1, Q8_0, under
-//! `test-support`) its `quantize_row_*_ref`, bit for bit.
+//! (and gguf-py's `dequantize_blocks`), the quantizers (under `test-support`) its
+//! `quantize_row_*_ref`, bit for bit.
 
 use half::f16;
 
@@ -211,6 +211,70 @@ impl QuantBlock for BlockQ5_1 {
         for (o, q) in out.iter_mut().zip(five_bit_quants(self.qh, &self.qs)) {
             *o = d * q as f32 + m;
         }
+    }
+}
+
+/// Packs 32 five-bit quants into Q5_0/Q5_1's `qh` and `qs` (ggml's layout).
+#[cfg(any(test, feature = "test-support"))]
+fn pack_five_bit(q: &[u8; QK]) -> ([u8; 4], [u8; QK / 2]) {
+    let mut qh = 0u32;
+    let mut qs = [0u8; QK / 2];
+    for (j, b) in qs.iter_mut().enumerate() {
+        let (x0, x1) = (q[j], q[j + QK / 2]);
+        *b = (x0 & 0x0F) | ((x1 & 0x0F) << 4);
+        qh |= u32::from((x0 & 0x10) >> 4) << j;
+        qh |= u32::from((x1 & 0x10) >> 4) << (j + QK / 2);
+    }
+    (qh.to_le_bytes(), qs)
+}
+
+#[cfg(any(test, feature = "test-support"))]
+impl QuantizeBlock for BlockQ5_0 {
+    fn quantize(x: &[f32]) -> Self {
+        let x = block_values(x);
+        let mut amax = 0.0f32;
+        let mut max = 0.0f32;
+        for &v in &x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut q = [0u8; QK];
+        for (q, &v) in q.iter_mut().zip(&x) {
+            // C: MIN(31, (int8_t)(x * id + 16.5f)); the cast truncates toward zero.
+            *q = ((v * id + 16.5) as i8).min(31) as u8;
+        }
+        let (qh, qs) = pack_five_bit(&q);
+        Self { d: f16::from_f32(d), qh, qs }
+    }
+}
+
+#[cfg(any(test, feature = "test-support"))]
+impl QuantizeBlock for BlockQ5_1 {
+    fn quantize(x: &[f32]) -> Self {
+        let x = block_values(x);
+        let mut min = f32::MAX;
+        let mut max = -f32::MAX;
+        for &v in &x {
+            if v < min {
+                min = v;
+            }
+            if v > max {
+                max = v;
+            }
+        }
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut q = [0u8; QK];
+        for (q, &v) in q.iter_mut().zip(&x) {
+            // C: (uint8_t)((x - min) * id + 0.5f)
+            *q = (((v - min) * id + 0.5) as u8).min(31);
+        }
+        let (qh, qs) = pack_five_bit(&q);
+        Self { d: f16::from_f32(d), m: f16::from_f32(min), qh, qs }
     }
 }
 

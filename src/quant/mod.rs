@@ -8,7 +8,8 @@
 //! ([`QuantBlock::dequantize`], [`dequantize_row`]; bit-identical to gguf-py's
 //! `gguf.quants.dequantize`, checked on the fixtures of `tests/quant.rs`) and,
 //! for tests (`test-support` feature), ggml's reference quantizers where
-//! Brigade has them ([`reference`]: F32, F16, BF16, Q4_0, Q4_1, Q8_0).
+//! Brigade has them ([`reference`]: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0).
 //! Does not own: reading files (`gguf` only parses and hands out bytes), fast
 //! kernels and the activation format `BlockQ8` (`kernels`), or the AVX-512
 //! repacked layout (`kernels::PackedMatrix`).

@@ -1,6 +1,6 @@
 //! Whole-tensor f32 <-> GGUF tensor-data encoding for tests (feature
 //! `test-support`): ggml's reference quantizers per block
-//! ([`QuantizeBlock::quantize`]; F32, F16, BF16, Q4_0, Q4_1, Q8_0 so far) and
+//! ([`QuantizeBlock::quantize`]; F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 so far) and
 //! its fp16/bf16 conversions (round-to-nearest-even), bit-exact with
 //! `ggml-quants.c` / `ggml-impl.h`. The other types decode here (through the
 //! library's dequantizers) but have no quantizer yet: [`quantize`] refuses them
@@ -12,11 +12,19 @@
 
 use half::f16;
 
-use super::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlDType, QuantBlock};
+use super::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, GgmlDType, QuantBlock};
 
 /// The dtypes [`quantize`] encodes (the others give [`QuantizeError::NoQuantizer`]).
-pub const QUANTIZABLE: [GgmlDType; 6] =
-    [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+pub const QUANTIZABLE: [GgmlDType; 8] = [
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+];
 
 /// A block format with ggml's reference quantizer.
 pub trait QuantizeBlock: QuantBlock {
@@ -41,7 +49,7 @@ pub enum QuantizeError {
         block_size: usize,
     },
     /// The dtype decodes but has no reference quantizer here.
-    #[error("{dtype}: no reference quantizer (quantizers: F32, F16, BF16, Q4_0, Q4_1, Q8_0)")]
+    #[error("{dtype}: no reference quantizer (quantizers: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)")]
     NoQuantizer {
         /// dtype name.
         dtype: &'static str,
@@ -125,9 +133,9 @@ pub fn quantize(dtype: GgmlDType, x: &[f32]) -> Result<Vec<u8>, QuantizeError> {
         GgmlDType::Q4_0 => quantize_blocks::<BlockQ4_0>(x, &mut out),
         GgmlDType::Q4_1 => quantize_blocks::<BlockQ4_1>(x, &mut out),
         GgmlDType::Q8_0 => quantize_blocks::<BlockQ8_0>(x, &mut out),
-        GgmlDType::Q5_0
-        | GgmlDType::Q5_1
-        | GgmlDType::Q2_K
+        GgmlDType::Q5_0 => quantize_blocks::<BlockQ5_0>(x, &mut out),
+        GgmlDType::Q5_1 => quantize_blocks::<BlockQ5_1>(x, &mut out),
+        GgmlDType::Q2_K
         | GgmlDType::Q3_K
         | GgmlDType::Q4_K
         | GgmlDType::Q5_K
@@ -218,6 +226,7 @@ mod tests {
             let y = dequantize(dtype, &quantize(dtype, &x).unwrap(), x.len()).unwrap();
             let step = match dtype {
                 GgmlDType::Q4_0 | GgmlDType::Q4_1 => 4.0 / 7.0,
+                GgmlDType::Q5_0 | GgmlDType::Q5_1 => 4.0 / 15.0,
                 GgmlDType::Q8_0 => 4.0 / 127.0,
                 _ => 0.01,
             };

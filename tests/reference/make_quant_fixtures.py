@@ -29,6 +29,11 @@ tests/fixtures/quant/real/<file stem>.json (used by the ignored test
 `real_model_tensors_dequantize_like_gguf_py`; Gemma 3 270M Q4_K_M:
 `--gguf ~/.cache/brigade/models/gemma-3-270m-q4_k_m.gguf`).
 
+It also quantizes seeded values with gguf-py (`gguf.quants.quantize`, which
+matches ggml's `quantize_row_*_ref`) for every type Brigade has a reference
+quantizer for, into tests/fixtures/quant/quantize.json:
+{"<TYPE>": {"input_f32_bits": "<hex, 8 digits per value>", "bytes": "<hex>"}}.
+
 Output: tests/fixtures/quant/<TYPE>.json, one per type:
 
     {"type": "Q4_K", "ggml_type": 12, "block_size": 256, "type_size": 144,
@@ -47,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures" / "quant"
 SEED = 0x5EED_0011
@@ -123,6 +128,31 @@ def make(name: str, rng: np.random.Generator) -> dict:
     }
 
 
+QUANTIZE_TYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+def quantize_inputs() -> np.ndarray:
+    """8 blocks of 32: normal values at several magnitudes (one giving f16
+    subnormal scales), an all-zero block, and a block of halves (ties)."""
+    rng = np.random.default_rng(SEED + 1)
+    scales = [1e-3, 0.1, 1.0, 10.0, 100.0, 1e-6, 0.0]
+    blocks = [rng.standard_normal(32).astype(np.float32) * np.float32(sc) for sc in scales]
+    blocks.append((rng.integers(-16, 17, size=32) / 2).astype(np.float32))
+    return np.concatenate(blocks).astype(np.float32)
+
+
+def quantize_fixture() -> dict:
+    x = quantize_inputs()
+    out = {}
+    for name in QUANTIZE_TYPES:
+        q = np.asarray(quantize(x, GGMLQuantizationType[name]))
+        out[name] = {
+            "input_f32_bits": "".join(f"{b:08x}" for b in x.view(np.uint32).tolist()),
+            "bytes": q.tobytes().hex(),
+        }
+    return out
+
+
 def real_file(path: Path) -> None:
     reader = GGUFReader(path)
     tensors = {}
@@ -156,6 +186,10 @@ def main() -> int:
         path.write_text(text)
         total += len(text)
         print(f"{path.relative_to(OUT.parent.parent.parent)}: {fixture['n_elements']} elements, {len(text)} bytes")
+    text = json.dumps(quantize_fixture(), indent=1) + "\n"
+    (OUT / "quantize.json").write_text(text)
+    total += len(text)
+    print(f"tests/fixtures/quant/quantize.json: {len(text)} bytes")
     print(f"total {total} bytes")
     if args.gguf:
         real_file(args.gguf.expanduser())
