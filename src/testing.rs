@@ -231,6 +231,15 @@ fn file_type(dtype: GgmlDType) -> u32 {
         GgmlDType::Q4_0 => 2,
         GgmlDType::Q4_1 => 3,
         GgmlDType::Q8_0 => 7,
+        GgmlDType::Q5_0 => 8,
+        GgmlDType::Q5_1 => 9,
+        GgmlDType::Q2_K => 10,
+        GgmlDType::Q3_K => 12, // Q3_K_M
+        GgmlDType::Q4_K => 15, // Q4_K_M
+        GgmlDType::Q5_K => 17, // Q5_K_M
+        GgmlDType::Q6_K => 18,
+        GgmlDType::IQ4_NL => 25,
+        GgmlDType::IQ4_XS => 30,
         GgmlDType::BF16 => 32,
     }
 }

@@ -21,21 +21,24 @@ pub(crate) struct InspectArgs {
 }
 
 /// Prints the file's metadata and tensor table and the model's memory use.
+/// A file that parses but that the model loader refuses (a tensor type without
+/// a kernel, an unknown architecture) is still listed, with the loader's reason
+/// instead of the memory figures.
 pub(crate) fn run(a: InspectArgs) -> Result<()> {
     let cfg = super::load_config(a.m.config.as_deref())?;
     let path = super::model_path(&a.m, &cfg)?;
     let file = Arc::new(GgufFile::open(&path)?);
-    let model = Model::from_gguf(file.clone())?;
+    let model = match Model::from_gguf(file.clone()) {
+        Ok(m) => m,
+        Err(e) => return list_unloadable(&a, &path, &file, &e),
+    };
     let kv_per_token = KvStore::bytes_per_token(model.config.n_layers, model.config.kv_dim);
     if a.json {
-        let tensors: Vec<_> = file
-            .tensors()
-            .iter()
-            .map(|t| serde_json::json!({"name": t.name, "dims": t.dims, "dtype": t.dtype.name(), "bytes": t.size_bytes}))
-            .collect();
+        let tensors = tensor_json(&file);
         let v = serde_json::json!({
             "path": path.display().to_string(),
             "version": file.version(),
+            "runnable": true,
             "config": model.config,
             "weight_bytes": model.weight_bytes(),
             "file_bytes": file.data_bytes(),
@@ -45,6 +48,25 @@ pub(crate) fn run(a: InspectArgs) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
+    print_file(&path, &file);
+    let c = &model.config;
+    let mib = (1 << 20) as f64;
+    println!("memory:");
+    println!("  weights (mmapped): {:.1} MiB", model.weight_bytes() as f64 / mib);
+    println!("  kv cache per token (f16): {} bytes ({:.1} MiB per 1k tokens)", kv_per_token, kv_per_token as f64 * 1024.0 / mib);
+    println!("  context length: {}", c.context_length);
+    Ok(())
+}
+
+fn tensor_json(file: &GgufFile) -> Vec<serde_json::Value> {
+    file.tensors()
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "dims": t.dims, "dtype": t.dtype.name(), "bytes": t.size_bytes}))
+        .collect()
+}
+
+/// The file line, the metadata and the tensor table.
+fn print_file(path: &std::path::Path, file: &GgufFile) {
     println!("file: {} (GGUF v{}, {} bytes)", path.display(), file.version(), file.data_bytes());
     println!("metadata:");
     for (k, v) in file.metadata() {
@@ -55,15 +77,31 @@ pub(crate) fn run(a: InspectArgs) -> Result<()> {
         let s: String = s.chars().take(100).collect();
         println!("  {k} = {s}");
     }
+    print_tensors(file);
+}
+
+fn print_tensors(file: &GgufFile) {
     println!("tensors ({}):", file.tensors().len());
     for t in file.tensors() {
         println!("  {:<32} {:>6} {:?} {} bytes", t.name, t.dtype.name(), t.dims, t.size_bytes);
     }
-    let c = &model.config;
-    let mib = (1 << 20) as f64;
-    println!("memory:");
-    println!("  weights (mmapped): {:.1} MiB", model.weight_bytes() as f64 / mib);
-    println!("  kv cache per token (f16): {} bytes ({:.1} MiB per 1k tokens)", kv_per_token, kv_per_token as f64 * 1024.0 / mib);
-    println!("  context length: {}", c.context_length);
+}
+
+/// The listing of a file the model loader refuses: its tensors and the reason.
+fn list_unloadable(a: &InspectArgs, path: &std::path::Path, file: &GgufFile, e: &brigade::model::ModelError) -> Result<()> {
+    if a.json {
+        let v = serde_json::json!({
+            "path": path.display().to_string(),
+            "version": file.version(),
+            "file_bytes": file.data_bytes(),
+            "runnable": false,
+            "error": e.to_string(),
+            "tensors": tensor_json(file),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    print_file(path, file);
+    println!("model: cannot run: {e}");
     Ok(())
 }

@@ -141,8 +141,8 @@ pub fn available_isas() -> Vec<Isa> {
 /// Errors from building kernel views over raw weight bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    /// The dtype has no matmul kernel.
-    #[error("dtype {0:?} is not supported by the matmul kernels")]
+    /// The dtype parses and dequantizes but has no matmul kernel.
+    #[error("ggml type {} has no matmul kernel (kernels: F32, F16, BF16, Q4_0, Q4_1, Q8_0)", .0.name())]
     UnsupportedDType(GgmlDType),
     /// Row length is not a multiple of the dtype's block size.
     #[error("row length {cols} is not a multiple of the block size {block} of {dtype:?}")]

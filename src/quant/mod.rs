@@ -3,18 +3,28 @@
 //!
 //! Owns: [`GgmlDType`] (ggml type id, name, elements and bytes per block), the
 //! `#[repr(C)]` block structs with their compile-time size checks (one file per
-//! family: [`legacy`] holds Q4_0, Q4_1, Q8_0), one scalar reference dequantizer
-//! per type ([`QuantBlock::dequantize`], [`dequantize_row`]) and, for tests
-//! (`test-support` feature), ggml's reference quantizers ([`reference`]).
+//! family: [`legacy`] holds Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; [`k_quants`] Q2_K ...
+//! Q6_K; [`iq`] IQ4_NL, IQ4_XS), one scalar reference dequantizer per type
+//! ([`QuantBlock::dequantize`], [`dequantize_row`]; bit-identical to gguf-py's
+//! `gguf.quants.dequantize`, checked on the fixtures of `tests/quant.rs`) and,
+//! for tests (`test-support` feature), ggml's reference quantizers where
+//! Brigade has them ([`reference`]: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0).
 //! Does not own: reading files (`gguf` only parses and hands out bytes), fast
 //! kernels and the activation format `BlockQ8` (`kernels`), or the AVX-512
 //! repacked layout (`kernels::PackedMatrix`).
 //!
+//! Every type listed in [`GgmlDType`] parses and dequantizes; which of them
+//! the matmul kernels compute with is the kernels' business
+//! (`kernels::QMatrix::new` refuses the others, naming the type).
+//!
 //! Adding a format is local to this module: a block struct with its size
-//! assert and a [`QuantBlock`] impl (reference dequantizer, and quantizer under
-//! `test-support`) in its family's file, a [`GgmlDType`] variant with its rows
-//! in the tables below, and an arm in [`dequantize_row`] (and
-//! [`reference::quantize`]). Kernels then opt in by matching the new variant.
+//! assert and a [`QuantBlock`] impl (reference dequantizer; a
+//! `reference::QuantizeBlock` impl under `test-support` if it has a
+//! quantizer) in its family's file, a [`GgmlDType`] variant with its rows in
+//! the tables below, an arm in [`dequantize_row`] (and [`reference::quantize`]),
+//! and a fixture from `tests/reference/make_quant_fixtures.py`. Kernels then
+//! opt in by matching the new variant.
 //!
 //! Reference layouts: ggml's `ggml-common.h`
 //! (<https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-common.h>,
@@ -23,21 +33,27 @@
 //! little-endian; the structs are read from (possibly unaligned) tensor bytes
 //! with [`blocks`], a copy per block, so no `unsafe` is needed here.
 
+pub mod iq;
+pub mod k_quants;
 pub mod legacy;
 #[cfg(any(test, feature = "test-support"))]
 pub mod reference;
 
 use half::{bf16, f16};
 
-pub use legacy::{BlockQ4_0, BlockQ4_1, BlockQ8_0};
+pub use iq::{BlockIQ4NL, BlockIQ4XS};
+pub use k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+pub use legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
 
-/// Elements per block of Q4_0, Q4_1 and Q8_0 (ggml's `QK4_0`, `QK4_1`, `QK8_0`).
+/// Elements per block of the 32-element formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+/// and IQ4_NL (ggml's `QK4_0`, `QK4_1`, `QK5_0`, `QK5_1`, `QK8_0`, `QK4_NL`).
 pub const QK: usize = 32;
 
 /// Tensor element types (ggml `enum ggml_type`), restricted to the ones Brigade can
-/// compute with. Code elsewhere matches on the variants it supports and treats the
-/// rest through [`GgmlDType::block_size`] / [`GgmlDType::type_size`].
+/// parse and dequantize. Code elsewhere matches on the variants it supports and
+/// treats the rest through [`GgmlDType::block_size`] / [`GgmlDType::type_size`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)] // ggml's names: Q4_K, IQ4_NL, ...
 pub enum GgmlDType {
     /// 32-bit float, ggml id 0.
     F32,
@@ -49,19 +65,46 @@ pub enum GgmlDType {
     Q4_0,
     /// 4-bit with minimum ([`BlockQ4_1`]), ggml id 3.
     Q4_1,
+    /// 5-bit symmetric ([`BlockQ5_0`]), ggml id 6.
+    Q5_0,
+    /// 5-bit with minimum ([`BlockQ5_1`]), ggml id 7.
+    Q5_1,
     /// 8-bit symmetric ([`BlockQ8_0`]), ggml id 8.
     Q8_0,
+    /// 2-bit K-quant ([`BlockQ2K`]), ggml id 10.
+    Q2_K,
+    /// 3-bit K-quant ([`BlockQ3K`]), ggml id 11.
+    Q3_K,
+    /// 4-bit K-quant ([`BlockQ4K`]), ggml id 12.
+    Q4_K,
+    /// 5-bit K-quant ([`BlockQ5K`]), ggml id 13.
+    Q5_K,
+    /// 6-bit K-quant ([`BlockQ6K`]), ggml id 14.
+    Q6_K,
+    /// 4-bit non-linear ([`BlockIQ4NL`]), ggml id 20.
+    IQ4_NL,
+    /// 4-bit non-linear with 6-bit sub-block scales ([`BlockIQ4XS`]), ggml id 23.
+    IQ4_XS,
 }
 
 impl GgmlDType {
     /// All supported dtypes.
-    pub const ALL: [GgmlDType; 6] = [
+    pub const ALL: [GgmlDType; 15] = [
         GgmlDType::F32,
         GgmlDType::F16,
         GgmlDType::BF16,
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q2_K,
+        GgmlDType::Q3_K,
+        GgmlDType::Q4_K,
+        GgmlDType::Q5_K,
+        GgmlDType::Q6_K,
+        GgmlDType::IQ4_NL,
+        GgmlDType::IQ4_XS,
     ];
 
     /// Maps a ggml type id to a supported dtype (`None` for unknown/unsupported ids).
@@ -76,7 +119,16 @@ impl GgmlDType {
             GgmlDType::F16 => 1,
             GgmlDType::Q4_0 => 2,
             GgmlDType::Q4_1 => 3,
+            GgmlDType::Q5_0 => 6,
+            GgmlDType::Q5_1 => 7,
             GgmlDType::Q8_0 => 8,
+            GgmlDType::Q2_K => 10,
+            GgmlDType::Q3_K => 11,
+            GgmlDType::Q4_K => 12,
+            GgmlDType::Q5_K => 13,
+            GgmlDType::Q6_K => 14,
+            GgmlDType::IQ4_NL => 20,
+            GgmlDType::IQ4_XS => 23,
             GgmlDType::BF16 => 30,
         }
     }
@@ -87,7 +139,16 @@ impl GgmlDType {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => 1,
             GgmlDType::Q4_0 => BlockQ4_0::BLOCK_SIZE,
             GgmlDType::Q4_1 => BlockQ4_1::BLOCK_SIZE,
+            GgmlDType::Q5_0 => BlockQ5_0::BLOCK_SIZE,
+            GgmlDType::Q5_1 => BlockQ5_1::BLOCK_SIZE,
             GgmlDType::Q8_0 => BlockQ8_0::BLOCK_SIZE,
+            GgmlDType::Q2_K => BlockQ2K::BLOCK_SIZE,
+            GgmlDType::Q3_K => BlockQ3K::BLOCK_SIZE,
+            GgmlDType::Q4_K => BlockQ4K::BLOCK_SIZE,
+            GgmlDType::Q5_K => BlockQ5K::BLOCK_SIZE,
+            GgmlDType::Q6_K => BlockQ6K::BLOCK_SIZE,
+            GgmlDType::IQ4_NL => BlockIQ4NL::BLOCK_SIZE,
+            GgmlDType::IQ4_XS => BlockIQ4XS::BLOCK_SIZE,
         }
     }
 
@@ -99,7 +160,16 @@ impl GgmlDType {
             GgmlDType::BF16 => size_of::<bf16>(),
             GgmlDType::Q4_0 => size_of::<BlockQ4_0>(),
             GgmlDType::Q4_1 => size_of::<BlockQ4_1>(),
+            GgmlDType::Q5_0 => size_of::<BlockQ5_0>(),
+            GgmlDType::Q5_1 => size_of::<BlockQ5_1>(),
             GgmlDType::Q8_0 => size_of::<BlockQ8_0>(),
+            GgmlDType::Q2_K => size_of::<BlockQ2K>(),
+            GgmlDType::Q3_K => size_of::<BlockQ3K>(),
+            GgmlDType::Q4_K => size_of::<BlockQ4K>(),
+            GgmlDType::Q5_K => size_of::<BlockQ5K>(),
+            GgmlDType::Q6_K => size_of::<BlockQ6K>(),
+            GgmlDType::IQ4_NL => size_of::<BlockIQ4NL>(),
+            GgmlDType::IQ4_XS => size_of::<BlockIQ4XS>(),
         }
     }
 
@@ -111,7 +181,16 @@ impl GgmlDType {
             GgmlDType::BF16 => "BF16",
             GgmlDType::Q4_0 => "Q4_0",
             GgmlDType::Q4_1 => "Q4_1",
+            GgmlDType::Q5_0 => "Q5_0",
+            GgmlDType::Q5_1 => "Q5_1",
             GgmlDType::Q8_0 => "Q8_0",
+            GgmlDType::Q2_K => "Q2_K",
+            GgmlDType::Q3_K => "Q3_K",
+            GgmlDType::Q4_K => "Q4_K",
+            GgmlDType::Q5_K => "Q5_K",
+            GgmlDType::Q6_K => "Q6_K",
+            GgmlDType::IQ4_NL => "IQ4_NL",
+            GgmlDType::IQ4_XS => "IQ4_XS",
         }
     }
 
@@ -134,23 +213,14 @@ impl GgmlDType {
     /// support (`None` for supported and for unknown ids).
     pub fn unsupported_name(raw: u32) -> Option<&'static str> {
         Some(match raw {
-            6 => "Q5_0",
-            7 => "Q5_1",
             9 => "Q8_1",
-            10 => "Q2_K",
-            11 => "Q3_K",
-            12 => "Q4_K",
-            13 => "Q5_K",
-            14 => "Q6_K",
             15 => "Q8_K",
             16 => "IQ2_XXS",
             17 => "IQ2_XS",
             18 => "IQ3_XXS",
             19 => "IQ1_S",
-            20 => "IQ4_NL",
             21 => "IQ3_S",
             22 => "IQ2_S",
-            23 => "IQ4_XS",
             24 => "I8",
             25 => "I16",
             26 => "I32",
@@ -176,10 +246,6 @@ pub trait QuantBlock: bytemuck::Pod {
     /// block's values to `out` (`BLOCK_SIZE` elements; a shorter `out` gets a prefix).
     fn dequantize(&self, out: &mut [f32]);
 
-    /// Reference quantizer (ggml's `quantize_row_*_ref` for one block) of the first
-    /// `BLOCK_SIZE` values of `x` (missing values read as 0).
-    #[cfg(any(test, feature = "test-support"))]
-    fn quantize(x: &[f32]) -> Self;
 }
 
 /// The blocks of `bytes` in order, each copied out of the (possibly unaligned)
@@ -216,7 +282,16 @@ pub fn dequantize_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
         }
         GgmlDType::Q4_0 => dequantize_blocks::<BlockQ4_0>(bytes, out),
         GgmlDType::Q4_1 => dequantize_blocks::<BlockQ4_1>(bytes, out),
+        GgmlDType::Q5_0 => dequantize_blocks::<BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => dequantize_blocks::<BlockQ5_1>(bytes, out),
         GgmlDType::Q8_0 => dequantize_blocks::<BlockQ8_0>(bytes, out),
+        GgmlDType::Q2_K => dequantize_blocks::<BlockQ2K>(bytes, out),
+        GgmlDType::Q3_K => dequantize_blocks::<BlockQ3K>(bytes, out),
+        GgmlDType::Q4_K => dequantize_blocks::<BlockQ4K>(bytes, out),
+        GgmlDType::Q5_K => dequantize_blocks::<BlockQ5K>(bytes, out),
+        GgmlDType::Q6_K => dequantize_blocks::<BlockQ6K>(bytes, out),
+        GgmlDType::IQ4_NL => dequantize_blocks::<BlockIQ4NL>(bytes, out),
+        GgmlDType::IQ4_XS => dequantize_blocks::<BlockIQ4XS>(bytes, out),
     }
 }
 
@@ -230,9 +305,22 @@ mod tests {
             assert_eq!(GgmlDType::from_raw(d.raw()), Some(d));
             assert_eq!(GgmlDType::unsupported_name(d.raw()), None, "{d:?}");
         }
-        assert_eq!(GgmlDType::from_raw(12), None);
-        assert_eq!(GgmlDType::unsupported_name(12), Some("Q4_K"));
+        assert_eq!(GgmlDType::from_raw(12), Some(GgmlDType::Q4_K));
+        assert_eq!(GgmlDType::from_raw(16), None);
+        assert_eq!(GgmlDType::unsupported_name(16), Some("IQ2_XXS"));
         assert_eq!(GgmlDType::Q4_1.bytes_for(64), Some(40));
-        assert_eq!(GgmlDType::supported_names(), "F32, F16, BF16, Q4_0, Q4_1, Q8_0");
+        assert_eq!(GgmlDType::Q4_K.bytes_for(512), Some(288));
+        assert_eq!(GgmlDType::Q6_K.bytes_for(255), None);
+        assert_eq!(
+            GgmlDType::supported_names(),
+            "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS"
+        );
+        // (block size, type size) as in gguf-py's GGML_QUANT_SIZES.
+        let sizes: Vec<(usize, usize)> = GgmlDType::ALL.map(|d| (d.block_size(), d.type_size())).to_vec();
+        assert_eq!(
+            sizes,
+            [(1, 4), (1, 2), (1, 2), (32, 18), (32, 20), (32, 22), (32, 24), (32, 34),
+             (256, 84), (256, 110), (256, 144), (256, 176), (256, 210), (32, 18), (256, 136)]
+        );
     }
 }

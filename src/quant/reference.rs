@@ -1,7 +1,10 @@
 //! Whole-tensor f32 <-> GGUF tensor-data encoding for tests (feature
 //! `test-support`): ggml's reference quantizers per block
-//! ([`QuantBlock::quantize`]) and its fp16/bf16 conversions
-//! (round-to-nearest-even), bit-exact with `ggml-quants.c` / `ggml-impl.h`.
+//! ([`QuantizeBlock::quantize`]; F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 so far) and
+//! its fp16/bf16 conversions (round-to-nearest-even), bit-exact with
+//! `ggml-quants.c` / `ggml-impl.h`. The other types decode here (through the
+//! library's dequantizers) but have no quantizer yet: [`quantize`] refuses them
+//! with [`QuantizeError::NoQuantizer`].
 //!
 //! Owns: building tensor bytes for synthetic models and checking decoders
 //! against an oracle. Does not own: the block layouts or the dequantizers
@@ -9,7 +12,26 @@
 
 use half::f16;
 
-use super::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlDType, QuantBlock};
+use super::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, GgmlDType, QuantBlock};
+
+/// The dtypes [`quantize`] encodes (the others give [`QuantizeError::NoQuantizer`]).
+pub const QUANTIZABLE: [GgmlDType; 8] = [
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+];
+
+/// A block format with ggml's reference quantizer.
+pub trait QuantizeBlock: QuantBlock {
+    /// Reference quantizer (ggml's `quantize_row_*_ref` for one block) of the first
+    /// `BLOCK_SIZE` values of `x` (missing values read as 0).
+    fn quantize(x: &[f32]) -> Self;
+}
 
 /// Errors from the reference encoders/decoders.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +47,12 @@ pub enum QuantizeError {
         n_elements: usize,
         /// Elements per block.
         block_size: usize,
+    },
+    /// The dtype decodes but has no reference quantizer here.
+    #[error("{dtype}: no reference quantizer (quantizers: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)")]
+    NoQuantizer {
+        /// dtype name.
+        dtype: &'static str,
     },
     /// The byte buffer does not have the size the element count requires.
     #[error("{dtype}: {n_elements} elements need {expected} bytes, got {got}")]
@@ -83,7 +111,7 @@ pub fn encoded_len(dtype: GgmlDType, n_elements: usize) -> Result<usize, Quantiz
 }
 
 /// Appends the reference encoding of `x` (whole blocks) as `B` blocks.
-fn quantize_blocks<B: QuantBlock>(x: &[f32], out: &mut Vec<u8>) {
+fn quantize_blocks<B: QuantizeBlock>(x: &[f32], out: &mut Vec<u8>) {
     for chunk in x.chunks_exact(B::BLOCK_SIZE) {
         out.extend_from_slice(bytemuck::bytes_of(&B::quantize(chunk)));
     }
@@ -105,6 +133,15 @@ pub fn quantize(dtype: GgmlDType, x: &[f32]) -> Result<Vec<u8>, QuantizeError> {
         GgmlDType::Q4_0 => quantize_blocks::<BlockQ4_0>(x, &mut out),
         GgmlDType::Q4_1 => quantize_blocks::<BlockQ4_1>(x, &mut out),
         GgmlDType::Q8_0 => quantize_blocks::<BlockQ8_0>(x, &mut out),
+        GgmlDType::Q5_0 => quantize_blocks::<BlockQ5_0>(x, &mut out),
+        GgmlDType::Q5_1 => quantize_blocks::<BlockQ5_1>(x, &mut out),
+        GgmlDType::Q2_K
+        | GgmlDType::Q3_K
+        | GgmlDType::Q4_K
+        | GgmlDType::Q5_K
+        | GgmlDType::Q6_K
+        | GgmlDType::IQ4_NL
+        | GgmlDType::IQ4_XS => return Err(QuantizeError::NoQuantizer { dtype: dtype.name() }),
     }
     Ok(out)
 }
@@ -164,6 +201,18 @@ mod tests {
     }
 
     #[test]
+    fn only_types_with_a_quantizer_encode() {
+        for dtype in GgmlDType::ALL {
+            let got = quantize(dtype, &vec![0.5; 256]);
+            if QUANTIZABLE.contains(&dtype) {
+                assert!(got.is_ok(), "{dtype:?}");
+            } else {
+                assert_eq!(got, Err(QuantizeError::NoQuantizer { dtype: dtype.name() }));
+            }
+        }
+    }
+
+    #[test]
     fn encoded_len_checks_blocks() {
         assert_eq!(encoded_len(GgmlDType::Q8_0, 64), Ok(68));
         assert!(encoded_len(GgmlDType::Q4_0, 33).is_err());
@@ -173,10 +222,11 @@ mod tests {
     #[test]
     fn quantize_then_dequantize_round_trips_within_a_step() {
         let x: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) / 8.0).collect();
-        for dtype in GgmlDType::ALL {
+        for dtype in QUANTIZABLE {
             let y = dequantize(dtype, &quantize(dtype, &x).unwrap(), x.len()).unwrap();
             let step = match dtype {
                 GgmlDType::Q4_0 | GgmlDType::Q4_1 => 4.0 / 7.0,
+                GgmlDType::Q5_0 | GgmlDType::Q5_1 => 4.0 / 15.0,
                 GgmlDType::Q8_0 => 4.0 / 127.0,
                 _ => 0.01,
             };
