@@ -178,11 +178,18 @@ impl ResponseStream {
 
     /// Next event, blocking the thread (not for use inside an async runtime).
     pub fn blocking_next(&mut self) -> Option<Event> {
+        // Every completion ended (or an error came): the request is over.
+        if self.remaining == 0 {
+            return None;
+        }
         let e = self.rx.blocking_recv();
         self.on_event(e)
     }
     /// Next event.
     pub async fn next(&mut self) -> Option<Event> {
+        if self.remaining == 0 {
+            return None;
+        }
         let e = self.rx.recv().await;
         self.on_event(e)
     }

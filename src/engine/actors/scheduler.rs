@@ -288,8 +288,10 @@ impl SchedulerActor {
             }
             Control::Stop(seq_id) => {
                 for s in self.sched.cancel_seq(seq_id) {
-                    // The output actor already sent this completion's end.
-                    self.forget_seq(s.id);
+                    // The output actor already sent this completion's end to the
+                    // caller; this Finish only lets it drop the completion (and
+                    // with the last one, the request's stream).
+                    self.finish(s.id, FinishReason::Abort, s.num_cached);
                 }
             }
             Control::Drain => self.state.draining = true,
