@@ -11,8 +11,13 @@ use brigade::testing::TinyLlamaSpec;
 use brigade::tokenizer::ChatMessage;
 
 fn engine() -> EngineHandle {
+    engine_with(64)
+}
+
+fn engine_with(max_seqs: usize) -> EngineHandle {
     let (m, t) = common::tiny_model(&TinyLlamaSpec::default());
     let mut c = Config::default();
+    c.runtime.max_seqs = max_seqs;
     c.runtime.workers = Count::N(1);
     c.runtime.threads_per_worker = Count::N(1);
     c.kv_cache.capacity_tokens = 4096;
@@ -76,6 +81,19 @@ fn stop_strings_match_across_tokens_and_hold_nothing_back_at_the_end() {
     let (got, _, finish) = run(&h, GenerateRequest::tokens(prompt, p)).unwrap();
     assert_eq!(finish, FinishReason::Stop);
     assert_eq!(got, text[..first], "stop string {stop_text:?}");
+    // Many stop-string endings, in and out of flight (2 sequences per step, so most
+    // are waiting when their stop string is seen): the output actor keeps none open.
+    let h = engine_with(2);
+    let p = SamplingParams { stop: vec![stop_text], ..SamplingParams { max_tokens: 40, ignore_eos: true, ..SamplingParams::greedy(40) } };
+    let streams: Vec<_> = (0..24).map(|_| h.submit(GenerateRequest::tokens(vec![11, 12, 13, 14], p.clone())).unwrap()).collect();
+    for mut s in streams {
+        while s.blocking_next().is_some() {}
+    }
+    let t0 = std::time::Instant::now();
+    while h.stats().open_completions > 0 || h.stats().running > 0 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "completions left open: {:?}", h.stats());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 #[test]

@@ -53,6 +53,8 @@ pub struct EngineStats {
     pub channels: Vec<(String, usize, usize)>,
     /// Micro-batches in flight now.
     pub in_flight: usize,
+    /// Completions the output actor still holds (0 when idle: nothing leaked).
+    pub open_completions: usize,
     /// Seconds since start.
     pub uptime_s: f64,
 }
@@ -125,6 +127,8 @@ pub(crate) struct HandleInner {
     pub(crate) model: Arc<Model>,
     pub(crate) config: Config,
     pub(crate) health: Arc<Health>,
+    /// Completions open in the output actor (read live by [`EngineHandle::stats`]).
+    pub(crate) open_completions: Arc<std::sync::atomic::AtomicUsize>,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) draining: AtomicBool,
 }
@@ -274,7 +278,9 @@ impl EngineHandle {
 
     /// A snapshot of running/waiting counts, KV usage, prefix-cache hits, worker busy time.
     pub fn stats(&self) -> EngineStats {
-        self.inner.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut s = self.inner.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        s.open_completions = self.inner.open_completions.load(Ordering::Relaxed);
+        s
     }
 
     /// The request limits (context length, vocabulary, `n`, stop-string bytes).

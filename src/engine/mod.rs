@@ -185,7 +185,8 @@ impl Engine {
         let sampler = SamplerActor { rx: logits_rx, tx: feedback_tx, recycle: recycle_tx, vocab: c.vocab_size, faults: faults.clone() };
         handles.push(spawn("sampler".into(), &sup, move || sampler.run())?);
 
-        let output = OutputActor::new(out_rx, tokenizer.clone(), control_tx.clone(), health.clone(), faults.clone());
+        let open_completions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let output = OutputActor::new(out_rx, tokenizer.clone(), control_tx.clone(), health.clone(), faults.clone(), open_completions.clone());
         handles.push(spawn("output".into(), &sup, move || output.run())?);
 
         let sched = Scheduler::new(SchedulerConfig {
@@ -231,6 +232,7 @@ impl Engine {
             model,
             config,
             health,
+            open_completions,
             threads: Mutex::new(handles),
             draining: AtomicBool::new(false),
         }))

@@ -8,6 +8,7 @@
 //! every one of them gets an error event.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,11 +120,20 @@ pub(crate) struct OutputActor {
     pub(crate) health: Arc<Health>,
     pub(crate) faults: FaultPlan,
     seqs: HashMap<u64, OutSeq>,
+    /// Completions open here, for [`crate::engine::EngineStats::open_completions`].
+    open: Arc<AtomicUsize>,
 }
 
 impl OutputActor {
-    pub(crate) fn new(rx: Receiver<OutMsg>, tok: Arc<Tokenizer>, control: ControlSender, health: Arc<Health>, faults: FaultPlan) -> Self {
-        Self { rx, tok, control, health, faults, seqs: HashMap::new() }
+    pub(crate) fn new(
+        rx: Receiver<OutMsg>,
+        tok: Arc<Tokenizer>,
+        control: ControlSender,
+        health: Arc<Health>,
+        faults: FaultPlan,
+        open: Arc<AtomicUsize>,
+    ) -> Self {
+        Self { rx, tok, control, health, faults, seqs: HashMap::new(), open }
     }
 
     pub(crate) fn run(mut self) {
@@ -168,6 +178,7 @@ impl OutputActor {
                     self.control.send(Control::Cancel(r));
                 }
             }
+            self.open.store(self.seqs.len(), Ordering::Relaxed);
         }
         // Inbox closed. Normally nothing is open here; if the scheduler died, say so.
         let why = self.health.dead_reason().unwrap_or_else(|| "the engine stopped".to_string());
