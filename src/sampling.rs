@@ -366,13 +366,36 @@ pub fn truncate(scaled: &[f32], top_k: i32, top_p: f32, min_p: f32) -> Vec<(u32,
     cand
 }
 
-/// Samples one token from processed `logits` (already through
-/// [`apply_processors`]); `raw` are the model's unmodified logits, used for
-/// the reported log-probabilities.
-pub fn sample(raw: &[f32], logits: &mut [f32], r: &RowParams<'_>) -> Sampled {
+/// Whether [`apply_processors`] would change any logit of this row.
+fn processors_active(r: &RowParams<'_>) -> bool {
     let p = r.params;
-    apply_processors(logits, r);
-    let token = if p.temperature <= 0.0 {
+    p.repetition_penalty != 1.0
+        || p.presence_penalty != 0.0
+        || p.frequency_penalty != 0.0
+        || !p.logit_bias.is_empty()
+        || !r.masked.is_empty()
+}
+
+/// Samples one token from the model's logits `raw` for row `r`: processors
+/// ([`apply_processors`]), temperature and truncation run on `work` (scratch
+/// of `raw.len()` floats, overwritten with a copy of `raw` when needed; a
+/// plain greedy row never copies). Reported log-probabilities are those of
+/// the unmodified `raw`. Over a 262k vocabulary a greedy row costs three
+/// vectorized passes (max, first position of the max, sum of exps).
+pub fn sample(raw: &[f32], work: &mut [f32], r: &RowParams<'_>) -> Sampled {
+    let p = r.params;
+    let m_raw = max_of(raw);
+    let greedy_raw = p.temperature <= 0.0 && !processors_active(r);
+    let logits: &mut [f32] = if greedy_raw {
+        &mut []
+    } else {
+        work.copy_from_slice(raw);
+        apply_processors(work, r);
+        work
+    };
+    let token = if greedy_raw {
+        raw.iter().position(|&v| v == m_raw).unwrap_or(0) as u32
+    } else if p.temperature <= 0.0 {
         argmax(logits)
     } else {
         let inv_t = 1.0 / p.temperature;
@@ -419,7 +442,7 @@ pub fn sample(raw: &[f32], logits: &mut [f32], r: &RowParams<'_>) -> Sampled {
             }
         }
     };
-    let lse = logsumexp(raw);
+    let lse = if m_raw.is_finite() { m_raw + sum_exp(raw, m_raw).ln() as f32 } else { m_raw };
     let top = match p.logprobs {
         Some(n) if n > 0 => top_k_entries(raw, n).into_iter().map(|(t, v)| (t, v - lse)).collect(),
         _ => Vec::new(),

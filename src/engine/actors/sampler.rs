@@ -37,7 +37,6 @@ impl SamplerActor {
                     for (i, &ci) in rows.iter().enumerate() {
                         let (Some(c), Some(raw)) = (batch.chunks.get(ci), logits.get(i * self.vocab..(i + 1) * self.vocab)) else { continue };
                         let Some(ctx) = &c.ctx else { continue };
-                        work.copy_from_slice(raw);
                         let mut masked: Vec<u32> = Vec::new();
                         if ctx.mask_stop {
                             masked.extend_from_slice(&ctx.eog);
