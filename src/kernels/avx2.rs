@@ -43,6 +43,17 @@ pub(super) enum QKind {
 }
 
 impl QKind {
+    /// The kernel format of a dtype, if this kernel handles it.
+    pub(super) fn of(dtype: crate::quant::GgmlDType) -> Option<Self> {
+        use crate::quant::GgmlDType as T;
+        Some(match dtype {
+            T::Q4_0 => QKind::Q4_0,
+            T::Q4_1 => QKind::Q4_1,
+            T::Q8_0 => QKind::Q8_0,
+            _ => return None,
+        })
+    }
+
     /// Bytes per weight block.
     const fn block_bytes(self) -> usize {
         match self {
