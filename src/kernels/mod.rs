@@ -401,11 +401,15 @@ fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], 
             // blocks; `os` holds at least `(take - 1) * stride + cols.end`
             // floats (checked in `matmul_isa`).
             unsafe {
-                match take {
-                    4 => avx2::tile_q::<4>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    3 => avx2::tile_q::<3>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    2 => avx2::tile_q::<2>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    _ => avx2::tile_q::<1>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                match (kind.legacy(), take) {
+                    (true, 4) => avx2::tile_q::<4>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (true, 3) => avx2::tile_q::<3>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (true, 2) => avx2::tile_q::<2>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (true, _) => avx2::tile_q::<1>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, 4) => avx2::tile_qx::<4>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, 3) => avx2::tile_qx::<3>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, 2) => avx2::tile_qx::<2>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, _) => avx2::tile_qx::<1>(kind, w.data, nb, xs, os, stride, cols.clone()),
                 }
             }
             r += take;
