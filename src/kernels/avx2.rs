@@ -326,6 +326,83 @@ pub(super) unsafe fn tile_qx<const R: usize>(
     }
 }
 
+/// Float weight storage handled by [`tile_f`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum FKind {
+    F32,
+    F16,
+    BF16,
+}
+
+/// 8 weights of a float row starting at element `k`, as f32.
+///
+/// # Safety
+/// CPU supports avx2 and f16c; `wrow` holds at least `k + 8` elements of `kind`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_f8(kind: FKind, wrow: *const u8, k: usize) -> __m256 {
+    match kind {
+        FKind::F32 => _mm256_loadu_ps(wrow.add(4 * k) as *const f32),
+        FKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(wrow.add(2 * k) as *const __m128i)),
+        FKind::BF16 => {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(wrow.add(2 * k) as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
+        }
+    }
+}
+
+/// `out[r * out_stride + o] = dot(w row o, x row r)` for `r < R`, `o` in
+/// `cols`, float weights (F32/F16/BF16 rows of `k` elements) and f32
+/// activations: two 8-lane FMA accumulators per row over 16 elements at a
+/// time, each weight converted once for all `R` rows; the `k % 16` tail in
+/// scalar after the horizontal sum (the same operations for any `R`).
+///
+/// # Safety
+/// CPU supports avx2, fma and f16c; `w` holds at least `cols.end` rows of `k`
+/// elements of `kind`; `x` holds at least `R * k` floats; `out` holds at
+/// least `(R - 1) * out_stride + cols.end` floats.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_f<const R: usize>(
+    kind: FKind,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+    cols: std::ops::Range<usize>,
+) {
+    let esize = if kind == FKind::F32 { 4 } else { 2 };
+    let xp = x.as_ptr();
+    let k16 = k / 16 * 16;
+    for o in cols {
+        let wrow = w.as_ptr().add(o * k * esize);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut i = 0;
+        while i < k16 {
+            let w0 = load_f8(kind, wrow, i);
+            let w1 = load_f8(kind, wrow, i + 8);
+            for (r, a) in acc.iter_mut().enumerate() {
+                a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(r * k + i)), a[0]);
+                a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(r * k + i + 8)), a[1]);
+            }
+            i += 16;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut sum = hsum(_mm256_add_ps(a[0], a[1]));
+            for t in k16..k {
+                let wt = match kind {
+                    FKind::F32 => (wrow.add(4 * t) as *const f32).read_unaligned(),
+                    FKind::F16 => f16_ptr(wrow.add(2 * t)),
+                    FKind::BF16 => half::bf16::from_bits((wrow.add(2 * t) as *const u16).read_unaligned()).to_f32(),
+                };
+                sum = wt.mul_add(*xp.add(r * k + t), sum);
+            }
+            *out.get_unchecked_mut(r * out_stride + o) = sum;
+        }
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn hmax(v: __m256) -> f32 {

@@ -379,6 +379,37 @@ fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], 
     let n = x.n;
     let stride = w.rows;
     if w.dtype.block_size() <= 1 {
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            let kind = match w.dtype {
+                GgmlDType::F16 => avx2::FKind::F16,
+                GgmlDType::BF16 => avx2::FKind::BF16,
+                _ => avx2::FKind::F32,
+            };
+            let k = w.cols;
+            let mut r = 0;
+            while r < n {
+                let take = (n - r).min(4);
+                let xs = &x.f[r * k..(r + take) * k];
+                let os = &mut out[r * stride..];
+                // SAFETY: avx2/fma/f16c detected (`isa` is capped at
+                // `detected_isa()`); `w.data` holds `w.rows` rows of `k`
+                // elements of the float dtype (checked in QMatrix::new) and
+                // cols.end <= w.rows; `xs` holds `take * k` floats; `os`
+                // holds at least `(take - 1) * stride + cols.end` floats
+                // (checked in `matmul_isa`).
+                unsafe {
+                    match take {
+                        4 => avx2::tile_f::<4>(kind, w.data, k, xs, os, stride, cols.clone()),
+                        3 => avx2::tile_f::<3>(kind, w.data, k, xs, os, stride, cols.clone()),
+                        2 => avx2::tile_f::<2>(kind, w.data, k, xs, os, stride, cols.clone()),
+                        _ => avx2::tile_f::<1>(kind, w.data, k, xs, os, stride, cols.clone()),
+                    }
+                }
+                r += take;
+            }
+            return;
+        }
         for r in 0..n {
             let xr = &x.f[r * w.cols..(r + 1) * w.cols];
             for o in cols.clone() {
@@ -833,6 +864,42 @@ mod tests {
                             let exact: f32 = wrow.iter().zip(&xf[..cols]).map(|(a, b)| a * b).sum();
                             let norm: f32 = wrow.iter().map(|v| v.abs()).sum::<f32>() / 127.0 + 1e-3;
                             assert!((out[o] - exact).abs() <= norm, "{dtype:?} o{o}: {} vs {exact}", out[o]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn float_matmul_matches_scalar_and_is_batch_invariant() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(19);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+            for &(rows, cols, n) in &[(5usize, 8usize, 1usize), (17, 40, 3), (64, 576, 9), (33, 256, 6)] {
+                let vals = rand_vec(&mut rng, rows * cols);
+                let data: Vec<u8> = match dtype {
+                    GgmlDType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    GgmlDType::F16 => vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+                    _ => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+                };
+                let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
+                let xf = rand_vec(&mut rng, n * cols);
+                let x = Activations { f: &xf, q: &[], n };
+                let mut wrow = vec![0.0; cols];
+                for isa in available_isas() {
+                    let all = run_isa(isa, None, &w, &x, Some(&pool));
+                    for r in 0..n {
+                        let xr = &xf[r * cols..(r + 1) * cols];
+                        // Each row alone (and single-threaded) gives the same bits.
+                        let one = run_isa(isa, None, &w, &Activations { f: xr, q: &[], n: 1 }, None);
+                        assert_eq!(&all[r * rows..(r + 1) * rows], &one[..], "{isa:?} {dtype:?} row {r}");
+                        for o in 0..rows {
+                            w.dequantize_row(o, &mut wrow);
+                            let want = scalar::vec_dot_f(dtype, w.row(o), xr);
+                            let mag: f32 = wrow.iter().zip(xr).map(|(a, b)| (a * b).abs()).sum();
+                            let got = all[r * rows + o];
+                            assert!((got - want).abs() <= 1e-5 * (mag + 1e-3), "{isa:?} {dtype:?} r{r} o{o}: {got} vs {want}");
                         }
                     }
                 }
