@@ -157,27 +157,19 @@ fn tiny_model_with(dtype: GgmlDType) -> Vec<u8> {
 }
 
 #[test]
-fn a_weight_type_without_a_kernel_is_refused_in_one_line_naming_it() {
-    // The tiny model's rows are 64 wide: the 32-element formats fit.
-    for dtype in [GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::IQ4_NL] {
+fn every_32_element_weight_type_loads_in_the_model() {
+    // The tiny model's rows are 64 wide: the 32-element formats fit (rows of
+    // K-quants must be multiples of 256; the GGUF reader refuses others).
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::IQ4_NL] {
         let file = GgufFile::from_bytes(tiny_model_with(dtype)).unwrap();
-        let e = Model::from_gguf(Arc::new(file)).err().unwrap().to_string();
-        assert_eq!(
-            e,
-            format!(
-                "tensor `blk.0.attn_q.weight`: ggml type {} has no matmul kernel \
-                 (kernels: F32, F16, BF16, Q4_0, Q4_1, Q8_0)",
-                dtype.name()
-            )
-        );
+        if let Err(e) = Model::from_gguf(Arc::new(file)) {
+            panic!("{dtype:?}: {e}");
+        }
     }
-    // The extra tensors alone do not stop the model (only used weights are checked).
-    let file = GgufFile::from_bytes(tiny_model_with(GgmlDType::Q8_0)).unwrap();
-    assert!(Model::from_gguf(Arc::new(file)).is_ok());
 }
 
 #[test]
-fn cli_inspect_lists_every_type_and_generate_names_the_refused_one() {
+fn cli_inspect_lists_every_type_and_generate_runs_a_q5_0_weight() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q5_0.gguf");
     std::fs::write(&path, tiny_model_with(GgmlDType::Q5_0)).unwrap();
@@ -188,19 +180,14 @@ fn cli_inspect_lists_every_type_and_generate_names_the_refused_one() {
         let line = format!("extra.{}", d.name());
         assert!(stdout.lines().any(|l| l.contains(&line) && l.contains(d.name())), "{line} not listed:\n{stdout}");
     }
-    assert!(
-        stdout.contains("model: cannot run: tensor `blk.0.attn_q.weight`: ggml type Q5_0 has no matmul kernel"),
-        "{stdout}"
-    );
+    assert!(!stdout.contains("cannot run"), "{stdout}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
-        .args(["generate", "--prompt", "hi", "--model"])
+        .args(["generate", "--prompt", "hi", "--max-tokens", "2", "--model"])
         .arg(&path)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.starts_with("error:") && err.lines().count() == 1 && !err.contains("panicked"), "{err}");
-    assert!(err.contains("Q5_0") && err.contains("blk.0.attn_q.weight"), "{err}");
+    assert!(out.status.success(), "{err}");
 }
 
 #[test]
