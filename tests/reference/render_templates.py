@@ -43,7 +43,8 @@ with tokenize=False):
 
 Conventions of the conversations (what Brigade's `ChatMessage` carries):
 * `tool_calls[].function.arguments` is a JSON object (a dict), as transformers' docs
-  ask and as the templates that `tojson` it expect; `tool_calls[].id` and `type` are set;
+  ask and as the templates that `tojson` it expect, except in `tool_call_string_arguments`
+  (OpenAI's wire form, a string holding JSON); `tool_calls[].id` and `type` are set;
 * a `tool` message has `tool_call_id`, `name` and string content;
 * `content` is a string, or a list of `{"type": "text", "text": ...}` parts; an
   assistant turn that calls tools has content "" or text, or `null` (dropped by
@@ -210,6 +211,25 @@ CASES = {
         ],
         "tools": [WEATHER_TOOL],
         "add_generation_prompt": False,
+    },
+    "tool_call_string_arguments": {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "a1b2c3d4e",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "a1b2c3d4e", "name": "get_weather", "content": "21 C"},
+        ],
+        "tools": [WEATHER_TOOL],
+        "add_generation_prompt": True,
     },
     "not_alternating": {
         "messages": [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}],
