@@ -243,7 +243,7 @@ fn finish_reasons_length_and_stop() {
     let out = collect(h.submit(GenerateRequest::text("Once upon a time", greedy(5))).unwrap());
     assert_eq!(out[0].finish, Some(FinishReason::Length));
     assert_eq!(out[0].tokens.len(), 5);
-    let chat = brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage { role: "user".into(), content: "Say hi.".into() }]);
+    let chat = brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage::new("user", "Say hi.")]);
     let out = collect(h.submit(GenerateRequest { prompt: chat, params: greedy(64), priority: 0 }).unwrap());
     assert_eq!(out[0].finish, Some(FinishReason::Stop), "{:?}", out[0].text);
     assert!(!out[0].text.contains("<|im_end|>"));

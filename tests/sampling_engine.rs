@@ -173,7 +173,7 @@ fn min_tokens_masks_end_of_generation() {
     let Some((model, tok)) = common::real_model() else { return };
     let h = Engine::start(model, tok, cfg(1, 4096)).unwrap();
     let chat = |p: SamplingParams| GenerateRequest {
-        prompt: brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage { role: "user".into(), content: "Say OK.".into() }]),
+        prompt: brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage::new("user", "Say OK.")]),
         params: p,
         priority: 0,
     };

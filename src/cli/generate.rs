@@ -72,7 +72,7 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
     let cfg = super::load_config(a.m.config.as_deref())?;
     let (model, tok) = super::load_with(&a.m, &cfg)?;
     let prompt = if a.chat {
-        Prompt::Chat(vec![ChatMessage { role: "user".into(), content: a.prompt.clone() }])
+        Prompt::Chat(vec![ChatMessage::new("user", a.prompt.clone())])
     } else {
         Prompt::Text(a.prompt.clone())
     };

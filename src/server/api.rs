@@ -319,7 +319,7 @@ pub fn messages(input: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiError> {
                     s
                 }
             };
-            Ok(ChatMessage { role: m.role.clone(), content })
+            Ok(ChatMessage::new(m.role.clone(), content))
         })
         .collect()
 }

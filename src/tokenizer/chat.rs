@@ -1,19 +1,29 @@
 //! Chat templates: render a conversation to prompt text with the model's Jinja template.
 //!
-//! Mimics the environment of Hugging Face's `apply_chat_template` so that output is
-//! byte-identical for the templates shipped in GGUF files (`tokenizer.chat_template`):
+//! Mimics the environment of Hugging Face's `apply_chat_template` (transformers 5,
+//! jinja2 3.1) so that output is byte-identical for the templates shipped in GGUF files
+//! (`tokenizer.chat_template`); tests/chat_templates.rs checks it on llama.cpp's 70 real
+//! templates against transformers' own renderings:
 //!
 //! - `trim_blocks=True`, `lstrip_blocks=True`, no autoescape, trailing newline dropped;
-//! - `{% break %}` / `{% continue %}` (jinja2 `loopcontrols`);
-//! - globals `raise_exception(msg)`; variables `messages`, `add_generation_prompt`,
-//!   `bos_token`, `eos_token` (only when the tokenizer has them);
+//! - `{% break %}` / `{% continue %}` (jinja2 `loopcontrols`); transformers'
+//!   `{% generation %}` blocks render their body;
+//! - variables `messages`, `tools` and `documents` (Python `None` when not given),
+//!   `add_generation_prompt`, `bos_token`, `eos_token` (only when the tokenizer has them);
+//! - globals `raise_exception(msg)`, `strftime_now(fmt)` (UTC; pinnable with
+//!   [`ChatTemplate::with_fixed_now`]), `namespace`, `dict`;
 //! - Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...) via
-//!   `minijinja-contrib`'s pycompat;
-//! - `tojson` formatted like Python's `json.dumps(x, ensure_ascii=False)`
-//!   (`", "` / `": "` separators, `indent=` supported, key order kept).
+//!   `minijinja-contrib`'s pycompat; Python's printing (`True`, `None`, `{'a': 1}`),
+//!   `len()`, `tojson` (`json.dumps` with transformers' defaults), markupsafe's escaping
+//!   and jinja2's tests and generators: see the `python` submodule.
+//!
+//! Not reproduced (no hook in minijinja): markupsafe's `Markup + str`, which HTML-escapes
+//! the str (`'a'|safe + x`); `~` and `+` of non-strings format with minijinja's display.
+//! Messages reach the template with keys in [`ChatMessage`]'s field order (transformers
+//! keeps the caller's dict order).
 //!
 //! Owns the compiled template only; it does not tokenize the result (see
-//! [`super::Tokenizer::encode_chat`]). Not provided: `strftime_now`, `tools`, `documents`.
+//! [`super::Tokenizer::encode_chat`]).
 //!
 //! Besides the text, [`ChatTemplate::render_locating_content`] reports which byte ranges of
 //! it were copied from message content, so that control-token text typed by a user is not
@@ -28,14 +38,15 @@
 //! ```
 //!
 //! A template that trims content (`| trim`, `.strip()`) is followed too; one that changes it
-//! otherwise (slices, escapes, branches on it) yields no ranges.
+//! otherwise (slices, escapes, branches on it) yields no ranges, as does content given as a
+//! list of parts.
 
-use std::fmt::Write as _;
+mod python;
+
 use std::ops::Range;
 use std::sync::Arc;
 
-use minijinja::value::{Kwargs, ValueKind};
-use minijinja::{AutoEscape, Environment, Error, ErrorKind, Value};
+use minijinja::{AutoEscape, Environment, Error, Value};
 use serde::{Deserialize, Serialize};
 
 use super::TokenizerError;
@@ -50,22 +61,208 @@ const SENTINEL_OPEN: char = '\u{F0000}';
 const SENTINEL_CLOSE: char = '\u{F0001}';
 
 /// One turn of a conversation, as in the OpenAI / Hugging Face message format.
+///
+/// Serialized for the template as transformers passes a message dict: absent optional
+/// fields (and absent content) are left out, as transformers drops keys whose value is
+/// `None`, so a template sees them as undefined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// Speaker: `"system"`, `"user"`, `"assistant"`, ...
+    /// Speaker: `"system"`, `"user"`, `"assistant"`, `"tool"`, ...
     pub role: String,
-    /// Message text.
-    pub content: String,
+    /// Message content: text, text parts, or absent (`null`).
+    #[serde(default, skip_serializing_if = "ChatContent::is_absent")]
+    pub content: ChatContent,
+    /// Author name (OpenAI `name`; on `tool` messages, the tool that answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The tool calls an assistant turn made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// On a `tool` message: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
-    /// A message with the given role and content.
+    /// A message with the given role and text content (no name, tool calls or call id).
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
-            content: content.into(),
+            content: ChatContent::text(content),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
+}
+
+/// A message's content as the template sees it: a string, a list of typed parts, or
+/// absent. Dereferences to its text (the string, the parts' texts joined, or `""`), which
+/// is what control-token checks read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChatContent {
+    /// The text: the string, or the parts' texts concatenated.
+    text: String,
+    /// How the template receives it.
+    form: ContentForm,
+}
+
+/// The shape of a [`ChatContent`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+enum ContentForm {
+    /// No content (`null` or missing): undefined in the template.
+    #[default]
+    Absent,
+    /// A string.
+    Text,
+    /// A list of parts (`[{"type": "text", "text": ...}, ...]`).
+    Parts(Vec<ContentPart>),
+}
+
+impl ChatContent {
+    /// String content.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            form: ContentForm::Text,
+        }
+    }
+
+    /// Content given as a list of parts; its text is theirs concatenated.
+    pub fn parts(parts: Vec<ContentPart>) -> Self {
+        let text = parts.iter().map(ContentPart::text).collect();
+        Self {
+            text,
+            form: ContentForm::Parts(parts),
+        }
+    }
+
+    /// No content (an assistant turn that only calls tools).
+    pub fn absent() -> Self {
+        Self::default()
+    }
+
+    /// Whether there is no content.
+    pub fn is_absent(&self) -> bool {
+        self.form == ContentForm::Absent
+    }
+
+    /// The parts, when the content is a list of parts.
+    pub fn as_parts(&self) -> Option<&[ContentPart]> {
+        match &self.form {
+            ContentForm::Parts(parts) => Some(parts),
+            _ => None,
+        }
+    }
+
+    /// The content as text (see the type's docs).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::ops::Deref for ChatContent {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl From<String> for ChatContent {
+    fn from(text: String) -> Self {
+        Self::text(text)
+    }
+}
+
+impl From<&str> for ChatContent {
+    fn from(text: &str) -> Self {
+        Self::text(text)
+    }
+}
+
+impl Serialize for ChatContent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.form {
+            ContentForm::Absent => serializer.serialize_none(),
+            ContentForm::Text => serializer.serialize_str(&self.text),
+            ContentForm::Parts(parts) => parts.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ChatContent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// The JSON forms content comes in.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Text(String),
+            Parts(Vec<ContentPart>),
+        }
+        Ok(match Option::<Wire>::deserialize(deserializer)? {
+            None => Self::absent(),
+            Some(Wire::Text(text)) => Self::text(text),
+            Some(Wire::Parts(parts)) => Self::parts(parts),
+        })
+    }
+}
+
+/// One part of a list content. Only text parts exist here (no images or audio).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ContentPart {
+    /// `{"type": "text", "text": ...}`.
+    Text {
+        /// The text.
+        text: String,
+    },
+}
+
+impl ContentPart {
+    /// The part's text.
+    pub fn text(&self) -> &str {
+        match self {
+            Self::Text { text } => text,
+        }
+    }
+}
+
+/// A tool call an assistant made (OpenAI's `tool_calls[]` entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id, which the `tool` answer's `tool_call_id` repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Always `"function"`.
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    /// The function called.
+    pub function: FunctionCall,
+}
+
+/// `"function"`, the only tool-call type.
+fn function_type() -> String {
+    "function".to_owned()
+}
+
+/// The function of a [`ToolCall`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// Function name.
+    pub name: String,
+    /// The arguments, passed to the template as given: transformers' convention is a JSON
+    /// object (templates `tojson` it or iterate its items); OpenAI's wire format is a
+    /// string holding JSON, which a template then prints as a string.
+    pub arguments: serde_json::Value,
+}
+
+/// What `strftime_now` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// The system clock, in UTC.
+    System,
+    /// A fixed instant (seconds since the Unix epoch, UTC): deterministic renderings.
+    Fixed(i64),
 }
 
 /// A compiled chat template plus the special-token strings it may refer to.
@@ -82,6 +279,7 @@ pub struct ChatTemplate {
     source: Arc<str>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -91,6 +289,7 @@ impl std::fmt::Debug for ChatTemplate {
             .field("parse_error", &self.parse_error().map(|e| format!("{e:#}")))
             .field("bos_token", &self.bos_token)
             .field("eos_token", &self.eos_token)
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -116,15 +315,35 @@ impl ChatTemplate {
     /// ([`TokenizerError::TemplateSyntax`]) and whose [`parse_error`](Self::parse_error)
     /// is `Some`: how a model's own template is loaded.
     pub fn compile(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Self {
+        Self::compile_with_clock(source, bos_token, eos_token, Clock::System)
+    }
+
+    /// This template with `strftime_now` reading the fixed instant `unix_seconds` (UTC)
+    /// instead of the system clock, so that renderings are deterministic (tests).
+    pub fn with_fixed_now(self, unix_seconds: i64) -> Self {
+        Self::compile_with_clock(
+            &self.source,
+            self.bos_token,
+            self.eos_token,
+            Clock::Fixed(unix_seconds),
+        )
+    }
+
+    /// Builds the environment transformers renders templates in (see the module docs).
+    fn compile_with_clock(
+        source: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        clock: Clock,
+    ) -> Self {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_auto_escape_callback(|_name| AutoEscape::None);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", raise_exception);
-        env.add_filter("tojson", tojson);
-        let env = match env.add_template_owned(TEMPLATE_NAME, source.to_owned()) {
+        python::install(&mut env, clock);
+        let env = match env.add_template_owned(TEMPLATE_NAME, without_generation_tags(source)) {
             Ok(()) => Ok(Arc::new(env)),
             Err(e) => Err(Arc::new(e)),
         };
@@ -133,6 +352,7 @@ impl ChatTemplate {
             source: Arc::from(source),
             bos_token,
             eos_token,
+            clock,
         }
     }
 
@@ -146,11 +366,23 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// Renders `messages`; with `add_generation_prompt` the template appends the header that
-    /// opens the assistant's turn (e.g. `<|im_start|>assistant\n`).
+    /// Renders `messages` without tools; with `add_generation_prompt` the template appends
+    /// the header that opens the assistant's turn (e.g. `<|im_start|>assistant\n`).
     pub fn render(
         &self,
         messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders `messages` with the function specs `tools` (OpenAI's
+    /// `[{"type": "function", "function": {"name", "description", "parameters"}}]`, passed
+    /// to the template as given, key order kept); `None` is the template's `tools = none`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
         let env = self
@@ -162,12 +394,53 @@ impl ChatTemplate {
             .map_err(TokenizerError::TemplateRender)?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
+            tools => tools.map(Value::from_serialize).unwrap_or_else(python::none),
+            documents => python::none(),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_deref().map(Value::from).unwrap_or(Value::UNDEFINED),
             eos_token => self.eos_token.as_deref().map(Value::from).unwrap_or(Value::UNDEFINED),
         };
         template.render(ctx).map_err(TokenizerError::TemplateRender)
     }
+}
+
+/// `source` with transformers' `{% generation %}` / `{% endgeneration %}` tags (which mark
+/// the assistant's text and render their body unchanged) turned into `{% if true %}` /
+/// `{% endif %}`, keeping their whitespace control.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        let (before, tag) = rest.split_at(at);
+        out.push_str(before);
+        let body = tag.strip_prefix("{%").unwrap_or(tag);
+        let after_ws_control = body.strip_prefix(['-', '+']).unwrap_or(body);
+        let control_len = body.len() - after_ws_control.len();
+        let trimmed = after_ws_control.trim_start();
+        let replaced = [("endgeneration", "endif"), ("generation", "if true")]
+            .iter()
+            .find_map(|(keyword, replacement)| {
+                let after = trimmed.strip_prefix(keyword)?;
+                let ends_word = after
+                    .starts_with(|c: char| c.is_whitespace() || c == '-' || c == '+' || c == '%');
+                ends_word.then_some((keyword.len(), *replacement))
+            });
+        match replaced {
+            Some((keyword_len, replacement)) => {
+                out.push_str("{%");
+                out.push_str(body.get(..control_len).unwrap_or_default());
+                out.push(' ');
+                out.push_str(replacement);
+                rest = &trimmed[keyword_len..];
+            }
+            None => {
+                out.push_str("{%");
+                rest = body;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A rendered conversation and where its message contents lie in it.
@@ -209,14 +482,20 @@ impl ChatTemplate {
         if text.contains([SENTINEL_OPEN, SENTINEL_CLOSE]) {
             return None;
         }
+        // Only string contents are located; a list of parts could be cut apart.
+        if messages.iter().any(|m| m.content.as_parts().is_some()) {
+            return None;
+        }
         let masked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()
             .map(|(index, m)| {
-                ChatMessage::new(
-                    m.role.clone(),
-                    format!("{SENTINEL_OPEN}{index}{SENTINEL_CLOSE}"),
-                )
+                let mut masked = m.clone();
+                if !m.content.is_absent() {
+                    masked.content =
+                        ChatContent::text(format!("{SENTINEL_OPEN}{index}{SENTINEL_CLOSE}"));
+                }
+                masked
             })
             .collect();
         // A template may reject the sentinels (e.g. it validates content); then no ranges.
@@ -273,106 +552,6 @@ fn match_literal(text: &str, pos: usize, literal: &str) -> Option<usize> {
     text.get(pos..)?
         .starts_with(literal)
         .then_some(pos + literal.len())
-}
-
-/// `raise_exception(msg)`: HF's way for a template to reject a conversation.
-fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(
-        ErrorKind::InvalidOperation,
-        format!("template raised: {message}"),
-    ))
-}
-
-/// `tojson` as HF defines it: `json.dumps(x, ensure_ascii=False, indent=indent)`.
-fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
-    let indent: Option<usize> = kwargs.get("indent")?;
-    kwargs.assert_all_used()?;
-    let mut out = String::new();
-    write_json(&mut out, &value, indent, 0)?;
-    Ok(Value::from_safe_string(out))
-}
-
-/// Writes `value` as Python's `json.dumps` would (separators `", "`/`": "` without indent,
-/// `","`/`": "` with it).
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    indent: Option<usize>,
-    depth: usize,
-) -> Result<(), Error> {
-    let item_sep = if indent.is_some() { "," } else { ", " };
-    let newline = |out: &mut String, level: usize| {
-        if let Some(width) = indent {
-            out.push('\n');
-            out.extend(std::iter::repeat_n(' ', width * level));
-        }
-    };
-    match value.kind() {
-        ValueKind::None => out.push_str("null"),
-        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-        ValueKind::Number => {
-            let _ = write!(out, "{value}"); // writing to a String cannot fail
-        }
-        ValueKind::String => write_json_str(out, value.as_str().unwrap_or_default())?,
-        ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = value.try_iter()?.collect();
-            if items.is_empty() {
-                out.push_str("[]");
-                return Ok(());
-            }
-            out.push('[');
-            for (k, item) in items.iter().enumerate() {
-                if k > 0 {
-                    out.push_str(item_sep);
-                }
-                newline(out, depth + 1);
-                write_json(out, item, indent, depth + 1)?;
-            }
-            newline(out, depth);
-            out.push(']');
-        }
-        ValueKind::Map => {
-            let keys: Vec<Value> = value.try_iter()?.collect();
-            if keys.is_empty() {
-                out.push_str("{}");
-                return Ok(());
-            }
-            out.push('{');
-            for (k, key) in keys.iter().enumerate() {
-                if k > 0 {
-                    out.push_str(item_sep);
-                }
-                newline(out, depth + 1);
-                match key.as_str() {
-                    Some(s) => write_json_str(out, s)?,
-                    None => write_json_str(out, &key.to_string())?,
-                }
-                out.push_str(": ");
-                write_json(out, &value.get_item(key)?, indent, depth + 1)?;
-            }
-            newline(out, depth);
-            out.push('}');
-        }
-        // Undefined, bytes, plain objects, invalid values: Python would raise too.
-        _ => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                format!(
-                    "tojson: value of kind {} is not JSON serializable",
-                    value.kind()
-                ),
-            ))
-        }
-    }
-    Ok(())
-}
-
-/// A JSON string literal; escaping matches Python's `ensure_ascii=False`.
-fn write_json_str(out: &mut String, s: &str) -> Result<(), Error> {
-    let quoted = serde_json::to_string(s)
-        .map_err(|err| Error::new(ErrorKind::InvalidOperation, format!("tojson: {err}")))?;
-    out.push_str(&quoted);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -433,11 +612,18 @@ mod tests {
     fn a_template_that_fails_to_parse_renders_its_parse_error() {
         let t = ChatTemplate::compile("{% for %}", None, None);
         let parse = format!("{:#}", t.parse_error().unwrap());
-        let err = t.render(&[ChatMessage::new("user", "hi")], true).unwrap_err();
+        let err = t
+            .render(&[ChatMessage::new("user", "hi")], true)
+            .unwrap_err();
         assert!(matches!(err, TokenizerError::TemplateSyntax(_)));
         let msg = err.to_string();
-        assert!(msg.contains("failed to parse") && msg.contains(&parse), "{msg}");
-        assert!(ChatTemplate::compile("{{ 1 }}", None, None).parse_error().is_none());
+        assert!(
+            msg.contains("failed to parse") && msg.contains(&parse),
+            "{msg}"
+        );
+        assert!(ChatTemplate::compile("{{ 1 }}", None, None)
+            .parse_error()
+            .is_none());
     }
 
     #[test]
@@ -461,5 +647,133 @@ mod tests {
         let source = "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}";
         let msgs = [ChatMessage::new("user", "a"), ChatMessage::new("user", "b")];
         assert_eq!(render(source, &msgs, false), "a");
+    }
+    #[test]
+    fn strftime_now_reads_the_pinned_clock() {
+        let template = ChatTemplate::new(
+            "{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%B %d, %Y') }}|{{ strftime_now('%Y-%m-%d') }}|{{ strftime_now('%-d %A %a %H:%M:%S %j %y %I%p %%') }}",
+            None,
+            None,
+        )
+        .unwrap()
+        .with_fixed_now(1_707_141_789); // 2024-02-05T14:03:09Z, a Monday
+        let out = template.render(&[], false).unwrap();
+        assert_eq!(
+            out,
+            "05 Feb 2024|February 05, 2024|2024-02-05|5 Monday Mon 14:03:09 036 24 02PM %"
+        );
+        let bad = ChatTemplate::new("{{ strftime_now('%Q') }}", None, None).unwrap();
+        let err = bad.render(&[], false).unwrap_err().to_string();
+        assert!(err.contains("%Q"), "{err}");
+    }
+
+    #[test]
+    fn values_print_as_python_str() {
+        let source = "{{ [1, 'a', none, true, {'k': \"it's\"}, 1.5] }}|{{ none }}|{{ false }}|{{ {'a': 'b\\n'} | string }}|{{ ['x'] | trim }}";
+        assert_eq!(
+            render(source, &[], false),
+            "[1, 'a', None, True, {'k': \"it's\"}, 1.5]|None|False|{'a': 'b\\n'}|['x']"
+        );
+    }
+
+    #[test]
+    fn generation_tags_render_their_body() {
+        let source = "{% for m in messages %}{%- generation -%} {{ m.content }} {% endgeneration %}{% endfor %}|{% generation %}x{% endgeneration %}";
+        assert_eq!(
+            render(source, &[ChatMessage::new("assistant", "a")], false),
+            "a |x"
+        );
+    }
+
+    #[test]
+    fn absent_tools_are_python_none() {
+        let msgs = [ChatMessage::new("user", "x")];
+        let source = "{{ tools is none }}|{{ tools is not none }}|{{ tools | tojson }}|{{ 'y' if tools else 'n' }}|{{ tools is iterable }}";
+        assert_eq!(render(source, &msgs, false), "True|False|null|n|False");
+        // jinja2 raises iterating None ("'NoneType' object is not iterable").
+        let template = ChatTemplate::new("{% for t in tools %}{% endfor %}", None, None).unwrap();
+        assert!(template.render(&msgs, false).is_err());
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "f"}})];
+        let out = ChatTemplate::new(
+            "{% for t in tools %}{{ t | tojson }}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap()
+        .render_with_tools(&msgs, Some(&tools), false)
+        .unwrap();
+        assert_eq!(out, r#"{"type": "function", "function": {"name": "f"}}"#);
+    }
+
+    #[test]
+    fn filters_give_generators_like_jinja2() {
+        let msgs = [ChatMessage::new("user", "x")];
+        assert_eq!(
+            render("{{ [1, 2] | map('string') | list | tojson }}", &msgs, false),
+            r#"["1", "2"]"#
+        );
+        assert_eq!(
+            render("{{ none | select | list | length }}", &msgs, false),
+            "0"
+        );
+        for source in [
+            "{{ [1, 2] | map('string') | tojson }}",
+            "{{ [1, 2] | select | length }}",
+        ] {
+            let template = ChatTemplate::new(source, None, None).unwrap();
+            assert!(template.render(&msgs, false).is_err(), "{source}");
+        }
+        assert_eq!(
+            render(
+                "{{ undefined_name | length }}|{{ (messages + messages) | length }}",
+                &msgs,
+                false
+            ),
+            "0|2"
+        );
+    }
+
+    #[test]
+    fn tojson_options_like_json_dumps() {
+        let msgs = [ChatMessage::new("user", "x")];
+        let source = "{{ 'é🦀' | tojson(ensure_ascii=True) }}|{{ {'b': 1, 'a': [0.0001, 2.5]} | tojson(sort_keys=True, separators=(',', ':')) }}";
+        assert_eq!(
+            render(source, &msgs, false),
+            r#""\u00e9\ud83e\udd80"|{"a":[0.0001,2.5],"b":1}"#
+        );
+    }
+
+    #[test]
+    fn escape_like_markupsafe() {
+        let msgs = [ChatMessage::new("user", "x")];
+        // tojson gives a plain str, which `e` escapes; `safe` text is left alone.
+        let source = "{{ '<\"\\'/&' | e }}|{{ 'a\"' | tojson | e }}|{{ '<' | safe | e }}";
+        assert_eq!(
+            render(source, &msgs, false),
+            r#"&lt;&#34;&#39;/&amp;|&#34;a\&#34;&#34;|<"#
+        );
+    }
+
+    #[test]
+    fn messages_carry_parts_and_tool_calls() {
+        let messages: Vec<ChatMessage> = serde_json::from_value(serde_json::json!([
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+            ]},
+            {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "ok"}
+        ]))
+        .unwrap();
+        assert_eq!(&*messages[0].content, "ab");
+        assert!(messages[1].content.is_absent());
+        let source = "{% for m in messages %}{{ m.role }}:{{ m.content is defined }}:{% if m.content is not string %}{{ m.content | map(attribute='text') | join('+') }}{% else %}{{ m.content }}{% endif %}{% for c in m.tool_calls %}{{ c.id }}={{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}{{ m.tool_call_id }};{% endfor %}";
+        assert_eq!(
+            render(source, &messages, false),
+            r#"user:True:a+b;assistant:False:c1=f{"x": 1};tool:True:okc1;"#
+        );
+        let unknown = serde_json::from_value::<ChatMessage>(serde_json::json!(
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+        ));
+        assert!(unknown.is_err());
     }
 }
