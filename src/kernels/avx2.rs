@@ -13,8 +13,9 @@ use half::f16;
 
 use std::mem::offset_of;
 
-use super::{BlockQ8, Q8_RESIDUAL_SCALE};
-use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0};
+use super::{BlockQ8, QK, Q8_RESIDUAL_SCALE};
+use crate::quant::k_quants::scale_min_k4;
+use crate::quant::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, GgmlDType, QK_K};
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -34,33 +35,80 @@ fn f16_ptr(p: *const u8) -> f32 {
     f16::from_bits(bits).to_f32()
 }
 
-/// Weight format handled by the tiled quantized kernel.
+/// Weight format handled by the tiled quantized kernels: [`tile_q`] for the
+/// first three, [`tile_qx`] for the rest.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum QKind {
     Q4_0,
     Q4_1,
     Q8_0,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl QKind {
-    /// Bytes per weight block.
+    /// The kernel format of a dtype, if these kernels handle it.
+    pub(super) fn of(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => QKind::Q4_0,
+            GgmlDType::Q4_1 => QKind::Q4_1,
+            GgmlDType::Q8_0 => QKind::Q8_0,
+            GgmlDType::Q5_0 => QKind::Q5_0,
+            GgmlDType::Q5_1 => QKind::Q5_1,
+            GgmlDType::Q4_K => QKind::Q4K,
+            GgmlDType::Q5_K => QKind::Q5K,
+            GgmlDType::Q6_K => QKind::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Runs on [`tile_q`] (else [`tile_qx`]).
+    pub(super) const fn legacy(self) -> bool {
+        matches!(self, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0)
+    }
+
+    /// Bytes per weight block (for `tile_q`'s kinds).
     const fn block_bytes(self) -> usize {
         match self {
             QKind::Q4_0 => size_of::<BlockQ4_0>(),
             QKind::Q4_1 => size_of::<BlockQ4_1>(),
             QKind::Q8_0 => size_of::<BlockQ8_0>(),
+            QKind::Q5_0 => size_of::<BlockQ5_0>(),
+            QKind::Q5_1 => size_of::<BlockQ5_1>(),
+            QKind::Q4K => size_of::<BlockQ4K>(),
+            QKind::Q5K => size_of::<BlockQ5K>(),
+            QKind::Q6K => size_of::<BlockQ6K>(),
+        }
+    }
+
+    /// Elements per block.
+    const fn block_elems(self) -> usize {
+        match self {
+            QKind::Q4K | QKind::Q5K | QKind::Q6K => QK_K,
+            _ => QK,
         }
     }
 }
 
-// The kernel reads `d` at the start of every block.
-const _: () = assert!(offset_of!(BlockQ4_0, d) == 0 && offset_of!(BlockQ4_1, d) == 0 && offset_of!(BlockQ8_0, d) == 0);
+// The kernels read `d` at the start of every block but Q6_K's.
+const _: () = assert!(
+    offset_of!(BlockQ4_0, d) == 0
+        && offset_of!(BlockQ4_1, d) == 0
+        && offset_of!(BlockQ8_0, d) == 0
+        && offset_of!(BlockQ5_0, d) == 0
+        && offset_of!(BlockQ5_1, d) == 0
+        && offset_of!(BlockQ4K, d) == 0
+        && offset_of!(BlockQ5K, d) == 0
+);
 
 /// `out[r * out_stride + o] = dot(w row o, x row r)` for `r < R`, `o` in `cols`.
 ///
 /// # Safety
 /// CPU supports avx2, fma and f16c; `w` holds at least `cols.end * nb` blocks of
-/// `kind`; `x` holds at least `R * nb` blocks; `out` holds at least
+/// `kind`, one of Q4_0, Q4_1, Q8_0 ([`QKind::legacy`]); `x` holds at least `R * nb` blocks; `out` holds at least
 /// `(R - 1) * out_stride + cols.end` floats.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn tile_q<const R: usize>(
@@ -72,6 +120,7 @@ pub(super) unsafe fn tile_q<const R: usize>(
     out_stride: usize,
     cols: std::ops::Range<usize>,
 ) {
+    debug_assert!(kind.legacy(), "tile_q: Q4_0/Q4_1/Q8_0 only");
     let bb = kind.block_bytes();
     let ones = _mm256_set1_epi16(1);
     let mask = _mm_set1_epi8(0x0F);
@@ -104,7 +153,8 @@ pub(super) unsafe fn tile_q<const R: usize>(
                         macc[r] += m * xb.s;
                     }
                 }
-                QKind::Q8_0 => {
+                // Q8_0 (only the legacy kinds come here: see the safety contract)
+                _ => {
                     let wv = _mm256_loadu_si256(bp.add(offset_of!(BlockQ8_0, qs)) as *const __m256i);
                     let aw = _mm256_sign_epi8(wv, wv);
                     for r in 0..R {
@@ -126,6 +176,232 @@ pub(super) unsafe fn tile_q<const R: usize>(
     }
 }
 
+
+
+/// 32 bytes, one per bit of `bits` (element `k` = bit `k`): `0xFF` where set.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bits_to_bytes(bits: u32) -> __m256i {
+    // Byte k takes byte k / 8 of `bits`, then keeps its own bit k % 8.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+    );
+    let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, sel), sel)
+}
+
+/// The 32 ggml nibbles of a 16-byte block as bytes (element `k < 16`: low
+/// nibble of byte `k`; else the high nibble of byte `k - 16`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nib32(q: __m128i) -> __m256i {
+    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F))
+}
+
+/// Block `b` of a weight row of `tile_qx`'s kinds, as 32 weight bytes
+/// (element `k` in byte `k`; signed for Q5_0/Q6_K, whose offsets are folded
+/// in, unsigned otherwise), the scales of elements `0..16` and `16..32`, and
+/// the offset `m` (`w = d * q + m`; 0 for the signed kinds).
+///
+/// # Safety
+/// CPU supports avx2; `wrow` points at a whole row of `kind` with more than `b` 32-element blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_qx(kind: QKind, wrow: *const u8, b: usize) -> (__m256i, [f32; 2], f32) {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let bp = wrow.add(b / (kind.block_elems() / QK) * kind.block_bytes());
+    let j = b % (kind.block_elems() / QK);
+    match kind {
+        QKind::Q5_0 | QKind::Q5_1 => {
+            let (qh_at, qs_at) = if kind == QKind::Q5_0 {
+                (offset_of!(BlockQ5_0, qh), offset_of!(BlockQ5_0, qs))
+            } else {
+                (offset_of!(BlockQ5_1, qh), offset_of!(BlockQ5_1, qs))
+            };
+            let qh = (bp.add(qh_at) as *const u32).read_unaligned();
+            let hi = _mm256_and_si256(bits_to_bytes(u32::from_le(qh)), _mm256_set1_epi8(0x10));
+            let q = _mm256_or_si256(nib32(_mm_loadu_si128(bp.add(qs_at) as *const __m128i)), hi);
+            let d = f16_ptr(bp);
+            if kind == QKind::Q5_0 {
+                (_mm256_sub_epi8(q, _mm256_set1_epi8(16)), [d; 2], 0.0)
+            } else {
+                (q, [d; 2], f16_ptr(bp.add(offset_of!(BlockQ5_1, m))))
+            }
+        }
+        QKind::Q4K | QKind::Q5K => {
+            let (qs_at, sc_at) = if kind == QKind::Q4K {
+                (offset_of!(BlockQ4K, qs), offset_of!(BlockQ4K, scales))
+            } else {
+                (offset_of!(BlockQ5K, qs), offset_of!(BlockQ5K, scales))
+            };
+            let scales: [u8; 12] = (bp.add(sc_at) as *const [u8; 12]).read_unaligned();
+            let (sc, mn) = scale_min_k4(j, &scales);
+            // Q4_K and Q5_K share the header fields' offsets.
+            const _: () = assert!(offset_of!(BlockQ4K, dmin) == offset_of!(BlockQ5K, dmin));
+            let (d, dmin) = (f16_ptr(bp), f16_ptr(bp.add(offset_of!(BlockQ4K, dmin))));
+            // sub-block j: nibble j % 2 of qs[32 (j / 2) ..][..32]
+            let v = _mm256_loadu_si256(bp.add(qs_at + 32 * (j / 2)) as *const __m256i);
+            let mut q = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (j as i32 % 2))), low4);
+            if kind == QKind::Q5K {
+                // fifth bit: bit j of qh[l]
+                let qh = _mm256_loadu_si256(bp.add(offset_of!(BlockQ5K, qh)) as *const __m256i);
+                let bit = _mm256_set1_epi8(1 << j);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+            }
+            (q, [d * sc as f32; 2], -(dmin * mn as f32))
+        }
+        QKind::Q6K => {
+            // element 32 j + l: nibble (j % 4) / 2 of ql[64 (j / 4) + 32 (j % 2) + l],
+            // bits 2 (j % 4) of qh[32 (j / 4) + l]
+            let (h, k) = (j / 4, j % 4);
+            let lo = _mm256_loadu_si256(bp.add(offset_of!(BlockQ6K, ql) + 64 * h + 32 * (k % 2)) as *const __m256i);
+            let lo = _mm256_and_si256(_mm256_srl_epi16(lo, _mm_cvtsi32_si128(4 * (k as i32 / 2))), low4);
+            let hi = _mm256_loadu_si256(bp.add(offset_of!(BlockQ6K, qh) + 32 * h) as *const __m256i);
+            let hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * k as i32)), _mm256_set1_epi8(3));
+            let q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+            let d = f16_ptr(bp.add(offset_of!(BlockQ6K, d)));
+            let sc = bp.add(offset_of!(BlockQ6K, scales) + 2 * j) as *const i8;
+            (_mm256_sub_epi8(q, _mm256_set1_epi8(32)), [d * *sc as f32, d * *sc.add(1) as f32], 0.0)
+        }
+        // `tile_q`'s kinds never reach here.
+        QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => (_mm256_setzero_si256(), [0.0; 2], 0.0),
+    }
+}
+
+/// `out[r * out_stride + o] = dot(w row o, x row r)` for `r < R`, `o` in
+/// `cols`, for Q5_0, Q5_1, Q4_K, Q5_K and Q6_K rows of `nb` 32-element
+/// blocks (raw ggml bytes): each block decoded once to 32 weight bytes
+/// ([`decode_qx`]) for all `R` rows, then `vpmaddubsw` products with both
+/// activation digits (signed weights through the sign trick; `|w| <= 32`, so
+/// no pair saturates), per-half scales in one vector.
+///
+/// # Safety
+/// CPU supports avx2, fma and f16c; `w` holds at least `cols.end` rows of
+/// `nb` blocks of `kind` (a legacy kind is not allowed); `x` holds at least
+/// `R * nb` blocks; `out` holds at least `(R - 1) * out_stride + cols.end` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_qx<const R: usize>(
+    kind: QKind,
+    w: &[u8],
+    nb: usize,
+    x: &[BlockQ8],
+    out: &mut [f32],
+    out_stride: usize,
+    cols: std::ops::Range<usize>,
+) {
+    let row_bytes = nb * QK / kind.block_elems() * kind.block_bytes();
+    let signed = matches!(kind, QKind::Q5_0 | QKind::Q6K);
+    let ones = _mm256_set1_epi16(1);
+    let xp = x.as_ptr();
+    for o in cols {
+        let wrow = w.as_ptr().add(o * row_bytes);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut macc = [0.0f32; R];
+        for b in 0..nb {
+            let (wv, d, m) = decode_qx(kind, wrow, b);
+            // (8,) lanes 0..4 are elements 0..16, lanes 4..8 elements 16..32
+            let dv = _mm256_set_m128(_mm_set1_ps(d[1]), _mm_set1_ps(d[0]));
+            let aw = if signed { _mm256_sign_epi8(wv, wv) } else { wv };
+            for r in 0..R {
+                let xb = &*xp.add(r * nb + b);
+                let mut a1 = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                let mut a2 = _mm256_loadu_si256(xb.qr.as_ptr() as *const __m256i);
+                if signed {
+                    a1 = _mm256_sign_epi8(a1, wv);
+                    a2 = _mm256_sign_epi8(a2, wv);
+                }
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, a1), ones);
+                let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, a2), ones);
+                let p = _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
+                let scale = _mm256_mul_ps(dv, _mm256_set1_ps(xb.d / Q8_RESIDUAL_SCALE));
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r]);
+                macc[r] += m * xb.s;
+            }
+        }
+        for r in 0..R {
+            *out.get_unchecked_mut(r * out_stride + o) = hsum(acc[r]) + macc[r];
+        }
+    }
+}
+
+/// Float weight storage handled by [`tile_f`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum FKind {
+    F32,
+    F16,
+    BF16,
+}
+
+/// 8 weights of a float row starting at element `k`, as f32.
+///
+/// # Safety
+/// CPU supports avx2 and f16c; `wrow` holds at least `k + 8` elements of `kind`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_f8(kind: FKind, wrow: *const u8, k: usize) -> __m256 {
+    match kind {
+        FKind::F32 => _mm256_loadu_ps(wrow.add(4 * k) as *const f32),
+        FKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(wrow.add(2 * k) as *const __m128i)),
+        FKind::BF16 => {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(wrow.add(2 * k) as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
+        }
+    }
+}
+
+/// `out[r * out_stride + o] = dot(w row o, x row r)` for `r < R`, `o` in
+/// `cols`, float weights (F32/F16/BF16 rows of `k` elements) and f32
+/// activations: two 8-lane FMA accumulators per row over 16 elements at a
+/// time, each weight converted once for all `R` rows; the `k % 16` tail in
+/// scalar after the horizontal sum (the same operations for any `R`).
+///
+/// # Safety
+/// CPU supports avx2, fma and f16c; `w` holds at least `cols.end` rows of `k`
+/// elements of `kind`; `x` holds at least `R * k` floats; `out` holds at
+/// least `(R - 1) * out_stride + cols.end` floats.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_f<const R: usize>(
+    kind: FKind,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+    cols: std::ops::Range<usize>,
+) {
+    let esize = if kind == FKind::F32 { 4 } else { 2 };
+    let xp = x.as_ptr();
+    let k16 = k / 16 * 16;
+    for o in cols {
+        let wrow = w.as_ptr().add(o * k * esize);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut i = 0;
+        while i < k16 {
+            let w0 = load_f8(kind, wrow, i);
+            let w1 = load_f8(kind, wrow, i + 8);
+            for (r, a) in acc.iter_mut().enumerate() {
+                a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(r * k + i)), a[0]);
+                a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(r * k + i + 8)), a[1]);
+            }
+            i += 16;
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut sum = hsum(_mm256_add_ps(a[0], a[1]));
+            for t in k16..k {
+                let wt = match kind {
+                    FKind::F32 => (wrow.add(4 * t) as *const f32).read_unaligned(),
+                    FKind::F16 => f16_ptr(wrow.add(2 * t)),
+                    FKind::BF16 => half::bf16::from_bits((wrow.add(2 * t) as *const u16).read_unaligned()).to_f32(),
+                };
+                sum = wt.mul_add(*xp.add(r * k + t), sum);
+            }
+            *out.get_unchecked_mut(r * out_stride + o) = sum;
+        }
+    }
+}
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]

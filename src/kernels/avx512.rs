@@ -22,6 +22,7 @@ use half::f16;
 
 use super::packed::{PackKind, GROUP};
 use super::{BlockQ8, QK};
+use crate::quant::QK_K;
 
 /// Most activation rows one kernel call applies a weight block to.
 pub(super) const MAX_TILE_ROWS: usize = 8;
@@ -31,13 +32,15 @@ pub(super) const MAX_TILE_ROWS: usize = 8;
 ///
 /// `group` points at one packed column group (`nb` blocks, see
 /// [`super::packed`]); `x` at block 0 of the first of `R` activation rows
-/// spaced `x_stride` blocks apart.
+/// spaced `x_stride` blocks apart; `xh` likewise at their half-block sums
+/// ([`super::scalar::half_sums`]), read only by the two-half kinds (Q6_K).
 ///
 /// # Safety
 /// CPU supports avx512f/bw/vl/vnni and f16c; `group` spans a full packed
 /// group of `kind` with `nb` blocks; `x` holds `(R - 1) * x_stride + nb`
-/// blocks; `out` holds `(R - 1) * out_stride + 16` floats for every lane set
-/// in `lanes` (masked lanes are not touched).
+/// blocks (and `xh` as many pairs when `kind.halves() == 2`); `out` holds
+/// `(R - 1) * out_stride + 16` floats for every lane set in `lanes` (masked
+/// lanes are not touched).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 pub(super) unsafe fn gemm_group<const R: usize>(
@@ -45,76 +48,150 @@ pub(super) unsafe fn gemm_group<const R: usize>(
     group: *const u8,
     nb: usize,
     x: *const BlockQ8,
+    xh: *const [f32; 2],
     x_stride: usize,
     out: *mut f32,
     out_stride: usize,
     lanes: u16,
 ) {
-    let dptr = group as *const __m256i;
-    let (mptr, qptr) = match kind {
-        PackKind::Q4_1 => (dptr.add(nb), group.add(nb * 64)),
-        _ => (dptr, group.add(nb * 32)),
-    };
-    let qbytes = kind.qs_bytes();
+    let sup_bytes = kind.super_bytes();
+    let n_super = if sup_bytes > 0 { nb / (QK_K / QK) } else { 0 };
+    let recs = group.add(n_super * sup_bytes);
+    let (rec_bytes, scale_bytes, planes, halves) = (kind.record_bytes(), kind.scale_bytes(), kind.high_planes(), kind.halves());
+    let neg_z = _mm512_set1_ps(-(kind.zero().unwrap_or(0) as f32));
+    let sign = _mm512_set1_epi32(i32::MIN);
     let nib = _mm512_set1_epi8(0x0F);
+    // IQ4 table values plus 128, in every 128-bit lane (vpshufb looks up within lanes).
+    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_TABLE_U8.as_ptr() as *const __m128i));
     let inv_r = 1.0 / super::Q8_RESIDUAL_SCALE;
+    let (mut sd, mut sdm) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let mut accf = [_mm512_setzero_ps(); R];
     for b in 0..nb {
-        // (16,) weight scales and offsets of this block
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(dptr.add(b)));
-        let mw = match kind {
-            PackKind::Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(mptr.add(b))),
-            PackKind::Q4_0 => _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
-            PackKind::Q8_0 => _mm512_mul_ps(dw, _mm512_set1_ps(-128.0)),
+        let rec = recs.add(b * rec_bytes);
+        if sup_bytes > 0 && b % (QK_K / QK) == 0 {
+            // (16,) super-block scales of the next 8 blocks
+            let sp = group.add(b / (QK_K / QK) * sup_bytes);
+            sd = _mm512_cvtph_ps(_mm256_loadu_si256(sp as *const __m256i));
+            if sup_bytes == 64 {
+                sdm = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32) as *const __m256i));
+            }
+        }
+        // (16,) weight scales and offsets of this block (per half for Q6_K)
+        let (dw, mw) = match kind {
+            PackKind::Q4_0 | PackKind::Q5_0 | PackKind::Q8_0 | PackKind::IQ4NL => {
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+                ([d; 2], [_mm512_mul_ps(d, neg_z); 2])
+            }
+            PackKind::Q4_1 | PackKind::Q5_1 => {
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+                ([d; 2], [_mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i)); 2])
+            }
+            PackKind::Q4K | PackKind::Q5K => {
+                let d = _mm512_mul_ps(sd, bytes_f32(rec, false));
+                let m = _mm512_mul_ps(sdm, bytes_f32(rec.add(GROUP), false));
+                ([d; 2], [_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(m), sign)); 2])
+            }
+            PackKind::Q6K => {
+                let d = [_mm512_mul_ps(sd, bytes_f32(rec, true)), _mm512_mul_ps(sd, bytes_f32(rec.add(GROUP), true))];
+                (d, [_mm512_mul_ps(d[0], neg_z), _mm512_mul_ps(d[1], neg_z)])
+            }
+            PackKind::IQ4XS => {
+                let d = _mm512_mul_ps(sd, bytes_f32(rec, true));
+                ([d; 2], [_mm512_mul_ps(d, neg_z); 2])
+            }
         };
         // (8, 16 x 4 bytes): w[j] lane c = unsigned weights 4j..4j+3 of column c
-        let qb = qptr.add(b * qbytes) as *const __m512i;
+        let qb = rec.add(scale_bytes);
         let mut w = [_mm512_setzero_si512(); 8];
-        match kind {
-            PackKind::Q8_0 => {
+        if kind.byte_quants() {
+            for (j, wj) in w.iter_mut().enumerate() {
+                *wj = _mm512_loadu_si512(qb.add(64 * j) as *const __m512i);
+            }
+        } else {
+            for j in 0..4 {
+                let v = _mm512_loadu_si512(qb.add(64 * j) as *const __m512i);
+                w[j] = _mm512_and_si512(v, nib);
+                w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            }
+            for p in 0..planes {
+                let bit = _mm512_set1_epi8(16 << p);
                 for (j, wj) in w.iter_mut().enumerate() {
-                    *wj = _mm512_loadu_si512(qb.add(j));
+                    let k = (qb.add(GROUP * QK / 2 + 64 * p + 8 * j) as *const u64).read_unaligned();
+                    *wj = _mm512_mask_add_epi8(*wj, k, *wj, bit);
                 }
             }
-            _ => {
-                for j in 0..4 {
-                    let v = _mm512_loadu_si512(qb.add(j));
-                    w[j] = _mm512_and_si512(v, nib);
-                    w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            if kind.table() {
+                for wj in w.iter_mut() {
+                    *wj = _mm512_shuffle_epi8(tbl, *wj);
                 }
             }
         }
-        // (R, 16) integer dot products, both digits: (sum w*qs) * 128 + sum w*qr
-        let mut acc = [_mm512_setzero_si512(); R];
-        for (j, wj) in w.iter().enumerate() {
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xb = x.add(r * x_stride + b);
-                let q = ((*xb).qs.as_ptr() as *const i32).add(j).read_unaligned();
-                *a = _mm512_dpbusd_epi32(*a, *wj, _mm512_set1_epi32(q));
+        // Per half h (the whole block when halves == 1): (R, 16) integer dot
+        // products, both digits: (sum w*qs) * 128 + sum w*qr; then
+        // acc_f += isum * (dw * dx / 128)
+        let per = 8 / halves;
+        for h in 0..halves {
+            let mut acc = [_mm512_setzero_si512(); R];
+            for j in h * per..(h + 1) * per {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb = x.add(r * x_stride + b);
+                    let q = ((*xb).qs.as_ptr() as *const i32).add(j).read_unaligned();
+                    *a = _mm512_dpbusd_epi32(*a, w[j], _mm512_set1_epi32(q));
+                }
+            }
+            for a in acc.iter_mut() {
+                *a = _mm512_slli_epi32(*a, 7);
+            }
+            for j in h * per..(h + 1) * per {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb = x.add(r * x_stride + b);
+                    let q = ((*xb).qr.as_ptr() as *const i32).add(j).read_unaligned();
+                    *a = _mm512_dpbusd_epi32(*a, w[j], _mm512_set1_epi32(q));
+                }
+            }
+            for (r, (f, a)) in accf.iter_mut().zip(&acc).enumerate() {
+                let xb = &*x.add(r * x_stride + b);
+                let sc = _mm512_mul_ps(dw[h], _mm512_set1_ps(xb.d * inv_r));
+                *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), sc, *f);
             }
         }
-        for a in acc.iter_mut() {
-            *a = _mm512_slli_epi32(*a, 7);
-        }
-        for (j, wj) in w.iter().enumerate() {
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xb = x.add(r * x_stride + b);
-                let q = ((*xb).qr.as_ptr() as *const i32).add(j).read_unaligned();
-                *a = _mm512_dpbusd_epi32(*a, *wj, _mm512_set1_epi32(q));
+        // (R, 16): acc_f += mw * sx (per half: mw_h * sx_h)
+        for (r, f) in accf.iter_mut().enumerate() {
+            if halves == 1 {
+                *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps((*x.add(r * x_stride + b)).s), *f);
+            } else {
+                let hs = *xh.add(r * x_stride + b);
+                *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(hs[0]), *f);
+                *f = _mm512_fmadd_ps(mw[1], _mm512_set1_ps(hs[1]), *f);
             }
-        }
-        // (R, 16): acc_f += isum * (dw * dx / 128) + mw * sx
-        for (r, (f, a)) in accf.iter_mut().zip(&acc).enumerate() {
-            let xb = &*x.add(r * x_stride + b);
-            let sc = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d * inv_r));
-            *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), sc, *f);
-            *f = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), *f);
         }
     }
     for (r, f) in accf.iter().enumerate() {
         _mm512_mask_storeu_ps(out.add(r * out_stride), lanes, *f);
     }
 }
+
+/// 16 bytes at `p` (signed or unsigned) as 16 f32 lanes.
+///
+/// # Safety
+/// CPU supports avx512f; `p` points at 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn bytes_f32(p: *const u8, signed: bool) -> __m512 {
+    let v = _mm_loadu_si128(p as *const __m128i);
+    _mm512_cvtepi32_ps(if signed { _mm512_cvtepi8_epi32(v) } else { _mm512_cvtepu8_epi32(v) })
+}
+
+/// IQ4_NL's table values plus 128 (all in `1..=241`: unsigned bytes).
+static IQ4_TABLE_U8: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (crate::quant::iq::KVALUES_IQ4NL[i] as i32 + 128) as u8;
+        i += 1;
+    }
+    t
+};
 
 const _: () = assert!(GROUP == 16 && QK == 32);
 

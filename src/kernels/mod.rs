@@ -142,8 +142,10 @@ pub fn available_isas() -> Vec<Isa> {
 /// Errors from building kernel views over raw weight bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    /// The dtype parses and dequantizes but has no matmul kernel.
-    #[error("ggml type {} has no matmul kernel (kernels: F32, F16, BF16, Q4_0, Q4_1, Q8_0)", .0.name())]
+    /// The dtype has no kernel of the requested kind: [`QMatrix::new`]
+    /// accepts every [`GgmlDType`]; [`PackedMatrix::new`] only the types of
+    /// [`PackedMatrix::SUPPORTED`].
+    #[error("ggml type {} has no packed matmul kernel (packed: {}; the others use the raw-block kernels)", .0.name(), PackedMatrix::SUPPORTED)]
     UnsupportedDType(GgmlDType),
     /// Row length is not a multiple of the dtype's block size.
     #[error("row length {cols} is not a multiple of the block size {block} of {dtype:?}")]
@@ -188,11 +190,9 @@ pub struct QMatrix<'a> {
 impl<'a> QMatrix<'a> {
     /// Validates dtype, shape and byte size.
     pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
-        match dtype {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 => {}
-            #[allow(unreachable_patterns)]
-            other => return Err(KernelError::UnsupportedDType(other)),
-        }
+        // Every dtype has a kernel: SIMD for the common ones, the scalar
+        // integer dot (`scalar::vec_dot_q`) for Q2_K, Q3_K, IQ4_NL, IQ4_XS
+        // on raw blocks (and all of them on CPUs without AVX2).
         let block = dtype.block_size();
         if !cols.is_multiple_of(block) || ((dtype.block_size() > 1) && !cols.is_multiple_of(QK)) {
             return Err(KernelError::BadRowLength { dtype, cols, block });
@@ -415,6 +415,37 @@ fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], 
     let n = x.n;
     let stride = w.rows;
     if w.dtype.block_size() <= 1 {
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            let kind = match w.dtype {
+                GgmlDType::F16 => avx2::FKind::F16,
+                GgmlDType::BF16 => avx2::FKind::BF16,
+                _ => avx2::FKind::F32,
+            };
+            let k = w.cols;
+            let mut r = 0;
+            while r < n {
+                let take = (n - r).min(4);
+                let xs = &x.f[r * k..(r + take) * k];
+                let os = &mut out[r * stride..];
+                // SAFETY: avx2/fma/f16c detected (`isa` is capped at
+                // `detected_isa()`); `w.data` holds `w.rows` rows of `k`
+                // elements of the float dtype (checked in QMatrix::new) and
+                // cols.end <= w.rows; `xs` holds `take * k` floats; `os`
+                // holds at least `(take - 1) * stride + cols.end` floats
+                // (checked in `matmul_isa`).
+                unsafe {
+                    match take {
+                        4 => avx2::tile_f::<4>(kind, w.data, k, xs, os, stride, cols.clone()),
+                        3 => avx2::tile_f::<3>(kind, w.data, k, xs, os, stride, cols.clone()),
+                        2 => avx2::tile_f::<2>(kind, w.data, k, xs, os, stride, cols.clone()),
+                        _ => avx2::tile_f::<1>(kind, w.data, k, xs, os, stride, cols.clone()),
+                    }
+                }
+                r += take;
+            }
+            return;
+        }
         for r in 0..n {
             let xr = &x.f[r * w.cols..(r + 1) * w.cols];
             for o in cols.clone() {
@@ -425,12 +456,7 @@ fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], 
     }
     let nb = w.cols / QK;
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
-        let kind = match w.dtype {
-            GgmlDType::Q4_0 => avx2::QKind::Q4_0,
-            GgmlDType::Q4_1 => avx2::QKind::Q4_1,
-            _ => avx2::QKind::Q8_0,
-        };
+    if let (true, Some(kind)) = (isa >= Isa::Avx2, avx2::QKind::of(w.dtype)) {
         let mut r = 0;
         while r < n {
             let take = (n - r).min(4);
@@ -442,11 +468,15 @@ fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], 
             // blocks; `os` holds at least `(take - 1) * stride + cols.end`
             // floats (checked in `matmul_isa`).
             unsafe {
-                match take {
-                    4 => avx2::tile_q::<4>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    3 => avx2::tile_q::<3>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    2 => avx2::tile_q::<2>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    _ => avx2::tile_q::<1>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                match (kind.legacy(), take) {
+                    (true, 4) => avx2::tile_q::<4>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (true, 3) => avx2::tile_q::<3>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (true, 2) => avx2::tile_q::<2>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (true, _) => avx2::tile_q::<1>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, 4) => avx2::tile_qx::<4>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, 3) => avx2::tile_qx::<3>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, 2) => avx2::tile_qx::<2>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, _) => avx2::tile_qx::<1>(kind, w.data, nb, xs, os, stride, cols.clone()),
                 }
             }
             r += take;
@@ -454,10 +484,23 @@ fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], 
         return;
     }
     let _ = isa;
-    for r in 0..n {
-        let xr = &x.q[r * nb..(r + 1) * nb];
-        for o in cols.clone() {
-            out[r * stride + o] = scalar::vec_dot_q(w.dtype, w.row(o), xr);
+    if matches!(w.dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        for r in 0..n {
+            let xr = &x.q[r * nb..(r + 1) * nb];
+            for o in cols.clone() {
+                out[r * stride + o] = scalar::vec_dot_q(w.dtype, w.row(o), xr);
+            }
+        }
+        return;
+    }
+    // Every other type: each weight row decoded once to integer blocks, then
+    // dotted with every activation row (the operations of `vec_dot_q`).
+    let mut ib = Vec::with_capacity(nb);
+    for o in cols {
+        ib.clear();
+        scalar::for_each_int_block(w.dtype, w.row(o), |_, b| ib.push(*b));
+        for r in 0..n {
+            out[r * stride + o] = scalar::vec_dot_int(&ib, &x.q[r * nb..(r + 1) * nb]);
         }
     }
 }
@@ -482,12 +525,15 @@ pub fn matmul_packed_isa(
     let (n, nb) = (x.n, p.nb);
     assert!(x.q.len() >= n * nb, "matmul_packed: q8 activations too short");
     assert!(out.len() >= n * p.rows(), "matmul_packed: output too short");
+    // Half-block activation sums for the kinds with 16-element sub-blocks
+    // (exact integer sums, one rounding: the same for every split).
+    let xh: Vec<[f32; 2]> = if p.kind.halves() == 2 { x.q[..n * nb].iter().map(scalar::half_sums).collect() } else { Vec::new() };
     let shared = SharedOut(out.as_mut_ptr(), out.len());
     let run = |groups: std::ops::Range<usize>| {
         // SAFETY: `shared` spans `out`; each call writes only the columns of
         // `groups` of each row; the group ranges of concurrent calls are disjoint.
         let out = unsafe { shared.slice() };
-        matmul_packed_groups(isa, p, x, out, groups);
+        matmul_packed_groups(isa, p, x, &xh, out, groups);
     };
     split_columns(pool, p.n_groups(), 1, &run);
 }
@@ -497,7 +543,7 @@ pub fn matmul_packed_isa(
 const MACRO_ROWS: usize = 64;
 
 /// Computes the output columns of column groups `groups` for every row.
-fn matmul_packed_groups(isa: Isa, p: &PackedMatrix, x: &Activations<'_>, out: &mut [f32], groups: std::ops::Range<usize>) {
+fn matmul_packed_groups(isa: Isa, p: &PackedMatrix, x: &Activations<'_>, xh: &[[f32; 2]], out: &mut [f32], groups: std::ops::Range<usize>) {
     let (n, nb, stride) = (x.n, p.nb, p.rows());
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {
@@ -513,23 +559,25 @@ fn matmul_packed_groups(isa: Isa, p: &PackedMatrix, x: &Activations<'_>, out: &m
                 while r < r1 {
                     let take = (r1 - r).min(T);
                     let xp = x.q[r * nb..].as_ptr();
+                    let hp = if xh.is_empty() { std::ptr::null() } else { xh[r * nb..].as_ptr() };
                     let op = out[r * stride + g * GROUP..].as_mut_ptr();
                     // SAFETY: avx512f/bw/vl/vnni detected (`isa` is capped at
                     // `detected_isa()`); `gp` spans packed group `g` of `nb`
                     // blocks; `x.q` holds `n * nb >= (r + take) * nb` blocks
-                    // and `out` holds `n * stride` floats, so rows `r..r +
+                    // (and `xh`, when the kind reads it, as many pairs) and
+                    // `out` holds `n * stride` floats, so rows `r..r +
                     // take` fit; only the `valid` lanes (columns `< stride`)
                     // are stored.
                     unsafe {
                         match take {
-                            8 => avx512::gemm_group::<8>(p.kind, gp, nb, xp, nb, op, stride, lanes),
-                            7 => avx512::gemm_group::<7>(p.kind, gp, nb, xp, nb, op, stride, lanes),
-                            6 => avx512::gemm_group::<6>(p.kind, gp, nb, xp, nb, op, stride, lanes),
-                            5 => avx512::gemm_group::<5>(p.kind, gp, nb, xp, nb, op, stride, lanes),
-                            4 => avx512::gemm_group::<4>(p.kind, gp, nb, xp, nb, op, stride, lanes),
-                            3 => avx512::gemm_group::<3>(p.kind, gp, nb, xp, nb, op, stride, lanes),
-                            2 => avx512::gemm_group::<2>(p.kind, gp, nb, xp, nb, op, stride, lanes),
-                            _ => avx512::gemm_group::<1>(p.kind, gp, nb, xp, nb, op, stride, lanes),
+                            8 => avx512::gemm_group::<8>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
+                            7 => avx512::gemm_group::<7>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
+                            6 => avx512::gemm_group::<6>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
+                            5 => avx512::gemm_group::<5>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
+                            4 => avx512::gemm_group::<4>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
+                            3 => avx512::gemm_group::<3>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
+                            2 => avx512::gemm_group::<2>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
+                            _ => avx512::gemm_group::<1>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
                         }
                     }
                     r += take;
@@ -717,31 +765,107 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
     }
 
-    /// Builds random raw blocks of a quantized dtype (valid scales).
+    /// Byte offsets of the f16 scale fields of a quantized dtype's block,
+    /// with the range of values each gets in random blocks.
+    fn scale_fields(dtype: GgmlDType) -> Vec<(usize, std::ops::Range<f32>)> {
+        let d = 0.001f32..0.05;
+        match dtype {
+            GgmlDType::Q4_1 | GgmlDType::Q5_1 => vec![(0, d), (2, -0.2..0.0)],
+            // K-quants: the sub-block scales multiply d (6-bit: up to 63).
+            GgmlDType::Q4_K | GgmlDType::Q5_K => vec![(0, 0.0005..0.002), (2, 0.0..0.003)],
+            GgmlDType::Q2_K => vec![(80, 0.001..0.01), (82, 0.0..0.01)],
+            GgmlDType::Q3_K => vec![(108, 0.0005..0.002)],
+            GgmlDType::Q6_K => vec![(208, 0.0002..0.001)],
+            GgmlDType::IQ4_XS => vec![(0, 0.0001..0.001)],
+            GgmlDType::IQ4_NL => vec![(0, 0.0002..0.001)],
+            _ => vec![(0, d)],
+        }
+    }
+
+    /// Builds random raw blocks of a quantized dtype: random quant and
+    /// sub-scale bytes, small finite f16 scales.
     fn rand_weights(rng: &mut rand::rngs::SmallRng, dtype: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
-        use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0};
-        let nb = rows * cols / QK;
-        let mut out = Vec::new();
-        for _ in 0..nb {
-            let d = f16::from_f32(rng.gen_range(0.001f32..0.05));
-            match dtype {
-                GgmlDType::Q4_1 => {
-                    let m = f16::from_f32(rng.gen_range(-0.2f32..0.0));
-                    let b = BlockQ4_1 { d, m, qs: std::array::from_fn(|_| rng.gen::<u8>()) };
-                    out.extend_from_slice(bytemuck::bytes_of(&b));
-                }
-                GgmlDType::Q4_0 => {
-                    let b = BlockQ4_0 { d, qs: std::array::from_fn(|_| rng.gen::<u8>()) };
-                    out.extend_from_slice(bytemuck::bytes_of(&b));
-                }
-                GgmlDType::Q8_0 => {
-                    let b = BlockQ8_0 { d, qs: std::array::from_fn(|_| rng.gen_range(-128i32..=127) as i8) };
-                    out.extend_from_slice(bytemuck::bytes_of(&b));
-                }
-                _ => unreachable!(),
+        let (bs, ts) = (dtype.block_size(), dtype.type_size());
+        let mut out = Vec::with_capacity(rows * cols / bs * ts);
+        for _ in 0..rows * cols / bs {
+            let mut blk: Vec<u8> = (0..ts).map(|_| rng.gen::<u8>()).collect();
+            for (at, range) in scale_fields(dtype) {
+                blk[at..at + 2].copy_from_slice(&f16::from_f32(rng.gen_range(range)).to_le_bytes());
             }
+            out.extend_from_slice(&blk);
         }
         out
+    }
+
+    /// Quantized dtypes whose packed kernel the tests cover.
+    const PACKED: [GgmlDType; 10] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_K,
+        GgmlDType::Q5_K,
+        GgmlDType::Q6_K,
+        GgmlDType::IQ4_NL,
+        GgmlDType::IQ4_XS,
+    ];
+
+    /// Every quantized dtype.
+    const QUANT: [GgmlDType; 12] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2_K,
+        GgmlDType::Q3_K,
+        GgmlDType::Q4_K,
+        GgmlDType::Q5_K,
+        GgmlDType::Q6_K,
+        GgmlDType::IQ4_NL,
+        GgmlDType::IQ4_XS,
+    ];
+
+    #[test]
+    fn int_blocks_dequantize_bit_identically() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        for dtype in QUANT {
+            let cols = 512;
+            let data = rand_weights(&mut rng, dtype, 3, cols);
+            let w = QMatrix::new(dtype, 3, cols, &data).unwrap();
+            for o in 0..3 {
+                let mut want = vec![f32::NAN; cols];
+                w.dequantize_row(o, &mut want);
+                let mut got = vec![f32::NAN; cols];
+                let mut seen = 0;
+                scalar::for_each_int_block(dtype, w.row(o), |b, ib| {
+                    let mut v = [0.0; QK];
+                    ib.dequantize(&mut v);
+                    got[b * QK..(b + 1) * QK].copy_from_slice(&v);
+                    seen += 1;
+                });
+                assert_eq!(seen, cols / QK, "{dtype:?}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{dtype:?} row {o}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_dtype_loads_and_bad_shapes_are_one_line_errors() {
+        for dtype in GgmlDType::ALL {
+            let cols = 256;
+            let data = vec![0u8; 2 * cols / dtype.block_size() * dtype.type_size()];
+            assert!(QMatrix::new(dtype, 2, cols, &data).is_ok(), "{dtype:?}");
+        }
+        let e = QMatrix::new(GgmlDType::Q4_K, 1, 96, &[0; 54]).unwrap_err();
+        assert!(matches!(e, KernelError::BadRowLength { block: 256, .. }), "{e}");
+        let e = QMatrix::new(GgmlDType::Q5_0, 1, 48, &[0; 33]).unwrap_err();
+        assert!(matches!(e, KernelError::BadRowLength { .. }), "{e}");
+        let w = QMatrix::new(GgmlDType::Q3_K, 1, 256, &[0; 110]).unwrap();
+        let e = PackedMatrix::new(&w).unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.contains("Q3_K") && e.contains(PackedMatrix::SUPPORTED), "{e}");
     }
 
     /// Every output of `matmul_isa` / `matmul_packed_isa` for one ISA.
@@ -757,18 +881,21 @@ mod tests {
     #[test]
     fn simd_matmul_matches_scalar_reference() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            for &(rows, cols, n) in &[(8, 32, 1), (17, 64, 3), (64, 256, 5), (100, 576, 9), (48, 96, 70)] {
+        for dtype in QUANT {
+            for &(rows, cols, n) in &[(8usize, 32usize, 1usize), (17, 64, 3), (64, 256, 5), (100, 576, 9), (48, 96, 70), (40, 512, 4)] {
+                if !cols.is_multiple_of(dtype.block_size()) {
+                    continue;
+                }
                 let data = rand_weights(&mut rng, dtype, rows, cols);
                 let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
-                let p = PackedMatrix::new(&w).unwrap();
+                let p = PackedMatrix::new(&w).ok();
                 let xf = rand_vec(&mut rng, n * cols);
                 let mut xq = vec![BlockQ8::default(); n * cols / QK];
                 quantize_rows_q8(&xf, cols, &mut xq);
                 let x = Activations { f: &xf, q: &xq, n };
                 let nb = cols / QK;
                 for isa in available_isas() {
-                    for packed in [None, Some(&p)] {
+                    for packed in [None, p.as_ref()] {
                         let out = run_isa(isa, packed, &w, &x, None);
                         for r in 0..n {
                             let xr = &xq[r * nb..(r + 1) * nb];
@@ -777,9 +904,9 @@ mod tests {
                                 let got = out[r * rows + o];
                                 let tol = 1e-4 * (1.0 + want.abs());
                                 assert!((got - want).abs() <= tol, "{isa:?} packed={} {dtype:?} r{r} o{o}: {got} vs {want}", packed.is_some());
-                                if packed.is_some() {
+                                if let Some(p) = packed {
                                     // The packed kernel equals its scalar reference bit for bit.
-                                    assert_eq!(got.to_bits(), packed::ref_dot(&p, o, xr).to_bits(), "{isa:?} {dtype:?} r{r} o{o}");
+                                    assert_eq!(got.to_bits(), packed::ref_dot(p, o, xr).to_bits(), "{isa:?} {dtype:?} r{r} o{o}");
                                 }
                             }
                         }
@@ -798,10 +925,46 @@ mod tests {
     }
 
     #[test]
+    fn float_matmul_matches_scalar_and_is_batch_invariant() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(19);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+            for &(rows, cols, n) in &[(5usize, 8usize, 1usize), (17, 40, 3), (64, 576, 9), (33, 256, 6)] {
+                let vals = rand_vec(&mut rng, rows * cols);
+                let data: Vec<u8> = match dtype {
+                    GgmlDType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    GgmlDType::F16 => vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+                    _ => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+                };
+                let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
+                let xf = rand_vec(&mut rng, n * cols);
+                let x = Activations { f: &xf, q: &[], n };
+                let mut wrow = vec![0.0; cols];
+                for isa in available_isas() {
+                    let all = run_isa(isa, None, &w, &x, Some(&pool));
+                    for r in 0..n {
+                        let xr = &xf[r * cols..(r + 1) * cols];
+                        // Each row alone (and single-threaded) gives the same bits.
+                        let one = run_isa(isa, None, &w, &Activations { f: xr, q: &[], n: 1 }, None);
+                        assert_eq!(&all[r * rows..(r + 1) * rows], &one[..], "{isa:?} {dtype:?} row {r}");
+                        for o in 0..rows {
+                            w.dequantize_row(o, &mut wrow);
+                            let want = scalar::vec_dot_f(dtype, w.row(o), xr);
+                            let mag: f32 = wrow.iter().zip(xr).map(|(a, b)| (a * b).abs()).sum();
+                            let got = all[r * rows + o];
+                            assert!((got - want).abs() <= 1e-5 * (mag + 1e-3), "{isa:?} {dtype:?} r{r} o{o}: {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn packed_layout_round_trips() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let (rows, cols) = (37, 96);
+        for dtype in PACKED {
+            let (rows, cols) = (37, 512);
             let data = rand_weights(&mut rng, dtype, rows, cols);
             let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
             let p = PackedMatrix::new(&w).unwrap();
@@ -815,7 +978,7 @@ mod tests {
                 for b in 0..cols / QK {
                     let (d, m, u) = p.block(o, b);
                     for k in 0..QK {
-                        let got = d * u[k] as f32 + m;
+                        let got = d[k / 16] * u[k] as f32 + m[k / 16];
                         assert!((got - want[b * QK + k]).abs() <= 1e-6 * (1.0 + got.abs()), "{dtype:?} o{o} b{b} k{k}");
                     }
                 }
@@ -828,18 +991,18 @@ mod tests {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let pool3 = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in QUANT {
             // n > MACRO_ROWS: every tile size 1..=8 and a macro-tile boundary occur.
-            let (rows, cols, n) = (200, 128, 75);
+            let (rows, cols, n) = (200, 256, 75);
             let data = rand_weights(&mut rng, dtype, rows, cols);
             let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
-            let p = PackedMatrix::new(&w).unwrap();
+            let p = PackedMatrix::new(&w).ok();
             let xf = rand_vec(&mut rng, n * cols);
             let mut xq = vec![BlockQ8::default(); n * cols / QK];
             quantize_rows_q8(&xf, cols, &mut xq);
             let nb = cols / QK;
             for isa in available_isas() {
-                for packed in [None, Some(&p)] {
+                for packed in [None, p.as_ref()] {
                     let all = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, Some(&pool));
                     let all3 = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, Some(&pool3));
                     let all1 = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, None);

@@ -2,53 +2,164 @@
 //! for the AVX-512 VNNI matmul, and the scalar reference of that kernel.
 //!
 //! Output columns (weight rows) are taken 16 at a time ("groups"; the last
-//! group is zero-padded). A group stores all its scales first, then its
-//! quants, 64-byte aligned:
+//! group is zero-padded). A group stores the super-block scales of the
+//! K-quant kinds first, then one record per 32-element block, 64-byte
+//! aligned as a whole:
 //!
 //! ```text
-//! group g:  [d: nb x 16 f16][m: nb x 16 f16, Q4_1 only][qs: nb x QS bytes]  (padded to 64 B)
-//! Q4_0/Q4_1 block qs (QS = 256): 4 vectors j = 0..3 of 64 B;
-//!     vector j, bytes 4c..4c+4 = ggml qs[4j..4j+4] of column c
-//!     (low nibbles: weights 4j..4j+3, high nibbles: weights 16+4j..16+4j+3)
-//! Q8_0 block qs (QS = 512): 8 vectors j = 0..7 of 64 B;
-//!     vector j, bytes 4c..4c+4 = ggml qs[4j..4j+4] of column c, plus 128 (as u8)
+//! group g:  [super: nb/8 x SUP bytes][record b = 0..nb: scales | quants | high planes]  (padded to 64 B)
+//! scales (per 16 columns):
+//!   Q4_0, Q5_0, Q8_0, IQ4_NL: d: 16 x f16                     (w = d * (u - z))
+//!   Q4_1, Q5_1:               d: 16 x f16, m: 16 x f16         (w = d * u + m)
+//!   Q4_K, Q5_K:  sc: 16 x u8, mn: 16 x u8; super: d, dmin: 16 x f16 each
+//!                (w = (d*sc) * u - dmin*mn, the two products exact in f32)
+//!   Q6_K:        sc: 2 x 16 x i8 (halves 0..16, 16..32); super: d: 16 x f16
+//!                (w = (d*sc_h) * (u - 32))
+//!   IQ4_XS:      sc: 16 x i8 (6-bit scale - 32); super: d: 16 x f16   (w = (d*sc) * K[q])
+//! quants: nibbles (all but Q8_0, 256 B): 4 vectors j = 0..3 of 64 B;
+//!     vector j, bytes 4c..4c+4: weights 4j..4j+3 of column c in the low
+//!     nibbles, weights 16+4j..16+4j+3 in the high nibbles (ggml's Q4_0 order)
+//!   bytes (Q8_0, 512 B): 8 vectors j of 64 B, bytes 4c..4c+4 = weights
+//!     4j..4j+3 of column c, plus 128 (as u8)
+//! high planes (Q5_*: 1, Q6_K: 2; 64 B each): plane p is 8 u64 masks, one per
+//!   weight vector j = 0..7 (weights 4j..4j+3, 16 columns): bit 4c+i is bit
+//!   4+p of weight 4j+i of column c (applied with a masked byte add)
 //! ```
 //!
-//! Every weight is thus an unsigned byte `u` with `w = d * u + m` per block
-//! (`m = -8d` for Q4_0, `-128d` for Q8_0), so one `vpdpbusd` form serves all
-//! three dtypes and the offset is applied through the activation block sum.
-//! Sizes equal the ggml sizes (plus at most 63 bytes and one group of padding).
+//! Every weight is thus an unsigned byte `u` (IQ4: the table value plus 128,
+//! looked up from the nibble in the kernel) with `w = d * u + m` per block,
+//! or per 16-element half for Q6_K; one `vpdpbusd` form serves every kind and
+//! the offset is applied through the activation block sum (Q6_K: half-block
+//! sums, computed once per call). Q6_K accumulates its two halves in separate
+//! integer sums.
+//!
+//! Size in bytes per weight, packed vs GGUF (the packed copy replaces the
+//! mapped one in memory): Q4_0 0.5625 = 0.5625, Q4_1 0.625 = 0.625, Q5_0
+//! 0.6875 = 0.6875, Q5_1 0.75 = 0.75, Q8_0 1.0625 = 1.0625, Q4_K 0.5781 vs
+//! 0.5625 (+2.8%: sub-block scales and mins stored as bytes), Q5_K 0.7031 vs
+//! 0.6875 (+2.3%), Q6_K 0.8203 = 0.8203, IQ4_NL 0.5625 = 0.5625,
+//! IQ4_XS 0.5391 vs 0.5313 (+1.5%); plus at most 63 bytes per group and the
+//! zero padding of the last group.
 
 use half::f16;
 
+use super::scalar::{half_sums, iq4_xs_scale, q6_k_quant};
 use super::{BlockQ8, KernelError, QMatrix, QK, Q8_RESIDUAL_SCALE};
-use crate::quant::{blocks, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlDType};
+use crate::quant::iq::KVALUES_IQ4NL;
+use crate::quant::k_quants::{nibble, scale_min_k4};
+use crate::quant::legacy::five_bit_quants;
+use crate::quant::{
+    blocks, BlockIQ4NL, BlockIQ4XS, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    GgmlDType, QK_K,
+};
 
 /// Output columns per packed group (one 512-bit register of i32 lanes).
 pub const GROUP: usize = 16;
+
+/// 32-element blocks per K-quant super-block.
+const SUB: usize = QK_K / QK;
 
 /// Packed weight format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PackKind {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+    IQ4NL,
+    IQ4XS,
 }
 
 impl PackKind {
-    /// Quant bytes of one block of one group.
-    pub(crate) const fn qs_bytes(self) -> usize {
+    /// The packed kind of a dtype (`None`: no packed kernel).
+    pub(crate) fn of(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => PackKind::Q4_0,
+            GgmlDType::Q4_1 => PackKind::Q4_1,
+            GgmlDType::Q5_0 => PackKind::Q5_0,
+            GgmlDType::Q5_1 => PackKind::Q5_1,
+            GgmlDType::Q8_0 => PackKind::Q8_0,
+            GgmlDType::Q4_K => PackKind::Q4K,
+            GgmlDType::Q5_K => PackKind::Q5K,
+            GgmlDType::Q6_K => PackKind::Q6K,
+            GgmlDType::IQ4_NL => PackKind::IQ4NL,
+            GgmlDType::IQ4_XS => PackKind::IQ4XS,
+            _ => return None,
+        })
+    }
+
+    /// Zero point `z` of the symmetric kinds (`w = d * (u - z)`); `None` for
+    /// the kinds with a stored offset.
+    pub(crate) const fn zero(self) -> Option<u8> {
         match self {
-            PackKind::Q8_0 => GROUP * QK,
-            _ => GROUP * QK / 2,
+            PackKind::Q4_0 => Some(8),
+            PackKind::Q5_0 => Some(16),
+            PackKind::Q6K => Some(32),
+            PackKind::Q8_0 | PackKind::IQ4NL | PackKind::IQ4XS => Some(128),
+            PackKind::Q4_1 | PackKind::Q5_1 | PackKind::Q4K | PackKind::Q5K => None,
         }
     }
 
-    /// Scale bytes (d, and m for Q4_1) of one block of one group.
-    const fn scale_bytes(self) -> usize {
+    /// Quants are whole bytes (else nibbles plus high planes).
+    pub(crate) const fn byte_quants(self) -> bool {
+        matches!(self, PackKind::Q8_0)
+    }
+
+    /// Number of 64-byte high-bit planes after the nibbles.
+    pub(crate) const fn high_planes(self) -> usize {
         match self {
-            PackKind::Q4_1 => 2 * GROUP * 2,
+            PackKind::Q5_0 | PackKind::Q5_1 | PackKind::Q5K => 1,
+            PackKind::Q6K => 2,
+            _ => 0,
+        }
+    }
+
+    /// Nibbles index the IQ4 table.
+    pub(crate) const fn table(self) -> bool {
+        matches!(self, PackKind::IQ4NL | PackKind::IQ4XS)
+    }
+
+    /// Number of 16-element halves with their own scale and offset (1 or 2).
+    pub(crate) const fn halves(self) -> usize {
+        match self {
+            PackKind::Q6K => 2,
+            _ => 1,
+        }
+    }
+
+    /// Scale bytes at the start of one block record.
+    pub(crate) const fn scale_bytes(self) -> usize {
+        match self {
+            PackKind::Q4_1 | PackKind::Q5_1 => 2 * GROUP * 2,
+            PackKind::IQ4XS => GROUP,
             _ => GROUP * 2,
+        }
+    }
+
+    /// Quant bytes (nibbles or bytes, then high planes) of one block record.
+    pub(crate) const fn qs_bytes(self) -> usize {
+        if self.byte_quants() {
+            GROUP * QK
+        } else {
+            GROUP * QK / 2 + 64 * self.high_planes()
+        }
+    }
+
+    /// Bytes of one block record (all 16 columns).
+    pub(crate) const fn record_bytes(self) -> usize {
+        self.scale_bytes() + self.qs_bytes()
+    }
+
+    /// Super-block scale bytes per 8 blocks (K-quant kinds; 0 otherwise).
+    pub(crate) const fn super_bytes(self) -> usize {
+        match self {
+            PackKind::Q4K | PackKind::Q5K => 2 * GROUP * 2,
+            PackKind::Q6K | PackKind::IQ4XS => GROUP * 2,
+            _ => 0,
         }
     }
 }
@@ -85,10 +196,45 @@ impl std::fmt::Debug for PackedMatrix {
     }
 }
 
+/// Writes a little-endian f16 at `gb[at..at + 2]`.
+fn put_f16(gb: &mut [u8], at: usize, x: f16) {
+    gb[at..at + 2].copy_from_slice(&x.to_le_bytes());
+}
+
+/// Writes the 32 stored quants `u` of column `c` into the quant part of a
+/// block record at `gb[at..]` (layout in the module doc).
+fn put_quants(kind: PackKind, gb: &mut [u8], at: usize, c: usize, u: &[u8; QK]) {
+    if kind.byte_quants() {
+        for j in 0..8 {
+            gb[at + j * 64 + 4 * c..at + j * 64 + 4 * c + 4].copy_from_slice(&u[4 * j..4 * j + 4]);
+        }
+        return;
+    }
+    for j in 0..4 {
+        for i in 0..4 {
+            gb[at + j * 64 + 4 * c + i] = (u[4 * j + i] & 0x0F) | (u[16 + 4 * j + i] << 4);
+        }
+    }
+    for p in 0..kind.high_planes() {
+        for j in 0..8 {
+            let mask_at = at + GROUP * QK / 2 + 64 * p + 8 * j;
+            let mut mask = u64::from_le_bytes(std::array::from_fn(|i| gb[mask_at + i]));
+            for i in 0..4 {
+                mask |= (((u[4 * j + i] >> (4 + p)) & 1) as u64) << (4 * c + i);
+            }
+            gb[mask_at..mask_at + 8].copy_from_slice(&mask.to_le_bytes());
+        }
+    }
+}
+
 impl PackedMatrix {
+    /// The dtypes with a packed kernel (for error messages).
+    pub const SUPPORTED: &'static str = "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
+
     /// Repacks `w` when this CPU's selected ISA ([`super::isa`]) has a kernel
-    /// for the packed layout (AVX-512 VNNI) and `w` is Q4_0/Q4_1/Q8_0; `None`
-    /// otherwise (then use [`super::matmul`] on the raw matrix).
+    /// for the packed layout (AVX-512 VNNI) and `w`'s dtype has a packed kind
+    /// ([`PackedMatrix::SUPPORTED`]); `None` otherwise (then use
+    /// [`super::matmul`] on the raw matrix).
     pub fn for_current_isa(w: &QMatrix<'_>) -> Option<Self> {
         if super::isa() != super::Isa::Avx512Vnni {
             return None;
@@ -96,66 +242,110 @@ impl PackedMatrix {
         Self::new(w).ok()
     }
 
-    /// Repacks a Q4_0/Q4_1/Q8_0 matrix (any ISA; on CPUs without AVX-512 VNNI
-    /// [`super::matmul_packed`] runs the scalar reference).
+    /// Repacks a matrix of one of the [`PackedMatrix::SUPPORTED`] dtypes (any
+    /// ISA; on CPUs without AVX-512 VNNI [`super::matmul_packed`] runs the
+    /// scalar reference).
     pub fn new(w: &QMatrix<'_>) -> Result<Self, KernelError> {
-        let kind = match w.dtype {
-            GgmlDType::Q4_0 => PackKind::Q4_0,
-            GgmlDType::Q4_1 => PackKind::Q4_1,
-            GgmlDType::Q8_0 => PackKind::Q8_0,
-            other => return Err(KernelError::UnsupportedDType(other)),
-        };
+        let kind = PackKind::of(w.dtype).ok_or(KernelError::UnsupportedDType(w.dtype))?;
         let nb = w.cols / QK;
-        let group_bytes = (nb * (kind.scale_bytes() + kind.qs_bytes())).next_multiple_of(64);
+        let n_super = if kind.super_bytes() > 0 { nb / SUB } else { 0 };
+        let rec0 = n_super * kind.super_bytes();
+        let rb = kind.record_bytes();
+        let group_bytes = (rec0 + nb * rb).next_multiple_of(64);
         let n_groups = w.rows.div_ceil(GROUP);
         let mut lines = vec![Line([0; 64]); n_groups * group_bytes / 64];
-        let mut p = Self { kind, rows: w.rows, cols: w.cols, nb, group_bytes, lines: Vec::new() };
-        {
-            let bytes = lines_as_bytes_mut(&mut lines);
-            for o in 0..w.rows {
-                let (g, c) = (o / GROUP, o % GROUP);
-                let gb = &mut bytes[g * group_bytes..(g + 1) * group_bytes];
-                // d (and m) of column c, block b: little-endian f16 as in the ggml block.
-                fn put_f16(gb: &mut [u8], at: usize, x: f16) {
-                    gb[at..at + 2].copy_from_slice(&x.to_le_bytes());
+        let bytes = lines_as_bytes_mut(&mut lines);
+        let sb = kind.scale_bytes();
+        for o in 0..w.rows {
+            let (g, c) = (o / GROUP, o % GROUP);
+            let gb = &mut bytes[g * group_bytes..(g + 1) * group_bytes];
+            let rec = |b: usize| rec0 + b * rb;
+            let sup = |s: usize| s * kind.super_bytes();
+            let row = w.row(o);
+            match kind {
+                PackKind::Q4_0 => {
+                    for (b, blk) in blocks::<BlockQ4_0>(row).enumerate() {
+                        put_f16(gb, rec(b) + 2 * c, blk.d);
+                        put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| nib32(&blk.qs, k)));
+                    }
                 }
-                let qs_base = |b: usize| nb * kind.scale_bytes() + b * kind.qs_bytes();
-                match kind {
-                    PackKind::Q4_1 => {
-                        for (b, blk) in blocks::<BlockQ4_1>(w.row(o)).enumerate() {
-                            put_f16(gb, b * 32 + 2 * c, blk.d);
-                            put_f16(gb, nb * 32 + b * 32 + 2 * c, blk.m);
-                            for j in 0..4 {
-                                let dst = qs_base(b) + j * 64 + 4 * c;
-                                gb[dst..dst + 4].copy_from_slice(&blk.qs[4 * j..4 * j + 4]);
-                            }
+                PackKind::IQ4NL => {
+                    for (b, blk) in blocks::<BlockIQ4NL>(row).enumerate() {
+                        put_f16(gb, rec(b) + 2 * c, blk.d);
+                        put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| nib32(&blk.qs, k)));
+                    }
+                }
+                PackKind::Q4_1 => {
+                    for (b, blk) in blocks::<BlockQ4_1>(row).enumerate() {
+                        put_f16(gb, rec(b) + 2 * c, blk.d);
+                        put_f16(gb, rec(b) + 32 + 2 * c, blk.m);
+                        put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| nib32(&blk.qs, k)));
+                    }
+                }
+                PackKind::Q5_0 => {
+                    for (b, blk) in blocks::<BlockQ5_0>(row).enumerate() {
+                        put_f16(gb, rec(b) + 2 * c, blk.d);
+                        put_quants(kind, gb, rec(b) + sb, c, &five_bit_quants(blk.qh, &blk.qs));
+                    }
+                }
+                PackKind::Q5_1 => {
+                    for (b, blk) in blocks::<BlockQ5_1>(row).enumerate() {
+                        put_f16(gb, rec(b) + 2 * c, blk.d);
+                        put_f16(gb, rec(b) + 32 + 2 * c, blk.m);
+                        put_quants(kind, gb, rec(b) + sb, c, &five_bit_quants(blk.qh, &blk.qs));
+                    }
+                }
+                PackKind::Q8_0 => {
+                    for (b, blk) in blocks::<BlockQ8_0>(row).enumerate() {
+                        put_f16(gb, rec(b) + 2 * c, blk.d);
+                        put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| (blk.qs[k] as u8) ^ 0x80));
+                    }
+                }
+                PackKind::Q4K | PackKind::Q5K => {
+                    // Q4_K and Q5_K share the header (d, dmin, scales); Q5_K adds qh.
+                    let (hdr, qh): (Vec<(f16, f16, [u8; 12], [u8; QK_K / 2])>, Vec<[u8; QK_K / 8]>) = if kind == PackKind::Q4K {
+                        blocks::<BlockQ4K>(row).map(|b| ((b.d, b.dmin, b.scales, b.qs), [0; QK_K / 8])).unzip()
+                    } else {
+                        blocks::<BlockQ5K>(row).map(|b| ((b.d, b.dmin, b.scales, b.qs), b.qh)).unzip()
+                    };
+                    for (s, ((d, dmin, scales, qs), qh)) in hdr.iter().zip(&qh).enumerate() {
+                        put_f16(gb, sup(s) + 2 * c, *d);
+                        put_f16(gb, sup(s) + 32 + 2 * c, *dmin);
+                        for j in 0..SUB {
+                            let b = s * SUB + j;
+                            let (sc, mn) = scale_min_k4(j, scales);
+                            gb[rec(b) + c] = sc;
+                            gb[rec(b) + GROUP + c] = mn;
+                            let u = std::array::from_fn(|k| nibble(qs, QK * j + k) | (((qh[k] >> j) & 1) << 4));
+                            put_quants(kind, gb, rec(b) + sb, c, &u);
                         }
                     }
-                    PackKind::Q4_0 => {
-                        for (b, blk) in blocks::<BlockQ4_0>(w.row(o)).enumerate() {
-                            put_f16(gb, b * 32 + 2 * c, blk.d);
-                            for j in 0..4 {
-                                let dst = qs_base(b) + j * 64 + 4 * c;
-                                gb[dst..dst + 4].copy_from_slice(&blk.qs[4 * j..4 * j + 4]);
-                            }
+                }
+                PackKind::Q6K => {
+                    for (s, blk) in blocks::<BlockQ6K>(row).enumerate() {
+                        put_f16(gb, sup(s) + 2 * c, blk.d);
+                        for j in 0..SUB {
+                            let b = s * SUB + j;
+                            gb[rec(b) + c] = blk.scales[2 * j] as u8;
+                            gb[rec(b) + GROUP + c] = blk.scales[2 * j + 1] as u8;
+                            put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| q6_k_quant(&blk, QK * j + k)));
                         }
                     }
-                    PackKind::Q8_0 => {
-                        for (b, blk) in blocks::<BlockQ8_0>(w.row(o)).enumerate() {
-                            put_f16(gb, b * 32 + 2 * c, blk.d);
-                            for j in 0..8 {
-                                let dst = qs_base(b) + j * 64 + 4 * c;
-                                for k in 0..4 {
-                                    gb[dst + k] = (blk.qs[4 * j + k] as u8) ^ 0x80;
-                                }
-                            }
+                }
+                PackKind::IQ4XS => {
+                    for (s, blk) in blocks::<BlockIQ4XS>(row).enumerate() {
+                        put_f16(gb, sup(s) + 2 * c, blk.d);
+                        for j in 0..SUB {
+                            let b = s * SUB + j;
+                            gb[rec(b) + c] = iq4_xs_scale(&blk, j) as u8;
+                            let qs: [u8; QK / 2] = std::array::from_fn(|l| blk.qs[16 * j + l]);
+                            put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| nib32(&qs, k)));
                         }
                     }
                 }
             }
         }
-        p.lines = lines;
-        Ok(p)
+        Ok(Self { kind, rows: w.rows, cols: w.cols, nb, group_bytes, lines })
     }
 
     /// Output features (rows of the original matrix).
@@ -191,37 +381,75 @@ impl PackedMatrix {
         assert!(o < self.rows && out.len() == self.cols, "dequantize_row: row {o} or length out of range");
         for (b, ob) in out.chunks_exact_mut(QK).enumerate() {
             let (d, m, u) = self.block(o, b);
-            for (x, &q) in ob.iter_mut().zip(&u) {
-                *x = match self.kind {
-                    PackKind::Q4_0 => (q as i32 - 8) as f32 * d,
-                    PackKind::Q4_1 => q as f32 * d + m,
-                    PackKind::Q8_0 => (q as i32 - 128) as f32 * d,
+            for (k, (x, &q)) in ob.iter_mut().zip(&u).enumerate() {
+                // The reference dequantizers' own expressions (not d * u + m,
+                // which rounds differently for the symmetric kinds).
+                *x = match self.kind.zero() {
+                    Some(z) => (q as i32 - z as i32) as f32 * d[k / 16],
+                    None => q as f32 * d[k / 16] + m[k / 16],
                 };
             }
         }
     }
 
-    /// Block `b` of column `o`: `(d, m, u)` with weights `w[k] = d * u[k] + m`.
-    pub(crate) fn block(&self, o: usize, b: usize) -> (f32, f32, [u8; QK]) {
-        let (gb, c, nb) = (self.group(o / GROUP), o % GROUP, self.nb);
+    /// Block `b` of column `o`: `(d, m, u)` with weights `w[k] = d[k / 16] *
+    /// u[k] + m[k / 16]` (IQ4 kinds: `u` is the table value plus 128), each
+    /// scale computed with the kernel's operations.
+    pub(crate) fn block(&self, o: usize, b: usize) -> ([f32; 2], [f32; 2], [u8; QK]) {
+        let (gb, c, kind) = (self.group(o / GROUP), o % GROUP, self.kind);
         let f16_at = |i: usize| f16::from_bits(u16::from_le_bytes([gb[i], gb[i + 1]])).to_f32();
-        let d = f16_at(b * 32 + 2 * c);
-        let m = match self.kind {
-            PackKind::Q4_1 => f16_at(nb * 32 + b * 32 + 2 * c),
-            PackKind::Q4_0 => d * -8.0,
-            PackKind::Q8_0 => d * -128.0,
+        let n_super = if kind.super_bytes() > 0 { self.nb / SUB } else { 0 };
+        let sup = b / SUB * kind.super_bytes();
+        let rec = n_super * kind.super_bytes() + b * kind.record_bytes();
+        let neg_z = -(kind.zero().unwrap_or(0) as f32);
+        let (d, m) = match kind {
+            PackKind::Q4_0 | PackKind::Q5_0 | PackKind::Q8_0 | PackKind::IQ4NL => {
+                let d = f16_at(rec + 2 * c);
+                ([d; 2], [d * neg_z; 2])
+            }
+            PackKind::Q4_1 | PackKind::Q5_1 => ([f16_at(rec + 2 * c); 2], [f16_at(rec + 32 + 2 * c); 2]),
+            PackKind::Q4K | PackKind::Q5K => {
+                let d = f16_at(sup + 2 * c) * gb[rec + c] as f32;
+                let m = -(f16_at(sup + 32 + 2 * c) * gb[rec + GROUP + c] as f32);
+                ([d; 2], [m; 2])
+            }
+            PackKind::Q6K => {
+                let sd = f16_at(sup + 2 * c);
+                let d = [sd * gb[rec + c] as i8 as f32, sd * gb[rec + GROUP + c] as i8 as f32];
+                (d, [d[0] * neg_z, d[1] * neg_z])
+            }
+            PackKind::IQ4XS => {
+                let d = f16_at(sup + 2 * c) * gb[rec + c] as i8 as f32;
+                ([d; 2], [d * neg_z; 2])
+            }
         };
-        let qs = &gb[nb * self.kind.scale_bytes() + b * self.kind.qs_bytes()..];
+        let qs = &gb[rec + kind.scale_bytes()..];
         let mut u = [0u8; QK];
         for (k, uk) in u.iter_mut().enumerate() {
             let (j, i) = (k / 4, k % 4);
-            *uk = match self.kind {
-                PackKind::Q8_0 => qs[j * 64 + 4 * c + i],
-                _ if j < 4 => qs[j * 64 + 4 * c + i] & 0x0F,
-                _ => qs[(j - 4) * 64 + 4 * c + i] >> 4,
-            };
+            if kind.byte_quants() {
+                *uk = qs[j * 64 + 4 * c + i];
+                continue;
+            }
+            *uk = if j < 4 { qs[j * 64 + 4 * c + i] & 0x0F } else { qs[(j - 4) * 64 + 4 * c + i] >> 4 };
+            for p in 0..kind.high_planes() {
+                let mask = &qs[GROUP * QK / 2 + 64 * p + 8 * j..];
+                *uk += ((mask[(4 * c + i) / 8] >> ((4 * c + i) % 8)) & 1) << (4 + p);
+            }
+            if kind.table() {
+                *uk = (KVALUES_IQ4NL[*uk as usize] as i32 + 128) as u8;
+            }
         }
         (d, m, u)
+    }
+}
+
+/// Element `k` of a 32-block stored as ggml nibbles (`qs[j]`: `j` low, `j + 16` high).
+fn nib32(qs: &[u8; QK / 2], k: usize) -> u8 {
+    if k < QK / 2 {
+        qs[k] & 0x0F
+    } else {
+        qs[k - QK / 2] >> 4
     }
 }
 
@@ -240,21 +468,31 @@ const _: () = assert!(std::mem::size_of::<Line>() == 64);
 
 /// Scalar reference of the packed kernel for output column `o` and one Q8
 /// activation row: the same operations in the same order as the AVX-512
-/// kernel (exact integer block sums, then two fused multiply-adds per block),
-/// so results are bit-identical.
+/// kernel (exact integer sums per block, or per half for Q6_K; then one fused
+/// multiply-add per sum and one per offset), so results are bit-identical.
 pub(super) fn ref_dot(p: &PackedMatrix, o: usize, x: &[BlockQ8]) -> f32 {
+    let halves = p.kind.halves();
+    let len = QK / halves;
     let mut acc = 0.0f32;
     for (b, xb) in x.iter().enumerate().take(p.nb) {
         let (d, m, u) = p.block(o, b);
-        let (mut s1, mut s2) = (0i32, 0i32);
-        for k in 0..QK {
-            s1 += u[k] as i32 * xb.qs[k] as i32;
-            s2 += u[k] as i32 * xb.qr[k] as i32;
+        let sx = xb.d * (1.0 / Q8_RESIDUAL_SCALE);
+        for h in 0..halves {
+            let (mut s1, mut s2) = (0i32, 0i32);
+            for k in h * len..(h + 1) * len {
+                s1 += u[k] as i32 * xb.qs[k] as i32;
+                s2 += u[k] as i32 * xb.qr[k] as i32;
+            }
+            let isum = (s1 << 7) + s2;
+            acc = (isum as f32).mul_add(d[h] * sx, acc);
         }
-        let isum = (s1 << 7) + s2;
-        let sc = d * (xb.d * (1.0 / Q8_RESIDUAL_SCALE));
-        acc = (isum as f32).mul_add(sc, acc);
-        acc = m.mul_add(xb.s, acc);
+        if halves == 1 {
+            acc = m[0].mul_add(xb.s, acc);
+        } else {
+            let hs = half_sums(xb);
+            acc = m[0].mul_add(hs[0], acc);
+            acc = m[1].mul_add(hs[1], acc);
+        }
     }
     acc
 }

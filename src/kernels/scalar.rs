@@ -8,7 +8,13 @@
 use half::{bf16, f16};
 
 use super::{BlockQ8, QK, Q8_RESIDUAL_SCALE};
-use crate::quant::{blocks, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlDType};
+use crate::quant::k_quants::{nibble, scale_min_k4, two_bits};
+use crate::quant::legacy::five_bit_quants;
+use crate::quant::{
+    blocks, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+    BlockQ6K, BlockQ8_0, GgmlDType, QK_K,
+};
+use crate::quant::iq::KVALUES_IQ4NL;
 
 /// Reads a little-endian f16 at `b[0..2]` as f32.
 #[inline(always)]
@@ -81,11 +87,255 @@ pub fn vec_dot_q(dtype: GgmlDType, w: &[u8], x: &[BlockQ8]) -> f32 {
                 acc += d * (xb.d / Q8_RESIDUAL_SCALE) * isum as f32;
             }
         }
-        // Float types use vec_dot_f; the other types have no kernel
-        // (`QMatrix::new` refuses them).
-        _ => {}
+        // Float types use vec_dot_f.
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {}
+        _ => {
+            for_each_int_block(dtype, w, |b, ib| {
+                if let Some(xb) = x.get(b) {
+                    acc = dot_int_block(ib, xb, acc);
+                }
+            });
+        }
     }
     acc
+}
+
+/// Dot product of a weight row in integer form (from [`for_each_int_block`])
+/// with one Q8 row: the operations of [`vec_dot_q`] for the types other
+/// than Q4_0/Q4_1/Q8_0, bit for bit.
+pub fn vec_dot_int(w: &[IntBlock], x: &[BlockQ8]) -> f32 {
+    w.iter().zip(x).fold(0.0, |acc, (ib, xb)| dot_int_block(ib, xb, acc))
+}
+
+/// One 32-element block of a quantized weight row in integer form:
+/// `w[k] = d[k / 16] * q[k] + m[k / 16]` (the halves differ only in the
+/// formats with 16-element sub-blocks: Q2_K, Q3_K, Q6_K). Evaluated in f32 as
+/// written (`m = -0.0` for formats without an offset, so `+ m` changes no
+/// bit), this is bit-identical to the reference dequantizer of every type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IntBlock {
+    /// Integer quants (offsets folded in: Q4_0's `q - 8`, Q6_K's `q - 32`, IQ4's table values).
+    pub q: [i8; QK],
+    /// Scale of elements `0..16` and `16..32`.
+    pub d: [f32; 2],
+    /// Offset of elements `0..16` and `16..32`.
+    pub m: [f32; 2],
+}
+
+impl IntBlock {
+    /// Dequantized values (bit-identical to [`crate::quant::dequantize_row`]).
+    pub fn dequantize(&self, out: &mut [f32; QK]) {
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = self.d[k / 16] * self.q[k] as f32 + self.m[k / 16];
+        }
+    }
+}
+
+/// Integer sums of the activation digits over elements `0..16` and `16..32`,
+/// in units of `d / 128` (`128 * qs + qr`).
+#[inline(always)]
+pub(crate) fn half_isums(xb: &BlockQ8) -> [i32; 2] {
+    let mut s = [0i32; 2];
+    for k in 0..QK {
+        s[k / 16] += xb.qs[k] as i32 * Q8_RESIDUAL_SCALE as i32 + xb.qr[k] as i32;
+    }
+    s
+}
+
+/// Activation sums of the two 16-element halves, `d / 128 * isum` (as `s`
+/// is for the whole block).
+#[inline(always)]
+pub(crate) fn half_sums(xb: &BlockQ8) -> [f32; 2] {
+    let s = half_isums(xb);
+    [xb.d / Q8_RESIDUAL_SCALE * s[0] as f32, xb.d / Q8_RESIDUAL_SCALE * s[1] as f32]
+}
+
+/// Dot product of one integer-form weight block with one Q8 block, added to `acc`.
+#[inline(always)]
+fn dot_int_block(ib: &IntBlock, xb: &BlockQ8, acc: f32) -> f32 {
+    let mut isum = [0i32; 2];
+    for k in 0..QK {
+        isum[k / 16] += ib.q[k] as i32 * (xb.qs[k] as i32 * Q8_RESIDUAL_SCALE as i32 + xb.qr[k] as i32);
+    }
+    let sx = xb.d / Q8_RESIDUAL_SCALE;
+    let mut acc = acc + ib.d[0] * sx * isum[0] as f32 + ib.d[1] * sx * isum[1] as f32;
+    if ib.m[0] == ib.m[1] {
+        acc += ib.m[0] * xb.s;
+    } else {
+        let hs = half_sums(xb);
+        acc += ib.m[0] * hs[0] + ib.m[1] * hs[1];
+    }
+    acc
+}
+
+/// Calls `f(b, block)` for every 32-element block `b` of one quantized
+/// weight row (raw ggml bytes of `dtype`, whole blocks), in order. Float
+/// dtypes yield nothing.
+pub fn for_each_int_block(dtype: GgmlDType, row: &[u8], mut f: impl FnMut(usize, &IntBlock)) {
+    const Z: f32 = -0.0;
+    let mut ib = IntBlock { q: [0; QK], d: [0.0; 2], m: [Z; 2] };
+    match dtype {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {}
+        GgmlDType::Q4_0 => {
+            for (b, blk) in blocks::<BlockQ4_0>(row).enumerate() {
+                let d = blk.d.to_f32();
+                for j in 0..QK / 2 {
+                    ib.q[j] = (blk.qs[j] & 0x0F) as i8 - 8;
+                    ib.q[j + 16] = (blk.qs[j] >> 4) as i8 - 8;
+                }
+                (ib.d, ib.m) = ([d; 2], [Z; 2]);
+                f(b, &ib);
+            }
+        }
+        GgmlDType::Q4_1 => {
+            for (b, blk) in blocks::<BlockQ4_1>(row).enumerate() {
+                for j in 0..QK / 2 {
+                    ib.q[j] = (blk.qs[j] & 0x0F) as i8;
+                    ib.q[j + 16] = (blk.qs[j] >> 4) as i8;
+                }
+                (ib.d, ib.m) = ([blk.d.to_f32(); 2], [blk.m.to_f32(); 2]);
+                f(b, &ib);
+            }
+        }
+        GgmlDType::Q5_0 => {
+            for (b, blk) in blocks::<BlockQ5_0>(row).enumerate() {
+                for (q, u) in ib.q.iter_mut().zip(five_bit_quants(blk.qh, &blk.qs)) {
+                    *q = u as i8 - 16;
+                }
+                (ib.d, ib.m) = ([blk.d.to_f32(); 2], [Z; 2]);
+                f(b, &ib);
+            }
+        }
+        GgmlDType::Q5_1 => {
+            for (b, blk) in blocks::<BlockQ5_1>(row).enumerate() {
+                for (q, u) in ib.q.iter_mut().zip(five_bit_quants(blk.qh, &blk.qs)) {
+                    *q = u as i8;
+                }
+                (ib.d, ib.m) = ([blk.d.to_f32(); 2], [blk.m.to_f32(); 2]);
+                f(b, &ib);
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for (b, blk) in blocks::<BlockQ8_0>(row).enumerate() {
+                (ib.q, ib.d, ib.m) = (blk.qs, [blk.d.to_f32(); 2], [Z; 2]);
+                f(b, &ib);
+            }
+        }
+        GgmlDType::Q2_K => {
+            for (sb, blk) in blocks::<BlockQ2K>(row).enumerate() {
+                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                for j in 0..QK_K / QK {
+                    for h in 0..2 {
+                        let sc = blk.scales[2 * j + h];
+                        ib.d[h] = d * (sc & 0x0F) as f32;
+                        ib.m[h] = -(dmin * (sc >> 4) as f32);
+                    }
+                    for (k, q) in ib.q.iter_mut().enumerate() {
+                        *q = two_bits(&blk.qs, QK * j + k) as i8;
+                    }
+                    f(sb * 8 + j, &ib);
+                }
+            }
+        }
+        GgmlDType::Q3_K => {
+            for (sb, blk) in blocks::<BlockQ3K>(row).enumerate() {
+                let d = blk.d.to_f32();
+                let scales = blk.unpacked_scales();
+                for j in 0..QK_K / QK {
+                    ib.d = [d * scales[2 * j] as f32, d * scales[2 * j + 1] as f32];
+                    ib.m = [Z; 2];
+                    for (k, q) in ib.q.iter_mut().enumerate() {
+                        let i = QK * j + k;
+                        let high = (blk.hmask[i % 32] >> (i / 32)) & 1;
+                        *q = two_bits(&blk.qs, i) as i8 - if high == 0 { 4 } else { 0 };
+                    }
+                    f(sb * 8 + j, &ib);
+                }
+            }
+        }
+        GgmlDType::Q4_K => {
+            for (sb, blk) in blocks::<BlockQ4K>(row).enumerate() {
+                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                for j in 0..QK_K / QK {
+                    let (sc, m) = scale_min_k4(j, &blk.scales);
+                    (ib.d, ib.m) = ([d * sc as f32; 2], [-(dmin * m as f32); 2]);
+                    for (k, q) in ib.q.iter_mut().enumerate() {
+                        *q = nibble(&blk.qs, QK * j + k) as i8;
+                    }
+                    f(sb * 8 + j, &ib);
+                }
+            }
+        }
+        GgmlDType::Q5_K => {
+            for (sb, blk) in blocks::<BlockQ5K>(row).enumerate() {
+                let (d, dmin) = (blk.d.to_f32(), blk.dmin.to_f32());
+                for j in 0..QK_K / QK {
+                    let (sc, m) = scale_min_k4(j, &blk.scales);
+                    (ib.d, ib.m) = ([d * sc as f32; 2], [-(dmin * m as f32); 2]);
+                    for (k, q) in ib.q.iter_mut().enumerate() {
+                        let high = (blk.qh[k] >> j) & 1;
+                        *q = (nibble(&blk.qs, QK * j + k) | (high << 4)) as i8;
+                    }
+                    f(sb * 8 + j, &ib);
+                }
+            }
+        }
+        GgmlDType::Q6_K => {
+            for (sb, blk) in blocks::<BlockQ6K>(row).enumerate() {
+                let d = blk.d.to_f32();
+                for j in 0..QK_K / QK {
+                    ib.d = [d * blk.scales[2 * j] as f32, d * blk.scales[2 * j + 1] as f32];
+                    ib.m = [Z; 2];
+                    for (k, q) in ib.q.iter_mut().enumerate() {
+                        *q = q6_k_quant(&blk, QK * j + k) as i8 - 32;
+                    }
+                    f(sb * 8 + j, &ib);
+                }
+            }
+        }
+        GgmlDType::IQ4_NL => {
+            for (b, blk) in blocks::<BlockIQ4NL>(row).enumerate() {
+                for j in 0..QK / 2 {
+                    ib.q[j] = KVALUES_IQ4NL[(blk.qs[j] & 0x0F) as usize];
+                    ib.q[j + 16] = KVALUES_IQ4NL[(blk.qs[j] >> 4) as usize];
+                }
+                (ib.d, ib.m) = ([blk.d.to_f32(); 2], [Z; 2]);
+                f(b, &ib);
+            }
+        }
+        GgmlDType::IQ4_XS => {
+            for (sb, blk) in blocks::<BlockIQ4XS>(row).enumerate() {
+                let d = blk.d.to_f32();
+                for j in 0..QK_K / QK {
+                    ib.d = [d * iq4_xs_scale(&blk, j) as f32; 2];
+                    ib.m = [Z; 2];
+                    for l in 0..QK / 2 {
+                        let byte = blk.qs[16 * j + l];
+                        ib.q[l] = KVALUES_IQ4NL[(byte & 0x0F) as usize];
+                        ib.q[l + 16] = KVALUES_IQ4NL[(byte >> 4) as usize];
+                    }
+                    f(sb * 8 + j, &ib);
+                }
+            }
+        }
+    }
+}
+
+/// Q6_K's unsigned 6-bit quant of element `i` (`0..64`; the weight is `d * sc * (q - 32)`).
+#[inline(always)]
+pub(crate) fn q6_k_quant(blk: &BlockQ6K, i: usize) -> u8 {
+    let (h, r) = (i / 128 % 2, i % 128);
+    let lo = (blk.ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0F;
+    let hi = (blk.qh[32 * h + r % 32] >> (2 * (r / 32))) & 3;
+    lo | (hi << 4)
+}
+
+/// IQ4_XS's signed scale of sub-block `j` (`-32..32`).
+#[inline(always)]
+pub(crate) fn iq4_xs_scale(blk: &BlockIQ4XS, j: usize) -> i8 {
+    let lo = (blk.scales_l[j / 2] >> (4 * (j % 2))) & 0x0F;
+    let hi = ((blk.scales_h >> (2 * j)) & 3) as u8;
+    (lo | (hi << 4)) as i8 - 32
 }
 
 /// Dot product of one float weight row (F32/F16/BF16 raw bytes) with f32 activations.

@@ -140,14 +140,14 @@ fn write_prefix(out: &mut [f32], vals: &[f32; QK_K]) {
 
 /// 2 bits of a Q2_K/Q3_K-style `qs` for element `i`: bits `2k..2k+2` of
 /// `qs[32 h + l]` with `i = 128 h + 32 k + l`.
-fn two_bits(qs: &[u8; QK_K / 4], i: usize) -> u8 {
+pub(crate) fn two_bits(qs: &[u8; QK_K / 4], i: usize) -> u8 {
     let (h, k, l) = (i / 128 % 2, i % 128 / 32, i % 32);
     (qs[32 * h + l] >> (2 * k)) & 3
 }
 
 /// Nibble of a Q4_K/Q5_K-style `qs` for element `i`: nibble `s` of `qs[32 j + l]`
 /// with `i = 64 j + 32 s + l`.
-fn nibble(qs: &[u8; QK_K / 2], i: usize) -> u8 {
+pub(crate) fn nibble(qs: &[u8; QK_K / 2], i: usize) -> u8 {
     let (j, s, l) = (i / 64 % 4, i % 64 / 32, i % 32);
     (qs[32 * j + l] >> (4 * s)) & 0x0F
 }

@@ -78,7 +78,7 @@ pub struct BlockQ5_1 {
 const _: () = assert!(size_of::<BlockQ5_1>() == 24);
 
 /// The 32 five-bit quants of a Q5_0/Q5_1 block, in element order.
-fn five_bit_quants(qh: [u8; 4], qs: &[u8; QK / 2]) -> [u8; QK] {
+pub(crate) fn five_bit_quants(qh: [u8; 4], qs: &[u8; QK / 2]) -> [u8; QK] {
     let qh = u32::from_le_bytes(qh);
     let mut q = [0u8; QK];
     for (j, &b) in qs.iter().enumerate() {
