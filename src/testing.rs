@@ -28,7 +28,7 @@ pub mod fixture;
 pub use family::{
     tiny_family_gguf, write_all_families, write_tiny_family, TensorRole, TinyFamily, TinyFamilySpec,
 };
-pub use fixture::{load_family_fixture, FamilyFixture};
+pub use fixture::{family_fixture_path, load_family_fixture, FamilyFixture};
 
 use std::path::Path;
 

@@ -664,17 +664,24 @@ pub fn tiny_family_gguf(spec: &TinyFamilySpec) -> Vec<u8> {
             let data = reference::quantize(GgmlDType::F32, &values).unwrap_or_default();
             w.add_tensor(name, &[n], GgmlDType::F32, data);
         };
-    // Norm weights: uniform in 1 +- 0.17 as stored (HF's w is stored - 1 for Gemma).
-    let norm = |w: &mut GgufWriter, rng: &mut SplitMix64, name: String, n: u64| {
-        vector(w, rng, name, n, 0.1, 1.0);
+    // Norm weights: uniform in center * (1 +- 0.17) as stored (HF's w is stored - 1
+    // for Gemma).
+    let norm = |w: &mut GgufWriter, rng: &mut SplitMix64, name: String, n: u64, center: f32| {
+        vector(w, rng, name, n, 0.1 * center, center);
     };
     let proj = |fan_in: u64| 1.0 / (fan_in as f32).sqrt();
-    // Logit scale: output rows with RMS 0.25 give logits with std ~4 at dim 256.
-    let output_rms = 4.0 / (dim as f32).sqrt();
+    // Logit scale: logits with std ~4 (top-1 rarely a near-tie). Untied: output rows
+    // with RMS 0.25 at dim 256 after a unit final norm. Tied: small embeddings (so
+    // the current token's own embedding in the residual does not make every
+    // prediction "repeat the input") and a final norm of ~8 instead.
     let tied = spec.dtype(TensorRole::Output).is_none();
+    let output_rms = 4.0 / (dim as f32).sqrt();
+    let (embd_rms, output_norm_center) = if tied { (0.03, 8.0) } else { (1.0, 1.0) };
+    // Gemma's post-norms (x sqrt(dim) embeddings): block outputs must outweigh the
+    // scaled embedding in the residual for the same reason.
+    let post_norm_center = 2.0;
 
     use TensorRole::*;
-    let embd_rms = if tied { output_rms } else { 1.0 };
     matrix(
         &mut w,
         &mut rng,
@@ -708,7 +715,7 @@ pub fn tiny_family_gguf(spec: &TinyFamilySpec) -> Vec<u8> {
     let qk_rms = 1.5 / (dim as f32).sqrt();
     for i in 0..spec.n_layers {
         let blk = |s: &str| format!("blk.{i}.{s}");
-        norm(&mut w, &mut rng, blk("attn_norm.weight"), dim);
+        norm(&mut w, &mut rng, blk("attn_norm.weight"), dim, 1.0);
         if fam == F::Phi3 {
             matrix(
                 &mut w,
@@ -759,12 +766,14 @@ pub fn tiny_family_gguf(spec: &TinyFamilySpec) -> Vec<u8> {
                 &mut rng,
                 blk("attn_q_norm.weight"),
                 u64::from(spec.head_dim),
+                1.0,
             );
             norm(
                 &mut w,
                 &mut rng,
                 blk("attn_k_norm.weight"),
                 u64::from(spec.head_dim),
+                1.0,
             );
         }
         matrix(
@@ -777,9 +786,15 @@ pub fn tiny_family_gguf(spec: &TinyFamilySpec) -> Vec<u8> {
             proj(q_dim),
         );
         if fam.norm_plus_one() {
-            norm(&mut w, &mut rng, blk("post_attention_norm.weight"), dim);
+            norm(
+                &mut w,
+                &mut rng,
+                blk("post_attention_norm.weight"),
+                dim,
+                post_norm_center,
+            );
         }
-        norm(&mut w, &mut rng, blk("ffn_norm.weight"), dim);
+        norm(&mut w, &mut rng, blk("ffn_norm.weight"), dim, 1.0);
         if fam == F::Phi3 {
             matrix(
                 &mut w,
@@ -820,10 +835,22 @@ pub fn tiny_family_gguf(spec: &TinyFamilySpec) -> Vec<u8> {
             proj(ffn),
         );
         if fam.norm_plus_one() {
-            norm(&mut w, &mut rng, blk("post_ffw_norm.weight"), dim);
+            norm(
+                &mut w,
+                &mut rng,
+                blk("post_ffw_norm.weight"),
+                dim,
+                post_norm_center,
+            );
         }
     }
-    norm(&mut w, &mut rng, "output_norm.weight".into(), dim);
+    norm(
+        &mut w,
+        &mut rng,
+        "output_norm.weight".into(),
+        dim,
+        output_norm_center,
+    );
     if !tied {
         matrix(
             &mut w,

@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! FamilyFixture
-//!   family, hf_class, gguf_sha256, hf_config (as given to transformers), top_k
+//!   family, hf_class, gguf_sha256, hf_config (as given to transformers),
+//!   tensor_types, gguf_loader_check, versions, top_k
 //!   cases[]: FamilyCase
 //!     name, prompt_ids[T]
 //!     positions[T]: PositionLogits   (position i predicts prompt_ids[i + 1])
@@ -58,10 +59,14 @@ pub struct FamilyFixture {
     pub hf_config: serde_json::Value,
     /// The tensor dtypes of the GGUF, name → ggml type name (for the report).
     pub tensor_types: std::collections::BTreeMap<String, String>,
+    /// Result of comparing with transformers' own GGUF loader (free text).
+    pub gguf_loader_check: String,
     /// Entries per position in [`PositionLogits`].
     pub top_k: usize,
     /// Prompts and their outputs.
     pub cases: Vec<FamilyCase>,
+    /// Package versions that made the file (`transformers`, `torch`).
+    pub versions: std::collections::BTreeMap<String, String>,
 }
 
 /// One prompt: teacher-forced logits and a greedy continuation.
@@ -120,4 +125,52 @@ pub fn load_family_fixture(path: impl AsRef<Path>) -> Result<FamilyFixture, Fixt
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(bytes))
+}
+
+/// `tests/fixtures/families/<family>.json` of this checkout.
+pub fn family_fixture_path(family: super::TinyFamily) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/families")
+        .join(format!("{}.json", family.name()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{tiny_family_gguf, TinyFamily, TinyFamilySpec};
+
+    /// Every fixture was made from exactly the model the generator makes today
+    /// (else regenerate: see tests/reference/make_family_fixtures.py), and is
+    /// well-formed.
+    #[test]
+    fn fixtures_match_the_generated_models() {
+        for fam in TinyFamily::ALL {
+            let fx =
+                load_family_fixture(family_fixture_path(fam)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(fx.family, fam.name());
+            let bytes = tiny_family_gguf(&TinyFamilySpec::standard(fam));
+            assert_eq!(
+                fx.gguf_sha256,
+                sha256_hex(&bytes),
+                "{}: the generator no longer makes the model of the fixture",
+                fam.name()
+            );
+            assert!(!fx.cases.is_empty());
+            for c in &fx.cases {
+                assert_eq!(
+                    c.positions.len(),
+                    c.prompt_ids.len(),
+                    "{}/{}",
+                    fam.name(),
+                    c.name
+                );
+                assert_eq!(c.greedy_ids.len(), c.greedy_margins.len());
+                for p in &c.positions {
+                    assert_eq!(p.top_ids.len(), fx.top_k);
+                    assert_eq!(p.top_logprobs.len(), fx.top_k);
+                    assert!(p.margin() >= 0.0);
+                }
+            }
+        }
+    }
 }
