@@ -23,14 +23,19 @@ use brigade::model::Model;
 use brigade::runner::Runner;
 use brigade::testing::{load_family_fixture, tiny_family_gguf, FamilyFixture, TinyFamily, TinyFamilySpec};
 
-/// A reference top-1 / top-2 log-probability gap below this is a near-tie:
-/// float32 rounding may order the two either way.
-const NEAR_TIE: f32 = 1e-3;
+/// A reference top-1 / top-2 log-probability gap below this is a near-tie
+/// (excepted and counted): our logprobs differ from the reference's by up to
+/// ~1.3e-2 (see [`MAX_DLOGPROB`]), so two tokens closer than that may swap.
+/// Measured: two such positions of 720 (qwen2; gaps from 1.01e-3), greedy
+/// stops once each in gemma2 and qwen2.
+const NEAR_TIE: f32 = 1e-2;
 
 /// Largest allowed |our logprob - reference logprob| over the reference's
-/// top-k tokens at every position (the two-digit Q8 activations and f16 KV
-/// cache against float32 activations).
-const MAX_DLOGPROB: f32 = 0.05;
+/// top-5 tokens at every position (two-digit Q8 activations and the f16 KV
+/// cache against float32 activations). Measured maxima: llama 1.3e-2, phi3
+/// 1.3e-2, gemma3 7.4e-3, qwen2 7.3e-3, gemma2 6.8e-3, llama3 6.7e-3,
+/// mistral 5.8e-3, qwen3 2.9e-3.
+const MAX_DLOGPROB: f32 = 0.03;
 
 fn model(family: TinyFamily) -> Arc<Model> {
     let bytes = tiny_family_gguf(&TinyFamilySpec::standard(family));
@@ -291,4 +296,47 @@ fn unsupported_architecture_is_one_line() {
     let file = Arc::new(GgufFile::from_bytes(bytes).expect("gguf"));
     let err = Model::from_gguf(file).expect_err("mamba is not supported").to_string();
     assert_eq!(err, "unsupported architecture `mamba` (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)");
+}
+
+/// The real Gemma 3 270M (Q4_K_M mix) against transformers float32 on its
+/// dequantized weights (`tests/fixtures/families/gemma3-270m-smoke.json`, made
+/// by `tests/reference/make_gemma3_smoke.py`), through token ids (no
+/// tokenizer involved): teacher-forced top-1 over prompt + continuation and
+/// the greedy continuation. Skips when the model is not cached
+/// (`scripts/fetch-model.sh gemma3-270m`).
+#[test]
+fn gemma3_270m_matches_transformers() {
+    let path = brigade::paths::model_cache_dir().join("gemma-3-270m-q4_k_m.gguf");
+    if !path.is_file() {
+        eprintln!("note: {} absent; skipping (scripts/fetch-model.sh gemma3-270m)", path.display());
+        return;
+    }
+    let fx_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/gemma3-270m-smoke.json");
+    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&fx_path).expect("fixture")).expect("json");
+    let file = Arc::new(GgufFile::open(&path).expect("open gemma"));
+    let m = Arc::new(Model::from_gguf(file).expect("gemma model"));
+    let vocab = m.config.vocab_size;
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect() };
+    let (mut agree, mut total, mut max_d) = (0usize, 0usize, 0f64);
+    for case in fx["cases"].as_array().expect("cases") {
+        let (prompt, greedy, top1) = (ids(&case["ids"]), ids(&case["greedy"]), ids(&case["top1"]));
+        let all: Vec<u32> = prompt.iter().chain(&greedy).copied().collect();
+        let mut r = Runner::new(m.clone(), all.len(), 2).expect("runner");
+        let logits = r.feed(&all, true).expect("feed");
+        for (i, &want) in top1.iter().enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            total += 1;
+            agree += usize::from(argmax(row) == want);
+            if let (Some(&next), Some(lp)) = (all.get(i + 1), case["lp_of_next"].get(i).and_then(|v| v.as_f64())) {
+                max_d = max_d.max((log_softmax(row)[next as usize] as f64 - lp).abs());
+            }
+        }
+        // Greedy: every continuation token is our argmax after the previous ones.
+        for (j, &want) in greedy.iter().enumerate() {
+            let row = &logits[(prompt.len() - 1 + j) * vocab..(prompt.len() + j) * vocab];
+            assert_eq!(argmax(row), want, "{}: greedy step {j}", case["prompt"]);
+        }
+    }
+    eprintln!("gemma3-270m: teacher-forced top-1 {agree}/{total}; max |Δ logprob| of the next token {max_d:.3}");
+    assert!(agree * 100 >= total * 95, "top-1 agreement {agree}/{total}");
 }

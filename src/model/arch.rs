@@ -18,6 +18,12 @@
 //!
 //! Fused tensors (`attn_qkv`, a `2 x ffn` `ffn_up` without `ffn_gate`) and
 //! Q/K/V biases are taken wherever the file has them.
+//!
+//! Differences from llama.cpp, on purpose: Phi-3's `attention.sliding_window`
+//! (when > 0) is applied on every layer as transformers does (llama.cpp
+//! currently disables Phi SWA); a `llama` file with `attention.sliding_window`
+//! (Mistral) slides on every layer (llama.cpp's `llama` loader ignores the
+//! key). Both equal the transformers reference.
 
 /// A supported `general.architecture`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
