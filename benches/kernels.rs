@@ -138,7 +138,7 @@ fn attention(c: &mut Criterion) {
     // heads, 16-token blocks; one query row (all 9 heads) over n_ctx positions.
     let (hd, group, kvn, bs) = (64usize, 3usize, 3usize, 16usize);
     let kv_dim = hd * kvn;
-    let shape = kernels::AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale: 0.125 };
+    let shape = kernels::AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale: 0.125, softcap: None };
     for n_ctx in [256usize, 1024] {
         let nblk = n_ctx / bs;
         let k: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
@@ -152,7 +152,7 @@ fn attention(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(format!("row/9x64/ctx{n_ctx}"), isa.name()), |b| {
                 b.iter(|| {
                     for (kvh, (qg, og)) in q.chunks_exact(group * hd).zip(out.chunks_exact_mut(group * hd)).enumerate() {
-                        kernels::attend_f16_isa(isa, &shape, qg, kvh, &k, &v, &table, n_ctx, og);
+                        kernels::attend_f16_isa(isa, &shape, qg, kvh, &k, &v, &table, 0..n_ctx, og);
                     }
                 })
             });

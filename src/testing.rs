@@ -18,6 +18,17 @@
 //! ```
 //!
 //! Random weights come from [`crate::sampling::SplitMix64`] (no `rand` dependency).
+//!
+//! Submodules: [`family`] (tiny models of every architecture family) and
+//! [`fixture`] (the format of their transformers reference fixtures).
+
+pub mod family;
+pub mod fixture;
+
+pub use family::{
+    tiny_family_gguf, write_all_families, write_tiny_family, TensorRole, TinyFamily, TinyFamilySpec,
+};
+pub use fixture::{family_fixture_path, load_family_fixture, FamilyFixture};
 
 use std::path::Path;
 
@@ -219,7 +230,8 @@ pub fn tiny_vocab() -> TinyVocab {
 /// `n` values uniform in `center ± scale`.
 fn fill(rng: &mut SplitMix64, n: usize, scale: f32, center: f32) -> Vec<f32> {
     // Top 24 bits → uniform in [-1, 1).
-    let uniform = |rng: &mut SplitMix64| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+    let uniform =
+        |rng: &mut SplitMix64| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
     (0..n).map(|_| center + scale * uniform(rng)).collect()
 }
 

@@ -50,6 +50,7 @@ pub(crate) fn run(a: InspectArgs) -> Result<()> {
     }
     print_file(&path, &file);
     let c = &model.config;
+    print_config(c);
     let mib = (1 << 20) as f64;
     println!("memory:");
     println!("  weights (mmapped): {:.1} MiB", model.weight_bytes() as f64 / mib);
@@ -78,6 +79,32 @@ fn print_file(path: &std::path::Path, file: &GgufFile) {
         println!("  {k} = {s}");
     }
     print_tensors(file);
+}
+
+/// The hyper-parameters the model runs with (after defaults).
+fn print_config(c: &brigade::model::ModelConfig) {
+    let opt = |v: Option<f32>| v.map_or("none".to_string(), |x| x.to_string());
+    println!("model:");
+    println!("  architecture: {} ({})", c.arch.name(), c.name);
+    println!("  layers {}, dim {}, ffn {} ({:?}), vocab {}", c.n_layers, c.dim, c.ffn_dim, c.ffn_act, c.vocab_size);
+    println!("  heads {} (kv {}), head_dim {}, attention scale {}", c.n_heads, c.n_kv_heads, c.head_dim, c.attn_scale);
+    println!(
+        "  rope {:?}: dim {}, base {} (sliding layers {}), freq scale {}, attn factor {}, factors {}",
+        c.rope_style,
+        c.rope_dim,
+        c.rope_theta,
+        c.rope_theta_swa,
+        c.rope_freq_scale,
+        c.rope_attn_factor,
+        c.rope_factors.as_deref().unwrap_or("none")
+    );
+    let swa: String = c.swa_layers.iter().map(|&s| if s { 'S' } else { 'G' }).collect();
+    match c.sliding_window {
+        Some(w) => println!("  sliding window {w} on layers {swa} (S = sliding, G = global)"),
+        None => println!("  sliding window: none"),
+    }
+    println!("  soft-caps: attention {}, final {}; embedding scale {}", opt(c.attn_softcap), opt(c.final_softcap), opt(c.embed_scale));
+    println!("  rms eps {}", c.rms_eps);
 }
 
 fn print_tensors(file: &GgufFile) {

@@ -241,7 +241,7 @@ impl Engine {
 
 /// Cost per token of one layer: its projection MACs.
 fn layer_cost(c: &crate::model::ModelConfig) -> f64 {
-    (c.dim * (2 * c.dim + 2 * c.kv_dim + 3 * c.ffn_dim)) as f64
+    (c.dim * (2 * c.q_dim + 2 * c.kv_dim + 3 * c.ffn_dim)) as f64
 }
 
 /// Cost per token of the output head: its MACs weighted by 0.4 — measured on

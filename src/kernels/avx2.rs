@@ -431,16 +431,38 @@ unsafe fn exp8_neg(x: __m256) -> __m256 {
     _mm256_mul_ps(p, pow2)
 }
 
+/// `tanh(x)` for 8 lanes: the same split as the AVX-512 `tanh16` (odd
+/// Taylor polynomial below |x| = 0.5, `(1 - e) / (1 + e)` with
+/// `e = exp(-2|x|)` above, sign restored).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tanh8(x: __m256) -> __m256 {
+    let sign = _mm256_set1_ps(-0.0);
+    let ax = _mm256_andnot_ps(sign, x);
+    let e = exp8_neg(_mm256_mul_ps(ax, _mm256_set1_ps(-2.0)));
+    let one = _mm256_set1_ps(1.0);
+    let big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    let x2 = _mm256_mul_ps(ax, ax);
+    let mut p = _mm256_set1_ps(super::scalar::TANH_TAYLOR[7]);
+    for &c in super::scalar::TANH_TAYLOR[..7].iter().rev() {
+        p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(c));
+    }
+    let small = _mm256_mul_ps(p, ax);
+    let t = _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.5), _CMP_LT_OQ));
+    _mm256_or_ps(t, _mm256_and_ps(sign, x))
+}
+
 /// Paged attention of `G` query heads sharing KV head `kvh` (head size
-/// `8 * HV`): the AVX2 counterpart of `avx512::attend_f16`, with 8 keys per
+/// `8 * HV`) over the keys at positions `start..n_ctx`, scores soft-capped
+/// when `softcap` is given: the AVX2 counterpart of `avx512::attend_f16`, with 8 keys per
 /// online-softmax step (so results agree with the scalar reference, which
 /// steps by 16, to f32 rounding).
 ///
 /// # Safety
 /// CPU supports avx2, fma and f16c; `q` and `out` hold `G * 8 * HV` floats;
-/// `table` holds `n_ctx.div_ceil(bs)` block ids, each `< nblk` where `k` and
-/// `v` hold `nblk * bs * kv_dim` elements; `(kvh + 1) * 8 * HV <= kv_dim`;
-/// `n_ctx >= 1`.
+/// `table` holds `n_ctx.div_ceil(bs)` block ids, those from `start / bs` on
+/// each `< nblk` where `k` and `v` hold `nblk * bs * kv_dim` elements;
+/// `(kvh + 1) * 8 * HV <= kv_dim`; `start < n_ctx`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
@@ -451,8 +473,10 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
     bs: usize,
     kv_dim: usize,
     table: &[u32],
+    start: usize,
     n_ctx: usize,
     scale: f32,
+    softcap: Option<f32>,
     out: *mut f32,
 ) {
     let hd = 8 * HV;
@@ -464,12 +488,14 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
     let mut p = [[0.0f32; 8]; G];
     let scv = _mm256_set1_ps(scale);
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)) {
+    let first = start / bs;
+    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)).skip(first) {
         let blk = blk as usize;
         let cnt = bs.min(n_ctx - bi * bs);
         let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
         let vb = v.add(blk * bs * kv_dim + kvh * hd);
-        let mut c = 0;
+        // The window's first block starts inside it.
+        let mut c = if bi == first { start - bi * bs } else { 0 };
         while c < cnt {
             let n = 8.min(cnt - c);
             let valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane));
@@ -490,7 +516,10 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
             }
             let mut corr = [0.0f32; G];
             for g in 0..G {
-                let sv = _mm256_mul_ps(_mm256_add_ps(s[g][0], s[g][1]), scv);
+                let mut sv = _mm256_mul_ps(_mm256_add_ps(s[g][0], s[g][1]), scv);
+                if let Some(cap) = softcap {
+                    sv = _mm256_mul_ps(_mm256_set1_ps(cap), tanh8(_mm256_mul_ps(sv, _mm256_set1_ps(1.0 / cap))));
+                }
                 let sv = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), sv, valid);
                 let m_new = m[g].max(hmax(sv));
                 corr[g] = _mm_cvtss_f32(_mm256_castps256_ps128(exp8_neg(_mm256_set1_ps(m[g] - m_new))));

@@ -250,6 +250,71 @@ unsafe fn exp16(x: __m512) -> __m512 {
     _mm512_scalef_ps(p, n)
 }
 
+/// `tanh(x)` for 16 lanes: an odd Taylor polynomial (degree 15) for
+/// `|x| < 0.5`, `(1 - e) / (1 + e)` with `e = exp(-2|x|)` above, sign
+/// restored; absolute error below 2e-7 (no cancellation near 0).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn tanh16(x: __m512) -> __m512 {
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let ax = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(x)));
+    // Large |x|: (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1].
+    let e = exp16(_mm512_mul_ps(ax, _mm512_set1_ps(-2.0)));
+    let one = _mm512_set1_ps(1.0);
+    let big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    // Small |x|: x * P(x^2) with tanh's Taylor coefficients.
+    let x2 = _mm512_mul_ps(ax, ax);
+    let mut p = _mm512_set1_ps(super::scalar::TANH_TAYLOR[7]);
+    for &c in super::scalar::TANH_TAYLOR[..7].iter().rev() {
+        p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(c));
+    }
+    let small = _mm512_mul_ps(p, ax);
+    let is_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.5), _CMP_LT_OQ);
+    let t = _mm512_mask_blend_ps(is_small, big, small);
+    // Copy x's sign onto |tanh|.
+    _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(sign, _mm512_castps_si512(x))))
+}
+
+/// `g[i] = gelu_tanh(g[i]) * u[i]` (see [`super::scalar::gelu_tanh_mul`]).
+///
+/// # Safety
+/// CPU supports avx512f; `g.len() == u.len()`.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
+    let n = g.len();
+    let (half, k3, ks) = (_mm512_set1_ps(0.5), _mm512_set1_ps(0.044_715), _mm512_set1_ps(super::scalar::GELU_TANH_SCALE));
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        let x = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
+        let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
+        // inner = sqrt(2/pi) * (x + 0.044715 x^3)
+        let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+        let inner = _mm512_mul_ps(ks, _mm512_fmadd_ps(k3, x3, x));
+        let y = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh16(inner))), uv);
+        _mm512_mask_storeu_ps(g.as_mut_ptr().add(i), m, y);
+        i += 16;
+    }
+}
+
+/// `v[i] = cap * tanh(v[i] / cap)`.
+///
+/// # Safety
+/// CPU supports avx512f.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn softcap(v: &mut [f32], cap: f32) {
+    let n = v.len();
+    let (c, ic) = (_mm512_set1_ps(cap), _mm512_set1_ps(1.0 / cap));
+    let mut i = 0;
+    while i < n {
+        let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        let x = _mm512_maskz_loadu_ps(m, v.as_ptr().add(i));
+        _mm512_mask_storeu_ps(v.as_mut_ptr().add(i), m, _mm512_mul_ps(c, tanh16(_mm512_mul_ps(x, ic))));
+        i += 16;
+    }
+}
+
 /// `g[i] = silu(g[i]) * u[i]` with `silu(x) = x / (1 + exp(-x))`.
 ///
 /// # Safety
@@ -325,16 +390,17 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
 }
 
 /// Paged attention of `G` query heads sharing KV head `kvh` (head size
-/// `16 * HV`) for one query row over `n_ctx` positions; see
+/// `16 * HV`) for one query row over the keys at positions `start..n_ctx`,
+/// scores soft-capped when `softcap` is given; see
 /// [`super::scalar::attend`] for the layout and the steps, which this follows
 /// with 16 keys per register (scores of a chunk are one vector: no horizontal
 /// sums per key) and each K/V element converted once for all `G` heads.
 ///
 /// # Safety
 /// CPU supports avx512f/bw/vl and f16c; `q` and `out` hold `G * 16 * HV`
-/// floats; `table` holds `n_ctx.div_ceil(bs)` block ids, each `< nblk`
-/// where `k` and `v` hold `nblk * bs * kv_dim` elements; `(kvh + 1) * 16 *
-/// HV <= kv_dim`; `n_ctx >= 1`.
+/// floats; `table` holds `n_ctx.div_ceil(bs)` block ids, those from
+/// `start / bs` on each `< nblk` where `k` and `v` hold `nblk * bs * kv_dim`
+/// elements; `(kvh + 1) * 16 * HV <= kv_dim`; `start < n_ctx`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
 pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
@@ -345,8 +411,10 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
     bs: usize,
     kv_dim: usize,
     table: &[u32],
+    start: usize,
     n_ctx: usize,
     scale: f32,
+    softcap: Option<f32>,
     out: *mut f32,
 ) {
     let hd = 16 * HV;
@@ -355,12 +423,14 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
     let mut l = [0.0f32; G];
     let mut p = [[0.0f32; 16]; G];
     let scv = _mm512_set1_ps(scale);
-    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)) {
+    let first = start / bs;
+    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)).skip(first) {
         let blk = blk as usize;
         let cnt = bs.min(n_ctx - bi * bs);
         let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
         let vb = v.add(blk * bs * kv_dim + kvh * hd);
-        let mut c = 0;
+        // The window's first block starts inside it.
+        let mut c = if bi == first { start - bi * bs } else { 0 };
         while c < cnt {
             let n = 16.min(cnt - c);
             let mask: u16 = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
@@ -373,7 +443,10 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
                 }
             }
             for g in 0..G {
-                let sv = _mm512_mul_ps(_mm512_add_ps(s[g][0], s[g][1]), scv);
+                let mut sv = _mm512_mul_ps(_mm512_add_ps(s[g][0], s[g][1]), scv);
+                if let Some(cap) = softcap {
+                    sv = _mm512_mul_ps(_mm512_set1_ps(cap), tanh16(_mm512_mul_ps(sv, _mm512_set1_ps(1.0 / cap))));
+                }
                 let bm = _mm512_mask_reduce_max_ps(mask, sv);
                 let m_new = m[g].max(bm);
                 let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[g] - m_new)));

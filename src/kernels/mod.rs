@@ -31,6 +31,7 @@ pub mod scalar;
 pub use memory::{release_free_heap, tune_allocator};
 pub use packed::{PackedMatrix, GROUP};
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use half::f16;
@@ -289,6 +290,41 @@ pub fn silu_mul_isa(isa: Isa, g: &mut [f32], u: &[f32]) {
         return unsafe { avx512::silu_mul(g, u) };
     }
     scalar::silu_mul(g, u)
+}
+
+/// GeGLU gate: `g[i] = gelu_tanh(g[i]) * u[i]` (tanh-approximated GELU, as
+/// PyTorch's `gelu(approximate="tanh")`; Gemma's feed-forward).
+pub fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
+    gelu_tanh_mul_isa(isa(), g, u)
+}
+
+/// [`gelu_tanh_mul`] with an explicit instruction set (capped at
+/// [`detected_isa`]; AVX-512 kernel, scalar elsewhere).
+pub fn gelu_tanh_mul_isa(isa: Isa, g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len(), "gelu_tanh_mul: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(detected_isa()) == Isa::Avx512Vnni {
+        // SAFETY: avx512f detected; lengths equal (asserted above).
+        return unsafe { avx512::gelu_tanh_mul(g, u) };
+    }
+    scalar::gelu_tanh_mul(g, u)
+}
+
+/// Soft-capping: `v[i] = cap * tanh(v[i] / cap)` (Gemma 2's final logits;
+/// `cap > 0`).
+pub fn softcap(v: &mut [f32], cap: f32) {
+    softcap_isa(isa(), v, cap)
+}
+
+/// [`softcap`] with an explicit instruction set (capped at [`detected_isa`];
+/// AVX-512 kernel, scalar elsewhere).
+pub fn softcap_isa(isa: Isa, v: &mut [f32], cap: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(detected_isa()) == Isa::Avx512Vnni {
+        // SAFETY: avx512f detected; the kernel reads and writes within `v`.
+        return unsafe { avx512::softcap(v, cap) };
+    }
+    scalar::softcap(v, cap)
 }
 
 /// A batch of `n` activation rows, in f32 and (for quantized weights) Q8.
@@ -608,35 +644,44 @@ pub struct AttnShape {
     pub kv_dim: usize,
     /// Score scale, usually `1 / sqrt(head_dim)`.
     pub scale: f32,
+    /// Logit soft-cap: scores become `cap * tanh(score / cap)` (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 impl AttnShape {
     /// Checks the arguments of one attention call (panics with a message on
     /// a violated precondition: these are internal invariants, never input).
     #[allow(clippy::too_many_arguments)]
-    fn check<T>(&self, q: &[f32], kvh: usize, k: &[T], v: &[T], table: &[u32], n_ctx: usize, out: &[f32]) {
+    fn check<T>(&self, q: &[f32], kvh: usize, k: &[T], v: &[T], table: &[u32], keys: &Range<usize>, out: &[f32]) {
         let (hd, bs) = (self.head_dim, self.block_size);
         assert!(hd > 0 && bs > 0 && (1..=MAX_GROUP).contains(&self.group), "attend: bad shape {self:?}");
+        assert!(self.softcap.is_none_or(|c| c > 0.0 && c.is_finite()), "attend: soft-cap must be > 0");
         assert!(q.len() == self.group * hd && out.len() == q.len(), "attend: q/out must be group x head_dim");
         assert!((kvh + 1) * hd <= self.kv_dim && self.kv_dim.is_multiple_of(hd), "attend: KV head {kvh} outside kv_dim");
-        assert!(n_ctx >= 1 && table.len() >= n_ctx.div_ceil(bs), "attend: block table shorter than the context");
+        assert!(keys.start < keys.end, "attend: empty key range {keys:?}");
+        assert!(table.len() >= keys.end.div_ceil(bs), "attend: block table shorter than the context");
+        // Only the blocks of the key range are read (blocks before a sliding
+        // window may already be freed).
         let nblk = k.len().min(v.len()) / (bs * self.kv_dim);
-        assert!(table[..n_ctx.div_ceil(bs)].iter().all(|&b| (b as usize) < nblk), "attend: block id out of range");
+        assert!(table[keys.start / bs..keys.end.div_ceil(bs)].iter().all(|&b| (b as usize) < nblk), "attend: block id out of range");
     }
 }
 
 /// Attention of the query heads of KV head `kvh` (`q`, `out`: `group x
-/// head_dim`) at the last of `n_ctx` positions, reading keys and values
-/// through `table` (f16 cache; layout in [`AttnShape`]).
+/// head_dim`) at position `keys.end - 1` over the keys at positions `keys`
+/// (`0..pos + 1` for full causal attention, `pos + 1 - window..pos + 1` for a
+/// sliding window: blocks before `keys.start` are not read), reading keys and
+/// values through `table` (f16 cache; layout in [`AttnShape`]).
 #[allow(clippy::too_many_arguments)]
-pub fn attend_f16(s: &AttnShape, q: &[f32], kvh: usize, k: &[f16], v: &[f16], table: &[u32], n_ctx: usize, out: &mut [f32]) {
-    attend_f16_isa(isa(), s, q, kvh, k, v, table, n_ctx, out)
+pub fn attend_f16(s: &AttnShape, q: &[f32], kvh: usize, k: &[f16], v: &[f16], table: &[u32], keys: Range<usize>, out: &mut [f32]) {
+    attend_f16_isa(isa(), s, q, kvh, k, v, table, keys, out)
 }
 
 /// [`attend_f16`] with an explicit instruction set (capped at
 /// [`detected_isa`]). AVX-512 covers head_dim 64 with up to 4 query heads per
-/// KV head and head_dim 128 with up to 2, AVX2 head_dim 64 (groups up to 4)
-/// and 128 (groups 1, 2, 4); other shapes run the scalar reference.
+/// KV head, head_dim 128 with up to 2 and head_dim 256 with 1, 2 or 4 (Gemma);
+/// AVX2 head_dim 64 (groups up to 4), 128 and 256 (groups 1, 2, 4); other
+/// shapes run the scalar reference.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_f16_isa(
     isa: Isa,
@@ -646,21 +691,23 @@ pub fn attend_f16_isa(
     k: &[f16],
     v: &[f16],
     table: &[u32],
-    n_ctx: usize,
+    keys: Range<usize>,
     out: &mut [f32],
 ) {
-    s.check(q, kvh, k, v, table, n_ctx, out);
+    s.check(q, kvh, k, v, table, &keys, out);
     #[cfg(target_arch = "x86_64")]
     {
         let (qp, op, kp, vp) = (q.as_ptr(), out.as_mut_ptr(), k.as_ptr(), v.as_ptr());
-        let (bs, kd, sc) = (s.block_size, s.kv_dim, s.scale);
+        let (bs, kd, sc, cap) = (s.block_size, s.kv_dim, s.scale, s.softcap);
+        let (start, n_ctx) = (keys.start, keys.end);
         macro_rules! go {
             ($m:ident, $g:literal, $hv:literal) => {
                 // SAFETY: the ISA's features were detected (`isa` is capped at
                 // `detected_isa`); `check` verified the q/out sizes (group x
-                // head_dim), the KV head range, the table length and that
-                // every used block id lies inside `k` and `v`.
-                return unsafe { $m::attend_f16::<$g, $hv>(qp, kvh, kp, vp, bs, kd, table, n_ctx, sc, op) }
+                // head_dim), the KV head range, `start < n_ctx`, the table
+                // length and that every block id of the key range lies
+                // inside `k` and `v`.
+                return unsafe { $m::attend_f16::<$g, $hv>(qp, kvh, kp, vp, bs, kd, table, start, n_ctx, sc, cap, op) }
             };
         }
         // Register-resident accumulators: (group, head_dim / lanes) pairs per ISA.
@@ -671,6 +718,9 @@ pub fn attend_f16_isa(
             (Isa::Avx512Vnni, 64, 4) => go!(avx512, 4, 4),
             (Isa::Avx512Vnni, 128, 1) => go!(avx512, 1, 8),
             (Isa::Avx512Vnni, 128, 2) => go!(avx512, 2, 8),
+            (Isa::Avx512Vnni, 256, 1) => go!(avx512, 1, 16),
+            (Isa::Avx512Vnni, 256, 2) => go!(avx512, 2, 16),
+            (Isa::Avx512Vnni, 256, 4) => go!(avx512, 4, 16),
             (Isa::Avx2, 64, 1) => go!(avx2, 1, 8),
             (Isa::Avx2, 64, 2) => go!(avx2, 2, 8),
             (Isa::Avx2, 64, 3) => go!(avx2, 3, 8),
@@ -678,11 +728,14 @@ pub fn attend_f16_isa(
             (Isa::Avx2, 128, 1) => go!(avx2, 1, 16),
             (Isa::Avx2, 128, 2) => go!(avx2, 2, 16),
             (Isa::Avx2, 128, 4) => go!(avx2, 4, 16),
+            (Isa::Avx2, 256, 1) => go!(avx2, 1, 32),
+            (Isa::Avx2, 256, 2) => go!(avx2, 2, 32),
+            (Isa::Avx2, 256, 4) => go!(avx2, 4, 32),
             _ => {}
         }
     }
     let _ = isa;
-    scalar::attend(s, q, kvh, k, v, table, n_ctx, out, f16::to_f32)
+    scalar::attend(s, q, kvh, k, v, table, keys, out, f16::to_f32)
 }
 
 /// Scalar attention for any stored element type (bf16 and f32 caches), with
@@ -695,12 +748,12 @@ pub fn attend_ref<T: Copy>(
     k: &[T],
     v: &[T],
     table: &[u32],
-    n_ctx: usize,
+    keys: Range<usize>,
     out: &mut [f32],
     cvt: impl Fn(T) -> f32,
 ) {
-    s.check(q, kvh, k, v, table, n_ctx, out);
-    scalar::attend(s, q, kvh, k, v, table, n_ctx, out, cvt)
+    s.check(q, kvh, k, v, table, &keys, out);
+    scalar::attend(s, q, kvh, k, v, table, keys, out, cvt)
 }
 
 #[cfg(test)]
@@ -1008,9 +1061,17 @@ mod tests {
         }
     }
 
-    /// Plain softmax attention in f64 over keys/values given position-major.
-    fn attention_f64(q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>], scale: f32) -> Vec<f64> {
-        let sc: Vec<f64> = keys.iter().map(|k| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64).collect();
+    /// Plain softmax attention in f64 over keys/values given position-major
+    /// (scores soft-capped when `softcap` is given).
+    fn attention_f64(q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>], scale: f32, softcap: Option<f32>) -> Vec<f64> {
+        let sc: Vec<f64> = keys
+            .iter()
+            .map(|k| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64)
+            .map(|x| match softcap {
+                Some(c) => c as f64 * (x / c as f64).tanh(),
+                None => x,
+            })
+            .collect();
         let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
         let z: f64 = e.iter().sum();
@@ -1020,19 +1081,33 @@ mod tests {
     #[test]
     fn paged_attention_matches_reference() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
-        // (head_dim, group, kv_heads, block_size, n_ctx): SIMD shapes and fallbacks,
-        // partial chunks and blocks, block sizes not a multiple of 16.
-        for &(hd, group, kvn, bs, n_ctx) in &[
-            (64usize, 3usize, 3usize, 16usize, 1usize),
-            (64, 3, 3, 16, 37),
-            (64, 3, 3, 16, 300),
-            (64, 1, 2, 32, 70),
-            (64, 4, 1, 8, 19),
-            (64, 2, 2, 24, 50),
-            (128, 2, 2, 16, 33),
-            (128, 1, 1, 128, 130),
-            (32, 5, 2, 16, 21),
-            (48, 3, 1, 5, 12),
+        // (head_dim, group, kv_heads, block_size, n_ctx, window, softcap): SIMD
+        // shapes and fallbacks, partial chunks and blocks, block sizes not a
+        // multiple of 16; sliding windows starting inside a block, on a block
+        // boundary and inside a chunk; soft-capped scores (scores scaled up
+        // so the cap bends them).
+        for &(hd, group, kvn, bs, n_ctx, window, softcap) in &[
+            (64usize, 3usize, 3usize, 16usize, 1usize, None, None),
+            (64, 3, 3, 16, 37, None, None),
+            (64, 3, 3, 16, 300, None, None),
+            (64, 1, 2, 32, 70, None, None),
+            (64, 4, 1, 8, 19, None, None),
+            (64, 2, 2, 24, 50, None, None),
+            (128, 2, 2, 16, 33, None, None),
+            (128, 1, 1, 128, 130, None, None),
+            (32, 5, 2, 16, 21, None, None),
+            (48, 3, 1, 5, 12, None, None),
+            (256, 4, 1, 16, 45, None, None),
+            (256, 2, 2, 32, 20, None, None),
+            (256, 1, 1, 16, 70, Some(33usize), None),
+            (64, 2, 2, 16, 100, Some(37), None),
+            (64, 3, 1, 16, 100, Some(32), None),
+            (64, 4, 2, 8, 61, Some(7), None),
+            (128, 2, 1, 16, 90, Some(50), Some(3.0f32)),
+            (128, 1, 2, 32, 70, Some(70), None),
+            (64, 1, 1, 16, 50, None, Some(1.5)),
+            (48, 3, 1, 5, 40, Some(11), Some(2.0)),
+            (256, 4, 1, 16, 30, Some(9), Some(5.0)),
         ] {
             let kv_dim = kvn * hd;
             let nblk = n_ctx.div_ceil(bs) + 3;
@@ -1057,22 +1132,33 @@ mod tests {
                     }
                 }
             }
-            let s = AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale: 1.0 / (hd as f32).sqrt() };
+            let start = window.map_or(0, |w| n_ctx.saturating_sub(w));
+            // Blocks wholly before the window are never read: point them
+            // past the pool (check() and the kernels must not touch them).
+            for b in table[..start / bs].iter_mut() {
+                *b = u32::MAX;
+            }
+            let scale = if softcap.is_some() { 4.0 } else { 1.0 / (hd as f32).sqrt() };
+            let s = AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale, softcap };
+            let case = format!("{hd}/{group}/{bs}/{n_ctx} window {window:?} cap {softcap:?}");
             for kvh in 0..kvn {
                 let q = rand_vec(&mut rng, group * hd);
                 let mut want = vec![0.0f32; group * hd];
-                scalar::attend(&s, &q, kvh, &k, &v, &table, n_ctx, &mut want, f16::to_f32);
+                scalar::attend(&s, &q, kvh, &k, &v, &table, start..n_ctx, &mut want, f16::to_f32);
                 for g in 0..group {
-                    let exact = attention_f64(&q[g * hd..(g + 1) * hd], &keys[kvh], &vals[kvh], s.scale);
+                    let exact = attention_f64(&q[g * hd..(g + 1) * hd], &keys[kvh][start..], &vals[kvh][start..], s.scale, softcap);
                     for (a, b) in want[g * hd..(g + 1) * hd].iter().zip(&exact) {
-                        assert!((*a as f64 - b).abs() < 1e-5, "scalar {hd}/{group}/{bs}/{n_ctx}: {a} vs {b}");
+                        assert!((*a as f64 - b).abs() < 1e-5, "scalar {case}: {a} vs {b}");
                     }
                 }
+                // Soft-capped scores go through each ISA's tanh (abs. error
+                // < 2e-7 of tanh, i.e. `cap * 2e-7` of a score).
+                let tol = if softcap.is_some() { 1e-5 } else { 2e-6 };
                 for isa in available_isas() {
                     let mut got = vec![f32::NAN; group * hd];
-                    attend_f16_isa(isa, &s, &q, kvh, &k, &v, &table, n_ctx, &mut got);
+                    attend_f16_isa(isa, &s, &q, kvh, &k, &v, &table, start..n_ctx, &mut got);
                     for (a, b) in got.iter().zip(&want) {
-                        assert!((a - b).abs() < 2e-6, "{isa:?} {hd}/{group}/{bs}/{n_ctx}: {a} vs {b}");
+                        assert!((a - b).abs() < tol, "{isa:?} {case}: {a} vs {b}");
                     }
                 }
             }
@@ -1126,10 +1212,58 @@ mod tests {
     #[test]
     #[should_panic(expected = "block id out of range")]
     fn paged_attention_checks_block_ids() {
-        let s = AttnShape { head_dim: 64, group: 3, block_size: 16, kv_dim: 192, scale: 0.125 };
+        let s = AttnShape { head_dim: 64, group: 3, block_size: 16, kv_dim: 192, scale: 0.125, softcap: None };
         let (k, v) = (vec![f16::ZERO; 2 * 16 * 192], vec![f16::ZERO; 2 * 16 * 192]);
         let mut out = vec![0.0; 192];
-        attend_f16(&s, &[0.0; 192], 0, &k, &v, &[0, 2], 20, &mut out);
+        attend_f16(&s, &[0.0; 192], 0, &k, &v, &[0, 2], 0..20, &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "block id out of range")]
+    fn paged_attention_checks_block_ids_inside_the_window() {
+        let s = AttnShape { head_dim: 64, group: 3, block_size: 16, kv_dim: 192, scale: 0.125, softcap: None };
+        let (k, v) = (vec![f16::ZERO; 2 * 16 * 192], vec![f16::ZERO; 2 * 16 * 192]);
+        let mut out = vec![0.0; 192];
+        // Block 0 lies before the window (never read); block 7 is inside it.
+        attend_f16(&s, &[0.0; 192], 0, &k, &v, &[9, 1, 7], 17..40, &mut out);
+    }
+
+    #[test]
+    fn gelu_tanh_and_softcap_match_scalar() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(21);
+        for n in [1usize, 15, 16, 17, 100, 2048] {
+            let mut g: Vec<f32> = (0..n).map(|_| rng.gen_range(-8.0f32..8.0)).collect();
+            g[0] = -60.0; // tanh saturates
+            if n > 2 {
+                g[1] = 1e-4; // the Taylor branch near 0
+                g[2] = 0.4999;
+            }
+            let u = rand_vec(&mut rng, n);
+            let mut want = g.clone();
+            scalar::gelu_tanh_mul(&mut want, &u);
+            // The scalar reference against the formula in f64.
+            for ((w, &x), &y) in want.iter().zip(&g).zip(&u) {
+                let x = x as f64;
+                let exact = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()) * y as f64;
+                assert!((*w as f64 - exact).abs() <= 1e-6 * (1.0 + exact.abs()), "scalar gelu({x}): {w} vs {exact}");
+            }
+            let cap = 30.0;
+            let logits: Vec<f32> = g.iter().map(|x| x * 20.0).collect();
+            let mut want_cap = logits.clone();
+            scalar::softcap(&mut want_cap, cap);
+            for isa in available_isas() {
+                let mut got = g.clone();
+                gelu_tanh_mul_isa(isa, &mut got, &u);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{isa:?} gelu n{n}: {a} vs {b}");
+                }
+                let mut got = logits.clone();
+                softcap_isa(isa, &mut got, cap);
+                for (a, b) in got.iter().zip(&want_cap) {
+                    assert!((a - b).abs() <= 1e-5 * cap, "{isa:?} softcap n{n}: {a} vs {b}");
+                }
+            }
+        }
     }
 
 }

@@ -386,9 +386,44 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// Coefficients of `tanh(x) / x` in powers of `x^2` (1, -1/3, 2/15, ...): the
+/// SIMD `tanh` below |x| = 0.5.
+pub(super) const TANH_TAYLOR: [f32; 8] = [
+    1.0,
+    -1.0 / 3.0,
+    2.0 / 15.0,
+    -17.0 / 315.0,
+    62.0 / 2835.0,
+    -1382.0 / 155_925.0,
+    21844.0 / 6_081_075.0,
+    -929_569.0 / 638_512_875.0,
+];
+
+/// `sqrt(2 / pi)`, the inner scale of the tanh approximation of GELU.
+pub const GELU_TANH_SCALE: f32 = 0.797_884_6;
+
+/// GeGLU gate: `g[i] = gelu_tanh(g[i]) * u[i]` with
+/// `gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`
+/// (PyTorch's `gelu(approximate="tanh")`, Gemma's activation).
+pub fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
+    for (x, &y) in g.iter_mut().zip(u) {
+        let v = *x;
+        *x = 0.5 * v * (1.0 + (GELU_TANH_SCALE * (v + 0.044_715 * v * v * v)).tanh()) * y;
+    }
+}
+
+/// `v[i] = cap * tanh(v[i] / cap)` (Gemma 2's final-logit soft-capping).
+pub fn softcap(v: &mut [f32], cap: f32) {
+    for x in v.iter_mut() {
+        *x = cap * (*x * (1.0 / cap)).tanh();
+    }
+}
+
 /// Paged attention of the `group` query heads that share KV head `kvh`, for
-/// one query row at the last of `n_ctx` positions (scalar reference, generic
-/// over the stored element type through `cvt`).
+/// one query row at position `keys.end - 1`, over the keys at positions
+/// `keys` (a sliding window starts after 0; scalar reference, generic over
+/// the stored element type through `cvt`). With `s.softcap = Some(cap)` each
+/// score becomes `cap * tanh(score / cap)` before the softmax.
 ///
 /// Layout (see [`super::AttnShape`]): block `b` of K holds, for each KV head,
 /// a `[head_dim][block_size]` (transposed) slab; V holds `[block_size][kv_dim]`
@@ -403,22 +438,26 @@ pub fn attend<T: Copy>(
     k: &[T],
     v: &[T],
     table: &[u32],
-    n_ctx: usize,
+    keys: std::ops::Range<usize>,
     out: &mut [f32],
     cvt: impl Fn(T) -> f32,
 ) {
     const C: usize = super::ATT_CHUNK;
+    let (start, n_ctx) = (keys.start, keys.end);
     let (hd, g, bs, kv_dim) = (s.head_dim, s.group, s.block_size, s.kv_dim);
     let mut m = [f32::NEG_INFINITY; super::MAX_GROUP];
     let mut l = [0.0f32; super::MAX_GROUP];
     let mut p = [[0.0f32; C]; super::MAX_GROUP];
     out.fill(0.0);
-    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)) {
+    let first = start / bs;
+    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)).skip(first) {
         let blk = blk as usize;
         let cnt = bs.min(n_ctx - bi * bs);
         let kt = blk * bs * kv_dim + kvh * hd * bs;
         let vb = blk * bs * kv_dim + kvh * hd;
-        for c in (0..cnt).step_by(C) {
+        // The window's first block starts inside it.
+        let lo = if bi == first { start - bi * bs } else { 0 };
+        for c in (lo..cnt).step_by(C) {
             let n = C.min(cnt - c);
             // (g, n) scores: two partial sums per key (even / odd d), each K
             // row of the chunk converted once for all g heads.
@@ -439,6 +478,9 @@ pub fn attend<T: Copy>(
                 let mut sc = [f32::NEG_INFINITY; C];
                 for (j, scj) in sc.iter_mut().enumerate().take(n) {
                     *scj = (acc[gi][0][j] + acc[gi][1][j]) * s.scale;
+                    if let Some(cap) = s.softcap {
+                        *scj = cap * (*scj * (1.0 / cap)).tanh();
+                    }
                 }
                 let m_new = sc[..n].iter().fold(m[gi], |a, &b| a.max(b));
                 let corr = (m[gi] - m_new).exp();

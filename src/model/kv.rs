@@ -16,6 +16,8 @@
 //! elements in both arrays, so copying a block is one contiguous copy.
 //!
 
+use std::ops::Range;
+
 use half::f16;
 
 use crate::kernels::AttnShape;
@@ -50,18 +52,19 @@ pub const MAX_BLOCK_SIZE: usize = 128;
 pub trait KvElem: Copy + Send + Sync + bytemuck::Zeroable + 'static {
     /// Converts from f32 (round to nearest).
     fn from_f32(x: f32) -> Self;
-    /// Attention of the query heads of KV head `kvh` over `n_ctx` positions
-    /// read through `table` (see [`crate::kernels::AttnShape`] for the layout).
+    /// Attention of the query heads of KV head `kvh` over the positions
+    /// `keys` read through `table` (see [`crate::kernels::AttnShape`] for the
+    /// layout; [`crate::kernels::attend_f16`] for the key range).
     #[allow(clippy::too_many_arguments)]
-    fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], n_ctx: usize, out: &mut [f32]);
+    fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], keys: Range<usize>, out: &mut [f32]);
 }
 
 impl KvElem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
-    fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], n_ctx: usize, out: &mut [f32]) {
-        crate::kernels::attend_f16(s, q, kvh, k, v, table, n_ctx, out)
+    fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], keys: Range<usize>, out: &mut [f32]) {
+        crate::kernels::attend_f16(s, q, kvh, k, v, table, keys, out)
     }
 }
 
@@ -72,8 +75,8 @@ macro_rules! scalar_kv_elem {
             fn from_f32(x: f32) -> Self {
                 $from(x)
             }
-            fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], n_ctx: usize, out: &mut [f32]) {
-                crate::kernels::attend_ref(s, q, kvh, k, v, table, n_ctx, out, $to)
+            fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], keys: Range<usize>, out: &mut [f32]) {
+                crate::kernels::attend_ref(s, q, kvh, k, v, table, keys, out, $to)
             }
         }
     };

@@ -1,4 +1,9 @@
-//! Llama forward pass, written to be read like llama2.c.
+//! The forward pass of every supported family, written to be read like
+//! llama2.c: the Llama block, with the family's differences (see
+//! [`super::arch`]) as optional steps — Q/K/V biases, per-head Q/K RMSNorm,
+//! NORM or NEOX RoPE with per-layer frequency tables, sliding-window and
+//! soft-capped attention, post-attention / post-feed-forward norms, SwiGLU
+//! or GeGLU, embedding scale and final-logit soft-cap.
 //!
 //! A batch is a list of sequence chunks; their tokens are stacked as rows:
 //!
@@ -8,16 +13,18 @@
 //!
 //! A prefill chunk is many rows of one sequence, a decode step one row. Each
 //! row's K/V is written to its paged slot first, then each row attends to
-//! positions `0..=pos` of its own sequence through the block table — so the
-//! same code serves prefill, chunked prefill and decode, and a row's result
-//! never depends on the other rows of the batch.
+//! positions `0..=pos` of its own sequence through the block table (the last
+//! `window` of them on a sliding-window layer: earlier blocks are not read,
+//! though they stay allocated) — so the same code serves prefill, chunked
+//! prefill and decode, and a row's result never depends on the other rows of
+//! the batch.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::kv::{KvElem, KvLayer, KvStore};
-use super::Model;
+use super::{FfnAct, Model, RopeStyle};
 use crate::kernels::{self, Activations, AttnShape, BlockQ8, QK};
 
 /// One sequence's slice of a batch.
@@ -46,7 +53,8 @@ pub struct Scratch {
     hq: Vec<BlockQ8>,
     row_pos: Vec<usize>,
     row_seq: Vec<usize>,
-    /// Per row: `(cos, sin)` of `pos * inv_freq[i]` for every RoPE pair.
+    /// Per RoPE table, per row: `(cos, sin)` of `pos * inv_freq[i]` (times
+    /// the attention factor) for every RoPE pair.
     rope_cs: Vec<(f32, f32)>,
 }
 
@@ -56,21 +64,36 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     }
 }
 
+/// `1 / rms(x)` with `eps` inside the root.
+#[inline]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ss + eps).sqrt()
+}
+
 /// `out = x / rms(x) * w`.
 pub fn rms_norm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
-    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let scale = 1.0 / (ss + eps).sqrt();
+    let scale = inv_rms(x, eps);
     for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
         *o = xi * scale * wi;
     }
 }
 
-/// `cs[i] = (cos, sin)(pos * inv_freq[i])`: computed once per row and shared
-/// by every head of every layer.
-pub fn rope_table(pos: usize, inv_freq: &[f32], cs: &mut [(f32, f32)]) {
+/// `x = x / rms(x) * w` in place (per-head Q/K norms, post-norms).
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let scale = inv_rms(x, eps);
+    for (xi, &wi) in x.iter_mut().zip(w) {
+        *xi = *xi * scale * wi;
+    }
+}
+
+/// `cs[i] = mscale * (cos, sin)(pos * inv_freq[i])`: computed once per row
+/// and shared by every head of every layer using the table (`mscale` is the
+/// long-rope attention factor, 1 otherwise).
+pub fn rope_table(pos: usize, inv_freq: &[f32], mscale: f32, cs: &mut [(f32, f32)]) {
     for (o, &f) in cs.iter_mut().zip(inv_freq) {
         let (s, c) = (pos as f32 * f).sin_cos();
-        *o = (c, s);
+        *o = (c * mscale, s * mscale);
     }
 }
 
@@ -86,6 +109,19 @@ pub fn rope_apply(head: &mut [f32], cs: &[(f32, f32)]) {
     }
 }
 
+/// Rotates pairs `(x[i], x[i + half])`, `half = cs.len()`, of the rotated
+/// part of one head (llama.cpp's NEOX RoPE, Hugging Face's `rotate_half`:
+/// Qwen, Gemma, Phi-3).
+#[inline]
+pub fn rope_apply_neox(head: &mut [f32], cs: &[(f32, f32)]) {
+    let (lo, hi) = head.split_at_mut(cs.len());
+    for ((a, b), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(cs) {
+        let (x, y) = (*a, *b);
+        *a = x * c - y * s;
+        *b = x * s + y * c;
+    }
+}
+
 impl Model {
     /// Looks up embeddings of `tokens` into `x` (`tokens.len() x dim`).
     /// Token ids must be `< vocab_size` (checked by the caller's validation).
@@ -97,6 +133,10 @@ impl Model {
             match &self.tok_embd.packed {
                 Some(p) => p.dequantize_row(*t as usize, row),
                 None => m.dequantize_row(*t as usize, row),
+            }
+            // Gemma: x *= sqrt(dim)
+            if let Some(e) = self.config.embed_scale {
+                row.iter_mut().for_each(|v| *v *= e);
             }
         }
     }
@@ -114,15 +154,15 @@ impl Model {
         pool: Option<&rayon::ThreadPool>,
     ) {
         let c = &self.config;
-        let (dim, kv_dim, ffn, hd) = (c.dim, c.kv_dim, c.ffn_dim, c.head_dim);
+        let (dim, qd, kv_dim, ffn, hd) = (c.dim, c.q_dim, c.kv_dim, c.ffn_dim, c.head_dim);
         let n: usize = seqs.iter().map(|q| q.len).sum();
         debug_assert_eq!(x.len(), n * dim);
         grow(&mut s.xb, n * dim);
-        grow(&mut s.xq, n * dim / QK);
-        grow(&mut s.q, n * dim);
+        grow(&mut s.xq, n * dim.max(qd) / QK);
+        grow(&mut s.q, n * qd);
         grow(&mut s.k, n * kv_dim);
         grow(&mut s.v, n * kv_dim);
-        grow(&mut s.att, n * dim);
+        grow(&mut s.att, n * qd);
         let nf = n.min(FFN_ROWS);
         grow(&mut s.gate, nf * ffn);
         grow(&mut s.up, nf * ffn);
@@ -135,11 +175,16 @@ impl Model {
                 s.row_seq.push(si);
             }
         }
+        // (tables, n, npairs): cos/sin of every row for every RoPE table
         let npairs = c.rope_dim / 2;
+        let ntab = self.rope_inv_freq.len();
         s.rope_cs.clear();
-        s.rope_cs.resize(n * npairs, (0.0, 0.0));
-        for (r, cs) in s.rope_cs.chunks_exact_mut(npairs.max(1)).enumerate().take(n) {
-            rope_table(s.row_pos[r], &self.rope_inv_freq, cs);
+        s.rope_cs.resize(ntab * n * npairs, (0.0, 0.0));
+        for (t, inv_freq) in self.rope_inv_freq.iter().enumerate() {
+            let tab = &mut s.rope_cs[t * n * npairs..(t + 1) * n * npairs];
+            for (r, cs) in tab.chunks_exact_mut(npairs.max(1)).enumerate().take(n) {
+                rope_table(s.row_pos[r], inv_freq, c.rope_attn_factor, cs);
+            }
         }
 
         // Row-wise passes run in parallel over rows on the worker's pool
@@ -153,40 +198,61 @@ impl Model {
             // (n, dim): [x += xb]; xb = rmsnorm(x) * attn_norm; xq = q8(xb)
             add_norm_quant(rows_par, x, &mut s.xb[..n * dim], &mut s.xq[..n * dim / QK], pending, &lw.attn_norm, eps);
             let xa = Activations { f: &s.xb[..n * dim], q: &s.xq[..n * dim / QK], n };
-            // (n, dim), (n, kv_dim), (n, kv_dim): q, k, v projections
-            kernels::matmul_best(&self.mat(&lw.wq), lw.wq.packed.as_deref(), &xa, &mut s.q[..n * dim], pool);
+            // (n, q_dim), (n, kv_dim), (n, kv_dim): q, k, v projections
+            kernels::matmul_best(&self.mat(&lw.wq), lw.wq.packed.as_deref(), &xa, &mut s.q[..n * qd], pool);
             kernels::matmul_best(&self.mat(&lw.wk), lw.wk.packed.as_deref(), &xa, &mut s.k[..n * kv_dim], pool);
             kernels::matmul_best(&self.mat(&lw.wv), lw.wv.packed.as_deref(), &xa, &mut s.v[..n * kv_dim], pool);
-            // RoPE on every q and k head, at each row's absolute position
-            for_rows(rows_par, (&mut s.q[..n * dim], dim), (&mut s.k[..n * kv_dim], kv_dim), (&mut s.rope_cs[..n * npairs], npairs), |q, k, cs| {
-                for h in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                    rope_apply(&mut h[..c.rope_dim], cs);
+            // Per row: [q, k, v += biases]; [per-head rmsnorm of q, k]; RoPE
+            // on every q and k head at the row's absolute position
+            let rope = &mut s.rope_cs[lw.rope_table * n * npairs..(lw.rope_table + 1) * n * npairs];
+            let v_bias = lw.qkv_bias.as_ref().map(|[_, _, bv]| bv.as_slice());
+            for_rows(rows_par, (&mut s.q[..n * qd], qd), (&mut s.k[..n * kv_dim], kv_dim), (rope, npairs), |q, k, cs| {
+                if let Some([bq, bk, _]) = &lw.qkv_bias {
+                    add_in_place(q, bq);
+                    add_in_place(k, bk);
+                }
+                for (h, norm) in q.chunks_exact_mut(hd).map(|h| (h, 0)).chain(k.chunks_exact_mut(hd).map(|h| (h, 1))) {
+                    if let Some(w) = &lw.qk_norm {
+                        rms_norm_in_place(h, &w[norm], eps);
+                    }
+                    match c.rope_style {
+                        RopeStyle::Norm => rope_apply(&mut h[..c.rope_dim], cs),
+                        RopeStyle::Neox => rope_apply_neox(&mut h[..c.rope_dim], cs),
+                    }
                 }
             });
+            if let Some(bv) = v_bias {
+                s.v[..n * kv_dim].chunks_exact_mut(kv_dim).for_each(|v| add_in_place(v, bv));
+            }
             // (n, kv_dim) -> paged slots: write this batch's k, v before attending
             for r in 0..n {
                 let seq = &seqs[s.row_seq[r]];
                 let slot = kv.slot(seq.block_table, s.row_pos[r]);
                 kv.write(l, slot, &s.k[r * kv_dim..(r + 1) * kv_dim], &s.v[r * kv_dim..(r + 1) * kv_dim]);
             }
-            // (n, dim): att = softmax(q k^T / sqrt(hd)) v, causal, per row and head
+            // (n, q_dim): att = softmax([softcap](q k^T * scale)) v, causal
+            // (over the window on sliding layers), per row and head
             {
-                let q = &s.q[..n * dim];
-                let att = &mut s.att[..n * dim];
+                let q = &s.q[..n * qd];
+                let att = &mut s.att[..n * qd];
                 let rows = RowMap { pos: &s.row_pos, seq: &s.row_seq };
                 let bs = kv.block_size;
+                let window = if c.swa_layers[l] { c.sliding_window } else { None };
                 match kv.layer(l) {
-                    KvLayer::F16(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, q, att, pool),
-                    KvLayer::Bf16(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, q, att, pool),
-                    KvLayer::F32(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, q, att, pool),
+                    KvLayer::F16(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, window, q, att, pool),
+                    KvLayer::Bf16(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, window, q, att, pool),
+                    KvLayer::F32(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, window, q, att, pool),
                 }
             }
-            // (n, dim): xb = att @ wo
-            quantize_rows(rows_par, &s.att[..n * dim], dim, &mut s.xq[..n * dim / QK]);
-            let aa = Activations { f: &s.att[..n * dim], q: &s.xq[..n * dim / QK], n };
+            // (n, dim): xb = att @ wo; [xb = rmsnorm(xb) * post_attn_norm]
+            quantize_rows(rows_par, &s.att[..n * qd], qd, &mut s.xq[..n * qd / QK]);
+            let aa = Activations { f: &s.att[..n * qd], q: &s.xq[..n * qd / QK], n };
             kernels::matmul_best(&self.mat(&lw.wo), lw.wo.packed.as_deref(), &aa, &mut s.xb[..n * dim], pool);
+            if let Some(w) = &lw.post_attn_norm {
+                norm_rows(rows_par, &mut s.xb[..n * dim], w, eps);
+            }
 
-            // ---- feed-forward (SwiGLU) ----
+            // ---- feed-forward (SwiGLU / GeGLU) ----
             // (n, dim): x += xb; xb = rmsnorm(x) * ffn_norm; xq = q8(xb)
             add_norm_quant(rows_par, x, &mut s.xb[..n * dim], &mut s.xq[..n * dim / QK], true, &lw.ffn_norm, eps);
             // In chunks of at most FFN_ROWS rows (bounds the rows x ffn scratch);
@@ -198,15 +264,22 @@ impl Model {
                 // (m, ffn): gate, up
                 kernels::matmul_best(&self.mat(&lw.w_gate), lw.w_gate.packed.as_deref(), &xa, &mut s.gate[..m * ffn], pool);
                 kernels::matmul_best(&self.mat(&lw.w_up), lw.w_up.packed.as_deref(), &xa, &mut s.up[..m * ffn], pool);
-                // (m, ffn): h = silu(gate) * up; hq = q8(h)
+                // (m, ffn): h = act(gate) * up; hq = q8(h)
                 let hq = (&mut s.hq[..m * ffn / QK], ffn / QK);
                 for_rows(pool.filter(|_| m >= PAR_ROWS), (&mut s.gate[..m * ffn], ffn), (&mut s.up[..m * ffn], ffn), hq, |g, u, hq| {
-                    kernels::silu_mul(g, u);
+                    match c.ffn_act {
+                        FfnAct::Silu => kernels::silu_mul(g, u),
+                        FfnAct::GeluTanh => kernels::gelu_tanh_mul(g, u),
+                    }
                     kernels::quantize_rows_q8(g, ffn, hq);
                 });
                 let ha = Activations { f: &s.gate[..m * ffn], q: &s.hq[..m * ffn / QK], n: m };
                 // (m, dim): xb = h @ w_down (added to x by the next norm or below)
                 kernels::matmul_best(&self.mat(&lw.w_down), lw.w_down.packed.as_deref(), &ha, &mut s.xb[rows], pool);
+            }
+            // (n, dim): [xb = rmsnorm(xb) * post_ffn_norm]
+            if let Some(w) = &lw.post_ffn_norm {
+                norm_rows(rows_par, &mut s.xb[..n * dim], w, eps);
             }
             pending = true;
         }
@@ -229,7 +302,18 @@ impl Model {
         }
         kernels::quantize_rows_q8(&s.xb[..m * dim], dim, &mut s.xq[..m * dim / QK]);
         let xa = Activations { f: &s.xb[..m * dim], q: &s.xq[..m * dim / QK], n: m };
-        kernels::matmul_best(&self.mat(&self.output), self.output.packed.as_deref(), &xa, &mut logits[..m * self.config.vocab_size], pool);
+        let vocab = self.config.vocab_size;
+        let logits = &mut logits[..m * vocab];
+        kernels::matmul_best(&self.mat(&self.output), self.output.packed.as_deref(), &xa, logits, pool);
+        // (m, vocab): [+ bias]; [cap * tanh(logits / cap)]
+        for row in logits.chunks_exact_mut(vocab) {
+            if let Some(b) = &self.output_bias {
+                row.iter_mut().zip(b).for_each(|(l, b)| *l += b);
+            }
+            if let Some(cap) = self.config.final_softcap {
+                kernels::softcap(row, cap);
+            }
+        }
     }
 }
 
@@ -296,7 +380,8 @@ struct RowMap<'a> {
     seq: &'a [usize],
 }
 
-/// Attention for every row of the batch: one task per (row, KV head) — the
+/// Attention for every row of the batch (over the last `window` positions
+/// when given): one task per (row, KV head) — the
 /// query heads sharing that KV head — in parallel over `pool`, so even a
 /// single decode row keeps every thread busy.
 #[allow(clippy::too_many_arguments)]
@@ -307,6 +392,7 @@ fn attention<T: KvElem>(
     bs: usize,
     seqs: &[SeqChunk<'_>],
     rows: &RowMap<'_>,
+    window: Option<usize>,
     q: &[f32],
     att: &mut [f32],
     pool: Option<&rayon::ThreadPool>,
@@ -314,15 +400,33 @@ fn attention<T: KvElem>(
     let (hd, nkv) = (c.head_dim, c.n_kv_heads);
     let group = c.n_heads / nkv;
     let w = group * hd;
-    let shape = AttnShape { head_dim: hd, group, block_size: bs, kv_dim: c.kv_dim, scale: 1.0 / (hd as f32).sqrt() };
+    let shape = AttnShape { head_dim: hd, group, block_size: bs, kv_dim: c.kv_dim, scale: c.attn_scale, softcap: c.attn_softcap };
     // Item i: row i / nkv, KV head i % nkv; q and att rows are nkv items of w floats.
     let item = |i: usize, out: &mut [f32]| {
         let (r, kvh) = (i / nkv, i % nkv);
         let seq = &seqs[rows.seq[r]];
-        T::attend(&shape, &q[i * w..(i + 1) * w], kvh, kc, vc, seq.block_table, rows.pos[r] + 1, out);
+        let end = rows.pos[r] + 1;
+        // A sliding-window row reads positions > pos - window only.
+        let start = window.map_or(0, |w| end.saturating_sub(w));
+        T::attend(&shape, &q[i * w..(i + 1) * w], kvh, kc, vc, seq.block_table, start..end, out);
     };
     match pool {
         Some(p) if att.len() > w => p.install(|| att.par_chunks_mut(w).enumerate().for_each(|(i, out)| item(i, out))),
         _ => att.chunks_mut(w).enumerate().for_each(|(i, out)| item(i, out)),
+    }
+}
+
+/// `x += b` elementwise.
+#[inline]
+fn add_in_place(x: &mut [f32], b: &[f32]) {
+    x.iter_mut().zip(b).for_each(|(xi, bi)| *xi += bi);
+}
+
+/// `x = rmsnorm(x) * w` for every row of `x` (row width `w.len()`), in
+/// parallel over rows on `pool` when given.
+fn norm_rows(pool: Option<&rayon::ThreadPool>, x: &mut [f32], w: &[f32], eps: f32) {
+    match pool {
+        Some(p) => p.install(|| x.par_chunks_mut(w.len()).with_min_len(MIN_ROWS_PER_TASK).for_each(|r| rms_norm_in_place(r, w, eps))),
+        None => x.chunks_mut(w.len()).for_each(|r| rms_norm_in_place(r, w, eps)),
     }
 }
