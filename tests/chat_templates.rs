@@ -35,7 +35,7 @@ const ALLOWED_DIFFERENCES: &[(&str, &str)] = &[(
     "with tools it writes `\"...'\"|safe + t[\"function\"] | tojson`: in jinja2 `safe` makes a \
      markupsafe `Markup`, whose `+` HTML-escapes the plain-str operand (so the JSON's quotes \
      come out as `&#34;`); minijinja's `+` concatenates strings and has no hook for it \
-     (the 5 cases with tools differ; the other 9 match)",
+     (the 5 cases with tools differ; the other 11 match)",
 )];
 
 /// `conversations.json`.
@@ -51,6 +51,8 @@ struct Case {
     messages: Vec<ChatMessage>,
     #[serde(default)]
     tools: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     add_generation_prompt: bool,
 }
 
@@ -173,9 +175,10 @@ fn every_template_renders_as_transformers_does() -> Result<()> {
                 )
             })?;
             num_cases += 1;
-            let got = template.render_with_tools(
+            let got = template.render_with(
                 &case.messages,
                 case.tools.as_deref(),
+                case.kwargs.as_ref(),
                 case.add_generation_prompt,
             );
             let outcome = match (expected, &got) {

@@ -43,10 +43,11 @@
 
 mod python;
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use minijinja::{AutoEscape, Environment, Error, Value};
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
 use super::TokenizerError;
@@ -64,27 +65,59 @@ const SENTINEL_CLOSE: char = '\u{F0001}';
 ///
 /// Serialized for the template as transformers passes a message dict: absent optional
 /// fields (and absent content) are left out, as transformers drops keys whose value is
-/// `None`, so a template sees them as undefined.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `None`, so a template sees them as undefined; a `reasoning_content` is also given as
+/// `thinking` (first key), as transformers aliases it for templates that read that name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ChatMessage {
     /// Speaker: `"system"`, `"user"`, `"assistant"`, `"tool"`, ...
     pub role: String,
     /// Message content: text, text parts, or absent (`null`).
-    #[serde(default, skip_serializing_if = "ChatContent::is_absent")]
+    #[serde(default)]
     pub content: ChatContent,
     /// Author name (OpenAI `name`; on `tool` messages, the tool that answered).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub name: Option<String>,
     /// The tool calls an assistant turn made.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub tool_calls: Option<Vec<ToolCall>>,
     /// On a `tool` message: the id of the call it answers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub tool_call_id: Option<String>,
+    /// An assistant turn's reasoning text (the part before its answer).
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
+}
+
+impl Serialize for ChatMessage {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        if let Some(reasoning) = &self.reasoning_content {
+            map.serialize_entry("thinking", reasoning)?;
+        }
+        map.serialize_entry("role", &self.role)?;
+        if !self.content.is_absent() {
+            map.serialize_entry("content", &self.content)?;
+        }
+        if let Some(name) = &self.name {
+            map.serialize_entry("name", name)?;
+        }
+        if let Some(tool_calls) = &self.tool_calls {
+            map.serialize_entry("tool_calls", tool_calls)?;
+        }
+        if let Some(id) = &self.tool_call_id {
+            map.serialize_entry("tool_call_id", id)?;
+        }
+        if let Some(reasoning) = &self.reasoning_content {
+            map.serialize_entry("reasoning_content", reasoning)?;
+        }
+        map.end()
+    }
 }
 
 impl ChatMessage {
-    /// A message with the given role and text content (no name, tool calls or call id).
+    /// A message with the given role and text content (no name, tool calls, call id or
+    /// reasoning).
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
@@ -92,6 +125,7 @@ impl ChatMessage {
             name: None,
             tool_calls: None,
             tool_call_id: None,
+            reasoning_content: None,
         }
     }
 }
@@ -373,16 +407,23 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        self.render_with_tools(messages, None, add_generation_prompt)
+        self.render_with(messages, None, None, add_generation_prompt)
     }
 
-    /// Renders `messages` with the function specs `tools` (OpenAI's
-    /// `[{"type": "function", "function": {"name", "description", "parameters"}}]`, passed
-    /// to the template as given, key order kept); `None` is the template's `tools = none`.
-    pub fn render_with_tools(
+    /// Renders `messages` as transformers' `apply_chat_template(messages, tools=tools,
+    /// add_generation_prompt=..., **template_vars)` does:
+    ///
+    /// - `tools`: function specs (OpenAI's `[{"type": "function", "function": {"name",
+    ///   "description", "parameters"}}]`), passed as given, key order kept; `None` is the
+    ///   template's `tools = none`;
+    /// - `template_vars`: extra variables (vLLM's `chat_template_kwargs`: `enable_thinking`,
+    ///   `reasoning_effort`, ...); they may override `bos_token` / `eos_token`, but one
+    ///   named `messages`, `tools`, `documents` or `add_generation_prompt` is an error.
+    pub fn render_with(
         &self,
         messages: &[ChatMessage],
         tools: Option<&[serde_json::Value]>,
+        template_vars: Option<&serde_json::Map<String, serde_json::Value>>,
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
         let env = self
@@ -392,17 +433,37 @@ impl ChatTemplate {
         let template = env
             .get_template(TEMPLATE_NAME)
             .map_err(TokenizerError::TemplateRender)?;
-        let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            tools => tools.map(Value::from_serialize).unwrap_or_else(python::none),
-            documents => python::none(),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.as_deref().map(Value::from).unwrap_or(Value::UNDEFINED),
-            eos_token => self.eos_token.as_deref().map(Value::from).unwrap_or(Value::UNDEFINED),
-        };
+        // As transformers: the special tokens, then the caller's variables over them, then
+        // the named arguments, which a variable may not repeat.
+        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        if let Some(bos) = &self.bos_token {
+            ctx.insert("bos_token", Value::from(bos.as_str()));
+        }
+        if let Some(eos) = &self.eos_token {
+            ctx.insert("eos_token", Value::from(eos.as_str()));
+        }
+        for (name, value) in template_vars.into_iter().flatten() {
+            if RESERVED_VARS.contains(&name.as_str()) {
+                return Err(TokenizerError::TemplateRender(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!(
+                        "template variable `{name}` is set by the renderer; it cannot be passed"
+                    ),
+                )));
+            }
+            ctx.insert(name.as_str(), Value::from_serialize(value));
+        }
+        let tools = tools.map(Value::from_serialize);
+        ctx.insert("messages", Value::from_serialize(messages));
+        ctx.insert("tools", tools.unwrap_or_else(python::none));
+        ctx.insert("documents", python::none());
+        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         template.render(ctx).map_err(TokenizerError::TemplateRender)
     }
 }
+
+/// The variables [`ChatTemplate::render_with`] sets itself.
+const RESERVED_VARS: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
 
 /// `source` with transformers' `{% generation %}` / `{% endgeneration %}` tags (which mark
 /// the assistant's text and render their body unchanged) turned into `{% if true %}` /
@@ -700,7 +761,7 @@ mod tests {
             None,
         )
         .unwrap()
-        .render_with_tools(&msgs, Some(&tools), false)
+        .render_with(&msgs, Some(&tools), None, false)
         .unwrap();
         assert_eq!(out, r#"{"type": "function", "function": {"name": "f"}}"#);
     }
@@ -775,5 +836,29 @@ mod tests {
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
         ));
         assert!(unknown.is_err());
+    }
+    #[test]
+    fn reasoning_and_template_vars() {
+        let mut answer = ChatMessage::new("assistant", "51.");
+        answer.reasoning_content = Some("17 * 3".into());
+        let template = ChatTemplate::new(
+            "{% for m in messages %}{{ m | tojson }}{% endfor %}|{{ enable_thinking }}|{{ bos_token }}",
+            Some("<s>".into()),
+            None,
+        )
+        .unwrap();
+        let vars = serde_json::json!({"enable_thinking": false, "bos_token": "[B]"});
+        let out = template
+            .render_with(&[answer], None, vars.as_object(), false)
+            .unwrap();
+        assert_eq!(
+            out,
+            r#"{"thinking": "17 * 3", "role": "assistant", "content": "51.", "reasoning_content": "17 * 3"}|False|[B]"#
+        );
+        let reserved = serde_json::json!({"messages": []});
+        let err = template
+            .render_with(&[], None, reserved.as_object(), false)
+            .unwrap_err();
+        assert!(err.to_string().contains("`messages`"), "{err}");
     }
 }

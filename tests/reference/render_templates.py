@@ -38,6 +38,8 @@ with tokenize=False):
   not passed at all, as transformers omits unset special tokens);
 * `strftime_now` reads a fixed clock, FIXED_NOW (naive, as `datetime.now()` is); the
   Rust test pins the same instant;
+* a case's `kwargs` are extra template variables (`apply_chat_template(**kwargs)`);
+* a message's `reasoning_content` is aliased as `thinking` by transformers itself;
 * a case whose rendering raises records {"error": the exception's message}: the Rust
   side must fail too (its message is not compared).
 
@@ -231,6 +233,19 @@ CASES = {
         "tools": [WEATHER_TOOL],
         "add_generation_prompt": True,
     },
+    "reasoning_multi_turn": {
+        "messages": [
+            {"role": "user", "content": "What is 17 * 3?"},
+            {"role": "assistant", "content": "51.", "reasoning_content": "17 * 3 = 51."},
+            {"role": "user", "content": "And 17 * 4?"},
+        ],
+        "add_generation_prompt": True,
+    },
+    "thinking_disabled": {
+        "messages": [{"role": "user", "content": "Hi!"}],
+        "kwargs": {"enable_thinking": False},
+        "add_generation_prompt": True,
+    },
     "not_alternating": {
         "messages": [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}],
         "add_generation_prompt": True,
@@ -258,11 +273,12 @@ def bos_eos(name):
 
 
 def render(source, case, bos, eos):
-    kwargs = {}
+    kwargs = {}  # the tokenizer's special tokens, then the case's template variables
     if bos is not None:
         kwargs["bos_token"] = bos
     if eos is not None:
         kwargs["eos_token"] = eos
+    kwargs.update(json.loads(json.dumps(case.get("kwargs", {}))))
     messages = _normalize_chat_messages(json.loads(json.dumps(case["messages"])))
     tools = case.get("tools")
     try:
