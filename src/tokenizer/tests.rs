@@ -894,3 +894,38 @@ fn spm_scores_must_cover_the_vocab() {
         TokenizerError::ScoreCount { got: 10, .. }
     ));
 }
+
+// ---- gemma4: SentencePiece-style BPE ----
+
+#[test]
+fn gemma4_bpe_escapes_spaces_splits_newline_runs_and_falls_back_to_bytes() {
+    let mut tokens: Vec<String> = vec!["<pad>".into()];
+    let mut token_types = vec![3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        token_types.push(6);
+    }
+    for piece in ["▁", "a", "b", "▁a", "ab", "\n", "\n\n"] {
+        tokens.push(piece.into());
+        token_types.push(1);
+    }
+    let spec = TokenizerSpec {
+        tokens,
+        token_types,
+        merges: vec!["▁ a".into(), "a b".into()],
+        model: "gemma4".into(),
+        ..TokenizerSpec::default()
+    };
+    let tok = Tokenizer::from_spec(spec).unwrap();
+    let id = |s: &str| id_of(&tok, s);
+    // "▁ a" outranks "a b": ▁ab → ▁a b. A run of two newlines is one token; three is not
+    // in the vocabulary and has no merges. 'x' has no token: its byte.
+    let ids = tok.encode(" ab\n\nx\n\n\n", false).unwrap();
+    assert_eq!(
+        ids,
+        vec![id("▁a"), id("b"), id("\n\n"), 1 + u32::from(b'x'), id("\n"), id("\n"), id("\n")]
+    );
+    // No space prefix (that is SentencePiece `llama` only), and ▁ decodes to a space.
+    assert_eq!(tok.encode("ab", false).unwrap(), vec![id("ab")]);
+    assert_eq!(tok.decode(&ids, false).unwrap(), " ab\n\nx\n\n\n");
+}
