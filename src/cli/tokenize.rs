@@ -1,7 +1,14 @@
 //! `brigade tokenize`: the token ids of a text.
+//!
+//! Reads only the tokenizer metadata of the GGUF (no tensors are loaded or needed), so it
+//! works on vocab-only files such as llama.cpp's `models/ggml-vocab-*.gguf`, like
+//! `llama-tokenize --vocab-only`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
+
+use brigade::gguf::GgufFile;
+use brigade::tokenizer::Tokenizer;
 
 use super::ModelArgs;
 
@@ -12,18 +19,39 @@ pub(crate) struct TokenizeArgs {
     /// Print a JSON array.
     #[arg(long)]
     json: bool,
+    /// Do not prepend BOS (by default it is prepended iff the vocabulary's
+    /// `tokenizer.ggml.add_bos_token` says so, as llama.cpp does).
+    #[arg(long)]
+    no_bos: bool,
+    /// Treat control-token text (`<|im_start|>`) as plain text instead of parsing it.
+    #[arg(long)]
+    no_parse_special: bool,
     #[command(flatten)]
     m: ModelArgs,
 }
 
-/// Prints the ids of the text, special tokens parsed.
+/// Prints the ids of the text: BOS as the vocabulary says, special tokens parsed.
 pub(crate) fn run(a: TokenizeArgs) -> Result<()> {
-    let (_, tok) = super::load(&a.m)?;
-    let ids = tok.encode(&a.text, true)?;
+    let path = super::model_path(&a.m, &super::load_config(a.m.config.as_deref())?)?;
+    let file = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let tok = Tokenizer::from_gguf(&file)
+        .with_context(|| format!("loading the tokenizer of {}", path.display()))?;
+    let parse_special = !a.no_parse_special;
+    let ids = if a.no_bos {
+        tok.encode(&a.text, parse_special)?
+    } else {
+        tok.encode_with_bos(&a.text, parse_special)?
+    };
     if a.json {
         println!("{}", serde_json::to_string(&ids)?);
     } else {
-        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+        println!(
+            "{}",
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     Ok(())
 }

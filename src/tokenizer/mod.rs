@@ -379,6 +379,7 @@ pub struct Tokenizer {
 }
 
 /// How a piece of plain text (no added tokens in it) becomes ids.
+#[allow(clippy::large_enum_variant)] // one per tokenizer, behind an Arc
 enum Encoder {
     /// `gpt2`: byte-level BPE (pre-tokenizer, byte mapping and merges in `tokenizers`).
     ByteLevelBpe(tokenizers::Tokenizer),

@@ -757,3 +757,175 @@ fn chat_template_render_errors_pass_through() {
         .unwrap_err();
     assert!(matches!(err, TokenizerError::TemplateRender(_)), "{err}");
 }
+
+// ---- SentencePiece (`llama`) ----
+
+const SPM_UNK: u32 = 0;
+const SPM_BOS: u32 = 1;
+const SPM_BYTE0: u32 = 3;
+const SPM_HELLO: u32 = 268;
+const SPM_TOOL: u32 = 269;
+const SPM_UNUSED: u32 = 270;
+
+/// `<unk>`, `<s>`, `</s>`, the 256 `<0xXX>` byte tokens, pieces of "▁hello" scored so
+/// that longer pieces win, a user-defined `<tool>` and an unused slot.
+fn spm_spec() -> TokenizerSpec {
+    let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    let mut token_types = vec![2, 3, 3];
+    let mut scores = vec![0.0, 0.0, 0.0];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        token_types.push(6);
+        scores.push(0.0);
+    }
+    for (piece, score) in [
+        ("▁", -10.0),
+        ("h", -10.0),
+        ("e", -10.0),
+        ("l", -10.0),
+        ("o", -10.0),
+        ("▁h", -5.0),
+        ("▁he", -3.0),
+        ("ll", -4.0),
+        ("llo", -2.0),
+        ("▁hello", -1.0),
+    ] {
+        tokens.push(piece.to_owned());
+        token_types.push(1);
+        scores.push(score);
+    }
+    tokens.push("<tool>".into());
+    token_types.push(4);
+    scores.push(0.0);
+    tokens.push("<unused0>".into());
+    token_types.push(5);
+    scores.push(0.0);
+    TokenizerSpec {
+        tokens,
+        token_types,
+        scores,
+        model: "llama".into(),
+        bos: Some(SPM_BOS),
+        eos: Some(2),
+        unk: Some(SPM_UNK),
+        add_bos: true,
+        add_space_prefix: true,
+        ..TokenizerSpec::default()
+    }
+}
+
+#[test]
+fn spm_merges_by_score_with_space_prefix() {
+    let tok = Tokenizer::from_spec(spm_spec()).unwrap();
+    assert_eq!(tok.encode("hello", false).unwrap(), vec![SPM_HELLO]);
+    assert_eq!(tok.encode_with_bos("hello", false).unwrap(), vec![SPM_BOS, SPM_HELLO]);
+    assert_eq!(tok.decode(&[SPM_HELLO], false).unwrap(), " hello");
+    // Without the prefix: h e l l o → h e ll o → h e llo ("he" is no token).
+    let mut spec = spm_spec();
+    spec.add_space_prefix = false;
+    let tok = Tokenizer::from_spec(spec).unwrap();
+    let ids = tok.encode("hello", false).unwrap();
+    assert_eq!(ids, vec![id_of(&tok, "h"), id_of(&tok, "e"), id_of(&tok, "llo")]);
+    assert_eq!(tok.decode(&ids, false).unwrap(), "hello");
+    assert!(tok.encode("", false).unwrap().is_empty());
+}
+
+#[test]
+fn spm_byte_fallback_decodes_and_streams_byte_exact() {
+    let tok = Tokenizer::from_spec(spm_spec()).unwrap();
+    let ids = tok.encode("hé", false).unwrap();
+    let e_acute = [SPM_BYTE0 + 0xC3, SPM_BYTE0 + 0xA9];
+    assert_eq!(ids, vec![id_of(&tok, "▁h"), e_acute[0], e_acute[1]]);
+    assert_eq!(tok.decode(&ids, false).unwrap(), " hé");
+    assert_eq!(tok.token_to_piece_bytes(e_acute[0]), Some(vec![0xC3]));
+    let mut dec = IncrementalDecoder::new(&tok, false);
+    assert_eq!(dec.push(ids[0]).unwrap(), " h");
+    assert_eq!(dec.push(e_acute[0]).unwrap(), "", "half of 'é' is held back");
+    assert!(dec.has_pending());
+    assert_eq!(dec.push(e_acute[1]).unwrap(), "é");
+    assert_eq!(dec.finish(), "");
+    // A 4-byte emoji split over four byte tokens.
+    let ids = tok.encode("😀", false).unwrap();
+    assert_eq!(ids.len(), 5); // ▁ + 4 bytes
+    let mut dec = IncrementalDecoder::new(&tok, false);
+    let pushed: Vec<String> = ids.iter().map(|&id| dec.push(id).unwrap()).collect();
+    assert_eq!(pushed, vec![" ", "", "", "", "😀"]);
+}
+
+#[test]
+fn spm_added_tokens_split_out_and_prefix_space_after_them() {
+    let tok = Tokenizer::from_spec(spm_spec()).unwrap();
+    // User-defined tokens are split out always; the text after one gets the prefix too.
+    assert_eq!(
+        tok.encode("hello<tool>hello", false).unwrap(),
+        vec![SPM_HELLO, SPM_TOOL, SPM_HELLO]
+    );
+    // Control tokens only with parse_special.
+    assert_eq!(tok.encode("<s>hello", true).unwrap(), vec![SPM_BOS, SPM_HELLO]);
+    let plain = tok.encode("<s>hello", false).unwrap();
+    assert!(!plain.contains(&SPM_BOS), "{plain:?}");
+    assert_eq!(tok.decode(&plain, false).unwrap(), " <s>hello");
+    // Unknown-type tokens are special: parsed with parse_special, skipped by decode.
+    assert_eq!(tok.encode("<unk>", true).unwrap(), vec![SPM_UNK]);
+    assert!(tok.is_special(SPM_UNK) && tok.is_special(SPM_BOS) && !tok.is_special(SPM_TOOL));
+    assert_eq!(tok.decode(&[SPM_BOS, SPM_HELLO, SPM_UNK], true).unwrap(), " hello");
+    assert_eq!(tok.decode(&[SPM_BOS, SPM_TOOL], false).unwrap(), "<s><tool>");
+    // Unused slots decode to nothing, as in llama.cpp.
+    assert_eq!(tok.decode(&[SPM_UNUSED], false).unwrap(), "");
+}
+
+#[test]
+fn phi3_rstrip_drops_whitespace_after_added_tokens() {
+    let mut spec = spm_spec();
+    spec.rstrip_added_tokens = true;
+    let tok = Tokenizer::from_spec(spec).unwrap();
+    assert_eq!(tok.encode("<tool> \n hello", false).unwrap(), vec![SPM_TOOL, SPM_HELLO]);
+    // `<s>` is an exception: the space after it stays (prefix ▁ + ▁hello).
+    let ids = tok.encode("<s> hello", true).unwrap();
+    assert_eq!(ids, vec![SPM_BOS, id_of(&tok, "▁"), SPM_HELLO]);
+}
+
+#[test]
+fn spm_scores_must_cover_the_vocab() {
+    let mut spec = spm_spec();
+    spec.scores.truncate(10);
+    assert!(matches!(
+        build_err(spec),
+        TokenizerError::ScoreCount { got: 10, .. }
+    ));
+}
+
+// ---- gemma4: SentencePiece-style BPE ----
+
+#[test]
+fn gemma4_bpe_escapes_spaces_splits_newline_runs_and_falls_back_to_bytes() {
+    let mut tokens: Vec<String> = vec!["<pad>".into()];
+    let mut token_types = vec![3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        token_types.push(6);
+    }
+    for piece in ["▁", "a", "b", "▁a", "ab", "\n", "\n\n"] {
+        tokens.push(piece.into());
+        token_types.push(1);
+    }
+    let spec = TokenizerSpec {
+        tokens,
+        token_types,
+        merges: vec!["▁ a".into(), "a b".into()],
+        model: "gemma4".into(),
+        ..TokenizerSpec::default()
+    };
+    let tok = Tokenizer::from_spec(spec).unwrap();
+    let id = |s: &str| id_of(&tok, s);
+    // "▁ a" outranks "a b": ▁ab → ▁a b. A run of two newlines is one token; three is not
+    // in the vocabulary and has no merges. 'x' has no token: its byte.
+    let ids = tok.encode(" ab\n\nx\n\n\n", false).unwrap();
+    assert_eq!(
+        ids,
+        vec![id("▁a"), id("b"), id("\n\n"), 1 + u32::from(b'x'), id("\n"), id("\n"), id("\n")]
+    );
+    // No space prefix (that is SentencePiece `llama` only), and ▁ decodes to a space.
+    assert_eq!(tok.encode("ab", false).unwrap(), vec![id("ab")]);
+    assert_eq!(tok.decode(&ids, false).unwrap(), " ab\n\nx\n\n\n");
+}
