@@ -67,7 +67,11 @@ const SENTINEL_CLOSE: char = '\u{F0001}';
 /// fields (and absent content) are left out, as transformers drops keys whose value is
 /// `None`, so a template sees them as undefined; a `reasoning_content` is also given as
 /// `thinking` (first key), as transformers aliases it for templates that read that name.
+///
+/// Deserializes from an OpenAI-style message object; an unknown key is an error (it
+/// would otherwise be dropped silently).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// Speaker: `"system"`, `"user"`, `"assistant"`, `"tool"`, ...
     pub role: String,
