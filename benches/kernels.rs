@@ -1,41 +1,62 @@
-//! Kernel throughput: quantized matmul per dtype x activation rows x model
-//! shape (SmolLM2-135M), each ISA side by side, in GFLOP/s (2 flops per
-//! multiply-add); activation quantization; paged attention over the f16 KV
-//! cache (`attention/row/9x64/ctx<n>/<isa>`: one query row, all 9 heads).
+//! Kernel throughput: matmul per dtype x activation rows x model shape, each
+//! ISA side by side, in GFLOP/s (2 flops per multiply-add); activation
+//! quantization; paged attention over the f16 KV cache
+//! (`attention/row/9x64/ctx<n>/<isa>`: one query row, all 9 heads).
 //!
 //! `cargo bench --bench kernels -- matmul/q4_1/576x1536`
 //!
 //! Ids: `matmul/<dtype>/<rows>x<cols>/rows<n>/<isa>` where `<rows>x<cols>` is
 //! the weight (output features x input features), `<isa>` is `scalar`,
-//! `avx2` (raw ggml blocks) or `avx512` (packed, VNNI). Threads:
-//! `BRIGADE_THREADS` (default 1; >1 uses a rayon pool as the model does).
+//! `avx2` (raw ggml blocks) or `avx512` (packed, VNNI; only the dtypes with a
+//! packed kind). Shapes: SmolLM2-135M's for Q4_0/Q4_1/Q8_0, and Gemma 3
+//! 270M's (640x2048, 2048x640) for every dtype, at 1, 32 and 64 rows.
+//! Threads: `BRIGADE_THREADS` (default 1; >1 uses a rayon pool as the model does).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use rand::{Rng, SeedableRng};
 
 use brigade::kernels::{self, Activations, BlockQ8, Isa, PackedMatrix, QMatrix, QK};
-use brigade::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlDType};
+use brigade::quant::GgmlDType;
 
 const SHAPES: [(usize, usize); 5] = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)];
 const ROWS: [usize; 5] = [1, 4, 16, 64, 512];
+const GEMMA_SHAPES: [(usize, usize); 2] = [(640, 2048), (2048, 640)];
+const GEMMA_ROWS: [usize; 3] = [1, 32, 64];
 
 fn threads() -> usize {
     std::env::var("BRIGADE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
 }
 
-/// Random raw ggml blocks of `dtype` with realistic scales.
+/// Byte offsets of a block's f16 scales and the range each gets.
+fn scale_fields(dtype: GgmlDType) -> Vec<(usize, std::ops::Range<f32>)> {
+    match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => vec![(0, 0.001..0.05), (2, -0.2..0.0)],
+        GgmlDType::Q4_K | GgmlDType::Q5_K => vec![(0, 0.0005..0.002), (2, 0.0..0.003)],
+        GgmlDType::Q2_K => vec![(80, 0.001..0.01), (82, 0.0..0.01)],
+        GgmlDType::Q3_K => vec![(108, 0.0005..0.002)],
+        GgmlDType::Q6_K => vec![(208, 0.0002..0.001)],
+        GgmlDType::IQ4_XS | GgmlDType::IQ4_NL => vec![(0, 0.0002..0.001)],
+        _ => vec![(0, 0.001..0.05)],
+    }
+}
+
+/// Random raw ggml data of `dtype`: random quant bytes, realistic scales.
 fn weights(rng: &mut rand::rngs::SmallRng, dtype: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(rows * cols / QK * dtype.type_size());
-    for _ in 0..rows * cols / QK {
-        let d = f16::from_f32(rng.gen_range(0.001f32..0.05));
+    let (bs, ts) = (dtype.block_size(), dtype.type_size());
+    let mut out = Vec::with_capacity(rows * cols / bs * ts);
+    for _ in 0..rows * cols / bs {
         match dtype {
-            GgmlDType::Q4_1 => {
-                let m = f16::from_f32(rng.gen_range(-0.2f32..0.0));
-                out.extend_from_slice(bytemuck::bytes_of(&BlockQ4_1 { d, m, qs: std::array::from_fn(|_| rng.gen::<u8>()) }));
+            GgmlDType::F32 => out.extend_from_slice(&rng.gen_range(-0.1f32..0.1).to_le_bytes()),
+            GgmlDType::F16 => out.extend_from_slice(&f16::from_f32(rng.gen_range(-0.1f32..0.1)).to_le_bytes()),
+            GgmlDType::BF16 => out.extend_from_slice(&half::bf16::from_f32(rng.gen_range(-0.1f32..0.1)).to_le_bytes()),
+            _ => {
+                let mut blk: Vec<u8> = (0..ts).map(|_| rng.gen::<u8>()).collect();
+                for (at, range) in scale_fields(dtype) {
+                    blk[at..at + 2].copy_from_slice(&f16::from_f32(rng.gen_range(range)).to_le_bytes());
+                }
+                out.extend_from_slice(&blk);
             }
-            GgmlDType::Q4_0 => out.extend_from_slice(bytemuck::bytes_of(&BlockQ4_0 { d, qs: std::array::from_fn(|_| rng.gen::<u8>()) })),
-            _ => out.extend_from_slice(bytemuck::bytes_of(&BlockQ8_0 { d, qs: std::array::from_fn(|_| rng.gen::<u8>() as i8) })),
         }
     }
     out
@@ -45,38 +66,46 @@ fn matmul(c: &mut Criterion) {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
     let pool = (threads() > 1).then(|| rayon::ThreadPoolBuilder::new().num_threads(threads()).build().unwrap());
     let isas: Vec<Isa> = kernels::available_isas();
-    for (dtype, name) in [(GgmlDType::Q4_0, "q4_0"), (GgmlDType::Q4_1, "q4_1"), (GgmlDType::Q8_0, "q8_0")] {
+    let legacy = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+    for dtype in GgmlDType::ALL {
+        let name = dtype.name().to_lowercase();
         let mut g = c.benchmark_group(format!("matmul/{name}"));
         g.sample_size(10);
         g.warm_up_time(std::time::Duration::from_millis(300));
         g.measurement_time(std::time::Duration::from_secs(1));
-        for &(rows, cols) in &SHAPES {
+        let mut cases: Vec<((usize, usize), usize)> = Vec::new();
+        if legacy.contains(&dtype) {
+            cases.extend(SHAPES.iter().flat_map(|&s| ROWS.iter().map(move |&n| (s, n))));
+        }
+        cases.extend(GEMMA_SHAPES.iter().flat_map(|&s| GEMMA_ROWS.iter().map(move |&n| (s, n))));
+        for ((rows, cols), n) in cases {
+            // The 49152-row head only ever sees the sampled rows.
+            if rows == 49152 && n > 64 {
+                continue;
+            }
             let data = weights(&mut rng, dtype, rows, cols);
             let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
-            let packed = PackedMatrix::new(&w).unwrap();
-            for &n in &ROWS {
-                // The 49152-row head only ever sees the sampled rows.
-                if rows == 49152 && n > 64 {
+            let packed = PackedMatrix::new(&w).ok();
+            let xf: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let mut xq = vec![BlockQ8::default(); n * cols / QK];
+            kernels::quantize_rows_q8(&xf, cols, &mut xq);
+            let x = Activations { f: &xf, q: &xq, n };
+            let mut out = vec![0.0f32; n * rows];
+            g.throughput(Throughput::Elements((2 * n * rows * cols) as u64));
+            for &isa in &isas {
+                // Scalar is only informative at small sizes.
+                if isa == Isa::Scalar && n * rows * cols > 64 * 576 * 576 {
                     continue;
                 }
-                let xf: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-                let mut xq = vec![BlockQ8::default(); n * cols / QK];
-                kernels::quantize_rows_q8(&xf, cols, &mut xq);
-                let x = Activations { f: &xf, q: &xq, n };
-                let mut out = vec![0.0f32; n * rows];
-                g.throughput(Throughput::Elements((2 * n * rows * cols) as u64));
-                for &isa in &isas {
-                    // Scalar is only informative at small sizes.
-                    if isa == Isa::Scalar && n * rows * cols > 64 * 576 * 576 {
-                        continue;
+                let id = BenchmarkId::new(format!("{rows}x{cols}/rows{n}"), isa.name());
+                match (isa, &packed) {
+                    (Isa::Avx512Vnni, Some(p)) => {
+                        g.bench_function(id, |b| b.iter(|| kernels::matmul_packed_isa(isa, p, &x, &mut out, pool.as_ref())));
                     }
-                    let id = BenchmarkId::new(format!("{rows}x{cols}/rows{n}"), isa.name());
-                    g.bench_function(id, |b| {
-                        b.iter(|| match isa {
-                            Isa::Avx512Vnni => kernels::matmul_packed_isa(isa, &packed, &x, &mut out, pool.as_ref()),
-                            _ => kernels::matmul_isa(isa, &w, &x, &mut out, pool.as_ref()),
-                        })
-                    });
+                    (Isa::Avx512Vnni, None) => {}
+                    _ => {
+                        g.bench_function(id, |b| b.iter(|| kernels::matmul_isa(isa, &w, &x, &mut out, pool.as_ref())));
+                    }
                 }
             }
         }

@@ -2,16 +2,19 @@
 //! dequantizer reproduces `gguf.quants.dequantize` bit for bit on the fixtures
 //! of `tests/reference/make_quant_fixtures.py` (seeded random blocks), the
 //! reference quantizers reproduce `gguf.quants.quantize`, a GGUF
-//! file holding every type parses, and a model whose weights include a type
-//! without a matmul kernel is listed by `brigade inspect` and refused by the
-//! loader in one line naming the type and the tensor. An ignored test does
-//! the same on every tensor of the real Gemma 3 270M Q4_K_M file when it is
-//! cached (`cargo test --test quant -- --ignored`).
+//! file holding every type parses, a model may use any 32-element type for
+//! its weights, and every matmul kernel (each ISA, raw and packed) equals the
+//! f32 dot product of gguf-py's dequantized weights with the activations
+//! within the two-digit activation error budget, on the fixtures and (when
+//! cached) on the real Gemma 3 270M Q4_K_M tensors. An ignored test checks
+//! the dequantization of every tensor of that file against gguf-py
+//! (`cargo test --test quant -- --ignored`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use brigade::gguf::{GgufFile, GgufWriter};
+use brigade::kernels::{self, Activations, BlockQ8, PackedMatrix, QMatrix, QK};
 use brigade::model::Model;
 use brigade::quant::{dequantize_row, reference, GgmlDType};
 use brigade::testing::{tiny_llama_gguf, TinyLlamaSpec};
@@ -157,27 +160,19 @@ fn tiny_model_with(dtype: GgmlDType) -> Vec<u8> {
 }
 
 #[test]
-fn a_weight_type_without_a_kernel_is_refused_in_one_line_naming_it() {
-    // The tiny model's rows are 64 wide: the 32-element formats fit.
-    for dtype in [GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::IQ4_NL] {
+fn every_32_element_weight_type_loads_in_the_model() {
+    // The tiny model's rows are 64 wide: the 32-element formats fit (rows of
+    // K-quants must be multiples of 256; the GGUF reader refuses others).
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::IQ4_NL] {
         let file = GgufFile::from_bytes(tiny_model_with(dtype)).unwrap();
-        let e = Model::from_gguf(Arc::new(file)).err().unwrap().to_string();
-        assert_eq!(
-            e,
-            format!(
-                "tensor `blk.0.attn_q.weight`: ggml type {} has no matmul kernel \
-                 (kernels: F32, F16, BF16, Q4_0, Q4_1, Q8_0)",
-                dtype.name()
-            )
-        );
+        if let Err(e) = Model::from_gguf(Arc::new(file)) {
+            panic!("{dtype:?}: {e}");
+        }
     }
-    // The extra tensors alone do not stop the model (only used weights are checked).
-    let file = GgufFile::from_bytes(tiny_model_with(GgmlDType::Q8_0)).unwrap();
-    assert!(Model::from_gguf(Arc::new(file)).is_ok());
 }
 
 #[test]
-fn cli_inspect_lists_every_type_and_generate_names_the_refused_one() {
+fn cli_inspect_lists_every_type_and_generate_runs_a_q5_0_weight() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q5_0.gguf");
     std::fs::write(&path, tiny_model_with(GgmlDType::Q5_0)).unwrap();
@@ -188,19 +183,14 @@ fn cli_inspect_lists_every_type_and_generate_names_the_refused_one() {
         let line = format!("extra.{}", d.name());
         assert!(stdout.lines().any(|l| l.contains(&line) && l.contains(d.name())), "{line} not listed:\n{stdout}");
     }
-    assert!(
-        stdout.contains("model: cannot run: tensor `blk.0.attn_q.weight`: ggml type Q5_0 has no matmul kernel"),
-        "{stdout}"
-    );
+    assert!(!stdout.contains("cannot run"), "{stdout}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
-        .args(["generate", "--prompt", "hi", "--model"])
+        .args(["generate", "--prompt", "hi", "--max-tokens", "2", "--model"])
         .arg(&path)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.starts_with("error:") && err.lines().count() == 1 && !err.contains("panicked"), "{err}");
-    assert!(err.contains("Q5_0") && err.contains("blk.0.attn_q.weight"), "{err}");
+    assert!(out.status.success(), "{err}");
 }
 
 #[test]
@@ -226,5 +216,94 @@ fn real_model_tensors_dequantize_like_gguf_py() {
         let mut h = Sha256::new();
         out.iter().for_each(|x| h.update(x.to_le_bytes()));
         assert_eq!(hex::encode(h.finalize()), want["sha256"].as_str().unwrap(), "{name} ({})", info.dtype.name());
+    }
+}
+
+/// Checks every kernel for `w` (each available ISA on the raw blocks, and the
+/// packed kernel when the dtype has one) against the f64 dot product of the
+/// exact weights `exact` (row-major, gguf-py's values) with 3 activation rows
+/// in [-1, 1]: the error of two-digit Q8 activations is at most half a
+/// second-digit step, `amax / (127 * 256)`, per element (the bound below
+/// allows twice that, plus f32 rounding); the packed copy dequantizes
+/// bit-identically.
+fn check_kernels_against_exact(what: &str, w: &QMatrix<'_>, exact: &[f32]) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(23);
+    let (rows, cols, n) = (w.rows, w.cols, 3);
+    let xf: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let mut xq = vec![BlockQ8::default(); n * cols / QK];
+    kernels::quantize_rows_q8(&xf, cols, &mut xq);
+    let x = Activations { f: &xf, q: &xq, n };
+    let packed = PackedMatrix::new(w).ok();
+    if let Some(p) = &packed {
+        let mut got = vec![f32::NAN; cols];
+        for o in 0..rows {
+            p.dequantize_row(o, &mut got);
+            let same = got.iter().zip(&exact[o * cols..(o + 1) * cols]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{what}: packed row {o} does not dequantize like gguf-py");
+        }
+    }
+    for isa in kernels::available_isas() {
+        for p in [None, packed.as_ref()] {
+            let mut out = vec![f32::NAN; n * rows];
+            match p {
+                Some(p) => kernels::matmul_packed_isa(isa, p, &x, &mut out, None),
+                None => kernels::matmul_isa(isa, w, &x, &mut out, None),
+            }
+            for r in 0..n {
+                let xr = &xf[r * cols..(r + 1) * cols];
+                for o in 0..rows {
+                    let wr = &exact[o * cols..(o + 1) * cols];
+                    let want: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let l1: f64 = wr.iter().map(|v| v.abs() as f64).sum();
+                    let tol = l1 / (127.0 * 128.0) + 1e-5 * (1.0 + want.abs());
+                    let got = out[r * rows + o] as f64;
+                    assert!((got - want).abs() <= tol, "{what} {isa:?} packed={}: r{r} o{o}: {got} vs {want} (tol {tol})", p.is_some());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_equals_the_dot_of_gguf_py_weights_on_the_fixtures() {
+    for dtype in GgmlDType::ALL {
+        if dtype.block_size() == 1 {
+            continue;
+        }
+        let f = fixture(dtype);
+        let cols = if dtype.block_size() == 256 { 256 } else { 64 };
+        let exact: Vec<f32> = f.bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let w = QMatrix::new(dtype, exact.len() / cols, cols, &f.bytes).unwrap();
+        check_kernels_against_exact(dtype.name(), &w, &exact);
+    }
+}
+
+#[test]
+fn every_kernel_equals_the_dot_of_dequantized_weights_on_the_real_gemma_tensors() {
+    let path = brigade::paths::model_cache_dir().join("gemma-3-270m-q4_k_m.gguf");
+    if !path.exists() {
+        eprintln!("skipping: {} not cached (scripts/fetch-model.sh gemma3-270m)", path.display());
+        return;
+    }
+    let file = GgufFile::open(&path).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for t in file.tensors() {
+        if t.dims.len() != 2 || t.dtype.block_size() == 1 {
+            continue;
+        }
+        // The first 32 rows of every quantized matrix.
+        let (cols, rows) = (t.dims[0] as usize, (t.dims[1] as usize).min(32));
+        let data = file.tensor_data(&t.name).unwrap();
+        let row_bytes = cols / t.dtype.block_size() * t.dtype.type_size();
+        let w = QMatrix::new(t.dtype, rows, cols, &data[..rows * row_bytes]).unwrap();
+        let mut exact = vec![0.0f32; rows * cols];
+        dequantize_row(t.dtype, w.data, &mut exact);
+        check_kernels_against_exact(&t.name, &w, &exact);
+        seen.insert(t.dtype.name());
+    }
+    // The Q4_K_M mix.
+    for d in ["Q4_K", "Q5_0", "Q6_K", "Q8_0"] {
+        assert!(seen.contains(d), "no {d} matrix in {}: {seen:?}", path.display());
     }
 }

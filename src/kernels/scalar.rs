@@ -1,9 +1,15 @@
-//! Scalar reference kernels: the test oracle for every SIMD kernel, and the
-//! fallback on CPUs without AVX2.
+//! Scalar reference kernels: the test oracle for every SIMD kernel, the
+//! fallback on CPUs without AVX2, and the kernel of the types without a SIMD
+//! one (Q2_K, Q3_K, and IQ4_NL/IQ4_XS on raw blocks).
 //!
 //! Weight blocks are the `#[repr(C)]` structs of [`crate::quant`] (their layouts
-//! and reference dequantizers live there). Activations are quantized per 32-element block to [`BlockQ8`] (f32 scale and
-//! the scaled sum, which the Q4_0/Q4_1 dot products need for their offsets).
+//! and reference dequantizers live there). Activations are quantized per
+//! 32-element block to [`BlockQ8`] (f32 scale and the scaled sum, which the
+//! formats with offsets need). Every quantized type has an integer form
+//! ([`IntBlock`], [`for_each_int_block`]): per 32 elements, signed 8-bit
+//! quants with one scale and offset per 16-element half, bit-exact with the
+//! reference dequantizer, so one integer dot ([`vec_dot_int`]) serves all
+//! types.
 
 use half::{bf16, f16};
 

@@ -14,17 +14,18 @@
 //! kernels and the activation format `BlockQ8` (`kernels`), or the AVX-512
 //! repacked layout (`kernels::PackedMatrix`).
 //!
-//! Every type listed in [`GgmlDType`] parses and dequantizes; which of them
-//! the matmul kernels compute with is the kernels' business
-//! (`kernels::QMatrix::new` refuses the others, naming the type).
+//! Every type listed in [`GgmlDType`] parses, dequantizes and multiplies;
+//! how is the kernels' business (`kernels`: SIMD kernels for the common
+//! types, a scalar integer-form dot for the rest).
 //!
 //! Adding a format is local to this module: a block struct with its size
 //! assert and a [`QuantBlock`] impl (reference dequantizer; a
 //! `reference::QuantizeBlock` impl under `test-support` if it has a
 //! quantizer) in its family's file, a [`GgmlDType`] variant with its rows in
 //! the tables below, an arm in [`dequantize_row`] (and [`reference::quantize`]),
-//! and a fixture from `tests/reference/make_quant_fixtures.py`. Kernels then
-//! opt in by matching the new variant.
+//! and a fixture from `tests/reference/make_quant_fixtures.py`. The kernels
+//! then need its integer form (an arm in `kernels::scalar::for_each_int_block`,
+//! which makes it multiply everywhere) and may add SIMD kernels.
 //!
 //! Reference layouts: ggml's `ggml-common.h`
 //! (<https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-common.h>,
