@@ -1,6 +1,8 @@
 //! Where control-token strings (`<|im_start|>`, `<|endoftext|>`, ...) occur in text.
 //!
-//! Owns the matcher of control-token strings only; it does not encode. The matcher is built
+//! Owns the matcher of added-token strings only; it does not encode. The tokenizer builds
+//! two: one of the control (and unknown-type) tokens, split out of text only with
+//! `parse_special`, and one of the user-defined tokens, always split out. The matcher is built
 //! the way Hugging Face `tokenizers`' `AddedVocabulary` builds its split trie for the
 //! non-normalized (special) added tokens: an Aho-Corasick automaton with leftmost-longest
 //! matching. So splitting a text at [`ControlTokens::find_matches`] and encoding the pieces
@@ -23,6 +25,8 @@ pub(crate) struct ControlMatch {
     pub(crate) end: usize,
     /// Id of the matched control token.
     pub(crate) id: u32,
+    /// Whitespace right after the token is dropped (the token's `rstrip` attribute).
+    pub(crate) rstrip: bool,
 }
 
 /// Leftmost-longest matcher of the vocabulary's control-token strings.
@@ -31,23 +35,27 @@ pub(crate) struct ControlTokens {
     matcher: Option<AhoCorasick>,
     /// Id of each pattern, in pattern order.
     ids: Vec<u32>,
+    /// `rstrip` attribute of each pattern, in pattern order.
+    rstrip: Vec<bool>,
     /// String of each pattern, in pattern order.
     strs: Vec<String>,
 }
 
 impl ControlTokens {
-    /// Builds the matcher from `(string, id)` pairs. Empty strings are ignored and a string
-    /// given twice keeps its first id (as `tokenizers` does).
+    /// Builds the matcher from `(string, id, rstrip)` triples. Empty strings are ignored
+    /// and a string given twice keeps its first id (as `tokenizers` does).
     pub(crate) fn new<'a>(
-        tokens: impl IntoIterator<Item = (&'a str, u32)>,
+        tokens: impl IntoIterator<Item = (&'a str, u32, bool)>,
     ) -> Result<Self, TokenizerError> {
         let mut seen = HashSet::new();
         let mut ids = Vec::new();
         let mut strs = Vec::new();
-        for (token, id) in tokens {
+        let mut rstrip = Vec::new();
+        for (token, id, strip) in tokens {
             if !token.is_empty() && seen.insert(token) {
                 strs.push(token.to_owned());
                 ids.push(id);
+                rstrip.push(strip);
             }
         }
         let matcher = if strs.is_empty() {
@@ -59,7 +67,12 @@ impl ControlTokens {
                 .map_err(|err| TokenizerError::Build(Box::new(err)))?;
             Some(automaton)
         };
-        Ok(Self { matcher, ids, strs })
+        Ok(Self {
+            matcher,
+            ids,
+            rstrip,
+            strs,
+        })
     }
 
     /// Appends the leftmost-longest, non-overlapping matches inside `text`, with byte
@@ -69,11 +82,13 @@ impl ControlTokens {
             return;
         };
         for found in matcher.find_iter(text) {
-            if let Some(&id) = self.ids.get(found.pattern().as_usize()) {
+            let pattern = found.pattern().as_usize();
+            if let (Some(&id), Some(&rstrip)) = (self.ids.get(pattern), self.rstrip.get(pattern)) {
                 out.push(ControlMatch {
                     start: offset + found.start(),
                     end: offset + found.end(),
                     id,
+                    rstrip,
                 });
             }
         }
@@ -100,9 +115,14 @@ mod tests {
 
     #[test]
     fn leftmost_longest_like_tokenizers() {
-        let control =
-            ControlTokens::new([("<a>", 1), ("<a><b>", 2), ("b>", 3), ("", 4), ("<a>", 5)])
-                .unwrap();
+        let control = ControlTokens::new([
+            ("<a>", 1, false),
+            ("<a><b>", 2, false),
+            ("b>", 3, false),
+            ("", 4, false),
+            ("<a>", 5, false),
+        ])
+        .unwrap();
         // The longest match at the leftmost start wins; `b>` inside it is not reported.
         assert_eq!(
             matches(&control, "x<a><b>y<a>"),
@@ -114,7 +134,7 @@ mod tests {
 
     #[test]
     fn no_control_tokens_matches_nothing() {
-        let control = ControlTokens::new([("", 0)]).unwrap();
+        let control = ControlTokens::new([("", 0, false)]).unwrap();
         assert!(matches(&control, "<|im_start|>").is_empty());
         assert_eq!(control.first_in("<|im_start|>"), None);
     }

@@ -1,5 +1,5 @@
-//! Tokenizer: byte-level BPE built from GGUF metadata, chat templates, and a streaming
-//! detokenizer.
+//! Tokenizer: the model families' tokenizers built from GGUF metadata, chat templates, and
+//! a streaming detokenizer.
 //!
 //! Owns text ⇄ token-id conversion only. It does not decide when generation stops (it only
 //! reports [`Tokenizer::eog_ids`]) and does not read files: [`Tokenizer::from_gguf`] is a
@@ -11,76 +11,113 @@
 //!   tokenizer.ggml.*                               ├─ encode_chat           (messages → ids)
 //!                                                  ├─ decode, IncrementalDecoder (ids → text)
 //!   tokenizer.chat_template ──────────────────────►└─ ChatTemplate::render      (messages → text)
+//!
+//!   encode(text):  split out control tokens (parse_special) ─► split out user-defined
+//!                  tokens ─► each remaining piece through the model's encoder:
+//!     "gpt2"    byte-level BPE: pre-tokenizer regexes (pre.rs) + merges by rank
+//!     "llama"   SentencePiece: space prefix, ' ' → '▁', score-based bigram merges (spm.rs)
+//!     "gemma4"  SentencePiece-style BPE: ' ' → '▁', newline runs apart, merges by rank,
+//!               byte fallback to <0xXX>
 //! ```
 //!
-//! Encoding is done by the `tokenizers` crate (the engine behind Hugging Face's fast
-//! tokenizers), configured to match the model's `tokenizer.json`, so ids are identical to
-//! `AutoTokenizer(...).encode(text, add_special_tokens=False)`. Decoding is done here, from
-//! each token's raw bytes, so that [`IncrementalDecoder`] and [`Tokenizer::decode`] agree
-//! byte for byte.
+//! The reference is llama.cpp (`llama-vocab.cpp`): ids equal `llama_tokenize(text,
+//! add_special = false, parse_special)` on llama.cpp's own vocabulary test files
+//! (`tests/tokenizer_vocab.rs`). BPE words and merges are done by the `tokenizers` crate
+//! (the engine behind Hugging Face's fast tokenizers); the SentencePiece merge loop is
+//! llama.cpp's, written out in `spm.rs`, because BPE-with-merges does not reproduce it.
+//! Decoding is done here, from each token's raw bytes, so that [`IncrementalDecoder`] and
+//! [`Tokenizer::decode`] agree byte for byte.
 //!
 //! Conventions:
-//! - Only `tokenizer.ggml.model = "gpt2"` (byte-level BPE) is supported; anything else is
-//!   [`TokenizerError::UnsupportedModel`].
-//! - Supported `tokenizer.ggml.pre`: `smollm`, `gpt2`, `llama-bpe` (alias `llama3`,
-//!   `llama-v3`). Any other value, or a missing key, is [`TokenizerError::UnsupportedPre`]:
-//!   a wrong pre-tokenizer silently produces wrong ids, so there is no fallback.
-//! - Control tokens (`token_type` 3) are special: split out of text only when
-//!   `parse_special` is true, dropped by `decode(.., skip_special = true)`.
+//! - Supported `tokenizer.ggml.model`: [`SUPPORTED_MODELS`]; anything else (`bert`, `t5`,
+//!   `rwkv`, ...) is [`TokenizerError::UnsupportedModel`].
+//! - For `gpt2`, supported `tokenizer.ggml.pre`: [`SUPPORTED_PRE`]. Any other value, or a
+//!   missing key, is [`TokenizerError::UnsupportedPre`]: a wrong pre-tokenizer silently
+//!   produces wrong ids, so there is no fallback (llama.cpp falls back to `default`).
+//! - Control tokens (`token_type` 3) and unknown-type tokens (2) are special: split out of
+//!   text only when `parse_special` is true, dropped by `decode(.., skip_special = true)`.
 //!   User-defined tokens (`token_type` 4) are always split out (as in llama.cpp and HF's
-//!   non-special added tokens) and never skipped.
-//! - `encode` never adds BOS/EOS; `encode_with_bos` adds BOS iff `add_bos_token`.
+//!   non-special added tokens) and never skipped. Both splits take the leftmost-longest
+//!   match, as HF `tokenizers` does; llama.cpp tries tokens longest first over the whole
+//!   text, which differs only where two added tokens overlap in the text.
+//! - Added tokens and `<0xXX>` byte tokens decode to their text / byte; normal tokens to
+//!   their byte-level bytes (`gpt2`) or with `▁` as a space (`llama`, `gemma4`); unused
+//!   (5) and undefined tokens to nothing, as in llama.cpp. Nothing strips the leading space
+//!   SentencePiece adds, so `decode` of `encode(" x")` is `"  x"` for Llama 2.
+//! - `encode` never adds BOS/EOS; `encode_with_bos` adds BOS iff `add_bos_token`, which
+//!   defaults as in llama.cpp when the key is absent (true for `llama`, Llama 3 and
+//!   `gemma4`, false otherwise).
 //! - Chat messages are encoded by [`Tokenizer::encode_chat`]: control tokens are parsed in
 //!   the text the template writes, while message content is plain text (as OpenAI tokenizes
 //!   it), so `"<|im_end|>\n<|im_start|>system"` typed by a user cannot open a system turn.
 //!   [`ChatEncodeOptions::parse_special_in_content`] restores the old behaviour.
+//! - `tokenizer.ggml.remove_extra_whitespaces` is not read: llama.cpp applies it only to
+//!   the `t5` (Unigram) tokenizer, which is not supported.
 
 mod byte_level;
 mod chat;
 mod control;
 mod incremental;
+mod pre;
+mod spm;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::gguf::{GgufError, GgufFile};
 use control::{ControlMatch, ControlTokens};
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use incremental::IncrementalDecoder;
+pub use pre::SUPPORTED_PRE;
 
 /// GGUF `token_type` of an ordinary vocabulary entry.
 pub const TOKEN_TYPE_NORMAL: i32 = 1;
+/// GGUF `token_type` of the unknown token (`<unk>`).
+pub const TOKEN_TYPE_UNKNOWN: i32 = 2;
 /// GGUF `token_type` of a control token (`<|im_start|>`, `<|endoftext|>`, ...).
 pub const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF `token_type` of a user-defined (added, non-special) token.
 pub const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// GGUF `token_type` of an unused vocabulary slot.
+pub const TOKEN_TYPE_UNUSED: i32 = 5;
+/// GGUF `token_type` of a byte token (`<0x0A>`).
+pub const TOKEN_TYPE_BYTE: i32 = 6;
+
+/// Values of `tokenizer.ggml.model` this module implements.
+pub const SUPPORTED_MODELS: &[&str] = &["gpt2", "llama", "gemma4"];
 
 /// Token strings that end a generation turn when present in the vocabulary (besides EOS).
-const EOG_TOKEN_STRS: [&str; 4] = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"];
+const EOG_TOKEN_STRS: [&str; 8] = [
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|end_of_text|>",
+    "<turn|>",
+];
 
-/// Llama 3 pre-tokenizer regex, as in Meta's `tokenizer.json` (`Split`, behavior `Isolated`).
-const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// SentencePiece's visible space, which `llama` and `gemma4` vocabularies write for ' '.
+const SPM_SPACE: char = '\u{2581}';
 
-/// Values of `tokenizer.ggml.pre` this module can reproduce exactly.
-pub const SUPPORTED_PRE: &[&str] = &["smollm", "gpt2", "llama-bpe", "llama3", "llama-v3"];
+/// Added tokens that keep the whitespace after them under the Phi-3 rule (see
+/// [`TokenizerSpec::rstrip_added_tokens`]).
+const RSTRIP_EXCEPTIONS: [&str; 3] = ["<unk>", "<s>", "<|endoftext|>"];
 
 /// Everything that can go wrong building or using a [`Tokenizer`] or [`ChatTemplate`].
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     /// `tokenizer.ggml.model` names a tokenizer family we do not implement.
-    #[error("`tokenizer.ggml.model` = {0:?} is not supported (only byte-level BPE \"gpt2\")")]
+    #[error("`tokenizer.ggml.model` = {0:?} is not supported (supported: {SUPPORTED_MODELS:?})")]
     UnsupportedModel(String),
     /// `tokenizer.ggml.pre` names a pre-tokenizer we cannot reproduce exactly.
-    #[error("`tokenizer.ggml.pre` = {0:?} is not supported (supported: {SUPPORTED_PRE:?})")]
+    #[error(
+        "`tokenizer.ggml.pre` = {0:?} is not supported for BPE (supported: {SUPPORTED_PRE:?})"
+    )]
     UnsupportedPre(String),
     /// `tokenizer.ggml.tokens` is empty.
     #[error("`tokenizer.ggml.tokens` is empty")]
@@ -97,6 +134,16 @@ pub enum TokenizerError {
         /// Number of tokens.
         expected: usize,
         /// Number of token types.
+        got: usize,
+    },
+    /// `tokenizer.ggml.scores` is present but shorter than the vocabulary.
+    #[error(
+        "`tokenizer.ggml.scores` has {got} entries, expected at least {expected} (one per token)"
+    )]
+    ScoreCount {
+        /// Number of tokens.
+        expected: usize,
+        /// Number of scores.
         got: usize,
     },
     /// A merge rule is not `"left right"`.
@@ -194,51 +241,82 @@ pub struct ChatEncodeOptions {
 }
 
 /// Plain-data description of a tokenizer, as stored under `tokenizer.ggml.*` in GGUF.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenizerSpec {
-    /// Vocabulary in id order, byte-level spelled (`Ġ` = space).
+    /// Vocabulary in id order, as stored (byte-level spelled `Ġ` = space for `gpt2`,
+    /// `▁` = space for `llama` / `gemma4`).
     pub tokens: Vec<String>,
-    /// GGUF token types, one per token (1 normal, 3 control, 4 user-defined, ...);
-    /// empty means all normal.
+    /// GGUF token types, one per token (1 normal, 2 unknown, 3 control, 4 user-defined,
+    /// 5 unused, 6 byte); empty means all normal.
     pub token_types: Vec<i32>,
-    /// BPE merge rules `"left right"`, highest priority first.
+    /// `tokenizer.ggml.scores` (`llama` only): merge priority of each token; empty means
+    /// all 0, as in llama.cpp.
+    pub scores: Vec<f32>,
+    /// BPE merge rules `"left right"`, highest priority first (`gpt2`, `gemma4`).
     pub merges: Vec<String>,
-    /// `tokenizer.ggml.model`; must be `"gpt2"`.
+    /// `tokenizer.ggml.model`; one of [`SUPPORTED_MODELS`].
     pub model: String,
-    /// `tokenizer.ggml.pre`; one of [`SUPPORTED_PRE`].
+    /// `tokenizer.ggml.pre`; for `gpt2` one of [`SUPPORTED_PRE`], ignored otherwise.
     pub pre: String,
     /// `tokenizer.ggml.bos_token_id`.
     pub bos: Option<u32>,
     /// `tokenizer.ggml.eos_token_id`.
     pub eos: Option<u32>,
-    /// `tokenizer.ggml.add_bos_token` (GGUF default for gpt2: false).
+    /// `tokenizer.ggml.unknown_token_id`: emitted (`llama`) for a byte that has no token.
+    pub unk: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token` (llama.cpp's default when absent, see the module doc).
     pub add_bos: bool,
     /// `tokenizer.ggml.add_eos_token` (reported only; `encode_with_bos` never adds EOS).
     pub add_eos: bool,
+    /// `tokenizer.ggml.add_space_prefix` (`llama` only; default true): a space is put in
+    /// front of the text, and of the text after each added token, before encoding.
+    pub add_space_prefix: bool,
+    /// Whitespace right after an added token (control, unknown, user-defined, and `</s>`)
+    /// is dropped, except after `<unk>`, `<s>` and `<|endoftext|>`: llama.cpp's rule for
+    /// models whose `general.name` contains `phi-3` / `phi3` (their `tokenizer.json` has
+    /// `rstrip` on those tokens).
+    pub rstrip_added_tokens: bool,
     /// `tokenizer.chat_template` Jinja source.
     pub chat_template: Option<String>,
 }
 
 impl TokenizerSpec {
-    /// Reads the spec from GGUF metadata. Required: `tokenizer.ggml.model`, `.tokens`,
-    /// `.merges`, `.pre`; optional: `.token_type`, `.bos_token_id`, `.eos_token_id`,
-    /// `.add_bos_token`, `.add_eos_token`, `tokenizer.chat_template`.
+    /// Reads the spec from GGUF metadata. Required: `tokenizer.ggml.model`, `.tokens`, and
+    /// for BPE `.merges` and (`gpt2`) `.pre`; optional: `.token_type`, `.scores`,
+    /// `.bos_token_id`, `.eos_token_id`, `.unknown_token_id`, `.add_bos_token`,
+    /// `.add_eos_token`, `.add_space_prefix`, `general.name`, `tokenizer.chat_template`.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, TokenizerError> {
         let model = file.get_str("tokenizer.ggml.model")?.to_owned();
-        if model != "gpt2" {
-            // Checked before reading merges, which non-BPE models do not have.
+        if !SUPPORTED_MODELS.contains(&model.as_str()) {
+            // Checked before reading anything else, which other families lay out differently.
             return Err(TokenizerError::UnsupportedModel(model));
         }
+        let is_spm = model == "llama";
         let has = |key: &str| file.get(key).is_some();
         let pre = if has("tokenizer.ggml.pre") {
             file.get_str("tokenizer.ggml.pre")?.to_owned()
         } else {
             String::new()
         };
+        // For `gpt2` the pre-tokenizer decides the BOS default; an unsupported one is
+        // reported here, before the (large) arrays are copied.
+        let default_add_bos = match model.as_str() {
+            "gpt2" => pre::bpe_pre(&pre)?.default_add_bos,
+            _ => true,
+        };
         let tokens = to_owned_strings(file.get_str_array("tokenizer.ggml.tokens")?);
-        let merges = to_owned_strings(file.get_str_array("tokenizer.ggml.merges")?);
+        let merges = if is_spm {
+            Vec::new()
+        } else {
+            to_owned_strings(file.get_str_array("tokenizer.ggml.merges")?)
+        };
         let token_types = if has("tokenizer.ggml.token_type") {
             file.get_i32_array("tokenizer.ggml.token_type")?
+        } else {
+            Vec::new()
+        };
+        let scores = if has("tokenizer.ggml.scores") {
+            file.get_f32_array("tokenizer.ggml.scores")?
         } else {
             Vec::new()
         };
@@ -249,23 +327,42 @@ impl TokenizerSpec {
                 None
             })
         };
-        let opt_bool =
-            |key: &str| -> Result<bool, TokenizerError> { Ok(has(key) && file.get_bool(key)?) };
+        let opt_bool = |key: &str, default: bool| -> Result<bool, TokenizerError> {
+            Ok(if has(key) {
+                file.get_bool(key)?
+            } else {
+                default
+            })
+        };
+        // llama.cpp's defaults for SentencePiece vocabularies without the keys.
+        let spm_default = |id: u32| (is_spm && (id as usize) < tokens.len()).then_some(id);
         let chat_template = if has("tokenizer.chat_template") {
             Some(file.get_str("tokenizer.chat_template")?.to_owned())
         } else {
             None
         };
+        let name = if has("general.name") {
+            file.get_str("general.name")?.to_lowercase()
+        } else {
+            String::new()
+        };
+        // llama.cpp forces BOS on for gemma4 whatever the key says.
+        let add_bos =
+            opt_bool("tokenizer.ggml.add_bos_token", default_add_bos)? || model == "gemma4";
         Ok(Self {
+            bos: opt_u32("tokenizer.ggml.bos_token_id")?.or(spm_default(1)),
+            eos: opt_u32("tokenizer.ggml.eos_token_id")?.or(spm_default(2)),
+            unk: opt_u32("tokenizer.ggml.unknown_token_id")?.or(spm_default(0)),
+            add_bos,
+            add_eos: opt_bool("tokenizer.ggml.add_eos_token", false)?,
+            add_space_prefix: is_spm && opt_bool("tokenizer.ggml.add_space_prefix", true)?,
+            rstrip_added_tokens: name.contains("phi-3") || name.contains("phi3"),
             tokens,
             token_types,
+            scores,
             merges,
             model,
             pre,
-            bos: opt_u32("tokenizer.ggml.bos_token_id")?,
-            eos: opt_u32("tokenizer.ggml.eos_token_id")?,
-            add_bos: opt_bool("tokenizer.ggml.add_bos_token")?,
-            add_eos: opt_bool("tokenizer.ggml.add_eos_token")?,
             chat_template,
         })
     }
@@ -275,20 +372,32 @@ fn to_owned_strings(strs: Vec<&str>) -> Vec<String> {
     strs.into_iter().map(str::to_owned).collect()
 }
 
-/// Byte-level BPE tokenizer. Cheap to clone (tables are shared), `Send + Sync`.
+/// Tokenizer of one vocabulary. Cheap to clone (tables are shared), `Send + Sync`.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Arc<Inner>,
 }
 
+/// How a piece of plain text (no added tokens in it) becomes ids.
+enum Encoder {
+    /// `gpt2`: byte-level BPE (pre-tokenizer, byte mapping and merges in `tokenizers`).
+    ByteLevelBpe(tokenizers::Tokenizer),
+    /// `gemma4`: BPE over raw UTF-8 with `▁` for spaces and byte fallback; runs of
+    /// newlines are their own words, taken whole when the vocabulary has them.
+    SpmBpe(tokenizers::Tokenizer),
+    /// `llama`: SentencePiece score-based merges.
+    Spm(spm::SpmModel),
+}
+
 struct Inner {
-    /// Splits control tokens out of text (`parse_special = true`).
-    hf_parse_special: tokenizers::Tokenizer,
-    /// Treats control tokens as plain text (`parse_special = false`).
-    hf_plain: tokenizers::Tokenizer,
-    /// Finds control-token strings the way `hf_parse_special` splits them out.
+    encoder: Encoder,
+    /// Control and unknown-type tokens, split out of text with `parse_special = true`.
     control: ControlTokens,
-    /// Vocabulary in id order (byte-level spelled).
+    /// User-defined tokens, always split out of text.
+    user_defined: ControlTokens,
+    /// Token string → id (first id for duplicate strings).
+    vocab: HashMap<String, u32>,
+    /// Vocabulary in id order (as stored).
     tokens: Vec<String>,
     /// Raw bytes of each token, in id order.
     pieces: Vec<Box<[u8]>>,
@@ -298,6 +407,7 @@ struct Inner {
     eos: Option<u32>,
     add_bos: bool,
     add_eos: bool,
+    add_space_prefix: bool,
     eog_ids: Vec<u32>,
     chat_template: Option<ChatTemplate>,
 }
@@ -328,17 +438,21 @@ impl Tokenizer {
         let TokenizerSpec {
             tokens,
             mut token_types,
+            scores,
             merges,
             model,
             pre,
             bos,
             eos,
+            unk,
             add_bos,
             add_eos,
+            add_space_prefix,
+            rstrip_added_tokens,
             chat_template,
         } = spec;
 
-        if model != "gpt2" {
+        if !SUPPORTED_MODELS.contains(&model.as_str()) {
             return Err(TokenizerError::UnsupportedModel(model));
         }
         if tokens.is_empty() {
@@ -358,7 +472,17 @@ impl Tokenizer {
                 got: token_types.len(),
             });
         }
-        for (field, id) in [("bos_token_id", bos), ("eos_token_id", eos)] {
+        if !scores.is_empty() && scores.len() < vocab_size {
+            return Err(TokenizerError::ScoreCount {
+                expected: vocab_size,
+                got: scores.len(),
+            });
+        }
+        for (field, id) in [
+            ("bos_token_id", bos),
+            ("eos_token_id", eos),
+            ("unknown_token_id", unk),
+        ] {
             if let Some(id) = id {
                 if id as usize >= vocab_size {
                     return Err(TokenizerError::SpecialIdOutOfRange {
@@ -387,42 +511,48 @@ impl Tokenizer {
             );
         }
 
-        let merge_pairs = parse_merges(&merges, &vocab)?;
-        let (pre_tokenizer, ignore_merges) = pre_tokenizer_for(&pre)?;
-        let bpe_vocab: Vocab = vocab.iter().map(|(k, &v)| (k.clone(), v)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(bpe_vocab, merge_pairs)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(TokenizerError::Build)?;
+        let encoder = match model.as_str() {
+            "llama" => Encoder::Spm(spm::SpmModel::new(&vocab, scores, vocab_size, unk)),
+            "gemma4" => {
+                let bpe = BPE::builder()
+                    .vocab_and_merges(bpe_vocab(&vocab), parse_merges(&merges, &vocab)?)
+                    .byte_fallback(true)
+                    .build()
+                    .map_err(TokenizerError::Build)?;
+                Encoder::SpmBpe(tokenizers::Tokenizer::new(bpe))
+            }
+            _ => {
+                let pre = pre::bpe_pre(&pre)?;
+                let bpe = BPE::builder()
+                    .vocab_and_merges(bpe_vocab(&vocab), parse_merges(&merges, &vocab)?)
+                    .ignore_merges(pre.ignore_merges)
+                    .build()
+                    .map_err(TokenizerError::Build)?;
+                let mut hf = tokenizers::Tokenizer::new(bpe);
+                hf.with_pre_tokenizer(Some(pre.pre_tokenizer));
+                Encoder::ByteLevelBpe(hf)
+            }
+        };
 
-        let mut hf = tokenizers::Tokenizer::new(bpe);
-        hf.with_pre_tokenizer(Some(pre_tokenizer));
-        hf.with_decoder(Some(ByteLevel::default()));
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&token_types)
-            .filter(|(_, &ty)| ty == TOKEN_TYPE_CONTROL)
-            .map(|(t, _)| AddedToken::from(t.clone(), true))
-            .collect();
-        let user_defined: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&token_types)
-            .filter(|(_, &ty)| ty == TOKEN_TYPE_USER_DEFINED)
-            .map(|(t, _)| AddedToken::from(t.clone(), false))
-            .collect();
-        hf.add_special_tokens(&special);
-        hf.add_tokens(&user_defined);
-        let mut hf_plain = hf.clone();
-        hf_plain.set_encode_special_tokens(true);
-        let control = ControlTokens::new(special.iter().filter_map(|token| {
-            let id = hf.token_to_id(&token.content)?;
-            Some((token.content.as_str(), id))
-        }))?;
+        let rstrip = |token: &str| rstrip_added_tokens && !RSTRIP_EXCEPTIONS.contains(&token);
+        let added = |wanted: &'static [i32]| {
+            (0u32..)
+                .zip(tokens.iter().zip(&token_types))
+                .filter(move |(_, (_, ty))| wanted.contains(ty))
+                .map(move |(id, (token, _))| (token.as_str(), id, rstrip(token)))
+        };
+        let control = ControlTokens::new(added(&[TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN]))?;
+        // Phi-3 marks `</s>` as user-defined, with rstrip (llama.cpp sets it by name).
+        let user_defined =
+            ControlTokens::new(added(&[TOKEN_TYPE_USER_DEFINED]).map(|(token, id, strip)| {
+                (token, id, strip || (rstrip_added_tokens && token == "</s>"))
+            }))?;
 
+        let byte_level = model == "gpt2";
         let pieces: Vec<Box<[u8]>> = tokens
             .iter()
-            .map(|t| byte_level::piece_bytes(t).into_boxed_slice())
+            .zip(&token_types)
+            .map(|(token, &ty)| piece_bytes(token, ty, byte_level).into_boxed_slice())
             .collect();
 
         let mut eog_ids: Vec<u32> = eos.into_iter().collect();
@@ -448,9 +578,10 @@ impl Tokenizer {
 
         Ok(Self {
             inner: Arc::new(Inner {
-                hf_parse_special: hf,
-                hf_plain,
+                encoder,
                 control,
+                user_defined,
+                vocab,
                 tokens,
                 pieces,
                 token_types,
@@ -458,6 +589,7 @@ impl Tokenizer {
                 eos,
                 add_bos,
                 add_eos,
+                add_space_prefix,
                 eog_ids,
                 chat_template,
             }),
@@ -467,17 +599,101 @@ impl Tokenizer {
     /// Encodes `text` without BOS/EOS. With `parse_special`, control-token strings in the
     /// text (e.g. `<|im_start|>`) become their single ids; without, they are plain text.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let hf = if parse_special {
-            &self.inner.hf_parse_special
-        } else {
-            &self.inner.hf_plain
-        };
-        let encoding = hf
-            .encode_fast(text, false)
-            .map_err(TokenizerError::Encode)?;
-        Ok(encoding.get_ids().to_vec())
+        let mut control_matches = Vec::new();
+        if parse_special {
+            self.inner
+                .control
+                .find_matches(text, 0, &mut control_matches);
+        }
+        self.encode_split(text, &control_matches)
     }
 
+    /// Encodes `text` with the control tokens at `control_matches` (in order, not
+    /// overlapping) and every other part as plain text.
+    fn encode_split(
+        &self,
+        text: &str,
+        control_matches: &[ControlMatch],
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let mut out = Vec::with_capacity(text.len() / 3 + control_matches.len() + 1);
+        // SentencePiece puts a space in front of the text and after each added token.
+        let mut after_added = true;
+        for_each_fragment(text, control_matches, |fragment| match fragment {
+            Fragment::Text(piece) => self.encode_user_defined(piece, &mut after_added, &mut out),
+            Fragment::Token(id) => {
+                out.push(id);
+                after_added = true;
+                Ok(())
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Encodes text with no control tokens in it: user-defined tokens split out, the rest
+    /// through the model's encoder. `after_added`: the previous piece was an added token
+    /// (or this is the start), for SentencePiece's space prefix.
+    fn encode_user_defined(
+        &self,
+        text: &str,
+        after_added: &mut bool,
+        out: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
+        let mut matches = Vec::new();
+        self.inner.user_defined.find_matches(text, 0, &mut matches);
+        for_each_fragment(text, &matches, |fragment| match fragment {
+            Fragment::Text(piece) => self.encode_plain(piece, after_added, out),
+            Fragment::Token(id) => {
+                out.push(id);
+                *after_added = true;
+                Ok(())
+            }
+        })
+    }
+
+    /// Encodes text with no added tokens in it (nothing for empty text).
+    fn encode_plain(
+        &self,
+        text: &str,
+        after_added: &mut bool,
+        out: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let prefix_space = std::mem::replace(after_added, false) && self.inner.add_space_prefix;
+        let hf_encode = |hf: &tokenizers::Tokenizer, text: &str, out: &mut Vec<u32>| {
+            let encoding = hf
+                .encode_fast(text, false)
+                .map_err(TokenizerError::Encode)?;
+            out.extend_from_slice(encoding.get_ids());
+            Ok::<(), TokenizerError>(())
+        };
+        match &self.inner.encoder {
+            Encoder::ByteLevelBpe(hf) => hf_encode(hf, text, out)?,
+            Encoder::Spm(spm) => {
+                let mut escaped = String::with_capacity(text.len() + 3 * (text.len() / 4 + 1));
+                if prefix_space {
+                    escaped.push(SPM_SPACE);
+                }
+                escaped.extend(text.chars().map(|c| if c == ' ' { SPM_SPACE } else { c }));
+                spm.encode(&self.inner.vocab, &escaped, out);
+            }
+            Encoder::SpmBpe(hf) => {
+                let escaped = text.replace(' ', "\u{2581}");
+                for run in newline_runs(&escaped) {
+                    let whole = run
+                        .starts_with('\n')
+                        .then(|| self.inner.vocab.get(run))
+                        .flatten();
+                    match whole {
+                        Some(&id) => out.push(id),
+                        None => hf_encode(hf, run, out)?,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
     /// Like [`encode`](Self::encode), with BOS prepended iff `add_bos_token` is set and the
     /// vocabulary has a BOS id. Never appends EOS (see [`add_eos_token`](Self::add_eos_token)).
     pub fn encode_with_bos(
@@ -579,23 +795,14 @@ impl Tokenizer {
         }
         let segment = text.get(segment_start..).ok_or_else(broken)?;
         control.find_matches(segment, segment_start, &mut matches);
-        // The text between control tokens, encoded as plain text: the pieces
+        // The text between control tokens is encoded as plain text: the pieces
         // `encode(.., true)` would cut the whole text into when contents are plain.
-        let mut ids = Vec::with_capacity(text.len() / 3 + matches.len());
-        let mut piece_start = 0usize;
-        for found in &matches {
-            let piece = text.get(piece_start..found.start).ok_or_else(broken)?;
-            ids.extend(self.encode(piece, false)?);
-            ids.push(found.id);
-            piece_start = found.end;
-        }
-        let piece = text.get(piece_start..).ok_or_else(broken)?;
-        ids.extend(self.encode(piece, false)?);
-        Ok(ids)
+        self.encode_split(text, &matches)
     }
 
-    /// Decodes ids to text; invalid UTF-8 becomes U+FFFD. With `skip_special`, control tokens
-    /// are dropped. Matches HF `decode(ids, skip_special_tokens=..)` for byte-level BPE.
+    /// Decodes ids to text (the concatenation of their pieces); invalid UTF-8 becomes
+    /// U+FFFD. With `skip_special`, control and unknown-type tokens are dropped. Matches HF
+    /// `decode(ids, skip_special_tokens=..)` for byte-level BPE.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         for &id in ids {
@@ -612,8 +819,8 @@ impl Tokenizer {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// Raw bytes of one token (byte-level decoded; may be part of a UTF-8 char), or `None`
-    /// if `id` is out of range.
+    /// Raw bytes of one token (may be part of a UTF-8 char: byte-level pieces and `<0xXX>`
+    /// byte tokens), or `None` if `id` is out of range.
     pub fn token_to_piece_bytes(&self, id: u32) -> Option<Vec<u8>> {
         self.piece_bytes(id).map(<[u8]>::to_vec)
     }
@@ -649,25 +856,31 @@ impl Tokenizer {
         self.inner.add_eos
     }
 
-    /// End-of-generation ids: EOS, plus `<|im_end|>`, `<|endoftext|>`, `<|eot_id|>` and
-    /// `<end_of_turn>` when present in the vocabulary (no duplicates, EOS first).
+    /// End-of-generation ids: EOS, plus `<|im_end|>`, `<|endoftext|>`, `<|eot_id|>`,
+    /// `<|eom_id|>`, `<end_of_turn>`, `<|end|>`, `<|end_of_text|>` and `<turn|>` when present
+    /// in the vocabulary (no duplicates, EOS first).
     pub fn eog_ids(&self) -> &[u32] {
         &self.inner.eog_ids
     }
 
-    /// Whether `id` is a control token (GGUF `token_type` 3). False when out of range.
+    /// Whether `id` is a control or unknown-type token (GGUF `token_type` 3 or 2), the
+    /// tokens `decode(.., skip_special = true)` drops. False when out of range.
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner.token_types.get(id as usize) == Some(&TOKEN_TYPE_CONTROL)
+        matches!(
+            self.inner.token_types.get(id as usize),
+            Some(&(TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN))
+        )
     }
 
-    /// The vocabulary entry of `id` as stored (byte-level spelled, e.g. `"Ġthe"`).
+    /// The vocabulary entry of `id` as stored (e.g. `"Ġthe"`, `"▁the"`).
     pub fn token_str(&self, id: u32) -> Option<&str> {
         self.inner.tokens.get(id as usize).map(String::as_str)
     }
 
-    /// The id of a vocabulary entry given in its stored (byte-level) spelling.
+    /// The id of a vocabulary entry given in its stored spelling (the first id when the
+    /// string is in the vocabulary twice).
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.hf_parse_special.token_to_id(token)
+        self.inner.vocab.get(token).copied()
     }
 
     /// The model's chat template, if it has one (one that failed to parse included:
@@ -677,8 +890,109 @@ impl Tokenizer {
     }
 }
 
-/// Splits `"left right"` rules and checks that left, right and their concatenation are
-/// all vocabulary entries.
+/// A piece of text between added-token matches, or a matched token.
+enum Fragment<'a> {
+    Text(&'a str),
+    Token(u32),
+}
+
+/// Calls `f` on the non-empty text between `matches` and on each match's id, in order,
+/// dropping the ASCII whitespace after an `rstrip` match (and matches inside it), as
+/// llama.cpp does.
+fn for_each_fragment(
+    text: &str,
+    matches: &[ControlMatch],
+    mut f: impl FnMut(Fragment<'_>) -> Result<(), TokenizerError>,
+) -> Result<(), TokenizerError> {
+    // Offsets come from the matcher, so they are in order and on char boundaries; `get`
+    // only keeps a broken invariant from panicking.
+    let broken = || TokenizerError::Encode("added-token matches out of order".into());
+    let mut piece_start = 0usize;
+    for found in matches {
+        if found.start < piece_start {
+            continue; // inside whitespace an rstrip token dropped
+        }
+        let piece = text.get(piece_start..found.start).ok_or_else(broken)?;
+        if !piece.is_empty() {
+            f(Fragment::Text(piece))?;
+        }
+        f(Fragment::Token(found.id))?;
+        piece_start = if found.rstrip {
+            skip_ascii_whitespace(text, found.end)
+        } else {
+            found.end
+        };
+    }
+    let rest = text.get(piece_start..).ok_or_else(broken)?;
+    if !rest.is_empty() {
+        f(Fragment::Text(rest))?;
+    }
+    Ok(())
+}
+
+/// The first offset at or after `start` that is not C `isspace` whitespace.
+fn skip_ascii_whitespace(text: &str, start: usize) -> usize {
+    let rest = text.get(start..).unwrap_or_default();
+    let num_space = rest
+        .bytes()
+        .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0B' | b'\x0C'))
+        .count();
+    start + num_space
+}
+
+/// `text` cut into maximal runs of `'\n'` and of other chars (gemma4's only split).
+fn newline_runs(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        let first = rest.chars().next()?;
+        let len = if first == '\n' {
+            rest.find(|c| c != '\n')
+        } else {
+            rest.find('\n')
+        }
+        .unwrap_or(rest.len());
+        let (run, after) = rest.split_at(len);
+        rest = after;
+        Some(run)
+    })
+}
+
+/// The bytes token `token` of type `ty` decodes to, as llama.cpp's `token_to_piece`:
+/// added tokens verbatim, `<0xXX>` byte tokens as that byte, normal tokens byte-level
+/// decoded (`byte_level`) or with `▁` as a space, unused and undefined tokens as nothing.
+fn piece_bytes(token: &str, ty: i32, byte_level: bool) -> Vec<u8> {
+    match ty {
+        TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_USER_DEFINED => {
+            token.as_bytes().to_vec()
+        }
+        TOKEN_TYPE_BYTE => match parse_byte_token(token) {
+            Some(b) => vec![b],
+            None if byte_level => byte_level::piece_bytes(token),
+            None => token.as_bytes().to_vec(),
+        },
+        TOKEN_TYPE_NORMAL if byte_level => byte_level::piece_bytes(token),
+        TOKEN_TYPE_NORMAL => token.replace(SPM_SPACE, " ").into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+/// The byte of a `<0xXX>` token.
+fn parse_byte_token(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// The vocabulary in the form `tokenizers`' BPE builder takes.
+fn bpe_vocab(vocab: &HashMap<String, u32>) -> Vocab {
+    vocab.iter().map(|(k, &v)| (k.clone(), v)).collect()
+}
+
+/// Splits `"left right"` rules at the first space after the first byte (as llama.cpp
+/// does, so a left part may itself be a space) and checks that left, right and their
+/// concatenation are all vocabulary entries.
 fn parse_merges(
     merges: &[String],
     vocab: &HashMap<String, u32>,
@@ -689,8 +1003,15 @@ fn parse_merges(
             index,
             merge: merge.clone(),
         };
-        let (left, right) = merge.split_once(' ').ok_or_else(bad)?;
-        if left.is_empty() || right.is_empty() || right.contains(' ') {
+        let first_len = merge.chars().next().map_or(0, char::len_utf8);
+        let split_at = merge
+            .get(first_len..)
+            .and_then(|rest| rest.find(' '))
+            .map(|pos| pos + first_len)
+            .ok_or_else(bad)?;
+        let left = merge.get(..split_at).ok_or_else(bad)?;
+        let right = merge.get(split_at + 1..).ok_or_else(bad)?;
+        if right.is_empty() {
             return Err(bad());
         }
         let merged = format!("{left}{right}");
@@ -706,42 +1027,6 @@ fn parse_merges(
         out.push((left.to_owned(), right.to_owned()));
     }
     Ok(out)
-}
-
-/// The pre-tokenizer of HF's `tokenizer.json` for a llama.cpp `tokenizer.ggml.pre` name,
-/// plus the BPE `ignore_merges` flag that goes with it.
-fn pre_tokenizer_for(pre: &str) -> Result<(PreTokenizerWrapper, bool), TokenizerError> {
-    match pre {
-        // SmolLM / SmolLM2: Sequence[Digits(individual), ByteLevel(regex)].
-        "smollm" => Ok((
-            Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
-            false,
-        )),
-        // GPT-2: ByteLevel with its built-in regex.
-        "gpt2" => Ok((ByteLevel::new(false, true, true).into(), false)),
-        // Llama 3: regex Split + ByteLevel without regex; BPE ignores merges for whole words.
-        "llama-bpe" | "llama3" | "llama-v3" => {
-            let split = Split::new(
-                SplitPattern::Regex(LLAMA3_SPLIT_REGEX.to_owned()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(TokenizerError::Build)?;
-            Ok((
-                Sequence::new(vec![
-                    split.into(),
-                    ByteLevel::new(false, true, false).into(),
-                ])
-                .into(),
-                true,
-            ))
-        }
-        other => Err(TokenizerError::UnsupportedPre(other.to_owned())),
-    }
 }
 
 #[cfg(test)]
