@@ -286,9 +286,7 @@ fn config_reads_every_family() {
 
 #[test]
 fn unsupported_architecture_is_one_line() {
-    let mut spec = brigade::testing::TinyLlamaSpec::default();
-    spec.name = "x".into();
-    let mut bytes = brigade::testing::tiny_llama_gguf(&spec);
+    let mut bytes = brigade::testing::tiny_llama_gguf(&brigade::testing::TinyLlamaSpec::default());
     // Rename the architecture value in place (same length: "llama" -> "mamba").
     let key_end = bytes.windows(20).position(|w| w == b"general.architecture").expect("key") + 20;
     let v = bytes[key_end..].windows(5).position(|w| w == b"llama").expect("value") + key_end;
