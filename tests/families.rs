@@ -286,9 +286,7 @@ fn config_reads_every_family() {
 
 #[test]
 fn unsupported_architecture_is_one_line() {
-    let mut spec = brigade::testing::TinyLlamaSpec::default();
-    spec.name = "x".into();
-    let mut bytes = brigade::testing::tiny_llama_gguf(&spec);
+    let mut bytes = brigade::testing::tiny_llama_gguf(&brigade::testing::TinyLlamaSpec::default());
     // Rename the architecture value in place (same length: "llama" -> "mamba").
     let key_end = bytes.windows(20).position(|w| w == b"general.architecture").expect("key") + 20;
     let v = bytes[key_end..].windows(5).position(|w| w == b"llama").expect("value") + key_end;
@@ -339,4 +337,67 @@ fn gemma3_270m_matches_transformers() {
     }
     eprintln!("gemma3-270m: teacher-forced top-1 {agree}/{total}; max |Δ logprob| of the next token {max_d:.3}");
     assert!(agree * 100 >= total * 95, "top-1 agreement {agree}/{total}");
+}
+
+/// Greedy tokens and logprob bits of every completion of one request.
+fn engine_outputs(mut s: brigade::engine::ResponseStream) -> Vec<(u32, u32)> {
+    use brigade::engine::Event;
+    let mut out = Vec::new();
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            Event::Token { token, .. } => out.push((token.token, token.logprob.to_bits())),
+            Event::Error(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn engine_config(workers: usize, prefill_chunk: usize, kv_tokens: usize, prefix: bool) -> brigade::config::Config {
+    use brigade::config::{Config, Count};
+    let mut c = Config::default();
+    c.runtime.workers = Count::N(workers);
+    c.runtime.threads_per_worker = Count::N(1);
+    c.runtime.prefill_chunk = prefill_chunk;
+    c.runtime.max_batched_tokens = 256;
+    c.kv_cache.capacity_tokens = kv_tokens;
+    c.kv_cache.prefix_caching = prefix;
+    c.validate().expect("config");
+    c
+}
+
+/// Through the serving engine, every family: 16 concurrent greedy requests
+/// (prompts longer than the 8-token windows, shared prefixes) with 2
+/// workers, 5-token prefill chunks, prefix caching and a KV pool small
+/// enough to force preemption give, bit for bit, the tokens and logprobs of
+/// each request run alone on 1 worker.
+#[test]
+fn every_family_is_batch_invariant_through_the_engine() {
+    use brigade::engine::{Engine, GenerateRequest, SamplingParams};
+    let prompts: Vec<String> = (0..8)
+        .flat_map(|i| {
+            let base = format!("the cat and the dog {i} went to the river in the morning");
+            [base.clone(), format!("{base} and then it rained on them all")]
+        })
+        .collect();
+    let p = SamplingParams { logprobs: Some(0), ..SamplingParams::greedy(10) };
+    for family in TinyFamily::ALL {
+        let bytes = tiny_family_gguf(&TinyFamilySpec::standard(family));
+        let file = Arc::new(GgufFile::from_bytes(bytes).expect("gguf"));
+        let tok = Arc::new(brigade::tokenizer::Tokenizer::from_gguf(&file).expect("tokenizer"));
+        let m = Arc::new(Model::from_gguf(file).expect("model"));
+        let h = Engine::start(m.clone(), tok.clone(), engine_config(1, 0, 4096, false)).expect("engine");
+        let alone: Vec<_> = prompts.iter().map(|t| engine_outputs(h.submit(GenerateRequest::text(t.clone(), p.clone())).expect("submit"))).collect();
+        drop(h);
+        let h = Engine::start(m, tok, engine_config(2, 5, 192, true)).expect("engine");
+        let streams: Vec<_> = prompts.iter().map(|t| h.submit(GenerateRequest::text(t.clone(), p.clone())).expect("submit")).collect();
+        let got: Vec<_> = streams.into_iter().map(engine_outputs).collect();
+        for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
+            assert_eq!(a.len(), 10, "{}: request {i} length", family.name());
+            assert_eq!(g, a, "{}: request {i} differs from running alone", family.name());
+        }
+        let s = h.stats();
+        assert!(s.preemptions > 0, "{}: expected preemptions, stats {s:?}", family.name());
+        eprintln!("{}: engine batch invariance ok ({} preemptions)", family.name(), s.preemptions);
+    }
 }

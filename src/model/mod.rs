@@ -243,8 +243,7 @@ impl ModelConfig {
             }
         }
         let rope_freq_scale = match f_opt("rope.scaling.factor")? {
-            None => 1.0,
-            Some(f) if f == 0.0 => 1.0,
+            None | Some(0.0) => 1.0,
             Some(f) => 1.0 / positive("rope.scaling.factor", f)?,
         };
         let rope_attn_factor = positive("rope.scaling.attn_factor", f_opt("rope.scaling.attn_factor")?.unwrap_or(1.0))?;
@@ -277,8 +276,7 @@ impl ModelConfig {
         };
         let cap = |k: &str, default: Option<f32>| -> Result<Option<f32>, ModelError> {
             match f_opt(k)?.or(default) {
-                None => Ok(None),
-                Some(c) if c == 0.0 => Ok(None),
+                None | Some(0.0) => Ok(None),
                 Some(c) => Ok(Some(positive(k, c)?)),
             }
         };
