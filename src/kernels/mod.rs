@@ -3,11 +3,25 @@
 //! Every kernel has a scalar reference in [`scalar`] / `packed` (the test
 //! oracle and the fallback) and, on x86-64, SIMD versions selected at run time
 //! from cached CPU feature detection ([`isa`]): AVX2/FMA/F16C in `avx2`
-//! (quantized matmul over raw ggml blocks, paged attention), and AVX-512 VNNI
-//! in `avx512` (quantized matmul over [`PackedMatrix`]'s interleaved layout,
-//! activation quantization, paged attention, SiLU, softmax reductions).
-//! Callers only see the safe functions of this module, which validate slice
-//! sizes before dispatching.
+//! (quantized matmul over raw ggml blocks, float matmul, paged attention),
+//! and AVX-512 VNNI in `avx512` (quantized matmul over [`PackedMatrix`]'s
+//! interleaved layout, activation quantization, paged attention, SiLU,
+//! softmax reductions). Callers only see the safe functions of this module,
+//! which validate slice sizes before dispatching.
+//!
+//! Matmul kernels per weight type ([`QMatrix::new`] accepts every
+//! [`GgmlDType`]):
+//!
+//! ```text
+//! type                          AVX-512 VNNI (packed)   AVX2 (raw blocks)   scalar
+//! Q4_0 Q4_1 Q8_0                gemm_group              tile_q              vec_dot_q
+//! Q5_0 Q5_1 Q4_K Q5_K Q6_K      gemm_group              tile_qx             vec_dot_q (integer form)
+//! IQ4_NL IQ4_XS                 gemm_group              -                   vec_dot_q (integer form)
+//! Q2_K Q3_K                     -                       -                   vec_dot_q (integer form)
+//! F32 F16 BF16 (f32 activations) -                      tile_f              vec_dot_f
+//! ```
+//!
+//! A "-" falls back to the column to its right.
 //!
 //! Environment: `BRIGADE_FORCE_SCALAR=1` forces the scalar kernels;
 //! `BRIGADE_ISA=scalar|avx2|avx512` caps the instruction set (for comparisons).
