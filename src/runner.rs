@@ -125,23 +125,49 @@ pub struct Perplexity {
     pub nll: f64,
 }
 
-/// Perplexity of `ids`: consecutive windows of `ctx` tokens (the last partial
-/// window included if it has at least 2 tokens); within each window every token
-/// after the first is scored given the preceding tokens of that window only.
-pub fn perplexity(runner: &mut Runner, ids: &[u32], ctx: usize) -> Result<Perplexity, RunnerError> {
+/// Most tokens [`perplexity`] feeds at once: bounds the logits buffer to this
+/// many rows of the vocabulary (feeding a window in pieces gives the same
+/// logits, bit for bit, as feeding it whole).
+const PERPLEXITY_FEED: usize = 128;
+
+/// Perplexity of `ids` in consecutive windows, each evaluated alone (positions
+/// from 0, an empty cache):
+///
+/// * `bos: None`: windows of `ctx` tokens (the last partial window included if
+///   it has at least 2 tokens); within each window every token after the first
+///   is scored given the preceding tokens of that window only.
+/// * `bos: Some(id)`: windows of `ctx - 1` tokens, each evaluated as
+///   `[id] + window`; every token is scored (the first of a window given only
+///   the BOS). Models trained to always see a BOS at position 0 (Gemma) are
+///   only meaningful this way.
+pub fn perplexity(runner: &mut Runner, ids: &[u32], ctx: usize, bos: Option<u32>) -> Result<Perplexity, RunnerError> {
     let vocab = runner.model.config.vocab_size;
     let mut nll = 0.0f64;
     let mut tokens = 0usize;
-    for window in ids.chunks(ctx.max(2)) {
-        if window.len() < 2 {
+    if let Some(&t) = ids.iter().chain(bos.as_ref()).find(|&&t| t as usize >= vocab) {
+        return Err(RunnerError::BadToken(t));
+    }
+    let (width, min_len) = match bos {
+        None => (ctx.max(2), 2),
+        Some(_) => (ctx.max(2) - 1, 1),
+    };
+    for window in ids.chunks(width) {
+        if window.len() < min_len {
             continue;
         }
+        // Inputs (the BOS, if any, then the window but its last token) and,
+        // for each input, the token it predicts.
+        let (inputs, targets): (Vec<u32>, &[u32]) = match bos {
+            None => (window[..window.len() - 1].to_vec(), &window[1..]),
+            Some(b) => (std::iter::once(b).chain(window[..window.len() - 1].iter().copied()).collect(), window),
+        };
         runner.reset();
-        let logits = runner.feed(&window[..window.len() - 1], true)?;
-        for (i, &next) in window[1..].iter().enumerate() {
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            nll -= crate::sampling::logprob(row, next) as f64;
-            tokens += 1;
+        for (piece, next) in inputs.chunks(PERPLEXITY_FEED).zip(targets.chunks(PERPLEXITY_FEED)) {
+            let logits = runner.feed(piece, true)?;
+            for (row, &t) in logits.chunks_exact(vocab).zip(next) {
+                nll -= crate::sampling::logprob(row, t) as f64;
+                tokens += 1;
+            }
         }
     }
     let perplexity = if tokens > 0 { (nll / tokens as f64).exp() } else { f64::NAN };

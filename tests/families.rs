@@ -13,6 +13,8 @@
 //!   window of every sliding layer are overwritten with NaN and the next
 //!   decode step's logits do not change.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ use brigade::model::kv::KvStore;
 use brigade::model::llama::{Scratch, SeqChunk};
 use brigade::model::Model;
 use brigade::runner::Runner;
+use common::{engine_config, engine_outputs};
 use brigade::testing::{load_family_fixture, tiny_family_gguf, FamilyFixture, TinyFamily, TinyFamilySpec};
 
 /// A reference top-1 / top-2 log-probability gap below this is a near-tie
@@ -304,11 +307,7 @@ fn unsupported_architecture_is_one_line() {
 /// (`scripts/fetch-model.sh gemma3-270m`).
 #[test]
 fn gemma3_270m_matches_transformers() {
-    let path = brigade::paths::model_cache_dir().join("gemma-3-270m-q4_k_m.gguf");
-    if !path.is_file() {
-        eprintln!("note: {} absent; skipping (scripts/fetch-model.sh gemma3-270m)", path.display());
-        return;
-    }
+    let Some(path) = common::gemma_model_path() else { return };
     let fx_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/gemma3-270m-smoke.json");
     let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&fx_path).expect("fixture")).expect("json");
     let file = Arc::new(GgufFile::open(&path).expect("open gemma"));
@@ -337,33 +336,6 @@ fn gemma3_270m_matches_transformers() {
     }
     eprintln!("gemma3-270m: teacher-forced top-1 {agree}/{total}; max |Δ logprob| of the next token {max_d:.3}");
     assert!(agree * 100 >= total * 95, "top-1 agreement {agree}/{total}");
-}
-
-/// Greedy tokens and logprob bits of every completion of one request.
-fn engine_outputs(mut s: brigade::engine::ResponseStream) -> Vec<(u32, u32)> {
-    use brigade::engine::Event;
-    let mut out = Vec::new();
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            Event::Token { token, .. } => out.push((token.token, token.logprob.to_bits())),
-            Event::Error(e) => panic!("request failed: {e}"),
-            _ => {}
-        }
-    }
-    out
-}
-
-fn engine_config(workers: usize, prefill_chunk: usize, kv_tokens: usize, prefix: bool) -> brigade::config::Config {
-    use brigade::config::{Config, Count};
-    let mut c = Config::default();
-    c.runtime.workers = Count::N(workers);
-    c.runtime.threads_per_worker = Count::N(1);
-    c.runtime.prefill_chunk = prefill_chunk;
-    c.runtime.max_batched_tokens = 256;
-    c.kv_cache.capacity_tokens = kv_tokens;
-    c.kv_cache.prefix_caching = prefix;
-    c.validate().expect("config");
-    c
 }
 
 /// Through the serving engine, every family: 16 concurrent greedy requests

@@ -14,43 +14,14 @@
 mod common;
 
 use brigade::runner::{perplexity, Runner};
-use common::{golden, ids, real_model};
+use common::{golden, greedy, ids, real_model, teacher_forced};
 
 #[test]
 fn teacher_forced_logits_match_transformers() {
     let Some((model, _)) = real_model() else { return };
-    let fx = golden("logits.json");
-    let vocab = model.config.vocab_size;
-    let mut runner = Runner::new(model.clone(), 512, 2).unwrap();
-    let (mut agree, mut total) = (0usize, 0usize);
-    let (mut sum_diff, mut n_diff, mut max_diff) = (0.0f64, 0usize, 0.0f32);
-    for p in fx["prompts"].as_array().unwrap() {
-        let tokens = ids(&p["ids"]);
-        runner.reset();
-        let logits = runner.feed(&tokens, true).unwrap();
-        for pos in p["positions"].as_array().unwrap() {
-            let i = pos["pos"].as_u64().unwrap() as usize;
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            let want_top = pos["top_ids"][0].as_u64().unwrap() as u32;
-            total += 1;
-            if brigade::sampling::argmax(row) == want_top {
-                agree += 1;
-            }
-            // log-probs of the reference's top tokens
-            let lse = brigade::sampling::logsumexp(row);
-            let top_ids = ids(&pos["top_ids"]);
-            let top_lp: Vec<f32> =
-                pos["top_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-            for (&t, &lp) in top_ids.iter().zip(&top_lp).take(5) {
-                let d = (row[t as usize] - lse - lp).abs();
-                sum_diff += d as f64;
-                n_diff += 1;
-                max_diff = max_diff.max(d);
-            }
-        }
-    }
+    let st = teacher_forced(&model, &golden("smollm2", "logits.json"));
+    let (agree, total, mean, max_diff) = (st.agree, st.total, st.mean_top5, st.max_top5);
     let rate = agree as f64 / total as f64;
-    let mean = sum_diff / n_diff as f64;
     eprintln!("top-1 agreement {agree}/{total} = {rate:.4}; logprob |diff| mean {mean:.4} max {max_diff:.4}");
     assert!(rate >= 0.98, "top-1 agreement {rate} < 0.98");
     assert!(mean <= 0.01, "mean |logprob diff| {mean} > 0.01");
@@ -60,7 +31,7 @@ fn teacher_forced_logits_match_transformers() {
 #[test]
 fn perplexity_within_one_percent_of_transformers() {
     let Some((model, tok)) = real_model() else { return };
-    let fx = golden("perplexity.json");
+    let fx = golden("smollm2", "perplexity.json");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(fx["text_file"].as_str().unwrap());
     let text = std::fs::read_to_string(path).unwrap();
     let tokens = tok.encode(&text, false).unwrap();
@@ -69,7 +40,7 @@ fn perplexity_within_one_percent_of_transformers() {
         let ctx = r["ctx"].as_u64().unwrap() as usize;
         let want = r["perplexity"].as_f64().unwrap();
         let mut runner = Runner::new(model.clone(), ctx, 2).unwrap();
-        let got = perplexity(&mut runner, &tokens, ctx).unwrap();
+        let got = perplexity(&mut runner, &tokens, ctx, None).unwrap();
         eprintln!("ctx {ctx}: perplexity {:.4} vs reference {want:.4} ({} tokens)", got.perplexity, got.tokens);
         assert_eq!(got.tokens as u64, r["scored_tokens"].as_u64().unwrap());
         let rel = (got.perplexity - want).abs() / want;
@@ -80,8 +51,7 @@ fn perplexity_within_one_percent_of_transformers() {
 #[test]
 fn greedy_continuations_match_until_a_near_tie() {
     let Some((model, _)) = real_model() else { return };
-    let fx = golden("greedy.json");
-    let vocab = model.config.vocab_size;
+    let fx = golden("smollm2", "greedy.json");
     let mut runner = Runner::new(model.clone(), 512, 2).unwrap();
     let mut exact = 0;
     let prompts = fx["prompts"].as_array().unwrap();
@@ -89,14 +59,7 @@ fn greedy_continuations_match_until_a_near_tie() {
         let prompt = ids(&p["prompt_ids"]);
         let want = ids(&p["generated_ids"]);
         let margins: Vec<f64> = p["top1_top2_margins"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        runner.reset();
-        let mut logits = runner.feed(&prompt, false).unwrap();
-        let mut got = Vec::new();
-        for _ in 0..want.len() {
-            let t = brigade::sampling::argmax(&logits[..vocab]);
-            got.push(t);
-            logits = runner.feed(&[t], false).unwrap();
-        }
+        let got = greedy(&mut runner, &prompt, want.len());
         // Identical up to the first step where the reference's top-2 gap is
         // below 0.05 nats (there, a rounding difference may pick the other token).
         let first_tie = margins.iter().position(|&m| m < 0.05).unwrap_or(want.len());
