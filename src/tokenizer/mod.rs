@@ -70,7 +70,7 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use crate::gguf::{GgufError, GgufFile};
 use control::{ControlMatch, ControlTokens};
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatContent, ChatMessage, ChatTemplate, ContentPart, FunctionCall, ToolCall};
 pub use incremental::IncrementalDecoder;
 pub use pre::SUPPORTED_PRE;
 
@@ -744,15 +744,37 @@ impl Tokenizer {
         messages: &[ChatMessage],
         options: ChatEncodeOptions,
     ) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_chat_with(template, messages, None, None, options)
+    }
+
+    /// [`encode_chat`](Self::encode_chat) with `tools` and extra `template_vars` passed to
+    /// the template as [`ChatTemplate::render_with`] takes them (OpenAI's `tools`, vLLM's
+    /// `chat_template_kwargs`); with both `None` it is `encode_chat`.
+    pub fn encode_chat_with(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        template_vars: Option<&serde_json::Map<String, serde_json::Value>>,
+        options: ChatEncodeOptions,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let ChatEncodeOptions {
             add_generation_prompt,
             with_bos,
             parse_special_in_content,
         } = options;
         let ids = if parse_special_in_content {
-            self.encode(&template.render(messages, add_generation_prompt)?, true)?
+            let text =
+                template.render_with(messages, tools, template_vars, add_generation_prompt)?;
+            self.encode(&text, true)?
         } else {
-            self.encode_chat_plain_content(template, messages, add_generation_prompt)?
+            self.encode_chat_plain_content(
+                template,
+                messages,
+                tools,
+                template_vars,
+                add_generation_prompt,
+            )?
         };
         Ok(if with_bos {
             self.add_special_tokens(ids)
@@ -766,6 +788,8 @@ impl Tokenizer {
         &self,
         template: &ChatTemplate,
         messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        template_vars: Option<&serde_json::Map<String, serde_json::Value>>,
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
         let control = &self.inner.control;
@@ -779,7 +803,12 @@ impl Tokenizer {
                 });
             }
         }
-        let rendered = template.render_locating_content(messages, add_generation_prompt)?;
+        let rendered = template.render_locating_content(
+            messages,
+            tools,
+            template_vars,
+            add_generation_prompt,
+        )?;
         let Some(content_ranges) = rendered.content_ranges else {
             // Content could not be located: safe to parse the rendering only if no content
             // holds control-token text.

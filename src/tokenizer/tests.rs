@@ -646,7 +646,9 @@ fn chat_plain_content_equals_old_path_without_control_text() {
                 .collect();
             let gen = rng.gen_bool(0.5);
             // These templates only copy or trim content: it is always located.
-            let located = tmpl.render_locating_content(&msgs, gen).unwrap();
+            let located = tmpl
+                .render_locating_content(&msgs, None, None, gen)
+                .unwrap();
             assert!(located.content_ranges.is_some(), "{source}\n{msgs:?}");
             let got = tok.encode_chat(&tmpl, &msgs, plain_opts(gen)).unwrap();
             let has_control = msgs
@@ -1007,4 +1009,38 @@ fn gemma4_bpe_escapes_spaces_splits_newline_runs_and_falls_back_to_bytes() {
     // No space prefix (that is SentencePiece `llama` only), and ▁ decodes to a space.
     assert_eq!(tok.encode("ab", false).unwrap(), vec![id("ab")]);
     assert_eq!(tok.decode(&ids, false).unwrap(), " ab\n\nx\n\n\n");
+}
+
+#[test]
+fn encode_chat_with_passes_tools_and_vars() {
+    let tok = small("smollm");
+    let tmpl = template(
+        "{% if tools %}{{ tools[0].name }}{% endif %}{% if think %}in{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}",
+    );
+    let msgs = [ChatMessage::new("user", " the")];
+    let tools = [serde_json::json!({"name": "12"})];
+    let mut vars = serde_json::Map::new();
+    vars.insert("think".into(), serde_json::Value::Bool(true));
+    let opts = ChatEncodeOptions::default();
+    let want = tok.encode("12in the", true).unwrap();
+    for parse_special_in_content in [false, true] {
+        let opts = ChatEncodeOptions {
+            parse_special_in_content,
+            ..opts
+        };
+        let got = tok
+            .encode_chat_with(&tmpl, &msgs, Some(&tools), Some(&vars), opts)
+            .unwrap();
+        assert_eq!(got, want);
+        // Without them, encode_chat_with is encode_chat.
+        assert_eq!(
+            tok.encode_chat_with(&tmpl, &msgs, None, None, opts)
+                .unwrap(),
+            tok.encode_chat(&tmpl, &msgs, opts).unwrap()
+        );
+        assert_eq!(
+            tok.encode_chat(&tmpl, &msgs, opts).unwrap(),
+            tok.encode(" the", true).unwrap()
+        );
+    }
 }
