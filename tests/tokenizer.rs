@@ -550,6 +550,13 @@ fn tokenizer_shared_across_threads() -> Result<()> {
 /// A GGUF whose tokenizer is the 256 byte tokens plus `<|im_start|>`, `<|im_end|>` and one
 /// merge `Ġ t`; `model` and `pre` as given.
 fn synthetic_gguf(model: &str, pre: Option<&str>) -> Result<GgufFile> {
+    Ok(GgufFile::from_bytes(
+        synthetic_writer(model, pre)?.to_bytes(),
+    )?)
+}
+
+/// The writer behind [`synthetic_gguf`], for tests that add keys.
+fn synthetic_writer(model: &str, pre: Option<&str>) -> Result<brigade::gguf::GgufWriter> {
     // GPT-2 byte alphabet: printable bytes as themselves, the other 68 from U+0100.
     let mut byte_chars = Vec::with_capacity(256);
     let mut num_shifted = 0u32;
@@ -585,7 +592,7 @@ fn synthetic_gguf(model: &str, pre: Option<&str>) -> Result<GgufFile> {
     if let Some(pre) = pre {
         w.add_str("tokenizer.ggml.pre", pre);
     }
-    Ok(GgufFile::from_bytes(w.to_bytes())?)
+    Ok(w)
 }
 
 #[test]
@@ -602,6 +609,19 @@ fn from_gguf_synthetic_smollm() -> Result<()> {
         chat.render(&[ChatMessage::new("user", "x")], false)?,
         "<|im_start|>x<|im_end|>"
     );
+    Ok(())
+}
+
+#[test]
+fn from_gguf_add_eos_token_appends_eos() -> Result<()> {
+    let tok = Tokenizer::from_gguf(&synthetic_gguf("gpt2", Some("smollm"))?)?;
+    assert!(!tok.add_eos_token());
+    let mut w = synthetic_writer("gpt2", Some("smollm"))?;
+    w.add_bool("tokenizer.ggml.add_eos_token", true);
+    let tok = Tokenizer::from_gguf(&GgufFile::from_bytes(w.to_bytes())?)?;
+    assert!(tok.add_eos_token());
+    assert_eq!(tok.encode(" t", true)?, vec![258]);
+    assert_eq!(tok.encode_with_bos(" t", true)?, vec![0, 258, 1]);
     Ok(())
 }
 

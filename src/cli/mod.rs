@@ -51,7 +51,8 @@ pub(crate) struct ModelArgs {
 enum Cmd {
     /// Generate text from a prompt, streaming it to stdout.
     Generate(generate::GenerateArgs),
-    /// Print the token ids of TEXT (special tokens parsed).
+    /// Print the token ids of TEXT: BOS/EOS added as the vocabulary says (--no-bos: none),
+    /// control-token text parsed as control tokens (--no-parse-special: plain text).
     Tokenize(tokenize::TokenizeArgs),
     /// Perplexity of a text file, scored in windows of --ctx tokens.
     Perplexity(perplexity::PerplexityArgs),

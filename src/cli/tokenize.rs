@@ -19,8 +19,9 @@ pub(crate) struct TokenizeArgs {
     /// Print a JSON array.
     #[arg(long)]
     json: bool,
-    /// Do not prepend BOS (by default it is prepended iff the vocabulary's
-    /// `tokenizer.ggml.add_bos_token` says so, as llama.cpp does).
+    /// Add no BOS/EOS (by default BOS is prepended iff the vocabulary's
+    /// `tokenizer.ggml.add_bos_token` says so, and EOS appended iff `add_eos_token`, as
+    /// llama.cpp does).
     #[arg(long)]
     no_bos: bool,
     /// Treat control-token text (`<|im_start|>`) as plain text instead of parsing it.
@@ -30,7 +31,7 @@ pub(crate) struct TokenizeArgs {
     m: ModelArgs,
 }
 
-/// Prints the ids of the text: BOS as the vocabulary says, special tokens parsed.
+/// Prints the ids of the text: BOS/EOS as the vocabulary says, special tokens parsed.
 pub(crate) fn run(a: TokenizeArgs) -> Result<()> {
     let path = super::model_path(&a.m, &super::load_config(a.m.config.as_deref())?)?;
     let file = GgufFile::open(&path).with_context(|| format!("opening {}", path.display()))?;

@@ -520,15 +520,18 @@ pub(crate) struct RenderedChat {
 }
 
 impl ChatTemplate {
-    /// Renders `messages` like [`render`](Self::render) and locates the message contents in
+    /// Renders `messages` like [`render_with`](Self::render_with) and locates the message contents in
     /// the result (see the module docs).
     pub(crate) fn render_locating_content(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        template_vars: Option<&serde_json::Map<String, serde_json::Value>>,
         add_generation_prompt: bool,
     ) -> Result<RenderedChat, TokenizerError> {
-        let text = self.render(messages, add_generation_prompt)?;
-        let content_ranges = self.locate_content(messages, add_generation_prompt, &text);
+        let text = self.render_with(messages, tools, template_vars, add_generation_prompt)?;
+        let content_ranges =
+            self.locate_content(messages, tools, template_vars, add_generation_prompt, &text);
         Ok(RenderedChat {
             text,
             content_ranges,
@@ -539,6 +542,8 @@ impl ChatTemplate {
     fn locate_content(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        template_vars: Option<&serde_json::Map<String, serde_json::Value>>,
         add_generation_prompt: bool,
         text: &str,
     ) -> Option<Vec<Range<usize>>> {
@@ -564,7 +569,9 @@ impl ChatTemplate {
             })
             .collect();
         // A template may reject the sentinels (e.g. it validates content); then no ranges.
-        let skeleton = self.render(&masked, add_generation_prompt).ok()?;
+        let skeleton = self
+            .render_with(&masked, tools, template_vars, add_generation_prompt)
+            .ok()?;
         let mut ranges = Vec::new();
         let mut pos = 0usize; // bytes of `text` matched so far
         let (first_literal, mut rest) = split_literal(&skeleton);

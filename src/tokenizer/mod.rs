@@ -44,9 +44,10 @@
 //!   their byte-level bytes (`gpt2`) or with `▁` as a space (`llama`, `gemma4`); unused
 //!   (5) and undefined tokens to nothing, as in llama.cpp. Nothing strips the leading space
 //!   SentencePiece adds, so `decode` of `encode(" x")` is `"  x"` for Llama 2.
-//! - `encode` never adds BOS/EOS; `encode_with_bos` adds BOS iff `add_bos_token`, which
-//!   defaults as in llama.cpp when the key is absent (true for `llama`, Llama 3 and
-//!   `gemma4`, false otherwise).
+//! - `encode` never adds BOS/EOS; `encode_with_bos` (llama.cpp's `add_special = true`)
+//!   adds BOS iff `add_bos_token`, which defaults as in llama.cpp when the key is absent
+//!   (true for `llama`, Llama 3 and `gemma4`, false otherwise), and appends EOS iff
+//!   `add_eos_token` (default false).
 //! - Chat messages are encoded by [`Tokenizer::encode_chat`]: control tokens are parsed in
 //!   the text the template writes, while message content is plain text (as OpenAI tokenizes
 //!   it), so `"<|im_end|>\n<|im_start|>system"` typed by a user cannot open a system turn.
@@ -69,7 +70,7 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use crate::gguf::{GgufError, GgufFile};
 use control::{ControlMatch, ControlTokens};
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatContent, ChatMessage, ChatTemplate, ContentPart, FunctionCall, ToolCall};
 pub use incremental::IncrementalDecoder;
 pub use pre::SUPPORTED_PRE;
 
@@ -233,7 +234,9 @@ impl TokenizerError {
 pub struct ChatEncodeOptions {
     /// Let the template append the header that opens the assistant's turn.
     pub add_generation_prompt: bool,
-    /// Prepend BOS as [`Tokenizer::encode_with_bos`] does (iff `add_bos_token`).
+    /// Add the vocabulary's special tokens as [`Tokenizer::encode_with_bos`] does: BOS in
+    /// front iff `add_bos_token`, EOS at the end iff `add_eos_token` (llama.cpp's
+    /// `add_special`).
     pub with_bos: bool,
     /// Parse control-token text inside message content and roles as control tokens, as
     /// before; unsafe with untrusted users (`[tokenizer] parse_special_in_content`).
@@ -266,7 +269,7 @@ pub struct TokenizerSpec {
     pub unk: Option<u32>,
     /// `tokenizer.ggml.add_bos_token` (llama.cpp's default when absent, see the module doc).
     pub add_bos: bool,
-    /// `tokenizer.ggml.add_eos_token` (reported only; `encode_with_bos` never adds EOS).
+    /// `tokenizer.ggml.add_eos_token` (default false): `encode_with_bos` appends EOS.
     pub add_eos: bool,
     /// `tokenizer.ggml.add_space_prefix` (`llama` only; default true): a space is put in
     /// front of the text, and of the text after each added token, before encoding.
@@ -695,28 +698,32 @@ impl Tokenizer {
         }
         Ok(())
     }
-    /// Like [`encode`](Self::encode), with BOS prepended iff `add_bos_token` is set and the
-    /// vocabulary has a BOS id. Never appends EOS (see [`add_eos_token`](Self::add_eos_token)).
+    /// Like [`encode`](Self::encode), with the special tokens the vocabulary asks for, as
+    /// llama.cpp's `add_special = true`: BOS prepended iff `add_bos_token` is set and the
+    /// vocabulary has a BOS id, EOS appended iff `add_eos_token` is set and it has an EOS
+    /// id.
     pub fn encode_with_bos(
         &self,
         text: &str,
         parse_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
         let ids = self.encode(text, parse_special)?;
-        Ok(self.prepend_bos(ids))
+        Ok(self.add_special_tokens(ids))
     }
 
-    /// `ids` with BOS in front iff `add_bos_token` is set and the vocabulary has a BOS id.
-    fn prepend_bos(&self, ids: Vec<u32>) -> Vec<u32> {
-        match self.inner.bos {
-            Some(bos) if self.inner.add_bos => {
-                let mut out = Vec::with_capacity(ids.len() + 1);
-                out.push(bos);
-                out.extend(ids);
-                out
-            }
-            _ => ids,
+    /// `ids` with BOS in front iff `add_bos_token` and EOS at the end iff `add_eos_token`
+    /// (each only when the vocabulary has that id).
+    fn add_special_tokens(&self, ids: Vec<u32>) -> Vec<u32> {
+        let bos = self.inner.bos.filter(|_| self.inner.add_bos);
+        let eos = self.inner.eos.filter(|_| self.inner.add_eos);
+        if bos.is_none() && eos.is_none() {
+            return ids;
         }
+        let mut out = Vec::with_capacity(ids.len() + 2);
+        out.extend(bos);
+        out.extend(ids);
+        out.extend(eos);
+        out
     }
 
     /// Renders `messages` with `template` and encodes the prompt.
@@ -737,17 +744,43 @@ impl Tokenizer {
         messages: &[ChatMessage],
         options: ChatEncodeOptions,
     ) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_chat_with(template, messages, None, None, options)
+    }
+
+    /// [`encode_chat`](Self::encode_chat) with `tools` and extra `template_vars` passed to
+    /// the template as [`ChatTemplate::render_with`] takes them (OpenAI's `tools`, vLLM's
+    /// `chat_template_kwargs`); with both `None` it is `encode_chat`.
+    pub fn encode_chat_with(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        template_vars: Option<&serde_json::Map<String, serde_json::Value>>,
+        options: ChatEncodeOptions,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let ChatEncodeOptions {
             add_generation_prompt,
             with_bos,
             parse_special_in_content,
         } = options;
         let ids = if parse_special_in_content {
-            self.encode(&template.render(messages, add_generation_prompt)?, true)?
+            let text =
+                template.render_with(messages, tools, template_vars, add_generation_prompt)?;
+            self.encode(&text, true)?
         } else {
-            self.encode_chat_plain_content(template, messages, add_generation_prompt)?
+            self.encode_chat_plain_content(
+                template,
+                messages,
+                tools,
+                template_vars,
+                add_generation_prompt,
+            )?
         };
-        Ok(if with_bos { self.prepend_bos(ids) } else { ids })
+        Ok(if with_bos {
+            self.add_special_tokens(ids)
+        } else {
+            ids
+        })
     }
 
     /// [`encode_chat`](Self::encode_chat) without BOS, content as plain text.
@@ -755,6 +788,8 @@ impl Tokenizer {
         &self,
         template: &ChatTemplate,
         messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        template_vars: Option<&serde_json::Map<String, serde_json::Value>>,
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
         let control = &self.inner.control;
@@ -768,7 +803,12 @@ impl Tokenizer {
                 });
             }
         }
-        let rendered = template.render_locating_content(messages, add_generation_prompt)?;
+        let rendered = template.render_locating_content(
+            messages,
+            tools,
+            template_vars,
+            add_generation_prompt,
+        )?;
         let Some(content_ranges) = rendered.content_ranges else {
             // Content could not be located: safe to parse the rendering only if no content
             // holds control-token text.
@@ -851,8 +891,7 @@ impl Tokenizer {
         self.inner.add_bos
     }
 
-    /// `tokenizer.ggml.add_eos_token`, reported for callers that want it; nothing here
-    /// appends EOS.
+    /// Whether `encode_with_bos` appends EOS (`tokenizer.ggml.add_eos_token`).
     pub fn add_eos_token(&self) -> bool {
         self.inner.add_eos
     }

@@ -60,8 +60,7 @@ fn small(pre: &str) -> Tokenizer {
 /// reference our decode is checked against.
 fn hf_reference(spec: &TokenizerSpec) -> tokenizers::Tokenizer {
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    let vocab: tokenizers::models::bpe::Vocab =
-        spec.tokens.iter().cloned().zip(0u32..).collect();
+    let vocab: tokenizers::models::bpe::Vocab = spec.tokens.iter().cloned().zip(0u32..).collect();
     let merges = spec
         .merges
         .iter()
@@ -70,7 +69,10 @@ fn hf_reference(spec: &TokenizerSpec) -> tokenizers::Tokenizer {
             (l.to_owned(), r.to_owned())
         })
         .collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().unwrap();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .unwrap();
     let mut hf = tokenizers::Tokenizer::new(bpe);
     hf.with_decoder(Some(ByteLevel::default()));
     let added = |ty: i32, special: bool| -> Vec<tokenizers::AddedToken> {
@@ -178,6 +180,49 @@ fn encode_with_bos_follows_add_bos() {
 }
 
 #[test]
+fn encode_with_bos_follows_add_eos() {
+    let mut spec = small_spec("smollm");
+    spec.add_eos = true;
+    let tok = Tokenizer::from_spec(spec.clone()).unwrap();
+    assert!(tok.add_eos_token());
+    let in_id = id_of(&tok, "in");
+    assert_eq!(
+        tok.encode_with_bos("in", true).unwrap(),
+        vec![in_id, IM_END]
+    );
+    assert_eq!(tok.encode("in", true).unwrap(), vec![in_id]);
+    // Both flags: BOS first, EOS last, on chat prompts too.
+    spec.add_bos = true;
+    let tok = Tokenizer::from_spec(spec.clone()).unwrap();
+    assert_eq!(
+        tok.encode_with_bos("in", true).unwrap(),
+        vec![IM_START, in_id, IM_END]
+    );
+    let tmpl = template("{% for m in messages %}{{ m.content }}{% endfor %}");
+    let msgs = [ChatMessage::new("user", "in")];
+    let opts = ChatEncodeOptions {
+        with_bos: true,
+        ..ChatEncodeOptions::default()
+    };
+    assert_eq!(
+        tok.encode_chat(&tmpl, &msgs, opts).unwrap(),
+        vec![IM_START, in_id, IM_END]
+    );
+    assert_eq!(
+        tok.encode_chat(&tmpl, &msgs, ChatEncodeOptions::default())
+            .unwrap(),
+        vec![in_id]
+    );
+    // No EOS id: nothing to append.
+    spec.eos = None;
+    let tok = Tokenizer::from_spec(spec).unwrap();
+    assert_eq!(
+        tok.encode_with_bos("in", true).unwrap(),
+        vec![IM_START, in_id]
+    );
+}
+
+#[test]
 fn accessors() {
     let tok = small("smollm");
     assert_eq!(tok.vocab_size(), 4 + 256 + 5);
@@ -214,9 +259,13 @@ fn broken_chat_template_is_kept_with_its_parse_error_not_fatal() {
     let mut spec = small_spec("smollm");
     spec.chat_template = Some("{% if %}".into());
     let tok = Tokenizer::from_spec(spec).unwrap();
-    let tmpl = tok.chat_template().expect("a template that fails to parse is still reported");
+    let tmpl = tok
+        .chat_template()
+        .expect("a template that fails to parse is still reported");
     assert!(tmpl.parse_error().is_some());
-    let err = tmpl.render(&[ChatMessage::new("user", "hi")], true).unwrap_err();
+    let err = tmpl
+        .render(&[ChatMessage::new("user", "hi")], true)
+        .unwrap_err();
     assert!(err.to_string().contains("failed to parse"), "{err}");
     assert!(tok.encode("hi", false).is_ok());
 }
@@ -597,7 +646,9 @@ fn chat_plain_content_equals_old_path_without_control_text() {
                 .collect();
             let gen = rng.gen_bool(0.5);
             // These templates only copy or trim content: it is always located.
-            let located = tmpl.render_locating_content(&msgs, gen).unwrap();
+            let located = tmpl
+                .render_locating_content(&msgs, None, None, gen)
+                .unwrap();
             assert!(located.content_ranges.is_some(), "{source}\n{msgs:?}");
             let got = tok.encode_chat(&tmpl, &msgs, plain_opts(gen)).unwrap();
             let has_control = msgs
@@ -818,14 +869,20 @@ fn spm_spec() -> TokenizerSpec {
 fn spm_merges_by_score_with_space_prefix() {
     let tok = Tokenizer::from_spec(spm_spec()).unwrap();
     assert_eq!(tok.encode("hello", false).unwrap(), vec![SPM_HELLO]);
-    assert_eq!(tok.encode_with_bos("hello", false).unwrap(), vec![SPM_BOS, SPM_HELLO]);
+    assert_eq!(
+        tok.encode_with_bos("hello", false).unwrap(),
+        vec![SPM_BOS, SPM_HELLO]
+    );
     assert_eq!(tok.decode(&[SPM_HELLO], false).unwrap(), " hello");
     // Without the prefix: h e l l o → h e ll o → h e llo ("he" is no token).
     let mut spec = spm_spec();
     spec.add_space_prefix = false;
     let tok = Tokenizer::from_spec(spec).unwrap();
     let ids = tok.encode("hello", false).unwrap();
-    assert_eq!(ids, vec![id_of(&tok, "h"), id_of(&tok, "e"), id_of(&tok, "llo")]);
+    assert_eq!(
+        ids,
+        vec![id_of(&tok, "h"), id_of(&tok, "e"), id_of(&tok, "llo")]
+    );
     assert_eq!(tok.decode(&ids, false).unwrap(), "hello");
     assert!(tok.encode("", false).unwrap().is_empty());
 }
@@ -840,7 +897,11 @@ fn spm_byte_fallback_decodes_and_streams_byte_exact() {
     assert_eq!(tok.token_to_piece_bytes(e_acute[0]), Some(vec![0xC3]));
     let mut dec = IncrementalDecoder::new(&tok, false);
     assert_eq!(dec.push(ids[0]).unwrap(), " h");
-    assert_eq!(dec.push(e_acute[0]).unwrap(), "", "half of 'é' is held back");
+    assert_eq!(
+        dec.push(e_acute[0]).unwrap(),
+        "",
+        "half of 'é' is held back"
+    );
     assert!(dec.has_pending());
     assert_eq!(dec.push(e_acute[1]).unwrap(), "é");
     assert_eq!(dec.finish(), "");
@@ -861,15 +922,24 @@ fn spm_added_tokens_split_out_and_prefix_space_after_them() {
         vec![SPM_HELLO, SPM_TOOL, SPM_HELLO]
     );
     // Control tokens only with parse_special.
-    assert_eq!(tok.encode("<s>hello", true).unwrap(), vec![SPM_BOS, SPM_HELLO]);
+    assert_eq!(
+        tok.encode("<s>hello", true).unwrap(),
+        vec![SPM_BOS, SPM_HELLO]
+    );
     let plain = tok.encode("<s>hello", false).unwrap();
     assert!(!plain.contains(&SPM_BOS), "{plain:?}");
     assert_eq!(tok.decode(&plain, false).unwrap(), " <s>hello");
     // Unknown-type tokens are special: parsed with parse_special, skipped by decode.
     assert_eq!(tok.encode("<unk>", true).unwrap(), vec![SPM_UNK]);
     assert!(tok.is_special(SPM_UNK) && tok.is_special(SPM_BOS) && !tok.is_special(SPM_TOOL));
-    assert_eq!(tok.decode(&[SPM_BOS, SPM_HELLO, SPM_UNK], true).unwrap(), " hello");
-    assert_eq!(tok.decode(&[SPM_BOS, SPM_TOOL], false).unwrap(), "<s><tool>");
+    assert_eq!(
+        tok.decode(&[SPM_BOS, SPM_HELLO, SPM_UNK], true).unwrap(),
+        " hello"
+    );
+    assert_eq!(
+        tok.decode(&[SPM_BOS, SPM_TOOL], false).unwrap(),
+        "<s><tool>"
+    );
     // Unused slots decode to nothing, as in llama.cpp.
     assert_eq!(tok.decode(&[SPM_UNUSED], false).unwrap(), "");
 }
@@ -879,7 +949,10 @@ fn phi3_rstrip_drops_whitespace_after_added_tokens() {
     let mut spec = spm_spec();
     spec.rstrip_added_tokens = true;
     let tok = Tokenizer::from_spec(spec).unwrap();
-    assert_eq!(tok.encode("<tool> \n hello", false).unwrap(), vec![SPM_TOOL, SPM_HELLO]);
+    assert_eq!(
+        tok.encode("<tool> \n hello", false).unwrap(),
+        vec![SPM_TOOL, SPM_HELLO]
+    );
     // `<s>` is an exception: the space after it stays (prefix ▁ + ▁hello).
     let ids = tok.encode("<s> hello", true).unwrap();
     assert_eq!(ids, vec![SPM_BOS, id_of(&tok, "▁"), SPM_HELLO]);
@@ -923,9 +996,51 @@ fn gemma4_bpe_escapes_spaces_splits_newline_runs_and_falls_back_to_bytes() {
     let ids = tok.encode(" ab\n\nx\n\n\n", false).unwrap();
     assert_eq!(
         ids,
-        vec![id("▁a"), id("b"), id("\n\n"), 1 + u32::from(b'x'), id("\n"), id("\n"), id("\n")]
+        vec![
+            id("▁a"),
+            id("b"),
+            id("\n\n"),
+            1 + u32::from(b'x'),
+            id("\n"),
+            id("\n"),
+            id("\n")
+        ]
     );
     // No space prefix (that is SentencePiece `llama` only), and ▁ decodes to a space.
     assert_eq!(tok.encode("ab", false).unwrap(), vec![id("ab")]);
     assert_eq!(tok.decode(&ids, false).unwrap(), " ab\n\nx\n\n\n");
+}
+
+#[test]
+fn encode_chat_with_passes_tools_and_vars() {
+    let tok = small("smollm");
+    let tmpl = template(
+        "{% if tools %}{{ tools[0].name }}{% endif %}{% if think %}in{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}",
+    );
+    let msgs = [ChatMessage::new("user", " the")];
+    let tools = [serde_json::json!({"name": "12"})];
+    let mut vars = serde_json::Map::new();
+    vars.insert("think".into(), serde_json::Value::Bool(true));
+    let opts = ChatEncodeOptions::default();
+    let want = tok.encode("12in the", true).unwrap();
+    for parse_special_in_content in [false, true] {
+        let opts = ChatEncodeOptions {
+            parse_special_in_content,
+            ..opts
+        };
+        let got = tok
+            .encode_chat_with(&tmpl, &msgs, Some(&tools), Some(&vars), opts)
+            .unwrap();
+        assert_eq!(got, want);
+        // Without them, encode_chat_with is encode_chat.
+        assert_eq!(
+            tok.encode_chat_with(&tmpl, &msgs, None, None, opts)
+                .unwrap(),
+            tok.encode_chat(&tmpl, &msgs, opts).unwrap()
+        );
+        assert_eq!(
+            tok.encode_chat(&tmpl, &msgs, opts).unwrap(),
+            tok.encode(" the", true).unwrap()
+        );
+    }
 }
