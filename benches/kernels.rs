@@ -1,7 +1,8 @@
 //! Kernel throughput: matmul per dtype x activation rows x model shape, each
 //! ISA side by side, in GFLOP/s (2 flops per multiply-add); activation
 //! quantization; paged attention over the f16 KV cache
-//! (`attention/row/9x64/ctx<n>/<isa>`: one query row, all 9 heads).
+//! (`attention/row/<heads>x<head_dim>/ctx<n>/<isa>`: one query row, all
+//! heads; SmolLM2's 9x64 and Gemma 3's 4x256).
 //!
 //! `cargo bench --bench kernels -- matmul/q4_1/576x1536`
 //!
@@ -136,28 +137,32 @@ fn attention(c: &mut Criterion) {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
     let mut g = c.benchmark_group("attention");
     g.sample_size(20);
-    // The default model's shape: head_dim 64, 3 query heads per KV head, 3 KV
-    // heads, 16-token blocks; one query row (all 9 heads) over n_ctx positions.
-    let (hd, group, kvn, bs) = (64usize, 3usize, 3usize, 16usize);
-    let kv_dim = hd * kvn;
-    let shape = kernels::AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale: 0.125, softcap: None };
-    for n_ctx in [256usize, 1024] {
-        let nblk = n_ctx / bs;
-        let k: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
-        let v: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
-        let table: Vec<u32> = (0..nblk as u32).rev().collect();
-        let q: Vec<f32> = (0..group * kvn * hd).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-        let mut out = vec![0.0f32; group * kvn * hd];
-        // Elements = query heads x positions attended.
-        g.throughput(Throughput::Elements((group * kvn * n_ctx) as u64));
-        for isa in kernels::available_isas() {
-            g.bench_function(BenchmarkId::new(format!("row/9x64/ctx{n_ctx}"), isa.name()), |b| {
-                b.iter(|| {
-                    for (kvh, (qg, og)) in q.chunks_exact(group * hd).zip(out.chunks_exact_mut(group * hd)).enumerate() {
-                        kernels::attend_f16_isa(isa, &shape, qg, kvh, &k, &v, &table, 0..n_ctx, og);
-                    }
-                })
-            });
+    // One query row (all heads) over n_ctx positions, 16-token blocks:
+    // SmolLM2-135M (head_dim 64, 3 query heads per KV head, 3 KV heads) and
+    // Gemma 3 270M (head_dim 256, 4 query heads on 1 KV head).
+    for (name, hd, group, kvn) in [("9x64", 64usize, 3usize, 3usize), ("4x256", 256, 4, 1)] {
+        let bs = 16usize;
+        let kv_dim = hd * kvn;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let shape = kernels::AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale, softcap: None };
+        for n_ctx in [256usize, 1024] {
+            let nblk = n_ctx / bs;
+            let k: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
+            let v: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
+            let table: Vec<u32> = (0..nblk as u32).rev().collect();
+            let q: Vec<f32> = (0..group * kvn * hd).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let mut out = vec![0.0f32; group * kvn * hd];
+            // Elements = query heads x positions attended.
+            g.throughput(Throughput::Elements((group * kvn * n_ctx) as u64));
+            for isa in kernels::available_isas() {
+                g.bench_function(BenchmarkId::new(format!("row/{name}/ctx{n_ctx}"), isa.name()), |b| {
+                    b.iter(|| {
+                        for (kvh, (qg, og)) in q.chunks_exact(group * hd).zip(out.chunks_exact_mut(group * hd)).enumerate() {
+                            kernels::attend_f16_isa(isa, &shape, qg, kvh, &k, &v, &table, 0..n_ctx, og);
+                        }
+                    })
+                });
+            }
         }
     }
     g.finish();

@@ -182,7 +182,21 @@ impl Engine {
         drop(logits_tx);
         let worker0 = next_tx.ok_or_else(|| StartError::Spawn("no workers".into()))?;
 
-        let sampler = SamplerActor { rx: logits_rx, tx: feedback_tx, recycle: recycle_tx, vocab: c.vocab_size, faults: faults.clone() };
+        // As many sampling threads as a worker has: with one micro-batch in
+        // flight, the step waits on the sampler while the workers idle.
+        let sampler_pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("sampler-{i}"))
+                    .build()
+                    .map_err(|e| StartError::Spawn(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let sampler =
+            SamplerActor { rx: logits_rx, tx: feedback_tx, recycle: recycle_tx, vocab: c.vocab_size, pool: sampler_pool, faults: faults.clone() };
         handles.push(spawn("sampler".into(), &sup, move || sampler.run())?);
 
         let open_completions = Arc::new(std::sync::atomic::AtomicUsize::new(0));

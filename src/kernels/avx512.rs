@@ -395,6 +395,8 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
 /// [`super::scalar::attend`] for the layout and the steps, which this follows
 /// with 16 keys per register (scores of a chunk are one vector: no horizontal
 /// sums per key) and each K/V element converted once for all `G` heads.
+/// The output is accumulated `HC` vectors of the head at a time (`HC`
+/// divides `HV`; `G * HC` accumulators fit the 32 registers with the V row).
 ///
 /// # Safety
 /// CPU supports avx512f/bw/vl and f16c; `q` and `out` hold `G * 16 * HV`
@@ -403,7 +405,7 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
 /// elements; `(kvh + 1) * 16 * HV <= kv_dim`; `start < n_ctx`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
-pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
+pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize>(
     q: *const f32,
     kvh: usize,
     k: *const f16,
@@ -417,11 +419,13 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
     softcap: Option<f32>,
     out: *mut f32,
 ) {
+    const { assert!(HC > 0 && HV % HC == 0) };
     let hd = 16 * HV;
     let mut acc = [[_mm512_setzero_ps(); HV]; G];
     let mut m = [f32::NEG_INFINITY; G];
     let mut l = [0.0f32; G];
     let mut p = [[0.0f32; 16]; G];
+    let mut corr_v = [_mm512_setzero_ps(); G];
     let scv = _mm512_set1_ps(scale);
     let first = start / bs;
     for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)).skip(first) {
@@ -454,23 +458,33 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
                 l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
                 m[g] = m_new;
                 _mm512_storeu_ps(p[g].as_mut_ptr(), pv);
-                let cv = _mm512_set1_ps(corr);
-                for a in acc[g].iter_mut() {
-                    *a = _mm512_mul_ps(*a, cv);
-                }
+                corr_v[g] = _mm512_set1_ps(corr);
             }
-            // (G, hd) += p[g][j] * V row of key c + j
-            for j in 0..n {
-                let vp = vb.add((c + j) * kv_dim) as *const __m256i;
-                let mut vv = [_mm512_setzero_ps(); HV];
-                for (h, x) in vv.iter_mut().enumerate() {
-                    *x = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(h)));
+            // (G, hd) = corr * (G, hd) + sum_j p[g][j] * V row of key c + j,
+            // HC vectors of the head at a time: G x HC accumulators stay in
+            // registers (G x HV may exceed the 32 of the ISA).
+            for h0 in (0..HV).step_by(HC) {
+                let mut a = [[_mm512_setzero_ps(); HC]; G];
+                for g in 0..G {
+                    for (h, x) in a[g].iter_mut().enumerate() {
+                        *x = _mm512_mul_ps(acc[g][h0 + h], corr_v[g]);
+                    }
+                }
+                for j in 0..n {
+                    let vp = (vb.add((c + j) * kv_dim) as *const __m256i).add(h0);
+                    let mut vv = [_mm512_setzero_ps(); HC];
+                    for (h, x) in vv.iter_mut().enumerate() {
+                        *x = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(h)));
+                    }
+                    for g in 0..G {
+                        let w = _mm512_set1_ps(p[g][j]);
+                        for (x, y) in a[g].iter_mut().zip(&vv) {
+                            *x = _mm512_fmadd_ps(w, *y, *x);
+                        }
+                    }
                 }
                 for g in 0..G {
-                    let w = _mm512_set1_ps(p[g][j]);
-                    for (a, x) in acc[g].iter_mut().zip(&vv) {
-                        *a = _mm512_fmadd_ps(w, *x, *a);
-                    }
+                    acc[g][h0..h0 + HC].copy_from_slice(&a[g]);
                 }
             }
             c += 16;

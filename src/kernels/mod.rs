@@ -716,25 +716,32 @@ pub fn attend_f16_isa(
         let (start, n_ctx) = (keys.start, keys.end);
         macro_rules! go {
             ($m:ident, $g:literal, $hv:literal) => {
+                go!(@ $m, $g, $hv, ::<$g, $hv>)
+            };
+            ($m:ident, $g:literal, $hv:literal, $hc:literal) => {
+                go!(@ $m, $g, $hv, ::<$g, $hv, $hc>)
+            };
+            (@ $m:ident, $g:literal, $hv:literal, $($gen:tt)*) => {
                 // SAFETY: the ISA's features were detected (`isa` is capped at
                 // `detected_isa`); `check` verified the q/out sizes (group x
                 // head_dim), the KV head range, `start < n_ctx`, the table
                 // length and that every block id of the key range lies
                 // inside `k` and `v`.
-                return unsafe { $m::attend_f16::<$g, $hv>(qp, kvh, kp, vp, bs, kd, table, start, n_ctx, sc, cap, op) }
+                return unsafe { $m::attend_f16$($gen)*(qp, kvh, kp, vp, bs, kd, table, start, n_ctx, sc, cap, op) }
             };
         }
-        // Register-resident accumulators: (group, head_dim / lanes) pairs per ISA.
+        // Register-resident accumulators: (group, head_dim / lanes) pairs per ISA
+        // (AVX-512: and the vectors of the head accumulated per pass over V).
         match (isa.min(detected_isa()), s.head_dim, s.group) {
-            (Isa::Avx512Vnni, 64, 1) => go!(avx512, 1, 4),
-            (Isa::Avx512Vnni, 64, 2) => go!(avx512, 2, 4),
-            (Isa::Avx512Vnni, 64, 3) => go!(avx512, 3, 4),
-            (Isa::Avx512Vnni, 64, 4) => go!(avx512, 4, 4),
-            (Isa::Avx512Vnni, 128, 1) => go!(avx512, 1, 8),
-            (Isa::Avx512Vnni, 128, 2) => go!(avx512, 2, 8),
-            (Isa::Avx512Vnni, 256, 1) => go!(avx512, 1, 16),
-            (Isa::Avx512Vnni, 256, 2) => go!(avx512, 2, 16),
-            (Isa::Avx512Vnni, 256, 4) => go!(avx512, 4, 16),
+            (Isa::Avx512Vnni, 64, 1) => go!(avx512, 1, 4, 4),
+            (Isa::Avx512Vnni, 64, 2) => go!(avx512, 2, 4, 4),
+            (Isa::Avx512Vnni, 64, 3) => go!(avx512, 3, 4, 4),
+            (Isa::Avx512Vnni, 64, 4) => go!(avx512, 4, 4, 4),
+            (Isa::Avx512Vnni, 128, 1) => go!(avx512, 1, 8, 8),
+            (Isa::Avx512Vnni, 128, 2) => go!(avx512, 2, 8, 8),
+            (Isa::Avx512Vnni, 256, 1) => go!(avx512, 1, 16, 8),
+            (Isa::Avx512Vnni, 256, 2) => go!(avx512, 2, 16, 8),
+            (Isa::Avx512Vnni, 256, 4) => go!(avx512, 4, 16, 4),
             (Isa::Avx2, 64, 1) => go!(avx2, 1, 8),
             (Isa::Avx2, 64, 2) => go!(avx2, 2, 8),
             (Isa::Avx2, 64, 3) => go!(avx2, 3, 8),
