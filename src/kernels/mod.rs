@@ -192,7 +192,8 @@ impl<'a> QMatrix<'a> {
     pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
         // Every dtype has a kernel: SIMD for the common ones, the scalar
         // integer dot (`scalar::vec_dot_q`) for Q2_K, Q3_K, IQ4_NL, IQ4_XS
-        // on raw blocks (and all of them on CPUs without AVX2).
+        // on raw blocks (and all of them on CPUs without AVX2); on AVX-512
+        // VNNI every quantized dtype runs packed (`PackedMatrix`).
         let block = dtype.block_size();
         if !cols.is_multiple_of(block) || ((dtype.block_size() > 1) && !cols.is_multiple_of(QK)) {
             return Err(KernelError::BadRowLength { dtype, cols, block });
