@@ -10,8 +10,8 @@
 //! the weight (output features x input features), `<isa>` is `scalar`,
 //! `avx2` (raw ggml blocks) or `avx512` (packed, VNNI; only the dtypes with a
 //! packed kind). Shapes: SmolLM2-135M's for Q4_0/Q4_1/Q8_0, and Gemma 3
-//! 270M's (640x2048, 2048x640; the latter not for the 256-element types)
-//! for every dtype, at 1, 32 and 64 rows.
+//! 270M's (640x2048 for every dtype, 2048x640 for the 32-element ones), at
+//! 1, 32 and 64 rows. Q2_K and Q3_K run packed on AVX-512 like Q4_K.
 //! Threads: `BRIGADE_THREADS` (default 1; >1 uses a rayon pool as the model does).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

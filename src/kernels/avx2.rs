@@ -28,16 +28,21 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// The little-endian f16 at `p` as f32 (one `vcvtph2ps`; exact).
+///
+/// # Safety
+/// CPU supports f16c; `p` points at 2 readable bytes.
 #[inline]
-fn f16_ptr(p: *const u8) -> f32 {
-    // SAFETY: callers pass a pointer to at least 2 readable bytes inside a block.
-    let bits = unsafe { u16::from_le_bytes([*p, *p.add(1)]) };
-    f16::from_bits(bits).to_f32()
+#[target_feature(enable = "f16c")]
+unsafe fn f16_ptr(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le(bits) as i32)))
 }
 
 /// Weight format handled by the tiled quantized kernels: [`tile_q`] for the
 /// first three, [`tile_qx`] for the rest.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub(super) enum QKind {
     Q4_0,
     Q4_1,
@@ -63,6 +68,21 @@ impl QKind {
             GgmlDType::Q6_K => QKind::Q6K,
             _ => return None,
         })
+    }
+
+    /// The kind whose discriminant is `k` (the const parameter of
+    /// [`tile_qx_k`]; an unknown value is Q5_0's, never produced).
+    const fn from_u8(k: u8) -> Self {
+        match k {
+            k if k == QKind::Q4_0 as u8 => QKind::Q4_0,
+            k if k == QKind::Q4_1 as u8 => QKind::Q4_1,
+            k if k == QKind::Q8_0 as u8 => QKind::Q8_0,
+            k if k == QKind::Q5_1 as u8 => QKind::Q5_1,
+            k if k == QKind::Q4K as u8 => QKind::Q4K,
+            k if k == QKind::Q5K as u8 => QKind::Q5K,
+            k if k == QKind::Q6K as u8 => QKind::Q6K,
+            _ => QKind::Q5_0,
+        }
     }
 
     /// Runs on [`tile_q`] (else [`tile_qx`]).
@@ -272,15 +292,10 @@ unsafe fn decode_qx(kind: QKind, wrow: *const u8, b: usize) -> (__m256i, [f32; 2
 
 /// `out[r * out_stride + o] = dot(w row o, x row r)` for `r < R`, `o` in
 /// `cols`, for Q5_0, Q5_1, Q4_K, Q5_K and Q6_K rows of `nb` 32-element
-/// blocks (raw ggml bytes): each block decoded once to 32 weight bytes
-/// ([`decode_qx`]) for all `R` rows, then `vpmaddubsw` products with both
-/// activation digits (signed weights through the sign trick; `|w| <= 32`, so
-/// no pair saturates), per-half scales in one vector.
+/// blocks (raw ggml bytes): [`tile_qx_k`] specialised for `kind`.
 ///
 /// # Safety
-/// CPU supports avx2, fma and f16c; `w` holds at least `cols.end` rows of
-/// `nb` blocks of `kind` (a legacy kind is not allowed); `x` holds at least
-/// `R * nb` blocks; `out` holds at least `(R - 1) * out_stride + cols.end` floats.
+/// As [`tile_qx_k`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn tile_qx<const R: usize>(
     kind: QKind,
@@ -291,6 +306,42 @@ pub(super) unsafe fn tile_qx<const R: usize>(
     out_stride: usize,
     cols: std::ops::Range<usize>,
 ) {
+    const Q5_0: u8 = QKind::Q5_0 as u8;
+    const Q5_1: u8 = QKind::Q5_1 as u8;
+    const Q4K: u8 = QKind::Q4K as u8;
+    const Q5K: u8 = QKind::Q5K as u8;
+    const Q6K: u8 = QKind::Q6K as u8;
+    match kind {
+        QKind::Q5_0 => tile_qx_k::<R, Q5_0>(w, nb, x, out, out_stride, cols),
+        QKind::Q5_1 => tile_qx_k::<R, Q5_1>(w, nb, x, out, out_stride, cols),
+        QKind::Q4K => tile_qx_k::<R, Q4K>(w, nb, x, out, out_stride, cols),
+        QKind::Q5K => tile_qx_k::<R, Q5K>(w, nb, x, out, out_stride, cols),
+        QKind::Q6K => tile_qx_k::<R, Q6K>(w, nb, x, out, out_stride, cols),
+        // `tile_q`'s kinds (never passed: see the safety contract).
+        QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => {}
+    }
+}
+
+/// [`tile_qx`] for the kind with discriminant `K` (so the per-block decode
+/// is specialised): each block decoded once to 32 weight bytes
+/// ([`decode_qx`]) for all `R` rows, then `vpmaddubsw` products with both
+/// activation digits (signed weights through the sign trick; `|w| <= 32`, so
+/// no pair saturates), per-half scales in one vector.
+///
+/// # Safety
+/// CPU supports avx2, fma and f16c; `w` holds at least `cols.end` rows of
+/// `nb` blocks of kind `K` (a legacy kind is not allowed); `x` holds at least
+/// `R * nb` blocks; `out` holds at least `(R - 1) * out_stride + cols.end` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_qx_k<const R: usize, const K: u8>(
+    w: &[u8],
+    nb: usize,
+    x: &[BlockQ8],
+    out: &mut [f32],
+    out_stride: usize,
+    cols: std::ops::Range<usize>,
+) {
+    let kind = const { QKind::from_u8(K) };
     let row_bytes = nb * QK / kind.block_elems() * kind.block_bytes();
     let signed = matches!(kind, QKind::Q5_0 | QKind::Q6K);
     let ones = _mm256_set1_epi16(1);

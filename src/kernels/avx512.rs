@@ -33,7 +33,7 @@ pub(super) const MAX_TILE_ROWS: usize = 8;
 /// `group` points at one packed column group (`nb` blocks, see
 /// [`super::packed`]); `x` at block 0 of the first of `R` activation rows
 /// spaced `x_stride` blocks apart; `xh` likewise at their half-block sums
-/// ([`super::scalar::half_sums`]), read only by the two-half kinds (Q6_K).
+/// ([`super::scalar::half_sums`]), read only by the two-half kinds (Q6_K, Q3_K, Q2_K).
 ///
 /// # Safety
 /// CPU supports avx512f/bw/vl/vnni and f16c; `group` spans a full packed
@@ -61,6 +61,7 @@ pub(super) unsafe fn gemm_group<const R: usize>(
     let neg_z = _mm512_set1_ps(-(kind.zero().unwrap_or(0) as f32));
     let sign = _mm512_set1_epi32(i32::MIN);
     let nib = _mm512_set1_epi8(0x0F);
+    let crumb = _mm512_set1_epi8(3);
     // IQ4 table values plus 128, in every 128-bit lane (vpshufb looks up within lanes).
     let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_TABLE_U8.as_ptr() as *const __m128i));
     let inv_r = 1.0 / super::Q8_RESIDUAL_SCALE;
@@ -91,13 +92,25 @@ pub(super) unsafe fn gemm_group<const R: usize>(
                 let m = _mm512_mul_ps(sdm, bytes_f32(rec.add(GROUP), false));
                 ([d; 2], [_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(m), sign)); 2])
             }
-            PackKind::Q6K => {
+            PackKind::Q6K | PackKind::Q3K => {
                 let d = [_mm512_mul_ps(sd, bytes_f32(rec, true)), _mm512_mul_ps(sd, bytes_f32(rec.add(GROUP), true))];
                 (d, [_mm512_mul_ps(d[0], neg_z), _mm512_mul_ps(d[1], neg_z)])
             }
             PackKind::IQ4XS => {
                 let d = _mm512_mul_ps(sd, bytes_f32(rec, true));
                 ([d; 2], [_mm512_mul_ps(d, neg_z); 2])
+            }
+            PackKind::Q2K => {
+                // per half: scale in the low nibble, min in the high nibble
+                let (mut d, mut m) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
+                for h in 0..2 {
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(rec.add(GROUP * h) as *const __m128i));
+                    let sc = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+                    let mn = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                    d[h] = _mm512_mul_ps(sd, sc);
+                    m[h] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(sdm, mn)), sign));
+                }
+                (d, m)
             }
         };
         // (8, 16 x 4 bytes): w[j] lane c = unsigned weights 4j..4j+3 of column c
@@ -108,15 +121,26 @@ pub(super) unsafe fn gemm_group<const R: usize>(
                 *wj = _mm512_loadu_si512(qb.add(64 * j) as *const __m512i);
             }
         } else {
-            for j in 0..4 {
-                let v = _mm512_loadu_si512(qb.add(64 * j) as *const __m512i);
-                w[j] = _mm512_and_si512(v, nib);
-                w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            if kind.crumb_quants() {
+                for v in 0..2 {
+                    let q = _mm512_loadu_si512(qb.add(64 * v) as *const __m512i);
+                    w[4 * v] = _mm512_and_si512(q, crumb);
+                    w[4 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 2), crumb);
+                    w[4 * v + 2] = _mm512_and_si512(_mm512_srli_epi16(q, 4), crumb);
+                    w[4 * v + 3] = _mm512_and_si512(_mm512_srli_epi16(q, 6), crumb);
+                }
+            } else {
+                for j in 0..4 {
+                    let v = _mm512_loadu_si512(qb.add(64 * j) as *const __m512i);
+                    w[j] = _mm512_and_si512(v, nib);
+                    w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                }
             }
+            let (low_bytes, low_bits) = (kind.low_bytes(), kind.low_bits());
             for p in 0..planes {
-                let bit = _mm512_set1_epi8(16 << p);
+                let bit = _mm512_set1_epi8((1i32 << (low_bits as usize + p)) as i8);
                 for (j, wj) in w.iter_mut().enumerate() {
-                    let k = (qb.add(GROUP * QK / 2 + 64 * p + 8 * j) as *const u64).read_unaligned();
+                    let k = (qb.add(low_bytes + 64 * p + 8 * j) as *const u64).read_unaligned();
                     *wj = _mm512_mask_add_epi8(*wj, k, *wj, bit);
                 }
             }

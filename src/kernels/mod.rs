@@ -206,7 +206,8 @@ impl<'a> QMatrix<'a> {
     pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
         // Every dtype has a kernel: SIMD for the common ones, the scalar
         // integer dot (`scalar::vec_dot_q`) for Q2_K, Q3_K, IQ4_NL, IQ4_XS
-        // on raw blocks (and all of them on CPUs without AVX2).
+        // on raw blocks (and all of them on CPUs without AVX2); on AVX-512
+        // VNNI every quantized dtype runs packed (`PackedMatrix`).
         let block = dtype.block_size();
         if !cols.is_multiple_of(block) || ((dtype.block_size() > 1) && !cols.is_multiple_of(QK)) {
             return Err(KernelError::BadRowLength { dtype, cols, block });
@@ -819,12 +820,14 @@ mod tests {
     }
 
     /// Quantized dtypes whose packed kernel the tests cover.
-    const PACKED: [GgmlDType; 10] = [
+    const PACKED: [GgmlDType; 12] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q2_K,
+        GgmlDType::Q3_K,
         GgmlDType::Q4_K,
         GgmlDType::Q5_K,
         GgmlDType::Q6_K,
@@ -884,9 +887,14 @@ mod tests {
         assert!(matches!(e, KernelError::BadRowLength { block: 256, .. }), "{e}");
         let e = QMatrix::new(GgmlDType::Q5_0, 1, 48, &[0; 33]).unwrap_err();
         assert!(matches!(e, KernelError::BadRowLength { .. }), "{e}");
-        let w = QMatrix::new(GgmlDType::Q3_K, 1, 256, &[0; 110]).unwrap();
+        let w = QMatrix::new(GgmlDType::F16, 1, 256, &[0; 512]).unwrap();
         let e = PackedMatrix::new(&w).unwrap_err().to_string();
-        assert!(!e.contains('\n') && e.contains("Q3_K") && e.contains(PackedMatrix::SUPPORTED), "{e}");
+        assert!(!e.contains('\n') && e.contains("F16") && e.contains(PackedMatrix::SUPPORTED), "{e}");
+        // Every quantized dtype has a packed kind.
+        for dtype in QUANT {
+            let data = vec![0u8; 256 / dtype.block_size() * dtype.type_size()];
+            assert!(PackedMatrix::new(&QMatrix::new(dtype, 1, 256, &data).unwrap()).is_ok(), "{dtype:?}");
+        }
     }
 
     /// Every output of `matmul_isa` / `matmul_packed_isa` for one ISA.

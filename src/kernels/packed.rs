@@ -15,41 +15,49 @@
 //!                (w = (d*sc) * u - dmin*mn, the two products exact in f32)
 //!   Q6_K:        sc: 2 x 16 x i8 (halves 0..16, 16..32); super: d: 16 x f16
 //!                (w = (d*sc_h) * (u - 32))
+//!   Q3_K:        sc: 2 x 16 x i8 (6-bit scale - 32, per half); super: d: 16 x f16
+//!                (w = (d*sc_h) * (u - 4))
+//!   Q2_K:        sm: 2 x 16 x u8 (per half: scale | min << 4, ggml's byte);
+//!                super: d, dmin: 16 x f16 each   (w = (d*sc_h) * u - dmin*mn_h)
 //!   IQ4_XS:      sc: 16 x i8 (6-bit scale - 32); super: d: 16 x f16   (w = (d*sc) * K[q])
-//! quants: nibbles (all but Q8_0, 256 B): 4 vectors j = 0..3 of 64 B;
+//! quants: nibbles (4-bit and wider kinds but Q8_0, 256 B): 4 vectors j = 0..3 of 64 B;
 //!     vector j, bytes 4c..4c+4: weights 4j..4j+3 of column c in the low
 //!     nibbles, weights 16+4j..16+4j+3 in the high nibbles (ggml's Q4_0 order)
 //!   bytes (Q8_0, 512 B): 8 vectors j of 64 B, bytes 4c..4c+4 = weights
 //!     4j..4j+3 of column c, plus 128 (as u8)
-//! high planes (Q5_*: 1, Q6_K: 2; 64 B each): plane p is 8 u64 masks, one per
-//!   weight vector j = 0..7 (weights 4j..4j+3, 16 columns): bit 4c+i is bit
-//!   4+p of weight 4j+i of column c (applied with a masked byte add)
+//!   crumbs (Q2_K, Q3_K, 128 B): 2 vectors v = 0..1 of 64 B; vector v, byte
+//!     4c+i, bits 2s..2s+2: weight 4(4v+s)+i of column c
+//! high planes (Q5_*: 1, Q6_K: 2, Q3_K: 1; 64 B each): plane p is 8 u64 masks,
+//!   one per weight vector j = 0..7 (weights 4j..4j+3, 16 columns): bit 4c+i
+//!   is bit b+p of weight 4j+i of column c, b = 4 after nibbles, 2 after
+//!   crumbs (applied with a masked byte add)
 //! ```
 //!
 //! Every weight is thus an unsigned byte `u` (IQ4: the table value plus 128,
 //! looked up from the nibble in the kernel) with `w = d * u + m` per block,
 //! or per 16-element half for Q6_K; one `vpdpbusd` form serves every kind and
 //! the offset is applied through the activation block sum (Q6_K: half-block
-//! sums, computed once per call). Q6_K accumulates its two halves in separate
-//! integer sums.
+//! sums, computed once per call). Q6_K, Q3_K and Q2_K accumulate their two
+//! halves in separate integer sums.
 //!
 //! Size in bytes per weight, packed vs GGUF (the packed copy replaces the
 //! mapped one in memory): Q4_0 0.5625 = 0.5625, Q4_1 0.625 = 0.625, Q5_0
 //! 0.6875 = 0.6875, Q5_1 0.75 = 0.75, Q8_0 1.0625 = 1.0625, Q4_K 0.5781 vs
 //! 0.5625 (+2.8%: sub-block scales and mins stored as bytes), Q5_K 0.7031 vs
 //! 0.6875 (+2.3%), Q6_K 0.8203 = 0.8203, IQ4_NL 0.5625 = 0.5625,
-//! IQ4_XS 0.5391 vs 0.5313 (+1.5%); plus at most 63 bytes per group and the
-//! zero padding of the last group.
+//! IQ4_XS 0.5391 vs 0.5313 (+1.5%), Q3_K 0.4453 vs 0.4297 (+3.6%: sub-block
+//! scales as bytes), Q2_K 0.3281 = 0.3281; plus at most 63 bytes per group
+//! and the zero padding of the last group.
 
 use half::f16;
 
 use super::scalar::{half_sums, iq4_xs_scale, q6_k_quant};
 use super::{BlockQ8, KernelError, QMatrix, QK, Q8_RESIDUAL_SCALE};
 use crate::quant::iq::KVALUES_IQ4NL;
-use crate::quant::k_quants::{nibble, scale_min_k4};
+use crate::quant::k_quants::{nibble, scale_min_k4, two_bits};
 use crate::quant::legacy::five_bit_quants;
 use crate::quant::{
-    blocks, BlockIQ4NL, BlockIQ4XS, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    blocks, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
     GgmlDType, QK_K,
 };
 
@@ -72,6 +80,8 @@ pub(crate) enum PackKind {
     Q6K,
     IQ4NL,
     IQ4XS,
+    Q3K,
+    Q2K,
 }
 
 impl PackKind {
@@ -88,6 +98,8 @@ impl PackKind {
             GgmlDType::Q6_K => PackKind::Q6K,
             GgmlDType::IQ4_NL => PackKind::IQ4NL,
             GgmlDType::IQ4_XS => PackKind::IQ4XS,
+            GgmlDType::Q3_K => PackKind::Q3K,
+            GgmlDType::Q2_K => PackKind::Q2K,
             _ => return None,
         })
     }
@@ -99,8 +111,9 @@ impl PackKind {
             PackKind::Q4_0 => Some(8),
             PackKind::Q5_0 => Some(16),
             PackKind::Q6K => Some(32),
+            PackKind::Q3K => Some(4),
             PackKind::Q8_0 | PackKind::IQ4NL | PackKind::IQ4XS => Some(128),
-            PackKind::Q4_1 | PackKind::Q5_1 | PackKind::Q4K | PackKind::Q5K => None,
+            PackKind::Q4_1 | PackKind::Q5_1 | PackKind::Q4K | PackKind::Q5K | PackKind::Q2K => None,
         }
     }
 
@@ -109,10 +122,32 @@ impl PackKind {
         matches!(self, PackKind::Q8_0)
     }
 
-    /// Number of 64-byte high-bit planes after the nibbles.
+    /// Quants are 2-bit crumbs (else nibbles or bytes).
+    pub(crate) const fn crumb_quants(self) -> bool {
+        matches!(self, PackKind::Q2K | PackKind::Q3K)
+    }
+
+    /// Bits of the low part (bytes, nibbles or crumbs) of each quant: the
+    /// first high plane holds the next bit.
+    pub(crate) const fn low_bits(self) -> u32 {
+        if self.byte_quants() {
+            8
+        } else if self.crumb_quants() {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// Bytes of the low part of the quants of one block record (16 columns).
+    pub(crate) const fn low_bytes(self) -> usize {
+        GROUP * QK * self.low_bits() as usize / 8
+    }
+
+    /// Number of 64-byte high-bit planes after the nibbles or crumbs.
     pub(crate) const fn high_planes(self) -> usize {
         match self {
-            PackKind::Q5_0 | PackKind::Q5_1 | PackKind::Q5K => 1,
+            PackKind::Q5_0 | PackKind::Q5_1 | PackKind::Q5K | PackKind::Q3K => 1,
             PackKind::Q6K => 2,
             _ => 0,
         }
@@ -126,7 +161,7 @@ impl PackKind {
     /// Number of 16-element halves with their own scale and offset (1 or 2).
     pub(crate) const fn halves(self) -> usize {
         match self {
-            PackKind::Q6K => 2,
+            PackKind::Q6K | PackKind::Q3K | PackKind::Q2K => 2,
             _ => 1,
         }
     }
@@ -140,13 +175,9 @@ impl PackKind {
         }
     }
 
-    /// Quant bytes (nibbles or bytes, then high planes) of one block record.
+    /// Quant bytes (bytes, nibbles or crumbs, then high planes) of one block record.
     pub(crate) const fn qs_bytes(self) -> usize {
-        if self.byte_quants() {
-            GROUP * QK
-        } else {
-            GROUP * QK / 2 + 64 * self.high_planes()
-        }
+        self.low_bytes() + 64 * self.high_planes()
     }
 
     /// Bytes of one block record (all 16 columns).
@@ -157,8 +188,8 @@ impl PackKind {
     /// Super-block scale bytes per 8 blocks (K-quant kinds; 0 otherwise).
     pub(crate) const fn super_bytes(self) -> usize {
         match self {
-            PackKind::Q4K | PackKind::Q5K => 2 * GROUP * 2,
-            PackKind::Q6K | PackKind::IQ4XS => GROUP * 2,
+            PackKind::Q4K | PackKind::Q5K | PackKind::Q2K => 2 * GROUP * 2,
+            PackKind::Q6K | PackKind::IQ4XS | PackKind::Q3K => GROUP * 2,
             _ => 0,
         }
     }
@@ -210,17 +241,25 @@ fn put_quants(kind: PackKind, gb: &mut [u8], at: usize, c: usize, u: &[u8; QK]) 
         }
         return;
     }
-    for j in 0..4 {
-        for i in 0..4 {
-            gb[at + j * 64 + 4 * c + i] = (u[4 * j + i] & 0x0F) | (u[16 + 4 * j + i] << 4);
+    if kind.crumb_quants() {
+        for v in 0..2 {
+            for i in 0..4 {
+                gb[at + v * 64 + 4 * c + i] = (0..4).fold(0, |byte, s| byte | ((u[4 * (4 * v + s) + i] & 3) << (2 * s)));
+            }
+        }
+    } else {
+        for j in 0..4 {
+            for i in 0..4 {
+                gb[at + j * 64 + 4 * c + i] = (u[4 * j + i] & 0x0F) | (u[16 + 4 * j + i] << 4);
+            }
         }
     }
     for p in 0..kind.high_planes() {
         for j in 0..8 {
-            let mask_at = at + GROUP * QK / 2 + 64 * p + 8 * j;
+            let mask_at = at + kind.low_bytes() + 64 * p + 8 * j;
             let mut mask = u64::from_le_bytes(std::array::from_fn(|i| gb[mask_at + i]));
             for i in 0..4 {
-                mask |= (((u[4 * j + i] >> (4 + p)) & 1) as u64) << (4 * c + i);
+                mask |= (((u[4 * j + i] >> (kind.low_bits() as usize + p)) & 1) as u64) << (4 * c + i);
             }
             gb[mask_at..mask_at + 8].copy_from_slice(&mask.to_le_bytes());
         }
@@ -229,7 +268,7 @@ fn put_quants(kind: PackKind, gb: &mut [u8], at: usize, c: usize, u: &[u8; QK]) 
 
 impl PackedMatrix {
     /// The dtypes with a packed kernel (for error messages).
-    pub const SUPPORTED: &'static str = "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
+    pub const SUPPORTED: &'static str = "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
 
     /// Repacks `w` when this CPU's selected ISA ([`super::isa`]) has a kernel
     /// for the packed layout (AVX-512 VNNI) and `w`'s dtype has a packed kind
@@ -332,6 +371,34 @@ impl PackedMatrix {
                         }
                     }
                 }
+                PackKind::Q3K => {
+                    for (s, blk) in blocks::<BlockQ3K>(row).enumerate() {
+                        put_f16(gb, sup(s) + 2 * c, blk.d);
+                        let scales = blk.unpacked_scales();
+                        for j in 0..SUB {
+                            let b = s * SUB + j;
+                            gb[rec(b) + c] = scales[2 * j] as u8;
+                            gb[rec(b) + GROUP + c] = scales[2 * j + 1] as u8;
+                            let u = std::array::from_fn(|k| {
+                                let i = QK * j + k;
+                                two_bits(&blk.qs, i) | (((blk.hmask[i % 32] >> (i / 32)) & 1) << 2)
+                            });
+                            put_quants(kind, gb, rec(b) + sb, c, &u);
+                        }
+                    }
+                }
+                PackKind::Q2K => {
+                    for (s, blk) in blocks::<BlockQ2K>(row).enumerate() {
+                        put_f16(gb, sup(s) + 2 * c, blk.d);
+                        put_f16(gb, sup(s) + 32 + 2 * c, blk.dmin);
+                        for j in 0..SUB {
+                            let b = s * SUB + j;
+                            gb[rec(b) + c] = blk.scales[2 * j];
+                            gb[rec(b) + GROUP + c] = blk.scales[2 * j + 1];
+                            put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| two_bits(&blk.qs, QK * j + k)));
+                        }
+                    }
+                }
                 PackKind::IQ4XS => {
                     for (s, blk) in blocks::<BlockIQ4XS>(row).enumerate() {
                         put_f16(gb, sup(s) + 2 * c, blk.d);
@@ -413,7 +480,7 @@ impl PackedMatrix {
                 let m = -(f16_at(sup + 32 + 2 * c) * gb[rec + GROUP + c] as f32);
                 ([d; 2], [m; 2])
             }
-            PackKind::Q6K => {
+            PackKind::Q6K | PackKind::Q3K => {
                 let sd = f16_at(sup + 2 * c);
                 let d = [sd * gb[rec + c] as i8 as f32, sd * gb[rec + GROUP + c] as i8 as f32];
                 (d, [d[0] * neg_z, d[1] * neg_z])
@@ -421,6 +488,11 @@ impl PackedMatrix {
             PackKind::IQ4XS => {
                 let d = f16_at(sup + 2 * c) * gb[rec + c] as i8 as f32;
                 ([d; 2], [d * neg_z; 2])
+            }
+            PackKind::Q2K => {
+                let (sd, sm) = (f16_at(sup + 2 * c), f16_at(sup + 32 + 2 * c));
+                let (s0, s1) = (gb[rec + c], gb[rec + GROUP + c]);
+                ([sd * (s0 & 0x0F) as f32, sd * (s1 & 0x0F) as f32], [-(sm * (s0 >> 4) as f32), -(sm * (s1 >> 4) as f32)])
             }
         };
         let qs = &gb[rec + kind.scale_bytes()..];
@@ -431,10 +503,16 @@ impl PackedMatrix {
                 *uk = qs[j * 64 + 4 * c + i];
                 continue;
             }
-            *uk = if j < 4 { qs[j * 64 + 4 * c + i] & 0x0F } else { qs[(j - 4) * 64 + 4 * c + i] >> 4 };
+            *uk = if kind.crumb_quants() {
+                (qs[j / 4 * 64 + 4 * c + i] >> (2 * (j % 4))) & 3
+            } else if j < 4 {
+                qs[j * 64 + 4 * c + i] & 0x0F
+            } else {
+                qs[(j - 4) * 64 + 4 * c + i] >> 4
+            };
             for p in 0..kind.high_planes() {
-                let mask = &qs[GROUP * QK / 2 + 64 * p + 8 * j..];
-                *uk += ((mask[(4 * c + i) / 8] >> ((4 * c + i) % 8)) & 1) << (4 + p);
+                let mask = &qs[kind.low_bytes() + 64 * p + 8 * j..];
+                *uk += ((mask[(4 * c + i) / 8] >> ((4 * c + i) % 8)) & 1) << (kind.low_bits() as usize + p);
             }
             if kind.table() {
                 *uk = (KVALUES_IQ4NL[*uk as usize] as i32 + 128) as u8;
@@ -468,7 +546,7 @@ const _: () = assert!(std::mem::size_of::<Line>() == 64);
 
 /// Scalar reference of the packed kernel for output column `o` and one Q8
 /// activation row: the same operations in the same order as the AVX-512
-/// kernel (exact integer sums per block, or per half for Q6_K; then one fused
+/// kernel (exact integer sums per block, or per half for the two-half kinds; then one fused
 /// multiply-add per sum and one per offset), so results are bit-identical.
 pub(super) fn ref_dot(p: &PackedMatrix, o: usize, x: &[BlockQ8]) -> f32 {
     let halves = p.kind.halves();
