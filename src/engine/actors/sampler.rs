@@ -32,6 +32,9 @@ const MIN_ROWS_PER_TASK: usize = 2;
 
 impl SamplerActor {
     pub(crate) fn run(self) {
+        // Scratch of the serial path, kept across steps (sized on first use:
+        // a plain greedy row never touches it).
+        let mut serial_work: Vec<f32> = Vec::new();
         while let Ok(m) = self.rx.recv() {
             let step = m.batch.step_id;
             self.faults.trigger(FaultActor::Sampler, 0, step, FaultKind::Die);
@@ -71,10 +74,7 @@ impl SamplerActor {
                         Some(p) if rows.len() > 1 => p.install(|| {
                             rows.par_iter().enumerate().with_min_len(MIN_ROWS_PER_TASK).map_init(Vec::new, one).collect()
                         }),
-                        _ => {
-                            let mut work = Vec::new();
-                            rows.iter().enumerate().map(|r| one(&mut work, r)).collect()
-                        }
+                        _ => rows.iter().enumerate().map(|r| one(&mut serial_work, r)).collect(),
                     };
                     for (ci, smp) in out.into_iter().flatten() {
                         if let Some(slot) = sampled.get_mut(ci) {
