@@ -8,9 +8,9 @@
 //! bos/eos table, fixed clock, tool-call arguments as objects). A case where Python raised
 //! must fail here too (the messages are not compared).
 //!
-//! The template texts are read from the llama.cpp data dir: `$BRIGADE_LLAMACPP_DATA` (the
-//! `.../llama.cpp/models` dir), else `~/.cache/brigade/llamacpp-0.3.36/vendor/llama.cpp/models`
-//! (scripts/fetch-test-data.sh fills it). Without it the test prints a notice and passes;
+//! The template texts are read from the llama.cpp data dir that scripts/fetch-test-data.sh fills:
+//! `$BRIGADE_LLAMACPP_DATA/models/templates`, else `~/.cache/brigade/llamacpp-0.3.36/models/templates`
+//! Without it the test prints a notice and passes (fails under `BRIGADE_REQUIRE_MODEL=1`, as CI runs it);
 //! a template whose sha256 differs from the fixture's is a failure (regenerate the fixtures).
 
 use std::collections::BTreeMap;
@@ -80,12 +80,15 @@ fn fixtures_dir() -> PathBuf {
 
 /// llama.cpp's `models/templates` dir, when present.
 fn templates_dir() -> Option<PathBuf> {
-    let models = match std::env::var_os("BRIGADE_LLAMACPP_DATA") {
+    // The layout of scripts/fetch-test-data.sh (as tests/tokenizer_vocab.rs reads it).
+    let root = match std::env::var_os("BRIGADE_LLAMACPP_DATA") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(&std::env::var_os("HOME")?)
-            .join(".cache/brigade/llamacpp-0.3.36/vendor/llama.cpp/models"),
+        None => Path::new(&std::env::var_os("HOME")?).join(".cache/brigade/llamacpp-0.3.36"),
     };
-    let dir = models.join("templates");
+    let dir = root.join("models").join("templates");
+    if !dir.is_dir() && std::env::var("BRIGADE_REQUIRE_MODEL").as_deref() == Ok("1") {
+        panic!("BRIGADE_REQUIRE_MODEL=1 but llama.cpp's templates are not in {} (run scripts/fetch-test-data.sh)", dir.display());
+    }
     dir.is_dir().then_some(dir)
 }
 

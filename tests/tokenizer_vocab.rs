@@ -28,6 +28,9 @@ fn data_dir() -> Option<PathBuf> {
     if dir.join("ggml-vocab-gpt-2.gguf").is_file() {
         Some(dir)
     } else {
+        if std::env::var("BRIGADE_REQUIRE_MODEL").as_deref() == Ok("1") {
+            panic!("BRIGADE_REQUIRE_MODEL=1 but llama.cpp's vocab test data is not in {} (run scripts/fetch-test-data.sh)", dir.display());
+        }
         eprintln!(
             "SKIP: llama.cpp vocab test data not found in {} (run scripts/fetch-test-data.sh)",
             dir.display()
