@@ -819,21 +819,10 @@ mod tests {
         out
     }
 
-    /// Quantized dtypes whose packed kernel the tests cover.
-    const PACKED: [GgmlDType; 12] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q2_K,
-        GgmlDType::Q3_K,
-        GgmlDType::Q4_K,
-        GgmlDType::Q5_K,
-        GgmlDType::Q6_K,
-        GgmlDType::IQ4_NL,
-        GgmlDType::IQ4_XS,
-    ];
+    /// Quantized dtypes (every one has a packed kernel, which the tests cover).
+    fn packed_dtypes() -> impl Iterator<Item = GgmlDType> {
+        GgmlDType::ALL.into_iter().filter(|d| d.block_size() > 1)
+    }
 
     /// Every quantized dtype.
     const QUANT: [GgmlDType; 12] = [
@@ -992,7 +981,7 @@ mod tests {
     #[test]
     fn packed_layout_round_trips() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
-        for dtype in PACKED {
+        for dtype in packed_dtypes() {
             let (rows, cols) = (37, 512);
             let data = rand_weights(&mut rng, dtype, rows, cols);
             let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
