@@ -16,6 +16,7 @@
 //! - [`kernels`]: the only home of `unsafe` and SIMD, safe wrappers + scalar references.
 //! - [`model`]: Llama forward pass over quantized weights, paged KV access.
 //! - [`sampling`]: logits → token.
+//! - [`guidance`]: constrained decoding (grammars, JSON Schema) through llguidance.
 //! - [`bench`]: the engine and HTTP benchmarks behind `brigade bench` and `brigade bench-serve`.
 //!
 //! The `brigade` command line (argument parsing, one-line error reports) is the binary's `cli`
@@ -29,6 +30,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod gguf;
+pub mod guidance;
 pub mod kernels;
 pub mod kv;
 pub mod metrics;

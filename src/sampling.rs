@@ -48,6 +48,8 @@ pub struct SamplingParams {
     pub n: usize,
     /// Skip special tokens when detokenizing.
     pub skip_special_tokens: bool,
+    /// What the output must match (structured output, tool calls); `None`: free text.
+    pub constraint: Option<crate::guidance::Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -71,6 +73,7 @@ impl Default for SamplingParams {
             prompt_logprobs: None,
             n: 1,
             skip_special_tokens: true,
+            constraint: None,
         }
     }
 }

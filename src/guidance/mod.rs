@@ -1,0 +1,39 @@
+//! Constrained decoding: what a request asks its output to match.
+//!
+//! The API layer (response_format, vLLM's structured_outputs / guided_*,
+//! llama.cpp's grammar / json_schema, tool calling) turns a request into a
+//! [`Constraint`]; the engine enforces it token by token with `llguidance`
+//! (a token trie over our own vocabulary and a per-step allowed-token mask).
+
+use serde::{Deserialize, Serialize};
+
+/// The language the output must belong to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Grammar {
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// A JSON Schema the output must validate against.
+    JsonSchema(serde_json::Value),
+    /// A regular expression the whole output must match.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A grammar in llguidance's Lark dialect (may embed `%json { ... }`).
+    Lark(String),
+    /// A llama.cpp GBNF grammar.
+    Gbnf(String),
+}
+
+/// A constraint on one completion's output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Constraint {
+    /// What the (constrained part of the) output must match.
+    pub grammar: Grammar,
+    /// `None`: the whole output is constrained from its first token.
+    /// `Some(t)`: generation is free until the decoded output contains `t`;
+    /// from then on the output text starting at that occurrence of `t` must
+    /// match `grammar` (so the grammar begins with `t`). Used by tool calling
+    /// with `tool_choice: "auto"`: the grammar switches on when the tool-call
+    /// opening appears.
+    pub trigger: Option<String>,
+}
