@@ -39,7 +39,10 @@
 //!   User-defined tokens (`token_type` 4) are always split out (as in llama.cpp and HF's
 //!   non-special added tokens) and never skipped. Both splits take the leftmost-longest
 //!   match, as HF `tokenizers` does; llama.cpp tries tokens longest first over the whole
-//!   text, which differs only where two added tokens overlap in the text.
+//!   text, which differs only where two added tokens overlap in the text. For `llama`, a
+//!   user-defined token holding a space (Gemma's whitespace runs, stored as `"  "`) is
+//!   matched as SentencePiece and HF match it: in the text once spaces are `▁`, so a typed
+//!   `"▁ "` is Gemma's `▁▁` piece (llama.cpp matches the raw text, where it is not).
 //! - Added tokens and `<0xXX>` byte tokens decode to their text / byte; normal tokens to
 //!   their byte-level bytes (`gpt2`) or with `▁` as a space (`llama`, `gemma4`); unused
 //!   (5) and undefined tokens to nothing, as in llama.cpp. Nothing strips the leading space
@@ -397,8 +400,13 @@ struct Inner {
     encoder: Encoder,
     /// Control and unknown-type tokens, split out of text with `parse_special = true`.
     control: ControlTokens,
-    /// User-defined tokens, always split out of text.
+    /// User-defined tokens, always split out of text (but those of
+    /// [`Inner::user_defined_spm`]).
     user_defined: ControlTokens,
+    /// `llama` (SentencePiece) only: the user-defined tokens that hold a space, spelled with
+    /// `▁`, split out of each piece of text after its spaces became `▁` (see
+    /// [`Tokenizer::encode_plain`]); empty for the other models.
+    user_defined_spm: ControlTokens,
     /// Token string → id (first id for duplicate strings).
     vocab: HashMap<String, u32>,
     /// Vocabulary in id order (as stored).
@@ -546,11 +554,29 @@ impl Tokenizer {
                 .map(move |(id, (token, _))| (token.as_str(), id, rstrip(token)))
         };
         let control = ControlTokens::new(added(&[TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN]))?;
+        // SentencePiece matches user-defined pieces in its normalized text, where spaces are
+        // `▁`, and a GGUF spells a whitespace piece with spaces (Gemma's `"  "` is
+        // SentencePiece's `▁▁`). So for `llama` a user-defined token holding a space is
+        // matched once spaces are `▁`. transformers' tokenizer for Gemma agrees: it respells
+        // them `▁▁`, `▁▁▁`, ... as pieces that merge before every other piece, so a run of up
+        // to 31 `▁` (Gemma's longest) is one piece there too. llama.cpp matches them in the
+        // raw text; the two differ only where a typed `▁` touches a space (`"▁ "` is `▁▁`
+        // here, `▁` + `▁…` in llama.cpp).
+        let spm_user_defined = |token: &str| model == "llama" && token.contains(' ');
         // Phi-3 marks `</s>` as user-defined, with rstrip (llama.cpp sets it by name).
-        let user_defined =
-            ControlTokens::new(added(&[TOKEN_TYPE_USER_DEFINED]).map(|(token, id, strip)| {
-                (token, id, strip || (rstrip_added_tokens && token == "</s>"))
-            }))?;
+        let user_defined = ControlTokens::new(
+            added(&[TOKEN_TYPE_USER_DEFINED])
+                .filter(|(token, _, _)| !spm_user_defined(token))
+                .map(|(token, id, strip)| {
+                    (token, id, strip || (rstrip_added_tokens && token == "</s>"))
+                }),
+        )?;
+        let spm_spelled: Vec<(String, u32)> = added(&[TOKEN_TYPE_USER_DEFINED])
+            .filter(|(token, _, _)| spm_user_defined(token))
+            .map(|(token, id, _)| (token.replace(' ', "\u{2581}"), id))
+            .collect();
+        let user_defined_spm =
+            ControlTokens::new(spm_spelled.iter().map(|(token, id)| (token.as_str(), *id, false)))?;
 
         let byte_level = model == "gpt2";
         let pieces: Vec<Box<[u8]>> = tokens
@@ -585,6 +611,7 @@ impl Tokenizer {
                 encoder,
                 control,
                 user_defined,
+                user_defined_spm,
                 vocab,
                 tokens,
                 pieces,
@@ -654,7 +681,8 @@ impl Tokenizer {
         })
     }
 
-    /// Encodes text with no added tokens in it (nothing for empty text).
+    /// Encodes text with no added tokens in it (nothing for empty text); for `llama`, the
+    /// user-defined tokens that hold a space are split out of it once spaces are `▁`.
     fn encode_plain(
         &self,
         text: &str,
@@ -680,7 +708,17 @@ impl Tokenizer {
                     escaped.push(SPM_SPACE);
                 }
                 escaped.extend(text.chars().map(|c| if c == ' ' { SPM_SPACE } else { c }));
-                spm.encode(&self.inner.vocab, &escaped, out);
+                let mut matches = Vec::new();
+                self.inner
+                    .user_defined_spm
+                    .find_matches(&escaped, 0, &mut matches);
+                for_each_fragment(&escaped, &matches, |fragment| {
+                    match fragment {
+                        Fragment::Text(piece) => spm.encode(&self.inner.vocab, piece, out),
+                        Fragment::Token(id) => out.push(id),
+                    }
+                    Ok(())
+                })?;
             }
             Encoder::SpmBpe(hf) => {
                 let escaped = text.replace(' ', "\u{2581}");
