@@ -64,14 +64,15 @@ mod control;
 mod incremental;
 mod pre;
 mod spm;
+mod vocab;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokenizers::models::bpe::{Vocab, BPE};
 
 use crate::gguf::{GgufError, GgufFile};
 use control::{ControlMatch, ControlTokens};
+use vocab::{Pieces, TokenIds};
 
 pub use chat::{ChatContent, ChatMessage, ChatTemplate, ContentPart, FunctionCall, ToolCall};
 pub use incremental::IncrementalDecoder;
@@ -407,12 +408,11 @@ struct Inner {
     /// `▁`, split out of each piece of text after its spaces became `▁` (see
     /// [`Tokenizer::encode_plain`]); empty for the other models.
     user_defined_spm: ControlTokens,
-    /// Token string → id (first id for duplicate strings).
-    vocab: HashMap<String, u32>,
-    /// Vocabulary in id order (as stored).
-    tokens: Vec<String>,
+    /// Vocabulary in id order (as stored) and token string → id (first id for duplicate
+    /// strings).
+    vocab: TokenIds,
     /// Raw bytes of each token, in id order.
-    pieces: Vec<Box<[u8]>>,
+    pieces: Pieces,
     /// GGUF token type of each token.
     token_types: Vec<i32>,
     bos: Option<u32>,
@@ -507,15 +507,8 @@ impl Tokenizer {
         }
 
         // Vocab: first occurrence wins for duplicate strings (the later id stays decodable).
-        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(vocab_size);
-        let mut num_duplicates = 0usize;
-        for (id, token) in (0u32..).zip(&tokens) {
-            if vocab.contains_key(token) {
-                num_duplicates += 1;
-            } else {
-                vocab.insert(token.clone(), id);
-            }
-        }
+        let vocab = TokenIds::new(tokens);
+        let num_duplicates = vocab.num_duplicates();
         if num_duplicates > 0 {
             tracing::warn!(
                 num_duplicates,
@@ -547,6 +540,7 @@ impl Tokenizer {
         };
 
         let rstrip = |token: &str| rstrip_added_tokens && !RSTRIP_EXCEPTIONS.contains(&token);
+        let tokens = vocab.tokens();
         let added = |wanted: &'static [i32]| {
             (0u32..)
                 .zip(tokens.iter().zip(&token_types))
@@ -579,15 +573,15 @@ impl Tokenizer {
             ControlTokens::new(spm_spelled.iter().map(|(token, id)| (token.as_str(), *id, false)))?;
 
         let byte_level = model == "gpt2";
-        let pieces: Vec<Box<[u8]>> = tokens
-            .iter()
-            .zip(&token_types)
-            .map(|(token, &ty)| piece_bytes(token, ty, byte_level).into_boxed_slice())
-            .collect();
+        let num_bytes = tokens.iter().map(String::len).sum();
+        let mut pieces = Pieces::with_capacity(vocab_size, num_bytes);
+        for (token, &ty) in tokens.iter().zip(&token_types) {
+            pieces.push_with(|out| push_piece_bytes(out, token, ty, byte_level));
+        }
 
         let mut eog_ids: Vec<u32> = eos.into_iter().collect();
         for s in EOG_TOKEN_STRS {
-            if let Some(&id) = vocab.get(s) {
+            if let Some(id) = vocab.get(s) {
                 if !eog_ids.contains(&id) {
                     eog_ids.push(id);
                 }
@@ -613,7 +607,6 @@ impl Tokenizer {
                 user_defined,
                 user_defined_spm,
                 vocab,
-                tokens,
                 pieces,
                 token_types,
                 bos,
@@ -728,7 +721,7 @@ impl Tokenizer {
                         .then(|| self.inner.vocab.get(run))
                         .flatten();
                     match whole {
-                        Some(&id) => out.push(id),
+                        Some(id) => out.push(id),
                         None => hf_encode(hf, run, out)?,
                     }
                 }
@@ -906,12 +899,12 @@ impl Tokenizer {
 
     /// Borrowed form of [`token_to_piece_bytes`](Self::token_to_piece_bytes).
     pub(crate) fn piece_bytes(&self, id: u32) -> Option<&[u8]> {
-        self.inner.pieces.get(id as usize).map(|p| &p[..])
+        self.inner.pieces.get(id as usize)
     }
 
     /// Number of tokens (ids are `0..vocab_size`).
     pub fn vocab_size(&self) -> usize {
-        self.inner.tokens.len()
+        self.inner.vocab.tokens().len()
     }
 
     /// Beginning-of-sequence id, if the model has one.
@@ -952,13 +945,13 @@ impl Tokenizer {
 
     /// The vocabulary entry of `id` as stored (e.g. `"Ġthe"`, `"▁the"`).
     pub fn token_str(&self, id: u32) -> Option<&str> {
-        self.inner.tokens.get(id as usize).map(String::as_str)
+        self.inner.vocab.tokens().get(id as usize).map(String::as_str)
     }
 
     /// The id of a vocabulary entry given in its stored spelling (the first id when the
     /// string is in the vocabulary twice).
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.vocab.get(token).copied()
+        self.inner.vocab.get(token)
     }
 
     /// The model's chat template, if it has one (one that failed to parse included:
@@ -1038,19 +1031,26 @@ fn newline_runs(text: &str) -> impl Iterator<Item = &str> {
 /// The bytes token `token` of type `ty` decodes to, as llama.cpp's `token_to_piece`:
 /// added tokens verbatim, `<0xXX>` byte tokens as that byte, normal tokens byte-level
 /// decoded (`byte_level`) or with `▁` as a space, unused and undefined tokens as nothing.
-fn piece_bytes(token: &str, ty: i32, byte_level: bool) -> Vec<u8> {
+fn push_piece_bytes(out: &mut Vec<u8>, token: &str, ty: i32, byte_level: bool) {
     match ty {
         TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_USER_DEFINED => {
-            token.as_bytes().to_vec()
+            out.extend_from_slice(token.as_bytes())
         }
         TOKEN_TYPE_BYTE => match parse_byte_token(token) {
-            Some(b) => vec![b],
-            None if byte_level => byte_level::piece_bytes(token),
-            None => token.as_bytes().to_vec(),
+            Some(b) => out.push(b),
+            None if byte_level => out.extend(byte_level::piece_bytes(token)),
+            None => out.extend_from_slice(token.as_bytes()),
         },
-        TOKEN_TYPE_NORMAL if byte_level => byte_level::piece_bytes(token),
-        TOKEN_TYPE_NORMAL => token.replace(SPM_SPACE, " ").into_bytes(),
-        _ => Vec::new(),
+        TOKEN_TYPE_NORMAL if byte_level => out.extend(byte_level::piece_bytes(token)),
+        TOKEN_TYPE_NORMAL => {
+            for part in token.split(SPM_SPACE).enumerate() {
+                if part.0 > 0 {
+                    out.push(b' ');
+                }
+                out.extend_from_slice(part.1.as_bytes());
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1064,8 +1064,8 @@ fn parse_byte_token(token: &str) -> Option<u8> {
 }
 
 /// The vocabulary in the form `tokenizers`' BPE builder takes.
-fn bpe_vocab(vocab: &HashMap<String, u32>) -> Vocab {
-    vocab.iter().map(|(k, &v)| (k.clone(), v)).collect()
+fn bpe_vocab(vocab: &TokenIds) -> Vocab {
+    vocab.entries().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 /// Splits `"left right"` rules at the first space after the first byte (as llama.cpp
@@ -1073,7 +1073,7 @@ fn bpe_vocab(vocab: &HashMap<String, u32>) -> Vocab {
 /// concatenation are all vocabulary entries.
 fn parse_merges(
     merges: &[String],
-    vocab: &HashMap<String, u32>,
+    vocab: &TokenIds,
 ) -> Result<Vec<(String, String)>, TokenizerError> {
     let mut out = Vec::with_capacity(merges.len());
     for (index, merge) in merges.iter().enumerate() {
@@ -1094,7 +1094,7 @@ fn parse_merges(
         }
         let merged = format!("{left}{right}");
         for token in [left, right, merged.as_str()] {
-            if !vocab.contains_key(token) {
+            if !vocab.contains(token) {
                 return Err(TokenizerError::MergeUnknownToken {
                     index,
                     merge: merge.clone(),
