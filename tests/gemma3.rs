@@ -66,6 +66,34 @@ fn gemma3_tokenization_matches_transformers() {
     );
 }
 
+/// Whitespace runs: Gemma's whitespace pieces (user-defined `"  "` ... 31 spaces) as
+/// transformers' tokenizer for this GGUF takes them: after spaces became `▁`, a run split
+/// as its BPE splits it (40 spaces: 16 + 24; llama.cpp: 31 + 9). Ids from
+/// `tests/reference/gemma3_vocab_whitespace.py` (transformers 5.24).
+#[test]
+fn gemma3_whitespace_runs_match_transformers() {
+    let Some((_, tok)) = real_gemma_model() else { return };
+    let cases: Vec<(String, Vec<u32>)> = vec![
+        (format!("a{}b", " ".repeat(33)), vec![236746, 152, 153, 236763]),
+        (" ".repeat(63), vec![152, 152, 167]),
+        (format!("x{}in", " ".repeat(70)), vec![236781, 152, 152, 152, 158, 495]),
+        (format!("\n{}return x", " ".repeat(40)), vec![107, 152, 160, 2060, 1123]),
+        (format!("{}▁x", " ".repeat(32)), vec![152, 153, 236781]),
+        (format!("{}x", " ".repeat(40)), vec![152, 160, 236781]),
+        ("a ▁b".to_owned(), vec![236746, 138, 236763]),
+        ("▁▁ ▁x".to_owned(), vec![140, 236781]),
+        ("x     \n\n   y".to_owned(), vec![236781, 141, 108, 139, 236762]),
+        (" ▁ ▁  ".to_owned(), vec![142]),
+        ("\t  \t".to_owned(), vec![255968, 138, 255968]),
+    ];
+    for (text, want) in &cases {
+        assert_eq!(&tok.encode(text, true).expect("encode"), want, "{text:?}");
+        // A typed `▁` comes back as a space.
+        let spaced = text.replace('▁', " ");
+        assert_eq!(tok.decode(want, false).expect("decode"), spaced, "{text:?} decodes back");
+    }
+}
+
 /// Teacher-forced logits on 7 prompts (top-20) and a 601-token prompt past
 /// the 512-token sliding window (top-2): top-1 agreement >= 99% of all
 /// positions, |Δ log-prob| of the reference's top-1 at most 0.05 nats and the

@@ -39,10 +39,11 @@
 //!   User-defined tokens (`token_type` 4) are always split out (as in llama.cpp and HF's
 //!   non-special added tokens) and never skipped. Both splits take the leftmost-longest
 //!   match, as HF `tokenizers` does; llama.cpp tries tokens longest first over the whole
-//!   text, which differs only where two added tokens overlap in the text. For `llama`, a
-//!   user-defined token holding a space (Gemma's whitespace runs, stored as `"  "`) is
-//!   matched as SentencePiece and HF match it: in the text once spaces are `▁`, so a typed
-//!   `"▁ "` is Gemma's `▁▁` piece (llama.cpp matches the raw text, where it is not).
+//!   text, which differs only where two added tokens overlap in the text. For `llama`, the
+//!   user-defined tokens made of spaces (Gemma's whitespace pieces, stored as `"  "`, ...)
+//!   segment runs of `▁` after the space escaping, as HF's tokenizer for Gemma does (a
+//!   typed `"▁ "` is `▁▁`; a run longer than the longest piece splits as its BPE does);
+//!   llama.cpp matches them in the raw text.
 //! - Added tokens and `<0xXX>` byte tokens decode to their text / byte; normal tokens to
 //!   their byte-level bytes (`gpt2`) or with `▁` as a space (`llama`, `gemma4`); unused
 //!   (5) and undefined tokens to nothing, as in llama.cpp. Nothing strips the leading space
@@ -402,12 +403,12 @@ struct Inner {
     /// Control and unknown-type tokens, split out of text with `parse_special = true`.
     control: ControlTokens,
     /// User-defined tokens, always split out of text (but those of
-    /// [`Inner::user_defined_spm`]).
+    /// [`Inner::space_runs`]).
     user_defined: ControlTokens,
-    /// `llama` (SentencePiece) only: the user-defined tokens that hold a space, spelled with
-    /// `▁`, split out of each piece of text after its spaces became `▁` (see
+    /// `llama` (SentencePiece) only: the user-defined tokens made of two or more spaces,
+    /// by length, segmenting the runs of `▁` once spaces became `▁` (see
     /// [`Tokenizer::encode_plain`]); empty for the other models.
-    user_defined_spm: ControlTokens,
+    space_runs: spm::SpaceRuns,
     /// Vocabulary in id order (as stored) and token string → id (first id for duplicate
     /// strings).
     vocab: TokenIds,
@@ -548,29 +549,30 @@ impl Tokenizer {
                 .map(move |(id, (token, _))| (token.as_str(), id, rstrip(token)))
         };
         let control = ControlTokens::new(added(&[TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN]))?;
-        // SentencePiece matches user-defined pieces in its normalized text, where spaces are
-        // `▁`, and a GGUF spells a whitespace piece with spaces (Gemma's `"  "` is
-        // SentencePiece's `▁▁`). So for `llama` a user-defined token holding a space is
-        // matched once spaces are `▁`. transformers' tokenizer for Gemma agrees: it respells
-        // them `▁▁`, `▁▁▁`, ... as pieces that merge before every other piece, so a run of up
-        // to 31 `▁` (Gemma's longest) is one piece there too. llama.cpp matches them in the
-        // raw text; the two differ only where a typed `▁` touches a space (`"▁ "` is `▁▁`
-        // here, `▁` + `▁…` in llama.cpp).
-        let spm_user_defined = |token: &str| model == "llama" && token.contains(' ');
+        // A GGUF spells SentencePiece's whitespace pieces with spaces (Gemma's `"  "` ...
+        // are `▁▁` ...), and SentencePiece and transformers' tokenizer for Gemma find them in
+        // the text once spaces are `▁`. transformers respells them `▁▁`, `▁▁▁`, ... as pieces
+        // that merge (BPE, by id) before every other piece: a run of up to 31 `▁` (Gemma's
+        // longest) is one piece, a longer one splits as that BPE splits it (40 → 16 + 24).
+        // We do the same (`spm::SpaceRuns`). llama.cpp matches them in the raw text, longest
+        // first: the same ids, but where a typed `▁` touches a space (`"▁ "` is `▁▁` here,
+        // `▁` + `▁…` in llama.cpp) and on runs longer than the longest piece (31 + 9).
+        let space_run = |token: &str| {
+            model == "llama" && token.len() >= 2 && token.bytes().all(|b| b == b' ')
+        };
         // Phi-3 marks `</s>` as user-defined, with rstrip (llama.cpp sets it by name).
         let user_defined = ControlTokens::new(
             added(&[TOKEN_TYPE_USER_DEFINED])
-                .filter(|(token, _, _)| !spm_user_defined(token))
+                .filter(|(token, _, _)| !space_run(token))
                 .map(|(token, id, strip)| {
                     (token, id, strip || (rstrip_added_tokens && token == "</s>"))
                 }),
         )?;
-        let spm_spelled: Vec<(String, u32)> = added(&[TOKEN_TYPE_USER_DEFINED])
-            .filter(|(token, _, _)| spm_user_defined(token))
-            .map(|(token, id, _)| (token.replace(' ', "\u{2581}"), id))
-            .collect();
-        let user_defined_spm =
-            ControlTokens::new(spm_spelled.iter().map(|(token, id)| (token.as_str(), *id, false)))?;
+        let space_runs = spm::SpaceRuns::new(
+            added(&[TOKEN_TYPE_USER_DEFINED])
+                .filter(|(token, _, _)| space_run(token))
+                .map(|(token, id, _)| (token.len(), id)),
+        );
 
         let byte_level = model == "gpt2";
         let num_bytes = tokens.iter().map(String::len).sum();
@@ -605,7 +607,7 @@ impl Tokenizer {
                 encoder,
                 control,
                 user_defined,
-                user_defined_spm,
+                space_runs,
                 vocab,
                 pieces,
                 token_types,
@@ -675,7 +677,7 @@ impl Tokenizer {
     }
 
     /// Encodes text with no added tokens in it (nothing for empty text); for `llama`, the
-    /// user-defined tokens that hold a space are split out of it once spaces are `▁`.
+    /// whitespace pieces are split out of it once spaces are `▁` ([`spm::SpaceRuns`]).
     fn encode_plain(
         &self,
         text: &str,
@@ -701,17 +703,11 @@ impl Tokenizer {
                     escaped.push(SPM_SPACE);
                 }
                 escaped.extend(text.chars().map(|c| if c == ' ' { SPM_SPACE } else { c }));
-                let mut matches = Vec::new();
-                self.inner
-                    .user_defined_spm
-                    .find_matches(&escaped, 0, &mut matches);
-                for_each_fragment(&escaped, &matches, |fragment| {
-                    match fragment {
-                        Fragment::Text(piece) => spm.encode(&self.inner.vocab, piece, out),
-                        Fragment::Token(id) => out.push(id),
-                    }
-                    Ok(())
-                })?;
+                let vocab = &self.inner.vocab;
+                self.inner.space_runs.split(&escaped, |piece| match piece {
+                    spm::RunPiece::Text(text) => spm.encode(vocab, text, out),
+                    spm::RunPiece::Token(id) => out.push(id),
+                });
             }
             Encoder::SpmBpe(hf) => {
                 let escaped = text.replace(' ', "\u{2581}");

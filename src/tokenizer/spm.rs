@@ -1,8 +1,10 @@
 //! SentencePiece-style (`tokenizer.ggml.model = "llama"`) encoding of one piece of plain
 //! text: Llama 2, Mistral, Phi-3, Gemma.
 //!
-//! Owns the score-based bigram merge only. The caller has already split control and
-//! user-defined tokens out of the text, added the space prefix and written spaces as `▁`.
+//! Owns the score-based bigram merge and the segmentation of runs of `▁` into the
+//! vocabulary's whitespace pieces ([`SpaceRuns`]). The caller has already split control and
+//! the other user-defined tokens out of the text, added the space prefix and written spaces
+//! as `▁`.
 //! This is llama.cpp's `llm_tokenizer_spm`, which is not BPE with merge ranks: it starts
 //! from single UTF-8 characters and repeatedly merges the adjacent pair whose concatenation
 //! is the vocabulary entry with the highest score (ties: the leftmost pair), until no
@@ -19,7 +21,7 @@
 //! construction, so only single characters can be no entry and that map is never used:
 //! it is left out here.
 
-use std::cmp::Ordering;
+use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
 use super::vocab::TokenIds;
@@ -204,6 +206,143 @@ impl SpmModel {
     }
 }
 
+/// The whitespace pieces of a SentencePiece vocabulary (user-defined tokens of 2 or more
+/// spaces, `▁▁` ... in SentencePiece's own spelling) and how a run of `▁` splits into them:
+/// as transformers' tokenizer for Gemma splits it. It makes these pieces BPE tokens ranked
+/// by id, ahead of every other token, with a merge for each way of cutting a piece in two,
+/// the longer left part first: so a run first becomes whitespace pieces, then the text
+/// around it merges on its own. Up to the longest piece a run is one piece.
+///
+/// ```text
+///   ▁×5:  ▁▁ ▁▁ ▁  →  ▁▁ ▁▁▁ (rank of ▁▁▁ < ▁▁▁▁)  →  ▁▁▁▁▁
+///   ▁×40 (longest 31):  8×▁5 … → ▁16 ▁24
+/// ```
+#[derive(Debug, Default)]
+pub(crate) struct SpaceRuns {
+    /// `ids[n]`: the id of the piece of `n` spaces (none for 0 and 1).
+    ids: Vec<Option<u32>>,
+}
+
+/// A part of a text that [`SpaceRuns::split`] hands on.
+pub(crate) enum RunPiece<'t> {
+    /// Text for the bigram merge (it may hold single `▁`).
+    Text(&'t str),
+    /// A whitespace piece.
+    Token(u32),
+}
+
+/// The escaped space.
+const META: char = '\u{2581}';
+
+impl SpaceRuns {
+    /// From `(number of spaces, id)` pairs (lengths below 2 are ignored; the first id of a
+    /// length wins).
+    pub(crate) fn new(pieces: impl IntoIterator<Item = (usize, u32)>) -> Self {
+        let mut ids: Vec<Option<u32>> = Vec::new();
+        for (len, id) in pieces {
+            if len < 2 {
+                continue;
+            }
+            if ids.len() <= len {
+                ids.resize(len + 1, None);
+            }
+            if let Some(slot @ None) = ids.get_mut(len) {
+                *slot = Some(id);
+            }
+        }
+        Self { ids }
+    }
+
+    /// Hands `text` (escaped) on as text and whitespace pieces, in order: every run of two
+    /// or more `▁` becomes pieces; a `▁` no piece took stays with the text after it.
+    pub(crate) fn split<'t>(&self, text: &'t str, mut emit: impl FnMut(RunPiece<'t>)) {
+        if self.ids.is_empty() {
+            if !text.is_empty() {
+                emit(RunPiece::Text(text));
+            }
+            return;
+        }
+        let meta_len = META.len_utf8();
+        let mut text_start = 0; // start of the text not yet handed on
+        let mut rest = text;
+        let mut offset = 0;
+        while let Some(found) = rest.find(META) {
+            let run_start = offset + found;
+            let run_chars = rest[found..].chars().take_while(|&c| c == META).count();
+            let run_end = run_start + run_chars * meta_len;
+            offset = run_end;
+            rest = text.get(run_end..).unwrap_or_default();
+            if run_chars < 2 {
+                continue;
+            }
+            if let Some(before) = text.get(text_start..run_start).filter(|t| !t.is_empty()) {
+                emit(RunPiece::Text(before));
+            }
+            text_start = run_end;
+            let mut at = run_start;
+            for len in self.segment(run_chars) {
+                match self.ids.get(len).copied().flatten() {
+                    Some(id) => emit(RunPiece::Token(id)),
+                    // A lone `▁` (no whitespace piece took it): to the text, joining what
+                    // follows if it ends the run.
+                    None if at + len * meta_len == run_end => text_start = at,
+                    None => emit(RunPiece::Text(
+                        text.get(at..at + len * meta_len).unwrap_or_default(),
+                    )),
+                }
+                at += len * meta_len;
+            }
+        }
+        if let Some(tail) = text.get(text_start..).filter(|t| !t.is_empty()) {
+            emit(RunPiece::Text(tail));
+        }
+    }
+
+    /// The lengths a run of `len` `▁` splits into (BPE: the merge whose result has the
+    /// lowest id first, then the longer left part, then the leftmost).
+    fn segment(&self, len: usize) -> Vec<usize> {
+        let piece_id = |n: usize| self.ids.get(n).copied().flatten();
+        let mut lens = vec![1usize; len];
+        let mut next: Vec<usize> = (1..=len).collect();
+        let mut prev: Vec<usize> = (0..len).map(|i| i.wrapping_sub(1)).collect();
+        // Candidate merges: (id, longer left first, left index, right index, their lengths).
+        type Candidate = Reverse<(u32, Reverse<usize>, usize, usize, usize, usize)>;
+        let mut queue: BinaryHeap<Candidate> = BinaryHeap::new();
+        let candidate = |lens: &[usize], left: usize, right: usize| {
+            let (l, r) = (*lens.get(left)?, *lens.get(right)?);
+            let id = piece_id(l + r)?;
+            Some(Reverse((id, Reverse(l), left, right, l, r)))
+        };
+        queue.extend((1..len).filter_map(|right| candidate(&lens, right - 1, right)));
+        while let Some(Reverse((_, _, left, right, l, r))) = queue.pop() {
+            // Stale: a side merged since (lengths only grow; a merged-away symbol is 0).
+            if lens.get(left) != Some(&l)
+                || lens.get(right) != Some(&r)
+                || next.get(left) != Some(&right)
+            {
+                continue;
+            }
+            let after = next.get(right).copied().unwrap_or(len);
+            if let Some(n) = lens.get_mut(left) {
+                *n = l + r;
+            }
+            if let Some(n) = lens.get_mut(right) {
+                *n = 0;
+            }
+            if let Some(n) = next.get_mut(left) {
+                *n = after;
+            }
+            if let Some(p) = prev.get_mut(after) {
+                *p = left;
+            }
+            let before = prev.get(left).copied().unwrap_or(usize::MAX);
+            queue.extend(candidate(&lens, before, left));
+            queue.extend(candidate(&lens, left, after));
+        }
+        lens.into_iter().filter(|&n| n > 0).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +397,56 @@ mod tests {
     fn byte_without_token_becomes_unk() {
         let (vocab, spm) = model(&[("<unk>", 0.0), ("x", -1.0)]);
         assert_eq!(encode(&vocab, &spm, "xy"), vec![1, 0]);
+    }
+
+    /// Gemma 3's whitespace pieces: ids 138.. for 2..=31 spaces.
+    fn gemma_runs() -> SpaceRuns {
+        SpaceRuns::new((2..=31).map(|n| (n, 136 + n as u32)))
+    }
+
+    #[test]
+    fn space_runs_split_as_transformers_gemma_tokenizer() {
+        // transformers 5.24's tokenizer built from the Gemma 3 GGUF (gemma_tokenizer),
+        // `" " * n + "x"`: the run's pieces, as numbers of spaces.
+        let runs = gemma_runs();
+        for (len, want) in [
+            (2, vec![2]),
+            (5, vec![5]),
+            (31, vec![31]),
+            (32, vec![16, 16]),
+            (33, vec![16, 17]),
+            (40, vec![16, 24]),
+            (47, vec![16, 31]),
+            (62, vec![16, 16, 30]),
+            (63, vec![16, 16, 31]),
+            (64, vec![16, 16, 16, 16]),
+            (65, vec![16, 16, 16, 17]),
+            (100, vec![16, 16, 16, 16, 16, 20]),
+        ] {
+            assert_eq!(runs.segment(len), want, "{len}");
+        }
+    }
+
+    fn split(runs: &SpaceRuns, text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        runs.split(text, |piece| {
+            out.push(match piece {
+                RunPiece::Text(t) => format!("text {t}"),
+                RunPiece::Token(id) => format!("id {id}"),
+            })
+        });
+        out
+    }
+
+    #[test]
+    fn space_runs_leave_single_meta_to_the_text() {
+        let runs = gemma_runs();
+        assert_eq!(split(&runs, "▁a▁▁b▁"), ["text ▁a", "id 138", "text b▁"]);
+        assert_eq!(split(&runs, "▁▁▁"), ["id 139"]);
+        assert!(split(&runs, "").is_empty());
+        // Without a piece of one length, a run may keep a lone `▁`: it joins what follows.
+        let sparse = SpaceRuns::new([(2, 7)]);
+        assert_eq!(split(&sparse, "x▁▁▁y"), ["text x", "id 7", "text ▁y"]);
+        assert_eq!(split(&SpaceRuns::default(), "a▁▁b"), ["text a▁▁b"]);
     }
 }

@@ -1078,7 +1078,7 @@ fn spm_whitespace_user_defined_tokens_match_after_spaces_become_meta() {
         ]
     );
     assert_eq!(tok.encode(" ▁", false).unwrap(), vec![two_spaces]);
-    // Three spaces: the leftmost-longest match, then the rest merges as usual.
+    // Three spaces, no three-space piece: `▁▁`, and the lone `▁` merges with what follows.
     assert_eq!(
         tok.encode("   hello", false).unwrap(),
         vec![two_spaces, hello]

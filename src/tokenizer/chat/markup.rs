@@ -52,6 +52,8 @@ struct Rewrite {
 /// `source` with every `+` and `*` operation written as a call to [`ADD_FUNCTION`] /
 /// [`MUL_FUNCTION`] (see the module docs); unchanged when it does not parse, or (never
 /// seen; logged) when an operator's operands are not laid out as the parser describes.
+// `SyntaxConfig` is a unit struct unless minijinja's `custom_syntax` feature is on.
+#[allow(clippy::default_constructed_unit_structs)]
 pub(super) fn rewrite_operators(source: &str) -> String {
     let whitespace = WhitespaceConfig {
         keep_trailing_newline: false,
