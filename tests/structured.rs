@@ -348,15 +348,17 @@ fn trigger_switches_the_grammar_on_where_it_appears() {
         Allowed::Mask(v) => assert!(v.is_allowed(digit) && !v.is_allowed(letter)),
         _ => panic!("constrained after the trigger"),
     }
-    // End to end: trigger "," in a list, then the grammar's shape.
-    let lark = "start: \",\" / [a-z]{1,12}/ \".\"".to_string();
-    let ask = "List three fruits, separated by commas.";
-    let c = Constraint { grammar: Grammar::Lark(lark), trigger: Some(",".into()) };
+    // End to end: free text up to its first line break, then the grammar
+    // allows exactly one numbered item and the end (the line-break token may
+    // hold several: the grammar takes `\n+`).
+    let lark = "start: /\\n+/ /[0-9]/ \". \" /[A-Z][a-z]{1,12}/".to_string();
+    let ask = "List three fruits.";
+    let c = Constraint { grammar: Grammar::Lark(lark), trigger: Some("\n".into()) };
     let p = SamplingParams { constraint: Some(c), ..SamplingParams::greedy(64) };
     let (text, _, finish) = run_all(&e, vec![GenerateRequest { prompt: chat(ask), params: p, priority: 0 }]).remove(0);
-    let at = text.find(',').unwrap_or_else(|| panic!("the model wrote no comma: {text:?}"));
-    let rest = &text[at..];
-    assert!(regex_lite(r"^, [a-z]{1,12}\.$").is_match(rest), "{text:?}");
+    let at = text.find('\n').unwrap_or_else(|| panic!("the model wrote no line break: {text:?}"));
+    assert!(!text[..at].is_empty(), "{text:?}");
+    assert!(regex_lite(r"^\n+[0-9]\. [A-Z][a-z]{1,12}$").is_match(&text[at..]), "{text:?}");
     assert_eq!(finish, Some(FinishReason::Stop));
 }
 
@@ -510,7 +512,7 @@ async fn http_bad_constraints_are_400_naming_the_field() {
     for (extra, param) in [
         (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}), "response_format"),
         (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "no-such"}}}}), "response_format"),
-        (json!({"guided_json": {"type": "object", "properties": {"a": {"type": "string", "minLength": 5, "maxLength": 2}}}}), "guided_json"),
+        (json!({"guided_json": {"type": "object", "properties": {"a": {"type": "string", "minLength": 5, "maxLength": 2}}, "required": ["a"]}}), "guided_json"),
         (json!({"guided_regex": "(unclosed"}), "guided_regex"),
         (json!({"guided_choice": []}), "guided_choice"),
         (json!({"grammar": "root ::= nowhere"}), "grammar"),

@@ -293,7 +293,7 @@ mod tests {
     fn bad_values_name_their_field() {
         for (s, param) in [
             (r#"{"response_format":{"type":"json_object"},"guided_regex":"a"}"#, "guided_regex"),
-            (r#"{"structured_outputs":{"regex":"a","choice":["b"]}}"#, "structured_outputs.regex"),
+            (r#"{"structured_outputs":{"regex":"a","choice":["b"]}}"#, "structured_outputs.choice"),
             (r#"{"response_format":{"type":"yaml"}}"#, "response_format.type"),
             (r#"{"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"objekt"}}}}"#, "response_format"),
             (r#"{"guided_json":"{not json"}"#, "guided_json"),
