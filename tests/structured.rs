@@ -223,6 +223,35 @@ fn json_schemas_validate_alone_and_64_at_once() {
     assert_eq!((s.running, s.waiting), (0, 0));
 }
 
+/// A KV cache too small for all at once: sequences are preempted and
+/// recomputed, and their constraint state (kept by the sampler, checked
+/// against the sequence's length) carries on: every output still validates.
+#[test]
+fn constrained_outputs_survive_preemption() {
+    let Some((model, tok)) = common::real_model() else { return };
+    let mut c = Config::default();
+    c.runtime.workers = Count::N(1);
+    c.runtime.threads_per_worker = Count::N(2);
+    c.kv_cache.capacity_tokens = 1024;
+    c.validate().unwrap();
+    let e = Engine::start(model, tok, c).unwrap();
+    let set = schemas();
+    let mut reqs = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..16usize {
+        let (name, schema, ask) = &set[i % 5];
+        let p = SamplingParams { max_tokens: 200, temperature: 0.8, seed: Some(50 + i as u64), ..SamplingParams::default() };
+        reqs.push(GenerateRequest { prompt: chat(ask), params: constrained(Grammar::JsonSchema(schema.clone()), p), priority: 0 });
+        want.push((*name, schema.clone()));
+    }
+    let outs = run_all(&e, reqs);
+    assert!(e.stats().preemptions > 0, "the test needs preemptions");
+    for ((name, schema), (text, _, finish)) in want.iter().zip(&outs) {
+        validates(schema, text).unwrap_or_else(|m| panic!("{name}: {m}"));
+        assert_eq!(finish, &Some(FinishReason::Stop), "{name}: {text:?}");
+    }
+}
+
 #[test]
 fn regex_choice_and_gbnf_outputs_match() {
     let Some(e) = engine() else { return };

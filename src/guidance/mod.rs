@@ -25,7 +25,15 @@
 //! and `stop_token_ids` are allowed only where the grammar accepts, and once
 //! the grammar is complete only end-of-generation is (finish reason `stop`);
 //! `ignore_eos` and `min_tokens` cannot be combined with a constraint (they
-//! would contradict it), and are refused.
+//! would contradict it), and are refused. Stop strings still end a
+//! constrained completion where they match (the caller asked for that), and
+//! `max_tokens` may cut it short (finish reason `length`).
+//!
+//! With a trigger, the token that completes the trigger may carry text past
+//! it; that text is fed to the grammar too, and if the grammar rejects it the
+//! completion ends there (only end-of-generation is allowed; logged).
+//! Grammars used with triggers should accept what the model's tokens put
+//! right after the trigger (e.g. start with `/\n+/` rather than `"\n"`).
 
 pub mod compile;
 mod gbnf;

@@ -173,7 +173,10 @@ impl SeqGuide {
                         let mut m = Matcher::new(Ok(*parser));
                         match m.consume_tokens(&feed) {
                             Ok(()) => Phase::Active(Box::new(m)),
-                            Err(e) => Phase::Broken(format!("the output after the trigger does not match the grammar: {e}")),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the output after the trigger does not match the grammar: ending the completion");
+                                Phase::Broken(format!("the output after the trigger does not match the grammar: {e}"))
+                            }
                         }
                     }
                 }
