@@ -232,7 +232,7 @@ fn constrained_outputs_survive_preemption() {
     let mut c = Config::default();
     c.runtime.workers = Count::N(1);
     c.runtime.threads_per_worker = Count::N(2);
-    c.kv_cache.capacity_tokens = 1024;
+    c.kv_cache.capacity_tokens = 320;
     c.validate().unwrap();
     let e = Engine::start(model, tok, c).unwrap();
     let set = schemas();
