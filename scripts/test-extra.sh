@@ -3,7 +3,9 @@
 #   1. deploy/: hadolint (Dockerfile), kubernetes-validate (manifests), and that the
 #      ConfigMap's config, config/*.toml and the Prometheus files parse;
 #   2. the official `openai` Python client against `brigade serve` with the real
-#      model: greedy text equals `brigade generate --temperature 0 --json`.
+#      model: greedy text equals `brigade generate --temperature 0 --json`;
+#   3. structured output through the same client, validated with `jsonschema`
+#      (tests/py/structured.py).
 # Installs what it needs into a venv under target/ (network: PyPI only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +77,14 @@ printf '[[server.tenants]]\nname = "ci"\napi_keys = ["%s"]\n' "$HASH" >"$CFG"
 start_server "$CFG" target/py-extra/serve-openai.log
 trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
 "$PY" tests/openai_client.py --base-url "$BASE" --api-key "$KEY" --brigade "$BIN"
+trap - EXIT
+stop_server
+
+echo "== structured output: openai client + jsonschema"
+"$VENV/bin/pip" install -q --disable-pip-version-check "jsonschema==4.26.0"
+start_server "$CFG" target/py-extra/serve-structured.log
+trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
+"$PY" tests/py/structured.py --base-url "$BASE" --api-key "$KEY"
 trap - EXIT
 stop_server
 echo "test-extra: all passed"

@@ -10,11 +10,14 @@
 //! Brigade-only series: `brigade:worker_busy_seconds_total{worker}`,
 //! `brigade:pipeline_bubble_ratio`, `brigade:channel_occupancy{channel}`,
 //! `brigade:tenant_virtual_counter{tenant}`, `brigade:tenant_queue_depth{tenant}`,
-//! `brigade:tenant_requests_in_flight{tenant}`, `brigade:request_errors_total{error_type}`.
+//! `brigade:tenant_requests_in_flight{tenant}`, `brigade:request_errors_total{error_type}`,
+//! `brigade:guided_decoding_mask_seconds` (per-token allowed-token mask time of
+//! constrained completions; process-wide, observed by the sampler through
+//! [`observe_guided_mask`]).
 
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
-use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::engine::EngineStats;
 
@@ -26,6 +29,22 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0];
 const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+
+const MASK_BUCKETS: &[f64] = &[1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0];
+
+/// Per-token mask time of constrained completions (the sampler observes it
+/// outside any request; every registry shows the same series).
+static GUIDED_MASK: LazyLock<Option<Histogram>> = LazyLock::new(|| {
+    Histogram::with_opts(hist("brigade:guided_decoding_mask_seconds", "Time to compute one constrained token's allowed-token mask.", MASK_BUCKETS))
+        .ok()
+});
+
+/// Records one allowed-token mask computation of `seconds`.
+pub fn observe_guided_mask(seconds: f64) {
+    if let Some(h) = GUIDED_MASK.as_ref() {
+        h.observe(seconds);
+    }
+}
 
 /// All metric handles.
 #[derive(Debug)]
@@ -128,6 +147,9 @@ impl Metrics {
             model_name: model_name.to_string(),
             last: Mutex::new(EngineStats::default()),
         };
+        if let Some(h) = GUIDED_MASK.as_ref() {
+            s.registry.register(Box::new(h.clone()))?;
+        }
         Ok(s)
     }
 
@@ -231,5 +253,7 @@ mod tests {
         assert!(text.contains("brigade:num_requests_waiting{model_name=\"tiny\"} 3"), "{text}");
         assert!(text.contains("brigade:request_success_total{finished_reason=\"stop\",model_name=\"tiny\",tenant=\"a\"} 1"), "{text}");
         assert!(text.contains("brigade:pipeline_bubble_ratio 0.25"), "{text}");
+        observe_guided_mask(2e-4);
+        assert!(m.render().contains("brigade:guided_decoding_mask_seconds_bucket{le=\"0.00025\"}"), "{}", m.render());
     }
 }

@@ -386,14 +386,46 @@ fn processors_active(r: &RowParams<'_>) -> bool {
 /// the unmodified `raw`. Over a 262k vocabulary a greedy row costs three
 /// vectorized passes (max, first position of the max, sum of exps).
 pub fn sample(raw: &[f32], work: &mut [f32], r: &RowParams<'_>) -> Sampled {
+    sample_allowed(raw, work, r, None)
+}
+
+/// Sets to `-inf` the logit of every token whose bit is clear in `allowed`
+/// (bit `i % 32` of word `i / 32`; ids past the bits are disallowed).
+pub fn apply_allowed(logits: &mut [f32], allowed: &[u32]) {
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = allowed.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX && chunk.len() == 32 {
+            continue;
+        }
+        if bits == 0 {
+            chunk.fill(f32::NEG_INFINITY);
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if bits & (1 << b) == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// [`sample`] restricted to the tokens set in `allowed` (a constraint's
+/// mask, see [`apply_allowed`]), applied after the processors and before
+/// temperature and truncation; masked tokens are never chosen, and the draw
+/// is the same counter-based one, so a seeded constrained row gives the same
+/// token whatever batch it is in. At least one token must be allowed.
+pub fn sample_allowed(raw: &[f32], work: &mut [f32], r: &RowParams<'_>, allowed: Option<&[u32]>) -> Sampled {
     let p = r.params;
     let m_raw = max_of(raw);
-    let greedy_raw = p.temperature <= 0.0 && !processors_active(r);
+    let greedy_raw = p.temperature <= 0.0 && !processors_active(r) && allowed.is_none();
     let logits: &mut [f32] = if greedy_raw {
         &mut []
     } else {
         work.copy_from_slice(raw);
         apply_processors(work, r);
+        if let Some(bits) = allowed {
+            apply_allowed(work, bits);
+        }
         work
     };
     let token = if greedy_raw {
@@ -408,7 +440,11 @@ pub fn sample(raw: &[f32], work: &mut [f32], r: &RowParams<'_>) -> Sampled {
         let u = uniform(r.seed, r.index as u64, r.position as u64);
         let truncating = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
         if truncating {
-            let cand = truncate(logits, p.top_k, p.top_p, p.min_p);
+            let mut cand = truncate(logits, p.top_k, p.top_p, p.min_p);
+            // Masked tokens (-inf) are never candidates, however the exp rounds.
+            if cand.iter().any(|c| c.1 > f32::NEG_INFINITY) {
+                cand.retain(|c| c.1 > f32::NEG_INFINITY);
+            }
             let m = cand.iter().fold(f32::NEG_INFINITY, |a, c| a.max(c.1));
             let total: f64 = cand.iter().map(|&(_, v)| fast_exp(v - m) as f64).sum();
             let target = u * total;
@@ -433,13 +469,15 @@ pub fn sample(raw: &[f32], work: &mut [f32], r: &RowParams<'_>) -> Sampled {
             let mut last = argmax(logits);
             'scan: {
                 for (i, &v) in logits.iter().enumerate() {
+                    // Masked (-inf) tokens weigh nothing (fast_exp would give ~1e-38).
+                    if v == f32::NEG_INFINITY {
+                        continue;
+                    }
                     acc += fast_exp(v - m) as f64;
                     if acc > target {
                         break 'scan i as u32;
                     }
-                    if v > f32::NEG_INFINITY {
-                        last = i as u32;
-                    }
+                    last = i as u32;
                 }
                 last
             }
@@ -624,6 +662,42 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn allowed_masks_restrict_every_sampling_mode() {
+        let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 100) as f32 / 10.0).collect();
+        // Allow 3, 40, 77 (none of them the argmax: 37*i % 100 = 99 at i = 27).
+        let mut bits = vec![0u32; 4];
+        for t in [3usize, 40, 77] {
+            bits[t / 32] |= 1 << (t % 32);
+        }
+        let best = *[3usize, 40, 77].iter().max_by(|&&a, &&b| logits[a].total_cmp(&logits[b])).unwrap() as u32;
+        for p in [
+            SamplingParams::greedy(1),
+            SamplingParams { temperature: 1.0, ..Default::default() },
+            SamplingParams { temperature: 2.0, top_k: 50, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_p: 0.9, min_p: 0.01, ..Default::default() },
+        ] {
+            let mut seen = std::collections::HashSet::new();
+            for pos in 0..2000 {
+                let mut w = logits.clone();
+                let r = RowParams { position: pos, ..row(&p, &[], &[]) };
+                let s = sample_allowed(&logits, &mut w, &r, Some(&bits));
+                assert!([3, 40, 77].contains(&s.token), "{p:?}: {}", s.token);
+                seen.insert(s.token);
+                if p.temperature == 0.0 {
+                    assert_eq!(s.token, best);
+                }
+            }
+            if p.temperature >= 1.0 && p.top_k < 0 && p.top_p == 1.0 {
+                assert_eq!(seen.len(), 3, "{p:?}");
+            }
+        }
+        // Ids past the mask's words are disallowed.
+        let mut l = vec![0.0f32; 40];
+        apply_allowed(&mut l, &[u32::MAX]);
+        assert!(l[..32].iter().all(|v| *v == 0.0) && l[32..].iter().all(|v| *v == f32::NEG_INFINITY));
+    }
 
     #[test]
     fn fast_exp_is_accurate() {

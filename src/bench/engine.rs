@@ -2,7 +2,11 @@
 //! runtime, in the spirit of `vllm bench throughput` and `llama-batched-bench`.
 //!
 //! Requests have random token prompts (no special tokens) and generate exactly
-//! their output length (`ignore_eos`). They are submitted all at once or with
+//! their output length (`ignore_eos`). With `--structured json-schema` each
+//! request instead carries its own JSON schema (distinct property names and
+//! bounds per request, an array that cannot close before the output length),
+//! so every stream is constrained for its whole length; the report then adds
+//! the per-token mask time (p50/p99). They are submitted all at once or with
 //! Poisson arrivals, under a concurrency cap; per-request TTFT and
 //! time-per-output-token are measured on the caller's side of the stream.
 
@@ -58,6 +62,51 @@ impl LenSpec {
     }
 }
 
+/// Constrained output for every request (`--structured`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Structured {
+    /// Each request gets its own JSON schema.
+    JsonSchema,
+}
+
+impl std::str::FromStr for Structured {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "json-schema" => Ok(Self::JsonSchema),
+            _ => Err(format!("`{s}` is not a structured-output workload (json-schema)")),
+        }
+    }
+}
+
+/// The JSON schema of request `i` of the structured workload: its own
+/// property names and bounds, and an array that cannot close before
+/// `min_items` elements (so the constraint holds for the whole output).
+pub fn bench_schema(i: usize, min_items: usize) -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            format!("records_{i}"): {
+                "type": "array",
+                "minItems": min_items,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        format!("id_{i}"): {"type": "integer", "minimum": 0, "maximum": 1000 + i},
+                        format!("label_{i}"): {"type": "string", "maxLength": 4 + i % 13},
+                        "kind": {"enum": ["a", "b", format!("c{i}")]},
+                        "ok": {"type": "boolean"}
+                    },
+                    "required": [format!("id_{i}"), format!("label_{i}"), "kind", "ok"],
+                    "additionalProperties": false
+                }
+            }
+        },
+        "required": [format!("records_{i}")],
+        "additionalProperties": false
+    })
+}
+
 /// `brigade bench` options (the command's flags, less the model and config
 /// paths and the output format).
 #[derive(Debug, Clone)]
@@ -88,6 +137,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Draw a progress bar on stderr when it is a terminal.
     pub progress: bool,
+    /// Constrain every request's output.
+    pub structured: Option<Structured>,
 }
 
 /// Why `brigade bench` could not run.
@@ -180,6 +231,14 @@ pub struct BenchReport {
     pub concurrency: usize,
     /// Busy fraction of each worker over the run.
     pub worker_busy_fraction: Vec<f64>,
+    /// Constrained workload (`json-schema`), if any.
+    pub structured: Option<String>,
+    /// Allowed-token masks computed during the run.
+    pub masks: u64,
+    /// Median per-token mask time, microseconds (within 5%).
+    pub mask_p50_us: f64,
+    /// 99th-percentile per-token mask time, microseconds (within 5%).
+    pub mask_p99_us: f64,
 }
 
 struct Job {
@@ -194,7 +253,21 @@ fn build_jobs(a: &BenchOptions, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job
     let first = (0..vocab as u32).find(|&t| !tok.is_special(t)).unwrap_or(0);
     let span = (vocab as u32 - first).max(1) as u64;
     let prefix: Vec<u32> = (0..a.prefix_len).map(|_| first + (next() % span) as u32).collect();
-    let params = |out: usize| SamplingParams { max_tokens: out, ignore_eos: true, ..SamplingParams::greedy(out) };
+    let mut index = 0usize;
+    let mut params = |out: usize| {
+        index += 1;
+        match a.structured {
+            None => SamplingParams { max_tokens: out, ignore_eos: true, ..SamplingParams::greedy(out) },
+            // The array needs more elements than `out` tokens can hold: the output never completes early.
+            Some(Structured::JsonSchema) => SamplingParams {
+                constraint: Some(crate::guidance::Constraint {
+                    grammar: crate::guidance::Grammar::JsonSchema(bench_schema(index, out + 1)),
+                    trigger: None,
+                }),
+                ..SamplingParams::greedy(out)
+            },
+        }
+    };
     if let Some(path) = &a.dataset {
         let text = std::fs::read_to_string(path).map_err(|source| BenchError::ReadDataset { path: path.clone(), source })?;
         let bad = |line: usize, what: &str| BenchError::DatasetLine { path: path.clone(), line, what: what.to_string() };
@@ -261,6 +334,11 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
     let engine = Engine::start(model, tok, cfg)?;
     // Warm-up: one short request (first-touch of weights and buffers).
     drain(engine.submit(GenerateRequest::tokens(vec![100, 200, 300], SamplingParams::greedy(2)))?);
+    if a.structured.is_some() {
+        // The vocabulary's trie and slices are built once, before the clock starts.
+        engine.validator().guidance().get().map_err(|e| EngineError::Invalid { param: Some("constraint".into()), message: e.to_string() })?;
+    }
+    let masks0 = engine.validator().guidance().built().map(|g| g.mask_times().snapshot());
     let busy0 = engine.stats().worker_busy_s;
 
     let progress = a.progress && std::io::stderr().is_terminal();
@@ -365,6 +443,13 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
     r.prefix_cache_hit_rate = if stats.prefix_queries > 0 { stats.prefix_hits as f64 / stats.prefix_queries as f64 } else { 0.0 };
     r.worker_busy_fraction =
         stats.worker_busy_s.iter().zip(busy0.iter().chain(std::iter::repeat(&0.0))).map(|(b, b0)| (b - b0) / duration).collect();
+    r.structured = a.structured.map(|_| "json-schema".to_string());
+    if let (Some(g), Some(m0)) = (engine.validator().guidance().built(), masks0) {
+        let m = g.mask_times().snapshot().since(&m0);
+        r.masks = m.count();
+        r.mask_p50_us = m.quantile(0.5) * 1e6;
+        r.mask_p99_us = m.quantile(0.99) * 1e6;
+    }
     drop(engine);
     Ok(r)
 }

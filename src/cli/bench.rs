@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use brigade::bench::engine::{run_offline, BenchOptions, BenchReport, LenSpec};
+use brigade::bench::engine::{run_offline, BenchOptions, BenchReport, LenSpec, Structured};
 use brigade::bench::http::{run_http_bench, Endpoint, HttpBenchOptions};
 
 use super::ModelArgs;
@@ -51,6 +51,10 @@ pub(crate) struct BenchArgs {
     /// Seed for the synthetic prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Constrain every request's output: `json-schema` (each request its own
+    /// JSON schema); the report adds the per-token mask time.
+    #[arg(long)]
+    structured: Option<Structured>,
     /// Configuration file (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -84,6 +88,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         prefix_len: a.prefix_len,
         seed: a.seed,
         progress: !a.no_progress && !a.json,
+        structured: a.structured,
     };
     let r = run_offline(&opts, model, tok, cfg)?;
     if a.json {
@@ -114,6 +119,11 @@ fn print_table(r: &BenchReport) {
     println!("{:<34} {:>12.1}", "peak KV usage (%)", r.peak_kv_usage * 100.0);
     println!("{:<34} {:>12}", "preemptions", r.preemptions);
     println!("{:<34} {:>12.1}", "prefix cache hit rate (%)", r.prefix_cache_hit_rate * 100.0);
+    if let Some(s) = &r.structured {
+        println!("{:<34} {:>12}", "structured output", s);
+        println!("{:<34} {:>12}", "mask time p50/p99 (us)", format!("{:.0}/{:.0}", r.mask_p50_us, r.mask_p99_us));
+        println!("{:<34} {:>12}", "masks computed", r.masks);
+    }
     let busy: Vec<String> = r.worker_busy_fraction.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
     println!("{:<34} {:>12}", "worker busy", busy.join(" "));
 }

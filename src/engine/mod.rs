@@ -195,8 +195,15 @@ impl Engine {
         } else {
             None
         };
-        let sampler =
-            SamplerActor { rx: logits_rx, tx: feedback_tx, recycle: recycle_tx, vocab: c.vocab_size, pool: sampler_pool, faults: faults.clone() };
+        let sampler = SamplerActor {
+            rx: logits_rx,
+            tx: feedback_tx,
+            recycle: recycle_tx,
+            vocab: c.vocab_size,
+            pool: sampler_pool,
+            faults: faults.clone(),
+            guidance: validator.guidance().clone(),
+        };
         handles.push(spawn("sampler".into(), &sup, move || sampler.run())?);
 
         let open_completions = Arc::new(std::sync::atomic::AtomicUsize::new(0));

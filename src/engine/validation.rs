@@ -6,7 +6,10 @@
 //! Owns: parameter ranges, prompt encoding (text, chat template, token ids),
 //! the context-length rule, the byte-length pre-check that refuses a prompt
 //! before tokenizing it when no tokenization of that many bytes could fit,
-//! the stop-string budget, and drawing a seed. Does not own: HTTP shapes
+//! the stop-string budget, drawing a seed, and constraints (the grammar
+//! compiles against this vocabulary, through the [`LazyGuidance`] the sampler
+//! shares; `ignore_eos` and `min_tokens` are refused next to one, as they
+//! would contradict it). Does not own: HTTP shapes
 //! (server/api.rs), admission, scheduling.
 
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use super::error::EngineError;
 use super::request::{GenerateRequest, Prompt};
 use super::stop::StopMatcher;
+use crate::guidance::LazyGuidance;
 use crate::sampling::{self, SamplingParams};
 use crate::tokenizer::{ChatEncodeOptions, ChatMessage, Tokenizer};
 
@@ -70,6 +74,8 @@ pub struct Validator {
     info: EngineInfo,
     /// `[tokenizer] parse_special_in_content`: control-token text in messages is parsed.
     parse_special_in_content: bool,
+    /// Constrained decoding over this vocabulary (built on the first constraint).
+    guidance: Arc<LazyGuidance>,
 }
 
 fn invalid(param: &str, message: impl Into<String>) -> EngineError {
@@ -89,7 +95,13 @@ impl Validator {
             .max()
             .unwrap_or(1)
             .max(1);
-        Self { tok, info: EngineInfo { max_len, vocab_size, max_n, max_stop_bytes, max_token_bytes }, parse_special_in_content }
+        let guidance = Arc::new(LazyGuidance::new(tok.clone()));
+        Self { tok, info: EngineInfo { max_len, vocab_size, max_n, max_stop_bytes, max_token_bytes }, parse_special_in_content, guidance }
+    }
+
+    /// Constrained decoding over this vocabulary (shared with the sampler).
+    pub fn guidance(&self) -> &Arc<LazyGuidance> {
+        &self.guidance
     }
 
     /// The limits.
@@ -253,6 +265,16 @@ impl Validator {
         }
         if p.min_tokens > p.max_tokens {
             return Err(invalid("min_tokens", format!("min_tokens ({}) must be <= max_tokens ({})", p.min_tokens, p.max_tokens)));
+        }
+        if let Some(c) = &p.constraint {
+            if p.ignore_eos {
+                return Err(invalid("ignore_eos", "ignore_eos cannot be combined with structured output: the completion ends when the grammar is complete"));
+            }
+            if p.min_tokens > 0 {
+                return Err(invalid("min_tokens", "min_tokens cannot be combined with structured output: the grammar decides where the output ends"));
+            }
+            let g = self.guidance.get().map_err(|e| invalid("constraint", e.to_string()))?;
+            g.check(c).map_err(|e| invalid("constraint", format!("the output constraint cannot be used: {e}")))?;
         }
         Ok(())
     }

@@ -14,6 +14,12 @@
 //!      `presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `stop`,
 //!      `stop_token_ids`, `ignore_eos`, `min_tokens`, `skip_special_tokens`,
 //!      `stream`, `stream_options`, `priority`;
+//!    - structured output on both ([`crate::guidance::request`] parses them
+//!      into one constraint; more than one is a 400): `response_format`
+//!      (`text`, `json_object`, `json_schema`), vLLM's `structured_outputs`
+//!      and `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`,
+//!      `guided_whitespace_pattern`, `guided_decoding_backend` (llguidance
+//!      only), llama.cpp's `grammar` (GBNF) and `json_schema`;
 //!    - `/v1/completions`: `prompt`, `max_tokens`, `logprobs`, `echo`,
 //!      `suffix` (400 unless empty);
 //!    - `/v1/chat/completions`: `messages`, `max_tokens`,
@@ -29,7 +35,7 @@
 //! 3. **Known but not supported** ([`unsupported_no_op`]): they would change
 //!    the output and are not implemented, so any value other than a no-op is a
 //!    400 naming the field. `null` is always a no-op; the other no-op values:
-//!    - `response_format`: `{"type": "text"}`; `tools`, `functions`: `[]`;
+//!    - `tools`, `functions`: `[]`;
 //!      `tool_choice`: `"none"`, or `"auto"` without tools; `function_call`:
 //!      `"none"`, or `"auto"` without functions; `best_of`: 1 or `n`;
 //!      `modalities`: `["text"]`;
@@ -37,15 +43,12 @@
 //!      `continue_final_message`: false; `add_special_tokens`: false on chat,
 //!      true on completions; `include_stop_str_in_output`: false;
 //!      `spaces_between_special_tokens`: true; `use_beam_search`: false;
-//!      `length_penalty`: 1; `prompt_logprobs`, `guided_json`,
-//!      `guided_regex`, `guided_choice`, `guided_grammar`,
-//!      `guided_decoding_backend`, `guided_whitespace_pattern`,
-//!      `structured_outputs`, `truncate_prompt_tokens`, `allowed_token_ids`,
+//!      `length_penalty`: 1; `prompt_logprobs`, other `guided_*` fields,
+//!      `truncate_prompt_tokens`, `allowed_token_ids`,
 //!      `bad_words`, `logits_processors`, `return_tokens_as_token_ids`,
 //!      `chat_template`, `chat_template_kwargs`, `documents`,
 //!      `mm_processor_kwargs`: none;
-//!    - llama.cpp / text-generation-webui: `grammar`, `json_schema`,
-//!      `n_predict`, `repeat_penalty`, `repeat_last_n`, `penalize_nl`,
+//!    - llama.cpp / text-generation-webui: `n_predict`, `repeat_penalty`, `repeat_last_n`, `penalize_nl`,
 //!      `samplers`, `dry_*`, `xtc_*`: none; `typical_p`, `tfs_z`: 1;
 //!      `top_a`, `mirostat`, `n_probs`, `min_keep`, `dynatemp_range`: 0;
 //!      `dynatemp_exponent`: 1;
@@ -193,6 +196,10 @@ pub struct CommonParams {
     pub stream_options: Option<StreamOptions>,
     /// Scheduling priority inside the tenant (lower first; vLLM extension).
     pub priority: Option<i32>,
+    /// The structured-output constraint of the body's fields
+    /// ([`crate::guidance::request::parse`]), set by [`ApiRequest::parse`].
+    #[serde(skip)]
+    pub constraint: Option<crate::guidance::Constraint>,
 }
 
 /// `POST /v1/completions`.
@@ -383,6 +390,7 @@ impl CommonParams {
         if let Some(v) = self.skip_special_tokens {
             p.skip_special_tokens = v;
         }
+        p.constraint = self.constraint.clone();
         Ok(p)
     }
 
@@ -442,8 +450,8 @@ impl Endpoint {
     /// Whether `field` is parsed and acted on by this endpoint.
     fn honours(self, field: &str) -> bool {
         let lists: &[&[&str]] = match self {
-            Endpoint::Completions => &[COMMON_FIELDS, COMPLETION_FIELDS],
-            Endpoint::Chat => &[COMMON_FIELDS, CHAT_FIELDS],
+            Endpoint::Completions => &[COMMON_FIELDS, COMPLETION_FIELDS, crate::guidance::request::FIELDS],
+            Endpoint::Chat => &[COMMON_FIELDS, CHAT_FIELDS, crate::guidance::request::FIELDS],
             Endpoint::Tokenize => &[TOKENIZE_FIELDS],
             Endpoint::Detokenize => &[DETOKENIZE_FIELDS],
         };
@@ -461,6 +469,7 @@ pub fn unsupported_no_op(ep: Endpoint, field: &str, v: &Value, body: &Map<String
     let n = body.get("n").and_then(Value::as_u64).unwrap_or(1);
     Some(match field {
         "response_format" => v.as_object().is_some_and(|o| o.len() == 1 && o.get("type").is_some_and(|t| t == "text")),
+        "structured_outputs" | "grammar" | "json_schema" => false,
         "tools" | "functions" => empty(Some(v)),
         "tool_choice" => v == "none" || (v == "auto" && empty(body.get("tools"))),
         "function_call" => v == "none" || (v == "auto" && empty(body.get("functions"))),
@@ -473,13 +482,6 @@ pub fn unsupported_no_op(ep: Endpoint, field: &str, v: &Value, body: &Map<String
         "length_penalty" | "typical_p" | "tfs_z" | "dynatemp_exponent" => num(1.0),
         "top_a" | "mirostat" | "n_probs" | "min_keep" | "dynatemp_range" => num(0.0),
         "prompt_logprobs"
-        | "guided_json"
-        | "guided_regex"
-        | "guided_choice"
-        | "guided_grammar"
-        | "guided_decoding_backend"
-        | "guided_whitespace_pattern"
-        | "structured_outputs"
         | "truncate_prompt_tokens"
         | "allowed_token_ids"
         | "bad_words"
@@ -489,8 +491,6 @@ pub fn unsupported_no_op(ep: Endpoint, field: &str, v: &Value, body: &Map<String
         | "chat_template_kwargs"
         | "documents"
         | "mm_processor_kwargs"
-        | "grammar"
-        | "json_schema"
         | "n_predict"
         | "repeat_penalty"
         | "repeat_last_n"
@@ -607,6 +607,7 @@ impl ApiRequest for CompletionRequest {
         let v = parse_object(Endpoint::Completions, bytes)?;
         let mut r: Self = from_value(&v)?;
         r.common = from_value(&v)?;
+        r.common.constraint = constraint(&v)?;
         Ok(r)
     }
 }
@@ -616,8 +617,15 @@ impl ApiRequest for ChatRequest {
         let v = parse_object(Endpoint::Chat, bytes)?;
         let mut r: Self = from_value(&v)?;
         r.common = from_value(&v)?;
+        r.common.constraint = constraint(&v)?;
         Ok(r)
     }
+}
+
+/// The structured-output constraint of a body (a 400 naming the field when wrong).
+fn constraint(v: &Value) -> Result<Option<crate::guidance::Constraint>, ApiError> {
+    let Value::Object(body) = v else { return Ok(None) };
+    crate::guidance::request::parse(body).map_err(|e| ApiError::invalid(&e.param, e.message))
 }
 
 /// Deserializes a parsed body into `T`, naming the offending field in the 400.
@@ -689,10 +697,10 @@ mod tests {
     #[test]
     fn unsupported_fields_refused_unless_no_op() {
         for (body, param) in [
-            (r#"{"messages":[],"response_format":{"type":"json_object"}}"#, "response_format"),
+            (r#"{"messages":[],"response_format":{"type":"json_object"},"guided_regex":"a"}"#, "guided_regex"),
             (r#"{"messages":[],"tools":[{"type":"function","function":{"name":"f"}}]}"#, "tools"),
             (r#"{"messages":[],"tool_choice":"required"}"#, "tool_choice"),
-            (r#"{"messages":[],"guided_json":{"type":"object"}}"#, "guided_json"),
+            (r#"{"messages":[],"guided_json":{"type":"objekt"}}"#, "guided_json"),
             (r#"{"messages":[],"modalities":["text","audio"]}"#, "modalities"),
             (r#"{"messages":[],"dry_multiplier":0.8}"#, "dry_multiplier"),
             (r#"{"messages":[],"echo":true}"#, "echo"),
