@@ -182,6 +182,10 @@ async fn responses_create_stream_and_not_match_chat() {
     // The same prompt again: served from the prefix cache, and reported so.
     assert!(fin["usage"]["input_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "{}", fin["usage"]);
     assert_eq!(ev[2].1["item"]["id"], fin["output"][0]["id"]);
+    // A streamed response is stored once it ends, as its last event shows it.
+    let (st, got) = s.get(&format!("/v1/responses/{}", fin["id"].as_str().unwrap())).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(&got, fin);
 
     // Instructions are a system turn before the input (the prompt grows by their tokens).
     let (st, ri) = s.post("/v1/responses", &json!({"input": q, "instructions": "Answer in one word.", "max_output_tokens": 4, "temperature": 0})).await;

@@ -62,7 +62,7 @@ impl Cors {
             Cors::Any => Some(HeaderValue::from_static("*")),
             Cors::List(list) => {
                 let o = origin.to_ascii_lowercase();
-                list.iter().any(|a| *a == o).then(|| HeaderValue::from_str(origin).ok()).flatten()
+                list.contains(&o).then(|| HeaderValue::from_str(origin).ok()).flatten()
             }
         }
     }

@@ -479,7 +479,7 @@ impl ResponseStore {
     /// Deletes `id` of `tenant`; false when there is none.
     pub fn remove(&self, id: &str, tenant: usize) -> bool {
         let Ok(mut g) = self.inner.lock() else { return false };
-        if !g.map.get(id).is_some_and(|s| s.tenant == tenant) {
+        if g.map.get(id).is_none_or(|s| s.tenant != tenant) {
             return false;
         }
         g.map.remove(id);
@@ -661,7 +661,7 @@ pub fn translate(body: &Map<String, Value>, previous: Option<&Stored>, default_m
         }
     }
     for k in PASSTHROUGH {
-        if let Some(v) = get(*k) {
+        if let Some(v) = get(k) {
             chat.insert((*k).into(), v.clone());
         }
     }
