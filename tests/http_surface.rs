@@ -441,8 +441,15 @@ async fn vllm_metric_rows_and_prefix() {
         assert_eq!(metric_sum(&text, "http_requests_total", &["handler=\"/v1/responses\"", "method=\"POST\"", "status=\"2xx\""]), 1.0, "{text}");
         assert_eq!(metric_sum(&text, "http_requests_total", &["handler=\"/v1/responses\"", "status=\"4xx\""]), 1.0, "{text}");
         assert_eq!(metric_sum(&text, "http_requests_total", &["handler=\"/v1/completions\"", "status=\"2xx\""]), 1.0, "{text}");
-        let other = if prefix == "vllm" { "brigade:" } else { "vllm:" };
-        assert!(!text.contains(other), "only the {prefix}: prefix is published\n{text}");
+        // vLLM's rows are published under the chosen prefix only.
+        let other = if prefix == "vllm" { "brigade" } else { "vllm" };
+        for row in ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total", "generation_tokens_total",
+            "request_success_total", "time_to_first_token_seconds", "e2e_request_latency_seconds", "request_inference_time_seconds",
+            "iteration_tokens_total", "request_params_n", "cache_config_info", "num_preemptions_total", "prefix_cache_queries_total"]
+        {
+            assert!(text.contains(&format!("# TYPE {prefix}:{row} ")), "{prefix}:{row} missing\n{text}");
+            assert!(!text.contains(&format!("{other}:{row}")), "{other}:{row} published with prefix {prefix}\n{text}");
+        }
         assert!(metric_sum(&text, &p("generation_tokens_total"), &[]) >= 11.0, "{text}");
         s.shutdown().await;
     }
