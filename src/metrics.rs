@@ -470,4 +470,50 @@ mod tests {
         assert!(text.contains("brigade:request_success_total{finished_reason=\"stop\",model_name=\"tiny\",tenant=\"a\"} 1"), "{text}");
         assert!(text.contains("brigade:pipeline_bubble_ratio 0.25"), "{text}");
     }
+
+    #[test]
+    fn proc_files_parse() {
+        // `comm` may hold spaces and parentheses; fields are counted after the last `)`.
+        let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 12345 987654321 2000 18446744073709551615";
+        assert_eq!(ProcStat::parse(stat), Some(ProcStat { utime: 250, stime: 50, num_threads: 7, starttime: 12345, vsize: 987654321 }));
+        assert_eq!(ProcStat::parse("garbage"), None);
+        assert_eq!(status_kb("Name:\tx\nVmRSS:\t  1234 kB\nVmSwap: 0 kB\n", "VmRSS:"), Some(1234));
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n";
+        assert_eq!(max_open_files(limits), Some(1024));
+        assert_eq!(boot_time("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"), Some(1_700_000_000));
+    }
+
+    #[test]
+    fn vllm_rows_render_under_either_prefix() {
+        for prefix in ["brigade", "vllm"] {
+            let m = Metrics::with_prefix("tiny", prefix).unwrap();
+            let mut it = crate::engine::IterationTokens::default();
+            for n in [1, 5, 8, 300, 100_000] {
+                it.observe(n);
+            }
+            let st = EngineStats { iteration_tokens: it, ..Default::default() };
+            m.refresh_engine(&st, 0);
+            m.on_request_params("a", 2, 16);
+            m.on_finish("a", "stop", 3, RequestTimes { prefill_s: 0.25, decode_s: 0.5, ..Default::default() });
+            m.set_cache_config(&CacheConfigInfo { block_size: 16, dtype: "f16".into(), prefix_caching: true, num_blocks: 4, num_tokens: 64 });
+            m.on_http("/v1/responses/{id}", "GET", 404, 0.001);
+            m.on_http("none", "BREW", 405, 0.001);
+            let text = m.render();
+            let p = |s: &str| format!("{prefix}:{s}");
+            // Buckets are cumulative: <=1: 1, <=8: 3, <=512: 4, +Inf: 5.
+            assert!(text.contains(&format!("{}{{model_name=\"tiny\",le=\"1\"}} 1", p("iteration_tokens_total_bucket"))), "{text}");
+            assert!(text.contains(&format!("{}{{model_name=\"tiny\",le=\"8\"}} 3", p("iteration_tokens_total_bucket"))), "{text}");
+            assert!(text.contains(&format!("{}{{model_name=\"tiny\",le=\"512\"}} 4", p("iteration_tokens_total_bucket"))), "{text}");
+            assert!(text.contains(&format!("{}{{model_name=\"tiny\",le=\"+Inf\"}} 5", p("iteration_tokens_total_bucket"))), "{text}");
+            assert!(text.contains(&format!("{}{{model_name=\"tiny\"}} 100314", p("iteration_tokens_total_sum"))), "{text}");
+            assert!(text.contains(&format!("{}{{model_name=\"tiny\",tenant=\"a\"}} 0.75", p("request_inference_time_seconds_sum"))), "{text}");
+            assert!(text.contains(&format!("{}{{model_name=\"tiny\",tenant=\"a\"}} 2", p("request_params_n_sum"))), "{text}");
+            assert!(text.contains(&format!("{}{{model_name=\"tiny\",tenant=\"a\"}} 16", p("request_params_max_tokens_sum"))), "{text}");
+            assert!(text.contains("block_size=\"16\",cache_dtype=\"f16\",enable_prefix_caching=\"true\",num_cpu_blocks=\"0\",num_gpu_blocks=\"4\",num_tokens=\"64\"} 1"), "{text}");
+            assert!(text.contains("http_requests_total{handler=\"/v1/responses/{id}\",method=\"GET\",status=\"4xx\"} 1"), "{text}");
+            assert!(text.contains("http_requests_total{handler=\"none\",method=\"other\",status=\"4xx\"} 1"), "{text}");
+            let other = if prefix == "vllm" { "brigade:" } else { "vllm:" };
+            assert!(!text.contains(other), "{text}");
+        }
+    }
 }
