@@ -6,6 +6,9 @@
 #      model: greedy text equals `brigade generate --temperature 0 --json`;
 #   3. structured output through the same client, validated with `jsonschema`
 #      (tests/py/structured.py).
+#   4. its Responses API (`client.responses.create`, streamed and not, retrieve,
+#      delete), `client.models.retrieve` and a CORS preflight, against a server
+#      started with vLLM-style flags (tests/py/responses.py).
 # Installs what it needs into a venv under target/ (network: PyPI only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +88,24 @@ echo "== structured output: openai client + jsonschema"
 start_server "$CFG" target/py-extra/serve-structured.log
 trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
 "$PY" tests/py/structured.py --base-url "$BASE" --api-key "$KEY"
+trap - EXIT
+stop_server
+
+echo "== openai client: Responses API, models.retrieve, CORS (vLLM-style flags)"
+RKEY="resp-key-$$"
+RLOG=target/py-extra/serve-responses.log
+BRIGADE_API_KEY="$RKEY" "$BIN" serve --port 0 --allowed-origins http://app.test --log-format json 2>"$RLOG" &
+SERVER_PID=$!
+BASE=""
+for _ in $(seq 1 600); do
+  BASE=$(sed -n 's/^brigade: listening on //p' "$RLOG" | head -n1)
+  [ -n "$BASE" ] && break
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then cat "$RLOG"; echo "server exited"; exit 1; fi
+  sleep 0.1
+done
+[ -n "$BASE" ] || { cat "$RLOG"; echo "server did not start"; exit 1; }
+trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
+"$PY" tests/py/responses.py --base-url "$BASE" --api-key "$RKEY" --origin http://app.test
 trap - EXIT
 stop_server
 echo "test-extra: all passed"

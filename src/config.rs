@@ -79,6 +79,8 @@ pub struct RuntimeConfig {
     pub max_n: usize,
     /// Most bytes of all stop strings of one request together.
     pub max_stop_bytes: usize,
+    /// Longest prompt + completion in tokens (0 = the model's context length).
+    pub max_model_len: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -94,6 +96,7 @@ impl Default for RuntimeConfig {
             request_queue: 1024,
             max_n: 16,
             max_stop_bytes: 4096,
+            max_model_len: 0,
         }
     }
 }
@@ -242,6 +245,9 @@ impl Config {
         if !(1..=1 << 20).contains(&r.max_stop_bytes) {
             return inv("runtime.max_stop_bytes", format!("must be in 1..=1048576, got {}", r.max_stop_bytes));
         }
+        if r.max_model_len > 1 << 24 {
+            return inv("runtime.max_model_len", format!("must be in 0..=16777216, got {}", r.max_model_len));
+        }
         let k = &self.kv_cache;
         if !(1..=MAX_BLOCK_SIZE).contains(&k.block_size) {
             return inv("kv_cache.block_size", format!("must be in 1..={}, got {}", MAX_BLOCK_SIZE, k.block_size));
@@ -286,6 +292,17 @@ impl Config {
             Count::Auto => workers.max(1),
         }
         .min(self.runtime.channel_capacity)
+    }
+
+    /// The context length in force for a model of `context_length` tokens
+    /// whose KV cache holds `kv_tokens`: the smallest of the two and
+    /// `runtime.max_model_len` (when set).
+    pub fn max_len(&self, context_length: usize, kv_tokens: usize) -> usize {
+        let len = context_length.min(kv_tokens);
+        match self.runtime.max_model_len {
+            0 => len,
+            m => len.min(m),
+        }
     }
 
     /// KV capacity in blocks for a model with `n_layers` layers of width `kv_dim`.

@@ -47,6 +47,8 @@ pub struct EngineStats {
     pub prefill_tokens: u64,
     /// Decode tokens computed.
     pub decode_tokens: u64,
+    /// Tokens per micro-batch, bucketed.
+    pub iteration_tokens: crate::engine::scheduler::IterationTokens,
     /// Busy seconds of each worker.
     pub worker_busy_s: Vec<f64>,
     /// Occupancy of each bounded channel: `(name, queued, capacity)`.

@@ -67,6 +67,7 @@ use crossbeam_channel::bounded;
 pub use error::{EngineError, StartError};
 pub use handle::{EngineHandle, EngineStats, ResponseStream};
 pub use request::{Event, FinishReason, GenerateRequest, Prompt, SamplingParams, Timings, TokenLogprob, Usage};
+pub use scheduler::{IterationTokens, ITERATION_TOKEN_BUCKETS};
 pub use validation::{EngineInfo, ValidRequest, Validator};
 
 use actors::output::OutputActor;
@@ -105,7 +106,7 @@ impl Engine {
         let cap = config.runtime.channel_capacity.max(depth);
         let num_blocks = config.kv_blocks(c.n_layers, c.kv_dim);
         let block_size = config.kv_cache.block_size;
-        let max_len = c.context_length.min(num_blocks * block_size);
+        let max_len = config.max_len(c.context_length, num_blocks * block_size);
         let validator = Validator::new(
             tokenizer.clone(),
             max_len,

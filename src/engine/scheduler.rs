@@ -275,6 +275,35 @@ pub struct SchedulerCounters {
     pub prefill_tokens: u64,
     /// Decode tokens computed.
     pub decode_tokens: u64,
+    /// Tokens per micro-batch, bucketed (the `iteration_tokens_total` histogram).
+    pub iteration_tokens: IterationTokens,
+}
+
+/// Upper bounds of the [`IterationTokens`] buckets (vLLM's `iteration_tokens_total`);
+/// steps above the last fall in the overflow bucket (`+Inf`).
+pub const ITERATION_TOKEN_BUCKETS: [usize; 13] = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384];
+
+/// A histogram of tokens per micro-batch: per-bucket (not cumulative) counts,
+/// the number of steps and the token sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IterationTokens {
+    /// Steps whose token count is <= `ITERATION_TOKEN_BUCKETS[i]` and above the previous bound.
+    pub counts: [u64; ITERATION_TOKEN_BUCKETS.len()],
+    /// Steps in all (including those above the last bound).
+    pub count: u64,
+    /// Tokens over all steps.
+    pub sum: u64,
+}
+
+impl IterationTokens {
+    /// Counts one step of `n` tokens.
+    pub fn observe(&mut self, n: usize) {
+        if let Some(i) = ITERATION_TOKEN_BUCKETS.iter().position(|&ub| n <= ub) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
+        self.sum += n as u64;
+    }
 }
 
 /// The scheduler.
@@ -623,6 +652,7 @@ impl Scheduler {
                 _ => self.counters.decode_tokens += n,
             }
         }
+        self.counters.iteration_tokens.observe(chunks.iter().map(|c| c.tokens.len()).sum());
         let step_id = self.next_step;
         self.next_step += 1;
         self.counters.steps += 1;

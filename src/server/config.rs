@@ -83,8 +83,11 @@ pub struct ServerConfig {
     pub host: String,
     /// Listen port (0 = any free port).
     pub port: u16,
-    /// Name in `/v1/models` and the `model` field (empty = the model's own name).
-    pub served_model_name: String,
+    /// Names served in `/v1/models` and accepted in the `model` field; the
+    /// first is the primary name echoed in responses (empty = the model file's
+    /// stem, or the model's own name). A string or a list in the file.
+    #[serde(deserialize_with = "one_or_many")]
+    pub served_model_name: Vec<String>,
     /// Largest request body in bytes; larger gets 413.
     pub max_body_bytes: usize,
     /// Seconds in-flight requests may run after SIGTERM/SIGINT before they are aborted.
@@ -123,6 +126,50 @@ pub struct ServerConfig {
     /// Key hashes allowed to read `/metrics` (`Authorization: Bearer`); empty = open.
     /// Tenants' keys do not open it.
     pub metrics_api_keys: Vec<KeyHash>,
+    /// Browser origins allowed by CORS (`Access-Control-Allow-Origin`): exact
+    /// origins (`https://app.example.com`), or `*` for any. Empty = CORS off
+    /// (no CORS headers; preflight `OPTIONS` is not answered).
+    pub allowed_origins: Vec<String>,
+    /// Most responses of `POST /v1/responses` kept in memory for
+    /// `GET /v1/responses/{id}` and `previous_response_id` (oldest evicted first).
+    pub responses_store_max: usize,
+    /// Prefix of the engine and request metric names: `brigade` (`brigade:…`) or
+    /// `vllm` (`vllm:…`, so vLLM dashboards and autoscaling rules read them unchanged).
+    pub metrics_prefix: String,
+}
+
+/// A string (one name; `""` = none) or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(s) if s.is_empty() => Vec::new(),
+        Raw::One(s) => vec![s],
+        Raw::Many(v) => v,
+    })
+}
+
+/// Whether `name` can be served as a model name: 1..=256 printable ASCII
+/// characters without spaces (clients put it in URLs: `/v1/models/{name}`).
+pub fn valid_model_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 256 && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `origin` is a valid entry of `allowed_origins`: `*`, or
+/// `scheme://host[:port]` without a path.
+fn valid_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    !scheme.is_empty()
+        && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        && !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
 }
 
 impl Default for ServerConfig {
@@ -130,7 +177,7 @@ impl Default for ServerConfig {
         Self {
             host: "127.0.0.1".into(),
             port: 8000,
-            served_model_name: String::new(),
+            served_model_name: Vec::new(),
             max_body_bytes: 4 << 20,
             shutdown_timeout_s: 30.0,
             max_running: 0,
@@ -147,6 +194,9 @@ impl Default for ServerConfig {
             max_uri_bytes: 8 << 10,
             allowed_hosts: Vec::new(),
             metrics_api_keys: Vec::new(),
+            allowed_origins: Vec::new(),
+            responses_store_max: 1024,
+            metrics_prefix: "brigade".into(),
         }
     }
 }
@@ -212,6 +262,26 @@ impl ServerConfig {
             if !ok {
                 return inv(&format!("allowed_hosts[{i}]"), format!("must be a host name or IP address, `*.domain` or `*`, got {h:?}"));
             }
+        }
+        let mut served = std::collections::HashSet::new();
+        for (i, n) in self.served_model_name.iter().enumerate() {
+            if !valid_model_name(n) {
+                return inv(&format!("served_model_name[{i}]"), format!("must be 1..=256 printable characters without spaces, got {n:?}"));
+            }
+            if !served.insert(n.as_str()) {
+                return inv(&format!("served_model_name[{i}]"), format!("duplicate name {n:?}"));
+            }
+        }
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            if !valid_origin(o) {
+                return inv(&format!("allowed_origins[{i}]"), format!("must be `*` or an origin `scheme://host[:port]` (no path), got {o:?}"));
+            }
+        }
+        if !(1..=1_000_000).contains(&self.responses_store_max) {
+            return inv("responses_store_max", format!("must be in 1..=1000000, got {}", self.responses_store_max));
+        }
+        if !matches!(self.metrics_prefix.as_str(), "brigade" | "vllm") {
+            return inv("metrics_prefix", format!("must be \"brigade\" or \"vllm\", got {:?}", self.metrics_prefix));
         }
         for (k, v) in [("vtc_input_weight", self.vtc_input_weight), ("vtc_output_weight", self.vtc_output_weight)] {
             if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
@@ -287,6 +357,11 @@ mod tests {
             ("max_header_bytes = 10", "server.max_header_bytes"),
             ("max_uri_bytes = 100000", "server.max_uri_bytes"),
             ("allowed_hosts = [\"a b\"]", "server.allowed_hosts[0]"),
+            ("allowed_origins = [\"https://a.com/path\"]", "server.allowed_origins[0]"),
+            ("served_model_name = [\"a\", \"b c\"]", "server.served_model_name[1]"),
+            ("served_model_name = [\"a\", \"a\"]", "server.served_model_name[1]"),
+            ("responses_store_max = 0", "server.responses_store_max"),
+            ("metrics_prefix = \"tgi\"", "server.metrics_prefix"),
         ] {
             let e = ServerConfig::from_toml_str(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
@@ -297,6 +372,15 @@ mod tests {
         assert!(e.contains("api_keys"), "{e}");
         let ok = ServerConfig::from_toml_str(&format!("port = 0\n[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\n")).unwrap();
         assert_eq!(ok.tenants[0].max_queued, 256);
+    }
+
+    #[test]
+    fn served_names_and_origins() {
+        assert_eq!(ServerConfig::from_toml_str("served_model_name = \"m\"").unwrap().served_model_name, ["m"]);
+        assert!(ServerConfig::from_toml_str("served_model_name = \"\"").unwrap().served_model_name.is_empty());
+        let c = ServerConfig::from_toml_str("served_model_name = [\"a\", \"b\"]\nallowed_origins = [\"*\", \"http://localhost:3000\"]").unwrap();
+        assert_eq!(c.served_model_name, ["a", "b"]);
+        assert_eq!(c.allowed_origins.len(), 2);
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Modules: [`config`] (the `[server]` section), [`auth`] (key hashes, tenant
-//! lookup), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
+//! lookup), [`cors`] (allowed origins, preflight), [`openai_responses`] (the
+//! Responses API, translated onto the chat path, and its store), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
 //! actor around it), [`api`] (request DTOs and the accepted-field lists),
 //! [`responses`] (response DTOs), [`routes`] (handlers), [`stream`]
 //! (event → response assembly), [`error`] (the one status table). Metrics
@@ -25,9 +26,11 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod cors;
 mod edge;
 pub mod error;
 pub mod fair;
+pub mod openai_responses;
 pub mod responses;
 pub mod routes;
 pub mod stream;
@@ -63,8 +66,14 @@ pub struct AppState {
     pub engine: EngineHandle,
     /// `[server]` settings in force.
     pub cfg: ServerConfig,
-    /// Name served in `/v1/models`.
+    /// Primary name served in `/v1/models` (the first of `served_names`).
     pub model_name: String,
+    /// Every served name (aliases): listed in `/v1/models`, accepted in `model`.
+    pub served_names: Vec<String>,
+    /// Stored `/v1/responses` responses.
+    pub responses: openai_responses::ResponseStore,
+    /// CORS policy (`server.allowed_origins`).
+    pub cors: cors::Cors,
     /// Longest prompt + completion in tokens.
     pub max_len: usize,
     /// API key → tenant.
@@ -109,10 +118,24 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let model = engine.model().clone();
-    let model_name = if cfg.served_model_name.is_empty() { model.config.name.clone() } else { cfg.served_model_name.clone() };
+    let served_names = if cfg.served_model_name.is_empty() {
+        // No spaces: clients put the name in URLs (`/v1/models/{id}`).
+        vec![model.config.name.split_whitespace().collect::<Vec<_>>().join("-")]
+    } else {
+        cfg.served_model_name.clone()
+    };
+    let model_name = served_names.first().cloned().unwrap_or_default();
     let econf = engine.config().clone();
     let max_len = engine.info().max_len;
-    let metrics = Arc::new(Metrics::new(&model_name)?);
+    let metrics = Arc::new(Metrics::with_prefix(&model_name, &cfg.metrics_prefix)?);
+    let num_blocks = econf.kv_blocks(model.config.n_layers, model.config.kv_dim);
+    metrics.set_cache_config(&crate::metrics::CacheConfigInfo {
+        block_size: econf.kv_cache.block_size,
+        dtype: format!("{:?}", econf.kv_cache.dtype).to_ascii_lowercase(),
+        prefix_caching: econf.kv_cache.prefix_caching,
+        num_blocks,
+        num_tokens: num_blocks * econf.kv_cache.block_size,
+    });
     let tenants = cfg.effective_tenants();
     let max_running = if cfg.max_running == 0 { econf.runtime.max_seqs } else { cfg.max_running };
     let admission = admission::AdmissionHandle::spawn(
@@ -133,6 +156,9 @@ pub async fn serve_with(
         tenants,
         engine: engine.clone(),
         model_name,
+        served_names,
+        responses: openai_responses::ResponseStore::new(cfg.responses_store_max),
+        cors: cors::Cors::new(&cfg.allowed_origins),
         max_len,
         admission: admission.clone(),
         metrics,

@@ -1,12 +1,14 @@
-//! Routes and handlers: `/v1/completions`, `/v1/chat/completions`, `/v1/models`,
-//! `/tokenize`, `/detokenize`, `/health`, `/ready`, `/metrics`; the request
-//! context middleware (request id, span, drain gate, error metrics) and the
-//! tenant and body extractors.
+//! Routes and handlers: `/v1/completions`, `/v1/chat/completions`,
+//! `/v1/responses` (handlers in [`super::openai_responses`]), `/v1/models`,
+//! `/v1/models/{id}`, `/tokenize`, `/detokenize`, `/tokenizer_info`,
+//! `/version`, `/health`, `/ready`, `/metrics`; the request context middleware
+//! (request id, span, drain gate, error and HTTP metrics), CORS (outermost,
+//! [`super::cors`]) and the tenant and body extractors.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{header, request::Parts, HeaderValue, Method, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,6 +19,7 @@ use tracing::Instrument;
 use super::api::{self, ChatRequest, CompletionRequest, DetokenizeRequest, PromptInput, TokenizeRequest};
 use super::error::{ApiError, ErrorKind};
 use super::responses::{DetokenizeResponse, ModelCard, ModelList, StatusResponse, TokenizeResponse};
+use super::openai_responses;
 use super::stream::{self, Kind, PromptSpec};
 use super::App;
 use crate::engine::{GenerateRequest, Prompt};
@@ -31,9 +34,15 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(openai_responses::create))
+        .route("/v1/responses/{id}", get(openai_responses::retrieve).delete(openai_responses::delete))
+        .route("/v1/responses/{id}/input_items", get(openai_responses::input_items))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
+        .route("/version", get(version))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -42,7 +51,45 @@ pub fn router(app: App) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), request_context))
+        // Outermost: preflights are answered before any check, and every
+        // response (errors of the checks too) carries the CORS headers.
+        .layer(axum::middleware::from_fn_with_state(app.clone(), super::cors::layer))
         .with_state(app)
+}
+
+/// Fixed routes (the router's table above, without parameters).
+const FIXED_ROUTES: &[&str] = &[
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+    "/version",
+    "/health",
+    "/ready",
+    "/metrics",
+];
+
+/// The route template of `path` (`/v1/responses/{id}`): a bounded metric label; `none` for no route.
+fn route_label(path: &str) -> &'static str {
+    if let Some(r) = FIXED_ROUTES.iter().copied().find(|r| *r == path) {
+        return r;
+    }
+    let segment = |s: &str| !s.is_empty() && !s.contains('/');
+    if let Some(rest) = path.strip_prefix("/v1/responses/") {
+        if segment(rest) {
+            return "/v1/responses/{id}";
+        }
+        if rest.strip_suffix("/input_items").is_some_and(segment) {
+            return "/v1/responses/{id}/input_items";
+        }
+    }
+    if path.strip_prefix("/v1/models/").is_some_and(segment) {
+        return "/v1/models/{id}";
+    }
+    "none"
 }
 
 fn valid_request_id(s: &str) -> bool {
@@ -63,6 +110,8 @@ async fn request_context(State(app): State<App>, mut req: Request, next: Next) -
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %path, tenant = tracing::field::Empty);
     req.extensions_mut().insert(RequestId(id.clone()));
     let probe = matches!(path.as_str(), "/health" | "/ready" | "/metrics");
+    let handler = route_label(&path);
+    let method = req.method().clone();
     let t0 = Instant::now();
     let mut resp = if let Err(e) = app.checks.check(&req) {
         e.into_response()
@@ -74,6 +123,7 @@ async fn request_context(State(app): State<App>, mut req: Request, next: Next) -
     if let Some(kind) = resp.extensions().get::<ErrorKind>() {
         app.metrics.on_error(kind.0);
     }
+    app.metrics.on_http(handler, method.as_str(), resp.status().as_u16(), t0.elapsed().as_secs_f64());
     if !probe {
         let _g = span.enter();
         tracing::info!(status = resp.status().as_u16(), latency_ms = t0.elapsed().as_secs_f64() * 1e3, "response");
@@ -165,23 +215,82 @@ async fn metrics(State(app): State<App>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render()).into_response()
 }
 
-fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
+/// Refuses a `model` that is none of the served names (aliases included).
+pub(crate) fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
     match model {
-        Some(m) if m != app.model_name => Err(ApiError::ModelNotFound(m.to_string())),
+        Some(m) if !app.served_names.iter().any(|n| n == m) => Err(ApiError::ModelNotFound(m.to_string())),
         _ => Ok(()),
     }
 }
 
-async fn models(State(app): State<App>, _t: Tenant) -> Json<ModelList> {
-    let card = ModelCard {
-        id: app.model_name.clone(),
+fn model_card(app: &App, name: &str) -> ModelCard {
+    ModelCard {
+        id: name.to_string(),
         object: "model",
         created: app.created,
         owned_by: "brigade",
         root: app.model_name.clone(),
         max_model_len: app.max_len,
-    };
-    Json(ModelList { object: "list", data: vec![card] })
+    }
+}
+
+async fn models(State(app): State<App>, _t: Tenant) -> Json<ModelList> {
+    Json(ModelList { object: "list", data: app.served_names.iter().map(|n| model_card(&app, n)).collect() })
+}
+
+/// `GET /v1/models/{id}`: the card of a served name, or 404 naming it.
+async fn model(State(app): State<App>, _t: Tenant, Path(id): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+    check_model(&app, Some(&id))?;
+    Ok(Json(model_card(&app, &id)))
+}
+
+/// `GET /version` body (vLLM).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct VersionResponse {
+    /// The server's version (`CARGO_PKG_VERSION`).
+    pub version: &'static str,
+}
+
+/// `GET /tokenizer_info` body (vLLM's: the tokenizer's configuration).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TokenizerInfo {
+    /// Always `PreTrainedTokenizerFast` (the class transformers loads GGUF vocabularies as).
+    pub tokenizer_class: &'static str,
+    /// Longest prompt + completion in tokens.
+    pub model_max_length: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// The BOS token's text.
+    pub bos_token: Option<String>,
+    /// The EOS token's text.
+    pub eos_token: Option<String>,
+    /// Whether prompts get a BOS.
+    pub add_bos_token: bool,
+    /// Whether prompts get an EOS.
+    pub add_eos_token: bool,
+    /// The chat template's Jinja source.
+    pub chat_template: Option<String>,
+}
+
+/// `GET /version` (vLLM): the server's version.
+async fn version(_t: Tenant) -> Json<VersionResponse> {
+    Json(VersionResponse { version: env!("CARGO_PKG_VERSION") })
+}
+
+/// `GET /tokenizer_info` (vLLM): what a client needs to tokenize as the server does.
+async fn tokenizer_info(State(app): State<App>, _t: Tenant) -> Json<TokenizerInfo> {
+    let tok = app.engine.tokenizer();
+    let name = |id: Option<u32>| id.and_then(|i| tok.token_str(i)).map(str::to_string);
+    Json(TokenizerInfo {
+        tokenizer_class: "PreTrainedTokenizerFast",
+        model_max_length: app.max_len,
+        vocab_size: tok.vocab_size(),
+        bos_token: name(tok.bos_id()),
+        eos_token: name(tok.eos_id()),
+        add_bos_token: tok.add_bos_token(),
+        add_eos_token: tok.add_eos_token(),
+        chat_template: tok.chat_template().map(|t| t.source().to_string()),
+    })
 }
 
 /// Runs `f` on the blocking pool (tokenization can take a while on long prompts).
@@ -249,12 +358,14 @@ async fn completions(State(app): State<App>, tenant: Tenant, Body(req): Body<Com
         }
     })
     .await?;
+    app.metrics.on_request_params(app.admission.tenant_name(tenant.0), params.n.max(1), params.max_tokens);
     let (streaming, include_usage) = req.common.streaming();
     let kind = Kind::Completion { echo, logprobs: req.logprobs };
     stream::generate(app, tenant.0, kind, prompts, params, streaming, include_usage, arrival).await
 }
 
-async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Body<ChatRequest>) -> Result<Response, ApiError> {
+/// `POST /v1/chat/completions` (also the engine path of `/v1/responses`).
+pub(crate) async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Body<ChatRequest>) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     check_model(&app, req.common.model.as_deref())?;
     let messages = api::messages(&req.messages)?;
@@ -296,6 +407,7 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
         crate::engine::EngineError::Invalid { param: Some(p), message } if p == "max_tokens" => ApiError::invalid(param, message),
         e => ApiError::from(e),
     })?;
+    app.metrics.on_request_params(app.admission.tenant_name(tenant.0), params.n.max(1), params.max_tokens);
     let (streaming, include_usage) = req.common.streaming();
     let kind = Kind::Chat { logprobs: want_logprobs };
     let prompts = vec![PromptSpec { valid, text: None }];
@@ -338,4 +450,20 @@ async fn detokenize(State(app): State<App>, _t: Tenant, Body(req): Body<Detokeni
     }
     let text = app.engine.tokenizer().decode(&req.tokens, false).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
     Ok(Json(DetokenizeResponse { prompt: text }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_label;
+
+    #[test]
+    fn route_labels_are_templates() {
+        assert_eq!(route_label("/v1/chat/completions"), "/v1/chat/completions");
+        assert_eq!(route_label("/v1/responses/resp_1"), "/v1/responses/{id}");
+        assert_eq!(route_label("/v1/responses/resp_1/input_items"), "/v1/responses/{id}/input_items");
+        assert_eq!(route_label("/v1/models/a"), "/v1/models/{id}");
+        for other in ["/v1/models/a/b", "/v1/responses/", "/x", "/v1/chat/completions/"] {
+            assert_eq!(route_label(other), "none", "{other}");
+        }
+    }
 }

@@ -438,6 +438,7 @@ impl SchedulerActor {
             s.failed_steps = self.state.failed_steps;
             s.prefill_tokens = self.sched.counters.prefill_tokens;
             s.decode_tokens = self.sched.counters.decode_tokens;
+            s.iteration_tokens = self.sched.counters.iteration_tokens;
             s.worker_busy_s = self.busy.iter().map(|b| b.load(Ordering::Relaxed) as f64 * 1e-9).collect();
             s.channels = self
                 .probes
