@@ -159,15 +159,15 @@ fn valid_name(name: &str) -> bool {
 fn parse_tool(i: usize, t: &Value) -> Result<FunctionTool, ApiError> {
     let at = |k: &str| format!("tools[{i}].{k}");
     let o = t.as_object().ok_or_else(|| bad(&format!("tools[{i}]"), "each tool must be an object `{\"type\": \"function\", \"function\": {...}}`"))?;
-    for k in o.keys() {
-        if k != "type" && k != "function" {
-            return Err(bad(&at(k), format!("Unrecognized request argument supplied: tools[{i}].{k}")));
-        }
-    }
     match o.get("type").and_then(Value::as_str) {
         Some("function") => {}
         Some(other) => return Err(bad(&at("type"), format!("tool type `{other}` is not supported (only `function`)"))),
         None => return Err(bad(&at("type"), "`type` must be `function`")),
+    }
+    for k in o.keys() {
+        if k != "type" && k != "function" {
+            return Err(bad(&at(k), format!("Unrecognized request argument supplied: tools[{i}].{k}")));
+        }
     }
     let f = o.get("function").and_then(Value::as_object).ok_or_else(|| bad(&at("function"), "`function` must be an object with a `name`"))?;
     for (k, v) in f {
@@ -482,7 +482,7 @@ impl ToolPlan {
             ToolChoice::Named(n) => (self.request.tools.iter().filter(|t| &t.name == n).collect(), false),
             _ => (self.request.tools.iter().collect(), self.request.parallel),
         };
-        grammar(family, &tools, parallel, &|m| special_id(tok, m).is_some())
+        grammar(family, &tools, parallel, &|m| special_id(tok, m))
     }
 
     /// A parser of the output, unless `tool_choice` is `none`.
@@ -506,9 +506,12 @@ fn lit(s: &str) -> String {
 /// `family`'s format. Each tool's arguments are `%json` of its own parameters
 /// schema (so its `$ref`s keep their root); the wrapper is spelled literally,
 /// beginning with [`Family::opening`]. A marker that is a special token
-/// (`is_special`) is written as `<marker>`, which matches that token.
-pub fn grammar(family: Family, tools: &[&FunctionTool], parallel: bool, is_special: &dyn Fn(&str) -> bool) -> String {
-    let mark = |m: &str| if is_special(m) { format!("<{m}>") } else { lit(m) };
+/// (`special_id` gives its id) is written `<[id]>`, which matches that token.
+pub fn grammar(family: Family, tools: &[&FunctionTool], parallel: bool, special_id: &dyn Fn(&str) -> Option<u32>) -> String {
+    let mark = |m: &str| match special_id(m) {
+        Some(id) => format!("<[{id}]>"),
+        None => lit(m),
+    };
     let mut g = String::new();
     let key = if family == Family::Llama3Json { "parameters" } else { "arguments" };
     let mut alts = Vec::new();
@@ -1011,7 +1014,7 @@ mod tests {
     fn grammars_spell_each_format() {
         let r = req(json!([weather(), {"type": "function", "function": {"name": "now"}}]), json!("required")).unwrap().unwrap();
         let tools: Vec<&FunctionTool> = r.tools.iter().collect();
-        let plain = |_: &str| false;
+        let plain = |_: &str| None;
         let g = grammar(Family::Hermes, &tools, true, &plain);
         assert!(g.starts_with("start: call (\"\\n\" call)*\n"), "{g}");
         assert!(g.contains("call: \"<tool_call>\" \"\\n\" body \"\\n\" \"</tool_call>\"\n"), "{g}");
@@ -1020,9 +1023,13 @@ mod tests {
         let schema0 = g.lines().find_map(|l| l.strip_prefix("args_0: %json ")).unwrap();
         assert_eq!(serde_json::from_str::<Value>(schema0).unwrap(), r.tools[0].parameters);
         // One call only; special-token markers as `<...>`.
-        let special = |m: &str| m == HERMES_OPEN || m == HERMES_CLOSE;
+        let special = |m: &str| match m {
+            HERMES_OPEN => Some(151657),
+            HERMES_CLOSE => Some(151658),
+            _ => None,
+        };
         let g = grammar(Family::Hermes, &tools[..1], false, &special);
-        assert!(g.starts_with("start: call\n") && g.contains("call: <tool_call> \"\\n\" body \"\\n\" </tool_call>\n"), "{g}");
+        assert!(g.starts_with("start: call\n") && g.contains("call: <[151657]> \"\\n\" body \"\\n\" <[151658]>\n"), "{g}");
         let g = grammar(Family::Llama3Json, &tools, true, &plain);
         assert!(g.contains(r#"fn_1: "{\"name\": \"now\", \"parameters\": " args_1 "}""#) && g.starts_with("start: call (\"; \" call)*"), "{g}");
         let g = grammar(Family::MistralJson, &tools, false, &plain);
