@@ -348,6 +348,12 @@ async fn required_and_named_calls_validate_and_stream_alike() {
         let got: Vec<(String, String)> = streamed.iter().map(|c| (c.2.clone(), c.3.clone())).collect();
         assert_eq!(got, want, "{chunks:?}");
     }
+    // A well-formed schema that the grammar compiler cannot enforce (a regex
+    // look-behind) is a 400 naming `tools`, not an unconstrained answer.
+    let odd = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "(?<=a)b"}}}}}]);
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "tools": odd, "tool_choice": "required", "max_tokens": 8});
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("tools")), "{v}");
 }
 
 /// The override flag: a missing file and a template that does not parse are

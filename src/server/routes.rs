@@ -264,9 +264,11 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
     };
     let messages = api::messages(&req.messages)?;
     let mut params = req.common.sampling()?;
+    let had_constraint = params.constraint.is_some();
     if let Some(plan) = &tool_plan {
         plan.apply(app.engine.tokenizer(), &mut params)?;
     }
+    let has_tool_constraint = !had_constraint && params.constraint.is_some();
     let want_logprobs = req.logprobs.unwrap_or(false);
     if let Some(k) = req.top_logprobs {
         if k > 20 {
@@ -306,6 +308,8 @@ async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Bod
     let greq = GenerateRequest { prompt: Prompt::Tokens(ids), params: params.clone(), priority };
     let valid = app.engine.validator().validate(greq).map_err(|e| match e {
         crate::engine::EngineError::Invalid { param: Some(p), message } if p == "max_tokens" => ApiError::invalid(param, message),
+        // The tools' grammar (their parameters schemas) did not compile.
+        crate::engine::EngineError::Invalid { param: Some(p), message } if p == "constraint" && has_tool_constraint => ApiError::invalid("tools", message),
         e => ApiError::from(e),
     })?;
     let (streaming, include_usage) = req.common.streaming();
