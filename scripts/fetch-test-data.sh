@@ -28,8 +28,21 @@ if ! { [ -f "$DEST/$SDIST" ] && verify "$DEST/$SDIST"; }; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   PY=$(command -v python3 || command -v python)
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: --disable-pip-version-check \
-    -d "$tmp" "llama-cpp-python==$VERSION" >&2
+  # The sdist's address comes from PyPI's simple index; it is downloaded as a
+  # plain file (`pip download` of an sdist would build its build dependencies,
+  # cmake among them, from source just to read its metadata).
+  "$PY" - "$tmp/$SDIST" "$SDIST" "$SHA256" <<'PYEOF' >&2
+import re, sys, urllib.request
+dest, name, sha = sys.argv[1:4]
+index = "https://pypi.org/simple/llama-cpp-python/"
+html = urllib.request.urlopen(index, timeout=120).read().decode()
+urls = [u for u in re.findall(r'href="([^"]+)"', html) if u.split("#")[0].endswith("/" + name)]
+if not urls:
+    sys.exit(f"error: {name} is not listed at {index}")
+with urllib.request.urlopen(urls[0].split("#")[0], timeout=600) as r, open(dest, "wb") as f:
+    while chunk := r.read(1 << 20):
+        f.write(chunk)
+PYEOF
   if ! verify "$tmp/$SDIST"; then
     echo "error: sha256 mismatch for $SDIST (expected $SHA256)" >&2
     exit 1
