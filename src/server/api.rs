@@ -551,6 +551,12 @@ pub fn check_fields(ep: Endpoint, body: &Map<String, Value>) -> Result<(), ApiEr
         }
         match unsupported_no_op(ep, field, v, body) {
             Some(no_op) if no_op || v.is_null() => {}
+            Some(_) if ep == Endpoint::Chat && (field == "functions" || field == "function_call") => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("`{field}` (the deprecated function-calling API) is not supported; send `tools` and `tool_choice` instead"),
+                ))
+            }
             Some(_) => {
                 return Err(ApiError::invalid(
                     field,
@@ -773,6 +779,8 @@ mod tests {
         // tools / tool_choice are checked by the tools module, naming the field.
         let r = ChatRequest::parse(br#"{"messages":[],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"nope"}}}}}]}"#).unwrap();
         assert_eq!(r.tool_request().unwrap_err().body()["error"]["param"], "tools[0].function.parameters.properties.a.type");
+        let e = ChatRequest::parse(br#"{"messages":[],"function_call":{"name":"f"}}"#).unwrap_err();
+        assert!(e.to_string().contains("send `tools` and `tool_choice`"), "{e}");
         let r = ChatRequest::parse(br#"{"messages":[],"tool_choice":"required"}"#).unwrap();
         assert_eq!(r.tool_request().unwrap_err().body()["error"]["param"], "tool_choice");
     }
