@@ -29,14 +29,9 @@ const FIXED_NOW_UNIX_SECONDS: i64 = 1_707_141_789;
 
 /// Templates whose renderings are allowed to differ, with the reason (a Python-only
 /// feature minijinja cannot reproduce). They count as not passing in the printed counts;
-/// one that starts matching fails the test, so the list stays exact.
-const ALLOWED_DIFFERENCES: &[(&str, &str)] = &[(
-    "meetkai-functionary-medium-v3.1.jinja",
-    "with tools it writes `\"...'\"|safe + t[\"function\"] | tojson`: in jinja2 `safe` makes a \
-     markupsafe `Markup`, whose `+` HTML-escapes the plain-str operand (so the JSON's quotes \
-     come out as `&#34;`); minijinja's `+` concatenates strings and has no hook for it \
-     (the 5 cases with tools differ; the other 11 match)",
-)];
+/// one that starts matching fails the test, so the list stays exact. Empty: markupsafe's
+/// `Markup + str` (functionary v3.1's tool list) is reproduced now.
+const ALLOWED_DIFFERENCES: &[(&str, &str)] = &[];
 
 /// `conversations.json`.
 #[derive(Deserialize)]

@@ -15,10 +15,14 @@
 //! - Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...) via
 //!   `minijinja-contrib`'s pycompat; Python's printing (`True`, `None`, `{'a': 1}`),
 //!   `len()`, `tojson` (`json.dumps` with transformers' defaults), markupsafe's escaping
-//!   and jinja2's tests and generators: see the `python` submodule.
+//!   and jinja2's tests and generators: see the `python` submodule;
+//! - markupsafe's `Markup` (what `|safe` and `|escape` make): `Markup + str` escapes the str
+//!   (`'a'|safe + x`), also with autoescape off, and filters and string methods keep the
+//!   mark as jinja2's do: the `markup` submodule rewrites `+` and `*` into calls that do it.
 //!
-//! Not reproduced (no hook in minijinja): markupsafe's `Markup + str`, which HTML-escapes
-//! the str (`'a'|safe + x`); `~` and `+` of non-strings format with minijinja's display.
+//! Not reproduced: indexing or slicing a `Markup` gives a plain string here (a `Markup` in
+//! Python), as does `Markup % args` (minijinja has no string `%`); `~` and `+` of
+//! non-strings format with minijinja's display.
 //! Messages reach the template with keys in [`ChatMessage`]'s field order (transformers
 //! keeps the caller's dict order).
 //!
@@ -41,6 +45,7 @@
 //! otherwise (slices, escapes, branches on it) yields no ranges, as does content given as a
 //! list of parts.
 
+mod markup;
 mod python;
 
 use std::collections::BTreeMap;
@@ -379,9 +384,9 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_auto_escape_callback(|_name| AutoEscape::None);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         python::install(&mut env, clock);
-        let env = match env.add_template_owned(TEMPLATE_NAME, without_generation_tags(source)) {
+        let rewritten = markup::rewrite_operators(&without_generation_tags(source));
+        let env = match env.add_template_owned(TEMPLATE_NAME, rewritten) {
             Ok(()) => Ok(Arc::new(env)),
             Err(e) => Err(Arc::new(e)),
         };
@@ -629,6 +634,74 @@ fn match_literal(text: &str, pos: usize, literal: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// markupsafe's `Markup` as transformers' jinja2 environment (autoescape off) renders
+    /// it; the expected texts are jinja2 3.1.6 / markupsafe 3.0's output for `x = '<x y="1">'`.
+    #[test]
+    fn markup_operators_filters_and_methods_as_jinja2() {
+        let cases = [
+            ("{{ 'a'|safe + '<b>' }}", "a&lt;b&gt;"),
+            ("{{ '<b>' + 'a'|safe }}", "&lt;b&gt;a"),
+            ("{{ 'a'|safe + x + '\"' }}", "a&lt;x y=&#34;1&#34;&gt;&#34;"),
+            ("{{ ('a'|safe + x)|length }}", "24"),
+            ("{{ 'a' + x }}", "a<x y=\"1\">"),
+            ("{{ ('<'|safe + '<') ~ '<' }}", "<&lt;<"),
+            ("{{ ('<'|safe ~ '<') + '<' }}", "<<<"),
+            ("{{ '<'|e + '<' }}", "&lt;&lt;"),
+            ("{{ '<'|safe|upper + '&' }}", "<&amp;"),
+            ("{{ '<'|safe|trim + '&' }}", "<&amp;"),
+            ("{{ '<'|safe|string + '&' }}", "<&amp;"),
+            ("{{ '<'|safe|replace('x','y') + '&' }}", "<&"),
+            ("{{ '<'|safe|title + '&' }}", "<&"),
+            ("{{ '<'|safe|capitalize + '&' }}", "<&amp;"),
+            ("{{ '<'|safe|lower + '&' }}", "<&amp;"),
+            ("{{ '<'|safe|indent(2) + '&' }}", "<&amp;"),
+            ("{{ '<'|safe|reverse + '&' }}", "<&amp;"),
+            ("{{ '<'|safe|first + '&' }}", "<&"),
+            ("{{ '<'|safe|last + '&' }}", "<&amp;"),
+            ("{{ ['<'|safe, 'a']|join(',') + '&' }}", "<,a&"),
+            ("{{ ('<'|safe).strip() + '&' }}", "<&amp;"),
+            ("{{ ('<'|safe).upper() + '&' }}", "<&amp;"),
+            ("{{ ('<x'|safe).replace('x', '&') + '&' }}", "<&amp;&amp;"),
+            ("{{ ('<x'|safe).split('x')[0] + '&' }}", "<&amp;"),
+            ("{{ (','|safe).join(['<', '>']) + '&' }}", "&lt;,&gt;&amp;"),
+            ("{{ ('<{}'|safe).format('&') }}", "<&amp;"),
+            ("{{ ('<'|safe) * 2 + '&' }}", "<<&amp;"),
+            ("{{ 2 * ('<'|safe) + '&' }}", "<<&amp;"),
+            ("{{ '%s<'|safe|format('&') }}", "&amp;<"),
+            ("{% macro m() %}<{% endmacro %}{{ m() + '&' }}", "<&"),
+            ("{% macro m() %}{{ '<'|safe }}{% endmacro %}{{ m() + '&' }}", "<&"),
+            ("{% set s %}{{ '<'|safe }}{% endset %}{{ s + '&' }}", "<&"),
+            ("{% set ns = namespace(a='<'|safe) %}{{ ns.a + '&' }}", "<&amp;"),
+            ("{{ true|safe + '&' }}", "True&amp;"),
+            ("{{ none|safe + '&' }}", "None&amp;"),
+            ("{{ 1 + 2 }}{{ [1] + [2] }}{{ 'a' + 'b' }}", "3[1, 2]ab"),
+            ("{{ '<'|forceescape + '&' }}", "&lt;&amp;"),
+            ("{{ ('<'|safe + '&')|tojson }}", "\"<&amp;\""),
+            ("{{ x|safe + '&' }}", "<x y=\"1\">&amp;"),
+            ("{{ '<'|safe|default('q') + '&' }}", "<&amp;"),
+            ("{{ ('<'|safe if true else 'a') + '&' }}", "<&amp;"),
+            ("{{ ('<'|safe).lstrip() + '&' }}{{ ('<'|safe).title() + '&' }}{{ ('<'|safe).capitalize() + '&' }}{{ ('<'|safe).lower() + '&' }}{{ ('<'|safe).rstrip() + '&' }}", "<&amp;<&amp;<&amp;<&amp;<&amp;"),
+            ("{{ ('<'|safe).splitlines()[0] + '&' }}", "<&amp;"),
+            ("{{ ('a'|safe) + ('b'|e) + '<' }}", "ab&lt;"),
+            ("{{ '<' + '>' + 'a'|safe + '&' }}", "&lt;&gt;a&amp;"),
+        ];
+        let mut vars = serde_json::Map::new();
+        vars.insert("x".into(), serde_json::json!("<x y=\"1\">"));
+        let mut failures = Vec::new();
+        for (source, want) in cases {
+            let got = ChatTemplate::new(source, None, None)
+                .and_then(|t| t.render_with(&[], None, Some(&vars), false))
+                .map_err(|e| format!("{e:#}"));
+            if got.as_deref() != Ok(want) {
+                failures.push(format!("{source}\n  want {want:?}\n  got  {got:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        // `Markup + int` is a TypeError in Python, as `str + int` is.
+        let template = ChatTemplate::new("{{ 'a'|safe + 1 }}", None, None).unwrap();
+        assert!(template.render_with(&[], None, None, false).is_err());
+    }
 
     fn render(source: &str, messages: &[ChatMessage], gen: bool) -> String {
         ChatTemplate::new(source, Some("<s>".into()), Some("</s>".into()))

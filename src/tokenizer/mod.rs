@@ -39,7 +39,10 @@
 //!   User-defined tokens (`token_type` 4) are always split out (as in llama.cpp and HF's
 //!   non-special added tokens) and never skipped. Both splits take the leftmost-longest
 //!   match, as HF `tokenizers` does; llama.cpp tries tokens longest first over the whole
-//!   text, which differs only where two added tokens overlap in the text.
+//!   text, which differs only where two added tokens overlap in the text. For `llama`, a
+//!   user-defined token holding a space (Gemma's whitespace runs, stored as `"  "`) is
+//!   matched as SentencePiece and HF match it: in the text once spaces are `▁`, so a typed
+//!   `"▁ "` is Gemma's `▁▁` piece (llama.cpp matches the raw text, where it is not).
 //! - Added tokens and `<0xXX>` byte tokens decode to their text / byte; normal tokens to
 //!   their byte-level bytes (`gpt2`) or with `▁` as a space (`llama`, `gemma4`); unused
 //!   (5) and undefined tokens to nothing, as in llama.cpp. Nothing strips the leading space
@@ -61,14 +64,15 @@ mod control;
 mod incremental;
 mod pre;
 mod spm;
+mod vocab;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokenizers::models::bpe::{Vocab, BPE};
 
 use crate::gguf::{GgufError, GgufFile};
 use control::{ControlMatch, ControlTokens};
+use vocab::{Pieces, TokenIds};
 
 pub use chat::{ChatContent, ChatMessage, ChatTemplate, ContentPart, FunctionCall, ToolCall};
 pub use incremental::IncrementalDecoder;
@@ -399,14 +403,18 @@ struct Inner {
     encoder: Encoder,
     /// Control and unknown-type tokens, split out of text with `parse_special = true`.
     control: ControlTokens,
-    /// User-defined tokens, always split out of text.
+    /// User-defined tokens, always split out of text (but those of
+    /// [`Inner::user_defined_spm`]).
     user_defined: ControlTokens,
-    /// Token string → id (first id for duplicate strings).
-    vocab: HashMap<String, u32>,
-    /// Vocabulary in id order (as stored).
-    tokens: Vec<String>,
+    /// `llama` (SentencePiece) only: the user-defined tokens that hold a space, spelled with
+    /// `▁`, split out of each piece of text after its spaces became `▁` (see
+    /// [`Tokenizer::encode_plain`]); empty for the other models.
+    user_defined_spm: ControlTokens,
+    /// Vocabulary in id order (as stored) and token string → id (first id for duplicate
+    /// strings).
+    vocab: TokenIds,
     /// Raw bytes of each token, in id order.
-    pieces: Vec<Box<[u8]>>,
+    pieces: Pieces,
     /// GGUF token type of each token.
     token_types: Vec<i32>,
     bos: Option<u32>,
@@ -500,15 +508,8 @@ impl Tokenizer {
         }
 
         // Vocab: first occurrence wins for duplicate strings (the later id stays decodable).
-        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(vocab_size);
-        let mut num_duplicates = 0usize;
-        for (id, token) in (0u32..).zip(&tokens) {
-            if vocab.contains_key(token) {
-                num_duplicates += 1;
-            } else {
-                vocab.insert(token.clone(), id);
-            }
-        }
+        let vocab = TokenIds::new(tokens);
+        let num_duplicates = vocab.num_duplicates();
         if num_duplicates > 0 {
             tracing::warn!(
                 num_duplicates,
@@ -540,6 +541,7 @@ impl Tokenizer {
         };
 
         let rstrip = |token: &str| rstrip_added_tokens && !RSTRIP_EXCEPTIONS.contains(&token);
+        let tokens = vocab.tokens();
         let added = |wanted: &'static [i32]| {
             (0u32..)
                 .zip(tokens.iter().zip(&token_types))
@@ -547,22 +549,40 @@ impl Tokenizer {
                 .map(move |(id, (token, _))| (token.as_str(), id, rstrip(token)))
         };
         let control = ControlTokens::new(added(&[TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN]))?;
+        // SentencePiece matches user-defined pieces in its normalized text, where spaces are
+        // `▁`, and a GGUF spells a whitespace piece with spaces (Gemma's `"  "` is
+        // SentencePiece's `▁▁`). So for `llama` a user-defined token holding a space is
+        // matched once spaces are `▁`. transformers' tokenizer for Gemma agrees: it respells
+        // them `▁▁`, `▁▁▁`, ... as pieces that merge before every other piece, so a run of up
+        // to 31 `▁` (Gemma's longest) is one piece there too. llama.cpp matches them in the
+        // raw text; the two differ only where a typed `▁` touches a space (`"▁ "` is `▁▁`
+        // here, `▁` + `▁…` in llama.cpp).
+        let spm_user_defined = |token: &str| model == "llama" && token.contains(' ');
         // Phi-3 marks `</s>` as user-defined, with rstrip (llama.cpp sets it by name).
-        let user_defined =
-            ControlTokens::new(added(&[TOKEN_TYPE_USER_DEFINED]).map(|(token, id, strip)| {
-                (token, id, strip || (rstrip_added_tokens && token == "</s>"))
-            }))?;
+        let user_defined = ControlTokens::new(
+            added(&[TOKEN_TYPE_USER_DEFINED])
+                .filter(|(token, _, _)| !spm_user_defined(token))
+                .map(|(token, id, strip)| {
+                    (token, id, strip || (rstrip_added_tokens && token == "</s>"))
+                }),
+        )?;
+        let spm_spelled: Vec<(String, u32)> = added(&[TOKEN_TYPE_USER_DEFINED])
+            .filter(|(token, _, _)| spm_user_defined(token))
+            .map(|(token, id, _)| (token.replace(' ', "\u{2581}"), id))
+            .collect();
+        let user_defined_spm =
+            ControlTokens::new(spm_spelled.iter().map(|(token, id)| (token.as_str(), *id, false)))?;
 
         let byte_level = model == "gpt2";
-        let pieces: Vec<Box<[u8]>> = tokens
-            .iter()
-            .zip(&token_types)
-            .map(|(token, &ty)| piece_bytes(token, ty, byte_level).into_boxed_slice())
-            .collect();
+        let num_bytes = tokens.iter().map(String::len).sum();
+        let mut pieces = Pieces::with_capacity(vocab_size, num_bytes);
+        for (token, &ty) in tokens.iter().zip(&token_types) {
+            pieces.push_with(|out| push_piece_bytes(out, token, ty, byte_level));
+        }
 
         let mut eog_ids: Vec<u32> = eos.into_iter().collect();
         for s in EOG_TOKEN_STRS {
-            if let Some(&id) = vocab.get(s) {
+            if let Some(id) = vocab.get(s) {
                 if !eog_ids.contains(&id) {
                     eog_ids.push(id);
                 }
@@ -586,8 +606,8 @@ impl Tokenizer {
                 encoder,
                 control,
                 user_defined,
+                user_defined_spm,
                 vocab,
-                tokens,
                 pieces,
                 token_types,
                 bos,
@@ -655,7 +675,8 @@ impl Tokenizer {
         })
     }
 
-    /// Encodes text with no added tokens in it (nothing for empty text).
+    /// Encodes text with no added tokens in it (nothing for empty text); for `llama`, the
+    /// user-defined tokens that hold a space are split out of it once spaces are `▁`.
     fn encode_plain(
         &self,
         text: &str,
@@ -681,7 +702,17 @@ impl Tokenizer {
                     escaped.push(SPM_SPACE);
                 }
                 escaped.extend(text.chars().map(|c| if c == ' ' { SPM_SPACE } else { c }));
-                spm.encode(&self.inner.vocab, &escaped, out);
+                let mut matches = Vec::new();
+                self.inner
+                    .user_defined_spm
+                    .find_matches(&escaped, 0, &mut matches);
+                for_each_fragment(&escaped, &matches, |fragment| {
+                    match fragment {
+                        Fragment::Text(piece) => spm.encode(&self.inner.vocab, piece, out),
+                        Fragment::Token(id) => out.push(id),
+                    }
+                    Ok(())
+                })?;
             }
             Encoder::SpmBpe(hf) => {
                 let escaped = text.replace(' ', "\u{2581}");
@@ -691,7 +722,7 @@ impl Tokenizer {
                         .then(|| self.inner.vocab.get(run))
                         .flatten();
                     match whole {
-                        Some(&id) => out.push(id),
+                        Some(id) => out.push(id),
                         None => hf_encode(hf, run, out)?,
                     }
                 }
@@ -869,12 +900,12 @@ impl Tokenizer {
 
     /// Borrowed form of [`token_to_piece_bytes`](Self::token_to_piece_bytes).
     pub(crate) fn piece_bytes(&self, id: u32) -> Option<&[u8]> {
-        self.inner.pieces.get(id as usize).map(|p| &p[..])
+        self.inner.pieces.get(id as usize)
     }
 
     /// Number of tokens (ids are `0..vocab_size`).
     pub fn vocab_size(&self) -> usize {
-        self.inner.tokens.len()
+        self.inner.vocab.tokens().len()
     }
 
     /// Beginning-of-sequence id, if the model has one.
@@ -915,13 +946,13 @@ impl Tokenizer {
 
     /// The vocabulary entry of `id` as stored (e.g. `"Ġthe"`, `"▁the"`).
     pub fn token_str(&self, id: u32) -> Option<&str> {
-        self.inner.tokens.get(id as usize).map(String::as_str)
+        self.inner.vocab.tokens().get(id as usize).map(String::as_str)
     }
 
     /// The id of a vocabulary entry given in its stored spelling (the first id when the
     /// string is in the vocabulary twice).
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.vocab.get(token).copied()
+        self.inner.vocab.get(token)
     }
 
     /// The model's chat template, if it has one (one that failed to parse included:
@@ -1011,19 +1042,26 @@ fn newline_runs(text: &str) -> impl Iterator<Item = &str> {
 /// The bytes token `token` of type `ty` decodes to, as llama.cpp's `token_to_piece`:
 /// added tokens verbatim, `<0xXX>` byte tokens as that byte, normal tokens byte-level
 /// decoded (`byte_level`) or with `▁` as a space, unused and undefined tokens as nothing.
-fn piece_bytes(token: &str, ty: i32, byte_level: bool) -> Vec<u8> {
+fn push_piece_bytes(out: &mut Vec<u8>, token: &str, ty: i32, byte_level: bool) {
     match ty {
         TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_USER_DEFINED => {
-            token.as_bytes().to_vec()
+            out.extend_from_slice(token.as_bytes())
         }
         TOKEN_TYPE_BYTE => match parse_byte_token(token) {
-            Some(b) => vec![b],
-            None if byte_level => byte_level::piece_bytes(token),
-            None => token.as_bytes().to_vec(),
+            Some(b) => out.push(b),
+            None if byte_level => out.extend(byte_level::piece_bytes(token)),
+            None => out.extend_from_slice(token.as_bytes()),
         },
-        TOKEN_TYPE_NORMAL if byte_level => byte_level::piece_bytes(token),
-        TOKEN_TYPE_NORMAL => token.replace(SPM_SPACE, " ").into_bytes(),
-        _ => Vec::new(),
+        TOKEN_TYPE_NORMAL if byte_level => out.extend(byte_level::piece_bytes(token)),
+        TOKEN_TYPE_NORMAL => {
+            for part in token.split(SPM_SPACE).enumerate() {
+                if part.0 > 0 {
+                    out.push(b' ');
+                }
+                out.extend_from_slice(part.1.as_bytes());
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1037,8 +1075,8 @@ fn parse_byte_token(token: &str) -> Option<u8> {
 }
 
 /// The vocabulary in the form `tokenizers`' BPE builder takes.
-fn bpe_vocab(vocab: &HashMap<String, u32>) -> Vocab {
-    vocab.iter().map(|(k, &v)| (k.clone(), v)).collect()
+fn bpe_vocab(vocab: &TokenIds) -> Vocab {
+    vocab.entries().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 /// Splits `"left right"` rules at the first space after the first byte (as llama.cpp
@@ -1046,7 +1084,7 @@ fn bpe_vocab(vocab: &HashMap<String, u32>) -> Vocab {
 /// concatenation are all vocabulary entries.
 fn parse_merges(
     merges: &[String],
-    vocab: &HashMap<String, u32>,
+    vocab: &TokenIds,
 ) -> Result<Vec<(String, String)>, TokenizerError> {
     let mut out = Vec::with_capacity(merges.len());
     for (index, merge) in merges.iter().enumerate() {
@@ -1067,7 +1105,7 @@ fn parse_merges(
         }
         let merged = format!("{left}{right}");
         for token in [left, right, merged.as_str()] {
-            if !vocab.contains_key(token) {
+            if !vocab.contains(token) {
                 return Err(TokenizerError::MergeUnknownToken {
                     index,
                     merge: merge.clone(),

@@ -20,7 +20,9 @@
 //! it is left out here.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use super::vocab::TokenIds;
 
 /// One candidate merge: symbols `left` and `right` (adjacent), forming an entry with
 /// `score`; `num_bytes` tells a stale candidate (one side merged since) from a live one.
@@ -80,7 +82,7 @@ pub(crate) struct SpmModel {
 impl SpmModel {
     /// `scores` one per token (missing scores are 0, as in llama.cpp).
     pub(crate) fn new(
-        vocab: &HashMap<String, u32>,
+        vocab: &TokenIds,
         mut scores: Vec<f32>,
         num_tokens: usize,
         unk: Option<u32>,
@@ -96,11 +98,9 @@ impl SpmModel {
         let mut byte_ids = [None; 256];
         for (b, slot) in (0u8..=255).zip(byte_ids.iter_mut()) {
             let hex = format!("<0x{b:02X}>");
-            *slot = vocab.get(&hex).copied().or_else(|| {
+            *slot = vocab.get(&hex).or_else(|| {
                 let one = [b];
-                std::str::from_utf8(&one)
-                    .ok()
-                    .and_then(|s| vocab.get(s).copied())
+                std::str::from_utf8(&one).ok().and_then(|s| vocab.get(s))
             });
         }
         Self {
@@ -111,7 +111,7 @@ impl SpmModel {
     }
 
     /// Appends the ids of `text` (already `▁`-escaped) to `out`.
-    pub(crate) fn encode(&self, vocab: &HashMap<String, u32>, text: &str, out: &mut Vec<u32>) {
+    pub(crate) fn encode(&self, vocab: &TokenIds, text: &str, out: &mut Vec<u32>) {
         let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
         for (start, c) in text.char_indices() {
             let index = symbols.len();
@@ -161,7 +161,7 @@ impl SpmModel {
                 .get(sym.start..sym.start + sym.num_bytes)
                 .unwrap_or_default();
             match vocab.get(piece) {
-                Some(&id) => out.push(id),
+                Some(id) => out.push(id),
                 None => {
                     for b in piece.bytes() {
                         if let Some(id) = self.byte_ids[usize::from(b)].or(self.unk) {
@@ -177,7 +177,7 @@ impl SpmModel {
     /// Queues the merge of symbols `left` and `right` if their text is a vocabulary entry.
     fn try_add_bigram(
         &self,
-        vocab: &HashMap<String, u32>,
+        vocab: &TokenIds,
         text: &str,
         symbols: &[Symbol],
         left: usize,
@@ -191,7 +191,7 @@ impl SpmModel {
         let Some(pair) = text.get(l.start..l.start + num_bytes) else {
             return;
         };
-        if let Some(&id) = vocab.get(pair) {
+        if let Some(id) = vocab.get(pair) {
             if let Some(&score) = self.scores.get(id as usize) {
                 queue.push(Bigram {
                     score,
@@ -208,18 +208,14 @@ impl SpmModel {
 mod tests {
     use super::*;
 
-    fn model(entries: &[(&str, f32)]) -> (HashMap<String, u32>, SpmModel) {
-        let vocab: HashMap<String, u32> = entries
-            .iter()
-            .enumerate()
-            .map(|(i, (t, _))| ((*t).to_owned(), i as u32))
-            .collect();
+    fn model(entries: &[(&str, f32)]) -> (TokenIds, SpmModel) {
+        let vocab = TokenIds::new(entries.iter().map(|(t, _)| (*t).to_owned()).collect());
         let scores = entries.iter().map(|(_, s)| *s).collect();
         let spm = SpmModel::new(&vocab, scores, entries.len(), Some(0));
         (vocab, spm)
     }
 
-    fn encode(vocab: &HashMap<String, u32>, spm: &SpmModel, text: &str) -> Vec<u32> {
+    fn encode(vocab: &TokenIds, spm: &SpmModel, text: &str) -> Vec<u32> {
         let mut out = Vec::new();
         spm.encode(vocab, text, &mut out);
         out

@@ -1044,3 +1044,54 @@ fn encode_chat_with_passes_tools_and_vars() {
         );
     }
 }
+
+#[test]
+fn spm_whitespace_user_defined_tokens_match_after_spaces_become_meta() {
+    // Gemma stores its whitespace pieces as user-defined `"  "`; SentencePiece (and HF's
+    // tokenizer for Gemma) match them as `▁▁` in the text once spaces are `▁`.
+    let mut spec = spm_spec();
+    spec.add_space_prefix = false;
+    spec.tokens.push("  ".into());
+    spec.token_types.push(4);
+    spec.scores.push(0.0);
+    let two_spaces = u32::try_from(spec.tokens.len() - 1).unwrap();
+    let tok = Tokenizer::from_spec(spec.clone()).unwrap();
+    let hello = id_of(&tok, "▁hello");
+    assert_eq!(
+        tok.encode("  hello", false).unwrap(),
+        vec![
+            two_spaces,
+            id_of(&tok, "h"),
+            id_of(&tok, "e"),
+            id_of(&tok, "llo")
+        ]
+    );
+    // A typed `▁` next to a space is the same piece (llama.cpp, matching raw text, gives
+    // `▁` + `▁hello` here).
+    assert_eq!(
+        tok.encode("▁ hello", false).unwrap(),
+        vec![
+            two_spaces,
+            id_of(&tok, "h"),
+            id_of(&tok, "e"),
+            id_of(&tok, "llo")
+        ]
+    );
+    assert_eq!(tok.encode(" ▁", false).unwrap(), vec![two_spaces]);
+    // Three spaces: the leftmost-longest match, then the rest merges as usual.
+    assert_eq!(
+        tok.encode("   hello", false).unwrap(),
+        vec![two_spaces, hello]
+    );
+    assert_eq!(tok.decode(&[two_spaces, hello], false).unwrap(), "   hello");
+    // Not for byte-level BPE vocabularies: there user-defined tokens match the raw text.
+    let mut spec = small_spec("smollm");
+    spec.tokens.push("  ".into());
+    spec.token_types.push(4);
+    let spaces = u32::try_from(spec.tokens.len() - 1).unwrap();
+    let tok = Tokenizer::from_spec(spec).unwrap();
+    assert_eq!(
+        tok.encode("a  b", false).unwrap(),
+        vec![byte_id(b'a'), spaces, byte_id(b'b')]
+    );
+}

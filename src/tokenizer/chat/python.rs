@@ -362,7 +362,12 @@ fn write_json_str(out: &mut String, s: &str, ensure_ascii: bool) {
 /// - `raise_exception`, `strftime_now` (reading `clock`), `tojson`;
 /// - output and the `string` filter write values as Python's `str()` does (`True`,
 ///   `None`, `{'a': [1, 'b']}`);
-/// - `escape` / `e` escape as markupsafe does (`&#34;`, `&#39;`; `/` kept);
+/// - `escape` / `e` / `forceescape` escape as markupsafe does (`&#34;`, `&#39;`; `/`
+///   kept) and give safe strings, which stand for markupsafe's `Markup`; `safe` marks the
+///   value's `str()`; `string` and `trim` keep the mark (jinja2's `soft_str`), as
+///   minijinja's `upper`, `lower`, `capitalize`, `indent` and `reverse` do;
+/// - the functions `a + b` and `a * b` are rewritten to (the `markup` module) and Python's
+///   string methods with their `Markup` forms on safe strings;
 /// - `length` / `count` are Python's `len()` (undefined has length 0, `None` none);
 /// - tests `none`, `iterable`, `sequence` as jinja2's (`None` is not iterable; a dict is a
 ///   sequence; undefined is both);
@@ -381,12 +386,24 @@ pub(super) fn install(env: &mut minijinja::Environment<'static>, clock: Clock) {
             .map_err(|_| invalid("writing the rendered text failed"))
     });
     env.add_filter("string", |value: &Value| {
+        if value.kind() == ValueKind::String && value.is_safe() {
+            return value.clone(); // soft_str keeps a Markup
+        }
         let mut text = String::new();
         write_str(&mut text, value);
         Value::from(text)
     });
+    env.add_filter("safe", |value: &Value| {
+        let mut text = String::new();
+        write_str(&mut text, value);
+        Value::from_safe_string(text)
+    });
     env.add_filter("escape", escape);
     env.add_filter("e", escape);
+    env.add_filter("forceescape", force_escape);
+    env.add_function(super::markup::ADD_FUNCTION, super::markup::markup_add);
+    env.add_function(super::markup::MUL_FUNCTION, super::markup::markup_mul);
+    env.set_unknown_method_callback(string_method);
     env.add_filter("length", len);
     env.add_filter("count", len);
     env.add_test("none", is_none);
@@ -409,10 +426,14 @@ pub(super) fn install(env: &mut minijinja::Environment<'static>, clock: Clock) {
     env.add_filter("trim", |value: &Value, chars: Option<&str>| {
         let mut text = String::new();
         write_str(&mut text, value);
-        Value::from(match chars {
+        let trimmed = Value::from(match chars {
             Some(chars) => text.trim_matches(|c| chars.contains(c)).to_owned(),
             None => text.trim().to_owned(),
-        })
+        });
+        keep_safe(
+            trimmed,
+            value.kind() == ValueKind::String && value.is_safe(),
+        )
     });
     env.add_filter(
         "map",
@@ -685,8 +706,18 @@ fn escape(value: &Value) -> Value {
     if value.is_safe() {
         return value.clone();
     }
+    force_escape(value)
+}
+
+/// jinja2's `forceescape`: [`escape`] of the value's `str()`, even when it is marked safe.
+fn force_escape(value: &Value) -> Value {
     let mut text = String::new();
     write_str(&mut text, value);
+    Value::from_safe_string(escape_html(&text))
+}
+
+/// markupsafe's escaping of a plain string: `& < > " '` as `&amp; &lt; &gt; &#34; &#39;`.
+pub(super) fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -698,5 +729,74 @@ fn escape(value: &Value) -> Value {
             c => out.push(c),
         }
     }
-    Value::from_safe_string(out)
+    out
+}
+
+/// `value` marked safe when `safe` (a string, or each string of a list), as markupsafe's
+/// `Markup` methods return `Markup` values.
+fn keep_safe(value: Value, safe: bool) -> Value {
+    if !safe {
+        return value;
+    }
+    match value.kind() {
+        ValueKind::String => Value::from_safe_string(value.as_str().unwrap_or_default().to_owned()),
+        ValueKind::Seq => value
+            .try_iter()
+            .into_iter()
+            .flatten()
+            .map(|item| keep_safe(item, true))
+            .collect(),
+        _ => value,
+    }
+}
+
+/// Python's string methods (minijinja-contrib's pycompat), with markupsafe's `Markup`
+/// versions on a safe string: `upper`, `lower`, `strip`, `lstrip`, `rstrip`, `title`,
+/// `capitalize`, `split`, `splitlines` return `Markup`; `replace`, `format` and `join`
+/// also escape the plain-str text they insert.
+fn string_method(
+    state: &minijinja::State<'_, '_>,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    let call = minijinja_contrib::pycompat::unknown_method_callback;
+    if value.kind() != ValueKind::String || !value.is_safe() {
+        return call(state, value, method, args);
+    }
+    let escape_str = |v: &Value| match v.kind() {
+        ValueKind::String => escape(v),
+        _ => v.clone(),
+    };
+    match method {
+        "upper" | "lower" | "strip" | "lstrip" | "rstrip" | "title" | "capitalize" | "split"
+        | "splitlines" => Ok(keep_safe(call(state, value, method, args)?, true)),
+        "replace" => {
+            let args: Vec<Value> = (0..)
+                .zip(args)
+                .map(|(k, v)| if k == 1 { escape_str(v) } else { v.clone() })
+                .collect();
+            Ok(keep_safe(call(state, value, method, &args)?, true))
+        }
+        "format" => {
+            let args: Vec<Value> = args.iter().map(escape_str).collect();
+            Ok(keep_safe(call(state, value, method, &args)?, true))
+        }
+        "join" => {
+            let args: Vec<Value> = args
+                .iter()
+                .map(|items| match items.kind() {
+                    ValueKind::Seq | ValueKind::Iterable => items
+                        .try_iter()
+                        .into_iter()
+                        .flatten()
+                        .map(|item| escape_str(&item))
+                        .collect(),
+                    _ => items.clone(),
+                })
+                .collect();
+            Ok(keep_safe(call(state, value, method, &args)?, true))
+        }
+        _ => call(state, value, method, args),
+    }
 }
