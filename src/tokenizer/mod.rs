@@ -966,7 +966,7 @@ impl Tokenizer {
     /// strings; a source that does not parse is an error
     /// ([`TokenizerError::TemplateSyntax`]). The vocabulary tables are shared.
     pub fn with_chat_template(&self, source: &str) -> Result<Self, TokenizerError> {
-        let token_string = |id: Option<u32>| id.and_then(|id| self.inner.tokens.get(id as usize)).cloned();
+        let token_string = |id: Option<u32>| id.and_then(|id| self.token_str(id)).map(str::to_owned);
         let template = ChatTemplate::new(source, token_string(self.inner.bos), token_string(self.inner.eos))?;
         Ok(Self { inner: self.inner.clone(), chat_template: Some(template) })
     }
