@@ -54,10 +54,46 @@ pub(super) unsafe fn gemm_group<const R: usize>(
     out_stride: usize,
     lanes: u16,
 ) {
-    let sup_bytes = kind.super_bytes();
+    macro_rules! each_kind {
+        ($($k:ident),*) => {
+            match kind {
+                $(PackKind::$k => {
+                    const K: u8 = PackKind::$k as u8;
+                    gemm_group_k::<R, K>(group, nb, x, xh, x_stride, out, out_stride, lanes)
+                })*
+            }
+        };
+    }
+    each_kind!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, IQ4NL, IQ4XS, Q3K, Q2K)
+}
+
+/// [`gemm_group`] for the kind whose discriminant is `K`: every property of
+/// the kind is a constant, so the per-block decode is specialised and the
+/// loops over the 8 weight vectors unroll (with a run-time kind they did
+/// not, and the weight vectors lived on the stack).
+///
+/// # Safety
+/// As [`gemm_group`], `group` being of kind `K`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn gemm_group_k<const R: usize, const K: u8>(
+    group: *const u8,
+    nb: usize,
+    x: *const BlockQ8,
+    xh: *const [f32; 2],
+    x_stride: usize,
+    out: *mut f32,
+    out_stride: usize,
+    lanes: u16,
+) {
+    let kind = const { PackKind::from_u8(K) };
+    let sup_bytes = const { PackKind::from_u8(K).super_bytes() };
     let n_super = if sup_bytes > 0 { nb / (QK_K / QK) } else { 0 };
     let recs = group.add(n_super * sup_bytes);
-    let (rec_bytes, scale_bytes, planes, halves) = (kind.record_bytes(), kind.scale_bytes(), kind.high_planes(), kind.halves());
+    let (rec_bytes, scale_bytes, planes, halves) = const {
+        let k = PackKind::from_u8(K);
+        (k.record_bytes(), k.scale_bytes(), k.high_planes(), k.halves())
+    };
     let neg_z = _mm512_set1_ps(-(kind.zero().unwrap_or(0) as f32));
     let sign = _mm512_set1_epi32(i32::MIN);
     let nib = _mm512_set1_epi8(0x0F);

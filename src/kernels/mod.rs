@@ -787,6 +787,16 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
     }
 
+    #[test]
+    fn pack_kind_discriminants_round_trip() {
+        // The specialised AVX-512 kernel gets its kind back from the discriminant.
+        let kinds: Vec<_> = GgmlDType::ALL.iter().filter_map(|&d| packed::PackKind::of(d)).collect();
+        assert_eq!(kinds.len(), 12);
+        for k in kinds {
+            assert_eq!(packed::PackKind::from_u8(k as u8), k);
+        }
+    }
+
     /// Byte offsets of the f16 scale fields of a quantized dtype's block,
     /// with the range of values each gets in random blocks.
     fn scale_fields(dtype: GgmlDType) -> Vec<(usize, std::ops::Range<f32>)> {

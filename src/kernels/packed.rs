@@ -69,6 +69,7 @@ const SUB: usize = QK_K / QK;
 
 /// Packed weight format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum PackKind {
     Q4_0,
     Q4_1,
@@ -102,6 +103,33 @@ impl PackKind {
             GgmlDType::Q2_K => PackKind::Q2K,
             _ => return None,
         })
+    }
+
+    /// The kind whose discriminant is `k` (the const parameter of the
+    /// specialised AVX-512 kernel; an unknown value is Q4_0's, never produced).
+    pub(crate) const fn from_u8(k: u8) -> Self {
+        const ALL: [PackKind; 12] = [
+            PackKind::Q4_0,
+            PackKind::Q4_1,
+            PackKind::Q5_0,
+            PackKind::Q5_1,
+            PackKind::Q8_0,
+            PackKind::Q4K,
+            PackKind::Q5K,
+            PackKind::Q6K,
+            PackKind::IQ4NL,
+            PackKind::IQ4XS,
+            PackKind::Q3K,
+            PackKind::Q2K,
+        ];
+        let mut i = 0;
+        while i < ALL.len() {
+            if ALL[i] as u8 == k {
+                return ALL[i];
+            }
+            i += 1;
+        }
+        PackKind::Q4_0
     }
 
     /// Zero point `z` of the symmetric kinds (`w = d * (u - z)`); `None` for

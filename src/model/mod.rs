@@ -514,13 +514,6 @@ impl Model {
             });
         }
         let output_norm = vector(&file, "output_norm.weight", c.dim)?;
-        // Weights now live in their packed copies (embedding lookups read the
-        // packed copy too): let their mapped pages go.
-        for w in layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]).chain([&output, &tok_embd]) {
-            if w.packed.is_some() {
-                file.release_pages(w.bytes.clone());
-            }
-        }
         Ok(Self { config, file, tok_embd, layers, output_norm, output, output_bias, rope_inv_freq: rope_tables })
     }
 
@@ -570,6 +563,12 @@ fn weight_rows(file: &GgufFile, name: &str, rows: usize, cols: usize, range: Ran
     let packed = crate::kernels::PackedMatrix::for_current_isa(&qm).map(Arc::new);
     let base = file.as_bytes().as_ptr() as usize;
     let start = data.as_ptr() as usize - base;
+    if packed.is_some() {
+        // The weight now lives in its packed copy (embedding lookups read it
+        // too): its mapped pages go at once, so the load never holds the
+        // whole file and every packed copy together (peak RSS).
+        file.release_pages(start..start + data.len());
+    }
     Ok(WeightRef { name: name.into(), dtype: info.dtype, rows: range.len(), cols, bytes: start..start + data.len(), packed })
 }
 
