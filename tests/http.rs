@@ -572,12 +572,14 @@ async fn unsupported_parameters_are_refused_and_no_ops_accepted() {
     }
     let (st, _, v) = s.post("/tokenize", None, &json!({"prompt": "x", "tools": [{"type": "function"}]})).await;
     assert_error(st, &v, 400, Some("tools"));
-    // Message fields the template would drop, and tool-calling turns.
-    let call = json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]);
+    // Message fields the template would drop, the legacy `function` role, and
+    // malformed tool-calling turns (well-formed ones reach the template: tests/tools.rs).
+    let call = json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]);
     for (messages, param) in [
-        (json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": call}]), "messages[1].tool_calls"),
-        (json!([{"role": "tool", "tool_call_id": "c1", "content": "42"}]), "messages[0].role"),
-        (json!([{"role": "user", "content": "hi", "name": "bob"}]), "messages[0].name"),
+        (json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": call}]), "messages[1].tool_calls[0].function.arguments"),
+        (json!([{"role": "tool", "content": "42"}]), "messages[0].tool_call_id"),
+        (json!([{"role": "function", "name": "f", "content": "42"}]), "messages[0].role"),
+        (json!([{"role": "user", "content": "hi", "function_call": {"name": "f"}}]), "messages[0].function_call"),
     ] {
         let (st, _, v) = s.post("/v1/chat/completions", None, &json!({"messages": messages, "max_tokens": 2})).await;
         assert_error(st, &v, 400, Some(param));

@@ -35,6 +35,9 @@ pub(crate) struct ServeArgs {
     /// Listen port (default 8000, or `server.port`; 0 = any free port).
     #[arg(long)]
     port: Option<u16>,
+    /// Jinja chat template file to use instead of the model's (`model.chat_template`).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Model names served in `/v1/models` and accepted in `model` fields (aliases;
     /// the first is echoed in responses). Default: the model file's stem.
     #[arg(long, num_args = 1.., value_name = "NAME")]
@@ -155,7 +158,17 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     if cfg.server.served_model_name.is_empty() {
         cfg.server.served_model_name = stem_name(&path).into_iter().collect();
     }
-    let (model, tok) = brigade::model::load_with_tokenizer(&path)?;
+    // The template file is read before the model loads, so a wrong path fails at once.
+    let template_file = args.chat_template.as_deref().or(cfg.model.chat_template.as_deref());
+    let template = match template_file {
+        Some(file) => Some((file.to_path_buf(), std::fs::read_to_string(file).with_context(|| format!("reading the chat template {}", file.display()))?)),
+        None => None,
+    };
+    let (model, mut tok) = brigade::model::load_with_tokenizer(&path)?;
+    if let Some((file, source)) = template {
+        tok = std::sync::Arc::new(tok.with_chat_template(&source).with_context(|| format!("the chat template {} is not a valid template", file.display()))?);
+        tracing::info!(template = %file.display(), "chat template overridden");
+    }
     let context = model.config.context_length;
     if cfg.runtime.max_model_len > context {
         bail!("--max-model-len (runtime.max_model_len) {} is more than the model's context length {context}", cfg.runtime.max_model_len);

@@ -148,9 +148,21 @@ impl Validator {
     /// are plain text: control-token text in them stays text (OpenAI's rule),
     /// unless `[tokenizer] parse_special_in_content` is on.
     pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool, add_bos: bool) -> Result<Vec<u32>, EngineError> {
+        self.encode_chat_with_tools(messages, None, add_generation_prompt, add_bos)
+    }
+
+    /// [`encode_chat`](Self::encode_chat) with OpenAI `tools` (function specs) passed
+    /// to the template.
+    pub fn encode_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        add_bos: bool,
+    ) -> Result<Vec<u32>, EngineError> {
         let tmpl = self.tok.chat_template().ok_or_else(|| invalid("messages", "the model has no chat template"))?;
         let options = ChatEncodeOptions { add_generation_prompt, with_bos: add_bos, parse_special_in_content: self.parse_special_in_content };
-        self.tok.encode_chat(tmpl, messages, options).map_err(|e| invalid(&e.param().unwrap_or_else(|| "messages".into()), e.to_string()))
+        self.tok.encode_chat_with(tmpl, messages, tools, None, options).map_err(|e| invalid(&e.param().unwrap_or_else(|| "messages".into()), e.to_string()))
     }
 
     /// Refuses a text of `bytes` bytes that no tokenization could fit.

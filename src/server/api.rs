@@ -23,20 +23,22 @@
 //!    - `/v1/completions`: `prompt`, `max_tokens`, `logprobs`, `echo`,
 //!      `suffix` (400 unless empty);
 //!    - `/v1/chat/completions`: `messages`, `max_tokens`,
-//!      `max_completion_tokens`, `logprobs`, `top_logprobs`;
+//!      `max_completion_tokens`, `logprobs`, `top_logprobs`, `tools`,
+//!      `tool_choice`, `parallel_tool_calls` (checked by [`super::tools`]);
 //!    - `/tokenize`: `model`, `prompt`, `messages`, `add_special_tokens`,
 //!      `add_generation_prompt`, `return_token_strs`; `/detokenize`: `model`,
 //!      `tokens`.
 //! 2. **Bookkeeping** ([`BOOKKEEPING_FIELDS`]), accepted and ignored because
 //!    they do not change what is generated: `user`, `metadata`, `store`,
-//!    `service_tier`, `parallel_tool_calls` (meaningful only with tools),
+//!    `service_tier`, `parallel_tool_calls` (honoured by chat; meaningless elsewhere),
 //!    `safety_identifier`, `prompt_cache_key`, `request_id` (vLLM),
 //!    `cache_prompt` (llama.cpp).
 //! 3. **Known but not supported** ([`unsupported_no_op`]): they would change
 //!    the output and are not implemented, so any value other than a no-op is a
 //!    400 naming the field. `null` is always a no-op; the other no-op values:
-//!    - `tools`, `functions`: `[]`;
-//!      `tool_choice`: `"none"`, or `"auto"` without tools; `function_call`:
+//!    - `tools` (completions,
+//!      `/tokenize`), `functions` (the legacy form of `tools`: use `tools`): `[]`;
+//!      `tool_choice` (completions, `/tokenize`): `"none"`, or `"auto"` without tools; `function_call`:
 //!      `"none"`, or `"auto"` without functions; `best_of`: 1 or `n`;
 //!      `modalities`: `["text"]`;
 //!    - vLLM: `echo` (chat): false; `add_generation_prompt` (chat): true;
@@ -57,12 +59,14 @@
 //! 4. **Anything else** is a 400 naming it, as OpenAI answers:
 //!    "Unrecognized request argument supplied: X".
 //!
-//! Inside `messages[i]` ([`check_message_fields`]): `role` and `content` are
-//! honoured; `name`, `tool_calls`, `function_call`, `tool_call_id`, `audio`,
-//! `refusal`, `annotations` and `reasoning_content` are accepted only empty
-//! (`null`, `""` or `[]`: what SDKs send back with an assistant turn), since the
-//! chat template would drop them; roles `tool` and `function` are refused
-//! (tool calling is not implemented); anything else is unrecognized.
+//! Inside `messages[i]` ([`check_message_fields`]): `role`, `content`, `name`,
+//! `tool_calls` (an assistant's calls, see [`super::tools::history_tool_calls`])
+//! and `tool_call_id` (required on `tool` messages) are honoured: they reach the
+//! chat template; `function_call`, `audio`, `refusal`, `annotations` and
+//! `reasoning_content` are accepted only empty (`null`, `""` or `[]`: what SDKs
+//! send back with an assistant turn), since the chat template would drop them;
+//! the legacy role `function` is refused (use `tool`); anything else is
+//! unrecognized.
 //!
 //! Counts (`n`, `max_tokens`, `max_completion_tokens`, `min_tokens`,
 //! `logprobs`, `top_logprobs`) accept any non-negative JSON integer, however
@@ -77,6 +81,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::tools;
 use crate::engine::SamplingParams;
 use crate::tokenizer::ChatMessage;
 
@@ -250,6 +255,12 @@ pub struct MessageInput {
     pub role: String,
     /// Content (null for e.g. assistant tool calls).
     pub content: Option<ContentInput>,
+    /// Author name (on `tool` messages: the tool that answered).
+    pub name: Option<String>,
+    /// An assistant turn's tool calls (checked by [`tools::history_tool_calls`]).
+    pub tool_calls: Option<Value>,
+    /// On a `tool` message: the id of the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -268,10 +279,23 @@ pub struct ChatRequest {
     /// With `logprobs`: this many alternatives (0..=20).
     #[serde(default, deserialize_with = "count")]
     pub top_logprobs: Option<usize>,
+    /// Function tools (checked by [`tools::ToolRequest::parse`]).
+    pub tools: Option<Value>,
+    /// `none`, `auto`, `required` or a named function.
+    pub tool_choice: Option<Value>,
+    /// false: at most one tool call.
+    pub parallel_tool_calls: Option<bool>,
     /// Shared sampling fields (parsed separately by [`ApiRequest::parse`], so
     /// errors keep their field path; serde's `flatten` would lose it).
     #[serde(skip)]
     pub common: CommonParams,
+}
+
+impl ChatRequest {
+    /// The request's tools, checked (`None` without tools).
+    pub fn tool_request(&self) -> Result<Option<tools::ToolRequest>, ApiError> {
+        tools::ToolRequest::parse(self.tools.as_ref(), self.tool_choice.as_ref(), self.parallel_tool_calls)
+    }
 }
 
 /// `POST /tokenize` (vLLM): a prompt or messages.
@@ -326,7 +350,16 @@ pub fn messages(input: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiError> {
                     s
                 }
             };
-            Ok(ChatMessage::new(m.role.clone(), content))
+            let mut msg = ChatMessage::new(m.role.clone(), content);
+            msg.name = m.name.clone();
+            msg.tool_call_id = m.tool_call_id.clone();
+            if let Some(calls) = &m.tool_calls {
+                msg.tool_calls = tools::history_tool_calls(i, calls)?;
+            }
+            if m.role == "tool" && m.tool_call_id.is_none() {
+                return Err(ApiError::invalid(&format!("messages[{i}].tool_call_id"), "`tool` messages need the `tool_call_id` of the call they answer"));
+            }
+            Ok(msg)
         })
         .collect()
 }
@@ -438,7 +471,7 @@ const COMMON_FIELDS: &[&str] = &[
     "priority",
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "max_tokens", "logprobs", "echo", "suffix"];
-const CHAT_FIELDS: &[&str] = &["messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"];
+const CHAT_FIELDS: &[&str] = &["messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"];
 const TOKENIZE_FIELDS: &[&str] = &["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"];
 const DETOKENIZE_FIELDS: &[&str] = &["model", "tokens"];
 
@@ -518,6 +551,12 @@ pub fn check_fields(ep: Endpoint, body: &Map<String, Value>) -> Result<(), ApiEr
         }
         match unsupported_no_op(ep, field, v, body) {
             Some(no_op) if no_op || v.is_null() => {}
+            Some(_) if ep == Endpoint::Chat && (field == "functions" || field == "function_call") => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("`{field}` (the deprecated function-calling API) is not supported; send `tools` and `tool_choice` instead"),
+                ))
+            }
             Some(_) => {
                 return Err(ApiError::invalid(
                     field,
@@ -531,11 +570,10 @@ pub fn check_fields(ep: Endpoint, body: &Map<String, Value>) -> Result<(), ApiEr
 }
 
 /// Fields of a message that the template would drop: accepted only empty.
-const MESSAGE_EMPTY_ONLY_FIELDS: &[&str] =
-    &["name", "tool_calls", "function_call", "tool_call_id", "audio", "refusal", "annotations", "reasoning_content"];
+const MESSAGE_EMPTY_ONLY_FIELDS: &[&str] = &["function_call", "audio", "refusal", "annotations", "reasoning_content"];
 
 /// Refuses (400 naming `messages[i].field`) message fields that would be
-/// silently dropped, and tool-calling roles (module docs).
+/// silently dropped, and the legacy `function` role (module docs).
 pub fn check_message_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
     let Some(Value::Array(msgs)) = body.get("messages") else { return Ok(()) }; // type errors: serde's
     for (i, m) in msgs.iter().enumerate() {
@@ -544,11 +582,11 @@ pub fn check_message_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
             let param = format!("messages[{i}].{field}");
             match field.as_str() {
                 "role" => {
-                    if let Some(role @ ("tool" | "function")) = v.as_str() {
-                        return Err(ApiError::invalid(&param, format!("`{role}` messages are not supported: this server does not implement tool calling")));
+                    if v.as_str() == Some("function") {
+                        return Err(ApiError::invalid(&param, "`function` messages (the legacy function-calling API) are not supported; send `tool` messages with a `tool_call_id`"));
                     }
                 }
-                "content" => {}
+                "content" | "name" | "tool_calls" | "tool_call_id" => {} // checked by `messages`
                 f if MESSAGE_EMPTY_ONLY_FIELDS.contains(&f) => {
                     let empty = v.is_null() || v.as_str().is_some_and(str::is_empty) || v.as_array().is_some_and(|a| a.is_empty());
                     if !empty {
@@ -698,8 +736,7 @@ mod tests {
     fn unsupported_fields_refused_unless_no_op() {
         for (body, param) in [
             (r#"{"messages":[],"response_format":{"type":"json_object"},"guided_regex":"a"}"#, "guided_regex"),
-            (r#"{"messages":[],"tools":[{"type":"function","function":{"name":"f"}}]}"#, "tools"),
-            (r#"{"messages":[],"tool_choice":"required"}"#, "tool_choice"),
+            (r#"{"messages":[],"functions":[{"name":"f"}]}"#, "functions"),
             (r#"{"messages":[],"guided_json":{"type":"objekt"}}"#, "guided_json"),
             (r#"{"messages":[],"modalities":["text","audio"]}"#, "modalities"),
             (r#"{"messages":[],"dry_multiplier":0.8}"#, "dry_multiplier"),
@@ -727,9 +764,8 @@ mod tests {
     #[test]
     fn message_fields_refused_unless_empty() {
         for (body, param) in [
-            (r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]}"#, "messages[1].tool_calls"),
-            (r#"{"messages":[{"role":"tool","content":"42","tool_call_id":""}]}"#, "messages[0].role"),
-            (r#"{"messages":[{"role":"user","content":"x","name":"bob"}]}"#, "messages[0].name"),
+            (r#"{"messages":[{"role":"function","content":"42","name":"f"}]}"#, "messages[0].role"),
+            (r#"{"messages":[{"role":"user","content":"x","function_call":{"name":"f"}}]}"#, "messages[0].function_call"),
             (r#"{"messages":[{"role":"user","content":"x","weight":1}]}"#, "messages[0].weight"),
         ] {
             let e = ChatRequest::parse(body.as_bytes()).unwrap_err();
@@ -738,5 +774,22 @@ mod tests {
         // An assistant turn as the SDKs send it back.
         let ok = r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y","refusal":null,"tool_calls":[],"function_call":null,"audio":null,"annotations":[]}]}"#;
         ChatRequest::parse(ok.as_bytes()).unwrap();
+        // Tool calls and tool results are honoured: they reach the template.
+        let body = r#"{"messages":[{"role":"user","content":"x","name":"bob"},{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},{"role":"tool","content":"42","tool_call_id":"call_1","name":"f"}]}"#;
+        let r = ChatRequest::parse(body.as_bytes()).unwrap();
+        let msgs = messages(&r.messages).unwrap();
+        assert_eq!(msgs[0].name.as_deref(), Some("bob"));
+        let calls = msgs[1].tool_calls.as_ref().unwrap();
+        assert_eq!((calls[0].function.name.as_str(), &calls[0].function.arguments), ("f", &serde_json::json!({"a": 1})));
+        assert_eq!((msgs[2].role.as_str(), msgs[2].tool_call_id.as_deref()), ("tool", Some("call_1")));
+        let r = ChatRequest::parse(br#"{"messages":[{"role":"tool","content":"42"}]}"#).unwrap();
+        assert_eq!(messages(&r.messages).unwrap_err().body()["error"]["param"], "messages[0].tool_call_id");
+        // tools / tool_choice are checked by the tools module, naming the field.
+        let r = ChatRequest::parse(br#"{"messages":[],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"nope"}}}}}]}"#).unwrap();
+        assert_eq!(r.tool_request().unwrap_err().body()["error"]["param"], "tools[0].function.parameters.properties.a.type");
+        let e = ChatRequest::parse(br#"{"messages":[],"function_call":{"name":"f"}}"#).unwrap_err();
+        assert!(e.to_string().contains("send `tools` and `tool_choice`"), "{e}");
+        let r = ChatRequest::parse(br#"{"messages":[],"tool_choice":"required"}"#).unwrap();
+        assert_eq!(r.tool_request().unwrap_err().body()["error"]["param"], "tool_choice");
     }
 }

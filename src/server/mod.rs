@@ -15,7 +15,8 @@
 //! Responses API, translated onto the chat path, and its store), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
 //! actor around it), [`api`] (request DTOs and the accepted-field lists),
 //! [`responses`] (response DTOs), [`routes`] (handlers), [`stream`]
-//! (event → response assembly), [`error`] (the one status table). Metrics
+//! (event → response assembly), [`tools`] (tool calling: checks, grammar,
+//! output parsing), [`error`] (the one status table). Metrics
 //! live in [`crate::metrics`]; the HTTP serving benchmark in
 //! [`crate::bench::http`]; `brigade serve` itself in the binary.
 //!
@@ -34,6 +35,7 @@ pub mod openai_responses;
 pub mod responses;
 pub mod routes;
 pub mod stream;
+pub mod tools;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

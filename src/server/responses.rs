@@ -144,8 +144,59 @@ pub struct ChatLogprobs {
 pub struct ChatMessageOut {
     /// Always `assistant`.
     pub role: &'static str,
-    /// Generated text.
-    pub content: String,
+    /// Generated text (`null` when tool calls took all of it).
+    pub content: Option<String>,
+    /// The tool calls parsed from the output (absent without tools).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One entry of a message's `tool_calls`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ToolCallOut {
+    /// `call_…`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function called.
+    pub function: FunctionOut,
+}
+
+/// `tool_calls[].function`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FunctionOut {
+    /// Function name.
+    pub name: String,
+    /// The arguments: a JSON object, as a string.
+    pub arguments: String,
+}
+
+/// One entry of a chunk's `delta.tool_calls`: the first of a call carries
+/// `id`, `type` and `function.name`; later ones add `function.arguments` text.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ToolCallDelta {
+    /// Position of the call in the message's `tool_calls`.
+    pub index: usize,
+    /// The call's id (first delta only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function` (first delta only).
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// Name and/or arguments text.
+    pub function: FunctionDelta,
+}
+
+/// `delta.tool_calls[].function`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FunctionDelta {
+    /// Function name (first delta only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// More arguments text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 /// One choice of a chat completion.
@@ -187,6 +238,9 @@ pub struct ChatDelta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// New or growing tool calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One choice of a chat chunk.
@@ -311,7 +365,7 @@ mod tests {
         assert_eq!(serde_json::to_value(&last).unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
         let plain = CompletionChunk { usage: None, ..chunk };
         assert!(serde_json::to_value(&plain).unwrap().get("usage").is_none());
-        let first = ChatChunkChoice { index: 1, delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) }, logprobs: None, finish_reason: None };
+        let first = ChatChunkChoice { index: 1, delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None }, logprobs: None, finish_reason: None };
         assert_eq!(serde_json::to_value(&first).unwrap(), json!({"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
         let end = ChatChunkChoice { index: 0, delta: ChatDelta::default(), logprobs: None, finish_reason: Some("stop") };
         assert_eq!(serde_json::to_value(&end).unwrap(), json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}));
@@ -324,6 +378,24 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&lp).unwrap(),
             json!({"tokens": ["a", "b"], "token_logprobs": [null, -0.5], "top_logprobs": [null, {"b": -0.5}], "text_offset": [0, 1]})
+        );
+        let msg = ChatMessageOut {
+            role: "assistant",
+            content: None,
+            tool_calls: Some(vec![ToolCallOut { id: "call_1".into(), kind: "function", function: FunctionOut { name: "f".into(), arguments: "{}".into() } }]),
+        };
+        assert_eq!(
+            serde_json::to_value(&msg).unwrap(),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
+        );
+        let plain = ChatMessageOut { role: "assistant", content: Some("hi".into()), tool_calls: None };
+        assert_eq!(serde_json::to_value(&plain).unwrap(), json!({"role": "assistant", "content": "hi"}));
+        let head = ToolCallDelta { index: 0, id: Some("call_1".into()), kind: Some("function"), function: FunctionDelta { name: Some("f".into()), arguments: Some(String::new()) } };
+        let more = ToolCallDelta { index: 0, id: None, kind: None, function: FunctionDelta { name: None, arguments: Some("{}".into()) } };
+        let delta = ChatDelta { tool_calls: Some(vec![head, more]), ..ChatDelta::default() };
+        assert_eq!(
+            serde_json::to_value(&delta).unwrap(),
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}, {"index": 0, "function": {"arguments": "{}"}}]})
         );
         let t = TokenizeResponse { count: 1, max_model_len: 9, tokens: vec![4], token_strs: None };
         assert_eq!(serde_json::to_value(&t).unwrap(), json!({"count": 1, "max_model_len": 9, "tokens": [4], "token_strs": null}));

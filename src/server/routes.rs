@@ -21,6 +21,7 @@ use super::error::{ApiError, ErrorKind};
 use super::responses::{DetokenizeResponse, ModelCard, ModelList, StatusResponse, TokenizeResponse};
 use super::openai_responses;
 use super::stream::{self, Kind, PromptSpec};
+use super::tools;
 use super::App;
 use crate::engine::{GenerateRequest, Prompt};
 use crate::tokenizer::ChatMessage;
@@ -368,8 +369,17 @@ async fn completions(State(app): State<App>, tenant: Tenant, Body(req): Body<Com
 pub(crate) async fn chat_completions(State(app): State<App>, tenant: Tenant, Body(req): Body<ChatRequest>) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     check_model(&app, req.common.model.as_deref())?;
+    let tool_plan = match req.tool_request()? {
+        Some(r) => Some(tools::ToolPlan::new(r, app.engine.tokenizer().chat_template().map(|t| t.source()))?),
+        None => None,
+    };
     let messages = api::messages(&req.messages)?;
     let mut params = req.common.sampling()?;
+    let had_constraint = params.constraint.is_some();
+    if let Some(plan) = &tool_plan {
+        plan.apply(app.engine.tokenizer(), &mut params)?;
+    }
+    let has_tool_constraint = !had_constraint && params.constraint.is_some();
     let want_logprobs = req.logprobs.unwrap_or(false);
     if let Some(k) = req.top_logprobs {
         if k > 20 {
@@ -383,7 +393,11 @@ pub(crate) async fn chat_completions(State(app): State<App>, tenant: Tenant, Bod
         params.logprobs = Some(req.top_logprobs.unwrap_or(0));
     }
     let app2 = app.clone();
-    let ids = blocking(move || encode_chat(&app2, &messages, true, true)).await?;
+    let template_tools = tool_plan.as_ref().map(tools::ToolPlan::template_tools);
+    let ids = blocking(move || {
+        app2.engine.validator().encode_chat_with_tools(&messages, template_tools.as_deref(), true, true).map_err(ApiError::from)
+    })
+    .await?;
     if ids.is_empty() {
         return Err(ApiError::invalid("messages", "the prompt must contain at least one token"));
     }
@@ -405,13 +419,16 @@ pub(crate) async fn chat_completions(State(app): State<App>, tenant: Tenant, Bod
     let greq = GenerateRequest { prompt: Prompt::Tokens(ids), params: params.clone(), priority };
     let valid = app.engine.validator().validate(greq).map_err(|e| match e {
         crate::engine::EngineError::Invalid { param: Some(p), message } if p == "max_tokens" => ApiError::invalid(param, message),
+        // The tools' grammar (their parameters schemas) did not compile.
+        crate::engine::EngineError::Invalid { param: Some(p), message } if p == "constraint" && has_tool_constraint => ApiError::invalid("tools", message),
         e => ApiError::from(e),
     })?;
     app.metrics.on_request_params(app.admission.tenant_name(tenant.0), params.n.max(1), params.max_tokens);
     let (streaming, include_usage) = req.common.streaming();
     let kind = Kind::Chat { logprobs: want_logprobs };
     let prompts = vec![PromptSpec { valid, text: None }];
-    stream::generate(app, tenant.0, kind, prompts, params, streaming, include_usage, arrival).await
+    let parser = tool_plan.as_ref().and_then(tools::ToolPlan::parser);
+    stream::generate_with_tools(app, tenant.0, kind, prompts, params, streaming, include_usage, arrival, parser).await
 }
 
 async fn tokenize(State(app): State<App>, _t: Tenant, Body(req): Body<TokenizeRequest>) -> Result<Json<TokenizeResponse>, ApiError> {

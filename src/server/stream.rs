@@ -8,7 +8,9 @@
 //! drops the handler future or the SSE body) drops every [`ResponseStream`],
 //! which cancels the requests in the engine, and the ticket. Bodies and chunks
 //! are the typed structs of [`super::responses`]. Metrics of each completion
-//! are recorded here as its events arrive.
+//! are recorded here as its events arrive. With tools, each chat choice's
+//! text goes through its [`ToolParser`] (super::tools): content outside calls
+//! and `tool_calls` (deltas when streaming), `finish_reason: "tool_calls"`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -28,6 +30,7 @@ use super::responses::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
     ChatTopLogprob, Chunk, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, PromptTokensDetails, TopLogprobMap, Usage,
 };
+use super::tools::{self, ToolItem, ToolParser};
 use super::App;
 use crate::engine::{Event, ResponseStream, SamplingParams, TokenLogprob, ValidRequest};
 use crate::metrics::RequestTimes;
@@ -77,6 +80,8 @@ struct Choice {
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
     echoed: bool,
+    /// The tool-call parser of this choice (chat with tools).
+    tools: Option<ToolParser>,
 }
 
 /// The state of one HTTP generation request.
@@ -114,6 +119,23 @@ pub async fn generate(
     include_usage: bool,
     arrival: Instant,
 ) -> Result<Response, ApiError> {
+    generate_with_tools(app, tenant, kind, prompts, params, streaming, include_usage, arrival, None).await
+}
+
+/// [`generate`] for a chat request with tools: every choice's output is parsed
+/// by its own copy of `tools` (module docs).
+#[allow(clippy::too_many_arguments)]
+pub async fn generate_with_tools(
+    app: App,
+    tenant: usize,
+    kind: Kind,
+    prompts: Vec<PromptSpec>,
+    params: SamplingParams,
+    streaming: bool,
+    include_usage: bool,
+    arrival: Instant,
+    tools: Option<ToolParser>,
+) -> Result<Response, ApiError> {
     let n = params.n.max(1);
     let priority = prompts.first().map_or(0, |p| p.valid.priority());
     let reqs = prompts.iter().map(|p| p.valid.clone()).collect();
@@ -148,7 +170,7 @@ pub async fn generate(
         id: format!("{prefix}{}", uuid::Uuid::new_v4().simple()),
         created: super::unix_now(),
         subs,
-        choices: (0..num_choices).map(|_| Choice::default()).collect(),
+        choices: (0..num_choices).map(|_| Choice { tools: tools.clone(), ..Choice::default() }).collect(),
         events,
         include_usage,
     };
@@ -215,7 +237,12 @@ impl Generation {
                 c.last_token_at = Some(now);
                 c.completion_tokens += 1;
                 c.text.push_str(&text);
-                if emit && (!text.is_empty() || self.wants_logprobs()) {
+                if let Some(parser) = c.tools.as_mut() {
+                    let items = parser.feed(&text);
+                    if emit {
+                        out.extend(self.tool_chunks(ci, items, Some(&token)));
+                    }
+                } else if emit && (!text.is_empty() || self.wants_logprobs()) {
                     out.push(self.delta_chunk(ci, &text, Some(&token), None));
                 }
                 if let Some(c) = self.choices.get_mut(ci) {
@@ -245,6 +272,11 @@ impl Generation {
                 let Some(c) = self.choices.get_mut(ci) else { return Ok(out) };
                 c.text.push_str(&text);
                 c.finish = Some(reason.as_str());
+                let tool_items = c.tools.as_mut().map(|parser| {
+                    let mut items = parser.feed(&text);
+                    items.extend(parser.finish());
+                    (items, parser.num_calls())
+                });
                 let scheduled = admitted_at + timings.queue;
                 let first = c.first_token_at.unwrap_or(now);
                 let times = RequestTimes {
@@ -255,8 +287,13 @@ impl Generation {
                     e2e_s: now.saturating_duration_since(self.arrival).as_secs_f64(),
                 };
                 self.app.metrics.on_finish(&tenant, reason.as_str(), usage.completion_tokens, times);
-                if emit {
-                    out.push(self.delta_chunk(ci, &text, None, Some(reason.as_str())));
+                match (emit, tool_items) {
+                    (false, _) => {}
+                    (true, None) => out.push(self.delta_chunk(ci, &text, None, Some(reason.as_str()))),
+                    (true, Some((items, num_calls))) => {
+                        out.extend(self.tool_chunks(ci, items, None));
+                        out.push(self.delta_chunk(ci, "", None, Some(tools::finish_reason(reason.as_str(), num_calls))));
+                    }
                 }
             }
             Event::Error(e) => return Err(e.into()),
@@ -373,12 +410,43 @@ impl Generation {
         })
     }
 
+    /// The chunks of parsed tool output (content deltas and each call's two
+    /// deltas); `token`'s log-probabilities ride on the first, or on an empty
+    /// delta when the token produced nothing yet.
+    fn tool_chunks(&self, ci: usize, items: Vec<ToolItem>, token: Option<&TokenLogprob>) -> Vec<Chunk> {
+        let mut logprobs = token.filter(|_| self.wants_logprobs()).map(|t| self.chat_logprobs(std::slice::from_ref(t)));
+        let family = self.choices.get(ci).and_then(|c| c.tools.as_ref()).map(ToolParser::family);
+        let mut deltas: Vec<ChatDelta> = Vec::new();
+        let mut next_index = self.choices.get(ci).and_then(|c| c.tools.as_ref()).map_or(0, ToolParser::num_calls);
+        let num_new_calls = items.iter().filter(|i| matches!(i, ToolItem::Call(_))).count();
+        next_index -= num_new_calls.min(next_index);
+        for item in items {
+            match item {
+                ToolItem::Content(text) => deltas.push(ChatDelta { content: Some(text), ..ChatDelta::default() }),
+                ToolItem::Call(call) => {
+                    let Some(family) = family else { continue };
+                    for d in tools::call_deltas(family, next_index, &call) {
+                        deltas.push(ChatDelta { tool_calls: Some(vec![d]), ..ChatDelta::default() });
+                    }
+                    next_index += 1;
+                }
+            }
+        }
+        if deltas.is_empty() && logprobs.is_some() {
+            deltas.push(ChatDelta::default());
+        }
+        deltas
+            .into_iter()
+            .map(|delta| self.chat_chunk(ChatChunkChoice { index: ci, delta, logprobs: logprobs.take(), finish_reason: None }))
+            .collect()
+    }
+
     /// A chunk of new text (with the token's log-probabilities when requested) or a finish.
     fn delta_chunk(&self, ci: usize, text: &str, token: Option<&TokenLogprob>, finish: Option<&'static str>) -> Chunk {
         let token = token.filter(|_| self.wants_logprobs());
         match self.kind {
             Kind::Chat { .. } => {
-                let delta = ChatDelta { role: None, content: (!text.is_empty()).then(|| text.to_string()) };
+                let delta = ChatDelta { content: (!text.is_empty()).then(|| text.to_string()), ..ChatDelta::default() };
                 let logprobs = token.map(|t| self.chat_logprobs(std::slice::from_ref(t)));
                 self.chat_chunk(ChatChunkChoice { index: ci, delta, logprobs, finish_reason: finish })
             }
@@ -427,11 +495,18 @@ impl Generation {
                     .choices
                     .iter()
                     .enumerate()
-                    .map(|(ci, c)| ChatChoice {
-                        index: ci,
-                        message: ChatMessageOut { role: "assistant", content: c.text.clone() },
-                        logprobs: self.wants_logprobs().then(|| self.chat_logprobs(&c.tokens)),
-                        finish_reason: Some(c.finish.unwrap_or("abort")),
+                    .map(|(ci, c)| {
+                        let finish = c.finish.unwrap_or("abort");
+                        let (message, finish) = match c.tools.as_ref().map(ToolParser::family) {
+                            None => (ChatMessageOut { role: "assistant", content: Some(c.text.clone()), tool_calls: None }, finish),
+                            Some(family) => {
+                                let (content, calls) = ToolParser::parse_all(family, &c.text);
+                                let finish = tools::finish_reason(finish, calls.len());
+                                let calls = (!calls.is_empty()).then(|| calls.iter().map(|call| tools::call_out(family, call)).collect());
+                                (ChatMessageOut { role: "assistant", content, tool_calls: calls }, finish)
+                            }
+                        };
+                        ChatChoice { index: ci, message, logprobs: self.wants_logprobs().then(|| self.chat_logprobs(&c.tokens)), finish_reason: Some(finish) }
                     })
                     .collect();
                 let body = ChatCompletion { id, object: "chat.completion", created, model, choices, usage: self.usage() };
@@ -475,7 +550,7 @@ impl Generation {
         let mut pending = VecDeque::new();
         if let Kind::Chat { .. } = self.kind {
             for ci in 0..self.choices.len() {
-                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
                 let v = self.chat_chunk(ChatChunkChoice { index: ci, delta, logprobs: None, finish_reason: None });
                 pending.push_back(frame(&v));
             }

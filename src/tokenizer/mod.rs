@@ -384,6 +384,8 @@ fn to_owned_strings(strs: Vec<&str>) -> Vec<String> {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Arc<Inner>,
+    /// The chat template (the model's, or one set by [`Tokenizer::with_chat_template`]).
+    chat_template: Option<ChatTemplate>,
 }
 
 /// How a piece of plain text (no added tokens in it) becomes ids.
@@ -422,7 +424,6 @@ struct Inner {
     add_eos: bool,
     add_space_prefix: bool,
     eog_ids: Vec<u32>,
-    chat_template: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -617,8 +618,8 @@ impl Tokenizer {
                 add_eos,
                 add_space_prefix,
                 eog_ids,
-                chat_template,
             }),
+            chat_template,
         })
     }
 
@@ -953,7 +954,17 @@ impl Tokenizer {
     /// The model's chat template, if it has one (one that failed to parse included:
     /// see [`ChatTemplate::parse_error`]).
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.inner.chat_template.as_ref()
+        self.chat_template.as_ref()
+    }
+
+    /// This tokenizer with `source` as its chat template instead of the model's
+    /// (`brigade serve --chat-template FILE`), compiled with the vocabulary's BOS / EOS
+    /// strings; a source that does not parse is an error
+    /// ([`TokenizerError::TemplateSyntax`]). The vocabulary tables are shared.
+    pub fn with_chat_template(&self, source: &str) -> Result<Self, TokenizerError> {
+        let token_string = |id: Option<u32>| id.and_then(|id| self.token_str(id)).map(str::to_owned);
+        let template = ChatTemplate::new(source, token_string(self.inner.bos), token_string(self.inner.eos))?;
+        Ok(Self { inner: self.inner.clone(), chat_template: Some(template) })
     }
 }
 
