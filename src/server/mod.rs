@@ -25,7 +25,7 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
-mod edge;
+pub(crate) mod edge;
 pub mod error;
 pub mod fair;
 pub mod responses;
