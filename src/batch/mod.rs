@@ -202,6 +202,9 @@ pub async fn run(engine: &EngineHandle, server: &ServerConfig, opts: &BatchOptio
     let text = tokio::fs::read_to_string(&opts.input).await.map_err(|source| BatchError::ReadInput { path: opts.input.clone(), source })?;
     let planned = input::plan(&text, opts.shard);
     drop(text);
+    if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| OutputFileError::Io { path: dir.to_path_buf(), source })?;
+    }
     let recovered = output::recover(&opts.output)?;
     let mut summary = BatchSummary { requests: planned.len(), truncated_bytes: recovered.truncated_bytes, ..Default::default() };
     let todo: Vec<Planned> = planned.into_iter().filter(|p| !recovered.done.contains(p.custom_id())).collect();
