@@ -404,11 +404,11 @@ fn spawn_reporter(p: Arc<Progress>, total: usize, opts: &BatchOptions, start: In
                 tokio::time::sleep(interval).await;
                 let done = p.done.load(Ordering::Relaxed);
                 let r = rate(&p);
-                let eta = if done > 0 { start.elapsed().as_secs_f64() * (total - done.min(total)) as f64 / done as f64 } else { f64::NAN };
+                let elapsed = start.elapsed().as_secs_f64();
+                let eta = if done > 0 { format!("{:.0} s", elapsed * (total - done.min(total)) as f64 / done as f64) } else { "?".to_string() };
                 eprintln!(
-                    "run-batch: {done}/{total} done, {} errors, {r:.1} output tok/s, elapsed {:.0} s, ETA {eta:.0} s",
+                    "run-batch: {done}/{total} done, {} errors, {r:.1} output tok/s (finished requests), elapsed {elapsed:.0} s, ETA {eta}",
                     p.errors.load(Ordering::Relaxed),
-                    start.elapsed().as_secs_f64()
                 );
             }
         });
