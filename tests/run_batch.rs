@@ -249,3 +249,66 @@ fn three_shards_union_equals_one_run() {
     assert_eq!(want["line-13"]["error"], "duplicate_custom_id");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// POSTs `body` to `http://{addr}{path}` (HTTP/1.1, `Connection: close`); the status and JSON body.
+fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
+}
+
+#[test]
+fn bodies_are_the_servers_bodies() {
+    use std::io::BufRead;
+    let d = tmp("same");
+    let bodies = [
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2})),
+        ("/v1/completions", json!({"prompt": ["Red, green and", "One, two,"], "max_tokens": 5, "n": 2, "seed": 5, "temperature": 0.8, "logprobs": 1, "echo": true})),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 2, "top_p": 7})),
+    ];
+    let mut text = String::new();
+    for (i, (url, body)) in bodies.iter().enumerate() {
+        text.push_str(&json!({"custom_id": format!("r{i}"), "method": "POST", "url": url, "body": body}).to_string());
+        text.push('\n');
+    }
+    let input = d.join("in.jsonl");
+    std::fs::write(&input, text).unwrap();
+    let output = d.join("out.jsonl");
+    run_ok(&input, &output, &["--no-progress"]);
+    let m = results(&output);
+
+    let mut server = Command::new(bin()).args(["serve", "--port", "0"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let l = lines.next().expect("server exited").unwrap();
+        if let Some(a) = l.strip_prefix("brigade: listening on http://") {
+            break a.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {}); // keep draining the server's log
+    for (i, (url, body)) in bodies.iter().enumerate() {
+        let (status, mut want) = post(&addr, url, body);
+        let mut got = m[&format!("r{i}")]["response"].clone();
+        assert_eq!(got["status_code"], status, "r{i}");
+        // Ids and timestamps are per request; everything else is the same body.
+        for b in [&mut want, &mut got["body"]] {
+            if let Some(o) = b.as_object_mut() {
+                o.remove("id");
+                o.remove("created");
+                if let Some(u) = o.get_mut("usage").and_then(Value::as_object_mut) {
+                    u.remove("prompt_tokens_details");
+                }
+            }
+        }
+        assert_eq!(got["body"], want, "r{i}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&d);
+}
