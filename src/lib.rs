@@ -17,6 +17,7 @@
 //! - [`model`]: Llama forward pass over quantized weights, paged KV access.
 //! - [`sampling`]: logits → token.
 //! - [`guidance`]: constrained decoding (grammars, JSON Schema) through llguidance.
+//! - [`batch`]: `brigade run-batch`, OpenAI batch files through the server's router, resumable.
 //! - [`bench`]: the engine and HTTP benchmarks behind `brigade bench` and `brigade bench-serve`.
 //!
 //! The `brigade` command line (argument parsing, one-line error reports) is the binary's `cli`
@@ -26,6 +27,7 @@
 #![deny(unused_must_use)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod engine;

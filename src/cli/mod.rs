@@ -10,6 +10,7 @@ mod generate;
 mod hash_key;
 mod inspect;
 mod perplexity;
+mod run_batch;
 mod serve;
 mod tokenize;
 
@@ -62,6 +63,8 @@ enum Cmd {
     BenchServe(bench::BenchServeArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Run an OpenAI batch file (JSONL requests) offline into a results file; resumable, shardable.
+    RunBatch(run_batch::RunBatchArgs),
     /// Print the SHA-256 hash of an API key for the config's `api_keys` (key from stdin if omitted).
     HashKey(hash_key::HashKeyArgs),
     /// Print model metadata, tensors and memory use.
@@ -77,6 +80,7 @@ pub(crate) fn run() -> Result<()> {
         Cmd::Bench(a) => bench::run(a),
         Cmd::BenchServe(a) => bench::run_serve(a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::RunBatch(a) => run_batch::run(a),
         Cmd::HashKey(a) => hash_key::run(a),
         Cmd::Inspect(a) => inspect::run(a),
     }

@@ -28,7 +28,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod cors;
-mod edge;
+pub(crate) mod edge;
 pub mod error;
 pub mod fair;
 pub mod openai_responses;
@@ -108,17 +108,11 @@ pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then drains: readiness and
-/// new requests get 503, idle connections close, queued and running requests
-/// finish for up to `server.shutdown_timeout_s`, the rest are aborted
-/// (`finish_reason: "abort"`), and the function returns once every connection
-/// is closed (those still open [`CONNECTION_CLOSE_GRACE`] later are dropped).
-pub async fn serve_with(
-    engine: EngineHandle,
-    cfg: ServerConfig,
-    listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
+/// The handlers' state for `cfg` over `engine`: served names (default: the
+/// model's name without spaces), metrics, the admission actor, keys and
+/// request checks. Shared by [`serve_with`] and `brigade run-batch` (which
+/// drives the same router in-process).
+pub(crate) fn build_app(engine: &EngineHandle, cfg: ServerConfig, loopback: bool) -> Result<App, ServeError> {
     let model = engine.model().clone();
     let served_names = if cfg.served_model_name.is_empty() {
         // No spaces: clients put the name in URLs (`/v1/models/{id}`).
@@ -152,8 +146,7 @@ pub async fn serve_with(
         engine.clone(),
         metrics.clone(),
     );
-    let loopback = listener.local_addr()?.ip().is_loopback();
-    let app: App = Arc::new(AppState {
+    Ok(Arc::new(AppState {
         keys: auth::KeyDirectory::new(tenants.iter().map(|t| t.api_keys.as_slice()), cfg.tenants.is_empty()),
         tenants,
         engine: engine.clone(),
@@ -162,13 +155,29 @@ pub async fn serve_with(
         responses: openai_responses::ResponseStore::new(cfg.responses_store_max),
         cors: cors::Cors::new(&cfg.allowed_origins),
         max_len,
-        admission: admission.clone(),
+        admission,
         metrics,
         draining: AtomicBool::new(false),
         created: unix_now(),
         checks: edge::RequestChecks::new(&cfg, loopback),
-        cfg: cfg.clone(),
-    });
+        cfg,
+    }))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then drains: readiness and
+/// new requests get 503, idle connections close, queued and running requests
+/// finish for up to `server.shutdown_timeout_s`, the rest are aborted
+/// (`finish_reason: "abort"`), and the function returns once every connection
+/// is closed (those still open [`CONNECTION_CLOSE_GRACE`] later are dropped).
+pub async fn serve_with(
+    engine: EngineHandle,
+    cfg: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let loopback = listener.local_addr()?.ip().is_loopback();
+    let app = build_app(&engine, cfg.clone(), loopback)?;
+    let admission = app.admission.clone();
     let edge = edge::Edge::spawn(listener, routes::router(app.clone()), &cfg, app.metrics.clone());
     // Until asked to stop, or until the engine dies (then /health is already
     // 503, every open request has its error, and serving ends non-zero).
