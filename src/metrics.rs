@@ -14,7 +14,7 @@
 //! `brigade:tenant_requests_in_flight{tenant}`, `brigade:request_errors_total{error_type}`,
 //! `brigade:guided_decoding_mask_seconds` (per-token allowed-token mask time of
 //! constrained completions; process-wide, observed by the sampler through
-//! [`observe_guided_mask`]).
+//! [`observe_guided_mask`]; `vllm:…` under that prefix).
 //!
 //! vLLM's rows also published: `request_inference_time_seconds`,
 //! `iteration_tokens_total` (from the engine's per-step bucket counts),
@@ -42,16 +42,25 @@ const N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
 
 const MASK_BUCKETS: &[f64] = &[1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0];
 
-/// Per-token mask time of constrained completions (the sampler observes it
-/// outside any request; every registry shows the same series).
-static GUIDED_MASK: LazyLock<Option<Histogram>> = LazyLock::new(|| {
-    Histogram::with_opts(hist("brigade:guided_decoding_mask_seconds", "Time to compute one constrained token's allowed-token mask.", MASK_BUCKETS))
-        .ok()
+/// The metric-name prefixes a registry can publish under.
+const PREFIXES: [&str; 2] = ["brigade", "vllm"];
+
+/// Per-token mask time of constrained completions, one series per prefix of
+/// [`PREFIXES`] (the sampler observes it outside any request; every registry
+/// shows the series of its own prefix).
+static GUIDED_MASK: LazyLock<Vec<Option<Histogram>>> = LazyLock::new(|| {
+    PREFIXES
+        .iter()
+        .map(|p| {
+            let name = format!("{p}:guided_decoding_mask_seconds");
+            Histogram::with_opts(hist(&name, "Time to compute one constrained token's allowed-token mask.", MASK_BUCKETS)).ok()
+        })
+        .collect()
 });
 
 /// Records one allowed-token mask computation of `seconds`.
 pub fn observe_guided_mask(seconds: f64) {
-    if let Some(h) = GUIDED_MASK.as_ref() {
+    for h in GUIDED_MASK.iter().flatten() {
         h.observe(seconds);
     }
 }
@@ -298,7 +307,8 @@ impl Metrics {
             model_name: model_name.to_string(),
             last: Mutex::new(EngineStats::default()),
         };
-        if let Some(h) = GUIDED_MASK.as_ref() {
+        let i = PREFIXES.iter().position(|p| *p == prefix).unwrap_or(0);
+        if let Some(Some(h)) = GUIDED_MASK.get(i) {
             s.registry.register(Box::new(h.clone()))?;
         }
         Ok(s)

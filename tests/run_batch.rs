@@ -168,12 +168,17 @@ fn kill_9_at_random_points_then_rerun_answers_everything_once() {
     };
     let mut kills = 0;
     for _ in 0..6 {
-        let at = Duration::from_millis(200 + next() % (full.as_millis() as u64).max(1));
+        // Within the first half of an uninterrupted run (it includes the model load).
+        let at = Duration::from_millis(100 + next() % (full.as_millis() as u64 / 2).max(1));
         let mut child = cmd(&input, &output, &["--no-progress"]).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(at);
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
             kills += 1;
+        } else if kills == 0 {
+            // It finished before any kill: start over, so the rerun below resumes a killed run.
+            let _ = child.wait();
+            std::fs::remove_file(&output).unwrap();
         }
         let _ = child.wait();
     }

@@ -41,9 +41,13 @@ pub(crate) struct RunBatchArgs {
 
 /// Runs the batch and prints its summary on stderr; fails only when the files or the engine do.
 pub(crate) fn run(a: RunBatchArgs) -> Result<()> {
-    let cfg = super::load_config(a.config.as_deref())?;
+    let mut cfg = super::load_config(a.config.as_deref())?;
     let path = brigade::paths::resolve_model(a.model.as_deref(), cfg.model.path.as_deref())?;
-    let (model, tok) = brigade::model::load_with_tokenizer(&path)?;
+    // Served names and chat template as `brigade serve` sets them, so the bodies are the server's.
+    if cfg.server.served_model_name.is_empty() {
+        cfg.server.served_model_name = super::serve::stem_name(&path).into_iter().collect();
+    }
+    let (model, tok) = super::serve::load_model(&path, cfg.model.chat_template.as_deref())?;
     let server = cfg.server.clone();
     let engine = Engine::start(model, tok, cfg)?;
     let opts = BatchOptions {

@@ -93,7 +93,7 @@ fn origins(values: &[String]) -> Result<Vec<String>> {
 }
 
 /// The model's default served name: the file's stem, whitespace replaced by `-`.
-fn stem_name(path: &std::path::Path) -> Option<String> {
+pub(crate) fn stem_name(path: &std::path::Path) -> Option<String> {
     let stem = path.file_stem()?.to_string_lossy();
     let name = stem.split_whitespace().collect::<Vec<_>>().join("-");
     (!name.is_empty()).then_some(name)
@@ -149,6 +149,22 @@ fn apply_flags(args: &ServeArgs, cfg: &mut Config) -> Result<Option<PathBuf>> {
     Ok(model)
 }
 
+/// Loads the model and its tokenizer, with the chat template replaced by
+/// `template_file` when given (`--chat-template` / `model.chat_template`). The
+/// file is read before the model loads, so a wrong path fails at once.
+pub(crate) fn load_model(path: &std::path::Path, template_file: Option<&std::path::Path>) -> Result<(std::sync::Arc<brigade::model::Model>, std::sync::Arc<brigade::tokenizer::Tokenizer>)> {
+    let template = match template_file {
+        Some(file) => Some((file, std::fs::read_to_string(file).with_context(|| format!("reading the chat template {}", file.display()))?)),
+        None => None,
+    };
+    let (model, mut tok) = brigade::model::load_with_tokenizer(path)?;
+    if let Some((file, source)) = template {
+        tok = std::sync::Arc::new(tok.with_chat_template(&source).with_context(|| format!("the chat template {} is not a valid template", file.display()))?);
+        tracing::info!(template = %file.display(), "chat template overridden");
+    }
+    Ok((model, tok))
+}
+
 /// Runs `brigade serve` until SIGTERM/SIGINT; returns after a graceful drain.
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
     init_logging(&args.log_format);
@@ -158,17 +174,8 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     if cfg.server.served_model_name.is_empty() {
         cfg.server.served_model_name = stem_name(&path).into_iter().collect();
     }
-    // The template file is read before the model loads, so a wrong path fails at once.
-    let template_file = args.chat_template.as_deref().or(cfg.model.chat_template.as_deref());
-    let template = match template_file {
-        Some(file) => Some((file.to_path_buf(), std::fs::read_to_string(file).with_context(|| format!("reading the chat template {}", file.display()))?)),
-        None => None,
-    };
-    let (model, mut tok) = brigade::model::load_with_tokenizer(&path)?;
-    if let Some((file, source)) = template {
-        tok = std::sync::Arc::new(tok.with_chat_template(&source).with_context(|| format!("the chat template {} is not a valid template", file.display()))?);
-        tracing::info!(template = %file.display(), "chat template overridden");
-    }
+    let template_file = args.chat_template.clone().or(cfg.model.chat_template.clone());
+    let (model, tok) = load_model(&path, template_file.as_deref())?;
     let context = model.config.context_length;
     if cfg.runtime.max_model_len > context {
         bail!("--max-model-len (runtime.max_model_len) {} is more than the model's context length {context}", cfg.runtime.max_model_len);
