@@ -218,8 +218,15 @@ fn json_schemas_validate_alone_and_64_at_once() {
         }
     }
     assert!(bad.is_empty(), "{} of 64 failed:\n{}", bad.len(), bad.join("\n"));
-    // Nothing leaked: every sequence ended and freed its blocks.
-    let s = e.stats();
+    // Nothing leaked: every sequence ended and freed its blocks. The stats are
+    // the scheduler's, published after the step whose tokens were just read:
+    // wait for them to catch up (bounded, not a timing check).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut s = e.stats();
+    while (s.running, s.waiting) != (0, 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        s = e.stats();
+    }
     assert_eq!((s.running, s.waiting), (0, 0));
 }
 
