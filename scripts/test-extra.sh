@@ -46,11 +46,10 @@ assert rules["rules"][0]["name"]["as"] == hpa["spec"]["metrics"][0]["pods"]["met
 print("ok")
 PYEOF
 
-# Starts `brigade serve` with config $1 on a free port; sets SERVER_PID and BASE.
-start_server() {
-  local log=$2
-  "$BIN" serve --config "$1" --port 0 --log-format json 2>"$log" &
-  SERVER_PID=$!
+# Waits until the server started in the background (SERVER_PID) writes its
+# address to log $1; sets BASE.
+wait_listening() {
+  local log=$1
   BASE=""
   for _ in $(seq 1 600); do
     BASE=$(sed -n 's/^brigade: listening on //p' "$log" | head -n1)
@@ -59,6 +58,13 @@ start_server() {
     sleep 0.1
   done
   [ -n "$BASE" ] || { cat "$log"; echo "server did not start"; exit 1; }
+}
+
+# Starts `brigade serve` with config $1 on a free port; sets SERVER_PID and BASE.
+start_server() {
+  "$BIN" serve --config "$1" --port 0 --log-format json 2>"$2" &
+  SERVER_PID=$!
+  wait_listening "$2"
 }
 
 # Stops the server with SIGTERM and checks it exits 0.
@@ -99,14 +105,7 @@ RKEY="resp-key-$$"
 RLOG=target/py-extra/serve-responses.log
 BRIGADE_API_KEY="$RKEY" "$BIN" serve --port 0 --allowed-origins http://app.test --log-format json 2>"$RLOG" &
 SERVER_PID=$!
-BASE=""
-for _ in $(seq 1 600); do
-  BASE=$(sed -n 's/^brigade: listening on //p' "$RLOG" | head -n1)
-  [ -n "$BASE" ] && break
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then cat "$RLOG"; echo "server exited"; exit 1; fi
-  sleep 0.1
-done
-[ -n "$BASE" ] || { cat "$RLOG"; echo "server did not start"; exit 1; }
+wait_listening "$RLOG"
 trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
 "$PY" tests/py/responses.py --base-url "$BASE" --api-key "$RKEY" --origin http://app.test
 trap - EXIT
