@@ -180,6 +180,17 @@ pub enum BenchError {
     /// The client thread or its runtime could not be created.
     #[error("bench client: {0}")]
     Client(#[from] std::io::Error),
+    /// An option combination `brigade bench` does not support.
+    #[error("{0} is not supported")]
+    Unsupported(String),
+    /// The `--write-batch` file could not be written.
+    #[error("writing {}: {source}", path.display())]
+    WriteBatch {
+        /// The `--write-batch` file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// What `brigade bench` reports.
@@ -299,6 +310,39 @@ fn build_jobs(a: &BenchOptions, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job
             Job { input_len: prompt.len(), prompt: GenerateRequest::tokens(prompt, params(out)) }
         })
         .collect())
+}
+
+/// Writes the requests [`run_offline`] would run (same seed, same prompts and
+/// lengths) as an OpenAI batch input file for `brigade run-batch`: one
+/// `/v1/completions` line per request (no `model`: the served one), the prompt as token ids, `max_tokens`
+/// with `ignore_eos` (exactly that many tokens), greedy. Returns the line count.
+/// Structured-output jobs are refused (their schemas are not batch bodies here).
+pub fn write_batch_file(a: &BenchOptions, tok: &Tokenizer, vocab: usize, path: &std::path::Path) -> Result<usize, BenchError> {
+    if a.structured.is_some() {
+        return Err(BenchError::Unsupported("--write-batch with --structured".into()));
+    }
+    let jobs = build_jobs(a, tok, vocab)?;
+    let mut text = String::new();
+    for (i, j) in jobs.iter().enumerate() {
+        let crate::engine::Prompt::Tokens(ids) = &j.prompt.prompt else {
+            return Err(BenchError::Unsupported("--write-batch with a text prompt".into()));
+        };
+        let line = serde_json::json!({
+            "custom_id": format!("bench-{i}"),
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "prompt": ids,
+                "max_tokens": j.prompt.params.max_tokens,
+                "ignore_eos": true,
+                "temperature": 0.0,
+            },
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|source| BenchError::WriteBatch { path: path.to_path_buf(), source })?;
+    Ok(jobs.len())
 }
 
 /// Applies the command-line overrides to a config.

@@ -67,6 +67,10 @@ pub(crate) struct BenchArgs {
     /// Disable the progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Write the requests this run would make (same seed and lengths) as an
+    /// OpenAI batch input file for `brigade run-batch`, and exit without running.
+    #[arg(long)]
+    write_batch: Option<PathBuf>,
 }
 
 /// Runs `brigade bench` and prints its report.
@@ -90,6 +94,11 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         progress: !a.no_progress && !a.json,
         structured: a.structured,
     };
+    if let Some(path) = &a.write_batch {
+        let n = brigade::bench::engine::write_batch_file(&opts, &tok, model.config.vocab_size, path)?;
+        eprintln!("brigade: wrote {n} requests to {}", path.display());
+        return Ok(());
+    }
     let r = run_offline(&opts, model, tok, cfg)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
