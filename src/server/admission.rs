@@ -27,6 +27,10 @@
 //! The actor sleeps until a message or a notification: no timer. A client
 //! that goes away while queued drops its [`AdmissionReply`], which notifies,
 //! and the actor then drops the entry (refunding its reservation).
+//! Requests enqueued inside [`with_class`]`(Class::Background, …)` (the Batch
+//! API's runner wraps each in-process request in it) queue in the fair
+//! queue's background class: admitted after every interactive request that
+//! can be (see [`super::fair`]), with their tenant's bounds and counter.
 //! Owns: queues, counters, buckets. Does not own: HTTP, the engine's own queue.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +41,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::config::TenantConfig;
 use super::error::ApiError;
+pub use super::fair::Class;
 use super::fair::{FairQueue, PushError, ReserveError, TenantShare, TokenBucket};
 use crate::engine::{EngineHandle, ResponseStream, ValidRequest};
 use crate::metrics::Metrics;
@@ -149,6 +154,18 @@ impl Drop for Ticket {
     }
 }
 
+tokio::task_local! {
+    /// The class of the requests the current task enqueues (unset = interactive).
+    static CLASS: Class;
+}
+
+/// Runs `fut` with every request it enqueues (on this task) in `class`: the
+/// batch runner's way to queue its requests, made through the same router as
+/// clients', as background work.
+pub async fn with_class<F: std::future::Future>(class: Class, fut: F) -> F::Output {
+    CLASS.scope(class, fut).await
+}
+
 struct Pending {
     reqs: Vec<ValidRequest>,
     reply: oneshot::Sender<Result<Admitted, ApiError>>,
@@ -160,7 +177,7 @@ struct Pending {
 }
 
 enum AdmissionMsg {
-    Enqueue { tenant: usize, priority: i32, pending: Box<Pending> },
+    Enqueue { tenant: usize, class: Class, priority: i32, pending: Box<Pending> },
     FailQueued,
 }
 
@@ -206,6 +223,8 @@ pub struct AdmissionConfig {
     pub output_weight: f64,
     /// `Retry-After` for full queues.
     pub retry_after_s: u64,
+    /// Interactive admissions that may pass a waiting background request before one goes.
+    pub background_every: usize,
 }
 
 impl AdmissionHandle {
@@ -239,8 +258,10 @@ impl AdmissionHandle {
             .iter()
             .map(|t| (t.tokens_per_minute > 0).then(|| TokenBucket::new(t.tokens_per_minute, 0.0)))
             .collect();
+        let mut fq = FairQueue::new(shares, cfg.max_running.max(1), cfg.input_weight, cfg.output_weight);
+        fq.set_background_every(cfg.background_every);
         let actor = AdmissionActor {
-            fq: FairQueue::new(shares, cfg.max_running.max(1), cfg.input_weight, cfg.output_weight),
+            fq,
             buckets,
             rx,
             shared: shared.clone(),
@@ -259,6 +280,7 @@ impl AdmissionHandle {
     /// Queues one HTTP request of `tenant` (one engine request per prompt, all
     /// with token-id prompts) as a single entry; the reply resolves when all of
     /// it is admitted, or it is refused (400 at once when it could never fit).
+    /// Its class is the one [`with_class`] set for this task (else interactive).
     pub fn enqueue(&self, tenant: usize, priority: i32, reqs: Vec<ValidRequest>) -> Result<AdmissionReply, ApiError> {
         if self.shared.draining.load(Ordering::Relaxed) {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
@@ -268,7 +290,8 @@ impl AdmissionHandle {
         }
         let (reply, rx) = oneshot::channel();
         let pending = Box::new(Pending { reqs, reply, span: tracing::Span::current(), input_tokens: 0, reserved_tokens: 0 });
-        match self.tx.try_send(AdmissionMsg::Enqueue { tenant, priority, pending }) {
+        let class = CLASS.try_with(|c| *c).unwrap_or_default();
+        match self.tx.try_send(AdmissionMsg::Enqueue { tenant, class, priority, pending }) {
             Ok(()) => Ok(AdmissionReply { rx, shared: self.shared.clone() }),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Err(ApiError::RateLimited { message: "the server is overloaded: admission queue full".into(), retry_after_s: 1 })
@@ -350,7 +373,7 @@ impl AdmissionActor {
 
     fn on_msg(&mut self, m: AdmissionMsg) {
         match m {
-            AdmissionMsg::Enqueue { tenant, priority, mut pending } => {
+            AdmissionMsg::Enqueue { tenant, class, priority, mut pending } => {
                 if self.shared.draining.load(Ordering::Relaxed) {
                     let _ = pending.reply.send(Err(ApiError::Unavailable("the server is shutting down".into())));
                     return;
@@ -375,10 +398,10 @@ impl AdmissionActor {
                 }
                 let pending = *pending;
                 let input = usize::try_from(input_tokens).unwrap_or(usize::MAX);
-                if let Err((_, p)) = self.fq.push(tenant, priority, input, slots, pending) {
+                if let Err((_, p)) = self.fq.push_class(tenant, class, priority, input, slots, pending) {
                     // Purge clients that left, then retry once before refusing.
                     self.purge_gone();
-                    if let Err((e, p)) = self.fq.push(tenant, priority, input, slots, p) {
+                    if let Err((e, p)) = self.fq.push_class(tenant, class, priority, input, slots, p) {
                         self.refund(tenant, p.reserved_tokens);
                         let _ = p.reply.send(Err(self.push_error(e, tenant, slots, &p.reqs)));
                     }
