@@ -9,7 +9,8 @@
 //!                           └─ expires_at passed ─(rest: batch_expired lines)─► expired
 //!
 //!  per batch: input::plan ─► skip ids already in the result files (output::recover)
-//!     ─► [global permits: server.batch_max_in_flight] ─► router (in-process, as the
+//!     ─► [in-flight bound, all batches: batch_max_in_flight, or batch_busy_in_flight
+//!         while interactive requests run] ─► router (in-process, as the
 //!        tenant, admission class Background) ─► writer thread: line + fdatasync
 //!        into the output file (success) or the error file (error), counts → store
 //! ```
@@ -20,6 +21,13 @@
 //! every one is answered exactly once. A request the server refused because it
 //! was shutting down (503) is not written: it runs again after the restart.
 //!
+//! Interactive latency: batch requests queue in the admission's background
+//! class (admitted after interactive ones), and while any interactive request
+//! is queued or running, or was within the last [`BUSY_WINDOW`], at most
+//! `server.batch_busy_in_flight` batch requests are started (those already
+//! running finish), so the engine's steps stay short for interactive traffic;
+//! when it is idle, batches use up to `server.batch_max_in_flight`.
+//!
 //! Owns: batch progress. Does not own: rows and paths ([`super::store`]), line
 //! formats ([`super::output`]), HTTP ([`crate::server::openai_batches`]).
 
@@ -29,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use super::input::{self, Planned, Shard};
 use super::output::{self, Appender, OutputError, OutputFileError, OutputLine};
@@ -96,12 +104,56 @@ impl BatchApi {
     }
 }
 
-/// Batch requests in flight at once: `server.batch_max_in_flight`, or half of `max_running`.
-fn in_flight(app: &App) -> usize {
-    let running = if app.cfg.max_running == 0 { app.engine.config().runtime.max_seqs } else { app.cfg.max_running };
-    match app.cfg.batch_max_in_flight {
-        0 => (running / 2).max(1),
-        n => n,
+/// How long after the last interactive request batches stay at `batch_busy_in_flight`.
+pub const BUSY_WINDOW: Duration = Duration::from_secs(2);
+
+/// The bound on batch requests in flight over all batches (module docs).
+struct Limiter {
+    in_flight: std::sync::atomic::AtomicUsize,
+    freed: Notify,
+    /// When no interactive request is about: `server.batch_max_in_flight` (0 = ¾ of `max_running`).
+    idle_limit: usize,
+    /// While interactive requests are about: `server.batch_busy_in_flight`.
+    busy_limit: usize,
+}
+
+/// One batch request's place under the [`Limiter`].
+struct Slot(Arc<Limiter>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.freed.notify_waiters();
+    }
+}
+
+impl Limiter {
+    fn new(app: &App) -> Self {
+        let running = if app.cfg.max_running == 0 { app.engine.config().runtime.max_seqs } else { app.cfg.max_running };
+        let idle_limit = match app.cfg.batch_max_in_flight {
+            0 => (running * 3 / 4).max(1),
+            n => n,
+        };
+        let busy_limit = app.cfg.batch_busy_in_flight.min(idle_limit);
+        Self { in_flight: std::sync::atomic::AtomicUsize::new(0), freed: Notify::new(), idle_limit, busy_limit }
+    }
+
+    /// Waits for room under the bound in force (rechecked as slots free and every 50 ms).
+    async fn acquire(self: &Arc<Self>, app: &App) -> Slot {
+        loop {
+            let limit = if app.admission.interactive_busy(BUSY_WINDOW) { self.busy_limit } else { self.idle_limit };
+            let n = self.in_flight.load(Ordering::SeqCst);
+            if n < limit && self.in_flight.compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                return Slot(self.clone());
+            }
+            if n < limit {
+                continue; // lost a race with another batch: look again
+            }
+            tokio::select! {
+                _ = self.freed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
     }
 }
 
@@ -113,7 +165,7 @@ pub fn spawn(app: App) -> Option<tokio::task::JoinHandle<()>> {
 }
 
 async fn run(app: App, api: Arc<BatchApi>) {
-    let permits = Arc::new(Semaphore::new(in_flight(&app)));
+    let permits = Arc::new(Limiter::new(&app));
     let router = routes::router(app.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
@@ -166,7 +218,7 @@ async fn run(app: App, api: Arc<BatchApi>) {
 struct Ctx {
     app: App,
     api: Arc<BatchApi>,
-    permits: Arc<Semaphore>,
+    permits: Arc<Limiter>,
     router: axum::Router,
     cancel: Arc<AtomicBool>,
 }
@@ -360,7 +412,7 @@ impl Ctx {
                     }
                 }
                 Planned::Run { custom_id, url, body, .. } => {
-                    let Ok(permit) = self.permits.clone().acquire_owned().await else { break };
+                    let permit = self.permits.acquire(&self.app).await;
                     if let Some(stop) = self.stop(b, &interrupted) {
                         outcome = stop;
                         break;

@@ -101,6 +101,20 @@ struct Shared {
     queued: AtomicUsize,
     in_flight: AtomicUsize,
     draining: AtomicBool,
+    /// Interactive requests queued (published by the actor).
+    interactive_queued: AtomicUsize,
+    /// Interactive requests admitted whose ticket is not dropped yet.
+    interactive_running: AtomicUsize,
+    /// Milliseconds since `started` of the last interactive enqueue or finish.
+    interactive_last_ms: AtomicU64,
+    started: Instant,
+}
+
+impl Shared {
+    fn touch_interactive(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.interactive_last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
 }
 
 /// A request's claim on engine sequences and on its tenant's token budget;
@@ -112,6 +126,7 @@ pub struct Ticket {
     reserved_tokens: u64,
     /// Tokens used so far: the prompts, then each generated token.
     used_tokens: u64,
+    class: Class,
     shared: Arc<Shared>,
 }
 
@@ -143,6 +158,10 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        if self.class == Class::Interactive {
+            self.shared.interactive_running.fetch_sub(1, Ordering::Relaxed);
+            self.shared.touch_interactive();
+        }
         if let Some(t) = self.shared.tenants.get(self.tenant) {
             t.done_slots.fetch_add(self.slots, Ordering::Relaxed);
             let unused = self.reserved_tokens.saturating_sub(self.used_tokens);
@@ -168,6 +187,7 @@ pub async fn with_class<F: std::future::Future>(class: Class, fut: F) -> F::Outp
 
 struct Pending {
     reqs: Vec<ValidRequest>,
+    class: Class,
     reply: oneshot::Sender<Result<Admitted, ApiError>>,
     span: tracing::Span,
     /// Prompt tokens over all prompts.
@@ -246,8 +266,12 @@ impl AdmissionHandle {
             queued: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            interactive_queued: AtomicUsize::new(0),
+            interactive_running: AtomicUsize::new(0),
+            interactive_last_ms: AtomicU64::new(0),
+            started: Instant::now(),
         });
-        let started = Instant::now();
+        let started = shared.started;
         let shares = cfg
             .tenants
             .iter()
@@ -289,8 +313,11 @@ impl AdmissionHandle {
             return Err(ApiError::invalid("prompt", "the request has no prompt"));
         }
         let (reply, rx) = oneshot::channel();
-        let pending = Box::new(Pending { reqs, reply, span: tracing::Span::current(), input_tokens: 0, reserved_tokens: 0 });
         let class = CLASS.try_with(|c| *c).unwrap_or_default();
+        if class == Class::Interactive {
+            self.shared.touch_interactive();
+        }
+        let pending = Box::new(Pending { reqs, class, reply, span: tracing::Span::current(), input_tokens: 0, reserved_tokens: 0 });
         match self.tx.try_send(AdmissionMsg::Enqueue { tenant, class, priority, pending }) {
             Ok(()) => Ok(AdmissionReply { rx, shared: self.shared.clone() }),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -319,6 +346,18 @@ impl AdmissionHandle {
     pub fn in_flight(&self) -> usize {
         let done: usize = self.shared.tenants.iter().map(|t| t.done_slots.load(Ordering::Relaxed)).sum();
         self.shared.in_flight.load(Ordering::Relaxed).saturating_sub(done)
+    }
+
+    /// Whether interactive requests are queued or running, or one was within
+    /// the last `window` (the Batch API's runner then keeps fewer requests in flight).
+    pub fn interactive_busy(&self, window: std::time::Duration) -> bool {
+        let s = &self.shared;
+        if s.interactive_running.load(Ordering::Relaxed) > 0 || s.interactive_queued.load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        let last = s.interactive_last_ms.load(Ordering::Relaxed);
+        let now = u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last > 0 && now.saturating_sub(last) < u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Tenant names, by index.
@@ -509,7 +548,7 @@ impl AdmissionActor {
             }
             let Some(p) = self.fq.pop(free) else { break };
             let (tenant, slots, pending) = (p.tenant, p.slots, p.item);
-            let Pending { reqs, reply, span, input_tokens, reserved_tokens } = pending;
+            let Pending { reqs, class, reply, span, input_tokens, reserved_tokens } = pending;
             if reply.is_closed() {
                 self.fq.on_done(tenant, slots);
                 self.refund(tenant, reserved_tokens);
@@ -521,7 +560,10 @@ impl AdmissionActor {
             match streams {
                 Ok(streams) => {
                     tracing::debug!(engine_ids = ?streams.iter().map(|s| s.id).collect::<Vec<_>>(), "admitted");
-                    let ticket = Ticket { tenant, slots, reserved_tokens, used_tokens: input_tokens, shared: self.shared.clone() };
+                    if class == Class::Interactive {
+                        self.shared.interactive_running.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let ticket = Ticket { tenant, slots, reserved_tokens, used_tokens: input_tokens, class, shared: self.shared.clone() };
                     // Bookkeeping counts the slots as in flight until the ticket drops.
                     self.shared.in_flight.store(self.fq.total_in_flight(), Ordering::Relaxed);
                     // Client gone → the Admitted drops here: cancel + ticket release.
@@ -539,6 +581,7 @@ impl AdmissionActor {
 
     fn publish(&self) {
         self.shared.queued.store(self.fq.total_queued(), Ordering::Relaxed);
+        self.shared.interactive_queued.store(self.fq.queued_class(Class::Interactive), Ordering::Relaxed);
         let counters = self.fq.counters();
         for (k, t) in self.shared.tenants.iter().enumerate() {
             let c = counters.get(k).copied().unwrap_or(0.0);

@@ -144,8 +144,12 @@ pub struct ServerConfig {
     pub batch_max_file_bytes: u64,
     /// Most requests (non-empty lines) in one batch's input file; more gets 400 at `POST /v1/batches`.
     pub batch_max_requests: usize,
-    /// Batch requests in flight at once over all batches (0 = half of `max_running`, at least 1).
+    /// Batch requests in flight at once over all batches while no interactive
+    /// request is about (0 = three quarters of `max_running`, at least 1).
     pub batch_max_in_flight: usize,
+    /// Batch requests started while interactive requests are queued or running
+    /// (or were in the last 2 s): fewer batch sequences keep engine steps short.
+    pub batch_busy_in_flight: usize,
     /// Anti-starvation of batch requests: while interactive requests keep
     /// waiting, one waiting batch request is admitted after this many interactive
     /// admissions (else batch requests go only when no interactive one can).
@@ -215,6 +219,7 @@ impl Default for ServerConfig {
             batch_max_file_bytes: 200 << 20,
             batch_max_requests: 50_000,
             batch_max_in_flight: 0,
+            batch_busy_in_flight: 2,
             batch_background_every: 16,
         }
     }
@@ -307,6 +312,9 @@ impl ServerConfig {
         }
         if self.batch_max_in_flight > 100_000 {
             return inv("batch_max_in_flight", format!("must be in 0..=100000, got {}", self.batch_max_in_flight));
+        }
+        if !(1..=100_000).contains(&self.batch_busy_in_flight) {
+            return inv("batch_busy_in_flight", format!("must be in 1..=100000, got {}", self.batch_busy_in_flight));
         }
         if !(1..=1_000_000).contains(&self.batch_background_every) {
             return inv("batch_background_every", format!("must be in 1..=1000000, got {}", self.batch_background_every));
