@@ -234,15 +234,15 @@ mod tests {
         assert_eq!(cfg.server.allowed_origins, ["http://x.com"]);
         assert_eq!(cfg.server.metrics_prefix, "vllm");
         assert_eq!(cfg.server.batch_data_dir, None);
-        let mut cfg = Config::default();
-        apply_flags(&parse(&["m.gguf", "--data-dir", "/tmp/b"]), &mut cfg).unwrap();
-        assert_eq!(cfg.server.batch_data_dir, Some(PathBuf::from("/tmp/b")));
         assert_eq!(cfg.server.tenants.len(), 1);
         assert_eq!(cfg.server.tenants[0].api_keys, [brigade::server::auth::KeyHash::of_key("k")]);
         let a = parse(&["-m", "x.gguf", "--allowed-origins", "http://a.com,http://b.com", "*"]);
         let mut cfg = Config::default();
         assert_eq!(apply_flags(&a, &mut cfg).unwrap(), Some(PathBuf::from("x.gguf")));
         assert_eq!(cfg.server.allowed_origins, ["http://a.com", "http://b.com", "*"]);
+        let mut cfg = Config::default();
+        apply_flags(&parse(&["m.gguf", "--data-dir", "/tmp/b"]), &mut cfg).unwrap();
+        assert_eq!(cfg.server.batch_data_dir, Some(PathBuf::from("/tmp/b")));
     }
 
     #[test]
