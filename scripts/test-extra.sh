@@ -11,6 +11,8 @@
 #      started with vLLM-style flags (tests/py/responses.py).
 #   5. tool calling (tests/py/tools.py): the `openai` SDK and LangChain against
 #      `brigade serve --chat-template` with llama.cpp's Qwen 2.5 template.
+#   6. the Batch API (tests/py/batches.py): files + batches through the `openai`
+#      SDK against `brigade serve --data-dir`, two tenants.
 # Installs what it needs into a venv under target/ (network: PyPI only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -119,6 +121,23 @@ printf '[model]\nchat_template = "%s"\n[[server.tenants]]\nname = "ci"\napi_keys
 start_server "$CFG" target/py-extra/serve-tools.log
 trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
 "$PY" tests/py/tools.py --base-url "$BASE" --api-key "$KEY"
+trap - EXIT
+stop_server
+
+echo "== Batch API: openai SDK files + batches (tests/py/batches.py)"
+BKEY="batch-key-$$"
+BKEY2="batch-other-$$"
+BCFG=target/py-extra/batches.toml
+BDATA=target/py-extra/batch-data
+rm -rf "$BDATA"
+printf '[[server.tenants]]\nname = "a"\napi_keys = ["%s"]\n[[server.tenants]]\nname = "b"\napi_keys = ["%s"]\n' \
+  "$("$BIN" hash-key "$BKEY")" "$("$BIN" hash-key "$BKEY2")" >"$BCFG"
+BLOG=target/py-extra/serve-batches.log
+"$BIN" serve --config "$BCFG" --data-dir "$BDATA" --port 0 --log-format json 2>"$BLOG" &
+SERVER_PID=$!
+wait_listening "$BLOG"
+trap 'kill -TERM $SERVER_PID 2>/dev/null || true' EXIT
+"$PY" tests/py/batches.py --base-url "$BASE" --api-key "$BKEY" --other-key "$BKEY2"
 trap - EXIT
 stop_server
 echo "test-extra: all passed"

@@ -35,9 +35,15 @@
 //! same command reads the results file ([`output::recover`]), cuts a torn last
 //! line, and runs only the keys not in it, so after any number of crashes the
 //! file holds every key of the input (shard) exactly once.
+//!
+//! The served Batch API (`/v1/files`, `/v1/batches` of `brigade serve`) runs
+//! its batches with the same plan, recovery and per-request path: [`store`]
+//! keeps its state, [`runner`] runs it.
 
 pub mod input;
 pub mod output;
+pub mod runner;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -157,6 +163,7 @@ struct Progress {
 fn app(engine: &EngineHandle, server: &ServerConfig) -> Result<App, BatchError> {
     let mut cfg = server.clone();
     cfg.tenants.clear();
+    cfg.batch_data_dir = None; // the Batch API is `brigade serve`'s
     crate::server::build_app(engine, cfg, true).map_err(|e| BatchError::App(e.to_string()))
 }
 
@@ -270,7 +277,13 @@ fn batch_id() -> String {
 }
 
 /// One request through the router: its output line and (prompt, completion) tokens.
-async fn answer(mut router: axum::Router, custom_id: String, url: BatchUrl, body: Value) -> (OutputLine, (u64, u64)) {
+async fn answer(router: axum::Router, custom_id: String, url: BatchUrl, body: Value) -> (OutputLine, (u64, u64)) {
+    answer_as(router, custom_id, url, body, None).await
+}
+
+/// [`answer`] as tenant `caller` when given (the Batch API: the batch's owner,
+/// without its key); then a 429 (the tenant's own bounds) is retried for as long as it lasts.
+async fn answer_as(mut router: axum::Router, custom_id: String, url: BatchUrl, body: Value, caller: Option<usize>) -> (OutputLine, (u64, u64)) {
     let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
     let fail = |code: &str, message: String| OutputLine {
         id: batch_id(),
@@ -290,7 +303,12 @@ async fn answer(mut router: axum::Router, custom_id: String, url: BatchUrl, body
             .header("x-request-id", request_id.as_str())
             .body(axum::body::Body::from(bytes.clone()));
         let req = match req {
-            Ok(r) => r,
+            Ok(mut r) => {
+                if let Some(tenant) = caller {
+                    r.extensions_mut().insert(crate::server::routes::BatchCaller { tenant });
+                }
+                r
+            }
             Err(e) => return (fail("internal_error", format!("building the request: {e}")), (0, 0)),
         };
         let resp = match std::future::poll_fn(|cx| Service::<Request<axum::body::Body>>::poll_ready(&mut router, cx)).await {
@@ -303,9 +321,9 @@ async fn answer(mut router: axum::Router, custom_id: String, url: BatchUrl, body
             Ok(b) => b,
             Err(e) => return (fail("internal_error", format!("reading the response: {e}")), (0, 0)),
         };
-        if status.as_u16() == 429 && backoff < Duration::from_secs(5) {
-            tokio::time::sleep(backoff).await;
-            backoff *= 2;
+        if status.as_u16() == 429 && (backoff < Duration::from_secs(5) || caller.is_some()) {
+            tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
             continue;
         }
         break (status, body);

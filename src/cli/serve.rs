@@ -63,6 +63,10 @@ pub(crate) struct ServeArgs {
     /// Metric name prefix (`server.metrics_prefix`): `brigade` or `vllm`.
     #[arg(long, value_parser = ["brigade", "vllm"])]
     metrics_prefix: Option<String>,
+    /// Directory of the Batch API's state (`server.batch_data_dir`): turns on
+    /// `/v1/files` and `/v1/batches`; batches left running there resume.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Log format: `pretty` (human-readable) or `json`. `RUST_LOG` sets the filter.
     #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
     log_format: String,
@@ -120,6 +124,9 @@ fn apply_flags(args: &ServeArgs, cfg: &mut Config) -> Result<Option<PathBuf>> {
     }
     if let Some(p) = &args.metrics_prefix {
         s.metrics_prefix = p.clone();
+    }
+    if let Some(d) = &args.data_dir {
+        s.batch_data_dir = Some(d.clone());
     }
     if let Some(key) = &args.api_key {
         if key.is_empty() {
@@ -226,12 +233,16 @@ mod tests {
         assert_eq!(cfg.server.served_model_name, ["a", "b"]);
         assert_eq!(cfg.server.allowed_origins, ["http://x.com"]);
         assert_eq!(cfg.server.metrics_prefix, "vllm");
+        assert_eq!(cfg.server.batch_data_dir, None);
         assert_eq!(cfg.server.tenants.len(), 1);
         assert_eq!(cfg.server.tenants[0].api_keys, [brigade::server::auth::KeyHash::of_key("k")]);
         let a = parse(&["-m", "x.gguf", "--allowed-origins", "http://a.com,http://b.com", "*"]);
         let mut cfg = Config::default();
         assert_eq!(apply_flags(&a, &mut cfg).unwrap(), Some(PathBuf::from("x.gguf")));
         assert_eq!(cfg.server.allowed_origins, ["http://a.com", "http://b.com", "*"]);
+        let mut cfg = Config::default();
+        apply_flags(&parse(&["m.gguf", "--data-dir", "/tmp/b"]), &mut cfg).unwrap();
+        assert_eq!(cfg.server.batch_data_dir, Some(PathBuf::from("/tmp/b")));
     }
 
     #[test]

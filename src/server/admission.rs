@@ -27,6 +27,10 @@
 //! The actor sleeps until a message or a notification: no timer. A client
 //! that goes away while queued drops its [`AdmissionReply`], which notifies,
 //! and the actor then drops the entry (refunding its reservation).
+//! Requests enqueued inside [`with_class`]`(Class::Background, …)` (the Batch
+//! API's runner wraps each in-process request in it) queue in the fair
+//! queue's background class: admitted after every interactive request that
+//! can be (see [`super::fair`]), with their tenant's bounds and counter.
 //! Owns: queues, counters, buckets. Does not own: HTTP, the engine's own queue.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +41,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::config::TenantConfig;
 use super::error::ApiError;
+pub use super::fair::Class;
 use super::fair::{FairQueue, PushError, ReserveError, TenantShare, TokenBucket};
 use crate::engine::{EngineHandle, ResponseStream, ValidRequest};
 use crate::metrics::Metrics;
@@ -96,6 +101,20 @@ struct Shared {
     queued: AtomicUsize,
     in_flight: AtomicUsize,
     draining: AtomicBool,
+    /// Interactive requests queued (published by the actor).
+    interactive_queued: AtomicUsize,
+    /// Interactive requests admitted whose ticket is not dropped yet.
+    interactive_running: AtomicUsize,
+    /// Milliseconds since `started` of the last interactive enqueue or finish.
+    interactive_last_ms: AtomicU64,
+    started: Instant,
+}
+
+impl Shared {
+    fn touch_interactive(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.interactive_last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
 }
 
 /// A request's claim on engine sequences and on its tenant's token budget;
@@ -107,6 +126,7 @@ pub struct Ticket {
     reserved_tokens: u64,
     /// Tokens used so far: the prompts, then each generated token.
     used_tokens: u64,
+    class: Class,
     shared: Arc<Shared>,
 }
 
@@ -138,6 +158,10 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        if self.class == Class::Interactive {
+            self.shared.interactive_running.fetch_sub(1, Ordering::Relaxed);
+            self.shared.touch_interactive();
+        }
         if let Some(t) = self.shared.tenants.get(self.tenant) {
             t.done_slots.fetch_add(self.slots, Ordering::Relaxed);
             let unused = self.reserved_tokens.saturating_sub(self.used_tokens);
@@ -149,8 +173,21 @@ impl Drop for Ticket {
     }
 }
 
+tokio::task_local! {
+    /// The class of the requests the current task enqueues (unset = interactive).
+    static CLASS: Class;
+}
+
+/// Runs `fut` with every request it enqueues (on this task) in `class`: the
+/// batch runner's way to queue its requests, made through the same router as
+/// clients', as background work.
+pub async fn with_class<F: std::future::Future>(class: Class, fut: F) -> F::Output {
+    CLASS.scope(class, fut).await
+}
+
 struct Pending {
     reqs: Vec<ValidRequest>,
+    class: Class,
     reply: oneshot::Sender<Result<Admitted, ApiError>>,
     span: tracing::Span,
     /// Prompt tokens over all prompts.
@@ -160,7 +197,7 @@ struct Pending {
 }
 
 enum AdmissionMsg {
-    Enqueue { tenant: usize, priority: i32, pending: Box<Pending> },
+    Enqueue { tenant: usize, class: Class, priority: i32, pending: Box<Pending> },
     FailQueued,
 }
 
@@ -206,6 +243,8 @@ pub struct AdmissionConfig {
     pub output_weight: f64,
     /// `Retry-After` for full queues.
     pub retry_after_s: u64,
+    /// Interactive admissions that may pass a waiting background request before one goes.
+    pub background_every: usize,
 }
 
 impl AdmissionHandle {
@@ -227,8 +266,12 @@ impl AdmissionHandle {
             queued: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            interactive_queued: AtomicUsize::new(0),
+            interactive_running: AtomicUsize::new(0),
+            interactive_last_ms: AtomicU64::new(0),
+            started: Instant::now(),
         });
-        let started = Instant::now();
+        let started = shared.started;
         let shares = cfg
             .tenants
             .iter()
@@ -239,8 +282,10 @@ impl AdmissionHandle {
             .iter()
             .map(|t| (t.tokens_per_minute > 0).then(|| TokenBucket::new(t.tokens_per_minute, 0.0)))
             .collect();
+        let mut fq = FairQueue::new(shares, cfg.max_running.max(1), cfg.input_weight, cfg.output_weight);
+        fq.set_background_every(cfg.background_every);
         let actor = AdmissionActor {
-            fq: FairQueue::new(shares, cfg.max_running.max(1), cfg.input_weight, cfg.output_weight),
+            fq,
             buckets,
             rx,
             shared: shared.clone(),
@@ -259,6 +304,7 @@ impl AdmissionHandle {
     /// Queues one HTTP request of `tenant` (one engine request per prompt, all
     /// with token-id prompts) as a single entry; the reply resolves when all of
     /// it is admitted, or it is refused (400 at once when it could never fit).
+    /// Its class is the one [`with_class`] set for this task (else interactive).
     pub fn enqueue(&self, tenant: usize, priority: i32, reqs: Vec<ValidRequest>) -> Result<AdmissionReply, ApiError> {
         if self.shared.draining.load(Ordering::Relaxed) {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
@@ -267,8 +313,12 @@ impl AdmissionHandle {
             return Err(ApiError::invalid("prompt", "the request has no prompt"));
         }
         let (reply, rx) = oneshot::channel();
-        let pending = Box::new(Pending { reqs, reply, span: tracing::Span::current(), input_tokens: 0, reserved_tokens: 0 });
-        match self.tx.try_send(AdmissionMsg::Enqueue { tenant, priority, pending }) {
+        let class = CLASS.try_with(|c| *c).unwrap_or_default();
+        if class == Class::Interactive {
+            self.shared.touch_interactive();
+        }
+        let pending = Box::new(Pending { reqs, class, reply, span: tracing::Span::current(), input_tokens: 0, reserved_tokens: 0 });
+        match self.tx.try_send(AdmissionMsg::Enqueue { tenant, class, priority, pending }) {
             Ok(()) => Ok(AdmissionReply { rx, shared: self.shared.clone() }),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Err(ApiError::RateLimited { message: "the server is overloaded: admission queue full".into(), retry_after_s: 1 })
@@ -296,6 +346,18 @@ impl AdmissionHandle {
     pub fn in_flight(&self) -> usize {
         let done: usize = self.shared.tenants.iter().map(|t| t.done_slots.load(Ordering::Relaxed)).sum();
         self.shared.in_flight.load(Ordering::Relaxed).saturating_sub(done)
+    }
+
+    /// Whether interactive requests are queued or running, or one was within
+    /// the last `window` (the Batch API's runner then keeps fewer requests in flight).
+    pub fn interactive_busy(&self, window: std::time::Duration) -> bool {
+        let s = &self.shared;
+        if s.interactive_running.load(Ordering::Relaxed) > 0 || s.interactive_queued.load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        let last = s.interactive_last_ms.load(Ordering::Relaxed);
+        let now = u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last > 0 && now.saturating_sub(last) < u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Tenant names, by index.
@@ -350,7 +412,7 @@ impl AdmissionActor {
 
     fn on_msg(&mut self, m: AdmissionMsg) {
         match m {
-            AdmissionMsg::Enqueue { tenant, priority, mut pending } => {
+            AdmissionMsg::Enqueue { tenant, class, priority, mut pending } => {
                 if self.shared.draining.load(Ordering::Relaxed) {
                     let _ = pending.reply.send(Err(ApiError::Unavailable("the server is shutting down".into())));
                     return;
@@ -375,10 +437,10 @@ impl AdmissionActor {
                 }
                 let pending = *pending;
                 let input = usize::try_from(input_tokens).unwrap_or(usize::MAX);
-                if let Err((_, p)) = self.fq.push(tenant, priority, input, slots, pending) {
+                if let Err((_, p)) = self.fq.push_class(tenant, class, priority, input, slots, pending) {
                     // Purge clients that left, then retry once before refusing.
                     self.purge_gone();
-                    if let Err((e, p)) = self.fq.push(tenant, priority, input, slots, p) {
+                    if let Err((e, p)) = self.fq.push_class(tenant, class, priority, input, slots, p) {
                         self.refund(tenant, p.reserved_tokens);
                         let _ = p.reply.send(Err(self.push_error(e, tenant, slots, &p.reqs)));
                     }
@@ -486,7 +548,7 @@ impl AdmissionActor {
             }
             let Some(p) = self.fq.pop(free) else { break };
             let (tenant, slots, pending) = (p.tenant, p.slots, p.item);
-            let Pending { reqs, reply, span, input_tokens, reserved_tokens } = pending;
+            let Pending { reqs, class, reply, span, input_tokens, reserved_tokens } = pending;
             if reply.is_closed() {
                 self.fq.on_done(tenant, slots);
                 self.refund(tenant, reserved_tokens);
@@ -498,7 +560,10 @@ impl AdmissionActor {
             match streams {
                 Ok(streams) => {
                     tracing::debug!(engine_ids = ?streams.iter().map(|s| s.id).collect::<Vec<_>>(), "admitted");
-                    let ticket = Ticket { tenant, slots, reserved_tokens, used_tokens: input_tokens, shared: self.shared.clone() };
+                    if class == Class::Interactive {
+                        self.shared.interactive_running.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let ticket = Ticket { tenant, slots, reserved_tokens, used_tokens: input_tokens, class, shared: self.shared.clone() };
                     // Bookkeeping counts the slots as in flight until the ticket drops.
                     self.shared.in_flight.store(self.fq.total_in_flight(), Ordering::Relaxed);
                     // Client gone → the Admitted drops here: cancel + ticket release.
@@ -516,6 +581,7 @@ impl AdmissionActor {
 
     fn publish(&self) {
         self.shared.queued.store(self.fq.total_queued(), Ordering::Relaxed);
+        self.shared.interactive_queued.store(self.fq.queued_class(Class::Interactive), Ordering::Relaxed);
         let counters = self.fq.counters();
         for (k, t) in self.shared.tenants.iter().enumerate() {
             let c = counters.get(k).copied().unwrap_or(0.0);

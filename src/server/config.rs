@@ -136,6 +136,24 @@ pub struct ServerConfig {
     /// Prefix of the engine and request metric names: `brigade` (`brigade:…`) or
     /// `vllm` (`vllm:…`, so vLLM dashboards and autoscaling rules read them unchanged).
     pub metrics_prefix: String,
+    /// Directory of the Batch API's state (`/v1/files`, `/v1/batches`): an SQLite
+    /// database and the uploaded and result files beside it (`--data-dir`).
+    /// None (the default) = the Batch API is off and its routes answer 404 saying so.
+    pub batch_data_dir: Option<std::path::PathBuf>,
+    /// Largest file `POST /v1/files` takes, in bytes; larger gets 413.
+    pub batch_max_file_bytes: u64,
+    /// Most requests (non-empty lines) in one batch's input file; more gets 400 at `POST /v1/batches`.
+    pub batch_max_requests: usize,
+    /// Batch requests in flight at once over all batches while no interactive
+    /// request is about (0 = three quarters of `max_running`, at least 1).
+    pub batch_max_in_flight: usize,
+    /// Batch requests started while interactive requests are queued or running
+    /// (or were in the last 2 s): fewer batch sequences keep engine steps short.
+    pub batch_busy_in_flight: usize,
+    /// Anti-starvation of batch requests: while interactive requests keep
+    /// waiting, one waiting batch request is admitted after this many interactive
+    /// admissions (else batch requests go only when no interactive one can).
+    pub batch_background_every: usize,
 }
 
 /// A string (one name; `""` = none) or a list of strings.
@@ -197,6 +215,12 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             responses_store_max: 1024,
             metrics_prefix: "brigade".into(),
+            batch_data_dir: None,
+            batch_max_file_bytes: 200 << 20,
+            batch_max_requests: 50_000,
+            batch_max_in_flight: 0,
+            batch_busy_in_flight: 2,
+            batch_background_every: 16,
         }
     }
 }
@@ -280,6 +304,24 @@ impl ServerConfig {
         if !(1..=1_000_000).contains(&self.responses_store_max) {
             return inv("responses_store_max", format!("must be in 1..=1000000, got {}", self.responses_store_max));
         }
+        if !(1..=1 << 40).contains(&self.batch_max_file_bytes) {
+            return inv("batch_max_file_bytes", format!("must be in 1..=1099511627776, got {}", self.batch_max_file_bytes));
+        }
+        if !(1..=10_000_000).contains(&self.batch_max_requests) {
+            return inv("batch_max_requests", format!("must be in 1..=10000000, got {}", self.batch_max_requests));
+        }
+        if self.batch_max_in_flight > 100_000 {
+            return inv("batch_max_in_flight", format!("must be in 0..=100000, got {}", self.batch_max_in_flight));
+        }
+        if !(1..=100_000).contains(&self.batch_busy_in_flight) {
+            return inv("batch_busy_in_flight", format!("must be in 1..=100000, got {}", self.batch_busy_in_flight));
+        }
+        if !(1..=1_000_000).contains(&self.batch_background_every) {
+            return inv("batch_background_every", format!("must be in 1..=1000000, got {}", self.batch_background_every));
+        }
+        if self.batch_data_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return inv("batch_data_dir", "must not be empty (leave it out to turn the Batch API off)".into());
+        }
         if !matches!(self.metrics_prefix.as_str(), "brigade" | "vllm") {
             return inv("metrics_prefix", format!("must be \"brigade\" or \"vllm\", got {:?}", self.metrics_prefix));
         }
@@ -362,6 +404,10 @@ mod tests {
             ("served_model_name = [\"a\", \"a\"]", "server.served_model_name[1]"),
             ("responses_store_max = 0", "server.responses_store_max"),
             ("metrics_prefix = \"tgi\"", "server.metrics_prefix"),
+            ("batch_max_requests = 0", "server.batch_max_requests"),
+            ("batch_background_every = 0", "server.batch_background_every"),
+            ("batch_max_file_bytes = 0", "server.batch_max_file_bytes"),
+            ("batch_data_dir = \"\"", "server.batch_data_dir"),
         ] {
             let e = ServerConfig::from_toml_str(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");

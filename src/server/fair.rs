@@ -19,6 +19,14 @@
 //! is admitted whole or not at all: `push` refuses at once an entry that could
 //! never fit (more slots than `max_slots` or than the tenant's
 //! `max_concurrent`), so nothing ever holds slots while waiting for more.
+//!
+//! Two classes of request ([`Class`]): interactive (HTTP clients) and
+//! background (the Batch API's requests). Each tenant has one queue per class;
+//! a background request leaves only when no interactive request of any tenant
+//! can be admitted, except that after `background_every` interactive
+//! admissions passed a waiting background request, one background request goes
+//! first (so a batch progresses under any interactive load, at a bounded
+//! share). Both classes charge the same per-tenant counters.
 //! Owns: counters, per-tenant queues and in-flight counts. Does not own: the
 //! engine, time, or token-rate limits ([`TokenBucket`] is separate).
 
@@ -62,11 +70,41 @@ impl<T> Ord for Entry<T> {
     }
 }
 
+/// The class of a queued request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Class {
+    /// A client waiting on a connection.
+    #[default]
+    Interactive,
+    /// Background work (a batch's request): admitted after interactive ones.
+    Background,
+}
+
+impl Class {
+    fn index(self) -> usize {
+        match self {
+            Class::Interactive => 0,
+            Class::Background => 1,
+        }
+    }
+}
+
 struct Tenant<T> {
     share: TenantShare,
     counter: f64,
-    queue: BinaryHeap<Entry<T>>,
+    /// Queues by [`Class::index`].
+    queues: [BinaryHeap<Entry<T>>; 2],
     in_flight: usize,
+}
+
+impl<T> Tenant<T> {
+    fn queued(&self) -> usize {
+        self.queues.iter().map(BinaryHeap::len).sum()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.queues.iter().all(BinaryHeap::is_empty)
+    }
 }
 
 /// A request leaving the queue.
@@ -109,6 +147,10 @@ pub struct FairQueue<T> {
     /// The tenant that most recently left the backlogged set.
     last_left: Option<usize>,
     next_seq: u64,
+    /// Interactive admissions that passed a waiting background request since a background one went.
+    passed_over: usize,
+    /// After this many, a waiting background request goes first.
+    background_every: usize,
 }
 
 impl<T> std::fmt::Debug for FairQueue<T> {
@@ -121,8 +163,17 @@ impl<T> FairQueue<T> {
     /// Empty queues for `shares`, with at most `max_slots` slots in flight in all;
     /// `input_weight`/`output_weight` price prompt and generated tokens.
     pub fn new(shares: Vec<TenantShare>, max_slots: usize, input_weight: f64, output_weight: f64) -> Self {
-        let tenants = shares.into_iter().map(|share| Tenant { share, counter: 0.0, queue: BinaryHeap::new(), in_flight: 0 }).collect();
-        Self { tenants, max_slots: max_slots.max(1), input_weight, output_weight, last_left: None, next_seq: 0 }
+        let tenants = shares
+            .into_iter()
+            .map(|share| Tenant { share, counter: 0.0, queues: [BinaryHeap::new(), BinaryHeap::new()], in_flight: 0 })
+            .collect();
+        Self { tenants, max_slots: max_slots.max(1), input_weight, output_weight, last_left: None, next_seq: 0, passed_over: 0, background_every: 16 }
+    }
+
+    /// Sets how many interactive admissions may pass a waiting background
+    /// request before one background request goes first (at least 1; default 16).
+    pub fn set_background_every(&mut self, n: usize) {
+        self.background_every = n.max(1);
     }
 
     /// Whether a request of tenant `k` occupying `slots` sequences can ever be admitted.
@@ -148,9 +199,14 @@ impl<T> FairQueue<T> {
         self.tenants.iter().map(|t| t.counter).collect()
     }
 
-    /// Queued requests of tenant `k`.
+    /// Queued requests of tenant `k` (both classes).
     pub fn queued(&self, k: usize) -> usize {
-        self.tenants.get(k).map_or(0, |t| t.queue.len())
+        self.tenants.get(k).map_or(0, Tenant::queued)
+    }
+
+    /// Queued requests of `class` over all tenants.
+    pub fn queued_class(&self, class: Class) -> usize {
+        self.tenants.iter().map(|t| t.queues[class.index()].len()).sum()
     }
 
     /// Sequences of tenant `k` in flight.
@@ -160,7 +216,7 @@ impl<T> FairQueue<T> {
 
     /// Queued requests over all tenants.
     pub fn total_queued(&self) -> usize {
-        self.tenants.iter().map(|t| t.queue.len()).sum()
+        self.tenants.iter().map(Tenant::queued).sum()
     }
 
     /// Sequences in flight over all tenants.
@@ -172,20 +228,25 @@ impl<T> FairQueue<T> {
     /// occupying `slots` engine sequences; lifts an idle tenant's counter first.
     /// Refuses a request that could never fit ([`FairQueue::check_fits`]).
     pub fn push(&mut self, k: usize, priority: i32, input_tokens: usize, slots: usize, item: T) -> Result<(), (PushError, T)> {
+        self.push_class(k, Class::Interactive, priority, input_tokens, slots, item)
+    }
+
+    /// [`FairQueue::push`] in `class`; `max_queued` bounds both classes together.
+    pub fn push_class(&mut self, k: usize, class: Class, priority: i32, input_tokens: usize, slots: usize, item: T) -> Result<(), (PushError, T)> {
         let slots = slots.max(1);
         if let Err(e) = self.check_fits(k, slots) {
             return Err((e, item));
         }
         let Some(t) = self.tenants.get(k) else { return Err((PushError::TenantQueueFull, item)) };
-        if t.queue.len() >= t.share.max_queued {
+        if t.queued() >= t.share.max_queued {
             return Err((PushError::TenantQueueFull, item));
         }
-        if t.queue.is_empty() {
+        if t.is_idle() {
             // Returning from idle: no credit for the time away.
             let floor = self
                 .tenants
                 .iter()
-                .filter(|o| !o.queue.is_empty())
+                .filter(|o| !o.is_idle())
                 .map(|o| o.counter)
                 .min_by(f64::total_cmp)
                 .or_else(|| self.last_left.and_then(|l| self.tenants.get(l)).map(|o| o.counter));
@@ -196,21 +257,46 @@ impl<T> FairQueue<T> {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(t) = self.tenants.get_mut(k) {
-            t.queue.push(Entry { priority, seq, input_tokens, slots, item });
+            t.queues[class.index()].push(Entry { priority, seq, input_tokens, slots, item });
         }
         Ok(())
     }
 
     /// The next request to admit when `free_slots` engine sequences are free: the
     /// backlogged tenant with the lowest counter among those whose head request
-    /// fits both in `free_slots` and under the tenant's `max_concurrent`.
+    /// fits both in `free_slots` and under the tenant's `max_concurrent`,
+    /// interactive requests first (module docs for the background class's turn).
     /// Charges its prompt tokens.
     pub fn pop(&mut self, free_slots: usize) -> Option<Popped<T>> {
-        let k = self
-            .tenants
+        let background_waiting = self.queued_class(Class::Background) > 0;
+        let order = if background_waiting && self.passed_over >= self.background_every {
+            [Class::Background, Class::Interactive]
+        } else {
+            [Class::Interactive, Class::Background]
+        };
+        let (k, class) = order.into_iter().find_map(|c| self.pick(c, free_slots).map(|k| (k, c)))?;
+        match class {
+            Class::Interactive if background_waiting => self.passed_over += 1,
+            Class::Interactive => {}
+            Class::Background => self.passed_over = 0,
+        }
+        let iw = self.input_weight;
+        let t = self.tenants.get_mut(k)?;
+        let e = t.queues[class.index()].pop()?;
+        t.counter += iw * e.input_tokens as f64 / t.share.weight;
+        t.in_flight += e.slots;
+        if t.is_idle() {
+            self.last_left = Some(k);
+        }
+        Some(Popped { tenant: k, slots: e.slots, input_tokens: e.input_tokens, item: e.item })
+    }
+
+    /// The tenant whose `class` head request would leave now (lowest counter among those that fit).
+    fn pick(&self, class: Class, free_slots: usize) -> Option<usize> {
+        self.tenants
             .iter()
             .enumerate()
-            .filter(|(_, t)| match t.queue.peek() {
+            .filter(|(_, t)| match t.queues[class.index()].peek() {
                 Some(e) => {
                     let cap = t.share.max_concurrent;
                     let under_cap = cap == 0 || t.in_flight.saturating_add(e.slots) <= cap;
@@ -219,16 +305,7 @@ impl<T> FairQueue<T> {
                 None => false,
             })
             .min_by(|a, b| a.1.counter.total_cmp(&b.1.counter).then(a.0.cmp(&b.0)))
-            .map(|(k, _)| k)?;
-        let iw = self.input_weight;
-        let t = self.tenants.get_mut(k)?;
-        let e = t.queue.pop()?;
-        t.counter += iw * e.input_tokens as f64 / t.share.weight;
-        t.in_flight += e.slots;
-        if t.queue.is_empty() {
-            self.last_left = Some(k);
-        }
-        Some(Popped { tenant: k, slots: e.slots, input_tokens: e.input_tokens, item: e.item })
+            .map(|(k, _)| k)
     }
 
     /// Charges `tokens` generated tokens to tenant `k`.
@@ -252,13 +329,16 @@ impl<T> FairQueue<T> {
     pub fn remove_where(&mut self, mut drop_it: impl FnMut(&T) -> bool) -> Vec<(usize, T)> {
         let mut out = Vec::new();
         for (k, t) in self.tenants.iter_mut().enumerate() {
-            if t.queue.iter().any(|e| drop_it(&e.item)) {
-                let old = std::mem::take(&mut t.queue).into_vec();
+            for queue in t.queues.iter_mut() {
+                if !queue.iter().any(|e| drop_it(&e.item)) {
+                    continue;
+                }
+                let old = std::mem::take(queue).into_vec();
                 for e in old {
                     if drop_it(&e.item) {
                         out.push((k, e.item));
                     } else {
-                        t.queue.push(e);
+                        queue.push(e);
                     }
                 }
             }
@@ -497,5 +577,44 @@ mod tests {
         let mut b = TokenBucket::new(200, 0.0);
         let granted = (0..8).filter(|_| b.reserve(64, 0.0).is_ok()).count();
         assert_eq!(granted, 3);
+    }
+
+    /// The Batch API's class: background requests leave only when no
+    /// interactive request of any tenant fits, and one goes after every
+    /// `background_every` interactive admissions that passed it.
+    #[test]
+    fn background_waits_for_interactive_but_is_not_starved() {
+        let mut q = FairQueue::new(vec![share(1.0), share(1.0)], 64, 1.0, 2.0);
+        q.set_background_every(3);
+        // Tenant 0's batch arrived first and its counter is the lowest: still after B's interactive work.
+        for i in 0..4 {
+            q.push_class(0, Class::Background, 0, 1, 1, 100 + i).unwrap();
+        }
+        q.on_output(1, 1000);
+        for i in 0..7 {
+            q.push(1, 0, 1, 1, i).unwrap();
+        }
+        assert_eq!(q.queued_class(Class::Background), 4);
+        assert_eq!(q.queued(0), 4);
+        let order: Vec<i32> = std::iter::from_fn(|| q.pop(64).map(|p| p.item)).collect();
+        // Three interactive, one background, three interactive, one background, then the rest.
+        assert_eq!(order, vec![0, 1, 2, 100, 3, 4, 5, 101, 6, 102, 103]);
+        // Interactive blocked by its tenant's cap: background uses the free slots.
+        let capped = TenantShare { weight: 1.0, max_concurrent: 1, max_queued: 10 };
+        let mut q = FairQueue::new(vec![capped, share(1.0)], 64, 1.0, 2.0);
+        q.push(0, 0, 1, 1, "a1").unwrap();
+        q.push(0, 0, 1, 1, "a2").unwrap();
+        q.push_class(1, Class::Background, 0, 1, 1, "b").unwrap();
+        assert_eq!(q.pop(64).unwrap().item, "a1");
+        assert_eq!(q.pop(64).unwrap().item, "b");
+        assert!(q.pop(64).is_none());
+        // max_queued bounds both classes; removal sees both.
+        let small = TenantShare { weight: 1.0, max_concurrent: 0, max_queued: 2 };
+        let mut q = FairQueue::new(vec![small], 64, 1.0, 2.0);
+        q.push(0, 0, 1, 1, 1).unwrap();
+        q.push_class(0, Class::Background, 0, 1, 1, 2).unwrap();
+        assert_eq!(q.push_class(0, Class::Background, 0, 1, 1, 3).unwrap_err().0, PushError::TenantQueueFull);
+        assert_eq!(q.drain_all().len(), 2);
+        assert_eq!(q.total_queued(), 0);
     }
 }

@@ -12,7 +12,9 @@
 //!
 //! Modules: [`config`] (the `[server]` section), [`auth`] (key hashes, tenant
 //! lookup), [`cors`] (allowed origins, preflight), [`openai_responses`] (the
-//! Responses API, translated onto the chat path, and its store), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
+//! Responses API, translated onto the chat path, and its store), [`openai_batches`]
+//! (the Batch API: `/v1/files`, `/v1/batches`; state and runner in
+//! [`crate::batch`]), `edge` (accept loop, connections, checks before routing), [`fair`] (pure Virtual Token Counter queue), [`admission`] (the
 //! actor around it), [`api`] (request DTOs and the accepted-field lists),
 //! [`responses`] (response DTOs), [`routes`] (handlers), [`stream`]
 //! (event → response assembly), [`tools`] (tool calling: checks, grammar,
@@ -31,6 +33,7 @@ pub mod cors;
 pub(crate) mod edge;
 pub mod error;
 pub mod fair;
+pub mod openai_batches;
 pub mod openai_responses;
 pub mod responses;
 pub mod routes;
@@ -60,6 +63,9 @@ pub enum ServeError {
     /// An engine actor died for good; the server drained and stopped.
     #[error("the engine died: {0}")]
     EngineDead(String),
+    /// The Batch API's data directory could not be opened.
+    #[error("the Batch API data directory (server.batch_data_dir / --data-dir): {0}")]
+    BatchStore(#[from] crate::batch::store::StoreError),
 }
 
 /// Shared state of all handlers.
@@ -74,6 +80,8 @@ pub struct AppState {
     pub served_names: Vec<String>,
     /// Stored `/v1/responses` responses.
     pub responses: openai_responses::ResponseStore,
+    /// The Batch API's store and runner state (`None`: no `server.batch_data_dir`, the API is off).
+    pub batches: Option<Arc<crate::batch::runner::BatchApi>>,
     /// CORS policy (`server.allowed_origins`).
     pub cors: cors::Cors,
     /// Longest prompt + completion in tokens.
@@ -142,11 +150,17 @@ pub(crate) fn build_app(engine: &EngineHandle, cfg: ServerConfig, loopback: bool
             input_weight: cfg.vtc_input_weight,
             output_weight: cfg.vtc_output_weight,
             retry_after_s: cfg.retry_after_s,
+            background_every: cfg.batch_background_every,
         },
         engine.clone(),
         metrics.clone(),
     );
+    let batches = match &cfg.batch_data_dir {
+        Some(dir) => Some(Arc::new(crate::batch::runner::BatchApi::open(dir)?)),
+        None => None,
+    };
     Ok(Arc::new(AppState {
+        batches,
         keys: auth::KeyDirectory::new(tenants.iter().map(|t| t.api_keys.as_slice()), cfg.tenants.is_empty()),
         tenants,
         engine: engine.clone(),
@@ -179,6 +193,8 @@ pub async fn serve_with(
     let app = build_app(&engine, cfg.clone(), loopback)?;
     let admission = app.admission.clone();
     let edge = edge::Edge::spawn(listener, routes::router(app.clone()), &cfg, app.metrics.clone());
+    // The Batch API's runner (when on): resumes the batches a previous run left.
+    let _batch_runner = crate::batch::runner::spawn(app.clone());
     // Until asked to stop, or until the engine dies (then /health is already
     // 503, every open request has its error, and serving ends non-zero).
     let died = tokio::select! {

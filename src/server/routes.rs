@@ -49,6 +49,8 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         // Matched routes only: an unknown path stays 404 whatever its Content-Type.
         .route_layer(axum::middleware::from_fn(super::edge::require_json))
+        // The Batch API (multipart uploads: its own Content-Type checks).
+        .merge(super::openai_batches::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), request_context))
@@ -71,6 +73,8 @@ const FIXED_ROUTES: &[&str] = &[
     "/health",
     "/ready",
     "/metrics",
+    "/v1/files",
+    "/v1/batches",
 ];
 
 /// The route template of `path` (`/v1/responses/{id}`): a bounded metric label; `none` for no route.
@@ -89,6 +93,22 @@ fn route_label(path: &str) -> &'static str {
     }
     if path.strip_prefix("/v1/models/").is_some_and(segment) {
         return "/v1/models/{id}";
+    }
+    if let Some(rest) = path.strip_prefix("/v1/files/") {
+        if segment(rest) {
+            return "/v1/files/{id}";
+        }
+        if rest.strip_suffix("/content").is_some_and(segment) {
+            return "/v1/files/{id}/content";
+        }
+    }
+    if let Some(rest) = path.strip_prefix("/v1/batches/") {
+        if segment(rest) {
+            return "/v1/batches/{id}";
+        }
+        if rest.strip_suffix("/cancel").is_some_and(segment) {
+            return "/v1/batches/{id}/cancel";
+        }
     }
     "none"
 }
@@ -139,10 +159,24 @@ async fn request_context(State(app): State<App>, mut req: Request, next: Next) -
 #[derive(Clone, Copy, Debug)]
 pub struct Tenant(pub usize);
 
+/// Set by the Batch API's runner on its in-process requests: they run as the
+/// batch's tenant, which authenticated when it created the batch. Request
+/// extensions never come from the network, so no client can set it.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchCaller {
+    /// The batch's tenant.
+    pub tenant: usize,
+}
+
 impl FromRequestParts<App> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, ApiError> {
+        if let Some(c) = parts.extensions.get::<BatchCaller>() {
+            let name = app.tenants.get(c.tenant).map_or("unknown", |t| t.name.as_str());
+            tracing::Span::current().record("tenant", name);
+            return Ok(Tenant(c.tenant));
+        }
         let auth = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         match app.keys.authenticate(auth) {
             Ok(k) => {
@@ -479,6 +513,9 @@ mod tests {
         assert_eq!(route_label("/v1/responses/resp_1"), "/v1/responses/{id}");
         assert_eq!(route_label("/v1/responses/resp_1/input_items"), "/v1/responses/{id}/input_items");
         assert_eq!(route_label("/v1/models/a"), "/v1/models/{id}");
+        assert_eq!(route_label("/v1/files/file-1/content"), "/v1/files/{id}/content");
+        assert_eq!(route_label("/v1/batches/batch_1/cancel"), "/v1/batches/{id}/cancel");
+        assert_eq!(route_label("/v1/batches"), "/v1/batches");
         for other in ["/v1/models/a/b", "/v1/responses/", "/x", "/v1/chat/completions/"] {
             assert_eq!(route_label(other), "none", "{other}");
         }
