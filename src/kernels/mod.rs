@@ -23,8 +23,13 @@
 //!
 //! A "-" falls back to the column to its right.
 //!
+//! On CPUs with AMX-INT8 (and the OS's permission, see `amx`), the packed
+//! matmul runs the integer part of `gemm_group` on AMX tiles for every full
+//! tile of 16 activation rows ([`amx_enabled`]); results are bit-identical.
+//!
 //! Environment: `BRIGADE_FORCE_SCALAR=1` forces the scalar kernels;
-//! `BRIGADE_ISA=scalar|avx2|avx512` caps the instruction set (for comparisons).
+//! `BRIGADE_ISA=scalar|avx2|avx512` caps the instruction set (for comparisons);
+//! `BRIGADE_AMX=0` keeps the packed matmul on AVX-512 VNNI.
 //!
 //! Batch invariance: each output element is computed with a fixed sequence of
 //! operations that depends only on its own weight row and activation row, never
@@ -34,6 +39,8 @@
 // chains would hide the arithmetic the scalar references exist to show.
 #![allow(clippy::needless_range_loop)]
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -151,6 +158,26 @@ pub fn isa() -> Isa {
 /// Instruction sets available on this CPU, lowest first (for tests and benches).
 pub fn available_isas() -> Vec<Isa> {
     [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|&i| i <= detected_isa()).collect()
+}
+
+/// Whether this CPU has AMX-TILE and AMX-INT8 and the OS lets this process
+/// use the tile registers (Linux: permission requested once; cached).
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        detected_isa() == Isa::Avx512Vnni && amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether [`matmul_packed`] uses AMX for full 16-row tiles: [`amx_available`],
+/// [`isa`] is AVX-512 VNNI, and `BRIGADE_AMX` is not `0` (cached).
+pub fn amx_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| isa() == Isa::Avx512Vnni && std::env::var("BRIGADE_AMX").map(|v| v != "0").unwrap_or(true) && amx_available())
 }
 
 /// Errors from building kernel views over raw weight bytes.
@@ -528,7 +555,8 @@ pub fn matmul_packed(p: &PackedMatrix, x: &Activations<'_>, out: &mut [f32], poo
     matmul_packed_isa(isa(), p, x, out, pool)
 }
 
-/// [`matmul_packed`] with an explicit instruction set (capped at [`detected_isa`]).
+/// [`matmul_packed`] with an explicit instruction set (capped at
+/// [`detected_isa`]); AMX as [`amx_enabled`] says.
 pub fn matmul_packed_isa(
     isa: Isa,
     p: &PackedMatrix,
@@ -536,7 +564,21 @@ pub fn matmul_packed_isa(
     out: &mut [f32],
     pool: Option<&rayon::ThreadPool>,
 ) {
+    matmul_packed_opts(isa, amx_enabled(), p, x, out, pool)
+}
+
+/// [`matmul_packed_isa`] with AMX chosen explicitly (`amx` is ignored unless
+/// `isa` is AVX-512 VNNI and [`amx_available`]; it never changes the results).
+pub fn matmul_packed_opts(
+    isa: Isa,
+    amx: bool,
+    p: &PackedMatrix,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
     let isa = isa.min(detected_isa());
+    let amx = amx && isa == Isa::Avx512Vnni && amx_available();
     let (n, nb) = (x.n, p.nb);
     assert!(x.q.len() >= n * nb, "matmul_packed: q8 activations too short");
     assert!(out.len() >= n * p.rows(), "matmul_packed: output too short");
@@ -548,7 +590,7 @@ pub fn matmul_packed_isa(
         // SAFETY: `shared` spans `out`; each call writes only the columns of
         // `groups` of each row; the group ranges of concurrent calls are disjoint.
         let out = unsafe { shared.slice() };
-        matmul_packed_groups(isa, p, x, &xh, out, groups);
+        matmul_packed_groups(isa, amx, p, x, &xh, out, groups);
     };
     split_columns(pool, p.n_groups(), 1, &run);
 }
@@ -558,11 +600,27 @@ pub fn matmul_packed_isa(
 const MACRO_ROWS: usize = 64;
 
 /// Computes the output columns of column groups `groups` for every row.
-fn matmul_packed_groups(isa: Isa, p: &PackedMatrix, x: &Activations<'_>, xh: &[[f32; 2]], out: &mut [f32], groups: std::ops::Range<usize>) {
+/// `amx`: full 16-row tiles on AMX (checked available by the caller).
+fn matmul_packed_groups(
+    isa: Isa,
+    amx: bool,
+    p: &PackedMatrix,
+    x: &Activations<'_>,
+    xh: &[[f32; 2]],
+    out: &mut [f32],
+    groups: std::ops::Range<usize>,
+) {
     let (n, nb, stride) = (x.n, p.nb, p.rows());
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {
         const T: usize = avx512::MAX_TILE_ROWS;
+        // AMX only when a macro tile holds a full tile of rows; the session
+        // configures this thread's tiles for the chunk.
+        let tiles = if amx && n >= amx::TILE_ROWS { amx::Tiles::new(p.kind) } else { None };
+        let mut scratch = match &tiles {
+            Some(_) if !p.kind.byte_quants() => vec![AlignedLine([0; 64]); nb * amx::B_TILE_BYTES / 64],
+            _ => Vec::new(),
+        };
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + MACRO_ROWS).min(n);
@@ -571,6 +629,20 @@ fn matmul_packed_groups(isa: Isa, p: &PackedMatrix, x: &Activations<'_>, xh: &[[
                 let valid = (stride - g * GROUP).min(GROUP);
                 let lanes = ((1u32 << valid) - 1) as u16;
                 let mut r = r0;
+                if let Some(t) = &tiles {
+                    let full = (r1 - r0) / amx::TILE_ROWS;
+                    if full > 0 {
+                        let xp = x.q[r * nb..].as_ptr();
+                        let hp = if xh.is_empty() { std::ptr::null() } else { xh[r * nb..].as_ptr() };
+                        let op = out[r * stride + g * GROUP..].as_mut_ptr();
+                        // SAFETY: as for the VNNI call below, with `16 *
+                        // full <= r1 - r0` rows; AMX is available and `t`
+                        // configured this thread for `p.kind`; `scratch`
+                        // holds `nb` B tiles for the kinds that unpack.
+                        unsafe { amx::gemm_group(t, p.kind, gp, nb, xp, hp, nb, op, stride, lanes, full, lines_bytes_mut(&mut scratch)) };
+                        r += full * amx::TILE_ROWS;
+                    }
+                }
                 while r < r1 {
                     let take = (r1 - r).min(T);
                     let xp = x.q[r * nb..].as_ptr();
@@ -602,13 +674,28 @@ fn matmul_packed_groups(isa: Isa, p: &PackedMatrix, x: &Activations<'_>, xh: &[[
         }
         return;
     }
-    let _ = isa;
+    let _ = (isa, amx);
     for r in 0..n {
         let xr = &x.q[r * nb..(r + 1) * nb];
         for o in groups.start * GROUP..(groups.end * GROUP).min(stride) {
             out[r * stride + o] = packed::ref_dot(p, o, xr);
         }
     }
+}
+
+/// 64 bytes, 64-byte aligned (AMX scratch B tiles).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct AlignedLine([u8; 64]);
+
+/// The bytes of `lines`.
+#[cfg(target_arch = "x86_64")]
+fn lines_bytes_mut(lines: &mut [AlignedLine]) -> &mut [u8] {
+    // SAFETY: `AlignedLine` is `repr(C)` over `[u8; 64]` with size 64, so
+    // `lines.len() * 64` initialized bytes start at its pointer; the
+    // exclusive borrow is carried over.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64) }
 }
 
 /// [`matmul_packed`] when `packed` is given, else [`matmul`] on the raw `w`.
