@@ -1,8 +1,9 @@
 //! The AMX tile kernel of the packed matmul against the AVX-512 VNNI kernel
 //! and the scalar reference (`matmul_packed_opts` with `Isa::Scalar` runs
 //! `packed::ref_dot`): bit-identical outputs for every packed dtype, on odd
-//! shapes (batch rows not a multiple of the 16-row tile, output columns not a
-//! multiple of the 16-column group, 1 to 64 blocks per row), a row's output
+//! shapes (batch rows not a multiple of the 16-row tile, zero-padded tail
+//! tiles, output columns not a multiple of the 16-column group, 1 to 64
+//! blocks per row), a row's output
 //! identical whatever the batch it is in (AMX for full 16-row tiles, VNNI for
 //! the rest), for one and two threads. Skipped, with the reason printed, where
 //! the CPU or the OS offers no AMX.
@@ -81,7 +82,21 @@ fn amx_matches_vnni_and_scalar_bit_for_bit() {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(41);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     // (output columns, inputs, batch rows): 1..64 blocks, ragged groups and tiles.
-    let shapes = [(16usize, 32usize, 16usize), (17, 64, 17), (40, 96, 33), (5, 256, 16), (100, 512, 47), (33, 2048, 20), (64, 768, 80)];
+    // Batches under 16 rows and the tails of 16-row tiles run on zero-padded
+    // tiles (5 rows and more) or VNNI (fewer).
+    let shapes = [
+        (16usize, 32usize, 16usize),
+        (17, 64, 17),
+        (40, 96, 33),
+        (5, 256, 16),
+        (100, 512, 47),
+        (33, 2048, 20),
+        (64, 768, 80),
+        (24, 256, 5),
+        (31, 160, 13),
+        (18, 512, 70),
+        (9, 64, 4),
+    ];
     for dtype in dtypes() {
         for &(rows, cols, n) in &shapes {
             if !cols.is_multiple_of(dtype.block_size()) {

@@ -169,38 +169,93 @@ impl Drop for Tiles {
 #[repr(C, align(64))]
 struct CBuf([i32; 4 * TILE_ROWS * GROUP]);
 
-/// [`super::avx512::gemm_group`] for `tiles` full tiles of 16 activation rows:
-/// `out[r * out_stride + c]` for `r < 16 * tiles`, lanes `c` set in `lanes`;
-/// bit-identical to it.
+/// One 64-byte aligned line (activation tiles, unpacked B tiles).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct Line(pub(super) [u8; 64]);
+
+/// The bytes of `lines`.
+pub(super) fn lines_bytes_mut(lines: &mut [Line]) -> &mut [u8] {
+    // SAFETY: `Line` is `repr(C)` over `[u8; 64]` with size 64, so
+    // `lines.len() * 64` initialized bytes start at its pointer; the
+    // exclusive borrow is carried over.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64) }
+}
+
+/// Lines per (row tile, block) of repacked activations: 16 rows of `qs | qr`
+/// (32 + 32 bytes: both A tiles, stride 64), then 16 f32 each of `d / 128`,
+/// `s`, and the two half-block sums.
+const ACT_LINES: usize = TILE_ROWS + 4;
+
+/// Repacks activation rows `rows` (`nb` blocks each; `xh` their half-block
+/// sums, or empty) into `rows.len().div_ceil(16)` AMX row tiles, the last
+/// zero-padded, in `out` (resized), for [`gemm_group`].
+pub(super) fn pack_activations(x: &[BlockQ8], xh: &[[f32; 2]], nb: usize, rows: std::ops::Range<usize>, out: &mut Vec<Line>) {
+    let tiles = rows.len().div_ceil(TILE_ROWS);
+    out.clear();
+    out.resize(tiles * nb * ACT_LINES, Line([0; 64]));
+    let bytes = lines_bytes_mut(out);
+    let inv_r = 1.0 / super::Q8_RESIDUAL_SCALE;
+    for (i, row) in rows.enumerate() {
+        let (t, r) = (i / TILE_ROWS, i % TILE_ROWS);
+        for b in 0..nb {
+            let xb = &x[row * nb + b];
+            let at = (t * nb + b) * ACT_LINES * 64;
+            let line = &mut bytes[at + r * 64..at + (r + 1) * 64];
+            for k in 0..QK {
+                line[k] = xb.qs[k] as u8;
+                line[QK + k] = xb.qr[k] as u8;
+            }
+            let mut put = |l: usize, v: f32| {
+                let o = at + (TILE_ROWS + l) * 64 + 4 * r;
+                bytes[o..o + 4].copy_from_slice(&v.to_ne_bytes());
+            };
+            put(0, xb.d * inv_r);
+            put(1, xb.s);
+            if !xh.is_empty() {
+                put(2, xh[row * nb + b][0]);
+                put(3, xh[row * nb + b][1]);
+            }
+        }
+    }
+}
+
+/// [`super::avx512::gemm_group`] for `tiles` tiles of 16 activation rows
+/// repacked by [`pack_activations`] at `xa`: `out[r * out_stride + c]` for
+/// `r < 16 * (tiles - 1) + last_rows`, lanes `c` set in `lanes`;
+/// bit-identical to it (padding rows are computed, not stored).
 ///
 /// `scratch` holds `nb * B_TILE_BYTES` bytes (unused for Q8_0).
 ///
 /// # Safety
-/// As [`super::avx512::gemm_group`] with `R = 16 * tiles` rows, and `t` was
-/// configured for `kind` on this thread.
+/// As [`super::avx512::gemm_group`] for `group`, `nb`, `kind` and `lanes`;
+/// `xa` holds `tiles` tiles of `nb` blocks from [`pack_activations`]; `out`
+/// holds `(16 * (tiles - 1) + last_rows - 1) * out_stride + 16` floats,
+/// `1 <= last_rows <= 16`; `t` was configured for `kind` on this thread.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_group(
     t: &Tiles,
     kind: PackKind,
     group: *const u8,
     nb: usize,
-    x: *const BlockQ8,
-    xh: *const [f32; 2],
-    x_stride: usize,
+    xa: &[Line],
     out: *mut f32,
     out_stride: usize,
     lanes: u16,
-    tiles: usize,
+    last_rows: usize,
     scratch: &mut [u8],
 ) {
+    let tiles = xa.len() / (nb * ACT_LINES);
     debug_assert_eq!(t.halves, kind.halves());
+    debug_assert!(tiles > 0 && xa.len() == tiles * nb * ACT_LINES && (1..=TILE_ROWS).contains(&last_rows));
     debug_assert!(kind.byte_quants() || scratch.len() >= nb * B_TILE_BYTES);
+    let xa = xa.as_ptr() as *const u8;
     macro_rules! each_kind {
         ($($k:ident),*) => {
             match kind {
                 $(PackKind::$k => {
                     const K: u8 = PackKind::$k as u8;
-                    gemm_group_k::<K>(group, nb, x, xh, x_stride, out, out_stride, lanes, tiles, scratch.as_mut_ptr())
+                    gemm_group_k::<K>(group, nb, xa, out, out_stride, lanes, tiles, last_rows, scratch.as_mut_ptr())
                 })*
             }
         };
@@ -217,13 +272,12 @@ pub(super) unsafe fn gemm_group(
 unsafe fn gemm_group_k<const K: u8>(
     group: *const u8,
     nb: usize,
-    x: *const BlockQ8,
-    xh: *const [f32; 2],
-    x_stride: usize,
+    xa: *const u8,
     out: *mut f32,
     out_stride: usize,
     lanes: u16,
     tiles: usize,
+    last_rows: usize,
     scratch: *mut u8,
 ) {
     let kind = const { PackKind::from_u8(K) };
@@ -246,16 +300,75 @@ unsafe fn gemm_group_k<const K: u8>(
         }
         (scratch as *const u8, B_TILE_BYTES)
     };
-    let a_stride = x_stride * std::mem::size_of::<BlockQ8>();
-    let inv_r = 1.0 / super::Q8_RESIDUAL_SCALE;
+    let a_stride = 64usize;
     let mut c = CBuf([0; 4 * TILE_ROWS * GROUP]);
     let cp = c.0.as_mut_ptr();
+    // Products of step s = block * halves + half go to tile pair s % 2 (B in
+    // tmm2 / tmm3, sums in tmm4+tmm5 / tmm6+tmm7, stored at cp + 512 * pair):
+    // step s + 1 is issued before the sums of step s are stored and used,
+    // so the TMUL works while the vector units run the epilogue.
+    macro_rules! issue {
+        ($tb:literal, $c0:literal, $c1:literal, $bp:expr, $qs:expr, $qr:expr) => {
+            asm!(
+                concat!("tileloadd ", $tb, ", [{b} + {s64}*1]"),
+                "tileloadd tmm0, [{qs} + {sa}*1]",
+                "tileloadd tmm1, [{qr} + {sa}*1]",
+                concat!("tilezero ", $c0),
+                concat!("tilezero ", $c1),
+                concat!("tdpbsud ", $c0, ", tmm0, ", $tb),
+                concat!("tdpbsud ", $c1, ", tmm1, ", $tb),
+                b = in(reg) $bp,
+                qs = in(reg) $qs,
+                qr = in(reg) $qr,
+                sa = in(reg) a_stride,
+                s64 = in(reg) 64usize,
+                options(nostack),
+            )
+        };
+    }
+    macro_rules! store {
+        ($c0:literal, $c1:literal, $p:expr) => {
+            asm!(
+                concat!("tilestored [{c0} + {s64}*1], ", $c0),
+                concat!("tilestored [{c1} + {s64}*1], ", $c1),
+                c0 = in(reg) $p,
+                c1 = in(reg) $p.add(TILE_ROWS * GROUP),
+                s64 = in(reg) 64usize,
+                options(nostack),
+            )
+        };
+    }
+    let steps = nb * halves;
     for t in 0..tiles {
-        let xt = x.add(t * TILE_ROWS * x_stride);
-        let ht = if halves == 2 { xh.add(t * TILE_ROWS * x_stride) } else { xh };
+        let xt = xa.add(t * nb * ACT_LINES * 64);
+        let issue_step = |s: usize| {
+            let (b, h) = (s / halves, s % halves);
+            let bp = bt.add(b * b_step + h * (B_TILE_BYTES / 2));
+            let qs = xt.add(b * ACT_LINES * 64 + h * (QK / 2));
+            let qr = qs.add(QK);
+            if s % 2 == 0 {
+                issue!("tmm2", "tmm4", "tmm5", bp, qs, qr);
+            } else {
+                issue!("tmm3", "tmm6", "tmm7", bp, qs, qr);
+            }
+        };
         let (mut sd, mut sdm) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut accf = [_mm512_setzero_ps(); TILE_ROWS];
-        for b in 0..nb {
+        issue_step(0);
+        for s in 0..steps {
+            if s + 1 < steps {
+                issue_step(s + 1);
+            }
+            if s % 2 == 0 {
+                store!("tmm4", "tmm5", cp);
+            } else {
+                store!("tmm6", "tmm7", cp.add(2 * TILE_ROWS * GROUP));
+            }
+            if s % halves != halves - 1 {
+                continue;
+            }
+            // Block b's sums are stored: the VNNI kernel's epilogue, row by row.
+            let b = s / halves;
             let rec = recs.add(b * rec_bytes);
             if sup_bytes > 0 && b % (QK_K / QK) == 0 {
                 let sp = group.add(b / (QK_K / QK) * sup_bytes);
@@ -265,84 +378,28 @@ unsafe fn gemm_group_k<const K: u8>(
                 }
             }
             let (dw, mw) = block_scales::<K>(rec, sd, sdm);
-            let qs = (*xt.add(b)).qs.as_ptr() as *const u8;
-            let qr = (*xt.add(b)).qr.as_ptr() as *const u8;
-            let bp = bt.add(b * b_step);
-            if halves == 1 {
-                asm!(
-                    "tileloadd tmm2, [{b} + {s64}*1]",
-                    "tileloadd tmm0, [{qs} + {sa}*1]",
-                    "tileloadd tmm1, [{qr} + {sa}*1]",
-                    "tilezero tmm4",
-                    "tilezero tmm5",
-                    "tdpbsud tmm4, tmm0, tmm2",
-                    "tdpbsud tmm5, tmm1, tmm2",
-                    "tilestored [{c0} + {s64}*1], tmm4",
-                    "tilestored [{c1} + {s64}*1], tmm5",
-                    b = in(reg) bp,
-                    qs = in(reg) qs,
-                    qr = in(reg) qr,
-                    sa = in(reg) a_stride,
-                    s64 = in(reg) 64usize,
-                    c0 = in(reg) cp,
-                    c1 = in(reg) cp.add(TILE_ROWS * GROUP),
-                    options(nostack),
-                );
-            } else {
-                asm!(
-                    "tileloadd tmm2, [{b} + {s64}*1]",
-                    "tileloadd tmm3, [{b1} + {s64}*1]",
-                    "tileloadd tmm0, [{qs} + {sa}*1]",
-                    "tileloadd tmm1, [{qr} + {sa}*1]",
-                    "tilezero tmm4",
-                    "tilezero tmm5",
-                    "tdpbsud tmm4, tmm0, tmm2",
-                    "tdpbsud tmm5, tmm1, tmm2",
-                    "tileloadd tmm0, [{qs1} + {sa}*1]",
-                    "tileloadd tmm1, [{qr1} + {sa}*1]",
-                    "tilezero tmm6",
-                    "tilezero tmm7",
-                    "tdpbsud tmm6, tmm0, tmm3",
-                    "tdpbsud tmm7, tmm1, tmm3",
-                    "tilestored [{c0} + {s64}*1], tmm4",
-                    "tilestored [{c1} + {s64}*1], tmm5",
-                    "tilestored [{c2} + {s64}*1], tmm6",
-                    "tilestored [{c3} + {s64}*1], tmm7",
-                    b = in(reg) bp,
-                    b1 = in(reg) bp.add(B_TILE_BYTES / 2),
-                    qs = in(reg) qs,
-                    qr = in(reg) qr,
-                    qs1 = in(reg) qs.add(QK / 2),
-                    qr1 = in(reg) qr.add(QK / 2),
-                    sa = in(reg) a_stride,
-                    s64 = in(reg) 64usize,
-                    c0 = in(reg) cp,
-                    c1 = in(reg) cp.add(TILE_ROWS * GROUP),
-                    c2 = in(reg) cp.add(2 * TILE_ROWS * GROUP),
-                    c3 = in(reg) cp.add(3 * TILE_ROWS * GROUP),
-                    options(nostack),
-                );
-            }
-            // The VNNI kernel's epilogue, row by row.
+            // (16,) per-row scalars of block b: d / 128, s, half sums
+            let xs = xt.add((b * ACT_LINES + TILE_ROWS) * 64) as *const f32;
             for (r, f) in accf.iter_mut().enumerate() {
-                let xb = &*xt.add(r * x_stride + b);
-                let sx = _mm512_set1_ps(xb.d * inv_r);
+                let sx = _mm512_set1_ps(*xs.add(r));
                 for h in 0..halves {
-                    let s1 = _mm512_load_si512(cp.add((2 * h * TILE_ROWS + r) * GROUP) as *const __m512i);
-                    let s2 = _mm512_load_si512(cp.add(((2 * h + 1) * TILE_ROWS + r) * GROUP) as *const __m512i);
+                    // pair of half h: s % 2 for the one-half kinds, h for the others
+                    let pair = if halves == 1 { s % 2 } else { h };
+                    let s1 = _mm512_load_si512(cp.add((2 * pair * TILE_ROWS + r) * GROUP) as *const __m512i);
+                    let s2 = _mm512_load_si512(cp.add(((2 * pair + 1) * TILE_ROWS + r) * GROUP) as *const __m512i);
                     let a = _mm512_add_epi32(_mm512_slli_epi32(s1, 7), s2);
                     *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(dw[h], sx), *f);
                 }
                 if halves == 1 {
-                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(xb.s), *f);
+                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(GROUP + r)), *f);
                 } else {
-                    let hs = *ht.add(r * x_stride + b);
-                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(hs[0]), *f);
-                    *f = _mm512_fmadd_ps(mw[1], _mm512_set1_ps(hs[1]), *f);
+                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(2 * GROUP + r)), *f);
+                    *f = _mm512_fmadd_ps(mw[1], _mm512_set1_ps(*xs.add(3 * GROUP + r)), *f);
                 }
             }
         }
-        for (r, f) in accf.iter().enumerate() {
+        let rows = if t + 1 == tiles { last_rows } else { TILE_ROWS };
+        for (r, f) in accf.iter().enumerate().take(rows) {
             _mm512_mask_storeu_ps(out.add((t * TILE_ROWS + r) * out_stride), lanes, *f);
         }
     }

@@ -600,7 +600,12 @@ pub fn matmul_packed_opts(
 const MACRO_ROWS: usize = 64;
 
 /// Computes the output columns of column groups `groups` for every row.
-/// `amx`: full 16-row tiles on AMX (checked available by the caller).
+/// Fewest rows run on an AMX tile (zero-padded to 16); fewer stay on VNNI,
+/// which is faster there (measured: see `amx`).
+#[cfg(target_arch = "x86_64")]
+const AMX_MIN_ROWS: usize = 6;
+
+/// `amx`: 16-row tiles on AMX (checked available by the caller).
 fn matmul_packed_groups(
     isa: Isa,
     amx: bool,
@@ -614,34 +619,42 @@ fn matmul_packed_groups(
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {
         const T: usize = avx512::MAX_TILE_ROWS;
-        // AMX only when a macro tile holds a full tile of rows; the session
-        // configures this thread's tiles for the chunk.
-        let tiles = if amx && n >= amx::TILE_ROWS { amx::Tiles::new(p.kind) } else { None };
+        // AMX for the full 16-row tiles of a macro tile, and for its last
+        // rows zero-padded to a tile when there are at least AMX_MIN_ROWS of
+        // them; the session configures this thread's tiles for the chunk.
+        const TR: usize = amx::TILE_ROWS;
+        let tiles = if amx && n >= AMX_MIN_ROWS { amx::Tiles::new(p.kind) } else { None };
         let mut scratch = match &tiles {
-            Some(_) if !p.kind.byte_quants() => vec![AlignedLine([0; 64]); nb * amx::B_TILE_BYTES / 64],
+            Some(_) if !p.kind.byte_quants() => vec![amx::Line([0; 64]); nb * amx::B_TILE_BYTES / 64],
             _ => Vec::new(),
         };
+        // The macro tile's rows repacked as AMX activation tiles.
+        let mut act = Vec::new();
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + MACRO_ROWS).min(n);
+            let (full, tail) = ((r1 - r0) / TR, (r1 - r0) % TR);
+            let amx_rows = if tiles.is_none() { 0 } else if tail >= AMX_MIN_ROWS { r1 - r0 } else { full * TR };
+            if amx_rows > 0 {
+                amx::pack_activations(x.q, xh, nb, r0..r0 + amx_rows, &mut act);
+            }
             for g in groups.clone() {
                 let gp = p.group(g).as_ptr();
                 let valid = (stride - g * GROUP).min(GROUP);
                 let lanes = ((1u32 << valid) - 1) as u16;
                 let mut r = r0;
-                if let Some(t) = &tiles {
-                    let full = (r1 - r0) / amx::TILE_ROWS;
-                    if full > 0 {
-                        let xp = x.q[r * nb..].as_ptr();
-                        let hp = if xh.is_empty() { std::ptr::null() } else { xh[r * nb..].as_ptr() };
-                        let op = out[r * stride + g * GROUP..].as_mut_ptr();
-                        // SAFETY: as for the VNNI call below, with `16 *
-                        // full <= r1 - r0` rows; AMX is available and `t`
-                        // configured this thread for `p.kind`; `scratch`
-                        // holds `nb` B tiles for the kinds that unpack.
-                        unsafe { amx::gemm_group(t, p.kind, gp, nb, xp, hp, nb, op, stride, lanes, full, lines_bytes_mut(&mut scratch)) };
-                        r += full * amx::TILE_ROWS;
-                    }
+                if let (Some(t), true) = (&tiles, amx_rows > 0) {
+                    let op = out[r * stride + g * GROUP..].as_mut_ptr();
+                    let last_rows = amx_rows - (amx_rows - 1) / TR * TR;
+                    // SAFETY: AMX is available and `t` configured this
+                    // thread for `p.kind`; `gp` spans packed group `g` of
+                    // `nb` blocks; `act` holds `amx_rows.div_ceil(16)` tiles
+                    // of `nb` blocks; `out` holds `n * stride` floats, so
+                    // rows `r0..r0 + amx_rows` fit; only the `valid` lanes
+                    // are stored; `scratch` holds `nb` B tiles for the kinds
+                    // that unpack.
+                    unsafe { amx::gemm_group(t, p.kind, gp, nb, &act, op, stride, lanes, last_rows, amx::lines_bytes_mut(&mut scratch)) };
+                    r += amx_rows;
                 }
                 while r < r1 {
                     let take = (r1 - r).min(T);
@@ -681,21 +694,6 @@ fn matmul_packed_groups(
             out[r * stride + o] = packed::ref_dot(p, o, xr);
         }
     }
-}
-
-/// 64 bytes, 64-byte aligned (AMX scratch B tiles).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct AlignedLine([u8; 64]);
-
-/// The bytes of `lines`.
-#[cfg(target_arch = "x86_64")]
-fn lines_bytes_mut(lines: &mut [AlignedLine]) -> &mut [u8] {
-    // SAFETY: `AlignedLine` is `repr(C)` over `[u8; 64]` with size 64, so
-    // `lines.len() * 64` initialized bytes start at its pointer; the
-    // exclusive borrow is carried over.
-    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64) }
 }
 
 /// [`matmul_packed`] when `packed` is given, else [`matmul`] on the raw `w`.
