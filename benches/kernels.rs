@@ -124,7 +124,7 @@ fn matmul(c: &mut Criterion) {
 /// AMX against VNNI on the shapes where batched decode spends its time:
 /// Gemma 3's Q8_0 output head (a 16384-column slice of the 640 x 262144
 /// head; the full head is 16x the work) and a SmolLM2 Q4_K / Q6_K FFN
-/// matrix, at 4 to 64 rows (`matmul_amx/<dtype>/<rows>x<cols>/rows<n>/{avx512,amx}`).
+/// matrix, at 4 to 256 rows (`matmul_amx/<dtype>/<rows>x<cols>/rows<n>/{avx512,amx}`).
 fn matmul_amx(c: &mut Criterion) {
     if !kernels::amx_available() {
         eprintln!("matmul_amx: no AMX on this machine, skipped");
@@ -140,7 +140,7 @@ fn matmul_amx(c: &mut Criterion) {
         let data = weights(&mut rng, dtype, rows, cols);
         let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
         let p = PackedMatrix::new(&w).unwrap();
-        for n in [4usize, 5, 8, 16, 24, 32, 64] {
+        for n in [4usize, 5, 8, 16, 24, 32, 64, 256] {
             let xf: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
             let mut xq = vec![BlockQ8::default(); n * cols / QK];
             kernels::quantize_rows_q8(&xf, cols, &mut xq);

@@ -6,18 +6,23 @@
 //! functions, reached only through the safe wrappers in [`super`].
 //!
 //! Tile plan (one [`Tiles`] session per thread chunk: `ldtilecfg` when it
-//! starts, `tilerelease` when it ends):
+//! starts, `tilerelease` when it ends; 8 tile registers):
 //!
 //! ```text
-//! one-half kinds (all but Q6_K, Q3_K, Q2_K), per 16-row tile t, block b:
-//!   tmm0 = A qs  16 rows x 32 B   rows of x[t*16 + r][b].qs, stride nb*72 B
-//!   tmm1 = A qr  16 rows x 32 B   likewise .qr (offset 40 in the block)
-//!   tmm2 = B      8 rows x 64 B   the block's weights, VNNI order (row j:
+//! activations, repacked once per 64-row macro tile (pack_activations): per
+//!   16-row tile and block, 16 lines of qs | qr (32 + 32 B), then 16 f32 of
+//!   d/128, of s and of each half-block sum (zero rows pad the last tile)
+//! one-half kinds (all but Q6_K, Q3_K, Q2_K), per 16-row tile, block b:
+//!   tmm0 = A qs  16 rows x 32 B   (stride 64 in the repacked lines)
+//!   tmm1 = A qr  16 rows x 32 B
+//!   tmm2|3 = B    8 rows x 64 B   the block's weights in VNNI order (row j:
 //!                                 weights 4j..4j+3 of the 16 columns)
-//!   tmm4 = tmm0 . tmm2 (sum w*qs), tmm5 = tmm1 . tmm2 (sum w*qr)  (16 x 16 i32)
-//! two-half kinds: the same per 16-element half h, with tmm0/tmm1 16 rows x
-//!   16 B (qs/qr[16h..16h+16]) and B = 4 rows of 64 B (tmm2: h = 0, tmm3: h = 1);
-//!   C: tmm4/tmm5 (half 0), tmm6/tmm7 (half 1).
+//!   tmm4|6 = tmm0 . B (sum w*qs), tmm5|7 = tmm1 . B (sum w*qr)  (16 x 16 i32)
+//!   blocks alternate between the pairs (B in tmm2 or tmm3, sums in tmm4+5 or
+//!   tmm6+7): block b + 1 is multiplied while block b's sums are stored and
+//!   its epilogue runs
+//! two-half kinds: the same per 16-element half h (tmm0/tmm1 16 rows x 16 B,
+//!   B 4 rows x 64 B); half 0 in the first pair, half 1 in the second.
 //! ```
 //!
 //! The C tiles are stored (1 KiB per pair) and the epilogue of the VNNI kernel
@@ -26,8 +31,9 @@
 //! `acc += cvt(isum) * (d_w * (d_x / 128))`, `acc += m_w * s_x` (per half for
 //! the two-half kinds). Each row's float operations are therefore the VNNI
 //! kernel's and the scalar reference's, bit for bit, whatever the number of
-//! rows in the batch: AMX is used for the full 16-row tiles of a batch and VNNI
-//! for the rest, and a row's output does not depend on which one ran it.
+//! rows in the batch: [`super::matmul_packed`] runs a batch's 16-row tiles
+//! (and a last tile of 5 rows or more, zero-padded) on AMX and the rest on
+//! VNNI, and a row's output does not depend on which one ran it.
 //!
 //! B tiles: Q8_0's record bytes are already the B tile (loaded in place, stride
 //! 64); every other kind's weights of one column group are unpacked once
@@ -35,21 +41,45 @@
 //! into a scratch of `nb * 512` bytes, reused by every row tile.
 //!
 //! Cost per 16 rows x 16 columns x 32-block: 2 `tdpbsud` (4 for the two-half
-//! kinds; each ~16 cycles whatever K: the TMUL is row-bound, so K = 32 uses
-//! half of it), 2 tile stores and ~8 vector operations per row of epilogue,
-//! against 16 `vpdpbusd` + 16 broadcasts per row for VNNI. The epilogue and
-//! the activation tile loads (from L2 for a 64-row macro tile) dominate.
+//! kinds; ~16 cycles each whatever K: the TMUL is row-bound, so K = 32 uses
+//! half of it, and no exact scheme packs two blocks or both digits into one
+//! product), 3 tile loads, 2 tile stores (~25 cycles each) and ~10 vector
+//! operations per row of epilogue, against 16 `vpdpbusd` + 16 broadcasts per
+//! row for VNNI. Tile stores and the epilogue dominate. Repacking the
+//! activations (aligned 64-byte rows instead of 32 bytes at stride nb * 72)
+//! took ~25% off; pipelining the pairs ~15%; a 128- or 256-row macro tile
+//! measured no better than 64.
 //!
-//! Measured (Xeon with AMX, 2 cores shared with 4 other sessions, so noisy;
-//! criterion medians, one thread; see `benches/kernels.rs`, ids
-//! `matmul/<dtype>/<shape>/rows<n>/avx512` and `.../amx`): see the table in
-//! [`super`]'s `matmul_packed_groups` notes and the module header of the bench.
+//! Measured (Intel Xeon with AMX, 2 cores shared with 4 other sessions: load
+//! average 7-10, so absolute times are inflated and noisy; criterion medians,
+//! one thread, `cargo bench --profile dev --bench kernels -- matmul_amx`;
+//! `amx` at 4 rows is VNNI, below the 5-row threshold):
+//!
+//! ```text
+//! weight (out x in)      rows:   4        8       16       32       64      256
+//! Q8_0 16384x640  VNNI       3.71 ms  8.38     16.7     32.2     74.4     297
+//!   (Gemma 3 head / 16) AMX   -       3.00      2.96     5.91     15.9     64.8
+//! Q4_K 576x1536   VNNI       246 us   669      1334     2470     5097     22343
+//!                 AMX         -       224       214      400      793      3274
+//! Q6_K 576x1536   VNNI       373 us   784      1454     2320     4567     19524
+//!                 AMX         -       392       483      694     1195      5223
+//! Q5_0 2048x640   VNNI       309 us   730      1436     2890     5295     31977
+//!                 AMX         -       210       246      449      641      5934
+//! ```
+//!
+//! At 4 rows a padded tile costs about what VNNI does (3.63 vs 3.71 ms for
+//! Q8_0; Q6_K and Q5_0 slower), from 5 rows on AMX is ahead. End to end
+//! (`brigade bench`, dev-profile build, Gemma 3 270M Q4_K_M, 32 requests x
+//! 16 + 32 tokens, concurrency 32, same loaded machine): steady decode 141
+//! tok/s with AMX vs 40 with `BRIGADE_AMX=0`; concurrency 64: 97-111 vs 35.
 //!
 //! Availability: CPUID.(7,0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), and on
 //! Linux the permission to use the tile data state, requested once per
 //! process with `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` and
 //! checked with `ARCH_GET_XCOMP_PERM`; a refusal leaves the VNNI kernel in
-//! use. Other operating systems: not used. Rust's AMX intrinsics are
+//! use. Other operating systems: not used. Selected automatically
+//! ([`super::amx_enabled`]); `BRIGADE_AMX=0`, or `BRIGADE_ISA` below
+//! `avx512`, keeps the packed matmul on VNNI. Rust's AMX intrinsics are
 //! unstable, so the tile instructions are `asm!`.
 #![allow(unsafe_code)]
 
@@ -346,7 +376,7 @@ unsafe fn gemm_group_k<const K: u8>(
             let bp = bt.add(b * b_step + h * (B_TILE_BYTES / 2));
             let qs = xt.add(b * ACT_LINES * 64 + h * (QK / 2));
             let qr = qs.add(QK);
-            if s % 2 == 0 {
+            if s.is_multiple_of(2) {
                 issue!("tmm2", "tmm4", "tmm5", bp, qs, qr);
             } else {
                 issue!("tmm3", "tmm6", "tmm7", bp, qs, qr);
@@ -359,7 +389,7 @@ unsafe fn gemm_group_k<const K: u8>(
             if s + 1 < steps {
                 issue_step(s + 1);
             }
-            if s % 2 == 0 {
+            if s.is_multiple_of(2) {
                 store!("tmm4", "tmm5", cp);
             } else {
                 store!("tmm6", "tmm7", cp.add(2 * TILE_ROWS * GROUP));
@@ -391,10 +421,10 @@ unsafe fn gemm_group_k<const K: u8>(
                     *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(dw[h], sx), *f);
                 }
                 if halves == 1 {
-                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(GROUP + r)), *f);
+                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(TILE_ROWS + r)), *f);
                 } else {
-                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(2 * GROUP + r)), *f);
-                    *f = _mm512_fmadd_ps(mw[1], _mm512_set1_ps(*xs.add(3 * GROUP + r)), *f);
+                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(2 * TILE_ROWS + r)), *f);
+                    *f = _mm512_fmadd_ps(mw[1], _mm512_set1_ps(*xs.add(3 * TILE_ROWS + r)), *f);
                 }
             }
         }
