@@ -9,7 +9,7 @@
 //! starts, `tilerelease` when it ends; 8 tile registers):
 //!
 //! ```text
-//! activations, repacked once per 64-row macro tile (pack_activations): per
+//! activations, repacked once per matmul for all threads (pack_activations): per
 //!   16-row tile and block, 16 lines of qs | qr (32 + 32 B), then 16 f32 of
 //!   d/128, of s and of each half-block sum (zero rows pad the last tile)
 //! one-half kinds (all but Q6_K, Q3_K, Q2_K), per 16-row tile, block b:
@@ -217,14 +217,19 @@ pub(super) fn lines_bytes_mut(lines: &mut [Line]) -> &mut [u8] {
 /// `s`, and the two half-block sums.
 const ACT_LINES: usize = TILE_ROWS + 4;
 
+/// Lines of `tiles` repacked row tiles of `nb` blocks.
+pub(super) const fn act_lines(tiles: usize, nb: usize) -> usize {
+    tiles * nb * ACT_LINES
+}
+
 /// Repacks activation rows `rows` (`nb` blocks each; `xh` their half-block
 /// sums, or empty) into `rows.len().div_ceil(16)` AMX row tiles, the last
-/// zero-padded, in `out` (resized), for [`gemm_group`].
+/// zero-padded, appended to `out`, for [`gemm_group`].
 pub(super) fn pack_activations(x: &[BlockQ8], xh: &[[f32; 2]], nb: usize, rows: std::ops::Range<usize>, out: &mut Vec<Line>) {
     let tiles = rows.len().div_ceil(TILE_ROWS);
-    out.clear();
-    out.resize(tiles * nb * ACT_LINES, Line([0; 64]));
-    let bytes = lines_bytes_mut(out);
+    let base = out.len();
+    out.resize(base + act_lines(tiles, nb), Line([0; 64]));
+    let bytes = &mut lines_bytes_mut(out)[base * 64..];
     let inv_r = 1.0 / super::Q8_RESIDUAL_SCALE;
     for (i, row) in rows.enumerate() {
         let (t, r) = (i / TILE_ROWS, i % TILE_ROWS);
@@ -232,10 +237,8 @@ pub(super) fn pack_activations(x: &[BlockQ8], xh: &[[f32; 2]], nb: usize, rows: 
             let xb = &x[row * nb + b];
             let at = (t * nb + b) * ACT_LINES * 64;
             let line = &mut bytes[at + r * 64..at + (r + 1) * 64];
-            for k in 0..QK {
-                line[k] = xb.qs[k] as u8;
-                line[QK + k] = xb.qr[k] as u8;
-            }
+            line[..QK].copy_from_slice(&xb.qs.map(|v| v as u8));
+            line[QK..].copy_from_slice(&xb.qr.map(|v| v as u8));
             let mut put = |l: usize, v: f32| {
                 let o = at + (TILE_ROWS + l) * 64 + 4 * r;
                 bytes[o..o + 4].copy_from_slice(&v.to_ne_bytes());

@@ -587,12 +587,26 @@ pub fn matmul_packed_opts(
     // Half-block activation sums for the kinds with 16-element sub-blocks
     // (exact integer sums, one rounding: the same for every split).
     let xh: Vec<[f32; 2]> = if p.kind.halves() == 2 { x.q[..n * nb].iter().map(scalar::half_sums).collect() } else { Vec::new() };
+    // The rows AMX runs, repacked as tiles once for every thread.
+    #[cfg(target_arch = "x86_64")]
+    let act = {
+        let mut act = Vec::new();
+        if amx && n >= AMX_MIN_ROWS && nb > 0 {
+            for r0 in (0..n).step_by(MACRO_ROWS) {
+                let rows = amx_rows((r0 + MACRO_ROWS).min(n) - r0);
+                amx::pack_activations(x.q, &xh, nb, r0..r0 + rows, &mut act);
+            }
+        }
+        act
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let act: Vec<ActLine> = Vec::new();
     let shared = SharedOut(out.as_mut_ptr(), out.len());
     let run = |groups: std::ops::Range<usize>| {
         // SAFETY: `shared` spans `out`; each call writes only the columns of
         // `groups` of each row; the group ranges of concurrent calls are disjoint.
         let out = unsafe { shared.slice() };
-        matmul_packed_groups(isa, amx, p, x, &xh, out, groups);
+        matmul_packed_groups(isa, p, x, &xh, &act, out, groups);
     };
     split_columns(pool, p.n_groups(), 1, &run);
 }
@@ -607,13 +621,32 @@ const MACRO_ROWS: usize = 64;
 #[cfg(target_arch = "x86_64")]
 const AMX_MIN_ROWS: usize = 5;
 
-/// `amx`: 16-row tiles on AMX (checked available by the caller).
+/// Rows of a macro tile of `rows` rows that AMX runs: its 16-row tiles, and
+/// its last rows too when there are [`AMX_MIN_ROWS`] of them.
+#[cfg(target_arch = "x86_64")]
+fn amx_rows(rows: usize) -> usize {
+    let tail = rows % amx::TILE_ROWS;
+    if tail >= AMX_MIN_ROWS {
+        rows
+    } else {
+        rows - tail
+    }
+}
+
+/// One line of repacked AMX activations.
+#[cfg(target_arch = "x86_64")]
+type ActLine = amx::Line;
+#[cfg(not(target_arch = "x86_64"))]
+type ActLine = ();
+
+/// `act`: the [`amx_rows`] of every macro tile repacked for AMX (empty: VNNI
+/// only; AMX checked available by the caller).
 fn matmul_packed_groups(
     isa: Isa,
-    amx: bool,
     p: &PackedMatrix,
     x: &Activations<'_>,
     xh: &[[f32; 2]],
+    act: &[ActLine],
     out: &mut [f32],
     groups: std::ops::Range<usize>,
 ) {
@@ -625,21 +658,18 @@ fn matmul_packed_groups(
         // rows zero-padded to a tile when there are at least AMX_MIN_ROWS of
         // them; the session configures this thread's tiles for the chunk.
         const TR: usize = amx::TILE_ROWS;
-        let tiles = if amx && n >= AMX_MIN_ROWS { amx::Tiles::new(p.kind) } else { None };
+        let tiles = if act.is_empty() { None } else { amx::Tiles::new(p.kind) };
         let mut scratch = match &tiles {
             Some(_) if !p.kind.byte_quants() => vec![amx::Line([0; 64]); nb * amx::B_TILE_BYTES / 64],
             _ => Vec::new(),
         };
-        // The macro tile's rows repacked as AMX activation tiles.
-        let mut act = Vec::new();
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + MACRO_ROWS).min(n);
-            let (full, tail) = ((r1 - r0) / TR, (r1 - r0) % TR);
-            let amx_rows = if tiles.is_none() { 0 } else if tail >= AMX_MIN_ROWS { r1 - r0 } else { full * TR };
-            if amx_rows > 0 {
-                amx::pack_activations(x.q, xh, nb, r0..r0 + amx_rows, &mut act);
-            }
+            let amx_rows = if tiles.is_none() { 0 } else { amx_rows(r1 - r0) };
+            // This macro tile's repacked tiles (every earlier one has MACRO_ROWS rows).
+            let at = amx::act_lines(r0 / TR, nb);
+            let act = &act[at.min(act.len())..(at + amx::act_lines(amx_rows.div_ceil(TR), nb)).min(act.len())];
             for g in groups.clone() {
                 let gp = p.group(g).as_ptr();
                 let valid = (stride - g * GROUP).min(GROUP);
@@ -655,7 +685,7 @@ fn matmul_packed_groups(
                     // rows `r0..r0 + amx_rows` fit; only the `valid` lanes
                     // are stored; `scratch` holds `nb` B tiles for the kinds
                     // that unpack.
-                    unsafe { amx::gemm_group(t, p.kind, gp, nb, &act, op, stride, lanes, last_rows, amx::lines_bytes_mut(&mut scratch)) };
+                    unsafe { amx::gemm_group(t, p.kind, gp, nb, act, op, stride, lanes, last_rows, amx::lines_bytes_mut(&mut scratch)) };
                     r += amx_rows;
                 }
                 while r < r1 {
@@ -689,7 +719,7 @@ fn matmul_packed_groups(
         }
         return;
     }
-    let _ = (isa, amx);
+    let _ = (isa, act);
     for r in 0..n {
         let xr = &x.q[r * nb..(r + 1) * nb];
         for o in groups.start * GROUP..(groups.end * GROUP).min(stride) {
