@@ -9,7 +9,8 @@
 //! Ids: `matmul/<dtype>/<rows>x<cols>/rows<n>/<isa>` where `<rows>x<cols>` is
 //! the weight (output features x input features), `<isa>` is `scalar`,
 //! `avx2` (raw ggml blocks) or `avx512` (packed, VNNI; only the dtypes with a
-//! packed kind). Shapes: SmolLM2-135M's for Q4_0/Q4_1/Q8_0, and Gemma 3
+//! packed kind), `amx` (packed, AMX tiles for full 16-row tiles; CPUs with
+//! AMX-INT8, 16 rows and more). Shapes: SmolLM2-135M's for Q4_0/Q4_1/Q8_0, and Gemma 3
 //! 270M's (640x2048 for every dtype, 2048x640 for the 32-element ones), at
 //! 1, 32 and 64 rows. Q2_K and Q3_K run packed on AVX-512 like Q4_K.
 //! Threads: `BRIGADE_THREADS` (default 1; >1 uses a rayon pool as the model does).
@@ -103,7 +104,11 @@ fn matmul(c: &mut Criterion) {
                 let id = BenchmarkId::new(format!("{rows}x{cols}/rows{n}"), isa.name());
                 match (isa, &packed) {
                     (Isa::Avx512Vnni, Some(p)) => {
-                        g.bench_function(id, |b| b.iter(|| kernels::matmul_packed_isa(isa, p, &x, &mut out, pool.as_ref())));
+                        g.bench_function(id, |b| b.iter(|| kernels::matmul_packed_opts(isa, false, p, &x, &mut out, pool.as_ref())));
+                        if kernels::amx_available() && n >= 16 {
+                            let id = BenchmarkId::new(format!("{rows}x{cols}/rows{n}"), "amx");
+                            g.bench_function(id, |b| b.iter(|| kernels::matmul_packed_opts(isa, true, p, &x, &mut out, pool.as_ref())));
+                        }
                     }
                     (Isa::Avx512Vnni, None) => {}
                     _ => {
@@ -114,6 +119,41 @@ fn matmul(c: &mut Criterion) {
         }
         g.finish();
     }
+}
+
+/// AMX against VNNI on the shapes where batched decode spends its time:
+/// Gemma 3's Q8_0 output head (a 16384-column slice of the 640 x 262144
+/// head; the full head is 16x the work) and a SmolLM2 Q4_K / Q6_K FFN
+/// matrix, at 4 to 256 rows (`matmul_amx/<dtype>/<rows>x<cols>/rows<n>/{avx512,amx}`).
+fn matmul_amx(c: &mut Criterion) {
+    if !kernels::amx_available() {
+        eprintln!("matmul_amx: no AMX on this machine, skipped");
+        return;
+    }
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
+    let pool = (threads() > 1).then(|| rayon::ThreadPoolBuilder::new().num_threads(threads()).build().unwrap());
+    let mut g = c.benchmark_group("matmul_amx");
+    g.sample_size(10);
+    g.warm_up_time(std::time::Duration::from_millis(300));
+    g.measurement_time(std::time::Duration::from_secs(1));
+    for (dtype, rows, cols) in [(GgmlDType::Q8_0, 16384usize, 640usize), (GgmlDType::Q4_K, 576, 1536), (GgmlDType::Q6_K, 576, 1536), (GgmlDType::Q5_0, 2048, 640)] {
+        let data = weights(&mut rng, dtype, rows, cols);
+        let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
+        let p = PackedMatrix::new(&w).unwrap();
+        for n in [4usize, 5, 8, 16, 24, 32, 64, 256] {
+            let xf: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let mut xq = vec![BlockQ8::default(); n * cols / QK];
+            kernels::quantize_rows_q8(&xf, cols, &mut xq);
+            let x = Activations { f: &xf, q: &xq, n };
+            let mut out = vec![0.0f32; n * rows];
+            g.throughput(Throughput::Elements((2 * n * rows * cols) as u64));
+            for (name, amx) in [("avx512", false), ("amx", true)] {
+                let id = BenchmarkId::new(format!("{}/{rows}x{cols}/rows{n}", dtype.name().to_lowercase()), name);
+                g.bench_function(id, |b| b.iter(|| kernels::matmul_packed_opts(Isa::Avx512Vnni, amx, &p, &x, &mut out, pool.as_ref())));
+            }
+        }
+    }
+    g.finish();
 }
 
 fn quantize(c: &mut Criterion) {
@@ -168,5 +208,5 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, quantize, attention);
+criterion_group!(benches, matmul, matmul_amx, quantize, attention);
 criterion_main!(benches);

@@ -231,6 +231,113 @@ unsafe fn gemm_group_k<const R: usize, const K: u8>(
     }
 }
 
+/// (16,) weight scales and offsets `(d, m)` (per half; both halves equal for
+/// the one-half kinds) of the block record at `rec` of kind `K`, given the
+/// (16,) super-block scales `sd`, `sdm` of its super-block (K-quant kinds).
+/// The steps of [`gemm_group_k`], which keeps its own inlined copy (a call
+/// per block there costs; the AMX kernel calls this once per block and
+/// tile); `tests/amx.rs` checks the two kernels agree bit for bit.
+///
+/// # Safety
+/// CPU supports avx512f/bw/vl and f16c; `rec` points at a full record of kind `K`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(super) unsafe fn block_scales<const K: u8>(rec: *const u8, sd: __m512, sdm: __m512) -> ([__m512; 2], [__m512; 2]) {
+    let kind = const { PackKind::from_u8(K) };
+    let neg_z = _mm512_set1_ps(-(kind.zero().unwrap_or(0) as f32));
+    let sign = _mm512_set1_epi32(i32::MIN);
+    match kind {
+        PackKind::Q4_0 | PackKind::Q5_0 | PackKind::Q8_0 | PackKind::IQ4NL => {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+            ([d; 2], [_mm512_mul_ps(d, neg_z); 2])
+        }
+        PackKind::Q4_1 | PackKind::Q5_1 => {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+            ([d; 2], [_mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i)); 2])
+        }
+        PackKind::Q4K | PackKind::Q5K => {
+            let d = _mm512_mul_ps(sd, bytes_f32(rec, false));
+            let m = _mm512_mul_ps(sdm, bytes_f32(rec.add(GROUP), false));
+            ([d; 2], [_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(m), sign)); 2])
+        }
+        PackKind::Q6K | PackKind::Q3K => {
+            let d = [_mm512_mul_ps(sd, bytes_f32(rec, true)), _mm512_mul_ps(sd, bytes_f32(rec.add(GROUP), true))];
+            (d, [_mm512_mul_ps(d[0], neg_z), _mm512_mul_ps(d[1], neg_z)])
+        }
+        PackKind::IQ4XS => {
+            let d = _mm512_mul_ps(sd, bytes_f32(rec, true));
+            ([d; 2], [_mm512_mul_ps(d, neg_z); 2])
+        }
+        PackKind::Q2K => {
+            // per half: scale in the low nibble, min in the high nibble
+            let (mut d, mut m) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
+            for h in 0..2 {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(rec.add(GROUP * h) as *const __m128i));
+                let sc = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+                let mn = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                d[h] = _mm512_mul_ps(sd, sc);
+                m[h] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(sdm, mn)), sign));
+            }
+            (d, m)
+        }
+    }
+}
+
+/// The 32 unsigned weights of 16 columns of one block of kind `K` whose
+/// quants start at `qb`, as 8 vectors: `w[j]` lane `c` = weights `4j..4j+3`
+/// of column `c` (the VNNI / AMX B-tile layout; Q8_0's stored bytes as they
+/// are). The steps of [`gemm_group_k`] (see [`block_scales`]).
+///
+/// # Safety
+/// CPU supports avx512f/bw/vl; `qb` points at the quant part of a full
+/// record of kind `K`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(super) unsafe fn block_weights<const K: u8>(qb: *const u8) -> [__m512i; 8] {
+    let kind = const { PackKind::from_u8(K) };
+    let planes = const { PackKind::from_u8(K).high_planes() };
+    let nib = _mm512_set1_epi8(0x0F);
+    let crumb = _mm512_set1_epi8(3);
+    // IQ4 table values plus 128, in every 128-bit lane (vpshufb looks up within lanes).
+    let tbl = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_TABLE_U8.as_ptr() as *const __m128i));
+    let mut w = [_mm512_setzero_si512(); 8];
+    if kind.byte_quants() {
+        for (j, wj) in w.iter_mut().enumerate() {
+            *wj = _mm512_loadu_si512(qb.add(64 * j) as *const __m512i);
+        }
+    } else {
+        if kind.crumb_quants() {
+            for v in 0..2 {
+                let q = _mm512_loadu_si512(qb.add(64 * v) as *const __m512i);
+                w[4 * v] = _mm512_and_si512(q, crumb);
+                w[4 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 2), crumb);
+                w[4 * v + 2] = _mm512_and_si512(_mm512_srli_epi16(q, 4), crumb);
+                w[4 * v + 3] = _mm512_and_si512(_mm512_srli_epi16(q, 6), crumb);
+            }
+        } else {
+            for j in 0..4 {
+                let v = _mm512_loadu_si512(qb.add(64 * j) as *const __m512i);
+                w[j] = _mm512_and_si512(v, nib);
+                w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            }
+        }
+        let (low_bytes, low_bits) = (kind.low_bytes(), kind.low_bits());
+        for p in 0..planes {
+            let bit = _mm512_set1_epi8((1i32 << (low_bits as usize + p)) as i8);
+            for (j, wj) in w.iter_mut().enumerate() {
+                let k = (qb.add(low_bytes + 64 * p + 8 * j) as *const u64).read_unaligned();
+                *wj = _mm512_mask_add_epi8(*wj, k, *wj, bit);
+            }
+        }
+        if kind.table() {
+            for wj in w.iter_mut() {
+                *wj = _mm512_shuffle_epi8(tbl, *wj);
+            }
+        }
+    }
+    w
+}
+
 /// 16 bytes at `p` (signed or unsigned) as 16 f32 lanes.
 ///
 /// # Safety
