@@ -38,6 +38,7 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod attention;
 mod memory;
 mod packed;
 pub mod scalar;
