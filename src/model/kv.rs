@@ -4,7 +4,7 @@
 //! sequence (block tables, reference counts, prefix cache) is decided elsewhere
 //! (the scheduler's block pool); every layer group uses the same block ids.
 //!
-//! Layout per layer (element type f16 by default, bf16 or f32 selectable):
+//! Layout per layer (element type f16 by default, bf16, f32 or q8_0 selectable):
 //!
 //! ```text
 //! k: [num_blocks][kv_heads][head_dim][block_size]   (per head transposed: a key is a column)
