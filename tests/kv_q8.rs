@@ -188,3 +188,60 @@ fn q8_budget_holds_about_twice_the_blocks() {
     let parsed = brigade::config::Config::parse("[kv_cache]\ndtype = \"q8_0\"\n", "t").expect("q8_0 parses");
     assert_eq!(parsed.kv_cache.dtype, KvDType::Q8);
 }
+
+/// K/V rows written through [`KvStore::write`] in q8_0 attend like the same
+/// rows in f32 (the store's layout is the kernels' layout), within the
+/// quantization error, for every KV head and a sliding window.
+#[test]
+fn q8_store_writes_the_kernel_layout() {
+    use brigade::kernels::attention::{attend_rows, tile_rows};
+    use brigade::kernels::AttnShape;
+    let (hd, nkv, group, bs, n) = (64usize, 3usize, 3usize, 16usize, 150usize);
+    let kv_dim = hd * nkv;
+    let nblk = n.div_ceil(bs) + 2;
+    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).map(|i| (i * 5 + 1) % nblk as u32).collect();
+    let mut q8 = KvStore::with_dtype(3, 2, nblk, bs, kv_dim, hd, KvDType::Q8);
+    let mut f32s = KvStore::with_dtype(3, 2, nblk, bs, kv_dim, hd, KvDType::F32);
+    let mut x = 0x9e3779b9u32;
+    let mut rnd = || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+    };
+    for pos in 0..n {
+        // Per-dimension magnitudes differ (as K's channels do).
+        let k: Vec<f32> = (0..kv_dim).map(|e| rnd() * (1.0 + (e % 7) as f32)).collect();
+        let v: Vec<f32> = (0..kv_dim).map(|_| rnd()).collect();
+        let slot = q8.slot(&table, pos);
+        q8.write(4, slot, &k, &v);
+        f32s.write(4, slot, &k, &v);
+    }
+    let s = AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale: 0.05, softcap: None };
+    let keys: Vec<std::ops::Range<usize>> = (n - tile_rows(&s)..n).map(|p| p.saturating_sub(100)..p + 1).collect();
+    let w = group * hd;
+    let q: Vec<f32> = (0..keys.len() * w).map(|_| rnd()).collect();
+    for kvh in 0..nkv {
+        let mut a = vec![0.0f32; keys.len() * w];
+        let mut b = vec![0.0f32; keys.len() * w];
+        attend_rows(&s, q8.layer(4), kvh, &table, &keys, &q, w, &mut a, w);
+        attend_rows(&s, f32s.layer(4), kvh, &table, &keys, &q, w, &mut b, w);
+        let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let mag = b.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+        assert!(err < 0.01 * mag && mag > 0.0, "KV head {kvh}: q8_0 vs f32 max error {err} (max |out| {mag})");
+    }
+    // Copying a block copies its scales too.
+    let mut c = KvStore::with_dtype(0, 1, 4, bs, kv_dim, hd, KvDType::Q8);
+    let row: Vec<f32> = (0..kv_dim).map(|e| e as f32 - 90.0).collect();
+    c.write(0, bs + 3, &row, &row);
+    c.copy_block(1, 2);
+    let (k1, k2) = match (c.layer(0), c.layer(0)) {
+        (brigade::model::kv::KvLayer::Q8(a), brigade::model::kv::KvLayer::Q8(b)) => (a, b),
+        _ => unreachable!("q8_0 store"),
+    };
+    let per = bs * kv_dim;
+    let ps = bs * kv_dim.div_ceil(32);
+    assert_eq!(k1.k[per..2 * per], k2.k[2 * per..3 * per]);
+    assert_eq!(k1.v_scale[ps..2 * ps], k2.v_scale[2 * ps..3 * ps]);
+    assert!(k1.k_scale[2 * ps..3 * ps].iter().any(|d| d.to_f32() > 0.0));
+}
