@@ -29,8 +29,8 @@ const MAX_PAIRS: usize = MAX_TILE_ROWS * MAX_GROUP;
 /// Floats of accumulator state (rows x group x head_dim).
 const STATE: usize = 4096;
 /// (row, head) pairs whose scores are accumulated in registers at once (two
-/// accumulators each: 24 of the 32 registers).
-const SCORE_PASS: usize = 12;
+/// accumulators each: 12 registers, few enough to stay unrolled).
+const SCORE_PASS: usize = 6;
 
 /// Where the K/V arrays of one layer are and how they are stored.
 pub(in crate::kernels) enum Src {
@@ -157,7 +157,7 @@ unsafe fn block(
                     }
                 };
             }
-            pass!(1 2 3 4 5 6 7 8 9 10 11 12);
+            pass!(1 2 3 4 5 6);
             done += k;
         }
         // Online softmax per pair.
@@ -275,16 +275,21 @@ unsafe fn scores<const NP: usize>(pairs: &[usize], q: *const f32, qs: usize, g: 
     for (x, &pi) in qp.iter_mut().zip(pairs) {
         *x = q.add((pi / g) * qs + (pi % g) * hd);
     }
-    let mut acc = [[_mm512_setzero_ps(); 2]; NP];
+    // Even and odd d in separate accumulators (head_dim is even), written
+    // as two named arrays so they stay in registers.
+    let mut a0 = [_mm512_setzero_ps(); NP];
+    let mut a1 = [_mm512_setzero_ps(); NP];
     let kf = st.kf.as_ptr();
-    for d in 0..hd {
-        let kd = _mm512_loadu_ps(kf.add(d * 16));
-        for (a, qx) in acc.iter_mut().zip(&qp) {
-            a[d % 2] = _mm512_fmadd_ps(_mm512_set1_ps(*qx.add(d)), kd, a[d % 2]);
+    for d in (0..hd).step_by(2) {
+        let k0 = _mm512_loadu_ps(kf.add(d * 16));
+        let k1 = _mm512_loadu_ps(kf.add(d * 16 + 16));
+        for i in 0..NP {
+            a0[i] = _mm512_fmadd_ps(_mm512_set1_ps(*qp[i].add(d)), k0, a0[i]);
+            a1[i] = _mm512_fmadd_ps(_mm512_set1_ps(*qp[i].add(d + 1)), k1, a1[i]);
         }
     }
-    for (a, &pi) in acc.iter().zip(pairs) {
-        _mm512_storeu_ps(st.p[pi].as_mut_ptr(), _mm512_mul_ps(_mm512_add_ps(a[0], a[1]), scv));
+    for i in 0..NP {
+        _mm512_storeu_ps(st.p[pairs[i]].as_mut_ptr(), _mm512_mul_ps(_mm512_add_ps(a0[i], a1[i]), scv));
     }
 }
 
