@@ -160,7 +160,7 @@ fn q8_engine_is_batch_invariant_and_right() {
     };
     let (alone, _) = run(1, 0, 4096, 0);
     for (workers, chunk, kv_tokens, name) in [(2, 0, 4096, "2 workers"), (2, 5, 4096, "5-token prefill chunks"), (2, 0, 160, "160-token pool")] {
-        let (got, preempted) = run(workers, chunk, kv_tokens, 8);
+        let (got, preempted) = run(workers, chunk, kv_tokens, 4);
         for (i, g) in got.iter().enumerate() {
             assert_eq!(g, &alone[i % prompts.len()], "q8_0 {name}: request {i} differs from running alone");
         }
