@@ -516,6 +516,9 @@ mod tests {
     use crate::kernels::{attend_f16_isa, attend_ref, available_isas, scalar};
     use rand::{Rng, SeedableRng};
 
+    /// Per position, one head's keys (or values).
+    type Rows = Vec<Vec<f32>>;
+
     /// A random paged cache of `nblk` blocks in every storage format, with a
     /// shuffled block table covering `n_ctx` positions.
     struct Cache {
@@ -531,7 +534,7 @@ mod tests {
         vq: Vec<i8>,
         vs: Vec<f16>,
         /// Dequantized q8_0 keys / values per head and position.
-        deq: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>,
+        deq: Vec<(Rows, Rows)>,
     }
 
     impl Cache {
@@ -708,7 +711,7 @@ mod tests {
         let mut want = vec![0.0; 3 * 64];
         scalar::attend(&s, &q, 1, &c.kf16, &c.vf16, &c.table, 3..50, &mut want, f16::to_f32);
         let mut got = vec![0.0; 3 * 64];
-        attend_rows_isa(Isa::Scalar, &s, KvView::F16(&c.kf16, &c.vf16), 1, &c.table, &[3..50], &q, 3 * 64, &mut got, 3 * 64);
+        attend_rows_isa(Isa::Scalar, &s, KvView::F16(&c.kf16, &c.vf16), 1, &c.table, std::slice::from_ref(&(3..50)), &q, 3 * 64, &mut got, 3 * 64);
         assert_eq!(bits(&got), bits(&want));
     }
 
