@@ -114,7 +114,7 @@ pub struct KvCacheConfig {
     pub capacity_tokens: usize,
     /// Capacity in bytes over all layers (used when `capacity_tokens` is 0).
     pub capacity_bytes: u64,
-    /// Element type of stored K/V.
+    /// Element type of stored K/V (`f16`, `bf16`, `f32` or `q8_0`).
     pub dtype: KvDType,
     /// Reuse cached blocks of identical prefixes.
     pub prefix_caching: bool,
@@ -311,11 +311,13 @@ impl Config {
     /// KV capacity in blocks for a model with `n_layers` layers of width `kv_dim`.
     pub fn kv_blocks(&self, n_layers: usize, kv_dim: usize) -> usize {
         let k = &self.kv_cache;
-        let elem = k.dtype.elem_bytes();
+        // K and V rows of every layer, in the stored format's real bytes
+        // (q8_0: about half of f16's, so the same budget holds twice the blocks).
+        let row = k.dtype.row_bytes(kv_dim.max(1));
         let tokens = if k.capacity_tokens > 0 {
             k.capacity_tokens
         } else {
-            (k.capacity_bytes / (2 * n_layers.max(1) * kv_dim.max(1) * elem) as u64) as usize
+            (k.capacity_bytes / (2 * n_layers.max(1) * row) as u64) as usize
         };
         (tokens / k.block_size).max(1)
     }

@@ -42,9 +42,14 @@ pub enum RunnerError {
 impl Runner {
     /// A runner for sequences up to `max_ctx` tokens using `threads` threads.
     pub fn new(model: Arc<Model>, max_ctx: usize, threads: usize) -> Result<Self, RunnerError> {
+        Self::with_kv_dtype(model, max_ctx, threads, crate::model::kv::KvDType::F16)
+    }
+
+    /// [`Runner::new`] with K/V stored as `dtype`.
+    pub fn with_kv_dtype(model: Arc<Model>, max_ctx: usize, threads: usize, dtype: crate::model::kv::KvDType) -> Result<Self, RunnerError> {
         let bs = 16;
         let nblocks = max_ctx.div_ceil(bs).max(1);
-        let kv = KvStore::new(0, model.config.n_layers, nblocks, bs, model.config.kv_dim, model.config.head_dim);
+        let kv = KvStore::with_dtype(0, model.config.n_layers, nblocks, bs, model.config.kv_dim, model.config.head_dim, dtype);
         let pool = if threads > 1 {
             Some(
                 rayon::ThreadPoolBuilder::new()

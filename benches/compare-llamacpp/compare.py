@@ -33,6 +33,10 @@ BATCH_TG = 128
 PP_LEN = 512
 TG_LEN = 128
 TG_PROMPT = 16  # brigade needs a prompt; llama-bench tg128 starts from an empty context
+# Long context (issue 14): a 4096-token prompt, and 64 decode steps after 4096 tokens of context
+LONG_PP = 4096
+LONG_DEPTH = 4096
+LONG_TG = 64
 
 
 class RunError(RuntimeError):
@@ -172,8 +176,11 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def llama_bench(bench: Path, model: str, threads: int, p: int, n: int, extra: list[str], timeout: float) -> dict:
-    cmd = [str(bench), "-m", model, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json"] + extra
+def llama_bench(bench: Path, model: str, threads: int, p: int, n: int, extra: list[str], timeout: float, depth: int = 0) -> dict:
+    cmd = [str(bench), "-m", model, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json"]
+    if depth:
+        cmd += ["-d", str(depth)]  # tokens of context before the measured run (llama-bench -d)
+    cmd += extra
     out, _err, wall, _ = run_cmd(cmd, timeout)
     start = out.find("[")
     if start < 0:
@@ -250,6 +257,9 @@ def metric_defs(parallel: list[int]) -> list[tuple[str, str, str, bool]]:
     m = [
         ("pp512", f"prompt processing pp{PP_LEN}", "tok/s", True),
         ("tg128", f"single-stream decode tg{TG_LEN}", "tok/s", True),
+        (f"pp{LONG_PP}", f"prompt processing pp{LONG_PP}", "tok/s", True),
+        (f"tg{LONG_TG}_d{LONG_DEPTH}", f"decode tg{LONG_TG} at {LONG_DEPTH} context", "tok/s", True),
+        (f"tpot_d{LONG_DEPTH}", f"decode ms/token at {LONG_DEPTH} context", "ms", False),
     ]
     for n in parallel:
         m += [
@@ -265,6 +275,11 @@ def metric_defs(parallel: list[int]) -> list[tuple[str, str, str, bool]]:
 DEFINITIONS = {
     "pp512": "llama.cpp: llama-bench -p 512 -n 0 avg_ts. brigade: 512 / TTFT p50 (1 request, --input-len 512 --output-len 1).",
     "tg128": "llama.cpp: llama-bench -p 0 -n 128 avg_ts. brigade: 1000 / TPOT p50 ms (1 request, --input-len 16 --output-len 128).",
+    f"pp{LONG_PP}": f"llama.cpp: llama-bench -p {LONG_PP} -n 0 avg_ts. brigade: {LONG_PP} / TTFT p50 (1 request, --input-len {LONG_PP} --output-len 1).",
+    f"tg{LONG_TG}_d{LONG_DEPTH}": f"llama.cpp: llama-bench -p 0 -n {LONG_TG} -d {LONG_DEPTH} avg_ts (decode after {LONG_DEPTH} tokens of context). "
+                                  f"brigade: 1000 / TPOT p50 ms (1 request, --input-len {LONG_DEPTH} --output-len {LONG_TG + 1}: "
+                                  f"TPOT excludes the prefill, so it times the {LONG_TG} decode steps at {LONG_DEPTH}..{LONG_DEPTH + LONG_TG} context).",
+    f"tpot_d{LONG_DEPTH}": f"1000 / the tg{LONG_TG}_d{LONG_DEPTH} row: milliseconds per decoded token at {LONG_DEPTH} context.",
     "decode": "llama.cpp: S_TG = N*128 / T_TG (decode steps only). brigade: N / (TPOT p50 s), TPOT = per-request (last-first token time)/(out-1) - "
               "comparable decode rate when all N streams decode together (includes interference from other streams' prefill chunks).",
     "steady": "llama.cpp: S_TG = N*128 / T_TG (decode steps only, all N streams in lock-step). brigade: steady_decode_tokens_per_s = tokens "
@@ -341,6 +356,31 @@ def run_round(rnd: int, args, bins, brigade: Path, cases: set[str], parallel: li
             tpot = r["tpot_ms"]["p50"]
             return {"tg128": 1000.0 / tpot if tpot > 0 else None}, {"cmd": r["_cmd"], "report": r}
         pair("tg128", l_tg, b_tg)
+
+    if "long" in cases:
+        def l_lpp():
+            r = llama_bench(bench, args.model, t, LONG_PP, 0, args._llama_bench_extra, args.timeout)
+            return {f"pp{LONG_PP}": r["tok_s"]}, {"cmd": r["cmd"], "build_commit": r["raw"].get("build_commit"), "cpu_info": r["raw"].get("cpu_info")}
+
+        def b_lpp():
+            r = brigade_bench(brigade, args.model, 1, LONG_PP, 1, bargs, args.timeout)
+            ttft = r["ttft_ms"]["p50"]
+            return {f"pp{LONG_PP}": LONG_PP / (ttft / 1000.0) if ttft > 0 else None}, {"cmd": r["_cmd"], "report": r}
+        pair(f"pp{LONG_PP}", l_lpp, b_lpp)
+
+        def l_ltg():
+            r = llama_bench(bench, args.model, t, 0, LONG_TG, args._llama_bench_extra, args.timeout, depth=LONG_DEPTH)
+            ts = r["tok_s"]
+            return ({f"tg{LONG_TG}_d{LONG_DEPTH}": ts, f"tpot_d{LONG_DEPTH}": 1000.0 / ts if ts > 0 else None},
+                    {"cmd": r["cmd"], "build_commit": r["raw"].get("build_commit"), "cpu_info": r["raw"].get("cpu_info")})
+
+        def b_ltg():
+            # One more token than timed: TPOT spans the first to the last token, i.e. LONG_TG decode steps.
+            r = brigade_bench(brigade, args.model, 1, LONG_DEPTH, LONG_TG + 1, bargs, args.timeout)
+            tpot = r["tpot_ms"]["p50"]
+            return ({f"tg{LONG_TG}_d{LONG_DEPTH}": 1000.0 / tpot if tpot > 0 else None, f"tpot_d{LONG_DEPTH}": tpot if tpot > 0 else None},
+                    {"cmd": r["_cmd"], "report": r})
+        pair(f"tg{LONG_TG}_d{LONG_DEPTH}", l_ltg, b_ltg)
 
     if "batched" in cases:
         for n in parallel:
@@ -429,7 +469,8 @@ def main() -> int:
                     help="run the brigade binary in place instead of a private copy taken at start")
     ap.add_argument("--repeats", "-r", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--parallel", default="32,64", help="parallel sequence counts for the batched case (default 32,64)")
-    ap.add_argument("--cases", default="pp,tg,batched", help="subset of pp,tg,batched (default all)")
+    ap.add_argument("--cases", default="pp,tg,long,batched",
+                    help="subset of pp,tg,long,batched (default all; long = prompt 4096 and decode at 4096 context)")
     ap.add_argument("--brigade-args", default="",
                     help="extra flags for `brigade bench`, e.g. \"--workers 2 --pipeline-depth 2\". Unless they set --workers, "
                          "--threads-per-worker or --config, the script adds --workers 1 --threads-per-worker THREADS.")
@@ -467,8 +508,8 @@ def main() -> int:
         brigade = Path(shutil.copy2(brigade_src, Path(snapdir) / "brigade"))
     parallel = [int(x) for x in args.parallel.split(",") if x.strip()]
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    if not cases <= {"pp", "tg", "batched"}:
-        sys.exit("error: --cases takes a subset of pp,tg,batched")
+    if not cases <= {"pp", "tg", "long", "batched"}:
+        sys.exit("error: --cases takes a subset of pp,tg,long,batched")
 
     bextra = shlex.split(args.brigade_args)
     if not any(a.split("=")[0] in ("--workers", "--threads-per-worker", "--config") for a in bextra):

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use brigade::model::kv::KvDType;
 use brigade::runner::{perplexity, Runner};
 
 use super::ModelArgs;
@@ -26,6 +27,10 @@ pub(crate) struct PerplexityArgs {
     /// (default when the tokenizer adds no BOS, as SmolLM2's).
     #[arg(long)]
     no_bos_per_window: bool,
+    /// Element type of the KV cache: f16, bf16, f32 or q8_0 (default: the
+    /// config's `[kv_cache] dtype`).
+    #[arg(long, value_parser = parse_kv_dtype)]
+    kv_dtype: Option<KvDType>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -41,6 +46,10 @@ pub(crate) fn run(a: PerplexityArgs) -> Result<()> {
         bail!("--ctx must be at least 2, got {ctx}");
     }
     let (model, tok) = super::load(&a.m)?;
+    let dtype = match a.kv_dtype {
+        Some(d) => d,
+        None => super::load_config(a.m.config.as_deref())?.kv_cache.dtype,
+    };
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let ids = tok.encode(&text, false)?;
     let with_bos = if a.bos_per_window {
@@ -55,7 +64,7 @@ pub(crate) fn run(a: PerplexityArgs) -> Result<()> {
         (true, Some(b)) => Some(b),
         (true, None) => bail!("--bos-per-window: the model's tokenizer has no BOS token (tokenizer.ggml.bos_token_id)"),
     };
-    let mut runner = Runner::new(model.clone(), ctx, a.m.threads.unwrap_or_else(super::default_threads))?;
+    let mut runner = Runner::with_kv_dtype(model.clone(), ctx, a.m.threads.unwrap_or_else(super::default_threads), dtype)?;
     let r = perplexity(&mut runner, &ids, ctx, bos)?;
     if a.json {
         println!("{}", serde_json::json!({"perplexity": r.perplexity, "tokens": r.tokens, "nll": r.nll, "bos_per_window": bos.is_some()}));
@@ -64,4 +73,9 @@ pub(crate) fn run(a: PerplexityArgs) -> Result<()> {
         println!("perplexity {:.4} over {} tokens (ctx {ctx}{scheme})", r.perplexity, r.tokens);
     }
     Ok(())
+}
+
+/// Parses a `--kv-dtype` value (the `[kv_cache] dtype` names).
+fn parse_kv_dtype(s: &str) -> std::result::Result<KvDType, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| format!("unknown KV dtype {s:?} (expected f16, bf16, f32 or q8_0)"))
 }

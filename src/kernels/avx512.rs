@@ -16,6 +16,9 @@
 //! gives bit-identical results.
 #![allow(unsafe_code)]
 
+#[path = "attention_avx512.rs"]
+pub(super) mod attention;
+
 use std::arch::x86_64::*;
 
 use half::f16;

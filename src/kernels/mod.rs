@@ -47,6 +47,7 @@ mod amx;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod attention;
 mod memory;
 mod packed;
 pub mod scalar;

@@ -4,7 +4,7 @@
 //! sequence (block tables, reference counts, prefix cache) is decided elsewhere
 //! (the scheduler's block pool); every layer group uses the same block ids.
 //!
-//! Layout per layer (element type f16 by default, bf16 or f32 selectable):
+//! Layout per layer (element type f16 by default, bf16, f32 or q8_0 selectable):
 //!
 //! ```text
 //! k: [num_blocks][kv_heads][head_dim][block_size]   (per head transposed: a key is a column)
@@ -15,12 +15,14 @@
 //! are one SIMD load per dimension). A block occupies `block_size * kv_dim`
 //! elements in both arrays, so copying a block is one contiguous copy.
 //!
+//! `q8_0` stores the same layout in i8 plus f16 scale arrays (one scale per
+//! 32 elements of a K or V row; see [`crate::kernels::attention`]). Each row
+//! is quantized on its own when written, so its bytes depend on nothing else.
 
-use std::ops::Range;
 
 use half::f16;
 
-use crate::kernels::AttnShape;
+use crate::kernels::attention::{q8_groups, quantize_q8_group, KvView, Q8Kv, Q8_GROUP};
 
 /// Element type of the K/V storage (the `[kv_cache] dtype` config key).
 #[derive(Clone, Copy, Debug, serde::Deserialize, serde::Serialize, PartialEq, Eq, Default)]
@@ -33,14 +35,20 @@ pub enum KvDType {
     Bf16,
     /// f32.
     F32,
+    /// 8-bit integers with one f16 scale per 32 elements of a row (ggml's
+    /// Q8_0; layout in [`crate::kernels::attention`]): about half of f16's
+    /// bytes.
+    #[serde(rename = "q8_0")]
+    Q8,
 }
 
 impl KvDType {
-    /// Bytes per stored element.
-    pub fn elem_bytes(self) -> usize {
+    /// Bytes of one stored K (or V) row of `kv_dim` elements.
+    pub fn row_bytes(self, kv_dim: usize) -> usize {
         match self {
-            KvDType::F16 | KvDType::Bf16 => 2,
-            KvDType::F32 => 4,
+            KvDType::F16 | KvDType::Bf16 => 2 * kv_dim,
+            KvDType::F32 => 4 * kv_dim,
+            KvDType::Q8 => kv_dim + 2 * q8_groups(kv_dim),
         }
     }
 }
@@ -52,37 +60,25 @@ pub const MAX_BLOCK_SIZE: usize = 128;
 pub trait KvElem: Copy + Send + Sync + bytemuck::Zeroable + 'static {
     /// Converts from f32 (round to nearest).
     fn from_f32(x: f32) -> Self;
-    /// Attention of the query heads of KV head `kvh` over the positions
-    /// `keys` read through `table` (see [`crate::kernels::AttnShape`] for the
-    /// layout; [`crate::kernels::attend_f16`] for the key range).
-    #[allow(clippy::too_many_arguments)]
-    fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], keys: Range<usize>, out: &mut [f32]);
 }
 
 impl KvElem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
-    fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], keys: Range<usize>, out: &mut [f32]) {
-        crate::kernels::attend_f16(s, q, kvh, k, v, table, keys, out)
+}
+
+impl KvElem for half::bf16 {
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
     }
 }
 
-/// Element types attended by the scalar kernel.
-macro_rules! scalar_kv_elem {
-    ($t:ty, $from:expr, $to:expr) => {
-        impl KvElem for $t {
-            fn from_f32(x: f32) -> Self {
-                $from(x)
-            }
-            fn attend(s: &AttnShape, q: &[f32], kvh: usize, k: &[Self], v: &[Self], table: &[u32], keys: Range<usize>, out: &mut [f32]) {
-                crate::kernels::attend_ref(s, q, kvh, k, v, table, keys, out, $to)
-            }
-        }
-    };
+impl KvElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
 }
-scalar_kv_elem!(half::bf16, half::bf16::from_f32, half::bf16::to_f32);
-scalar_kv_elem!(f32, std::convert::identity, std::convert::identity);
 
 /// K and V arrays of every layer, in one element type.
 #[derive(Debug)]
@@ -90,18 +86,11 @@ enum Arrays {
     F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
     Bf16 { k: Vec<Vec<half::bf16>>, v: Vec<Vec<half::bf16>> },
     F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    Q8 { k: Vec<Vec<i8>>, ks: Vec<Vec<f16>>, v: Vec<Vec<i8>>, vs: Vec<Vec<f16>> },
 }
 
-/// The K and V arrays of one layer.
-#[derive(Clone, Copy, Debug)]
-pub enum KvLayer<'a> {
-    /// f16 storage.
-    F16(&'a [f16], &'a [f16]),
-    /// bf16 storage.
-    Bf16(&'a [half::bf16], &'a [half::bf16]),
-    /// f32 storage.
-    F32(&'a [f32], &'a [f32]),
-}
+/// The K and V arrays of one layer (the attention kernels' view).
+pub type KvLayer<'a> = KvView<'a>;
 
 /// Paged K/V storage of `n_layers` consecutive layers.
 #[derive(Debug)]
@@ -167,6 +156,10 @@ impl KvStore {
             KvDType::F16 => Arrays::F16 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
             KvDType::Bf16 => Arrays::Bf16 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
             KvDType::F32 => Arrays::F32 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
+            KvDType::Q8 => {
+                let scales = num_blocks * block_size * q8_groups(kv_dim);
+                Arrays::Q8 { k: zeroed(n_layers, per_layer), ks: zeroed(n_layers, scales), v: zeroed(n_layers, per_layer), vs: zeroed(n_layers, scales) }
+            }
         };
         Self { block_size, num_blocks, kv_dim, head_dim, first_layer, dtype, arrays }
     }
@@ -176,17 +169,18 @@ impl KvStore {
             Arrays::F16 { k, .. } => k.len(),
             Arrays::Bf16 { k, .. } => k.len(),
             Arrays::F32 { k, .. } => k.len(),
+            Arrays::Q8 { k, .. } => k.len(),
         }
     }
 
     /// Bytes of K/V storage held (reserved; resident only where written).
     pub fn bytes(&self) -> usize {
-        2 * self.n_layers() * self.num_blocks * self.block_size * self.kv_dim * self.dtype.elem_bytes()
+        2 * self.n_layers() * self.num_blocks * self.block_size * self.dtype.row_bytes(self.kv_dim)
     }
 
     /// Bytes one token occupies across `n_layers` layers (K and V, f16).
     pub fn bytes_per_token(n_layers: usize, kv_dim: usize) -> usize {
-        2 * n_layers * kv_dim * KvDType::F16.elem_bytes()
+        2 * n_layers * KvDType::F16.row_bytes(kv_dim)
     }
 
     /// Physical slot of position `pos` through a block table.
@@ -215,6 +209,24 @@ impl KvStore {
                 write_key(&mut ka[l][blk], k, hd, bs, off);
                 write_row(&mut va[l][r], v);
             }
+            Arrays::Q8 { k: ka, ks, v: va, vs } => {
+                let (kd, ng) = (self.kv_dim, q8_groups(self.kv_dim));
+                let kblk = &mut ka[l][(slot / bs) * bs * kd..(slot / bs + 1) * bs * kd];
+                let kscale = &mut ks[l][(slot / bs) * bs * ng..(slot / bs + 1) * bs * ng];
+                let mut qk = [0i8; Q8_GROUP];
+                for (gi, x) in k.chunks(Q8_GROUP).enumerate() {
+                    kscale[gi * bs + off] = quantize_q8_group(x, &mut qk[..x.len()]);
+                    for (e, &qx) in qk[..x.len()].iter().enumerate() {
+                        let e = gi * Q8_GROUP + e;
+                        kblk[(e / hd) * hd * bs + (e % hd) * bs + off] = qx;
+                    }
+                }
+                let vrow = &mut va[l][r];
+                let vscale = &mut vs[l][slot * ng..(slot + 1) * ng];
+                for ((x, o), d) in v.chunks(Q8_GROUP).zip(vrow.chunks_mut(Q8_GROUP)).zip(vscale.iter_mut()) {
+                    *d = quantize_q8_group(x, o);
+                }
+            }
         }
     }
 
@@ -239,6 +251,13 @@ impl KvStore {
                 copy(k, src, dst, n);
                 copy(v, src, dst, n);
             }
+            Arrays::Q8 { k, ks, v, vs } => {
+                let ns = self.block_size * q8_groups(self.kv_dim);
+                copy(k, src, dst, n);
+                copy(v, src, dst, n);
+                copy(ks, src, dst, ns);
+                copy(vs, src, dst, ns);
+            }
         }
     }
 
@@ -249,6 +268,7 @@ impl KvStore {
             Arrays::F16 { k, v } => KvLayer::F16(&k[l], &v[l]),
             Arrays::Bf16 { k, v } => KvLayer::Bf16(&k[l], &v[l]),
             Arrays::F32 { k, v } => KvLayer::F32(&k[l], &v[l]),
+            Arrays::Q8 { k, ks, v, vs } => KvLayer::Q8(Q8Kv { k: &k[l], k_scale: &ks[l], v: &v[l], v_scale: &vs[l] }),
         }
     }
 }

@@ -23,7 +23,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::kv::{KvElem, KvLayer, KvStore};
+use super::kv::{KvLayer, KvStore};
 use super::{FfnAct, Model, RopeStyle};
 use crate::kernels::{self, Activations, AttnShape, BlockQ8, QK};
 
@@ -238,11 +238,7 @@ impl Model {
                 let rows = RowMap { pos: &s.row_pos, seq: &s.row_seq };
                 let bs = kv.block_size;
                 let window = if c.swa_layers[l] { c.sliding_window } else { None };
-                match kv.layer(l) {
-                    KvLayer::F16(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, window, q, att, pool),
-                    KvLayer::Bf16(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, window, q, att, pool),
-                    KvLayer::F32(kc, vc) => attention(c, kc, vc, bs, seqs, &rows, window, q, att, pool),
-                }
+                attention(c, kv.layer(l), bs, seqs, &rows, window, q, att, pool);
             }
             // (n, dim): xb = att @ wo; [xb = rmsnorm(xb) * post_attn_norm]
             quantize_rows(rows_par, &s.att[..n * qd], qd, &mut s.xq[..n * qd / QK]);
@@ -381,14 +377,17 @@ struct RowMap<'a> {
 }
 
 /// Attention for every row of the batch (over the last `window` positions
-/// when given): one task per (row, KV head) — the
-/// query heads sharing that KV head — in parallel over `pool`, so even a
-/// single decode row keeps every thread busy.
+/// when given), in parallel over `pool`: consecutive rows of one sequence (a
+/// prefill chunk) in tiles of [`kernels::attention::tile_rows`] rows, each
+/// tile reading its KV blocks once per KV head
+/// ([`kernels::attention::attend_rows`]); a lone row (a decode step) as one
+/// task per KV head — the query heads sharing it — so even a single decode
+/// row keeps every thread busy. A row's result is the same whatever tile it
+/// lands in (bit for bit), so it never depends on the rest of the batch.
 #[allow(clippy::too_many_arguments)]
-fn attention<T: KvElem>(
+fn attention(
     c: &super::ModelConfig,
-    kc: &[T],
-    vc: &[T],
+    kv: KvLayer<'_>,
     bs: usize,
     seqs: &[SeqChunk<'_>],
     rows: &RowMap<'_>,
@@ -400,19 +399,54 @@ fn attention<T: KvElem>(
     let (hd, nkv) = (c.head_dim, c.n_kv_heads);
     let group = c.n_heads / nkv;
     let w = group * hd;
+    let qd = nkv * w;
+    let n = att.len() / qd;
     let shape = AttnShape { head_dim: hd, group, block_size: bs, kv_dim: c.kv_dim, scale: c.attn_scale, softcap: c.attn_softcap };
-    // Item i: row i / nkv, KV head i % nkv; q and att rows are nkv items of w floats.
-    let item = |i: usize, out: &mut [f32]| {
-        let (r, kvh) = (i / nkv, i % nkv);
-        let seq = &seqs[rows.seq[r]];
-        let end = rows.pos[r] + 1;
-        // A sliding-window row reads positions > pos - window only.
-        let start = window.map_or(0, |w| end.saturating_sub(w));
-        T::attend(&shape, &q[i * w..(i + 1) * w], kvh, kc, vc, seq.block_table, start..end, out);
+    let tr = kernels::attention::tile_rows(&shape);
+    // Work items: (first row, rows, one KV head or all) and their output.
+    let mut items: Vec<(usize, usize, Option<usize>, &mut [f32])> = Vec::new();
+    let mut rest = att;
+    let mut r = 0;
+    while r < n {
+        let mut e = r + 1;
+        while e < n && e - r < tr && rows.seq[e] == rows.seq[r] {
+            e += 1;
+        }
+        if e - r == 1 {
+            for kvh in 0..nkv {
+                let (a, b) = std::mem::take(&mut rest).split_at_mut(w);
+                items.push((r, 1, Some(kvh), a));
+                rest = b;
+            }
+        } else {
+            let (a, b) = std::mem::take(&mut rest).split_at_mut((e - r) * qd);
+            items.push((r, e - r, None, a));
+            rest = b;
+        }
+        r = e;
+    }
+    let run = |item: &mut (usize, usize, Option<usize>, &mut [f32])| {
+        let (r0, t) = (item.0, item.1);
+        let table = seqs[rows.seq[r0]].block_table;
+        let mut keys: [Range<usize>; kernels::attention::MAX_TILE_ROWS] = Default::default();
+        for (i, k) in keys.iter_mut().enumerate().take(t) {
+            let end = rows.pos[r0 + i] + 1;
+            // A sliding-window row reads positions > pos - window only.
+            *k = window.map_or(0, |w| end.saturating_sub(w))..end;
+        }
+        let out = &mut *item.3;
+        match item.2 {
+            Some(h) => kernels::attention::attend_rows(&shape, kv, h, table, &keys[..1], &q[r0 * qd + h * w..], qd, out, w),
+            None => {
+                for h in 0..nkv {
+                    kernels::attention::attend_rows(&shape, kv, h, table, &keys[..t], &q[r0 * qd + h * w..], qd, &mut out[h * w..], qd);
+                }
+            }
+        }
     };
     match pool {
-        Some(p) if att.len() > w => p.install(|| att.par_chunks_mut(w).enumerate().for_each(|(i, out)| item(i, out))),
-        _ => att.chunks_mut(w).enumerate().for_each(|(i, out)| item(i, out)),
+        Some(p) if items.len() > 1 => p.install(|| items.par_iter_mut().for_each(run)),
+        _ => items.iter_mut().for_each(run),
     }
 }
 

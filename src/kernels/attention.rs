@@ -1,0 +1,743 @@
+//! Paged attention for many query rows at once (flash-attention style), and
+//! the `q8_0` KV-cache format.
+//!
+//! [`attend_rows`] takes the query rows of one sequence (each with its own
+//! causal or sliding-window key range, usually consecutive positions of a
+//! prefill chunk) and walks the sequence's KV blocks once per tile of up to
+//! [`tile_rows`] rows: each chunk of [`ATT_CHUNK`] keys is loaded (and
+//! converted or dequantized to f32) once and used by every query head of
+//! every row of the tile that reads it, with an online softmax per row and
+//! head (running max, rescale, accumulate): no score matrix is built and K/V
+//! are read once per tile instead of once per row.
+//!
+//! Bit-exactness: a row's output is computed with exactly the operations of
+//! the one-row kernels ([`super::attend_f16_isa`] / [`super::scalar::attend`]):
+//! the same chunks of keys in the same order (each row keeps its own chunk
+//! grid: a sliding window's first block starts at the window), the same
+//! per-lane sums over the head dimension, the same reductions, exponentials
+//! and accumulation order over keys. So a row's result never depends on the
+//! other rows of its tile, on the tile size or on how a prompt was chunked,
+//! and equals what a decode step computes for that position.
+//!
+//! Element types: f16 runs the AVX-512 engine on the shapes the one-row
+//! AVX-512 kernel covers (else it runs the one-row kernels row by row, which
+//! keeps its per-shape choice of ISA); bf16 and f32 run the scalar engine
+//! (bit-identical to [`super::attend_ref`]); `q8_0` runs the AVX-512 engine
+//! when `head_dim` is a multiple of 16 and at most 256 (else the scalar
+//! engine), for decode rows too, so prefill and decode agree.
+//!
+//! `q8_0` layout per layer (as ggml's Q8_0: groups of [`Q8_GROUP`] elements
+//! of one K or V row share an f16 scale `d`, value = `d * q`, `q` in
+//! -127..=127; groups run along the row of `kv_dim` elements, the last one
+//! possibly shorter):
+//!
+//! ```text
+//! k:       [block][kv_head][head_dim][block_size]   i8 (transposed per head, as f16's K)
+//! k_scale: [block][groups][block_size]              f16 (groups = kv_dim.div_ceil(32))
+//! v:       [block][block_size][kv_dim]              i8
+//! v_scale: [block][block_size][groups]              f16
+//! ```
+//!
+//! A row is quantized on its own when written ([`quantize_q8_group`]), so the
+//! stored bytes depend only on that row. Dequantized values `d * q` are exact
+//! in f32 (11 + 7 significant bits), so attention over them is the f16
+//! arithmetic on other inputs.
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use super::{AttnShape, Isa, ATT_CHUNK, MAX_GROUP};
+
+/// Elements per `q8_0` scale group.
+pub const Q8_GROUP: usize = 32;
+
+/// Most query rows per tile.
+pub const MAX_TILE_ROWS: usize = 16;
+
+/// Most floats of per-tile accumulator state (rows x group x head_dim).
+const TILE_STATE: usize = 4096;
+
+/// Largest head size the tiled engines handle (larger heads run row by row).
+const MAX_TILE_HEAD_DIM: usize = 256;
+
+/// Most (row, query head) pairs of a tile.
+const MAX_PAIRS: usize = MAX_TILE_ROWS * MAX_GROUP;
+
+/// `q8_0` K/V arrays of one layer (layout in the module header).
+#[derive(Clone, Copy, Debug)]
+pub struct Q8Kv<'a> {
+    /// Quantized keys, transposed per head.
+    pub k: &'a [i8],
+    /// Key scales, `[block][groups][block_size]`.
+    pub k_scale: &'a [f16],
+    /// Quantized values, row-major.
+    pub v: &'a [i8],
+    /// Value scales, `[block][block_size][groups]`.
+    pub v_scale: &'a [f16],
+}
+
+/// The K and V arrays of one layer, in their storage type.
+#[derive(Clone, Copy, Debug)]
+pub enum KvView<'a> {
+    /// f16 storage.
+    F16(&'a [f16], &'a [f16]),
+    /// bf16 storage.
+    Bf16(&'a [bf16], &'a [bf16]),
+    /// f32 storage.
+    F32(&'a [f32], &'a [f32]),
+    /// `q8_0` storage.
+    Q8(Q8Kv<'a>),
+}
+
+/// Scale groups of one `q8_0` row of `kv_dim` elements.
+pub fn q8_groups(kv_dim: usize) -> usize {
+    kv_dim.div_ceil(Q8_GROUP)
+}
+
+/// Quantizes one group (at most [`Q8_GROUP`] elements) of a K or V row to
+/// `q8_0`: `d = f16(max|x| / 127)`, `q = round(x / d)` (rounded against the
+/// stored f16 scale, so that `d * q` is the nearest grid value); returns `d`.
+/// Deterministic and independent of anything but `x`. NaN elements become 0.
+pub fn quantize_q8_group(x: &[f32], out: &mut [i8]) -> f16 {
+    debug_assert!(x.len() <= Q8_GROUP && out.len() == x.len());
+    let amax = x.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+    let d = f16::from_f32(amax / 127.0);
+    let df = d.to_f32();
+    let id = if df > 0.0 { 1.0 / df } else { 0.0 };
+    for (o, &v) in out.iter_mut().zip(x) {
+        // `as` saturates (and maps NaN to 0).
+        *o = (v * id).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// Rows per tile for shape `s`: as many as keep the tile's accumulators
+/// (rows x group x head_dim floats) within 16 KiB, at most
+/// [`MAX_TILE_ROWS`]; 1 for heads above 256.
+pub fn tile_rows(s: &AttnShape) -> usize {
+    if s.head_dim > MAX_TILE_HEAD_DIM || s.group == 0 || s.head_dim == 0 {
+        return 1;
+    }
+    (TILE_STATE / (s.group * s.head_dim)).clamp(1, MAX_TILE_ROWS)
+}
+
+/// Shapes the one-row AVX-512 f16 kernel covers (see
+/// [`super::attend_f16_isa`]); the tiled f16 engine runs on exactly these so
+/// that prefill rows and decode rows use the same arithmetic.
+fn avx512_f16_shape(head_dim: usize, group: usize) -> bool {
+    matches!((head_dim, group), (64, 1..=4) | (128, 1..=2) | (256, 1 | 2 | 4))
+}
+
+/// Attention of the query heads of KV head `kvh` for several query rows of
+/// one sequence (whose block table is `table`): row `i` has its `group x
+/// head_dim` query at `q[i * q_stride..]`, attends to the positions
+/// `keys[i]` (causal: `0..pos + 1`; sliding window: its last `window`) and
+/// writes `out[i * out_stride..][..group * head_dim]`. Rows are processed in
+/// tiles of [`tile_rows`]; each row's result is bit-identical to attending it
+/// alone (module header).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows(
+    s: &AttnShape,
+    kv: KvView<'_>,
+    kvh: usize,
+    table: &[u32],
+    keys: &[Range<usize>],
+    q: &[f32],
+    q_stride: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    attend_rows_isa(super::isa(), s, kv, kvh, table, keys, q, q_stride, out, out_stride)
+}
+
+/// [`attend_rows`] with an explicit instruction set (capped at
+/// [`super::detected_isa`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows_isa(
+    isa: Isa,
+    s: &AttnShape,
+    kv: KvView<'_>,
+    kvh: usize,
+    table: &[u32],
+    keys: &[Range<usize>],
+    q: &[f32],
+    q_stride: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let w = s.group * s.head_dim;
+    let t = keys.len();
+    if t == 0 {
+        return;
+    }
+    assert!(q_stride >= w && out_stride >= w, "attend_rows: row strides must hold group x head_dim");
+    assert!(q.len() >= (t - 1) * q_stride + w && out.len() >= (t - 1) * out_stride + w, "attend_rows: q/out hold too few rows");
+    // Every row's own preconditions (those of the one-row kernels).
+    for (i, r) in keys.iter().enumerate() {
+        let (qi, oi) = (&q[i * q_stride..i * q_stride + w], &out[i * out_stride..i * out_stride + w]);
+        match kv {
+            KvView::F16(k, v) => s.check(qi, kvh, k, v, table, r, oi),
+            KvView::Bf16(k, v) => s.check(qi, kvh, k, v, table, r, oi),
+            KvView::F32(k, v) => s.check(qi, kvh, k, v, table, r, oi),
+            KvView::Q8(a) => s.check(qi, kvh, a.k, a.v, table, r, oi),
+        }
+    }
+    if let KvView::Q8(a) = kv {
+        let nblk = a.k.len().min(a.v.len()) / (s.block_size * s.kv_dim);
+        let scales = nblk * s.block_size * q8_groups(s.kv_dim);
+        assert!(a.k_scale.len() >= scales && a.v_scale.len() >= scales, "attend_rows: q8_0 scale arrays shorter than the blocks");
+    }
+    let tr = tile_rows(s);
+    let isa = isa.min(super::detected_isa());
+    let simd_hd = s.head_dim.is_multiple_of(16) && s.head_dim <= MAX_TILE_HEAD_DIM;
+    for i0 in (0..t).step_by(tr) {
+        let n = tr.min(t - i0);
+        let rows = &keys[i0..i0 + n];
+        let (qt, ot) = (&q[i0 * q_stride..], &mut out[i0 * out_stride..]);
+        match kv {
+            KvView::F16(k, v) => {
+                if isa >= Isa::Avx512Vnni && avx512_f16_shape(s.head_dim, s.group) && n > 1 {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        // SAFETY: AVX-512 was detected (`isa` is capped at
+                        // `detected_isa`); every row passed `check` (q/out
+                        // sizes, KV head, key range, table length, block
+                        // ids inside `k` and `v`); the shape has head_dim a
+                        // multiple of 16 and at most 256, and `n` rows of
+                        // `group` heads fit the tile state (`tile_rows`).
+                        unsafe {
+                            super::avx512::attention::tile(
+                                &super::avx512::attention::Src::F16 { k: k.as_ptr(), v: v.as_ptr() },
+                                s,
+                                kvh,
+                                table,
+                                rows,
+                                qt.as_ptr(),
+                                q_stride,
+                                ot.as_mut_ptr(),
+                                out_stride,
+                            )
+                        };
+                        continue;
+                    }
+                }
+                // The one-row kernels, row by row (their own ISA choice).
+                for (i, r) in rows.iter().enumerate() {
+                    let (qi, oi) = (&qt[i * q_stride..i * q_stride + w], &mut ot[i * out_stride..i * out_stride + w]);
+                    super::attend_f16_isa(isa, s, qi, kvh, k, v, table, r.clone(), oi);
+                }
+            }
+            KvView::Bf16(k, v) => tile_scalar(s, &Plain { k, v, cvt: bf16::to_f32 }, kvh, table, rows, qt, q_stride, ot, out_stride),
+            KvView::F32(k, v) => tile_scalar(s, &Plain { k, v, cvt: |x: f32| x }, kvh, table, rows, qt, q_stride, ot, out_stride),
+            KvView::Q8(a) => {
+                if isa >= Isa::Avx512Vnni && simd_hd {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        // SAFETY: as for f16 above; the scale arrays hold
+                        // every block's groups (checked above).
+                        unsafe {
+                            super::avx512::attention::tile(
+                                &super::avx512::attention::Src::Q8 {
+                                    k: a.k.as_ptr(),
+                                    ks: a.k_scale.as_ptr(),
+                                    v: a.v.as_ptr(),
+                                    vs: a.v_scale.as_ptr(),
+                                },
+                                s,
+                                kvh,
+                                table,
+                                rows,
+                                qt.as_ptr(),
+                                q_stride,
+                                ot.as_mut_ptr(),
+                                out_stride,
+                            )
+                        };
+                        continue;
+                    }
+                }
+                tile_scalar(s, &a, kvh, table, rows, qt, q_stride, ot, out_stride)
+            }
+        }
+    }
+}
+
+/// Scalar reference of the tiled engine for `q8_0` (any shape): the
+/// arithmetic of [`super::scalar::attend`] over dequantized keys and values.
+/// For tests and comparisons; [`attend_rows`] picks it where no SIMD engine
+/// applies.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_rows_q8_ref(
+    s: &AttnShape,
+    kv: Q8Kv<'_>,
+    kvh: usize,
+    table: &[u32],
+    keys: &[Range<usize>],
+    q: &[f32],
+    q_stride: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    attend_rows_isa(Isa::Scalar, s, KvView::Q8(kv), kvh, table, keys, q, q_stride, out, out_stride)
+}
+
+/// Source of f32 key/value chunks for the scalar engine.
+trait ChunkSrc {
+    /// `kf[d * 16 + j]` = dimension `d` of key `c + j` of block `blk`, KV
+    /// head `kvh`, for `j < n`.
+    fn keys(&self, s: &AttnShape, blk: usize, kvh: usize, c: usize, n: usize, kf: &mut [f32]);
+    /// `vf[j * head_dim + e]` = element `e` of value `c + j`, for `j < n`.
+    fn values(&self, s: &AttnShape, blk: usize, kvh: usize, c: usize, n: usize, vf: &mut [f32]);
+}
+
+/// f16 / bf16 / f32 storage converted element by element.
+struct Plain<'a, T, F> {
+    k: &'a [T],
+    v: &'a [T],
+    cvt: F,
+}
+
+impl<T: Copy, F: Fn(T) -> f32> ChunkSrc for Plain<'_, T, F> {
+    fn keys(&self, s: &AttnShape, blk: usize, kvh: usize, c: usize, n: usize, kf: &mut [f32]) {
+        let (hd, bs) = (s.head_dim, s.block_size);
+        let kt = blk * bs * s.kv_dim + kvh * hd * bs;
+        for d in 0..hd {
+            for j in 0..n {
+                kf[d * ATT_CHUNK + j] = (self.cvt)(self.k[kt + d * bs + c + j]);
+            }
+        }
+    }
+    fn values(&self, s: &AttnShape, blk: usize, kvh: usize, c: usize, n: usize, vf: &mut [f32]) {
+        let (hd, bs) = (s.head_dim, s.block_size);
+        for j in 0..n {
+            let row = (blk * bs + c + j) * s.kv_dim + kvh * hd;
+            for e in 0..hd {
+                vf[j * hd + e] = (self.cvt)(self.v[row + e]);
+            }
+        }
+    }
+}
+
+impl ChunkSrc for Q8Kv<'_> {
+    fn keys(&self, s: &AttnShape, blk: usize, kvh: usize, c: usize, n: usize, kf: &mut [f32]) {
+        let (hd, bs, ng) = (s.head_dim, s.block_size, q8_groups(s.kv_dim));
+        let kt = blk * bs * s.kv_dim + kvh * hd * bs;
+        for d in 0..hd {
+            let sc = blk * ng * bs + (kvh * hd + d) / Q8_GROUP * bs;
+            for j in 0..n {
+                kf[d * ATT_CHUNK + j] = self.k_scale[sc + c + j].to_f32() * self.k[kt + d * bs + c + j] as f32;
+            }
+        }
+    }
+    fn values(&self, s: &AttnShape, blk: usize, kvh: usize, c: usize, n: usize, vf: &mut [f32]) {
+        let (hd, bs, ng) = (s.head_dim, s.block_size, q8_groups(s.kv_dim));
+        for j in 0..n {
+            let slot = blk * bs + c + j;
+            let row = slot * s.kv_dim + kvh * hd;
+            for e in 0..hd {
+                let d = self.v_scale[slot * ng + (kvh * hd + e) / Q8_GROUP].to_f32();
+                vf[j * hd + e] = d * self.v[row + e] as f32;
+            }
+        }
+    }
+}
+
+/// Per-row chunk grid of a tile: calls `f(block index, first key offset,
+/// rows)` for each block some row reads, once for the rows whose chunks in
+/// that block start at offset 0 and once for each row whose sliding window
+/// starts inside it; blocks in increasing order (each row's keys in order).
+pub(super) fn for_each_block(bs: usize, keys: &[Range<usize>], mut f: impl FnMut(usize, usize, &[usize])) {
+    let bmin = keys.iter().map(|r| r.start / bs).min().unwrap_or(0);
+    let bend = keys.iter().map(|r| r.end.div_ceil(bs)).max().unwrap_or(0);
+    let mut shared = [0usize; MAX_TILE_ROWS];
+    for bi in bmin..bend {
+        let mut ns = 0;
+        for (i, r) in keys.iter().enumerate() {
+            let first = r.start / bs;
+            if bi < first || bi * bs >= r.end {
+                continue;
+            }
+            let off = if bi == first { r.start - bi * bs } else { 0 };
+            if off == 0 {
+                shared[ns] = i;
+                ns += 1;
+            } else {
+                f(bi, off, &[i]);
+            }
+        }
+        if ns > 0 {
+            f(bi, 0, &shared[..ns]);
+        }
+    }
+}
+
+/// The scalar tiled engine: [`super::scalar::attend`]'s steps for each row.
+#[allow(clippy::too_many_arguments)]
+fn tile_scalar(
+    s: &AttnShape,
+    src: &impl ChunkSrc,
+    kvh: usize,
+    table: &[u32],
+    keys: &[Range<usize>],
+    q: &[f32],
+    qs: usize,
+    out: &mut [f32],
+    os: usize,
+) {
+    const C: usize = ATT_CHUNK;
+    let (hd, g, bs) = (s.head_dim, s.group, s.block_size);
+    if hd > MAX_TILE_HEAD_DIM {
+        // One row at a time through the one-row reference (same steps).
+        for (i, r) in keys.iter().enumerate() {
+            let oi = &mut out[i * os..i * os + g * hd];
+            one_row_scalar(s, src, kvh, table, r.clone(), &q[i * qs..i * qs + g * hd], oi);
+        }
+        return;
+    }
+    let t = keys.len();
+    debug_assert!(t * g * hd <= TILE_STATE && t <= MAX_TILE_ROWS);
+    let mut m = [f32::NEG_INFINITY; MAX_PAIRS];
+    let mut l = [0.0f32; MAX_PAIRS];
+    let mut p = [[0.0f32; C]; MAX_PAIRS];
+    let mut acc = [0.0f32; TILE_STATE];
+    let mut kf = [0.0f32; MAX_TILE_HEAD_DIM * C];
+    let mut vf = [0.0f32; MAX_TILE_HEAD_DIM * C];
+    for_each_block(bs, keys, |bi, off, rows| {
+        let blk = table[bi] as usize;
+        let cnt = |i: usize| bs.min(keys[i].end - bi * bs);
+        let cmax = rows.iter().map(|&i| cnt(i)).max().unwrap_or(0);
+        let mut c = off;
+        while c < cmax {
+            let nmax = C.min(cmax - c);
+            src.keys(s, blk, kvh, c, nmax, &mut kf);
+            src.values(s, blk, kvh, c, nmax, &mut vf);
+            for &i in rows {
+                if c >= cnt(i) {
+                    continue;
+                }
+                let n = C.min(cnt(i) - c);
+                let qi = &q[i * qs..i * qs + g * hd];
+                chunk_scalar(s, qi, &kf, &vf, n, &mut m[i * g..], &mut l[i * g..], &mut p[i * g..], &mut acc[i * g * hd..(i + 1) * g * hd]);
+            }
+            c += C;
+        }
+    });
+    for i in 0..t {
+        for gi in 0..g {
+            let inv = 1.0 / l[i * g + gi];
+            let a = &acc[(i * g + gi) * hd..(i * g + gi + 1) * hd];
+            for (o, &x) in out[i * os + gi * hd..i * os + (gi + 1) * hd].iter_mut().zip(a) {
+                *o = x * inv;
+            }
+        }
+    }
+}
+
+/// One chunk of `n` keys for the `g` heads of one row: scores, online
+/// softmax update and value accumulation (the steps of
+/// [`super::scalar::attend`] for one chunk).
+#[allow(clippy::too_many_arguments)]
+fn chunk_scalar(s: &AttnShape, q: &[f32], kf: &[f32], vf: &[f32], n: usize, m: &mut [f32], l: &mut [f32], p: &mut [[f32; ATT_CHUNK]], acc: &mut [f32]) {
+    const C: usize = ATT_CHUNK;
+    let (hd, g) = (s.head_dim, s.group);
+    for gi in 0..g {
+        // Two partial sums per key (even / odd d).
+        let mut a2 = [[0.0f32; C]; 2];
+        for d in 0..hd {
+            let qd = q[gi * hd + d];
+            for (a, &x) in a2[d % 2].iter_mut().zip(&kf[d * C..d * C + n]) {
+                *a += qd * x;
+            }
+        }
+        let mut sc = [f32::NEG_INFINITY; C];
+        for (j, scj) in sc.iter_mut().enumerate().take(n) {
+            *scj = (a2[0][j] + a2[1][j]) * s.scale;
+            if let Some(cap) = s.softcap {
+                *scj = cap * (*scj * (1.0 / cap)).tanh();
+            }
+        }
+        let m_new = sc[..n].iter().fold(m[gi], |a, &b| a.max(b));
+        let corr = (m[gi] - m_new).exp();
+        let mut sum = 0.0f32;
+        for j in 0..C {
+            p[gi][j] = if j < n { (sc[j] - m_new).exp() } else { 0.0 };
+            sum += p[gi][j];
+        }
+        l[gi] = l[gi] * corr + sum;
+        m[gi] = m_new;
+        for o in acc[gi * hd..(gi + 1) * hd].iter_mut() {
+            *o *= corr;
+        }
+    }
+    for j in 0..n {
+        let vr = &vf[j * hd..(j + 1) * hd];
+        for gi in 0..g {
+            let pw = p[gi][j];
+            for (o, &x) in acc[gi * hd..(gi + 1) * hd].iter_mut().zip(vr) {
+                *o += pw * x;
+            }
+        }
+    }
+}
+
+/// One row through [`chunk_scalar`] with heap state (heads above 256).
+fn one_row_scalar(s: &AttnShape, src: &impl ChunkSrc, kvh: usize, table: &[u32], keys: Range<usize>, q: &[f32], out: &mut [f32]) {
+    const C: usize = ATT_CHUNK;
+    let (hd, g, bs) = (s.head_dim, s.group, s.block_size);
+    let mut m = vec![f32::NEG_INFINITY; g];
+    let mut l = vec![0.0f32; g];
+    let mut p = vec![[0.0f32; C]; g];
+    let mut acc = vec![0.0f32; g * hd];
+    let mut kf = vec![0.0f32; hd * C];
+    let mut vf = vec![0.0f32; hd * C];
+    let rows = [keys.clone()];
+    for_each_block(bs, &rows, |bi, off, _| {
+        let blk = table[bi] as usize;
+        let cnt = bs.min(keys.end - bi * bs);
+        for c in (off..cnt).step_by(C) {
+            let n = C.min(cnt - c);
+            src.keys(s, blk, kvh, c, n, &mut kf);
+            src.values(s, blk, kvh, c, n, &mut vf);
+            chunk_scalar(s, q, &kf, &vf, n, &mut m, &mut l, &mut p, &mut acc);
+        }
+    });
+    for gi in 0..g {
+        let inv = 1.0 / l[gi];
+        for (o, &x) in out[gi * hd..(gi + 1) * hd].iter_mut().zip(&acc[gi * hd..(gi + 1) * hd]) {
+            *o = x * inv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{attend_f16_isa, attend_ref, available_isas, scalar};
+    use rand::{Rng, SeedableRng};
+
+    /// Per position, one head's keys (or values).
+    type Rows = Vec<Vec<f32>>;
+
+    /// A random paged cache of `nblk` blocks in every storage format, with a
+    /// shuffled block table covering `n_ctx` positions.
+    struct Cache {
+        table: Vec<u32>,
+        kf16: Vec<f16>,
+        vf16: Vec<f16>,
+        kbf: Vec<bf16>,
+        vbf: Vec<bf16>,
+        k32: Vec<f32>,
+        v32: Vec<f32>,
+        kq: Vec<i8>,
+        ks: Vec<f16>,
+        vq: Vec<i8>,
+        vs: Vec<f16>,
+        /// Dequantized q8_0 keys / values per head and position.
+        deq: Vec<(Rows, Rows)>,
+    }
+
+    impl Cache {
+        fn new(rng: &mut rand::rngs::SmallRng, s: AttnShape, n_ctx: usize) -> Self {
+            let (hd, bs, kd) = (s.head_dim, s.block_size, s.kv_dim);
+            let nb = n_ctx.div_ceil(bs);
+            let nblk = nb + 3;
+            let mut table: Vec<u32> = (0..nblk as u32).collect();
+            for i in (1..table.len()).rev() {
+                table.swap(i, rng.gen_range(0..=i));
+            }
+            table.truncate(nb);
+            let ng = q8_groups(kd);
+            let mut c = Cache {
+                table,
+                kf16: vec![f16::ZERO; nblk * bs * kd],
+                vf16: vec![f16::ZERO; nblk * bs * kd],
+                kbf: vec![bf16::ZERO; nblk * bs * kd],
+                vbf: vec![bf16::ZERO; nblk * bs * kd],
+                k32: vec![0.0; nblk * bs * kd],
+                v32: vec![0.0; nblk * bs * kd],
+                kq: vec![0; nblk * bs * kd],
+                ks: vec![f16::ZERO; nblk * bs * ng],
+                vq: vec![0; nblk * bs * kd],
+                vs: vec![f16::ZERO; nblk * bs * ng],
+                deq: vec![(vec![vec![0.0; hd]; n_ctx], vec![vec![0.0; hd]; n_ctx]); kd / hd],
+            };
+            for pos in 0..n_ctx {
+                let (blk, off) = (c.table[pos / bs] as usize, pos % bs);
+                let slot = blk * bs + off;
+                let kr: Vec<f32> = (0..kd).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+                let vr: Vec<f32> = (0..kd).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                for e in 0..kd {
+                    let (h, d) = (e / hd, e % hd);
+                    let ki = blk * bs * kd + h * hd * bs + d * bs + off;
+                    let vi = slot * kd + e;
+                    c.kf16[ki] = f16::from_f32(kr[e]);
+                    c.vf16[vi] = f16::from_f32(vr[e]);
+                    c.kbf[ki] = bf16::from_f32(kr[e]);
+                    c.vbf[vi] = bf16::from_f32(vr[e]);
+                    c.k32[ki] = kr[e];
+                    c.v32[vi] = vr[e];
+                }
+                for gi in 0..ng {
+                    let r = gi * Q8_GROUP..kd.min(gi * Q8_GROUP + Q8_GROUP);
+                    let mut qk = vec![0i8; r.len()];
+                    let dk = quantize_q8_group(&kr[r.clone()], &mut qk);
+                    c.ks[blk * ng * bs + gi * bs + off] = dk;
+                    let dv = quantize_q8_group(&vr[r.clone()], &mut c.vq[slot * kd + r.start..slot * kd + r.end]);
+                    c.vs[slot * ng + gi] = dv;
+                    for (x, e) in r.enumerate() {
+                        let (h, d) = (e / hd, e % hd);
+                        c.kq[blk * bs * kd + h * hd * bs + d * bs + off] = qk[x];
+                        c.deq[h].0[pos][d] = dk.to_f32() * qk[x] as f32;
+                        c.deq[h].1[pos][d] = dv.to_f32() * c.vq[slot * kd + e] as f32;
+                    }
+                }
+            }
+            c
+        }
+
+        fn q8(&self) -> Q8Kv<'_> {
+            Q8Kv { k: &self.kq, k_scale: &self.ks, v: &self.vq, v_scale: &self.vs }
+        }
+    }
+
+    /// Softmax attention in f64 over explicit keys / values.
+    fn exact(q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>], scale: f32, cap: Option<f32>) -> Vec<f64> {
+        let sc: Vec<f64> = keys
+            .iter()
+            .map(|k| {
+                let x = q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64;
+                cap.map_or(x, |c| c as f64 * (x / c as f64).tanh())
+            })
+            .collect();
+        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        let mut out = vec![0.0f64; q.len()];
+        for (p, v) in e.iter().zip(vals) {
+            for (o, &x) in out.iter_mut().zip(v) {
+                *o += p / sum * x as f64;
+            }
+        }
+        out
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Every (shape, block size, window, soft-cap, tile) combination: the
+    /// tiled result of each row equals the one-row kernels bit for bit (f16
+    /// per ISA, bf16 and f32 against `attend_ref`, q8_0 against the same
+    /// engine on that row alone), and q8_0 is close to exact attention over
+    /// its dequantized values (scalar and SIMD engines).
+    #[test]
+    fn tiled_rows_equal_one_row_kernels_bit_for_bit() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(14);
+        let shapes = [(64, 1, 2), (64, 3, 3), (64, 4, 1), (128, 2, 2), (256, 4, 1), (256, 1, 1), (64, 5, 1), (32, 2, 2), (128, 3, 1), (16, 1, 3), (48, 2, 1)];
+        let mut cases = 0;
+        for &(hd, group, kvn) in &shapes {
+            for bs in [4usize, 16, 32] {
+                for (window, softcap) in [(None, None), (Some(7), None), (Some(40), None), (None, Some(5.0f32))] {
+                    let n_ctx = 70 + rng.gen_range(0..30);
+                    let kv_dim = kvn * hd;
+                    let scale = if softcap.is_some() { 4.0 } else { 1.0 / (hd as f32).sqrt() };
+                    let s = AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale, softcap };
+                    let c = Cache::new(&mut rng, s, n_ctx);
+                    let w = group * hd;
+                    // Rows: positions p0..n_ctx (consecutive, as a prefill chunk).
+                    let p0 = rng.gen_range(0..n_ctx - 20);
+                    let t = n_ctx - p0;
+                    let keys: Vec<Range<usize>> = (p0..n_ctx).map(|p| window.map_or(0, |wn| (p + 1).saturating_sub(wn))..p + 1).collect();
+                    let stride = kvn * w + 3;
+                    let q: Vec<f32> = (0..t * stride).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                    let case = format!("hd {hd} g {group} kvh {kvn} bs {bs} window {window:?} cap {softcap:?} rows {p0}..{n_ctx}");
+                    for kvh in 0..kvn {
+                        let qh = &q[kvh * w..];
+                        for isa in available_isas() {
+                            let run = |kv: KvView<'_>| {
+                                let mut out = vec![f32::NAN; t * stride];
+                                attend_rows_isa(isa, &s, kv, kvh, &c.table, &keys, qh, stride, &mut out[kvh * w..], stride);
+                                out
+                            };
+                            let row = |i: usize| &qh[i * stride..i * stride + w];
+                            let (f16o, bfo, f32o, q8o) = (
+                                run(KvView::F16(&c.kf16, &c.vf16)),
+                                run(KvView::Bf16(&c.kbf, &c.vbf)),
+                                run(KvView::F32(&c.k32, &c.v32)),
+                                run(KvView::Q8(c.q8())),
+                            );
+                            for i in 0..t {
+                                let got = |o: &[f32]| o[kvh * w + i * stride..kvh * w + i * stride + w].to_vec();
+                                let mut want = vec![0.0f32; w];
+                                attend_f16_isa(isa, &s, row(i), kvh, &c.kf16, &c.vf16, &c.table, keys[i].clone(), &mut want);
+                                assert_eq!(bits(&got(&f16o)), bits(&want), "f16 {isa:?} {case} row {i}");
+                                attend_ref(&s, row(i), kvh, &c.kbf, &c.vbf, &c.table, keys[i].clone(), &mut want, bf16::to_f32);
+                                assert_eq!(bits(&got(&bfo)), bits(&want), "bf16 {isa:?} {case} row {i}");
+                                attend_ref(&s, row(i), kvh, &c.k32, &c.v32, &c.table, keys[i].clone(), &mut want, |x| x);
+                                assert_eq!(bits(&got(&f32o)), bits(&want), "f32 {isa:?} {case} row {i}");
+                                // q8_0: the row alone (a decode step) gives the same bits.
+                                attend_rows_isa(isa, &s, KvView::Q8(c.q8()), kvh, &c.table, &keys[i..i + 1], row(i), w, &mut want, w);
+                                assert_eq!(bits(&got(&q8o)), bits(&want), "q8_0 {isa:?} {case} row {i}");
+                                // ... and is close to exact attention over the dequantized cache.
+                                let (dk, dv) = &c.deq[kvh];
+                                let tol = if softcap.is_some() { 3e-5 } else { 1e-5 };
+                                for gi in 0..group {
+                                    let r = keys[i].clone();
+                                    let e = exact(&row(i)[gi * hd..(gi + 1) * hd], &dk[r.clone()], &dv[r], scale, softcap);
+                                    for (a, b) in got(&q8o)[gi * hd..(gi + 1) * hd].iter().zip(&e) {
+                                        assert!((*a as f64 - b).abs() < tol, "q8_0 {isa:?} {case} row {i}: {a} vs {b}");
+                                    }
+                                }
+                                cases += 1;
+                            }
+                            // Padding between rows is never written.
+                            assert!(f16o[kvh * w + w..kvh * w + stride].iter().all(|x| x.is_nan()), "{case}: wrote outside the rows");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(cases > 1000, "{cases}");
+    }
+
+    /// The scalar engine on one row is the scalar one-row reference.
+    #[test]
+    fn scalar_engine_matches_scalar_attend() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let s = AttnShape { head_dim: 64, group: 3, block_size: 16, kv_dim: 128, scale: 0.125, softcap: None };
+        let c = Cache::new(&mut rng, s, 50);
+        let q: Vec<f32> = (0..3 * 64).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let mut want = vec![0.0; 3 * 64];
+        scalar::attend(&s, &q, 1, &c.kf16, &c.vf16, &c.table, 3..50, &mut want, f16::to_f32);
+        let mut got = vec![0.0; 3 * 64];
+        attend_rows_isa(Isa::Scalar, &s, KvView::F16(&c.kf16, &c.vf16), 1, &c.table, std::slice::from_ref(&(3..50)), &q, 3 * 64, &mut got, 3 * 64);
+        assert_eq!(bits(&got), bits(&want));
+    }
+
+    #[test]
+    fn q8_group_quantization() {
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 0.37).collect();
+        let mut q = [0i8; 32];
+        let d = quantize_q8_group(&x, &mut q).to_f32();
+        assert!(q.iter().any(|&v| v.abs() == 127));
+        for (a, &b) in x.iter().zip(&q) {
+            assert!((a - d * b as f32).abs() <= 0.5 * d * 1.0001, "{a} vs {}", d * b as f32);
+        }
+        let mut q = [5i8; 7];
+        assert_eq!(quantize_q8_group(&[0.0; 7], &mut q).to_f32(), 0.0);
+        assert_eq!(q, [0; 7]);
+        let mut q = [5i8; 3];
+        quantize_q8_group(&[1.0, f32::NAN, -1.0], &mut q);
+        assert_eq!(q, [127, 0, -127]);
+    }
+
+    #[test]
+    fn tile_rows_keep_the_state_small() {
+        let s = |hd, group| AttnShape { head_dim: hd, group, block_size: 16, kv_dim: hd, scale: 1.0, softcap: None };
+        assert_eq!(tile_rows(&s(64, 3)), 16);
+        assert_eq!(tile_rows(&s(256, 4)), 4);
+        assert_eq!(tile_rows(&s(256, 16)), 1);
+        assert_eq!(tile_rows(&s(512, 1)), 1);
+    }
+}
