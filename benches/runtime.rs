@@ -26,6 +26,7 @@ fn seq(id: u64, prompt_len: usize) -> Sequence {
         status: Status::Waiting,
         arrival: id,
         priority: 0,
+        background: false,
         params: Arc::new(SamplingParams { max_tokens: 1_000_000, ..SamplingParams::greedy(1_000_000) }),
         seed: id,
         max_len: 1 << 20,
@@ -48,6 +49,7 @@ fn scheduler_step(c: &mut Criterion) {
             block_size: 16,
             num_blocks: n * 64,
             prefix_caching: true,
+            background_rows: 0,
         };
         // Prefilled and decoding; rebuilt when the sequences outgrow the pool
         // (every ~900 steps, a small amortized cost).

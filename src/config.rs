@@ -84,6 +84,10 @@ pub struct RuntimeConfig {
     pub max_stop_bytes: usize,
     /// Longest prompt + completion in tokens (0 = the model's context length).
     pub max_model_len: usize,
+    /// Most background sequences (the Batch API's requests) in one micro-batch
+    /// while any interactive sequence is in the engine (0 = no limit): keeps
+    /// interactive steps short while a batch runs; alone, a batch takes every row.
+    pub background_rows: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -100,6 +104,7 @@ impl Default for RuntimeConfig {
             max_n: 16,
             max_stop_bytes: 4096,
             max_model_len: 0,
+            background_rows: 8,
         }
     }
 }
@@ -250,6 +255,9 @@ impl Config {
         }
         if r.max_model_len > 1 << 24 {
             return inv("runtime.max_model_len", format!("must be in 0..=16777216, got {}", r.max_model_len));
+        }
+        if r.background_rows > 4096 {
+            return inv("runtime.background_rows", format!("must be in 0..=4096, got {}", r.background_rows));
         }
         let k = &self.kv_cache;
         if !(1..=MAX_BLOCK_SIZE).contains(&k.block_size) {

@@ -218,6 +218,7 @@ impl Engine {
             block_size,
             num_blocks,
             prefix_caching: config.kv_cache.prefix_caching,
+            background_rows: config.runtime.background_rows,
         })
         .map_err(|e| StartError::Spawn(format!("kv cache: {e}")))?;
         let release = config.kv_cache.release_idle_s;

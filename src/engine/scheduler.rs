@@ -57,6 +57,9 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     /// Reuse cached prefix blocks.
     pub prefix_caching: bool,
+    /// Most background sequences per micro-batch while an interactive one is
+    /// running or waiting (0 = no limit).
+    pub background_rows: usize,
 }
 
 /// Whether a sequence waits for admission or holds blocks.
@@ -93,6 +96,9 @@ pub struct Sequence {
     pub arrival: u64,
     /// Lower runs first among waiting requests.
     pub priority: i32,
+    /// Background work: after every interactive sequence in the queues, and at
+    /// most `background_rows` per micro-batch while one is in the engine.
+    pub background: bool,
     /// Sampling parameters (shared by the request's completions).
     pub params: Arc<SamplingParams>,
     /// Seed of the random stream.
@@ -341,13 +347,15 @@ impl Scheduler {
         })
     }
 
-    /// Queues a new sequence (status Waiting). Ordered by priority, then arrival.
+    /// Queues a new sequence (status Waiting). Ordered by class (interactive
+    /// first), priority, then arrival.
     pub fn add(&mut self, mut seq: Sequence) {
         seq.status = Status::Waiting;
+        let key = (seq.background, seq.priority);
         let pos = self
             .waiting
             .iter()
-            .position(|id| self.seqs.get(id).is_some_and(|s| s.priority > seq.priority))
+            .position(|id| self.seqs.get(id).is_some_and(|s| (s.background, s.priority) > key))
             .unwrap_or(self.waiting.len());
         self.waiting.insert(pos, seq.id);
         self.seqs.insert(seq.id, seq);
@@ -566,9 +574,17 @@ impl Scheduler {
         let mut chunks = Vec::new();
         let mut copies = Vec::new();
 
-        // 1. Running sequences, oldest first.
+        // Background rows left in this micro-batch: capped while any
+        // interactive sequence is in the engine (running or waiting).
+        let mut bg_left = if self.cfg.background_rows > 0 && self.seqs.values().any(|s| !s.background && !s.cancelled) {
+            self.cfg.background_rows
+        } else {
+            usize::MAX
+        };
+
+        // 1. Running sequences: interactive first, then background; oldest first in each.
         let mut order: Vec<u64> = self.running.clone();
-        order.sort_by_key(|id| self.seqs.get(id).map_or(u64::MAX, |s| s.arrival));
+        order.sort_by_key(|id| self.seqs.get(id).map_or((true, u64::MAX), |s| (s.background, s.arrival)));
         let mut i = 0;
         while let Some(&id) = order.get(i) {
             i += 1;
@@ -589,6 +605,12 @@ impl Scheduler {
             if remaining == 0 {
                 continue;
             }
+            if s.background {
+                if bg_left == 0 {
+                    continue;
+                }
+                bg_left -= 1;
+            }
             let n = self.chunk_len(remaining, budget);
             let need = s.num_computed + n;
             match self.make_room(id, need, &mut copies) {
@@ -604,13 +626,19 @@ impl Scheduler {
             }
         }
 
-        // 2. Waiting sequences, in queue order.
+        // 2. Waiting sequences, in queue order (background ones last).
         while budget > 0 && chunks.len() < self.cfg.max_seqs {
             let Some(&id) = self.waiting.front() else { break };
             let Some(s) = self.seqs.get(&id) else {
                 self.waiting.pop_front();
                 continue;
             };
+            if s.background {
+                if bg_left == 0 {
+                    break; // every sequence behind it is background too
+                }
+                bg_left -= 1;
+            }
             let (computed, num_cached) = if self.cfg.prefix_caching && !s.wants_prompt_logprobs() {
                 self.kv.get_computed_blocks(&s.tokens)
             } else {
@@ -660,7 +688,8 @@ impl Scheduler {
     }
 
     /// Gives `id` private copies of the shared blocks it will write and room for `need`
-    /// tokens, preempting the latest arrivals (not in flight) while blocks are short.
+    /// tokens, preempting the latest arrivals (not in flight; background ones
+    /// first) while blocks are short.
     /// `Ok(false)`: `id` itself was preempted or nobody is left to preempt.
     fn make_room(&mut self, id: u64, need: usize, copies: &mut Vec<(u32, u32)>) -> Result<bool, KvError> {
         loop {
@@ -672,7 +701,7 @@ impl Scheduler {
                 .iter()
                 .filter_map(|r| self.seqs.get(r))
                 .filter(|v| !v.in_flight)
-                .max_by_key(|v| v.arrival)
+                .max_by_key(|v| (v.background, v.arrival))
                 .map(|v| v.id);
             let Some(v) = victim else { return Ok(false) };
             self.preempt(v);
@@ -840,7 +869,7 @@ mod tests {
     const EOS: u32 = 999;
 
     fn config(max_batched_tokens: usize, max_seqs: usize, prefill_chunk: usize, block_size: usize, num_blocks: usize) -> SchedulerConfig {
-        SchedulerConfig { max_batched_tokens, max_seqs, prefill_chunk, block_size, num_blocks, prefix_caching: false }
+        SchedulerConfig { max_batched_tokens, max_seqs, prefill_chunk, block_size, num_blocks, prefix_caching: false, background_rows: 0 }
     }
 
     fn scheduler(cfg: SchedulerConfig) -> Scheduler {
@@ -861,6 +890,7 @@ mod tests {
             status: Status::Waiting,
             arrival: id,
             priority: 0,
+            background: false,
             params: Arc::new(params),
             seed: id,
             max_len: 1 << 20,
@@ -1107,6 +1137,43 @@ mod tests {
         }
         assert_eq!(order, vec![1, 3, 0, 2]);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn background_rows_are_capped_while_an_interactive_sequence_runs() {
+        let mut cfg = config(256, 16, 0, 4, 64);
+        cfg.background_rows = 2;
+        let mut s = scheduler(cfg);
+        // Six background sequences arrive first, then one interactive one.
+        for id in 0..6 {
+            let mut q = seq(id, &[1, 2], greedy(4));
+            q.background = true;
+            s.add(q);
+        }
+        s.add(seq(6, &[3, 4, 5], greedy(3)));
+        // The interactive one leads the queue; two background ones ride along.
+        let out = s.schedule().expect("a batch");
+        let ids: Vec<u64> = out.chunks.iter().map(|c| c.seq_id).collect();
+        assert_eq!(ids, vec![6, 0, 1]);
+        s.update_from_output(&out, &sampled(&out, 7));
+        check(&s, &[]);
+        // While it runs: itself plus at most two background rows per batch.
+        let mut steps = 0;
+        while s.get(6).is_some() {
+            let out = s.schedule().expect("a batch");
+            let bg = out.chunks.iter().filter(|c| c.seq_id != 6).count();
+            assert!(out.chunks.iter().any(|c| c.seq_id == 6), "the interactive sequence runs every step");
+            assert!(bg <= 2, "{bg} background rows while interactive work runs");
+            s.update_from_output(&out, &sampled(&out, 7));
+            check(&s, &[]);
+            steps += 1;
+            assert!(steps < 10, "the interactive sequence never finished");
+        }
+        // Alone, the background sequences take every row again.
+        let out = s.schedule().expect("a batch");
+        let left = (0..6u64).filter(|id| s.get(*id).is_some()).count();
+        assert_eq!(out.chunks.len(), left);
+        assert!(left > 2);
     }
 
     #[test]
@@ -1692,7 +1759,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(64);
         let num_blocks = 24;
         let prefixes = (0..4).map(|i| (0..i * 5).map(|_| rng.gen_range(0..3)).collect()).collect();
-        let cfg = SchedulerConfig { max_batched_tokens: 24, max_seqs: 6, prefill_chunk: 10, block_size: 4, num_blocks, prefix_caching: true };
+        let cfg = SchedulerConfig { max_batched_tokens: 24, max_seqs: 6, prefill_chunk: 10, block_size: 4, num_blocks, prefix_caching: true, background_rows: 0 };
         let mut sim = Sim {
             s: scheduler(cfg),
             rng,

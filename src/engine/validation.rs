@@ -46,6 +46,9 @@ pub struct ValidRequest {
     pub(crate) seed: u64,
     pub(crate) priority: i32,
     pub(crate) stop: Option<Arc<StopMatcher>>,
+    /// Background work (a served batch's request): scheduled after interactive
+    /// sequences, at most `runtime.background_rows` per micro-batch while any runs.
+    pub(crate) background: bool,
 }
 
 impl ValidRequest {
@@ -64,6 +67,10 @@ impl ValidRequest {
     /// Scheduling priority (lower first).
     pub fn priority(&self) -> i32 {
         self.priority
+    }
+    /// Whether this is background work (see `runtime.background_rows`).
+    pub fn background(&self) -> bool {
+        self.background
     }
 }
 
@@ -122,7 +129,7 @@ impl Validator {
         self.check_prompt(&prompt, p.max_tokens, p.min_tokens)?;
         let seed = p.seed.unwrap_or_else(fresh_seed);
         let stop = (!p.stop.is_empty()).then(|| Arc::new(StopMatcher::new(&p.stop)));
-        Ok(ValidRequest { prompt: Arc::new(prompt), params: Arc::new(p), seed, priority: req.priority, stop })
+        Ok(ValidRequest { prompt: Arc::new(prompt), params: Arc::new(p), seed, priority: req.priority, stop, background: false })
     }
 
     /// Token ids of `prompt` (text with control tokens parsed and BOS as the model

@@ -556,7 +556,14 @@ impl AdmissionActor {
             }
             let _g = span.enter();
             // Every prompt at once; on a refusal the streams already made drop (cancel).
-            let streams: Result<Vec<ResponseStream>, _> = reqs.into_iter().map(|r| self.engine.submit_valid(r)).collect();
+            let background = class == Class::Background;
+            let streams: Result<Vec<ResponseStream>, _> = reqs
+                .into_iter()
+                .map(|mut r| {
+                    r.background = background;
+                    self.engine.submit_valid(r)
+                })
+                .collect();
             match streams {
                 Ok(streams) => {
                     tracing::debug!(engine_ids = ?streams.iter().map(|s| s.id).collect::<Vec<_>>(), "admitted");

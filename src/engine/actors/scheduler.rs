@@ -248,6 +248,7 @@ impl SchedulerActor {
                 status: Status::Waiting,
                 arrival: seq_id,
                 priority: valid.priority,
+                background: valid.background,
                 params: valid.params.clone(),
                 seed: valid.seed,
                 max_len: self.max_len,
