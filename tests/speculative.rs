@@ -1,7 +1,7 @@
 //! N-gram speculative decoding through the runtime on the real SmolLM2
 //! Instruct model: greedy output identical, token for token (and log-probability
-//! bits), with and without speculation on an input-grounded prompt (drafts
-//! accepted) and on free prose; seeded sampling gives the same tokens with and
+//! bits), with and without speculation on an input-grounded prompt ("copy this
+//! text": drafts accepted) and on free prose; seeded sampling gives the same tokens with and
 //! without it, alone and in a batch; limits, stop tokens and stop strings end
 //! a completion at the same token.
 
@@ -52,14 +52,15 @@ fn cfg(spec: bool) -> Config {
     c
 }
 
-const CODE: &str = "def word_counts(path):\n    counts = {}\n    with open(path) as f:\n        for line in f:\n            for word in line.lower().split():\n                word = word.strip('.,;:!?')\n                if word:\n                    counts[word] = counts.get(word, 0) + 1\n    return sorted(counts.items(), key=lambda kv: -kv[1])\n";
+/// SmolLM2-135M copies a passage faithfully (code it rewrites).
+const PASSAGE: &str = "The harbour town woke slowly. Fishermen carried their nets down to the water, gulls circled above the boats, and the baker on the corner opened his shutters to let the smell of fresh bread into the street. Children ran past the fountain on their way to school, and an old man sat on a bench reading yesterday's newspaper while his dog slept at his feet. By noon the market was full of voices, colours and the sound of carts rolling over the stones.";
 
 fn chat(text: &str, params: SamplingParams) -> GenerateRequest {
     GenerateRequest { prompt: Prompt::Chat(vec![ChatMessage::new("user", text)]), params, priority: 0 }
 }
 
 fn grounded(params: SamplingParams) -> GenerateRequest {
-    chat(&format!("Repeat this code exactly, with no comment:\n\n{CODE}"), params)
+    chat(&format!("Copy this text exactly:\n\n{PASSAGE}"), params)
 }
 
 fn prose(params: SamplingParams) -> GenerateRequest {
@@ -98,6 +99,7 @@ fn greedy_output_is_identical_with_and_without_speculation() {
         let spec = run(&on, req);
         let after = settled_stats(&on, before.steps + 1);
         assert!(base.tokens.len() > 40, "{name}: only {} tokens: {:?}", base.tokens.len(), base.text);
+        eprintln!("{name} TEXT: {:?}", base.text);
         assert_eq!(spec.tokens, base.tokens, "{name}: tokens differ\nwith: {:?}\nwithout: {:?}", spec.text, base.text);
         assert_eq!(spec, base, "{name}: log-probabilities, text or finish differ");
         let (steps, drafted, accepted) = (
@@ -173,8 +175,8 @@ fn limits_stop_tokens_and_stop_strings_end_at_the_same_token() {
     let cases = [
         ("max_tokens 37", SamplingParams { max_tokens: 37, ..greedy(37) }),
         ("stop token", SamplingParams { stop_token_ids: vec![stop_token], ..greedy(160) }),
-        ("stop string", SamplingParams { stop: vec!["lower()".into()], ..greedy(160) }),
-        ("min_tokens", SamplingParams { min_tokens: 150, ..greedy(160) }),
+        ("stop string", SamplingParams { stop: vec!["bread".into()], ..greedy(160) }),
+        ("min_tokens", SamplingParams { min_tokens: 130, ..greedy(160) }),
     ];
     for (name, p) in cases {
         let want = run(&off, grounded(p.clone()));

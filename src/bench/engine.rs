@@ -7,7 +7,7 @@
 //! bounds per request, an array that cannot close before the output length),
 //! so every stream is constrained for its whole length; the report then adds
 //! the per-token mask time (p50/p99). With `--workload grounded|prose` they
-//! are instead chat prompts (repeat this code / free prose), greedy and ending
+//! are instead chat prompts (copy a text or extract fields / free prose), greedy and ending
 //! at end-of-generation: speculative decoding's workloads (the report adds its
 //! acceptance rate and tokens per verify step). They are submitted all at once or with
 //! Poisson arrivals, under a concurrency cap; per-request TTFT and
@@ -150,7 +150,7 @@ pub struct BenchOptions {
 /// Text workloads for speculative decoding (`--workload`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
-    /// Input-grounded: "repeat this code exactly" (drafts from the prompt hit often).
+    /// Input-grounded: "copy this text", "extract these fields" (drafts from the prompt hit often).
     Grounded,
     /// Free prose: stories and explanations (drafts rarely hit).
     Prose,
@@ -167,11 +167,12 @@ impl std::str::FromStr for Workload {
     }
 }
 
-/// Code the grounded workload asks the model to repeat.
-const GROUNDED_CODE: [&str; 3] = [
-    "fn median(v: &mut Vec<f64>) -> Option<f64> {\n    if v.is_empty() {\n        return None;\n    }\n    v.sort_by(|a, b| a.partial_cmp(b).unwrap());\n    let mid = v.len() / 2;\n    if v.len() % 2 == 0 {\n        Some((v[mid - 1] + v[mid]) / 2.0)\n    } else {\n        Some(v[mid])\n    }\n}\n",
-    "def word_counts(path):\n    counts = {}\n    with open(path) as f:\n        for line in f:\n            for word in line.lower().split():\n                word = word.strip('.,;:!?')\n                if word:\n                    counts[word] = counts.get(word, 0) + 1\n    return sorted(counts.items(), key=lambda kv: -kv[1])\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        self.items.append(item)\n\n    def pop(self):\n        if not self.items:\n            raise IndexError('pop from empty stack')\n        return self.items.pop()\n\n    def peek(self):\n        return self.items[-1] if self.items else None\n",
+/// Input-grounded requests: copy a passage, extract fields (the drafts come
+/// from the prompt). SmolLM2-135M copies prose faithfully; code it rewrites.
+const GROUNDED: [&str; 3] = [
+    "Copy this text exactly:\n\nThe harbour town woke slowly. Fishermen carried their nets down to the water, gulls circled above the boats, and the baker on the corner opened his shutters to let the smell of fresh bread into the street. Children ran past the fountain on their way to school, and an old man sat on a bench reading yesterday's newspaper while his dog slept at his feet. By noon the market was full of voices, colours and the sound of carts rolling over the stones.",
+    "Extract the name, age, city and job of each person as a list.\n\nAnna Berg is 34 years old, lives in Oslo and works as a nurse. Tom Reyes, 41, is a carpenter from Madrid. Li Wei is a 29-year-old teacher in Shanghai. Sara Okafor, 52, works as a pilot and lives in Lagos. Marco Rossi is 38, lives in Turin and works as a chef.",
+    "Copy this text exactly:\n\nTo install the tool, download the archive for your system and unpack it into a folder of your choice. Open a terminal in that folder and run the setup script. The script checks that the required libraries are present, creates a configuration file in your home directory and prints the path of the installed program. To update the tool later, run the same script again: it keeps your configuration and replaces only the program files.",
 ];
 
 /// Prose requests (free generation).
@@ -185,7 +186,7 @@ impl Workload {
     /// The chat message of request `i`.
     pub fn message(self, i: usize) -> String {
         match self {
-            Workload::Grounded => format!("Repeat this code exactly, with no comment:\n\n{}", GROUNDED_CODE[i % GROUNDED_CODE.len()]),
+            Workload::Grounded => GROUNDED[i % GROUNDED.len()].to_string(),
             Workload::Prose => PROSE[i % PROSE.len()].to_string(),
         }
     }

@@ -55,8 +55,8 @@ pub(crate) struct BenchArgs {
     /// JSON schema); the report adds the per-token mask time.
     #[arg(long)]
     structured: Option<Structured>,
-    /// Text chat prompts instead of random tokens: `grounded` (repeat this code
-    /// exactly) or `prose` (free text); greedy, up to --output-len tokens, ending at
+    /// Text chat prompts instead of random tokens: `grounded` (copy a text,
+    /// extract fields) or `prose` (free text); greedy, up to --output-len tokens, ending at
     /// end-of-generation. Speculative decoding's workloads (with --concurrency 1).
     #[arg(long)]
     workload: Option<Workload>,

@@ -760,12 +760,13 @@ impl Scheduler {
         let cfg = &self.spec;
         let Some(s) = self.seqs.get_mut(&id) else { return Vec::new() };
         let decoding = n == 1 && s.num_computed + 1 == s.tokens.len() && s.num_generated() > 0 && s.pending_forks.is_empty();
-        if !decoding || !spec::params_allow(&s.params) || !s.spec.try_draft() {
+        if !decoding || !spec::params_allow(&s.params) || !s.spec.try_draft(cfg) {
             return Vec::new();
         }
         // After the drafts and the extra token: tokens.len() + k + 1 <= max_len, generated + k + 1 <= max_tokens.
-        let k = cfg
-            .num_tokens
+        let k = s
+            .spec
+            .draft_len(cfg.num_tokens)
             .min(budget.saturating_sub(1))
             .min(s.max_len.saturating_sub(s.tokens.len() + 1))
             .min(s.params.max_tokens.saturating_sub(s.num_generated() + 1));
@@ -1583,6 +1584,12 @@ mod tests {
         assert_eq!(s.kv.num_free_blocks(), 8);
     }
 
+    /// A sequence whose drafts have always held: it drafts the full `num_tokens`.
+    fn confident(mut q: Sequence) -> Sequence {
+        q.spec.ewma = 1.0;
+        q
+    }
+
     fn speculative(s: &mut Scheduler, num_tokens: usize) {
         s.set_speculation(SpeculativeConfig { num_tokens, ngram_min: 1, ngram_max: 2, max_running: 2, ..SpeculativeConfig::default() });
     }
@@ -1591,7 +1598,7 @@ mod tests {
     fn speculative_chunks_roll_back_rejected_drafts() {
         let mut s = scheduler(SchedulerConfig { prefix_caching: true, ..config(64, 8, 0, 4, 16) });
         speculative(&mut s, 3);
-        s.add(seq(0, &[1, 2, 3, 1, 2], greedy(10)));
+        s.add(confident(seq(0, &[1, 2, 3, 1, 2], greedy(10))));
         // Prefill (no draft: nothing generated yet), samples 3 → [1 2 3 1 2 3].
         let (out, _) = step(&mut s, 3);
         assert_eq!((rows(&out), out.chunks[0].draft), (vec![(0, 0, 5)], 0));
@@ -1626,7 +1633,7 @@ mod tests {
         // max_tokens 3: after the first token, at most 3 - 1 - 1 = 1 draft.
         s.add(seq(0, &[1, 2, 1], greedy(3)));
         // An EOS among the accepted tokens ends the sequence there.
-        s.add(seq(1, &[4, 5, 6, 4, 5, 6], greedy(10)));
+        s.add(confident(seq(1, &[4, 5, 6, 4, 5, 6], greedy(10))));
         step(&mut s, 2); // [1 2 1 2], [4 5 6 4 5 6 2]
         let out = s.schedule().expect("batch");
         // Seq 0: suffix [1 2] at 0 → [1]; seq 1: suffix [6 2] no, [2] no → no draft.

@@ -41,44 +41,62 @@ use crate::config::{SpecMethod, SpeculativeConfig};
 use crate::sampling::SamplingParams;
 
 /// Weight of the newest verify step in the acceptance EWMA.
-const EWMA_WEIGHT: f64 = 0.25;
+const EWMA_WEIGHT: f64 = 0.5;
 /// Verify steps before a low EWMA may switch drafting off.
-const MIN_TRIALS: u32 = 4;
+const MIN_TRIALS: u32 = 2;
+/// Consecutive cooldowns double the pause, up to `2^MAX_BACKOFF` times `cooldown_steps`.
+const MAX_BACKOFF: u32 = 3;
 
-/// One sequence's speculation bookkeeping.
+/// One sequence's speculation bookkeeping: an EWMA of its acceptance rate
+/// (starting at 0.5) sets the draft length (`ceil(k × ewma)`, at least 1), so a
+/// sequence whose drafts fail pays for short verify steps only; below
+/// `min_acceptance` (after 2 verify steps) it stops drafting for
+/// `cooldown_steps` decode steps, doubled for each consecutive pause (up to
+/// 8×), and retries with the EWMA at the threshold: one more failure pauses it
+/// again, one success resumes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpecState {
     /// EWMA of `accepted / drafted` over verify steps.
     pub ewma: f64,
-    /// Verify steps since the last reset.
+    /// Verify steps since the start.
     pub trials: u32,
     /// Decode steps left without drafting.
     pub cooldown: usize,
+    /// Consecutive pauses (the next one lasts `cooldown_steps << backoff`).
+    pub backoff: u32,
 }
 
 impl Default for SpecState {
     fn default() -> Self {
-        // Optimistic start: a sequence drafts at once.
-        Self { ewma: 1.0, trials: 0, cooldown: 0 }
+        Self { ewma: 0.5, trials: 0, cooldown: 0, backoff: 0 }
     }
 }
 
 impl SpecState {
-    /// Whether to look for a draft this step; counts a cooldown step down.
-    pub fn try_draft(&mut self) -> bool {
+    /// Whether to look for a draft this step; counts a pause down.
+    pub fn try_draft(&mut self, cfg: &SpeculativeConfig) -> bool {
         if self.cooldown > 0 {
             self.cooldown -= 1;
             if self.cooldown == 0 {
-                // Try again from a clean slate.
-                *self = Self::default();
+                // Retry on probation.
+                self.ewma = cfg.min_acceptance;
+                self.trials = self.trials.max(MIN_TRIALS);
             }
             return false;
         }
         true
     }
 
+    /// Draft tokens to propose this step, out of at most `k`.
+    pub fn draft_len(&self, k: usize) -> usize {
+        if k == 0 {
+            return 0;
+        }
+        ((k as f64 * self.ewma).ceil() as usize).clamp(1, k)
+    }
+
     /// Records a verify step of `drafted` tokens of which `accepted` were
-    /// accepted; may start a cooldown.
+    /// accepted; may start a pause.
     pub fn record(&mut self, drafted: usize, accepted: usize, cfg: &SpeculativeConfig) {
         if drafted == 0 {
             return;
@@ -87,7 +105,10 @@ impl SpecState {
         self.ewma = (1.0 - EWMA_WEIGHT) * self.ewma + EWMA_WEIGHT * rate;
         self.trials = self.trials.saturating_add(1);
         if self.trials >= MIN_TRIALS && self.ewma < cfg.min_acceptance && cfg.cooldown_steps > 0 {
-            self.cooldown = cfg.cooldown_steps;
+            self.cooldown = cfg.cooldown_steps << self.backoff.min(MAX_BACKOFF);
+            self.backoff = self.backoff.saturating_add(1);
+        } else if rate >= cfg.min_acceptance {
+            self.backoff = 0;
         }
     }
 }
@@ -172,24 +193,33 @@ mod tests {
 
     #[test]
     fn low_acceptance_pauses_drafting_then_retries() {
-        let cfg = SpeculativeConfig { min_acceptance: 0.5, cooldown_steps: 3, ..SpeculativeConfig::default() };
+        let cfg = SpeculativeConfig { num_tokens: 4, min_acceptance: 0.25, cooldown_steps: 3, ..SpeculativeConfig::default() };
         let mut s = SpecState::default();
-        // 1.0 -> 0.75 -> 0.5625 -> 0.42 -> 0.316: below 0.5 at the 3rd, but 4 trials are needed.
-        for i in 0..4 {
-            assert!(s.try_draft());
-            s.record(4, 0, &cfg);
-            assert_eq!(s.cooldown, if i == 3 { 3 } else { 0 }, "step {i}: {s:?}");
-        }
-        assert!(!s.try_draft());
-        assert!(!s.try_draft());
-        assert!(!s.try_draft());
-        assert_eq!(s, SpecState::default());
-        assert!(s.try_draft());
-        // Full acceptance keeps it on.
-        for _ in 0..20 {
+        // ewma 0.5 → 2 of 4 drafts; failures: 0.25 (not below), 0.125 → pause of 3 steps.
+        assert_eq!((s.try_draft(&cfg), s.draft_len(4)), (true, 2));
+        s.record(2, 0, &cfg);
+        assert_eq!((s.cooldown, s.draft_len(4)), (0, 1));
+        s.record(1, 0, &cfg);
+        assert_eq!((s.cooldown, s.backoff), (3, 1));
+        assert_eq!([s.try_draft(&cfg), s.try_draft(&cfg), s.try_draft(&cfg)], [false; 3]);
+        // Probation at the threshold: one draft token; a failure pauses twice as long.
+        assert_eq!((s.ewma, s.draft_len(4)), (0.25, 1));
+        assert!(s.try_draft(&cfg));
+        s.record(1, 0, &cfg);
+        assert_eq!((s.cooldown, s.backoff), (6, 2));
+        (0..6).for_each(|_| assert!(!s.try_draft(&cfg)));
+        // A success resumes and resets the backoff; full acceptance grows the drafts to k.
+        assert!(s.try_draft(&cfg));
+        s.record(1, 1, &cfg);
+        assert_eq!((s.cooldown, s.backoff, s.draft_len(4)), (0, 0, 3));
+        for _ in 0..4 {
             s.record(4, 4, &cfg);
         }
-        assert_eq!(s.cooldown, 0);
+        assert_eq!((s.cooldown, s.draft_len(4)), (0, 4));
+        // The pause is capped at 8 x cooldown_steps.
+        let mut s = SpecState { backoff: 7, trials: 5, ewma: 0.1, ..SpecState::default() };
+        s.record(4, 0, &cfg);
+        assert_eq!(s.cooldown, 24);
         // The policy helpers.
         assert!(batch_allows(&SpeculativeConfig::default(), 4));
         assert!(!batch_allows(&SpeculativeConfig::default(), 5));
