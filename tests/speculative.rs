@@ -99,7 +99,6 @@ fn greedy_output_is_identical_with_and_without_speculation() {
         let spec = run(&on, req);
         let after = settled_stats(&on, before.steps + 1);
         assert!(base.tokens.len() > 40, "{name}: only {} tokens: {:?}", base.tokens.len(), base.text);
-        eprintln!("{name} TEXT: {:?}", base.text);
         assert_eq!(spec.tokens, base.tokens, "{name}: tokens differ\nwith: {:?}\nwithout: {:?}", spec.text, base.text);
         assert_eq!(spec, base, "{name}: log-probabilities, text or finish differ");
         let (steps, drafted, accepted) = (
