@@ -1811,12 +1811,14 @@ mod tests {
                 self.num_copies += 1;
             }
             for c in &out.chunks {
-                let tokens = &self.s.seqs[&c.seq_id].tokens;
+                // The rows written: the sequence's tokens, then any drafts.
+                let tokens: Vec<u32> = self.s.seqs[&c.seq_id].tokens[..c.pos].iter().chain(&c.tokens).copied().collect();
                 let end = c.pos + c.tokens.len();
                 for j in 0..c.pos.div_ceil(bs) {
                     let b = c.block_table[j] as usize;
                     let upto = ((j + 1) * bs).min(c.pos);
-                    assert_eq!(self.written[b], tokens[..upto], "seq {} reads wrong K/V in block {b}", c.seq_id);
+                    // Rows past `upto` may hold a rejected draft's K/V: never read.
+                    assert_eq!(self.written[b].get(..upto), Some(&tokens[..upto]), "seq {} reads wrong K/V in block {b}", c.seq_id);
                 }
                 for j in c.pos / bs..end.div_ceil(bs) {
                     self.written[c.block_table[j] as usize] = tokens[..((j + 1) * bs).min(end)].to_vec();
@@ -1846,19 +1848,33 @@ mod tests {
                 self.num_out_of_order += usize::from(i + 1 < self.in_flight.len());
                 let out = self.in_flight.remove(i);
                 let rng = &mut self.rng;
-                let sampled: Vec<Option<u32>> = out
+                let sampled: Vec<Vec<u32>> = out
                     .chunks
                     .iter()
                     .map(|c| {
-                        let ctx = c.ctx.as_ref().filter(|_| c.sample)?;
+                        let Some(ctx) = c.ctx.as_ref().filter(|_| c.sample) else { return Vec::new() };
+                        if c.draft > 0 {
+                            // A random number of drafts accepted, then a token that is not the next draft
+                            // (no stop token: the rows' masks differ; drafts come from the history).
+                            let drafts = &c.tokens[c.tokens.len() - c.draft..];
+                            let a = rng.gen_range(0..=c.draft);
+                            let mut v = drafts[..a].to_vec();
+                            v.push(loop {
+                                let t = rng.gen_range(0..4);
+                                if drafts.get(a) != Some(&t) {
+                                    break t;
+                                }
+                            });
+                            return v;
+                        }
                         // The sampler never picks masked stop tokens (EOS, 4).
-                        Some(if !ctx.mask_stop && rng.gen_bool(0.1) { EOS } else { rng.gen_range(0..if ctx.mask_stop { 4 } else { 5 }) })
+                        vec![if !ctx.mask_stop && rng.gen_bool(0.1) { EOS } else { rng.gen_range(0..if ctx.mask_stop { 4 } else { 5 }) }]
                     })
                     .collect();
                 for c in &out.chunks {
                     self.num_aborted_in_flight += usize::from(self.s.seqs.get(&c.seq_id).is_some_and(Sequence::is_cancelled));
                 }
-                for u in self.s.update_from_output(&out, &sampled) {
+                for u in self.s.update_from_tokens(&out, &sampled) {
                     self.record(&u);
                 }
                 check(&self.s, &self.in_flight);
@@ -1873,6 +1889,19 @@ mod tests {
     /// then a drain: every sequence finished exactly once and the pool whole.
     #[test]
     fn randomized_kv_invariants_after_every_step() {
+        randomized(false);
+    }
+
+    /// The same with n-gram speculation (up to 3 drafts, a random number accepted, for
+    /// batches of up to 4 running sequences): rejected drafts' K/V are never read (the
+    /// shadow), tables roll back (the invariants) and the prefix cache serves only
+    /// accepted tokens.
+    #[test]
+    fn randomized_kv_invariants_with_speculation() {
+        randomized(true);
+    }
+
+    fn randomized(speculation: bool) {
         let mut rng = SmallRng::seed_from_u64(64);
         let num_blocks = 24;
         let prefixes = (0..4).map(|i| (0..i * 5).map(|_| rng.gen_range(0..3)).collect()).collect();
@@ -1890,6 +1919,9 @@ mod tests {
             num_out_of_order: 0,
             num_aborted_in_flight: 0,
         };
+        if speculation {
+            sim.s.set_speculation(SpeculativeConfig { num_tokens: 3, ngram_min: 1, ngram_max: 2, max_running: 4, min_acceptance: 0.2, cooldown_steps: 2, ..SpeculativeConfig::default() });
+        }
         for _ in 0..3000 {
             sim.tick(true);
         }
@@ -1917,5 +1949,12 @@ mod tests {
         assert!(stop > 50 && length > 50 && abort > 10, "{summary}");
         assert!(c.preemptions > 100 && sim.num_copies > 200 && kv.prefix_hit_tokens > 5000, "{summary}");
         assert!(sim.num_two_in_flight > 1000 && sim.num_out_of_order > 500 && sim.num_aborted_in_flight > 20, "{summary}");
+        let spec = format!("verify steps {}, drafts {}, accepted {}", c.spec_steps, c.spec_draft_tokens, c.spec_accepted_tokens);
+        eprintln!("{spec}");
+        if speculation {
+            assert!(c.spec_steps > 300 && c.spec_accepted_tokens > 200 && c.spec_accepted_tokens < c.spec_draft_tokens, "{spec}");
+        } else {
+            assert_eq!(c.spec_steps, 0);
+        }
     }
 }
