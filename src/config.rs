@@ -355,15 +355,17 @@ pub struct SpeculativeConfig {
     /// with a larger batch, the verify rows cost more than they save.
     pub max_running: usize,
     /// A sequence stops drafting when its acceptance rate (EWMA over verify
-    /// steps, weight 1/4) falls below this (0..=1) ...
+    /// steps, weight 1/2, from 0.5; it also sets the draft length to
+    /// `ceil(num_tokens × EWMA)`) falls below this (0..=1) ...
     pub min_acceptance: f64,
-    /// ... for this many decode steps, then tries again (0..=100000).
+    /// ... for this many decode steps (doubled for each pause in a row, up to
+    /// 8×), then tries again (0..=100000).
     pub cooldown_steps: usize,
 }
 
 impl Default for SpeculativeConfig {
     fn default() -> Self {
-        Self { method: SpecMethod::Ngram, num_tokens: 4, ngram_min: 2, ngram_max: 4, max_running: 4, min_acceptance: 0.25, cooldown_steps: 32 }
+        Self { method: SpecMethod::Ngram, num_tokens: 4, ngram_min: 2, ngram_max: 4, max_running: 4, min_acceptance: 0.25, cooldown_steps: 8 }
     }
 }
 

@@ -45,7 +45,7 @@ pub struct EngineStats {
     pub failed_steps: u64,
     /// Prompt tokens computed.
     pub prefill_tokens: u64,
-    /// Decode tokens computed.
+    /// Decode tokens computed (rows: speculative drafts included).
     pub decode_tokens: u64,
     /// Tokens per micro-batch, bucketed.
     pub iteration_tokens: crate::engine::scheduler::IterationTokens,

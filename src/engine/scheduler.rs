@@ -282,7 +282,7 @@ pub struct SchedulerCounters {
     pub steps: u64,
     /// Prompt tokens computed (not served from cache).
     pub prefill_tokens: u64,
-    /// Decode tokens computed.
+    /// Decode tokens computed (rows: speculative drafts included).
     pub decode_tokens: u64,
     /// Tokens per micro-batch, bucketed (the `iteration_tokens_total` histogram).
     pub iteration_tokens: IterationTokens,

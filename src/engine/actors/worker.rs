@@ -2,7 +2,8 @@
 //! only) and the physical K/V of those layers for every block; runs each
 //! micro-batch through its layers and hands it on. The last worker also
 //! applies the final norm and output head: to the sampling rows (one per
-//! sequence that samples; `1 + draft` for a speculative chunk), and, in chunks of [`PROMPT_LOGPROB_ROWS`] rows, to
+//! sequence that samples; `1 + draft` for a speculative chunk), and, in
+//! chunks of [`PROMPT_LOGPROB_ROWS`] rows, to
 //! prompt rows whose log-probabilities were asked for, reducing each row to
 //! the token's log-probability and the top-k as soon as it is computed (a
 //! full-vocabulary row per prompt token is never kept).
