@@ -35,6 +35,7 @@ fn seq(id: u64, prompt_len: usize) -> Sequence {
         eog: Arc::new(vec![]),
         prompt: Arc::new(prompt),
         pending_forks: vec![],
+        spec: Default::default(),
     }
 }
 

@@ -150,6 +150,8 @@ pub struct Config {
     pub tokenizer: TokenizerConfig,
     /// `[testing]`: fault injection for supervision tests (off by default).
     pub testing: TestingConfig,
+    /// `[speculative]`: n-gram (prompt-lookup) speculative decoding.
+    pub speculative: SpeculativeConfig,
 }
 
 /// The `[testing]` section: switches for tests of the runtime itself.
@@ -272,6 +274,7 @@ impl Config {
         if k.capacity_tokens > 16 * 1024 * 1024 {
             return inv("kv_cache.capacity_tokens", format!("must be <= 16777216, got {}", k.capacity_tokens));
         }
+        self.speculative.validate()?;
         Ok(())
     }
 
@@ -331,6 +334,82 @@ impl Config {
     }
 }
 
+/// How drafts are made (`speculative.method`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SpecMethod {
+    /// Prompt lookup: the tokens that followed the last occurrence of the
+    /// sequence's final n-gram in its own prompt + output.
+    #[default]
+    Ngram,
+    /// No speculation.
+    Off,
+}
+
+/// The `[speculative]` section: n-gram speculative decoding (see
+/// [`crate::engine::spec`]). Greedy output is identical with and without it,
+/// and seeded sampling gives the same tokens (the verify step uses the same
+/// counter-based draw per position as plain decoding).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpeculativeConfig {
+    /// `"ngram"` or `"off"`.
+    pub method: SpecMethod,
+    /// Draft tokens proposed per step (1..=16).
+    pub num_tokens: usize,
+    /// Shortest suffix n-gram looked up (1..=ngram_max).
+    pub ngram_min: usize,
+    /// Longest suffix n-gram looked up, tried first (ngram_min..=16).
+    pub ngram_max: usize,
+    /// Speculate only while at most this many sequences are running (1..=4096):
+    /// with a larger batch, the verify rows cost more than they save.
+    pub max_running: usize,
+    /// A sequence stops drafting when its acceptance rate (EWMA over verify
+    /// steps, weight 1/2, from 0.5; it also sets the draft length to
+    /// `ceil(num_tokens × EWMA)`) falls below this (0..=1) ...
+    pub min_acceptance: f64,
+    /// ... for this many decode steps (doubled for each pause in a row, up to
+    /// 8×), then tries again (0..=100000).
+    pub cooldown_steps: usize,
+}
+
+impl Default for SpeculativeConfig {
+    fn default() -> Self {
+        Self { method: SpecMethod::Ngram, num_tokens: 4, ngram_min: 2, ngram_max: 4, max_running: 4, min_acceptance: 0.25, cooldown_steps: 8 }
+    }
+}
+
+impl SpeculativeConfig {
+    /// Speculation off.
+    pub fn off() -> Self {
+        Self { method: SpecMethod::Off, ..Self::default() }
+    }
+
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if !(1..=16).contains(&self.num_tokens) {
+            return inv("speculative.num_tokens", format!("must be in 1..=16, got {}", self.num_tokens));
+        }
+        if !(1..=16).contains(&self.ngram_max) {
+            return inv("speculative.ngram_max", format!("must be in 1..=16, got {}", self.ngram_max));
+        }
+        if !(1..=self.ngram_max).contains(&self.ngram_min) {
+            return inv("speculative.ngram_min", format!("must be in 1..=ngram_max ({}), got {}", self.ngram_max, self.ngram_min));
+        }
+        if !(1..=4096).contains(&self.max_running) {
+            return inv("speculative.max_running", format!("must be in 1..=4096, got {}", self.max_running));
+        }
+        if !(self.min_acceptance.is_finite() && (0.0..=1.0).contains(&self.min_acceptance)) {
+            return inv("speculative.min_acceptance", format!("must be in [0, 1], got {}", self.min_acceptance));
+        }
+        if self.cooldown_steps > 100_000 {
+            return inv("speculative.cooldown_steps", format!("must be in 0..=100000, got {}", self.cooldown_steps));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,5 +455,17 @@ mod tests {
         assert_eq!(Config::default().workers(1, 30), 1);
         assert_eq!(c.pipeline_depth(2), 2);
         assert_eq!(c.kv_blocks(30, 192), 32768 / 16);
+    }
+
+    #[test]
+    fn speculative_section() {
+        let c = Config::parse("[speculative]\nmethod = \"off\"\nnum_tokens = 6\n", "t").unwrap();
+        assert_eq!((c.speculative.method, c.speculative.num_tokens), (SpecMethod::Off, 6));
+        let e = Config::parse("[speculative]\nmethod = \"eagle\"\n", "t").unwrap_err().to_string();
+        assert!(e.contains("eagle") || e.contains("method"), "{e}");
+        let e = Config::parse("[speculative]\nngram_min = 5\nngram_max = 3\n", "t").unwrap_err().to_string();
+        assert!(e.contains("speculative.ngram_min"), "{e}");
+        let e = Config::parse("[speculative]\nnum_tokens = 0\n", "t").unwrap_err().to_string();
+        assert!(e.contains("speculative.num_tokens") && e.contains("1..=16"), "{e}");
     }
 }

@@ -14,7 +14,10 @@
 //! `brigade:tenant_requests_in_flight{tenant}`, `brigade:request_errors_total{error_type}`,
 //! `brigade:guided_decoding_mask_seconds` (per-token allowed-token mask time of
 //! constrained completions; process-wide, observed by the sampler through
-//! [`observe_guided_mask`]; `vllm:…` under that prefix).
+//! [`observe_guided_mask`]; `vllm:…` under that prefix),
+//! `brigade:spec_decode_tokens_per_step` (n-gram speculative decoding; with
+//! vLLM's `spec_decode_num_drafts_total`, `…_num_draft_tokens_total` and
+//! `…_num_accepted_tokens_total`).
 //!
 //! vLLM's rows also published: `request_inference_time_seconds`,
 //! `iteration_tokens_total` (from the engine's per-step bucket counts),
@@ -105,6 +108,7 @@ pub struct Metrics {
     process: ProcessMetrics,
     prefix: String,
     last: Mutex<EngineStats>,
+    spec: SpecMetrics,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -302,6 +306,7 @@ impl Metrics {
             http_requests: reg!(IntCounterVec::new(opts("http_requests_total", "HTTP requests answered, by route, method and status class."), &["handler", "method", "status"])),
             http_duration: reg!(HistogramVec::new(hist("http_request_duration_seconds", "Seconds to the HTTP response head, by route and method.", LATENCY_BUCKETS), &["handler", "method"])),
             process: ProcessMetrics::register(&r)?,
+            spec: SpecMetrics::register(&r, prefix)?,
             prefix: prefix.to_string(),
             registry: r,
             model_name: model_name.to_string(),
@@ -324,6 +329,7 @@ impl Metrics {
             self.set_channel_occupancy(name, *len);
         }
         let Ok(mut last) = self.last.lock() else { return };
+        self.spec.refresh(&self.model_name, st, &last);
         self.prefix_queries.with_label_values(&m).inc_by(st.prefix_queries.saturating_sub(last.prefix_queries));
         self.prefix_hits.with_label_values(&m).inc_by(st.prefix_hits.saturating_sub(last.prefix_hits));
         self.preemptions.with_label_values(&m).inc_by(st.preemptions.saturating_sub(last.preemptions));
@@ -485,6 +491,48 @@ impl Metrics {
     }
 }
 
+/// Speculative decoding series (vLLM's `spec_decode_*` names): verify
+/// steps, draft and accepted tokens (counters; acceptance rate = accepted /
+/// draft), and the mean tokens a verify step yields (gauge, `1 + accepted /
+/// steps`: every verify step also samples one token of its own).
+#[derive(Debug)]
+struct SpecMetrics {
+    drafts: IntCounterVec,
+    draft_tokens: IntCounterVec,
+    accepted_tokens: IntCounterVec,
+    tokens_per_step: GaugeVec,
+}
+
+impl SpecMetrics {
+    fn register(r: &Registry, prefix: &str) -> Result<Self, MetricsError> {
+        let n = |name: &str| format!("{prefix}:{name}");
+        let m = &["model_name"];
+        let counter = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
+            let c = IntCounterVec::new(opts(&n(name), help), m)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let g = GaugeVec::new(opts(&n("spec_decode_tokens_per_step"), "Mean tokens per speculative verify step (accepted drafts + 1)."), m)?;
+        r.register(Box::new(g.clone()))?;
+        Ok(Self {
+            drafts: counter("spec_decode_num_drafts_total", "Speculative verify steps (decode steps that carried n-gram drafts).")?,
+            draft_tokens: counter("spec_decode_num_draft_tokens_total", "Draft tokens proposed by n-gram speculation.")?,
+            accepted_tokens: counter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted by verification.")?,
+            tokens_per_step: g,
+        })
+    }
+
+    fn refresh(&self, model_name: &str, st: &EngineStats, last: &EngineStats) {
+        let m = [model_name];
+        self.drafts.with_label_values(&m).inc_by(st.spec_steps.saturating_sub(last.spec_steps));
+        self.draft_tokens.with_label_values(&m).inc_by(st.spec_draft_tokens.saturating_sub(last.spec_draft_tokens));
+        self.accepted_tokens.with_label_values(&m).inc_by(st.spec_accepted_tokens.saturating_sub(last.spec_accepted_tokens));
+        if st.spec_steps > 0 {
+            self.tokens_per_step.with_label_values(&m).set(1.0 + st.spec_accepted_tokens as f64 / st.spec_steps as f64);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,5 +597,17 @@ mod tests {
             let other = if prefix == "vllm" { "brigade:" } else { "vllm:" };
             assert!(!text.contains(other), "{text}");
         }
+    }
+
+    #[test]
+    fn speculative_series_follow_the_engine_counters() {
+        let m = Metrics::new("tiny").unwrap();
+        m.refresh_engine(&EngineStats { spec_steps: 10, spec_draft_tokens: 40, spec_accepted_tokens: 25, ..Default::default() }, 0);
+        m.refresh_engine(&EngineStats { spec_steps: 20, spec_draft_tokens: 80, spec_accepted_tokens: 30, ..Default::default() }, 0);
+        let text = m.render();
+        assert!(text.contains("brigade:spec_decode_num_drafts_total{model_name=\"tiny\"} 20"), "{text}");
+        assert!(text.contains("brigade:spec_decode_num_draft_tokens_total{model_name=\"tiny\"} 80"), "{text}");
+        assert!(text.contains("brigade:spec_decode_num_accepted_tokens_total{model_name=\"tiny\"} 30"), "{text}");
+        assert!(text.contains("brigade:spec_decode_tokens_per_step{model_name=\"tiny\"} 2.5"), "{text}");
     }
 }

@@ -6,7 +6,10 @@
 //! request instead carries its own JSON schema (distinct property names and
 //! bounds per request, an array that cannot close before the output length),
 //! so every stream is constrained for its whole length; the report then adds
-//! the per-token mask time (p50/p99). They are submitted all at once or with
+//! the per-token mask time (p50/p99). With `--workload grounded|prose` they
+//! are instead chat prompts (copy a text or extract fields / free prose), greedy and ending
+//! at end-of-generation: speculative decoding's workloads (the report adds its
+//! acceptance rate and tokens per verify step). They are submitted all at once or with
 //! Poisson arrivals, under a concurrency cap; per-request TTFT and
 //! time-per-output-token are measured on the caller's side of the stream.
 
@@ -139,6 +142,54 @@ pub struct BenchOptions {
     pub progress: bool,
     /// Constrain every request's output.
     pub structured: Option<Structured>,
+    /// Text chat prompts instead of random tokens (speculative decoding's
+    /// workloads); greedy, up to the output length, ending at end-of-generation.
+    pub workload: Option<Workload>,
+}
+
+/// Text workloads for speculative decoding (`--workload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Input-grounded: "copy this text", "extract these fields" (drafts from the prompt hit often).
+    Grounded,
+    /// Free prose: stories and explanations (drafts rarely hit).
+    Prose,
+}
+
+impl std::str::FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "grounded" => Ok(Self::Grounded),
+            "prose" => Ok(Self::Prose),
+            _ => Err(format!("`{s}` is not a workload (grounded, prose)")),
+        }
+    }
+}
+
+/// Input-grounded requests: copy a passage, extract fields (the drafts come
+/// from the prompt). SmolLM2-135M copies prose faithfully; code it rewrites.
+const GROUNDED: [&str; 3] = [
+    "Copy this text exactly:\n\nThe harbour town woke slowly. Fishermen carried their nets down to the water, gulls circled above the boats, and the baker on the corner opened his shutters to let the smell of fresh bread into the street. Children ran past the fountain on their way to school, and an old man sat on a bench reading yesterday's newspaper while his dog slept at his feet. By noon the market was full of voices, colours and the sound of carts rolling over the stones.",
+    "Extract the name, age, city and job of each person as a list.\n\nAnna Berg is 34 years old, lives in Oslo and works as a nurse. Tom Reyes, 41, is a carpenter from Madrid. Li Wei is a 29-year-old teacher in Shanghai. Sara Okafor, 52, works as a pilot and lives in Lagos. Marco Rossi is 38, lives in Turin and works as a chef.",
+    "Copy this text exactly:\n\nTo install the tool, download the archive for your system and unpack it into a folder of your choice. Open a terminal in that folder and run the setup script. The script checks that the required libraries are present, creates a configuration file in your home directory and prints the path of the installed program. To update the tool later, run the same script again: it keeps your configuration and replaces only the program files.",
+];
+
+/// Prose requests (free generation).
+const PROSE: [&str; 3] = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain to a child why the sky is blue and why sunsets are red.",
+    "Describe a busy market in a mountain town on a cold winter morning.",
+];
+
+impl Workload {
+    /// The chat message of request `i`.
+    pub fn message(self, i: usize) -> String {
+        match self {
+            Workload::Grounded => GROUNDED[i % GROUNDED.len()].to_string(),
+            Workload::Prose => PROSE[i % PROSE.len()].to_string(),
+        }
+    }
 }
 
 /// Why `brigade bench` could not run.
@@ -250,6 +301,14 @@ pub struct BenchReport {
     pub mask_p50_us: f64,
     /// 99th-percentile per-token mask time, microseconds (within 5%).
     pub mask_p99_us: f64,
+    /// Speculative decoding in force (`ngram` or `off`).
+    pub speculative: String,
+    /// Verify steps (decode steps that carried drafts) during the run.
+    pub spec_steps: u64,
+    /// Draft tokens accepted / proposed during the run (0 without drafts).
+    pub spec_acceptance_rate: f64,
+    /// Mean tokens a verify step yielded (accepted drafts + 1; 0 without drafts).
+    pub spec_tokens_per_step: f64,
 }
 
 struct Job {
@@ -279,6 +338,16 @@ fn build_jobs(a: &BenchOptions, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job
             },
         }
     };
+    if let Some(w) = a.workload {
+        return Ok((0..a.num_requests)
+            .map(|i| {
+                let out = a.output_len.draw(next()).max(1);
+                let prompt = crate::engine::Prompt::Chat(vec![crate::tokenizer::ChatMessage::new("user", w.message(i))]);
+                // The prompt length is read from the stream (the engine renders the template).
+                Job { input_len: 0, prompt: GenerateRequest { prompt, params: SamplingParams::greedy(out), priority: 0 } }
+            })
+            .collect());
+    }
     if let Some(path) = &a.dataset {
         let text = std::fs::read_to_string(path).map_err(|source| BenchError::ReadDataset { path: path.clone(), source })?;
         let bad = |line: usize, what: &str| BenchError::DatasetLine { path: path.clone(), line, what: what.to_string() };
@@ -375,6 +444,10 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let workers = cfg.workers(cores, model.config.n_layers);
     let threads = cfg.threads_per_worker(cores, workers);
+    let speculative = match cfg.speculative.method {
+        crate::config::SpecMethod::Ngram => "ngram",
+        crate::config::SpecMethod::Off => "off",
+    };
     let engine = Engine::start(model, tok, cfg)?;
     // Warm-up: one short request (first-touch of weights and buffers).
     drain(engine.submit(GenerateRequest::tokens(vec![100, 200, 300], SamplingParams::greedy(2)))?);
@@ -383,7 +456,8 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
         engine.validator().guidance().get().map_err(|e| EngineError::Invalid { param: Some("constraint".into()), message: e.to_string() })?;
     }
     let masks0 = engine.validator().guidance().built().map(|g| g.mask_times().snapshot());
-    let busy0 = engine.stats().worker_busy_s;
+    let stats0 = engine.stats();
+    let busy0 = stats0.worker_busy_s.clone();
 
     let progress = a.progress && std::io::stderr().is_terminal();
     let done = Arc::new(AtomicUsize::new(0));
@@ -488,6 +562,14 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
     r.worker_busy_fraction =
         stats.worker_busy_s.iter().zip(busy0.iter().chain(std::iter::repeat(&0.0))).map(|(b, b0)| (b - b0) / duration).collect();
     r.structured = a.structured.map(|_| "json-schema".to_string());
+    r.speculative = speculative.to_string();
+    r.spec_steps = stats.spec_steps - stats0.spec_steps;
+    let drafted = stats.spec_draft_tokens - stats0.spec_draft_tokens;
+    let accepted = stats.spec_accepted_tokens - stats0.spec_accepted_tokens;
+    if r.spec_steps > 0 {
+        r.spec_acceptance_rate = accepted as f64 / drafted.max(1) as f64;
+        r.spec_tokens_per_step = 1.0 + accepted as f64 / r.spec_steps as f64;
+    }
     if let (Some(g), Some(m0)) = (engine.validator().guidance().built(), masks0) {
         let m = g.mask_times().snapshot().since(&m0);
         r.masks = m.count();
@@ -516,8 +598,10 @@ struct Measured {
 /// Consumes one stream.
 async fn measure(mut s: ResponseStream, t0: Instant, input_len: usize) -> Result<Measured, String> {
     let mut times = Vec::new();
+    let mut input_len = input_len;
     while let Some(ev) = s.next().await {
         match ev {
+            Event::Started { prompt_tokens, .. } => input_len = prompt_tokens.len(),
             Event::Token { .. } => times.push(Instant::now()),
             Event::Error(e) => return Err(e.to_string()),
             Event::Finished { .. } => break,

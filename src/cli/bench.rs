@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use brigade::bench::engine::{run_offline, BenchOptions, BenchReport, LenSpec, Structured};
+use brigade::bench::engine::{run_offline, BenchOptions, BenchReport, LenSpec, Structured, Workload};
 use brigade::bench::http::{run_http_bench, Endpoint, HttpBenchOptions};
 
 use super::ModelArgs;
@@ -55,6 +55,17 @@ pub(crate) struct BenchArgs {
     /// JSON schema); the report adds the per-token mask time.
     #[arg(long)]
     structured: Option<Structured>,
+    /// Text chat prompts instead of random tokens: `grounded` (copy a text,
+    /// extract fields) or `prose` (free text); greedy, up to --output-len tokens, ending at
+    /// end-of-generation. Speculative decoding's workloads (with --concurrency 1).
+    #[arg(long)]
+    workload: Option<Workload>,
+    /// Run the benchmark twice, speculative decoding off then on (the config's
+    /// `[speculative]` or --spec-ngram), and report both and the speed-up.
+    #[arg(long, conflicts_with = "no_spec")]
+    spec_compare: bool,
+    #[command(flatten)]
+    spec: super::SpecArgs,
     /// Configuration file (TOML).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -75,7 +86,8 @@ pub(crate) struct BenchArgs {
 
 /// Runs `brigade bench` and prints its report.
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
-    let cfg = super::load_config(a.config.as_deref())?;
+    let mut cfg = super::load_config(a.config.as_deref())?;
+    a.spec.apply(&mut cfg)?;
     let m = ModelArgs { model: a.model.clone(), threads: None, config: a.config.clone() };
     let (model, tok) = super::load_with(&m, &cfg)?;
     let opts = BenchOptions {
@@ -93,10 +105,30 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         seed: a.seed,
         progress: !a.no_progress && !a.json,
         structured: a.structured,
+        workload: a.workload,
     };
     if let Some(path) = &a.write_batch {
         let n = brigade::bench::engine::write_batch_file(&opts, &tok, model.config.vocab_size, path)?;
         eprintln!("brigade: wrote {n} requests to {}", path.display());
+        return Ok(());
+    }
+    if a.spec_compare {
+        let mut off = cfg.clone();
+        off.speculative.method = brigade::config::SpecMethod::Off;
+        let mut on = cfg;
+        on.speculative.method = brigade::config::SpecMethod::Ngram;
+        let r_off = run_offline(&opts, model.clone(), tok.clone(), off)?;
+        let r_on = run_offline(&opts, model, tok, on)?;
+        let speedup = if r_off.output_tokens_per_s > 0.0 { r_on.output_tokens_per_s / r_off.output_tokens_per_s } else { 0.0 };
+        if a.json {
+            println!("{}", serde_json::json!({ "off": r_off, "ngram": r_on, "speedup": speedup }));
+        } else {
+            for (name, r) in [("speculative off", &r_off), ("speculative ngram", &r_on)] {
+                println!("== {name}");
+                print_table(r);
+            }
+            println!("{:<34} {:>12.3}", "speed-up (output tok/s, ngram/off)", speedup);
+        }
         return Ok(());
     }
     let r = run_offline(&opts, model, tok, cfg)?;
@@ -132,6 +164,11 @@ fn print_table(r: &BenchReport) {
         println!("{:<34} {:>12}", "structured output", s);
         println!("{:<34} {:>12}", "mask time p50/p99 (us)", format!("{:.0}/{:.0}", r.mask_p50_us, r.mask_p99_us));
         println!("{:<34} {:>12}", "masks computed", r.masks);
+    }
+    println!("{:<34} {:>12}", "speculative decoding", r.speculative);
+    if r.spec_steps > 0 {
+        println!("{:<34} {:>12}", "verify steps, acceptance (%)", format!("{}, {:.1}", r.spec_steps, r.spec_acceptance_rate * 100.0));
+        println!("{:<34} {:>12.2}", "tokens per verify step", r.spec_tokens_per_step);
     }
     let busy: Vec<String> = r.worker_busy_fraction.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
     println!("{:<34} {:>12}", "worker busy", busy.join(" "));

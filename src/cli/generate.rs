@@ -65,11 +65,14 @@ pub(crate) struct GenerateArgs {
     json: bool,
     #[command(flatten)]
     m: ModelArgs,
+    #[command(flatten)]
+    spec: super::SpecArgs,
 }
 
 /// Runs one request through the engine, streaming its text (or printing JSON).
 pub(crate) fn run(a: GenerateArgs) -> Result<()> {
-    let cfg = super::load_config(a.m.config.as_deref())?;
+    let mut cfg = super::load_config(a.m.config.as_deref())?;
+    a.spec.apply(&mut cfg)?;
     let (model, tok) = super::load_with(&a.m, &cfg)?;
     let prompt = if a.chat {
         Prompt::Chat(vec![ChatMessage::new("user", a.prompt.clone())])

@@ -48,6 +48,33 @@ pub(crate) struct ModelArgs {
     pub(crate) config: Option<PathBuf>,
 }
 
+/// The speculative-decoding flags of the commands that start an engine
+/// (override `[speculative]`).
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct SpecArgs {
+    /// N-gram (prompt-lookup) speculative decoding with this many draft tokens per step (1..=16).
+    #[arg(long, value_name = "K", conflicts_with = "no_spec")]
+    pub(crate) spec_ngram: Option<usize>,
+    /// No speculative decoding.
+    #[arg(long)]
+    pub(crate) no_spec: bool,
+}
+
+impl SpecArgs {
+    /// Applies the flags to `cfg` and checks the section.
+    pub(crate) fn apply(&self, cfg: &mut Config) -> Result<()> {
+        if let Some(k) = self.spec_ngram {
+            cfg.speculative.method = brigade::config::SpecMethod::Ngram;
+            cfg.speculative.num_tokens = k;
+        }
+        if self.no_spec {
+            cfg.speculative.method = brigade::config::SpecMethod::Off;
+        }
+        cfg.speculative.validate().map_err(|e| anyhow::anyhow!("--spec-ngram: {e}"))?;
+        Ok(())
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Generate text from a prompt, streaming it to stdout.

@@ -70,6 +70,8 @@ pub(crate) struct ServeArgs {
     /// Log format: `pretty` (human-readable) or `json`. `RUST_LOG` sets the filter.
     #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
     log_format: String,
+    #[command(flatten)]
+    spec: super::SpecArgs,
 }
 
 /// Installs the global tracing subscriber (`json` or `pretty`), filtered by `RUST_LOG` (default `info`).
@@ -152,6 +154,7 @@ fn apply_flags(args: &ServeArgs, cfg: &mut Config) -> Result<Option<PathBuf>> {
     if let Some(n) = args.max_num_batched_tokens {
         cfg.runtime.max_batched_tokens = n;
     }
+    args.spec.apply(cfg)?;
     cfg.validate().context("the command-line flags")?;
     Ok(model)
 }
@@ -243,6 +246,14 @@ mod tests {
         let mut cfg = Config::default();
         apply_flags(&parse(&["m.gguf", "--data-dir", "/tmp/b"]), &mut cfg).unwrap();
         assert_eq!(cfg.server.batch_data_dir, Some(PathBuf::from("/tmp/b")));
+        // Speculative decoding flags.
+        let mut cfg = Config::default();
+        apply_flags(&parse(&["m.gguf", "--spec-ngram", "6"]), &mut cfg).unwrap();
+        assert_eq!((cfg.speculative.method, cfg.speculative.num_tokens), (brigade::config::SpecMethod::Ngram, 6));
+        apply_flags(&parse(&["m.gguf", "--no-spec"]), &mut cfg).unwrap();
+        assert_eq!(cfg.speculative.method, brigade::config::SpecMethod::Off);
+        let e = apply_flags(&parse(&["m.gguf", "--spec-ngram", "0"]), &mut Config::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("speculative.num_tokens"), "{e:#}");
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub struct EngineStats {
     pub failed_steps: u64,
     /// Prompt tokens computed.
     pub prefill_tokens: u64,
-    /// Decode tokens computed.
+    /// Decode tokens computed (rows: speculative drafts included).
     pub decode_tokens: u64,
     /// Tokens per micro-batch, bucketed.
     pub iteration_tokens: crate::engine::scheduler::IterationTokens,
@@ -59,6 +59,12 @@ pub struct EngineStats {
     pub open_completions: usize,
     /// Seconds since start.
     pub uptime_s: f64,
+    /// Speculative decoding: verify chunks run (decode steps that carried drafts).
+    pub spec_steps: u64,
+    /// Draft tokens proposed.
+    pub spec_draft_tokens: u64,
+    /// Draft tokens accepted (each verify chunk also yields one more token).
+    pub spec_accepted_tokens: u64,
 }
 
 /// Whether the engine is alive; set once, when an actor dies for good.

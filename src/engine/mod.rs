@@ -12,7 +12,8 @@
 //! Where things are: [`handle`] (the API: [`EngineHandle`], [`ResponseStream`]),
 //! [`msg`] (every inter-actor message), [`validation`] (the one
 //! [`Validator`]), [`request`] (requests and events), [`error`],
-//! [`scheduler`] (the pure continuous-batching core), [`stop`] (incremental
+//! [`scheduler`] (the pure continuous-batching core), [`spec`] (n-gram
+//! speculative decoding: drafts and their verification), [`stop`] (incremental
 //! stop strings), [`fault`] (fault injection), and one file per actor in
 //! `actors/`. This file wires them together.
 //!
@@ -54,6 +55,7 @@ pub mod handle;
 pub(crate) mod msg;
 pub mod request;
 pub mod scheduler;
+pub mod spec;
 pub mod stop;
 pub mod validation;
 
@@ -211,7 +213,7 @@ impl Engine {
         let output = OutputActor::new(out_rx, tokenizer.clone(), control_tx.clone(), health.clone(), faults.clone(), open_completions.clone());
         handles.push(spawn("output".into(), &sup, move || output.run())?);
 
-        let sched = Scheduler::new(SchedulerConfig {
+        let mut sched = Scheduler::new(SchedulerConfig {
             max_batched_tokens: config.runtime.max_batched_tokens,
             max_seqs: config.runtime.max_seqs,
             prefill_chunk: config.runtime.prefill_chunk,
@@ -221,6 +223,7 @@ impl Engine {
             background_rows: config.runtime.background_rows,
         })
         .map_err(|e| StartError::Spawn(format!("kv cache: {e}")))?;
+        sched.set_speculation(config.speculative.clone());
         let release = config.kv_cache.release_idle_s;
         let actor = SchedulerActor {
             sched,

@@ -150,7 +150,8 @@ pub(crate) type PromptLogprobs = Vec<Vec<(usize, TokenLogprob)>>;
 /// Last worker → sampler.
 pub(crate) struct LogitsMsg {
     pub(crate) batch: Arc<SchedulerOutput>,
-    /// Chunk index of each logits row (the chunk's last row: it samples).
+    /// Chunk index of each logits row (the chunk's last row: it samples; a
+    /// speculative chunk's last `1 + draft` rows, consecutive, in order).
     pub(crate) rows: Vec<usize>,
     /// `rows.len() × vocab` logits.
     pub(crate) logits: Vec<f32>,
@@ -163,7 +164,9 @@ pub(crate) struct LogitsMsg {
 /// Sampler → scheduler.
 pub(crate) struct StepResult {
     pub(crate) batch: Arc<SchedulerOutput>,
-    pub(crate) sampled: Vec<Option<Sampled>>,
+    /// Per chunk, the tokens it produced: none (no sampling), one, or for a
+    /// speculative chunk the accepted drafts plus one.
+    pub(crate) sampled: Vec<Vec<Sampled>>,
     pub(crate) prompt_lp: PromptLogprobs,
     /// The micro-batch failed (a stage panicked): its requests end with an error.
     pub(crate) failed: Option<String>,

@@ -40,6 +40,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::request::{FinishReason, SamplingParams};
+use super::spec::{self, SpecState};
+use crate::config::SpeculativeConfig;
 use crate::kv::{KvCacheManager, KvError};
 
 /// Scheduler limits.
@@ -120,6 +122,8 @@ pub struct Sequence {
     /// itself (copy-on-write of the partial last block) and samples its own
     /// first token.
     pub pending_forks: Vec<Sequence>,
+    /// Speculative decoding: acceptance EWMA and cooldown ([`super::spec`]).
+    pub spec: SpecState,
 }
 
 impl Sequence {
@@ -153,8 +157,13 @@ pub struct ScheduledChunk {
     pub seq_id: u64,
     /// Position of the first token.
     pub pos: usize,
-    /// Tokens to compute (`tokens[pos..pos + len]`).
+    /// Tokens to compute (`tokens[pos..pos + len]`), then the `draft` proposed tokens.
     pub tokens: Vec<u32>,
+    /// Speculative decoding: the last `draft` entries of `tokens` are proposals
+    /// (not yet in the sequence); every row from the sequence's last token on
+    /// gets logits and samples, and the sampler returns the accepted drafts plus
+    /// one token ([`super::spec`]). 0 for every other chunk.
+    pub draft: usize,
     /// Block table covering `0..pos + len`.
     pub block_table: Vec<u32>,
     /// The chunk ends at the sequence's last token: sample the next one.
@@ -279,10 +288,16 @@ pub struct SchedulerCounters {
     pub steps: u64,
     /// Prompt tokens computed (not served from cache).
     pub prefill_tokens: u64,
-    /// Decode tokens computed.
+    /// Decode tokens computed (rows: speculative drafts included).
     pub decode_tokens: u64,
     /// Tokens per micro-batch, bucketed (the `iteration_tokens_total` histogram).
     pub iteration_tokens: IterationTokens,
+    /// Speculative decoding: verify chunks (a decode step carrying drafts).
+    pub spec_steps: u64,
+    /// Draft tokens proposed in those chunks.
+    pub spec_draft_tokens: u64,
+    /// Draft tokens accepted.
+    pub spec_accepted_tokens: u64,
 }
 
 /// Upper bounds of the [`IterationTokens`] buckets (vLLM's `iteration_tokens_total`);
@@ -328,6 +343,8 @@ pub struct Scheduler {
     pub counters: SchedulerCounters,
     /// Prefix-cache statistics of KV managers replaced by [`Self::reset_kv`].
     stats_offset: (u64, u64),
+    /// Speculative decoding settings (off unless [`Self::set_speculation`]).
+    spec: SpeculativeConfig,
 }
 
 impl Scheduler {
@@ -344,7 +361,13 @@ impl Scheduler {
             failed: Vec::new(),
             counters: SchedulerCounters::default(),
             stats_offset: (0, 0),
+            spec: SpeculativeConfig::off(),
         })
+    }
+
+    /// Turns n-gram speculative decoding on or off ([`super::spec`]).
+    pub fn set_speculation(&mut self, cfg: SpeculativeConfig) {
+        self.spec = cfg;
     }
 
     /// Queues a new sequence (status Waiting). Ordered by class (interactive
@@ -613,16 +636,31 @@ impl Scheduler {
             }
             let n = self.chunk_len(remaining, budget);
             let need = s.num_computed + n;
-            match self.make_room(id, need, &mut copies) {
-                Ok(true) => {}
-                Ok(false) => continue, // preempted itself, or nothing left to preempt
-                Err(e) => {
-                    self.fail_in_schedule(id, "allocate_slots", e);
-                    continue;
+            let mut draft = self.draft_for(id, n, budget);
+            if !draft.is_empty() {
+                // Room for the drafts only if free blocks allow it: never preempt for them.
+                match self.kv.allocate_slots(id, need + draft.len(), &mut copies) {
+                    Ok(true) => {}
+                    Ok(false) => draft.clear(),
+                    Err(e) => {
+                        self.fail_in_schedule(id, "allocate_slots", e);
+                        continue;
+                    }
                 }
             }
-            if self.push_chunk(id, n, &mut chunks) {
-                budget -= n;
+            if draft.is_empty() {
+                match self.make_room(id, need, &mut copies) {
+                    Ok(true) => {}
+                    Ok(false) => continue, // preempted itself, or nothing left to preempt
+                    Err(e) => {
+                        self.fail_in_schedule(id, "allocate_slots", e);
+                        continue;
+                    }
+                }
+            }
+            let rows = n + draft.len();
+            if self.push_chunk(id, n, draft, &mut chunks) {
+                budget -= rows;
             }
         }
 
@@ -665,7 +703,7 @@ impl Scheduler {
                     s.num_cached = num_cached;
                 }
             }
-            if n > 0 && self.push_chunk(id, n, &mut chunks) {
+            if n > 0 && self.push_chunk(id, n, Vec::new(), &mut chunks) {
                 budget -= n;
             }
         }
@@ -675,6 +713,10 @@ impl Scheduler {
         }
         for c in &chunks {
             let n = c.tokens.len() as u64;
+            if c.draft > 0 {
+                self.counters.spec_steps += 1;
+                self.counters.spec_draft_tokens += c.draft as u64;
+            }
             match self.seqs.get(&c.seq_id) {
                 Some(s) if c.pos + c.tokens.len() <= s.num_prompt => self.counters.prefill_tokens += n,
                 _ => self.counters.decode_tokens += n,
@@ -736,10 +778,35 @@ impl Scheduler {
         ids
     }
 
-    /// Appends `id`'s next chunk of `n` tokens to `chunks` and marks it in flight (so it
-    /// cannot be preempted later in this step); false if the sequence had to be failed.
-    fn push_chunk(&mut self, id: u64, n: usize, chunks: &mut Vec<ScheduledChunk>) -> bool {
-        match self.make_chunk(id, n) {
+    /// The draft tokens `id` proposes this step (empty: a plain decode step): only for
+    /// a decode step (`n == 1`, the prompt done, no siblings pending) of a sequence
+    /// whose parameters allow it, while few enough sequences run, and within the
+    /// token budget, `max_tokens` and the context length (room for the bonus token).
+    fn draft_for(&mut self, id: u64, n: usize, budget: usize) -> Vec<u32> {
+        if !spec::batch_allows(&self.spec, self.running.len()) {
+            return Vec::new();
+        }
+        let cfg = &self.spec;
+        let Some(s) = self.seqs.get_mut(&id) else { return Vec::new() };
+        let decoding = n == 1 && s.num_computed + 1 == s.tokens.len() && s.num_generated() > 0 && s.pending_forks.is_empty();
+        if !decoding || !spec::params_allow(&s.params) || !s.spec.try_draft(cfg) {
+            return Vec::new();
+        }
+        // After the drafts and the extra token: tokens.len() + k + 1 <= max_len, generated + k + 1 <= max_tokens.
+        let k = s
+            .spec
+            .draft_len(cfg.num_tokens)
+            .min(budget.saturating_sub(1))
+            .min(s.max_len.saturating_sub(s.tokens.len() + 1))
+            .min(s.params.max_tokens.saturating_sub(s.num_generated() + 1));
+        spec::propose(&s.tokens, cfg.ngram_min, cfg.ngram_max, k)
+    }
+
+    /// Appends `id`'s next chunk of `n` tokens (and `draft` proposals) to `chunks` and
+    /// marks it in flight (so it cannot be preempted later in this step); false if the
+    /// sequence had to be failed.
+    fn push_chunk(&mut self, id: u64, n: usize, draft: Vec<u32>, chunks: &mut Vec<ScheduledChunk>) -> bool {
+        match self.make_chunk(id, n, draft) {
             Some(c) => {
                 chunks.push(c);
                 if let Some(s) = self.seqs.get_mut(&id) {
@@ -754,12 +821,14 @@ impl Scheduler {
         }
     }
 
-    /// The chunk `tokens[num_computed..num_computed + n]` of `id`; `None` if the sequence,
-    /// its block table or those tokens are missing (a bookkeeping bug).
-    fn make_chunk(&self, id: u64, n: usize) -> Option<ScheduledChunk> {
+    /// The chunk `tokens[num_computed..num_computed + n]` of `id`, then `draft`; `None`
+    /// if the sequence, its block table or those tokens are missing (a bookkeeping bug).
+    fn make_chunk(&self, id: u64, n: usize, draft: Vec<u32>) -> Option<ScheduledChunk> {
         let s = self.seqs.get(&id)?;
         let pos = s.num_computed;
-        let tokens = s.tokens.get(pos..pos + n)?.to_vec();
+        let mut tokens = s.tokens.get(pos..pos + n)?.to_vec();
+        let num_draft = draft.len();
+        tokens.extend(draft);
         let block_table = self.kv.block_table(id)?.to_vec();
         let sample = pos + n == s.tokens.len() && s.params.max_tokens > 0;
         let all_logits = s.wants_prompt_logprobs() && pos < s.num_prompt;
@@ -776,7 +845,7 @@ impl Scheduler {
                 eog: s.eog.clone(),
             }
         });
-        Some(ScheduledChunk { seq_id: id, pos, tokens, block_table, sample, all_logits, ctx })
+        Some(ScheduledChunk { seq_id: id, pos, tokens, draft: num_draft, block_table, sample, all_logits, ctx })
     }
 
     /// Applies a returned micro-batch: advances computed counts, appends
@@ -784,53 +853,81 @@ impl Scheduler {
     /// sequences and frees their blocks. Cancelled sequences finish with `Abort`;
     /// a chunk that cannot be applied (bookkeeping bug) fails its sequence with `Error`.
     pub fn update_from_output(&mut self, batch: &SchedulerOutput, sampled: &[Option<u32>]) -> Vec<SeqUpdate> {
+        let tokens: Vec<Vec<u32>> = sampled.iter().map(|t| t.iter().copied().collect()).collect();
+        self.update_from_tokens(batch, &tokens)
+    }
+
+    /// [`Self::update_from_output`] with every token a chunk produced: one for a
+    /// plain sampling chunk, the accepted drafts plus one for a speculative chunk
+    /// (`draft > 0`), none for a chunk that does not sample. One [`SeqUpdate`] per
+    /// token appended (the last carries the finish), so a stop token or a limit
+    /// reached among accepted drafts ends the sequence there.
+    pub fn update_from_tokens(&mut self, batch: &SchedulerOutput, sampled: &[Vec<u32>]) -> Vec<SeqUpdate> {
         let mut updates = Vec::with_capacity(batch.chunks.len());
         for (i, c) in batch.chunks.iter().enumerate() {
-            let token = sampled.get(i).copied().flatten();
-            self.apply_chunk(batch.step_id, c, token, &mut updates);
+            let tokens = sampled.get(i).map_or(&[][..], Vec::as_slice);
+            self.apply_chunk(batch.step_id, c, tokens, &mut updates);
         }
         updates
     }
 
-    /// [`Self::update_from_output`] for one chunk.
-    fn apply_chunk(&mut self, step_id: u64, c: &ScheduledChunk, token: Option<u32>, updates: &mut Vec<SeqUpdate>) {
+    /// [`Self::update_from_tokens`] for one chunk.
+    fn apply_chunk(&mut self, step_id: u64, c: &ScheduledChunk, sampled: &[u32], updates: &mut Vec<SeqUpdate>) {
         let id = c.seq_id;
         let Some(s) = self.seqs.get_mut(&id).filter(|s| s.in_flight) else {
             updates.extend(self.fail(id, SchedulerError::NotInFlight { step_id, seq_id: id }));
             return;
         };
         s.in_flight = false;
-        let computed = c.pos + c.tokens.len();
-        s.num_computed = computed;
+        // The chunk's own tokens (not the drafts) are computed; accepted drafts add theirs.
+        let base = c.pos + c.tokens.len() - c.draft.min(c.tokens.len());
+        let drafts = c.tokens.get(base - c.pos..).unwrap_or(&[]);
+        let accepted = if c.draft > 0 { spec::accepted_prefix(drafts, sampled).min(sampled.len().saturating_sub(1)) } else { 0 };
+        let mut computed = base + accepted;
         let mut finish = None;
-        let mut new_token = None;
+        let mut new_tokens: Vec<u32> = Vec::new();
         if s.is_cancelled() {
             finish = Some(FinishReason::Abort);
+            computed = base;
         } else if c.sample {
-            let Some(t) = token else {
+            if sampled.is_empty() {
                 updates.extend(self.fail(id, SchedulerError::NoSampledToken { step_id, seq_id: id }));
                 return;
-            };
-            s.tokens.push(t);
-            new_token = Some(t);
-            let p = &s.params;
-            // Stop tokens are masked while `min_tokens` is not reached (`SampleCtx::mask_stop`),
-            // so a sampled one always ends the completion.
-            if (!p.ignore_eos && s.eog.contains(&t)) || p.stop_token_ids.contains(&t) {
-                finish = Some(FinishReason::Stop);
-            } else if s.num_generated() >= p.max_tokens || s.tokens.len() >= s.max_len {
-                finish = Some(FinishReason::Length);
             }
+            if c.draft > 0 {
+                s.spec.record(c.draft, accepted, &self.spec);
+                self.counters.spec_accepted_tokens += accepted as u64;
+            }
+            for &t in sampled.iter().take(accepted + 1) {
+                s.tokens.push(t);
+                new_tokens.push(t);
+                let p = &s.params;
+                // Stop tokens are masked while `min_tokens` is not reached (`SampleCtx::mask_stop`),
+                // so a sampled one always ends the completion.
+                if (!p.ignore_eos && s.eog.contains(&t)) || p.stop_token_ids.contains(&t) {
+                    finish = Some(FinishReason::Stop);
+                } else if s.num_generated() >= p.max_tokens || s.tokens.len() >= s.max_len {
+                    finish = Some(FinishReason::Length);
+                }
+                if finish.is_some() {
+                    break;
+                }
+            }
+            // Ended among the accepted drafts: K/V past the last token appended are moot.
+            computed = computed.min(s.tokens.len());
         }
+        s.num_computed = computed;
         if finish.is_none() && s.params.max_tokens == 0 && computed == s.tokens.len() {
             finish = Some(FinishReason::Length);
         }
         let num_cached = s.num_cached;
+        // Rejected drafts: give back the room of their positions (their K/V is never read).
+        let rolled_back = if c.draft > 0 { self.kv.truncate(id, computed) } else { Ok(()) };
         // Only computed tokens (the sampled one has no K/V yet).
-        let committed = match s.tokens.get(..computed) {
+        let committed = rolled_back.and_then(|()| match s.tokens.get(..computed) {
             Some(tokens) => self.kv.commit_full_blocks(id, tokens),
             None => Err(KvError::ComputedBeyondAllocation { seq: id, got: computed, max: s.tokens.len() }),
-        };
+        });
         if let Err(e) = committed {
             updates.extend(self.fail(id, SchedulerError::Kv { seq_id: id, op: "commit_full_blocks", source: e }));
             return;
@@ -848,7 +945,15 @@ impl Scheduler {
                 }
             }
         }
-        updates.push(SeqUpdate { seq_id: id, token: new_token, finish, num_cached, error: None });
+        match new_tokens.split_last() {
+            None => updates.push(SeqUpdate { seq_id: id, token: None, finish, num_cached, error: None }),
+            Some((&last, first)) => {
+                for &t in first {
+                    updates.push(SeqUpdate { seq_id: id, token: Some(t), finish: None, num_cached, error: None });
+                }
+                updates.push(SeqUpdate { seq_id: id, token: Some(last), finish, num_cached, error: None });
+            }
+        }
     }
 }
 
@@ -899,6 +1004,7 @@ mod tests {
             eog: Arc::new(vec![EOS]),
             prompt: Arc::new(prompt.to_vec()),
             pending_forks: Vec::new(),
+            spec: Default::default(),
         }
     }
 
@@ -990,7 +1096,8 @@ mod tests {
             if s.kv.num_computed_tokens(id) != Some(q.num_computed) {
                 return Err(format!("seq {id}: kv computed {:?} != {}", s.kv.num_computed_tokens(id), q.num_computed));
             }
-            if num_tokens > q.tokens.len() {
+            // (A speculative chunk's table also has room for its drafts: checked with the batch.)
+            if num_tokens > q.tokens.len() && !q.in_flight {
                 return Err(format!("seq {id}: table for {num_tokens} tokens > {} tokens", q.tokens.len()));
             }
             if !q.in_flight && num_tokens != q.num_computed {
@@ -1020,7 +1127,9 @@ mod tests {
                 if !q.in_flight || q.num_computed != c.pos || table != c.block_table.as_slice() {
                     return Err(format!("in-flight seq {id} changed: computed {} table {table:?}", q.num_computed));
                 }
-                if s.kv.num_tokens(id) != Some(end) || q.tokens.get(c.pos..end) != Some(c.tokens.as_slice()) {
+                // The table has room for the drafts too; only the tokens before them are the sequence's.
+                let own = end - c.draft;
+                if s.kv.num_tokens(id) != Some(end) || q.tokens.get(c.pos..own) != c.tokens.get(..own - c.pos) {
                     return Err(format!("seq {id}: chunk {}..{end} does not match its table/tokens", c.pos));
                 }
                 for j in c.pos / bs..end.div_ceil(bs) {
@@ -1542,6 +1651,81 @@ mod tests {
         assert_eq!(s.kv.num_free_blocks(), 8);
     }
 
+    /// A sequence whose drafts have always held: it drafts the full `num_tokens`.
+    fn confident(mut q: Sequence) -> Sequence {
+        q.spec.ewma = 1.0;
+        q
+    }
+
+    fn speculative(s: &mut Scheduler, num_tokens: usize) {
+        s.set_speculation(SpeculativeConfig { num_tokens, ngram_min: 1, ngram_max: 2, max_running: 2, ..SpeculativeConfig::default() });
+    }
+
+    #[test]
+    fn speculative_chunks_roll_back_rejected_drafts() {
+        let mut s = scheduler(SchedulerConfig { prefix_caching: true, ..config(64, 8, 0, 4, 16) });
+        speculative(&mut s, 3);
+        s.add(confident(seq(0, &[1, 2, 3, 1, 2], greedy(10))));
+        // Prefill (no draft: nothing generated yet), samples 3 → [1 2 3 1 2 3].
+        let (out, _) = step(&mut s, 3);
+        assert_eq!((rows(&out), out.chunks[0].draft), (vec![(0, 0, 5)], 0));
+        // Decode: suffix [2 3] recurs at 1..3, followed by [1 2 3]: 1 + 3 rows, room for 9 tokens.
+        let out = s.schedule().expect("batch");
+        check(&s, std::slice::from_ref(&out));
+        assert_eq!((rows(&out), out.chunks[0].draft, out.chunks[0].tokens.clone()), (vec![(0, 5, 4)], 3, vec![3, 1, 2, 3]));
+        assert_eq!(s.kv.num_tokens(0), Some(9));
+        // The sampler confirmed draft 1, then chose 9 instead of draft 2.
+        let up = s.update_from_tokens(&out, &[vec![1, 9]]);
+        assert_eq!(up.iter().map(|u| (u.token, u.finish)).collect::<Vec<_>>(), vec![(Some(1), None), (Some(9), None)]);
+        check(&s, &[]);
+        // 6 + 1 accepted computed; the table shrank to 7 tokens = 2 blocks.
+        assert_eq!((s.get(0).map(|q| q.tokens.clone()), s.get(0).map(|q| q.num_computed)), (Some(vec![1, 2, 3, 1, 2, 3, 1, 9]), Some(7)));
+        assert_eq!((s.kv.num_tokens(0), s.kv.num_free_blocks()), (Some(7), 14));
+        let c = s.counters;
+        assert_eq!((c.spec_steps, c.spec_draft_tokens, c.spec_accepted_tokens), (1, 3, 1));
+        // Next decode: [1 9] and [9] never occurred before: a plain step.
+        let (out, _) = step(&mut s, 5);
+        assert_eq!((rows(&out), out.chunks[0].draft), (vec![(0, 7, 1)], 0));
+        // Block 1 is now full with the real tokens [2 3 1 9]; the rejected draft (2 at 7) was never cached.
+        assert_eq!(s.kv.get_computed_blocks(&[1, 2, 3, 1, 2, 3, 1, 9, 0]).1, 8);
+        assert_eq!(s.kv.get_computed_blocks(&[1, 2, 3, 1, 2, 3, 1, 2, 0]).1, 4);
+        s.cancel_request(0);
+        assert_eq!(s.kv.num_free_blocks(), 16);
+    }
+
+    #[test]
+    fn speculative_chunks_respect_limits_and_stop_inside_the_drafts() {
+        let mut s = scheduler(config(64, 8, 0, 4, 16));
+        speculative(&mut s, 4);
+        // max_tokens 3: after the first token, at most 3 - 1 - 1 = 1 draft.
+        s.add(seq(0, &[1, 2, 1], greedy(3)));
+        // An EOS among the accepted tokens ends the sequence there.
+        s.add(confident(seq(1, &[4, 5, 6, 4, 5, 6], greedy(10))));
+        step(&mut s, 2); // [1 2 1 2], [4 5 6 4 5 6 2]
+        let out = s.schedule().expect("batch");
+        // Seq 0: suffix [1 2] at 0 → [1]; seq 1: suffix [6 2] no, [2] no → no draft.
+        assert_eq!(out.chunks.iter().map(|c| c.draft).collect::<Vec<_>>(), vec![1, 0]);
+        let up = s.update_from_tokens(&out, &[vec![1, 7], vec![4]]);
+        // Seq 0: 1 accepted + 7 = 3 tokens = max_tokens.
+        let of0: Vec<(Option<u32>, Option<FinishReason>)> = up.iter().filter(|u| u.seq_id == 0).map(|u| (u.token, u.finish)).collect();
+        assert_eq!(of0, vec![(Some(1), None), (Some(7), Some(FinishReason::Length))]);
+        check(&s, &[]);
+        // Seq 1: [.. 6 2 4]: suffix [2 4] no, [4] last at 3 → [5 6 2 4]; EOS at the second row.
+        let out = s.schedule().expect("batch");
+        assert_eq!((rows(&out), out.chunks[0].draft), (vec![(1, 7, 5)], 4));
+        let up = s.update_from_tokens(&out, &[vec![5, EOS]]);
+        assert_eq!(up.iter().map(|u| (u.token, u.finish)).collect::<Vec<_>>(), vec![(Some(5), None), (Some(EOS), Some(FinishReason::Stop))]);
+        assert!(s.is_empty());
+        assert_eq!(s.kv.num_free_blocks(), 16);
+        // Speculation is for small batches only: 3 running > max_running 2.
+        for i in 0..3 {
+            s.add(seq(10 + i, &[1, 2, 1], greedy(10)));
+        }
+        step(&mut s, 2);
+        let out = s.schedule().expect("batch");
+        assert!(out.chunks.iter().all(|c| c.draft == 0));
+    }
+
     #[test]
     fn fail_batch_fails_only_that_batch() {
         let mut s = scheduler(config(64, 1, 0, 4, 8));
@@ -1694,12 +1878,14 @@ mod tests {
                 self.num_copies += 1;
             }
             for c in &out.chunks {
-                let tokens = &self.s.seqs[&c.seq_id].tokens;
+                // The rows written: the sequence's tokens, then any drafts.
+                let tokens: Vec<u32> = self.s.seqs[&c.seq_id].tokens[..c.pos].iter().chain(&c.tokens).copied().collect();
                 let end = c.pos + c.tokens.len();
                 for j in 0..c.pos.div_ceil(bs) {
                     let b = c.block_table[j] as usize;
                     let upto = ((j + 1) * bs).min(c.pos);
-                    assert_eq!(self.written[b], tokens[..upto], "seq {} reads wrong K/V in block {b}", c.seq_id);
+                    // Rows past `upto` may hold a rejected draft's K/V: never read.
+                    assert_eq!(self.written[b].get(..upto), Some(&tokens[..upto]), "seq {} reads wrong K/V in block {b}", c.seq_id);
                 }
                 for j in c.pos / bs..end.div_ceil(bs) {
                     self.written[c.block_table[j] as usize] = tokens[..((j + 1) * bs).min(end)].to_vec();
@@ -1729,19 +1915,33 @@ mod tests {
                 self.num_out_of_order += usize::from(i + 1 < self.in_flight.len());
                 let out = self.in_flight.remove(i);
                 let rng = &mut self.rng;
-                let sampled: Vec<Option<u32>> = out
+                let sampled: Vec<Vec<u32>> = out
                     .chunks
                     .iter()
                     .map(|c| {
-                        let ctx = c.ctx.as_ref().filter(|_| c.sample)?;
+                        let Some(ctx) = c.ctx.as_ref().filter(|_| c.sample) else { return Vec::new() };
+                        if c.draft > 0 {
+                            // A random number of drafts accepted, then a token that is not the next draft
+                            // (no stop token: the rows' masks differ; drafts come from the history).
+                            let drafts = &c.tokens[c.tokens.len() - c.draft..];
+                            let a = rng.gen_range(0..=c.draft);
+                            let mut v = drafts[..a].to_vec();
+                            v.push(loop {
+                                let t = rng.gen_range(0..4);
+                                if drafts.get(a) != Some(&t) {
+                                    break t;
+                                }
+                            });
+                            return v;
+                        }
                         // The sampler never picks masked stop tokens (EOS, 4).
-                        Some(if !ctx.mask_stop && rng.gen_bool(0.1) { EOS } else { rng.gen_range(0..if ctx.mask_stop { 4 } else { 5 }) })
+                        vec![if !ctx.mask_stop && rng.gen_bool(0.1) { EOS } else { rng.gen_range(0..if ctx.mask_stop { 4 } else { 5 }) }]
                     })
                     .collect();
                 for c in &out.chunks {
                     self.num_aborted_in_flight += usize::from(self.s.seqs.get(&c.seq_id).is_some_and(Sequence::is_cancelled));
                 }
-                for u in self.s.update_from_output(&out, &sampled) {
+                for u in self.s.update_from_tokens(&out, &sampled) {
                     self.record(&u);
                 }
                 check(&self.s, &self.in_flight);
@@ -1756,6 +1956,19 @@ mod tests {
     /// then a drain: every sequence finished exactly once and the pool whole.
     #[test]
     fn randomized_kv_invariants_after_every_step() {
+        randomized(false);
+    }
+
+    /// The same with n-gram speculation (up to 3 drafts, a random number accepted, for
+    /// batches of up to 4 running sequences): rejected drafts' K/V are never read (the
+    /// shadow), tables roll back (the invariants) and the prefix cache serves only
+    /// accepted tokens.
+    #[test]
+    fn randomized_kv_invariants_with_speculation() {
+        randomized(true);
+    }
+
+    fn randomized(speculation: bool) {
         let mut rng = SmallRng::seed_from_u64(64);
         let num_blocks = 24;
         let prefixes = (0..4).map(|i| (0..i * 5).map(|_| rng.gen_range(0..3)).collect()).collect();
@@ -1773,6 +1986,9 @@ mod tests {
             num_out_of_order: 0,
             num_aborted_in_flight: 0,
         };
+        if speculation {
+            sim.s.set_speculation(SpeculativeConfig { num_tokens: 3, ngram_min: 1, ngram_max: 2, max_running: 4, min_acceptance: 0.2, cooldown_steps: 2, ..SpeculativeConfig::default() });
+        }
         for _ in 0..3000 {
             sim.tick(true);
         }
@@ -1800,5 +2016,12 @@ mod tests {
         assert!(stop > 50 && length > 50 && abort > 10, "{summary}");
         assert!(c.preemptions > 100 && sim.num_copies > 200 && kv.prefix_hit_tokens > 5000, "{summary}");
         assert!(sim.num_two_in_flight > 1000 && sim.num_out_of_order > 500 && sim.num_aborted_in_flight > 20, "{summary}");
+        let spec = format!("verify steps {}, drafts {}, accepted {}", c.spec_steps, c.spec_draft_tokens, c.spec_accepted_tokens);
+        eprintln!("{spec}");
+        if speculation {
+            assert!(c.spec_steps > 300 && c.spec_accepted_tokens > 200 && c.spec_accepted_tokens < c.spec_draft_tokens, "{spec}");
+        } else {
+            assert_eq!(c.spec_steps, 0);
+        }
     }
 }

@@ -438,6 +438,32 @@ impl KvCacheManager {
             .count())
     }
 
+    /// Rolls `seq`'s table back to room for `num_tokens` tokens (speculative
+    /// decoding: drafts that were rejected): the blocks past
+    /// `ceil(num_tokens / block_size)` are released (ref −1, last first), the
+    /// computed count is capped at `num_tokens` and so are the committed blocks.
+    /// The released blocks were allocated for the rejected positions and never
+    /// committed, so the prefix cache holds none of their tokens. A total not
+    /// below the current one is a no-op.
+    pub fn truncate(&mut self, seq: u64, num_tokens: usize) -> Result<(), KvError> {
+        let bs = self.pool.block_size();
+        let s = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSeq(seq))?;
+        if num_tokens >= s.num_tokens {
+            return Ok(());
+        }
+        let keep = num_tokens.div_ceil(bs);
+        let mut result = Ok(());
+        for id in s.table.drain(keep..).rev() {
+            if let Err(e) = self.pool.release(id) {
+                result = result.and(Err(e));
+            }
+        }
+        s.num_tokens = num_tokens;
+        s.num_computed_tokens = s.num_computed_tokens.min(num_tokens);
+        s.committed.truncate(s.num_computed_tokens / bs);
+        result
+    }
+
     /// Sequences holding a block table (for invariant checks and stats).
     pub fn num_seqs(&self) -> usize {
         self.seqs.len()
@@ -499,6 +525,40 @@ mod tests {
         if let Err(e) = m.check_invariants() {
             panic!("invariant broken: {e}");
         }
+    }
+
+    #[test]
+    fn truncate_releases_the_blocks_of_rejected_tokens() {
+        let mut m = mgr(8, 4);
+        let tokens: Vec<u32> = (0..13).collect();
+        // 6 tokens computed (blocks 0, 1), then room for 6 + 5 drafts = 11 → 3 blocks.
+        assert_eq!(m.allocate(1, 6, vec![]), Ok(true));
+        m.commit_full_blocks(1, &tokens[..6]).unwrap();
+        let mut copies = Vec::new();
+        assert_eq!(m.allocate_slots(1, 11, &mut copies), Ok(true));
+        assert_eq!(m.block_table(1), Some(&[0, 1, 2][..]));
+        // 2 of 5 drafts accepted: 6 + 1 + 2 = 9 computed → ceil(9/4) = 3 blocks still.
+        m.truncate(1, 9).unwrap();
+        m.commit_full_blocks(1, &tokens[..9]).unwrap();
+        assert_eq!((m.num_tokens(1), m.num_computed_tokens(1), m.num_free_blocks()), (Some(9), Some(9), 5));
+        ok(&m);
+        // Next step: room for 9 + 5 = 14 → 4 blocks; nothing accepted → 10 tokens, 3 blocks.
+        assert_eq!(m.allocate_slots(1, 14, &mut copies), Ok(true));
+        assert_eq!(m.block_table(1), Some(&[0, 1, 2, 3][..]));
+        m.truncate(1, 10).unwrap();
+        assert_eq!((m.block_table(1), m.num_free_blocks()), (Some(&[0, 1, 2][..]), 5));
+        m.commit_full_blocks(1, &tokens[..10]).unwrap();
+        ok(&m);
+        // Two full blocks cached, the partial third not: a new prompt sharing 12 tokens hits 8.
+        let (hit, n) = m.get_computed_blocks(&tokens[..13]);
+        assert_eq!((hit, n), (vec![0, 1], 8));
+        // No-op above, unknown sequence is a bug.
+        m.truncate(1, 50).unwrap();
+        assert_eq!(m.num_tokens(1), Some(10));
+        assert_eq!(m.truncate(9, 1), Err(KvError::UnknownSeq(9)));
+        m.free(1).unwrap();
+        assert_eq!(m.num_free_blocks(), 8);
+        ok(&m);
     }
 
     #[test]

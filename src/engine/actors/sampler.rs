@@ -5,6 +5,11 @@
 //! while the step waits for its tokens). Prompt log-probabilities arrive
 //! already reduced from the last worker and pass through.
 //!
+//! **Speculative chunks** (`draft > 0`, see [`crate::engine::spec`]): each of
+//! their `1 + draft` rows is sampled as plain decoding would sample that
+//! position (same draw, same `min_tokens` mask); the chunk's result is the
+//! drafts the rows confirm plus the token after them.
+//!
 //! A panic while sampling one micro-batch fails that micro-batch only.
 //!
 //! **Constrained rows** (`SamplingParams::constraint`): the sampler owns one
@@ -33,6 +38,7 @@ use super::guarded;
 use crate::engine::fault::{FaultActor, FaultKind, FaultPlan};
 use crate::engine::msg::{LogitsMsg, StepResult};
 use crate::engine::scheduler::{SampleCtx, ScheduledChunk};
+use crate::engine::spec;
 use crate::guidance::{Allowed, Guidance, LazyGuidance, SeqGuide};
 use crate::sampling::{self, Sampled, SamplingParams};
 
@@ -109,7 +115,12 @@ impl SamplerActor {
             let span = m.span.clone();
             let _g = span.enter();
             let LogitsMsg { batch, rows, logits, prompt_lp, mut failed, .. } = m;
-            let mut sampled: Vec<Option<Sampled>> = vec![None; batch.chunks.len()];
+            let mut sampled: Vec<Vec<Sampled>> = vec![Vec::new(); batch.chunks.len()];
+            // Index of each logits row among its chunk's sampling rows (0 but for speculative chunks).
+            let mut nth: Vec<usize> = Vec::with_capacity(rows.len());
+            for (i, &ci) in rows.iter().enumerate() {
+                nth.push(if i > 0 && rows[i - 1] == ci { nth[i - 1] + 1 } else { 0 });
+            }
             // Constrained rows' states, in row order (taken out of `guides` for the step).
             let mut slots: Vec<Slot> = Vec::new();
             let guidance = self.guidance.built();
@@ -132,8 +143,13 @@ impl SamplerActor {
                     let one = |work: &mut Vec<f32>, ((i, &ci), slot): ((usize, &usize), &mut Slot)| -> Option<(usize, Sampled)> {
                         let (c, raw) = (batch.chunks.get(ci)?, logits.get(i * vocab..(i + 1) * vocab)?);
                         let ctx = c.ctx.as_ref()?;
+                        // A speculative chunk's row j chooses the token after draft j: its
+                        // position and `min_tokens` mask are those plain decoding would have there.
+                        let j = nth.get(i).copied().unwrap_or(0);
+                        let position = c.pos + c.tokens.len() - c.draft.min(c.tokens.len()) + j;
+                        let mask_stop = if j == 0 { ctx.mask_stop } else { position.saturating_sub(ctx.prompt.len()) < ctx.params.min_tokens };
                         let mut masked: Vec<u32> = Vec::new();
-                        if ctx.mask_stop {
+                        if mask_stop {
                             masked.extend_from_slice(&ctx.eog);
                             masked.extend_from_slice(&ctx.params.stop_token_ids);
                         }
@@ -141,7 +157,7 @@ impl SamplerActor {
                             params: &ctx.params,
                             seed: ctx.seed,
                             index: ctx.index,
-                            position: c.pos + c.tokens.len(),
+                            position,
                             prompt: &ctx.prompt,
                             output: &ctx.output,
                             masked: &masked,
@@ -194,14 +210,20 @@ impl SamplerActor {
                     slots = slots_iter;
                     for (ci, smp) in out.into_iter().flatten() {
                         if let Some(slot) = sampled.get_mut(ci) {
-                            *slot = Some(smp);
+                            slot.push(smp);
                         }
+                    }
+                    // Speculative chunks: the accepted drafts and the token after them.
+                    for (c, toks) in batch.chunks.iter().zip(sampled.iter_mut()).filter(|(c, _)| c.draft > 0) {
+                        let drafts = &c.tokens[c.tokens.len() - c.draft.min(c.tokens.len())..];
+                        let chosen: Vec<u32> = toks.iter().map(|t| t.token).collect();
+                        toks.truncate(spec::accepted_prefix(drafts, &chosen) + 1);
                     }
                 });
                 if let Err(panic) = r {
                     tracing::error!(step, %panic, "sampling failed");
                     failed = Some(format!("the sampler failed on step {step}: {panic}"));
-                    sampled.iter_mut().for_each(|s| *s = None);
+                    sampled.iter_mut().for_each(Vec::clear);
                     slots.clear(); // the micro-batch's sequences fail: their states go
                 }
             }
@@ -210,7 +232,7 @@ impl SamplerActor {
             let mut next: Vec<(u64, Guided)> = Vec::new();
             if failed.is_none() {
                 for (slot, &ci) in slots.into_iter().zip(&rows) {
-                    let (Some(Ok(gd)), Some(c), Some(Some(smp))) = (slot, batch.chunks.get(ci), sampled.get(ci)) else { continue };
+                    let (Some(Ok(gd)), Some(c), Some(smp)) = (slot, batch.chunks.get(ci), sampled.get(ci).and_then(|v| v.last())) else { continue };
                     let Some(ctx) = c.ctx.as_ref() else { continue };
                     let p = &ctx.params;
                     let generated = (c.pos + c.tokens.len() + 1).saturating_sub(ctx.prompt.len());

@@ -257,6 +257,7 @@ impl SchedulerActor {
                 eog: self.eog.clone(),
                 prompt: valid.prompt.clone(),
                 pending_forks: Vec::new(),
+                spec: Default::default(),
             });
         }
         span.in_scope(|| tracing::debug!(request_id = id, completions = n, prompt_tokens = valid.prompt.len(), "admitted to the scheduler"));
@@ -323,25 +324,27 @@ impl SchedulerActor {
             self.note_idle();
             return;
         }
-        let tokens: Vec<Option<u32>> = r.sampled.iter().map(|s| s.as_ref().map(|s| s.token)).collect();
+        let tokens: Vec<Vec<u32>> = r.sampled.iter().map(|s| s.iter().map(|s| s.token).collect()).collect();
         for (c, lp) in r.batch.chunks.iter().zip(r.prompt_lp) {
             if !lp.is_empty() {
                 let _ = self.out.send(OutMsg::PromptLogprobs { seq_id: c.seq_id, entries: lp });
             }
         }
-        let mut sampled: HashMap<u64, Sampled> = HashMap::new();
+        // Each sequence's tokens in order (several for a speculative chunk).
+        let mut sampled: HashMap<u64, std::collections::VecDeque<Sampled>> = HashMap::new();
         for (c, smp) in r.batch.chunks.iter().zip(r.sampled) {
-            if let Some(smp) = smp {
-                sampled.insert(c.seq_id, smp);
+            if !smp.is_empty() {
+                sampled.insert(c.seq_id, smp.into());
             }
         }
         let mut failed = Vec::new();
-        for u in self.sched.update_from_output(&r.batch, &tokens) {
+        for u in self.sched.update_from_tokens(&r.batch, &tokens) {
             if u.error.is_some() {
                 failed.push(u);
                 continue;
             }
-            match (u.token, sampled.remove(&u.seq_id)) {
+            let next = if u.token.is_some() { sampled.get_mut(&u.seq_id).and_then(|q| q.pop_front()) } else { None };
+            match (u.token, next) {
                 (Some(_), Some(s)) => {
                     let token = TokenLogprob { token: s.token, logprob: s.logprob, top: s.top };
                     let _ = self.out.send(OutMsg::Token { seq_id: u.seq_id, token, finish: u.finish, cached: u.num_cached });
@@ -440,6 +443,9 @@ impl SchedulerActor {
             s.prefill_tokens = self.sched.counters.prefill_tokens;
             s.decode_tokens = self.sched.counters.decode_tokens;
             s.iteration_tokens = self.sched.counters.iteration_tokens;
+            s.spec_steps = self.sched.counters.spec_steps;
+            s.spec_draft_tokens = self.sched.counters.spec_draft_tokens;
+            s.spec_accepted_tokens = self.sched.counters.spec_accepted_tokens;
             s.worker_busy_s = self.busy.iter().map(|b| b.load(Ordering::Relaxed) as f64 * 1e-9).collect();
             s.channels = self
                 .probes

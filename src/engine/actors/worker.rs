@@ -2,7 +2,8 @@
 //! only) and the physical K/V of those layers for every block; runs each
 //! micro-batch through its layers and hands it on. The last worker also
 //! applies the final norm and output head: to the sampling rows (one per
-//! sequence that samples), and, in chunks of [`PROMPT_LOGPROB_ROWS`] rows, to
+//! sequence that samples; `1 + draft` for a speculative chunk), and, in
+//! chunks of [`PROMPT_LOGPROB_ROWS`] rows, to
 //! prompt rows whose log-probabilities were asked for, reducing each row to
 //! the token's log-probability and the top-k as soon as it is computed (a
 //! full-vocabulary row per prompt token is never kept).
@@ -166,12 +167,18 @@ impl WorkerActor {
             offsets.push(acc);
             acc += c.tokens.len();
         }
-        // Sampling rows: the last row of each chunk that samples.
-        let rows: Vec<usize> = batch.chunks.iter().enumerate().filter(|(_, c)| c.sample).map(|(ci, _)| ci).collect();
-        let mut xs = Vec::with_capacity(rows.len() * dim);
-        for &ci in &rows {
-            let row = offsets[ci] + batch.chunks[ci].tokens.len() - 1;
-            xs.extend_from_slice(&x[row * dim..(row + 1) * dim]);
+        // Sampling rows: the last row of each chunk that samples, or its last
+        // `1 + draft` rows (speculative decoding: the row of its last token and
+        // one per draft), in order; `rows` names each one's chunk.
+        let mut rows: Vec<usize> = Vec::with_capacity(batch.chunks.len());
+        let mut xs = Vec::with_capacity(batch.chunks.len() * dim);
+        for (ci, c) in batch.chunks.iter().enumerate().filter(|(_, c)| c.sample) {
+            let len = c.tokens.len();
+            for r in len - (c.draft + 1).min(len)..len {
+                let row = offsets[ci] + r;
+                rows.push(ci);
+                xs.extend_from_slice(&x[row * dim..(row + 1) * dim]);
+            }
         }
         let mut logits = match &self.next {
             Next::Sampler(_, recycled) => recycled.try_recv().unwrap_or_default(),
