@@ -514,6 +514,10 @@ def main() -> int:
     bextra = shlex.split(args.brigade_args)
     if not any(a.split("=")[0] in ("--workers", "--threads-per-worker", "--config") for a in bextra):
         bextra = ["--workers", "1", "--threads-per-worker", str(args.threads)] + bextra
+    # llama-bench and llama-batched-bench do not speculate: neither does brigade
+    # here (n-gram speculation has its own benchmark, `brigade bench --spec-compare`).
+    if not any(a.split("=")[0] in ("--spec-ngram", "--no-spec", "--config") for a in bextra):
+        bextra = bextra + ["--no-spec"]
     args._brigade_extra = bextra
     args._llama_bench_extra = shlex.split(args.llama_bench_args)
     args._llama_batched_extra = shlex.split(args.llama_batched_args)
