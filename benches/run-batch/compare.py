@@ -27,7 +27,8 @@ def log(msg: str) -> None:
 
 def run_bench(args, extra) -> dict:
     cmd = [args.brigade, "bench", "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
-           "--output-len", str(args.output_len), "--seed", str(args.seed), "--json", "--no-progress"] + extra
+           "--output-len", str(args.output_len), "--seed", str(args.seed), "--concurrency", str(args.concurrency),
+           "--json", "--no-progress"] + extra
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     return {"output_tok_s": r["output_tokens_per_s"], "total_tok_s": r["total_tokens_per_s"], "wall_s": r["duration_s"],
@@ -61,6 +62,9 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--concurrency", type=int, default=64,
+                    help="bench requests in flight (default 64 = runtime.max_seqs, the sequences run-batch's server "
+                         "admits at once: the same engine shape; 'all at once' would raise bench's max_seqs to the request count)")
     ap.add_argument("--repeats", "-r", type=int, default=2, help="alternating rounds (default 2)")
     ap.add_argument("--json", help="write the raw results here")
     args = ap.parse_args()
