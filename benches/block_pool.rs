@@ -15,18 +15,25 @@ fn allocate_free(c: &mut Criterion) {
         let mut m = KvCacheManager::new(4096, BLOCK_SIZE, prefix_caching).expect("valid config");
         let num_seqs = 64u64;
         let num_tokens = 512;
-        group.throughput(Throughput::Elements(num_seqs * (num_tokens / BLOCK_SIZE) as u64));
-        group.bench_function(BenchmarkId::new("64x512tok", if prefix_caching { "pc" } else { "nopc" }), |b| {
-            b.iter(|| {
-                for seq in 0..num_seqs {
-                    let ok = m.allocate(seq, black_box(num_tokens), Vec::new()).expect("fresh seq");
-                    debug_assert!(ok);
-                }
-                for seq in 0..num_seqs {
-                    m.free(seq).expect("allocated above");
-                }
-            })
-        });
+        group.throughput(Throughput::Elements(
+            num_seqs * (num_tokens / BLOCK_SIZE) as u64,
+        ));
+        group.bench_function(
+            BenchmarkId::new("64x512tok", if prefix_caching { "pc" } else { "nopc" }),
+            |b| {
+                b.iter(|| {
+                    for seq in 0..num_seqs {
+                        let ok = m
+                            .allocate(seq, black_box(num_tokens), Vec::new())
+                            .expect("fresh seq");
+                        debug_assert!(ok);
+                    }
+                    for seq in 0..num_seqs {
+                        m.free(seq).expect("allocated above");
+                    }
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -45,7 +52,9 @@ fn prefix_lookup(c: &mut Criterion) {
     let (_, hit) = m.get_computed_blocks(&prompt);
     assert_eq!(hit, 512);
     group.throughput(Throughput::Elements(prompt.len() as u64));
-    group.bench_function("1k_tok_50pct_hit", |b| b.iter(|| m.get_computed_blocks(black_box(&prompt))));
+    group.bench_function("1k_tok_50pct_hit", |b| {
+        b.iter(|| m.get_computed_blocks(black_box(&prompt)))
+    });
     // Lookup + allocate + free of the same prompt, as the scheduler does on admission.
     group.bench_function("1k_tok_50pct_hit_admit", |b| {
         b.iter_batched(

@@ -24,7 +24,10 @@ fn load() -> Option<Arc<Model>> {
 }
 
 fn threads() -> usize {
-    std::env::var("BRIGADE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
+    std::env::var("BRIGADE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
 }
 
 fn forward(c: &mut Criterion) {

@@ -22,13 +22,22 @@ use rand::{Rng, SeedableRng};
 use brigade::kernels::{self, Activations, BlockQ8, Isa, PackedMatrix, QMatrix, QK};
 use brigade::quant::GgmlDType;
 
-const SHAPES: [(usize, usize); 5] = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)];
+const SHAPES: [(usize, usize); 5] = [
+    (576, 576),
+    (192, 576),
+    (1536, 576),
+    (576, 1536),
+    (49152, 576),
+];
 const ROWS: [usize; 5] = [1, 4, 16, 64, 512];
 const GEMMA_SHAPES: [(usize, usize); 2] = [(640, 2048), (2048, 640)];
 const GEMMA_ROWS: [usize; 3] = [1, 32, 64];
 
 fn threads() -> usize {
-    std::env::var("BRIGADE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+    std::env::var("BRIGADE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Byte offsets of a block's f16 scales and the range each gets.
@@ -51,12 +60,17 @@ fn weights(rng: &mut rand::rngs::SmallRng, dtype: GgmlDType, rows: usize, cols: 
     for _ in 0..rows * cols / bs {
         match dtype {
             GgmlDType::F32 => out.extend_from_slice(&rng.gen_range(-0.1f32..0.1).to_le_bytes()),
-            GgmlDType::F16 => out.extend_from_slice(&f16::from_f32(rng.gen_range(-0.1f32..0.1)).to_le_bytes()),
-            GgmlDType::BF16 => out.extend_from_slice(&half::bf16::from_f32(rng.gen_range(-0.1f32..0.1)).to_le_bytes()),
+            GgmlDType::F16 => {
+                out.extend_from_slice(&f16::from_f32(rng.gen_range(-0.1f32..0.1)).to_le_bytes())
+            }
+            GgmlDType::BF16 => out.extend_from_slice(
+                &half::bf16::from_f32(rng.gen_range(-0.1f32..0.1)).to_le_bytes(),
+            ),
             _ => {
                 let mut blk: Vec<u8> = (0..ts).map(|_| rng.gen::<u8>()).collect();
                 for (at, range) in scale_fields(dtype) {
-                    blk[at..at + 2].copy_from_slice(&f16::from_f32(rng.gen_range(range)).to_le_bytes());
+                    blk[at..at + 2]
+                        .copy_from_slice(&f16::from_f32(rng.gen_range(range)).to_le_bytes());
                 }
                 out.extend_from_slice(&blk);
             }
@@ -67,7 +81,12 @@ fn weights(rng: &mut rand::rngs::SmallRng, dtype: GgmlDType, rows: usize, cols: 
 
 fn matmul(c: &mut Criterion) {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
-    let pool = (threads() > 1).then(|| rayon::ThreadPoolBuilder::new().num_threads(threads()).build().unwrap());
+    let pool = (threads() > 1).then(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads())
+            .build()
+            .unwrap()
+    });
     let isas: Vec<Isa> = kernels::available_isas();
     let legacy = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
     for dtype in GgmlDType::ALL {
@@ -78,9 +97,17 @@ fn matmul(c: &mut Criterion) {
         g.measurement_time(std::time::Duration::from_secs(1));
         let mut cases: Vec<((usize, usize), usize)> = Vec::new();
         if legacy.contains(&dtype) {
-            cases.extend(SHAPES.iter().flat_map(|&s| ROWS.iter().map(move |&n| (s, n))));
+            cases.extend(
+                SHAPES
+                    .iter()
+                    .flat_map(|&s| ROWS.iter().map(move |&n| (s, n))),
+            );
         }
-        cases.extend(GEMMA_SHAPES.iter().flat_map(|&s| GEMMA_ROWS.iter().map(move |&n| (s, n))));
+        cases.extend(
+            GEMMA_SHAPES
+                .iter()
+                .flat_map(|&s| GEMMA_ROWS.iter().map(move |&n| (s, n))),
+        );
         for ((rows, cols), n) in cases {
             // The 49152-row head only ever sees the sampled rows; K-quant
             // rows are multiples of 256 (Gemma's 640-wide inputs use Q5_0/Q8_0).
@@ -104,15 +131,39 @@ fn matmul(c: &mut Criterion) {
                 let id = BenchmarkId::new(format!("{rows}x{cols}/rows{n}"), isa.name());
                 match (isa, &packed) {
                     (Isa::Avx512Vnni, Some(p)) => {
-                        g.bench_function(id, |b| b.iter(|| kernels::matmul_packed_opts(isa, false, p, &x, &mut out, pool.as_ref())));
+                        g.bench_function(id, |b| {
+                            b.iter(|| {
+                                kernels::matmul_packed_opts(
+                                    isa,
+                                    false,
+                                    p,
+                                    &x,
+                                    &mut out,
+                                    pool.as_ref(),
+                                )
+                            })
+                        });
                         if kernels::amx_available() && n >= 16 {
                             let id = BenchmarkId::new(format!("{rows}x{cols}/rows{n}"), "amx");
-                            g.bench_function(id, |b| b.iter(|| kernels::matmul_packed_opts(isa, true, p, &x, &mut out, pool.as_ref())));
+                            g.bench_function(id, |b| {
+                                b.iter(|| {
+                                    kernels::matmul_packed_opts(
+                                        isa,
+                                        true,
+                                        p,
+                                        &x,
+                                        &mut out,
+                                        pool.as_ref(),
+                                    )
+                                })
+                            });
                         }
                     }
                     (Isa::Avx512Vnni, None) => {}
                     _ => {
-                        g.bench_function(id, |b| b.iter(|| kernels::matmul_isa(isa, &w, &x, &mut out, pool.as_ref())));
+                        g.bench_function(id, |b| {
+                            b.iter(|| kernels::matmul_isa(isa, &w, &x, &mut out, pool.as_ref()))
+                        });
                     }
                 }
             }
@@ -131,12 +182,22 @@ fn matmul_amx(c: &mut Criterion) {
         return;
     }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
-    let pool = (threads() > 1).then(|| rayon::ThreadPoolBuilder::new().num_threads(threads()).build().unwrap());
+    let pool = (threads() > 1).then(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads())
+            .build()
+            .unwrap()
+    });
     let mut g = c.benchmark_group("matmul_amx");
     g.sample_size(10);
     g.warm_up_time(std::time::Duration::from_millis(300));
     g.measurement_time(std::time::Duration::from_secs(1));
-    for (dtype, rows, cols) in [(GgmlDType::Q8_0, 16384usize, 640usize), (GgmlDType::Q4_K, 576, 1536), (GgmlDType::Q6_K, 576, 1536), (GgmlDType::Q5_0, 2048, 640)] {
+    for (dtype, rows, cols) in [
+        (GgmlDType::Q8_0, 16384usize, 640usize),
+        (GgmlDType::Q4_K, 576, 1536),
+        (GgmlDType::Q6_K, 576, 1536),
+        (GgmlDType::Q5_0, 2048, 640),
+    ] {
         let data = weights(&mut rng, dtype, rows, cols);
         let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
         let p = PackedMatrix::new(&w).unwrap();
@@ -148,8 +209,22 @@ fn matmul_amx(c: &mut Criterion) {
             let mut out = vec![0.0f32; n * rows];
             g.throughput(Throughput::Elements((2 * n * rows * cols) as u64));
             for (name, amx) in [("avx512", false), ("amx", true)] {
-                let id = BenchmarkId::new(format!("{}/{rows}x{cols}/rows{n}", dtype.name().to_lowercase()), name);
-                g.bench_function(id, |b| b.iter(|| kernels::matmul_packed_opts(Isa::Avx512Vnni, amx, &p, &x, &mut out, pool.as_ref())));
+                let id = BenchmarkId::new(
+                    format!("{}/{rows}x{cols}/rows{n}", dtype.name().to_lowercase()),
+                    name,
+                );
+                g.bench_function(id, |b| {
+                    b.iter(|| {
+                        kernels::matmul_packed_opts(
+                            Isa::Avx512Vnni,
+                            amx,
+                            &p,
+                            &x,
+                            &mut out,
+                            pool.as_ref(),
+                        )
+                    })
+                });
             }
         }
     }
@@ -184,24 +259,54 @@ fn attention(c: &mut Criterion) {
         let bs = 16usize;
         let kv_dim = hd * kvn;
         let scale = 1.0 / (hd as f32).sqrt();
-        let shape = kernels::AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale, softcap: None };
+        let shape = kernels::AttnShape {
+            head_dim: hd,
+            group,
+            block_size: bs,
+            kv_dim,
+            scale,
+            softcap: None,
+        };
         for n_ctx in [256usize, 1024] {
             let nblk = n_ctx / bs;
-            let k: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
-            let v: Vec<f16> = (0..nblk * bs * kv_dim).map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
+            let k: Vec<f16> = (0..nblk * bs * kv_dim)
+                .map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0)))
+                .collect();
+            let v: Vec<f16> = (0..nblk * bs * kv_dim)
+                .map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0)))
+                .collect();
             let table: Vec<u32> = (0..nblk as u32).rev().collect();
-            let q: Vec<f32> = (0..group * kvn * hd).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let q: Vec<f32> = (0..group * kvn * hd)
+                .map(|_| rng.gen_range(-1.0f32..1.0))
+                .collect();
             let mut out = vec![0.0f32; group * kvn * hd];
             // Elements = query heads x positions attended.
             g.throughput(Throughput::Elements((group * kvn * n_ctx) as u64));
             for isa in kernels::available_isas() {
-                g.bench_function(BenchmarkId::new(format!("row/{name}/ctx{n_ctx}"), isa.name()), |b| {
-                    b.iter(|| {
-                        for (kvh, (qg, og)) in q.chunks_exact(group * hd).zip(out.chunks_exact_mut(group * hd)).enumerate() {
-                            kernels::attend_f16_isa(isa, &shape, qg, kvh, &k, &v, &table, 0..n_ctx, og);
-                        }
-                    })
-                });
+                g.bench_function(
+                    BenchmarkId::new(format!("row/{name}/ctx{n_ctx}"), isa.name()),
+                    |b| {
+                        b.iter(|| {
+                            for (kvh, (qg, og)) in q
+                                .chunks_exact(group * hd)
+                                .zip(out.chunks_exact_mut(group * hd))
+                                .enumerate()
+                            {
+                                kernels::attend_f16_isa(
+                                    isa,
+                                    &shape,
+                                    qg,
+                                    kvh,
+                                    &k,
+                                    &v,
+                                    &table,
+                                    0..n_ctx,
+                                    og,
+                                );
+                            }
+                        })
+                    },
+                );
             }
         }
     }

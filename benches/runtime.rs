@@ -13,7 +13,9 @@ use brigade::engine::SamplingParams;
 use brigade::sampling::{sample, RowParams};
 
 fn seq(id: u64, prompt_len: usize) -> Sequence {
-    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 31 + id as u32) % 49152).collect();
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 31 + id as u32) % 49152)
+        .collect();
     Sequence {
         id,
         request_id: id,
@@ -27,7 +29,10 @@ fn seq(id: u64, prompt_len: usize) -> Sequence {
         arrival: id,
         priority: 0,
         background: false,
-        params: Arc::new(SamplingParams { max_tokens: 1_000_000, ..SamplingParams::greedy(1_000_000) }),
+        params: Arc::new(SamplingParams {
+            max_tokens: 1_000_000,
+            ..SamplingParams::greedy(1_000_000)
+        }),
         seed: id,
         max_len: 1 << 20,
         cancelled: false,
@@ -85,14 +90,53 @@ fn scheduler_step(c: &mut Criterion) {
 fn sampling_batch(c: &mut Criterion) {
     let vocab = 49152;
     let rows = 64;
-    let logits: Vec<f32> = (0..rows * vocab).map(|i| (((i as u64 * 2654435761) % 10007) as f32 / 1000.0) - 5.0).collect();
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| (((i as u64 * 2654435761) % 10007) as f32 / 1000.0) - 5.0)
+        .collect();
     let cases = [
         ("greedy", SamplingParams::greedy(1)),
-        ("temperature", SamplingParams { temperature: 0.8, ..Default::default() }),
-        ("top_k40_top_p0.9", SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.9, ..Default::default() }),
-        ("top_p0.9", SamplingParams { temperature: 0.8, top_p: 0.9, ..Default::default() }),
-        ("min_p0.05", SamplingParams { temperature: 0.8, min_p: 0.05, ..Default::default() }),
-        ("penalties_logprobs5", SamplingParams { temperature: 0.8, repetition_penalty: 1.1, presence_penalty: 0.5, logprobs: Some(5), ..Default::default() }),
+        (
+            "temperature",
+            SamplingParams {
+                temperature: 0.8,
+                ..Default::default()
+            },
+        ),
+        (
+            "top_k40_top_p0.9",
+            SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.9,
+                ..Default::default()
+            },
+        ),
+        (
+            "top_p0.9",
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.9,
+                ..Default::default()
+            },
+        ),
+        (
+            "min_p0.05",
+            SamplingParams {
+                temperature: 0.8,
+                min_p: 0.05,
+                ..Default::default()
+            },
+        ),
+        (
+            "penalties_logprobs5",
+            SamplingParams {
+                temperature: 0.8,
+                repetition_penalty: 1.1,
+                presence_penalty: 0.5,
+                logprobs: Some(5),
+                ..Default::default()
+            },
+        ),
     ];
     let output: Vec<u32> = (0..256).map(|i| (i * 97) % 49152).collect();
     let prompt: Vec<u32> = (0..128).collect();
@@ -106,7 +150,15 @@ fn sampling_batch(c: &mut Criterion) {
                     let mut out = 0u32;
                     for r in 0..rows {
                         let raw = &logits[r * vocab..(r + 1) * vocab];
-                        let rp = RowParams { params: &p, seed: 1, index: 0, position: r, prompt: &prompt, output: &output, masked: &[] };
+                        let rp = RowParams {
+                            params: &p,
+                            seed: 1,
+                            index: 0,
+                            position: r,
+                            prompt: &prompt,
+                            output: &output,
+                            masked: &[],
+                        };
                         out ^= sample(raw, &mut work[r * vocab..(r + 1) * vocab], &rp).token;
                     }
                     out

@@ -30,9 +30,13 @@ impl<'de> Deserialize<'de> for Count {
         }
         match Raw::deserialize(d)? {
             Raw::S(s) if s == "auto" => Ok(Count::Auto),
-            Raw::S(s) => Err(serde::de::Error::custom(format!("expected \"auto\" or a positive integer, got \"{s}\""))),
+            Raw::S(s) => Err(serde::de::Error::custom(format!(
+                "expected \"auto\" or a positive integer, got \"{s}\""
+            ))),
             Raw::N(n) if n >= 1 => Ok(Count::N(n as usize)),
-            Raw::N(n) => Err(serde::de::Error::custom(format!("expected \"auto\" or a positive integer, got {n}"))),
+            Raw::N(n) => Err(serde::de::Error::custom(format!(
+                "expected \"auto\" or a positive integer, got {n}"
+            ))),
         }
     }
 }
@@ -88,6 +92,30 @@ pub struct RuntimeConfig {
     /// while any interactive sequence is in the engine (0 = no limit): keeps
     /// interactive steps short while a batch runs; alone, a batch takes every row.
     pub background_rows: usize,
+    /// Admission headroom in tokens: a waiting request is admitted only while
+    /// the free KV blocks also cover the next this-many tokens (at most its
+    /// `max_tokens`) of every running sequence and its own, so admitting it
+    /// never preempts work already running within that horizon (0 = admit on
+    /// the prompt alone and preempt when the cache runs out).
+    pub admission_reserve_tokens: usize,
+    /// Digits of the 8-bit activations the output head reads: 2 (about 15
+    /// bits, like every other matmul) or 1 (8 bits, llama.cpp's Q8_0
+    /// activations; the head's integer work halves on AVX-512; perplexity
+    /// on tests/fixtures/texts/declaration.txt: SmolLM2 -0.06%, Gemma 3
+    /// +0.06%). The head's error does not travel through later layers, and
+    /// its matmul is the largest of a big-vocabulary model.
+    pub head_activation_digits: u8,
+}
+
+impl RuntimeConfig {
+    /// [`Self::head_activation_digits`] as the kernels take it.
+    pub fn head_digits(&self) -> crate::kernels::Digits {
+        if self.head_activation_digits == 2 {
+            crate::kernels::Digits::Two
+        } else {
+            crate::kernels::Digits::One
+        }
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -105,6 +133,8 @@ impl Default for RuntimeConfig {
             max_stop_bytes: 4096,
             max_model_len: 0,
             background_rows: 8,
+            admission_reserve_tokens: 256,
+            head_activation_digits: 1,
         }
     }
 }
@@ -130,7 +160,14 @@ pub struct KvCacheConfig {
 
 impl Default for KvCacheConfig {
     fn default() -> Self {
-        Self { block_size: 16, capacity_tokens: 32768, capacity_bytes: 0, dtype: KvDType::F16, prefix_caching: true, release_idle_s: 5.0 }
+        Self {
+            block_size: 16,
+            capacity_tokens: 32768,
+            capacity_bytes: 0,
+            dtype: KvDType::F16,
+            prefix_caching: true,
+            release_idle_s: 5.0,
+        }
     }
 }
 
@@ -199,15 +236,19 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates TOML text (`origin` names it in errors).
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string().trim().to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim().to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -219,60 +260,123 @@ impl Config {
         let inv = |key, message: String| Err(ConfigError::Invalid { key, message });
         if let Count::N(n) = r.workers {
             if n > 64 {
-                return inv("runtime.workers", format!("must be \"auto\" or in 1..=64, got {n}"));
+                return inv(
+                    "runtime.workers",
+                    format!("must be \"auto\" or in 1..=64, got {n}"),
+                );
             }
         }
         if let Count::N(n) = r.threads_per_worker {
             if n > 256 {
-                return inv("runtime.threads_per_worker", format!("must be \"auto\" or in 1..=256, got {n}"));
+                return inv(
+                    "runtime.threads_per_worker",
+                    format!("must be \"auto\" or in 1..=256, got {n}"),
+                );
             }
         }
         if !(1..=65536).contains(&r.max_batched_tokens) {
-            return inv("runtime.max_batched_tokens", format!("must be in 1..=65536, got {}", r.max_batched_tokens));
+            return inv(
+                "runtime.max_batched_tokens",
+                format!("must be in 1..=65536, got {}", r.max_batched_tokens),
+            );
         }
         if !(1..=4096).contains(&r.max_seqs) {
-            return inv("runtime.max_seqs", format!("must be in 1..=4096, got {}", r.max_seqs));
+            return inv(
+                "runtime.max_seqs",
+                format!("must be in 1..=4096, got {}", r.max_seqs),
+            );
         }
         if let Count::N(n) = r.pipeline_depth {
             if n > 64 {
-                return inv("runtime.pipeline_depth", format!("must be \"auto\" or in 1..=64, got {n}"));
+                return inv(
+                    "runtime.pipeline_depth",
+                    format!("must be \"auto\" or in 1..=64, got {n}"),
+                );
             }
         }
         if !(1..=4096).contains(&r.channel_capacity) {
-            return inv("runtime.channel_capacity", format!("must be in 1..=4096, got {}", r.channel_capacity));
+            return inv(
+                "runtime.channel_capacity",
+                format!("must be in 1..=4096, got {}", r.channel_capacity),
+            );
         }
         if let Count::N(d) = r.pipeline_depth {
             if r.channel_capacity < d {
-                return inv("runtime.channel_capacity", format!("must be >= pipeline_depth ({d}), got {}", r.channel_capacity));
+                return inv(
+                    "runtime.channel_capacity",
+                    format!(
+                        "must be >= pipeline_depth ({d}), got {}",
+                        r.channel_capacity
+                    ),
+                );
             }
         }
         if !(1..=1_000_000).contains(&r.request_queue) {
-            return inv("runtime.request_queue", format!("must be in 1..=1000000, got {}", r.request_queue));
+            return inv(
+                "runtime.request_queue",
+                format!("must be in 1..=1000000, got {}", r.request_queue),
+            );
         }
         if !(1..=256).contains(&r.max_n) {
-            return inv("runtime.max_n", format!("must be in 1..=256, got {}", r.max_n));
+            return inv(
+                "runtime.max_n",
+                format!("must be in 1..=256, got {}", r.max_n),
+            );
         }
         if !(1..=1 << 20).contains(&r.max_stop_bytes) {
-            return inv("runtime.max_stop_bytes", format!("must be in 1..=1048576, got {}", r.max_stop_bytes));
+            return inv(
+                "runtime.max_stop_bytes",
+                format!("must be in 1..=1048576, got {}", r.max_stop_bytes),
+            );
         }
         if r.max_model_len > 1 << 24 {
-            return inv("runtime.max_model_len", format!("must be in 0..=16777216, got {}", r.max_model_len));
+            return inv(
+                "runtime.max_model_len",
+                format!("must be in 0..=16777216, got {}", r.max_model_len),
+            );
+        }
+        if !(1..=2).contains(&r.head_activation_digits) {
+            return inv(
+                "runtime.head_activation_digits",
+                format!("must be 1 or 2, got {}", r.head_activation_digits),
+            );
+        }
+        if r.admission_reserve_tokens > 16 * 1024 * 1024 {
+            return inv(
+                "runtime.admission_reserve_tokens",
+                format!("must be <= 16777216, got {}", r.admission_reserve_tokens),
+            );
         }
         if r.background_rows > 4096 {
-            return inv("runtime.background_rows", format!("must be in 0..=4096, got {}", r.background_rows));
+            return inv(
+                "runtime.background_rows",
+                format!("must be in 0..=4096, got {}", r.background_rows),
+            );
         }
         let k = &self.kv_cache;
         if !(1..=MAX_BLOCK_SIZE).contains(&k.block_size) {
-            return inv("kv_cache.block_size", format!("must be in 1..={}, got {}", MAX_BLOCK_SIZE, k.block_size));
+            return inv(
+                "kv_cache.block_size",
+                format!("must be in 1..={}, got {}", MAX_BLOCK_SIZE, k.block_size),
+            );
         }
         if k.capacity_tokens == 0 && k.capacity_bytes == 0 {
-            return inv("kv_cache.capacity_tokens", "one of capacity_tokens or capacity_bytes must be > 0".into());
+            return inv(
+                "kv_cache.capacity_tokens",
+                "one of capacity_tokens or capacity_bytes must be > 0".into(),
+            );
         }
         if !(k.release_idle_s.is_finite() && (0.0..=86400.0).contains(&k.release_idle_s)) {
-            return inv("kv_cache.release_idle_s", format!("must be in [0, 86400], got {}", k.release_idle_s));
+            return inv(
+                "kv_cache.release_idle_s",
+                format!("must be in [0, 86400], got {}", k.release_idle_s),
+            );
         }
         if k.capacity_tokens > 16 * 1024 * 1024 {
-            return inv("kv_cache.capacity_tokens", format!("must be <= 16777216, got {}", k.capacity_tokens));
+            return inv(
+                "kv_cache.capacity_tokens",
+                format!("must be <= 16777216, got {}", k.capacity_tokens),
+            );
         }
         self.speculative.validate()?;
         Ok(())
@@ -375,36 +479,68 @@ pub struct SpeculativeConfig {
 
 impl Default for SpeculativeConfig {
     fn default() -> Self {
-        Self { method: SpecMethod::Ngram, num_tokens: 4, ngram_min: 2, ngram_max: 4, max_running: 4, min_acceptance: 0.25, cooldown_steps: 8 }
+        Self {
+            method: SpecMethod::Ngram,
+            num_tokens: 4,
+            ngram_min: 2,
+            ngram_max: 4,
+            max_running: 4,
+            min_acceptance: 0.25,
+            cooldown_steps: 8,
+        }
     }
 }
 
 impl SpeculativeConfig {
     /// Speculation off.
     pub fn off() -> Self {
-        Self { method: SpecMethod::Off, ..Self::default() }
+        Self {
+            method: SpecMethod::Off,
+            ..Self::default()
+        }
     }
 
     /// Checks every value's range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let inv = |key, message: String| Err(ConfigError::Invalid { key, message });
         if !(1..=16).contains(&self.num_tokens) {
-            return inv("speculative.num_tokens", format!("must be in 1..=16, got {}", self.num_tokens));
+            return inv(
+                "speculative.num_tokens",
+                format!("must be in 1..=16, got {}", self.num_tokens),
+            );
         }
         if !(1..=16).contains(&self.ngram_max) {
-            return inv("speculative.ngram_max", format!("must be in 1..=16, got {}", self.ngram_max));
+            return inv(
+                "speculative.ngram_max",
+                format!("must be in 1..=16, got {}", self.ngram_max),
+            );
         }
         if !(1..=self.ngram_max).contains(&self.ngram_min) {
-            return inv("speculative.ngram_min", format!("must be in 1..=ngram_max ({}), got {}", self.ngram_max, self.ngram_min));
+            return inv(
+                "speculative.ngram_min",
+                format!(
+                    "must be in 1..=ngram_max ({}), got {}",
+                    self.ngram_max, self.ngram_min
+                ),
+            );
         }
         if !(1..=4096).contains(&self.max_running) {
-            return inv("speculative.max_running", format!("must be in 1..=4096, got {}", self.max_running));
+            return inv(
+                "speculative.max_running",
+                format!("must be in 1..=4096, got {}", self.max_running),
+            );
         }
         if !(self.min_acceptance.is_finite() && (0.0..=1.0).contains(&self.min_acceptance)) {
-            return inv("speculative.min_acceptance", format!("must be in [0, 1], got {}", self.min_acceptance));
+            return inv(
+                "speculative.min_acceptance",
+                format!("must be in [0, 1], got {}", self.min_acceptance),
+            );
         }
         if self.cooldown_steps > 100_000 {
-            return inv("speculative.cooldown_steps", format!("must be in 0..=100000, got {}", self.cooldown_steps));
+            return inv(
+                "speculative.cooldown_steps",
+                format!("must be in 0..=100000, got {}", self.cooldown_steps),
+            );
         }
         Ok(())
     }
@@ -426,29 +562,50 @@ mod tests {
         assert!(!Config::default().tokenizer.parse_special_in_content);
         let c = Config::parse("[tokenizer]\nparse_special_in_content = true\n", "t").unwrap();
         assert!(c.tokenizer.parse_special_in_content);
-        let e = Config::parse("[tokenizer]\nparse_special = true\n", "t").unwrap_err().to_string();
+        let e = Config::parse("[tokenizer]\nparse_special = true\n", "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("parse_special"), "{e}");
     }
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
-        let e = Config::parse("[runtime]\nworkerz = 2\n", "t").unwrap_err().to_string();
+        let e = Config::parse("[runtime]\nworkerz = 2\n", "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("workerz"), "{e}");
-        let e = Config::parse("[runtime]\nmax_seqs = 0\n", "t").unwrap_err().to_string();
-        assert!(e.contains("runtime.max_seqs") && e.contains("1..=4096"), "{e}");
-        let e = Config::parse("[kv_cache]\nblock_size = 1000\n", "t").unwrap_err().to_string();
+        let e = Config::parse("[runtime]\nmax_seqs = 0\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("runtime.max_seqs") && e.contains("1..=4096"),
+            "{e}"
+        );
+        let e = Config::parse("[kv_cache]\nblock_size = 1000\n", "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("kv_cache.block_size"), "{e}");
-        let e = Config::parse("[runtime]\nworkers = \"many\"\n", "t").unwrap_err().to_string();
+        let e = Config::parse("[runtime]\nworkers = \"many\"\n", "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("auto"), "{e}");
-        let e = Config::parse("[kv_cache]\ndtype = \"f8\"\n", "t").unwrap_err().to_string();
+        let e = Config::parse("[kv_cache]\ndtype = \"f8\"\n", "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("f8") || e.contains("dtype"), "{e}");
-        let e = Config::parse("[runtime]\npipeline_depth = 8\nchannel_capacity = 4\n", "t").unwrap_err().to_string();
+        let e = Config::parse("[runtime]\npipeline_depth = 8\nchannel_capacity = 4\n", "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("runtime.channel_capacity"), "{e}");
     }
 
     #[test]
     fn auto_resolution() {
-        let c = Config::parse("[runtime]\nworkers = 2\nthreads_per_worker = \"auto\"\n", "t").unwrap();
+        let c = Config::parse(
+            "[runtime]\nworkers = 2\nthreads_per_worker = \"auto\"\n",
+            "t",
+        )
+        .unwrap();
         assert_eq!(c.workers(2, 30), 2);
         assert_eq!(c.threads_per_worker(2, 2), 2);
         assert_eq!(Config::default().workers(2, 30), 2);
@@ -460,12 +617,24 @@ mod tests {
     #[test]
     fn speculative_section() {
         let c = Config::parse("[speculative]\nmethod = \"off\"\nnum_tokens = 6\n", "t").unwrap();
-        assert_eq!((c.speculative.method, c.speculative.num_tokens), (SpecMethod::Off, 6));
-        let e = Config::parse("[speculative]\nmethod = \"eagle\"\n", "t").unwrap_err().to_string();
+        assert_eq!(
+            (c.speculative.method, c.speculative.num_tokens),
+            (SpecMethod::Off, 6)
+        );
+        let e = Config::parse("[speculative]\nmethod = \"eagle\"\n", "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("eagle") || e.contains("method"), "{e}");
-        let e = Config::parse("[speculative]\nngram_min = 5\nngram_max = 3\n", "t").unwrap_err().to_string();
+        let e = Config::parse("[speculative]\nngram_min = 5\nngram_max = 3\n", "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("speculative.ngram_min"), "{e}");
-        let e = Config::parse("[speculative]\nnum_tokens = 0\n", "t").unwrap_err().to_string();
-        assert!(e.contains("speculative.num_tokens") && e.contains("1..=16"), "{e}");
+        let e = Config::parse("[speculative]\nnum_tokens = 0\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("speculative.num_tokens") && e.contains("1..=16"),
+            "{e}"
+        );
     }
 }

@@ -23,9 +23,17 @@
 //! The `brigade` command line (argument parsing, one-line error reports) is the binary's `cli`
 //! module, not part of this library.
 #![deny(unsafe_code)]
-#![warn(rust_2018_idioms, missing_docs, missing_debug_implementations, unreachable_pub)]
+#![warn(
+    rust_2018_idioms,
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub
+)]
 #![deny(unused_must_use)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod batch;
 pub mod bench;

@@ -29,7 +29,10 @@
 
 use std::sync::{LazyLock, Mutex};
 
-use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
 use crate::engine::EngineStats;
 
@@ -37,13 +40,21 @@ use crate::engine::EngineStats;
 pub type MetricsError = prometheus::Error;
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0,
 ];
-const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0];
-const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    5.0,
+];
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
 const N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
 
-const MASK_BUCKETS: &[f64] = &[1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0];
+const MASK_BUCKETS: &[f64] = &[
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0,
+];
 
 /// The metric-name prefixes a registry can publish under.
 const PREFIXES: [&str; 2] = ["brigade", "vllm"];
@@ -56,7 +67,12 @@ static GUIDED_MASK: LazyLock<Vec<Option<Histogram>>> = LazyLock::new(|| {
         .iter()
         .map(|p| {
             let name = format!("{p}:guided_decoding_mask_seconds");
-            Histogram::with_opts(hist(&name, "Time to compute one constrained token's allowed-token mask.", MASK_BUCKETS)).ok()
+            Histogram::with_opts(hist(
+                &name,
+                "Time to compute one constrained token's allowed-token mask.",
+                MASK_BUCKETS,
+            ))
+            .ok()
         })
         .collect()
 });
@@ -163,19 +179,39 @@ impl ProcessMetrics {
             Ok(g)
         };
         Ok(Self {
-            cpu: counter("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.")?,
-            rss: gauge("process_resident_memory_bytes", "Resident memory size in bytes.")?,
-            vsize: gauge("process_virtual_memory_bytes", "Virtual memory size in bytes.")?,
+            cpu: counter(
+                "process_cpu_seconds_total",
+                "Total user and system CPU time spent in seconds.",
+            )?,
+            rss: gauge(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+            )?,
+            vsize: gauge(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+            )?,
             open_fds: gauge("process_open_fds", "Number of open file descriptors.")?,
-            max_fds: gauge("process_max_fds", "Maximum number of open file descriptors.")?,
-            start_time: gauge("process_start_time_seconds", "Start time of the process since unix epoch in seconds.")?,
+            max_fds: gauge(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+            )?,
+            start_time: gauge(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+            )?,
             threads: gauge("process_threads", "Number of OS threads in the process.")?,
         })
     }
 
     /// Reads `/proc/self` (missing files leave the values as they were).
     fn refresh(&self) {
-        let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| ProcStat::parse(&s)) else { return };
+        let Some(stat) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| ProcStat::parse(&s))
+        else {
+            return;
+        };
         let cpu_s = (stat.utime + stat.stime) as f64 / USER_HZ;
         let delta = cpu_s - self.cpu.get();
         if delta > 0.0 {
@@ -183,17 +219,27 @@ impl ProcessMetrics {
         }
         self.vsize.set(stat.vsize as f64);
         self.threads.set(stat.num_threads as f64);
-        if let Some(kb) = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| status_kb(&s, "VmRSS:")) {
+        if let Some(kb) = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| status_kb(&s, "VmRSS:"))
+        {
             self.rss.set((kb * 1024) as f64);
         }
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
             self.open_fds.set(dir.count() as f64);
         }
-        if let Some(max) = std::fs::read_to_string("/proc/self/limits").ok().and_then(|s| max_open_files(&s)) {
+        if let Some(max) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| max_open_files(&s))
+        {
             self.max_fds.set(max as f64);
         }
-        if let Some(btime) = std::fs::read_to_string("/proc/stat").ok().and_then(|s| boot_time(&s)) {
-            self.start_time.set(btime as f64 + stat.starttime as f64 / USER_HZ);
+        if let Some(btime) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| boot_time(&s))
+        {
+            self.start_time
+                .set(btime as f64 + stat.starttime as f64 / USER_HZ);
         }
     }
 }
@@ -215,23 +261,37 @@ impl ProcStat {
         // After `)`: field 3 (state) is index 0, so field k is index k - 3.
         let f: Vec<&str> = rest.split_whitespace().collect();
         let at = |k: usize| f.get(k - 3).and_then(|v| v.parse::<u64>().ok());
-        Some(Self { utime: at(14)?, stime: at(15)?, num_threads: at(20)?, starttime: at(22)?, vsize: at(23)? })
+        Some(Self {
+            utime: at(14)?,
+            stime: at(15)?,
+            num_threads: at(20)?,
+            starttime: at(22)?,
+            vsize: at(23)?,
+        })
     }
 }
 
 /// A `Key:   N kB` line of `/proc/self/status`.
 fn status_kb(s: &str, key: &str) -> Option<u64> {
-    s.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// The soft limit of `Max open files` in `/proc/self/limits`.
 fn max_open_files(s: &str) -> Option<u64> {
-    s.lines().find_map(|l| l.strip_prefix("Max open files")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// `btime` (boot time, unix seconds) of `/proc/stat`.
 fn boot_time(s: &str) -> Option<u64> {
-    s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Timings of one finished completion, in seconds.
@@ -323,22 +383,36 @@ impl Metrics {
     pub fn refresh_engine(&self, st: &EngineStats, fair_queued: usize) {
         let m = [self.model_name.as_str()];
         self.running.with_label_values(&m).set(st.running as i64);
-        self.waiting.with_label_values(&m).set((st.waiting + fair_queued) as i64);
+        self.waiting
+            .with_label_values(&m)
+            .set((st.waiting + fair_queued) as i64);
         self.kv_usage.with_label_values(&m).set(st.kv_usage);
         for (name, len, _cap) in &st.channels {
             self.set_channel_occupancy(name, *len);
         }
-        let Ok(mut last) = self.last.lock() else { return };
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
         self.spec.refresh(&self.model_name, st, &last);
-        self.prefix_queries.with_label_values(&m).inc_by(st.prefix_queries.saturating_sub(last.prefix_queries));
-        self.prefix_hits.with_label_values(&m).inc_by(st.prefix_hits.saturating_sub(last.prefix_hits));
-        self.preemptions.with_label_values(&m).inc_by(st.preemptions.saturating_sub(last.preemptions));
-        self.steps.with_label_values(&m).inc_by(st.steps.saturating_sub(last.steps));
+        self.prefix_queries
+            .with_label_values(&m)
+            .inc_by(st.prefix_queries.saturating_sub(last.prefix_queries));
+        self.prefix_hits
+            .with_label_values(&m)
+            .inc_by(st.prefix_hits.saturating_sub(last.prefix_hits));
+        self.preemptions
+            .with_label_values(&m)
+            .inc_by(st.preemptions.saturating_sub(last.preemptions));
+        self.steps
+            .with_label_values(&m)
+            .inc_by(st.steps.saturating_sub(last.steps));
         let mut deltas = Vec::with_capacity(st.worker_busy_s.len());
         for (k, &b) in st.worker_busy_s.iter().enumerate() {
             let d = (b - last.worker_busy_s.get(k).copied().unwrap_or(0.0)).max(0.0);
             deltas.push(d);
-            self.worker_busy.with_label_values(&[self.model_name.as_str(), &k.to_string()]).inc_by(d);
+            self.worker_busy
+                .with_label_values(&[self.model_name.as_str(), &k.to_string()])
+                .inc_by(d);
         }
         let max = deltas.iter().cloned().fold(0.0, f64::max);
         if max > 0.0 {
@@ -350,21 +424,33 @@ impl Metrics {
 
     /// Sets a channel's occupancy.
     pub fn set_channel_occupancy(&self, channel: &str, n: usize) {
-        self.channel_occupancy.with_label_values(&[channel]).set(n as i64);
+        self.channel_occupancy
+            .with_label_values(&[channel])
+            .set(n as i64);
     }
 
     /// Publishes a tenant's fair-queue state.
     pub fn set_tenant(&self, tenant: &str, counter: f64, queued: usize, in_flight: usize) {
-        self.tenant_counter.with_label_values(&[tenant]).set(counter);
-        self.tenant_queue.with_label_values(&[tenant]).set(queued as i64);
-        self.tenant_in_flight.with_label_values(&[tenant]).set(in_flight as i64);
+        self.tenant_counter
+            .with_label_values(&[tenant])
+            .set(counter);
+        self.tenant_queue
+            .with_label_values(&[tenant])
+            .set(queued as i64);
+        self.tenant_in_flight
+            .with_label_values(&[tenant])
+            .set(in_flight as i64);
     }
 
     /// A request's prompt was accepted by the engine.
     pub fn on_prompt(&self, tenant: &str, prompt_tokens: usize) {
         let l = [self.model_name.as_str(), tenant];
-        self.prompt_tokens.with_label_values(&l).inc_by(prompt_tokens as u64);
-        self.request_prompt_tokens.with_label_values(&l).observe(prompt_tokens as f64);
+        self.prompt_tokens
+            .with_label_values(&l)
+            .inc_by(prompt_tokens as u64);
+        self.request_prompt_tokens
+            .with_label_values(&l)
+            .observe(prompt_tokens as f64);
     }
 
     /// A token was generated; `since_prev_s` is the gap to the previous token of the same completion.
@@ -379,18 +465,26 @@ impl Metrics {
     /// A completion finished.
     pub fn on_finish(&self, tenant: &str, reason: &str, completion_tokens: usize, t: RequestTimes) {
         let l = [self.model_name.as_str(), tenant];
-        self.request_success.with_label_values(&[self.model_name.as_str(), tenant, reason]).inc();
-        self.request_generation_tokens.with_label_values(&l).observe(completion_tokens as f64);
+        self.request_success
+            .with_label_values(&[self.model_name.as_str(), tenant, reason])
+            .inc();
+        self.request_generation_tokens
+            .with_label_values(&l)
+            .observe(completion_tokens as f64);
         self.e2e.with_label_values(&l).observe(t.e2e_s);
         self.queue_time.with_label_values(&l).observe(t.queue_s);
-        self.inference_time.with_label_values(&l).observe(t.prefill_s + t.decode_s);
+        self.inference_time
+            .with_label_values(&l)
+            .observe(t.prefill_s + t.decode_s);
         if completion_tokens > 0 {
             self.ttft.with_label_values(&l).observe(t.ttft_s);
             self.prefill_time.with_label_values(&l).observe(t.prefill_s);
             self.decode_time.with_label_values(&l).observe(t.decode_s);
         }
         if completion_tokens > 1 {
-            self.tpot.with_label_values(&l).observe(t.decode_s / (completion_tokens - 1) as f64);
+            self.tpot
+                .with_label_values(&l)
+                .observe(t.decode_s / (completion_tokens - 1) as f64);
         }
     }
 
@@ -398,7 +492,9 @@ impl Metrics {
     pub fn on_request_params(&self, tenant: &str, n: usize, max_tokens: usize) {
         let l = [self.model_name.as_str(), tenant];
         self.params_n.with_label_values(&l).observe(n as f64);
-        self.params_max_tokens.with_label_values(&l).observe(max_tokens as f64);
+        self.params_max_tokens
+            .with_label_values(&l)
+            .observe(max_tokens as f64);
     }
 
     /// Publishes the KV-cache configuration (`cache_config_info`, value 1).
@@ -430,8 +526,12 @@ impl Metrics {
             4 => "4xx",
             _ => "5xx",
         };
-        self.http_requests.with_label_values(&[handler, method, class]).inc();
-        self.http_duration.with_label_values(&[handler, method]).observe(secs);
+        self.http_requests
+            .with_label_values(&[handler, method, class])
+            .inc();
+        self.http_duration
+            .with_label_values(&[handler, method])
+            .observe(secs);
     }
 
     /// The metric name prefix in force (`brigade` or `vllm`).
@@ -441,7 +541,9 @@ impl Metrics {
 
     /// An API request was answered with an error of `error_type`.
     pub fn on_error(&self, error_type: &str) {
-        self.request_errors.with_label_values(&[self.model_name.as_str(), error_type]).inc();
+        self.request_errors
+            .with_label_values(&[self.model_name.as_str(), error_type])
+            .inc();
     }
 
     /// The Prometheus text exposition of every series.
@@ -452,7 +554,9 @@ impl Metrics {
             families.push(self.iteration_tokens_family(&last));
         }
         families.sort_by(|a, b| a.name().cmp(b.name()));
-        TextEncoder::new().encode_to_string(&families).unwrap_or_default()
+        TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_default()
     }
 
     /// `{prefix}:iteration_tokens_total`: a histogram of the tokens (prefill +
@@ -512,23 +616,47 @@ impl SpecMetrics {
             r.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let g = GaugeVec::new(opts(&n("spec_decode_tokens_per_step"), "Mean tokens per speculative verify step (accepted drafts + 1)."), m)?;
+        let g = GaugeVec::new(
+            opts(
+                &n("spec_decode_tokens_per_step"),
+                "Mean tokens per speculative verify step (accepted drafts + 1).",
+            ),
+            m,
+        )?;
         r.register(Box::new(g.clone()))?;
         Ok(Self {
-            drafts: counter("spec_decode_num_drafts_total", "Speculative verify steps (decode steps that carried n-gram drafts).")?,
-            draft_tokens: counter("spec_decode_num_draft_tokens_total", "Draft tokens proposed by n-gram speculation.")?,
-            accepted_tokens: counter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted by verification.")?,
+            drafts: counter(
+                "spec_decode_num_drafts_total",
+                "Speculative verify steps (decode steps that carried n-gram drafts).",
+            )?,
+            draft_tokens: counter(
+                "spec_decode_num_draft_tokens_total",
+                "Draft tokens proposed by n-gram speculation.",
+            )?,
+            accepted_tokens: counter(
+                "spec_decode_num_accepted_tokens_total",
+                "Draft tokens accepted by verification.",
+            )?,
             tokens_per_step: g,
         })
     }
 
     fn refresh(&self, model_name: &str, st: &EngineStats, last: &EngineStats) {
         let m = [model_name];
-        self.drafts.with_label_values(&m).inc_by(st.spec_steps.saturating_sub(last.spec_steps));
-        self.draft_tokens.with_label_values(&m).inc_by(st.spec_draft_tokens.saturating_sub(last.spec_draft_tokens));
-        self.accepted_tokens.with_label_values(&m).inc_by(st.spec_accepted_tokens.saturating_sub(last.spec_accepted_tokens));
+        self.drafts
+            .with_label_values(&m)
+            .inc_by(st.spec_steps.saturating_sub(last.spec_steps));
+        self.draft_tokens
+            .with_label_values(&m)
+            .inc_by(st.spec_draft_tokens.saturating_sub(last.spec_draft_tokens));
+        self.accepted_tokens.with_label_values(&m).inc_by(
+            st.spec_accepted_tokens
+                .saturating_sub(last.spec_accepted_tokens),
+        );
         if st.spec_steps > 0 {
-            self.tokens_per_step.with_label_values(&m).set(1.0 + st.spec_accepted_tokens as f64 / st.spec_steps as f64);
+            self.tokens_per_step
+                .with_label_values(&m)
+                .set(1.0 + st.spec_accepted_tokens as f64 / st.spec_steps as f64);
         }
     }
 }
@@ -542,27 +670,66 @@ mod tests {
         let m = Metrics::new("tiny").unwrap();
         m.on_prompt("a", 5);
         m.on_token("a", Some(0.01));
-        m.on_finish("a", "stop", 3, RequestTimes { e2e_s: 0.5, ..Default::default() });
-        let st = EngineStats { running: 2, worker_busy_s: vec![1.0, 0.5], prefix_queries: 10, ..Default::default() };
+        m.on_finish(
+            "a",
+            "stop",
+            3,
+            RequestTimes {
+                e2e_s: 0.5,
+                ..Default::default()
+            },
+        );
+        let st = EngineStats {
+            running: 2,
+            worker_busy_s: vec![1.0, 0.5],
+            prefix_queries: 10,
+            ..Default::default()
+        };
         m.refresh_engine(&st, 3);
         let text = m.render();
-        assert!(text.contains("brigade:num_requests_waiting{model_name=\"tiny\"} 3"), "{text}");
+        assert!(
+            text.contains("brigade:num_requests_waiting{model_name=\"tiny\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("brigade:request_success_total{finished_reason=\"stop\",model_name=\"tiny\",tenant=\"a\"} 1"), "{text}");
-        assert!(text.contains("brigade:pipeline_bubble_ratio 0.25"), "{text}");
+        assert!(
+            text.contains("brigade:pipeline_bubble_ratio 0.25"),
+            "{text}"
+        );
         observe_guided_mask(2e-4);
-        assert!(m.render().contains("brigade:guided_decoding_mask_seconds_bucket{le=\"0.00025\"}"), "{}", m.render());
+        assert!(
+            m.render()
+                .contains("brigade:guided_decoding_mask_seconds_bucket{le=\"0.00025\"}"),
+            "{}",
+            m.render()
+        );
     }
 
     #[test]
     fn proc_files_parse() {
         // `comm` may hold spaces and parentheses; fields are counted after the last `)`.
         let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 12345 987654321 2000 18446744073709551615";
-        assert_eq!(ProcStat::parse(stat), Some(ProcStat { utime: 250, stime: 50, num_threads: 7, starttime: 12345, vsize: 987654321 }));
+        assert_eq!(
+            ProcStat::parse(stat),
+            Some(ProcStat {
+                utime: 250,
+                stime: 50,
+                num_threads: 7,
+                starttime: 12345,
+                vsize: 987654321
+            })
+        );
         assert_eq!(ProcStat::parse("garbage"), None);
-        assert_eq!(status_kb("Name:\tx\nVmRSS:\t  1234 kB\nVmSwap: 0 kB\n", "VmRSS:"), Some(1234));
+        assert_eq!(
+            status_kb("Name:\tx\nVmRSS:\t  1234 kB\nVmSwap: 0 kB\n", "VmRSS:"),
+            Some(1234)
+        );
         let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n";
         assert_eq!(max_open_files(limits), Some(1024));
-        assert_eq!(boot_time("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"), Some(1_700_000_000));
+        assert_eq!(
+            boot_time("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"),
+            Some(1_700_000_000)
+        );
     }
 
     #[test]
@@ -573,28 +740,103 @@ mod tests {
             for n in [1, 5, 8, 300, 100_000] {
                 it.observe(n);
             }
-            let st = EngineStats { iteration_tokens: it, ..Default::default() };
+            let st = EngineStats {
+                iteration_tokens: it,
+                ..Default::default()
+            };
             m.refresh_engine(&st, 0);
             m.on_request_params("a", 2, 16);
-            m.on_finish("a", "stop", 3, RequestTimes { prefill_s: 0.25, decode_s: 0.5, ..Default::default() });
-            m.set_cache_config(&CacheConfigInfo { block_size: 16, dtype: "f16".into(), prefix_caching: true, num_blocks: 4, num_tokens: 64 });
+            m.on_finish(
+                "a",
+                "stop",
+                3,
+                RequestTimes {
+                    prefill_s: 0.25,
+                    decode_s: 0.5,
+                    ..Default::default()
+                },
+            );
+            m.set_cache_config(&CacheConfigInfo {
+                block_size: 16,
+                dtype: "f16".into(),
+                prefix_caching: true,
+                num_blocks: 4,
+                num_tokens: 64,
+            });
             m.on_http("/v1/responses/{id}", "GET", 404, 0.001);
             m.on_http("none", "BREW", 405, 0.001);
             let text = m.render();
             let p = |s: &str| format!("{prefix}:{s}");
             // Buckets are cumulative: <=1: 1, <=8: 3, <=512: 4, +Inf: 5.
-            assert!(text.contains(&format!("{}{{model_name=\"tiny\",le=\"1\"}} 1", p("iteration_tokens_total_bucket"))), "{text}");
-            assert!(text.contains(&format!("{}{{model_name=\"tiny\",le=\"8\"}} 3", p("iteration_tokens_total_bucket"))), "{text}");
-            assert!(text.contains(&format!("{}{{model_name=\"tiny\",le=\"512\"}} 4", p("iteration_tokens_total_bucket"))), "{text}");
-            assert!(text.contains(&format!("{}{{model_name=\"tiny\",le=\"+Inf\"}} 5", p("iteration_tokens_total_bucket"))), "{text}");
-            assert!(text.contains(&format!("{}{{model_name=\"tiny\"}} 100314", p("iteration_tokens_total_sum"))), "{text}");
-            assert!(text.contains(&format!("{}{{model_name=\"tiny\",tenant=\"a\"}} 0.75", p("request_inference_time_seconds_sum"))), "{text}");
-            assert!(text.contains(&format!("{}{{model_name=\"tiny\",tenant=\"a\"}} 2", p("request_params_n_sum"))), "{text}");
-            assert!(text.contains(&format!("{}{{model_name=\"tiny\",tenant=\"a\"}} 16", p("request_params_max_tokens_sum"))), "{text}");
+            assert!(
+                text.contains(&format!(
+                    "{}{{model_name=\"tiny\",le=\"1\"}} 1",
+                    p("iteration_tokens_total_bucket")
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "{}{{model_name=\"tiny\",le=\"8\"}} 3",
+                    p("iteration_tokens_total_bucket")
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "{}{{model_name=\"tiny\",le=\"512\"}} 4",
+                    p("iteration_tokens_total_bucket")
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "{}{{model_name=\"tiny\",le=\"+Inf\"}} 5",
+                    p("iteration_tokens_total_bucket")
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "{}{{model_name=\"tiny\"}} 100314",
+                    p("iteration_tokens_total_sum")
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "{}{{model_name=\"tiny\",tenant=\"a\"}} 0.75",
+                    p("request_inference_time_seconds_sum")
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "{}{{model_name=\"tiny\",tenant=\"a\"}} 2",
+                    p("request_params_n_sum")
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "{}{{model_name=\"tiny\",tenant=\"a\"}} 16",
+                    p("request_params_max_tokens_sum")
+                )),
+                "{text}"
+            );
             assert!(text.contains("block_size=\"16\",cache_dtype=\"f16\",enable_prefix_caching=\"true\",num_cpu_blocks=\"0\",num_gpu_blocks=\"4\",num_tokens=\"64\"} 1"), "{text}");
             assert!(text.contains("http_requests_total{handler=\"/v1/responses/{id}\",method=\"GET\",status=\"4xx\"} 1"), "{text}");
-            assert!(text.contains("http_requests_total{handler=\"none\",method=\"other\",status=\"4xx\"} 1"), "{text}");
-            let other = if prefix == "vllm" { "brigade:" } else { "vllm:" };
+            assert!(
+                text.contains(
+                    "http_requests_total{handler=\"none\",method=\"other\",status=\"4xx\"} 1"
+                ),
+                "{text}"
+            );
+            let other = if prefix == "vllm" {
+                "brigade:"
+            } else {
+                "vllm:"
+            };
             assert!(!text.contains(other), "{text}");
         }
     }
@@ -602,12 +844,40 @@ mod tests {
     #[test]
     fn speculative_series_follow_the_engine_counters() {
         let m = Metrics::new("tiny").unwrap();
-        m.refresh_engine(&EngineStats { spec_steps: 10, spec_draft_tokens: 40, spec_accepted_tokens: 25, ..Default::default() }, 0);
-        m.refresh_engine(&EngineStats { spec_steps: 20, spec_draft_tokens: 80, spec_accepted_tokens: 30, ..Default::default() }, 0);
+        m.refresh_engine(
+            &EngineStats {
+                spec_steps: 10,
+                spec_draft_tokens: 40,
+                spec_accepted_tokens: 25,
+                ..Default::default()
+            },
+            0,
+        );
+        m.refresh_engine(
+            &EngineStats {
+                spec_steps: 20,
+                spec_draft_tokens: 80,
+                spec_accepted_tokens: 30,
+                ..Default::default()
+            },
+            0,
+        );
         let text = m.render();
-        assert!(text.contains("brigade:spec_decode_num_drafts_total{model_name=\"tiny\"} 20"), "{text}");
-        assert!(text.contains("brigade:spec_decode_num_draft_tokens_total{model_name=\"tiny\"} 80"), "{text}");
-        assert!(text.contains("brigade:spec_decode_num_accepted_tokens_total{model_name=\"tiny\"} 30"), "{text}");
-        assert!(text.contains("brigade:spec_decode_tokens_per_step{model_name=\"tiny\"} 2.5"), "{text}");
+        assert!(
+            text.contains("brigade:spec_decode_num_drafts_total{model_name=\"tiny\"} 20"),
+            "{text}"
+        );
+        assert!(
+            text.contains("brigade:spec_decode_num_draft_tokens_total{model_name=\"tiny\"} 80"),
+            "{text}"
+        );
+        assert!(
+            text.contains("brigade:spec_decode_num_accepted_tokens_total{model_name=\"tiny\"} 30"),
+            "{text}"
+        );
+        assert!(
+            text.contains("brigade:spec_decode_tokens_per_step{model_name=\"tiny\"} 2.5"),
+            "{text}"
+        );
     }
 }

@@ -23,8 +23,14 @@ pub struct KnownModel {
 /// The models the fetch script knows, the default first (the same table as
 /// in `scripts/fetch-model.sh`).
 pub const KNOWN_MODELS: &[KnownModel] = &[
-    KnownModel { name: "smollm2-135m", file: DEFAULT_MODEL_FILE },
-    KnownModel { name: "gemma3-270m", file: "gemma-3-270m-q4_k_m.gguf" },
+    KnownModel {
+        name: "smollm2-135m",
+        file: DEFAULT_MODEL_FILE,
+    },
+    KnownModel {
+        name: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+    },
 ];
 
 /// The known model called `name`, if any.
@@ -34,7 +40,11 @@ pub fn known_model(name: &str) -> Option<&'static KnownModel> {
 
 /// The known model names, `, `-separated (for messages).
 fn known_names() -> String {
-    KNOWN_MODELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+    KNOWN_MODELS
+        .iter()
+        .map(|k| k.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The model cache directory: `$BRIGADE_HOME`, else `~/.cache/brigade/models`.
@@ -42,7 +52,9 @@ pub fn model_cache_dir() -> PathBuf {
     if let Some(h) = std::env::var_os("BRIGADE_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("brigade").join("models")
 }
 
@@ -73,7 +85,9 @@ pub enum ModelPathError {
         source_name: &'static str,
     },
     /// The path is a directory, not a GGUF file.
-    #[error("model path {path} (from {source_name}) is a directory; pass the .gguf file inside it")]
+    #[error(
+        "model path {path} (from {source_name}) is a directory; pass the .gguf file inside it"
+    )]
     IsDirectory {
         /// The directory.
         path: String,
@@ -93,7 +107,9 @@ pub enum ModelPathError {
 /// Resolves the model path by precedence, a known model name to its cached
 /// file, and checks that the result is a file.
 pub fn resolve_model(cli: Option<&Path>, config: Option<&Path>) -> Result<PathBuf, ModelPathError> {
-    let env = std::env::var_os("BRIGADE_MODEL").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = std::env::var_os("BRIGADE_MODEL")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
     resolve_in(cli, env, config, &model_cache_dir())
 }
 
@@ -111,14 +127,23 @@ fn resolve_in(
     } else if let Some(p) = config {
         (p.to_path_buf(), "config model.path")
     } else {
-        (cache_dir.join(DEFAULT_MODEL_FILE), "the default model cache")
+        (
+            cache_dir.join(DEFAULT_MODEL_FILE),
+            "the default model cache",
+        )
     };
     let shown = path.display().to_string();
     // `metadata` follows symlinks: a link to a file is a file.
     match std::fs::metadata(&path) {
         Ok(m) if m.is_file() => Ok(path),
-        Ok(m) if m.is_dir() => Err(ModelPathError::IsDirectory { path: shown, source_name }),
-        Ok(_) => Err(ModelPathError::NotAFile { path: shown, source_name }),
+        Ok(m) if m.is_dir() => Err(ModelPathError::IsDirectory {
+            path: shown,
+            source_name,
+        }),
+        Ok(_) => Err(ModelPathError::NotAFile {
+            path: shown,
+            source_name,
+        }),
         Err(_) => match path.to_str().and_then(known_model) {
             Some(k) => {
                 let cached = cache_dir.join(k.file);
@@ -131,7 +156,10 @@ fn resolve_in(
                     }),
                 }
             }
-            None => Err(ModelPathError::NotFound { path: shown, source_name }),
+            None => Err(ModelPathError::NotFound {
+                path: shown,
+                source_name,
+            }),
         },
     }
 }
@@ -144,9 +172,21 @@ mod tests {
     fn a_directory_is_reported_as_a_directory() {
         let dir = tempfile::tempdir().unwrap();
         let err = resolve_model(Some(dir.path()), None).unwrap_err();
-        assert!(matches!(err, ModelPathError::IsDirectory { source_name: "--model", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ModelPathError::IsDirectory {
+                    source_name: "--model",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         let msg = err.to_string();
-        assert!(msg.contains("is a directory") && !msg.contains("not found"), "{msg}");
+        assert!(
+            msg.contains("is a directory") && !msg.contains("not found"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -154,7 +194,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("absent.gguf");
         let err = resolve_model(Some(&missing), None).unwrap_err();
-        assert!(matches!(err, ModelPathError::NotFound { source_name: "--model", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ModelPathError::NotFound {
+                    source_name: "--model",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         let file = dir.path().join("m.gguf");
         std::fs::write(&file, b"GGUF").unwrap();
         assert_eq!(resolve_model(Some(&file), None).unwrap(), file);
@@ -172,14 +221,29 @@ mod tests {
     fn a_known_name_resolves_to_its_cached_file_from_every_source() {
         let (home, file) = home_with_gemma();
         let name = Path::new("gemma3-270m");
-        assert_eq!(resolve_in(Some(name), None, None, home.path()).unwrap(), file);
-        assert_eq!(resolve_in(None, Some(name.to_path_buf()), None, home.path()).unwrap(), file);
-        assert_eq!(resolve_in(None, None, Some(name), home.path()).unwrap(), file);
+        assert_eq!(
+            resolve_in(Some(name), None, None, home.path()).unwrap(),
+            file
+        );
+        assert_eq!(
+            resolve_in(None, Some(name.to_path_buf()), None, home.path()).unwrap(),
+            file
+        );
+        assert_eq!(
+            resolve_in(None, None, Some(name), home.path()).unwrap(),
+            file
+        );
         // Precedence is unchanged: --model beats BRIGADE_MODEL beats the config.
         let other = home.path().join("other.gguf");
         std::fs::write(&other, b"GGUF").unwrap();
-        assert_eq!(resolve_in(Some(name), Some(other.clone()), None, home.path()).unwrap(), file);
-        assert_eq!(resolve_in(None, Some(other.clone()), Some(name), home.path()).unwrap(), other);
+        assert_eq!(
+            resolve_in(Some(name), Some(other.clone()), None, home.path()).unwrap(),
+            file
+        );
+        assert_eq!(
+            resolve_in(None, Some(other.clone()), Some(name), home.path()).unwrap(),
+            other
+        );
     }
 
     #[test]
@@ -187,8 +251,14 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let file = home.path().join(DEFAULT_MODEL_FILE);
         std::fs::write(&file, b"GGUF").unwrap();
-        assert_eq!(KNOWN_MODELS.first().map(|k| k.file), Some(DEFAULT_MODEL_FILE));
-        assert_eq!(resolve_in(Some(Path::new("smollm2-135m")), None, None, home.path()).unwrap(), file);
+        assert_eq!(
+            KNOWN_MODELS.first().map(|k| k.file),
+            Some(DEFAULT_MODEL_FILE)
+        );
+        assert_eq!(
+            resolve_in(Some(Path::new("smollm2-135m")), None, None, home.path()).unwrap(),
+            file
+        );
         assert_eq!(resolve_in(None, None, None, home.path()).unwrap(), file);
     }
 
@@ -197,28 +267,61 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let err = resolve_in(None, None, Some(Path::new("gemma3-270m")), home.path()).unwrap_err();
         assert!(
-            matches!(err, ModelPathError::NotCached { name: "gemma3-270m", source_name: "config model.path", .. }),
+            matches!(
+                err,
+                ModelPathError::NotCached {
+                    name: "gemma3-270m",
+                    source_name: "config model.path",
+                    ..
+                }
+            ),
             "{err:?}"
         );
         let msg = err.to_string();
-        assert!(msg.contains("`bash scripts/fetch-model.sh gemma3-270m`") && msg.lines().count() == 1, "{msg}");
-        assert!(msg.contains(&home.path().join("gemma-3-270m-q4_k_m.gguf").display().to_string()), "{msg}");
+        assert!(
+            msg.contains("`bash scripts/fetch-model.sh gemma3-270m`") && msg.lines().count() == 1,
+            "{msg}"
+        );
+        assert!(
+            msg.contains(
+                &home
+                    .path()
+                    .join("gemma-3-270m-q4_k_m.gguf")
+                    .display()
+                    .to_string()
+            ),
+            "{msg}"
+        );
     }
 
     #[test]
     fn an_unknown_name_is_not_found_and_lists_the_known_names() {
         let (home, _) = home_with_gemma();
         let err = resolve_in(Some(Path::new("gemma3-27b")), None, None, home.path()).unwrap_err();
-        assert!(matches!(err, ModelPathError::NotFound { source_name: "--model", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ModelPathError::NotFound {
+                    source_name: "--model",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         let msg = err.to_string();
-        assert!(msg.contains("smollm2-135m, gemma3-270m") && msg.lines().count() == 1, "{msg}");
+        assert!(
+            msg.contains("smollm2-135m, gemma3-270m") && msg.lines().count() == 1,
+            "{msg}"
+        );
     }
 
     /// Runs the fetch script with `args` under an empty temp `$BRIGADE_HOME`;
     /// returns (exit code, stdout, stderr, whether the home is still empty).
     fn fetch_script(args: &[&str]) -> (Option<i32>, String, String, bool) {
         let home = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("fetch-model.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join("fetch-model.sh");
         let out = std::process::Command::new("bash")
             .arg(&script)
             .args(args)
@@ -227,7 +330,12 @@ mod tests {
             .unwrap();
         let empty = std::fs::read_dir(home.path()).unwrap().next().is_none();
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code(), text(&out.stdout), text(&out.stderr), empty)
+        (
+            out.status.code(),
+            text(&out.stdout),
+            text(&out.stderr),
+            empty,
+        )
     }
 
     #[test]
@@ -235,7 +343,10 @@ mod tests {
         for args in [&["gemma3-27b"][..], &["gemma3-270m", "extra"][..]] {
             let (code, stdout, stderr, empty) = fetch_script(args);
             assert_eq!(code, Some(2), "{args:?}: {stderr}");
-            assert!(stdout.is_empty() && empty, "{args:?}: nothing fetched, nothing printed: {stdout}");
+            assert!(
+                stdout.is_empty() && empty,
+                "{args:?}: nothing fetched, nothing printed: {stdout}"
+            );
             assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
             assert!(stderr.contains(&known_names()), "{args:?}: {stderr}");
         }
@@ -244,10 +355,21 @@ mod tests {
     #[test]
     fn the_fetch_script_knows_the_same_names_and_files() {
         let script = include_str!("../scripts/fetch-model.sh");
-        assert!(script.contains(&format!("KNOWN=\"{}\"", known_names())), "KNOWN line differs from KNOWN_MODELS");
+        assert!(
+            script.contains(&format!("KNOWN=\"{}\"", known_names())),
+            "KNOWN line differs from KNOWN_MODELS"
+        );
         for k in KNOWN_MODELS {
-            assert!(script.contains(&format!("  {})\n", k.name)), "no case for {}", k.name);
-            assert!(script.contains(&format!("FILE=\"{}\"", k.file)), "no FILE for {}", k.name);
+            assert!(
+                script.contains(&format!("  {})\n", k.name)),
+                "no case for {}",
+                k.name
+            );
+            assert!(
+                script.contains(&format!("FILE=\"{}\"", k.file)),
+                "no FILE for {}",
+                k.name
+            );
         }
     }
 }

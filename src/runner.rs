@@ -15,6 +15,7 @@ pub struct Runner {
     kv: KvStore,
     block_table: Vec<u32>,
     scratch: Scratch,
+    head_digits: crate::kernels::Digits,
     pool: Option<rayon::ThreadPool>,
     pos: usize,
     x: Vec<f32>,
@@ -46,10 +47,23 @@ impl Runner {
     }
 
     /// [`Runner::new`] with K/V stored as `dtype`.
-    pub fn with_kv_dtype(model: Arc<Model>, max_ctx: usize, threads: usize, dtype: crate::model::kv::KvDType) -> Result<Self, RunnerError> {
+    pub fn with_kv_dtype(
+        model: Arc<Model>,
+        max_ctx: usize,
+        threads: usize,
+        dtype: crate::model::kv::KvDType,
+    ) -> Result<Self, RunnerError> {
         let bs = 16;
         let nblocks = max_ctx.div_ceil(bs).max(1);
-        let kv = KvStore::with_dtype(0, model.config.n_layers, nblocks, bs, model.config.kv_dim, model.config.head_dim, dtype);
+        let kv = KvStore::with_dtype(
+            0,
+            model.config.n_layers,
+            nblocks,
+            bs,
+            model.config.kv_dim,
+            model.config.head_dim,
+            dtype,
+        );
         let pool = if threads > 1 {
             Some(
                 rayon::ThreadPoolBuilder::new()
@@ -66,10 +80,18 @@ impl Runner {
             kv,
             block_table: (0..nblocks as u32).collect(),
             scratch: Scratch::default(),
+            head_digits: crate::config::RuntimeConfig::default().head_digits(),
             pool,
             pos: 0,
             x: Vec::new(),
         })
+    }
+
+    /// Reads `digits` of the output head's activations
+    /// (`runtime.head_activation_digits`; the default config's otherwise).
+    pub fn with_head_digits(mut self, digits: crate::kernels::Digits) -> Self {
+        self.head_digits = digits;
+        self
     }
 
     /// Forgets the current sequence.
@@ -89,7 +111,10 @@ impl Runner {
         let (dim, vocab) = (c.dim, c.vocab_size);
         let max = self.block_table.len() * self.kv.block_size;
         if self.pos + tokens.len() > max {
-            return Err(RunnerError::ContextFull { need: self.pos + tokens.len(), max });
+            return Err(RunnerError::ContextFull {
+                need: self.pos + tokens.len(),
+                max,
+            });
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(RunnerError::BadToken(t));
@@ -100,15 +125,25 @@ impl Runner {
         }
         self.x.resize(n * dim, 0.0);
         self.model.embed(tokens, &mut self.x);
-        let chunk = SeqChunk { pos: self.pos, len: n, block_table: &self.block_table };
-        let (model, x, kv, scratch) = (&self.model, &mut self.x, &mut self.kv, &mut self.scratch);
+        let chunk = SeqChunk {
+            pos: self.pos,
+            len: n,
+            block_table: &self.block_table,
+        };
+        let (model, x, kv, scratch, head_digits) = (
+            &self.model,
+            &mut self.x,
+            &mut self.kv,
+            &mut self.scratch,
+            self.head_digits,
+        );
         let layers = 0..c.n_layers;
         let rows_from = if all_logits { 0 } else { (n - 1) * dim };
         let mut logits = vec![0.0; (n * dim - rows_from) / dim * vocab];
         // Inside the pool, nested parallel loops are cheap forks (see engine workers).
         let run = |pool: Option<&rayon::ThreadPool>| {
             model.forward_layers(layers, x, &[chunk], kv, scratch, pool);
-            model.logits(&x[rows_from..], &mut logits, scratch, pool);
+            model.logits(&x[rows_from..], &mut logits, scratch, pool, head_digits);
         };
         match &self.pool {
             Some(p) => p.install(|| run(Some(p))),
@@ -145,11 +180,20 @@ const PERPLEXITY_FEED: usize = 128;
 ///   `[id] + window`; every token is scored (the first of a window given only
 ///   the BOS). Models trained to always see a BOS at position 0 (Gemma) are
 ///   only meaningful this way.
-pub fn perplexity(runner: &mut Runner, ids: &[u32], ctx: usize, bos: Option<u32>) -> Result<Perplexity, RunnerError> {
+pub fn perplexity(
+    runner: &mut Runner,
+    ids: &[u32],
+    ctx: usize,
+    bos: Option<u32>,
+) -> Result<Perplexity, RunnerError> {
     let vocab = runner.model.config.vocab_size;
     let mut nll = 0.0f64;
     let mut tokens = 0usize;
-    if let Some(&t) = ids.iter().chain(bos.as_ref()).find(|&&t| t as usize >= vocab) {
+    if let Some(&t) = ids
+        .iter()
+        .chain(bos.as_ref())
+        .find(|&&t| t as usize >= vocab)
+    {
         return Err(RunnerError::BadToken(t));
     }
     let (width, min_len) = match bos {
@@ -164,10 +208,18 @@ pub fn perplexity(runner: &mut Runner, ids: &[u32], ctx: usize, bos: Option<u32>
         // for each input, the token it predicts.
         let (inputs, targets): (Vec<u32>, &[u32]) = match bos {
             None => (window[..window.len() - 1].to_vec(), &window[1..]),
-            Some(b) => (std::iter::once(b).chain(window[..window.len() - 1].iter().copied()).collect(), window),
+            Some(b) => (
+                std::iter::once(b)
+                    .chain(window[..window.len() - 1].iter().copied())
+                    .collect(),
+                window,
+            ),
         };
         runner.reset();
-        for (piece, next) in inputs.chunks(PERPLEXITY_FEED).zip(targets.chunks(PERPLEXITY_FEED)) {
+        for (piece, next) in inputs
+            .chunks(PERPLEXITY_FEED)
+            .zip(targets.chunks(PERPLEXITY_FEED))
+        {
             let logits = runner.feed(piece, true)?;
             for (row, &t) in logits.chunks_exact(vocab).zip(next) {
                 nll -= crate::sampling::logprob(row, t) as f64;
@@ -175,6 +227,14 @@ pub fn perplexity(runner: &mut Runner, ids: &[u32], ctx: usize, bos: Option<u32>
             }
         }
     }
-    let perplexity = if tokens > 0 { (nll / tokens as f64).exp() } else { f64::NAN };
-    Ok(Perplexity { perplexity, tokens, nll })
+    let perplexity = if tokens > 0 {
+        (nll / tokens as f64).exp()
+    } else {
+        f64::NAN
+    };
+    Ok(Perplexity {
+        perplexity,
+        tokens,
+        nll,
+    })
 }

@@ -81,7 +81,11 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding of `max_tokens` tokens.
     pub fn greedy(max_tokens: usize) -> Self {
-        Self { max_tokens, temperature: 0.0, ..Self::default() }
+        Self {
+            max_tokens,
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 }
 
@@ -152,7 +156,9 @@ pub fn fast_exp(x: f32) -> f32 {
     let p = 1.0
         + r * (1.0
             + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let bits = ((n as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
@@ -228,7 +234,11 @@ pub fn top_k_entries(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         }
         return top;
     }
-    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    let mut idx: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, v))
+        .collect();
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);
@@ -326,12 +336,19 @@ pub fn apply_processors(logits: &mut [f32], r: &RowParams<'_>) {
 /// holds the requested mass, so the whole vocabulary is never sorted.
 pub fn truncate(scaled: &[f32], top_k: i32, top_p: f32, min_p: f32) -> Vec<(u32, f32)> {
     let vocab = scaled.len();
-    let k = if top_k > 0 { (top_k as usize).min(vocab) } else { vocab };
+    let k = if top_k > 0 {
+        (top_k as usize).min(vocab)
+    } else {
+        vocab
+    };
     let m = max_of(scaled);
     let mut cand = if top_p < 1.0 {
         // Mass is normalized over the top-k set (the whole vocabulary when k is off).
         let z = if k < vocab {
-            top_k_entries(scaled, k).iter().map(|&(_, v)| fast_exp(v - m) as f64).sum()
+            top_k_entries(scaled, k)
+                .iter()
+                .map(|&(_, v)| fast_exp(v - m) as f64)
+                .sum()
         } else {
             sum_exp(scaled, m)
         };
@@ -356,7 +373,11 @@ pub fn truncate(scaled: &[f32], top_k: i32, top_p: f32, min_p: f32) -> Vec<(u32,
     } else if k < vocab {
         top_k_entries(scaled, k)
     } else {
-        scaled.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect()
+        scaled
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, v))
+            .collect()
     };
     if min_p > 0.0 {
         // p_i >= min_p * p_max  <=>  v_i >= m + ln(min_p)
@@ -414,7 +435,12 @@ pub fn apply_allowed(logits: &mut [f32], allowed: &[u32]) {
 /// temperature and truncation; masked tokens are never chosen, and the draw
 /// is the same counter-based one, so a seeded constrained row gives the same
 /// token whatever batch it is in. At least one token must be allowed.
-pub fn sample_allowed(raw: &[f32], work: &mut [f32], r: &RowParams<'_>, allowed: Option<&[u32]>) -> Sampled {
+pub fn sample_allowed(
+    raw: &[f32],
+    work: &mut [f32],
+    r: &RowParams<'_>,
+    allowed: Option<&[u32]>,
+) -> Sampled {
     let p = r.params;
     let m_raw = max_of(raw);
     let greedy_raw = p.temperature <= 0.0 && !processors_active(r) && allowed.is_none();
@@ -483,19 +509,38 @@ pub fn sample_allowed(raw: &[f32], work: &mut [f32], r: &RowParams<'_>, allowed:
             }
         }
     };
-    let lse = if m_raw.is_finite() { m_raw + sum_exp(raw, m_raw).ln() as f32 } else { m_raw };
+    let lse = if m_raw.is_finite() {
+        m_raw + sum_exp(raw, m_raw).ln() as f32
+    } else {
+        m_raw
+    };
     let top = match p.logprobs {
-        Some(n) if n > 0 => top_k_entries(raw, n).into_iter().map(|(t, v)| (t, v - lse)).collect(),
+        Some(n) if n > 0 => top_k_entries(raw, n)
+            .into_iter()
+            .map(|(t, v)| (t, v - lse))
+            .collect(),
         _ => Vec::new(),
     };
-    Sampled { token, logprob: raw[token as usize] - lse, top }
+    Sampled {
+        token,
+        logprob: raw[token as usize] - lse,
+        top,
+    }
 }
 
 #[cfg(test)]
 mod tests {
 
     fn row<'a>(p: &'a SamplingParams, prompt: &'a [u32], output: &'a [u32]) -> RowParams<'a> {
-        RowParams { params: p, seed: 1, index: 0, position: 0, prompt, output, masked: &[] }
+        RowParams {
+            params: p,
+            seed: 1,
+            index: 0,
+            position: 0,
+            prompt,
+            output,
+            masked: &[],
+        }
     }
 
     #[test]
@@ -537,12 +582,18 @@ mod tests {
         // 0.1% critical value of chi-square with 7 degrees of freedom.
         let crit = 24.32;
         for &t in &[0.3f32, 0.7, 1.0, 1.8] {
-            let p = SamplingParams { temperature: t, ..Default::default() };
+            let p = SamplingParams {
+                temperature: t,
+                ..Default::default()
+            };
             let n = 60_000u64;
             let mut counts = [0u64; 8];
             for pos in 0..n {
                 let mut w = logits;
-                let r = RowParams { position: pos as usize, ..row(&p, &[], &[]) };
+                let r = RowParams {
+                    position: pos as usize,
+                    ..row(&p, &[], &[])
+                };
                 counts[sample(&logits, &mut w, &r).token as usize] += 1;
             }
             let scaled: Vec<f32> = logits.iter().map(|v| v / t).collect();
@@ -583,7 +634,10 @@ mod tests {
         // min-p: keep p_i >= min_p * p_max
         for &mp in &[0.05f32, 0.2, 0.5, 0.9] {
             let pmax = probs[0];
-            let mut want: Vec<u32> = (0..6).filter(|&i| probs[i] >= mp as f64 * pmax - 1e-12).map(|i| i as u32).collect();
+            let mut want: Vec<u32> = (0..6)
+                .filter(|&i| probs[i] >= mp as f64 * pmax - 1e-12)
+                .map(|i| i as u32)
+                .collect();
             want.sort();
             assert_eq!(set(truncate(&logits, -1, 1.0, mp)), want, "min_p {mp}");
         }
@@ -596,13 +650,22 @@ mod tests {
 
     #[test]
     fn sampled_tokens_stay_inside_the_truncated_set() {
-        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
-        let p = SamplingParams { temperature: 1.0, top_k: 5, ..Default::default() };
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 5,
+            ..Default::default()
+        };
         let allowed: Vec<u32> = top_k_entries(&logits, 5).into_iter().map(|c| c.0).collect();
         let mut counts = std::collections::HashMap::new();
         for pos in 0..20_000 {
             let mut w = logits.clone();
-            let r = RowParams { position: pos, ..row(&p, &[], &[]) };
+            let r = RowParams {
+                position: pos,
+                ..row(&p, &[], &[])
+            };
             let t = sample(&logits, &mut w, &r).token;
             assert!(allowed.contains(&t));
             *counts.entry(t).or_insert(0u64) += 1;
@@ -610,7 +673,10 @@ mod tests {
         // frequencies follow the renormalized top-5 softmax
         let top: Vec<f32> = allowed.iter().map(|&t| logits[t as usize]).collect();
         let probs = softmax(&top);
-        let c: Vec<u64> = allowed.iter().map(|t| counts.get(t).copied().unwrap_or(0)).collect();
+        let c: Vec<u64> = allowed
+            .iter()
+            .map(|t| counts.get(t).copied().unwrap_or(0))
+            .collect();
         assert!(chi2(&c, &probs, 20_000) < 18.47, "counts {c:?}"); // 4 dof, 0.1%
     }
 
@@ -636,21 +702,32 @@ mod tests {
         // token 4: unseen -> -2 + bias -1 = -3
         assert_eq!(l, [1.0, 4.0, -0.5, 0.5, -3.0]);
         // negative logit with repetition penalty is multiplied
-        let p2 = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let p2 = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         let mut l2 = base;
         apply_processors(&mut l2, &row(&p2, &[1], &[]));
         assert_eq!(l2[1], -2.0);
         // masked tokens can never be chosen
         let p3 = SamplingParams::greedy(1);
         let mut l3 = base;
-        let r = RowParams { masked: &[3], ..row(&p3, &[], &[]) };
+        let r = RowParams {
+            masked: &[3],
+            ..row(&p3, &[], &[])
+        };
         assert_eq!(sample(&base, &mut l3, &r).token, 0);
     }
 
     #[test]
     fn reported_logprobs_are_raw_log_softmax() {
         let raw = [1.0f32, 2.0, 3.0, 0.0];
-        let p = SamplingParams { temperature: 0.0, logprobs: Some(2), logit_bias: [(0u32, 100.0f32)].into_iter().collect(), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(2),
+            logit_bias: [(0u32, 100.0f32)].into_iter().collect(),
+            ..Default::default()
+        };
         let mut w = raw;
         let s = sample(&raw, &mut w, &row(&p, &[], &[]));
         assert_eq!(s.token, 0); // the bias decides the choice
@@ -671,17 +748,35 @@ mod tests {
         for t in [3usize, 40, 77] {
             bits[t / 32] |= 1 << (t % 32);
         }
-        let best = *[3usize, 40, 77].iter().max_by(|&&a, &&b| logits[a].total_cmp(&logits[b])).unwrap() as u32;
+        let best = *[3usize, 40, 77]
+            .iter()
+            .max_by(|&&a, &&b| logits[a].total_cmp(&logits[b]))
+            .unwrap() as u32;
         for p in [
             SamplingParams::greedy(1),
-            SamplingParams { temperature: 1.0, ..Default::default() },
-            SamplingParams { temperature: 2.0, top_k: 50, ..Default::default() },
-            SamplingParams { temperature: 1.0, top_p: 0.9, min_p: 0.01, ..Default::default() },
+            SamplingParams {
+                temperature: 1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 2.0,
+                top_k: 50,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.9,
+                min_p: 0.01,
+                ..Default::default()
+            },
         ] {
             let mut seen = std::collections::HashSet::new();
             for pos in 0..2000 {
                 let mut w = logits.clone();
-                let r = RowParams { position: pos, ..row(&p, &[], &[]) };
+                let r = RowParams {
+                    position: pos,
+                    ..row(&p, &[], &[])
+                };
                 let s = sample_allowed(&logits, &mut w, &r, Some(&bits));
                 assert!([3, 40, 77].contains(&s.token), "{p:?}: {}", s.token);
                 seen.insert(s.token);
@@ -696,7 +791,9 @@ mod tests {
         // Ids past the mask's words are disallowed.
         let mut l = vec![0.0f32; 40];
         apply_allowed(&mut l, &[u32::MAX]);
-        assert!(l[..32].iter().all(|v| *v == 0.0) && l[32..].iter().all(|v| *v == f32::NEG_INFINITY));
+        assert!(
+            l[..32].iter().all(|v| *v == 0.0) && l[32..].iter().all(|v| *v == f32::NEG_INFINITY)
+        );
     }
 
     #[test]
@@ -734,7 +831,10 @@ mod tests {
         let logits = [1.0f32, 2.0, 0.5, -1.0];
         let t = 0.8f32;
         let m = 2.0f32;
-        let w: Vec<f64> = logits.iter().map(|&v| (((v - m) / t) as f64).exp()).collect();
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&v| (((v - m) / t) as f64).exp())
+            .collect();
         let z: f64 = w.iter().sum();
         let n = 40_000u64;
         let mut counts = [0u64; 4];
@@ -773,12 +873,20 @@ mod tests {
                         ((x >> 40) % 17) as f32 * 0.5 // many ties
                     })
                     .collect();
-                let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+                let mut all: Vec<(u32, f32)> = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (i as u32, v))
+                    .collect();
                 all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 all.truncate(k.min(len));
                 let got = top_k_entries(&logits, k);
                 assert_eq!(got, all, "len {len} k {k}");
-                assert!(got.capacity() <= k.max(1), "len {len} k {k}: capacity {}", got.capacity());
+                assert!(
+                    got.capacity() <= k.max(1),
+                    "len {len} k {k}: capacity {}",
+                    got.capacity()
+                );
             }
         }
     }

@@ -60,9 +60,23 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// Outputs of the packed matmul for `n` rows of `xq`.
-fn run(isa: Isa, amx: bool, p: &PackedMatrix, xq: &[BlockQ8], n: usize, pool: Option<&rayon::ThreadPool>) -> Vec<f32> {
+fn run(
+    isa: Isa,
+    amx: bool,
+    p: &PackedMatrix,
+    xq: &[BlockQ8],
+    n: usize,
+    pool: Option<&rayon::ThreadPool>,
+) -> Vec<f32> {
     let mut out = vec![f32::NAN; n * p.rows()];
-    kernels::matmul_packed_opts(isa, amx, p, &Activations { f: &[], q: xq, n }, &mut out, pool);
+    kernels::matmul_packed_opts(
+        isa,
+        amx,
+        p,
+        &Activations { f: &[], q: xq, n },
+        &mut out,
+        pool,
+    );
     out
 }
 
@@ -80,7 +94,10 @@ fn amx_matches_vnni_and_scalar_bit_for_bit() {
         return;
     }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(41);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     // (output columns, inputs, batch rows): 1..64 blocks, ragged groups and tiles.
     // Batches under 16 rows and the tails of 16-row tiles run on zero-padded
     // tiles (5 rows and more) or VNNI (fewer).
@@ -131,7 +148,12 @@ fn amx_rows_do_not_depend_on_the_batch() {
         return;
     }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(43);
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_K, GgmlDType::Q6_K, GgmlDType::Q5_0] {
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_K,
+        GgmlDType::Q6_K,
+        GgmlDType::Q5_0,
+    ] {
         let (rows, cols, n) = (48, 512, 90);
         let data = weights(&mut rng, dtype, rows, cols);
         let p = PackedMatrix::new(&QMatrix::new(dtype, rows, cols, &data).unwrap()).unwrap();
@@ -146,8 +168,20 @@ fn amx_rows_do_not_depend_on_the_batch() {
                 break;
             }
             let len = len.min(n - start);
-            let part = bits(&run(Isa::Avx512Vnni, true, &p, &xq[start * nb..(start + len) * nb], len, None));
-            assert_eq!(&all[start * rows..(start + len) * rows], &part[..], "{dtype:?} rows {start}..{}", start + len);
+            let part = bits(&run(
+                Isa::Avx512Vnni,
+                true,
+                &p,
+                &xq[start * nb..(start + len) * nb],
+                len,
+                None,
+            ));
+            assert_eq!(
+                &all[start * rows..(start + len) * rows],
+                &part[..],
+                "{dtype:?} rows {start}..{}",
+                start + len
+            );
             start += len;
         }
     }

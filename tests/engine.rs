@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brigade::config::{Config, Count};
-use brigade::engine::{Engine, EngineHandle, Event, FinishReason, GenerateRequest, ResponseStream, SamplingParams};
+use brigade::engine::{
+    Engine, EngineHandle, Event, FinishReason, GenerateRequest, ResponseStream, SamplingParams,
+};
 use brigade::model::Model;
 use brigade::tokenizer::Tokenizer;
 
@@ -26,15 +28,30 @@ fn collect(mut s: ResponseStream) -> Vec<Out> {
         match ev {
             Event::Token { index, token, text } => {
                 while outs.len() <= index {
-                    outs.push(Out { tokens: vec![], logprobs: vec![], finish: None, text: String::new() });
+                    outs.push(Out {
+                        tokens: vec![],
+                        logprobs: vec![],
+                        finish: None,
+                        text: String::new(),
+                    });
                 }
                 outs[index].tokens.push(token.token);
                 outs[index].logprobs.push(token.logprob.to_bits());
                 outs[index].text.push_str(&text);
             }
-            Event::Finished { index, reason, text, .. } => {
+            Event::Finished {
+                index,
+                reason,
+                text,
+                ..
+            } => {
                 while outs.len() <= index {
-                    outs.push(Out { tokens: vec![], logprobs: vec![], finish: None, text: String::new() });
+                    outs.push(Out {
+                        tokens: vec![],
+                        logprobs: vec![],
+                        finish: None,
+                        text: String::new(),
+                    });
                 }
                 outs[index].finish = Some(reason);
                 outs[index].text.push_str(&text);
@@ -54,6 +71,8 @@ fn config(workers: usize, prefill_chunk: usize, kv_tokens: usize, prefix: bool) 
     c.runtime.max_batched_tokens = 256;
     c.kv_cache.capacity_tokens = kv_tokens;
     c.kv_cache.prefix_caching = prefix;
+    // Small pools here exist to force preemption: admit on the prompt alone.
+    c.runtime.admission_reserve_tokens = 0;
     c.validate().unwrap();
     c
 }
@@ -67,17 +86,31 @@ fn assert_pool_whole(h: &EngineHandle) {
         if s.running == 0 && s.waiting == 0 && s.kv_blocks_free == s.kv_blocks_total {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "pool not whole: {s:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "pool not whole: {s:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 fn prompts_32() -> Vec<String> {
     let subjects = [
-        "The history of Rome", "A recipe for bread", "How rockets work", "The best way to learn Rust",
-        "Why the sky is blue", "A poem about autumn", "The rules of chess", "Photosynthesis in plants",
+        "The history of Rome",
+        "A recipe for bread",
+        "How rockets work",
+        "The best way to learn Rust",
+        "Why the sky is blue",
+        "A poem about autumn",
+        "The rules of chess",
+        "Photosynthesis in plants",
     ];
-    let forms = ["Tell me about", "Write one sentence on", "Explain briefly:", "Summarize:"];
+    let forms = [
+        "Tell me about",
+        "Write one sentence on",
+        "Explain briefly:",
+        "Summarize:",
+    ];
     let mut v = Vec::new();
     for f in forms {
         for s in subjects {
@@ -88,18 +121,32 @@ fn prompts_32() -> Vec<String> {
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { logprobs: Some(0), ..SamplingParams::greedy(max_tokens) }
+    SamplingParams {
+        logprobs: Some(0),
+        ..SamplingParams::greedy(max_tokens)
+    }
 }
 
 fn run_alone(h: &EngineHandle, prompts: &[String], p: &SamplingParams) -> Vec<Vec<Out>> {
-    prompts.iter().map(|t| collect(h.submit(GenerateRequest::text(t.clone(), p.clone())).unwrap())).collect()
+    prompts
+        .iter()
+        .map(|t| {
+            collect(
+                h.submit(GenerateRequest::text(t.clone(), p.clone()))
+                    .unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// Submits every prompt with staggered arrivals, then collects all.
 fn run_concurrent(h: &EngineHandle, prompts: &[String], p: &SamplingParams) -> Vec<Vec<Out>> {
     let mut streams = Vec::new();
     for (i, t) in prompts.iter().enumerate() {
-        streams.push(h.submit(GenerateRequest::text(t.clone(), p.clone())).unwrap());
+        streams.push(
+            h.submit(GenerateRequest::text(t.clone(), p.clone()))
+                .unwrap(),
+        );
         if i % 8 == 7 {
             std::thread::sleep(Duration::from_millis(15));
         }
@@ -127,33 +174,84 @@ fn batch_invariance_bit_for_bit_across_workers_chunking_and_preemption() {
         (1, 0, 8192, true, "1 worker"),
         (2, 0, 8192, true, "2 workers"),
         (3, 0, 8192, false, "3 workers"),
-        (2, 5, 8192, true, "2 workers, chunked prefill (5-token chunks)"),
-        (2, 0, 320, true, "2 workers, KV pool of 320 tokens (forces preemption)"),
+        (
+            2,
+            5,
+            8192,
+            true,
+            "2 workers, chunked prefill (5-token chunks)",
+        ),
+        (
+            2,
+            0,
+            320,
+            true,
+            "2 workers, KV pool of 320 tokens (forces preemption)",
+        ),
     ];
     for (workers, chunk, kv, prefix, name) in cases {
-        let h = Engine::start(model.clone(), tok.clone(), config(workers, chunk, kv, prefix)).unwrap();
+        let h = Engine::start(
+            model.clone(),
+            tok.clone(),
+            config(workers, chunk, kv, prefix),
+        )
+        .unwrap();
         let got = run_concurrent(&h, &many, &p);
         for (i, g) in got.iter().enumerate() {
-            assert_eq!(g, &alone[i % prompts.len()], "{name}: request {i} ({:?}) differs from running alone", many[i]);
+            assert_eq!(
+                g,
+                &alone[i % prompts.len()],
+                "{name}: request {i} ({:?}) differs from running alone",
+                many[i]
+            );
         }
         let s = h.stats();
         if kv < 1000 {
-            assert!(s.preemptions > 0, "{name}: expected preemptions, stats {s:?}");
+            assert!(
+                s.preemptions > 0,
+                "{name}: expected preemptions, stats {s:?}"
+            );
         }
         assert_pool_whole(&h);
     }
+    // The same tight pool with the admission reserve (the default policy): requests
+    // wait instead of being admitted and preempted later; outputs unchanged.
+    let mut c = config(2, 0, 320, true);
+    c.runtime.admission_reserve_tokens = 256;
+    let h = Engine::start(model.clone(), tok.clone(), c).unwrap();
+    let got = run_concurrent(&h, &many, &p);
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(
+            g,
+            &alone[i % prompts.len()],
+            "admission reserve: request {i} ({:?}) differs from running alone",
+            many[i]
+        );
+    }
+    let s = h.stats();
+    assert_eq!(
+        s.preemptions, 0,
+        "admission reserve: no preemption expected, stats {s:?}"
+    );
+    assert_pool_whole(&h);
 }
 
 #[test]
 fn prefix_cache_hits_and_outputs_unchanged() {
     let Some((model, tok)) = real() else { return };
-    let system = "You are a meticulous assistant. Answer in one short sentence, cite no sources, and never \
+    let system =
+        "You are a meticulous assistant. Answer in one short sentence, cite no sources, and never \
                   use lists. Keep a neutral tone and avoid speculation about the future. "
-        .repeat(2);
-    let prompts: Vec<String> = ["What is rain?", "What is snow?", "What is fog?", "What is hail?"]
-        .iter()
-        .map(|q| format!("{system}{q}"))
-        .collect();
+            .repeat(2);
+    let prompts: Vec<String> = [
+        "What is rain?",
+        "What is snow?",
+        "What is fog?",
+        "What is hail?",
+    ]
+    .iter()
+    .map(|q| format!("{system}{q}"))
+    .collect();
     let p = greedy(8);
     let off = Engine::start(model.clone(), tok.clone(), config(1, 0, 8192, false)).unwrap();
     let want = run_alone(&off, &prompts, &p);
@@ -162,7 +260,10 @@ fn prefix_cache_hits_and_outputs_unchanged() {
     let got = run_alone(&on, &prompts, &p);
     assert_eq!(got, want, "prefix caching changed outputs");
     let s = on.stats();
-    assert!(s.prefix_hits >= 3 * 32, "expected hits on the shared system prompt, stats {s:?}");
+    assert!(
+        s.prefix_hits >= 3 * 32,
+        "expected hits on the shared system prompt, stats {s:?}"
+    );
     assert_pool_whole(&on);
 }
 
@@ -183,7 +284,12 @@ fn stress_500_requests_random_aborts_tiny_channels_leaves_pool_whole() {
     for i in 0..500 {
         let len = 1 + (next() % 40) as usize;
         let prompt: Vec<u32> = (0..len).map(|_| (next() % 300) as u32).collect();
-        let params = SamplingParams { max_tokens: 1 + (next() % 24) as usize, temperature: 0.8, seed: Some(i), ..Default::default() };
+        let params = SamplingParams {
+            max_tokens: 1 + (next() % 24) as usize,
+            temperature: 0.8,
+            seed: Some(i),
+            ..Default::default()
+        };
         let s = h.submit(GenerateRequest::tokens(prompt, params)).unwrap();
         match next() % 4 {
             0 => {
@@ -208,7 +314,10 @@ fn stress_500_requests_random_aborts_tiny_channels_leaves_pool_whole() {
             }
         }
     }
-    assert!(dropped > 50 && aborted > 0, "dropped {dropped}, aborted {aborted}");
+    assert!(
+        dropped > 50 && aborted > 0,
+        "dropped {dropped}, aborted {aborted}"
+    );
     assert_pool_whole(&h);
 }
 
@@ -216,7 +325,16 @@ fn stress_500_requests_random_aborts_tiny_channels_leaves_pool_whole() {
 fn abort_stops_a_long_request_within_a_step() {
     let (model, tok) = common::tiny_model(&brigade::testing::TinyLlamaSpec::default());
     let h = Engine::start(model, tok, config(1, 0, 4096, true)).unwrap();
-    let mut s = h.submit(GenerateRequest::tokens(vec![5, 6, 7], SamplingParams { max_tokens: 200, ignore_eos: true, ..SamplingParams::greedy(200) })).unwrap();
+    let mut s = h
+        .submit(GenerateRequest::tokens(
+            vec![5, 6, 7],
+            SamplingParams {
+                max_tokens: 200,
+                ignore_eos: true,
+                ..SamplingParams::greedy(200)
+            },
+        ))
+        .unwrap();
     let mut n = 0;
     let mut reason = None;
     while let Some(ev) = s.blocking_next() {
@@ -240,11 +358,23 @@ fn abort_stops_a_long_request_within_a_step() {
 fn finish_reasons_length_and_stop() {
     let Some((model, tok)) = real() else { return };
     let h = Engine::start(model, tok, config(1, 0, 4096, true)).unwrap();
-    let out = collect(h.submit(GenerateRequest::text("Once upon a time", greedy(5))).unwrap());
+    let out = collect(
+        h.submit(GenerateRequest::text("Once upon a time", greedy(5)))
+            .unwrap(),
+    );
     assert_eq!(out[0].finish, Some(FinishReason::Length));
     assert_eq!(out[0].tokens.len(), 5);
-    let chat = brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage::new("user", "Say hi.")]);
-    let out = collect(h.submit(GenerateRequest { prompt: chat, params: greedy(64), priority: 0 }).unwrap());
+    let chat = brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage::new(
+        "user", "Say hi.",
+    )]);
+    let out = collect(
+        h.submit(GenerateRequest {
+            prompt: chat,
+            params: greedy(64),
+            priority: 0,
+        })
+        .unwrap(),
+    );
     assert_eq!(out[0].finish, Some(FinishReason::Stop), "{:?}", out[0].text);
     assert!(!out[0].text.contains("<|im_end|>"));
 }
@@ -254,21 +384,114 @@ fn invalid_requests_are_rejected_with_the_field_named() {
     let (model, tok) = common::tiny_model(&brigade::testing::TinyLlamaSpec::default());
     let h = Engine::start(model, tok, config(1, 0, 1024, true)).unwrap();
     let cases: Vec<(GenerateRequest, &str)> = vec![
-        (GenerateRequest::tokens(vec![1, 2], SamplingParams { temperature: -1.0, ..Default::default() }), "temperature"),
-        (GenerateRequest::tokens(vec![1, 2], SamplingParams { top_p: 0.0, ..Default::default() }), "top_p"),
-        (GenerateRequest::tokens(vec![1, 2], SamplingParams { top_k: -2, ..Default::default() }), "top_k"),
-        (GenerateRequest::tokens(vec![1, 2], SamplingParams { min_p: 1.5, ..Default::default() }), "min_p"),
-        (GenerateRequest::tokens(vec![1, 2], SamplingParams { logprobs: Some(21), ..Default::default() }), "top_logprobs"),
-        (GenerateRequest::tokens(vec![1, 2], SamplingParams { n: 1000, ..Default::default() }), "n"),
-        (GenerateRequest::tokens(vec![1, 2], SamplingParams { stop_token_ids: vec![99999], ..Default::default() }), "stop_token_ids"),
         (
-            GenerateRequest::tokens(vec![1, 2], SamplingParams { logit_bias: [(99999u32, 1.0f32)].into_iter().collect(), ..Default::default() }),
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+            ),
+            "temperature",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+            ),
+            "top_p",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    top_k: -2,
+                    ..Default::default()
+                },
+            ),
+            "top_k",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    min_p: 1.5,
+                    ..Default::default()
+                },
+            ),
+            "min_p",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..Default::default()
+                },
+            ),
+            "top_logprobs",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    n: 1000,
+                    ..Default::default()
+                },
+            ),
+            "n",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    stop_token_ids: vec![99999],
+                    ..Default::default()
+                },
+            ),
+            "stop_token_ids",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    logit_bias: [(99999u32, 1.0f32)].into_iter().collect(),
+                    ..Default::default()
+                },
+            ),
             "logit_bias",
         ),
-        (GenerateRequest::tokens(vec![], SamplingParams::default()), "prompt"),
-        (GenerateRequest::tokens(vec![100000], SamplingParams::default()), "prompt"),
-        (GenerateRequest::tokens(vec![1; 200], SamplingParams { max_tokens: 100, ..Default::default() }), "max_tokens"),
-        (GenerateRequest::tokens(vec![1, 2], SamplingParams { presence_penalty: 3.0, ..Default::default() }), "presence_penalty"),
+        (
+            GenerateRequest::tokens(vec![], SamplingParams::default()),
+            "prompt",
+        ),
+        (
+            GenerateRequest::tokens(vec![100000], SamplingParams::default()),
+            "prompt",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1; 200],
+                SamplingParams {
+                    max_tokens: 100,
+                    ..Default::default()
+                },
+            ),
+            "max_tokens",
+        ),
+        (
+            GenerateRequest::tokens(
+                vec![1, 2],
+                SamplingParams {
+                    presence_penalty: 3.0,
+                    ..Default::default()
+                },
+            ),
+            "presence_penalty",
+        ),
     ];
     for (req, field) in cases {
         let mut s = h.submit(req).unwrap();
@@ -284,9 +507,17 @@ fn invalid_requests_are_rejected_with_the_field_named() {
 #[test]
 fn kv_cache_dtypes_f16_bf16_f32_all_work() {
     let Some((model, tok)) = real() else { return };
-    let prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"];
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Water boils at",
+    ];
     let mut results = Vec::new();
-    for dtype in [brigade::model::kv::KvDType::F16, brigade::model::kv::KvDType::Bf16, brigade::model::kv::KvDType::F32] {
+    for dtype in [
+        brigade::model::kv::KvDType::F16,
+        brigade::model::kv::KvDType::Bf16,
+        brigade::model::kv::KvDType::F32,
+    ] {
         let mut c = config(2, 0, 2048, true);
         c.kv_cache.dtype = dtype;
         let h = Engine::start(model.clone(), tok.clone(), c).unwrap();
@@ -294,7 +525,11 @@ fn kv_cache_dtypes_f16_bf16_f32_all_work() {
         // Batched and chunked runs agree bit for bit within a dtype too.
         let batched = run_concurrent(&h, &prompts.map(String::from), &greedy(6));
         assert_eq!(alone, batched, "{dtype:?}: batch invariance");
-        assert!(alone[0][0].text.contains("Paris"), "{dtype:?}: {:?}", alone[0][0].text);
+        assert!(
+            alone[0][0].text.contains("Paris"),
+            "{dtype:?}: {:?}",
+            alone[0][0].text
+        );
         assert_pool_whole(&h);
         results.push(alone);
     }

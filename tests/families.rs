@@ -23,8 +23,10 @@ use brigade::model::kv::KvStore;
 use brigade::model::llama::{Scratch, SeqChunk};
 use brigade::model::Model;
 use brigade::runner::Runner;
+use brigade::testing::{
+    load_family_fixture, tiny_family_gguf, FamilyFixture, TinyFamily, TinyFamilySpec,
+};
 use common::{engine_config, engine_outputs};
-use brigade::testing::{load_family_fixture, tiny_family_gguf, FamilyFixture, TinyFamily, TinyFamilySpec};
 
 /// A reference top-1 / top-2 log-probability gap below this is a near-tie
 /// (excepted and counted): our logprobs differ from the reference's by up to
@@ -47,9 +49,15 @@ fn model(family: TinyFamily) -> Arc<Model> {
 }
 
 fn fixture(family: TinyFamily) -> Option<FamilyFixture> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families").join(format!("{}.json", family.name()));
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/families")
+        .join(format!("{}.json", family.name()));
     if !p.is_file() {
-        eprintln!("note: {} absent; skipping {} parity (run tests/reference/make_family_fixtures.py)", p.display(), family.name());
+        eprintln!(
+            "note: {} absent; skipping {} parity (run tests/reference/make_family_fixtures.py)",
+            p.display(),
+            family.name()
+        );
         return None;
     }
     Some(load_family_fixture(&p).expect("fixture"))
@@ -57,7 +65,11 @@ fn fixture(family: TinyFamily) -> Option<FamilyFixture> {
 
 fn log_softmax(row: &[f32]) -> Vec<f32> {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let lse = m + row.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln() as f32;
+    let lse = m + row
+        .iter()
+        .map(|&x| ((x - m) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32;
     row.iter().map(|&x| x - lse).collect()
 }
 
@@ -70,12 +82,18 @@ fn check_parity(family: TinyFamily) {
     let Some(fx) = fixture(family) else { return };
     let m = model(family);
     let vocab = m.config.vocab_size;
-    let (mut positions, mut near_ties, mut max_d, mut greedy_steps, mut greedy_ties) = (0usize, 0usize, 0f32, 0usize, 0usize);
+    let (mut positions, mut near_ties, mut max_d, mut greedy_steps, mut greedy_ties) =
+        (0usize, 0usize, 0f32, 0usize, 0usize);
     for case in &fx.cases {
         let total = case.prompt_ids.len() + case.greedy_ids.len() + 1;
         let mut r = Runner::new(m.clone(), total, 2).expect("runner");
         let logits = r.feed(&case.prompt_ids, true).expect("feed");
-        assert_eq!(case.positions.len(), case.prompt_ids.len(), "{}: fixture positions", case.name);
+        assert_eq!(
+            case.positions.len(),
+            case.prompt_ids.len(),
+            "{}: fixture positions",
+            case.name
+        );
         for (i, want) in case.positions.iter().enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];
             let lp = log_softmax(row);
@@ -95,7 +113,13 @@ fn check_parity(family: TinyFamily) {
             for (&id, &want_lp) in want.top_ids.iter().zip(&want.top_logprobs) {
                 let d = (lp[id as usize] - want_lp).abs();
                 max_d = max_d.max(d);
-                assert!(d <= MAX_DLOGPROB, "{} {} pos {i} token {id}: logprob {} vs {want_lp}", family.name(), case.name, lp[id as usize]);
+                assert!(
+                    d <= MAX_DLOGPROB,
+                    "{} {} pos {i} token {id}: logprob {} vs {want_lp}",
+                    family.name(),
+                    case.name,
+                    lp[id as usize]
+                );
             }
         }
         // Greedy continuation after the whole prompt.
@@ -103,7 +127,12 @@ fn check_parity(family: TinyFamily) {
         for (j, (&want, &margin)) in case.greedy_ids.iter().zip(&case.greedy_margins).enumerate() {
             greedy_steps += 1;
             if next != want {
-                assert!(margin < NEAR_TIE, "{} {} greedy step {j}: {next} vs reference {want} (margin {margin})", family.name(), case.name);
+                assert!(
+                    margin < NEAR_TIE,
+                    "{} {} greedy step {j}: {next} vs reference {want} (margin {margin})",
+                    family.name(),
+                    case.name
+                );
                 greedy_ties += 1;
                 break; // the continuations diverge after a near-tie
             }
@@ -166,40 +195,88 @@ struct Chunk<'a> {
 }
 
 /// Runs one batch through every layer and the head; logits of every row.
-fn run_batch(m: &Model, kv: &mut KvStore, s: &mut Scratch, chunks: &[Chunk<'_>], pool: Option<&rayon::ThreadPool>) -> Vec<f32> {
+fn run_batch(
+    m: &Model,
+    kv: &mut KvStore,
+    s: &mut Scratch,
+    chunks: &[Chunk<'_>],
+    pool: Option<&rayon::ThreadPool>,
+) -> Vec<f32> {
     let (dim, vocab) = (m.config.dim, m.config.vocab_size);
-    let tokens: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+    let tokens: Vec<u32> = chunks
+        .iter()
+        .flat_map(|c| c.tokens.iter().copied())
+        .collect();
     let mut x = vec![0.0; tokens.len() * dim];
     m.embed(&tokens, &mut x);
-    let seqs: Vec<SeqChunk<'_>> = chunks.iter().map(|c| SeqChunk { pos: c.pos, len: c.tokens.len(), block_table: c.table }).collect();
+    let seqs: Vec<SeqChunk<'_>> = chunks
+        .iter()
+        .map(|c| SeqChunk {
+            pos: c.pos,
+            len: c.tokens.len(),
+            block_table: c.table,
+        })
+        .collect();
     m.forward_layers(0..m.config.n_layers, &mut x, &seqs, kv, s, pool);
     let mut logits = vec![0.0; tokens.len() * vocab];
-    m.logits(&x, &mut logits, s, pool);
+    m.logits(
+        &x,
+        &mut logits,
+        s,
+        pool,
+        brigade::config::RuntimeConfig::default().head_digits(),
+    );
     logits
 }
 
 const BS: usize = 4;
 
 fn kv_store(m: &Model, num_blocks: usize) -> KvStore {
-    KvStore::new(0, m.config.n_layers, num_blocks, BS, m.config.kv_dim, m.config.head_dim)
+    KvStore::new(
+        0,
+        m.config.n_layers,
+        num_blocks,
+        BS,
+        m.config.kv_dim,
+        m.config.head_dim,
+    )
 }
 
 fn tokens(seed: u32, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 97) >> 7) % vocab as u32).collect()
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 97) >> 7) % vocab as u32)
+        .collect()
 }
 
 #[test]
 fn every_family_is_batch_invariant() {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("pool");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("pool");
     for family in TinyFamily::ALL {
         let m = model(family);
         let vocab = m.config.vocab_size;
         // A: 23 tokens (longer than the 8-token windows), B: 9, C: 14.
-        let (a, b, c) = (tokens(1, 23, vocab), tokens(2, 9, vocab), tokens(3, 14, vocab));
+        let (a, b, c) = (
+            tokens(1, 23, vocab),
+            tokens(2, 9, vocab),
+            tokens(3, 14, vocab),
+        );
         // Alone: A's whole prefill, contiguous blocks, no pool.
         let table_alone: Vec<u32> = (0..6).collect();
         let mut kv = kv_store(&m, 6);
-        let alone = run_batch(&m, &mut kv, &mut Scratch::default(), &[Chunk { pos: 0, tokens: &a, table: &table_alone }], None);
+        let alone = run_batch(
+            &m,
+            &mut kv,
+            &mut Scratch::default(),
+            &[Chunk {
+                pos: 0,
+                tokens: &a,
+                table: &table_alone,
+            }],
+            None,
+        );
         // Mixed: interleaved block tables; A in chunks of 7 + 15 + one decode row.
         let ta: Vec<u32> = vec![9, 2, 14, 5, 0, 11];
         let tb: Vec<u32> = vec![3, 12, 7];
@@ -211,7 +288,23 @@ fn every_family_is_batch_invariant() {
             &m,
             &mut kv,
             &mut s,
-            &[Chunk { pos: 0, tokens: &b[..5], table: &tb }, Chunk { pos: 0, tokens: &a[..7], table: &ta }, Chunk { pos: 0, tokens: &c, table: &tc }],
+            &[
+                Chunk {
+                    pos: 0,
+                    tokens: &b[..5],
+                    table: &tb,
+                },
+                Chunk {
+                    pos: 0,
+                    tokens: &a[..7],
+                    table: &ta,
+                },
+                Chunk {
+                    pos: 0,
+                    tokens: &c,
+                    table: &tc,
+                },
+            ],
             Some(&pool),
         );
         got.extend_from_slice(&l[5 * vocab..12 * vocab]);
@@ -219,7 +312,18 @@ fn every_family_is_batch_invariant() {
             &m,
             &mut kv,
             &mut s,
-            &[Chunk { pos: 7, tokens: &a[7..22], table: &ta }, Chunk { pos: 5, tokens: &b[5..], table: &tb }],
+            &[
+                Chunk {
+                    pos: 7,
+                    tokens: &a[7..22],
+                    table: &ta,
+                },
+                Chunk {
+                    pos: 5,
+                    tokens: &b[5..],
+                    table: &tb,
+                },
+            ],
             Some(&pool),
         );
         got.extend_from_slice(&l[..15 * vocab]);
@@ -227,13 +331,31 @@ fn every_family_is_batch_invariant() {
             &m,
             &mut kv,
             &mut s,
-            &[Chunk { pos: 14, tokens: &[c[0]], table: &tc }, Chunk { pos: 22, tokens: &a[22..], table: &ta }],
+            &[
+                Chunk {
+                    pos: 14,
+                    tokens: &[c[0]],
+                    table: &tc,
+                },
+                Chunk {
+                    pos: 22,
+                    tokens: &a[22..],
+                    table: &ta,
+                },
+            ],
             None,
         );
         got.extend_from_slice(&l[vocab..2 * vocab]);
         assert_eq!(got.len(), alone.len());
-        let same = got.iter().zip(&alone).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "{}: logits differ between alone and mixed batches", family.name());
+        let same = got
+            .iter()
+            .zip(&alone)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same,
+            "{}: logits differ between alone and mixed batches",
+            family.name()
+        );
     }
 }
 
@@ -241,7 +363,9 @@ fn every_family_is_batch_invariant() {
 fn sliding_window_layers_do_not_read_blocks_before_the_window() {
     for family in TinyFamily::ALL {
         let m = model(family);
-        let Some(window) = m.config.sliding_window else { continue };
+        let Some(window) = m.config.sliding_window else {
+            continue;
+        };
         let vocab = m.config.vocab_size;
         let n = 3 * window + 5;
         let a = tokens(7, n + 1, vocab);
@@ -250,7 +374,17 @@ fn sliding_window_layers_do_not_read_blocks_before_the_window() {
         let run = |poison: bool| {
             let mut kv = kv_store(&m, nblk);
             let mut s = Scratch::default();
-            run_batch(&m, &mut kv, &mut s, &[Chunk { pos: 0, tokens: &a[..n], table: &table }], None);
+            run_batch(
+                &m,
+                &mut kv,
+                &mut s,
+                &[Chunk {
+                    pos: 0,
+                    tokens: &a[..n],
+                    table: &table,
+                }],
+                None,
+            );
             if poison {
                 // The decode row at position n reads positions > n - window on
                 // sliding layers: every block wholly before that is NaN there.
@@ -262,13 +396,39 @@ fn sliding_window_layers_do_not_read_blocks_before_the_window() {
                     }
                 }
             }
-            run_batch(&m, &mut kv, &mut s, &[Chunk { pos: n, tokens: &a[n..], table: &table }], None)
+            run_batch(
+                &m,
+                &mut kv,
+                &mut s,
+                &[Chunk {
+                    pos: n,
+                    tokens: &a[n..],
+                    table: &table,
+                }],
+                None,
+            )
         };
         let (clean, poisoned) = (run(false), run(true));
-        assert!(clean.iter().all(|v| v.is_finite()), "{}: clean logits", family.name());
-        let same = clean.iter().zip(&poisoned).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "{}: a sliding layer read K/V before its window", family.name());
-        eprintln!("{}: window {window}, {} of {} layers sliding: reads bounded", family.name(), m.config.swa_layers.iter().filter(|&&s| s).count(), m.config.n_layers);
+        assert!(
+            clean.iter().all(|v| v.is_finite()),
+            "{}: clean logits",
+            family.name()
+        );
+        let same = clean
+            .iter()
+            .zip(&poisoned)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same,
+            "{}: a sliding layer read K/V before its window",
+            family.name()
+        );
+        eprintln!(
+            "{}: window {window}, {} of {} layers sliding: reads bounded",
+            family.name(),
+            m.config.swa_layers.iter().filter(|&&s| s).count(),
+            m.config.n_layers
+        );
     }
 }
 
@@ -278,10 +438,26 @@ fn config_reads_every_family() {
         let spec = TinyFamilySpec::standard(family);
         let c = &model(family).config;
         assert_eq!(c.arch.name(), family.arch());
-        assert_eq!((c.head_dim, c.q_dim, c.kv_dim), (spec.head_dim as usize, spec.q_dim() as usize, spec.kv_dim() as usize), "{}", family.name());
-        let swa: Vec<bool> = (0..spec.n_layers).map(|i| spec.is_sliding_layer(i)).collect();
+        assert_eq!(
+            (c.head_dim, c.q_dim, c.kv_dim),
+            (
+                spec.head_dim as usize,
+                spec.q_dim() as usize,
+                spec.kv_dim() as usize
+            ),
+            "{}",
+            family.name()
+        );
+        let swa: Vec<bool> = (0..spec.n_layers)
+            .map(|i| spec.is_sliding_layer(i))
+            .collect();
         assert_eq!(c.swa_layers, swa, "{}", family.name());
-        assert_eq!(c.sliding_window, spec.sliding_window.map(|w| w as usize), "{}", family.name());
+        assert_eq!(
+            c.sliding_window,
+            spec.sliding_window.map(|w| w as usize),
+            "{}",
+            family.name()
+        );
         assert_eq!(c.attn_softcap, spec.attn_softcap, "{}", family.name());
         assert_eq!(c.final_softcap, spec.final_softcap, "{}", family.name());
     }
@@ -291,12 +467,25 @@ fn config_reads_every_family() {
 fn unsupported_architecture_is_one_line() {
     let mut bytes = brigade::testing::tiny_llama_gguf(&brigade::testing::TinyLlamaSpec::default());
     // Rename the architecture value in place (same length: "llama" -> "mamba").
-    let key_end = bytes.windows(20).position(|w| w == b"general.architecture").expect("key") + 20;
-    let v = bytes[key_end..].windows(5).position(|w| w == b"llama").expect("value") + key_end;
+    let key_end = bytes
+        .windows(20)
+        .position(|w| w == b"general.architecture")
+        .expect("key")
+        + 20;
+    let v = bytes[key_end..]
+        .windows(5)
+        .position(|w| w == b"llama")
+        .expect("value")
+        + key_end;
     bytes[v..v + 5].copy_from_slice(b"mamba");
     let file = Arc::new(GgufFile::from_bytes(bytes).expect("gguf"));
-    let err = Model::from_gguf(file).expect_err("mamba is not supported").to_string();
-    assert_eq!(err, "unsupported architecture `mamba` (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)");
+    let err = Model::from_gguf(file)
+        .expect_err("mamba is not supported")
+        .to_string();
+    assert_eq!(
+        err,
+        "unsupported architecture `mamba` (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)"
+    );
 }
 
 /// The real Gemma 3 270M (Q4_K_M mix) against transformers float32 on its
@@ -307,13 +496,23 @@ fn unsupported_architecture_is_one_line() {
 /// (`scripts/fetch-model.sh gemma3-270m`).
 #[test]
 fn gemma3_270m_matches_transformers() {
-    let Some(path) = common::gemma_model_path() else { return };
-    let fx_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/gemma3-270m-smoke.json");
-    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&fx_path).expect("fixture")).expect("json");
+    let Some(path) = common::gemma_model_path() else {
+        return;
+    };
+    let fx_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/families/gemma3-270m-smoke.json");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&fx_path).expect("fixture")).expect("json");
     let file = Arc::new(GgufFile::open(&path).expect("open gemma"));
     let m = Arc::new(Model::from_gguf(file).expect("gemma model"));
     let vocab = m.config.vocab_size;
-    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect() };
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
+    };
     let (mut agree, mut total, mut max_d) = (0usize, 0usize, 0f64);
     for case in fx["cases"].as_array().expect("cases") {
         let (prompt, greedy, top1) = (ids(&case["ids"]), ids(&case["greedy"]), ids(&case["top1"]));
@@ -324,7 +523,10 @@ fn gemma3_270m_matches_transformers() {
             let row = &logits[i * vocab..(i + 1) * vocab];
             total += 1;
             agree += usize::from(argmax(row) == want);
-            if let (Some(&next), Some(lp)) = (all.get(i + 1), case["lp_of_next"].get(i).and_then(|v| v.as_f64())) {
+            if let (Some(&next), Some(lp)) = (
+                all.get(i + 1),
+                case["lp_of_next"].get(i).and_then(|v| v.as_f64()),
+            ) {
                 max_d = max_d.max((log_softmax(row)[next as usize] as f64 - lp).abs());
             }
         }
@@ -349,27 +551,61 @@ fn every_family_is_batch_invariant_through_the_engine() {
     let prompts: Vec<String> = (0..8)
         .flat_map(|i| {
             let base = format!("the cat and the dog {i} went to the river in the morning");
-            [base.clone(), format!("{base} and then it rained on them all")]
+            [
+                base.clone(),
+                format!("{base} and then it rained on them all"),
+            ]
         })
         .collect();
-    let p = SamplingParams { logprobs: Some(0), ..SamplingParams::greedy(10) };
+    let p = SamplingParams {
+        logprobs: Some(0),
+        ..SamplingParams::greedy(10)
+    };
     for family in TinyFamily::ALL {
         let bytes = tiny_family_gguf(&TinyFamilySpec::standard(family));
         let file = Arc::new(GgufFile::from_bytes(bytes).expect("gguf"));
         let tok = Arc::new(brigade::tokenizer::Tokenizer::from_gguf(&file).expect("tokenizer"));
         let m = Arc::new(Model::from_gguf(file).expect("model"));
-        let h = Engine::start(m.clone(), tok.clone(), engine_config(1, 0, 4096, false)).expect("engine");
-        let alone: Vec<_> = prompts.iter().map(|t| engine_outputs(h.submit(GenerateRequest::text(t.clone(), p.clone())).expect("submit"))).collect();
+        let h = Engine::start(m.clone(), tok.clone(), engine_config(1, 0, 4096, false))
+            .expect("engine");
+        let alone: Vec<_> = prompts
+            .iter()
+            .map(|t| {
+                engine_outputs(
+                    h.submit(GenerateRequest::text(t.clone(), p.clone()))
+                        .expect("submit"),
+                )
+            })
+            .collect();
         drop(h);
         let h = Engine::start(m, tok, engine_config(2, 5, 192, true)).expect("engine");
-        let streams: Vec<_> = prompts.iter().map(|t| h.submit(GenerateRequest::text(t.clone(), p.clone())).expect("submit")).collect();
+        let streams: Vec<_> = prompts
+            .iter()
+            .map(|t| {
+                h.submit(GenerateRequest::text(t.clone(), p.clone()))
+                    .expect("submit")
+            })
+            .collect();
         let got: Vec<_> = streams.into_iter().map(engine_outputs).collect();
         for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
             assert_eq!(a.len(), 10, "{}: request {i} length", family.name());
-            assert_eq!(g, a, "{}: request {i} differs from running alone", family.name());
+            assert_eq!(
+                g,
+                a,
+                "{}: request {i} differs from running alone",
+                family.name()
+            );
         }
         let s = h.stats();
-        assert!(s.preemptions > 0, "{}: expected preemptions, stats {s:?}", family.name());
-        eprintln!("{}: engine batch invariance ok ({} preemptions)", family.name(), s.preemptions);
+        assert!(
+            s.preemptions > 0,
+            "{}: expected preemptions, stats {s:?}",
+            family.name()
+        );
+        eprintln!(
+            "{}: engine batch invariance ok ({} preemptions)",
+            family.name(),
+            s.preemptions
+        );
     }
 }

@@ -14,7 +14,9 @@ mod common;
 
 use brigade::engine::{Engine, GenerateRequest, SamplingParams};
 use brigade::runner::{perplexity, Runner};
-use common::{engine_config, engine_outputs, golden, greedy, ids, real_gemma_model, teacher_forced};
+use common::{
+    engine_config, engine_outputs, golden, greedy, ids, real_gemma_model, teacher_forced,
+};
 
 /// Reference top-1/top-2 logit gap under which a greedy divergence is a
 /// near-tie (a rounding difference may pick the other token).
@@ -33,10 +35,15 @@ const KNOWN_DIFFERENCES: &[(&str, &[u32])] = &[];
 /// recorded text, with and without the BOS.
 #[test]
 fn gemma3_tokenization_matches_transformers() {
-    let Some((_, tok)) = real_gemma_model() else { return };
+    let Some((_, tok)) = real_gemma_model() else {
+        return;
+    };
     let fx = golden("gemma3", "tokenization.json");
     let cases = fx["cases"].as_array().expect("cases");
-    assert!(tok.add_bos_token() && tok.bos_id() == Some(2), "Gemma's tokenizer adds BOS id 2");
+    assert!(
+        tok.add_bos_token() && tok.bos_id() == Some(2),
+        "Gemma's tokenizer adds BOS id 2"
+    );
     let mut failures = Vec::new();
     for (k, case) in cases.iter().enumerate() {
         let text = case["text"].as_str().expect("text");
@@ -47,17 +54,27 @@ fn gemma3_tokenization_matches_transformers() {
                 failures.push(format!("case {k} {text:?} (known difference): encode\n  listed {ours:?}\n  got    {got:?}\n  reference {want:?}"));
             }
         } else if got != want {
-            failures.push(format!("case {k} {text:?}: encode\n  want {want:?}\n  got  {got:?}"));
+            failures.push(format!(
+                "case {k} {text:?}: encode\n  want {want:?}\n  got  {got:?}"
+            ));
         }
         for (key, from) in [("decoded", 0), ("decoded_text", 1)] {
             let want_text = case[key].as_str().expect(key);
             let got_text = tok.decode(&want[from..], false).expect("decode");
             if got_text != want_text {
-                failures.push(format!("case {k}: {key}\n  want {want_text:?}\n  got  {got_text:?}"));
+                failures.push(format!(
+                    "case {k}: {key}\n  want {want_text:?}\n  got  {got_text:?}"
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
     eprintln!(
         "gemma3 tokenization: {} of {} cases give the reference ids ({} known difference), all decode as recorded",
         cases.len() - KNOWN_DIFFERENCES.len(),
@@ -72,17 +89,31 @@ fn gemma3_tokenization_matches_transformers() {
 /// `tests/reference/gemma3_vocab_whitespace.py` (transformers 5.24).
 #[test]
 fn gemma3_whitespace_runs_match_transformers() {
-    let Some((_, tok)) = real_gemma_model() else { return };
+    let Some((_, tok)) = real_gemma_model() else {
+        return;
+    };
     let cases: Vec<(String, Vec<u32>)> = vec![
-        (format!("a{}b", " ".repeat(33)), vec![236746, 152, 153, 236763]),
+        (
+            format!("a{}b", " ".repeat(33)),
+            vec![236746, 152, 153, 236763],
+        ),
         (" ".repeat(63), vec![152, 152, 167]),
-        (format!("x{}in", " ".repeat(70)), vec![236781, 152, 152, 152, 158, 495]),
-        (format!("\n{}return x", " ".repeat(40)), vec![107, 152, 160, 2060, 1123]),
+        (
+            format!("x{}in", " ".repeat(70)),
+            vec![236781, 152, 152, 152, 158, 495],
+        ),
+        (
+            format!("\n{}return x", " ".repeat(40)),
+            vec![107, 152, 160, 2060, 1123],
+        ),
         (format!("{}▁x", " ".repeat(32)), vec![152, 153, 236781]),
         (format!("{}x", " ".repeat(40)), vec![152, 160, 236781]),
         ("a ▁b".to_owned(), vec![236746, 138, 236763]),
         ("▁▁ ▁x".to_owned(), vec![140, 236781]),
-        ("x     \n\n   y".to_owned(), vec![236781, 141, 108, 139, 236762]),
+        (
+            "x     \n\n   y".to_owned(),
+            vec![236781, 141, 108, 139, 236762],
+        ),
         (" ▁ ▁  ".to_owned(), vec![142]),
         ("\t  \t".to_owned(), vec![255968, 138, 255968]),
     ];
@@ -90,7 +121,11 @@ fn gemma3_whitespace_runs_match_transformers() {
         assert_eq!(&tok.encode(text, true).expect("encode"), want, "{text:?}");
         // A typed `▁` comes back as a space.
         let spaced = text.replace('▁', " ");
-        assert_eq!(tok.decode(want, false).expect("decode"), spaced, "{text:?} decodes back");
+        assert_eq!(
+            tok.decode(want, false).expect("decode"),
+            spaced,
+            "{text:?} decodes back"
+        );
     }
 }
 
@@ -101,18 +136,38 @@ fn gemma3_whitespace_runs_match_transformers() {
 /// 791/791, max |Δ| of the top-1 0.0105, top-5 mean 0.0015, max 0.031).
 #[test]
 fn gemma3_teacher_forced_logits_match_transformers() {
-    let Some((model, _)) = real_gemma_model() else { return };
+    let Some((model, _)) = real_gemma_model() else {
+        return;
+    };
     let fx = golden("gemma3", "logits.json");
     let st = teacher_forced(&model, &fx);
     eprintln!(
         "gemma3 top-1 agreement {}/{}; |Δ logprob| of the reference top-1 max {:.4}; top-5 mean {:.4} max {:.4}; misses (prompt, pos, reference gap) {:?}",
         st.agree, st.total, st.max_top1, st.mean_top5, st.max_top5, st.misses
     );
-    let positions: usize = fx["prompts"].as_array().expect("prompts").iter().map(|p| p["positions"].as_array().map_or(0, Vec::len)).sum();
+    let positions: usize = fx["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| p["positions"].as_array().map_or(0, Vec::len))
+        .sum();
     assert_eq!(st.total, positions);
-    assert!(st.agree * 100 >= st.total * 99, "top-1 agreement {}/{} < 99%", st.agree, st.total);
-    assert!(st.max_top1 <= 0.05, "max |Δ logprob| of the reference top-1 {} > 0.05", st.max_top1);
-    assert!(st.mean_top5 <= 0.01, "mean |Δ logprob| over the top-5 {} > 0.01", st.mean_top5);
+    assert!(
+        st.agree * 100 >= st.total * 99,
+        "top-1 agreement {}/{} < 99%",
+        st.agree,
+        st.total
+    );
+    assert!(
+        st.max_top1 <= 0.05,
+        "max |Δ logprob| of the reference top-1 {} > 0.05",
+        st.max_top1
+    );
+    assert!(
+        st.mean_top5 <= 0.01,
+        "mean |Δ logprob| over the top-5 {} > 0.01",
+        st.mean_top5
+    );
 }
 
 /// 7 greedy continuations of 32 tokens: identical to the reference's until a
@@ -120,7 +175,9 @@ fn gemma3_teacher_forced_logits_match_transformers() {
 /// gap is below [`NEAR_TIE`]; after it the sequences are not compared.
 #[test]
 fn gemma3_greedy_matches_transformers_up_to_near_ties() {
-    let Some((model, _)) = real_gemma_model() else { return };
+    let Some((model, _)) = real_gemma_model() else {
+        return;
+    };
     let fx = golden("gemma3", "greedy.json");
     let prompts = fx["prompts"].as_array().expect("prompts");
     let mut runner = Runner::new(model.clone(), 128, 2).expect("runner");
@@ -128,7 +185,12 @@ fn gemma3_greedy_matches_transformers_up_to_near_ties() {
     for p in prompts {
         let name = p["name"].as_str().expect("name");
         let want = ids(&p["generated_ids"]);
-        let margins: Vec<f64> = p["top1_top2_margins"].as_array().expect("margins").iter().map(|v| v.as_f64().expect("margin")).collect();
+        let margins: Vec<f64> = p["top1_top2_margins"]
+            .as_array()
+            .expect("margins")
+            .iter()
+            .map(|v| v.as_f64().expect("margin"))
+            .collect();
         let got = greedy(&mut runner, &ids(&p["prompt_ids"]), want.len());
         match got.iter().zip(&want).position(|(g, w)| g != w) {
             None => report.push(format!("{name}: 32/32")),
@@ -138,7 +200,10 @@ fn gemma3_greedy_matches_transformers_up_to_near_ties() {
                     "{name}: diverged at step {k} where the reference margin is {} >= {NEAR_TIE}\n  want {want:?}\n  got  {got:?}",
                     margins[k]
                 );
-                report.push(format!("{name}: first {k} equal, near-tie at {k} (margin {})", margins[k]));
+                report.push(format!(
+                    "{name}: first {k} equal, near-tie at {k} (margin {})",
+                    margins[k]
+                ));
             }
         }
     }
@@ -147,10 +212,16 @@ fn gemma3_greedy_matches_transformers_up_to_near_ties() {
 
 /// Tokens of `declaration.txt` (no BOS), checked against the fixture's count.
 fn declaration_tokens(tok: &brigade::tokenizer::Tokenizer, fx: &serde_json::Value) -> Vec<u32> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(fx["text_file"].as_str().expect("text_file"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(fx["text_file"].as_str().expect("text_file"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let tokens = tok.encode(&text, false).expect("encode");
-    assert_eq!(tokens.len() as u64, fx["n_tokens"].as_u64().expect("n_tokens"), "tokenization of the text differs");
+    assert_eq!(
+        tokens.len() as u64,
+        fx["n_tokens"].as_u64().expect("n_tokens"),
+        "tokenization of the text differs"
+    );
     tokens
 }
 
@@ -162,7 +233,9 @@ fn declaration_tokens(tok: &brigade::tokenizer::Tokenizer, fx: &serde_json::Valu
 /// whole file at ctx 1024: 9.7281 vs 9.7279 with a BOS per window, 26.8946 vs
 /// 26.8951 without.
 fn check_last_window_perplexity(with_bos: bool) {
-    let Some((model, tok)) = real_gemma_model() else { return };
+    let Some((model, tok)) = real_gemma_model() else {
+        return;
+    };
     let fx = golden("gemma3", "perplexity.json");
     let tokens = declaration_tokens(&tok, &fx);
     let ctx = 1024;
@@ -172,13 +245,24 @@ fn check_last_window_perplexity(with_bos: bool) {
         .iter()
         .find(|r| r["ctx"].as_u64() == Some(ctx as u64) && r["bos"].as_bool() == Some(with_bos))
         .expect("fixture result at ctx 1024");
-    let w = r["windows"].as_array().and_then(|w| w.last()).expect("windows");
+    let w = r["windows"]
+        .as_array()
+        .and_then(|w| w.last())
+        .expect("windows");
     let start = w["start"].as_u64().expect("start") as usize;
     // `len` counts the BOS in the BOS scheme; every text token is scored there,
     // all but the first without.
     let len = w["len"].as_u64().expect("len") as usize;
-    let (text_len, scored) = if with_bos { (len - 1, len - 1) } else { (len, len - 1) };
-    assert_eq!(start + text_len, tokens.len(), "the last window ends the text");
+    let (text_len, scored) = if with_bos {
+        (len - 1, len - 1)
+    } else {
+        (len, len - 1)
+    };
+    assert_eq!(
+        start + text_len,
+        tokens.len(),
+        "the last window ends the text"
+    );
     assert!(len > 512, "the window is longer than the sliding window");
     let want = (w["nll"].as_f64().expect("nll") / scored as f64).exp();
     let bos = with_bos.then(|| tok.bos_id().expect("bos id"));
@@ -191,7 +275,12 @@ fn check_last_window_perplexity(with_bos: bool) {
     );
     assert_eq!(got.tokens, scored);
     let rel = (got.perplexity - want).abs() / want;
-    assert!(rel < 0.01, "perplexity {} vs {want} ({:.2}% off)", got.perplexity, rel * 100.0);
+    assert!(
+        rel < 0.01,
+        "perplexity {} vs {want} ({:.2}% off)",
+        got.perplexity,
+        rel * 100.0
+    );
 }
 
 /// A BOS per window (the scheme `brigade perplexity` uses by default for
@@ -240,23 +329,53 @@ fn perplexity_bos_per_window_scores_every_token() {
 /// alone on 1 worker, and those tokens are the runner's greedy tokens.
 #[test]
 fn gemma3_engine_batch_invariance() {
-    let Some((model, tok)) = real_gemma_model() else { return };
+    let Some((model, tok)) = real_gemma_model() else {
+        return;
+    };
     let fx = golden("gemma3", "greedy.json");
     let n = 12;
-    let prompts: Vec<Vec<u32>> = fx["prompts"].as_array().expect("prompts").iter().map(|p| ids(&p["prompt_ids"])).collect();
-    let p = SamplingParams { logprobs: Some(0), ignore_eos: true, ..SamplingParams::greedy(n) };
-    let h = Engine::start(model.clone(), tok.clone(), engine_config(1, 0, 4096, false)).expect("engine");
-    let alone: Vec<_> = prompts.iter().map(|t| engine_outputs(h.submit(GenerateRequest::tokens(t.clone(), p.clone())).expect("submit"))).collect();
+    let prompts: Vec<Vec<u32>> = fx["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| ids(&p["prompt_ids"]))
+        .collect();
+    let p = SamplingParams {
+        logprobs: Some(0),
+        ignore_eos: true,
+        ..SamplingParams::greedy(n)
+    };
+    let h = Engine::start(model.clone(), tok.clone(), engine_config(1, 0, 4096, false))
+        .expect("engine");
+    let alone: Vec<_> = prompts
+        .iter()
+        .map(|t| {
+            engine_outputs(
+                h.submit(GenerateRequest::tokens(t.clone(), p.clone()))
+                    .expect("submit"),
+            )
+        })
+        .collect();
     drop(h);
     let mut runner = Runner::new(model.clone(), 128, 2).expect("runner");
     for (i, (a, t)) in alone.iter().zip(&prompts).enumerate() {
         let tokens: Vec<u32> = a.iter().map(|&(t, _)| t).collect();
-        assert_eq!(tokens, greedy(&mut runner, t, n), "request {i}: engine alone differs from the runner");
+        assert_eq!(
+            tokens,
+            greedy(&mut runner, t, n),
+            "request {i}: engine alone differs from the runner"
+        );
     }
     // 7 prompts of 6..=17 tokens + 12 generated: 2 blocks of 16 each; the
     // pool holds 6 blocks.
     let h = Engine::start(model, tok, engine_config(2, 7, 96, true)).expect("engine");
-    let streams: Vec<_> = prompts.iter().map(|t| h.submit(GenerateRequest::tokens(t.clone(), p.clone())).expect("submit")).collect();
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|t| {
+            h.submit(GenerateRequest::tokens(t.clone(), p.clone()))
+                .expect("submit")
+        })
+        .collect();
     let got: Vec<_> = streams.into_iter().map(engine_outputs).collect();
     for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
         assert_eq!(a.len(), n, "request {i} length");
@@ -264,5 +383,9 @@ fn gemma3_engine_batch_invariance() {
     }
     let s = h.stats();
     assert!(s.preemptions > 0, "expected preemptions, stats {s:?}");
-    eprintln!("gemma3 engine: {} requests together equal alone, bit for bit ({} preemptions)", prompts.len(), s.preemptions);
+    eprintln!(
+        "gemma3 engine: {} requests together equal alone, bit for bit ({} preemptions)",
+        prompts.len(),
+        s.preemptions
+    );
 }

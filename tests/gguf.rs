@@ -499,14 +499,21 @@ fn overlapping_tensors_are_rejected() {
         "{err:?}"
     );
     let msg = err.to_string();
-    assert!(msg.contains("`a`") && msg.contains("`b`") && msg.contains("overlap"), "{msg}");
+    assert!(
+        msg.contains("`a`") && msg.contains("`b`") && msg.contains("overlap"),
+        "{msg}"
+    );
 
     // Two tensors at the same offset (aliasing), whatever their order in the file.
     let mut w = base_writer();
     w.override_offset("b", 0);
     assert!(matches!(
         parse(w.to_bytes()),
-        Err(GgufError::OverlappingTensors { first_start: 0, second_start: 0, .. })
+        Err(GgufError::OverlappingTensors {
+            first_start: 0,
+            second_start: 0,
+            ..
+        })
     ));
 
     // A tensor starting where another ends is fine (ranges are half-open).

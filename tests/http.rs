@@ -27,19 +27,27 @@ fn engine_config(kv_tokens: usize) -> Config {
 }
 
 fn tiny(context_length: u32) -> (Arc<Model>, Arc<Tokenizer>) {
-    common::tiny_model(&TinyLlamaSpec { context_length, ..TinyLlamaSpec::default() })
+    common::tiny_model(&TinyLlamaSpec {
+        context_length,
+        ..TinyLlamaSpec::default()
+    })
 }
 
 struct Server {
     base: String,
     engine: EngineHandle,
     stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), brigade::server::ServeError>>>>,
+    task:
+        std::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), brigade::server::ServeError>>>>,
     client: reqwest::Client,
 }
 
 impl Server {
-    async fn start(model: (Arc<Model>, Arc<Tokenizer>), econf: Config, server_toml: &str) -> Server {
+    async fn start(
+        model: (Arc<Model>, Arc<Tokenizer>),
+        econf: Config,
+        server_toml: &str,
+    ) -> Server {
         let engine = Engine::start(model.0, model.1, econf).unwrap();
         let cfg = ServerConfig::from_toml_str(server_toml).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -48,7 +56,13 @@ impl Server {
         let task = tokio::spawn(serve_with(engine.clone(), cfg, listener, async move {
             let _ = rx.await;
         }));
-        Server { base, engine, stop: std::sync::Mutex::new(Some(tx)), task: std::sync::Mutex::new(Some(task)), client: reqwest::Client::new() }
+        Server {
+            base,
+            engine,
+            stop: std::sync::Mutex::new(Some(tx)),
+            task: std::sync::Mutex::new(Some(task)),
+            client: reqwest::Client::new(),
+        }
     }
 
     async fn tiny(server_toml: &str) -> Server {
@@ -59,7 +73,12 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
-    async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
         let mut r = self.client.post(self.url(path)).json(body);
         if let Some(k) = key {
             r = r.bearer_auth(k);
@@ -90,7 +109,9 @@ impl Server {
         let mut chunks = Vec::new();
         let mut done = false;
         for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
-            let data = frame.strip_prefix("data: ").unwrap_or_else(|| panic!("bad SSE frame {frame:?}"));
+            let data = frame
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("bad SSE frame {frame:?}"));
             assert!(!done, "data after [DONE]");
             if data == "[DONE]" {
                 done = true;
@@ -111,7 +132,11 @@ impl Server {
     async fn shutdown(&self) {
         self.signal_shutdown();
         let task = self.task.lock().unwrap().take().unwrap();
-        tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -119,7 +144,10 @@ impl Server {
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -137,7 +165,11 @@ fn stream_text(chunks: &[Value], chat: bool) -> (String, Option<String>) {
     let mut finish = None;
     for c in chunks {
         for ch in c["choices"].as_array().unwrap() {
-            let piece = if chat { ch["delta"]["content"].as_str() } else { ch["text"].as_str() };
+            let piece = if chat {
+                ch["delta"]["content"].as_str()
+            } else {
+                ch["text"].as_str()
+            };
             text.push_str(piece.unwrap_or(""));
             if let Some(f) = ch["finish_reason"].as_str() {
                 finish = Some(f.to_string());
@@ -172,7 +204,10 @@ async fn completions_and_chat_streaming_and_not() {
     assert!(c["logprobs"].is_null());
     assert_eq!(v["usage"]["completion_tokens"], 12);
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert_eq!(v["usage"]["total_tokens"].as_u64().unwrap(), prompt_tokens + 12);
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64().unwrap(),
+        prompt_tokens + 12
+    );
     let text = c["text"].as_str().unwrap().to_string();
 
     let mut sreq = req.clone();
@@ -183,21 +218,45 @@ async fn completions_and_chat_streaming_and_not() {
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"]["completion_tokens"], 12);
-    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null() && c["object"] == "text_completion"));
-    assert_eq!(stream_text(&chunks, false), (text.clone(), Some("length".into())));
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["usage"].is_null() && c["object"] == "text_completion"));
+    assert_eq!(
+        stream_text(&chunks, false),
+        (text.clone(), Some("length".into()))
+    );
 
     // Token-id prompts and several prompts: choices indexed prompt-major.
-    let ids = s.engine.tokenizer().encode_with_bos("the cat", true).unwrap();
-    let (st, _, v) = s.post("/v1/completions", None, &json!({"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": true})).await;
+    let ids = s
+        .engine
+        .tokenizer()
+        .encode_with_bos("the cat", true)
+        .unwrap();
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), text);
     let (st, _, v) = s
-        .post("/v1/completions", None, &json!({"prompt": ["the cat", "a dog"], "n": 2, "max_tokens": 5, "temperature": 0}))
+        .post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": ["the cat", "a dog"], "n": 2, "max_tokens": 5, "temperature": 0}),
+        )
         .await;
     assert_eq!(st, 200, "{v}");
     let ch = v["choices"].as_array().unwrap();
     assert_eq!(ch.len(), 4);
-    assert_eq!((0..4).map(|i| ch[i]["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert_eq!(
+        (0..4)
+            .map(|i| ch[i]["index"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
     assert_eq!(ch[0]["text"], ch[1]["text"], "greedy n=2 completions agree");
 
     // Chat.
@@ -207,19 +266,33 @@ async fn completions_and_chat_streaming_and_not() {
     assert_eq!(v["object"], "chat.completion");
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    let chat_text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
-    let finish = v["choices"][0]["finish_reason"].as_str().unwrap().to_string();
+    let chat_text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let finish = v["choices"][0]["finish_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(finish == "stop" || finish == "length");
     let mut screq = creq.clone();
     screq["stream"] = json!(true);
     let (chunks, done) = s.stream("/v1/chat/completions", None, &screq).await;
     assert!(done);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c.get("usage").is_none()));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c.get("usage").is_none()));
     assert_eq!(stream_text(&chunks, true), (chat_text, Some(finish)));
 
     // A client-supplied request id comes back.
-    let resp = s.client.get(s.url("/health")).header("x-request-id", "abc-123").send().await.unwrap();
+    let resp = s
+        .client
+        .get(s.url("/health"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["x-request-id"], "abc-123");
     let (st, _) = s.get("/ready").await;
     assert_eq!(st, 200);
@@ -232,7 +305,13 @@ async fn echo_logprobs_and_chat_logprobs() {
     let prompt = "the cat sat";
     let ids = s.engine.tokenizer().encode_with_bos(prompt, true).unwrap();
     // max_tokens 0 + echo + logprobs: scores the prompt only.
-    let (st, _, v) = s.post("/v1/completions", None, &json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 2})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 2}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     let c = &v["choices"][0];
     assert_eq!(c["text"], prompt);
@@ -252,8 +331,16 @@ async fn echo_logprobs_and_chat_logprobs() {
     assert_eq!(st, 200, "{v}");
     let c = &v["choices"][0];
     assert!(c["text"].as_str().unwrap().starts_with(prompt));
-    assert_eq!(c["logprobs"]["tokens"].as_array().unwrap().len(), ids.len() + 4);
-    let offs: Vec<u64> = c["logprobs"]["text_offset"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert_eq!(
+        c["logprobs"]["tokens"].as_array().unwrap().len(),
+        ids.len() + 4
+    );
+    let offs: Vec<u64> = c["logprobs"]["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert!(offs.windows(2).all(|w| w[0] <= w[1]));
 
     // Streaming echo: the first chunk is the prompt.
@@ -279,23 +366,56 @@ async fn echo_logprobs_and_chat_logprobs() {
 async fn tokenize_and_detokenize() {
     let s = Server::tiny("").await;
     let tok = s.engine.tokenizer().clone();
-    let (st, _, v) = s.post("/tokenize", None, &json!({"prompt": "the cat sat", "return_token_strs": true})).await;
+    let (st, _, v) = s
+        .post(
+            "/tokenize",
+            None,
+            &json!({"prompt": "the cat sat", "return_token_strs": true}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     let want = tok.encode_with_bos("the cat sat", true).unwrap();
     assert_eq!(v["tokens"], json!(want));
     assert_eq!(v["count"], want.len());
     assert_eq!(v["max_model_len"], 256);
     assert_eq!(v["token_strs"].as_array().unwrap().len(), want.len());
-    let (_, _, v2) = s.post("/tokenize", None, &json!({"prompt": "the cat sat", "add_special_tokens": false})).await;
-    assert_eq!(v2["tokens"], json!(tok.encode("the cat sat", true).unwrap()));
-    let (st, _, v) = s.post("/tokenize", None, &json!({"messages": [{"role": "user", "content": "hi"}]})).await;
+    let (_, _, v2) = s
+        .post(
+            "/tokenize",
+            None,
+            &json!({"prompt": "the cat sat", "add_special_tokens": false}),
+        )
+        .await;
+    assert_eq!(
+        v2["tokens"],
+        json!(tok.encode("the cat sat", true).unwrap())
+    );
+    let (st, _, v) = s
+        .post(
+            "/tokenize",
+            None,
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
-    let rendered = tok.chat_template().unwrap().render(&[brigade::tokenizer::ChatMessage::new("user", "hi")], true).unwrap();
+    let rendered = tok
+        .chat_template()
+        .unwrap()
+        .render(&[brigade::tokenizer::ChatMessage::new("user", "hi")], true)
+        .unwrap();
     assert_eq!(v["tokens"], json!(tok.encode(&rendered, true).unwrap()));
-    let (st, _, v) = s.post("/detokenize", None, &json!({"tokens": tok.encode("the cat sat", true).unwrap()})).await;
+    let (st, _, v) = s
+        .post(
+            "/detokenize",
+            None,
+            &json!({"tokens": tok.encode("the cat sat", true).unwrap()}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["prompt"], "the cat sat");
-    let (st, _, v) = s.post("/detokenize", None, &json!({"tokens": [99999999]})).await;
+    let (st, _, v) = s
+        .post("/detokenize", None, &json!({"tokens": [99999999]}))
+        .await;
     assert_eq!((st, v["error"]["param"].as_str()), (400, Some("tokens")));
     s.shutdown().await;
 }
@@ -341,19 +461,47 @@ async fn every_error_status() {
         (json!({"prompt": "x", "stop": [""]}), "stop"),
         (json!({"prompt": [999999]}), "prompt"),
         (json!({"prompt": []}), "prompt"),
-        (json!({"prompt": "x", "logit_bias": {"abc": 1}}), "logit_bias"),
+        (
+            json!({"prompt": "x", "logit_bias": {"abc": 1}}),
+            "logit_bias",
+        ),
     ] {
         let (st, _, v) = s.post("/v1/completions", Some("key-a"), &body).await;
         assert_error(st, &v, 400, Some(param));
     }
-    let (st, _, v) = s.post("/v1/chat/completions", Some("key-a"), &json!({"messages": []})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/chat/completions",
+            Some("key-a"),
+            &json!({"messages": []}),
+        )
+        .await;
     assert_error(st, &v, 400, Some("messages"));
-    let (st, _, v) = s.post("/v1/chat/completions", Some("key-a"), &json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/chat/completions",
+            Some("key-a"),
+            &json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+        )
+        .await;
     assert_error(st, &v, 400, Some("top_logprobs"));
-    let resp = s.client.post(s.url("/v1/completions")).bearer_auth("key-a").body("{not json").send().await.unwrap();
+    let resp = s
+        .client
+        .post(s.url("/v1/completions"))
+        .bearer_auth("key-a")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     // 404: unknown model and route.
-    let (st, _, v) = s.post("/v1/completions", Some("key-a"), &json!({"model": "gpt-4", "prompt": "x"})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            Some("key-a"),
+            &json!({"model": "gpt-4", "prompt": "x"}),
+        )
+        .await;
     assert_error(st, &v, 404, Some("model"));
     let (st, body) = s.get("/v2/nothing").await;
     assert_error(st, &serde_json::from_str(&body).unwrap(), 404, None);
@@ -361,12 +509,18 @@ async fn every_error_status() {
     let big = json!({"prompt": "x".repeat(5000)});
     let (st, _, v) = s.post("/v1/completions", Some("key-a"), &big).await;
     assert_error(st, &v, 413, None);
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(b"{\"prompt\": \"".to_vec()), Ok(vec![b'y'; 4000]), Ok(b"\"}".to_vec())];
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(b"{\"prompt\": \"".to_vec()),
+        Ok(vec![b'y'; 4000]),
+        Ok(b"\"}".to_vec()),
+    ];
     let resp = s
         .client
         .post(s.url("/v1/completions"))
         .bearer_auth("key-a")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
@@ -377,7 +531,10 @@ async fn every_error_status() {
     // 429 and 503 have their own tests (queue bound; draining); 500 is covered by the
     // status-table unit test in src/server/error.rs (no request can provoke one).
     let (_, metrics) = s.get("/metrics").await;
-    assert!(metrics.contains("brigade:request_errors_total{error_type=\"authentication_error\""), "{metrics}");
+    assert!(
+        metrics.contains("brigade:request_errors_total{error_type=\"authentication_error\""),
+        "{metrics}"
+    );
     s.shutdown().await;
 }
 
@@ -393,11 +550,22 @@ async fn tenant_over_queue_bound_gets_429_others_unaffected() {
     for _ in 0..12 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.post("/v1/completions", Some("key-a"), &json!({"prompt": "the cat", "max_tokens": 200, "ignore_eos": true})).await
+            s.post(
+                "/v1/completions",
+                Some("key-a"),
+                &json!({"prompt": "the cat", "max_tokens": 200, "ignore_eos": true}),
+            )
+            .await
         }));
     }
     // While A is over its bound, B is served.
-    let (st, _, v) = s.post("/v1/completions", Some("key-b"), &json!({"prompt": "a dog", "max_tokens": 4})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            Some("key-b"),
+            &json!({"prompt": "a dog", "max_tokens": 4}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     let mut n429 = 0;
     let mut n200 = 0;
@@ -437,28 +605,54 @@ async fn oversized_requests_are_refused_at_once_and_block_nothing() {
     let bound = Duration::from_secs(60); // a hang, not a timing assertion
     let post = |key: &'static str, body: Value| {
         let s = &s;
-        async move { tokio::time::timeout(bound, s.post("/v1/completions", Some(key), &body)).await.expect("the request hung") }
+        async move {
+            tokio::time::timeout(bound, s.post("/v1/completions", Some(key), &body))
+                .await
+                .expect("the request hung")
+        }
     };
     let small = json!({"prompt": "the cat", "max_tokens": 4});
     // 5 prompts × n=16 = 80 sequences > max_running 64.
-    let (st, _, v) = post("key-a", json!({"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 4})).await;
+    let (st, _, v) = post(
+        "key-a",
+        json!({"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 4}),
+    )
+    .await;
     assert_error(st, &v, 400, Some("n"));
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("80") && msg.contains("max_running") && msg.contains("64"), "{msg}");
+    assert!(
+        msg.contains("80") && msg.contains("max_running") && msg.contains("64"),
+        "{msg}"
+    );
     let (st, _, v) = post("key-a", small.clone()).await;
     assert_eq!(st, 200, "{v}");
     // Tenant b: 2 prompts × n=8 = 16 > its max_concurrent 8.
-    let (st, _, v) = post("key-b", json!({"prompt": ["a", "b"], "n": 8, "max_tokens": 4})).await;
+    let (st, _, v) = post(
+        "key-b",
+        json!({"prompt": ["a", "b"], "n": 8, "max_tokens": 4}),
+    )
+    .await;
     assert_error(st, &v, 400, Some("n"));
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("16") && msg.contains("max_concurrent") && msg.contains('8'), "{msg}");
+    assert!(
+        msg.contains("16") && msg.contains("max_concurrent") && msg.contains('8'),
+        "{msg}"
+    );
     let (st, _, v) = post("key-b", small.clone()).await;
     assert_eq!(st, 200, "{v}");
     // Exactly at the limits: served whole.
-    let (st, _, v) = post("key-b", json!({"prompt": "x", "n": 8, "max_tokens": 4, "ignore_eos": true})).await;
+    let (st, _, v) = post(
+        "key-b",
+        json!({"prompt": "x", "n": 8, "max_tokens": 4, "ignore_eos": true}),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 8);
-    let (st, _, v) = post("key-a", json!({"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 4, "ignore_eos": true})).await;
+    let (st, _, v) = post(
+        "key-a",
+        json!({"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 4, "ignore_eos": true}),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 64);
     assert_eq!(v["usage"]["completion_tokens"], 256);
@@ -473,14 +667,19 @@ async fn oversized_requests_are_refused_at_once_and_block_nothing() {
 /// budget plus its refill; a request larger than the whole budget is a 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_per_minute_is_never_overshot() {
-    let toml = format!("[[tenants]]\nname = \"t\"\napi_keys = [\"{}\"]\ntokens_per_minute = 200\n", hash_key("key-t"));
+    let toml = format!(
+        "[[tenants]]\nname = \"t\"\napi_keys = [\"{}\"]\ntokens_per_minute = 200\n",
+        hash_key("key-t")
+    );
     let s = Arc::new(Server::tiny(&toml).await);
     let t0 = Instant::now();
     let body = json!({"prompt": "the cat", "max_tokens": 60, "ignore_eos": true});
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (s, body) = (s.clone(), body.clone());
-        tasks.push(tokio::spawn(async move { s.post("/v1/completions", Some("key-t"), &body).await }));
+        tasks.push(tokio::spawn(async move {
+            s.post("/v1/completions", Some("key-t"), &body).await
+        }));
     }
     let (mut served, mut n200, mut n429) = (0u64, 0, 0);
     for t in tasks {
@@ -500,12 +699,27 @@ async fn tokens_per_minute_is_never_overshot() {
     }
     // The budget refills at 200/60 tokens per second while the test runs.
     let allowed = 200.0 + t0.elapsed().as_secs_f64() * 200.0 / 60.0;
-    assert!((served as f64) <= allowed, "{served} tokens served through a 200/min budget ({n200} × 200, {n429} × 429)");
+    assert!(
+        (served as f64) <= allowed,
+        "{served} tokens served through a 200/min budget ({n200} × 200, {n429} × 429)"
+    );
     assert!(n200 >= 1 && n429 >= 1, "200: {n200}, 429: {n429}");
     // More than the whole budget can never be admitted.
-    let (st, _, v) = s.post("/v1/completions", Some("key-t"), &json!({"prompt": "x", "max_tokens": 250})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            Some("key-t"),
+            &json!({"prompt": "x", "max_tokens": 250}),
+        )
+        .await;
     assert_error(st, &v, 400, Some("max_tokens"));
-    assert!(v["error"]["message"].as_str().unwrap().contains("tokens_per_minute"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens_per_minute"),
+        "{v}"
+    );
     s.shutdown().await;
 }
 
@@ -558,34 +772,82 @@ async fn unsupported_parameters_are_refused_and_no_ops_accepted() {
     ];
     let cases = refused_on_both
         .iter()
-        .flat_map(|e| [("/v1/chat/completions", with(chat.clone(), e)), ("/v1/completions", with(completion.clone(), e))])
-        .chain(refused_on_chat.iter().map(|e| ("/v1/chat/completions", with(chat.clone(), e))));
+        .flat_map(|e| {
+            [
+                ("/v1/chat/completions", with(chat.clone(), e)),
+                ("/v1/completions", with(completion.clone(), e)),
+            ]
+        })
+        .chain(
+            refused_on_chat
+                .iter()
+                .map(|e| ("/v1/chat/completions", with(chat.clone(), e))),
+        );
     for (path, body) in cases {
         let (st, _, v) = s.post(path, None, &body).await;
-        let field = body.as_object().unwrap().keys().find(|k| !["messages", "prompt", "max_tokens"].contains(&k.as_str())).unwrap().clone();
+        let field = body
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|k| !["messages", "prompt", "max_tokens"].contains(&k.as_str()))
+            .unwrap()
+            .clone();
         assert_error(st, &v, 400, Some(&field));
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains(&field), "{path} {body}: {msg}");
         if field == "made_up_field" || (field == "suffix" && path.contains("chat")) {
-            assert!(msg.contains("Unrecognized request argument supplied"), "{msg}");
+            assert!(
+                msg.contains("Unrecognized request argument supplied"),
+                "{msg}"
+            );
         }
     }
-    let (st, _, v) = s.post("/tokenize", None, &json!({"prompt": "x", "tools": [{"type": "function"}]})).await;
+    let (st, _, v) = s
+        .post(
+            "/tokenize",
+            None,
+            &json!({"prompt": "x", "tools": [{"type": "function"}]}),
+        )
+        .await;
     assert_error(st, &v, 400, Some("tools"));
     // Message fields the template would drop, the legacy `function` role, and
     // malformed tool-calling turns (well-formed ones reach the template: tests/tools.rs).
     let call = json!([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]);
     for (messages, param) in [
-        (json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": call}]), "messages[1].tool_calls[0].function.arguments"),
-        (json!([{"role": "tool", "content": "42"}]), "messages[0].tool_call_id"),
-        (json!([{"role": "function", "name": "f", "content": "42"}]), "messages[0].role"),
-        (json!([{"role": "user", "content": "hi", "function_call": {"name": "f"}}]), "messages[0].function_call"),
+        (
+            json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": call}]),
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            json!([{"role": "tool", "content": "42"}]),
+            "messages[0].tool_call_id",
+        ),
+        (
+            json!([{"role": "function", "name": "f", "content": "42"}]),
+            "messages[0].role",
+        ),
+        (
+            json!([{"role": "user", "content": "hi", "function_call": {"name": "f"}}]),
+            "messages[0].function_call",
+        ),
     ] {
-        let (st, _, v) = s.post("/v1/chat/completions", None, &json!({"messages": messages, "max_tokens": 2})).await;
+        let (st, _, v) = s
+            .post(
+                "/v1/chat/completions",
+                None,
+                &json!({"messages": messages, "max_tokens": 2}),
+            )
+            .await;
         assert_error(st, &v, 400, Some(param));
     }
     let sdk_turn = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "refusal": null, "tool_calls": [], "audio": null}, {"role": "user", "content": "more"}]);
-    let (st, _, v) = s.post("/v1/chat/completions", None, &json!({"messages": sdk_turn, "max_tokens": 2})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/chat/completions",
+            None,
+            &json!({"messages": sdk_turn, "max_tokens": 2}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
 
     // Bookkeeping fields and no-op values of unsupported ones are accepted.
@@ -594,12 +856,26 @@ async fn unsupported_parameters_are_refused_and_no_ops_accepted() {
         "stream_options": null, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
         "functions": null, "modalities": ["text"], "typical_p": 1.0, "mirostat": 0, "guided_json": null,
     });
-    let (st, _, v) = s.post("/v1/chat/completions", None, &with(chat.clone(), &chat_ok)).await;
+    let (st, _, v) = s
+        .post("/v1/chat/completions", None, &with(chat.clone(), &chat_ok))
+        .await;
     assert_eq!(st, 200, "{v}");
-    let (st, _, v) = s.post("/v1/chat/completions", None, &with(chat.clone(), &json!({"tool_choice": "auto"}))).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/chat/completions",
+            None,
+            &with(chat.clone(), &json!({"tool_choice": "auto"})),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
-    for extra in [json!({"best_of": 1}), json!({"n": 2, "best_of": 2}), json!({"user": "u", "response_format": {"type": "text"}})] {
-        let (st, _, v) = s.post("/v1/completions", None, &with(completion.clone(), &extra)).await;
+    for extra in [
+        json!({"best_of": 1}),
+        json!({"n": 2, "best_of": 2}),
+        json!({"user": "u", "response_format": {"type": "text"}}),
+    ] {
+        let (st, _, v) = s
+            .post("/v1/completions", None, &with(completion.clone(), &extra))
+            .await;
         assert_eq!(st, 200, "{extra}: {v}");
     }
     pool_whole(&s.engine).await;
@@ -616,46 +892,98 @@ async fn huge_and_negative_counts_follow_one_rule() {
     let raw = |path: &'static str, body: String| {
         let s = &s;
         async move {
-            let resp = s.client.post(s.url(path)).header("content-type", "application/json").body(body).send().await.unwrap();
+            let resp = s
+                .client
+                .post(s.url(path))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             let st = resp.status().as_u16();
             (st, resp.json::<Value>().await.unwrap())
         }
     };
-    let huge = ["1000000000", "18446744073709551615", "18446744073709551616", "100000000000000000000000000000", "1e30"];
+    let huge = [
+        "1000000000",
+        "18446744073709551615",
+        "18446744073709551616",
+        "100000000000000000000000000000",
+        "1e30",
+    ];
     for h in huge {
         for (path, field, body) in [
-            ("/v1/completions", "max_tokens", format!(r#"{{"prompt": "the cat", "max_tokens": {h}}}"#)),
-            ("/v1/chat/completions", "max_tokens", format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": {h}}}"#)),
-            ("/v1/chat/completions", "max_completion_tokens", format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_completion_tokens": {h}}}"#)),
+            (
+                "/v1/completions",
+                "max_tokens",
+                format!(r#"{{"prompt": "the cat", "max_tokens": {h}}}"#),
+            ),
+            (
+                "/v1/chat/completions",
+                "max_tokens",
+                format!(
+                    r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": {h}}}"#
+                ),
+            ),
+            (
+                "/v1/chat/completions",
+                "max_completion_tokens",
+                format!(
+                    r#"{{"messages": [{{"role": "user", "content": "hi"}}], "max_completion_tokens": {h}}}"#
+                ),
+            ),
         ] {
             let (st, v) = raw(path, body.clone()).await;
             assert_error(st, &v, 400, Some(field));
             let msg = v["error"]["message"].as_str().unwrap();
-            assert!(msg.starts_with("this model's maximum context length is 256 tokens"), "{body}: {msg}");
+            assert!(
+                msg.starts_with("this model's maximum context length is 256 tokens"),
+                "{body}: {msg}"
+            );
         }
         for (field, body) in [
-            ("min_tokens", format!(r#"{{"prompt": "x", "min_tokens": {h}}}"#)),
+            (
+                "min_tokens",
+                format!(r#"{{"prompt": "x", "min_tokens": {h}}}"#),
+            ),
             ("n", format!(r#"{{"prompt": "x", "n": {h}}}"#)),
             ("logprobs", format!(r#"{{"prompt": "x", "logprobs": {h}}}"#)),
         ] {
             let (st, v) = raw("/v1/completions", body.clone()).await;
             assert_error(st, &v, 400, Some(field));
         }
-        let body = format!(r#"{{"messages": [{{"role": "user", "content": "hi"}}], "logprobs": true, "top_logprobs": {h}}}"#);
+        let body = format!(
+            r#"{{"messages": [{{"role": "user", "content": "hi"}}], "logprobs": true, "top_logprobs": {h}}}"#
+        );
         let (st, v) = raw("/v1/chat/completions", body).await;
         assert_error(st, &v, 400, Some("top_logprobs"));
     }
     for field in ["max_tokens", "min_tokens", "n", "logprobs"] {
-        let (st, _, v) = s.post("/v1/completions", None, &json!({"prompt": "x", field: -1})).await;
+        let (st, _, v) = s
+            .post("/v1/completions", None, &json!({"prompt": "x", field: -1}))
+            .await;
         assert_error(st, &v, 400, Some(field));
-        assert!(v["error"]["message"].as_str().unwrap().contains("non-negative"), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("non-negative"),
+            "{v}"
+        );
     }
     for field in ["max_tokens", "max_completion_tokens", "top_logprobs"] {
-        let body = json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, field: -5});
+        let body =
+            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, field: -5});
         let (st, _, v) = s.post("/v1/chat/completions", None, &body).await;
         assert_error(st, &v, 400, Some(field));
     }
-    let (st, _, v) = s.post("/v1/completions", None, &json!({"prompt": "the cat", "max_tokens": 4})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": "the cat", "max_tokens": 4}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     s.shutdown().await;
 }
@@ -666,9 +994,16 @@ async fn huge_and_negative_counts_follow_one_rule() {
 async fn disconnect_mid_stream_frees_the_blocks() {
     let s = Server::start(tiny(4096), engine_config(16384), "").await;
     let max_tokens = 4000;
-    let body = json!({"prompt": "the cat", "max_tokens": max_tokens, "ignore_eos": true, "stream": true});
+    let body =
+        json!({"prompt": "the cat", "max_tokens": max_tokens, "ignore_eos": true, "stream": true});
     let before = s.engine.stats().decode_tokens;
-    let resp = s.client.post(s.url("/v1/completions")).json(&body).send().await.unwrap();
+    let resp = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     use futures_util::StreamExt;
@@ -680,13 +1015,19 @@ async fn disconnect_mid_stream_frees_the_blocks() {
     drop(stream); // client goes away
     pool_whole(&s.engine).await;
     let decoded = s.engine.stats().decode_tokens - before;
-    assert!(decoded < max_tokens as u64, "the request ran to the end ({decoded} tokens) instead of being aborted");
+    assert!(
+        decoded < max_tokens as u64,
+        "the request ran to the end ({decoded} tokens) instead of being aborted"
+    );
 
     // Non-streaming: close the socket while the request runs.
     use tokio::io::AsyncWriteExt;
     let before = s.engine.stats().decode_tokens;
-    let payload = json!({"prompt": "a dog", "max_tokens": max_tokens, "ignore_eos": true}).to_string();
-    let mut sock = tokio::net::TcpStream::connect(s.base.trim_start_matches("http://")).await.unwrap();
+    let payload =
+        json!({"prompt": "a dog", "max_tokens": max_tokens, "ignore_eos": true}).to_string();
+    let mut sock = tokio::net::TcpStream::connect(s.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
     let req = format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}", payload.len());
     sock.write_all(req.as_bytes()).await.unwrap();
     let e = s.engine.clone();
@@ -694,7 +1035,10 @@ async fn disconnect_mid_stream_frees_the_blocks() {
     drop(sock);
     pool_whole(&s.engine).await;
     let decoded = s.engine.stats().decode_tokens - before;
-    assert!(decoded < max_tokens as u64, "non-streaming request was not aborted ({decoded} tokens)");
+    assert!(
+        decoded < max_tokens as u64,
+        "non-streaming request was not aborted ({decoded} tokens)"
+    );
     s.shutdown().await;
 }
 
@@ -704,7 +1048,12 @@ async fn shutdown_timeout_aborts_with_finish_reason_abort() {
     let s = Arc::new(s);
     let s2 = s.clone();
     let long = tokio::spawn(async move {
-        s2.post("/v1/completions", None, &json!({"prompt": "the cat", "max_tokens": 4000, "ignore_eos": true})).await
+        s2.post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": "the cat", "max_tokens": 4000, "ignore_eos": true}),
+        )
+        .await
     });
     let e = s.engine.clone();
     until("the request to run", || e.stats().decode_tokens > 0).await;
@@ -722,7 +1071,14 @@ fn sigterm_drains_and_exits_zero() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
-    brigade::testing::write_tiny_llama(&TinyLlamaSpec { context_length: 4096, ..TinyLlamaSpec::default() }, &model).unwrap();
+    brigade::testing::write_tiny_llama(
+        &TinyLlamaSpec {
+            context_length: 4096,
+            ..TinyLlamaSpec::default()
+        },
+        &model,
+    )
+    .unwrap();
     let cfg = dir.path().join("cfg.toml");
     std::fs::write(&cfg, "[runtime]\nworkers = 1\nthreads_per_worker = 1\n[kv_cache]\ncapacity_tokens = 16384\n[server]\nport = 0\nshutdown_timeout_s = 120\n").unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
@@ -737,17 +1093,30 @@ fn sigterm_drains_and_exits_zero() {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let base = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
         if let Some(addr) = line.strip_prefix("brigade: listening on ") {
             break addr.trim().to_string();
         }
     };
     std::thread::spawn(move || for _ in lines {}); // keep draining stderr
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let client = reqwest::Client::new();
-        let body = json!({"prompt": "the cat", "max_tokens": 3000, "ignore_eos": true, "stream": true});
-        let resp = client.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        let body =
+            json!({"prompt": "the cat", "max_tokens": 3000, "ignore_eos": true, "stream": true});
+        let resp = client
+            .post(format!("{base}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         use futures_util::StreamExt;
         let mut stream = resp.bytes_stream();
@@ -764,10 +1133,18 @@ fn sigterm_drains_and_exits_zero() {
             if r.as_ref().is_ok_and(|r| r.status() == 503) {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "ready never turned 503");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "ready never turned 503"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let r = client.post(format!("{base}/v1/completions")).json(&json!({"prompt": "x"})).send().await.unwrap();
+        let r = client
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": "x"}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 503);
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"]["type"], "service_unavailable_error");
@@ -775,14 +1152,21 @@ fn sigterm_drains_and_exits_zero() {
             buf.extend_from_slice(&c.unwrap());
         }
         let text = String::from_utf8(buf).unwrap();
-        assert!(text.ends_with("data: [DONE]\n\n"), "{}", &text[text.len().saturating_sub(300)..]);
+        assert!(
+            text.ends_with("data: [DONE]\n\n"),
+            "{}",
+            &text[text.len().saturating_sub(300)..]
+        );
         assert!(text.contains("\"finish_reason\":\"length\""));
         let t0 = Instant::now();
         let status = loop {
             if let Some(st) = child.try_wait().unwrap() {
                 break st;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "server did not exit");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "server did not exit"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(status.code(), Some(0));
@@ -792,10 +1176,20 @@ fn sigterm_drains_and_exits_zero() {
 // ---------------------------------------------------------------- fairness
 
 /// Starts a long request of `n` sequences with `key` and waits until it runs.
-async fn spawn_blocker(s: &Arc<Server>, key: &'static str, n: usize) -> tokio::task::JoinHandle<()> {
+async fn spawn_blocker(
+    s: &Arc<Server>,
+    key: &'static str,
+    n: usize,
+) -> tokio::task::JoinHandle<()> {
     let s2 = s.clone();
     let h = tokio::spawn(async move {
-        let _ = s2.post("/v1/completions", Some(key), &json!({"prompt": "x", "max_tokens": 1900, "ignore_eos": true, "n": n})).await;
+        let _ = s2
+            .post(
+                "/v1/completions",
+                Some(key),
+                &json!({"prompt": "x", "max_tokens": 1900, "ignore_eos": true, "n": n}),
+            )
+            .await;
     });
     let e = s.engine.clone();
     until("the blocker to run", || e.stats().running == n).await;
@@ -811,7 +1205,10 @@ async fn wait_queue_depth(s: &Server, tenant: &str, depth: f64) {
         if metric_value(&m, &series).unwrap_or(0.0) >= depth {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "{tenant}'s backlog never reached {depth}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{tenant}'s backlog never reached {depth}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -821,19 +1218,35 @@ async fn wait_queue_depth(s: &Server, tenant: &str, depth: f64) {
 /// at once instead of at the next poll or never.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_requests_of_gone_clients_leave_the_queue() {
-    let toml = format!("max_running = 1\n[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n", hash_key("key-a"));
+    let toml = format!(
+        "max_running = 1\n[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n",
+        hash_key("key-a")
+    );
     let s = Arc::new(Server::start(tiny(32768), engine_config(40000), &toml).await);
     // A blocker far longer than the test: only the gone clients can wake the actor.
     let s2 = s.clone();
     let blocker = tokio::spawn(async move {
-        let _ = s2.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 32000, "ignore_eos": true})).await;
+        let _ = s2
+            .post(
+                "/v1/completions",
+                Some("key-a"),
+                &json!({"prompt": "x", "max_tokens": 32000, "ignore_eos": true}),
+            )
+            .await;
     });
     let e = s.engine.clone();
     until("the blocker to run", || e.stats().running == 1).await;
     let mut waiting = Vec::new();
     for _ in 0..3 {
         let s = s.clone();
-        waiting.push(tokio::spawn(async move { s.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 2})).await }));
+        waiting.push(tokio::spawn(async move {
+            s.post(
+                "/v1/completions",
+                Some("key-a"),
+                &json!({"prompt": "x", "max_tokens": 2}),
+            )
+            .await
+        }));
     }
     wait_queue_depth(&s, "a", 3.0).await;
     for t in &waiting {
@@ -846,12 +1259,24 @@ async fn queued_requests_of_gone_clients_leave_the_queue() {
         if metric_value(&m, series) == Some(0.0) {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the gone clients' requests stayed queued");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the gone clients' requests stayed queued"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(!blocker.is_finished(), "the blocker ended first: the test proved nothing");
+    assert!(
+        !blocker.is_finished(),
+        "the blocker ended first: the test proved nothing"
+    );
     blocker.abort();
-    let (st, _, v) = s.post("/v1/completions", Some("key-a"), &json!({"prompt": "x", "max_tokens": 2})).await;
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            Some("key-a"),
+            &json!({"prompt": "x", "max_tokens": 2}),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     pool_whole(&s.engine).await;
     s.shutdown().await;
@@ -905,7 +1330,10 @@ async fn newcomer_is_served_within_the_vtc_bound() {
     let last_b = b_ranks.iter().max().unwrap() - start_rank;
     eprintln!("B arrived at completion {start_rank}; its last finished {last_b} completions later");
     // 20 of B alternating with A (equal weights, equal request sizes), plus what was in flight.
-    assert!(last_b <= 2 * 20 + 2 * 4 + 8, "B's last request finished {last_b} completions after it arrived; ranks {b_ranks:?}");
+    assert!(
+        last_b <= 2 * 20 + 2 * 4 + 8,
+        "B's last request finished {last_b} completions after it arrived; ranks {b_ranks:?}"
+    );
     assert!(a_done.load(Ordering::SeqCst) == 200);
     s.shutdown().await;
 }
@@ -948,7 +1376,10 @@ async fn served_shares_follow_weights() {
     // gets ~1/4), heavy's share is 3/4 within the VTC bound of a few requests.
     let heavy = order[..40].iter().filter(|k| **k == "key-h").count();
     eprintln!("heavy served {heavy} of the first 40 completions");
-    assert!((24..=36).contains(&heavy), "heavy served {heavy} of the first 40: {order:?}");
+    assert!(
+        (24..=36).contains(&heavy),
+        "heavy served {heavy} of the first 40: {order:?}"
+    );
     s.shutdown().await;
 }
 
@@ -969,25 +1400,48 @@ fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
             assert!(kind == "HELP" || kind == "TYPE", "{line}");
             if kind == "TYPE" {
                 let t = parts.next().unwrap();
-                assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&t), "{line}");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                    "{line}"
+                );
                 typed.insert(name.to_string());
             }
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
         let name_end = series.find('{').unwrap_or(series.len());
         let name = &series[..name_end];
-        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "{line}");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
         if name_end < series.len() {
             assert!(series.ends_with('}'), "{line}");
-            for pair in series[name_end + 1..series.len() - 1].split("\",").filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label {pair:?} in {line}"));
-                assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
+            for pair in series[name_end + 1..series.len() - 1]
+                .split("\",")
+                .filter(|p| !p.is_empty())
+            {
+                let (k, v) = pair
+                    .split_once("=\"")
+                    .unwrap_or_else(|| panic!("bad label {pair:?} in {line}"));
+                assert!(
+                    k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{line}"
+                );
                 let _ = v;
             }
         }
-        let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
-        assert!(typed.contains(name) || typed.contains(base), "series without TYPE: {line}");
+        let base = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            typed.contains(name) || typed.contains(base),
+            "series without TYPE: {line}"
+        );
         let v: f64 = match value {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
@@ -999,7 +1453,8 @@ fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
 }
 
 fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1035,14 +1490,24 @@ async fn metrics_parse_and_move_under_load() {
     let (_, after) = s.get("/metrics").await;
     let a = parse_prometheus(&after);
     let m = "model_name=\"tiny-llama-test\"";
-    let get = |h: &std::collections::HashMap<String, f64>, k: &str| h.get(k).copied().unwrap_or(0.0);
+    let get =
+        |h: &std::collections::HashMap<String, f64>, k: &str| h.get(k).copied().unwrap_or(0.0);
     let gen = format!("brigade:generation_tokens_total{{{m},tenant=\"default\"}}");
     assert_eq!(get(&a, &gen) - get(&b, &gen), 80.0);
     let prompt = format!("brigade:prompt_tokens_total{{{m},tenant=\"default\"}}");
     assert!(get(&a, &prompt) > get(&b, &prompt));
-    let ok = format!("brigade:request_success_total{{finished_reason=\"length\",{m},tenant=\"default\"}}");
+    let ok = format!(
+        "brigade:request_success_total{{finished_reason=\"length\",{m},tenant=\"default\"}}"
+    );
     assert_eq!(get(&a, &ok) - get(&b, &ok), 8.0);
-    for h in ["time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds", "time_per_output_token_seconds"] {
+    for h in [
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "request_prefill_time_seconds",
+        "request_decode_time_seconds",
+        "time_per_output_token_seconds",
+    ] {
         let k = format!("brigade:{h}_count{{{m},tenant=\"default\"}}");
         assert_eq!(get(&a, &k) - get(&b, &k), 8.0, "{k}");
     }
@@ -1050,7 +1515,12 @@ async fn metrics_parse_and_move_under_load() {
     assert_eq!(get(&a, &itl) - get(&b, &itl), 72.0);
     let steps = format!("brigade:engine_steps_total{{{m}}}");
     assert!(get(&a, &steps) > get(&b, &steps));
-    assert!(get(&a, &format!("brigade:worker_busy_seconds_total{{{m},worker=\"0\"}}")) > 0.0);
+    assert!(
+        get(
+            &a,
+            &format!("brigade:worker_busy_seconds_total{{{m},worker=\"0\"}}")
+        ) > 0.0
+    );
     assert!(get(&a, "brigade:tenant_virtual_counter{tenant=\"default\"}") > 0.0);
     assert!(a.contains_key(&format!("brigade:kv_cache_usage_perc{{{m}}}")));
     assert!(a.contains_key(&format!("brigade:num_requests_running{{{m}}}")));
@@ -1068,18 +1538,33 @@ async fn metrics_parse_and_move_under_load() {
 /// `brigade generate --temperature 0 --json` output for a prompt.
 fn generate_cli(prompt: &str, chat: bool, max_tokens: usize) -> Value {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"));
-    cmd.args(["generate", "--prompt", prompt, "--temperature", "0", "--json", "--max-tokens", &max_tokens.to_string()]);
+    cmd.args([
+        "generate",
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--json",
+        "--max-tokens",
+        &max_tokens.to_string(),
+    ]);
     if chat {
         cmd.arg("--chat");
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_model_same_greedy_text_as_generate() {
-    let Some(model) = common::real_model() else { return };
+    let Some(model) = common::real_model() else {
+        return;
+    };
     let s = Server::start(model, Config::default(), "").await;
     let n = 24;
     let prompt = "The capital of France is";
@@ -1092,15 +1577,22 @@ async fn real_model_same_greedy_text_as_generate() {
     let mut sb = body.clone();
     sb["stream"] = json!(true);
     let (chunks, _) = s.stream("/v1/completions", None, &sb).await;
-    assert_eq!(stream_text(&chunks, false).0, want["text"].as_str().unwrap());
+    assert_eq!(
+        stream_text(&chunks, false).0,
+        want["text"].as_str().unwrap()
+    );
 
     let q = "What is the capital of France?";
     let want = generate_cli(q, true, n);
-    let body = json!({"messages": [{"role": "user", "content": q}], "max_tokens": n, "temperature": 0});
+    let body =
+        json!({"messages": [{"role": "user", "content": q}], "max_tokens": n, "temperature": 0});
     let (st, _, v) = s.post("/v1/chat/completions", None, &body).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["choices"][0]["message"]["content"], want["text"]);
-    assert_eq!(v["usage"]["prompt_tokens"], want["prompt_token_ids"].as_array().unwrap().len());
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        want["prompt_token_ids"].as_array().unwrap().len()
+    );
     let mut sb = body.clone();
     sb["stream"] = json!(true);
     let (chunks, _) = s.stream("/v1/chat/completions", None, &sb).await;
@@ -1112,7 +1604,11 @@ async fn real_model_same_greedy_text_as_generate() {
 
 #[test]
 fn http_bench_reports_latencies_and_per_tenant_tokens() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let toml = format!(
         "[[tenants]]\nname = \"a\"\napi_keys = [\"{}\"]\n[[tenants]]\nname = \"b\"\napi_keys = [\"{}\"]\n",
         hash_key("key-a"),
@@ -1142,7 +1638,10 @@ fn http_bench_reports_latencies_and_per_tenant_tokens() {
     assert_eq!(r["per_tenant"]["a"]["output_tokens"], 32, "{r}");
     assert_eq!(r["per_tenant"]["b"]["completed"], 4, "{r}");
     for k in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
-        assert!(r[k]["p99"].as_f64().unwrap() >= r[k]["p50"].as_f64().unwrap(), "{k}: {r}");
+        assert!(
+            r[k]["p99"].as_f64().unwrap() >= r[k]["p50"].as_f64().unwrap(),
+            "{k}: {r}"
+        );
     }
     assert!(r["goodput"].as_f64().unwrap() > 0.0);
     rt.block_on(s.shutdown());

@@ -54,7 +54,11 @@ fn start(model: &std::path::Path) -> Child {
     let dir = std::env::temp_dir().join(format!("brigade-mem-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("cfg.toml");
-    std::fs::write(&cfg, "[kv_cache]\nrelease_idle_s = 1.0\n[server]\nport = 0\nmax_connections = 4096\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[kv_cache]\nrelease_idle_s = 1.0\n[server]\nport = 0\nmax_connections = 4096\n",
+    )
+    .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
         .args(["serve", "--config"])
         .arg(&cfg)
@@ -66,7 +70,10 @@ fn start(model: &std::path::Path) -> Child {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let base = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
         if let Some(addr) = line.strip_prefix("brigade: listening on ") {
             break addr.trim().to_string();
         }
@@ -89,11 +96,17 @@ async fn settles(pid: u32, idle: f64, margin: f64) -> f64 {
 
 #[test]
 fn rss_stays_bounded_and_returns_to_idle_after_bursts() {
-    let Some(model) = common::model_path() else { return };
+    let Some(model) = common::model_path() else {
+        return;
+    };
     let srv = start(&model);
     let pid = srv.child.id();
     let base = srv.base.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
         // Warm up (first-request allocations: thread pools, tokenizer caches), then let it go idle.

@@ -6,12 +6,16 @@ mod common;
 use std::sync::Arc;
 
 use brigade::gguf::{GgufFile, GgufWriter, MetaValue};
-use brigade::quant::GgmlDType;
 use brigade::model::{Model, ModelError};
+use brigade::quant::GgmlDType;
 use brigade::testing::{tiny_llama_gguf, TinyLlamaSpec};
 
 /// Rebuilds the tiny model's GGUF with `edit` applied to its metadata and tensors.
-fn rebuild(edit: impl Fn(&str, &MetaValue) -> Option<MetaValue>, drop_tensor: Option<&str>, reshape: Option<(&str, Vec<u64>)>) -> Vec<u8> {
+fn rebuild(
+    edit: impl Fn(&str, &MetaValue) -> Option<MetaValue>,
+    drop_tensor: Option<&str>,
+    reshape: Option<(&str, Vec<u64>)>,
+) -> Vec<u8> {
     let src = GgufFile::from_bytes(tiny_llama_gguf(&TinyLlamaSpec::default())).unwrap();
     let mut w = GgufWriter::new();
     for (k, v) in src.metadata() {
@@ -43,12 +47,24 @@ fn load(bytes: Vec<u8>) -> Result<Model, ModelError> {
 
 #[test]
 fn tiny_model_loads_and_generates_deterministically() {
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F16, GgmlDType::F32] {
-        let spec = TinyLlamaSpec { weight_dtype: dtype, ..TinyLlamaSpec::default() };
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::F16,
+        GgmlDType::F32,
+    ] {
+        let spec = TinyLlamaSpec {
+            weight_dtype: dtype,
+            ..TinyLlamaSpec::default()
+        };
         let (model, _) = common::tiny_model(&spec);
         let mut r = brigade::runner::Runner::new(model.clone(), 64, 1).unwrap();
         let a = r.feed(&[1, 2, 3, 4], false).unwrap();
-        assert!(a.iter().all(|v| v.is_finite()), "{dtype:?}: non-finite logits");
+        assert!(
+            a.iter().all(|v| v.is_finite()),
+            "{dtype:?}: non-finite logits"
+        );
         r.reset();
         let b = r.feed(&[1, 2, 3, 4], false).unwrap();
         assert_eq!(a, b, "{dtype:?}: not deterministic");
@@ -66,28 +82,106 @@ fn tiny_model_loads_and_generates_deterministically() {
 fn inconsistent_model_files_give_typed_errors() {
     let keep = |_: &str, v: &MetaValue| Some(v.clone());
     // unsupported architecture
-    let e = load(rebuild(|k, v| if k == "general.architecture" { Some(MetaValue::Str("gptx".into())) } else { Some(v.clone()) }, None, None)).unwrap_err();
-    assert!(matches!(e, ModelError::UnsupportedArch(ref a) if a == "gptx"), "{e}");
+    let e = load(rebuild(
+        |k, v| {
+            if k == "general.architecture" {
+                Some(MetaValue::Str("gptx".into()))
+            } else {
+                Some(v.clone())
+            }
+        },
+        None,
+        None,
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(e, ModelError::UnsupportedArch(ref a) if a == "gptx"),
+        "{e}"
+    );
     // missing hyper-parameter
-    let e = load(rebuild(|k, v| if k == "llama.block_count" { None } else { Some(v.clone()) }, None, None)).unwrap_err();
+    let e = load(rebuild(
+        |k, v| {
+            if k == "llama.block_count" {
+                None
+            } else {
+                Some(v.clone())
+            }
+        },
+        None,
+        None,
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("llama.block_count"), "{e}");
     // head count that does not divide the width
-    let e = load(rebuild(|k, v| if k == "llama.attention.head_count" { Some(MetaValue::U32(5)) } else { Some(v.clone()) }, None, None)).unwrap_err();
+    let e = load(rebuild(
+        |k, v| {
+            if k == "llama.attention.head_count" {
+                Some(MetaValue::U32(5))
+            } else {
+                Some(v.clone())
+            }
+        },
+        None,
+        None,
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("head_count"), "{e}");
     // kv heads that do not divide heads
-    let e = load(rebuild(|k, v| if k == "llama.attention.head_count_kv" { Some(MetaValue::U32(3)) } else { Some(v.clone()) }, None, None)).unwrap_err();
+    let e = load(rebuild(
+        |k, v| {
+            if k == "llama.attention.head_count_kv" {
+                Some(MetaValue::U32(3))
+            } else {
+                Some(v.clone())
+            }
+        },
+        None,
+        None,
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("head_count_kv"), "{e}");
     // hyper-parameter of the wrong type
-    let e = load(rebuild(|k, v| if k == "llama.embedding_length" { Some(MetaValue::Str("64".into())) } else { Some(v.clone()) }, None, None)).unwrap_err();
+    let e = load(rebuild(
+        |k, v| {
+            if k == "llama.embedding_length" {
+                Some(MetaValue::Str("64".into()))
+            } else {
+                Some(v.clone())
+            }
+        },
+        None,
+        None,
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("llama.embedding_length"), "{e}");
     // missing tensor
     let e = load(rebuild(keep, Some("blk.1.ffn_up.weight"), None)).unwrap_err();
     assert!(e.to_string().contains("blk.1.ffn_up.weight"), "{e}");
     // wrong shape
-    let e = load(rebuild(keep, None, Some(("blk.0.attn_q.weight", vec![64, 32])))).unwrap_err();
-    assert!(matches!(e, ModelError::BadShape { ref tensor, .. } if tensor == "blk.0.attn_q.weight") || e.to_string().contains("attn_q"), "{e}");
+    let e = load(rebuild(
+        keep,
+        None,
+        Some(("blk.0.attn_q.weight", vec![64, 32])),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(e, ModelError::BadShape { ref tensor, .. } if tensor == "blk.0.attn_q.weight")
+            || e.to_string().contains("attn_q"),
+        "{e}"
+    );
     // zero rope base
-    let e = load(rebuild(|k, v| if k == "llama.rope.freq_base" { Some(MetaValue::F32(0.0)) } else { Some(v.clone()) }, None, None)).unwrap_err();
+    let e = load(rebuild(
+        |k, v| {
+            if k == "llama.rope.freq_base" {
+                Some(MetaValue::F32(0.0))
+            } else {
+                Some(v.clone())
+            }
+        },
+        None,
+        None,
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("rope.freq_base"), "{e}");
 }
 
@@ -105,7 +199,10 @@ fn cli_reports_a_malformed_model_in_one_line() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("error:") && !err.contains("panicked") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.starts_with("error:") && !err.contains("panicked") && err.lines().count() == 1,
+        "{err}"
+    );
     // The cause is said once, not once by the library error and again by its source chain.
     let cause = err.rsplit(": ").next().unwrap_or_default().trim();
     assert_eq!(err.matches(cause).count(), 1, "{err}");
@@ -116,7 +213,10 @@ fn cli_reports_a_malformed_model_in_one_line() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("scripts/fetch-model.sh") && err.lines().count() == 1, "{err}");
+    assert!(
+        !out.status.success() && err.contains("scripts/fetch-model.sh") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[test]
@@ -132,23 +232,43 @@ fn a_directory_as_model_is_reported_as_a_directory() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("is a directory") && !err.contains("not found") && err.lines().count() == 1, "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("is a directory")
+            && !err.contains("not found")
+            && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[test]
 fn a_chat_template_that_fails_to_parse_is_reported_as_such() {
     // The model loads (plain completion works) and a chat request gets the
     // template's parse error, not "the model has no chat template".
-    let broken = |k: &str, v: &MetaValue| Some(if k == "tokenizer.chat_template" { MetaValue::Str("{% for %}".into()) } else { v.clone() });
+    let broken = |k: &str, v: &MetaValue| {
+        Some(if k == "tokenizer.chat_template" {
+            MetaValue::Str("{% for %}".into())
+        } else {
+            v.clone()
+        })
+    };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken-template.gguf");
     std::fs::write(&path, rebuild(broken, None, None)).unwrap();
     let (_model, tok) = brigade::model::load_with_tokenizer(&path).unwrap();
     let tmpl = tok.chat_template().expect("the broken template is kept");
     let parse = format!("{:#}", tmpl.parse_error().expect("parse error recorded"));
-    let chat = brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage::new("user", "hi")]);
+    let chat =
+        brigade::engine::Prompt::Chat(vec![brigade::tokenizer::ChatMessage::new("user", "hi")]);
     let v = brigade::engine::Validator::new(tok.clone(), 256, 1, 4096, false);
     let err = v.encode_prompt(&chat, 1).unwrap_err().to_string();
-    assert!(err.contains("failed to parse") && err.contains(&parse) && !err.contains("no chat template"), "{err}");
-    assert!(v.encode_prompt(&brigade::engine::Prompt::Text("hi".into()), 1).is_ok());
+    assert!(
+        err.contains("failed to parse")
+            && err.contains(&parse)
+            && !err.contains("no chat template"),
+        "{err}"
+    );
+    assert!(v
+        .encode_prompt(&brigade::engine::Prompt::Text("hi".into()), 1)
+        .is_ok());
 }

@@ -26,8 +26,15 @@ struct Fixture {
 }
 
 fn fixture(dtype: GgmlDType) -> Fixture {
-    let path: PathBuf =
-        [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "quant", &format!("{}.json", dtype.name())].iter().collect();
+    let path: PathBuf = [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests",
+        "fixtures",
+        "quant",
+        &format!("{}.json", dtype.name()),
+    ]
+    .iter()
+    .collect();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["type"], dtype.name());
@@ -35,10 +42,17 @@ fn fixture(dtype: GgmlDType) -> Fixture {
     assert_eq!(v["block_size"], dtype.block_size(), "{dtype:?}: block size");
     assert_eq!(v["type_size"], dtype.type_size(), "{dtype:?}: type size");
     let bytes = hex::decode(v["bytes"].as_str().unwrap()).unwrap();
-    let bits: Vec<u32> = f32s(v["f32_bits"].as_str().unwrap()).iter().map(|x| x.to_bits()).collect();
+    let bits: Vec<u32> = f32s(v["f32_bits"].as_str().unwrap())
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
     let n = v["n_elements"].as_u64().unwrap();
     assert_eq!(bits.len() as u64, n);
-    assert_eq!(dtype.bytes_for(n), Some(bytes.len() as u64), "{dtype:?}: fixture byte count");
+    assert_eq!(
+        dtype.bytes_for(n),
+        Some(bytes.len() as u64),
+        "{dtype:?}: fixture byte count"
+    );
     Fixture { bytes, bits }
 }
 
@@ -46,7 +60,11 @@ fn fixture(dtype: GgmlDType) -> Fixture {
 fn first_mismatch(dtype: GgmlDType, bytes: &[u8], expected: &[u32]) -> Option<(usize, u32, u32)> {
     let mut out = vec![f32::NAN; expected.len()];
     dequantize_row(dtype, bytes, &mut out);
-    out.iter().zip(expected).enumerate().find(|(_, (a, &b))| a.to_bits() != b).map(|(i, (a, &b))| (i, a.to_bits(), b))
+    out.iter()
+        .zip(expected)
+        .enumerate()
+        .find(|(_, (a, &b))| a.to_bits() != b)
+        .map(|(i, (a, &b))| (i, a.to_bits(), b))
 }
 
 #[test]
@@ -64,7 +82,10 @@ fn dequantize_matches_gguf_py_bit_for_bit() {
         }
         // The checked reference decoder says the same.
         let y = reference::dequantize(dtype, &f.bytes, f.bits.len()).unwrap();
-        assert!(y.iter().zip(&f.bits).all(|(a, &b)| a.to_bits() == b), "{dtype:?}");
+        assert!(
+            y.iter().zip(&f.bits).all(|(a, &b)| a.to_bits() == b),
+            "{dtype:?}"
+        );
     }
 }
 
@@ -74,34 +95,61 @@ fn the_fixtures_can_fail() {
     for dtype in GgmlDType::ALL {
         let f = fixture(dtype);
         let bytes: Vec<u8> = f.bytes.iter().map(|b| b ^ 0x01).collect();
-        assert!(first_mismatch(dtype, &bytes, &f.bits).is_some(), "{dtype:?}: a corrupted block still matches");
+        assert!(
+            first_mismatch(dtype, &bytes, &f.bits).is_some(),
+            "{dtype:?}: a corrupted block still matches"
+        );
     }
 }
 
 /// Hex of 8-digit u32s -> f32 values.
 fn f32s(hex_bits: &str) -> Vec<f32> {
-    (0..hex_bits.len() / 8).map(|i| f32::from_bits(u32::from_str_radix(&hex_bits[8 * i..8 * i + 8], 16).unwrap())).collect()
+    (0..hex_bits.len() / 8)
+        .map(|i| f32::from_bits(u32::from_str_radix(&hex_bits[8 * i..8 * i + 8], 16).unwrap()))
+        .collect()
 }
 
 #[test]
 fn quantize_matches_gguf_py_bit_for_bit() {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "quant", "quantize.json"].iter().collect();
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let path: PathBuf = [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests",
+        "fixtures",
+        "quant",
+        "quantize.json",
+    ]
+    .iter()
+    .collect();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let cases = v.as_object().unwrap();
     // Every quantizer but F32's identity has a case.
     let mut names: Vec<&str> = cases.keys().map(String::as_str).collect();
     names.sort_unstable();
-    let mut want: Vec<&str> = reference::QUANTIZABLE.iter().filter(|d| **d != GgmlDType::F32).map(|d| d.name()).collect();
+    let mut want: Vec<&str> = reference::QUANTIZABLE
+        .iter()
+        .filter(|d| **d != GgmlDType::F32)
+        .map(|d| d.name())
+        .collect();
     want.sort_unstable();
     assert_eq!(names, want);
     for (name, case) in cases {
-        let dtype = GgmlDType::ALL.into_iter().find(|d| d.name() == name).unwrap();
+        let dtype = GgmlDType::ALL
+            .into_iter()
+            .find(|d| d.name() == name)
+            .unwrap();
         let x = f32s(case["input_f32_bits"].as_str().unwrap());
         let expected = hex::decode(case["bytes"].as_str().unwrap()).unwrap();
         let got = reference::quantize(dtype, &x).unwrap();
         let tb = dtype.type_size();
-        if let Some(b) = (0..expected.len() / tb).find(|&b| got[b * tb..(b + 1) * tb] != expected[b * tb..(b + 1) * tb]) {
-            panic!("{name}: block {b}: got {:02x?}, gguf-py {:02x?}", &got[b * tb..(b + 1) * tb], &expected[b * tb..(b + 1) * tb]);
+        if let Some(b) = (0..expected.len() / tb)
+            .find(|&b| got[b * tb..(b + 1) * tb] != expected[b * tb..(b + 1) * tb])
+        {
+            panic!(
+                "{name}: block {b}: got {:02x?}, gguf-py {:02x?}",
+                &got[b * tb..(b + 1) * tb],
+                &expected[b * tb..(b + 1) * tb]
+            );
         }
         assert_eq!(got.len(), expected.len(), "{name}");
     }
@@ -110,10 +158,18 @@ fn quantize_matches_gguf_py_bit_for_bit() {
 /// A GGUF holding one tensor of every type, with the fixtures' bytes.
 fn every_type_gguf() -> Vec<u8> {
     let mut w = GgufWriter::new();
-    w.add("general.architecture", brigade::gguf::MetaValue::Str("none".into()));
+    w.add(
+        "general.architecture",
+        brigade::gguf::MetaValue::Str("none".into()),
+    );
     for dtype in GgmlDType::ALL {
         let f = fixture(dtype);
-        w.add_tensor(format!("t.{}", dtype.name()), &[f.bits.len() as u64], dtype, f.bytes);
+        w.add_tensor(
+            format!("t.{}", dtype.name()),
+            &[f.bits.len() as u64],
+            dtype,
+            f.bytes,
+        );
     }
     w.to_bytes()
 }
@@ -149,12 +205,22 @@ fn tiny_model_with(dtype: GgmlDType) -> Vec<u8> {
             let len = dtype.bytes_for(n).unwrap() as usize;
             w.add_tensor(&t.name, &t.dims, dtype, vec![0; len]);
         } else {
-            w.add_tensor(&t.name, &t.dims, t.dtype, src.tensor_data(&t.name).unwrap().to_vec());
+            w.add_tensor(
+                &t.name,
+                &t.dims,
+                t.dtype,
+                src.tensor_data(&t.name).unwrap().to_vec(),
+            );
         }
     }
     for d in GgmlDType::ALL {
         let f = fixture(d);
-        w.add_tensor(format!("extra.{}", d.name()), &[f.bits.len() as u64], d, f.bytes);
+        w.add_tensor(
+            format!("extra.{}", d.name()),
+            &[f.bits.len() as u64],
+            d,
+            f.bytes,
+        );
     }
     w.to_bytes()
 }
@@ -163,7 +229,14 @@ fn tiny_model_with(dtype: GgmlDType) -> Vec<u8> {
 fn every_32_element_weight_type_loads_in_the_model() {
     // The tiny model's rows are 64 wide: the 32-element formats fit (rows of
     // K-quants must be multiples of 256; the GGUF reader refuses others).
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::IQ4_NL] {
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::IQ4_NL,
+    ] {
         let file = GgufFile::from_bytes(tiny_model_with(dtype)).unwrap();
         if let Err(e) = Model::from_gguf(Arc::new(file)) {
             panic!("{dtype:?}: {e}");
@@ -176,12 +249,26 @@ fn cli_inspect_lists_every_type_and_generate_runs_a_q5_0_weight() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q5_0.gguf");
     std::fs::write(&path, tiny_model_with(GgmlDType::Q5_0)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brigade")).arg("inspect").arg("--model").arg(&path).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
+        .arg("inspect")
+        .arg("--model")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for d in GgmlDType::ALL {
         let line = format!("extra.{}", d.name());
-        assert!(stdout.lines().any(|l| l.contains(&line) && l.contains(d.name())), "{line} not listed:\n{stdout}");
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(&line) && l.contains(d.name())),
+            "{line} not listed:\n{stdout}"
+        );
     }
     assert!(!stdout.contains("cannot run"), "{stdout}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
@@ -200,9 +287,18 @@ fn real_model_tensors_dequantize_like_gguf_py() {
     // Q8_0), hashed as make_quant_fixtures.py --gguf hashes gguf-py's output.
     use sha2::{Digest, Sha256};
     let path = brigade::paths::model_cache_dir().join("gemma-3-270m-q4_k_m.gguf");
-    let fixture: PathBuf =
-        [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "quant", "real", "gemma-3-270m-q4_k_m.json"].iter().collect();
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let fixture: PathBuf = [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests",
+        "fixtures",
+        "quant",
+        "real",
+        "gemma-3-270m-q4_k_m.json",
+    ]
+    .iter()
+    .collect();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
     let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let tensors = v["tensors"].as_object().unwrap();
     assert_eq!(tensors.len() + 1, file.tensors().len());
@@ -215,7 +311,12 @@ fn real_model_tensors_dequantize_like_gguf_py() {
         dequantize_row(info.dtype, file.tensor_data(name).unwrap(), &mut out);
         let mut h = Sha256::new();
         out.iter().for_each(|x| h.update(x.to_le_bytes()));
-        assert_eq!(hex::encode(h.finalize()), want["sha256"].as_str().unwrap(), "{name} ({})", info.dtype.name());
+        assert_eq!(
+            hex::encode(h.finalize()),
+            want["sha256"].as_str().unwrap(),
+            "{name} ({})",
+            info.dtype.name()
+        );
     }
 }
 
@@ -239,8 +340,14 @@ fn check_kernels_against_exact(what: &str, w: &QMatrix<'_>, exact: &[f32]) {
         let mut got = vec![f32::NAN; cols];
         for o in 0..rows {
             p.dequantize_row(o, &mut got);
-            let same = got.iter().zip(&exact[o * cols..(o + 1) * cols]).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{what}: packed row {o} does not dequantize like gguf-py");
+            let same = got
+                .iter()
+                .zip(&exact[o * cols..(o + 1) * cols])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{what}: packed row {o} does not dequantize like gguf-py"
+            );
         }
     }
     for isa in kernels::available_isas() {
@@ -258,7 +365,11 @@ fn check_kernels_against_exact(what: &str, w: &QMatrix<'_>, exact: &[f32]) {
                     let l1: f64 = wr.iter().map(|v| v.abs() as f64).sum();
                     let tol = l1 / (127.0 * 128.0) + 1e-5 * (1.0 + want.abs());
                     let got = out[r * rows + o] as f64;
-                    assert!((got - want).abs() <= tol, "{what} {isa:?} packed={}: r{r} o{o}: {got} vs {want} (tol {tol})", p.is_some());
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{what} {isa:?} packed={}: r{r} o{o}: {got} vs {want} (tol {tol})",
+                        p.is_some()
+                    );
                 }
             }
         }
@@ -283,7 +394,10 @@ fn every_kernel_equals_the_dot_of_gguf_py_weights_on_the_fixtures() {
 fn every_kernel_equals_the_dot_of_dequantized_weights_on_the_real_gemma_tensors() {
     let path = brigade::paths::model_cache_dir().join("gemma-3-270m-q4_k_m.gguf");
     if !path.exists() {
-        eprintln!("skipping: {} not cached (scripts/fetch-model.sh gemma3-270m)", path.display());
+        eprintln!(
+            "skipping: {} not cached (scripts/fetch-model.sh gemma3-270m)",
+            path.display()
+        );
         return;
     }
     let file = GgufFile::open(&path).unwrap();
@@ -304,6 +418,10 @@ fn every_kernel_equals_the_dot_of_dequantized_weights_on_the_real_gemma_tensors(
     }
     // The Q4_K_M mix.
     for d in ["Q4_K", "Q5_0", "Q6_K", "Q8_0"] {
-        assert!(seen.contains(d), "no {d} matrix in {}: {seen:?}", path.display());
+        assert!(
+            seen.contains(d),
+            "no {d} matrix in {}: {seen:?}",
+            path.display()
+        );
     }
 }

@@ -27,14 +27,23 @@ fn tmp(name: &str) -> PathBuf {
 
 fn cmd(input: &Path, output: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(bin());
-    c.arg("run-batch").arg("-i").arg(input).arg("-o").arg(output).args(extra);
+    c.arg("run-batch")
+        .arg("-i")
+        .arg(input)
+        .arg("-o")
+        .arg(output)
+        .args(extra);
     c.stdin(Stdio::null());
     c
 }
 
 fn run_ok(input: &Path, output: &Path, extra: &[&str]) -> Output {
     let out = cmd(input, output, extra).output().unwrap();
-    assert!(out.status.success(), "run-batch failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "run-batch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -43,12 +52,25 @@ fn requests(n: usize, max_tokens: usize) -> String {
     let mut s = String::new();
     for i in 0..n {
         let body = match i % 3 {
-            0 => json!({"messages": [{"role": "user", "content": format!("Tell me fact number {i} about the sea.")}], "max_tokens": max_tokens, "temperature": 0}),
-            1 => json!({"prompt": format!("Item {i}: the quick brown fox"), "max_tokens": max_tokens, "temperature": 0.9, "seed": i}),
-            _ => json!({"prompt": format!("Once upon a time {i}"), "max_tokens": max_tokens, "n": 2, "temperature": 0.7, "seed": 1000 + i}),
+            0 => {
+                json!({"messages": [{"role": "user", "content": format!("Tell me fact number {i} about the sea.")}], "max_tokens": max_tokens, "temperature": 0})
+            }
+            1 => {
+                json!({"prompt": format!("Item {i}: the quick brown fox"), "max_tokens": max_tokens, "temperature": 0.9, "seed": i})
+            }
+            _ => {
+                json!({"prompt": format!("Once upon a time {i}"), "max_tokens": max_tokens, "n": 2, "temperature": 0.7, "seed": 1000 + i})
+            }
         };
-        let url = if i % 3 == 0 { "/v1/chat/completions" } else { "/v1/completions" };
-        s.push_str(&json!({"custom_id": format!("req-{i}"), "method": "POST", "url": url, "body": body}).to_string());
+        let url = if i % 3 == 0 {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        s.push_str(
+            &json!({"custom_id": format!("req-{i}"), "method": "POST", "url": url, "body": body})
+                .to_string(),
+        );
         s.push('\n');
     }
     s
@@ -57,13 +79,20 @@ fn requests(n: usize, max_tokens: usize) -> String {
 /// The results file's lines by `custom_id`; panics on a repeated id or an unparsable line.
 fn results(path: &Path) -> BTreeMap<String, Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.is_empty() || text.ends_with('\n'), "results file does not end with a newline");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "results file does not end with a newline"
+    );
     let mut m = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}: {line}", i + 1));
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}: {line}", i + 1));
         let id = v["custom_id"].as_str().unwrap().to_string();
         assert!(v["id"].as_str().unwrap().starts_with("batch_req_"), "{v}");
-        assert!(m.insert(id.clone(), v).is_none(), "custom_id {id} written twice");
+        assert!(
+            m.insert(id.clone(), v).is_none(),
+            "custom_id {id} written twice"
+        );
     }
     m
 }
@@ -108,8 +137,14 @@ fn bad_lines_are_error_lines_and_the_summary_is_printed() {
     let out = run_ok(&input, &output, &["--no-progress"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("run-batch summary"), "{stderr}");
-    assert!(stderr.contains("requests      11 (0 already done, 2 ok, 9 errors)"), "{stderr}");
-    assert!(stderr.contains("invalid_json=1") && stderr.contains("duplicate_custom_id=1"), "{stderr}");
+    assert!(
+        stderr.contains("requests      11 (0 already done, 2 ok, 9 errors)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("invalid_json=1") && stderr.contains("duplicate_custom_id=1"),
+        "{stderr}"
+    );
     let m = results(&output);
     assert_eq!(m.len(), lines.len());
     let code = |id: &str| m[id]["error"]["code"].as_str().map(str::to_string);
@@ -118,8 +153,14 @@ fn bad_lines_are_error_lines_and_the_summary_is_printed() {
         assert!(m[id]["error"].is_null());
         assert_eq!(m[id]["response"]["body"]["usage"]["completion_tokens"], 4);
     }
-    assert_eq!(m["ok-chat"]["response"]["body"]["object"], "chat.completion");
-    assert_eq!(m["ok-cmpl"]["response"]["body"]["object"], "text_completion");
+    assert_eq!(
+        m["ok-chat"]["response"]["body"]["object"],
+        "chat.completion"
+    );
+    assert_eq!(
+        m["ok-cmpl"]["response"]["body"]["object"],
+        "text_completion"
+    );
     assert_eq!(code("line-3").as_deref(), Some("invalid_json"));
     assert_eq!(code("get").as_deref(), Some("invalid_method"));
     assert_eq!(code("emb").as_deref(), Some("invalid_url"));
@@ -133,13 +174,21 @@ fn bad_lines_are_error_lines_and_the_summary_is_printed() {
     for (id, field) in [("temp", "temperature"), ("field", "bogus_field")] {
         let r = &m[id]["response"];
         assert_eq!(r["status_code"], 400, "{}", m[id]);
-        assert!(r["body"]["error"]["message"].as_str().unwrap().contains(field), "{}", m[id]);
+        assert!(
+            r["body"]["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(field),
+            "{}",
+            m[id]
+        );
         assert_eq!(m[id]["error"]["code"], "invalid_request_error");
     }
     // A rerun has nothing left to do and writes nothing.
     let before = std::fs::read(&output).unwrap();
     let out = run_ok(&input, &output, &["--no-progress"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("requests      11 (11 already done, 0 ok, 0 errors)"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("requests      11 (11 already done, 0 ok, 0 errors)"));
     assert_eq!(std::fs::read(&output).unwrap(), before);
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -170,7 +219,10 @@ fn kill_9_at_random_points_then_rerun_answers_everything_once() {
     for _ in 0..6 {
         // Within the first half of an uninterrupted run (it includes the model load).
         let at = Duration::from_millis(100 + next() % (full.as_millis() as u64 / 2).max(1));
-        let mut child = cmd(&input, &output, &["--no-progress"]).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = cmd(&input, &output, &["--no-progress"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(at);
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
@@ -199,13 +251,20 @@ fn a_torn_last_line_is_cut_and_redone() {
     let want = answers(&results(&output));
     let text = std::fs::read_to_string(&output).unwrap();
     let last_start = text[..text.len() - 1].rfind('\n').map_or(0, |i| i + 1);
-    let torn_id = results(&output).into_iter().find(|(_, v)| text[last_start..].contains(&v["id"].as_str().unwrap().to_string())).unwrap().0;
+    let torn_id = results(&output)
+        .into_iter()
+        .find(|(_, v)| text[last_start..].contains(&v["id"].as_str().unwrap().to_string()))
+        .unwrap()
+        .0;
     // Cut the last line in the middle (no newline), as a crash mid-write would.
     let cut = last_start + (text.len() - last_start) / 2;
     std::fs::write(&output, &text[..cut]).unwrap();
     let out = run_ok(&input, &output, &["--no-progress"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("requests      4 (3 already done, 1 ok, 0 errors)"), "{stderr}");
+    assert!(
+        stderr.contains("requests      4 (3 already done, 1 ok, 0 errors)"),
+        "{stderr}"
+    );
     assert!(stderr.contains("cut a torn last line"), "{stderr}");
     let m = results(&output);
     assert!(m.contains_key(&torn_id));
@@ -229,11 +288,21 @@ fn three_shards_union_equals_one_run() {
     // Three processes at once, as three pods of an Indexed Job would run.
     let children: Vec<_> = (0..3)
         .map(|i| {
-            let mut c = cmd(&input, &d.join(format!("shard{i}.jsonl")), &["--no-progress", "--shard", &format!("{i}/3")]);
-            c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+            let mut c = cmd(
+                &input,
+                &d.join(format!("shard{i}.jsonl")),
+                &["--no-progress", "--shard", &format!("{i}/3")],
+            );
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
         })
         .collect();
-    let children: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let children: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
     for c in &children {
         assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     }
@@ -246,7 +315,10 @@ fn three_shards_union_equals_one_run() {
                 None => k.strip_prefix("line-").unwrap().parse::<usize>().unwrap() - 1,
             };
             assert_eq!(line % 3, i, "{k} in shard {i}");
-            assert!(union.insert(k.clone(), answer(&v)).is_none(), "{k} in two shards");
+            assert!(
+                union.insert(k.clone(), answer(&v)).is_none(),
+                "{k} in two shards"
+            );
         }
     }
     assert_eq!(union, want);
@@ -265,7 +337,10 @@ fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
     s.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
 }
 
 #[test]
@@ -273,13 +348,25 @@ fn bodies_are_the_servers_bodies() {
     use std::io::BufRead;
     let d = tmp("same");
     let bodies = [
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2})),
-        ("/v1/completions", json!({"prompt": ["Red, green and", "One, two,"], "max_tokens": 5, "n": 2, "seed": 5, "temperature": 0.8, "logprobs": 1, "echo": true})),
-        ("/v1/completions", json!({"prompt": "x", "max_tokens": 2, "top_p": 7})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": ["Red, green and", "One, two,"], "max_tokens": 5, "n": 2, "seed": 5, "temperature": 0.8, "logprobs": 1, "echo": true}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 2, "top_p": 7}),
+        ),
     ];
     let mut text = String::new();
     for (i, (url, body)) in bodies.iter().enumerate() {
-        text.push_str(&json!({"custom_id": format!("r{i}"), "method": "POST", "url": url, "body": body}).to_string());
+        text.push_str(
+            &json!({"custom_id": format!("r{i}"), "method": "POST", "url": url, "body": body})
+                .to_string(),
+        );
         text.push('\n');
     }
     let input = d.join("in.jsonl");
@@ -288,7 +375,13 @@ fn bodies_are_the_servers_bodies() {
     run_ok(&input, &output, &["--no-progress"]);
     let m = results(&output);
 
-    let mut server = Command::new(bin()).args(["serve", "--port", "0"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut server = Command::new(bin())
+        .args(["serve", "--port", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
     let addr = loop {
         let l = lines.next().expect("server exited").unwrap();

@@ -10,7 +10,10 @@ mod common;
 use std::time::Duration;
 
 use brigade::config::{Config, Count, SpecMethod, SpeculativeConfig};
-use brigade::engine::{EngineHandle, Engine, EngineStats, Event, FinishReason, GenerateRequest, Prompt, ResponseStream, SamplingParams};
+use brigade::engine::{
+    Engine, EngineHandle, EngineStats, Event, FinishReason, GenerateRequest, Prompt,
+    ResponseStream, SamplingParams,
+};
 use brigade::tokenizer::ChatMessage;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -23,7 +26,12 @@ struct Completion {
 }
 
 fn collect(mut s: ResponseStream) -> Completion {
-    let mut c = Completion { tokens: vec![], logprobs: vec![], text: String::new(), finish: None };
+    let mut c = Completion {
+        tokens: vec![],
+        logprobs: vec![],
+        text: String::new(),
+        finish: None,
+    };
     while let Some(ev) = s.blocking_next() {
         match ev {
             Event::Token { token, text, .. } => {
@@ -47,7 +55,14 @@ fn cfg(spec: bool) -> Config {
     c.runtime.workers = Count::N(2);
     c.runtime.threads_per_worker = Count::N(1);
     c.kv_cache.capacity_tokens = 8192;
-    c.speculative = if spec { SpeculativeConfig { method: SpecMethod::Ngram, ..SpeculativeConfig::default() } } else { SpeculativeConfig::off() };
+    c.speculative = if spec {
+        SpeculativeConfig {
+            method: SpecMethod::Ngram,
+            ..SpeculativeConfig::default()
+        }
+    } else {
+        SpeculativeConfig::off()
+    };
     c.validate().unwrap();
     c
 }
@@ -56,7 +71,11 @@ fn cfg(spec: bool) -> Config {
 const PASSAGE: &str = "The harbour town woke slowly. Fishermen carried their nets down to the water, gulls circled above the boats, and the baker on the corner opened his shutters to let the smell of fresh bread into the street. Children ran past the fountain on their way to school, and an old man sat on a bench reading yesterday's newspaper while his dog slept at his feet. By noon the market was full of voices, colours and the sound of carts rolling over the stones.";
 
 fn chat(text: &str, params: SamplingParams) -> GenerateRequest {
-    GenerateRequest { prompt: Prompt::Chat(vec![ChatMessage::new("user", text)]), params, priority: 0 }
+    GenerateRequest {
+        prompt: Prompt::Chat(vec![ChatMessage::new("user", text)]),
+        params,
+        priority: 0,
+    }
 }
 
 fn grounded(params: SamplingParams) -> GenerateRequest {
@@ -64,11 +83,17 @@ fn grounded(params: SamplingParams) -> GenerateRequest {
 }
 
 fn prose(params: SamplingParams) -> GenerateRequest {
-    chat("Write a short story about a lighthouse keeper who finds a message in a bottle.", params)
+    chat(
+        "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+        params,
+    )
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { logprobs: Some(2), ..SamplingParams::greedy(max_tokens) }
+    SamplingParams {
+        logprobs: Some(2),
+        ..SamplingParams::greedy(max_tokens)
+    }
 }
 
 fn run(h: &EngineHandle, r: GenerateRequest) -> Completion {
@@ -90,17 +115,34 @@ fn settled_stats(h: &EngineHandle, want_steps: u64) -> EngineStats {
 
 #[test]
 fn greedy_output_is_identical_with_and_without_speculation() {
-    let Some((model, tok)) = common::real_model() else { return };
+    let Some((model, tok)) = common::real_model() else {
+        return;
+    };
     let off = Engine::start(model.clone(), tok.clone(), cfg(false)).unwrap();
     let on = Engine::start(model, tok, cfg(true)).unwrap();
-    for (name, req) in [("grounded", grounded(greedy(160))), ("prose", prose(greedy(120)))] {
+    for (name, req) in [
+        ("grounded", grounded(greedy(160))),
+        ("prose", prose(greedy(120))),
+    ] {
         let base = run(&off, req.clone());
         let before = settled_stats(&on, 0);
         let spec = run(&on, req);
         let after = settled_stats(&on, before.steps + 1);
-        assert!(base.tokens.len() > 40, "{name}: only {} tokens: {:?}", base.tokens.len(), base.text);
-        assert_eq!(spec.tokens, base.tokens, "{name}: tokens differ\nwith: {:?}\nwithout: {:?}", spec.text, base.text);
-        assert_eq!(spec, base, "{name}: log-probabilities, text or finish differ");
+        assert!(
+            base.tokens.len() > 40,
+            "{name}: only {} tokens: {:?}",
+            base.tokens.len(),
+            base.text
+        );
+        assert_eq!(
+            spec.tokens, base.tokens,
+            "{name}: tokens differ\nwith: {:?}\nwithout: {:?}",
+            spec.text, base.text
+        );
+        assert_eq!(
+            spec, base,
+            "{name}: log-probabilities, text or finish differ"
+        );
         let (steps, drafted, accepted) = (
             after.spec_steps - before.spec_steps,
             after.spec_draft_tokens - before.spec_draft_tokens,
@@ -114,8 +156,14 @@ fn greedy_output_is_identical_with_and_without_speculation() {
         if name == "grounded" {
             // The copy is drafted from the prompt: most drafts hold, and the run
             // took fewer steps than tokens.
-            assert!(accepted * 2 > drafted && accepted > 40, "{name}: {accepted}/{drafted} accepted");
-            assert!(after.steps - before.steps < spec.tokens.len() as u64, "{name}: no step saved");
+            assert!(
+                accepted * 2 > drafted && accepted > 40,
+                "{name}: {accepted}/{drafted} accepted"
+            );
+            assert!(
+                after.steps - before.steps < spec.tokens.len() as u64,
+                "{name}: no step saved"
+            );
         }
         assert!(accepted <= drafted);
     }
@@ -126,7 +174,9 @@ fn greedy_output_is_identical_with_and_without_speculation() {
 
 #[test]
 fn seeded_sampling_is_the_same_with_and_without_speculation_alone_and_batched() {
-    let Some((model, tok)) = common::real_model() else { return };
+    let Some((model, tok)) = common::real_model() else {
+        return;
+    };
     let params = |i: u64| SamplingParams {
         max_tokens: 80,
         temperature: 0.8,
@@ -138,20 +188,34 @@ fn seeded_sampling_is_the_same_with_and_without_speculation_alone_and_batched() 
     let off = Engine::start(model.clone(), tok.clone(), cfg(false)).unwrap();
     let base: Vec<Completion> = (0..3).map(|i| run(&off, grounded(params(i)))).collect();
     // Sampling happened: the three seeds do not all give the same output.
-    assert!(base.windows(2).any(|w| w[0].tokens != w[1].tokens), "three seeds, one output");
+    assert!(
+        base.windows(2).any(|w| w[0].tokens != w[1].tokens),
+        "three seeds, one output"
+    );
     drop(off);
     let on = Engine::start(model, tok, cfg(true)).unwrap();
     // Alone (speculating), twice: reproducible, and equal to plain decoding.
     for _ in 0..2 {
         for i in 0..3u64 {
-            assert_eq!(run(&on, grounded(params(i))), base[i as usize], "seed {} alone", 41 + i);
+            assert_eq!(
+                run(&on, grounded(params(i))),
+                base[i as usize],
+                "seed {} alone",
+                41 + i
+            );
         }
     }
     // Batched: 3 together (still speculating), then among 6 more (above max_running, not speculating).
     for extra in [0usize, 6] {
         let streams: Vec<ResponseStream> = (0..3u64)
             .map(|i| on.submit(grounded(params(i))).unwrap())
-            .chain((0..extra).map(|j| on.submit(prose(SamplingParams { seed: Some(j as u64), ..params(9) })).unwrap()))
+            .chain((0..extra).map(|j| {
+                on.submit(prose(SamplingParams {
+                    seed: Some(j as u64),
+                    ..params(9)
+                }))
+                .unwrap()
+            }))
             .collect();
         let got: Vec<Completion> = streams.into_iter().map(collect).collect();
         for i in 0..3 {
@@ -159,12 +223,17 @@ fn seeded_sampling_is_the_same_with_and_without_speculation_alone_and_batched() 
         }
     }
     let st = settled_stats(&on, 0);
-    assert!(st.spec_accepted_tokens > 0, "no draft was ever accepted: {st:?}");
+    assert!(
+        st.spec_accepted_tokens > 0,
+        "no draft was ever accepted: {st:?}"
+    );
 }
 
 #[test]
 fn limits_stop_tokens_and_stop_strings_end_at_the_same_token() {
-    let Some((model, tok)) = common::real_model() else { return };
+    let Some((model, tok)) = common::real_model() else {
+        return;
+    };
     let off = Engine::start(model.clone(), tok.clone(), cfg(false)).unwrap();
     let on = Engine::start(model, tok.clone(), cfg(true)).unwrap();
     let reference = run(&off, grounded(greedy(160)));
@@ -172,10 +241,34 @@ fn limits_stop_tokens_and_stop_strings_end_at_the_same_token() {
     // short max_tokens and min_tokens: each ends (or runs) where plain decoding does.
     let stop_token = reference.tokens[30];
     let cases = [
-        ("max_tokens 37", SamplingParams { max_tokens: 37, ..greedy(37) }),
-        ("stop token", SamplingParams { stop_token_ids: vec![stop_token], ..greedy(160) }),
-        ("stop string", SamplingParams { stop: vec!["bread".into()], ..greedy(160) }),
-        ("min_tokens", SamplingParams { min_tokens: 130, ..greedy(160) }),
+        (
+            "max_tokens 37",
+            SamplingParams {
+                max_tokens: 37,
+                ..greedy(37)
+            },
+        ),
+        (
+            "stop token",
+            SamplingParams {
+                stop_token_ids: vec![stop_token],
+                ..greedy(160)
+            },
+        ),
+        (
+            "stop string",
+            SamplingParams {
+                stop: vec!["bread".into()],
+                ..greedy(160)
+            },
+        ),
+        (
+            "min_tokens",
+            SamplingParams {
+                min_tokens: 130,
+                ..greedy(160)
+            },
+        ),
     ];
     for (name, p) in cases {
         let want = run(&off, grounded(p.clone()));
@@ -183,7 +276,11 @@ fn limits_stop_tokens_and_stop_strings_end_at_the_same_token() {
         assert_eq!(got, want, "{name}");
         if name == "stop token" {
             assert_eq!(got.finish, Some(FinishReason::Stop));
-            assert!(got.tokens.len() <= 31, "{name}: {} tokens", got.tokens.len());
+            assert!(
+                got.tokens.len() <= 31,
+                "{name}: {} tokens",
+                got.tokens.len()
+            );
         }
     }
     let st = settled_stats(&on, 0);
@@ -195,16 +292,33 @@ fn limits_stop_tokens_and_stop_strings_end_at_the_same_token() {
 /// same greedy tokens as plain decoding there too.
 #[test]
 fn gemma_greedy_output_is_identical_with_and_without_speculation() {
-    let Some((model, tok)) = common::real_gemma_model() else { return };
+    let Some((model, tok)) = common::real_gemma_model() else {
+        return;
+    };
     let off = Engine::start(model.clone(), tok.clone(), cfg(false)).unwrap();
     let on = Engine::start(model, tok, cfg(true)).unwrap();
     // A raw text prompt (the GGUF has no chat template): the passage twice invites a third copy.
     let req = GenerateRequest::text(format!("{PASSAGE}\n\n{PASSAGE}\n\n"), greedy(90));
     let base = run(&off, req.clone());
     let spec = run(&on, req);
-    assert!(base.tokens.len() > 20, "only {} tokens: {:?}", base.tokens.len(), base.text);
-    assert_eq!(spec, base, "with: {:?}\nwithout: {:?}", spec.text, base.text);
+    assert!(
+        base.tokens.len() > 20,
+        "only {} tokens: {:?}",
+        base.tokens.len(),
+        base.text
+    );
+    assert_eq!(
+        spec, base,
+        "with: {:?}\nwithout: {:?}",
+        spec.text, base.text
+    );
     let st = settled_stats(&on, 0);
-    eprintln!("gemma: {} tokens; {} verify steps, {}/{} drafts accepted", spec.tokens.len(), st.spec_steps, st.spec_accepted_tokens, st.spec_draft_tokens);
+    eprintln!(
+        "gemma: {} tokens; {} verify steps, {}/{} drafts accepted",
+        spec.tokens.len(),
+        st.spec_steps,
+        st.spec_accepted_tokens,
+        st.spec_draft_tokens
+    );
     assert!(st.spec_accepted_tokens > 0, "{st:?}");
 }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brigade::config::{Config, Count};
-use brigade::engine::{Engine, EngineError, EngineHandle, Event, FinishReason, GenerateRequest, SamplingParams};
+use brigade::engine::{
+    Engine, EngineError, EngineHandle, Event, FinishReason, GenerateRequest, SamplingParams,
+};
 use brigade::model::Model;
 use brigade::testing::TinyLlamaSpec;
 use brigade::tokenizer::Tokenizer;
@@ -67,8 +69,15 @@ fn collect(mut s: brigade::engine::ResponseStream) -> Outcome {
 fn requests() -> Vec<GenerateRequest> {
     (0..32u64)
         .map(|i| {
-            let prompt: Vec<u32> = (0..(3 + i % 20)).map(|j| ((i * 31 + j * 7) % 250 + 3) as u32).collect();
-            let params = SamplingParams { max_tokens: 12 + (i % 9) as usize, temperature: 0.7, seed: Some(i), ..Default::default() };
+            let prompt: Vec<u32> = (0..(3 + i % 20))
+                .map(|j| ((i * 31 + j * 7) % 250 + 3) as u32)
+                .collect();
+            let params = SamplingParams {
+                max_tokens: 12 + (i % 9) as usize,
+                temperature: 0.7,
+                seed: Some(i),
+                ..Default::default()
+            };
             GenerateRequest::tokens(prompt, params)
         })
         .collect()
@@ -76,7 +85,10 @@ fn requests() -> Vec<GenerateRequest> {
 
 /// Runs all 32 requests concurrently; returns each one's outcome (in order).
 fn run_all(h: &EngineHandle) -> Vec<Outcome> {
-    let streams: Vec<_> = requests().into_iter().map(|r| h.submit(r).unwrap()).collect();
+    let streams: Vec<_> = requests()
+        .into_iter()
+        .map(|r| h.submit(r).unwrap())
+        .collect();
     let (tx, rx) = std::sync::mpsc::channel();
     let handles: Vec<_> = streams
         .into_iter()
@@ -93,20 +105,31 @@ fn run_all(h: &EngineHandle) -> Vec<Outcome> {
     let t0 = Instant::now();
     while out.len() < handles.len() {
         let left = Duration::from_secs(120).saturating_sub(t0.elapsed());
-        let (i, o) = rx.recv_timeout(left).expect("a request hung (no end within 120 s)");
+        let (i, o) = rx
+            .recv_timeout(left)
+            .expect("a request hung (no end within 120 s)");
         out.insert(i, o);
     }
-    (0..handles.len()).map(|i| out.remove(&i).unwrap()).collect()
+    (0..handles.len())
+        .map(|i| out.remove(&i).unwrap())
+        .collect()
 }
 
 fn assert_pool_whole(h: &EngineHandle) {
     let t0 = Instant::now();
     loop {
         let s = h.stats();
-        if s.running == 0 && s.waiting == 0 && s.in_flight == 0 && s.kv_blocks_free == s.kv_blocks_total {
+        if s.running == 0
+            && s.waiting == 0
+            && s.in_flight == 0
+            && s.kv_blocks_free == s.kv_blocks_total
+        {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "pool not whole: {s:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "pool not whole: {s:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -128,7 +151,11 @@ fn check_against_baseline(got: &[Outcome]) -> usize {
     let mut failed = 0;
     for (i, (g, b)) in got.iter().zip(baseline()).enumerate() {
         match g {
-            Ok(outs) => assert_eq!(Some(outs), b.as_ref().ok(), "request {i} changed by a fault elsewhere"),
+            Ok(outs) => assert_eq!(
+                Some(outs),
+                b.as_ref().ok(),
+                "request {i} changed by a fault elsewhere"
+            ),
             Err(EngineError::Internal(m)) => {
                 assert!(m.contains("injected fault"), "request {i}: {m}");
                 failed += 1;
@@ -183,17 +210,32 @@ fn a_panic_in_the_output_or_tokenizer_fails_one_request() {
 
 #[test]
 fn an_actor_that_dies_fails_every_open_request_and_the_engine() {
-    for fault in ["worker:1:die@step=12", "sampler:die@step=12", "scheduler:die@step=12", "output:die@step=40"] {
+    for fault in [
+        "worker:1:die@step=12",
+        "sampler:die@step=12",
+        "scheduler:die@step=12",
+        "output:die@step=40",
+    ] {
         let (m, t) = tiny();
         let h = Engine::start(m, t, config(2, fault)).unwrap();
         let got = run_all(&h);
-        let dead = got.iter().filter(|o| matches!(o, Err(EngineError::Dead(_)))).count();
+        let dead = got
+            .iter()
+            .filter(|o| matches!(o, Err(EngineError::Dead(_))))
+            .count();
         assert!(dead >= 1, "{fault}: no request saw the death");
         for (i, o) in got.iter().enumerate() {
             match o {
                 // Finished before the death: exactly as without the fault.
-                Ok(outs) => assert_eq!(Some(outs), baseline()[i].as_ref().ok(), "{fault}: request {i}"),
-                Err(EngineError::Dead(why)) => assert!(why.contains("died") || why.contains("stopped"), "{fault}: {why}"),
+                Ok(outs) => assert_eq!(
+                    Some(outs),
+                    baseline()[i].as_ref().ok(),
+                    "{fault}: request {i}"
+                ),
+                Err(EngineError::Dead(why)) => assert!(
+                    why.contains("died") || why.contains("stopped"),
+                    "{fault}: {why}"
+                ),
                 Err(e) => panic!("{fault}: request {i}: {e:?}"),
             }
         }
@@ -202,11 +244,20 @@ fn an_actor_that_dies_fails_every_open_request_and_the_engine() {
             if let Err(why) = h.health() {
                 break why;
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "{fault}: the engine never reported its death");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{fault}: the engine never reported its death"
+            );
             std::thread::sleep(Duration::from_millis(5));
         };
-        assert!(why.contains("injected fault") || why.contains("stopped"), "{fault}: {why}");
-        assert!(matches!(h.submit(requests().remove(0)), Err(EngineError::Dead(_))), "{fault}");
+        assert!(
+            why.contains("injected fault") || why.contains("stopped"),
+            "{fault}: {why}"
+        );
+        assert!(
+            matches!(h.submit(requests().remove(0)), Err(EngineError::Dead(_))),
+            "{fault}"
+        );
     }
 }
 
@@ -215,7 +266,14 @@ fn a_dead_engine_makes_health_503_and_serve_exit_non_zero() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
-    brigade::testing::write_tiny_llama(&TinyLlamaSpec { context_length: 4096, ..TinyLlamaSpec::default() }, &model).unwrap();
+    brigade::testing::write_tiny_llama(
+        &TinyLlamaSpec {
+            context_length: 4096,
+            ..TinyLlamaSpec::default()
+        },
+        &model,
+    )
+    .unwrap();
     let cfg = dir.path().join("cfg.toml");
     std::fs::write(&cfg, "[runtime]\nworkers = 2\nthreads_per_worker = 1\n[server]\nport = 0\nshutdown_timeout_s = 3\n").unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
@@ -230,25 +288,52 @@ fn a_dead_engine_makes_health_503_and_serve_exit_non_zero() {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let base = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
         if let Some(addr) = line.strip_prefix("brigade: listening on ") {
             break addr.trim().to_string();
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
-        assert_eq!(client.get(format!("{base}/health")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            client
+                .get(format!("{base}/health"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
         // The request runs into the dying worker: an OpenAI-style error, not a hang.
         let body = json!({"prompt": "the cat", "max_tokens": 200, "ignore_eos": true});
-        let r = tokio::time::timeout(Duration::from_secs(60), client.post(format!("{base}/v1/completions")).json(&body).send())
-            .await
-            .expect("the request hung")
-            .unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            client
+                .post(format!("{base}/v1/completions"))
+                .json(&body)
+                .send(),
+        )
+        .await
+        .expect("the request hung")
+        .unwrap();
         assert!(r.status() == 503 || r.status() == 500, "{}", r.status());
         let v: serde_json::Value = r.json().await.unwrap();
-        assert!(v["error"]["message"].as_str().unwrap_or("").contains("engine"), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("engine"),
+            "{v}"
+        );
         // 503 at once; the reason becomes the actor's own panic as soon as its
         // supervisor reports it (the pipeline closing may be seen a moment first).
         let t0 = Instant::now();
@@ -256,20 +341,35 @@ fn a_dead_engine_makes_health_503_and_serve_exit_non_zero() {
             let h = client.get(format!("{base}/health")).send().await.unwrap();
             assert_eq!(h.status(), 503);
             let v: serde_json::Value = h.json().await.unwrap();
-            if v["error"]["message"].as_str().unwrap_or("").contains("died") {
+            if v["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("died")
+            {
                 break;
             }
             assert!(t0.elapsed() < Duration::from_secs(30), "{v}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(client.get(format!("{base}/ready")).send().await.unwrap().status(), 503);
+        assert_eq!(
+            client
+                .get(format!("{base}/ready"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            503
+        );
     });
     let t0 = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "server did not exit after the engine died");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "server did not exit after the engine died"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success(), "exit status {status:?}");
@@ -283,36 +383,72 @@ async fn http_run(fault: &str) -> (Vec<(u16, String)>, u16) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(brigade::server::serve_with(engine.clone(), cfg, listener, async move {
-        let _ = stop_rx.await;
-    }));
+    let task = tokio::spawn(brigade::server::serve_with(
+        engine.clone(),
+        cfg,
+        listener,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let client = reqwest::Client::new();
     let mut tasks = Vec::new();
     for i in 0..32u64 {
         let (client, base) = (client.clone(), base.clone());
         tasks.push(tokio::spawn(async move {
-            let prompt: Vec<u32> = (0..(3 + i % 20)).map(|j| ((i * 31 + j * 7) % 250 + 3) as u32).collect();
-            let body = json!({"prompt": prompt, "max_tokens": 12 + i % 9, "temperature": 0.7, "seed": i});
-            let r = client.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+            let prompt: Vec<u32> = (0..(3 + i % 20))
+                .map(|j| ((i * 31 + j * 7) % 250 + 3) as u32)
+                .collect();
+            let body =
+                json!({"prompt": prompt, "max_tokens": 12 + i % 9, "temperature": 0.7, "seed": i});
+            let r = client
+                .post(format!("{base}/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
             let v: serde_json::Value = r.json().await.unwrap();
-            let text = if status == 200 { v["choices"][0]["text"].as_str().unwrap().to_string() } else { v["error"]["message"].as_str().unwrap().to_string() };
+            let text = if status == 200 {
+                v["choices"][0]["text"].as_str().unwrap().to_string()
+            } else {
+                v["error"]["message"].as_str().unwrap().to_string()
+            };
             (status, text)
         }));
     }
     let mut out = Vec::new();
     for t in tasks {
-        out.push(tokio::time::timeout(Duration::from_secs(120), t).await.expect("a request hung").unwrap());
+        out.push(
+            tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("a request hung")
+                .unwrap(),
+        );
     }
-    let health = client.get(format!("{base}/health")).send().await.unwrap().status().as_u16();
+    let health = client
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
     let _ = stop_tx.send(());
-    tokio::time::timeout(Duration::from_secs(60), task).await.expect("shutdown hung").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("shutdown hung")
+        .unwrap()
+        .unwrap();
     (out, health)
 }
 
 #[test]
 fn over_http_a_worker_panic_fails_its_requests_with_500_and_the_server_stays_healthy() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (clean, _) = http_run("").await;
         assert!(clean.iter().all(|(s, _)| *s == 200));
@@ -328,6 +464,9 @@ fn over_http_a_worker_panic_fails_its_requests_with_500_and_the_server_stays_hea
             }
         }
         assert!(failed >= 1, "no request failed");
-        assert_eq!(health, 200, "the server must stay healthy after a micro-batch failure");
+        assert_eq!(
+            health, 200,
+            "the server must stay healthy after a micro-batch failure"
+        );
     });
 }

@@ -45,7 +45,10 @@ impl std::str::FromStr for Shard {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("`{s}` is not a shard `I/N` with 0 <= I < N (e.g. 0/4)");
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        let (index, count): (usize, usize) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
         if count == 0 || index >= count {
             return Err(bad());
         }
@@ -119,7 +122,12 @@ pub fn plan(text: &str, shard: Shard) -> Vec<Planned> {
             continue;
         }
         let n = index + 1;
-        let fail = |custom_id: String, code, message: String| Planned::Fail { index, custom_id, code, message: format!("line {n}: {message}") };
+        let fail = |custom_id: String, code, message: String| Planned::Fail {
+            index,
+            custom_id,
+            code,
+            message: format!("line {n}: {message}"),
+        };
         let parsed: Result<Map<String, Value>, String> = match serde_json::from_str::<Value>(line) {
             Ok(Value::Object(m)) => Ok(m),
             Ok(_) => Err("a batch line must be a JSON object".to_string()),
@@ -132,15 +140,31 @@ pub fn plan(text: &str, shard: Shard) -> Vec<Planned> {
                 Some(Value::String(id)) if !id.is_empty() => {
                     let id = id.clone();
                     if let Some(&prev) = first_line.get(&id) {
-                        fail(format!("line-{n}"), "duplicate_custom_id", format!("`custom_id` {id:?} repeats line {}", prev + 1))
+                        fail(
+                            format!("line-{n}"),
+                            "duplicate_custom_id",
+                            format!("`custom_id` {id:?} repeats line {}", prev + 1),
+                        )
                     } else {
                         first_line.insert(id.clone(), index);
                         check_request(index, id, &mut obj)
                     }
                 }
-                Some(Value::String(_)) => fail(format!("line-{n}"), "missing_custom_id", "`custom_id` must not be empty".into()),
-                Some(v) => fail(format!("line-{n}"), "missing_custom_id", format!("`custom_id` must be a string, got {v}")),
-                None => fail(format!("line-{n}"), "missing_custom_id", "`custom_id` is required".into()),
+                Some(Value::String(_)) => fail(
+                    format!("line-{n}"),
+                    "missing_custom_id",
+                    "`custom_id` must not be empty".into(),
+                ),
+                Some(v) => fail(
+                    format!("line-{n}"),
+                    "missing_custom_id",
+                    format!("`custom_id` must be a string, got {v}"),
+                ),
+                None => fail(
+                    format!("line-{n}"),
+                    "missing_custom_id",
+                    "`custom_id` is required".into(),
+                ),
             },
         };
         if shard.owns(index) {
@@ -153,29 +177,80 @@ pub fn plan(text: &str, shard: Shard) -> Vec<Planned> {
 /// `method`, `url` and `body` of a line whose key is settled.
 fn check_request(index: usize, custom_id: String, obj: &mut Map<String, Value>) -> Planned {
     let n = index + 1;
-    let fail = |custom_id: String, code, message: String| Planned::Fail { index, custom_id, code, message: format!("line {n}: {message}") };
+    let fail = |custom_id: String, code, message: String| Planned::Fail {
+        index,
+        custom_id,
+        code,
+        message: format!("line {n}: {message}"),
+    };
     match obj.get("method") {
         Some(Value::String(m)) if m == "POST" => {}
-        Some(v) => return fail(custom_id, "invalid_method", format!("`method` must be \"POST\", got {v}")),
-        None => return fail(custom_id, "invalid_method", "`method` is required (\"POST\")".into()),
+        Some(v) => {
+            return fail(
+                custom_id,
+                "invalid_method",
+                format!("`method` must be \"POST\", got {v}"),
+            )
+        }
+        None => {
+            return fail(
+                custom_id,
+                "invalid_method",
+                "`method` is required (\"POST\")".into(),
+            )
+        }
     }
     let url = match obj.get("url").and_then(Value::as_str) {
         Some("/v1/chat/completions") => BatchUrl::Chat,
         Some("/v1/completions") => BatchUrl::Completions,
-        Some(u) => return fail(custom_id, "invalid_url", format!("`url` {u:?} is not supported (\"/v1/chat/completions\" or \"/v1/completions\")")),
-        None => return fail(custom_id, "invalid_url", "`url` is required (\"/v1/chat/completions\" or \"/v1/completions\")".into()),
+        Some(u) => return fail(
+            custom_id,
+            "invalid_url",
+            format!(
+                "`url` {u:?} is not supported (\"/v1/chat/completions\" or \"/v1/completions\")"
+            ),
+        ),
+        None => {
+            return fail(
+                custom_id,
+                "invalid_url",
+                "`url` is required (\"/v1/chat/completions\" or \"/v1/completions\")".into(),
+            )
+        }
     };
     let body = match obj.remove("body") {
         Some(Value::Object(b)) => b,
-        Some(v) => return fail(custom_id, "invalid_body", format!("`body` must be a JSON object, got {}", kind(&v))),
+        Some(v) => {
+            return fail(
+                custom_id,
+                "invalid_body",
+                format!("`body` must be a JSON object, got {}", kind(&v)),
+            )
+        }
         None => return fail(custom_id, "invalid_body", "`body` is required".into()),
     };
-    if let Some(extra) = obj.keys().find(|k| !matches!(k.as_str(), "custom_id" | "method" | "url")) {
-        return fail(custom_id, "invalid_body", format!("unrecognized batch line field `{extra}` (custom_id, method, url, body)"));
+    if let Some(extra) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "custom_id" | "method" | "url"))
+    {
+        return fail(
+            custom_id,
+            "invalid_body",
+            format!("unrecognized batch line field `{extra}` (custom_id, method, url, body)"),
+        );
     }
     match body.get("stream") {
-        Some(Value::Bool(true)) => fail(custom_id, "stream_not_supported", "`body.stream` must be false in a batch (results are whole bodies)".into()),
-        _ => Planned::Run { index, custom_id, url, body },
+        Some(Value::Bool(true)) => fail(
+            custom_id,
+            "stream_not_supported",
+            "`body.stream` must be false in a batch (results are whole bodies)".into(),
+        ),
+        _ => Planned::Run {
+            index,
+            custom_id,
+            url,
+            body,
+        },
     }
 }
 
@@ -208,7 +283,10 @@ mod tests {
             assert!(bad.parse::<Shard>().is_err(), "{bad}");
         }
         let s: Shard = "2/3".parse().unwrap();
-        assert_eq!((0..9).filter(|&i| s.owns(i)).collect::<Vec<_>>(), vec![2, 5, 8]);
+        assert_eq!(
+            (0..9).filter(|&i| s.owns(i)).collect::<Vec<_>>(),
+            vec![2, 5, 8]
+        );
     }
 
     #[test]
@@ -244,8 +322,13 @@ mod tests {
                 ("line-11", Some("invalid_json")),
             ]
         );
-        let Planned::Fail { message, .. } = &p[2] else { panic!() };
-        assert!(message.contains("\"a\"") && message.contains("line 1"), "{message}");
+        let Planned::Fail { message, .. } = &p[2] else {
+            panic!()
+        };
+        assert!(
+            message.contains("\"a\"") && message.contains("line 1"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -255,11 +338,19 @@ mod tests {
             .collect();
         let text = lines.join("\n") + "\n";
         let whole = plan(&text, Shard::ALL);
-        let mut union: Vec<Planned> = (0..3).flat_map(|i| plan(&text, Shard { index: i, count: 3 })).collect();
+        let mut union: Vec<Planned> = (0..3)
+            .flat_map(|i| plan(&text, Shard { index: i, count: 3 }))
+            .collect();
         union.sort_by_key(|p| match p {
             Planned::Run { index, .. } | Planned::Fail { index, .. } => *index,
         });
         assert_eq!(union, whole);
-        assert_eq!(whole.iter().filter(|p| code(p) == Some("duplicate_custom_id")).count(), 3);
+        assert_eq!(
+            whole
+                .iter()
+                .filter(|p| code(p) == Some("duplicate_custom_id"))
+                .count(),
+            3
+        );
     }
 }

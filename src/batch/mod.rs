@@ -134,17 +134,40 @@ impl BatchSummary {
 
 impl std::fmt::Display for BatchSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let errs: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let errs: Vec<String> = self
+            .errors
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         writeln!(f, "run-batch summary")?;
-        writeln!(f, "  requests      {} ({} already done, {} ok, {} errors)", self.requests, self.skipped, self.succeeded, self.num_errors())?;
+        writeln!(
+            f,
+            "  requests      {} ({} already done, {} ok, {} errors)",
+            self.requests,
+            self.skipped,
+            self.succeeded,
+            self.num_errors()
+        )?;
         if !errs.is_empty() {
             writeln!(f, "  errors        {}", errs.join(" "))?;
         }
-        writeln!(f, "  tokens        {} input, {} output", self.input_tokens, self.output_tokens)?;
-        writeln!(f, "  throughput    {:.1} output tok/s, {:.1} total tok/s", self.output_tokens_per_s, self.total_tokens_per_s)?;
+        writeln!(
+            f,
+            "  tokens        {} input, {} output",
+            self.input_tokens, self.output_tokens
+        )?;
+        writeln!(
+            f,
+            "  throughput    {:.1} output tok/s, {:.1} total tok/s",
+            self.output_tokens_per_s, self.total_tokens_per_s
+        )?;
         write!(f, "  wall time     {:.2} s", self.wall_s)?;
         if self.truncated_bytes > 0 {
-            write!(f, "\n  recovered     cut a torn last line of {} bytes (redone)", self.truncated_bytes)?;
+            write!(
+                f,
+                "\n  recovered     cut a torn last line of {} bytes (redone)",
+                self.truncated_bytes
+            )?;
         }
         Ok(())
     }
@@ -169,23 +192,50 @@ fn app(engine: &EngineHandle, server: &ServerConfig) -> Result<App, BatchError> 
 
 /// Requests kept in flight: enough to keep the admission queue full, within its bounds.
 fn in_flight(app: &App) -> usize {
-    let running = if app.cfg.max_running == 0 { app.engine.config().runtime.max_seqs } else { app.cfg.max_running };
-    let queued = app.tenants.first().map_or(1, |t| t.max_queued).min(app.cfg.admission_inbox);
+    let running = if app.cfg.max_running == 0 {
+        app.engine.config().runtime.max_seqs
+    } else {
+        app.cfg.max_running
+    };
+    let queued = app
+        .tenants
+        .first()
+        .map_or(1, |t| t.max_queued)
+        .min(app.cfg.admission_inbox);
     (2 * running).min(running + queued).max(1)
 }
 
 /// Runs the batch: recovers the results file, answers every line of the shard
 /// not in it, and returns the summary. The engine is left running.
-pub async fn run(engine: &EngineHandle, server: &ServerConfig, opts: &BatchOptions) -> Result<BatchSummary, BatchError> {
-    let text = tokio::fs::read_to_string(&opts.input).await.map_err(|source| BatchError::ReadInput { path: opts.input.clone(), source })?;
+pub async fn run(
+    engine: &EngineHandle,
+    server: &ServerConfig,
+    opts: &BatchOptions,
+) -> Result<BatchSummary, BatchError> {
+    let text = tokio::fs::read_to_string(&opts.input)
+        .await
+        .map_err(|source| BatchError::ReadInput {
+            path: opts.input.clone(),
+            source,
+        })?;
     let planned = input::plan(&text, opts.shard);
     drop(text);
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| OutputFileError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| OutputFileError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
     let recovered = output::recover(&opts.output)?;
-    let mut summary = BatchSummary { requests: planned.len(), truncated_bytes: recovered.truncated_bytes, ..Default::default() };
-    let todo: Vec<Planned> = planned.into_iter().filter(|p| !recovered.done.contains(p.custom_id())).collect();
+    let mut summary = BatchSummary {
+        requests: planned.len(),
+        truncated_bytes: recovered.truncated_bytes,
+        ..Default::default()
+    };
+    let todo: Vec<Planned> = planned
+        .into_iter()
+        .filter(|p| !recovered.done.contains(p.custom_id()))
+        .collect();
     summary.skipped = summary.requests - todo.len();
     let total = todo.len();
 
@@ -213,8 +263,21 @@ pub async fn run(engine: &EngineHandle, server: &ServerConfig, opts: &BatchOptio
     let mut stats: Vec<(Option<String>, u64, u64)> = Vec::with_capacity(total);
     for p in todo {
         match p {
-            Planned::Fail { custom_id, code, message, .. } => {
-                let line = OutputLine { id: batch_id(), custom_id, response: None, error: Some(OutputError { code: code.to_string(), message }) };
+            Planned::Fail {
+                custom_id,
+                code,
+                message,
+                ..
+            } => {
+                let line = OutputLine {
+                    id: batch_id(),
+                    custom_id,
+                    response: None,
+                    error: Some(OutputError {
+                        code: code.to_string(),
+                        message,
+                    }),
+                };
                 progress.done.fetch_add(1, Ordering::Relaxed);
                 progress.errors.fetch_add(1, Ordering::Relaxed);
                 stats.push((Some(code.to_string()), 0, 0));
@@ -222,9 +285,17 @@ pub async fn run(engine: &EngineHandle, server: &ServerConfig, opts: &BatchOptio
                     break; // the writer failed: its error is returned below
                 }
             }
-            Planned::Run { custom_id, url, body, .. } => {
-                let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                let (router, line_tx, progress) = (router.clone(), line_tx.clone(), progress.clone());
+            Planned::Run {
+                custom_id,
+                url,
+                body,
+                ..
+            } => {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let (router, line_tx, progress) =
+                    (router.clone(), line_tx.clone(), progress.clone());
                 tasks.spawn(async move {
                     let (line, usage) = answer(router, custom_id, url, Value::Object(body)).await;
                     drop(permit);
@@ -255,7 +326,11 @@ pub async fn run(engine: &EngineHandle, server: &ServerConfig, opts: &BatchOptio
     match written {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(e.into()),
-        _ => return Err(BatchError::Writer(std::io::Error::other("the results writer panicked"))),
+        _ => {
+            return Err(BatchError::Writer(std::io::Error::other(
+                "the results writer panicked",
+            )))
+        }
     }
     summary.wall_s = start.elapsed().as_secs_f64();
     for (code, inp, out) in stats {
@@ -277,23 +352,42 @@ fn batch_id() -> String {
 }
 
 /// One request through the router: its output line and (prompt, completion) tokens.
-async fn answer(router: axum::Router, custom_id: String, url: BatchUrl, body: Value) -> (OutputLine, (u64, u64)) {
+async fn answer(
+    router: axum::Router,
+    custom_id: String,
+    url: BatchUrl,
+    body: Value,
+) -> (OutputLine, (u64, u64)) {
     answer_as(router, custom_id, url, body, None).await
 }
 
 /// [`answer`] as tenant `caller` when given (the Batch API: the batch's owner,
 /// without its key); then a 429 (the tenant's own bounds) is retried for as long as it lasts.
-async fn answer_as(mut router: axum::Router, custom_id: String, url: BatchUrl, body: Value, caller: Option<usize>) -> (OutputLine, (u64, u64)) {
+async fn answer_as(
+    mut router: axum::Router,
+    custom_id: String,
+    url: BatchUrl,
+    body: Value,
+    caller: Option<usize>,
+) -> (OutputLine, (u64, u64)) {
     let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
     let fail = |code: &str, message: String| OutputLine {
         id: batch_id(),
         custom_id: custom_id.clone(),
         response: None,
-        error: Some(OutputError { code: code.to_string(), message }),
+        error: Some(OutputError {
+            code: code.to_string(),
+            message,
+        }),
     };
     let bytes = match serde_json::to_vec(&body) {
         Ok(b) => b,
-        Err(e) => return (fail("internal_error", format!("serializing the body: {e}")), (0, 0)),
+        Err(e) => {
+            return (
+                fail("internal_error", format!("serializing the body: {e}")),
+                (0, 0),
+            )
+        }
     };
     // Overload (429) cannot happen with the in-flight bound; retried if it does.
     let mut backoff = Duration::from_millis(20);
@@ -305,13 +399,23 @@ async fn answer_as(mut router: axum::Router, custom_id: String, url: BatchUrl, b
         let req = match req {
             Ok(mut r) => {
                 if let Some(tenant) = caller {
-                    r.extensions_mut().insert(crate::server::routes::BatchCaller { tenant });
+                    r.extensions_mut()
+                        .insert(crate::server::routes::BatchCaller { tenant });
                 }
                 r
             }
-            Err(e) => return (fail("internal_error", format!("building the request: {e}")), (0, 0)),
+            Err(e) => {
+                return (
+                    fail("internal_error", format!("building the request: {e}")),
+                    (0, 0),
+                )
+            }
         };
-        let resp = match std::future::poll_fn(|cx| Service::<Request<axum::body::Body>>::poll_ready(&mut router, cx)).await {
+        let resp = match std::future::poll_fn(|cx| {
+            Service::<Request<axum::body::Body>>::poll_ready(&mut router, cx)
+        })
+        .await
+        {
             Ok(()) => router.call(req).await,
             Err(e) => match e {},
         };
@@ -319,7 +423,12 @@ async fn answer_as(mut router: axum::Router, custom_id: String, url: BatchUrl, b
         let status = resp.status();
         let body = match axum::body::to_bytes(resp.into_body(), usize::MAX).await {
             Ok(b) => b,
-            Err(e) => return (fail("internal_error", format!("reading the response: {e}")), (0, 0)),
+            Err(e) => {
+                return (
+                    fail("internal_error", format!("reading the response: {e}")),
+                    (0, 0),
+                )
+            }
         };
         if status.as_u16() == 429 && (backoff < Duration::from_secs(5) || caller.is_some()) {
             tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
@@ -330,20 +439,55 @@ async fn answer_as(mut router: axum::Router, custom_id: String, url: BatchUrl, b
     };
     let body: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return (fail("internal_error", format!("the endpoint answered {status} with a non-JSON body: {e}")), (0, 0)),
+        Err(e) => {
+            return (
+                fail(
+                    "internal_error",
+                    format!("the endpoint answered {status} with a non-JSON body: {e}"),
+                ),
+                (0, 0),
+            )
+        }
     };
-    let usage = |k: &str| body.get("usage").and_then(|u| u.get(k)).and_then(Value::as_u64).unwrap_or(0);
-    let tokens = if status.is_success() { (usage("prompt_tokens"), usage("completion_tokens")) } else { (0, 0) };
+    let usage = |k: &str| {
+        body.get("usage")
+            .and_then(|u| u.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let tokens = if status.is_success() {
+        (usage("prompt_tokens"), usage("completion_tokens"))
+    } else {
+        (0, 0)
+    };
     let error = (!status.is_success()).then(|| {
         let e = body.get("error");
-        let s = |k: &str| e.and_then(|e| e.get(k)).and_then(Value::as_str).map(str::to_string);
+        let s = |k: &str| {
+            e.and_then(|e| e.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
         OutputError {
-            code: s("code").or_else(|| s("type")).unwrap_or_else(|| format!("http_{}", status.as_u16())),
+            code: s("code")
+                .or_else(|| s("type"))
+                .unwrap_or_else(|| format!("http_{}", status.as_u16())),
             message: s("message").unwrap_or_else(|| format!("the endpoint answered {status}")),
         }
     });
-    let response = OutputResponse { status_code: status.as_u16(), request_id, body };
-    (OutputLine { id: batch_id(), custom_id, response: Some(response), error }, tokens)
+    let response = OutputResponse {
+        status_code: status.as_u16(),
+        request_id,
+        body,
+    };
+    (
+        OutputLine {
+            id: batch_id(),
+            custom_id,
+            response: Some(response),
+            error,
+        },
+        tokens,
+    )
 }
 
 /// The progress display: an `indicatif` bar on a terminal, else a plain line
@@ -371,17 +515,25 @@ fn spawn_reporter(p: Arc<Progress>, total: usize, opts: &BatchOptions, start: In
     if !opts.progress {
         return Reporter::Off;
     }
-    let rate = move |p: &Progress| p.output_tokens.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let rate = move |p: &Progress| {
+        p.output_tokens.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64().max(1e-9)
+    };
     if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(total as u64);
-        let style = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} elapsed {elapsed} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let style = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} {msg} elapsed {elapsed} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
         bar.set_style(style);
         let b = bar.clone();
         let h = tokio::spawn(async move {
             loop {
                 b.set_position(p.done.load(Ordering::Relaxed) as u64);
-                b.set_message(format!("{:.1} tok/s, {} errors", rate(&p), p.errors.load(Ordering::Relaxed)));
+                b.set_message(format!(
+                    "{:.1} tok/s, {} errors",
+                    rate(&p),
+                    p.errors.load(Ordering::Relaxed)
+                ));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
@@ -394,7 +546,14 @@ fn spawn_reporter(p: Arc<Progress>, total: usize, opts: &BatchOptions, start: In
                 let done = p.done.load(Ordering::Relaxed);
                 let r = rate(&p);
                 let elapsed = start.elapsed().as_secs_f64();
-                let eta = if done > 0 { format!("{:.0} s", elapsed * (total - done.min(total)) as f64 / done as f64) } else { "?".to_string() };
+                let eta = if done > 0 {
+                    format!(
+                        "{:.0} s",
+                        elapsed * (total - done.min(total)) as f64 / done as f64
+                    )
+                } else {
+                    "?".to_string()
+                };
                 eprintln!(
                     "run-batch: {done}/{total} done, {} errors, {r:.1} output tok/s (finished requests), elapsed {elapsed:.0} s, ETA {eta}",
                     p.errors.load(Ordering::Relaxed),

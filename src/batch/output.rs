@@ -83,7 +83,10 @@ pub struct Recovered {
 /// Reads `path` (absent = empty), cuts a torn last line off, and returns the
 /// answered `custom_id`s.
 pub fn recover(path: &Path) -> Result<Recovered, OutputFileError> {
-    let io = |source| OutputFileError::Io { path: path.to_path_buf(), source };
+    let io = |source| OutputFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut bytes = Vec::new();
     match File::open(path) {
         Ok(mut f) => {
@@ -92,14 +95,21 @@ pub fn recover(path: &Path) -> Result<Recovered, OutputFileError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::default()),
         Err(e) => return Err(io(e)),
     }
-    let (done, keep) = scan(&bytes).map_err(|(line, what)| OutputFileError::Corrupt { path: path.to_path_buf(), line, what })?;
+    let (done, keep) = scan(&bytes).map_err(|(line, what)| OutputFileError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        what,
+    })?;
     let truncated_bytes = (bytes.len() - keep) as u64;
     if truncated_bytes > 0 {
         let f = OpenOptions::new().write(true).open(path).map_err(io)?;
         f.set_len(keep as u64).map_err(io)?;
         f.sync_data().map_err(io)?;
     }
-    Ok(Recovered { done, truncated_bytes })
+    Ok(Recovered {
+        done,
+        truncated_bytes,
+    })
 }
 
 /// The `custom_id`s of the complete lines of `bytes` and the length to keep;
@@ -142,13 +152,22 @@ impl Appender {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| OutputFileError::Io { path: path.to_path_buf(), source })?;
-        Ok(Self { file, path: path.to_path_buf() })
+            .map_err(|source| OutputFileError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Writes one line (its JSON and `\n` in one buffer) and syncs it.
     pub fn append(&mut self, line: &OutputLine) -> Result<(), OutputFileError> {
-        let io = |source| OutputFileError::Io { path: self.path.clone(), source };
+        let io = |source| OutputFileError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let mut buf = serde_json::to_vec(line).map_err(|e| io(std::io::Error::other(e)))?;
         buf.push(b'\n');
         self.file.write_all(&buf).map_err(io)?;
@@ -161,7 +180,15 @@ mod tests {
     use super::*;
 
     fn line(id: &str) -> String {
-        let l = OutputLine { id: "batch_req_1".into(), custom_id: id.into(), response: None, error: Some(OutputError { code: "c".into(), message: "m".into() }) };
+        let l = OutputLine {
+            id: "batch_req_1".into(),
+            custom_id: id.into(),
+            response: None,
+            error: Some(OutputError {
+                code: "c".into(),
+                message: "m".into(),
+            }),
+        };
         serde_json::to_string(&l).unwrap() + "\n"
     }
 
@@ -188,7 +215,8 @@ mod tests {
 
     #[test]
     fn recover_truncates_the_file() {
-        let dir = std::env::temp_dir().join(format!("brigade-batch-recover-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("brigade-batch-recover-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("out.jsonl");
         assert!(recover(&p).unwrap().done.is_empty());

@@ -55,7 +55,9 @@ pub struct BatchApi {
 
 impl std::fmt::Debug for BatchApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchApi").field("store", &self.store).finish_non_exhaustive()
+        f.debug_struct("BatchApi")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -83,7 +85,11 @@ enum Outcome {
 impl BatchApi {
     /// Opens the store in `dir`.
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
-        Ok(Self { store: Store::open(dir)?, wake: Notify::new(), cancels: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            store: Store::open(dir)?,
+            wake: Notify::new(),
+            cancels: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Tells the runner to look for new work (a batch was created).
@@ -100,7 +106,9 @@ impl BatchApi {
     }
 
     fn lock_cancels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
-        self.cancels.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.cancels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -129,21 +137,39 @@ impl Drop for Slot {
 
 impl Limiter {
     fn new(app: &App) -> Self {
-        let running = if app.cfg.max_running == 0 { app.engine.config().runtime.max_seqs } else { app.cfg.max_running };
+        let running = if app.cfg.max_running == 0 {
+            app.engine.config().runtime.max_seqs
+        } else {
+            app.cfg.max_running
+        };
         let idle_limit = match app.cfg.batch_max_in_flight {
             0 => (running * 3 / 4).max(1),
             n => n,
         };
         let busy_limit = app.cfg.batch_busy_in_flight.min(idle_limit);
-        Self { in_flight: std::sync::atomic::AtomicUsize::new(0), freed: Notify::new(), idle_limit, busy_limit }
+        Self {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            freed: Notify::new(),
+            idle_limit,
+            busy_limit,
+        }
     }
 
     /// Waits for room under the bound in force (rechecked as slots free and every 50 ms).
     async fn acquire(self: &Arc<Self>, app: &App) -> Slot {
         loop {
-            let limit = if app.admission.interactive_busy(BUSY_WINDOW) { self.busy_limit } else { self.idle_limit };
+            let limit = if app.admission.interactive_busy(BUSY_WINDOW) {
+                self.busy_limit
+            } else {
+                self.idle_limit
+            };
             let n = self.in_flight.load(Ordering::SeqCst);
-            if n < limit && self.in_flight.compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            if n < limit
+                && self
+                    .in_flight
+                    .compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
                 return Slot(self.clone());
             }
             if n < limit {
@@ -180,18 +206,28 @@ async fn run(app: App, api: Arc<BatchApi>) {
             match api.store.active_batches() {
                 Ok(ids) => {
                     for id in ids {
-                        if running.values().any(|r| *r == id) || retry_at.get(&id).is_some_and(|t| Instant::now() < *t) {
+                        if running.values().any(|r| *r == id)
+                            || retry_at.get(&id).is_some_and(|t| Instant::now() < *t)
+                        {
                             continue;
                         }
                         let flag = Arc::new(AtomicBool::new(false));
                         api.lock_cancels().insert(id.clone(), flag.clone());
-                        let ctx = Ctx { app: app.clone(), api: api.clone(), permits: permits.clone(), router: router.clone(), cancel: flag };
+                        let ctx = Ctx {
+                            app: app.clone(),
+                            api: api.clone(),
+                            permits: permits.clone(),
+                            router: router.clone(),
+                            cancel: flag,
+                        };
                         let batch = id.clone();
                         let handle = tasks.spawn(async move { ctx.drive(&batch).await });
                         running.insert(handle.id(), id);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "batch runner: reading the active batches failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "batch runner: reading the active batches failed")
+                }
             }
         }
         tokio::select! {
@@ -239,43 +275,81 @@ impl Ctx {
 
     /// Takes batch `id` from wherever it is to its end (or to a stop to resume later).
     async fn drive(self, id: &str) -> Result<(), DriveError> {
-        let Some(mut b) = self.get(id)? else { return Ok(()) };
+        let Some(mut b) = self.get(id)? else {
+            return Ok(());
+        };
         if b.status == Status::Validating {
             match self.validate(&b) {
                 Err(errors) => {
                     self.store().fail(id, &errors, unix_now())?;
                 }
                 Ok(total) => {
-                    self.store().set_counts(id, RequestCounts { total, completed: 0, failed: 0 })?;
-                    self.store().transition(id, &[Status::Validating], Status::InProgress, unix_now())?;
+                    self.store().set_counts(
+                        id,
+                        RequestCounts {
+                            total,
+                            completed: 0,
+                            failed: 0,
+                        },
+                    )?;
+                    self.store().transition(
+                        id,
+                        &[Status::Validating],
+                        Status::InProgress,
+                        unix_now(),
+                    )?;
                 }
             }
-            let Some(again) = self.get(id)? else { return Ok(()) };
+            let Some(again) = self.get(id)? else {
+                return Ok(());
+            };
             b = again;
         }
         if b.status == Status::InProgress {
             match self.run_requests(&b).await? {
                 Outcome::Interrupted => return Ok(()),
                 Outcome::Done => {
-                    self.store().transition(id, &[Status::InProgress], Status::Finalizing, unix_now())?;
+                    self.store().transition(
+                        id,
+                        &[Status::InProgress],
+                        Status::Finalizing,
+                        unix_now(),
+                    )?;
                 }
                 Outcome::Cancelled => {}
                 Outcome::Expired => {
                     self.register_results(&b)?;
-                    self.store().transition(id, &[Status::InProgress], Status::Expired, unix_now())?;
+                    self.store().transition(
+                        id,
+                        &[Status::InProgress],
+                        Status::Expired,
+                        unix_now(),
+                    )?;
                 }
             }
-            let Some(again) = self.get(id)? else { return Ok(()) };
+            let Some(again) = self.get(id)? else {
+                return Ok(());
+            };
             b = again;
         }
         match b.status {
             Status::Finalizing => {
                 self.register_results(&b)?;
-                self.store().transition(id, &[Status::Finalizing], Status::Completed, unix_now())?;
+                self.store().transition(
+                    id,
+                    &[Status::Finalizing],
+                    Status::Completed,
+                    unix_now(),
+                )?;
             }
             Status::Cancelling => {
                 self.register_results(&b)?;
-                self.store().transition(id, &[Status::Cancelling], Status::Cancelled, unix_now())?;
+                self.store().transition(
+                    id,
+                    &[Status::Cancelling],
+                    Status::Cancelled,
+                    unix_now(),
+                )?;
             }
             _ => {}
         }
@@ -288,7 +362,13 @@ impl Ctx {
     /// The input file's text, or the batch-level error (`errors`) that fails it.
     fn input_text(&self, b: &BatchRecord) -> Result<String, Value> {
         let path = self.store().file_path(&b.input_file_id);
-        std::fs::read_to_string(&path).map_err(|e| errors_list("invalid_file", format!("reading the input file {}: {e}", b.input_file_id), None))
+        std::fs::read_to_string(&path).map_err(|e| {
+            errors_list(
+                "invalid_file",
+                format!("reading the input file {}: {e}", b.input_file_id),
+                None,
+            )
+        })
     }
 
     /// Checks the input file as a whole; `Ok(requests)` or the `errors` object.
@@ -297,13 +377,20 @@ impl Ctx {
         let text = self.input_text(b)?;
         let plan = input::plan(&text, Shard::ALL);
         if plan.is_empty() {
-            return Err(errors_list("empty_file", format!("the input file {} has no requests", b.input_file_id), None));
+            return Err(errors_list(
+                "empty_file",
+                format!("the input file {} has no requests", b.input_file_id),
+                None,
+            ));
         }
         let max = self.app.cfg.batch_max_requests;
         if plan.len() > max {
             return Err(errors_list(
                 "too_many_requests",
-                format!("the input file has {} requests, more than server.batch_max_requests = {max}", plan.len()),
+                format!(
+                    "the input file has {} requests, more than server.batch_max_requests = {max}",
+                    plan.len()
+                ),
                 None,
             ));
         }
@@ -313,14 +400,20 @@ impl Ctx {
     /// Registers the result files that have lines as the batch's output / error files.
     fn register_results(&self, b: &BatchRecord) -> Result<(), StoreError> {
         let mut ids = [None, None];
-        for (i, (file, suffix)) in [(&b.out_id, "output"), (&b.err_id, "error")].into_iter().enumerate() {
+        for (i, (file, suffix)) in [(&b.out_id, "output"), (&b.err_id, "error")]
+            .into_iter()
+            .enumerate()
+        {
             let path = self.store().file_path(file);
             let text = match std::fs::read(&path) {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(StoreError::Io { path, source }),
             };
-            let lines = text.split(|&c| c == b'\n').filter(|l| !l.is_empty()).count() as u64;
+            let lines = text
+                .split(|&c| c == b'\n')
+                .filter(|l| !l.is_empty())
+                .count() as u64;
             if lines == 0 {
                 continue;
             }
@@ -346,22 +439,39 @@ impl Ctx {
     async fn run_requests(&self, b: &BatchRecord) -> Result<Outcome, DriveError> {
         let text = match self.input_text(b) {
             Ok(t) => t,
-            Err(e) => return Err(StoreError::Corrupt { what: "input file", why: e.to_string() }.into()),
+            Err(e) => {
+                return Err(StoreError::Corrupt {
+                    what: "input file",
+                    why: e.to_string(),
+                }
+                .into())
+            }
         };
         let plan = input::plan(&text, Shard::ALL);
         drop(text);
         let Some(tenant) = self.app.tenants.iter().position(|t| t.name == b.tenant) else {
             // The tenant left the configuration: its batch waits (it may come back).
-            return Err(StoreError::Corrupt { what: "tenant", why: format!("tenant {:?} is not configured", b.tenant) }.into());
+            return Err(StoreError::Corrupt {
+                what: "tenant",
+                why: format!("tenant {:?} is not configured", b.tenant),
+            }
+            .into());
         };
         let out_path = self.store().file_path(&b.out_id);
         let err_path = self.store().file_path(&b.err_id);
         let ok = output::recover(&out_path)?;
         let bad = output::recover(&err_path)?;
-        let mut counts = RequestCounts { total: plan.len() as u64, completed: ok.done.len() as u64, failed: bad.done.len() as u64 };
+        let mut counts = RequestCounts {
+            total: plan.len() as u64,
+            completed: ok.done.len() as u64,
+            failed: bad.done.len() as u64,
+        };
         self.store().set_counts(&b.id, counts)?;
         let done: HashSet<String> = ok.done.into_iter().chain(bad.done).collect();
-        let todo: Vec<Planned> = plan.into_iter().filter(|p| !done.contains(p.custom_id())).collect();
+        let todo: Vec<Planned> = plan
+            .into_iter()
+            .filter(|p| !done.contains(p.custom_id()))
+            .collect();
         let remaining: Vec<String> = todo.iter().map(|p| p.custom_id().to_string()).collect();
 
         // The writer: one thread owns both files; each line is synced, then counted.
@@ -398,28 +508,69 @@ impl Ctx {
                 break;
             }
             match p {
-                Planned::Fail { custom_id, code, message, .. } => {
-                    let line = OutputLine { id: super::batch_id(), custom_id, response: None, error: Some(OutputError { code: code.to_string(), message }) };
+                Planned::Fail {
+                    custom_id,
+                    code,
+                    message,
+                    ..
+                } => {
+                    let line = OutputLine {
+                        id: super::batch_id(),
+                        custom_id,
+                        response: None,
+                        error: Some(OutputError {
+                            code: code.to_string(),
+                            message,
+                        }),
+                    };
                     if line_tx.send(line).is_err() {
                         break;
                     }
                 }
                 Planned::Run { custom_id, url, .. } if url.path() != b.endpoint => {
-                    let message = format!("the line's `url` {:?} is not the batch's endpoint {:?}", url.path(), b.endpoint);
-                    let line = OutputLine { id: super::batch_id(), custom_id, response: None, error: Some(OutputError { code: "mismatched_endpoint".into(), message }) };
+                    let message = format!(
+                        "the line's `url` {:?} is not the batch's endpoint {:?}",
+                        url.path(),
+                        b.endpoint
+                    );
+                    let line = OutputLine {
+                        id: super::batch_id(),
+                        custom_id,
+                        response: None,
+                        error: Some(OutputError {
+                            code: "mismatched_endpoint".into(),
+                            message,
+                        }),
+                    };
                     if line_tx.send(line).is_err() {
                         break;
                     }
                 }
-                Planned::Run { custom_id, url, body, .. } => {
+                Planned::Run {
+                    custom_id,
+                    url,
+                    body,
+                    ..
+                } => {
                     let permit = self.permits.acquire(&self.app).await;
                     if let Some(stop) = self.stop(b, &interrupted) {
                         outcome = stop;
                         break;
                     }
-                    let (router, line_tx, interrupted) = (self.router.clone(), line_tx.clone(), interrupted.clone());
+                    let (router, line_tx, interrupted) =
+                        (self.router.clone(), line_tx.clone(), interrupted.clone());
                     tasks.spawn(async move {
-                        let (line, _) = with_class(Class::Background, super::answer_as(router, custom_id, url, Value::Object(body), Some(tenant))).await;
+                        let (line, _) = with_class(
+                            Class::Background,
+                            super::answer_as(
+                                router,
+                                custom_id,
+                                url,
+                                Value::Object(body),
+                                Some(tenant),
+                            ),
+                        )
+                        .await;
                         drop(permit);
                         if line.response.as_ref().is_some_and(|r| r.status_code == 503) {
                             // Shutting down (or the engine stopped): not an answer; redone after a restart.
@@ -467,11 +618,28 @@ impl Ctx {
         let err_path = self.store().file_path(&b.err_id);
         let ok = output::recover(&out_path)?;
         let bad = output::recover(&err_path)?;
-        let mut counts = RequestCounts { total: b.request_counts.total.max(remaining.len() as u64), completed: ok.done.len() as u64, failed: bad.done.len() as u64 };
+        let mut counts = RequestCounts {
+            total: b.request_counts.total.max(remaining.len() as u64),
+            completed: ok.done.len() as u64,
+            failed: bad.done.len() as u64,
+        };
         let mut err = Appender::open(&err_path)?;
-        for id in remaining.iter().filter(|id| !ok.done.contains(*id) && !bad.done.contains(*id)) {
-            let message = "this request was not run before the batch expired (completion_window 24h)".to_string();
-            err.append(&OutputLine { id: super::batch_id(), custom_id: id.clone(), response: None, error: Some(OutputError { code: "batch_expired".into(), message }) })?;
+        for id in remaining
+            .iter()
+            .filter(|id| !ok.done.contains(*id) && !bad.done.contains(*id))
+        {
+            let message =
+                "this request was not run before the batch expired (completion_window 24h)"
+                    .to_string();
+            err.append(&OutputLine {
+                id: super::batch_id(),
+                custom_id: id.clone(),
+                response: None,
+                error: Some(OutputError {
+                    code: "batch_expired".into(),
+                    message,
+                }),
+            })?;
             counts.failed += 1;
         }
         self.store().set_counts(&b.id, counts)?;

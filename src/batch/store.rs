@@ -102,7 +102,10 @@ impl Status {
 
     /// Whether the runner still has work on it.
     pub fn is_active(self) -> bool {
-        matches!(self, Status::Validating | Status::InProgress | Status::Finalizing | Status::Cancelling)
+        matches!(
+            self,
+            Status::Validating | Status::InProgress | Status::Finalizing | Status::Cancelling
+        )
     }
 }
 
@@ -217,7 +220,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("files_dir", &self.files_dir).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("files_dir", &self.files_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -279,8 +284,12 @@ fn opt_i64(v: Option<u64>) -> Option<i64> {
 
 fn json_col(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<Value>> {
     let s: Option<String> = row.get(i)?;
-    s.map(|s| serde_json::from_str(&s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))))
-        .transpose()
+    s.map(|s| {
+        serde_json::from_str(&s).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
 }
 
 fn u64_col(row: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
@@ -294,7 +303,11 @@ fn opt_u64_col(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<u64>> {
 fn batch_row(row: &Row<'_>) -> rusqlite::Result<BatchRecord> {
     let status: String = row.get(5)?;
     let status = Status::parse(&status).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, format!("unknown batch status {status:?}").into())
+        rusqlite::Error::FromSqlConversionFailure(
+            5,
+            rusqlite::types::Type::Text,
+            format!("unknown batch status {status:?}").into(),
+        )
     })?;
     Ok(BatchRecord {
         id: row.get(0)?,
@@ -318,7 +331,11 @@ fn batch_row(row: &Row<'_>) -> rusqlite::Result<BatchRecord> {
         expired_at: opt_u64_col(row, 17)?,
         cancelling_at: opt_u64_col(row, 18)?,
         cancelled_at: opt_u64_col(row, 19)?,
-        request_counts: RequestCounts { total: u64_col(row, 20)?, completed: u64_col(row, 21)?, failed: u64_col(row, 22)? },
+        request_counts: RequestCounts {
+            total: u64_col(row, 20)?,
+            completed: u64_col(row, 21)?,
+            failed: u64_col(row, 22)?,
+        },
         metadata: json_col(row, 23)?,
     })
 }
@@ -345,7 +362,10 @@ impl Store {
     /// Opens (creating) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let files_dir = dir.join("files");
-        std::fs::create_dir_all(&files_dir).map_err(|source| StoreError::Io { path: files_dir.clone(), source })?;
+        std::fs::create_dir_all(&files_dir).map_err(|source| StoreError::Io {
+            path: files_dir.clone(),
+            source,
+        })?;
         let conn = Connection::open(dir.join("brigade-batches.sqlite3"))?;
         // WAL + NORMAL: a commit survives a process crash (kill -9); result
         // lines themselves are fsynced by their writer.
@@ -353,12 +373,17 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn: Mutex::new(conn), files_dir })
+        Ok(Self {
+            conn: Mutex::new(conn),
+            files_dir,
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a statement half-applied: keep going.
-        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Where file `id`'s bytes are (uploads, and result files while and after they are written).
@@ -383,13 +408,27 @@ impl Store {
     /// Tenant `tenant`'s file `id`.
     pub fn get_file(&self, tenant: &str, id: &str) -> Result<Option<FileRecord>, StoreError> {
         let sql = format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND tenant = ?2");
-        Ok(self.conn().query_row(&sql, params![id, tenant], file_row).optional()?)
+        Ok(self
+            .conn()
+            .query_row(&sql, params![id, tenant], file_row)
+            .optional()?)
     }
 
     /// Tenant `tenant`'s files, newest first (`ascending`: oldest first), after
     /// the file `after` in that order, at most `limit`, of `purpose` if given.
-    pub fn list_files(&self, tenant: &str, purpose: Option<&str>, after: Option<&str>, limit: usize, ascending: bool) -> Result<Page<FileRecord>, StoreError> {
-        let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
+    pub fn list_files(
+        &self,
+        tenant: &str,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        ascending: bool,
+    ) -> Result<Page<FileRecord>, StoreError> {
+        let (cmp, order) = if ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
         let sql = format!(
             "SELECT {FILE_COLUMNS} FROM files WHERE tenant = ?1 AND (?2 IS NULL OR purpose = ?2) \
              AND (?3 IS NULL OR seq {cmp} (SELECT seq FROM files WHERE id = ?3 AND tenant = ?1)) ORDER BY seq {order} LIMIT ?4"
@@ -397,7 +436,9 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;
         let want = to_i64(limit as u64 + 1);
-        let mut data = stmt.query_map(params![tenant, purpose, after, want], file_row)?.collect::<Result<Vec<_>, _>>()?;
+        let mut data = stmt
+            .query_map(params![tenant, purpose, after, want], file_row)?
+            .collect::<Result<Vec<_>, _>>()?;
         let has_more = data.len() > limit;
         data.truncate(limit);
         Ok(Page { data, has_more })
@@ -408,7 +449,10 @@ impl Store {
     pub fn delete_file(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
         let in_use = {
             let conn = self.conn();
-            let n = conn.execute("DELETE FROM files WHERE id = ?1 AND tenant = ?2", params![id, tenant])?;
+            let n = conn.execute(
+                "DELETE FROM files WHERE id = ?1 AND tenant = ?2",
+                params![id, tenant],
+            )?;
             if n == 0 {
                 return Ok(false);
             }
@@ -427,7 +471,11 @@ impl Store {
 
     /// Removes file `id`'s bytes if no row names it any more (an input file deleted while its batch ran).
     pub fn drop_orphan(&self, id: &str) -> Result<(), StoreError> {
-        let exists: i64 = self.conn().query_row("SELECT COUNT(*) FROM files WHERE id = ?1", params![id], |r| r.get(0))?;
+        let exists: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM files WHERE id = ?1",
+            params![id],
+            |r| r.get(0),
+        )?;
         if exists == 0 {
             self.remove_bytes(id)?;
         }
@@ -479,20 +527,36 @@ impl Store {
     }
 
     /// Batch `id`, of `tenant` when given (else any: the runner).
-    pub fn get_batch(&self, tenant: Option<&str>, id: &str) -> Result<Option<BatchRecord>, StoreError> {
-        let sql = format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)");
-        Ok(self.conn().query_row(&sql, params![id, tenant], batch_row).optional()?)
+    pub fn get_batch(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?1 AND (?2 IS NULL OR tenant = ?2)"
+        );
+        Ok(self
+            .conn()
+            .query_row(&sql, params![id, tenant], batch_row)
+            .optional()?)
     }
 
     /// Tenant `tenant`'s batches, newest first, after batch `after`, at most `limit`.
-    pub fn list_batches(&self, tenant: &str, after: Option<&str>, limit: usize) -> Result<Page<BatchRecord>, StoreError> {
+    pub fn list_batches(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<BatchRecord>, StoreError> {
         let sql = format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE tenant = ?1 \
              AND (?2 IS NULL OR seq < (SELECT seq FROM batches WHERE id = ?2 AND tenant = ?1)) ORDER BY seq DESC LIMIT ?3"
         );
         let conn = self.conn();
         let mut stmt = conn.prepare(&sql)?;
-        let mut data = stmt.query_map(params![tenant, after, to_i64(limit as u64 + 1)], batch_row)?.collect::<Result<Vec<_>, _>>()?;
+        let mut data = stmt
+            .query_map(params![tenant, after, to_i64(limit as u64 + 1)], batch_row)?
+            .collect::<Result<Vec<_>, _>>()?;
         let has_more = data.len() > limit;
         data.truncate(limit);
         Ok(Page { data, has_more })
@@ -502,13 +566,21 @@ impl Store {
     pub fn active_batches(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT id FROM batches WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY seq ASC")?;
-        let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
         Ok(ids)
     }
 
     /// Moves batch `id` from one of `from` to `to`, stamping `to`'s timestamp
     /// with `now`; false (nothing changed) when its status is none of `from`.
-    pub fn transition(&self, id: &str, from: &[Status], to: Status, now: u64) -> Result<bool, StoreError> {
+    pub fn transition(
+        &self,
+        id: &str,
+        from: &[Status],
+        to: Status,
+        now: u64,
+    ) -> Result<bool, StoreError> {
         let column = match to {
             Status::Validating => None,
             Status::Failed => Some("failed_at"),
@@ -520,10 +592,16 @@ impl Store {
             Status::Cancelled => Some("cancelled_at"),
         };
         let from: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
-        let stamp = column.map(|c| format!(", {c} = COALESCE({c}, ?3)")).unwrap_or_default();
-        let sql = format!("UPDATE batches SET status = ?2{stamp} WHERE id = ?1 AND status IN ({})", from.join(", "));
+        let stamp = column
+            .map(|c| format!(", {c} = COALESCE({c}, ?3)"))
+            .unwrap_or_default();
+        let sql = format!(
+            "UPDATE batches SET status = ?2{stamp} WHERE id = ?1 AND status IN ({})",
+            from.join(", ")
+        );
         let n = if column.is_some() {
-            self.conn().execute(&sql, params![id, to.as_str(), to_i64(now)])?
+            self.conn()
+                .execute(&sql, params![id, to.as_str(), to_i64(now)])?
         } else {
             self.conn().execute(&sql, params![id, to.as_str()])?
         };
@@ -550,8 +628,16 @@ impl Store {
     }
 
     /// Sets batch `id`'s result file ids (`None` = no such file).
-    pub fn set_result_files(&self, id: &str, output: Option<&str>, error: Option<&str>) -> Result<(), StoreError> {
-        self.conn().execute("UPDATE batches SET output_file_id = ?2, error_file_id = ?3 WHERE id = ?1", params![id, output, error])?;
+    pub fn set_result_files(
+        &self,
+        id: &str,
+        output: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE batches SET output_file_id = ?2, error_file_id = ?3 WHERE id = ?1",
+            params![id, output, error],
+        )?;
         Ok(())
     }
 }
@@ -609,7 +695,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         for i in 0..5 {
-            s.insert_file(&file(&format!("file-{i}"), "a", "batch")).unwrap();
+            s.insert_file(&file(&format!("file-{i}"), "a", "batch"))
+                .unwrap();
         }
         s.insert_file(&file("file-b", "b", "batch")).unwrap();
         std::fs::write(s.file_path("file-0"), "x").unwrap();
@@ -617,14 +704,26 @@ mod tests {
         assert_eq!(s.get_file("b", "file-b").unwrap().unwrap().lines, 2);
         // Pages, newest first, then oldest first.
         let p = s.list_files("a", None, None, 2, false).unwrap();
-        assert_eq!(p.data.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-4", "file-3"]);
+        assert_eq!(
+            p.data.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(),
+            ["file-4", "file-3"]
+        );
         assert!(p.has_more);
         let p = s.list_files("a", None, Some("file-1"), 10, false).unwrap();
-        assert_eq!(p.data.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-0"]);
+        assert_eq!(
+            p.data.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(),
+            ["file-0"]
+        );
         assert!(!p.has_more);
-        let p = s.list_files("a", Some("batch"), Some("file-2"), 10, true).unwrap();
+        let p = s
+            .list_files("a", Some("batch"), Some("file-2"), 10, true)
+            .unwrap();
         assert_eq!(p.data.len(), 2);
-        assert!(s.list_files("a", Some("batch_output"), None, 10, false).unwrap().data.is_empty());
+        assert!(s
+            .list_files("a", Some("batch_output"), None, 10, false)
+            .unwrap()
+            .data
+            .is_empty());
         // Delete: another tenant's is not found; the bytes go with the row.
         assert!(!s.delete_file("b", "file-0").unwrap());
         assert!(s.delete_file("a", "file-0").unwrap());
@@ -635,9 +734,21 @@ mod tests {
         s.insert_batch(&batch("batch_2", "b", "file-b")).unwrap();
         assert!(s.get_batch(Some("b"), "batch_1").unwrap().is_none());
         assert_eq!(s.active_batches().unwrap(), ["batch_1", "batch_2"]);
-        assert!(s.transition("batch_1", &[Status::Validating], Status::InProgress, 7).unwrap());
-        assert!(!s.transition("batch_1", &[Status::Validating], Status::InProgress, 8).unwrap());
-        s.set_counts("batch_1", RequestCounts { total: 3, completed: 2, failed: 1 }).unwrap();
+        assert!(s
+            .transition("batch_1", &[Status::Validating], Status::InProgress, 7)
+            .unwrap());
+        assert!(!s
+            .transition("batch_1", &[Status::Validating], Status::InProgress, 8)
+            .unwrap());
+        s.set_counts(
+            "batch_1",
+            RequestCounts {
+                total: 3,
+                completed: 2,
+                failed: 1,
+            },
+        )
+        .unwrap();
         // An input file deleted while its batch is active keeps its bytes until then.
         std::fs::write(s.file_path("file-1"), "x").unwrap();
         assert!(s.delete_file("a", "file-1").unwrap());
@@ -645,13 +756,37 @@ mod tests {
         drop(s);
         let s = Store::open(dir.path()).unwrap();
         let b = s.get_batch(Some("a"), "batch_1").unwrap().unwrap();
-        assert_eq!((b.status, b.in_progress_at, b.request_counts.completed), (Status::InProgress, Some(7), 2));
+        assert_eq!(
+            (b.status, b.in_progress_at, b.request_counts.completed),
+            (Status::InProgress, Some(7), 2)
+        );
         assert_eq!(b.metadata, Some(serde_json::json!({"k": "v"})));
         s.drop_orphan("file-1").unwrap();
         assert!(!s.file_path("file-1").exists());
         assert_eq!(s.list_batches("a", None, 10).unwrap().data.len(), 1);
         let v = serde_json::to_value(&b).unwrap();
-        for k in ["id", "object", "endpoint", "errors", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts", "metadata"] {
+        for k in [
+            "id",
+            "object",
+            "endpoint",
+            "errors",
+            "input_file_id",
+            "completion_window",
+            "status",
+            "output_file_id",
+            "error_file_id",
+            "created_at",
+            "in_progress_at",
+            "expires_at",
+            "finalizing_at",
+            "completed_at",
+            "failed_at",
+            "expired_at",
+            "cancelling_at",
+            "cancelled_at",
+            "request_counts",
+            "metadata",
+        ] {
             assert!(v.get(k).is_some(), "batch object lacks {k}");
         }
         assert!(v.get("tenant").is_none() && v.get("out_id").is_none());

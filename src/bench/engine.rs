@@ -23,7 +23,9 @@ use serde::Serialize;
 
 use super::{poisson_gap_s, Pct};
 use crate::config::{Config, ConfigError, Count};
-use crate::engine::{Engine, EngineError, Event, GenerateRequest, ResponseStream, SamplingParams, StartError};
+use crate::engine::{
+    Engine, EngineError, Event, GenerateRequest, ResponseStream, SamplingParams, StartError,
+};
 use crate::model::Model;
 use crate::sampling::SplitMix64;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -40,7 +42,11 @@ pub struct LenSpec {
 impl std::str::FromStr for LenSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let parse = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{s}` is not a length or a range like 64:256"));
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{s}` is not a length or a range like 64:256"))
+        };
         match s.split_once(':') {
             Some((a, b)) => {
                 let (min, max) = (parse(a)?, parse(b)?);
@@ -77,7 +83,9 @@ impl std::str::FromStr for Structured {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "json-schema" => Ok(Self::JsonSchema),
-            _ => Err(format!("`{s}` is not a structured-output workload (json-schema)")),
+            _ => Err(format!(
+                "`{s}` is not a structured-output workload (json-schema)"
+            )),
         }
     }
 }
@@ -322,12 +330,18 @@ fn build_jobs(a: &BenchOptions, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job
     // Ordinary tokens only: skip the special ids at the start of the vocabulary.
     let first = (0..vocab as u32).find(|&t| !tok.is_special(t)).unwrap_or(0);
     let span = (vocab as u32 - first).max(1) as u64;
-    let prefix: Vec<u32> = (0..a.prefix_len).map(|_| first + (next() % span) as u32).collect();
+    let prefix: Vec<u32> = (0..a.prefix_len)
+        .map(|_| first + (next() % span) as u32)
+        .collect();
     let mut index = 0usize;
     let mut params = |out: usize| {
         index += 1;
         match a.structured {
-            None => SamplingParams { max_tokens: out, ignore_eos: true, ..SamplingParams::greedy(out) },
+            None => SamplingParams {
+                max_tokens: out,
+                ignore_eos: true,
+                ..SamplingParams::greedy(out)
+            },
             // The array needs more elements than `out` tokens can hold: the output never completes early.
             Some(Structured::JsonSchema) => SamplingParams {
                 constraint: Some(crate::guidance::Constraint {
@@ -342,28 +356,57 @@ fn build_jobs(a: &BenchOptions, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job
         return Ok((0..a.num_requests)
             .map(|i| {
                 let out = a.output_len.draw(next()).max(1);
-                let prompt = crate::engine::Prompt::Chat(vec![crate::tokenizer::ChatMessage::new("user", w.message(i))]);
+                let prompt = crate::engine::Prompt::Chat(vec![crate::tokenizer::ChatMessage::new(
+                    "user",
+                    w.message(i),
+                )]);
                 // The prompt length is read from the stream (the engine renders the template).
-                Job { input_len: 0, prompt: GenerateRequest { prompt, params: SamplingParams::greedy(out), priority: 0 } }
+                Job {
+                    input_len: 0,
+                    prompt: GenerateRequest {
+                        prompt,
+                        params: SamplingParams::greedy(out),
+                        priority: 0,
+                    },
+                }
             })
             .collect());
     }
     if let Some(path) = &a.dataset {
-        let text = std::fs::read_to_string(path).map_err(|source| BenchError::ReadDataset { path: path.clone(), source })?;
-        let bad = |line: usize, what: &str| BenchError::DatasetLine { path: path.clone(), line, what: what.to_string() };
+        let text = std::fs::read_to_string(path).map_err(|source| BenchError::ReadDataset {
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |line: usize, what: &str| BenchError::DatasetLine {
+            path: path.clone(),
+            line,
+            what: what.to_string(),
+        };
         let mut jobs = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|_| bad(i + 1, "not JSON"))?;
-            let out = v["output_len"].as_u64().ok_or_else(|| bad(i + 1, "missing output_len"))? as usize;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|_| bad(i + 1, "not JSON"))?;
+            let out = v["output_len"]
+                .as_u64()
+                .ok_or_else(|| bad(i + 1, "missing output_len"))? as usize;
             let ids = if let Some(p) = v["prompt"].as_str() {
                 tok.encode(p, true)?
             } else {
-                let n = v["input_len"].as_u64().ok_or_else(|| bad(i + 1, "needs prompt or input_len"))?;
+                let n = v["input_len"]
+                    .as_u64()
+                    .ok_or_else(|| bad(i + 1, "needs prompt or input_len"))?;
                 (0..n).map(|_| first + (next() % span) as u32).collect()
             };
             let mut prompt = prefix.clone();
             prompt.extend(ids);
-            jobs.push(Job { input_len: prompt.len(), prompt: GenerateRequest::tokens(prompt, params(out.max(1))) });
+            jobs.push(Job {
+                input_len: prompt.len(),
+                prompt: GenerateRequest::tokens(prompt, params(out.max(1))),
+            });
         }
         if jobs.is_empty() {
             return Err(BenchError::EmptyDataset(path.clone()));
@@ -376,7 +419,10 @@ fn build_jobs(a: &BenchOptions, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job
             let out = a.output_len.draw(next()).max(1);
             let mut prompt = prefix.clone();
             prompt.extend((0..n).map(|_| first + (next() % span) as u32));
-            Job { input_len: prompt.len(), prompt: GenerateRequest::tokens(prompt, params(out)) }
+            Job {
+                input_len: prompt.len(),
+                prompt: GenerateRequest::tokens(prompt, params(out)),
+            }
         })
         .collect())
 }
@@ -386,15 +432,24 @@ fn build_jobs(a: &BenchOptions, tok: &Tokenizer, vocab: usize) -> Result<Vec<Job
 /// `/v1/completions` line per request (no `model`: the served one), the prompt as token ids, `max_tokens`
 /// with `ignore_eos` (exactly that many tokens), greedy. Returns the line count.
 /// Structured-output jobs are refused (their schemas are not batch bodies here).
-pub fn write_batch_file(a: &BenchOptions, tok: &Tokenizer, vocab: usize, path: &std::path::Path) -> Result<usize, BenchError> {
+pub fn write_batch_file(
+    a: &BenchOptions,
+    tok: &Tokenizer,
+    vocab: usize,
+    path: &std::path::Path,
+) -> Result<usize, BenchError> {
     if a.structured.is_some() {
-        return Err(BenchError::Unsupported("--write-batch with --structured".into()));
+        return Err(BenchError::Unsupported(
+            "--write-batch with --structured".into(),
+        ));
     }
     let jobs = build_jobs(a, tok, vocab)?;
     let mut text = String::new();
     for (i, j) in jobs.iter().enumerate() {
         let crate::engine::Prompt::Tokens(ids) = &j.prompt.prompt else {
-            return Err(BenchError::Unsupported("--write-batch with a text prompt".into()));
+            return Err(BenchError::Unsupported(
+                "--write-batch with a text prompt".into(),
+            ));
         };
         let line = serde_json::json!({
             "custom_id": format!("bench-{i}"),
@@ -410,12 +465,19 @@ pub fn write_batch_file(a: &BenchOptions, tok: &Tokenizer, vocab: usize, path: &
         text.push_str(&line.to_string());
         text.push('\n');
     }
-    std::fs::write(path, text).map_err(|source| BenchError::WriteBatch { path: path.to_path_buf(), source })?;
+    std::fs::write(path, text).map_err(|source| BenchError::WriteBatch {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(jobs.len())
 }
 
 /// Applies the command-line overrides to a config.
-fn bench_config(a: &BenchOptions, mut cfg: Config, concurrency: usize) -> Result<Config, ConfigError> {
+fn bench_config(
+    a: &BenchOptions,
+    mut cfg: Config,
+    concurrency: usize,
+) -> Result<Config, ConfigError> {
     if let Some(w) = a.workers {
         cfg.runtime.workers = Count::N(w);
     }
@@ -436,12 +498,19 @@ fn bench_config(a: &BenchOptions, mut cfg: Config, concurrency: usize) -> Result
 }
 
 /// Runs the offline benchmark on a loaded model.
-pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg: Config) -> Result<BenchReport, BenchError> {
+pub fn run_offline(
+    a: &BenchOptions,
+    model: Arc<Model>,
+    tok: Arc<Tokenizer>,
+    cfg: Config,
+) -> Result<BenchReport, BenchError> {
     let jobs = build_jobs(a, &tok, model.config.vocab_size)?;
     let n = jobs.len();
     let concurrency = a.concurrency.unwrap_or(n).max(1);
     let cfg = bench_config(a, cfg, concurrency)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let workers = cfg.workers(cores, model.config.n_layers);
     let threads = cfg.threads_per_worker(cores, workers);
     let speculative = match cfg.speculative.method {
@@ -450,12 +519,26 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
     };
     let engine = Engine::start(model, tok, cfg)?;
     // Warm-up: one short request (first-touch of weights and buffers).
-    drain(engine.submit(GenerateRequest::tokens(vec![100, 200, 300], SamplingParams::greedy(2)))?);
+    drain(engine.submit(GenerateRequest::tokens(
+        vec![100, 200, 300],
+        SamplingParams::greedy(2),
+    ))?);
     if a.structured.is_some() {
         // The vocabulary's trie and slices are built once, before the clock starts.
-        engine.validator().guidance().get().map_err(|e| EngineError::Invalid { param: Some("constraint".into()), message: e.to_string() })?;
+        engine
+            .validator()
+            .guidance()
+            .get()
+            .map_err(|e| EngineError::Invalid {
+                param: Some("constraint".into()),
+                message: e.to_string(),
+            })?;
     }
-    let masks0 = engine.validator().guidance().built().map(|g| g.mask_times().snapshot());
+    let masks0 = engine
+        .validator()
+        .guidance()
+        .built()
+        .map(|g| g.mask_times().snapshot());
     let stats0 = engine.stats();
     let busy0 = stats0.worker_busy_s.clone();
 
@@ -472,25 +555,30 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
         tokio::sync::mpsc::channel::<(Result<ResponseStream, String>, Instant, usize)>(concurrency);
     let consumer = {
         let (done, slot_rx) = (done.clone(), slot_rx.clone());
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-        std::thread::Builder::new().name("bench-client".into()).spawn(move || {
-            rt.block_on(async move {
-                let mut tasks = tokio::task::JoinSet::new();
-                while let Some((stream, t0, input_len)) = stream_rx.recv().await {
-                    let (res_tx, slot_rx, done) = (res_tx.clone(), slot_rx.clone(), done.clone());
-                    tasks.spawn(async move {
-                        let r = match stream {
-                            Ok(s) => measure(s, t0, input_len).await,
-                            Err(e) => Err(e),
-                        };
-                        let _ = res_tx.send(r);
-                        let _ = slot_rx.try_recv(); // this request's slot (always present)
-                        done.fetch_add(1, Ordering::Relaxed);
-                    });
-                }
-                while tasks.join_next().await.is_some() {}
-            })
-        })?
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        std::thread::Builder::new()
+            .name("bench-client".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    while let Some((stream, t0, input_len)) = stream_rx.recv().await {
+                        let (res_tx, slot_rx, done) =
+                            (res_tx.clone(), slot_rx.clone(), done.clone());
+                        tasks.spawn(async move {
+                            let r = match stream {
+                                Ok(s) => measure(s, t0, input_len).await,
+                                Err(e) => Err(e),
+                            };
+                            let _ = res_tx.send(r);
+                            let _ = slot_rx.try_recv(); // this request's slot (always present)
+                            done.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                    while tasks.join_next().await.is_some() {}
+                })
+            })?
     };
     let mut next_arrival = 0.0f64;
     for job in jobs {
@@ -507,7 +595,10 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
         }
         let t0 = Instant::now();
         let stream = engine.submit(job.prompt).map_err(|e| e.to_string());
-        if stream_tx.blocking_send((stream, t0, job.input_len)).is_err() {
+        if stream_tx
+            .blocking_send((stream, t0, job.input_len))
+            .is_err()
+        {
             break; // the consumer is gone (it only ends after this loop)
         }
         if progress {
@@ -528,7 +619,12 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
         eprintln!();
     }
     let stats = engine.stats();
-    let mut r = BenchReport { workers, threads_per_worker: threads, concurrency, ..Default::default() };
+    let mut r = BenchReport {
+        workers,
+        threads_per_worker: threads,
+        concurrency,
+        ..Default::default()
+    };
     let (mut ttft, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
     let mut token_times: Vec<Vec<Instant>> = Vec::new();
     for res in res_rx.iter() {
@@ -558,9 +654,17 @@ pub fn run_offline(a: &BenchOptions, model: Arc<Model>, tok: Arc<Tokenizer>, cfg
     r.e2e_ms = Pct::of(&e2e);
     r.peak_kv_usage = stats.kv_usage_peak;
     r.preemptions = stats.preemptions;
-    r.prefix_cache_hit_rate = if stats.prefix_queries > 0 { stats.prefix_hits as f64 / stats.prefix_queries as f64 } else { 0.0 };
-    r.worker_busy_fraction =
-        stats.worker_busy_s.iter().zip(busy0.iter().chain(std::iter::repeat(&0.0))).map(|(b, b0)| (b - b0) / duration).collect();
+    r.prefix_cache_hit_rate = if stats.prefix_queries > 0 {
+        stats.prefix_hits as f64 / stats.prefix_queries as f64
+    } else {
+        0.0
+    };
+    r.worker_busy_fraction = stats
+        .worker_busy_s
+        .iter()
+        .zip(busy0.iter().chain(std::iter::repeat(&0.0)))
+        .map(|(b, b0)| (b - b0) / duration)
+        .collect();
     r.structured = a.structured.map(|_| "json-schema".to_string());
     r.speculative = speculative.to_string();
     r.spec_steps = stats.spec_steps - stats0.spec_steps;
@@ -610,9 +714,23 @@ async fn measure(mut s: ResponseStream, t0: Instant, input_len: usize) -> Result
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let out = times.len();
-    let (first, last) = (times.first().copied().unwrap_or(t0), times.last().copied().unwrap_or(t0));
-    let tpot = if out > 1 { ms(last - first) / (out - 1) as f64 } else { 0.0 };
-    Ok(Measured { input: input_len, output: out, ttft_ms: ms(first - t0), tpot_ms: tpot, e2e_ms: ms(last - t0), token_times: times })
+    let (first, last) = (
+        times.first().copied().unwrap_or(t0),
+        times.last().copied().unwrap_or(t0),
+    );
+    let tpot = if out > 1 {
+        ms(last - first) / (out - 1) as f64
+    } else {
+        0.0
+    };
+    Ok(Measured {
+        input: input_len,
+        output: out,
+        ttft_ms: ms(first - t0),
+        tpot_ms: tpot,
+        e2e_ms: ms(last - t0),
+        token_times: times,
+    })
 }
 
 /// Decode rate while all requests were decoding: tokens received in the
@@ -621,19 +739,31 @@ async fn measure(mut s: ResponseStream, t0: Instant, input_len: usize) -> Result
 fn steady_decode(token_times: &[Vec<Instant>]) -> (f64, f64) {
     let firsts = token_times.iter().filter_map(|t| t.first());
     let lasts = token_times.iter().filter_map(|t| t.last());
-    let (Some(start), Some(end)) = (firsts.max(), lasts.min()) else { return (0.0, 0.0) };
+    let (Some(start), Some(end)) = (firsts.max(), lasts.min()) else {
+        return (0.0, 0.0);
+    };
     if end <= start || token_times.iter().any(|t| t.is_empty()) {
         return (0.0, 0.0);
     }
-    let n: usize = token_times.iter().map(|t| t.iter().filter(|&&x| x > *start && x <= *end).count()).sum();
+    let n: usize = token_times
+        .iter()
+        .map(|t| t.iter().filter(|&&x| x > *start && x <= *end).count())
+        .sum();
     let w = (*end - *start).as_secs_f64();
     (n as f64 / w, w)
 }
 
 fn draw_progress(done: usize, total: usize) {
     let width = 40;
-    let filled = (done * width).checked_div(total).unwrap_or(width).min(width);
-    eprint!("\r[{}{}] {done}/{total} requests", "#".repeat(filled), " ".repeat(width - filled));
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
+    eprint!(
+        "\r[{}{}] {done}/{total} requests",
+        "#".repeat(filled),
+        " ".repeat(width - filled)
+    );
     let _ = std::io::stderr().flush();
 }
 
@@ -644,7 +774,11 @@ mod tests {
     #[test]
     fn steady_decode_counts_the_all_decoding_window() {
         let t = Instant::now();
-        let at = |ms: &[u64]| ms.iter().map(|&m| t + Duration::from_millis(m)).collect::<Vec<_>>();
+        let at = |ms: &[u64]| {
+            ms.iter()
+                .map(|&m| t + Duration::from_millis(m))
+                .collect::<Vec<_>>()
+        };
         // Request A decodes early (prefill of B still running), B starts at 300 ms;
         // A finishes at 1000 ms. Window (300, 1000]: A has 7 tokens, B has 7.
         let a = at(&[100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]);

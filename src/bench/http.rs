@@ -172,9 +172,21 @@ fn summary_ms(v: &[f64]) -> Option<PctMax> {
     Pct::with_max(&v.iter().map(|x| x * 1e3).collect::<Vec<_>>())
 }
 
-async fn one_request(client: reqwest::Client, url: String, key: Option<(String, String)>, body: Value, chat: bool) -> Outcome {
-    let tenant = key.as_ref().map(|k| k.0.clone()).unwrap_or_else(|| "default".into());
-    let mut o = Outcome { tenant, ..Default::default() };
+async fn one_request(
+    client: reqwest::Client,
+    url: String,
+    key: Option<(String, String)>,
+    body: Value,
+    chat: bool,
+) -> Outcome {
+    let tenant = key
+        .as_ref()
+        .map(|k| k.0.clone())
+        .unwrap_or_else(|| "default".into());
+    let mut o = Outcome {
+        tenant,
+        ..Default::default()
+    };
     let t0 = Instant::now();
     let mut req = client.post(&url).json(&body);
     if let Some((_, k)) = &key {
@@ -206,11 +218,15 @@ async fn one_request(client: reqwest::Client, url: String, key: Option<(String, 
         while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
             let frame: Vec<u8> = buf.drain(..pos + 2).collect();
             let line = String::from_utf8_lossy(&frame);
-            let Some(data) = line.trim().strip_prefix("data: ") else { continue };
+            let Some(data) = line.trim().strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 continue;
             }
-            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
             if v.get("error").is_some() {
                 o.error = Some(data.to_string());
             }
@@ -219,7 +235,11 @@ async fn one_request(client: reqwest::Client, url: String, key: Option<(String, 
                 o.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
             }
             let c = &v["choices"][0];
-            let text = if chat { c["delta"]["content"].as_str() } else { c["text"].as_str() };
+            let text = if chat {
+                c["delta"]["content"].as_str()
+            } else {
+                c["text"].as_str()
+            };
             if text.is_some_and(|t| !t.is_empty()) {
                 let now = Instant::now();
                 match last {
@@ -236,7 +256,9 @@ async fn one_request(client: reqwest::Client, url: String, key: Option<(String, 
 
 /// Runs the benchmark on its own tokio runtime and returns the report.
 pub fn run_http_bench(opts: HttpBenchOptions) -> Result<HttpBenchReport, HttpBenchError> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(bench(opts))
 }
 
@@ -262,15 +284,30 @@ async fn bench(a: HttpBenchOptions) -> Result<HttpBenchReport, HttpBenchError> {
             if let Some((_, k)) = keys.first() {
                 req = req.bearer_auth(k);
             }
-            let v: Value = req.send().await.map_err(HttpBenchError::Models)?.json().await.map_err(HttpBenchError::ModelsBody)?;
-            v["data"][0]["id"].as_str().ok_or(HttpBenchError::NoModel)?.to_string()
+            let v: Value = req
+                .send()
+                .await
+                .map_err(HttpBenchError::Models)?
+                .json()
+                .await
+                .map_err(HttpBenchError::ModelsBody)?;
+            v["data"][0]["id"]
+                .as_str()
+                .ok_or(HttpBenchError::NoModel)?
+                .to_string()
         }
     };
     let chat = a.endpoint == Endpoint::Chat;
-    let url = if chat { format!("{base}/v1/chat/completions") } else { format!("{base}/v1/completions") };
+    let url = if chat {
+        format!("{base}/v1/chat/completions")
+    } else {
+        format!("{base}/v1/completions")
+    };
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
     let mut rng = SplitMix64::new(a.seed ^ 0x5EED);
-    let words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"];
+    let words = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    ];
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(a.num_prompts);
     for i in 0..a.num_prompts {
@@ -295,9 +332,15 @@ async fn bench(a: HttpBenchOptions) -> Result<HttpBenchReport, HttpBenchError> {
         } else {
             body["prompt"] = json!(prompt);
         }
-        let key = if keys.is_empty() { None } else { keys.get(i % keys.len()).cloned() };
+        let key = if keys.is_empty() {
+            None
+        } else {
+            keys.get(i % keys.len()).cloned()
+        };
         // The semaphore is never closed.
-        let Ok(permit) = sem.clone().acquire_owned().await else { break };
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
         let (client, url) = (client.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             let o = one_request(client, url, key, body, chat).await;
@@ -310,25 +353,43 @@ async fn bench(a: HttpBenchOptions) -> Result<HttpBenchReport, HttpBenchError> {
         outcomes.push(t.await?);
     }
     let duration = start.elapsed().as_secs_f64().max(1e-9);
-    let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.error.is_none() && o.status == Some(200)).collect();
+    let ok: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.error.is_none() && o.status == Some(200))
+        .collect();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    for o in outcomes.iter().filter(|o| o.error.is_some() || o.status != Some(200)) {
-        *errors.entry(o.status.map_or("connection".to_string(), |s| s.to_string())).or_default() += 1;
+    for o in outcomes
+        .iter()
+        .filter(|o| o.error.is_some() || o.status != Some(200))
+    {
+        *errors
+            .entry(o.status.map_or("connection".to_string(), |s| s.to_string()))
+            .or_default() += 1;
     }
     let ttft: Vec<f64> = ok.iter().filter_map(|o| o.ttft_s).collect();
     let itl: Vec<f64> = ok.iter().flat_map(|o| o.itl_s.iter().copied()).collect();
     let tpot: Vec<f64> = ok
         .iter()
         .filter(|o| o.output_tokens > 1)
-        .filter_map(|o| o.ttft_s.map(|t| (o.e2e_s - t) / (o.output_tokens - 1) as f64))
+        .filter_map(|o| {
+            o.ttft_s
+                .map(|t| (o.e2e_s - t) / (o.output_tokens - 1) as f64)
+        })
         .collect();
     let e2e: Vec<f64> = ok.iter().map(|o| o.e2e_s).collect();
     let good = ok
         .iter()
         .filter(|o| {
-            let tp = if o.output_tokens > 1 { o.ttft_s.map(|t| (o.e2e_s - t) / (o.output_tokens - 1) as f64) } else { Some(0.0) };
-            a.slo_ttft_ms.is_none_or(|s| o.ttft_s.is_some_and(|t| t * 1e3 <= s))
-                && a.slo_tpot_ms.is_none_or(|s| tp.is_some_and(|t| t * 1e3 <= s))
+            let tp = if o.output_tokens > 1 {
+                o.ttft_s
+                    .map(|t| (o.e2e_s - t) / (o.output_tokens - 1) as f64)
+            } else {
+                Some(0.0)
+            };
+            a.slo_ttft_ms
+                .is_none_or(|s| o.ttft_s.is_some_and(|t| t * 1e3 <= s))
+                && a.slo_tpot_ms
+                    .is_none_or(|s| tp.is_some_and(|t| t * 1e3 <= s))
                 && a.slo_e2e_ms.is_none_or(|s| o.e2e_s * 1e3 <= s)
         })
         .count();
@@ -362,7 +423,11 @@ async fn bench(a: HttpBenchOptions) -> Result<HttpBenchReport, HttpBenchError> {
         output_throughput: output as f64 / duration,
         total_token_throughput: (input + output) as f64 / duration,
         goodput: good as f64 / duration,
-        slo: Slo { ttft_ms: a.slo_ttft_ms, tpot_ms: a.slo_tpot_ms, e2e_ms: a.slo_e2e_ms },
+        slo: Slo {
+            ttft_ms: a.slo_ttft_ms,
+            tpot_ms: a.slo_tpot_ms,
+            e2e_ms: a.slo_e2e_ms,
+        },
         ttft_ms: summary_ms(&ttft),
         tpot_ms: summary_ms(&tpot),
         itl_ms: summary_ms(&itl),

@@ -17,7 +17,9 @@ use crate::sampling::SplitMix64;
 /// The value at quantile `q` (in `[0, 1]`) of ascending `sorted`: the element
 /// at rank `round(q * (len - 1))`; 0 when `sorted` is empty.
 fn percentile(sorted: &[f64], q: f64) -> f64 {
-    let Some(last) = sorted.len().checked_sub(1) else { return 0.0 };
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return 0.0;
+    };
     let rank = (q.clamp(0.0, 1.0) * last as f64).round() as usize;
     sorted.get(rank.min(last)).copied().unwrap_or(0.0)
 }
@@ -49,8 +51,16 @@ impl Pct {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
         let mean = s.iter().sum::<f64>() / s.len() as f64;
-        let pct = Self { mean, p50: percentile(&s, 0.5), p90: percentile(&s, 0.9), p99: percentile(&s, 0.99) };
-        Some(PctMax { pct, max: percentile(&s, 1.0) })
+        let pct = Self {
+            mean,
+            p50: percentile(&s, 0.5),
+            p90: percentile(&s, 0.9),
+            p99: percentile(&s, 0.99),
+        };
+        Some(PctMax {
+            pct,
+            max: percentile(&s, 1.0),
+        })
     }
 }
 
@@ -87,7 +97,15 @@ mod tests {
     #[test]
     fn pct_sorts_and_reports_empty_as_zero_or_none() {
         let s = Pct::with_max(&[4.0, 1.0, 3.0, 2.0]).unwrap();
-        assert_eq!(s.pct, Pct { mean: 2.5, p50: 3.0, p90: 4.0, p99: 4.0 });
+        assert_eq!(
+            s.pct,
+            Pct {
+                mean: 2.5,
+                p50: 3.0,
+                p90: 4.0,
+                p99: 4.0
+            }
+        );
         assert_eq!(s.max, 4.0);
         assert_eq!(Pct::of(&[]), Pct::default());
         assert!(Pct::with_max(&[]).is_none());
@@ -95,7 +113,12 @@ mod tests {
         let v = serde_json::to_value(s).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(keys.len(), 5, "{v}");
-        assert!(["mean", "p50", "p90", "p99", "max"].iter().all(|k| keys.contains(k)), "{v}");
+        assert!(
+            ["mean", "p50", "p90", "p99", "max"]
+                .iter()
+                .all(|k| keys.contains(k)),
+            "{v}"
+        );
     }
 
     #[test]

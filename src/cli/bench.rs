@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use brigade::bench::engine::{run_offline, BenchOptions, BenchReport, LenSpec, Structured, Workload};
+use brigade::bench::engine::{
+    run_offline, BenchOptions, BenchReport, LenSpec, Structured, Workload,
+};
 use brigade::bench::http::{run_http_bench, Endpoint, HttpBenchOptions};
 
 use super::ModelArgs;
@@ -88,7 +90,11 @@ pub(crate) struct BenchArgs {
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
     let mut cfg = super::load_config(a.config.as_deref())?;
     a.spec.apply(&mut cfg)?;
-    let m = ModelArgs { model: a.model.clone(), threads: None, config: a.config.clone() };
+    let m = ModelArgs {
+        model: a.model.clone(),
+        threads: None,
+        config: a.config.clone(),
+    };
     let (model, tok) = super::load_with(&m, &cfg)?;
     let opts = BenchOptions {
         num_requests: a.num_requests,
@@ -108,7 +114,8 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         workload: a.workload,
     };
     if let Some(path) = &a.write_batch {
-        let n = brigade::bench::engine::write_batch_file(&opts, &tok, model.config.vocab_size, path)?;
+        let n =
+            brigade::bench::engine::write_batch_file(&opts, &tok, model.config.vocab_size, path)?;
         eprintln!("brigade: wrote {n} requests to {}", path.display());
         return Ok(());
     }
@@ -119,15 +126,25 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         on.speculative.method = brigade::config::SpecMethod::Ngram;
         let r_off = run_offline(&opts, model.clone(), tok.clone(), off)?;
         let r_on = run_offline(&opts, model, tok, on)?;
-        let speedup = if r_off.output_tokens_per_s > 0.0 { r_on.output_tokens_per_s / r_off.output_tokens_per_s } else { 0.0 };
+        let speedup = if r_off.output_tokens_per_s > 0.0 {
+            r_on.output_tokens_per_s / r_off.output_tokens_per_s
+        } else {
+            0.0
+        };
         if a.json {
-            println!("{}", serde_json::json!({ "off": r_off, "ngram": r_on, "speedup": speedup }));
+            println!(
+                "{}",
+                serde_json::json!({ "off": r_off, "ngram": r_on, "speedup": speedup })
+            );
         } else {
             for (name, r) in [("speculative off", &r_off), ("speculative ngram", &r_on)] {
                 println!("== {name}");
                 print_table(r);
             }
-            println!("{:<34} {:>12.3}", "speed-up (output tok/s, ngram/off)", speedup);
+            println!(
+                "{:<34} {:>12.3}",
+                "speed-up (output tok/s, ngram/off)", speedup
+            );
         }
         return Ok(());
     }
@@ -142,35 +159,77 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
 
 /// Prints the report as a table.
 fn print_table(r: &BenchReport) {
-    println!("{:<34} {:>12}", "requests (ok / failed)", format!("{} / {}", r.num_requests, r.failed));
-    println!("{:<34} {:>12}", "workers x threads, concurrency", format!("{}x{}, {}", r.workers, r.threads_per_worker, r.concurrency));
+    println!(
+        "{:<34} {:>12}",
+        "requests (ok / failed)",
+        format!("{} / {}", r.num_requests, r.failed)
+    );
+    println!(
+        "{:<34} {:>12}",
+        "workers x threads, concurrency",
+        format!("{}x{}, {}", r.workers, r.threads_per_worker, r.concurrency)
+    );
     println!("{:<34} {:>12.2}", "duration (s)", r.duration_s);
     println!("{:<34} {:>12.2}", "requests/s", r.requests_per_s);
     println!("{:<34} {:>12.1}", "input tokens/s", r.input_tokens_per_s);
     println!("{:<34} {:>12.1}", "output tokens/s", r.output_tokens_per_s);
     println!("{:<34} {:>12.1}", "total tokens/s", r.total_tokens_per_s);
-    for (name, p) in [("TTFT (ms)", r.ttft_ms), ("TPOT (ms)", r.tpot_ms), ("end-to-end (ms)", r.e2e_ms)] {
-        println!("{:<34} {:>12}", format!("{name} p50/p90/p99"), format!("{:.1}/{:.1}/{:.1}", p.p50, p.p90, p.p99));
+    for (name, p) in [
+        ("TTFT (ms)", r.ttft_ms),
+        ("TPOT (ms)", r.tpot_ms),
+        ("end-to-end (ms)", r.e2e_ms),
+    ] {
+        println!(
+            "{:<34} {:>12}",
+            format!("{name} p50/p90/p99"),
+            format!("{:.1}/{:.1}/{:.1}", p.p50, p.p90, p.p99)
+        );
     }
     println!(
         "{:<34} {:>12}",
         "steady decode tok/s (window s)",
-        format!("{:.1} ({:.2})", r.steady_decode_tokens_per_s, r.steady_window_s)
+        format!(
+            "{:.1} ({:.2})",
+            r.steady_decode_tokens_per_s, r.steady_window_s
+        )
     );
-    println!("{:<34} {:>12.1}", "peak KV usage (%)", r.peak_kv_usage * 100.0);
+    println!(
+        "{:<34} {:>12.1}",
+        "peak KV usage (%)",
+        r.peak_kv_usage * 100.0
+    );
     println!("{:<34} {:>12}", "preemptions", r.preemptions);
-    println!("{:<34} {:>12.1}", "prefix cache hit rate (%)", r.prefix_cache_hit_rate * 100.0);
+    println!(
+        "{:<34} {:>12.1}",
+        "prefix cache hit rate (%)",
+        r.prefix_cache_hit_rate * 100.0
+    );
     if let Some(s) = &r.structured {
         println!("{:<34} {:>12}", "structured output", s);
-        println!("{:<34} {:>12}", "mask time p50/p99 (us)", format!("{:.0}/{:.0}", r.mask_p50_us, r.mask_p99_us));
+        println!(
+            "{:<34} {:>12}",
+            "mask time p50/p99 (us)",
+            format!("{:.0}/{:.0}", r.mask_p50_us, r.mask_p99_us)
+        );
         println!("{:<34} {:>12}", "masks computed", r.masks);
     }
     println!("{:<34} {:>12}", "speculative decoding", r.speculative);
     if r.spec_steps > 0 {
-        println!("{:<34} {:>12}", "verify steps, acceptance (%)", format!("{}, {:.1}", r.spec_steps, r.spec_acceptance_rate * 100.0));
-        println!("{:<34} {:>12.2}", "tokens per verify step", r.spec_tokens_per_step);
+        println!(
+            "{:<34} {:>12}",
+            "verify steps, acceptance (%)",
+            format!("{}, {:.1}", r.spec_steps, r.spec_acceptance_rate * 100.0)
+        );
+        println!(
+            "{:<34} {:>12.2}",
+            "tokens per verify step", r.spec_tokens_per_step
+        );
     }
-    let busy: Vec<String> = r.worker_busy_fraction.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
+    let busy: Vec<String> = r
+        .worker_busy_fraction
+        .iter()
+        .map(|b| format!("{:.0}%", b * 100.0))
+        .collect();
     println!("{:<34} {:>12}", "worker busy", busy.join(" "));
 }
 
@@ -225,7 +284,11 @@ pub(crate) struct BenchServeArgs {
 pub(crate) fn run_serve(a: BenchServeArgs) -> Result<()> {
     let opts = HttpBenchOptions {
         url: a.url,
-        endpoint: if a.endpoint == "chat" { Endpoint::Chat } else { Endpoint::Completions },
+        endpoint: if a.endpoint == "chat" {
+            Endpoint::Chat
+        } else {
+            Endpoint::Completions
+        },
         model_name: a.model_name,
         num_prompts: a.num_prompts,
         concurrency: a.concurrency,
@@ -241,6 +304,9 @@ pub(crate) fn run_serve(a: BenchServeArgs) -> Result<()> {
     };
     let r = run_http_bench(opts)?;
     // Through `Value`, as before the report was typed: the same key order.
-    println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&r)?)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::to_value(&r)?)?
+    );
     Ok(())
 }

@@ -97,7 +97,11 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
         ..SamplingParams::default()
     };
     let engine = Engine::start(model, tok, cfg)?;
-    let mut stream = engine.submit(GenerateRequest { prompt, params, priority: 0 })?;
+    let mut stream = engine.submit(GenerateRequest {
+        prompt,
+        params,
+        priority: 0,
+    })?;
     let mut prompt_ids = Vec::new();
     let mut seed = 0;
     #[derive(Default)]
@@ -113,13 +117,22 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
     let stream_text = !a.json && a.n <= 1;
     while let Some(ev) = stream.blocking_next() {
         match ev {
-            Event::Started { prompt_tokens, seed: s } => {
+            Event::Started {
+                prompt_tokens,
+                seed: s,
+            } => {
                 prompt_ids = prompt_tokens;
                 seed = s;
             }
             Event::PromptLogprobs(_) => {}
-            Event::Token { index, token, text: piece } => {
-                let Some(c) = choices.get_mut(index) else { continue };
+            Event::Token {
+                index,
+                token,
+                text: piece,
+            } => {
+                let Some(c) = choices.get_mut(index) else {
+                    continue;
+                };
                 c.ids.push(token.token);
                 c.logprobs.push(token.logprob);
                 c.top.push(token.top);
@@ -130,8 +143,15 @@ pub(crate) fn run(a: GenerateArgs) -> Result<()> {
                     lock.flush()?;
                 }
             }
-            Event::Finished { index, reason, text: rest, .. } => {
-                let Some(c) = choices.get_mut(index) else { continue };
+            Event::Finished {
+                index,
+                reason,
+                text: rest,
+                ..
+            } => {
+                let Some(c) = choices.get_mut(index) else {
+                    continue;
+                };
                 c.text.push_str(&rest);
                 c.finish = Some(reason.as_str());
                 if stream_text {

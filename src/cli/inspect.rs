@@ -53,8 +53,15 @@ pub(crate) fn run(a: InspectArgs) -> Result<()> {
     print_config(c);
     let mib = (1 << 20) as f64;
     println!("memory:");
-    println!("  weights (mmapped): {:.1} MiB", model.weight_bytes() as f64 / mib);
-    println!("  kv cache per token (f16): {} bytes ({:.1} MiB per 1k tokens)", kv_per_token, kv_per_token as f64 * 1024.0 / mib);
+    println!(
+        "  weights (mmapped): {:.1} MiB",
+        model.weight_bytes() as f64 / mib
+    );
+    println!(
+        "  kv cache per token (f16): {} bytes ({:.1} MiB per 1k tokens)",
+        kv_per_token,
+        kv_per_token as f64 * 1024.0 / mib
+    );
     println!("  context length: {}", c.context_length);
     Ok(())
 }
@@ -68,7 +75,12 @@ fn tensor_json(file: &GgufFile) -> Vec<serde_json::Value> {
 
 /// The file line, the metadata and the tensor table.
 fn print_file(path: &std::path::Path, file: &GgufFile) {
-    println!("file: {} (GGUF v{}, {} bytes)", path.display(), file.version(), file.data_bytes());
+    println!(
+        "file: {} (GGUF v{}, {} bytes)",
+        path.display(),
+        file.version(),
+        file.data_bytes()
+    );
     println!("metadata:");
     for (k, v) in file.metadata() {
         let s = match v.as_array() {
@@ -86,8 +98,14 @@ fn print_config(c: &brigade::model::ModelConfig) {
     let opt = |v: Option<f32>| v.map_or("none".to_string(), |x| x.to_string());
     println!("model:");
     println!("  architecture: {} ({})", c.arch.name(), c.name);
-    println!("  layers {}, dim {}, ffn {} ({:?}), vocab {}", c.n_layers, c.dim, c.ffn_dim, c.ffn_act, c.vocab_size);
-    println!("  heads {} (kv {}), head_dim {}, attention scale {}", c.n_heads, c.n_kv_heads, c.head_dim, c.attn_scale);
+    println!(
+        "  layers {}, dim {}, ffn {} ({:?}), vocab {}",
+        c.n_layers, c.dim, c.ffn_dim, c.ffn_act, c.vocab_size
+    );
+    println!(
+        "  heads {} (kv {}), head_dim {}, attention scale {}",
+        c.n_heads, c.n_kv_heads, c.head_dim, c.attn_scale
+    );
     println!(
         "  rope {:?}: dim {}, base {} (sliding layers {}), freq scale {}, attn factor {}, factors {}",
         c.rope_style,
@@ -98,24 +116,44 @@ fn print_config(c: &brigade::model::ModelConfig) {
         c.rope_attn_factor,
         c.rope_factors.as_deref().unwrap_or("none")
     );
-    let swa: String = c.swa_layers.iter().map(|&s| if s { 'S' } else { 'G' }).collect();
+    let swa: String = c
+        .swa_layers
+        .iter()
+        .map(|&s| if s { 'S' } else { 'G' })
+        .collect();
     match c.sliding_window {
         Some(w) => println!("  sliding window {w} on layers {swa} (S = sliding, G = global)"),
         None => println!("  sliding window: none"),
     }
-    println!("  soft-caps: attention {}, final {}; embedding scale {}", opt(c.attn_softcap), opt(c.final_softcap), opt(c.embed_scale));
+    println!(
+        "  soft-caps: attention {}, final {}; embedding scale {}",
+        opt(c.attn_softcap),
+        opt(c.final_softcap),
+        opt(c.embed_scale)
+    );
     println!("  rms eps {}", c.rms_eps);
 }
 
 fn print_tensors(file: &GgufFile) {
     println!("tensors ({}):", file.tensors().len());
     for t in file.tensors() {
-        println!("  {:<32} {:>6} {:?} {} bytes", t.name, t.dtype.name(), t.dims, t.size_bytes);
+        println!(
+            "  {:<32} {:>6} {:?} {} bytes",
+            t.name,
+            t.dtype.name(),
+            t.dims,
+            t.size_bytes
+        );
     }
 }
 
 /// The listing of a file the model loader refuses: its tensors and the reason.
-fn list_unloadable(a: &InspectArgs, path: &std::path::Path, file: &GgufFile, e: &brigade::model::ModelError) -> Result<()> {
+fn list_unloadable(
+    a: &InspectArgs,
+    path: &std::path::Path,
+    file: &GgufFile,
+    e: &brigade::model::ModelError,
+) -> Result<()> {
     if a.json {
         let v = serde_json::json!({
             "path": path.display().to_string(),

@@ -26,7 +26,11 @@ use brigade::paths;
 use brigade::tokenizer::Tokenizer;
 
 #[derive(Parser, Debug)]
-#[command(name = "brigade", version, about = "Throughput-oriented LLM inference on CPUs")]
+#[command(
+    name = "brigade",
+    version,
+    about = "Throughput-oriented LLM inference on CPUs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -70,7 +74,9 @@ impl SpecArgs {
         if self.no_spec {
             cfg.speculative.method = brigade::config::SpecMethod::Off;
         }
-        cfg.speculative.validate().map_err(|e| anyhow::anyhow!("--spec-ngram: {e}"))?;
+        cfg.speculative
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--spec-ngram: {e}"))?;
         Ok(())
     }
 }
@@ -138,7 +144,10 @@ pub(crate) fn load_config(path: Option<&Path>) -> Result<Config> {
 
 /// The model path from the flags, the environment or the config.
 pub(crate) fn model_path(m: &ModelArgs, cfg: &Config) -> Result<PathBuf> {
-    Ok(paths::resolve_model(m.model.as_deref(), cfg.model.path.as_deref())?)
+    Ok(paths::resolve_model(
+        m.model.as_deref(),
+        cfg.model.path.as_deref(),
+    )?)
 }
 
 /// Loads the model and its tokenizer named by the flags under `cfg`.
@@ -153,7 +162,9 @@ pub(crate) fn load(m: &ModelArgs) -> Result<(Arc<Model>, Arc<Tokenizer>)> {
 
 /// Threads for compute when `--threads` is not given: one per core.
 pub(crate) fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]

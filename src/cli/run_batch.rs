@@ -55,9 +55,13 @@ pub(crate) fn run(a: RunBatchArgs) -> Result<()> {
         output: a.output,
         shard: a.shard,
         progress: !a.no_progress,
-        progress_interval: Duration::try_from_secs_f64(a.progress_interval_s).unwrap_or(Duration::from_secs(10)),
+        progress_interval: Duration::try_from_secs_f64(a.progress_interval_s)
+            .unwrap_or(Duration::from_secs(10)),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("batch").build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("batch")
+        .build()?;
     let summary = rt.block_on(async { batch::run(&engine, &server, &opts).await })?;
     engine.drain();
     rt.shutdown_timeout(Duration::from_secs(1));

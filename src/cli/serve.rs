@@ -78,9 +78,15 @@ pub(crate) struct ServeArgs {
 fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // try_init: a subscriber may already be set (tests); keep it.
-    let _ = if format == "json" { builder.json().with_current_span(true).try_init() } else { builder.try_init() };
+    let _ = if format == "json" {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// `--allowed-origins` values: each a JSON list, or comma-separated origins.
@@ -89,10 +95,17 @@ fn origins(values: &[String]) -> Result<Vec<String>> {
     for v in values {
         let v = v.trim();
         if v.starts_with('[') {
-            let list: Vec<String> = serde_json::from_str(v).with_context(|| format!("--allowed-origins: {v:?} is not a JSON list of strings"))?;
+            let list: Vec<String> = serde_json::from_str(v).with_context(|| {
+                format!("--allowed-origins: {v:?} is not a JSON list of strings")
+            })?;
             out.extend(list);
         } else {
-            out.extend(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string));
+            out.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            );
         }
     }
     Ok(out)
@@ -108,7 +121,11 @@ pub(crate) fn stem_name(path: &std::path::Path) -> Option<String> {
 /// Applies the flags to `cfg` (which they override), refusing conflicts; returns the model flag.
 fn apply_flags(args: &ServeArgs, cfg: &mut Config) -> Result<Option<PathBuf>> {
     let model = match (&args.model_pos, &args.model) {
-        (Some(a), Some(b)) if a != b => bail!("the model is given twice: MODEL {} and --model {}; give one", a.display(), b.display()),
+        (Some(a), Some(b)) if a != b => bail!(
+            "the model is given twice: MODEL {} and --model {}; give one",
+            a.display(),
+            b.display()
+        ),
         (a, b) => a.clone().or_else(|| b.clone()),
     };
     let s = &mut cfg.server;
@@ -162,14 +179,29 @@ fn apply_flags(args: &ServeArgs, cfg: &mut Config) -> Result<Option<PathBuf>> {
 /// Loads the model and its tokenizer, with the chat template replaced by
 /// `template_file` when given (`--chat-template` / `model.chat_template`). The
 /// file is read before the model loads, so a wrong path fails at once.
-pub(crate) fn load_model(path: &std::path::Path, template_file: Option<&std::path::Path>) -> Result<(std::sync::Arc<brigade::model::Model>, std::sync::Arc<brigade::tokenizer::Tokenizer>)> {
+pub(crate) fn load_model(
+    path: &std::path::Path,
+    template_file: Option<&std::path::Path>,
+) -> Result<(
+    std::sync::Arc<brigade::model::Model>,
+    std::sync::Arc<brigade::tokenizer::Tokenizer>,
+)> {
     let template = match template_file {
-        Some(file) => Some((file, std::fs::read_to_string(file).with_context(|| format!("reading the chat template {}", file.display()))?)),
+        Some(file) => Some((
+            file,
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading the chat template {}", file.display()))?,
+        )),
         None => None,
     };
     let (model, mut tok) = brigade::model::load_with_tokenizer(path)?;
     if let Some((file, source)) = template {
-        tok = std::sync::Arc::new(tok.with_chat_template(&source).with_context(|| format!("the chat template {} is not a valid template", file.display()))?);
+        tok = std::sync::Arc::new(tok.with_chat_template(&source).with_context(|| {
+            format!(
+                "the chat template {} is not a valid template",
+                file.display()
+            )
+        })?);
         tracing::info!(template = %file.display(), "chat template overridden");
     }
     Ok((model, tok))
@@ -184,7 +216,10 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     if cfg.server.served_model_name.is_empty() {
         cfg.server.served_model_name = stem_name(&path).into_iter().collect();
     }
-    let template_file = args.chat_template.clone().or(cfg.model.chat_template.clone());
+    let template_file = args
+        .chat_template
+        .clone()
+        .or(cfg.model.chat_template.clone());
     let (model, tok) = load_model(&path, template_file.as_deref())?;
     let context = model.config.context_length;
     if cfg.runtime.max_model_len > context {
@@ -192,14 +227,19 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     }
     let scfg = cfg.server.clone();
     let engine = Engine::start(model, tok, cfg)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("http").build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("http")
+        .build()?;
     rt.block_on(async move {
         let addr: SocketAddr = tokio::net::lookup_host((scfg.host.as_str(), scfg.port))
             .await
             .with_context(|| format!("resolving {}:{}", scfg.host, scfg.port))?
             .next()
             .with_context(|| format!("no address for {}", scfg.host))?;
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr()?;
         tracing::info!(address = %local, model = %path.display(), "listening");
         // Machine-readable line for scripts that start the server on port 0.
@@ -223,46 +263,105 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> ServeArgs {
-        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).unwrap().serve
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .unwrap()
+            .serve
     }
 
     #[test]
     fn vllm_and_llama_server_flags_map_onto_the_config() {
-        let a = parse(&["m.gguf", "--api-key", "k", "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "1024", "--served-model-name", "a", "b", "--allowed-origins", "[\"http://x.com\"]", "--metrics-prefix", "vllm"]);
+        let a = parse(&[
+            "m.gguf",
+            "--api-key",
+            "k",
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "1024",
+            "--served-model-name",
+            "a",
+            "b",
+            "--allowed-origins",
+            "[\"http://x.com\"]",
+            "--metrics-prefix",
+            "vllm",
+        ]);
         let mut cfg = Config::default();
         let model = apply_flags(&a, &mut cfg).unwrap();
         assert_eq!(model, Some(PathBuf::from("m.gguf")));
-        assert_eq!((cfg.runtime.max_model_len, cfg.runtime.max_seqs, cfg.runtime.max_batched_tokens), (512, 8, 1024));
+        assert_eq!(
+            (
+                cfg.runtime.max_model_len,
+                cfg.runtime.max_seqs,
+                cfg.runtime.max_batched_tokens
+            ),
+            (512, 8, 1024)
+        );
         assert_eq!(cfg.server.served_model_name, ["a", "b"]);
         assert_eq!(cfg.server.allowed_origins, ["http://x.com"]);
         assert_eq!(cfg.server.metrics_prefix, "vllm");
         assert_eq!(cfg.server.batch_data_dir, None);
         assert_eq!(cfg.server.tenants.len(), 1);
-        assert_eq!(cfg.server.tenants[0].api_keys, [brigade::server::auth::KeyHash::of_key("k")]);
-        let a = parse(&["-m", "x.gguf", "--allowed-origins", "http://a.com,http://b.com", "*"]);
+        assert_eq!(
+            cfg.server.tenants[0].api_keys,
+            [brigade::server::auth::KeyHash::of_key("k")]
+        );
+        let a = parse(&[
+            "-m",
+            "x.gguf",
+            "--allowed-origins",
+            "http://a.com,http://b.com",
+            "*",
+        ]);
         let mut cfg = Config::default();
-        assert_eq!(apply_flags(&a, &mut cfg).unwrap(), Some(PathBuf::from("x.gguf")));
-        assert_eq!(cfg.server.allowed_origins, ["http://a.com", "http://b.com", "*"]);
+        assert_eq!(
+            apply_flags(&a, &mut cfg).unwrap(),
+            Some(PathBuf::from("x.gguf"))
+        );
+        assert_eq!(
+            cfg.server.allowed_origins,
+            ["http://a.com", "http://b.com", "*"]
+        );
         let mut cfg = Config::default();
         apply_flags(&parse(&["m.gguf", "--data-dir", "/tmp/b"]), &mut cfg).unwrap();
         assert_eq!(cfg.server.batch_data_dir, Some(PathBuf::from("/tmp/b")));
         // Speculative decoding flags.
         let mut cfg = Config::default();
         apply_flags(&parse(&["m.gguf", "--spec-ngram", "6"]), &mut cfg).unwrap();
-        assert_eq!((cfg.speculative.method, cfg.speculative.num_tokens), (brigade::config::SpecMethod::Ngram, 6));
+        assert_eq!(
+            (cfg.speculative.method, cfg.speculative.num_tokens),
+            (brigade::config::SpecMethod::Ngram, 6)
+        );
         apply_flags(&parse(&["m.gguf", "--no-spec"]), &mut cfg).unwrap();
         assert_eq!(cfg.speculative.method, brigade::config::SpecMethod::Off);
-        let e = apply_flags(&parse(&["m.gguf", "--spec-ngram", "0"]), &mut Config::default()).unwrap_err();
+        let e = apply_flags(
+            &parse(&["m.gguf", "--spec-ngram", "0"]),
+            &mut Config::default(),
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("speculative.num_tokens"), "{e:#}");
     }
 
     #[test]
     fn conflicts_and_bad_values_are_refused() {
-        let e = apply_flags(&parse(&["a.gguf", "--model", "b.gguf"]), &mut Config::default()).unwrap_err();
+        let e = apply_flags(
+            &parse(&["a.gguf", "--model", "b.gguf"]),
+            &mut Config::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("given twice"), "{e}");
-        apply_flags(&parse(&["a.gguf", "--model", "a.gguf"]), &mut Config::default()).unwrap();
+        apply_flags(
+            &parse(&["a.gguf", "--model", "a.gguf"]),
+            &mut Config::default(),
+        )
+        .unwrap();
         let mut cfg = Config::parse(
-            &format!("[[server.tenants]]\nname = \"t\"\napi_keys = [\"{}\"]\n", brigade::server::hash_key("x")),
+            &format!(
+                "[[server.tenants]]\nname = \"t\"\napi_keys = [\"{}\"]\n",
+                brigade::server::hash_key("x")
+            ),
             "t",
         )
         .unwrap();
@@ -270,16 +369,30 @@ mod tests {
         assert!(e.to_string().contains("tenants"), "{e}");
         let e = apply_flags(&parse(&["--max-num-seqs", "0"]), &mut Config::default()).unwrap_err();
         assert!(format!("{e:#}").contains("runtime.max_seqs"), "{e:#}");
-        let e = apply_flags(&parse(&["--served-model-name", "a b"]), &mut Config::default()).unwrap_err();
+        let e = apply_flags(
+            &parse(&["--served-model-name", "a b"]),
+            &mut Config::default(),
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("served_model_name"), "{e:#}");
-        let e = apply_flags(&parse(&["--allowed-origins", "not an origin"]), &mut Config::default()).unwrap_err();
+        let e = apply_flags(
+            &parse(&["--allowed-origins", "not an origin"]),
+            &mut Config::default(),
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("allowed_origins"), "{e:#}");
         assert!(apply_flags(&parse(&["--max-model-len", "0"]), &mut Config::default()).is_err());
     }
 
     #[test]
     fn default_name_is_the_file_stem() {
-        assert_eq!(stem_name(std::path::Path::new("/c/SmolLM2-135M-Instruct.Q4_1.gguf")).as_deref(), Some("SmolLM2-135M-Instruct.Q4_1"));
-        assert_eq!(stem_name(std::path::Path::new("/c/my model v2.gguf")).as_deref(), Some("my-model-v2"));
+        assert_eq!(
+            stem_name(std::path::Path::new("/c/SmolLM2-135M-Instruct.Q4_1.gguf")).as_deref(),
+            Some("SmolLM2-135M-Instruct.Q4_1")
+        );
+        assert_eq!(
+            stem_name(std::path::Path::new("/c/my model v2.gguf")).as_deref(),
+            Some("my-model-v2")
+        );
     }
 }

@@ -75,14 +75,30 @@ impl FaultPlan {
     pub fn parse(spec: &str) -> Result<Self, FaultParseError> {
         let mut faults = Vec::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let err = |reason: &str| FaultParseError { spec: item.to_string(), reason: reason.to_string() };
-            let (head, step) = item.split_once('@').ok_or_else(|| err("missing `@step=N`"))?;
-            let step = step.strip_prefix("step=").ok_or_else(|| err("the trigger must be `step=N`"))?;
-            let step: u64 = step.parse().map_err(|_| err("step must be a non-negative integer"))?;
+            let err = |reason: &str| FaultParseError {
+                spec: item.to_string(),
+                reason: reason.to_string(),
+            };
+            let (head, step) = item
+                .split_once('@')
+                .ok_or_else(|| err("missing `@step=N`"))?;
+            let step = step
+                .strip_prefix("step=")
+                .ok_or_else(|| err("the trigger must be `step=N`"))?;
+            let step: u64 = step
+                .parse()
+                .map_err(|_| err("step must be a non-negative integer"))?;
             let parts: Vec<&str> = head.split(':').collect();
             let (actor, index, kind) = match parts.as_slice() {
                 [a, k] => (*a, None, *k),
-                [a, i, k] => (*a, Some(i.parse::<usize>().map_err(|_| err("index must be a non-negative integer"))?), *k),
+                [a, i, k] => (
+                    *a,
+                    Some(
+                        i.parse::<usize>()
+                            .map_err(|_| err("index must be a non-negative integer"))?,
+                    ),
+                    *k,
+                ),
                 _ => return Err(err("expected ACTOR[:INDEX]:KIND")),
             };
             let actor = match actor {
@@ -91,14 +107,23 @@ impl FaultPlan {
                 "scheduler" => FaultActor::Scheduler,
                 "output" => FaultActor::Output,
                 "tokenizer" => FaultActor::Tokenizer,
-                _ => return Err(err("unknown actor (worker, sampler, scheduler, output, tokenizer)")),
+                _ => {
+                    return Err(err(
+                        "unknown actor (worker, sampler, scheduler, output, tokenizer)",
+                    ))
+                }
             };
             let kind = match kind {
                 "panic" => FaultKind::Panic,
                 "die" => FaultKind::Die,
                 _ => return Err(err("unknown kind (panic, die)")),
             };
-            faults.push(Fault { actor, index, kind, step });
+            faults.push(Fault {
+                actor,
+                index,
+                kind,
+                step,
+            });
         }
         Ok(Self { faults })
     }
@@ -135,7 +160,12 @@ impl FaultPlan {
 /// Raises the planned fault (the crate's one deliberate panic: the plan asks for it).
 #[allow(clippy::panic)]
 pub fn fire(actor: FaultActor, index: usize, step: u64, kind: FaultKind) -> ! {
-    std::panic::panic_any(InjectedFault { actor, index, step, kind })
+    std::panic::panic_any(InjectedFault {
+        actor,
+        index,
+        step,
+        kind,
+    })
 }
 
 /// The panic payload of an injected fault.
@@ -149,7 +179,11 @@ pub struct InjectedFault {
 
 impl fmt::Display for InjectedFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "injected fault: {:?} {} {:?} at step {}", self.actor, self.index, self.kind, self.step)
+        write!(
+            f,
+            "injected fault: {:?} {} {:?} at step {}",
+            self.actor, self.index, self.kind, self.step
+        )
     }
 }
 
@@ -178,7 +212,14 @@ mod tests {
         assert_eq!(p.at(FaultActor::Worker, 1, 21), None);
         assert_eq!(p.at(FaultActor::Sampler, 0, 5), Some(FaultKind::Die));
         assert!(FaultPlan::parse("").unwrap().is_empty());
-        for bad in ["worker", "worker:panic", "worker:x:panic@step=1", "gpu:panic@step=1", "worker:boom@step=1", "worker:panic@at=3"] {
+        for bad in [
+            "worker",
+            "worker:panic",
+            "worker:x:panic@step=1",
+            "gpu:panic@step=1",
+            "worker:boom@step=1",
+            "worker:panic@at=3",
+        ] {
             let e = FaultPlan::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
@@ -191,6 +232,9 @@ mod tests {
         p.trigger(FaultActor::Output, 0, 2, FaultKind::Die); // not this kind
         let r = std::panic::catch_unwind(|| p.trigger(FaultActor::Output, 0, 2, FaultKind::Panic));
         let msg = panic_message(&*r.unwrap_err());
-        assert!(msg.contains("injected fault") && msg.contains("Output"), "{msg}");
+        assert!(
+            msg.contains("injected fault") && msg.contains("Output"),
+            "{msg}"
+        );
     }
 }

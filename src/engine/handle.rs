@@ -77,7 +77,10 @@ pub(crate) struct Health {
 
 impl Health {
     pub(crate) fn new() -> Self {
-        Self { dead: Mutex::new(None), watch: tokio::sync::watch::Sender::new(false) }
+        Self {
+            dead: Mutex::new(None),
+            watch: tokio::sync::watch::Sender::new(false),
+        }
     }
 
     /// Marks the engine dead because of what was seen (e.g. the step pipeline
@@ -181,7 +184,9 @@ impl ResponseStream {
             // say so once instead of ending silently.
             None if self.remaining > 0 => {
                 self.remaining = 0;
-                let why = self.health.dead_reason().unwrap_or_else(|| "the engine stopped before finishing the request".to_string());
+                let why = self.health.dead_reason().unwrap_or_else(|| {
+                    "the engine stopped before finishing the request".to_string()
+                });
                 Some(Event::Error(EngineError::Dead(why)))
             }
             None => None,
@@ -222,7 +227,9 @@ impl Drop for ResponseStream {
 
 impl EngineHandle {
     pub(crate) fn from_inner(inner: HandleInner) -> Self {
-        Self { inner: Arc::new(inner) }
+        Self {
+            inner: Arc::new(inner),
+        }
     }
 
     /// Submits a request; it is validated by the engine's tokenizer actor and
@@ -242,7 +249,12 @@ impl EngineHandle {
         self.enqueue(SubmissionBody::Valid(req), n, max_tokens)
     }
 
-    fn enqueue(&self, body: SubmissionBody, n: usize, max_tokens: usize) -> Result<ResponseStream, EngineError> {
+    fn enqueue(
+        &self,
+        body: SubmissionBody,
+        n: usize,
+        max_tokens: usize,
+    ) -> Result<ResponseStream, EngineError> {
         if let Some(why) = self.inner.health.dead_reason() {
             return Err(EngineError::Dead(why));
         }
@@ -253,10 +265,20 @@ impl EngineHandle {
         // Room for every event of every completion, so the output actor never
         // blocks; the channel allocates as events arrive, not up front.
         let max_tokens = max_tokens.min(self.inner.validator.info().max_len);
-        let cap = n.saturating_mul(max_tokens.saturating_add(4)).saturating_add(8).min(1 << 22);
+        let cap = n
+            .saturating_mul(max_tokens.saturating_add(4))
+            .saturating_add(8)
+            .min(1 << 22);
         let (tx, rx) = tokio::sync::mpsc::channel(cap);
         let cancel = Arc::new(AtomicBool::new(false));
-        let sub = Submission { id, body, tx, cancel: cancel.clone(), arrival: Instant::now(), span: tracing::Span::current() };
+        let sub = Submission {
+            id,
+            body,
+            tx,
+            cancel: cancel.clone(),
+            arrival: Instant::now(),
+            span: tracing::Span::current(),
+        };
         match self.inner.submit_tx.try_send(sub) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(EngineError::Overloaded),
@@ -271,7 +293,14 @@ impl EngineHandle {
             m.retain(|_, w| w.strong_count() > 0);
             m.insert(id, Arc::downgrade(&cancel));
         }
-        Ok(ResponseStream { id, rx, cancel, control: self.inner.control.clone(), remaining: n, health: self.inner.health.clone() })
+        Ok(ResponseStream {
+            id,
+            rx,
+            cancel,
+            control: self.inner.control.clone(),
+            remaining: n,
+            health: self.inner.health.clone(),
+        })
     }
 
     /// Aborts request `id` (finishes with `abort` within one step).
@@ -286,7 +315,12 @@ impl EngineHandle {
 
     /// A snapshot of running/waiting counts, KV usage, prefix-cache hits, worker busy time.
     pub fn stats(&self) -> EngineStats {
-        let mut s = self.inner.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut s = self
+            .inner
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         s.open_completions = self.inner.open_completions.load(Ordering::Relaxed);
         s
     }
@@ -348,6 +382,10 @@ impl EngineHandle {
 
     /// Number of actor threads still running (for tests of supervision and shutdown).
     pub fn live_threads(&self) -> usize {
-        self.inner.threads.lock().map(|t| t.iter().filter(|h| !h.is_finished()).count()).unwrap_or(0)
+        self.inner
+            .threads
+            .lock()
+            .map(|t| t.iter().filter(|h| !h.is_finished()).count())
+            .unwrap_or(0)
     }
 }

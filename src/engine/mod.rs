@@ -68,7 +68,9 @@ use crossbeam_channel::bounded;
 
 pub use error::{EngineError, StartError};
 pub use handle::{EngineHandle, EngineStats, ResponseStream};
-pub use request::{Event, FinishReason, GenerateRequest, Prompt, SamplingParams, Timings, TokenLogprob, Usage};
+pub use request::{
+    Event, FinishReason, GenerateRequest, Prompt, SamplingParams, Timings, TokenLogprob, Usage,
+};
 pub use scheduler::{IterationTokens, ITERATION_TOKEN_BUCKETS};
 pub use validation::{EngineInfo, ValidRequest, Validator};
 
@@ -95,13 +97,19 @@ pub struct Engine;
 
 impl Engine {
     /// Starts all actors for `model` with `config`.
-    pub fn start(model: Arc<Model>, tokenizer: Arc<Tokenizer>, config: Config) -> Result<EngineHandle, StartError> {
+    pub fn start(
+        model: Arc<Model>,
+        tokenizer: Arc<Tokenizer>,
+        config: Config,
+    ) -> Result<EngineHandle, StartError> {
         let c = model.config.clone();
         let faults = FaultPlan::from_config_or_env(&config.testing.fault)?;
         if !faults.is_empty() {
             tracing::warn!(plan = ?faults, "fault injection is ON");
         }
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let workers = config.workers(cores, c.n_layers);
         let threads = config.threads_per_worker(cores, workers);
         let depth = config.pipeline_depth(workers);
@@ -120,7 +128,8 @@ impl Engine {
 
         let (submit_tx, submit_rx) = bounded::<Submission>(config.runtime.request_queue);
         let (sched_tx, sched_rx) = bounded::<Admit>(cap.max(64));
-        let (control_tx, control_rx) = control_channel(config.runtime.request_queue.clamp(256, 65536));
+        let (control_tx, control_rx) =
+            control_channel(config.runtime.request_queue.clamp(256, 65536));
         let (out_tx, out_rx) = bounded::<OutMsg>(cap.max(64) * 4);
         let (feedback_tx, feedback_rx) = bounded::<StepResult>(cap);
         let (logits_tx, logits_rx) = bounded::<LogitsMsg>(cap);
@@ -128,7 +137,10 @@ impl Engine {
         // (a 64-row batch has 12 MB of logits): one per micro-batch in flight.
         let (recycle_tx, recycle_rx) = bounded::<Vec<f32>>(depth + 1);
         let health = Arc::new(Health::new());
-        let sup = Supervisor { health: health.clone(), control: control_tx.clone() };
+        let sup = Supervisor {
+            health: health.clone(),
+            control: control_tx.clone(),
+        };
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let busy: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
         let mut handles = Vec::new();
@@ -150,7 +162,9 @@ impl Engine {
             let range = ranges[k].clone();
             let (kv_dim, head_dim, dtype) = (c.kv_dim, c.head_dim, config.kv_cache.dtype);
             let (first, len) = (range.start, range.len());
-            let new_kv = move || KvStore::with_dtype(first, len, num_blocks, block_size, kv_dim, head_dim, dtype);
+            let new_kv = move || {
+                KvStore::with_dtype(first, len, num_blocks, block_size, kv_dim, head_dim, dtype)
+            };
             let pool = if threads > 1 {
                 Some(
                     rayon::ThreadPoolBuilder::new()
@@ -177,6 +191,7 @@ impl Engine {
                 next,
                 busy: busy.clone(),
                 scratch: Scratch::default(),
+                head_digits: config.runtime.head_digits(),
                 faults: faults.clone(),
             };
             handles.push(spawn(format!("worker-{k}"), &sup, move || w.run())?);
@@ -210,7 +225,14 @@ impl Engine {
         handles.push(spawn("sampler".into(), &sup, move || sampler.run())?);
 
         let open_completions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let output = OutputActor::new(out_rx, tokenizer.clone(), control_tx.clone(), health.clone(), faults.clone(), open_completions.clone());
+        let output = OutputActor::new(
+            out_rx,
+            tokenizer.clone(),
+            control_tx.clone(),
+            health.clone(),
+            faults.clone(),
+            open_completions.clone(),
+        );
         handles.push(spawn("output".into(), &sup, move || output.run())?);
 
         let mut sched = Scheduler::new(SchedulerConfig {
@@ -221,6 +243,7 @@ impl Engine {
             num_blocks,
             prefix_caching: config.kv_cache.prefix_caching,
             background_rows: config.runtime.background_rows,
+            admission_reserve: config.runtime.admission_reserve_tokens,
         })
         .map_err(|e| StartError::Spawn(format!("kv cache: {e}")))?;
         sched.set_speculation(config.speculative.clone());
@@ -245,7 +268,12 @@ impl Engine {
         };
         handles.push(spawn("scheduler".into(), &sup, move || actor.run())?);
 
-        let tok_actor = TokenizerActor { inbox: submit_rx, scheduler: sched_tx, validator: validator.clone(), faults };
+        let tok_actor = TokenizerActor {
+            inbox: submit_rx,
+            scheduler: sched_tx,
+            validator: validator.clone(),
+            faults,
+        };
         handles.push(spawn("tokenizer".into(), &sup, move || tok_actor.run())?);
 
         Ok(EngineHandle::from_inner(HandleInner {

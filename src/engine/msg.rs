@@ -100,7 +100,13 @@ pub(crate) struct ControlReceiver {
 pub(crate) fn control_channel(cap: usize) -> (ControlSender, ControlReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(cap.max(1));
     let overflow = Arc::new(Mutex::new(Vec::new()));
-    (ControlSender { tx, overflow: overflow.clone() }, ControlReceiver { rx, overflow })
+    (
+        ControlSender {
+            tx,
+            overflow: overflow.clone(),
+        },
+        ControlReceiver { rx, overflow },
+    )
 }
 
 impl ControlSender {
@@ -189,11 +195,23 @@ pub(crate) enum OutMsg {
     /// First scheduled at `at`.
     Scheduled { seq_id: u64, at: Instant },
     /// Prompt log-probabilities computed so far.
-    PromptLogprobs { seq_id: u64, entries: Vec<(usize, TokenLogprob)> },
+    PromptLogprobs {
+        seq_id: u64,
+        entries: Vec<(usize, TokenLogprob)>,
+    },
     /// A sampled token (and, with `finish`, the end).
-    Token { seq_id: u64, token: TokenLogprob, finish: Option<FinishReason>, cached: usize },
+    Token {
+        seq_id: u64,
+        token: TokenLogprob,
+        finish: Option<FinishReason>,
+        cached: usize,
+    },
     /// The completion ended without a token.
-    Finish { seq_id: u64, reason: FinishReason, cached: usize },
+    Finish {
+        seq_id: u64,
+        reason: FinishReason,
+        cached: usize,
+    },
     /// Request `request_id` failed: one error event, then nothing.
     Fail { request_id: u64, error: EngineError },
 }

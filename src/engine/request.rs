@@ -34,11 +34,19 @@ pub struct GenerateRequest {
 impl GenerateRequest {
     /// A text prompt with the given parameters.
     pub fn text(prompt: impl Into<String>, params: SamplingParams) -> Self {
-        Self { prompt: Prompt::Text(prompt.into()), params, priority: 0 }
+        Self {
+            prompt: Prompt::Text(prompt.into()),
+            params,
+            priority: 0,
+        }
     }
     /// A token prompt with the given parameters.
     pub fn tokens(prompt: Vec<u32>, params: SamplingParams) -> Self {
-        Self { prompt: Prompt::Tokens(prompt), params, priority: 0 }
+        Self {
+            prompt: Prompt::Tokens(prompt),
+            params,
+            priority: 0,
+        }
     }
 }
 

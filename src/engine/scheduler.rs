@@ -11,6 +11,10 @@
 //! 2. then waiting sequences, in queue order (priority, then arrival; preempted
 //!    ones first), admitted while blocks and the token budget last, reusing cached
 //!    prefix blocks. A head that does not fit blocks everyone behind it (FCFS).
+//!    With `admission_reserve` > 0 a head also waits while the free blocks
+//!    would not cover the next `admission_reserve` tokens (up to `max_tokens`)
+//!    of every running sequence and its own: admitted work is then not
+//!    preempted for newcomers.
 //!
 //! Limits: `max_batched_tokens` tokens and `max_seqs` sequences per batch.
 //! A sequence is in at most one in-flight batch (it is marked in flight as soon
@@ -62,6 +66,14 @@ pub struct SchedulerConfig {
     /// Most background sequences per micro-batch while an interactive one is
     /// running or waiting (0 = no limit).
     pub background_rows: usize,
+    /// Admission headroom in tokens: a waiting sequence is admitted only if the
+    /// free blocks also cover, for it and for every running sequence, the rest
+    /// of its prompt and its next `admission_reserve` tokens (never past its
+    /// `max_tokens` or the context length), so admitting it does not preempt
+    /// the sequences already running. Up to that horizon nothing is preempted;
+    /// a lone sequence is always admitted. 0 = admit on the prompt alone
+    /// (preempt when the cache runs out, vLLM's policy).
+    pub admission_reserve: usize,
 }
 
 /// Whether a sequence waits for admission or holds blocks.
@@ -234,7 +246,13 @@ pub struct SeqUpdate {
 
 impl SeqUpdate {
     fn failed(seq_id: u64, num_cached: usize, error: SchedulerError) -> Self {
-        Self { seq_id, token: None, finish: Some(FinishReason::Error), num_cached, error: Some(error) }
+        Self {
+            seq_id,
+            token: None,
+            finish: Some(FinishReason::Error),
+            num_cached,
+            error: Some(error),
+        }
     }
 }
 
@@ -302,7 +320,9 @@ pub struct SchedulerCounters {
 
 /// Upper bounds of the [`IterationTokens`] buckets (vLLM's `iteration_tokens_total`);
 /// steps above the last fall in the overflow bucket (`+Inf`).
-pub const ITERATION_TOKEN_BUCKETS: [usize; 13] = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384];
+pub const ITERATION_TOKEN_BUCKETS: [usize; 13] = [
+    1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+];
 
 /// A histogram of tokens per micro-batch: per-bucket (not cumulative) counts,
 /// the number of steps and the token sum.
@@ -378,7 +398,11 @@ impl Scheduler {
         let pos = self
             .waiting
             .iter()
-            .position(|id| self.seqs.get(id).is_some_and(|s| (s.background, s.priority) > key))
+            .position(|id| {
+                self.seqs
+                    .get(id)
+                    .is_some_and(|s| (s.background, s.priority) > key)
+            })
             .unwrap_or(self.waiting.len());
         self.waiting.insert(pos, seq.id);
         self.seqs.insert(seq.id, seq);
@@ -413,7 +437,12 @@ impl Scheduler {
     /// removed (blocks freed) and returned with their unforked siblings;
     /// in-flight ones end as `Abort` when their micro-batch returns.
     pub fn cancel_request(&mut self, request_id: u64) -> Vec<Sequence> {
-        let ids: Vec<u64> = self.seqs.values().filter(|s| s.request_id == request_id).map(|s| s.id).collect();
+        let ids: Vec<u64> = self
+            .seqs
+            .values()
+            .filter(|s| s.request_id == request_id)
+            .map(|s| s.id)
+            .collect();
         self.cancel_ids(ids)
     }
 
@@ -459,14 +488,21 @@ impl Scheduler {
         let st = self.kv.stats();
         self.stats_offset.0 += st.prefix_query_tokens;
         self.stats_offset.1 += st.prefix_hit_tokens;
-        self.kv = KvCacheManager::new(self.cfg.num_blocks, self.cfg.block_size, self.cfg.prefix_caching)?;
+        self.kv = KvCacheManager::new(
+            self.cfg.num_blocks,
+            self.cfg.block_size,
+            self.cfg.prefix_caching,
+        )?;
         Ok(true)
     }
 
     /// Prompt tokens looked up in / found in the prefix cache since start.
     pub fn prefix_stats(&self) -> (u64, u64) {
         let st = self.kv.stats();
-        (st.prefix_query_tokens + self.stats_offset.0, st.prefix_hit_tokens + self.stats_offset.1)
+        (
+            st.prefix_query_tokens + self.stats_offset.0,
+            st.prefix_hit_tokens + self.stats_offset.1,
+        )
     }
 
     /// Sequences that [`Self::schedule`] failed since the last call (a KV bookkeeping
@@ -484,11 +520,18 @@ impl Scheduler {
     pub fn fail_batch(&mut self, batch: &SchedulerOutput, reason: &str) -> Vec<SeqUpdate> {
         let mut updates = Vec::with_capacity(batch.chunks.len());
         for c in &batch.chunks {
-            let error = SchedulerError::StepFailed { step_id: batch.step_id, reason: reason.to_owned() };
+            let error = SchedulerError::StepFailed {
+                step_id: batch.step_id,
+                reason: reason.to_owned(),
+            };
             if self.seqs.get(&c.seq_id).is_some_and(|s| s.in_flight) {
                 updates.extend(self.fail(c.seq_id, error));
             } else {
-                tracing::error!(step = batch.step_id, seq_id = c.seq_id, "failed micro-batch holds a sequence not in flight");
+                tracing::error!(
+                    step = batch.step_id,
+                    seq_id = c.seq_id,
+                    "failed micro-batch holds a sequence not in flight"
+                );
             }
         }
         updates
@@ -538,7 +581,14 @@ impl Scheduler {
 
     /// Fails `id` from inside [`Self::schedule`]: reported by [`Self::take_failed`].
     fn fail_in_schedule(&mut self, id: u64, op: &'static str, source: KvError) {
-        let updates = self.fail(id, SchedulerError::Kv { seq_id: id, op, source });
+        let updates = self.fail(
+            id,
+            SchedulerError::Kv {
+                seq_id: id,
+                op,
+                source,
+            },
+        );
         self.failed.extend(updates);
     }
 
@@ -599,7 +649,9 @@ impl Scheduler {
 
         // Background rows left in this micro-batch: capped while any
         // interactive sequence is in the engine (running or waiting).
-        let mut bg_left = if self.cfg.background_rows > 0 && self.seqs.values().any(|s| !s.background && !s.cancelled) {
+        let mut bg_left = if self.cfg.background_rows > 0
+            && self.seqs.values().any(|s| !s.background && !s.cancelled)
+        {
             self.cfg.background_rows
         } else {
             usize::MAX
@@ -607,14 +659,20 @@ impl Scheduler {
 
         // 1. Running sequences: interactive first, then background; oldest first in each.
         let mut order: Vec<u64> = self.running.clone();
-        order.sort_by_key(|id| self.seqs.get(id).map_or((true, u64::MAX), |s| (s.background, s.arrival)));
+        order.sort_by_key(|id| {
+            self.seqs
+                .get(id)
+                .map_or((true, u64::MAX), |s| (s.background, s.arrival))
+        });
         let mut i = 0;
         while let Some(&id) = order.get(i) {
             i += 1;
             if budget == 0 || chunks.len() >= self.cfg.max_seqs {
                 break;
             }
-            let Some(s) = self.seqs.get(&id) else { continue };
+            let Some(s) = self.seqs.get(&id) else {
+                continue;
+            };
             if s.in_flight || s.status != Status::Running || s.is_cancelled() {
                 continue;
             }
@@ -623,7 +681,9 @@ impl Scheduler {
                 let children = self.fork_children(id);
                 order.extend(children);
             }
-            let Some(s) = self.seqs.get(&id) else { continue };
+            let Some(s) = self.seqs.get(&id) else {
+                continue;
+            };
             let remaining = s.target_len().saturating_sub(s.num_computed);
             if remaining == 0 {
                 continue;
@@ -666,7 +726,9 @@ impl Scheduler {
 
         // 2. Waiting sequences, in queue order (background ones last).
         while budget > 0 && chunks.len() < self.cfg.max_seqs {
-            let Some(&id) = self.waiting.front() else { break };
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
             let Some(s) = self.seqs.get(&id) else {
                 self.waiting.pop_front();
                 continue;
@@ -677,6 +739,14 @@ impl Scheduler {
                 }
                 bg_left -= 1;
             }
+            // Headroom: the running sequences' reserves and this one's whole reserve
+            // (cached prefix blocks counted too: they may be free-list blocks).
+            if self.cfg.admission_reserve > 0
+                && !self.running.is_empty()
+                && self.reserved_blocks() + self.reserve_blocks(s, 0) > self.kv.num_free_blocks()
+            {
+                break;
+            }
             let (computed, num_cached) = if self.cfg.prefix_caching && !s.wants_prompt_logprobs() {
                 self.kv.get_computed_blocks(&s.tokens)
             } else {
@@ -684,7 +754,11 @@ impl Scheduler {
             };
             // Nothing to compute when everything up to the fork point is cached.
             let target = s.target_len();
-            let n = if num_cached >= target { 0 } else { self.chunk_len(target - num_cached, budget) };
+            let n = if num_cached >= target {
+                0
+            } else {
+                self.chunk_len(target - num_cached, budget)
+            };
             match self.kv.allocate(id, num_cached + n, computed) {
                 Ok(true) => {}
                 Ok(false) => break, // no room: the queue head waits, and so does everyone behind it
@@ -718,22 +792,65 @@ impl Scheduler {
                 self.counters.spec_draft_tokens += c.draft as u64;
             }
             match self.seqs.get(&c.seq_id) {
-                Some(s) if c.pos + c.tokens.len() <= s.num_prompt => self.counters.prefill_tokens += n,
+                Some(s) if c.pos + c.tokens.len() <= s.num_prompt => {
+                    self.counters.prefill_tokens += n
+                }
                 _ => self.counters.decode_tokens += n,
             }
         }
-        self.counters.iteration_tokens.observe(chunks.iter().map(|c| c.tokens.len()).sum());
+        self.counters
+            .iteration_tokens
+            .observe(chunks.iter().map(|c| c.tokens.len()).sum());
         let step_id = self.next_step;
         self.next_step += 1;
         self.counters.steps += 1;
-        Some(SchedulerOutput { step_id, chunks, copies, reset_kv: false })
+        Some(SchedulerOutput {
+            step_id,
+            chunks,
+            copies,
+            reset_kv: false,
+        })
+    }
+
+    /// Length up to which `s`'s blocks are held in reserve at admission: its
+    /// next `admission_reserve` tokens, never past its last possible token.
+    fn reserve_len(&self, s: &Sequence) -> usize {
+        let last = s
+            .max_len
+            .min(s.num_prompt.saturating_add(s.params.max_tokens));
+        let len = s.tokens.len().max(s.target_len());
+        last.min(len.saturating_add(self.cfg.admission_reserve))
+            .max(len)
+    }
+
+    /// Blocks `s` will claim within its reserve (see [`Self::reserve_len`]),
+    /// beyond the `held` blocks it has, pending forks included (each writes
+    /// its own blocks from the partial last prompt block on).
+    fn reserve_blocks(&self, s: &Sequence, held: usize) -> usize {
+        let want = self.kv.num_blocks_for(self.reserve_len(s));
+        let per_fork = want.saturating_sub(self.kv.num_blocks_for(s.num_prompt)) + 1;
+        want.saturating_sub(held) + s.pending_forks.len() * per_fork
+    }
+
+    /// Blocks the running sequences will claim within their reserves.
+    fn reserved_blocks(&self) -> usize {
+        self.running
+            .iter()
+            .filter_map(|id| self.seqs.get(id))
+            .map(|s| self.reserve_blocks(s, self.kv.block_table(s.id).map_or(0, |t| t.len())))
+            .sum()
     }
 
     /// Gives `id` private copies of the shared blocks it will write and room for `need`
     /// tokens, preempting the latest arrivals (not in flight; background ones
     /// first) while blocks are short.
     /// `Ok(false)`: `id` itself was preempted or nobody is left to preempt.
-    fn make_room(&mut self, id: u64, need: usize, copies: &mut Vec<(u32, u32)>) -> Result<bool, KvError> {
+    fn make_room(
+        &mut self,
+        id: u64,
+        need: usize,
+        copies: &mut Vec<(u32, u32)>,
+    ) -> Result<bool, KvError> {
         loop {
             if self.kv.allocate_slots(id, need, copies)? {
                 return Ok(true);
@@ -756,14 +873,20 @@ impl Scheduler {
     /// Forks the pending siblings of `parent`; returns their ids. A sibling whose fork
     /// the KV manager rejects is failed.
     fn fork_children(&mut self, parent: u64) -> Vec<u64> {
-        let Some(p) = self.seqs.get_mut(&parent) else { return Vec::new() };
+        let Some(p) = self.seqs.get_mut(&parent) else {
+            return Vec::new();
+        };
         let children = std::mem::take(&mut p.pending_forks);
         let computed = p.num_computed;
         let cached = p.num_cached;
         let mut ids = Vec::new();
         for mut c in children {
             if let Err(e) = self.kv.fork(parent, c.id) {
-                let error = SchedulerError::Kv { seq_id: c.id, op: "fork", source: e };
+                let error = SchedulerError::Kv {
+                    seq_id: c.id,
+                    op: "fork",
+                    source: e,
+                };
                 tracing::error!(seq_id = c.id, parent, error = %error, "failing the sequence");
                 self.failed.push(SeqUpdate::failed(c.id, cached, error));
                 continue;
@@ -787,8 +910,13 @@ impl Scheduler {
             return Vec::new();
         }
         let cfg = &self.spec;
-        let Some(s) = self.seqs.get_mut(&id) else { return Vec::new() };
-        let decoding = n == 1 && s.num_computed + 1 == s.tokens.len() && s.num_generated() > 0 && s.pending_forks.is_empty();
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return Vec::new();
+        };
+        let decoding = n == 1
+            && s.num_computed + 1 == s.tokens.len()
+            && s.num_generated() > 0
+            && s.pending_forks.is_empty();
         if !decoding || !spec::params_allow(&s.params) || !s.spec.try_draft(cfg) {
             return Vec::new();
         }
@@ -805,7 +933,13 @@ impl Scheduler {
     /// Appends `id`'s next chunk of `n` tokens (and `draft` proposals) to `chunks` and
     /// marks it in flight (so it cannot be preempted later in this step); false if the
     /// sequence had to be failed.
-    fn push_chunk(&mut self, id: u64, n: usize, draft: Vec<u32>, chunks: &mut Vec<ScheduledChunk>) -> bool {
+    fn push_chunk(
+        &mut self,
+        id: u64,
+        n: usize,
+        draft: Vec<u32>,
+        chunks: &mut Vec<ScheduledChunk>,
+    ) -> bool {
         match self.make_chunk(id, n, draft) {
             Some(c) => {
                 chunks.push(c);
@@ -834,26 +968,48 @@ impl Scheduler {
         let all_logits = s.wants_prompt_logprobs() && pos < s.num_prompt;
         let ctx = (sample || all_logits).then(|| {
             let p = &s.params;
-            let penalties = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0;
+            let penalties = p.presence_penalty != 0.0
+                || p.frequency_penalty != 0.0
+                || p.repetition_penalty != 1.0;
             SampleCtx {
                 params: p.clone(),
                 seed: s.seed,
                 index: s.index,
                 prompt: s.prompt.clone(),
-                output: if penalties { s.tokens[s.num_prompt..].to_vec() } else { Vec::new() },
+                output: if penalties {
+                    s.tokens[s.num_prompt..].to_vec()
+                } else {
+                    Vec::new()
+                },
                 mask_stop: s.num_generated() < p.min_tokens,
                 eog: s.eog.clone(),
             }
         });
-        Some(ScheduledChunk { seq_id: id, pos, tokens, draft: num_draft, block_table, sample, all_logits, ctx })
+        Some(ScheduledChunk {
+            seq_id: id,
+            pos,
+            tokens,
+            draft: num_draft,
+            block_table,
+            sample,
+            all_logits,
+            ctx,
+        })
     }
 
     /// Applies a returned micro-batch: advances computed counts, appends
     /// sampled tokens (`sampled[i]` for chunk `i`), detects finished
     /// sequences and frees their blocks. Cancelled sequences finish with `Abort`;
     /// a chunk that cannot be applied (bookkeeping bug) fails its sequence with `Error`.
-    pub fn update_from_output(&mut self, batch: &SchedulerOutput, sampled: &[Option<u32>]) -> Vec<SeqUpdate> {
-        let tokens: Vec<Vec<u32>> = sampled.iter().map(|t| t.iter().copied().collect()).collect();
+    pub fn update_from_output(
+        &mut self,
+        batch: &SchedulerOutput,
+        sampled: &[Option<u32>],
+    ) -> Vec<SeqUpdate> {
+        let tokens: Vec<Vec<u32>> = sampled
+            .iter()
+            .map(|t| t.iter().copied().collect())
+            .collect();
         self.update_from_tokens(batch, &tokens)
     }
 
@@ -862,7 +1018,11 @@ impl Scheduler {
     /// (`draft > 0`), none for a chunk that does not sample. One [`SeqUpdate`] per
     /// token appended (the last carries the finish), so a stop token or a limit
     /// reached among accepted drafts ends the sequence there.
-    pub fn update_from_tokens(&mut self, batch: &SchedulerOutput, sampled: &[Vec<u32>]) -> Vec<SeqUpdate> {
+    pub fn update_from_tokens(
+        &mut self,
+        batch: &SchedulerOutput,
+        sampled: &[Vec<u32>],
+    ) -> Vec<SeqUpdate> {
         let mut updates = Vec::with_capacity(batch.chunks.len());
         for (i, c) in batch.chunks.iter().enumerate() {
             let tokens = sampled.get(i).map_or(&[][..], Vec::as_slice);
@@ -872,17 +1032,33 @@ impl Scheduler {
     }
 
     /// [`Self::update_from_tokens`] for one chunk.
-    fn apply_chunk(&mut self, step_id: u64, c: &ScheduledChunk, sampled: &[u32], updates: &mut Vec<SeqUpdate>) {
+    fn apply_chunk(
+        &mut self,
+        step_id: u64,
+        c: &ScheduledChunk,
+        sampled: &[u32],
+        updates: &mut Vec<SeqUpdate>,
+    ) {
         let id = c.seq_id;
         let Some(s) = self.seqs.get_mut(&id).filter(|s| s.in_flight) else {
-            updates.extend(self.fail(id, SchedulerError::NotInFlight { step_id, seq_id: id }));
+            updates.extend(self.fail(
+                id,
+                SchedulerError::NotInFlight {
+                    step_id,
+                    seq_id: id,
+                },
+            ));
             return;
         };
         s.in_flight = false;
         // The chunk's own tokens (not the drafts) are computed; accepted drafts add theirs.
         let base = c.pos + c.tokens.len() - c.draft.min(c.tokens.len());
         let drafts = c.tokens.get(base - c.pos..).unwrap_or(&[]);
-        let accepted = if c.draft > 0 { spec::accepted_prefix(drafts, sampled).min(sampled.len().saturating_sub(1)) } else { 0 };
+        let accepted = if c.draft > 0 {
+            spec::accepted_prefix(drafts, sampled).min(sampled.len().saturating_sub(1))
+        } else {
+            0
+        };
         let mut computed = base + accepted;
         let mut finish = None;
         let mut new_tokens: Vec<u32> = Vec::new();
@@ -891,7 +1067,13 @@ impl Scheduler {
             computed = base;
         } else if c.sample {
             if sampled.is_empty() {
-                updates.extend(self.fail(id, SchedulerError::NoSampledToken { step_id, seq_id: id }));
+                updates.extend(self.fail(
+                    id,
+                    SchedulerError::NoSampledToken {
+                        step_id,
+                        seq_id: id,
+                    },
+                ));
                 return;
             }
             if c.draft > 0 {
@@ -922,14 +1104,29 @@ impl Scheduler {
         }
         let num_cached = s.num_cached;
         // Rejected drafts: give back the room of their positions (their K/V is never read).
-        let rolled_back = if c.draft > 0 { self.kv.truncate(id, computed) } else { Ok(()) };
+        let rolled_back = if c.draft > 0 {
+            self.kv.truncate(id, computed)
+        } else {
+            Ok(())
+        };
         // Only computed tokens (the sampled one has no K/V yet).
         let committed = rolled_back.and_then(|()| match s.tokens.get(..computed) {
             Some(tokens) => self.kv.commit_full_blocks(id, tokens),
-            None => Err(KvError::ComputedBeyondAllocation { seq: id, got: computed, max: s.tokens.len() }),
+            None => Err(KvError::ComputedBeyondAllocation {
+                seq: id,
+                got: computed,
+                max: s.tokens.len(),
+            }),
         });
         if let Err(e) = committed {
-            updates.extend(self.fail(id, SchedulerError::Kv { seq_id: id, op: "commit_full_blocks", source: e }));
+            updates.extend(self.fail(
+                id,
+                SchedulerError::Kv {
+                    seq_id: id,
+                    op: "commit_full_blocks",
+                    source: e,
+                },
+            ));
             return;
         }
         if finish.is_some() {
@@ -946,12 +1143,30 @@ impl Scheduler {
             }
         }
         match new_tokens.split_last() {
-            None => updates.push(SeqUpdate { seq_id: id, token: None, finish, num_cached, error: None }),
+            None => updates.push(SeqUpdate {
+                seq_id: id,
+                token: None,
+                finish,
+                num_cached,
+                error: None,
+            }),
             Some((&last, first)) => {
                 for &t in first {
-                    updates.push(SeqUpdate { seq_id: id, token: Some(t), finish: None, num_cached, error: None });
+                    updates.push(SeqUpdate {
+                        seq_id: id,
+                        token: Some(t),
+                        finish: None,
+                        num_cached,
+                        error: None,
+                    });
                 }
-                updates.push(SeqUpdate { seq_id: id, token: Some(last), finish, num_cached, error: None });
+                updates.push(SeqUpdate {
+                    seq_id: id,
+                    token: Some(last),
+                    finish,
+                    num_cached,
+                    error: None,
+                });
             }
         }
     }
@@ -973,8 +1188,23 @@ mod tests {
     /// End-of-generation id of every test sequence (prompts use small ids).
     const EOS: u32 = 999;
 
-    fn config(max_batched_tokens: usize, max_seqs: usize, prefill_chunk: usize, block_size: usize, num_blocks: usize) -> SchedulerConfig {
-        SchedulerConfig { max_batched_tokens, max_seqs, prefill_chunk, block_size, num_blocks, prefix_caching: false, background_rows: 0 }
+    fn config(
+        max_batched_tokens: usize,
+        max_seqs: usize,
+        prefill_chunk: usize,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> SchedulerConfig {
+        SchedulerConfig {
+            max_batched_tokens,
+            max_seqs,
+            prefill_chunk,
+            block_size,
+            num_blocks,
+            prefix_caching: false,
+            background_rows: 0,
+            admission_reserve: 0,
+        }
     }
 
     fn scheduler(cfg: SchedulerConfig) -> Scheduler {
@@ -1031,7 +1261,10 @@ mod tests {
 
     /// `(seq_id, pos, len)` of every chunk, in row order.
     fn rows(out: &SchedulerOutput) -> Vec<(u64, usize, usize)> {
-        out.chunks.iter().map(|c| (c.seq_id, c.pos, c.tokens.len())).collect()
+        out.chunks
+            .iter()
+            .map(|c| (c.seq_id, c.pos, c.tokens.len()))
+            .collect()
     }
 
     /// `tok` for every chunk that samples, `None` for the others.
@@ -1049,7 +1282,10 @@ mod tests {
     }
 
     fn finish_of(updates: &[SeqUpdate], id: u64) -> Option<FinishReason> {
-        updates.iter().find(|u| u.seq_id == id).and_then(|u| u.finish)
+        updates
+            .iter()
+            .find(|u| u.seq_id == id)
+            .and_then(|u| u.finish)
     }
 
     fn check(s: &Scheduler, in_flight: &[SchedulerOutput]) {
@@ -1079,39 +1315,68 @@ mod tests {
             }
         }
         if listed.len() != s.seqs.len() {
-            return Err(format!("{} seqs known, {} listed", s.seqs.len(), listed.len()));
+            return Err(format!(
+                "{} seqs known, {} listed",
+                s.seqs.len(),
+                listed.len()
+            ));
         }
         if s.kv.num_seqs() != s.running.len() {
-            return Err(format!("{} block tables for {} running seqs", s.kv.num_seqs(), s.running.len()));
+            return Err(format!(
+                "{} block tables for {} running seqs",
+                s.kv.num_seqs(),
+                s.running.len()
+            ));
         }
         let mut used = HashSet::new();
         for &id in &s.running {
             let q = s.seqs.get(&id).ok_or(format!("running seq {id} unknown"))?;
-            let table = s.kv.block_table(id).ok_or(format!("running seq {id} has no table"))?;
+            let table =
+                s.kv.block_table(id)
+                    .ok_or(format!("running seq {id} has no table"))?;
             used.extend(table.iter().copied());
             let num_tokens = s.kv.num_tokens(id).unwrap_or(usize::MAX);
             if q.status != Status::Running {
                 return Err(format!("seq {id} in running with status {:?}", q.status));
             }
             if s.kv.num_computed_tokens(id) != Some(q.num_computed) {
-                return Err(format!("seq {id}: kv computed {:?} != {}", s.kv.num_computed_tokens(id), q.num_computed));
+                return Err(format!(
+                    "seq {id}: kv computed {:?} != {}",
+                    s.kv.num_computed_tokens(id),
+                    q.num_computed
+                ));
             }
             // (A speculative chunk's table also has room for its drafts: checked with the batch.)
             if num_tokens > q.tokens.len() && !q.in_flight {
-                return Err(format!("seq {id}: table for {num_tokens} tokens > {} tokens", q.tokens.len()));
+                return Err(format!(
+                    "seq {id}: table for {num_tokens} tokens > {} tokens",
+                    q.tokens.len()
+                ));
             }
             if !q.in_flight && num_tokens != q.num_computed {
-                return Err(format!("seq {id}: table for {num_tokens} tokens, {} computed", q.num_computed));
+                return Err(format!(
+                    "seq {id}: table for {num_tokens} tokens, {} computed",
+                    q.num_computed
+                ));
             }
         }
         for &id in &s.waiting {
             let q = s.seqs.get(&id).ok_or(format!("waiting seq {id} unknown"))?;
-            if q.status != Status::Waiting || q.in_flight || q.num_computed != 0 || s.kv.contains(id) {
-                return Err(format!("waiting seq {id}: {:?} in flight {} computed {}", q.status, q.in_flight, q.num_computed));
+            if q.status != Status::Waiting
+                || q.in_flight
+                || q.num_computed != 0
+                || s.kv.contains(id)
+            {
+                return Err(format!(
+                    "waiting seq {id}: {:?} in flight {} computed {}",
+                    q.status, q.in_flight, q.num_computed
+                ));
             }
         }
         let st = s.kv.stats();
-        if used.len() != st.num_used_blocks || st.num_free_blocks + st.num_used_blocks != st.num_blocks {
+        if used.len() != st.num_used_blocks
+            || st.num_free_blocks + st.num_used_blocks != st.num_blocks
+        {
             return Err(format!("{} blocks in tables, stats {st:?}", used.len()));
         }
         let mut flying = HashSet::new();
@@ -1121,28 +1386,49 @@ mod tests {
                 if !flying.insert(id) {
                     return Err(format!("seq {id} twice in the in-flight batches"));
                 }
-                let q = s.seqs.get(&id).ok_or(format!("in-flight seq {id} unknown"))?;
+                let q = s
+                    .seqs
+                    .get(&id)
+                    .ok_or(format!("in-flight seq {id} unknown"))?;
                 let table = s.kv.block_table(id).unwrap_or(&[]);
                 let end = c.pos + c.tokens.len();
                 if !q.in_flight || q.num_computed != c.pos || table != c.block_table.as_slice() {
-                    return Err(format!("in-flight seq {id} changed: computed {} table {table:?}", q.num_computed));
+                    return Err(format!(
+                        "in-flight seq {id} changed: computed {} table {table:?}",
+                        q.num_computed
+                    ));
                 }
                 // The table has room for the drafts too; only the tokens before them are the sequence's.
                 let own = end - c.draft;
-                if s.kv.num_tokens(id) != Some(end) || q.tokens.get(c.pos..own) != c.tokens.get(..own - c.pos) {
-                    return Err(format!("seq {id}: chunk {}..{end} does not match its table/tokens", c.pos));
+                if s.kv.num_tokens(id) != Some(end)
+                    || q.tokens.get(c.pos..own) != c.tokens.get(..own - c.pos)
+                {
+                    return Err(format!(
+                        "seq {id}: chunk {}..{end} does not match its table/tokens",
+                        c.pos
+                    ));
                 }
                 for j in c.pos / bs..end.div_ceil(bs) {
                     let b = table.get(j).copied().unwrap_or(u32::MAX);
                     if s.kv.pool().ref_count(b) != Some(1) {
-                        return Err(format!("seq {id} writes block {b} with ref count {:?}", s.kv.pool().ref_count(b)));
+                        return Err(format!(
+                            "seq {id} writes block {b} with ref count {:?}",
+                            s.kv.pool().ref_count(b)
+                        ));
                     }
                 }
             }
         }
-        let flagged: HashSet<u64> = s.seqs.values().filter(|q| q.in_flight).map(|q| q.id).collect();
+        let flagged: HashSet<u64> = s
+            .seqs
+            .values()
+            .filter(|q| q.in_flight)
+            .map(|q| q.id)
+            .collect();
         if flagged != flying {
-            return Err(format!("marked in flight {flagged:?}, in batches {flying:?}"));
+            return Err(format!(
+                "marked in flight {flagged:?}, in batches {flying:?}"
+            ));
         }
         Ok(())
     }
@@ -1153,7 +1439,9 @@ mod tests {
         // computes nothing; the same schedule() call must fork and run both.
         let mut s = scheduler(config(64, 8, 0, 4, 16));
         s.add(request(0, &[7], greedy(4), 2));
-        let out = s.schedule().expect("a batch, not None (the actor would sleep forever)");
+        let out = s
+            .schedule()
+            .expect("a batch, not None (the actor would sleep forever)");
         assert_eq!(rows(&out), vec![(0, 0, 1), (1, 0, 1)]);
     }
 
@@ -1170,12 +1458,21 @@ mod tests {
         assert_eq!((out.chunks[0].sample, out.chunks[1].sample), (false, true));
         assert!(out.chunks[0].ctx.is_none());
         // ceil(4/4) = 1 block for A: 0; ceil(3/4) = 1 for B: 1.
-        assert_eq!((out.chunks[0].block_table.clone(), out.chunks[1].block_table.clone()), (vec![0], vec![1]));
+        assert_eq!(
+            (
+                out.chunks[0].block_table.clone(),
+                out.chunks[1].block_table.clone()
+            ),
+            (vec![0], vec![1])
+        );
         check(&s, std::slice::from_ref(&out));
         // Both in flight: nothing else to run.
         assert!(s.schedule().is_none());
         let up = s.update_from_output(&out, &sampled(&out, 5));
-        assert_eq!(up.iter().map(|u| (u.seq_id, u.token)).collect::<Vec<_>>(), vec![(0, None), (1, Some(5))]);
+        assert_eq!(
+            up.iter().map(|u| (u.seq_id, u.token)).collect::<Vec<_>>(),
+            vec![(0, None), (1, Some(5))]
+        );
         // Step 1: A 4 more at 4 (table 0 + new 2), B decodes its 4th token at 3 (same block).
         let (out, _) = step(&mut s, 5);
         assert_eq!(rows(&out), vec![(0, 4, 4), (1, 3, 1)]);
@@ -1185,8 +1482,17 @@ mod tests {
         let (out, _) = step(&mut s, 5);
         assert_eq!(rows(&out), vec![(0, 8, 2), (1, 4, 1)]);
         assert!(out.chunks[0].sample);
-        assert_eq!((out.chunks[0].block_table.clone(), out.chunks[1].block_table.clone()), (vec![0, 2, 3], vec![1, 4]));
-        assert_eq!((s.counters.prefill_tokens, s.counters.decode_tokens), (10 + 3, 2));
+        assert_eq!(
+            (
+                out.chunks[0].block_table.clone(),
+                out.chunks[1].block_table.clone()
+            ),
+            (vec![0, 2, 3], vec![1, 4])
+        );
+        assert_eq!(
+            (s.counters.prefill_tokens, s.counters.decode_tokens),
+            (10 + 3, 2)
+        );
     }
 
     #[test]
@@ -1223,7 +1529,10 @@ mod tests {
         assert_eq!(rows(&out), vec![(0, 0, 2), (1, 0, 2)]);
         let (out, up) = step(&mut s, 5);
         assert_eq!(rows(&out), vec![(0, 2, 1), (1, 2, 1)]);
-        assert_eq!((finish_of(&up, 0), finish_of(&up, 1)), (Some(FinishReason::Length), Some(FinishReason::Length)));
+        assert_eq!(
+            (finish_of(&up, 0), finish_of(&up, 1)),
+            (Some(FinishReason::Length), Some(FinishReason::Length))
+        );
         // Step 2: A, B done (2 tokens each): C runs.
         let (out, _) = step(&mut s, 5);
         assert_eq!(rows(&out), vec![(2, 0, 2)]);
@@ -1271,7 +1580,10 @@ mod tests {
         while s.get(6).is_some() {
             let out = s.schedule().expect("a batch");
             let bg = out.chunks.iter().filter(|c| c.seq_id != 6).count();
-            assert!(out.chunks.iter().any(|c| c.seq_id == 6), "the interactive sequence runs every step");
+            assert!(
+                out.chunks.iter().any(|c| c.seq_id == 6),
+                "the interactive sequence runs every step"
+            );
             assert!(bg <= 2, "{bg} background rows while interactive work runs");
             s.update_from_output(&out, &sampled(&out, 7));
             check(&s, &[]);
@@ -1305,7 +1617,10 @@ mod tests {
         assert_eq!(out.chunks[0].block_table, vec![0, 1, 2]);
         assert_eq!(s.counters.preemptions, 1);
         let b = s.get(1).expect("known");
-        assert_eq!((b.status, b.num_computed, b.preemptions), (Status::Waiting, 0, 1));
+        assert_eq!(
+            (b.status, b.num_computed, b.preemptions),
+            (Status::Waiting, 0, 1)
+        );
         assert_eq!(b.tokens, vec![4, 5, 6, 7, 8]);
         // A generated 7, 8, 9 = max_tokens 3: done, its 3 blocks freed.
         assert_eq!(finish_of(&up, 0), Some(FinishReason::Length));
@@ -1316,10 +1631,65 @@ mod tests {
         assert_eq!(rows(&out), vec![(1, 0, 5), (2, 0, 2)]);
         assert_eq!(out.chunks[0].tokens, vec![4, 5, 6, 7, 8]);
         assert!(out.chunks[0].sample);
-        assert_eq!(s.get(1).map(|q| q.tokens.clone()), Some(vec![4, 5, 6, 7, 8, 3]));
+        assert_eq!(
+            s.get(1).map(|q| q.tokens.clone()),
+            Some(vec![4, 5, 6, 7, 8, 3])
+        );
         // A chunk counts as prefill only if it ends within the prompt: 3 + 3 + 2 (C) prefill;
         // 2 + 1 decode, plus B's recompute 0..5, which ends past its 3-token prompt: 8.
-        assert_eq!((s.counters.prefill_tokens, s.counters.decode_tokens), (8, 8));
+        assert_eq!(
+            (s.counters.prefill_tokens, s.counters.decode_tokens),
+            (8, 8)
+        );
+    }
+
+    #[test]
+    fn admission_reserve_admits_only_what_can_finish_without_preemption() {
+        // 10 blocks of 4 tokens. Each request: 8-token prompt (2 blocks), 8 new
+        // tokens (4 blocks at the end). All three at once need 12 blocks.
+        let run = |reserve: usize| {
+            let mut cfg = config(64, 8, 0, 4, 10);
+            cfg.admission_reserve = reserve;
+            let mut s = scheduler(cfg);
+            for id in 0..3 {
+                s.add(seq(id, &[1, 2, 3, 4, 5, 6, 7, 8], greedy(8)));
+            }
+            let (out, _) = step(&mut s, 9);
+            let admitted: Vec<u64> = out.chunks.iter().map(|c| c.seq_id).collect();
+            let mut finished = 0;
+            for _ in 0..100 {
+                let Some(out) = s.schedule() else { break };
+                check(&s, std::slice::from_ref(&out));
+                let up = s.update_from_output(&out, &sampled(&out, 9));
+                check(&s, &[]);
+                finished += up.iter().filter(|u| u.finish.is_some()).count();
+            }
+            assert!(s.is_empty(), "every request finishes");
+            (admitted, s.counters.preemptions, finished)
+        };
+        // Reserve: A and B fit (2 + 2 held, 2 + 2 more to come, 2 free); C would need
+        // 4 more: it waits for A and B to finish, and nobody is preempted.
+        let (admitted, preemptions, finished) = run(256);
+        assert_eq!((admitted, preemptions, finished), (vec![0, 1], 0, 3));
+        // A reserve of 4 tokens (one block ahead each) admits all three.
+        let (admitted, _, _) = run(4);
+        assert_eq!(admitted, vec![0, 1, 2]);
+        // No reserve: all three are admitted on their prompts, and growth preempts.
+        let (admitted, preemptions, finished) = run(0);
+        assert_eq!(admitted, vec![0, 1, 2]);
+        assert!(preemptions > 0);
+        assert_eq!(finished, 3);
+    }
+
+    #[test]
+    fn admission_reserve_always_admits_a_lone_sequence() {
+        // A request whose reserve exceeds the pool still runs when alone.
+        let mut cfg = config(64, 8, 0, 4, 3);
+        cfg.admission_reserve = 1000;
+        let mut s = scheduler(cfg);
+        s.add(seq(0, &[1, 2, 3, 4], greedy(4)));
+        let (out, _) = step(&mut s, 9);
+        assert_eq!(rows(&out), vec![(0, 0, 4)]);
     }
 
     #[test]
@@ -1331,8 +1701,8 @@ mod tests {
         }
         step(&mut s, 7); // prefill: 4 tokens each (2 blocks)
         step(&mut s, 7); // decode at 3: 5 tokens each, still 2 blocks... no: ceil(4/2) = 2
-        // Step 2: A at 4 needs a 3rd block: C (latest) preempted → A gets one of its blocks,
-        // B at 4 needs a 3rd block too: C gave 2, so B gets the other.
+                         // Step 2: A at 4 needs a 3rd block: C (latest) preempted → A gets one of its blocks,
+                         // B at 4 needs a 3rd block too: C gave 2, so B gets the other.
         let (out, _) = step(&mut s, 7);
         assert_eq!(rows(&out), vec![(0, 4, 1), (1, 4, 1)]);
         assert_eq!(s.waiting.iter().copied().collect::<Vec<_>>(), vec![2]);
@@ -1369,14 +1739,24 @@ mod tests {
         assert_eq!(out.copies, vec![(1, 2), (1, 3)]);
         let tables: Vec<Vec<u32>> = out.chunks.iter().map(|c| c.block_table.clone()).collect();
         assert_eq!(tables, vec![vec![0, 2], vec![0, 3], vec![0, 1]]);
-        assert_eq!([0, 1, 2, 3].map(|b| s.kv.pool().ref_count(b)), [Some(3), Some(1), Some(1), Some(1)]);
+        assert_eq!(
+            [0, 1, 2, 3].map(|b| s.kv.pool().ref_count(b)),
+            [Some(3), Some(1), Some(1), Some(1)]
+        );
         // Every completion samples its own first token, keyed by its index.
-        let indexes: Vec<usize> = out.chunks.iter().filter_map(|c| c.ctx.as_ref().map(|x| x.index)).collect();
+        let indexes: Vec<usize> = out
+            .chunks
+            .iter()
+            .filter_map(|c| c.ctx.as_ref().map(|x| x.index))
+            .collect();
         assert_eq!(indexes, vec![0, 1, 2]);
         assert!(out.chunks.iter().all(|c| c.sample));
         s.update_from_output(&out, &[Some(10), Some(11), Some(12)]);
         check(&s, &[]);
-        assert_eq!(s.get(1).map(|q| q.tokens.clone()), Some(vec![1, 2, 3, 4, 5, 6, 11]));
+        assert_eq!(
+            s.get(1).map(|q| q.tokens.clone()),
+            Some(vec![1, 2, 3, 4, 5, 6, 11])
+        );
         // Step 2: each decodes at 6 in its private block; nothing is copied.
         let (out, up) = step(&mut s, 20);
         assert_eq!(rows(&out), vec![(0, 6, 1), (1, 6, 1), (2, 6, 1)]);
@@ -1415,7 +1795,10 @@ mod tests {
         assert_eq!(up[0].num_cached, 8);
         // Prompt log-probabilities need every row: no cache lookup, all 10 computed.
         let mut d = seq(3, &a, greedy(1));
-        d.params = Arc::new(SamplingParams { prompt_logprobs: Some(0), ..greedy(1) });
+        d.params = Arc::new(SamplingParams {
+            prompt_logprobs: Some(0),
+            ..greedy(1)
+        });
         s.add(d);
         let (out, up) = step(&mut s, 50);
         assert_eq!(rows(&out), vec![(3, 0, 10)]);
@@ -1437,7 +1820,16 @@ mod tests {
         assert!(s.cancel_seq(0).is_empty());
         let up = s.update_from_output(&out, &sampled(&out, 5));
         check(&s, &[]);
-        assert_eq!(up[0], SeqUpdate { seq_id: 0, token: None, finish: Some(FinishReason::Abort), num_cached: 0, error: None });
+        assert_eq!(
+            up[0],
+            SeqUpdate {
+                seq_id: 0,
+                token: None,
+                finish: Some(FinishReason::Abort),
+                num_cached: 0,
+                error: None
+            }
+        );
         assert_eq!(up[1].finish, None);
         // A stop string ends one completion the same way: not in flight, removed at once.
         let stopped: Vec<u64> = s.cancel_seq(1).iter().map(|q| q.id).collect();
@@ -1455,21 +1847,56 @@ mod tests {
         let mut s = scheduler(config(64, 8, 0, 4, 32));
         s.add(seq(0, &[1], greedy(2)));
         s.add(seq(1, &[1], greedy(8)));
-        s.add(seq(2, &[1], SamplingParams { ignore_eos: true, ..greedy(8) }));
-        s.add(seq(3, &[1], SamplingParams { stop_token_ids: vec![42], ..greedy(8) }));
-        s.add(seq(4, &[1], SamplingParams { min_tokens: 2, ..greedy(8) }));
+        s.add(seq(
+            2,
+            &[1],
+            SamplingParams {
+                ignore_eos: true,
+                ..greedy(8)
+            },
+        ));
+        s.add(seq(
+            3,
+            &[1],
+            SamplingParams {
+                stop_token_ids: vec![42],
+                ..greedy(8)
+            },
+        ));
+        s.add(seq(
+            4,
+            &[1],
+            SamplingParams {
+                min_tokens: 2,
+                ..greedy(8)
+            },
+        ));
         let mut short = seq(5, &[1], greedy(8));
         short.max_len = 2; // context length: the prompt token + 1
         s.add(short);
         // First token: only seq 5 ends (tokens.len() 2 >= max_len 2). Seq 4's stop tokens are masked.
         let out = s.schedule().expect("batch");
-        let masks: Vec<bool> = out.chunks.iter().map(|c| c.ctx.as_ref().is_some_and(|x| x.mask_stop)).collect();
+        let masks: Vec<bool> = out
+            .chunks
+            .iter()
+            .map(|c| c.ctx.as_ref().is_some_and(|x| x.mask_stop))
+            .collect();
         assert_eq!(masks, vec![false, false, false, false, true, false]);
-        let up = s.update_from_output(&out, &[Some(7), Some(7), Some(7), Some(7), Some(7), Some(7)]);
-        assert_eq!(up.iter().map(|u| u.finish).collect::<Vec<_>>(), vec![None, None, None, None, None, Some(FinishReason::Length)]);
+        let up = s.update_from_output(
+            &out,
+            &[Some(7), Some(7), Some(7), Some(7), Some(7), Some(7)],
+        );
+        assert_eq!(
+            up.iter().map(|u| u.finish).collect::<Vec<_>>(),
+            vec![None, None, None, None, None, Some(FinishReason::Length)]
+        );
         // Second token: EOS for 1 (Stop) and 2 (ignored), 42 for 3 (Stop); 0 reaches max_tokens 2.
         let out = s.schedule().expect("batch");
-        let masks: Vec<bool> = out.chunks.iter().map(|c| c.ctx.as_ref().is_some_and(|x| x.mask_stop)).collect();
+        let masks: Vec<bool> = out
+            .chunks
+            .iter()
+            .map(|c| c.ctx.as_ref().is_some_and(|x| x.mask_stop))
+            .collect();
         assert_eq!(masks, vec![false, false, false, false, true]); // seq 4: 1 generated < min_tokens 2
         let up = s.update_from_output(&out, &[Some(7), Some(EOS), Some(EOS), Some(42), Some(7)]);
         assert_eq!(
@@ -1485,7 +1912,10 @@ mod tests {
         // Third token: seq 4 has 2 = min_tokens: unmasked, and EOS stops it.
         let out = s.schedule().expect("batch");
         assert_eq!(rows(&out), vec![(2, 2, 1), (4, 2, 1)]);
-        assert!(out.chunks.iter().all(|c| c.ctx.as_ref().is_some_and(|x| !x.mask_stop)));
+        assert!(out
+            .chunks
+            .iter()
+            .all(|c| c.ctx.as_ref().is_some_and(|x| !x.mask_stop)));
         let up = s.update_from_output(&out, &[Some(7), Some(EOS)]);
         assert_eq!(finish_of(&up, 4), Some(FinishReason::Stop));
         assert_eq!(s.get(2).map(Sequence::num_generated), Some(3));
@@ -1495,7 +1925,14 @@ mod tests {
     #[test]
     fn max_tokens_zero_computes_the_prompt_and_ends_without_sampling() {
         let mut s = scheduler(config(64, 8, 3, 4, 8));
-        s.add(seq(0, &[1, 2, 3, 4, 5], SamplingParams { prompt_logprobs: Some(1), ..greedy(0) }));
+        s.add(seq(
+            0,
+            &[1, 2, 3, 4, 5],
+            SamplingParams {
+                prompt_logprobs: Some(1),
+                ..greedy(0)
+            },
+        ));
         // Chunks of 3: 0..3 then 3..5; neither samples, both want every row's logits.
         let (out, up) = step(&mut s, 9);
         assert_eq!(rows(&out), vec![(0, 0, 3)]);
@@ -1504,7 +1941,10 @@ mod tests {
         let (out, up) = step(&mut s, 9);
         assert_eq!(rows(&out), vec![(0, 3, 2)]);
         assert!(!out.chunks[0].sample);
-        assert_eq!((up[0].token, up[0].finish), (None, Some(FinishReason::Length)));
+        assert_eq!(
+            (up[0].token, up[0].finish),
+            (None, Some(FinishReason::Length))
+        );
         assert!(s.is_empty());
     }
 
@@ -1551,7 +1991,7 @@ mod tests {
         let mut s = scheduler(config(64, 8, 0, 2, 5));
         s.add(request(0, &[1, 2, 3, 4, 5], greedy(8), 2)); // P (sibling 1 pending)
         s.add(seq(2, &[6, 7, 8], greedy(8))); // Z, a later arrival
-        // Step 0: P computes 4 tokens (2 blocks), Z its 3 (2 blocks): 1 block free.
+                                              // Step 0: P computes 4 tokens (2 blocks), Z its 3 (2 blocks): 1 block free.
         let (out, _) = step(&mut s, 9);
         assert_eq!(rows(&out), vec![(0, 0, 4), (2, 0, 3)]);
         // Step 1: P forks C (arrival 1) and takes the free block for position 4; Z decodes at 3
@@ -1561,7 +2001,10 @@ mod tests {
         check(&s, std::slice::from_ref(&out));
         assert_eq!(rows(&out), vec![(0, 4, 1), (2, 3, 1)]);
         assert_eq!(s.get(1).map(|q| q.status), Some(Status::Waiting));
-        assert_eq!(s.get(2).map(|q| (q.status, q.in_flight)), Some((Status::Running, true)));
+        assert_eq!(
+            s.get(2).map(|q| (q.status, q.in_flight)),
+            Some((Status::Running, true))
+        );
         s.update_from_output(&out, &sampled(&out, 9));
         check(&s, &[]);
     }
@@ -1584,7 +2027,11 @@ mod tests {
                 token: None,
                 finish: Some(FinishReason::Error),
                 num_cached: 0,
-                error: Some(SchedulerError::Kv { seq_id: 0, op: "allocate", source: KvError::DuplicateSeq(0) }),
+                error: Some(SchedulerError::Kv {
+                    seq_id: 0,
+                    op: "allocate",
+                    source: KvError::DuplicateSeq(0)
+                }),
             }]
         );
         assert!(s.get(0).is_none());
@@ -1608,10 +2055,17 @@ mod tests {
         let out = s.schedule().expect("batch");
         let failed = s.take_failed();
         assert_eq!(failed.len(), 1);
-        assert_eq!((failed[0].seq_id, failed[0].finish), (0, Some(FinishReason::Error)));
+        assert_eq!(
+            (failed[0].seq_id, failed[0].finish),
+            (0, Some(FinishReason::Error))
+        );
         assert_eq!(
             failed[0].error,
-            Some(SchedulerError::Kv { seq_id: 0, op: "allocate_slots", source: KvError::UnknownSeq(0) })
+            Some(SchedulerError::Kv {
+                seq_id: 0,
+                op: "allocate_slots",
+                source: KvError::UnknownSeq(0)
+            })
         );
         assert!(s.get(0).is_none());
         // Seq 1 forked sibling 2 (own table now, sharing block 0 by copy-on-write).
@@ -1619,10 +2073,23 @@ mod tests {
         // Same bug while in flight: the returned batch fails seq 1; its sibling is intact.
         assert_eq!(s.kv.free(1), Ok(()));
         let up = s.update_from_output(&out, &sampled(&out, 5));
-        let ended: Vec<(u64, Option<FinishReason>)> = up.iter().map(|u| (u.seq_id, u.finish)).collect();
-        assert_eq!(ended, vec![(1, Some(FinishReason::Error)), (3, None), (2, None)]);
-        assert!(matches!(up[0].error, Some(SchedulerError::Kv { op: "commit_full_blocks", .. })));
-        assert!(up[0].error.as_ref().is_some_and(|e| e.to_string().contains("sequence 1 has no blocks")));
+        let ended: Vec<(u64, Option<FinishReason>)> =
+            up.iter().map(|u| (u.seq_id, u.finish)).collect();
+        assert_eq!(
+            ended,
+            vec![(1, Some(FinishReason::Error)), (3, None), (2, None)]
+        );
+        assert!(matches!(
+            up[0].error,
+            Some(SchedulerError::Kv {
+                op: "commit_full_blocks",
+                ..
+            })
+        ));
+        assert!(up[0]
+            .error
+            .as_ref()
+            .is_some_and(|e| e.to_string().contains("sequence 1 has no blocks")));
         check(&s, &[]);
         while let Some(out) = s.schedule() {
             s.update_from_output(&out, &sampled(&out, 5));
@@ -1639,14 +2106,26 @@ mod tests {
         let out = s.schedule().expect("batch");
         // Seq 0 had to sample but got no token: failed (it would otherwise never run again).
         let up = s.update_from_output(&out, &[None, Some(5)]);
-        assert_eq!(up[0].error, Some(SchedulerError::NoSampledToken { step_id: 0, seq_id: 0 }));
+        assert_eq!(
+            up[0].error,
+            Some(SchedulerError::NoSampledToken {
+                step_id: 0,
+                seq_id: 0
+            })
+        );
         assert_eq!(up[1].token, Some(5));
         check(&s, &[]);
         // The same batch returned twice: seq 1 is no longer in flight.
         let up = s.update_from_output(&out, &[None, Some(5)]);
         assert_eq!(up.len(), 2);
         assert!(up.iter().all(|u| u.finish == Some(FinishReason::Error)));
-        assert_eq!(up[1].error, Some(SchedulerError::NotInFlight { step_id: 0, seq_id: 1 }));
+        assert_eq!(
+            up[1].error,
+            Some(SchedulerError::NotInFlight {
+                step_id: 0,
+                seq_id: 1
+            })
+        );
         assert!(s.is_empty());
         assert_eq!(s.kv.num_free_blocks(), 8);
     }
@@ -1658,12 +2137,21 @@ mod tests {
     }
 
     fn speculative(s: &mut Scheduler, num_tokens: usize) {
-        s.set_speculation(SpeculativeConfig { num_tokens, ngram_min: 1, ngram_max: 2, max_running: 2, ..SpeculativeConfig::default() });
+        s.set_speculation(SpeculativeConfig {
+            num_tokens,
+            ngram_min: 1,
+            ngram_max: 2,
+            max_running: 2,
+            ..SpeculativeConfig::default()
+        });
     }
 
     #[test]
     fn speculative_chunks_roll_back_rejected_drafts() {
-        let mut s = scheduler(SchedulerConfig { prefix_caching: true, ..config(64, 8, 0, 4, 16) });
+        let mut s = scheduler(SchedulerConfig {
+            prefix_caching: true,
+            ..config(64, 8, 0, 4, 16)
+        });
         speculative(&mut s, 3);
         s.add(confident(seq(0, &[1, 2, 3, 1, 2], greedy(10))));
         // Prefill (no draft: nothing generated yet), samples 3 → [1 2 3 1 2 3].
@@ -1672,17 +2160,36 @@ mod tests {
         // Decode: suffix [2 3] recurs at 1..3, followed by [1 2 3]: 1 + 3 rows, room for 9 tokens.
         let out = s.schedule().expect("batch");
         check(&s, std::slice::from_ref(&out));
-        assert_eq!((rows(&out), out.chunks[0].draft, out.chunks[0].tokens.clone()), (vec![(0, 5, 4)], 3, vec![3, 1, 2, 3]));
+        assert_eq!(
+            (
+                rows(&out),
+                out.chunks[0].draft,
+                out.chunks[0].tokens.clone()
+            ),
+            (vec![(0, 5, 4)], 3, vec![3, 1, 2, 3])
+        );
         assert_eq!(s.kv.num_tokens(0), Some(9));
         // The sampler confirmed draft 1, then chose 9 instead of draft 2.
         let up = s.update_from_tokens(&out, &[vec![1, 9]]);
-        assert_eq!(up.iter().map(|u| (u.token, u.finish)).collect::<Vec<_>>(), vec![(Some(1), None), (Some(9), None)]);
+        assert_eq!(
+            up.iter().map(|u| (u.token, u.finish)).collect::<Vec<_>>(),
+            vec![(Some(1), None), (Some(9), None)]
+        );
         check(&s, &[]);
         // 6 + 1 accepted computed; the table shrank to 7 tokens = 2 blocks.
-        assert_eq!((s.get(0).map(|q| q.tokens.clone()), s.get(0).map(|q| q.num_computed)), (Some(vec![1, 2, 3, 1, 2, 3, 1, 9]), Some(7)));
+        assert_eq!(
+            (
+                s.get(0).map(|q| q.tokens.clone()),
+                s.get(0).map(|q| q.num_computed)
+            ),
+            (Some(vec![1, 2, 3, 1, 2, 3, 1, 9]), Some(7))
+        );
         assert_eq!((s.kv.num_tokens(0), s.kv.num_free_blocks()), (Some(7), 14));
         let c = s.counters;
-        assert_eq!((c.spec_steps, c.spec_draft_tokens, c.spec_accepted_tokens), (1, 3, 1));
+        assert_eq!(
+            (c.spec_steps, c.spec_draft_tokens, c.spec_accepted_tokens),
+            (1, 3, 1)
+        );
         // Next decode: [1 9] and [9] never occurred before: a plain step.
         let (out, _) = step(&mut s, 5);
         assert_eq!((rows(&out), out.chunks[0].draft), (vec![(0, 7, 1)], 0));
@@ -1704,17 +2211,30 @@ mod tests {
         step(&mut s, 2); // [1 2 1 2], [4 5 6 4 5 6 2]
         let out = s.schedule().expect("batch");
         // Seq 0: suffix [1 2] at 0 → [1]; seq 1: suffix [6 2] no, [2] no → no draft.
-        assert_eq!(out.chunks.iter().map(|c| c.draft).collect::<Vec<_>>(), vec![1, 0]);
+        assert_eq!(
+            out.chunks.iter().map(|c| c.draft).collect::<Vec<_>>(),
+            vec![1, 0]
+        );
         let up = s.update_from_tokens(&out, &[vec![1, 7], vec![4]]);
         // Seq 0: 1 accepted + 7 = 3 tokens = max_tokens.
-        let of0: Vec<(Option<u32>, Option<FinishReason>)> = up.iter().filter(|u| u.seq_id == 0).map(|u| (u.token, u.finish)).collect();
-        assert_eq!(of0, vec![(Some(1), None), (Some(7), Some(FinishReason::Length))]);
+        let of0: Vec<(Option<u32>, Option<FinishReason>)> = up
+            .iter()
+            .filter(|u| u.seq_id == 0)
+            .map(|u| (u.token, u.finish))
+            .collect();
+        assert_eq!(
+            of0,
+            vec![(Some(1), None), (Some(7), Some(FinishReason::Length))]
+        );
         check(&s, &[]);
         // Seq 1: [.. 6 2 4]: suffix [2 4] no, [4] last at 3 → [5 6 2 4]; EOS at the second row.
         let out = s.schedule().expect("batch");
         assert_eq!((rows(&out), out.chunks[0].draft), (vec![(1, 7, 5)], 4));
         let up = s.update_from_tokens(&out, &[vec![5, EOS]]);
-        assert_eq!(up.iter().map(|u| (u.token, u.finish)).collect::<Vec<_>>(), vec![(Some(5), None), (Some(EOS), Some(FinishReason::Stop))]);
+        assert_eq!(
+            up.iter().map(|u| (u.token, u.finish)).collect::<Vec<_>>(),
+            vec![(Some(5), None), (Some(EOS), Some(FinishReason::Stop))]
+        );
         assert!(s.is_empty());
         assert_eq!(s.kv.num_free_blocks(), 16);
         // Speculation is for small batches only: 3 running > max_running 2.
@@ -1735,10 +2255,13 @@ mod tests {
         let b1 = s.schedule().expect("batch");
         assert_eq!((rows(&b0), rows(&b1)), (vec![(0, 0, 2)], vec![(2, 0, 2)]));
         let up = s.fail_batch(&b0, "worker 1 panicked");
-        assert_eq!(up.iter().map(|u| (u.seq_id, u.finish)).collect::<Vec<_>>(), vec![
-            (1, Some(FinishReason::Error)),
-            (0, Some(FinishReason::Error))
-        ]);
+        assert_eq!(
+            up.iter().map(|u| (u.seq_id, u.finish)).collect::<Vec<_>>(),
+            vec![
+                (1, Some(FinishReason::Error)),
+                (0, Some(FinishReason::Error))
+            ]
+        );
         assert_eq!(
             up[1].error.as_ref().map(ToString::to_string),
             Some("micro-batch 0 failed: worker 1 panicked".to_owned())
@@ -1780,7 +2303,11 @@ mod tests {
             let rng = &mut self.rng;
             let mut prompt = self.prefixes[rng.gen_range(0..self.prefixes.len())].clone();
             prompt.extend((0..rng.gen_range(1..10)).map(|_| rng.gen_range(0..3)));
-            let max_tokens = if rng.gen_bool(0.05) { 0 } else { rng.gen_range(1..16) };
+            let max_tokens = if rng.gen_bool(0.05) {
+                0
+            } else {
+                rng.gen_range(1..16)
+            };
             let params = SamplingParams {
                 min_tokens: rng.gen_range(0..3).min(max_tokens),
                 ignore_eos: rng.gen_bool(0.1),
@@ -1799,20 +2326,28 @@ mod tests {
                 q.max_len = max_len;
             }
             for q in std::iter::once(&parent).chain(parent.pending_forks.iter()) {
-                self.track.insert(q.id, Track {
-                    cancelled: false,
-                    params: q.params.clone(),
-                    num_prompt: prompt.len(),
-                    max_len,
-                    generated: Vec::new(),
-                    finish: None,
-                });
+                self.track.insert(
+                    q.id,
+                    Track {
+                        cancelled: false,
+                        params: q.params.clone(),
+                        num_prompt: prompt.len(),
+                        max_len,
+                        generated: Vec::new(),
+                        finish: None,
+                    },
+                );
             }
             self.s.add(parent);
         }
 
         fn cancel_one(&mut self) {
-            let live: Vec<u64> = self.track.iter().filter(|(_, t)| t.finish.is_none()).map(|(&id, _)| id).collect();
+            let live: Vec<u64> = self
+                .track
+                .iter()
+                .filter(|(_, t)| t.finish.is_none())
+                .map(|(&id, _)| id)
+                .collect();
             if live.is_empty() {
                 return;
             }
@@ -1825,7 +2360,13 @@ mod tests {
                 .s
                 .seqs
                 .values()
-                .filter(|q| if stop_one { q.id == id } else { Some(q.request_id) == request })
+                .filter(|q| {
+                    if stop_one {
+                        q.id == id
+                    } else {
+                        Some(q.request_id) == request
+                    }
+                })
                 .flat_map(|q| std::iter::once(q.id).chain(q.pending_forks.iter().map(|c| c.id)))
                 .collect();
             for m in marked {
@@ -1839,12 +2380,21 @@ mod tests {
                 (false, None) => Vec::new(),
             };
             for q in removed {
-                self.record(&SeqUpdate { seq_id: q.id, token: None, finish: Some(FinishReason::Abort), num_cached: 0, error: None });
+                self.record(&SeqUpdate {
+                    seq_id: q.id,
+                    token: None,
+                    finish: Some(FinishReason::Abort),
+                    num_cached: 0,
+                    error: None,
+                });
             }
         }
 
         fn record(&mut self, u: &SeqUpdate) {
-            let t = self.track.get_mut(&u.seq_id).expect("update for a known sequence");
+            let t = self
+                .track
+                .get_mut(&u.seq_id)
+                .expect("update for a known sequence");
             assert_eq!(t.finish, None, "update after finish: {u:?}");
             assert!(u.num_cached < t.num_prompt.max(1));
             if let Some(tok) = u.token {
@@ -1852,15 +2402,23 @@ mod tests {
             }
             let g = t.generated.len();
             let p = &t.params;
-            assert!(g <= p.max_tokens, "{g} tokens > max_tokens {}", p.max_tokens);
+            assert!(
+                g <= p.max_tokens,
+                "{g} tokens > max_tokens {}",
+                p.max_tokens
+            );
             match u.finish {
                 None => {}
                 Some(FinishReason::Stop) => {
                     let last = t.generated.last().copied();
-                    assert!(last.is_some_and(|l| (!p.ignore_eos && l == EOS) || p.stop_token_ids.contains(&l)));
+                    assert!(last.is_some_and(
+                        |l| (!p.ignore_eos && l == EOS) || p.stop_token_ids.contains(&l)
+                    ));
                     assert!(g > p.min_tokens);
                 }
-                Some(FinishReason::Length) => assert!(g == p.max_tokens || t.num_prompt + g >= t.max_len),
+                Some(FinishReason::Length) => {
+                    assert!(g == p.max_tokens || t.num_prompt + g >= t.max_len)
+                }
                 Some(FinishReason::Abort) => {
                     assert!(t.cancelled);
                 }
@@ -1879,16 +2437,26 @@ mod tests {
             }
             for c in &out.chunks {
                 // The rows written: the sequence's tokens, then any drafts.
-                let tokens: Vec<u32> = self.s.seqs[&c.seq_id].tokens[..c.pos].iter().chain(&c.tokens).copied().collect();
+                let tokens: Vec<u32> = self.s.seqs[&c.seq_id].tokens[..c.pos]
+                    .iter()
+                    .chain(&c.tokens)
+                    .copied()
+                    .collect();
                 let end = c.pos + c.tokens.len();
                 for j in 0..c.pos.div_ceil(bs) {
                     let b = c.block_table[j] as usize;
                     let upto = ((j + 1) * bs).min(c.pos);
                     // Rows past `upto` may hold a rejected draft's K/V: never read.
-                    assert_eq!(self.written[b].get(..upto), Some(&tokens[..upto]), "seq {} reads wrong K/V in block {b}", c.seq_id);
+                    assert_eq!(
+                        self.written[b].get(..upto),
+                        Some(&tokens[..upto]),
+                        "seq {} reads wrong K/V in block {b}",
+                        c.seq_id
+                    );
                 }
                 for j in c.pos / bs..end.div_ceil(bs) {
-                    self.written[c.block_table[j] as usize] = tokens[..((j + 1) * bs).min(end)].to_vec();
+                    self.written[c.block_table[j] as usize] =
+                        tokens[..((j + 1) * bs).min(end)].to_vec();
                 }
             }
         }
@@ -1919,7 +2487,9 @@ mod tests {
                     .chunks
                     .iter()
                     .map(|c| {
-                        let Some(ctx) = c.ctx.as_ref().filter(|_| c.sample) else { return Vec::new() };
+                        let Some(ctx) = c.ctx.as_ref().filter(|_| c.sample) else {
+                            return Vec::new();
+                        };
                         if c.draft > 0 {
                             // A random number of drafts accepted, then a token that is not the next draft
                             // (no stop token: the rows' masks differ; drafts come from the history).
@@ -1935,11 +2505,20 @@ mod tests {
                             return v;
                         }
                         // The sampler never picks masked stop tokens (EOS, 4).
-                        vec![if !ctx.mask_stop && rng.gen_bool(0.1) { EOS } else { rng.gen_range(0..if ctx.mask_stop { 4 } else { 5 }) }]
+                        vec![if !ctx.mask_stop && rng.gen_bool(0.1) {
+                            EOS
+                        } else {
+                            rng.gen_range(0..if ctx.mask_stop { 4 } else { 5 })
+                        }]
                     })
                     .collect();
                 for c in &out.chunks {
-                    self.num_aborted_in_flight += usize::from(self.s.seqs.get(&c.seq_id).is_some_and(Sequence::is_cancelled));
+                    self.num_aborted_in_flight += usize::from(
+                        self.s
+                            .seqs
+                            .get(&c.seq_id)
+                            .is_some_and(Sequence::is_cancelled),
+                    );
                 }
                 for u in self.s.update_from_tokens(&out, &sampled) {
                     self.record(&u);
@@ -1971,8 +2550,19 @@ mod tests {
     fn randomized(speculation: bool) {
         let mut rng = SmallRng::seed_from_u64(64);
         let num_blocks = 24;
-        let prefixes = (0..4).map(|i| (0..i * 5).map(|_| rng.gen_range(0..3)).collect()).collect();
-        let cfg = SchedulerConfig { max_batched_tokens: 24, max_seqs: 6, prefill_chunk: 10, block_size: 4, num_blocks, prefix_caching: true, background_rows: 0 };
+        let prefixes = (0..4)
+            .map(|i| (0..i * 5).map(|_| rng.gen_range(0..3)).collect())
+            .collect();
+        let cfg = SchedulerConfig {
+            max_batched_tokens: 24,
+            max_seqs: 6,
+            prefill_chunk: 10,
+            block_size: 4,
+            num_blocks,
+            prefix_caching: true,
+            background_rows: 0,
+            admission_reserve: 0,
+        };
         let mut sim = Sim {
             s: scheduler(cfg),
             rng,
@@ -1987,7 +2577,15 @@ mod tests {
             num_aborted_in_flight: 0,
         };
         if speculation {
-            sim.s.set_speculation(SpeculativeConfig { num_tokens: 3, ngram_min: 1, ngram_max: 2, max_running: 4, min_acceptance: 0.2, cooldown_steps: 2, ..SpeculativeConfig::default() });
+            sim.s.set_speculation(SpeculativeConfig {
+                num_tokens: 3,
+                ngram_min: 1,
+                ngram_max: 2,
+                max_running: 4,
+                min_acceptance: 0.2,
+                cooldown_steps: 2,
+                ..SpeculativeConfig::default()
+            });
         }
         for _ in 0..3000 {
             sim.tick(true);
@@ -1995,15 +2593,27 @@ mod tests {
         let mut rounds = 0;
         while !(sim.s.is_empty() && sim.in_flight.is_empty()) {
             rounds += 1;
-            assert!(rounds < 10_000, "not drained: {} running, {} waiting", sim.s.num_running(), sim.s.num_waiting());
+            assert!(
+                rounds < 10_000,
+                "not drained: {} running, {} waiting",
+                sim.s.num_running(),
+                sim.s.num_waiting()
+            );
             sim.tick(false);
         }
-        assert!(sim.track.values().all(|t| t.finish.is_some()), "a sequence never finished");
+        assert!(
+            sim.track.values().all(|t| t.finish.is_some()),
+            "a sequence never finished"
+        );
         assert_eq!(sim.s.kv.num_free_blocks(), num_blocks);
         assert_eq!(sim.s.kv.num_seqs(), 0);
         // The run exercised what it claims to.
         let finishes = |r| sim.track.values().filter(|t| t.finish == Some(r)).count();
-        let (stop, length, abort) = (finishes(FinishReason::Stop), finishes(FinishReason::Length), finishes(FinishReason::Abort));
+        let (stop, length, abort) = (
+            finishes(FinishReason::Stop),
+            finishes(FinishReason::Length),
+            finishes(FinishReason::Abort),
+        );
         let c = sim.s.counters;
         let kv = sim.s.kv.stats();
         let summary = format!(
@@ -2014,12 +2624,28 @@ mod tests {
         );
         eprintln!("{summary}");
         assert!(stop > 50 && length > 50 && abort > 10, "{summary}");
-        assert!(c.preemptions > 100 && sim.num_copies > 200 && kv.prefix_hit_tokens > 5000, "{summary}");
-        assert!(sim.num_two_in_flight > 1000 && sim.num_out_of_order > 500 && sim.num_aborted_in_flight > 20, "{summary}");
-        let spec = format!("verify steps {}, drafts {}, accepted {}", c.spec_steps, c.spec_draft_tokens, c.spec_accepted_tokens);
+        assert!(
+            c.preemptions > 100 && sim.num_copies > 200 && kv.prefix_hit_tokens > 5000,
+            "{summary}"
+        );
+        assert!(
+            sim.num_two_in_flight > 1000
+                && sim.num_out_of_order > 500
+                && sim.num_aborted_in_flight > 20,
+            "{summary}"
+        );
+        let spec = format!(
+            "verify steps {}, drafts {}, accepted {}",
+            c.spec_steps, c.spec_draft_tokens, c.spec_accepted_tokens
+        );
         eprintln!("{spec}");
         if speculation {
-            assert!(c.spec_steps > 300 && c.spec_accepted_tokens > 200 && c.spec_accepted_tokens < c.spec_draft_tokens, "{spec}");
+            assert!(
+                c.spec_steps > 300
+                    && c.spec_accepted_tokens > 200
+                    && c.spec_accepted_tokens < c.spec_draft_tokens,
+                "{spec}"
+            );
         } else {
             assert_eq!(c.spec_steps, 0);
         }

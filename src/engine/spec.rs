@@ -68,7 +68,12 @@ pub struct SpecState {
 
 impl Default for SpecState {
     fn default() -> Self {
-        Self { ewma: 0.5, trials: 0, cooldown: 0, backoff: 0 }
+        Self {
+            ewma: 0.5,
+            trials: 0,
+            cooldown: 0,
+            backoff: 0,
+        }
     }
 }
 
@@ -116,7 +121,10 @@ impl SpecState {
 /// Whether a sequence with these parameters may speculate at all (see the
 /// module header for why the others do not).
 pub fn params_allow(p: &SamplingParams) -> bool {
-    p.constraint.is_none() && p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+    p.constraint.is_none()
+        && p.repetition_penalty == 1.0
+        && p.presence_penalty == 0.0
+        && p.frequency_penalty == 0.0
 }
 
 /// Whether speculation is on in `cfg` for a batch of `running` sequences.
@@ -152,7 +160,11 @@ pub fn propose(tokens: &[u32], ngram_min: usize, ngram_max: usize, k: usize) -> 
 /// drafts `0..j`; draft `j` is accepted while `sampled[j] == draft[j]` for all
 /// earlier rows too. The emitted tokens are `sampled[..=accepted]`.
 pub fn accepted_prefix(draft: &[u32], sampled: &[u32]) -> usize {
-    draft.iter().zip(sampled).take_while(|(d, s)| d == s).count()
+    draft
+        .iter()
+        .zip(sampled)
+        .take_while(|(d, s)| d == s)
+        .count()
 }
 
 #[cfg(test)]
@@ -193,7 +205,12 @@ mod tests {
 
     #[test]
     fn low_acceptance_pauses_drafting_then_retries() {
-        let cfg = SpeculativeConfig { num_tokens: 4, min_acceptance: 0.25, cooldown_steps: 3, ..SpeculativeConfig::default() };
+        let cfg = SpeculativeConfig {
+            num_tokens: 4,
+            min_acceptance: 0.25,
+            cooldown_steps: 3,
+            ..SpeculativeConfig::default()
+        };
         let mut s = SpecState::default();
         // ewma 0.5 → 2 of 4 drafts; failures: 0.25 (not below), 0.125 → pause of 3 steps.
         assert_eq!((s.try_draft(&cfg), s.draft_len(4)), (true, 2));
@@ -201,7 +218,10 @@ mod tests {
         assert_eq!((s.cooldown, s.draft_len(4)), (0, 1));
         s.record(1, 0, &cfg);
         assert_eq!((s.cooldown, s.backoff), (3, 1));
-        assert_eq!([s.try_draft(&cfg), s.try_draft(&cfg), s.try_draft(&cfg)], [false; 3]);
+        assert_eq!(
+            [s.try_draft(&cfg), s.try_draft(&cfg), s.try_draft(&cfg)],
+            [false; 3]
+        );
         // Probation at the threshold: one draft token; a failure pauses twice as long.
         assert_eq!((s.ewma, s.draft_len(4)), (0.25, 1));
         assert!(s.try_draft(&cfg));
@@ -217,7 +237,12 @@ mod tests {
         }
         assert_eq!((s.cooldown, s.draft_len(4)), (0, 4));
         // The pause is capped at 8 x cooldown_steps.
-        let mut s = SpecState { backoff: 7, trials: 5, ewma: 0.1, ..SpecState::default() };
+        let mut s = SpecState {
+            backoff: 7,
+            trials: 5,
+            ewma: 0.1,
+            ..SpecState::default()
+        };
         s.record(4, 0, &cfg);
         assert_eq!(s.cooldown, 24);
         // The policy helpers.
@@ -225,7 +250,10 @@ mod tests {
         assert!(!batch_allows(&SpeculativeConfig::default(), 5));
         assert!(!batch_allows(&SpeculativeConfig::off(), 1));
         assert!(params_allow(&SamplingParams::default()));
-        assert!(!params_allow(&SamplingParams { frequency_penalty: 0.5, ..SamplingParams::default() }));
+        assert!(!params_allow(&SamplingParams {
+            frequency_penalty: 0.5,
+            ..SamplingParams::default()
+        }));
     }
 
     use crate::sampling::{sample, RowParams};
@@ -268,7 +296,11 @@ mod tests {
         let row2 = [0.3f32, -1.0, 0.9, 0.1, 1.2, 0.5];
         let draft = [2u32, 4];
         for temperature in [1.0f32, 0.7] {
-            let p = SamplingParams { temperature, seed: Some(7), ..SamplingParams::default() };
+            let p = SamplingParams {
+                temperature,
+                seed: Some(7),
+                ..SamplingParams::default()
+            };
             let scale = |r: &[f32]| r.iter().map(|v| v / temperature).collect::<Vec<f32>>();
             let (p1, p2) = (softmax(&scale(&row1)), softmax(&scale(&row2)));
             let n = 60_000usize;
@@ -277,8 +309,19 @@ mod tests {
             let mut work = vec![0.0f32; 6];
             for k in 0..n {
                 // Row j of a chunk whose last token sits at 10 k: it chooses position 10 k + 1 + j.
-                let rp = |j: usize| RowParams { params: &p, seed: 7, index: 0, position: 10 * k + 1 + j, prompt: &[], output: &[], masked: &[] };
-                let sampled = [sample(&row1, &mut work, &rp(0)).token, sample(&row2, &mut work, &rp(1)).token];
+                let rp = |j: usize| RowParams {
+                    params: &p,
+                    seed: 7,
+                    index: 0,
+                    position: 10 * k + 1 + j,
+                    prompt: &[],
+                    output: &[],
+                    masked: &[],
+                };
+                let sampled = [
+                    sample(&row1, &mut work, &rp(0)).token,
+                    sample(&row2, &mut work, &rp(1)).token,
+                ];
                 // The first emitted token is row 1's, accepted or not; row 2's counts once row 1 held.
                 first[sampled[0] as usize] += 1;
                 match accepted_prefix(&draft, &sampled) {
@@ -298,20 +341,40 @@ mod tests {
                 let sd = (q * (1.0 - q) / trials as f64).sqrt();
                 ((hits as f64 / trials as f64) - q).abs() < 4.0 * sd
             };
-            assert!(within(acc1, n as u64, p1[2]), "T={temperature}: first accepted {acc1}/{n}, p = {}", p1[2]);
-            assert!(within(acc2, acc1, p2[4]), "T={temperature}: second accepted {acc2}/{acc1}, p = {}", p2[4]);
+            assert!(
+                within(acc1, n as u64, p1[2]),
+                "T={temperature}: first accepted {acc1}/{n}, p = {}",
+                p1[2]
+            );
+            assert!(
+                within(acc2, acc1, p2[4]),
+                "T={temperature}: second accepted {acc2}/{acc1}, p = {}",
+                p2[4]
+            );
             let without = |p: &[f64], t: usize| {
                 let z = 1.0 - p[t];
-                p.iter().enumerate().map(|(i, &q)| if i == t { 0.0 } else { q / z }).collect::<Vec<f64>>()
+                p.iter()
+                    .enumerate()
+                    .map(|(i, &q)| if i == t { 0.0 } else { q / z })
+                    .collect::<Vec<f64>>()
             };
             let c = chi2(&first, &p1);
-            assert!(c < 20.5, "T={temperature}: first token chi-square {c}: {first:?}");
+            assert!(
+                c < 20.5,
+                "T={temperature}: first token chi-square {c}: {first:?}"
+            );
             let c = chi2(&residual1, &without(&p1, 2));
-            assert!(c < 18.5, "T={temperature}: residual of row 1 chi-square {c}: {residual1:?}");
+            assert!(
+                c < 18.5,
+                "T={temperature}: residual of row 1 chi-square {c}: {residual1:?}"
+            );
             // Row 2's rejected tokens: the residual of p2 without 4 (draft 4 never emitted there).
             let r2 = residual2;
             let c = chi2(&r2, &without(&p2, 4));
-            assert!(c < 18.5, "T={temperature}: residual of row 2 chi-square {c}: {r2:?}");
+            assert!(
+                c < 18.5,
+                "T={temperature}: residual of row 2 chi-square {c}: {r2:?}"
+            );
         }
     }
 }

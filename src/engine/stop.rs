@@ -40,7 +40,12 @@ pub struct StopMatch {
 impl StopMatcher {
     /// Builds the automaton (empty strings are ignored; validation refuses them).
     pub fn new<S: AsRef<str>>(stops: &[S]) -> Self {
-        let mut m = StopMatcher { children: vec![Vec::new()], fail: vec![0], depth: vec![0], match_len: vec![0] };
+        let mut m = StopMatcher {
+            children: vec![Vec::new()],
+            fail: vec![0],
+            depth: vec![0],
+            match_len: vec![0],
+        };
         for s in stops {
             let bytes = s.as_ref().as_bytes();
             if bytes.is_empty() {
@@ -95,7 +100,9 @@ impl StopMatcher {
 
     fn child(&self, node: u32, b: u8) -> Option<u32> {
         let kids = self.children.get(node as usize)?;
-        kids.binary_search_by_key(&b, |&(k, _)| k).ok().map(|i| kids[i].1)
+        kids.binary_search_by_key(&b, |&(k, _)| k)
+            .ok()
+            .map(|i| kids[i].1)
     }
 
     fn step(&self, mut state: u32, b: u8) -> u32 {
@@ -128,7 +135,11 @@ impl StopMatcher {
             let len = self.match_len[*state as usize] as usize;
             if len > 0 {
                 let end = i + 1;
-                return Some(StopMatch { from_held: len.saturating_sub(end), end, len });
+                return Some(StopMatch {
+                    from_held: len.saturating_sub(end),
+                    end,
+                    len,
+                });
             }
         }
         None
@@ -142,7 +153,15 @@ mod tests {
     /// Reference: the earliest-ending occurrence of any stop string in `text`, as a start offset.
     fn naive_first(text: &str, stops: &[&str]) -> Option<usize> {
         (1..=text.len()).find_map(|end| {
-            stops.iter().filter(|s| !s.is_empty() && end >= s.len() && text.as_bytes()[..end].ends_with(s.as_bytes())).map(|s| end - s.len()).min()
+            stops
+                .iter()
+                .filter(|s| {
+                    !s.is_empty()
+                        && end >= s.len()
+                        && text.as_bytes()[..end].ends_with(s.as_bytes())
+                })
+                .map(|s| end - s.len())
+                .min()
         })
     }
 
@@ -177,7 +196,10 @@ mod tests {
     #[test]
     fn matches_across_pieces_and_holds_prefixes() {
         assert_eq!(run(&["world"], &["hello wo", "rld!"]), (Some(6), vec![2]));
-        assert_eq!(run(&["abcd", "bc"], &["a", "b", "c", "d"]), (Some(1), vec![1, 2]));
+        assert_eq!(
+            run(&["abcd", "bc"], &["a", "b", "c", "d"]),
+            (Some(1), vec![1, 2])
+        );
         assert_eq!(run(&["ab"], &["xa", "a", "b"]), (Some(2), vec![1, 1]));
         assert_eq!(run(&["</s>"], &["no stop here"]).0, None);
         // Multi-byte text.
@@ -189,15 +211,20 @@ mod tests {
         // Seeded LCG over a 3-letter alphabet: many overlaps and partial matches.
         let mut x: u64 = 64;
         let mut next = || {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 33) as usize
         };
         let alphabet = ["a", "b", "c"];
         for _ in 0..2000 {
-            let stops: Vec<String> =
-                (0..1 + next() % 4).map(|_| (0..1 + next() % 4).map(|_| alphabet[next() % 3]).collect()).collect();
+            let stops: Vec<String> = (0..1 + next() % 4)
+                .map(|_| (0..1 + next() % 4).map(|_| alphabet[next() % 3]).collect())
+                .collect();
             let stops: Vec<&str> = stops.iter().map(String::as_str).collect();
-            let pieces: Vec<String> = (0..1 + next() % 8).map(|_| (0..next() % 4).map(|_| alphabet[next() % 3]).collect()).collect();
+            let pieces: Vec<String> = (0..1 + next() % 8)
+                .map(|_| (0..next() % 4).map(|_| alphabet[next() % 3]).collect())
+                .collect();
             let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
             let text: String = pieces.concat();
             let (got, helds) = run(&stops, &pieces);

@@ -86,12 +86,21 @@ pub struct Validator {
 }
 
 fn invalid(param: &str, message: impl Into<String>) -> EngineError {
-    EngineError::Invalid { param: Some(param.to_string()), message: message.into() }
+    EngineError::Invalid {
+        param: Some(param.to_string()),
+        message: message.into(),
+    }
 }
 
 impl Validator {
     /// A validator for `tok` with the given limits (`max_token_bytes` is measured from `tok`).
-    pub fn new(tok: Arc<Tokenizer>, max_len: usize, max_n: usize, max_stop_bytes: usize, parse_special_in_content: bool) -> Self {
+    pub fn new(
+        tok: Arc<Tokenizer>,
+        max_len: usize,
+        max_n: usize,
+        max_stop_bytes: usize,
+        parse_special_in_content: bool,
+    ) -> Self {
         let vocab_size = tok.vocab_size();
         let max_token_bytes = (0..vocab_size as u32)
             .map(|id| {
@@ -103,7 +112,18 @@ impl Validator {
             .unwrap_or(1)
             .max(1);
         let guidance = Arc::new(LazyGuidance::new(tok.clone()));
-        Self { tok, info: EngineInfo { max_len, vocab_size, max_n, max_stop_bytes, max_token_bytes }, parse_special_in_content, guidance }
+        Self {
+            tok,
+            info: EngineInfo {
+                max_len,
+                vocab_size,
+                max_n,
+                max_stop_bytes,
+                max_token_bytes,
+            },
+            parse_special_in_content,
+            guidance,
+        }
     }
 
     /// Constrained decoding over this vocabulary (shared with the sampler).
@@ -129,22 +149,38 @@ impl Validator {
         self.check_prompt(&prompt, p.max_tokens, p.min_tokens)?;
         let seed = p.seed.unwrap_or_else(fresh_seed);
         let stop = (!p.stop.is_empty()).then(|| Arc::new(StopMatcher::new(&p.stop)));
-        Ok(ValidRequest { prompt: Arc::new(prompt), params: Arc::new(p), seed, priority: req.priority, stop, background: false })
+        Ok(ValidRequest {
+            prompt: Arc::new(prompt),
+            params: Arc::new(p),
+            seed,
+            priority: req.priority,
+            stop,
+            background: false,
+        })
     }
 
     /// Token ids of `prompt` (text with control tokens parsed and BOS as the model
     /// adds it; chat messages through the template with the generation prompt;
     /// token ids as given), refusing unread any text that could not fit in the
     /// context next to `max_tokens` new tokens.
-    pub fn encode_prompt(&self, prompt: &Prompt, max_tokens: usize) -> Result<Vec<u32>, EngineError> {
+    pub fn encode_prompt(
+        &self,
+        prompt: &Prompt,
+        max_tokens: usize,
+    ) -> Result<Vec<u32>, EngineError> {
         match prompt {
             Prompt::Text(t) => {
                 self.check_bytes("prompt", t.len(), max_tokens)?;
-                self.tok.encode_with_bos(t, true).map_err(|e| invalid("prompt", e.to_string()))
+                self.tok
+                    .encode_with_bos(t, true)
+                    .map_err(|e| invalid("prompt", e.to_string()))
             }
             Prompt::Tokens(ids) => Ok(ids.clone()),
             Prompt::Chat(messages) => {
-                let bytes = messages.iter().map(|m| m.content.len()).fold(0usize, usize::saturating_add);
+                let bytes = messages
+                    .iter()
+                    .map(|m| m.content.len())
+                    .fold(0usize, usize::saturating_add);
                 self.check_bytes("messages", bytes, max_tokens)?;
                 self.encode_chat(messages, true, true)
             }
@@ -154,7 +190,12 @@ impl Validator {
     /// Chat messages through the model's template. Message contents and roles
     /// are plain text: control-token text in them stays text (OpenAI's rule),
     /// unless `[tokenizer] parse_special_in_content` is on.
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool, add_bos: bool) -> Result<Vec<u32>, EngineError> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        add_bos: bool,
+    ) -> Result<Vec<u32>, EngineError> {
         self.encode_chat_with_tools(messages, None, add_generation_prompt, add_bos)
     }
 
@@ -167,9 +208,23 @@ impl Validator {
         add_generation_prompt: bool,
         add_bos: bool,
     ) -> Result<Vec<u32>, EngineError> {
-        let tmpl = self.tok.chat_template().ok_or_else(|| invalid("messages", "the model has no chat template"))?;
-        let options = ChatEncodeOptions { add_generation_prompt, with_bos: add_bos, parse_special_in_content: self.parse_special_in_content };
-        self.tok.encode_chat_with(tmpl, messages, tools, None, options).map_err(|e| invalid(&e.param().unwrap_or_else(|| "messages".into()), e.to_string()))
+        let tmpl = self
+            .tok
+            .chat_template()
+            .ok_or_else(|| invalid("messages", "the model has no chat template"))?;
+        let options = ChatEncodeOptions {
+            add_generation_prompt,
+            with_bos: add_bos,
+            parse_special_in_content: self.parse_special_in_content,
+        };
+        self.tok
+            .encode_chat_with(tmpl, messages, tools, None, options)
+            .map_err(|e| {
+                invalid(
+                    &e.param().unwrap_or_else(|| "messages".into()),
+                    e.to_string(),
+                )
+            })
     }
 
     /// Refuses a text of `bytes` bytes that no tokenization could fit.
@@ -190,13 +245,24 @@ impl Validator {
     }
 
     /// Prompt ids: non-empty, in the vocabulary, and with `max_tokens` within the context.
-    pub fn check_prompt(&self, prompt: &[u32], max_tokens: usize, min_tokens: usize) -> Result<(), EngineError> {
+    pub fn check_prompt(
+        &self,
+        prompt: &[u32],
+        max_tokens: usize,
+        min_tokens: usize,
+    ) -> Result<(), EngineError> {
         let (vocab, max_len) = (self.info.vocab_size, self.info.max_len);
         if prompt.is_empty() {
-            return Err(invalid("prompt", "the prompt must contain at least one token"));
+            return Err(invalid(
+                "prompt",
+                "the prompt must contain at least one token",
+            ));
         }
         if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(invalid("prompt", format!("token id {t} is out of range (vocabulary size {vocab})")));
+            return Err(invalid(
+                "prompt",
+                format!("token id {t} is out of range (vocabulary size {vocab})"),
+            ));
         }
         let total = prompt.len().saturating_add(max_tokens);
         if total > max_len {
@@ -219,47 +285,102 @@ impl Validator {
         let (vocab, max_n) = (self.info.vocab_size, self.info.max_n);
         let fin = |v: f32| v.is_finite();
         if !(fin(p.temperature) && p.temperature >= 0.0) {
-            return Err(invalid("temperature", format!("temperature must be >= 0, got {}", p.temperature)));
+            return Err(invalid(
+                "temperature",
+                format!("temperature must be >= 0, got {}", p.temperature),
+            ));
         }
         if p.temperature > 100.0 {
-            return Err(invalid("temperature", format!("temperature must be <= 100, got {}", p.temperature)));
+            return Err(invalid(
+                "temperature",
+                format!("temperature must be <= 100, got {}", p.temperature),
+            ));
         }
         if !(fin(p.top_p) && p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(invalid("top_p", format!("top_p must be in (0, 1], got {}", p.top_p)));
+            return Err(invalid(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", p.top_p),
+            ));
         }
         if p.top_k < -1 {
-            return Err(invalid("top_k", format!("top_k must be -1 (off), 0 (off) or positive, got {}", p.top_k)));
+            return Err(invalid(
+                "top_k",
+                format!(
+                    "top_k must be -1 (off), 0 (off) or positive, got {}",
+                    p.top_k
+                ),
+            ));
         }
         if !(fin(p.min_p) && (0.0..=1.0).contains(&p.min_p)) {
-            return Err(invalid("min_p", format!("min_p must be in [0, 1], got {}", p.min_p)));
+            return Err(invalid(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}", p.min_p),
+            ));
         }
-        if !(fin(p.repetition_penalty) && p.repetition_penalty > 0.0 && p.repetition_penalty <= 10.0) {
-            return Err(invalid("repetition_penalty", format!("repetition_penalty must be in (0, 10], got {}", p.repetition_penalty)));
+        if !(fin(p.repetition_penalty)
+            && p.repetition_penalty > 0.0
+            && p.repetition_penalty <= 10.0)
+        {
+            return Err(invalid(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty must be in (0, 10], got {}",
+                    p.repetition_penalty
+                ),
+            ));
         }
         if !(fin(p.presence_penalty) && (-2.0..=2.0).contains(&p.presence_penalty)) {
-            return Err(invalid("presence_penalty", format!("presence_penalty must be in [-2, 2], got {}", p.presence_penalty)));
+            return Err(invalid(
+                "presence_penalty",
+                format!(
+                    "presence_penalty must be in [-2, 2], got {}",
+                    p.presence_penalty
+                ),
+            ));
         }
         if !(fin(p.frequency_penalty) && (-2.0..=2.0).contains(&p.frequency_penalty)) {
-            return Err(invalid("frequency_penalty", format!("frequency_penalty must be in [-2, 2], got {}", p.frequency_penalty)));
+            return Err(invalid(
+                "frequency_penalty",
+                format!(
+                    "frequency_penalty must be in [-2, 2], got {}",
+                    p.frequency_penalty
+                ),
+            ));
         }
         for (&t, &b) in &p.logit_bias {
             if t as usize >= vocab {
-                return Err(invalid("logit_bias", format!("token id {t} in logit_bias is out of range (vocabulary size {vocab})")));
+                return Err(invalid(
+                    "logit_bias",
+                    format!("token id {t} in logit_bias is out of range (vocabulary size {vocab})"),
+                ));
             }
             if !(fin(b) && (-100.0..=100.0).contains(&b)) {
-                return Err(invalid("logit_bias", format!("bias for token {t} must be in [-100, 100], got {b}")));
+                return Err(invalid(
+                    "logit_bias",
+                    format!("bias for token {t} must be in [-100, 100], got {b}"),
+                ));
             }
         }
         if let Some(&t) = p.stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(invalid("stop_token_ids", format!("token id {t} is out of range (vocabulary size {vocab})")));
+            return Err(invalid(
+                "stop_token_ids",
+                format!("token id {t} is out of range (vocabulary size {vocab})"),
+            ));
         }
         if p.stop.iter().any(|s| s.is_empty()) {
             return Err(invalid("stop", "stop strings must not be empty"));
         }
         if p.stop.len() > 16 {
-            return Err(invalid("stop", format!("at most 16 stop strings, got {}", p.stop.len())));
+            return Err(invalid(
+                "stop",
+                format!("at most 16 stop strings, got {}", p.stop.len()),
+            ));
         }
-        let stop_bytes = p.stop.iter().map(String::len).fold(0usize, usize::saturating_add);
+        let stop_bytes = p
+            .stop
+            .iter()
+            .map(String::len)
+            .fold(0usize, usize::saturating_add);
         if stop_bytes > self.info.max_stop_bytes {
             return Err(invalid(
                 "stop",
@@ -268,22 +389,40 @@ impl Validator {
         }
         if let Some(n) = p.logprobs {
             if n > 20 {
-                return Err(invalid("top_logprobs", format!("top_logprobs must be in [0, 20], got {n}")));
+                return Err(invalid(
+                    "top_logprobs",
+                    format!("top_logprobs must be in [0, 20], got {n}"),
+                ));
             }
         }
         if let Some(n) = p.prompt_logprobs {
             if n > 20 {
-                return Err(invalid("prompt_logprobs", format!("prompt_logprobs must be in [0, 20], got {n}")));
+                return Err(invalid(
+                    "prompt_logprobs",
+                    format!("prompt_logprobs must be in [0, 20], got {n}"),
+                ));
             }
         }
         if p.n == 0 || p.n > max_n {
-            return Err(invalid("n", format!("n must be in [1, {max_n}], got {}", p.n)));
+            return Err(invalid(
+                "n",
+                format!("n must be in [1, {max_n}], got {}", p.n),
+            ));
         }
         if p.max_tokens == 0 && p.prompt_logprobs.is_none() {
-            return Err(invalid("max_tokens", "max_tokens must be at least 1 (0 only with prompt log-probabilities)"));
+            return Err(invalid(
+                "max_tokens",
+                "max_tokens must be at least 1 (0 only with prompt log-probabilities)",
+            ));
         }
         if p.min_tokens > p.max_tokens {
-            return Err(invalid("min_tokens", format!("min_tokens ({}) must be <= max_tokens ({})", p.min_tokens, p.max_tokens)));
+            return Err(invalid(
+                "min_tokens",
+                format!(
+                    "min_tokens ({}) must be <= max_tokens ({})",
+                    p.min_tokens, p.max_tokens
+                ),
+            ));
         }
         if let Some(c) = &p.constraint {
             if p.ignore_eos {
@@ -292,8 +431,16 @@ impl Validator {
             if p.min_tokens > 0 {
                 return Err(invalid("min_tokens", "min_tokens cannot be combined with structured output: the grammar decides where the output ends"));
             }
-            let g = self.guidance.get().map_err(|e| invalid("constraint", e.to_string()))?;
-            g.check(c).map_err(|e| invalid("constraint", format!("the output constraint cannot be used: {e}")))?;
+            let g = self
+                .guidance
+                .get()
+                .map_err(|e| invalid("constraint", e.to_string()))?;
+            g.check(c).map_err(|e| {
+                invalid(
+                    "constraint",
+                    format!("the output constraint cannot be used: {e}"),
+                )
+            })?;
         }
         Ok(())
     }
@@ -302,7 +449,10 @@ impl Validator {
 /// A seed for a request that brought none.
 fn fresh_seed() -> u64 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     let c = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     sampling::mix64(t ^ sampling::mix64(c))
 }

@@ -169,7 +169,10 @@ pub enum GgufError {
         raw: u32,
     },
     /// A known ggml type this runtime does not support (K-quants, ...).
-    #[error("tensor `{tensor}`: ggml type {name} ({raw}) is not supported (supported: {})", GgmlDType::supported_names())]
+    #[error(
+        "tensor `{tensor}`: ggml type {name} ({raw}) is not supported (supported: {})",
+        GgmlDType::supported_names()
+    )]
     UnsupportedDType {
         /// Tensor name.
         tensor: String,
@@ -477,7 +480,8 @@ fn advise_dont_need(m: &memmap2::Mmap, range: std::ops::Range<usize>) {
     // modified while mapped (see `map_file`). Dropping its pages cannot change
     // what any live slice reads: the next access faults the same bytes back
     // in from the file. The range lies inside the map (checked by the caller).
-    let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+    let _ =
+        unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
 }
 
 /// Maps `file` read-only.
@@ -502,7 +506,9 @@ impl GgufFile {
         let meta = file.metadata().map_err(io_err)?;
         if meta.is_dir() {
             // Opening a directory succeeds on Unix; mapping it fails with ENODEV.
-            return Err(GgufError::IsDirectory { path: path.display().to_string() });
+            return Err(GgufError::IsDirectory {
+                path: path.display().to_string(),
+            });
         }
         let len = meta.len();
         let storage = if len == 0 {

@@ -41,7 +41,8 @@ pub struct GuidanceError(pub String);
 pub fn to_llguidance(g: &Grammar) -> Result<TopLevelGrammar, GuidanceError> {
     let json = |mut schema: Value| {
         if let Some(o) = schema.as_object_mut() {
-            o.entry("x-guidance").or_insert_with(|| json!({ "whitespace_pattern": DEFAULT_JSON_WHITESPACE }));
+            o.entry("x-guidance")
+                .or_insert_with(|| json!({ "whitespace_pattern": DEFAULT_JSON_WHITESPACE }));
         }
         TopLevelGrammar::from_json_schema(schema)
     };
@@ -49,39 +50,54 @@ pub fn to_llguidance(g: &Grammar) -> Result<TopLevelGrammar, GuidanceError> {
         Grammar::JsonObject => json(json!({ "type": "object" })),
         Grammar::JsonSchema(s) => {
             if !(s.is_object() || s.is_boolean()) {
-                return Err(GuidanceError("a JSON schema must be an object (or a boolean)".into()));
+                return Err(GuidanceError(
+                    "a JSON schema must be an object (or a boolean)".into(),
+                ));
             }
             json(s.clone())
         }
         Grammar::Regex(r) => {
-            regex_syntax::Parser::new().parse(r).map_err(|e| GuidanceError(format!("invalid regular expression: {e}")))?;
+            regex_syntax::Parser::new()
+                .parse(r)
+                .map_err(|e| GuidanceError(format!("invalid regular expression: {e}")))?;
             TopLevelGrammar::from_regex(r)
         }
         Grammar::Choice(choices) => {
             if choices.is_empty() {
                 return Err(GuidanceError("the choice list is empty".into()));
             }
-            let alts: Vec<String> = choices.iter().map(|c| serde_json::to_string(c).unwrap_or_default()).collect();
+            let alts: Vec<String> = choices
+                .iter()
+                .map(|c| serde_json::to_string(c).unwrap_or_default())
+                .collect();
             if choices.iter().any(String::is_empty) {
                 return Err(GuidanceError("a choice is the empty string".into()));
             }
             TopLevelGrammar::from_lark(format!("start: {}\n", alts.join(" | ")))
         }
         Grammar::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
-        Grammar::Gbnf(g) => TopLevelGrammar::from_lark(gbnf::to_lark(g).map_err(|e| GuidanceError(format!("invalid GBNF grammar: {e}")))?),
+        Grammar::Gbnf(g) => TopLevelGrammar::from_lark(
+            gbnf::to_lark(g).map_err(|e| GuidanceError(format!("invalid GBNF grammar: {e}")))?,
+        ),
     })
 }
 
 fn limits() -> ParserLimits {
     // Errors go back to API clients: no grammar dumps in them.
-    ParserLimits { verbose_errors: false, ..ParserLimits::default() }
+    ParserLimits {
+        verbose_errors: false,
+        ..ParserLimits::default()
+    }
 }
 
 /// Checks a grammar without a vocabulary (schema, regex and grammar syntax):
 /// what the API layer runs while it still knows which field the grammar came from.
 pub fn check_syntax(g: &Grammar) -> Result<(), GuidanceError> {
     let tlg = to_llguidance(g)?;
-    match GrammarInit::Serialized(tlg).validate(None, limits()).into_error() {
+    match GrammarInit::Serialized(tlg)
+        .validate(None, limits())
+        .into_error()
+    {
         Some(e) => Err(GuidanceError(e)),
         None => Ok(()),
     }
@@ -119,7 +135,10 @@ pub struct Guidance {
 
 impl std::fmt::Debug for Guidance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Guidance").field("vocab", &self.vocab_size()).field("eog", &self.eog).finish()
+        f.debug_struct("Guidance")
+            .field("vocab", &self.vocab_size())
+            .field("eog", &self.eog)
+            .finish()
     }
 }
 
@@ -127,11 +146,20 @@ impl Guidance {
     /// Guidance over `env`.
     pub(crate) fn new(env: TokEnv) -> Result<Self, GuidanceError> {
         let eog = env.tok_trie().eos_tokens().to_vec();
-        let mut factory = ParserFactory::new(&env, InferenceCapabilities::default(), &SlicedBiasComputer::general_slices())
-            .map_err(|e| GuidanceError(e.to_string()))?;
+        let mut factory = ParserFactory::new(
+            &env,
+            InferenceCapabilities::default(),
+            &SlicedBiasComputer::general_slices(),
+        )
+        .map_err(|e| GuidanceError(e.to_string()))?;
         factory.quiet();
         *factory.limits_mut() = limits();
-        Ok(Self { factory, cache: Mutex::new(Cache::default()), times: Arc::new(MaskTimes::default()), eog })
+        Ok(Self {
+            factory,
+            cache: Mutex::new(Cache::default()),
+            times: Arc::new(MaskTimes::default()),
+            eog,
+        })
     }
 
     /// Tokens the trie knows (the tokenizer's vocabulary).
@@ -175,7 +203,10 @@ impl Guidance {
             }
         }
         let tlg = to_llguidance(g)?;
-        let parser = self.factory.create_parser(tlg).map_err(|e| GuidanceError(e.to_string()))?;
+        let parser = self
+            .factory
+            .create_parser(tlg)
+            .map_err(|e| GuidanceError(e.to_string()))?;
         if let Ok(mut c) = self.cache.lock() {
             if c.map.len() >= CACHE_CAPACITY {
                 if let Some(old) = c.map.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| *k) {
@@ -183,7 +214,14 @@ impl Guidance {
                 }
             }
             let used = c.clock;
-            c.map.insert(h, Cached { text, parser: parser.deep_clone(), used });
+            c.map.insert(
+                h,
+                Cached {
+                    text,
+                    parser: parser.deep_clone(),
+                    used,
+                },
+            );
         }
         Ok(parser)
     }
@@ -218,14 +256,19 @@ pub struct LazyGuidance {
 
 impl std::fmt::Debug for LazyGuidance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LazyGuidance").field("built", &self.cell.get().is_some()).finish()
+        f.debug_struct("LazyGuidance")
+            .field("built", &self.cell.get().is_some())
+            .finish()
     }
 }
 
 impl LazyGuidance {
     /// Not built yet.
     pub fn new(tok: Arc<Tokenizer>) -> Self {
-        Self { tok, cell: OnceLock::new() }
+        Self {
+            tok,
+            cell: OnceLock::new(),
+        }
     }
 
     /// The guidance (built now if needed); an error when this model cannot be constrained.

@@ -52,7 +52,16 @@ pub(crate) fn to_lark(src: &str) -> Result<String, String> {
     }
     let mut names: HashMap<String, String> = HashMap::new();
     for (k, (n, _)) in rules.iter().enumerate() {
-        let clean: String = n.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+        let clean: String = n
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         if names.insert(n.clone(), format!("r{k}_{clean}")).is_some() {
             return Err(format!("rule `{n}` is defined twice"));
         }
@@ -69,7 +78,9 @@ pub(crate) fn to_lark(src: &str) -> Result<String, String> {
         for t in body {
             match t {
                 Tok::Name(r) => {
-                    let m = names.get(r).ok_or_else(|| format!("rule `{n}` refers to undefined rule `{r}`"))?;
+                    let m = names
+                        .get(r)
+                        .ok_or_else(|| format!("rule `{n}` refers to undefined rule `{r}`"))?;
                     let _ = write!(out, " {m}");
                     prev_operand = true;
                 }
@@ -77,7 +88,11 @@ pub(crate) fn to_lark(src: &str) -> Result<String, String> {
                     if s.is_empty() {
                         out.push_str(" \"\"");
                     } else {
-                        let _ = write!(out, " {}", serde_json::to_string(s).map_err(|e| e.to_string())?);
+                        let _ = write!(
+                            out,
+                            " {}",
+                            serde_json::to_string(s).map_err(|e| e.to_string())?
+                        );
                     }
                     prev_operand = true;
                 }
@@ -91,7 +106,9 @@ pub(crate) fn to_lark(src: &str) -> Result<String, String> {
                     prev_operand = false;
                 }
                 Tok::RParen => {
-                    depth = depth.checked_sub(1).ok_or_else(|| format!("rule `{n}`: unbalanced `)`"))?;
+                    depth = depth
+                        .checked_sub(1)
+                        .ok_or_else(|| format!("rule `{n}`: unbalanced `)`"))?;
                     out.push_str(" )");
                     prev_operand = true;
                 }
@@ -118,12 +135,21 @@ pub(crate) fn to_lark(src: &str) -> Result<String, String> {
 
 /// One escaped character after `\` at `chars[*i]` (the backslash already taken).
 fn escape(chars: &[char], i: &mut usize) -> Result<char, String> {
-    let c = *chars.get(*i).ok_or("unfinished escape at the end of the grammar")?;
+    let c = *chars
+        .get(*i)
+        .ok_or("unfinished escape at the end of the grammar")?;
     *i += 1;
     let hex = |i: &mut usize, n: usize| -> Result<char, String> {
-        let s: String = chars.get(*i..*i + n).ok_or("unfinished \\x/\\u escape")?.iter().collect();
+        let s: String = chars
+            .get(*i..*i + n)
+            .ok_or("unfinished \\x/\\u escape")?
+            .iter()
+            .collect();
         *i += n;
-        u32::from_str_radix(&s, 16).ok().and_then(char::from_u32).ok_or_else(|| format!("bad escape `{s}`"))
+        u32::from_str_radix(&s, 16)
+            .ok()
+            .and_then(char::from_u32)
+            .ok_or_else(|| format!("bad escape `{s}`"))
     };
     Ok(match c {
         'n' => '\n',
@@ -184,9 +210,19 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
                 i += 1;
             }
             '{' => {
-                let end = chars[i..].iter().position(|&x| x == '}').ok_or("unclosed `{` repetition")? + i;
-                let inner: String = chars[i + 1..end].iter().filter(|c| !c.is_whitespace()).collect();
-                let num = |s: &str| s.parse::<u32>().map_err(|_| format!("bad repetition `{{{inner}}}`"));
+                let end = chars[i..]
+                    .iter()
+                    .position(|&x| x == '}')
+                    .ok_or("unclosed `{` repetition")?
+                    + i;
+                let inner: String = chars[i + 1..end]
+                    .iter()
+                    .filter(|c| !c.is_whitespace())
+                    .collect();
+                let num = |s: &str| {
+                    s.parse::<u32>()
+                        .map_err(|_| format!("bad repetition `{{{inner}}}`"))
+                };
                 let p = match inner.split_once(',') {
                     None => {
                         let m = num(&inner)?;
@@ -233,14 +269,22 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
                     if c == ']' {
                         break;
                     }
-                    let lo = if c == '\\' { escape(&chars, &mut i)? } else { c };
+                    let lo = if c == '\\' {
+                        escape(&chars, &mut i)?
+                    } else {
+                        c
+                    };
                     re.push_str(&class_char(lo));
                     any = true;
                     if chars.get(i) == Some(&'-') && chars.get(i + 1).is_some_and(|&n| n != ']') {
                         i += 1;
                         let c2 = chars[i];
                         i += 1;
-                        let hi = if c2 == '\\' { escape(&chars, &mut i)? } else { c2 };
+                        let hi = if c2 == '\\' {
+                            escape(&chars, &mut i)?
+                        } else {
+                            c2
+                        };
                         if hi < lo {
                             return Err(format!("empty character range `{lo}-{hi}`"));
                         }
@@ -256,7 +300,9 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
             }
             _ if c.is_ascii_alphanumeric() || c == '-' || c == '_' => {
                 let start = i;
-                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '-' || chars[i] == '_') {
+                while i < chars.len()
+                    && (chars[i].is_ascii_alphanumeric() || chars[i] == '-' || chars[i] == '_')
+                {
                     i += 1;
                 }
                 out.push(Tok::Name(chars[start..i].iter().collect()));

@@ -48,26 +48,42 @@ pub struct FieldError {
 }
 
 fn err(param: &str, message: impl Into<String>) -> FieldError {
-    FieldError { param: param.to_string(), message: message.into() }
+    FieldError {
+        param: param.to_string(),
+        message: message.into(),
+    }
 }
 
 /// A JSON schema given inline or as a JSON string.
 fn schema_value(param: &str, v: &Value) -> Result<Value, FieldError> {
     match v {
-        Value::String(s) => serde_json::from_str(s).map_err(|e| err(param, format!("`{param}` is not valid JSON: {e}"))),
+        Value::String(s) => serde_json::from_str(s)
+            .map_err(|e| err(param, format!("`{param}` is not valid JSON: {e}"))),
         Value::Object(_) | Value::Bool(_) => Ok(v.clone()),
-        _ => Err(err(param, format!("`{param}` must be a JSON schema (an object)"))),
+        _ => Err(err(
+            param,
+            format!("`{param}` must be a JSON schema (an object)"),
+        )),
     }
 }
 
 fn string(param: &str, v: &Value) -> Result<String, FieldError> {
-    v.as_str().map(str::to_string).ok_or_else(|| err(param, format!("`{param}` must be a string")))
+    v.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| err(param, format!("`{param}` must be a string")))
 }
 
 fn choices(param: &str, v: &Value) -> Result<Vec<String>, FieldError> {
-    let bad = || err(param, format!("`{param}` must be a non-empty list of strings"));
+    let bad = || {
+        err(
+            param,
+            format!("`{param}` must be a non-empty list of strings"),
+        )
+    };
     let a = v.as_array().filter(|a| !a.is_empty()).ok_or_else(bad)?;
-    a.iter().map(|c| c.as_str().map(str::to_string).ok_or_else(bad)).collect()
+    a.iter()
+        .map(|c| c.as_str().map(str::to_string).ok_or_else(bad))
+        .collect()
 }
 
 fn grammar_text(param: &str, v: &Value) -> Result<Grammar, FieldError> {
@@ -75,16 +91,33 @@ fn grammar_text(param: &str, v: &Value) -> Result<Grammar, FieldError> {
     if g.trim().is_empty() {
         return Err(err(param, format!("`{param}` is empty")));
     }
-    Ok(if g.contains("::=") { Grammar::Gbnf(g) } else { Grammar::Lark(g) })
+    Ok(if g.contains("::=") {
+        Grammar::Gbnf(g)
+    } else {
+        Grammar::Lark(g)
+    })
 }
 
 fn response_format(v: &Value) -> Result<Option<Grammar>, FieldError> {
     let p = "response_format";
-    let o = v.as_object().ok_or_else(|| err(p, "`response_format` must be an object with a `type`"))?;
-    let kind = o.get("type").and_then(Value::as_str).ok_or_else(|| err("response_format.type", "`response_format.type` must be a string"))?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| err(p, "`response_format` must be an object with a `type`"))?;
+    let kind = o.get("type").and_then(Value::as_str).ok_or_else(|| {
+        err(
+            "response_format.type",
+            "`response_format.type` must be a string",
+        )
+    })?;
     let allow = |keys: &[&str]| -> Result<(), FieldError> {
-        match o.keys().find(|k| k.as_str() != "type" && !keys.contains(&k.as_str())) {
-            Some(k) => Err(err(&format!("{p}.{k}"), format!("Unrecognized request argument supplied: {p}.{k}"))),
+        match o
+            .keys()
+            .find(|k| k.as_str() != "type" && !keys.contains(&k.as_str()))
+        {
+            Some(k) => Err(err(
+                &format!("{p}.{k}"),
+                format!("Unrecognized request argument supplied: {p}.{k}"),
+            )),
             None => Ok(()),
         }
     };
@@ -127,9 +160,13 @@ fn response_format(v: &Value) -> Result<Option<Grammar>, FieldError> {
 }
 
 /// vLLM's `structured_outputs`: the grammar and its whitespace option.
-fn structured_outputs(v: &Value) -> Result<(Option<(String, Grammar)>, Option<String>), FieldError> {
+fn structured_outputs(
+    v: &Value,
+) -> Result<(Option<(String, Grammar)>, Option<String>), FieldError> {
     let p = "structured_outputs";
-    let o = v.as_object().ok_or_else(|| err(p, "`structured_outputs` must be an object"))?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| err(p, "`structured_outputs` must be an object"))?;
     let mut found: Option<(String, Grammar)> = None;
     let mut ws = None;
     for (k, v) in o {
@@ -169,7 +206,10 @@ fn structured_outputs(v: &Value) -> Result<(Option<(String, Grammar)>, Option<St
         };
         if let Some(g) = g {
             if let Some((first, _)) = &found {
-                return Err(err(&param, format!("only one constraint may be given, got `{first}` and `{param}`")));
+                return Err(err(
+                    &param,
+                    format!("only one constraint may be given, got `{first}` and `{param}`"),
+                ));
             }
             found = Some((param, g));
         }
@@ -183,7 +223,10 @@ pub fn parse(body: &Map<String, Value>) -> Result<Option<Constraint>, FieldError
     let mut ws: Option<(String, String)> = None;
     let mut put = |param: String, g: Grammar| -> Result<(), FieldError> {
         if let Some((first, _)) = &found {
-            return Err(err(&param, format!("only one constraint may be given, got `{first}` and `{param}`")));
+            return Err(err(
+                &param,
+                format!("only one constraint may be given, got `{first}` and `{param}`"),
+            ));
         }
         found = Some((param, g));
         Ok(())
@@ -207,7 +250,9 @@ pub fn parse(body: &Map<String, Value>) -> Result<Option<Constraint>, FieldError
                     ws = Some(("structured_outputs.whitespace_pattern".into(), w));
                 }
             }
-            "guided_json" | "json_schema" => put(k.clone(), Grammar::JsonSchema(schema_value(k, v)?))?,
+            "guided_json" | "json_schema" => {
+                put(k.clone(), Grammar::JsonSchema(schema_value(k, v)?))?
+            }
             "guided_regex" => put(k.clone(), Grammar::Regex(string(k, v)?))?,
             "guided_choice" => put(k.clone(), Grammar::Choice(choices(k, v)?))?,
             "guided_grammar" | "grammar" => {
@@ -229,13 +274,18 @@ pub fn parse(body: &Map<String, Value>) -> Result<Option<Constraint>, FieldError
     }
     let Some((param, mut grammar)) = found else {
         if let Some((wp, _)) = ws {
-            return Err(err(&wp, format!("`{wp}` applies only to a JSON constraint, and the request has none")));
+            return Err(err(
+                &wp,
+                format!("`{wp}` applies only to a JSON constraint, and the request has none"),
+            ));
         }
         return Ok(None);
     };
     if let Some((wp, pattern)) = ws {
         grammar = match grammar {
-            Grammar::JsonObject => Grammar::JsonSchema(json!({ "type": "object", "x-guidance": { "whitespace_pattern": pattern } })),
+            Grammar::JsonObject => Grammar::JsonSchema(
+                json!({ "type": "object", "x-guidance": { "whitespace_pattern": pattern } }),
+            ),
             Grammar::JsonSchema(mut s) => match s.as_object_mut() {
                 Some(o) => {
                     let xg = o.entry("x-guidance").or_insert_with(|| json!({}));
@@ -243,17 +293,27 @@ pub fn parse(body: &Map<String, Value>) -> Result<Option<Constraint>, FieldError
                         Some(x) => {
                             x.insert("whitespace_pattern".into(), Value::String(pattern));
                         }
-                        None => return Err(err(&param, "`x-guidance` in the schema must be an object")),
+                        None => {
+                            return Err(err(&param, "`x-guidance` in the schema must be an object"))
+                        }
                     }
                     Grammar::JsonSchema(s)
                 }
                 None => return Err(err(&wp, format!("`{wp}` needs an object schema"))),
             },
-            _ => return Err(err(&wp, format!("`{wp}` applies only to a JSON constraint, not to `{param}`"))),
+            _ => {
+                return Err(err(
+                    &wp,
+                    format!("`{wp}` applies only to a JSON constraint, not to `{param}`"),
+                ))
+            }
         };
     }
     check_syntax(&grammar).map_err(|e| err(&param, format!("invalid `{param}`: {e}")))?;
-    Ok(Some(Constraint { grammar, trigger: None }))
+    Ok(Some(Constraint {
+        grammar,
+        trigger: None,
+    }))
 }
 
 #[cfg(test)]
@@ -265,50 +325,126 @@ mod tests {
     }
 
     fn grammar(s: &str) -> Option<Grammar> {
-        parse(&body(s)).unwrap_or_else(|e| panic!("{s}: {e:?}")).map(|c| c.grammar)
+        parse(&body(s))
+            .unwrap_or_else(|e| panic!("{s}: {e:?}"))
+            .map(|c| c.grammar)
     }
 
     #[test]
     fn every_dialect_becomes_its_grammar() {
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
         assert_eq!(grammar(r#"{"response_format":{"type":"text"}}"#), None);
-        assert_eq!(grammar(r#"{"response_format":{"type":"json_object"}}"#), Some(Grammar::JsonObject));
+        assert_eq!(
+            grammar(r#"{"response_format":{"type":"json_object"}}"#),
+            Some(Grammar::JsonObject)
+        );
         let rf = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": true, "schema": schema}}});
-        assert_eq!(grammar(&rf.to_string()), Some(Grammar::JsonSchema(schema.clone())));
-        assert_eq!(grammar(&json!({"guided_json": schema}).to_string()), Some(Grammar::JsonSchema(schema.clone())));
-        assert_eq!(grammar(&json!({"guided_json": schema.to_string()}).to_string()), Some(Grammar::JsonSchema(schema.clone())));
-        assert_eq!(grammar(&json!({"json_schema": schema}).to_string()), Some(Grammar::JsonSchema(schema.clone())));
-        assert_eq!(grammar(&json!({"structured_outputs": {"json": schema}}).to_string()), Some(Grammar::JsonSchema(schema)));
-        assert_eq!(grammar(r#"{"guided_regex":"[0-9]{3}"}"#), Some(Grammar::Regex("[0-9]{3}".into())));
-        assert_eq!(grammar(r#"{"structured_outputs":{"choice":["a","b"]}}"#), Some(Grammar::Choice(vec!["a".into(), "b".into()])));
-        assert_eq!(grammar(r#"{"guided_choice":["yes","no"]}"#), Some(Grammar::Choice(vec!["yes".into(), "no".into()])));
-        assert_eq!(grammar(r#"{"grammar":"root ::= \"a\" | \"b\""}"#), Some(Grammar::Gbnf("root ::= \"a\" | \"b\"".into())));
-        assert_eq!(grammar(r#"{"guided_grammar":"start: \"a\"+"}"#), Some(Grammar::Lark("start: \"a\"+".into())));
-        assert_eq!(grammar(r#"{"grammar":"","guided_decoding_backend":"auto"}"#), None);
+        assert_eq!(
+            grammar(&rf.to_string()),
+            Some(Grammar::JsonSchema(schema.clone()))
+        );
+        assert_eq!(
+            grammar(&json!({"guided_json": schema}).to_string()),
+            Some(Grammar::JsonSchema(schema.clone()))
+        );
+        assert_eq!(
+            grammar(&json!({"guided_json": schema.to_string()}).to_string()),
+            Some(Grammar::JsonSchema(schema.clone()))
+        );
+        assert_eq!(
+            grammar(&json!({"json_schema": schema}).to_string()),
+            Some(Grammar::JsonSchema(schema.clone()))
+        );
+        assert_eq!(
+            grammar(&json!({"structured_outputs": {"json": schema}}).to_string()),
+            Some(Grammar::JsonSchema(schema))
+        );
+        assert_eq!(
+            grammar(r#"{"guided_regex":"[0-9]{3}"}"#),
+            Some(Grammar::Regex("[0-9]{3}".into()))
+        );
+        assert_eq!(
+            grammar(r#"{"structured_outputs":{"choice":["a","b"]}}"#),
+            Some(Grammar::Choice(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            grammar(r#"{"guided_choice":["yes","no"]}"#),
+            Some(Grammar::Choice(vec!["yes".into(), "no".into()]))
+        );
+        assert_eq!(
+            grammar(r#"{"grammar":"root ::= \"a\" | \"b\""}"#),
+            Some(Grammar::Gbnf("root ::= \"a\" | \"b\"".into()))
+        );
+        assert_eq!(
+            grammar(r#"{"guided_grammar":"start: \"a\"+"}"#),
+            Some(Grammar::Lark("start: \"a\"+".into()))
+        );
+        assert_eq!(
+            grammar(r#"{"grammar":"","guided_decoding_backend":"auto"}"#),
+            None
+        );
         let ws = grammar(r#"{"guided_json":{"type":"object"},"guided_whitespace_pattern":" ?"}"#);
-        assert_eq!(ws, Some(Grammar::JsonSchema(json!({"type": "object", "x-guidance": {"whitespace_pattern": " ?"}}))));
+        assert_eq!(
+            ws,
+            Some(Grammar::JsonSchema(
+                json!({"type": "object", "x-guidance": {"whitespace_pattern": " ?"}})
+            ))
+        );
     }
 
     #[test]
     fn bad_values_name_their_field() {
         for (s, param) in [
-            (r#"{"response_format":{"type":"json_object"},"guided_regex":"a"}"#, "guided_regex"),
-            (r#"{"structured_outputs":{"regex":"a","choice":["b"]}}"#, "structured_outputs.choice"),
-            (r#"{"response_format":{"type":"yaml"}}"#, "response_format.type"),
-            (r#"{"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"objekt"}}}}"#, "response_format"),
+            (
+                r#"{"response_format":{"type":"json_object"},"guided_regex":"a"}"#,
+                "guided_regex",
+            ),
+            (
+                r#"{"structured_outputs":{"regex":"a","choice":["b"]}}"#,
+                "structured_outputs.choice",
+            ),
+            (
+                r#"{"response_format":{"type":"yaml"}}"#,
+                "response_format.type",
+            ),
+            (
+                r#"{"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"objekt"}}}}"#,
+                "response_format",
+            ),
             (r#"{"guided_json":"{not json"}"#, "guided_json"),
-            (r#"{"guided_json":{"type":"string","format":"no-such-format"}}"#, "guided_json"),
+            (
+                r#"{"guided_json":{"type":"string","format":"no-such-format"}}"#,
+                "guided_json",
+            ),
             (r#"{"guided_regex":"(unclosed"}"#, "guided_regex"),
             (r#"{"guided_choice":[]}"#, "guided_choice"),
             (r#"{"guided_choice":[1,2]}"#, "guided_choice"),
             (r#"{"grammar":"root ::= undefined-rule"}"#, "grammar"),
             (r#"{"guided_grammar":"start: ( "}"#, "guided_grammar"),
-            (r#"{"guided_regex":"a","guided_whitespace_pattern":" "}"#, "guided_whitespace_pattern"),
-            (r#"{"guided_whitespace_pattern":" "}"#, "guided_whitespace_pattern"),
-            (r#"{"guided_json":{},"guided_decoding_backend":"xgrammar"}"#, "guided_decoding_backend"),
-            (r#"{"structured_outputs":{"structural_tag":"{}"}}"#, "structured_outputs.structural_tag"),
-            (r#"{"structured_outputs":{"jsonn":{}}}"#, "structured_outputs.jsonn"),
-            (r#"{"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{},"extra":1}}}"#, "response_format.json_schema.extra"),
+            (
+                r#"{"guided_regex":"a","guided_whitespace_pattern":" "}"#,
+                "guided_whitespace_pattern",
+            ),
+            (
+                r#"{"guided_whitespace_pattern":" "}"#,
+                "guided_whitespace_pattern",
+            ),
+            (
+                r#"{"guided_json":{},"guided_decoding_backend":"xgrammar"}"#,
+                "guided_decoding_backend",
+            ),
+            (
+                r#"{"structured_outputs":{"structural_tag":"{}"}}"#,
+                "structured_outputs.structural_tag",
+            ),
+            (
+                r#"{"structured_outputs":{"jsonn":{}}}"#,
+                "structured_outputs.jsonn",
+            ),
+            (
+                r#"{"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{},"extra":1}}}"#,
+                "response_format.json_schema.extra",
+            ),
         ] {
             let e = parse(&body(s)).expect_err(s);
             assert_eq!(e.param, param, "{s}: {e:?}");

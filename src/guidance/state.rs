@@ -20,7 +20,12 @@ use super::compile::{Guidance, GuidanceError};
 
 enum Phase {
     /// Free text until `trigger` appears in `text`.
-    Waiting { trigger: Vec<u8>, text: Vec<u8>, starts: Vec<usize>, parser: Box<TokenParser> },
+    Waiting {
+        trigger: Vec<u8>,
+        text: Vec<u8>,
+        starts: Vec<usize>,
+        parser: Box<TokenParser>,
+    },
     /// Constrained.
     Active(Box<Matcher>),
     /// The output can no longer match (the text after a trigger broke the
@@ -47,7 +52,10 @@ impl std::fmt::Debug for SeqGuide {
             Phase::Active(_) => "active",
             Phase::Broken(_) => "broken",
         };
-        f.debug_struct("SeqGuide").field("phase", &phase).field("tokens", &self.tokens.len()).finish()
+        f.debug_struct("SeqGuide")
+            .field("phase", &phase)
+            .field("tokens", &self.tokens.len())
+            .finish()
     }
 }
 
@@ -65,13 +73,24 @@ pub enum Allowed<'a> {
 impl SeqGuide {
     pub(crate) fn active(parser: TokenParser) -> Self {
         let rebuild = Some(Box::new(parser.deep_clone()));
-        Self { phase: Phase::Active(Box::new(Matcher::new(Ok(parser)))), tokens: Vec::new(), next: None, rebuild, rebuild_trigger: None }
+        Self {
+            phase: Phase::Active(Box::new(Matcher::new(Ok(parser)))),
+            tokens: Vec::new(),
+            next: None,
+            rebuild,
+            rebuild_trigger: None,
+        }
     }
 
     pub(crate) fn waiting(trigger: Vec<u8>, parser: TokenParser) -> Self {
         let rebuild = Some(Box::new(parser.deep_clone()));
         Self {
-            phase: Phase::Waiting { trigger: trigger.clone(), text: Vec::new(), starts: Vec::new(), parser: Box::new(parser) },
+            phase: Phase::Waiting {
+                trigger: trigger.clone(),
+                text: Vec::new(),
+                starts: Vec::new(),
+                parser: Box::new(parser),
+            },
             tokens: Vec::new(),
             next: None,
             rebuild,
@@ -94,7 +113,10 @@ impl SeqGuide {
         match &mut self.phase {
             Phase::Active(m) => {
                 let t0 = Instant::now();
-                let r = m.compute_mask().map(|_| ()).map_err(|e| GuidanceError(e.to_string()));
+                let r = m
+                    .compute_mask()
+                    .map(|_| ())
+                    .map_err(|e| GuidanceError(e.to_string()));
                 g.times.observe(t0.elapsed());
                 r
             }
@@ -160,14 +182,24 @@ impl SeqGuide {
                     }
                 }
             }
-            Phase::Waiting { trigger, mut text, mut starts, parser } => {
+            Phase::Waiting {
+                trigger,
+                mut text,
+                mut starts,
+                parser,
+            } => {
                 let before = text.len();
                 starts.push(before);
                 text.extend_from_slice(g.token_text(token));
                 // A new occurrence ends at or after `before`.
                 let from = before.saturating_sub(trigger.len().saturating_sub(1));
                 match find(&text[from..], &trigger).map(|p| p + from) {
-                    None => Phase::Waiting { trigger, text, starts, parser },
+                    None => Phase::Waiting {
+                        trigger,
+                        text,
+                        starts,
+                        parser,
+                    },
                     Some(at) => {
                         let feed = self.feed_from(g, &text, &starts, at);
                         let mut m = Matcher::new(Ok(*parser));
@@ -175,7 +207,9 @@ impl SeqGuide {
                             Ok(()) => Phase::Active(Box::new(m)),
                             Err(e) => {
                                 tracing::warn!(error = %e, "the output after the trigger does not match the grammar: ending the completion");
-                                Phase::Broken(format!("the output after the trigger does not match the grammar: {e}"))
+                                Phase::Broken(format!(
+                                    "the output after the trigger does not match the grammar: {e}"
+                                ))
                             }
                         }
                     }

@@ -19,7 +19,9 @@ pub struct MaskTimes {
 
 impl Default for MaskTimes {
     fn default() -> Self {
-        Self { counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect() }
+        Self {
+            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 }
 
@@ -47,7 +49,13 @@ impl MaskTimes {
 
     /// The counts now (subtract two snapshots for an interval).
     pub fn snapshot(&self) -> MaskTimesSnapshot {
-        MaskTimesSnapshot { counts: self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect() }
+        MaskTimesSnapshot {
+            counts: self
+                .counts
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+        }
     }
 }
 
@@ -60,7 +68,12 @@ pub struct MaskTimesSnapshot {
 impl MaskTimesSnapshot {
     /// Observations since `earlier`.
     pub fn since(&self, earlier: &MaskTimesSnapshot) -> MaskTimesSnapshot {
-        let counts = self.counts.iter().enumerate().map(|(i, &c)| c.saturating_sub(earlier.counts.get(i).copied().unwrap_or(0))).collect();
+        let counts = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| c.saturating_sub(earlier.counts.get(i).copied().unwrap_or(0)))
+            .collect();
         MaskTimesSnapshot { counts }
     }
 
@@ -94,7 +107,9 @@ mod tests {
 
     #[test]
     fn quantiles_land_within_one_bucket_of_the_exact_values() {
-        let t = MaskTimes { counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect() };
+        let t = MaskTimes {
+            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        };
         let before = t.snapshot();
         // 1..=1000 µs: p50 = 500 µs, p99 = 990 µs.
         for us in 1..=1000u64 {
@@ -105,7 +120,10 @@ mod tests {
         assert_eq!(s.count(), 1000);
         for (q, exact) in [(0.5, 500e-6), (0.99, 990e-6), (1.0, 1000e-6)] {
             let got = s.quantile(q);
-            assert!(got >= exact && got <= exact * GROWTH * 1.0001, "q {q}: {got} vs {exact}");
+            assert!(
+                got >= exact && got <= exact * GROWTH * 1.0001,
+                "q {q}: {got} vs {exact}"
+            );
         }
         assert_eq!(MaskTimesSnapshot::default().quantile(0.5), 0.0);
     }

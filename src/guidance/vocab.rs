@@ -21,9 +21,16 @@ impl Vocab {
     /// The environment for `tok`; `None` when the model has no
     /// end-of-generation token (a grammar could then never end a completion).
     pub(crate) fn env(tok: Arc<Tokenizer>) -> Option<TokEnv> {
-        let eog: Vec<u32> = tok.eog_ids().iter().copied().filter(|&t| (t as usize) < tok.vocab_size()).collect();
+        let eog: Vec<u32> = tok
+            .eog_ids()
+            .iter()
+            .copied()
+            .filter(|&t| (t as usize) < tok.vocab_size())
+            .collect();
         let first = *eog.first()?;
-        let words: Vec<Vec<u8>> = (0..tok.vocab_size() as u32).map(|id| token_bytes(&tok, id)).collect();
+        let words: Vec<Vec<u8>> = (0..tok.vocab_size() as u32)
+            .map(|id| token_bytes(&tok, id))
+            .collect();
         let mut info = TokRxInfo::new(words.len() as u32, first);
         info.tok_bos = tok.bos_id();
         let trie = TokTrie::from(&info, &words).with_eos_tokens(&eog);
@@ -52,7 +59,10 @@ impl TokenizerEnv for Vocab {
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        match std::str::from_utf8(s).ok().and_then(|t| self.tok.encode(t, false).ok()) {
+        match std::str::from_utf8(s)
+            .ok()
+            .and_then(|t| self.tok.encode(t, false).ok())
+        {
             Some(ids) => ids,
             None => self.trie.greedy_tokenize(s),
         }

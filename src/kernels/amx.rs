@@ -127,13 +127,25 @@ fn request_permission() -> bool {
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM, feature) takes an integer and
     // touches no memory of ours.
-    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
     if r != 0 {
         return false;
     }
     let mut mask: u64 = 0;
     // SAFETY: ARCH_GET_XCOMP_PERM writes one u64 at the given address.
-    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &mut mask as *mut u64) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_GET_XCOMP_PERM,
+            &mut mask as *mut u64,
+        )
+    };
     r == 0 && (mask >> XFEATURE_XTILEDATA) & 1 == 1
 }
 
@@ -164,9 +176,27 @@ impl TileConfig {
 }
 
 /// Tiles of the one-half kinds (see the module doc).
-static CFG_ONE: TileConfig = TileConfig::new([(16, 32), (16, 32), (8, 64), (8, 64), (16, 64), (16, 64), (16, 64), (16, 64)]);
+static CFG_ONE: TileConfig = TileConfig::new([
+    (16, 32),
+    (16, 32),
+    (8, 64),
+    (8, 64),
+    (16, 64),
+    (16, 64),
+    (16, 64),
+    (16, 64),
+]);
 /// Tiles of the two-half kinds.
-static CFG_TWO: TileConfig = TileConfig::new([(16, 16), (16, 16), (4, 64), (4, 64), (16, 64), (16, 64), (16, 64), (16, 64)]);
+static CFG_TWO: TileConfig = TileConfig::new([
+    (16, 16),
+    (16, 16),
+    (4, 64),
+    (4, 64),
+    (16, 64),
+    (16, 64),
+    (16, 64),
+    (16, 64),
+]);
 
 /// The tile registers configured on this thread for one packed kind, for as
 /// long as the value lives (released on drop). Create one per thread chunk,
@@ -183,11 +213,18 @@ impl Tiles {
         if !available() {
             return None;
         }
-        let cfg = if kind.halves() == 2 { &CFG_TWO } else { &CFG_ONE };
+        let cfg = if kind.halves() == 2 {
+            &CFG_TWO
+        } else {
+            &CFG_ONE
+        };
         // SAFETY: AMX-TILE is present and permitted (`available`); the
         // operand is a valid 64-byte palette-1 configuration.
         unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
-        Some(Self { halves: kind.halves(), _thread: std::marker::PhantomData })
+        Some(Self {
+            halves: kind.halves(),
+            _thread: std::marker::PhantomData,
+        })
     }
 }
 
@@ -229,7 +266,13 @@ pub(super) const fn act_lines(tiles: usize, nb: usize) -> usize {
 /// Repacks activation rows `rows` (`nb` blocks each; `xh` their half-block
 /// sums, or empty) into `rows.len().div_ceil(16)` AMX row tiles, the last
 /// zero-padded, appended to `out`, for [`gemm_group`].
-pub(super) fn pack_activations(x: &[BlockQ8], xh: &[[f32; 2]], nb: usize, rows: std::ops::Range<usize>, out: &mut Vec<Line>) {
+pub(super) fn pack_activations(
+    x: &[BlockQ8],
+    xh: &[[f32; 2]],
+    nb: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut Vec<Line>,
+) {
     let tiles = rows.len().div_ceil(TILE_ROWS);
     let base = out.len();
     out.resize(base + act_lines(tiles, nb), Line([0; 64]));
@@ -284,7 +327,9 @@ pub(super) unsafe fn gemm_group(
 ) {
     let tiles = xa.len() / (nb * ACT_LINES);
     debug_assert_eq!(t.halves, kind.halves());
-    debug_assert!(tiles > 0 && xa.len() == tiles * nb * ACT_LINES && (1..=TILE_ROWS).contains(&last_rows));
+    debug_assert!(
+        tiles > 0 && xa.len() == tiles * nb * ACT_LINES && (1..=TILE_ROWS).contains(&last_rows)
+    );
     debug_assert!(kind.byte_quants() || scratch.len() >= nb * B_TILE_BYTES);
     let xa = xa.as_ptr() as *const u8;
     macro_rules! each_kind {
@@ -330,7 +375,10 @@ unsafe fn gemm_group_k<const K: u8>(
         (recs.add(scale_bytes), rec_bytes)
     } else {
         for b in 0..nb {
-            prefetch_record(recs.wrapping_add((b + PREFETCH_BLOCKS) * rec_bytes), rec_bytes);
+            prefetch_record(
+                recs.wrapping_add((b + PREFETCH_BLOCKS) * rec_bytes),
+                rec_bytes,
+            );
             let w = block_weights::<K>(recs.add(b * rec_bytes + scale_bytes));
             for (j, wj) in w.iter().enumerate() {
                 _mm512_store_si512(scratch.add(b * B_TILE_BYTES + 64 * j) as *mut __m512i, *wj);
@@ -398,7 +446,10 @@ unsafe fn gemm_group_k<const K: u8>(
                 // Weights stream from memory once per group: fetch a few
                 // records ahead of the tile loads (past the group's end: the
                 // next group's first records, contiguous).
-                prefetch_record(recs.wrapping_add((s / halves + PREFETCH_BLOCKS) * rec_bytes), rec_bytes);
+                prefetch_record(
+                    recs.wrapping_add((s / halves + PREFETCH_BLOCKS) * rec_bytes),
+                    rec_bytes,
+                );
             }
             if s + 1 < steps {
                 issue_step(s + 1);
@@ -429,8 +480,12 @@ unsafe fn gemm_group_k<const K: u8>(
                 for h in 0..halves {
                     // pair of half h: s % 2 for the one-half kinds, h for the others
                     let pair = if halves == 1 { s % 2 } else { h };
-                    let s1 = _mm512_load_si512(cp.add((2 * pair * TILE_ROWS + r) * GROUP) as *const __m512i);
-                    let s2 = _mm512_load_si512(cp.add(((2 * pair + 1) * TILE_ROWS + r) * GROUP) as *const __m512i);
+                    let s1 = _mm512_load_si512(
+                        cp.add((2 * pair * TILE_ROWS + r) * GROUP) as *const __m512i
+                    );
+                    let s2 = _mm512_load_si512(
+                        cp.add(((2 * pair + 1) * TILE_ROWS + r) * GROUP) as *const __m512i
+                    );
                     let a = _mm512_add_epi32(_mm512_slli_epi32(s1, 7), s2);
                     *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(dw[h], sx), *f);
                 }

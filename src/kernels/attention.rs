@@ -126,7 +126,10 @@ pub fn tile_rows(s: &AttnShape) -> usize {
 /// [`super::attend_f16_isa`]); the tiled f16 engine runs on exactly these so
 /// that prefill rows and decode rows use the same arithmetic.
 fn avx512_f16_shape(head_dim: usize, group: usize) -> bool {
-    matches!((head_dim, group), (64, 1..=4) | (128, 1..=2) | (256, 1 | 2 | 4))
+    matches!(
+        (head_dim, group),
+        (64, 1..=4) | (128, 1..=2) | (256, 1 | 2 | 4)
+    )
 }
 
 /// Attention of the query heads of KV head `kvh` for several query rows of
@@ -148,7 +151,18 @@ pub fn attend_rows(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    attend_rows_isa(super::isa(), s, kv, kvh, table, keys, q, q_stride, out, out_stride)
+    attend_rows_isa(
+        super::isa(),
+        s,
+        kv,
+        kvh,
+        table,
+        keys,
+        q,
+        q_stride,
+        out,
+        out_stride,
+    )
 }
 
 /// [`attend_rows`] with an explicit instruction set (capped at
@@ -171,11 +185,20 @@ pub fn attend_rows_isa(
     if t == 0 {
         return;
     }
-    assert!(q_stride >= w && out_stride >= w, "attend_rows: row strides must hold group x head_dim");
-    assert!(q.len() >= (t - 1) * q_stride + w && out.len() >= (t - 1) * out_stride + w, "attend_rows: q/out hold too few rows");
+    assert!(
+        q_stride >= w && out_stride >= w,
+        "attend_rows: row strides must hold group x head_dim"
+    );
+    assert!(
+        q.len() >= (t - 1) * q_stride + w && out.len() >= (t - 1) * out_stride + w,
+        "attend_rows: q/out hold too few rows"
+    );
     // Every row's own preconditions (those of the one-row kernels).
     for (i, r) in keys.iter().enumerate() {
-        let (qi, oi) = (&q[i * q_stride..i * q_stride + w], &out[i * out_stride..i * out_stride + w]);
+        let (qi, oi) = (
+            &q[i * q_stride..i * q_stride + w],
+            &out[i * out_stride..i * out_stride + w],
+        );
         match kv {
             KvView::F16(k, v) => s.check(qi, kvh, k, v, table, r, oi),
             KvView::Bf16(k, v) => s.check(qi, kvh, k, v, table, r, oi),
@@ -186,7 +209,10 @@ pub fn attend_rows_isa(
     if let KvView::Q8(a) = kv {
         let nblk = a.k.len().min(a.v.len()) / (s.block_size * s.kv_dim);
         let scales = nblk * s.block_size * q8_groups(s.kv_dim);
-        assert!(a.k_scale.len() >= scales && a.v_scale.len() >= scales, "attend_rows: q8_0 scale arrays shorter than the blocks");
+        assert!(
+            a.k_scale.len() >= scales && a.v_scale.len() >= scales,
+            "attend_rows: q8_0 scale arrays shorter than the blocks"
+        );
     }
     let tr = tile_rows(s);
     let isa = isa.min(super::detected_isa());
@@ -208,7 +234,10 @@ pub fn attend_rows_isa(
                         // `group` heads fit the tile state (`tile_rows`).
                         unsafe {
                             super::avx512::attention::tile(
-                                &super::avx512::attention::Src::F16 { k: k.as_ptr(), v: v.as_ptr() },
+                                &super::avx512::attention::Src::F16 {
+                                    k: k.as_ptr(),
+                                    v: v.as_ptr(),
+                                },
                                 s,
                                 kvh,
                                 table,
@@ -224,12 +253,43 @@ pub fn attend_rows_isa(
                 }
                 // The one-row kernels, row by row (their own ISA choice).
                 for (i, r) in rows.iter().enumerate() {
-                    let (qi, oi) = (&qt[i * q_stride..i * q_stride + w], &mut ot[i * out_stride..i * out_stride + w]);
+                    let (qi, oi) = (
+                        &qt[i * q_stride..i * q_stride + w],
+                        &mut ot[i * out_stride..i * out_stride + w],
+                    );
                     super::attend_f16_isa(isa, s, qi, kvh, k, v, table, r.clone(), oi);
                 }
             }
-            KvView::Bf16(k, v) => tile_scalar(s, &Plain { k, v, cvt: bf16::to_f32 }, kvh, table, rows, qt, q_stride, ot, out_stride),
-            KvView::F32(k, v) => tile_scalar(s, &Plain { k, v, cvt: |x: f32| x }, kvh, table, rows, qt, q_stride, ot, out_stride),
+            KvView::Bf16(k, v) => tile_scalar(
+                s,
+                &Plain {
+                    k,
+                    v,
+                    cvt: bf16::to_f32,
+                },
+                kvh,
+                table,
+                rows,
+                qt,
+                q_stride,
+                ot,
+                out_stride,
+            ),
+            KvView::F32(k, v) => tile_scalar(
+                s,
+                &Plain {
+                    k,
+                    v,
+                    cvt: |x: f32| x,
+                },
+                kvh,
+                table,
+                rows,
+                qt,
+                q_stride,
+                ot,
+                out_stride,
+            ),
             KvView::Q8(a) => {
                 if isa >= Isa::Avx512Vnni && simd_hd {
                     #[cfg(target_arch = "x86_64")]
@@ -279,7 +339,18 @@ pub fn attend_rows_q8_ref(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    attend_rows_isa(Isa::Scalar, s, KvView::Q8(kv), kvh, table, keys, q, q_stride, out, out_stride)
+    attend_rows_isa(
+        Isa::Scalar,
+        s,
+        KvView::Q8(kv),
+        kvh,
+        table,
+        keys,
+        q,
+        q_stride,
+        out,
+        out_stride,
+    )
 }
 
 /// Source of f32 key/value chunks for the scalar engine.
@@ -326,7 +397,8 @@ impl ChunkSrc for Q8Kv<'_> {
         for d in 0..hd {
             let sc = blk * ng * bs + (kvh * hd + d) / Q8_GROUP * bs;
             for j in 0..n {
-                kf[d * ATT_CHUNK + j] = self.k_scale[sc + c + j].to_f32() * self.k[kt + d * bs + c + j] as f32;
+                kf[d * ATT_CHUNK + j] =
+                    self.k_scale[sc + c + j].to_f32() * self.k[kt + d * bs + c + j] as f32;
             }
         }
     }
@@ -347,7 +419,11 @@ impl ChunkSrc for Q8Kv<'_> {
 /// rows)` for each block some row reads, once for the rows whose chunks in
 /// that block start at offset 0 and once for each row whose sliding window
 /// starts inside it; blocks in increasing order (each row's keys in order).
-pub(super) fn for_each_block(bs: usize, keys: &[Range<usize>], mut f: impl FnMut(usize, usize, &[usize])) {
+pub(super) fn for_each_block(
+    bs: usize,
+    keys: &[Range<usize>],
+    mut f: impl FnMut(usize, usize, &[usize]),
+) {
     let bmin = keys.iter().map(|r| r.start / bs).min().unwrap_or(0);
     let bend = keys.iter().map(|r| r.end.div_ceil(bs)).max().unwrap_or(0);
     let mut shared = [0usize; MAX_TILE_ROWS];
@@ -391,7 +467,15 @@ fn tile_scalar(
         // One row at a time through the one-row reference (same steps).
         for (i, r) in keys.iter().enumerate() {
             let oi = &mut out[i * os..i * os + g * hd];
-            one_row_scalar(s, src, kvh, table, r.clone(), &q[i * qs..i * qs + g * hd], oi);
+            one_row_scalar(
+                s,
+                src,
+                kvh,
+                table,
+                r.clone(),
+                &q[i * qs..i * qs + g * hd],
+                oi,
+            );
         }
         return;
     }
@@ -418,7 +502,17 @@ fn tile_scalar(
                 }
                 let n = C.min(cnt(i) - c);
                 let qi = &q[i * qs..i * qs + g * hd];
-                chunk_scalar(s, qi, &kf, &vf, n, &mut m[i * g..], &mut l[i * g..], &mut p[i * g..], &mut acc[i * g * hd..(i + 1) * g * hd]);
+                chunk_scalar(
+                    s,
+                    qi,
+                    &kf,
+                    &vf,
+                    n,
+                    &mut m[i * g..],
+                    &mut l[i * g..],
+                    &mut p[i * g..],
+                    &mut acc[i * g * hd..(i + 1) * g * hd],
+                );
             }
             c += C;
         }
@@ -427,7 +521,10 @@ fn tile_scalar(
         for gi in 0..g {
             let inv = 1.0 / l[i * g + gi];
             let a = &acc[(i * g + gi) * hd..(i * g + gi + 1) * hd];
-            for (o, &x) in out[i * os + gi * hd..i * os + (gi + 1) * hd].iter_mut().zip(a) {
+            for (o, &x) in out[i * os + gi * hd..i * os + (gi + 1) * hd]
+                .iter_mut()
+                .zip(a)
+            {
                 *o = x * inv;
             }
         }
@@ -438,7 +535,17 @@ fn tile_scalar(
 /// softmax update and value accumulation (the steps of
 /// [`super::scalar::attend`] for one chunk).
 #[allow(clippy::too_many_arguments)]
-fn chunk_scalar(s: &AttnShape, q: &[f32], kf: &[f32], vf: &[f32], n: usize, m: &mut [f32], l: &mut [f32], p: &mut [[f32; ATT_CHUNK]], acc: &mut [f32]) {
+fn chunk_scalar(
+    s: &AttnShape,
+    q: &[f32],
+    kf: &[f32],
+    vf: &[f32],
+    n: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    p: &mut [[f32; ATT_CHUNK]],
+    acc: &mut [f32],
+) {
     const C: usize = ATT_CHUNK;
     let (hd, g) = (s.head_dim, s.group);
     for gi in 0..g {
@@ -482,7 +589,15 @@ fn chunk_scalar(s: &AttnShape, q: &[f32], kf: &[f32], vf: &[f32], n: usize, m: &
 }
 
 /// One row through [`chunk_scalar`] with heap state (heads above 256).
-fn one_row_scalar(s: &AttnShape, src: &impl ChunkSrc, kvh: usize, table: &[u32], keys: Range<usize>, q: &[f32], out: &mut [f32]) {
+fn one_row_scalar(
+    s: &AttnShape,
+    src: &impl ChunkSrc,
+    kvh: usize,
+    table: &[u32],
+    keys: Range<usize>,
+    q: &[f32],
+    out: &mut [f32],
+) {
     const C: usize = ATT_CHUNK;
     let (hd, g, bs) = (s.head_dim, s.group, s.block_size);
     let mut m = vec![f32::NEG_INFINITY; g];
@@ -504,7 +619,10 @@ fn one_row_scalar(s: &AttnShape, src: &impl ChunkSrc, kvh: usize, table: &[u32],
     });
     for gi in 0..g {
         let inv = 1.0 / l[gi];
-        for (o, &x) in out[gi * hd..(gi + 1) * hd].iter_mut().zip(&acc[gi * hd..(gi + 1) * hd]) {
+        for (o, &x) in out[gi * hd..(gi + 1) * hd]
+            .iter_mut()
+            .zip(&acc[gi * hd..(gi + 1) * hd])
+        {
             *o = x * inv;
         }
     }
@@ -583,7 +701,10 @@ mod tests {
                     let mut qk = vec![0i8; r.len()];
                     let dk = quantize_q8_group(&kr[r.clone()], &mut qk);
                     c.ks[blk * ng * bs + gi * bs + off] = dk;
-                    let dv = quantize_q8_group(&vr[r.clone()], &mut c.vq[slot * kd + r.start..slot * kd + r.end]);
+                    let dv = quantize_q8_group(
+                        &vr[r.clone()],
+                        &mut c.vq[slot * kd + r.start..slot * kd + r.end],
+                    );
                     c.vs[slot * ng + gi] = dv;
                     for (x, e) in r.enumerate() {
                         let (h, d) = (e / hd, e % hd);
@@ -597,16 +718,32 @@ mod tests {
         }
 
         fn q8(&self) -> Q8Kv<'_> {
-            Q8Kv { k: &self.kq, k_scale: &self.ks, v: &self.vq, v_scale: &self.vs }
+            Q8Kv {
+                k: &self.kq,
+                k_scale: &self.ks,
+                v: &self.vq,
+                v_scale: &self.vs,
+            }
         }
     }
 
     /// Softmax attention in f64 over explicit keys / values.
-    fn exact(q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>], scale: f32, cap: Option<f32>) -> Vec<f64> {
+    fn exact(
+        q: &[f32],
+        keys: &[Vec<f32>],
+        vals: &[Vec<f32>],
+        scale: f32,
+        cap: Option<f32>,
+    ) -> Vec<f64> {
         let sc: Vec<f64> = keys
             .iter()
             .map(|k| {
-                let x = q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64;
+                let x = q
+                    .iter()
+                    .zip(k)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+                    * scale as f64;
                 cap.map_or(x, |c| c as f64 * (x / c as f64).tanh())
             })
             .collect();
@@ -634,30 +771,73 @@ mod tests {
     #[test]
     fn tiled_rows_equal_one_row_kernels_bit_for_bit() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(14);
-        let shapes = [(64, 1, 2), (64, 3, 3), (64, 4, 1), (128, 2, 2), (256, 4, 1), (256, 1, 1), (64, 5, 1), (32, 2, 2), (128, 3, 1), (16, 1, 3), (48, 2, 1)];
+        let shapes = [
+            (64, 1, 2),
+            (64, 3, 3),
+            (64, 4, 1),
+            (128, 2, 2),
+            (256, 4, 1),
+            (256, 1, 1),
+            (64, 5, 1),
+            (32, 2, 2),
+            (128, 3, 1),
+            (16, 1, 3),
+            (48, 2, 1),
+        ];
         let mut cases = 0;
         for &(hd, group, kvn) in &shapes {
             for bs in [4usize, 16, 32] {
-                for (window, softcap) in [(None, None), (Some(7), None), (Some(40), None), (None, Some(5.0f32))] {
+                for (window, softcap) in [
+                    (None, None),
+                    (Some(7), None),
+                    (Some(40), None),
+                    (None, Some(5.0f32)),
+                ] {
                     let n_ctx = 70 + rng.gen_range(0..30);
                     let kv_dim = kvn * hd;
-                    let scale = if softcap.is_some() { 4.0 } else { 1.0 / (hd as f32).sqrt() };
-                    let s = AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale, softcap };
+                    let scale = if softcap.is_some() {
+                        4.0
+                    } else {
+                        1.0 / (hd as f32).sqrt()
+                    };
+                    let s = AttnShape {
+                        head_dim: hd,
+                        group,
+                        block_size: bs,
+                        kv_dim,
+                        scale,
+                        softcap,
+                    };
                     let c = Cache::new(&mut rng, s, n_ctx);
                     let w = group * hd;
                     // Rows: positions p0..n_ctx (consecutive, as a prefill chunk).
                     let p0 = rng.gen_range(0..n_ctx - 20);
                     let t = n_ctx - p0;
-                    let keys: Vec<Range<usize>> = (p0..n_ctx).map(|p| window.map_or(0, |wn| (p + 1).saturating_sub(wn))..p + 1).collect();
+                    let keys: Vec<Range<usize>> = (p0..n_ctx)
+                        .map(|p| window.map_or(0, |wn| (p + 1).saturating_sub(wn))..p + 1)
+                        .collect();
                     let stride = kvn * w + 3;
-                    let q: Vec<f32> = (0..t * stride).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                    let q: Vec<f32> = (0..t * stride)
+                        .map(|_| rng.gen_range(-1.0f32..1.0))
+                        .collect();
                     let case = format!("hd {hd} g {group} kvh {kvn} bs {bs} window {window:?} cap {softcap:?} rows {p0}..{n_ctx}");
                     for kvh in 0..kvn {
                         let qh = &q[kvh * w..];
                         for isa in available_isas() {
                             let run = |kv: KvView<'_>| {
                                 let mut out = vec![f32::NAN; t * stride];
-                                attend_rows_isa(isa, &s, kv, kvh, &c.table, &keys, qh, stride, &mut out[kvh * w..], stride);
+                                attend_rows_isa(
+                                    isa,
+                                    &s,
+                                    kv,
+                                    kvh,
+                                    &c.table,
+                                    &keys,
+                                    qh,
+                                    stride,
+                                    &mut out[kvh * w..],
+                                    stride,
+                                );
                                 out
                             };
                             let row = |i: usize| &qh[i * stride..i * stride + w];
@@ -668,31 +848,104 @@ mod tests {
                                 run(KvView::Q8(c.q8())),
                             );
                             for i in 0..t {
-                                let got = |o: &[f32]| o[kvh * w + i * stride..kvh * w + i * stride + w].to_vec();
+                                let got = |o: &[f32]| {
+                                    o[kvh * w + i * stride..kvh * w + i * stride + w].to_vec()
+                                };
                                 let mut want = vec![0.0f32; w];
-                                attend_f16_isa(isa, &s, row(i), kvh, &c.kf16, &c.vf16, &c.table, keys[i].clone(), &mut want);
-                                assert_eq!(bits(&got(&f16o)), bits(&want), "f16 {isa:?} {case} row {i}");
-                                attend_ref(&s, row(i), kvh, &c.kbf, &c.vbf, &c.table, keys[i].clone(), &mut want, bf16::to_f32);
-                                assert_eq!(bits(&got(&bfo)), bits(&want), "bf16 {isa:?} {case} row {i}");
-                                attend_ref(&s, row(i), kvh, &c.k32, &c.v32, &c.table, keys[i].clone(), &mut want, |x| x);
-                                assert_eq!(bits(&got(&f32o)), bits(&want), "f32 {isa:?} {case} row {i}");
+                                attend_f16_isa(
+                                    isa,
+                                    &s,
+                                    row(i),
+                                    kvh,
+                                    &c.kf16,
+                                    &c.vf16,
+                                    &c.table,
+                                    keys[i].clone(),
+                                    &mut want,
+                                );
+                                assert_eq!(
+                                    bits(&got(&f16o)),
+                                    bits(&want),
+                                    "f16 {isa:?} {case} row {i}"
+                                );
+                                attend_ref(
+                                    &s,
+                                    row(i),
+                                    kvh,
+                                    &c.kbf,
+                                    &c.vbf,
+                                    &c.table,
+                                    keys[i].clone(),
+                                    &mut want,
+                                    bf16::to_f32,
+                                );
+                                assert_eq!(
+                                    bits(&got(&bfo)),
+                                    bits(&want),
+                                    "bf16 {isa:?} {case} row {i}"
+                                );
+                                attend_ref(
+                                    &s,
+                                    row(i),
+                                    kvh,
+                                    &c.k32,
+                                    &c.v32,
+                                    &c.table,
+                                    keys[i].clone(),
+                                    &mut want,
+                                    |x| x,
+                                );
+                                assert_eq!(
+                                    bits(&got(&f32o)),
+                                    bits(&want),
+                                    "f32 {isa:?} {case} row {i}"
+                                );
                                 // q8_0: the row alone (a decode step) gives the same bits.
-                                attend_rows_isa(isa, &s, KvView::Q8(c.q8()), kvh, &c.table, &keys[i..i + 1], row(i), w, &mut want, w);
-                                assert_eq!(bits(&got(&q8o)), bits(&want), "q8_0 {isa:?} {case} row {i}");
+                                attend_rows_isa(
+                                    isa,
+                                    &s,
+                                    KvView::Q8(c.q8()),
+                                    kvh,
+                                    &c.table,
+                                    &keys[i..i + 1],
+                                    row(i),
+                                    w,
+                                    &mut want,
+                                    w,
+                                );
+                                assert_eq!(
+                                    bits(&got(&q8o)),
+                                    bits(&want),
+                                    "q8_0 {isa:?} {case} row {i}"
+                                );
                                 // ... and is close to exact attention over the dequantized cache.
                                 let (dk, dv) = &c.deq[kvh];
                                 let tol = if softcap.is_some() { 3e-5 } else { 1e-5 };
                                 for gi in 0..group {
                                     let r = keys[i].clone();
-                                    let e = exact(&row(i)[gi * hd..(gi + 1) * hd], &dk[r.clone()], &dv[r], scale, softcap);
+                                    let e = exact(
+                                        &row(i)[gi * hd..(gi + 1) * hd],
+                                        &dk[r.clone()],
+                                        &dv[r],
+                                        scale,
+                                        softcap,
+                                    );
                                     for (a, b) in got(&q8o)[gi * hd..(gi + 1) * hd].iter().zip(&e) {
-                                        assert!((*a as f64 - b).abs() < tol, "q8_0 {isa:?} {case} row {i}: {a} vs {b}");
+                                        assert!(
+                                            (*a as f64 - b).abs() < tol,
+                                            "q8_0 {isa:?} {case} row {i}: {a} vs {b}"
+                                        );
                                     }
                                 }
                                 cases += 1;
                             }
                             // Padding between rows is never written.
-                            assert!(f16o[kvh * w + w..kvh * w + stride].iter().all(|x| x.is_nan()), "{case}: wrote outside the rows");
+                            assert!(
+                                f16o[kvh * w + w..kvh * w + stride]
+                                    .iter()
+                                    .all(|x| x.is_nan()),
+                                "{case}: wrote outside the rows"
+                            );
                         }
                     }
                 }
@@ -705,13 +958,41 @@ mod tests {
     #[test]
     fn scalar_engine_matches_scalar_attend() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
-        let s = AttnShape { head_dim: 64, group: 3, block_size: 16, kv_dim: 128, scale: 0.125, softcap: None };
+        let s = AttnShape {
+            head_dim: 64,
+            group: 3,
+            block_size: 16,
+            kv_dim: 128,
+            scale: 0.125,
+            softcap: None,
+        };
         let c = Cache::new(&mut rng, s, 50);
         let q: Vec<f32> = (0..3 * 64).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
         let mut want = vec![0.0; 3 * 64];
-        scalar::attend(&s, &q, 1, &c.kf16, &c.vf16, &c.table, 3..50, &mut want, f16::to_f32);
+        scalar::attend(
+            &s,
+            &q,
+            1,
+            &c.kf16,
+            &c.vf16,
+            &c.table,
+            3..50,
+            &mut want,
+            f16::to_f32,
+        );
         let mut got = vec![0.0; 3 * 64];
-        attend_rows_isa(Isa::Scalar, &s, KvView::F16(&c.kf16, &c.vf16), 1, &c.table, std::slice::from_ref(&(3..50)), &q, 3 * 64, &mut got, 3 * 64);
+        attend_rows_isa(
+            Isa::Scalar,
+            &s,
+            KvView::F16(&c.kf16, &c.vf16),
+            1,
+            &c.table,
+            std::slice::from_ref(&(3..50)),
+            &q,
+            3 * 64,
+            &mut got,
+            3 * 64,
+        );
         assert_eq!(bits(&got), bits(&want));
     }
 
@@ -722,7 +1003,11 @@ mod tests {
         let d = quantize_q8_group(&x, &mut q).to_f32();
         assert!(q.iter().any(|&v| v.abs() == 127));
         for (a, &b) in x.iter().zip(&q) {
-            assert!((a - d * b as f32).abs() <= 0.5 * d * 1.0001, "{a} vs {}", d * b as f32);
+            assert!(
+                (a - d * b as f32).abs() <= 0.5 * d * 1.0001,
+                "{a} vs {}",
+                d * b as f32
+            );
         }
         let mut q = [5i8; 7];
         assert_eq!(quantize_q8_group(&[0.0; 7], &mut q).to_f32(), 0.0);
@@ -734,7 +1019,14 @@ mod tests {
 
     #[test]
     fn tile_rows_keep_the_state_small() {
-        let s = |hd, group| AttnShape { head_dim: hd, group, block_size: 16, kv_dim: hd, scale: 1.0, softcap: None };
+        let s = |hd, group| AttnShape {
+            head_dim: hd,
+            group,
+            block_size: 16,
+            kv_dim: hd,
+            scale: 1.0,
+            softcap: None,
+        };
         assert_eq!(tile_rows(&s(64, 3)), 16);
         assert_eq!(tile_rows(&s(256, 4)), 4);
         assert_eq!(tile_rows(&s(256, 16)), 1);

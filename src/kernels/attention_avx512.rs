@@ -37,7 +37,12 @@ pub(in crate::kernels) enum Src {
     /// f16 K (transposed per head) and V.
     F16 { k: *const f16, v: *const f16 },
     /// `q8_0` K, K scales, V, V scales (layout in the attention module).
-    Q8 { k: *const i8, ks: *const f16, v: *const i8, vs: *const f16 },
+    Q8 {
+        k: *const i8,
+        ks: *const f16,
+        v: *const i8,
+        vs: *const f16,
+    },
 }
 
 /// Per-tile state.
@@ -82,7 +87,12 @@ pub(in crate::kernels) unsafe fn tile(
     os: usize,
 ) {
     let (hd, g) = (s.head_dim, s.group);
-    debug_assert!(hd.is_multiple_of(16) && hd <= MAX_HD && keys.len() * g * hd <= STATE && keys.len() <= MAX_TILE_ROWS);
+    debug_assert!(
+        hd.is_multiple_of(16)
+            && hd <= MAX_HD
+            && keys.len() * g * hd <= STATE
+            && keys.len() <= MAX_TILE_ROWS
+    );
     let mut st = State {
         m: [f32::NEG_INFINITY; MAX_PAIRS],
         l: [0.0; MAX_PAIRS],
@@ -94,7 +104,21 @@ pub(in crate::kernels) unsafe fn tile(
     };
     for_each_block(s.block_size, keys, |bi, off, rows| {
         // SAFETY: the caller's contract; `bi` is a block some row reads.
-        unsafe { block(src, s, kvh, table[bi] as usize, bi, off, rows, keys, q, qs, &mut st) }
+        unsafe {
+            block(
+                src,
+                s,
+                kvh,
+                table[bi] as usize,
+                bi,
+                off,
+                rows,
+                keys,
+                q,
+                qs,
+                &mut st,
+            )
+        }
     });
     for i in 0..keys.len() {
         for gi in 0..g {
@@ -166,7 +190,10 @@ unsafe fn block(
             let mask: u16 = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
             let mut sv = _mm512_loadu_ps(st.p[pi].as_ptr());
             if let Some(cap) = s.softcap {
-                sv = _mm512_mul_ps(_mm512_set1_ps(cap), tanh16(_mm512_mul_ps(sv, _mm512_set1_ps(1.0 / cap))));
+                sv = _mm512_mul_ps(
+                    _mm512_set1_ps(cap),
+                    tanh16(_mm512_mul_ps(sv, _mm512_set1_ps(1.0 / cap))),
+                );
             }
             let bm = _mm512_mask_reduce_max_ps(mask, sv);
             let m_new = st.m[pi].max(bm);
@@ -202,7 +229,7 @@ unsafe fn block(
                         }
                     };
                 }
-                vp!((1, 1) (1, 2) (1, 4) (2, 1) (2, 2) (2, 4) (3, 1) (3, 2) (3, 4) (4, 1) (4, 2) (4, 4));
+                vp!((1, 1)(1, 2)(1, 4)(2, 1)(2, 2)(2, 4)(3, 1)(3, 2)(3, 4)(4, 1)(4, 2)(4, 4));
             }
         }
         c += 16;
@@ -212,7 +239,15 @@ unsafe fn block(
 /// Fills `st.kf` / `st.vf` with the `n` keys / values from offset `c` of
 /// block `blk` (KV head `kvh`) as f32; key lanes `n..16` are zero.
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
-unsafe fn load_chunk(src: &Src, s: &AttnShape, kvh: usize, blk: usize, c: usize, n: usize, st: &mut State) {
+unsafe fn load_chunk(
+    src: &Src,
+    s: &AttnShape,
+    kvh: usize,
+    blk: usize,
+    c: usize,
+    n: usize,
+    st: &mut State,
+) {
     let (hd, bs, kv_dim) = (s.head_dim, s.block_size, s.kv_dim);
     let mask: u16 = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
     let kf = st.kf.as_mut_ptr();
@@ -221,13 +256,19 @@ unsafe fn load_chunk(src: &Src, s: &AttnShape, kvh: usize, blk: usize, c: usize,
         Src::F16 { k, v } => {
             let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
             for d in 0..hd {
-                let x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, kt.add(d * bs + c) as *const i16));
+                let x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    mask,
+                    kt.add(d * bs + c) as *const i16,
+                ));
                 _mm512_storeu_ps(kf.add(d * 16), x);
             }
             for j in 0..n {
                 let row = v.add((blk * bs + c + j) * kv_dim + kvh * hd) as *const __m256i;
                 for h in 0..hd / 16 {
-                    _mm512_storeu_ps(vf.add(j * hd + 16 * h), _mm512_cvtph_ps(_mm256_loadu_si256(row.add(h))));
+                    _mm512_storeu_ps(
+                        vf.add(j * hd + 16 * h),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(row.add(h))),
+                    );
                 }
             }
         }
@@ -240,11 +281,17 @@ unsafe fn load_chunk(src: &Src, s: &AttnShape, kvh: usize, blk: usize, c: usize,
             for d in 0..hd {
                 let gi = (kvh * hd + d) / Q8_GROUP;
                 if gi != cur {
-                    sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, kst.add(gi * bs + c) as *const i16));
+                    sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        mask,
+                        kst.add(gi * bs + c) as *const i16,
+                    ));
                     cur = gi;
                 }
                 let kq = _mm_maskz_loadu_epi8(mask, kt.add(d * bs + c));
-                _mm512_storeu_ps(kf.add(d * 16), _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(kq)), sc));
+                _mm512_storeu_ps(
+                    kf.add(d * 16),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(kq)), sc),
+                );
             }
             // Scale groups covering this head's slice of a row.
             let g_first = kvh * hd / Q8_GROUP;
@@ -254,11 +301,16 @@ unsafe fn load_chunk(src: &Src, s: &AttnShape, kvh: usize, blk: usize, c: usize,
             for j in 0..n {
                 let slot = blk * bs + c + j;
                 let row = v.add(slot * kv_dim + kvh * hd);
-                let sr = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, vs.add(slot * ng + g_first) as *const i16));
+                let sr = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    gmask,
+                    vs.add(slot * ng + g_first) as *const i16,
+                ));
                 _mm512_storeu_ps(scales.as_mut_ptr(), sr);
                 for h in 0..hd / 16 {
                     let d = scales[(kvh * hd + 16 * h) / Q8_GROUP - g_first];
-                    let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row.add(16 * h) as *const __m128i)));
+                    let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        row.add(16 * h) as *const __m128i,
+                    )));
                     _mm512_storeu_ps(vf.add(j * hd + 16 * h), _mm512_mul_ps(x, _mm512_set1_ps(d)));
                 }
             }
@@ -270,7 +322,15 @@ unsafe fn load_chunk(src: &Src, s: &AttnShape, kvh: usize, blk: usize, c: usize,
 /// per lane, two partial sums (even / odd d) of `q[d] * k[d]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
-unsafe fn scores<const NP: usize>(pairs: &[usize], q: *const f32, qs: usize, g: usize, hd: usize, scv: __m512, st: &mut State) {
+unsafe fn scores<const NP: usize>(
+    pairs: &[usize],
+    q: *const f32,
+    qs: usize,
+    g: usize,
+    hd: usize,
+    scv: __m512,
+    st: &mut State,
+) {
     let mut qp = [q; NP];
     for (x, &pi) in qp.iter_mut().zip(pairs) {
         *x = q.add((pi / g) * qs + (pi % g) * hd);
@@ -289,7 +349,10 @@ unsafe fn scores<const NP: usize>(pairs: &[usize], q: *const f32, qs: usize, g: 
         }
     }
     for i in 0..NP {
-        _mm512_storeu_ps(st.p[pairs[i]].as_mut_ptr(), _mm512_mul_ps(_mm512_add_ps(a0[i], a1[i]), scv));
+        _mm512_storeu_ps(
+            st.p[pairs[i]].as_mut_ptr(),
+            _mm512_mul_ps(_mm512_add_ps(a0[i], a1[i]), scv),
+        );
     }
 }
 

@@ -13,9 +13,12 @@ use half::f16;
 
 use std::mem::offset_of;
 
-use super::{BlockQ8, QK, Q8_RESIDUAL_SCALE};
+use super::{BlockQ8, Q8_RESIDUAL_SCALE, QK};
 use crate::quant::k_quants::scale_min_k4;
-use crate::quant::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, GgmlDType, QK_K};
+use crate::quant::{
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, GgmlDType,
+    QK_K,
+};
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -155,8 +158,16 @@ pub(super) unsafe fn tile_q<const R: usize>(
             let d = f16_ptr(bp);
             match kind {
                 QKind::Q4_0 | QKind::Q4_1 => {
-                    let qoff = if kind == QKind::Q4_1 { offset_of!(BlockQ4_1, qs) } else { offset_of!(BlockQ4_0, qs) };
-                    let m = if kind == QKind::Q4_1 { f16_ptr(bp.add(offset_of!(BlockQ4_1, m))) } else { -8.0 * d };
+                    let qoff = if kind == QKind::Q4_1 {
+                        offset_of!(BlockQ4_1, qs)
+                    } else {
+                        offset_of!(BlockQ4_0, qs)
+                    };
+                    let m = if kind == QKind::Q4_1 {
+                        f16_ptr(bp.add(offset_of!(BlockQ4_1, m)))
+                    } else {
+                        -8.0 * d
+                    };
                     let q = _mm_loadu_si128(bp.add(qoff) as *const __m128i);
                     let lo = _mm_and_si128(q, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
@@ -169,23 +180,32 @@ pub(super) unsafe fn tile_q<const R: usize>(
                         let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, a2), ones);
                         let p = _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
                         let scale = d * (xb.d / Q8_RESIDUAL_SCALE);
-                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc[r]);
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc[r]);
                         macc[r] += m * xb.s;
                     }
                 }
                 // Q8_0 (only the legacy kinds come here: see the safety contract)
                 _ => {
-                    let wv = _mm256_loadu_si256(bp.add(offset_of!(BlockQ8_0, qs)) as *const __m256i);
+                    let wv =
+                        _mm256_loadu_si256(bp.add(offset_of!(BlockQ8_0, qs)) as *const __m256i);
                     let aw = _mm256_sign_epi8(wv, wv);
                     for r in 0..R {
                         let xb = &*xp.add(r * nb + b);
                         let a1 = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
                         let a2 = _mm256_loadu_si256(xb.qr.as_ptr() as *const __m256i);
-                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a1, wv)), ones);
-                        let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a2, wv)), ones);
+                        let p1 = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(a1, wv)),
+                            ones,
+                        );
+                        let p2 = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(a2, wv)),
+                            ones,
+                        );
                         let p = _mm256_add_epi32(_mm256_slli_epi32(p1, 7), p2);
                         let scale = d * (xb.d / Q8_RESIDUAL_SCALE);
-                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc[r]);
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc[r]);
                     }
                 }
             }
@@ -196,8 +216,6 @@ pub(super) unsafe fn tile_q<const R: usize>(
     }
 }
 
-
-
 /// 32 bytes, one per bit of `bits` (element `k` = bit `k`): `0xFF` where set.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -205,7 +223,10 @@ unsafe fn bits_to_bytes(bits: u32) -> __m256i {
     // Byte k takes byte k / 8 of `bits`, then keeps its own bit k % 8.
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits as i32),
-        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        ),
     );
     let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     _mm256_cmpeq_epi8(_mm256_and_si256(spread, sel), sel)
@@ -216,7 +237,10 @@ unsafe fn bits_to_bytes(bits: u32) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn nib32(q: __m128i) -> __m256i {
-    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F))
+    _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+        _mm256_set1_epi8(0x0F),
+    )
 }
 
 /// Block `b` of a weight row of `tile_qx`'s kinds, as 32 weight bytes
@@ -262,7 +286,10 @@ unsafe fn decode_qx(kind: QKind, wrow: *const u8, b: usize) -> (__m256i, [f32; 2
             let (d, dmin) = (f16_ptr(bp), f16_ptr(bp.add(offset_of!(BlockQ4K, dmin))));
             // sub-block j: nibble j % 2 of qs[32 (j / 2) ..][..32]
             let v = _mm256_loadu_si256(bp.add(qs_at + 32 * (j / 2)) as *const __m256i);
-            let mut q = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (j as i32 % 2))), low4);
+            let mut q = _mm256_and_si256(
+                _mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (j as i32 % 2))),
+                low4,
+            );
             if kind == QKind::Q5K {
                 // fifth bit: bit j of qh[l]
                 let qh = _mm256_loadu_si256(bp.add(offset_of!(BlockQ5K, qh)) as *const __m256i);
@@ -276,14 +303,27 @@ unsafe fn decode_qx(kind: QKind, wrow: *const u8, b: usize) -> (__m256i, [f32; 2
             // element 32 j + l: nibble (j % 4) / 2 of ql[64 (j / 4) + 32 (j % 2) + l],
             // bits 2 (j % 4) of qh[32 (j / 4) + l]
             let (h, k) = (j / 4, j % 4);
-            let lo = _mm256_loadu_si256(bp.add(offset_of!(BlockQ6K, ql) + 64 * h + 32 * (k % 2)) as *const __m256i);
-            let lo = _mm256_and_si256(_mm256_srl_epi16(lo, _mm_cvtsi32_si128(4 * (k as i32 / 2))), low4);
-            let hi = _mm256_loadu_si256(bp.add(offset_of!(BlockQ6K, qh) + 32 * h) as *const __m256i);
-            let hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * k as i32)), _mm256_set1_epi8(3));
+            let lo = _mm256_loadu_si256(
+                bp.add(offset_of!(BlockQ6K, ql) + 64 * h + 32 * (k % 2)) as *const __m256i
+            );
+            let lo = _mm256_and_si256(
+                _mm256_srl_epi16(lo, _mm_cvtsi32_si128(4 * (k as i32 / 2))),
+                low4,
+            );
+            let hi =
+                _mm256_loadu_si256(bp.add(offset_of!(BlockQ6K, qh) + 32 * h) as *const __m256i);
+            let hi = _mm256_and_si256(
+                _mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * k as i32)),
+                _mm256_set1_epi8(3),
+            );
             let q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
             let d = f16_ptr(bp.add(offset_of!(BlockQ6K, d)));
             let sc = bp.add(offset_of!(BlockQ6K, scales) + 2 * j) as *const i8;
-            (_mm256_sub_epi8(q, _mm256_set1_epi8(32)), [d * *sc as f32, d * *sc.add(1) as f32], 0.0)
+            (
+                _mm256_sub_epi8(q, _mm256_set1_epi8(32)),
+                [d * *sc as f32, d * *sc.add(1) as f32],
+                0.0,
+            )
         }
         // `tile_q`'s kinds never reach here.
         QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => (_mm256_setzero_si256(), [0.0; 2], 0.0),
@@ -445,7 +485,10 @@ pub(super) unsafe fn tile_f<const R: usize>(
                 let wt = match kind {
                     FKind::F32 => (wrow.add(4 * t) as *const f32).read_unaligned(),
                     FKind::F16 => f16_ptr(wrow.add(2 * t)),
-                    FKind::BF16 => half::bf16::from_bits((wrow.add(2 * t) as *const u16).read_unaligned()).to_f32(),
+                    FKind::BF16 => {
+                        half::bf16::from_bits((wrow.add(2 * t) as *const u16).read_unaligned())
+                            .to_f32()
+                    }
                 };
                 sum = wt.mul_add(*xp.add(r * k + t), sum);
             }
@@ -470,7 +513,10 @@ unsafe fn hmax(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp8_neg(x: __m256) -> __m256 {
     let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_setzero_ps());
-    let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
     let mut p = _mm256_set1_ps(1.0 / 720.0);
@@ -478,7 +524,10 @@ unsafe fn exp8_neg(x: __m256) -> __m256 {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
     }
     // n in [-126, 0]: 2^n is a normal float with biased exponent n + 127.
-    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+        23,
+    ));
     _mm256_mul_ps(p, pow2)
 }
 
@@ -499,7 +548,11 @@ unsafe fn tanh8(x: __m256) -> __m256 {
         p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(c));
     }
     let small = _mm256_mul_ps(p, ax);
-    let t = _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.5), _CMP_LT_OQ));
+    let t = _mm256_blendv_ps(
+        big,
+        small,
+        _mm256_cmp_ps(ax, _mm256_set1_ps(0.5), _CMP_LT_OQ),
+    );
     _mm256_or_ps(t, _mm256_and_ps(sign, x))
 }
 
@@ -540,7 +593,12 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
     let scv = _mm256_set1_ps(scale);
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let first = start / bs;
-    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)).skip(first) {
+    for (bi, &blk) in table
+        .iter()
+        .enumerate()
+        .take(n_ctx.div_ceil(bs))
+        .skip(first)
+    {
         let blk = blk as usize;
         let cnt = bs.min(n_ctx - bi * bs);
         let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
@@ -569,11 +627,16 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
             for g in 0..G {
                 let mut sv = _mm256_mul_ps(_mm256_add_ps(s[g][0], s[g][1]), scv);
                 if let Some(cap) = softcap {
-                    sv = _mm256_mul_ps(_mm256_set1_ps(cap), tanh8(_mm256_mul_ps(sv, _mm256_set1_ps(1.0 / cap))));
+                    sv = _mm256_mul_ps(
+                        _mm256_set1_ps(cap),
+                        tanh8(_mm256_mul_ps(sv, _mm256_set1_ps(1.0 / cap))),
+                    );
                 }
                 let sv = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), sv, valid);
                 let m_new = m[g].max(hmax(sv));
-                corr[g] = _mm_cvtss_f32(_mm256_castps256_ps128(exp8_neg(_mm256_set1_ps(m[g] - m_new))));
+                corr[g] = _mm_cvtss_f32(_mm256_castps256_ps128(exp8_neg(_mm256_set1_ps(
+                    m[g] - m_new,
+                ))));
                 let pv = _mm256_and_ps(exp8_neg(_mm256_sub_ps(sv, _mm256_set1_ps(m_new))), valid);
                 l[g] = l[g] * corr[g] + hsum(pv);
                 m[g] = m_new;
@@ -584,10 +647,15 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
             for h in 0..HV {
                 let mut acc = [_mm256_setzero_ps(); G];
                 for (g, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_mul_ps(_mm256_loadu_ps(out.add(g * hd + 8 * h)), _mm256_set1_ps(corr[g]));
+                    *a = _mm256_mul_ps(
+                        _mm256_loadu_ps(out.add(g * hd + 8 * h)),
+                        _mm256_set1_ps(corr[g]),
+                    );
                 }
                 for j in 0..n {
-                    let x = _mm256_cvtph_ps(_mm_loadu_si128(vb.add((c + j) * kv_dim + 8 * h) as *const __m128i));
+                    let x = _mm256_cvtph_ps(_mm_loadu_si128(
+                        vb.add((c + j) * kv_dim + 8 * h) as *const __m128i
+                    ));
                     for (g, a) in acc.iter_mut().enumerate() {
                         *a = _mm256_fmadd_ps(_mm256_set1_ps(p[g][j]), x, *a);
                     }

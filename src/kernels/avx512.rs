@@ -38,6 +38,10 @@ pub(super) const MAX_TILE_ROWS: usize = 8;
 /// spaced `x_stride` blocks apart; `xh` likewise at their half-block sums
 /// ([`super::scalar::half_sums`]), read only by the two-half kinds (Q6_K, Q3_K, Q2_K).
 ///
+/// `one_digit`: the activations' second digits (`qr`) are all zero (see
+/// [`super::zero_second_digit`]), so their products are skipped; the result
+/// is bit for bit what the full kernel gives on those activations.
+///
 /// # Safety
 /// CPU supports avx512f/bw/vl/vnni and f16c; `group` spans a full packed
 /// group of `kind` with `nb` blocks; `x` holds `(R - 1) * x_stride + nb`
@@ -56,13 +60,14 @@ pub(super) unsafe fn gemm_group<const R: usize>(
     out: *mut f32,
     out_stride: usize,
     lanes: u16,
+    one_digit: bool,
 ) {
     macro_rules! each_kind {
         ($($k:ident),*) => {
             match kind {
                 $(PackKind::$k => {
                     const K: u8 = PackKind::$k as u8;
-                    gemm_group_k::<R, K>(group, nb, x, xh, x_stride, out, out_stride, lanes)
+                    gemm_group_k::<R, K>(group, nb, x, xh, x_stride, out, out_stride, lanes, one_digit)
                 })*
             }
         };
@@ -88,6 +93,7 @@ unsafe fn gemm_group_k<const R: usize, const K: u8>(
     out: *mut f32,
     out_stride: usize,
     lanes: u16,
+    one_digit: bool,
 ) {
     let kind = const { PackKind::from_u8(K) };
     let sup_bytes = const { PackKind::from_u8(K).super_bytes() };
@@ -95,7 +101,12 @@ unsafe fn gemm_group_k<const R: usize, const K: u8>(
     let recs = group.add(n_super * sup_bytes);
     let (rec_bytes, scale_bytes, planes, halves) = const {
         let k = PackKind::from_u8(K);
-        (k.record_bytes(), k.scale_bytes(), k.high_planes(), k.halves())
+        (
+            k.record_bytes(),
+            k.scale_bytes(),
+            k.high_planes(),
+            k.halves(),
+        )
     };
     let neg_z = _mm512_set1_ps(-(kind.zero().unwrap_or(0) as f32));
     let sign = _mm512_set1_epi32(i32::MIN);
@@ -124,15 +135,24 @@ unsafe fn gemm_group_k<const R: usize, const K: u8>(
             }
             PackKind::Q4_1 | PackKind::Q5_1 => {
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
-                ([d; 2], [_mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i)); 2])
+                (
+                    [d; 2],
+                    [_mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i)); 2],
+                )
             }
             PackKind::Q4K | PackKind::Q5K => {
                 let d = _mm512_mul_ps(sd, bytes_f32(rec, false));
                 let m = _mm512_mul_ps(sdm, bytes_f32(rec.add(GROUP), false));
-                ([d; 2], [_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(m), sign)); 2])
+                (
+                    [d; 2],
+                    [_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(m), sign)); 2],
+                )
             }
             PackKind::Q6K | PackKind::Q3K => {
-                let d = [_mm512_mul_ps(sd, bytes_f32(rec, true)), _mm512_mul_ps(sd, bytes_f32(rec.add(GROUP), true))];
+                let d = [
+                    _mm512_mul_ps(sd, bytes_f32(rec, true)),
+                    _mm512_mul_ps(sd, bytes_f32(rec.add(GROUP), true)),
+                ];
                 (d, [_mm512_mul_ps(d[0], neg_z), _mm512_mul_ps(d[1], neg_z)])
             }
             PackKind::IQ4XS => {
@@ -143,11 +163,15 @@ unsafe fn gemm_group_k<const R: usize, const K: u8>(
                 // per half: scale in the low nibble, min in the high nibble
                 let (mut d, mut m) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
                 for h in 0..2 {
-                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(rec.add(GROUP * h) as *const __m128i));
+                    let v =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128(rec.add(GROUP * h) as *const __m128i));
                     let sc = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
                     let mn = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
                     d[h] = _mm512_mul_ps(sd, sc);
-                    m[h] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(sdm, mn)), sign));
+                    m[h] = _mm512_castsi512_ps(_mm512_xor_si512(
+                        _mm512_castps_si512(_mm512_mul_ps(sdm, mn)),
+                        sign,
+                    ));
                 }
                 (d, m)
             }
@@ -205,11 +229,13 @@ unsafe fn gemm_group_k<const R: usize, const K: u8>(
             for a in acc.iter_mut() {
                 *a = _mm512_slli_epi32(*a, 7);
             }
-            for j in h * per..(h + 1) * per {
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xb = x.add(r * x_stride + b);
-                    let q = ((*xb).qr.as_ptr() as *const i32).add(j).read_unaligned();
-                    *a = _mm512_dpbusd_epi32(*a, w[j], _mm512_set1_epi32(q));
+            if !one_digit {
+                for j in h * per..(h + 1) * per {
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xb = x.add(r * x_stride + b);
+                        let q = ((*xb).qr.as_ptr() as *const i32).add(j).read_unaligned();
+                        *a = _mm512_dpbusd_epi32(*a, w[j], _mm512_set1_epi32(q));
+                    }
                 }
             }
             for (r, (f, a)) in accf.iter_mut().zip(&acc).enumerate() {
@@ -245,7 +271,11 @@ unsafe fn gemm_group_k<const R: usize, const K: u8>(
 /// CPU supports avx512f/bw/vl and f16c; `rec` points at a full record of kind `K`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-pub(super) unsafe fn block_scales<const K: u8>(rec: *const u8, sd: __m512, sdm: __m512) -> ([__m512; 2], [__m512; 2]) {
+pub(super) unsafe fn block_scales<const K: u8>(
+    rec: *const u8,
+    sd: __m512,
+    sdm: __m512,
+) -> ([__m512; 2], [__m512; 2]) {
     let kind = const { PackKind::from_u8(K) };
     let neg_z = _mm512_set1_ps(-(kind.zero().unwrap_or(0) as f32));
     let sign = _mm512_set1_epi32(i32::MIN);
@@ -256,15 +286,24 @@ pub(super) unsafe fn block_scales<const K: u8>(rec: *const u8, sd: __m512, sdm: 
         }
         PackKind::Q4_1 | PackKind::Q5_1 => {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
-            ([d; 2], [_mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i)); 2])
+            (
+                [d; 2],
+                [_mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i)); 2],
+            )
         }
         PackKind::Q4K | PackKind::Q5K => {
             let d = _mm512_mul_ps(sd, bytes_f32(rec, false));
             let m = _mm512_mul_ps(sdm, bytes_f32(rec.add(GROUP), false));
-            ([d; 2], [_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(m), sign)); 2])
+            (
+                [d; 2],
+                [_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(m), sign)); 2],
+            )
         }
         PackKind::Q6K | PackKind::Q3K => {
-            let d = [_mm512_mul_ps(sd, bytes_f32(rec, true)), _mm512_mul_ps(sd, bytes_f32(rec.add(GROUP), true))];
+            let d = [
+                _mm512_mul_ps(sd, bytes_f32(rec, true)),
+                _mm512_mul_ps(sd, bytes_f32(rec.add(GROUP), true)),
+            ];
             (d, [_mm512_mul_ps(d[0], neg_z), _mm512_mul_ps(d[1], neg_z)])
         }
         PackKind::IQ4XS => {
@@ -279,7 +318,10 @@ pub(super) unsafe fn block_scales<const K: u8>(rec: *const u8, sd: __m512, sdm: 
                 let sc = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
                 let mn = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
                 d[h] = _mm512_mul_ps(sd, sc);
-                m[h] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(sdm, mn)), sign));
+                m[h] = _mm512_castsi512_ps(_mm512_xor_si512(
+                    _mm512_castps_si512(_mm512_mul_ps(sdm, mn)),
+                    sign,
+                ));
             }
             (d, m)
         }
@@ -349,7 +391,11 @@ pub(super) unsafe fn block_weights<const K: u8>(qb: *const u8) -> [__m512i; 8] {
 #[target_feature(enable = "avx512f")]
 unsafe fn bytes_f32(p: *const u8, signed: bool) -> __m512 {
     let v = _mm_loadu_si128(p as *const __m128i);
-    _mm512_cvtepi32_ps(if signed { _mm512_cvtepi8_epi32(v) } else { _mm512_cvtepu8_epi32(v) })
+    _mm512_cvtepi32_ps(if signed {
+        _mm512_cvtepi8_epi32(v)
+    } else {
+        _mm512_cvtepu8_epi32(v)
+    })
 }
 
 /// IQ4_NL's table values plus 128 (all in `1..=241`: unsigned bytes).
@@ -389,19 +435,27 @@ pub(super) unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         let mut sum = _mm512_setzero_si512();
         for (h, v) in [v0, v1].into_iter().enumerate() {
             // q1 = clamp(round(v * id)); rem = v - q1 * d; q2 = clamp(round(rem * id * 128))
-            let q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, idv)), lo), hi);
+            let q1 = _mm512_min_epi32(
+                _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, idv)), lo),
+                hi,
+            );
             let rem = _mm512_sub_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(q1), dv));
             let t = _mm512_mul_ps(_mm512_mul_ps(rem, idv), rs);
             let q2 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(t), lo), hi);
             sum = _mm512_add_epi32(sum, _mm512_add_epi32(_mm512_slli_epi32(q1, 7), q2));
-            _mm_storeu_si128(blk.qs.as_mut_ptr().add(h * 16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
-            _mm_storeu_si128(blk.qr.as_mut_ptr().add(h * 16) as *mut __m128i, _mm512_cvtepi32_epi8(q2));
+            _mm_storeu_si128(
+                blk.qs.as_mut_ptr().add(h * 16) as *mut __m128i,
+                _mm512_cvtepi32_epi8(q1),
+            );
+            _mm_storeu_si128(
+                blk.qr.as_mut_ptr().add(h * 16) as *mut __m128i,
+                _mm512_cvtepi32_epi8(q2),
+            );
         }
         blk.d = d;
         blk.s = d / super::Q8_RESIDUAL_SCALE * _mm512_reduce_add_epi32(sum) as f32;
     }
 }
-
 
 /// `exp(x)` for 16 lanes, inputs clamped to [-87, 88] (so never NaN or
 /// infinite for finite input): Cody-Waite reduction by ln 2, degree-6
@@ -409,8 +463,14 @@ pub(super) unsafe fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp16(x: __m512) -> __m512 {
-    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
-    let n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+        _mm512_set1_ps(88.0),
+    );
+    let n = _mm512_roundscale_ps(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
     let mut p = _mm512_set1_ps(1.0 / 720.0);
@@ -442,7 +502,10 @@ unsafe fn tanh16(x: __m512) -> __m512 {
     let is_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.5), _CMP_LT_OQ);
     let t = _mm512_mask_blend_ps(is_small, big, small);
     // Copy x's sign onto |tanh|.
-    _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(sign, _mm512_castps_si512(x))))
+    _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(t),
+        _mm512_and_si512(sign, _mm512_castps_si512(x)),
+    ))
 }
 
 /// `g[i] = gelu_tanh(g[i]) * u[i]` (see [`super::scalar::gelu_tanh_mul`]).
@@ -452,17 +515,28 @@ unsafe fn tanh16(x: __m512) -> __m512 {
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn gelu_tanh_mul(g: &mut [f32], u: &[f32]) {
     let n = g.len();
-    let (half, k3, ks) = (_mm512_set1_ps(0.5), _mm512_set1_ps(0.044_715), _mm512_set1_ps(super::scalar::GELU_TANH_SCALE));
+    let (half, k3, ks) = (
+        _mm512_set1_ps(0.5),
+        _mm512_set1_ps(0.044_715),
+        _mm512_set1_ps(super::scalar::GELU_TANH_SCALE),
+    );
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
-        let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        let m: u16 = if n - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (n - i)) - 1
+        };
         let x = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
         let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
         // inner = sqrt(2/pi) * (x + 0.044715 x^3)
         let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
         let inner = _mm512_mul_ps(ks, _mm512_fmadd_ps(k3, x3, x));
-        let y = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh16(inner))), uv);
+        let y = _mm512_mul_ps(
+            _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, tanh16(inner))),
+            uv,
+        );
         _mm512_mask_storeu_ps(g.as_mut_ptr().add(i), m, y);
         i += 16;
     }
@@ -478,9 +552,17 @@ pub(super) unsafe fn softcap(v: &mut [f32], cap: f32) {
     let (c, ic) = (_mm512_set1_ps(cap), _mm512_set1_ps(1.0 / cap));
     let mut i = 0;
     while i < n {
-        let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        let m: u16 = if n - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (n - i)) - 1
+        };
         let x = _mm512_maskz_loadu_ps(m, v.as_ptr().add(i));
-        _mm512_mask_storeu_ps(v.as_mut_ptr().add(i), m, _mm512_mul_ps(c, tanh16(_mm512_mul_ps(x, ic))));
+        _mm512_mask_storeu_ps(
+            v.as_mut_ptr().add(i),
+            m,
+            _mm512_mul_ps(c, tanh16(_mm512_mul_ps(x, ic))),
+        );
         i += 16;
     }
 }
@@ -495,7 +577,11 @@ pub(super) unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
-        let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        let m: u16 = if n - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (n - i)) - 1
+        };
         let x = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
         let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
         let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
@@ -522,11 +608,23 @@ pub(super) unsafe fn max_f32(v: &[f32]) -> f32 {
         i += 64;
     }
     while i < n {
-        let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
-        acc[0] = _mm512_mask_max_ps(acc[0], m, _mm512_maskz_loadu_ps(m, v.as_ptr().add(i)), acc[0]);
+        let m: u16 = if n - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        acc[0] = _mm512_mask_max_ps(
+            acc[0],
+            m,
+            _mm512_maskz_loadu_ps(m, v.as_ptr().add(i)),
+            acc[0],
+        );
         i += 16;
     }
-    _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3])))
+    _mm512_reduce_max_ps(_mm512_max_ps(
+        _mm512_max_ps(acc[0], acc[1]),
+        _mm512_max_ps(acc[2], acc[3]),
+    ))
 }
 
 /// `sum_i exp(v[i] - m)`: 4 x 16 f32 partial sums, combined in f64.
@@ -547,7 +645,11 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
         i += 64;
     }
     while i < n {
-        let k: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+        let k: u16 = if n - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (n - i)) - 1
+        };
         let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, v.as_ptr().add(i)), mv);
         acc[0] = _mm512_add_ps(acc[0], _mm512_maskz_mov_ps(k, exp16(x)));
         i += 16;
@@ -598,7 +700,12 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
     let mut corr_v = [_mm512_setzero_ps(); G];
     let scv = _mm512_set1_ps(scale);
     let first = start / bs;
-    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)).skip(first) {
+    for (bi, &blk) in table
+        .iter()
+        .enumerate()
+        .take(n_ctx.div_ceil(bs))
+        .skip(first)
+    {
         let blk = blk as usize;
         let cnt = bs.min(n_ctx - bi * bs);
         let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
@@ -611,7 +718,10 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
             // (G, 16) scores: lane j = key c + j; two partial sums over d.
             let mut s = [[_mm512_setzero_ps(); 2]; G];
             for d in 0..hd {
-                let kd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, kt.add(d * bs + c) as *const i16));
+                let kd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    mask,
+                    kt.add(d * bs + c) as *const i16,
+                ));
                 for (g, sg) in s.iter_mut().enumerate() {
                     sg[d % 2] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(g * hd + d)), kd, sg[d % 2]);
                 }
@@ -619,7 +729,10 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
             for g in 0..G {
                 let mut sv = _mm512_mul_ps(_mm512_add_ps(s[g][0], s[g][1]), scv);
                 if let Some(cap) = softcap {
-                    sv = _mm512_mul_ps(_mm512_set1_ps(cap), tanh16(_mm512_mul_ps(sv, _mm512_set1_ps(1.0 / cap))));
+                    sv = _mm512_mul_ps(
+                        _mm512_set1_ps(cap),
+                        tanh16(_mm512_mul_ps(sv, _mm512_set1_ps(1.0 / cap))),
+                    );
                 }
                 let bm = _mm512_mask_reduce_max_ps(mask, sv);
                 let m_new = m[g].max(bm);

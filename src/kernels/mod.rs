@@ -43,11 +43,11 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-pub mod attention;
 mod memory;
 mod packed;
 pub mod scalar;
@@ -123,8 +123,9 @@ pub fn detected_isa() -> Isa {
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 =
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
             let avx512 = is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
@@ -146,7 +147,10 @@ pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         let best = detected_isa();
-        if std::env::var("BRIGADE_FORCE_SCALAR").map(|v| v == "1").unwrap_or(false) {
+        if std::env::var("BRIGADE_FORCE_SCALAR")
+            .map(|v| v == "1")
+            .unwrap_or(false)
+        {
             return Isa::Scalar;
         }
         let cap = match std::env::var("BRIGADE_ISA").as_deref() {
@@ -160,7 +164,10 @@ pub fn isa() -> Isa {
 
 /// Instruction sets available on this CPU, lowest first (for tests and benches).
 pub fn available_isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|&i| i <= detected_isa()).collect()
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+        .into_iter()
+        .filter(|&i| i <= detected_isa())
+        .collect()
 }
 
 /// Whether this CPU has AMX-TILE and AMX-INT8 and the OS lets this process
@@ -180,7 +187,13 @@ pub fn amx_available() -> bool {
 /// [`isa`] is AVX-512 VNNI, and `BRIGADE_AMX` is not `0` (cached).
 pub fn amx_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| isa() == Isa::Avx512Vnni && std::env::var("BRIGADE_AMX").map(|v| v != "0").unwrap_or(true) && amx_available())
+    *ON.get_or_init(|| {
+        isa() == Isa::Avx512Vnni
+            && std::env::var("BRIGADE_AMX")
+                .map(|v| v != "0")
+                .unwrap_or(true)
+            && amx_available()
+    })
 }
 
 /// Errors from building kernel views over raw weight bytes.
@@ -233,7 +246,12 @@ pub struct QMatrix<'a> {
 
 impl<'a> QMatrix<'a> {
     /// Validates dtype, shape and byte size.
-    pub fn new(dtype: GgmlDType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
+    pub fn new(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, KernelError> {
         // Every dtype has a kernel: SIMD for the common ones, the scalar
         // integer dot (`scalar::vec_dot_q`) for Q2_K, Q3_K, IQ4_NL, IQ4_XS
         // on raw blocks (and all of them on CPUs without AVX2); on AVX-512
@@ -244,9 +262,20 @@ impl<'a> QMatrix<'a> {
         }
         let expected = rows * (cols / block) * dtype.type_size();
         if data.len() != expected {
-            return Err(KernelError::BadSize { dtype, rows, cols, expected, got: data.len() });
+            return Err(KernelError::BadSize {
+                dtype,
+                rows,
+                cols,
+                expected,
+                got: data.len(),
+            });
         }
-        Ok(Self { dtype, rows, cols, data })
+        Ok(Self {
+            dtype,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// Bytes per row.
@@ -276,7 +305,10 @@ pub fn quantize_rows_q8(x: &[f32], cols: usize, out: &mut [BlockQ8]) {
 /// [`quantize_rows_q8`] with an explicit instruction set (capped at
 /// [`detected_isa`]).
 pub fn quantize_rows_q8_isa(isa: Isa, x: &[f32], cols: usize, out: &mut [BlockQ8]) {
-    assert!(cols.is_multiple_of(QK), "quantize_rows_q8: cols must be a multiple of 32");
+    assert!(
+        cols.is_multiple_of(QK),
+        "quantize_rows_q8: cols must be a multiple of 32"
+    );
     let nb = cols / QK;
     for (row, blocks) in x.chunks_exact(cols).zip(out.chunks_exact_mut(nb)) {
         #[cfg(target_arch = "x86_64")]
@@ -406,18 +438,32 @@ impl SharedOut {
 ///
 /// Output columns are split over the threads of `pool` (if any); results are
 /// bit-identical for any pool size and any batch composition.
-pub fn matmul(w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+pub fn matmul(
+    w: &QMatrix<'_>,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
     matmul_isa(isa(), w, x, out, pool)
 }
 
 /// [`matmul`] with an explicit instruction set (capped at [`detected_isa`]);
 /// raw (unpacked) weights use the AVX2 kernel on AVX-512 CPUs too.
-pub fn matmul_isa(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+pub fn matmul_isa(
+    isa: Isa,
+    w: &QMatrix<'_>,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
     let isa = isa.min(detected_isa());
     let n = x.n;
     assert!(x.f.len() >= n * w.cols, "matmul: activations too short");
     if w.dtype.block_size() > 1 {
-        assert!(x.q.len() >= n * (w.cols / QK), "matmul: q8 activations too short");
+        assert!(
+            x.q.len() >= n * (w.cols / QK),
+            "matmul: q8 activations too short"
+        );
     }
     assert!(out.len() >= n * w.rows, "matmul: output too short");
     let shared = SharedOut(out.as_mut_ptr(), out.len());
@@ -442,7 +488,9 @@ fn split_columns(
         Some(p) if p.current_num_threads() > 1 && n_units >= 2 * align => {
             let nt = p.current_num_threads();
             // A few chunks per thread for balance on a shared machine.
-            let chunk = (n_units.div_ceil(nt * 4)).next_multiple_of(align).max(align);
+            let chunk = (n_units.div_ceil(nt * 4))
+                .next_multiple_of(align)
+                .max(align);
             let n_chunks = n_units.div_ceil(chunk);
             p.scope(|s| {
                 for c in 1..n_chunks {
@@ -456,7 +504,13 @@ fn split_columns(
 }
 
 /// Computes output columns `cols` of every row. Sizes were checked by `matmul`.
-fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], cols: std::ops::Range<usize>) {
+fn matmul_cols(
+    isa: Isa,
+    w: &QMatrix<'_>,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    cols: std::ops::Range<usize>,
+) {
     let n = x.n;
     let stride = w.rows;
     if w.dtype.block_size() <= 1 {
@@ -518,10 +572,18 @@ fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], 
                     (true, 3) => avx2::tile_q::<3>(kind, w.data, nb, xs, os, stride, cols.clone()),
                     (true, 2) => avx2::tile_q::<2>(kind, w.data, nb, xs, os, stride, cols.clone()),
                     (true, _) => avx2::tile_q::<1>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    (false, 4) => avx2::tile_qx::<4>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    (false, 3) => avx2::tile_qx::<3>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    (false, 2) => avx2::tile_qx::<2>(kind, w.data, nb, xs, os, stride, cols.clone()),
-                    (false, _) => avx2::tile_qx::<1>(kind, w.data, nb, xs, os, stride, cols.clone()),
+                    (false, 4) => {
+                        avx2::tile_qx::<4>(kind, w.data, nb, xs, os, stride, cols.clone())
+                    }
+                    (false, 3) => {
+                        avx2::tile_qx::<3>(kind, w.data, nb, xs, os, stride, cols.clone())
+                    }
+                    (false, 2) => {
+                        avx2::tile_qx::<2>(kind, w.data, nb, xs, os, stride, cols.clone())
+                    }
+                    (false, _) => {
+                        avx2::tile_qx::<1>(kind, w.data, nb, xs, os, stride, cols.clone())
+                    }
                 }
             }
             r += take;
@@ -554,7 +616,12 @@ fn matmul_cols(isa: Isa, w: &QMatrix<'_>, x: &Activations<'_>, out: &mut [f32], 
 /// (AVX-512 VNNI kernel; the scalar reference elsewhere — same results, bit
 /// for bit). Column groups are split over the threads of `pool`; results are
 /// bit-identical for any pool size and any batch composition.
-pub fn matmul_packed(p: &PackedMatrix, x: &Activations<'_>, out: &mut [f32], pool: Option<&rayon::ThreadPool>) {
+pub fn matmul_packed(
+    p: &PackedMatrix,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
     matmul_packed_isa(isa(), p, x, out, pool)
 }
 
@@ -580,14 +647,61 @@ pub fn matmul_packed_opts(
     out: &mut [f32],
     pool: Option<&rayon::ThreadPool>,
 ) {
+    matmul_packed_digits(isa, amx, Digits::Two, p, x, out, pool)
+}
+
+/// How many digits of the Q8 activations a matmul reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Digits {
+    /// Both (`qs` and the residual `qr`): about 15 bits per activation.
+    #[default]
+    Two,
+    /// The first only: the caller zeroed every `qr` ([`zero_second_digit`]),
+    /// so the AVX-512 kernel skips their products. The results equal, bit for
+    /// bit, those of [`Digits::Two`] on the same activations (every kernel).
+    One,
+}
+
+/// Drops the second digit of Q8 activations: `qr = 0` and `s` re-derived from
+/// `qs` alone, so every kernel computes the dot products of weights with
+/// `d * qs` (8-bit activations, round to nearest, as llama.cpp's Q8_0).
+pub fn zero_second_digit(q: &mut [BlockQ8]) {
+    for b in q {
+        let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
+        b.qr = [0; QK];
+        b.s = b.d / Q8_RESIDUAL_SCALE * (sum * Q8_RESIDUAL_SCALE as i32) as f32;
+    }
+}
+
+/// [`matmul_packed_opts`] reading `digits` of the activations (see [`Digits`]).
+pub fn matmul_packed_digits(
+    isa: Isa,
+    amx: bool,
+    digits: Digits,
+    p: &PackedMatrix,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
+    debug_assert!(
+        digits == Digits::Two || x.q.iter().all(|b| b.qr == [0; QK]),
+        "Digits::One with a non-zero second digit"
+    );
     let isa = isa.min(detected_isa());
     let amx = amx && isa == Isa::Avx512Vnni && amx_available();
     let (n, nb) = (x.n, p.nb);
-    assert!(x.q.len() >= n * nb, "matmul_packed: q8 activations too short");
+    assert!(
+        x.q.len() >= n * nb,
+        "matmul_packed: q8 activations too short"
+    );
     assert!(out.len() >= n * p.rows(), "matmul_packed: output too short");
     // Half-block activation sums for the kinds with 16-element sub-blocks
     // (exact integer sums, one rounding: the same for every split).
-    let xh: Vec<[f32; 2]> = if p.kind.halves() == 2 { x.q[..n * nb].iter().map(scalar::half_sums).collect() } else { Vec::new() };
+    let xh: Vec<[f32; 2]> = if p.kind.halves() == 2 {
+        x.q[..n * nb].iter().map(scalar::half_sums).collect()
+    } else {
+        Vec::new()
+    };
     // The rows AMX runs, repacked as tiles once for every thread.
     #[cfg(target_arch = "x86_64")]
     let act = {
@@ -607,7 +721,7 @@ pub fn matmul_packed_opts(
         // SAFETY: `shared` spans `out`; each call writes only the columns of
         // `groups` of each row; the group ranges of concurrent calls are disjoint.
         let out = unsafe { shared.slice() };
-        matmul_packed_groups(isa, p, x, &xh, &act, out, groups);
+        matmul_packed_groups(isa, p, x, &xh, &act, out, groups, digits == Digits::One);
     };
     split_columns(pool, p.n_groups(), 1, &run);
 }
@@ -650,6 +764,7 @@ fn matmul_packed_groups(
     act: &[ActLine],
     out: &mut [f32],
     groups: std::ops::Range<usize>,
+    one_digit: bool,
 ) {
     let (n, nb, stride) = (x.n, p.nb, p.rows());
     #[cfg(target_arch = "x86_64")]
@@ -659,18 +774,29 @@ fn matmul_packed_groups(
         // rows zero-padded to a tile when there are at least AMX_MIN_ROWS of
         // them; the session configures this thread's tiles for the chunk.
         const TR: usize = amx::TILE_ROWS;
-        let tiles = if act.is_empty() { None } else { amx::Tiles::new(p.kind) };
+        let tiles = if act.is_empty() {
+            None
+        } else {
+            amx::Tiles::new(p.kind)
+        };
         let mut scratch = match &tiles {
-            Some(_) if !p.kind.byte_quants() => vec![amx::Line([0; 64]); nb * amx::B_TILE_BYTES / 64],
+            Some(_) if !p.kind.byte_quants() => {
+                vec![amx::Line([0; 64]); nb * amx::B_TILE_BYTES / 64]
+            }
             _ => Vec::new(),
         };
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + MACRO_ROWS).min(n);
-            let amx_rows = if tiles.is_none() { 0 } else { amx_rows(r1 - r0) };
+            let amx_rows = if tiles.is_none() {
+                0
+            } else {
+                amx_rows(r1 - r0)
+            };
             // This macro tile's repacked tiles (every earlier one has MACRO_ROWS rows).
             let at = amx::act_lines(r0 / TR, nb);
-            let act = &act[at.min(act.len())..(at + amx::act_lines(amx_rows.div_ceil(TR), nb)).min(act.len())];
+            let act = &act[at.min(act.len())
+                ..(at + amx::act_lines(amx_rows.div_ceil(TR), nb)).min(act.len())];
             for g in groups.clone() {
                 let gp = p.group(g).as_ptr();
                 let valid = (stride - g * GROUP).min(GROUP);
@@ -686,13 +812,30 @@ fn matmul_packed_groups(
                     // rows `r0..r0 + amx_rows` fit; only the `valid` lanes
                     // are stored; `scratch` holds `nb` B tiles for the kinds
                     // that unpack.
-                    unsafe { amx::gemm_group(t, p.kind, gp, nb, act, op, stride, lanes, last_rows, amx::lines_bytes_mut(&mut scratch)) };
+                    unsafe {
+                        amx::gemm_group(
+                            t,
+                            p.kind,
+                            gp,
+                            nb,
+                            act,
+                            op,
+                            stride,
+                            lanes,
+                            last_rows,
+                            amx::lines_bytes_mut(&mut scratch),
+                        )
+                    };
                     r += amx_rows;
                 }
                 while r < r1 {
                     let take = (r1 - r).min(T);
                     let xp = x.q[r * nb..].as_ptr();
-                    let hp = if xh.is_empty() { std::ptr::null() } else { xh[r * nb..].as_ptr() };
+                    let hp = if xh.is_empty() {
+                        std::ptr::null()
+                    } else {
+                        xh[r * nb..].as_ptr()
+                    };
                     let op = out[r * stride + g * GROUP..].as_mut_ptr();
                     // SAFETY: avx512f/bw/vl/vnni detected (`isa` is capped at
                     // `detected_isa()`); `gp` spans packed group `g` of `nb`
@@ -703,14 +846,30 @@ fn matmul_packed_groups(
                     // are stored.
                     unsafe {
                         match take {
-                            8 => avx512::gemm_group::<8>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
-                            7 => avx512::gemm_group::<7>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
-                            6 => avx512::gemm_group::<6>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
-                            5 => avx512::gemm_group::<5>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
-                            4 => avx512::gemm_group::<4>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
-                            3 => avx512::gemm_group::<3>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
-                            2 => avx512::gemm_group::<2>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
-                            _ => avx512::gemm_group::<1>(p.kind, gp, nb, xp, hp, nb, op, stride, lanes),
+                            8 => avx512::gemm_group::<8>(
+                                p.kind, gp, nb, xp, hp, nb, op, stride, lanes, one_digit,
+                            ),
+                            7 => avx512::gemm_group::<7>(
+                                p.kind, gp, nb, xp, hp, nb, op, stride, lanes, one_digit,
+                            ),
+                            6 => avx512::gemm_group::<6>(
+                                p.kind, gp, nb, xp, hp, nb, op, stride, lanes, one_digit,
+                            ),
+                            5 => avx512::gemm_group::<5>(
+                                p.kind, gp, nb, xp, hp, nb, op, stride, lanes, one_digit,
+                            ),
+                            4 => avx512::gemm_group::<4>(
+                                p.kind, gp, nb, xp, hp, nb, op, stride, lanes, one_digit,
+                            ),
+                            3 => avx512::gemm_group::<3>(
+                                p.kind, gp, nb, xp, hp, nb, op, stride, lanes, one_digit,
+                            ),
+                            2 => avx512::gemm_group::<2>(
+                                p.kind, gp, nb, xp, hp, nb, op, stride, lanes, one_digit,
+                            ),
+                            _ => avx512::gemm_group::<1>(
+                                p.kind, gp, nb, xp, hp, nb, op, stride, lanes, one_digit,
+                            ),
                         }
                     }
                     r += take;
@@ -720,7 +879,7 @@ fn matmul_packed_groups(
         }
         return;
     }
-    let _ = (isa, act);
+    let _ = (isa, act, one_digit);
     for r in 0..n {
         let xr = &x.q[r * nb..(r + 1) * nb];
         for o in groups.start * GROUP..(groups.end * GROUP).min(stride) {
@@ -740,9 +899,28 @@ pub fn matmul_best(
 ) {
     match packed {
         Some(p) => {
-            debug_assert!(p.rows() == w.rows && p.cols() == w.cols, "matmul_best: packed matrix of another shape");
+            debug_assert!(
+                p.rows() == w.rows && p.cols() == w.cols,
+                "matmul_best: packed matrix of another shape"
+            );
             matmul_packed(p, x, out, pool)
         }
+        None => matmul(w, x, out, pool),
+    }
+}
+
+/// [`matmul_best`] reading `digits` of the activations (see [`Digits`]; the
+/// unpacked kernels read both, which gives the same results).
+pub fn matmul_best_digits(
+    w: &QMatrix<'_>,
+    packed: Option<&PackedMatrix>,
+    digits: Digits,
+    x: &Activations<'_>,
+    out: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
+    match packed {
+        Some(p) => matmul_packed_digits(isa(), amx_enabled(), digits, p, x, out, pool),
         None => matmul(w, x, out, pool),
     }
 }
@@ -785,18 +963,47 @@ impl AttnShape {
     /// Checks the arguments of one attention call (panics with a message on
     /// a violated precondition: these are internal invariants, never input).
     #[allow(clippy::too_many_arguments)]
-    fn check<T>(&self, q: &[f32], kvh: usize, k: &[T], v: &[T], table: &[u32], keys: &Range<usize>, out: &[f32]) {
+    fn check<T>(
+        &self,
+        q: &[f32],
+        kvh: usize,
+        k: &[T],
+        v: &[T],
+        table: &[u32],
+        keys: &Range<usize>,
+        out: &[f32],
+    ) {
         let (hd, bs) = (self.head_dim, self.block_size);
-        assert!(hd > 0 && bs > 0 && (1..=MAX_GROUP).contains(&self.group), "attend: bad shape {self:?}");
-        assert!(self.softcap.is_none_or(|c| c > 0.0 && c.is_finite()), "attend: soft-cap must be > 0");
-        assert!(q.len() == self.group * hd && out.len() == q.len(), "attend: q/out must be group x head_dim");
-        assert!((kvh + 1) * hd <= self.kv_dim && self.kv_dim.is_multiple_of(hd), "attend: KV head {kvh} outside kv_dim");
+        assert!(
+            hd > 0 && bs > 0 && (1..=MAX_GROUP).contains(&self.group),
+            "attend: bad shape {self:?}"
+        );
+        assert!(
+            self.softcap.is_none_or(|c| c > 0.0 && c.is_finite()),
+            "attend: soft-cap must be > 0"
+        );
+        assert!(
+            q.len() == self.group * hd && out.len() == q.len(),
+            "attend: q/out must be group x head_dim"
+        );
+        assert!(
+            (kvh + 1) * hd <= self.kv_dim && self.kv_dim.is_multiple_of(hd),
+            "attend: KV head {kvh} outside kv_dim"
+        );
         assert!(keys.start < keys.end, "attend: empty key range {keys:?}");
-        assert!(table.len() >= keys.end.div_ceil(bs), "attend: block table shorter than the context");
+        assert!(
+            table.len() >= keys.end.div_ceil(bs),
+            "attend: block table shorter than the context"
+        );
         // Only the blocks of the key range are read (blocks before a sliding
         // window may already be freed).
         let nblk = k.len().min(v.len()) / (bs * self.kv_dim);
-        assert!(table[keys.start / bs..keys.end.div_ceil(bs)].iter().all(|&b| (b as usize) < nblk), "attend: block id out of range");
+        assert!(
+            table[keys.start / bs..keys.end.div_ceil(bs)]
+                .iter()
+                .all(|&b| (b as usize) < nblk),
+            "attend: block id out of range"
+        );
     }
 }
 
@@ -806,7 +1013,16 @@ impl AttnShape {
 /// sliding window: blocks before `keys.start` are not read), reading keys and
 /// values through `table` (f16 cache; layout in [`AttnShape`]).
 #[allow(clippy::too_many_arguments)]
-pub fn attend_f16(s: &AttnShape, q: &[f32], kvh: usize, k: &[f16], v: &[f16], table: &[u32], keys: Range<usize>, out: &mut [f32]) {
+pub fn attend_f16(
+    s: &AttnShape,
+    q: &[f32],
+    kvh: usize,
+    k: &[f16],
+    v: &[f16],
+    table: &[u32],
+    keys: Range<usize>,
+    out: &mut [f32],
+) {
     attend_f16_isa(isa(), s, q, kvh, k, v, table, keys, out)
 }
 
@@ -908,7 +1124,10 @@ mod tests {
     #[test]
     fn pack_kind_discriminants_round_trip() {
         // The specialised AVX-512 kernel gets its kind back from the discriminant.
-        let kinds: Vec<_> = GgmlDType::ALL.iter().filter_map(|&d| packed::PackKind::of(d)).collect();
+        let kinds: Vec<_> = GgmlDType::ALL
+            .iter()
+            .filter_map(|&d| packed::PackKind::of(d))
+            .collect();
         assert_eq!(kinds.len(), 12);
         for k in kinds {
             assert_eq!(packed::PackKind::from_u8(k as u8), k);
@@ -934,7 +1153,12 @@ mod tests {
 
     /// Builds random raw blocks of a quantized dtype: random quant and
     /// sub-scale bytes, small finite f16 scales.
-    fn rand_weights(rng: &mut rand::rngs::SmallRng, dtype: GgmlDType, rows: usize, cols: usize) -> Vec<u8> {
+    fn rand_weights(
+        rng: &mut rand::rngs::SmallRng,
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> Vec<u8> {
         let (bs, ts) = (dtype.block_size(), dtype.type_size());
         let mut out = Vec::with_capacity(rows * cols / bs * ts);
         for _ in 0..rows * cols / bs {
@@ -1001,21 +1225,36 @@ mod tests {
             assert!(QMatrix::new(dtype, 2, cols, &data).is_ok(), "{dtype:?}");
         }
         let e = QMatrix::new(GgmlDType::Q4_K, 1, 96, &[0; 54]).unwrap_err();
-        assert!(matches!(e, KernelError::BadRowLength { block: 256, .. }), "{e}");
+        assert!(
+            matches!(e, KernelError::BadRowLength { block: 256, .. }),
+            "{e}"
+        );
         let e = QMatrix::new(GgmlDType::Q5_0, 1, 48, &[0; 33]).unwrap_err();
         assert!(matches!(e, KernelError::BadRowLength { .. }), "{e}");
         let w = QMatrix::new(GgmlDType::F16, 1, 256, &[0; 512]).unwrap();
         let e = PackedMatrix::new(&w).unwrap_err().to_string();
-        assert!(!e.contains('\n') && e.contains("F16") && e.contains(PackedMatrix::SUPPORTED), "{e}");
+        assert!(
+            !e.contains('\n') && e.contains("F16") && e.contains(PackedMatrix::SUPPORTED),
+            "{e}"
+        );
         // Every quantized dtype has a packed kind.
         for dtype in QUANT {
             let data = vec![0u8; 256 / dtype.block_size() * dtype.type_size()];
-            assert!(PackedMatrix::new(&QMatrix::new(dtype, 1, 256, &data).unwrap()).is_ok(), "{dtype:?}");
+            assert!(
+                PackedMatrix::new(&QMatrix::new(dtype, 1, 256, &data).unwrap()).is_ok(),
+                "{dtype:?}"
+            );
         }
     }
 
     /// Every output of `matmul_isa` / `matmul_packed_isa` for one ISA.
-    fn run_isa(isa: Isa, packed: Option<&PackedMatrix>, w: &QMatrix<'_>, x: &Activations<'_>, pool: Option<&rayon::ThreadPool>) -> Vec<f32> {
+    fn run_isa(
+        isa: Isa,
+        packed: Option<&PackedMatrix>,
+        w: &QMatrix<'_>,
+        x: &Activations<'_>,
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Vec<f32> {
         let mut out = vec![f32::NAN; x.n * w.rows];
         match packed {
             Some(p) => matmul_packed_isa(isa, p, x, &mut out, pool),
@@ -1028,7 +1267,14 @@ mod tests {
     fn simd_matmul_matches_scalar_reference() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
         for dtype in QUANT {
-            for &(rows, cols, n) in &[(8usize, 32usize, 1usize), (17, 64, 3), (64, 256, 5), (100, 576, 9), (48, 96, 70), (40, 512, 4)] {
+            for &(rows, cols, n) in &[
+                (8usize, 32usize, 1usize),
+                (17, 64, 3),
+                (64, 256, 5),
+                (100, 576, 9),
+                (48, 96, 70),
+                (40, 512, 4),
+            ] {
                 if !cols.is_multiple_of(dtype.block_size()) {
                     continue;
                 }
@@ -1049,10 +1295,18 @@ mod tests {
                                 let want = scalar::vec_dot_q(dtype, w.row(o), xr);
                                 let got = out[r * rows + o];
                                 let tol = 1e-4 * (1.0 + want.abs());
-                                assert!((got - want).abs() <= tol, "{isa:?} packed={} {dtype:?} r{r} o{o}: {got} vs {want}", packed.is_some());
+                                assert!(
+                                    (got - want).abs() <= tol,
+                                    "{isa:?} packed={} {dtype:?} r{r} o{o}: {got} vs {want}",
+                                    packed.is_some()
+                                );
                                 if let Some(p) = packed {
                                     // The packed kernel equals its scalar reference bit for bit.
-                                    assert_eq!(got.to_bits(), packed::ref_dot(p, o, xr).to_bits(), "{isa:?} {dtype:?} r{r} o{o}");
+                                    assert_eq!(
+                                        got.to_bits(),
+                                        packed::ref_dot(p, o, xr).to_bits(),
+                                        "{isa:?} {dtype:?} r{r} o{o}"
+                                    );
                                 }
                             }
                         }
@@ -1061,8 +1315,78 @@ mod tests {
                         for o in 0..rows {
                             w.dequantize_row(o, &mut wrow);
                             let exact: f32 = wrow.iter().zip(&xf[..cols]).map(|(a, b)| a * b).sum();
-                            let norm: f32 = wrow.iter().map(|v| v.abs()).sum::<f32>() / 127.0 + 1e-3;
-                            assert!((out[o] - exact).abs() <= norm, "{dtype:?} o{o}: {} vs {exact}", out[o]);
+                            let norm: f32 =
+                                wrow.iter().map(|v| v.abs()).sum::<f32>() / 127.0 + 1e-3;
+                            assert!(
+                                (out[o] - exact).abs() <= norm,
+                                "{dtype:?} o{o}: {} vs {exact}",
+                                out[o]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_digit_matmul_equals_the_full_kernels_on_zeroed_residuals() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(23);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for dtype in QUANT {
+            for &(rows, cols, n) in &[(17usize, 256usize, 3usize), (40, 512, 9), (64, 256, 70)] {
+                let data = rand_weights(&mut rng, dtype, rows, cols);
+                let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
+                let p = PackedMatrix::new(&w).unwrap();
+                let xf = rand_vec(&mut rng, n * cols);
+                let mut xq = vec![BlockQ8::default(); n * cols / QK];
+                quantize_rows_q8(&xf, cols, &mut xq);
+                let full = xq.clone();
+                zero_second_digit(&mut xq);
+                // s follows qs alone: d * sum(qs), exactly.
+                for b in &xq {
+                    let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
+                    assert_eq!(b.s, b.d * sum as f32, "{dtype:?}");
+                }
+                let x = Activations { f: &xf, q: &xq, n };
+                let nb = cols / QK;
+                for isa in available_isas() {
+                    let mut two = vec![f32::NAN; n * rows];
+                    matmul_packed_digits(isa, false, Digits::Two, &p, &x, &mut two, Some(&pool));
+                    for amx in [false, true] {
+                        let mut one = vec![f32::NAN; n * rows];
+                        matmul_packed_digits(isa, amx, Digits::One, &p, &x, &mut one, Some(&pool));
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&one),
+                            bits(&two),
+                            "{isa:?} amx={amx} {dtype:?} {rows}x{cols} n={n}"
+                        );
+                    }
+                    // ... which is the scalar reference on the one-digit activations, and
+                    // within 8-bit activation error of the two-digit result.
+                    for r in 0..n {
+                        for o in 0..rows {
+                            let got = two[r * rows + o];
+                            assert_eq!(
+                                got.to_bits(),
+                                packed::ref_dot(&p, o, &xq[r * nb..(r + 1) * nb]).to_bits(),
+                                "{isa:?} {dtype:?}"
+                            );
+                            let precise = packed::ref_dot(&p, o, &full[r * nb..(r + 1) * nb]);
+                            let mut wrow = vec![0.0; cols];
+                            w.dequantize_row(o, &mut wrow);
+                            let xr = &xf[r * cols..(r + 1) * cols];
+                            let amax = xr.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                            let bound: f32 =
+                                wrow.iter().map(|v| v.abs()).sum::<f32>() * amax / 254.0 + 1e-4;
+                            assert!(
+                                (got - precise).abs() <= bound,
+                                "{dtype:?} r{r} o{o}: {got} vs {precise} (bound {bound})"
+                            );
                         }
                     }
                 }
@@ -1073,14 +1397,28 @@ mod tests {
     #[test]
     fn float_matmul_matches_scalar_and_is_batch_invariant() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(19);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
-            for &(rows, cols, n) in &[(5usize, 8usize, 1usize), (17, 40, 3), (64, 576, 9), (33, 256, 6)] {
+            for &(rows, cols, n) in &[
+                (5usize, 8usize, 1usize),
+                (17, 40, 3),
+                (64, 576, 9),
+                (33, 256, 6),
+            ] {
                 let vals = rand_vec(&mut rng, rows * cols);
                 let data: Vec<u8> = match dtype {
                     GgmlDType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    GgmlDType::F16 => vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-                    _ => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+                    GgmlDType::F16 => vals
+                        .iter()
+                        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                    _ => vals
+                        .iter()
+                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                        .collect(),
                 };
                 let w = QMatrix::new(dtype, rows, cols, &data).unwrap();
                 let xf = rand_vec(&mut rng, n * cols);
@@ -1091,14 +1429,31 @@ mod tests {
                     for r in 0..n {
                         let xr = &xf[r * cols..(r + 1) * cols];
                         // Each row alone (and single-threaded) gives the same bits.
-                        let one = run_isa(isa, None, &w, &Activations { f: xr, q: &[], n: 1 }, None);
-                        assert_eq!(&all[r * rows..(r + 1) * rows], &one[..], "{isa:?} {dtype:?} row {r}");
+                        let one = run_isa(
+                            isa,
+                            None,
+                            &w,
+                            &Activations {
+                                f: xr,
+                                q: &[],
+                                n: 1,
+                            },
+                            None,
+                        );
+                        assert_eq!(
+                            &all[r * rows..(r + 1) * rows],
+                            &one[..],
+                            "{isa:?} {dtype:?} row {r}"
+                        );
                         for o in 0..rows {
                             w.dequantize_row(o, &mut wrow);
                             let want = scalar::vec_dot_f(dtype, w.row(o), xr);
                             let mag: f32 = wrow.iter().zip(xr).map(|(a, b)| (a * b).abs()).sum();
                             let got = all[r * rows + o];
-                            assert!((got - want).abs() <= 1e-5 * (mag + 1e-3), "{isa:?} {dtype:?} r{r} o{o}: {got} vs {want}");
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (mag + 1e-3),
+                                "{isa:?} {dtype:?} r{r} o{o}: {got} vs {want}"
+                            );
                         }
                     }
                 }
@@ -1120,12 +1475,19 @@ mod tests {
                 w.dequantize_row(o, &mut want);
                 let mut got = vec![f32::NAN; cols];
                 p.dequantize_row(o, &mut got);
-                assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{dtype:?} row {o}");
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{dtype:?} row {o}"
+                );
                 for b in 0..cols / QK {
                     let (d, m, u) = p.block(o, b);
                     for k in 0..QK {
                         let got = d[k / 16] * u[k] as f32 + m[k / 16];
-                        assert!((got - want[b * QK + k]).abs() <= 1e-6 * (1.0 + got.abs()), "{dtype:?} o{o} b{b} k{k}");
+                        assert!(
+                            (got - want[b * QK + k]).abs() <= 1e-6 * (1.0 + got.abs()),
+                            "{dtype:?} o{o} b{b} k{k}"
+                        );
                     }
                 }
             }
@@ -1135,8 +1497,14 @@ mod tests {
     #[test]
     fn matmul_rows_are_batch_invariant_and_thread_invariant() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let pool3 = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let pool3 = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         for dtype in QUANT {
             // n > MACRO_ROWS: every tile size 1..=8 and a macro-tile boundary occur.
             let (rows, cols, n) = (200, 256, 75);
@@ -1149,8 +1517,20 @@ mod tests {
             let nb = cols / QK;
             for isa in available_isas() {
                 for packed in [None, p.as_ref()] {
-                    let all = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, Some(&pool));
-                    let all3 = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, Some(&pool3));
+                    let all = run_isa(
+                        isa,
+                        packed,
+                        &w,
+                        &Activations { f: &xf, q: &xq, n },
+                        Some(&pool),
+                    );
+                    let all3 = run_isa(
+                        isa,
+                        packed,
+                        &w,
+                        &Activations { f: &xf, q: &xq, n },
+                        Some(&pool3),
+                    );
                     let all1 = run_isa(isa, packed, &w, &Activations { f: &xf, q: &xq, n }, None);
                     assert_eq!(all, all3, "{isa:?} {dtype:?} 2 vs 3 threads");
                     assert_eq!(all, all1, "{isa:?} {dtype:?} 2 vs 1 thread");
@@ -1166,7 +1546,13 @@ mod tests {
                             q: &xq[start * nb..(start + len) * nb],
                             n: len,
                         };
-                        let part = run_isa(isa, packed, &w, &x, if len % 2 == 0 { Some(&pool) } else { None });
+                        let part = run_isa(
+                            isa,
+                            packed,
+                            &w,
+                            &x,
+                            if len % 2 == 0 { Some(&pool) } else { None },
+                        );
                         assert_eq!(
                             &all[start * rows..(start + len) * rows],
                             &part[..],
@@ -1202,17 +1588,33 @@ mod tests {
             let mut got = vec![BlockQ8::default(); 8 * cols / QK];
             quantize_rows_q8_isa(isa, &xf, cols, &mut got);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!((g.d.to_bits(), g.s.to_bits(), g.qs, g.qr), (w.d.to_bits(), w.s.to_bits(), w.qs, w.qr), "{isa:?} block {i}");
+                assert_eq!(
+                    (g.d.to_bits(), g.s.to_bits(), g.qs, g.qr),
+                    (w.d.to_bits(), w.s.to_bits(), w.qs, w.qr),
+                    "{isa:?} block {i}"
+                );
             }
         }
     }
 
     /// Plain softmax attention in f64 over keys/values given position-major
     /// (scores soft-capped when `softcap` is given).
-    fn attention_f64(q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>], scale: f32, softcap: Option<f32>) -> Vec<f64> {
+    fn attention_f64(
+        q: &[f32],
+        keys: &[Vec<f32>],
+        vals: &[Vec<f32>],
+        scale: f32,
+        softcap: Option<f32>,
+    ) -> Vec<f64> {
         let sc: Vec<f64> = keys
             .iter()
-            .map(|k| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64)
+            .map(|k| {
+                q.iter()
+                    .zip(k)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
             .map(|x| match softcap {
                 Some(c) => c as f64 * (x / c as f64).tanh(),
                 None => x,
@@ -1221,7 +1623,15 @@ mod tests {
         let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
         let z: f64 = e.iter().sum();
-        (0..q.len()).map(|d| e.iter().zip(vals).map(|(w, v)| w * v[d] as f64).sum::<f64>() / z).collect()
+        (0..q.len())
+            .map(|d| {
+                e.iter()
+                    .zip(vals)
+                    .map(|(w, v)| w * v[d] as f64)
+                    .sum::<f64>()
+                    / z
+            })
+            .collect()
     }
 
     #[test]
@@ -1270,7 +1680,10 @@ mod tests {
                 let (blk, off) = (table[pos / bs] as usize, pos % bs);
                 for h in 0..kvn {
                     for d in 0..hd {
-                        let (kx, vx) = (f16::from_f32(rng.gen_range(-2.0f32..2.0)), f16::from_f32(rng.gen_range(-1.0f32..1.0)));
+                        let (kx, vx) = (
+                            f16::from_f32(rng.gen_range(-2.0f32..2.0)),
+                            f16::from_f32(rng.gen_range(-1.0f32..1.0)),
+                        );
                         k[blk * bs * kv_dim + h * hd * bs + d * bs + off] = kx;
                         v[(blk * bs + off) * kv_dim + h * hd + d] = vx;
                         keys[h][pos][d] = kx.to_f32();
@@ -1284,15 +1697,42 @@ mod tests {
             for b in table[..start / bs].iter_mut() {
                 *b = u32::MAX;
             }
-            let scale = if softcap.is_some() { 4.0 } else { 1.0 / (hd as f32).sqrt() };
-            let s = AttnShape { head_dim: hd, group, block_size: bs, kv_dim, scale, softcap };
+            let scale = if softcap.is_some() {
+                4.0
+            } else {
+                1.0 / (hd as f32).sqrt()
+            };
+            let s = AttnShape {
+                head_dim: hd,
+                group,
+                block_size: bs,
+                kv_dim,
+                scale,
+                softcap,
+            };
             let case = format!("{hd}/{group}/{bs}/{n_ctx} window {window:?} cap {softcap:?}");
             for kvh in 0..kvn {
                 let q = rand_vec(&mut rng, group * hd);
                 let mut want = vec![0.0f32; group * hd];
-                scalar::attend(&s, &q, kvh, &k, &v, &table, start..n_ctx, &mut want, f16::to_f32);
+                scalar::attend(
+                    &s,
+                    &q,
+                    kvh,
+                    &k,
+                    &v,
+                    &table,
+                    start..n_ctx,
+                    &mut want,
+                    f16::to_f32,
+                );
                 for g in 0..group {
-                    let exact = attention_f64(&q[g * hd..(g + 1) * hd], &keys[kvh][start..], &vals[kvh][start..], s.scale, softcap);
+                    let exact = attention_f64(
+                        &q[g * hd..(g + 1) * hd],
+                        &keys[kvh][start..],
+                        &vals[kvh][start..],
+                        s.scale,
+                        softcap,
+                    );
                     for (a, b) in want[g * hd..(g + 1) * hd].iter().zip(&exact) {
                         assert!((*a as f64 - b).abs() < 1e-5, "scalar {case}: {a} vs {b}");
                     }
@@ -1324,10 +1764,17 @@ mod tests {
             let finite: Vec<f32> = v.iter().copied().filter(|x| !x.is_nan()).collect();
             let want_sum = scalar::sum_exp(&finite, want_max);
             for isa in available_isas() {
-                assert_eq!(max_f32_isa(isa, &v).to_bits(), want_max.to_bits(), "{isa:?} n{n}");
+                assert_eq!(
+                    max_f32_isa(isa, &v).to_bits(),
+                    want_max.to_bits(),
+                    "{isa:?} n{n}"
+                );
                 if n > 0 {
                     let got = sum_exp_isa(isa, &finite, want_max);
-                    assert!((got / want_sum - 1.0).abs() < 1e-6, "{isa:?} n{n}: {got} vs {want_sum}");
+                    assert!(
+                        (got / want_sum - 1.0).abs() < 1e-6,
+                        "{isa:?} n{n}: {got} vs {want_sum}"
+                    );
                 }
             }
         }
@@ -1349,7 +1796,10 @@ mod tests {
                 let mut got = g.clone();
                 silu_mul_isa(isa, &mut got, &u);
                 for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{isa:?} n{n}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                        "{isa:?} n{n}: {a} vs {b}"
+                    );
                 }
             }
         }
@@ -1358,7 +1808,14 @@ mod tests {
     #[test]
     #[should_panic(expected = "block id out of range")]
     fn paged_attention_checks_block_ids() {
-        let s = AttnShape { head_dim: 64, group: 3, block_size: 16, kv_dim: 192, scale: 0.125, softcap: None };
+        let s = AttnShape {
+            head_dim: 64,
+            group: 3,
+            block_size: 16,
+            kv_dim: 192,
+            scale: 0.125,
+            softcap: None,
+        };
         let (k, v) = (vec![f16::ZERO; 2 * 16 * 192], vec![f16::ZERO; 2 * 16 * 192]);
         let mut out = vec![0.0; 192];
         attend_f16(&s, &[0.0; 192], 0, &k, &v, &[0, 2], 0..20, &mut out);
@@ -1367,7 +1824,14 @@ mod tests {
     #[test]
     #[should_panic(expected = "block id out of range")]
     fn paged_attention_checks_block_ids_inside_the_window() {
-        let s = AttnShape { head_dim: 64, group: 3, block_size: 16, kv_dim: 192, scale: 0.125, softcap: None };
+        let s = AttnShape {
+            head_dim: 64,
+            group: 3,
+            block_size: 16,
+            kv_dim: 192,
+            scale: 0.125,
+            softcap: None,
+        };
         let (k, v) = (vec![f16::ZERO; 2 * 16 * 192], vec![f16::ZERO; 2 * 16 * 192]);
         let mut out = vec![0.0; 192];
         // Block 0 lies before the window (never read); block 7 is inside it.
@@ -1390,8 +1854,16 @@ mod tests {
             // The scalar reference against the formula in f64.
             for ((w, &x), &y) in want.iter().zip(&g).zip(&u) {
                 let x = x as f64;
-                let exact = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()) * y as f64;
-                assert!((*w as f64 - exact).abs() <= 1e-6 * (1.0 + exact.abs()), "scalar gelu({x}): {w} vs {exact}");
+                let exact = 0.5
+                    * x
+                    * (1.0
+                        + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x))
+                            .tanh())
+                    * y as f64;
+                assert!(
+                    (*w as f64 - exact).abs() <= 1e-6 * (1.0 + exact.abs()),
+                    "scalar gelu({x}): {w} vs {exact}"
+                );
             }
             let cap = 30.0;
             let logits: Vec<f32> = g.iter().map(|x| x * 20.0).collect();
@@ -1401,15 +1873,20 @@ mod tests {
                 let mut got = g.clone();
                 gelu_tanh_mul_isa(isa, &mut got, &u);
                 for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{isa:?} gelu n{n}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                        "{isa:?} gelu n{n}: {a} vs {b}"
+                    );
                 }
                 let mut got = logits.clone();
                 softcap_isa(isa, &mut got, cap);
                 for (a, b) in got.iter().zip(&want_cap) {
-                    assert!((a - b).abs() <= 1e-5 * cap, "{isa:?} softcap n{n}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-5 * cap,
+                        "{isa:?} softcap n{n}: {a} vs {b}"
+                    );
                 }
             }
         }
     }
-
 }

@@ -52,13 +52,13 @@
 use half::f16;
 
 use super::scalar::{half_sums, iq4_xs_scale, q6_k_quant};
-use super::{BlockQ8, KernelError, QMatrix, QK, Q8_RESIDUAL_SCALE};
+use super::{BlockQ8, KernelError, QMatrix, Q8_RESIDUAL_SCALE, QK};
 use crate::quant::iq::KVALUES_IQ4NL;
 use crate::quant::k_quants::{nibble, scale_min_k4, two_bits};
 use crate::quant::legacy::five_bit_quants;
 use crate::quant::{
-    blocks, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0,
-    GgmlDType, QK_K,
+    blocks, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K,
+    BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, GgmlDType, QK_K,
 };
 
 /// Output columns per packed group (one 512-bit register of i32 lanes).
@@ -272,7 +272,9 @@ fn put_quants(kind: PackKind, gb: &mut [u8], at: usize, c: usize, u: &[u8; QK]) 
     if kind.crumb_quants() {
         for v in 0..2 {
             for i in 0..4 {
-                gb[at + v * 64 + 4 * c + i] = (0..4).fold(0, |byte, s| byte | ((u[4 * (4 * v + s) + i] & 3) << (2 * s)));
+                gb[at + v * 64 + 4 * c + i] = (0..4).fold(0, |byte, s| {
+                    byte | ((u[4 * (4 * v + s) + i] & 3) << (2 * s))
+                });
             }
         }
     } else {
@@ -287,7 +289,8 @@ fn put_quants(kind: PackKind, gb: &mut [u8], at: usize, c: usize, u: &[u8; QK]) 
             let mask_at = at + kind.low_bytes() + 64 * p + 8 * j;
             let mut mask = u64::from_le_bytes(std::array::from_fn(|i| gb[mask_at + i]));
             for i in 0..4 {
-                mask |= (((u[4 * j + i] >> (kind.low_bits() as usize + p)) & 1) as u64) << (4 * c + i);
+                mask |=
+                    (((u[4 * j + i] >> (kind.low_bits() as usize + p)) & 1) as u64) << (4 * c + i);
             }
             gb[mask_at..mask_at + 8].copy_from_slice(&mask.to_le_bytes());
         }
@@ -296,7 +299,8 @@ fn put_quants(kind: PackKind, gb: &mut [u8], at: usize, c: usize, u: &[u8; QK]) 
 
 impl PackedMatrix {
     /// The dtypes with a packed kernel (for error messages).
-    pub const SUPPORTED: &'static str = "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
+    pub const SUPPORTED: &'static str =
+        "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
 
     /// Repacks `w` when this CPU's selected ISA ([`super::isa`]) has a kernel
     /// for the packed layout (AVX-512 VNNI) and `w`'s dtype has a packed kind
@@ -333,20 +337,38 @@ impl PackedMatrix {
                 PackKind::Q4_0 => {
                     for (b, blk) in blocks::<BlockQ4_0>(row).enumerate() {
                         put_f16(gb, rec(b) + 2 * c, blk.d);
-                        put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| nib32(&blk.qs, k)));
+                        put_quants(
+                            kind,
+                            gb,
+                            rec(b) + sb,
+                            c,
+                            &std::array::from_fn(|k| nib32(&blk.qs, k)),
+                        );
                     }
                 }
                 PackKind::IQ4NL => {
                     for (b, blk) in blocks::<BlockIQ4NL>(row).enumerate() {
                         put_f16(gb, rec(b) + 2 * c, blk.d);
-                        put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| nib32(&blk.qs, k)));
+                        put_quants(
+                            kind,
+                            gb,
+                            rec(b) + sb,
+                            c,
+                            &std::array::from_fn(|k| nib32(&blk.qs, k)),
+                        );
                     }
                 }
                 PackKind::Q4_1 => {
                     for (b, blk) in blocks::<BlockQ4_1>(row).enumerate() {
                         put_f16(gb, rec(b) + 2 * c, blk.d);
                         put_f16(gb, rec(b) + 32 + 2 * c, blk.m);
-                        put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| nib32(&blk.qs, k)));
+                        put_quants(
+                            kind,
+                            gb,
+                            rec(b) + sb,
+                            c,
+                            &std::array::from_fn(|k| nib32(&blk.qs, k)),
+                        );
                     }
                 }
                 PackKind::Q5_0 => {
@@ -365,15 +387,28 @@ impl PackedMatrix {
                 PackKind::Q8_0 => {
                     for (b, blk) in blocks::<BlockQ8_0>(row).enumerate() {
                         put_f16(gb, rec(b) + 2 * c, blk.d);
-                        put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| (blk.qs[k] as u8) ^ 0x80));
+                        put_quants(
+                            kind,
+                            gb,
+                            rec(b) + sb,
+                            c,
+                            &std::array::from_fn(|k| (blk.qs[k] as u8) ^ 0x80),
+                        );
                     }
                 }
                 PackKind::Q4K | PackKind::Q5K => {
                     // Q4_K and Q5_K share the header (d, dmin, scales); Q5_K adds qh.
-                    let (hdr, qh): (Vec<(f16, f16, [u8; 12], [u8; QK_K / 2])>, Vec<[u8; QK_K / 8]>) = if kind == PackKind::Q4K {
-                        blocks::<BlockQ4K>(row).map(|b| ((b.d, b.dmin, b.scales, b.qs), [0; QK_K / 8])).unzip()
+                    let (hdr, qh): (
+                        Vec<(f16, f16, [u8; 12], [u8; QK_K / 2])>,
+                        Vec<[u8; QK_K / 8]>,
+                    ) = if kind == PackKind::Q4K {
+                        blocks::<BlockQ4K>(row)
+                            .map(|b| ((b.d, b.dmin, b.scales, b.qs), [0; QK_K / 8]))
+                            .unzip()
                     } else {
-                        blocks::<BlockQ5K>(row).map(|b| ((b.d, b.dmin, b.scales, b.qs), b.qh)).unzip()
+                        blocks::<BlockQ5K>(row)
+                            .map(|b| ((b.d, b.dmin, b.scales, b.qs), b.qh))
+                            .unzip()
                     };
                     for (s, ((d, dmin, scales, qs), qh)) in hdr.iter().zip(&qh).enumerate() {
                         put_f16(gb, sup(s) + 2 * c, *d);
@@ -383,7 +418,9 @@ impl PackedMatrix {
                             let (sc, mn) = scale_min_k4(j, scales);
                             gb[rec(b) + c] = sc;
                             gb[rec(b) + GROUP + c] = mn;
-                            let u = std::array::from_fn(|k| nibble(qs, QK * j + k) | (((qh[k] >> j) & 1) << 4));
+                            let u = std::array::from_fn(|k| {
+                                nibble(qs, QK * j + k) | (((qh[k] >> j) & 1) << 4)
+                            });
                             put_quants(kind, gb, rec(b) + sb, c, &u);
                         }
                     }
@@ -395,7 +432,13 @@ impl PackedMatrix {
                             let b = s * SUB + j;
                             gb[rec(b) + c] = blk.scales[2 * j] as u8;
                             gb[rec(b) + GROUP + c] = blk.scales[2 * j + 1] as u8;
-                            put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| q6_k_quant(&blk, QK * j + k)));
+                            put_quants(
+                                kind,
+                                gb,
+                                rec(b) + sb,
+                                c,
+                                &std::array::from_fn(|k| q6_k_quant(&blk, QK * j + k)),
+                            );
                         }
                     }
                 }
@@ -423,7 +466,13 @@ impl PackedMatrix {
                             let b = s * SUB + j;
                             gb[rec(b) + c] = blk.scales[2 * j];
                             gb[rec(b) + GROUP + c] = blk.scales[2 * j + 1];
-                            put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| two_bits(&blk.qs, QK * j + k)));
+                            put_quants(
+                                kind,
+                                gb,
+                                rec(b) + sb,
+                                c,
+                                &std::array::from_fn(|k| two_bits(&blk.qs, QK * j + k)),
+                            );
                         }
                     }
                 }
@@ -434,13 +483,26 @@ impl PackedMatrix {
                             let b = s * SUB + j;
                             gb[rec(b) + c] = iq4_xs_scale(&blk, j) as u8;
                             let qs: [u8; QK / 2] = std::array::from_fn(|l| blk.qs[16 * j + l]);
-                            put_quants(kind, gb, rec(b) + sb, c, &std::array::from_fn(|k| nib32(&qs, k)));
+                            put_quants(
+                                kind,
+                                gb,
+                                rec(b) + sb,
+                                c,
+                                &std::array::from_fn(|k| nib32(&qs, k)),
+                            );
                         }
                     }
                 }
             }
         }
-        Ok(Self { kind, rows: w.rows, cols: w.cols, nb, group_bytes, lines })
+        Ok(Self {
+            kind,
+            rows: w.rows,
+            cols: w.cols,
+            nb,
+            group_bytes,
+            lines,
+        })
     }
 
     /// Output features (rows of the original matrix).
@@ -473,7 +535,10 @@ impl PackedMatrix {
     /// embedding lookup of a tied output head reads the packed copy, so the
     /// mapped original never has to be resident.
     pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
-        assert!(o < self.rows && out.len() == self.cols, "dequantize_row: row {o} or length out of range");
+        assert!(
+            o < self.rows && out.len() == self.cols,
+            "dequantize_row: row {o} or length out of range"
+        );
         for (b, ob) in out.chunks_exact_mut(QK).enumerate() {
             let (d, m, u) = self.block(o, b);
             for (k, (x, &q)) in ob.iter_mut().zip(&u).enumerate() {
@@ -493,7 +558,11 @@ impl PackedMatrix {
     pub(crate) fn block(&self, o: usize, b: usize) -> ([f32; 2], [f32; 2], [u8; QK]) {
         let (gb, c, kind) = (self.group(o / GROUP), o % GROUP, self.kind);
         let f16_at = |i: usize| f16::from_bits(u16::from_le_bytes([gb[i], gb[i + 1]])).to_f32();
-        let n_super = if kind.super_bytes() > 0 { self.nb / SUB } else { 0 };
+        let n_super = if kind.super_bytes() > 0 {
+            self.nb / SUB
+        } else {
+            0
+        };
         let sup = b / SUB * kind.super_bytes();
         let rec = n_super * kind.super_bytes() + b * kind.record_bytes();
         let neg_z = -(kind.zero().unwrap_or(0) as f32);
@@ -502,7 +571,9 @@ impl PackedMatrix {
                 let d = f16_at(rec + 2 * c);
                 ([d; 2], [d * neg_z; 2])
             }
-            PackKind::Q4_1 | PackKind::Q5_1 => ([f16_at(rec + 2 * c); 2], [f16_at(rec + 32 + 2 * c); 2]),
+            PackKind::Q4_1 | PackKind::Q5_1 => {
+                ([f16_at(rec + 2 * c); 2], [f16_at(rec + 32 + 2 * c); 2])
+            }
             PackKind::Q4K | PackKind::Q5K => {
                 let d = f16_at(sup + 2 * c) * gb[rec + c] as f32;
                 let m = -(f16_at(sup + 32 + 2 * c) * gb[rec + GROUP + c] as f32);
@@ -510,7 +581,10 @@ impl PackedMatrix {
             }
             PackKind::Q6K | PackKind::Q3K => {
                 let sd = f16_at(sup + 2 * c);
-                let d = [sd * gb[rec + c] as i8 as f32, sd * gb[rec + GROUP + c] as i8 as f32];
+                let d = [
+                    sd * gb[rec + c] as i8 as f32,
+                    sd * gb[rec + GROUP + c] as i8 as f32,
+                ];
                 (d, [d[0] * neg_z, d[1] * neg_z])
             }
             PackKind::IQ4XS => {
@@ -520,7 +594,10 @@ impl PackedMatrix {
             PackKind::Q2K => {
                 let (sd, sm) = (f16_at(sup + 2 * c), f16_at(sup + 32 + 2 * c));
                 let (s0, s1) = (gb[rec + c], gb[rec + GROUP + c]);
-                ([sd * (s0 & 0x0F) as f32, sd * (s1 & 0x0F) as f32], [-(sm * (s0 >> 4) as f32), -(sm * (s1 >> 4) as f32)])
+                (
+                    [sd * (s0 & 0x0F) as f32, sd * (s1 & 0x0F) as f32],
+                    [-(sm * (s0 >> 4) as f32), -(sm * (s1 >> 4) as f32)],
+                )
             }
         };
         let qs = &gb[rec + kind.scale_bytes()..];
@@ -540,7 +617,8 @@ impl PackedMatrix {
             };
             for p in 0..kind.high_planes() {
                 let mask = &qs[kind.low_bytes() + 64 * p + 8 * j..];
-                *uk += ((mask[(4 * c + i) / 8] >> ((4 * c + i) % 8)) & 1) << (kind.low_bits() as usize + p);
+                *uk += ((mask[(4 * c + i) / 8] >> ((4 * c + i) % 8)) & 1)
+                    << (kind.low_bits() as usize + p);
             }
             if kind.table() {
                 *uk = (KVALUES_IQ4NL[*uk as usize] as i32 + 128) as u8;

@@ -13,14 +13,14 @@
 
 use half::{bf16, f16};
 
-use super::{BlockQ8, QK, Q8_RESIDUAL_SCALE};
+use super::{BlockQ8, Q8_RESIDUAL_SCALE, QK};
+use crate::quant::iq::KVALUES_IQ4NL;
 use crate::quant::k_quants::{nibble, scale_min_k4, two_bits};
 use crate::quant::legacy::five_bit_quants;
 use crate::quant::{
-    blocks, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
-    BlockQ6K, BlockQ8_0, GgmlDType, QK_K,
+    blocks, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K,
+    BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, GgmlDType, QK_K,
 };
-use crate::quant::iq::KVALUES_IQ4NL;
 
 /// Reads a little-endian f16 at `b[0..2]` as f32.
 #[inline(always)]
@@ -110,7 +110,9 @@ pub fn vec_dot_q(dtype: GgmlDType, w: &[u8], x: &[BlockQ8]) -> f32 {
 /// with one Q8 row: the operations of [`vec_dot_q`] for the types other
 /// than Q4_0/Q4_1/Q8_0, bit for bit.
 pub fn vec_dot_int(w: &[IntBlock], x: &[BlockQ8]) -> f32 {
-    w.iter().zip(x).fold(0.0, |acc, (ib, xb)| dot_int_block(ib, xb, acc))
+    w.iter()
+        .zip(x)
+        .fold(0.0, |acc, (ib, xb)| dot_int_block(ib, xb, acc))
 }
 
 /// One 32-element block of a quantized weight row in integer form:
@@ -153,7 +155,10 @@ pub(crate) fn half_isums(xb: &BlockQ8) -> [i32; 2] {
 #[inline(always)]
 pub(crate) fn half_sums(xb: &BlockQ8) -> [f32; 2] {
     let s = half_isums(xb);
-    [xb.d / Q8_RESIDUAL_SCALE * s[0] as f32, xb.d / Q8_RESIDUAL_SCALE * s[1] as f32]
+    [
+        xb.d / Q8_RESIDUAL_SCALE * s[0] as f32,
+        xb.d / Q8_RESIDUAL_SCALE * s[1] as f32,
+    ]
 }
 
 /// Dot product of one integer-form weight block with one Q8 block, added to `acc`.
@@ -161,7 +166,8 @@ pub(crate) fn half_sums(xb: &BlockQ8) -> [f32; 2] {
 fn dot_int_block(ib: &IntBlock, xb: &BlockQ8, acc: f32) -> f32 {
     let mut isum = [0i32; 2];
     for k in 0..QK {
-        isum[k / 16] += ib.q[k] as i32 * (xb.qs[k] as i32 * Q8_RESIDUAL_SCALE as i32 + xb.qr[k] as i32);
+        isum[k / 16] +=
+            ib.q[k] as i32 * (xb.qs[k] as i32 * Q8_RESIDUAL_SCALE as i32 + xb.qr[k] as i32);
     }
     let sx = xb.d / Q8_RESIDUAL_SCALE;
     let mut acc = acc + ib.d[0] * sx * isum[0] as f32 + ib.d[1] * sx * isum[1] as f32;
@@ -179,7 +185,11 @@ fn dot_int_block(ib: &IntBlock, xb: &BlockQ8, acc: f32) -> f32 {
 /// dtypes yield nothing.
 pub fn for_each_int_block(dtype: GgmlDType, row: &[u8], mut f: impl FnMut(usize, &IntBlock)) {
     const Z: f32 = -0.0;
-    let mut ib = IntBlock { q: [0; QK], d: [0.0; 2], m: [Z; 2] };
+    let mut ib = IntBlock {
+        q: [0; QK],
+        d: [0.0; 2],
+        m: [Z; 2],
+    };
     match dtype {
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {}
         GgmlDType::Q4_0 => {
@@ -290,7 +300,10 @@ pub fn for_each_int_block(dtype: GgmlDType, row: &[u8], mut f: impl FnMut(usize,
             for (sb, blk) in blocks::<BlockQ6K>(row).enumerate() {
                 let d = blk.d.to_f32();
                 for j in 0..QK_K / QK {
-                    ib.d = [d * blk.scales[2 * j] as f32, d * blk.scales[2 * j + 1] as f32];
+                    ib.d = [
+                        d * blk.scales[2 * j] as f32,
+                        d * blk.scales[2 * j + 1] as f32,
+                    ];
                     ib.m = [Z; 2];
                     for (k, q) in ib.q.iter_mut().enumerate() {
                         *q = q6_k_quant(&blk, QK * j + k) as i8 - 32;
@@ -450,7 +463,12 @@ pub fn attend<T: Copy>(
     let mut p = [[0.0f32; C]; super::MAX_GROUP];
     out.fill(0.0);
     let first = start / bs;
-    for (bi, &blk) in table.iter().enumerate().take(n_ctx.div_ceil(bs)).skip(first) {
+    for (bi, &blk) in table
+        .iter()
+        .enumerate()
+        .take(n_ctx.div_ceil(bs))
+        .skip(first)
+    {
         let blk = blk as usize;
         let cnt = bs.min(n_ctx - bi * bs);
         let kt = blk * bs * kv_dim + kvh * hd * bs;
@@ -507,7 +525,8 @@ pub fn attend<T: Copy>(
                     }
                     for gi in 0..g {
                         let pw = p[gi][j];
-                        for (o, &x) in out[gi * hd + d0..gi * hd + d0 + w].iter_mut().zip(&vf[..w]) {
+                        for (o, &x) in out[gi * hd + d0..gi * hd + d0 + w].iter_mut().zip(&vf[..w])
+                        {
                             *o += pw * x;
                         }
                     }

@@ -89,16 +89,28 @@ impl BlockPool {
             return Err(KvError::ZeroBlockSize);
         }
         if num_blocks == 0 || num_blocks > Self::MAX_BLOCKS {
-            return Err(KvError::NumBlocks { max: Self::MAX_BLOCKS, got: num_blocks });
+            return Err(KvError::NumBlocks {
+                max: Self::MAX_BLOCKS,
+                got: num_blocks,
+            });
         }
         let cached_tokens_len = num_blocks
             .checked_mul(block_size)
-            .ok_or(KvError::NumBlocks { max: usize::MAX / block_size, got: num_blocks })?;
+            .ok_or(KvError::NumBlocks {
+                max: usize::MAX / block_size,
+                got: num_blocks,
+            })?;
         let sentinel = num_blocks as u32;
         let mut pool = Self {
             block_size,
             blocks: vec![Block::default(); num_blocks],
-            links: vec![Link { prev: sentinel, next: sentinel }; num_blocks + 1],
+            links: vec![
+                Link {
+                    prev: sentinel,
+                    next: sentinel
+                };
+                num_blocks + 1
+            ],
             num_free: 0,
             cached: HashMap::new(),
             cached_tokens: vec![0; cached_tokens_len],
@@ -154,7 +166,10 @@ impl BlockPool {
     /// Current identity of `id` if it is in the prefix cache.
     pub fn cached_ref(&self, id: BlockId) -> Option<CachedBlockRef> {
         let b = self.blocks.get(id as usize)?;
-        b.hash.map(|_| CachedBlockRef { id, generation: b.generation })
+        b.hash.map(|_| CachedBlockRef {
+            id,
+            generation: b.generation,
+        })
     }
 
     /// Parent identity recorded for cached block `id` (`Some(None)` = first block of a prefix).
@@ -219,19 +234,28 @@ impl BlockPool {
     /// Adds a holder to `id`; a free block (ref 0) leaves the free list, keeping its hash
     /// (this is how a prefix-cache hit on a free block is taken).
     pub fn touch(&mut self, id: BlockId) -> Result<(), KvError> {
-        let b = self.blocks.get(id as usize).ok_or(KvError::InvalidBlock(id))?;
+        let b = self
+            .blocks
+            .get(id as usize)
+            .ok_or(KvError::InvalidBlock(id))?;
         if b.ref_count == 0 {
             self.unlink(id);
         }
         let b = &mut self.blocks[id as usize];
-        b.ref_count = b.ref_count.checked_add(1).ok_or(KvError::InvalidBlock(id))?;
+        b.ref_count = b
+            .ref_count
+            .checked_add(1)
+            .ok_or(KvError::InvalidBlock(id))?;
         Ok(())
     }
 
     /// Drops a holder of `id`. At ref count 0 the block rejoins the free list: at the tail
     /// if cached (reusable until evicted), at the head if not.
     pub fn release(&mut self, id: BlockId) -> Result<(), KvError> {
-        let b = self.blocks.get_mut(id as usize).ok_or(KvError::InvalidBlock(id))?;
+        let b = self
+            .blocks
+            .get_mut(id as usize)
+            .ok_or(KvError::InvalidBlock(id))?;
         if b.ref_count == 0 {
             return Err(KvError::InvalidBlock(id));
         }
@@ -248,10 +272,18 @@ impl BlockPool {
 
     /// Finds the cached block with `hash` whose tokens equal `tokens` and whose parent is
     /// `parent` (`None` = first block of a prefix). Does not touch the block.
-    pub fn lookup(&self, hash: BlockHash, parent: Option<CachedBlockRef>, tokens: &[u32]) -> Option<CachedBlockRef> {
+    pub fn lookup(
+        &self,
+        hash: BlockHash,
+        parent: Option<CachedBlockRef>,
+        tokens: &[u32],
+    ) -> Option<CachedBlockRef> {
         let &id = self.cached.get(&hash)?;
         let b = &self.blocks[id as usize];
-        (b.parent == parent && self.tokens_of(id) == tokens).then_some(CachedBlockRef { id, generation: b.generation })
+        (b.parent == parent && self.tokens_of(id) == tokens).then_some(CachedBlockRef {
+            id,
+            generation: b.generation,
+        })
     }
 
     /// Puts in-use block `id`, holding `tokens` after the prefix `parent` (`None` = first
@@ -284,7 +316,10 @@ impl BlockPool {
         if b.hash.is_some() {
             // Already cached: only the same content may be cached in one block.
             return (b.hash == Some(hash) && b.parent == parent && self.tokens_of(id) == tokens)
-                .then_some(CachedBlockRef { id, generation: b.generation });
+                .then_some(CachedBlockRef {
+                    id,
+                    generation: b.generation,
+                });
         }
         if let Some(&other) = self.cached.get(&hash) {
             if let Some(r) = self.lookup(hash, parent, tokens) {
@@ -303,7 +338,10 @@ impl BlockPool {
         b.hash = Some(hash);
         b.parent = parent;
         self.cached.insert(hash, id);
-        Some(CachedBlockRef { id, generation: b.generation })
+        Some(CachedBlockRef {
+            id,
+            generation: b.generation,
+        })
     }
 
     /// Checks the pool's own invariants: free list well formed and holding exactly the
@@ -324,7 +362,10 @@ impl BlockPool {
                 return Err(format!("block {cur} twice in the free list"));
             }
             if self.links[i].prev != prev {
-                return Err(format!("block {cur}: prev link {} != {prev}", self.links[i].prev));
+                return Err(format!(
+                    "block {cur}: prev link {} != {prev}",
+                    self.links[i].prev
+                ));
             }
             in_list[i] = true;
             count += 1;
@@ -335,22 +376,34 @@ impl BlockPool {
             return Err("sentinel prev link is not the tail".into());
         }
         if count != self.num_free {
-            return Err(format!("free list has {count} blocks, num_free = {}", self.num_free));
+            return Err(format!(
+                "free list has {count} blocks, num_free = {}",
+                self.num_free
+            ));
         }
         for (i, b) in self.blocks.iter().enumerate() {
             if (b.ref_count == 0) != in_list[i] {
-                return Err(format!("block {i}: ref count {} but in free list = {}", b.ref_count, in_list[i]));
+                return Err(format!(
+                    "block {i}: ref count {} but in free list = {}",
+                    b.ref_count, in_list[i]
+                ));
             }
             if let Some(h) = b.hash {
                 if self.cached.get(&h) != Some(&(i as u32)) {
-                    return Err(format!("block {i} has hash {h:?} but the cache maps it elsewhere"));
+                    return Err(format!(
+                        "block {i} has hash {h:?} but the cache maps it elsewhere"
+                    ));
                 }
             }
         }
         for (h, &id) in &self.cached {
             match self.blocks.get(id as usize) {
                 Some(b) if b.hash == Some(*h) => {}
-                _ => return Err(format!("cache entry {h:?} → {id} does not match the block's hash")),
+                _ => {
+                    return Err(format!(
+                        "cache entry {h:?} → {id} does not match the block's hash"
+                    ))
+                }
             }
         }
         Ok(())
@@ -380,7 +433,10 @@ impl BlockPool {
     fn push_back(&mut self, id: BlockId) {
         let s = self.sentinel();
         let tail = self.links[s as usize].prev;
-        self.links[id as usize] = Link { prev: tail, next: s };
+        self.links[id as usize] = Link {
+            prev: tail,
+            next: s,
+        };
         self.links[tail as usize].next = id;
         self.links[s as usize].prev = id;
         self.num_free += 1;
@@ -389,7 +445,10 @@ impl BlockPool {
     fn push_front(&mut self, id: BlockId) {
         let s = self.sentinel();
         let head = self.links[s as usize].next;
-        self.links[id as usize] = Link { prev: s, next: head };
+        self.links[id as usize] = Link {
+            prev: s,
+            next: head,
+        };
         self.links[head as usize].prev = id;
         self.links[s as usize].next = id;
         self.num_free += 1;
@@ -418,7 +477,10 @@ mod tests {
     #[test]
     fn rejects_bad_sizes() {
         assert_eq!(BlockPool::new(4, 0).err(), Some(KvError::ZeroBlockSize));
-        assert!(matches!(BlockPool::new(0, 4), Err(KvError::NumBlocks { got: 0, .. })));
+        assert!(matches!(
+            BlockPool::new(0, 4),
+            Err(KvError::NumBlocks { got: 0, .. })
+        ));
     }
 
     #[test]
@@ -477,7 +539,9 @@ mod tests {
         let mut p = pool(5, 1);
         let ids: Vec<_> = (0..5).filter_map(|_| p.allocate()).collect();
         for &id in &ids {
-            assert!(p.register(id, hash_block(None, &[id]), None, &[id]).is_some());
+            assert!(p
+                .register(id, hash_block(None, &[id]), None, &[id])
+                .is_some());
         }
         for &id in &ids {
             p.release(id).expect("in use");
@@ -503,7 +567,17 @@ mod tests {
         // Same hash but other tokens (a forged collision) or another parent: miss.
         assert_eq!(p.lookup(hb, Some(ra), &[7, 9]), None);
         assert_eq!(p.lookup(hb, None, &[7, 8]), None);
-        assert_eq!(p.lookup(hb, Some(CachedBlockRef { id: a, generation: ra.generation + 1 }), &[7, 8]), None);
+        assert_eq!(
+            p.lookup(
+                hb,
+                Some(CachedBlockRef {
+                    id: a,
+                    generation: ra.generation + 1
+                }),
+                &[7, 8]
+            ),
+            None
+        );
     }
 
     #[test]
@@ -523,7 +597,10 @@ mod tests {
         assert!(!p.is_live(ra));
         assert_eq!(p.block_hash(a), None);
         // A child registered under the replaced parent identity is refused.
-        assert_eq!(p.register(b, hash_block(Some(h), &[9, 9]), Some(ra), &[9, 9]), None);
+        assert_eq!(
+            p.register(b, hash_block(Some(h), &[9, 9]), Some(ra), &[9, 9]),
+            None
+        );
         // Wrong length, free block: refused.
         assert_eq!(p.register(b, h, None, &[1]), None);
         assert_eq!(p.register(3, h, None, &[1, 2]), None);

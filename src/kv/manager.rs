@@ -99,7 +99,11 @@ pub struct KvCacheManager {
 
 impl KvCacheManager {
     /// `num_blocks` blocks of `block_size` tokens ([`DEFAULT_BLOCK_SIZE`] is the usual choice).
-    pub fn new(num_blocks: usize, block_size: usize, enable_prefix_caching: bool) -> Result<Self, KvError> {
+    pub fn new(
+        num_blocks: usize,
+        block_size: usize,
+        enable_prefix_caching: bool,
+    ) -> Result<Self, KvError> {
         Ok(Self {
             pool: BlockPool::new(num_blocks, block_size)?,
             enable_prefix_caching,
@@ -229,7 +233,12 @@ impl KvCacheManager {
     ///
     /// The free blocks needed are `ceil(num_tokens / block_size) - computed.len()` plus
     /// the computed blocks that are currently free.
-    pub fn allocate(&mut self, seq: u64, num_tokens: usize, computed: Vec<BlockId>) -> Result<bool, KvError> {
+    pub fn allocate(
+        &mut self,
+        seq: u64,
+        num_tokens: usize,
+        computed: Vec<BlockId>,
+    ) -> Result<bool, KvError> {
         if self.seqs.contains_key(&seq) {
             return Err(KvError::DuplicateSeq(seq));
         }
@@ -256,7 +265,10 @@ impl KvCacheManager {
             if self.pool.ref_count(id) == Some(0) {
                 num_free_computed += 1;
             }
-            committed.push(CommittedBlock { hash, canonical: Some(r) });
+            committed.push(CommittedBlock {
+                hash,
+                canonical: Some(r),
+            });
             parent = Some(r);
         }
         let num_new = self.num_blocks_for(num_tokens) - computed.len();
@@ -272,7 +284,12 @@ impl KvCacheManager {
         let num_computed_tokens = committed.len() * bs;
         self.seqs.insert(
             seq,
-            SeqBlocks { table, num_tokens, num_computed_tokens, committed },
+            SeqBlocks {
+                table,
+                num_tokens,
+                num_computed_tokens,
+                committed,
+            },
         );
         Ok(allocated)
     }
@@ -304,7 +321,11 @@ impl KvCacheManager {
         let bs = self.pool.block_size();
         let s = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSeq(seq))?;
         if tokens.len() > s.num_tokens {
-            return Err(KvError::ComputedBeyondAllocation { seq, got: tokens.len(), max: s.num_tokens });
+            return Err(KvError::ComputedBeyondAllocation {
+                seq,
+                got: tokens.len(),
+                max: s.num_tokens,
+            });
         }
         s.num_computed_tokens = s.num_computed_tokens.max(tokens.len());
         if !self.enable_prefix_caching {
@@ -353,7 +374,11 @@ impl KvCacheManager {
         if parent == child || self.seqs.contains_key(&child) {
             return Err(KvError::DuplicateSeq(child));
         }
-        let s = self.seqs.get(&parent).ok_or(KvError::UnknownSeq(parent))?.clone();
+        let s = self
+            .seqs
+            .get(&parent)
+            .ok_or(KvError::UnknownSeq(parent))?
+            .clone();
         for &id in &s.table {
             self.pool.touch(id)?;
         }
@@ -370,7 +395,11 @@ impl KvCacheManager {
     /// All or nothing: `Ok(false)` if not enough blocks are free (nothing changed);
     /// `Ok(true)` when every block from the write position on is private (nothing to do
     /// included). [`KvError::UnknownSeq`] if `seq` holds no blocks.
-    pub fn copy_on_write(&mut self, seq: u64, copies: &mut Vec<(BlockId, BlockId)>) -> Result<bool, KvError> {
+    pub fn copy_on_write(
+        &mut self,
+        seq: u64,
+        copies: &mut Vec<(BlockId, BlockId)>,
+    ) -> Result<bool, KvError> {
         let needed = self.num_shared_to_write(seq)?;
         if needed == 0 {
             return Ok(true);
@@ -417,7 +446,9 @@ impl KvCacheManager {
     ) -> Result<bool, KvError> {
         let num_shared = self.num_shared_to_write(seq)?;
         let table_len = self.seqs.get(&seq).map_or(0, |s| s.table.len());
-        let num_new = self.num_blocks_for(num_tokens_total).saturating_sub(table_len);
+        let num_new = self
+            .num_blocks_for(num_tokens_total)
+            .saturating_sub(table_len);
         if num_shared + num_new > self.pool.num_free_blocks() {
             return Ok(false);
         }
@@ -481,13 +512,23 @@ impl KvCacheManager {
         let mut seen_in = vec![u64::MAX; n];
         for (&seq, s) in &self.seqs {
             if s.table.len() != s.num_tokens.div_ceil(bs) {
-                return Err(format!("seq {seq}: {} blocks for {} tokens", s.table.len(), s.num_tokens));
+                return Err(format!(
+                    "seq {seq}: {} blocks for {} tokens",
+                    s.table.len(),
+                    s.num_tokens
+                ));
             }
             if s.num_computed_tokens > s.num_tokens {
-                return Err(format!("seq {seq}: {} computed > {} tokens", s.num_computed_tokens, s.num_tokens));
+                return Err(format!(
+                    "seq {seq}: {} computed > {} tokens",
+                    s.num_computed_tokens, s.num_tokens
+                ));
             }
             if s.committed.len() > s.num_computed_tokens / bs {
-                return Err(format!("seq {seq}: {} committed blocks > computed full blocks", s.committed.len()));
+                return Err(format!(
+                    "seq {seq}: {} committed blocks > computed full blocks",
+                    s.committed.len()
+                ));
             }
             for &id in &s.table {
                 let i = id as usize;
@@ -504,7 +545,9 @@ impl KvCacheManager {
         for (id, &r) in refs.iter().enumerate() {
             let actual = self.pool.ref_count(id as u32).unwrap_or(u32::MAX);
             if actual != r {
-                return Err(format!("block {id}: ref count {actual}, held by {r} tables"));
+                return Err(format!(
+                    "block {id}: ref count {actual}, held by {r} tables"
+                ));
             }
         }
         Ok(())
@@ -540,13 +583,23 @@ mod tests {
         // 2 of 5 drafts accepted: 6 + 1 + 2 = 9 computed → ceil(9/4) = 3 blocks still.
         m.truncate(1, 9).unwrap();
         m.commit_full_blocks(1, &tokens[..9]).unwrap();
-        assert_eq!((m.num_tokens(1), m.num_computed_tokens(1), m.num_free_blocks()), (Some(9), Some(9), 5));
+        assert_eq!(
+            (
+                m.num_tokens(1),
+                m.num_computed_tokens(1),
+                m.num_free_blocks()
+            ),
+            (Some(9), Some(9), 5)
+        );
         ok(&m);
         // Next step: room for 9 + 5 = 14 → 4 blocks; nothing accepted → 10 tokens, 3 blocks.
         assert_eq!(m.allocate_slots(1, 14, &mut copies), Ok(true));
         assert_eq!(m.block_table(1), Some(&[0, 1, 2, 3][..]));
         m.truncate(1, 10).unwrap();
-        assert_eq!((m.block_table(1), m.num_free_blocks()), (Some(&[0, 1, 2][..]), 5));
+        assert_eq!(
+            (m.block_table(1), m.num_free_blocks()),
+            (Some(&[0, 1, 2][..]), 5)
+        );
         m.commit_full_blocks(1, &tokens[..10]).unwrap();
         ok(&m);
         // Two full blocks cached, the partial third not: a new prompt sharing 12 tokens hits 8.
@@ -590,7 +643,7 @@ mod tests {
     fn allocation_is_all_or_nothing() {
         let mut m = mgr(4, 4);
         assert_eq!(m.allocate(1, 8, vec![]), Ok(true)); // 2 blocks, 2 left
-        // 9 tokens → 3 blocks > 2 free: refused, nothing changes.
+                                                        // 9 tokens → 3 blocks > 2 free: refused, nothing changes.
         assert_eq!(m.allocate(2, 9, vec![]), Ok(false));
         assert!(!m.contains(2));
         assert_eq!(m.num_free_blocks(), 2);
@@ -624,7 +677,14 @@ mod tests {
         assert_eq!(m.block_table(2), Some(&[0, 1, 2][..]));
         assert_eq!(m.num_computed_tokens(2), Some(8));
         let st = m.stats();
-        assert_eq!((st.num_prefix_queries, st.prefix_query_tokens, st.prefix_hit_tokens), (2, 20, 8));
+        assert_eq!(
+            (
+                st.num_prefix_queries,
+                st.prefix_query_tokens,
+                st.prefix_hit_tokens
+            ),
+            (2, 20, 8)
+        );
         assert_eq!(st.num_evictions, 0);
         ok(&m);
     }
@@ -704,7 +764,10 @@ mod tests {
         // Another allocation in between takes both blocks and evicts 0.
         assert_eq!(m.allocate(2, 4, vec![]), Ok(true));
         m.free(2).expect("known seq");
-        assert!(matches!(m.allocate(3, 3, c), Err(KvError::InvalidComputed { .. })));
+        assert!(matches!(
+            m.allocate(3, 3, c),
+            Err(KvError::InvalidComputed { .. })
+        ));
         assert!(!m.contains(3));
         ok(&m);
     }
@@ -762,7 +825,8 @@ mod tests {
         let mut m = mgr(3, 4);
         // 8 computed tokens = 2 full blocks; table has room for 9 → 3 blocks (0, 1, 2).
         assert_eq!(m.allocate(1, 9, vec![]), Ok(true));
-        m.commit_full_blocks(1, &[1, 2, 3, 4, 5, 6, 7, 8]).expect("known seq");
+        m.commit_full_blocks(1, &[1, 2, 3, 4, 5, 6, 7, 8])
+            .expect("known seq");
         m.fork(1, 2).expect("fork");
         // Position 8 is in block 2 (empty, shared): replaced, nothing to copy — but no free block.
         // No room is not an error: Ok(false), nothing changed.
@@ -782,7 +846,8 @@ mod tests {
         let mut m = mgr(4, 4);
         // 6 computed tokens: block 0 full, block 1 holds positions 4..6.
         assert_eq!(m.allocate(1, 6, vec![]), Ok(true)); // 0, 1
-        m.commit_full_blocks(1, &[1, 2, 3, 4, 5, 6]).expect("known seq");
+        m.commit_full_blocks(1, &[1, 2, 3, 4, 5, 6])
+            .expect("known seq");
         m.fork(1, 2).expect("fork"); // 2 shares 0 and 1; free: 2, 3
         let mut copies = vec![];
         // Seq 2 to 14 tokens: copy of shared block 1 (1) + ceil(14/4) - 2 = 2 new = 3 > 2 free.
@@ -796,7 +861,10 @@ mod tests {
         assert_eq!(m.block_table(2), Some(&[0, 2, 3][..]));
         assert_eq!(m.num_tokens(2), Some(10));
         ok(&m);
-        assert_eq!(m.allocate_slots(9, 4, &mut copies), Err(KvError::UnknownSeq(9)));
+        assert_eq!(
+            m.allocate_slots(9, 4, &mut copies),
+            Err(KvError::UnknownSeq(9))
+        );
     }
 
     #[test]
@@ -815,9 +883,16 @@ mod tests {
         assert_eq!(m.allocate(1, 5, vec![]), Ok(true));
         assert_eq!(
             m.commit_full_blocks(1, &[0; 6]),
-            Err(KvError::ComputedBeyondAllocation { seq: 1, got: 6, max: 5 })
+            Err(KvError::ComputedBeyondAllocation {
+                seq: 1,
+                got: 6,
+                max: 5
+            })
         );
-        assert_eq!(m.commit_full_blocks(2, &[0; 1]), Err(KvError::UnknownSeq(2)));
+        assert_eq!(
+            m.commit_full_blocks(2, &[0; 1]),
+            Err(KvError::UnknownSeq(2))
+        );
         assert_eq!(m.free(2), Err(KvError::UnknownSeq(2)));
     }
 
@@ -847,7 +922,14 @@ mod tests {
         m.commit_full_blocks(1, &p).expect("known seq");
         m.free(1).expect("known seq");
         assert_eq!(m.get_computed_blocks(&p), (vec![], 0));
-        assert_eq!(m.stats(), KvStats { num_blocks: 4, num_free_blocks: 4, ..KvStats::default() });
+        assert_eq!(
+            m.stats(),
+            KvStats {
+                num_blocks: 4,
+                num_free_blocks: 4,
+                ..KvStats::default()
+            }
+        );
         assert!(KvCacheManager::new(4, 0, true).is_err());
     }
 
@@ -882,11 +964,17 @@ mod tests {
                     assert!(n < tokens.len());
                     num_hits += u64::from(n > 0);
                     for (i, &b) in c.iter().enumerate() {
-                        assert_eq!(written[b as usize], tokens[..(i + 1) * bs], "hit on wrong content");
+                        assert_eq!(
+                            written[b as usize],
+                            tokens[..(i + 1) * bs],
+                            "hit on wrong content"
+                        );
                     }
                     let id = next_id;
                     next_id += 1;
-                    if m.allocate(id, tokens.len(), c).expect("fresh lookup is valid") {
+                    if m.allocate(id, tokens.len(), c)
+                        .expect("fresh lookup is valid")
+                    {
                         assert_eq!(m.num_computed_tokens(id), Some(n));
                         live.insert(id, (tokens, n));
                         num_admitted += 1;
@@ -922,14 +1010,19 @@ mod tests {
                         let table = m.block_table(id).expect("live").to_vec();
                         for j in old / bs..new.div_ceil(bs) {
                             let b = table[j] as usize;
-                            assert_eq!(m.pool().ref_count(table[j]), Some(1), "write into a shared block");
+                            assert_eq!(
+                                m.pool().ref_count(table[j]),
+                                Some(1),
+                                "write into a shared block"
+                            );
                             if j == old / bs && old % bs != 0 {
                                 assert_eq!(written[b], tokens[..old], "copy-on-write lost content");
                             }
                             written[b] = tokens[..new.min((j + 1) * bs)].to_vec();
                         }
                         *computed = new;
-                        m.commit_full_blocks(id, &tokens[..new]).expect("within allocation");
+                        m.commit_full_blocks(id, &tokens[..new])
+                            .expect("within allocation");
                     }
                 }
                 // Generate a token: grow by one.
@@ -968,7 +1061,10 @@ mod tests {
         ok(&m);
         let st = m.stats();
         assert!(num_hits > 1000, "prefix hits: {num_hits}");
-        assert!(num_admitted > 5000 && num_admitted_with_hit > 1000, "{num_admitted} {num_admitted_with_hit}");
+        assert!(
+            num_admitted > 5000 && num_admitted_with_hit > 1000,
+            "{num_admitted} {num_admitted_with_hit}"
+        );
         assert!(st.num_evictions > 0);
         for id in live.keys().copied().collect::<Vec<_>>() {
             m.free(id).expect("live");

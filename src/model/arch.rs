@@ -166,14 +166,35 @@ impl Arch {
             final_softcap_default: None,
             scale_by_dim_layers: None,
         };
-        let gemma = ArchSpec { rope: RopeStyle::Neox, ffn_act: FfnAct::GeluTanh, post_norms: true, embed_scale: true, ..llama };
+        let gemma = ArchSpec {
+            rope: RopeStyle::Neox,
+            ffn_act: FfnAct::GeluTanh,
+            post_norms: true,
+            embed_scale: true,
+            ..llama
+        };
         match self {
             Arch::Llama => llama,
-            Arch::Qwen2 => ArchSpec { rope: RopeStyle::Neox, swa: SwaPolicy::None, ..llama },
-            Arch::Qwen3 => ArchSpec { rope: RopeStyle::Neox, swa: SwaPolicy::None, qk_norm: true, ..llama },
-            Arch::Phi3 => ArchSpec { rope: RopeStyle::Neox, ..llama },
+            Arch::Qwen2 => ArchSpec {
+                rope: RopeStyle::Neox,
+                swa: SwaPolicy::None,
+                ..llama
+            },
+            Arch::Qwen3 => ArchSpec {
+                rope: RopeStyle::Neox,
+                swa: SwaPolicy::None,
+                qk_norm: true,
+                ..llama
+            },
+            Arch::Phi3 => ArchSpec {
+                rope: RopeStyle::Neox,
+                ..llama
+            },
             Arch::Gemma2 => ArchSpec {
-                swa: SwaPolicy::Pattern { pattern: 2, default_window: Some(4096) },
+                swa: SwaPolicy::Pattern {
+                    pattern: 2,
+                    default_window: Some(4096),
+                },
                 attn_softcap_default: Some(50.0),
                 final_softcap_default: Some(30.0),
                 scale_by_dim_layers: Some(46),
@@ -181,7 +202,10 @@ impl Arch {
             },
             Arch::Gemma3 => ArchSpec {
                 qk_norm: true,
-                swa: SwaPolicy::Pattern { pattern: 6, default_window: None },
+                swa: SwaPolicy::Pattern {
+                    pattern: 6,
+                    default_window: None,
+                },
                 swa_rope: SwaRope::Local,
                 scale_by_dim_layers: Some(62),
                 ..gemma

@@ -19,7 +19,6 @@
 //! 32 elements of a K or V row; see [`crate::kernels::attention`]). Each row
 //! is quantized on its own when written, so its bytes depend on nothing else.
 
-
 use half::f16;
 
 use crate::kernels::attention::{q8_groups, quantize_q8_group, KvView, Q8Kv, Q8_GROUP};
@@ -83,10 +82,24 @@ impl KvElem for f32 {
 /// K and V arrays of every layer, in one element type.
 #[derive(Debug)]
 enum Arrays {
-    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
-    Bf16 { k: Vec<Vec<half::bf16>>, v: Vec<Vec<half::bf16>> },
-    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
-    Q8 { k: Vec<Vec<i8>>, ks: Vec<Vec<f16>>, v: Vec<Vec<i8>>, vs: Vec<Vec<f16>> },
+    F16 {
+        k: Vec<Vec<f16>>,
+        v: Vec<Vec<f16>>,
+    },
+    Bf16 {
+        k: Vec<Vec<half::bf16>>,
+        v: Vec<Vec<half::bf16>>,
+    },
+    F32 {
+        k: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    },
+    Q8 {
+        k: Vec<Vec<i8>>,
+        ks: Vec<Vec<f16>>,
+        v: Vec<Vec<i8>>,
+        vs: Vec<Vec<f16>>,
+    },
 }
 
 /// The K and V arrays of one layer (the attention kernels' view).
@@ -113,7 +126,9 @@ pub struct KvStore {
 fn zeroed<T: bytemuck::Zeroable>(n_layers: usize, per_layer: usize) -> Vec<Vec<T>> {
     // Zeroed allocations (calloc): pages become resident only when a block is
     // first written, so memory follows the KV actually used.
-    (0..n_layers).map(|_| bytemuck::zeroed_vec::<T>(per_layer)).collect()
+    (0..n_layers)
+        .map(|_| bytemuck::zeroed_vec::<T>(per_layer))
+        .collect()
 }
 
 fn write_row<T: KvElem>(dst: &mut [T], src: &[f32]) {
@@ -135,8 +150,23 @@ fn write_key<T: KvElem>(dst: &mut [T], src: &[f32], head_dim: usize, bs: usize, 
 
 impl KvStore {
     /// Allocates zeroed f16 storage for layers `first_layer..first_layer + n_layers`.
-    pub fn new(first_layer: usize, n_layers: usize, num_blocks: usize, block_size: usize, kv_dim: usize, head_dim: usize) -> Self {
-        Self::with_dtype(first_layer, n_layers, num_blocks, block_size, kv_dim, head_dim, KvDType::F16)
+    pub fn new(
+        first_layer: usize,
+        n_layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_dim: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self::with_dtype(
+            first_layer,
+            n_layers,
+            num_blocks,
+            block_size,
+            kv_dim,
+            head_dim,
+            KvDType::F16,
+        )
     }
 
     /// Allocates zeroed storage of element type `dtype`.
@@ -149,19 +179,47 @@ impl KvStore {
         head_dim: usize,
         dtype: KvDType,
     ) -> Self {
-        assert!(block_size > 0 && block_size <= MAX_BLOCK_SIZE, "block size must be in 1..={MAX_BLOCK_SIZE}");
-        assert!(head_dim > 0 && kv_dim.is_multiple_of(head_dim), "kv_dim must be a multiple of head_dim");
+        assert!(
+            block_size > 0 && block_size <= MAX_BLOCK_SIZE,
+            "block size must be in 1..={MAX_BLOCK_SIZE}"
+        );
+        assert!(
+            head_dim > 0 && kv_dim.is_multiple_of(head_dim),
+            "kv_dim must be a multiple of head_dim"
+        );
         let per_layer = num_blocks * block_size * kv_dim;
         let arrays = match dtype {
-            KvDType::F16 => Arrays::F16 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
-            KvDType::Bf16 => Arrays::Bf16 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
-            KvDType::F32 => Arrays::F32 { k: zeroed(n_layers, per_layer), v: zeroed(n_layers, per_layer) },
+            KvDType::F16 => Arrays::F16 {
+                k: zeroed(n_layers, per_layer),
+                v: zeroed(n_layers, per_layer),
+            },
+            KvDType::Bf16 => Arrays::Bf16 {
+                k: zeroed(n_layers, per_layer),
+                v: zeroed(n_layers, per_layer),
+            },
+            KvDType::F32 => Arrays::F32 {
+                k: zeroed(n_layers, per_layer),
+                v: zeroed(n_layers, per_layer),
+            },
             KvDType::Q8 => {
                 let scales = num_blocks * block_size * q8_groups(kv_dim);
-                Arrays::Q8 { k: zeroed(n_layers, per_layer), ks: zeroed(n_layers, scales), v: zeroed(n_layers, per_layer), vs: zeroed(n_layers, scales) }
+                Arrays::Q8 {
+                    k: zeroed(n_layers, per_layer),
+                    ks: zeroed(n_layers, scales),
+                    v: zeroed(n_layers, per_layer),
+                    vs: zeroed(n_layers, scales),
+                }
             }
         };
-        Self { block_size, num_blocks, kv_dim, head_dim, first_layer, dtype, arrays }
+        Self {
+            block_size,
+            num_blocks,
+            kv_dim,
+            head_dim,
+            first_layer,
+            dtype,
+            arrays,
+        }
     }
 
     fn n_layers(&self) -> usize {
@@ -209,7 +267,12 @@ impl KvStore {
                 write_key(&mut ka[l][blk], k, hd, bs, off);
                 write_row(&mut va[l][r], v);
             }
-            Arrays::Q8 { k: ka, ks, v: va, vs } => {
+            Arrays::Q8 {
+                k: ka,
+                ks,
+                v: va,
+                vs,
+            } => {
                 let (kd, ng) = (self.kv_dim, q8_groups(self.kv_dim));
                 let kblk = &mut ka[l][(slot / bs) * bs * kd..(slot / bs + 1) * bs * kd];
                 let kscale = &mut ks[l][(slot / bs) * bs * ng..(slot / bs + 1) * bs * ng];
@@ -223,7 +286,11 @@ impl KvStore {
                 }
                 let vrow = &mut va[l][r];
                 let vscale = &mut vs[l][slot * ng..(slot + 1) * ng];
-                for ((x, o), d) in v.chunks(Q8_GROUP).zip(vrow.chunks_mut(Q8_GROUP)).zip(vscale.iter_mut()) {
+                for ((x, o), d) in v
+                    .chunks(Q8_GROUP)
+                    .zip(vrow.chunks_mut(Q8_GROUP))
+                    .zip(vscale.iter_mut())
+                {
                     *d = quantize_q8_group(x, o);
                 }
             }
@@ -268,7 +335,12 @@ impl KvStore {
             Arrays::F16 { k, v } => KvLayer::F16(&k[l], &v[l]),
             Arrays::Bf16 { k, v } => KvLayer::Bf16(&k[l], &v[l]),
             Arrays::F32 { k, v } => KvLayer::F32(&k[l], &v[l]),
-            Arrays::Q8 { k, ks, v, vs } => KvLayer::Q8(Q8Kv { k: &k[l], k_scale: &ks[l], v: &v[l], v_scale: &vs[l] }),
+            Arrays::Q8 { k, ks, v, vs } => KvLayer::Q8(Q8Kv {
+                k: &k[l],
+                k_scale: &ks[l],
+                v: &v[l],
+                v_scale: &vs[l],
+            }),
         }
     }
 }

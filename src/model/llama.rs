@@ -196,82 +196,186 @@ impl Model {
             let lw = &self.layers[l];
             // ---- attention ----
             // (n, dim): [x += xb]; xb = rmsnorm(x) * attn_norm; xq = q8(xb)
-            add_norm_quant(rows_par, x, &mut s.xb[..n * dim], &mut s.xq[..n * dim / QK], pending, &lw.attn_norm, eps);
-            let xa = Activations { f: &s.xb[..n * dim], q: &s.xq[..n * dim / QK], n };
+            add_norm_quant(
+                rows_par,
+                x,
+                &mut s.xb[..n * dim],
+                &mut s.xq[..n * dim / QK],
+                pending,
+                &lw.attn_norm,
+                eps,
+            );
+            let xa = Activations {
+                f: &s.xb[..n * dim],
+                q: &s.xq[..n * dim / QK],
+                n,
+            };
             // (n, q_dim), (n, kv_dim), (n, kv_dim): q, k, v projections
-            kernels::matmul_best(&self.mat(&lw.wq), lw.wq.packed.as_deref(), &xa, &mut s.q[..n * qd], pool);
-            kernels::matmul_best(&self.mat(&lw.wk), lw.wk.packed.as_deref(), &xa, &mut s.k[..n * kv_dim], pool);
-            kernels::matmul_best(&self.mat(&lw.wv), lw.wv.packed.as_deref(), &xa, &mut s.v[..n * kv_dim], pool);
+            kernels::matmul_best(
+                &self.mat(&lw.wq),
+                lw.wq.packed.as_deref(),
+                &xa,
+                &mut s.q[..n * qd],
+                pool,
+            );
+            kernels::matmul_best(
+                &self.mat(&lw.wk),
+                lw.wk.packed.as_deref(),
+                &xa,
+                &mut s.k[..n * kv_dim],
+                pool,
+            );
+            kernels::matmul_best(
+                &self.mat(&lw.wv),
+                lw.wv.packed.as_deref(),
+                &xa,
+                &mut s.v[..n * kv_dim],
+                pool,
+            );
             // Per row: [q, k, v += biases]; [per-head rmsnorm of q, k]; RoPE
             // on every q and k head at the row's absolute position
             let rope = &mut s.rope_cs[lw.rope_table * n * npairs..(lw.rope_table + 1) * n * npairs];
             let v_bias = lw.qkv_bias.as_ref().map(|[_, _, bv]| bv.as_slice());
-            for_rows(rows_par, (&mut s.q[..n * qd], qd), (&mut s.k[..n * kv_dim], kv_dim), (rope, npairs), |q, k, cs| {
-                if let Some([bq, bk, _]) = &lw.qkv_bias {
-                    add_in_place(q, bq);
-                    add_in_place(k, bk);
-                }
-                for (h, norm) in q.chunks_exact_mut(hd).map(|h| (h, 0)).chain(k.chunks_exact_mut(hd).map(|h| (h, 1))) {
-                    if let Some(w) = &lw.qk_norm {
-                        rms_norm_in_place(h, &w[norm], eps);
+            for_rows(
+                rows_par,
+                (&mut s.q[..n * qd], qd),
+                (&mut s.k[..n * kv_dim], kv_dim),
+                (rope, npairs),
+                |q, k, cs| {
+                    if let Some([bq, bk, _]) = &lw.qkv_bias {
+                        add_in_place(q, bq);
+                        add_in_place(k, bk);
                     }
-                    match c.rope_style {
-                        RopeStyle::Norm => rope_apply(&mut h[..c.rope_dim], cs),
-                        RopeStyle::Neox => rope_apply_neox(&mut h[..c.rope_dim], cs),
+                    for (h, norm) in q
+                        .chunks_exact_mut(hd)
+                        .map(|h| (h, 0))
+                        .chain(k.chunks_exact_mut(hd).map(|h| (h, 1)))
+                    {
+                        if let Some(w) = &lw.qk_norm {
+                            rms_norm_in_place(h, &w[norm], eps);
+                        }
+                        match c.rope_style {
+                            RopeStyle::Norm => rope_apply(&mut h[..c.rope_dim], cs),
+                            RopeStyle::Neox => rope_apply_neox(&mut h[..c.rope_dim], cs),
+                        }
                     }
-                }
-            });
+                },
+            );
             if let Some(bv) = v_bias {
-                s.v[..n * kv_dim].chunks_exact_mut(kv_dim).for_each(|v| add_in_place(v, bv));
+                s.v[..n * kv_dim]
+                    .chunks_exact_mut(kv_dim)
+                    .for_each(|v| add_in_place(v, bv));
             }
             // (n, kv_dim) -> paged slots: write this batch's k, v before attending
             for r in 0..n {
                 let seq = &seqs[s.row_seq[r]];
                 let slot = kv.slot(seq.block_table, s.row_pos[r]);
-                kv.write(l, slot, &s.k[r * kv_dim..(r + 1) * kv_dim], &s.v[r * kv_dim..(r + 1) * kv_dim]);
+                kv.write(
+                    l,
+                    slot,
+                    &s.k[r * kv_dim..(r + 1) * kv_dim],
+                    &s.v[r * kv_dim..(r + 1) * kv_dim],
+                );
             }
             // (n, q_dim): att = softmax([softcap](q k^T * scale)) v, causal
             // (over the window on sliding layers), per row and head
             {
                 let q = &s.q[..n * qd];
                 let att = &mut s.att[..n * qd];
-                let rows = RowMap { pos: &s.row_pos, seq: &s.row_seq };
+                let rows = RowMap {
+                    pos: &s.row_pos,
+                    seq: &s.row_seq,
+                };
                 let bs = kv.block_size;
-                let window = if c.swa_layers[l] { c.sliding_window } else { None };
+                let window = if c.swa_layers[l] {
+                    c.sliding_window
+                } else {
+                    None
+                };
                 attention(c, kv.layer(l), bs, seqs, &rows, window, q, att, pool);
             }
             // (n, dim): xb = att @ wo; [xb = rmsnorm(xb) * post_attn_norm]
             quantize_rows(rows_par, &s.att[..n * qd], qd, &mut s.xq[..n * qd / QK]);
-            let aa = Activations { f: &s.att[..n * qd], q: &s.xq[..n * qd / QK], n };
-            kernels::matmul_best(&self.mat(&lw.wo), lw.wo.packed.as_deref(), &aa, &mut s.xb[..n * dim], pool);
+            let aa = Activations {
+                f: &s.att[..n * qd],
+                q: &s.xq[..n * qd / QK],
+                n,
+            };
+            kernels::matmul_best(
+                &self.mat(&lw.wo),
+                lw.wo.packed.as_deref(),
+                &aa,
+                &mut s.xb[..n * dim],
+                pool,
+            );
             if let Some(w) = &lw.post_attn_norm {
                 norm_rows(rows_par, &mut s.xb[..n * dim], w, eps);
             }
 
             // ---- feed-forward (SwiGLU / GeGLU) ----
             // (n, dim): x += xb; xb = rmsnorm(x) * ffn_norm; xq = q8(xb)
-            add_norm_quant(rows_par, x, &mut s.xb[..n * dim], &mut s.xq[..n * dim / QK], true, &lw.ffn_norm, eps);
+            add_norm_quant(
+                rows_par,
+                x,
+                &mut s.xb[..n * dim],
+                &mut s.xq[..n * dim / QK],
+                true,
+                &lw.ffn_norm,
+                eps,
+            );
             // In chunks of at most FFN_ROWS rows (bounds the rows x ffn scratch);
             // each chunk's output replaces its own, consumed, rows of xb.
             for r0 in (0..n).step_by(FFN_ROWS) {
                 let m = FFN_ROWS.min(n - r0);
                 let rows = r0 * dim..(r0 + m) * dim;
-                let xa = Activations { f: &s.xb[rows.clone()], q: &s.xq[r0 * dim / QK..(r0 + m) * dim / QK], n: m };
+                let xa = Activations {
+                    f: &s.xb[rows.clone()],
+                    q: &s.xq[r0 * dim / QK..(r0 + m) * dim / QK],
+                    n: m,
+                };
                 // (m, ffn): gate, up
-                kernels::matmul_best(&self.mat(&lw.w_gate), lw.w_gate.packed.as_deref(), &xa, &mut s.gate[..m * ffn], pool);
-                kernels::matmul_best(&self.mat(&lw.w_up), lw.w_up.packed.as_deref(), &xa, &mut s.up[..m * ffn], pool);
+                kernels::matmul_best(
+                    &self.mat(&lw.w_gate),
+                    lw.w_gate.packed.as_deref(),
+                    &xa,
+                    &mut s.gate[..m * ffn],
+                    pool,
+                );
+                kernels::matmul_best(
+                    &self.mat(&lw.w_up),
+                    lw.w_up.packed.as_deref(),
+                    &xa,
+                    &mut s.up[..m * ffn],
+                    pool,
+                );
                 // (m, ffn): h = act(gate) * up; hq = q8(h)
                 let hq = (&mut s.hq[..m * ffn / QK], ffn / QK);
-                for_rows(pool.filter(|_| m >= PAR_ROWS), (&mut s.gate[..m * ffn], ffn), (&mut s.up[..m * ffn], ffn), hq, |g, u, hq| {
-                    match c.ffn_act {
-                        FfnAct::Silu => kernels::silu_mul(g, u),
-                        FfnAct::GeluTanh => kernels::gelu_tanh_mul(g, u),
-                    }
-                    kernels::quantize_rows_q8(g, ffn, hq);
-                });
-                let ha = Activations { f: &s.gate[..m * ffn], q: &s.hq[..m * ffn / QK], n: m };
+                for_rows(
+                    pool.filter(|_| m >= PAR_ROWS),
+                    (&mut s.gate[..m * ffn], ffn),
+                    (&mut s.up[..m * ffn], ffn),
+                    hq,
+                    |g, u, hq| {
+                        match c.ffn_act {
+                            FfnAct::Silu => kernels::silu_mul(g, u),
+                            FfnAct::GeluTanh => kernels::gelu_tanh_mul(g, u),
+                        }
+                        kernels::quantize_rows_q8(g, ffn, hq);
+                    },
+                );
+                let ha = Activations {
+                    f: &s.gate[..m * ffn],
+                    q: &s.hq[..m * ffn / QK],
+                    n: m,
+                };
                 // (m, dim): xb = h @ w_down (added to x by the next norm or below)
-                kernels::matmul_best(&self.mat(&lw.w_down), lw.w_down.packed.as_deref(), &ha, &mut s.xb[rows], pool);
+                kernels::matmul_best(
+                    &self.mat(&lw.w_down),
+                    lw.w_down.packed.as_deref(),
+                    &ha,
+                    &mut s.xb[rows],
+                    pool,
+                );
             }
             // (n, dim): [xb = rmsnorm(xb) * post_ffn_norm]
             if let Some(w) = &lw.post_ffn_norm {
@@ -287,20 +391,45 @@ impl Model {
     }
 
     /// Final norm + output head for `m` rows of the residual stream:
-    /// `logits` is `m x vocab`.
-    pub fn logits(&self, x: &[f32], logits: &mut [f32], s: &mut Scratch, pool: Option<&rayon::ThreadPool>) {
+    /// `logits` is `m x vocab`. `digits`: the activation digits the head's
+    /// matmul reads (`runtime.head_activation_digits`; [`kernels::Digits`]).
+    pub fn logits(
+        &self,
+        x: &[f32],
+        logits: &mut [f32],
+        s: &mut Scratch,
+        pool: Option<&rayon::ThreadPool>,
+        digits: kernels::Digits,
+    ) {
         let dim = self.config.dim;
         let m = x.len() / dim;
         grow(&mut s.xb, m * dim);
         grow(&mut s.xq, m * dim / QK);
-        for (o, xi) in s.xb[..m * dim].chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        for (o, xi) in s.xb[..m * dim]
+            .chunks_exact_mut(dim)
+            .zip(x.chunks_exact(dim))
+        {
             rms_norm(o, xi, &self.output_norm, self.config.rms_eps);
         }
         kernels::quantize_rows_q8(&s.xb[..m * dim], dim, &mut s.xq[..m * dim / QK]);
-        let xa = Activations { f: &s.xb[..m * dim], q: &s.xq[..m * dim / QK], n: m };
+        if digits == kernels::Digits::One {
+            kernels::zero_second_digit(&mut s.xq[..m * dim / QK]);
+        }
+        let xa = Activations {
+            f: &s.xb[..m * dim],
+            q: &s.xq[..m * dim / QK],
+            n: m,
+        };
         let vocab = self.config.vocab_size;
         let logits = &mut logits[..m * vocab];
-        kernels::matmul_best(&self.mat(&self.output), self.output.packed.as_deref(), &xa, logits, pool);
+        kernels::matmul_best_digits(
+            &self.mat(&self.output),
+            self.output.packed.as_deref(),
+            digits,
+            &xa,
+            logits,
+            pool,
+        );
         // (m, vocab): [+ bias]; [cap * tanh(logits / cap)]
         for row in logits.chunks_exact_mut(vocab) {
             if let Some(b) = &self.output_bias {
@@ -323,7 +452,15 @@ const MIN_ROWS_PER_TASK: usize = 4;
 
 /// Per row: `x += delta` (when `add`, `delta` being `xb`'s old contents), then
 /// `xb = rmsnorm(x) * w` and `xq = q8(xb)`.
-fn add_norm_quant(pool: Option<&rayon::ThreadPool>, x: &mut [f32], xb: &mut [f32], xq: &mut [BlockQ8], add: bool, w: &[f32], eps: f32) {
+fn add_norm_quant(
+    pool: Option<&rayon::ThreadPool>,
+    x: &mut [f32],
+    xb: &mut [f32],
+    xq: &mut [BlockQ8],
+    add: bool,
+    w: &[f32],
+    eps: f32,
+) {
     let dim = w.len();
     for_rows(pool, (x, dim), (xb, dim), (xq, dim / QK), |x, xb, xq| {
         if add {
@@ -353,7 +490,11 @@ fn for_rows<A: Send, B: Send, C: Send>(
                 .with_min_len(MIN_ROWS_PER_TASK)
                 .for_each(|((a, b), c)| f(a, b, c))
         }),
-        None => a.chunks_mut(wa).zip(b.chunks_mut(wb)).zip(c.chunks_mut(wc)).for_each(|((a, b), c)| f(a, b, c)),
+        None => a
+            .chunks_mut(wa)
+            .zip(b.chunks_mut(wb))
+            .zip(c.chunks_mut(wc))
+            .for_each(|((a, b), c)| f(a, b, c)),
     }
 }
 
@@ -401,7 +542,14 @@ fn attention(
     let w = group * hd;
     let qd = nkv * w;
     let n = att.len() / qd;
-    let shape = AttnShape { head_dim: hd, group, block_size: bs, kv_dim: c.kv_dim, scale: c.attn_scale, softcap: c.attn_softcap };
+    let shape = AttnShape {
+        head_dim: hd,
+        group,
+        block_size: bs,
+        kv_dim: c.kv_dim,
+        scale: c.attn_scale,
+        softcap: c.attn_softcap,
+    };
     let tr = kernels::attention::tile_rows(&shape);
     // Work items: (first row, rows, one KV head or all) and their output.
     let mut items: Vec<(usize, usize, Option<usize>, &mut [f32])> = Vec::new();
@@ -436,10 +584,30 @@ fn attention(
         }
         let out = &mut *item.3;
         match item.2 {
-            Some(h) => kernels::attention::attend_rows(&shape, kv, h, table, &keys[..1], &q[r0 * qd + h * w..], qd, out, w),
+            Some(h) => kernels::attention::attend_rows(
+                &shape,
+                kv,
+                h,
+                table,
+                &keys[..1],
+                &q[r0 * qd + h * w..],
+                qd,
+                out,
+                w,
+            ),
             None => {
                 for h in 0..nkv {
-                    kernels::attention::attend_rows(&shape, kv, h, table, &keys[..t], &q[r0 * qd + h * w..], qd, &mut out[h * w..], qd);
+                    kernels::attention::attend_rows(
+                        &shape,
+                        kv,
+                        h,
+                        table,
+                        &keys[..t],
+                        &q[r0 * qd + h * w..],
+                        qd,
+                        &mut out[h * w..],
+                        qd,
+                    );
                 }
             }
         }
@@ -460,7 +628,13 @@ fn add_in_place(x: &mut [f32], b: &[f32]) {
 /// parallel over rows on `pool` when given.
 fn norm_rows(pool: Option<&rayon::ThreadPool>, x: &mut [f32], w: &[f32], eps: f32) {
     match pool {
-        Some(p) => p.install(|| x.par_chunks_mut(w.len()).with_min_len(MIN_ROWS_PER_TASK).for_each(|r| rms_norm_in_place(r, w, eps))),
-        None => x.chunks_mut(w.len()).for_each(|r| rms_norm_in_place(r, w, eps)),
+        Some(p) => p.install(|| {
+            x.par_chunks_mut(w.len())
+                .with_min_len(MIN_ROWS_PER_TASK)
+                .for_each(|r| rms_norm_in_place(r, w, eps))
+        }),
+        None => x
+            .chunks_mut(w.len())
+            .for_each(|r| rms_norm_in_place(r, w, eps)),
     }
 }

@@ -19,8 +19,8 @@ pub use arch::{Arch, ArchSpec, FfnAct, RopeStyle, SUPPORTED_ARCHS};
 use arch::{SwaPolicy, SwaRope};
 
 use crate::gguf::{GgufError, GgufFile, MetaValue};
-use crate::quant::GgmlDType;
 use crate::kernels::{KernelError, QMatrix, QK};
+use crate::quant::GgmlDType;
 
 /// Errors while building a model from a GGUF file.
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +98,13 @@ pub enum LoadError {
 
 /// Maps a GGUF file once and builds both the model and its tokenizer from it
 /// (the one loading path of every command and the server).
-pub fn load_with_tokenizer(path: &Path) -> Result<(Arc<Model>, Arc<crate::tokenizer::Tokenizer>), LoadError> {
+pub fn load_with_tokenizer(
+    path: &Path,
+) -> Result<(Arc<Model>, Arc<crate::tokenizer::Tokenizer>), LoadError> {
     let p = || path.display().to_string();
     let mut file = GgufFile::open(path).map_err(|source| LoadError::Gguf { path: p(), source })?;
-    let tok = crate::tokenizer::Tokenizer::from_gguf(&file).map_err(|source| LoadError::Tokenizer { path: p(), source })?;
+    let tok = crate::tokenizer::Tokenizer::from_gguf(&file)
+        .map_err(|source| LoadError::Tokenizer { path: p(), source })?;
     // The vocabulary and merges now live in the tokenizer; the model never
     // reads metadata arrays (a few MiB of strings kept for nothing otherwise).
     file.drop_large_arrays(4096);
@@ -182,15 +185,31 @@ impl ModelConfig {
     /// Reads `<arch>.*` hyper-parameters from GGUF metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let arch_name = file.get_str("general.architecture")?;
-        let arch = Arch::from_name(arch_name).ok_or_else(|| ModelError::UnsupportedArch(arch_name.to_string()))?;
+        let arch = Arch::from_name(arch_name)
+            .ok_or_else(|| ModelError::UnsupportedArch(arch_name.to_string()))?;
         let spec = arch.spec();
         let p = arch.name();
         let key = |k: &str| format!("{p}.{k}");
         let has = |k: &str| file.get(&key(k)).is_some();
         let u = |k: &str| -> Result<usize, ModelError> { Ok(file.get_u32(&key(k))? as usize) };
-        let u_or = |k: &str, d: usize| -> Result<usize, ModelError> { if has(k) { u(k) } else { Ok(d) } };
-        let f_opt = |k: &str| -> Result<Option<f32>, ModelError> { if has(k) { Ok(Some(file.get_f32(&key(k))?)) } else { Ok(None) } };
-        let bad = |k: &str, reason: String| ModelError::BadHParam { key: key(k), reason };
+        let u_or = |k: &str, d: usize| -> Result<usize, ModelError> {
+            if has(k) {
+                u(k)
+            } else {
+                Ok(d)
+            }
+        };
+        let f_opt = |k: &str| -> Result<Option<f32>, ModelError> {
+            if has(k) {
+                Ok(Some(file.get_f32(&key(k))?))
+            } else {
+                Ok(None)
+            }
+        };
+        let bad = |k: &str, reason: String| ModelError::BadHParam {
+            key: key(k),
+            reason,
+        };
         let n_layers = u("block_count")?;
         let dim = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
@@ -201,72 +220,139 @@ impl ModelConfig {
             return Err(bad("block_count", format!("{n_layers} not in 1..=1024")));
         }
         if dim == 0 || !dim.is_multiple_of(QK) {
-            return Err(bad("embedding_length", format!("{dim} must be a positive multiple of {QK}")));
+            return Err(bad(
+                "embedding_length",
+                format!("{dim} must be a positive multiple of {QK}"),
+            ));
         }
         if n_heads == 0 {
             return Err(bad("attention.head_count", "must be > 0".into()));
         }
         if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
-            return Err(bad("attention.head_count_kv", format!("{n_kv_heads} does not divide head_count {n_heads}")));
+            return Err(bad(
+                "attention.head_count_kv",
+                format!("{n_kv_heads} does not divide head_count {n_heads}"),
+            ));
         }
         if n_heads / n_kv_heads > crate::kernels::MAX_GROUP {
             return Err(bad(
                 "attention.head_count_kv",
-                format!("{} query heads per KV head (at most {} supported)", n_heads / n_kv_heads, crate::kernels::MAX_GROUP),
+                format!(
+                    "{} query heads per KV head (at most {} supported)",
+                    n_heads / n_kv_heads,
+                    crate::kernels::MAX_GROUP
+                ),
             ));
         }
         let head_dim = u_or("attention.key_length", dim / n_heads)?;
         if head_dim == 0 || !(n_heads * head_dim).is_multiple_of(QK) {
-            return Err(bad("attention.key_length", format!("head dim {head_dim} x {n_heads} heads must be a positive multiple of {QK}")));
+            return Err(bad(
+                "attention.key_length",
+                format!(
+                    "head dim {head_dim} x {n_heads} heads must be a positive multiple of {QK}"
+                ),
+            ));
         }
         if has("attention.value_length") && u("attention.value_length")? != head_dim {
-            return Err(bad("attention.value_length", format!("{} differs from key_length {head_dim} (unsupported)", u("attention.value_length")?)));
+            return Err(bad(
+                "attention.value_length",
+                format!(
+                    "{} differs from key_length {head_dim} (unsupported)",
+                    u("attention.value_length")?
+                ),
+            ));
         }
         if ffn_dim == 0 || !ffn_dim.is_multiple_of(QK) {
-            return Err(bad("feed_forward_length", format!("{ffn_dim} must be a positive multiple of {QK}")));
+            return Err(bad(
+                "feed_forward_length",
+                format!("{ffn_dim} must be a positive multiple of {QK}"),
+            ));
         }
         if context_length == 0 {
             return Err(bad("context_length", "must be > 0".into()));
         }
-        let positive = |k: &str, v: f32| if v.is_finite() && v > 0.0 { Ok(v) } else { Err(bad(k, format!("{v} must be > 0"))) };
-        let rope_theta = positive("rope.freq_base", f_opt("rope.freq_base")?.unwrap_or(10000.0))?;
+        let positive = |k: &str, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(bad(k, format!("{v} must be > 0")))
+            }
+        };
+        let rope_theta = positive(
+            "rope.freq_base",
+            f_opt("rope.freq_base")?.unwrap_or(10000.0),
+        )?;
         let rope_dim = u_or("rope.dimension_count", head_dim)?;
         if rope_dim == 0 || rope_dim > head_dim || rope_dim % 2 != 0 {
-            return Err(bad("rope.dimension_count", format!("{rope_dim} must be even and <= head dim {head_dim}")));
+            return Err(bad(
+                "rope.dimension_count",
+                format!("{rope_dim} must be even and <= head dim {head_dim}"),
+            ));
         }
         // RoPE scaling: none or linear (a frequency scale); Llama 3's and
         // long-rope's per-frequency factors come as tensors.
         if has("rope.scaling.type") {
             let t = file.get_str(&key("rope.scaling.type"))?;
             if !matches!(t, "none" | "linear") {
-                return Err(bad("rope.scaling.type", format!("`{t}` is not supported (supported: none, linear)")));
+                return Err(bad(
+                    "rope.scaling.type",
+                    format!("`{t}` is not supported (supported: none, linear)"),
+                ));
             }
         }
         let rope_freq_scale = match f_opt("rope.scaling.factor")? {
             None | Some(0.0) => 1.0,
             Some(f) => 1.0 / positive("rope.scaling.factor", f)?,
         };
-        let rope_attn_factor = positive("rope.scaling.attn_factor", f_opt("rope.scaling.attn_factor")?.unwrap_or(1.0))?;
+        let rope_attn_factor = positive(
+            "rope.scaling.attn_factor",
+            f_opt("rope.scaling.attn_factor")?.unwrap_or(1.0),
+        )?;
         let rope_factors = if file.tensor_info("rope_freqs.weight").is_ok() {
             Some("rope_freqs.weight".to_string())
         } else if file.tensor_info("rope_factors_long.weight").is_ok() {
             let orig = u_or("rope.scaling.original_context_length", context_length)?;
-            Some(if context_length > orig { "rope_factors_long.weight" } else { "rope_factors_short.weight" }.to_string())
+            Some(
+                if context_length > orig {
+                    "rope_factors_long.weight"
+                } else {
+                    "rope_factors_short.weight"
+                }
+                .to_string(),
+            )
         } else {
             None
         };
-        let rms_eps = positive("attention.layer_norm_rms_epsilon", f_opt("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5))?;
+        let rms_eps = positive(
+            "attention.layer_norm_rms_epsilon",
+            f_opt("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+        )?;
         // Sliding window: which layers, how wide.
-        let key_window = if has("attention.sliding_window") { Some(u("attention.sliding_window")?) } else { None };
+        let key_window = if has("attention.sliding_window") {
+            Some(u("attention.sliding_window")?)
+        } else {
+            None
+        };
         let (sliding_window, swa_layers) = match spec.swa {
             SwaPolicy::None => (None, vec![false; n_layers]),
             SwaPolicy::AllIfKey => match key_window.filter(|&w| w > 0) {
                 Some(w) => (Some(w), vec![true; n_layers]),
                 None => (None, vec![false; n_layers]),
             },
-            SwaPolicy::Pattern { pattern, default_window } => match key_window.or(default_window).filter(|&w| w > 0) {
+            SwaPolicy::Pattern {
+                pattern,
+                default_window,
+            } => match key_window.or(default_window).filter(|&w| w > 0) {
                 None => (None, vec![false; n_layers]),
-                Some(w) => (Some(w), swa_pattern(file, &key("attention.sliding_window_pattern"), pattern, n_layers)?),
+                Some(w) => (
+                    Some(w),
+                    swa_pattern(
+                        file,
+                        &key("attention.sliding_window_pattern"),
+                        pattern,
+                        n_layers,
+                    )?,
+                ),
             },
         };
         let rope_theta_swa = match (spec.swa_rope, f_opt("rope.freq_base_swa")?) {
@@ -286,7 +372,10 @@ impl ModelConfig {
             Some(l) if l == n_layers => 1.0 / ((dim / n_heads) as f32).sqrt(),
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
-        let name = file.get_str("general.name").map(str::to_string).unwrap_or_else(|_| p.to_string());
+        let name = file
+            .get_str("general.name")
+            .map(str::to_string)
+            .unwrap_or_else(|_| p.to_string());
         let embd = file.tensor_info("token_embd.weight")?;
         let vocab_size = embd.dims.get(1).copied().unwrap_or(0) as usize;
         if vocab_size == 0 {
@@ -331,27 +420,43 @@ impl ModelConfig {
 /// Per-layer sliding-window flags: `key` as an array of bools (one per
 /// layer) or a period `n` (layer `i` slides when `i % n < n - 1`), else the
 /// family's default period.
-fn swa_pattern(file: &GgufFile, key: &str, default: usize, n_layers: usize) -> Result<Vec<bool>, ModelError> {
-    let bad = |reason: String| ModelError::BadHParam { key: key.to_string(), reason };
+fn swa_pattern(
+    file: &GgufFile,
+    key: &str,
+    default: usize,
+    n_layers: usize,
+) -> Result<Vec<bool>, ModelError> {
+    let bad = |reason: String| ModelError::BadHParam {
+        key: key.to_string(),
+        reason,
+    };
     let period = match file.get(key) {
         None => default,
         Some(v) => match v.as_array() {
             Some(a) => {
                 if a.len() != n_layers {
-                    return Err(bad(format!("{} entries, expected one per layer ({n_layers})", a.len())));
+                    return Err(bad(format!(
+                        "{} entries, expected one per layer ({n_layers})",
+                        a.len()
+                    )));
                 }
                 return a
                     .iter()
                     .map(|x| match x {
                         MetaValue::Bool(b) => Ok(*b),
-                        other => other.as_int().map(|i| i != 0).ok_or_else(|| bad(format!("entry {other:?} is not a bool"))),
+                        other => other
+                            .as_int()
+                            .map(|i| i != 0)
+                            .ok_or_else(|| bad(format!("entry {other:?} is not a bool"))),
                     })
                     .collect();
             }
             None => file.get_u32(key)? as usize,
         },
     };
-    Ok((0..n_layers).map(|i| period == 0 || i % period < period - 1).collect())
+    Ok((0..n_layers)
+        .map(|i| period == 0 || i % period < period - 1)
+        .collect())
 }
 
 /// A weight matrix located in the mapped file (validated at load).
@@ -447,10 +552,20 @@ impl Model {
             Some(name) => Some(vector(&file, name, npairs)?),
             None => None,
         };
-        let global = rope_inv_freq(c.rope_theta, c.rope_dim, c.rope_freq_scale, factors.as_deref());
+        let global = rope_inv_freq(
+            c.rope_theta,
+            c.rope_dim,
+            c.rope_freq_scale,
+            factors.as_deref(),
+        );
         let swa = match spec.swa_rope {
             SwaRope::Local => rope_inv_freq(c.rope_theta_swa, c.rope_dim, 1.0, None),
-            SwaRope::Global => rope_inv_freq(c.rope_theta_swa, c.rope_dim, c.rope_freq_scale, factors.as_deref()),
+            SwaRope::Global => rope_inv_freq(
+                c.rope_theta_swa,
+                c.rope_dim,
+                c.rope_freq_scale,
+                factors.as_deref(),
+            ),
         };
         let mut rope_tables = vec![global];
         if c.swa_layers.iter().any(|&s| s) && swa != rope_tables[0] {
@@ -465,8 +580,13 @@ impl Model {
             let (wq, wk, wv, qkv_bias) = if file.tensor_info(&name("attn_qkv.weight")).is_ok() {
                 let t = name("attn_qkv.weight");
                 let rows = c.q_dim + 2 * c.kv_dim;
-                let bias = optional_vector(&file, &name("attn_qkv.bias"), rows)?
-                    .map(|b| [b[..c.q_dim].to_vec(), b[c.q_dim..c.q_dim + c.kv_dim].to_vec(), b[c.q_dim + c.kv_dim..].to_vec()]);
+                let bias = optional_vector(&file, &name("attn_qkv.bias"), rows)?.map(|b| {
+                    [
+                        b[..c.q_dim].to_vec(),
+                        b[c.q_dim..c.q_dim + c.kv_dim].to_vec(),
+                        b[c.q_dim + c.kv_dim..].to_vec(),
+                    ]
+                });
                 (
                     weight_rows(&file, &t, rows, c.dim, 0..c.q_dim)?,
                     weight_rows(&file, &t, rows, c.dim, c.q_dim..c.q_dim + c.kv_dim)?,
@@ -480,20 +600,46 @@ impl Model {
                 let bias = match (bq, bk, bv) {
                     (Some(q), Some(k), Some(v)) => Some([q, k, v]),
                     (None, None, None) => None,
-                    _ => return Err(ModelError::MissingPart { layer: i, what: "attn_q/k/v.bias (some but not all present)" }),
+                    _ => {
+                        return Err(ModelError::MissingPart {
+                            layer: i,
+                            what: "attn_q/k/v.bias (some but not all present)",
+                        })
+                    }
                 };
-                (w("attn_q", c.q_dim, c.dim)?, w("attn_k", c.kv_dim, c.dim)?, w("attn_v", c.kv_dim, c.dim)?, bias)
+                (
+                    w("attn_q", c.q_dim, c.dim)?,
+                    w("attn_k", c.kv_dim, c.dim)?,
+                    w("attn_v", c.kv_dim, c.dim)?,
+                    bias,
+                )
             };
-            let qk_norm = if spec.qk_norm { Some([v("attn_q_norm", c.head_dim)?, v("attn_k_norm", c.head_dim)?]) } else { None };
-            let (post_attn_norm, post_ffn_norm) =
-                if spec.post_norms { (Some(v("post_attention_norm", c.dim)?), Some(v("post_ffw_norm", c.dim)?)) } else { (None, None) };
+            let qk_norm = if spec.qk_norm {
+                Some([v("attn_q_norm", c.head_dim)?, v("attn_k_norm", c.head_dim)?])
+            } else {
+                None
+            };
+            let (post_attn_norm, post_ffn_norm) = if spec.post_norms {
+                (
+                    Some(v("post_attention_norm", c.dim)?),
+                    Some(v("post_ffw_norm", c.dim)?),
+                )
+            } else {
+                (None, None)
+            };
             // gate, up: separate tensors, or the halves of a `2 x ffn` `ffn_up`.
             let (w_gate, w_up) = if file.tensor_info(&name("ffn_gate.weight")).is_ok() {
-                (w("ffn_gate", c.ffn_dim, c.dim)?, w("ffn_up", c.ffn_dim, c.dim)?)
+                (
+                    w("ffn_gate", c.ffn_dim, c.dim)?,
+                    w("ffn_up", c.ffn_dim, c.dim)?,
+                )
             } else {
                 let t = name("ffn_up.weight");
                 let f = c.ffn_dim;
-                (weight_rows(&file, &t, 2 * f, c.dim, 0..f)?, weight_rows(&file, &t, 2 * f, c.dim, f..2 * f)?)
+                (
+                    weight_rows(&file, &t, 2 * f, c.dim, 0..f)?,
+                    weight_rows(&file, &t, 2 * f, c.dim, f..2 * f)?,
+                )
             };
             let swa_layer = c.swa_layers.get(i).copied().unwrap_or(false);
             layers.push(LayerWeights {
@@ -514,12 +660,26 @@ impl Model {
             });
         }
         let output_norm = vector(&file, "output_norm.weight", c.dim)?;
-        Ok(Self { config, file, tok_embd, layers, output_norm, output, output_bias, rope_inv_freq: rope_tables })
+        Ok(Self {
+            config,
+            file,
+            tok_embd,
+            layers,
+            output_norm,
+            output,
+            output_bias,
+            rope_inv_freq: rope_tables,
+        })
     }
 
     /// The matrix view of a validated weight.
     pub fn mat(&self, w: &WeightRef) -> QMatrix<'_> {
-        QMatrix { dtype: w.dtype, rows: w.rows, cols: w.cols, data: &self.file.as_bytes()[w.bytes.clone()] }
+        QMatrix {
+            dtype: w.dtype,
+            rows: w.rows,
+            cols: w.cols,
+            data: &self.file.as_bytes()[w.bytes.clone()],
+        }
     }
 
     /// Bytes of weights this model maps (all tensors).
@@ -530,7 +690,12 @@ impl Model {
 
 /// RoPE inverse frequencies `freq_scale * theta^(-2i / rope_dim) / factor_i`
 /// for `i < rope_dim / 2` (llama.cpp's `ggml_rope_ext` with frequency factors).
-fn rope_inv_freq(theta: f32, rope_dim: usize, freq_scale: f32, factors: Option<&[f32]>) -> Vec<f32> {
+fn rope_inv_freq(
+    theta: f32,
+    rope_dim: usize,
+    freq_scale: f32,
+    factors: Option<&[f32]>,
+) -> Vec<f32> {
     (0..rope_dim / 2)
         .map(|i| {
             let f = (theta as f64).powf(-2.0 * i as f64 / rope_dim as f64) as f32 * freq_scale;
@@ -549,17 +714,34 @@ fn weight(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Weigh
 
 /// Like [`weight`], for the rows `range` of a `rows x cols` tensor (a part
 /// of a fused tensor; rows are whole blocks, so the part is a byte range).
-fn weight_rows(file: &GgufFile, name: &str, rows: usize, cols: usize, range: Range<usize>) -> Result<WeightRef, ModelError> {
+fn weight_rows(
+    file: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    range: Range<usize>,
+) -> Result<WeightRef, ModelError> {
     let info = file.tensor_info(name)?;
     let expected = vec![cols as u64, rows as u64];
     if info.dims != expected {
-        return Err(ModelError::BadShape { tensor: name.into(), got: info.dims.clone(), expected });
+        return Err(ModelError::BadShape {
+            tensor: name.into(),
+            got: info.dims.clone(),
+            expected,
+        });
     }
     let data = file.tensor_data(name)?;
-    let all = QMatrix::new(info.dtype, rows, cols, data).map_err(|source| ModelError::Kernel { tensor: name.into(), source })?;
+    let all = QMatrix::new(info.dtype, rows, cols, data).map_err(|source| ModelError::Kernel {
+        tensor: name.into(),
+        source,
+    })?;
     let rb = all.row_bytes();
     let data = &data[range.start * rb..range.end * rb];
-    let qm = QMatrix { rows: range.len(), data, ..all };
+    let qm = QMatrix {
+        rows: range.len(),
+        data,
+        ..all
+    };
     let packed = crate::kernels::PackedMatrix::for_current_isa(&qm).map(Arc::new);
     let base = file.as_bytes().as_ptr() as usize;
     let start = data.as_ptr() as usize - base;
@@ -569,17 +751,31 @@ fn weight_rows(file: &GgufFile, name: &str, rows: usize, cols: usize, range: Ran
         // whole file and every packed copy together (peak RSS).
         file.release_pages(start..start + data.len());
     }
-    Ok(WeightRef { name: name.into(), dtype: info.dtype, rows: range.len(), cols, bytes: start..start + data.len(), packed })
+    Ok(WeightRef {
+        name: name.into(),
+        dtype: info.dtype,
+        rows: range.len(),
+        cols,
+        bytes: start..start + data.len(),
+        packed,
+    })
 }
 
 /// Reads a 1-D tensor of length `n` (any float dtype) into f32.
 fn vector(file: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
     let info = file.tensor_info(name)?;
     if info.dims != [n as u64] {
-        return Err(ModelError::BadShape { tensor: name.into(), got: info.dims.clone(), expected: vec![n as u64] });
+        return Err(ModelError::BadShape {
+            tensor: name.into(),
+            got: info.dims.clone(),
+            expected: vec![n as u64],
+        });
     }
     let data = file.tensor_data(name)?;
-    let m = QMatrix::new(info.dtype, 1, n, data).map_err(|source| ModelError::Kernel { tensor: name.into(), source })?;
+    let m = QMatrix::new(info.dtype, 1, n, data).map_err(|source| ModelError::Kernel {
+        tensor: name.into(),
+        source,
+    })?;
     let mut out = vec![0.0; n];
     m.dequantize_row(0, &mut out);
     Ok(out)

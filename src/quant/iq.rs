@@ -19,7 +19,9 @@ use half::f16;
 use super::{GgmlDType, QuantBlock, QK, QK_K};
 
 /// IQ4_NL's 16 levels (ggml's `kvalues_iq4nl`), indexed by a nibble.
-pub const KVALUES_IQ4NL: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// IQ4_NL: 32 weights `K[q] * d` with 4-bit indices `q` into [`KVALUES_IQ4NL`]
 /// (ggml `block_iq4_nl`).
@@ -94,7 +96,11 @@ mod tests {
         let mut qs = [0x88u8; QK / 2];
         qs[0] = 0xF0; // element 0: K[0], element 16: K[15]
         let mut out = [f32::NAN; QK];
-        BlockIQ4NL { d: f16::from_f32(0.5), qs }.dequantize(&mut out);
+        BlockIQ4NL {
+            d: f16::from_f32(0.5),
+            qs,
+        }
+        .dequantize(&mut out);
         assert_eq!((out[0], out[16], out[1]), (-63.5, 56.5, 0.5));
     }
 
@@ -104,9 +110,17 @@ mod tests {
         // Sub-block 1: scale (0x1 | 0b10 << 4) - 32 = 1; sub-block 0: 0 - 32.
         let mut qs = [0x88u8; QK_K / 2];
         qs[16] = 0xF0; // sub-block 1, element 32: K[0], element 48: K[15]
-        let b = BlockIQ4XS { d: f16::from_f32(0.5), scales_h: 0b10 << 2, scales_l: [0x10, 0, 0, 0], qs };
+        let b = BlockIQ4XS {
+            d: f16::from_f32(0.5),
+            scales_h: 0b10 << 2,
+            scales_l: [0x10, 0, 0, 0],
+            qs,
+        };
         let mut out = [f32::NAN; QK_K];
         b.dequantize(&mut out);
-        assert_eq!((out[0], out[32], out[48], out[33]), (-16.0, -63.5, 56.5, 0.5));
+        assert_eq!(
+            (out[0], out[32], out[48], out[33]),
+            (-16.0, -63.5, 56.5, 0.5)
+        );
     }
 }

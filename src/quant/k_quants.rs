@@ -127,7 +127,10 @@ pub fn scale_min_k4(j: usize, q: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -260,11 +263,38 @@ mod tests {
     #[test]
     fn field_offsets_match_ggml() {
         use std::mem::offset_of;
-        assert_eq!((offset_of!(BlockQ2K, qs), offset_of!(BlockQ2K, d), offset_of!(BlockQ2K, dmin)), (16, 80, 82));
-        assert_eq!((offset_of!(BlockQ3K, qs), offset_of!(BlockQ3K, scales), offset_of!(BlockQ3K, d)), (32, 96, 108));
-        assert_eq!((offset_of!(BlockQ4K, scales), offset_of!(BlockQ4K, qs)), (4, 16));
-        assert_eq!((offset_of!(BlockQ5K, qh), offset_of!(BlockQ5K, qs)), (16, 48));
-        assert_eq!((offset_of!(BlockQ6K, qh), offset_of!(BlockQ6K, scales), offset_of!(BlockQ6K, d)), (128, 192, 208));
+        assert_eq!(
+            (
+                offset_of!(BlockQ2K, qs),
+                offset_of!(BlockQ2K, d),
+                offset_of!(BlockQ2K, dmin)
+            ),
+            (16, 80, 82)
+        );
+        assert_eq!(
+            (
+                offset_of!(BlockQ3K, qs),
+                offset_of!(BlockQ3K, scales),
+                offset_of!(BlockQ3K, d)
+            ),
+            (32, 96, 108)
+        );
+        assert_eq!(
+            (offset_of!(BlockQ4K, scales), offset_of!(BlockQ4K, qs)),
+            (4, 16)
+        );
+        assert_eq!(
+            (offset_of!(BlockQ5K, qh), offset_of!(BlockQ5K, qs)),
+            (16, 48)
+        );
+        assert_eq!(
+            (
+                offset_of!(BlockQ6K, qh),
+                offset_of!(BlockQ6K, scales),
+                offset_of!(BlockQ6K, d)
+            ),
+            (128, 192, 208)
+        );
     }
 
     #[test]
@@ -282,21 +312,31 @@ mod tests {
         let mut qs = [0u8; QK_K / 2];
         qs[0] = 0x5F; // element 0: 15, element 32: 5
         qs[32] = 0x70; // element 64: 0, element 96: 7
-        let b = BlockQ4K { d: f16::from_f32(0.5), dmin: f16::from_f32(0.25), scales, qs };
+        let b = BlockQ4K {
+            d: f16::from_f32(0.5),
+            dmin: f16::from_f32(0.25),
+            scales,
+            qs,
+        };
         let mut out = [f32::NAN; QK_K];
         b.dequantize(&mut out);
         assert_eq!(out[0], 0.5 * 2.0 * 15.0 - 0.25);
         assert_eq!(out[32], 0.0); // sub-block 1: scale 0, min 0
         assert_eq!(out[96], 0.0); // sub-block 3
         assert_eq!(out[160], -0.25 * 0x14 as f32); // sub-block 5, quant 0
-        // Q6_K: element 0 = (0xF | 3 << 4) - 32 = 31, element 255 = (0 | 0) - 32.
+                                                   // Q6_K: element 0 = (0xF | 3 << 4) - 32 = 31, element 255 = (0 | 0) - 32.
         let mut ql = [0u8; QK_K / 2];
         ql[0] = 0x0F;
         let mut qh = [0u8; QK_K / 4];
         qh[0] = 0x03;
         let mut sc = [1i8; 16];
         sc[15] = -2;
-        let b = BlockQ6K { ql, qh, scales: sc, d: f16::from_f32(0.5) };
+        let b = BlockQ6K {
+            ql,
+            qh,
+            scales: sc,
+            d: f16::from_f32(0.5),
+        };
         b.dequantize(&mut out);
         assert_eq!((out[0], out[255]), (15.5, 32.0));
         // A short output gets a prefix.

@@ -140,7 +140,10 @@ impl QuantizeBlock for BlockQ4_0 {
             let xi1 = ((x1 + 8.5) as i8).min(15) as u8;
             *q = (xi0 & 0x0F) | (xi1 << 4);
         }
-        Self { d: f16::from_f32(d), qs }
+        Self {
+            d: f16::from_f32(d),
+            qs,
+        }
     }
 }
 
@@ -186,7 +189,11 @@ impl QuantizeBlock for BlockQ4_1 {
             let xi1 = ((x1 + 0.5) as i8).min(15) as u8;
             *q = (xi0 & 0x0F) | (xi1 << 4);
         }
-        Self { d: f16::from_f32(d), m: f16::from_f32(min), qs }
+        Self {
+            d: f16::from_f32(d),
+            m: f16::from_f32(min),
+            qs,
+        }
     }
 }
 
@@ -248,7 +255,11 @@ impl QuantizeBlock for BlockQ5_0 {
             *q = ((v * id + 16.5) as i8).min(31) as u8;
         }
         let (qh, qs) = pack_five_bit(&q);
-        Self { d: f16::from_f32(d), qh, qs }
+        Self {
+            d: f16::from_f32(d),
+            qh,
+            qs,
+        }
     }
 }
 
@@ -274,7 +285,12 @@ impl QuantizeBlock for BlockQ5_1 {
             *q = (((v - min) * id + 0.5) as u8).min(31);
         }
         let (qh, qs) = pack_five_bit(&q);
-        Self { d: f16::from_f32(d), m: f16::from_f32(min), qh, qs }
+        Self {
+            d: f16::from_f32(d),
+            m: f16::from_f32(min),
+            qh,
+            qs,
+        }
     }
 }
 
@@ -302,7 +318,10 @@ impl QuantizeBlock for BlockQ8_0 {
             // C: roundf (half away from zero), stored into int8_t.
             *q = (v * id).round() as i8;
         }
-        Self { d: f16::from_f32(d), qs }
+        Self {
+            d: f16::from_f32(d),
+            qs,
+        }
     }
 }
 
@@ -323,13 +342,29 @@ mod tests {
     #[test]
     fn layouts_match_ggml_byte_order() {
         // d first (little-endian f16), then m (Q4_1), then the quants.
-        let b = BlockQ4_1 { d: f16::from_bits(0x0201), m: f16::from_bits(0x0403), qs: [0x55; 16] };
+        let b = BlockQ4_1 {
+            d: f16::from_bits(0x0201),
+            m: f16::from_bits(0x0403),
+            qs: [0x55; 16],
+        };
         let bytes = bytemuck::bytes_of(&b);
         assert_eq!(&bytes[..5], &[0x01, 0x02, 0x03, 0x04, 0x55]);
         assert_eq!(std::mem::offset_of!(BlockQ4_0, qs), 2);
         assert_eq!(std::mem::offset_of!(BlockQ8_0, qs), 2);
-        assert_eq!((std::mem::offset_of!(BlockQ5_0, qh), std::mem::offset_of!(BlockQ5_0, qs)), (2, 6));
-        assert_eq!((std::mem::offset_of!(BlockQ5_1, qh), std::mem::offset_of!(BlockQ5_1, qs)), (4, 8));
+        assert_eq!(
+            (
+                std::mem::offset_of!(BlockQ5_0, qh),
+                std::mem::offset_of!(BlockQ5_0, qs)
+            ),
+            (2, 6)
+        );
+        assert_eq!(
+            (
+                std::mem::offset_of!(BlockQ5_1, qh),
+                std::mem::offset_of!(BlockQ5_1, qs)
+            ),
+            (4, 8)
+        );
     }
 
     #[test]
@@ -337,19 +372,43 @@ mod tests {
         let mut qs = [0u8; 16];
         qs[0] = 0xF0; // element 0: 0 - 8, element 16: 15 - 8
         let mut out = [f32::NAN; QK];
-        BlockQ4_0 { d: f16::from_f32(0.5), qs }.dequantize(&mut out);
+        BlockQ4_0 {
+            d: f16::from_f32(0.5),
+            qs,
+        }
+        .dequantize(&mut out);
         assert_eq!((out[0], out[16], out[1]), (-4.0, 3.5, -4.0));
-        BlockQ4_1 { d: f16::from_f32(0.5), m: f16::from_f32(1.0), qs }.dequantize(&mut out);
+        BlockQ4_1 {
+            d: f16::from_f32(0.5),
+            m: f16::from_f32(1.0),
+            qs,
+        }
+        .dequantize(&mut out);
         assert_eq!((out[0], out[16], out[1]), (1.0, 8.5, 1.0));
         let mut q8 = [0i8; QK];
         q8[31] = -128;
-        BlockQ8_0 { d: f16::from_f32(0.25), qs: q8 }.dequantize(&mut out);
+        BlockQ8_0 {
+            d: f16::from_f32(0.25),
+            qs: q8,
+        }
+        .dequantize(&mut out);
         assert_eq!((out[0], out[31]), (0.0, -32.0));
         // Q5: bit 16 of qh gives element 16 its fifth bit: 15 + 16 = 31.
         let qh = [0, 0, 1, 0];
-        BlockQ5_0 { d: f16::from_f32(0.5), qh, qs }.dequantize(&mut out);
+        BlockQ5_0 {
+            d: f16::from_f32(0.5),
+            qh,
+            qs,
+        }
+        .dequantize(&mut out);
         assert_eq!((out[0], out[16], out[1]), (-8.0, 7.5, -8.0));
-        BlockQ5_1 { d: f16::from_f32(0.5), m: f16::from_f32(1.0), qh, qs }.dequantize(&mut out);
+        BlockQ5_1 {
+            d: f16::from_f32(0.5),
+            m: f16::from_f32(1.0),
+            qh,
+            qs,
+        }
+        .dequantize(&mut out);
         assert_eq!((out[0], out[16], out[1]), (1.0, 16.5, 1.0));
     }
 }

@@ -246,13 +246,14 @@ pub trait QuantBlock: bytemuck::Pod {
     /// Reference dequantizer (ggml's `dequantize_row_*` for one block): writes the
     /// block's values to `out` (`BLOCK_SIZE` elements; a shorter `out` gets a prefix).
     fn dequantize(&self, out: &mut [f32]);
-
 }
 
 /// The blocks of `bytes` in order, each copied out of the (possibly unaligned)
 /// bytes; a trailing partial block is ignored.
 pub fn blocks<B: QuantBlock>(bytes: &[u8]) -> impl Iterator<Item = B> + '_ {
-    bytes.chunks_exact(size_of::<B>()).map(bytemuck::pod_read_unaligned)
+    bytes
+        .chunks_exact(size_of::<B>())
+        .map(bytemuck::pod_read_unaligned)
 }
 
 /// Dequantizes whole blocks of `bytes` into `out`, block by block.
@@ -317,11 +318,28 @@ mod tests {
             "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS"
         );
         // (block size, type size) as in gguf-py's GGML_QUANT_SIZES.
-        let sizes: Vec<(usize, usize)> = GgmlDType::ALL.map(|d| (d.block_size(), d.type_size())).to_vec();
+        let sizes: Vec<(usize, usize)> = GgmlDType::ALL
+            .map(|d| (d.block_size(), d.type_size()))
+            .to_vec();
         assert_eq!(
             sizes,
-            [(1, 4), (1, 2), (1, 2), (32, 18), (32, 20), (32, 22), (32, 24), (32, 34),
-             (256, 84), (256, 110), (256, 144), (256, 176), (256, 210), (32, 18), (256, 136)]
+            [
+                (1, 4),
+                (1, 2),
+                (1, 2),
+                (32, 18),
+                (32, 20),
+                (32, 22),
+                (32, 24),
+                (32, 34),
+                (256, 84),
+                (256, 110),
+                (256, 144),
+                (256, 176),
+                (256, 210),
+                (32, 18),
+                (256, 136)
+            ]
         );
     }
 }

@@ -141,7 +141,11 @@ pub fn quantize(dtype: GgmlDType, x: &[f32]) -> Result<Vec<u8>, QuantizeError> {
         | GgmlDType::Q5_K
         | GgmlDType::Q6_K
         | GgmlDType::IQ4_NL
-        | GgmlDType::IQ4_XS => return Err(QuantizeError::NoQuantizer { dtype: dtype.name() }),
+        | GgmlDType::IQ4_XS => {
+            return Err(QuantizeError::NoQuantizer {
+                dtype: dtype.name(),
+            })
+        }
     }
     Ok(out)
 }
@@ -207,7 +211,12 @@ mod tests {
             if QUANTIZABLE.contains(&dtype) {
                 assert!(got.is_ok(), "{dtype:?}");
             } else {
-                assert_eq!(got, Err(QuantizeError::NoQuantizer { dtype: dtype.name() }));
+                assert_eq!(
+                    got,
+                    Err(QuantizeError::NoQuantizer {
+                        dtype: dtype.name()
+                    })
+                );
             }
         }
     }

@@ -74,7 +74,10 @@ impl std::fmt::Debug for AdmissionReply {
 impl std::future::Future for AdmissionReply {
     type Output = Result<Result<Admitted, ApiError>, oneshot::error::RecvError>;
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.rx).poll(cx)
     }
 }
@@ -132,7 +135,10 @@ pub struct Ticket {
 
 impl std::fmt::Debug for Ticket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ticket").field("tenant", &self.tenant).field("slots", &self.slots).finish()
+        f.debug_struct("Ticket")
+            .field("tenant", &self.tenant)
+            .field("slots", &self.slots)
+            .finish()
     }
 }
 
@@ -159,7 +165,9 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.class == Class::Interactive {
-            self.shared.interactive_running.fetch_sub(1, Ordering::Relaxed);
+            self.shared
+                .interactive_running
+                .fetch_sub(1, Ordering::Relaxed);
             self.shared.touch_interactive();
         }
         if let Some(t) = self.shared.tenants.get(self.tenant) {
@@ -197,7 +205,12 @@ struct Pending {
 }
 
 enum AdmissionMsg {
-    Enqueue { tenant: usize, class: Class, priority: i32, pending: Box<Pending> },
+    Enqueue {
+        tenant: usize,
+        class: Class,
+        priority: i32,
+        pending: Box<Pending>,
+    },
     FailQueued,
 }
 
@@ -210,7 +223,9 @@ fn request_size(reqs: &[ValidRequest]) -> (usize, u64, u64) {
         let prompt = r.prompt_ids().len() as u64;
         slots = slots.saturating_add(n);
         input = input.saturating_add(prompt);
-        most = most.saturating_add(prompt).saturating_add((n as u64).saturating_mul(r.params().max_tokens as u64));
+        most = most
+            .saturating_add(prompt)
+            .saturating_add((n as u64).saturating_mul(r.params().max_tokens as u64));
     }
     (slots, input, most)
 }
@@ -275,14 +290,23 @@ impl AdmissionHandle {
         let shares = cfg
             .tenants
             .iter()
-            .map(|t| TenantShare { weight: t.weight, max_concurrent: t.max_concurrent, max_queued: t.max_queued })
+            .map(|t| TenantShare {
+                weight: t.weight,
+                max_concurrent: t.max_concurrent,
+                max_queued: t.max_queued,
+            })
             .collect();
         let buckets = cfg
             .tenants
             .iter()
             .map(|t| (t.tokens_per_minute > 0).then(|| TokenBucket::new(t.tokens_per_minute, 0.0)))
             .collect();
-        let mut fq = FairQueue::new(shares, cfg.max_running.max(1), cfg.input_weight, cfg.output_weight);
+        let mut fq = FairQueue::new(
+            shares,
+            cfg.max_running.max(1),
+            cfg.input_weight,
+            cfg.output_weight,
+        );
         fq.set_background_every(cfg.background_every);
         let actor = AdmissionActor {
             fq,
@@ -305,7 +329,12 @@ impl AdmissionHandle {
     /// with token-id prompts) as a single entry; the reply resolves when all of
     /// it is admitted, or it is refused (400 at once when it could never fit).
     /// Its class is the one [`with_class`] set for this task (else interactive).
-    pub fn enqueue(&self, tenant: usize, priority: i32, reqs: Vec<ValidRequest>) -> Result<AdmissionReply, ApiError> {
+    pub fn enqueue(
+        &self,
+        tenant: usize,
+        priority: i32,
+        reqs: Vec<ValidRequest>,
+    ) -> Result<AdmissionReply, ApiError> {
         if self.shared.draining.load(Ordering::Relaxed) {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
@@ -317,13 +346,31 @@ impl AdmissionHandle {
         if class == Class::Interactive {
             self.shared.touch_interactive();
         }
-        let pending = Box::new(Pending { reqs, class, reply, span: tracing::Span::current(), input_tokens: 0, reserved_tokens: 0 });
-        match self.tx.try_send(AdmissionMsg::Enqueue { tenant, class, priority, pending }) {
-            Ok(()) => Ok(AdmissionReply { rx, shared: self.shared.clone() }),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Err(ApiError::RateLimited { message: "the server is overloaded: admission queue full".into(), retry_after_s: 1 })
+        let pending = Box::new(Pending {
+            reqs,
+            class,
+            reply,
+            span: tracing::Span::current(),
+            input_tokens: 0,
+            reserved_tokens: 0,
+        });
+        match self.tx.try_send(AdmissionMsg::Enqueue {
+            tenant,
+            class,
+            priority,
+            pending,
+        }) {
+            Ok(()) => Ok(AdmissionReply {
+                rx,
+                shared: self.shared.clone(),
+            }),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(ApiError::RateLimited {
+                message: "the server is overloaded: admission queue full".into(),
+                retry_after_s: 1,
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(ApiError::Unavailable("the server is shutting down".into()))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(ApiError::Unavailable("the server is shutting down".into())),
         }
     }
 
@@ -344,15 +391,25 @@ impl AdmissionHandle {
 
     /// Engine sequences held by admitted requests (tickets not yet dropped).
     pub fn in_flight(&self) -> usize {
-        let done: usize = self.shared.tenants.iter().map(|t| t.done_slots.load(Ordering::Relaxed)).sum();
-        self.shared.in_flight.load(Ordering::Relaxed).saturating_sub(done)
+        let done: usize = self
+            .shared
+            .tenants
+            .iter()
+            .map(|t| t.done_slots.load(Ordering::Relaxed))
+            .sum();
+        self.shared
+            .in_flight
+            .load(Ordering::Relaxed)
+            .saturating_sub(done)
     }
 
     /// Whether interactive requests are queued or running, or one was within
     /// the last `window` (the Batch API's runner then keeps fewer requests in flight).
     pub fn interactive_busy(&self, window: std::time::Duration) -> bool {
         let s = &self.shared;
-        if s.interactive_running.load(Ordering::Relaxed) > 0 || s.interactive_queued.load(Ordering::Relaxed) > 0 {
+        if s.interactive_running.load(Ordering::Relaxed) > 0
+            || s.interactive_queued.load(Ordering::Relaxed) > 0
+        {
             return true;
         }
         let last = s.interactive_last_ms.load(Ordering::Relaxed);
@@ -362,7 +419,10 @@ impl AdmissionHandle {
 
     /// Tenant names, by index.
     pub fn tenant_name(&self, k: usize) -> &str {
-        self.shared.tenants.get(k).map_or("unknown", |t| t.name.as_str())
+        self.shared
+            .tenants
+            .get(k)
+            .map_or("unknown", |t| t.name.as_str())
     }
 }
 
@@ -412,16 +472,26 @@ impl AdmissionActor {
 
     fn on_msg(&mut self, m: AdmissionMsg) {
         match m {
-            AdmissionMsg::Enqueue { tenant, class, priority, mut pending } => {
+            AdmissionMsg::Enqueue {
+                tenant,
+                class,
+                priority,
+                mut pending,
+            } => {
                 if self.shared.draining.load(Ordering::Relaxed) {
-                    let _ = pending.reply.send(Err(ApiError::Unavailable("the server is shutting down".into())));
+                    let _ = pending.reply.send(Err(ApiError::Unavailable(
+                        "the server is shutting down".into(),
+                    )));
                     return;
                 }
                 self.absorb();
                 let (slots, input_tokens, most_tokens) = request_size(&pending.reqs);
                 // Could it ever fit? If not, refuse now instead of holding anything.
                 if let Err(e) = self.fq.check_fits(tenant, slots) {
-                    let _ = pending.reply.send(Err(self.push_error(e, tenant, slots, &pending.reqs)));
+                    let _ =
+                        pending
+                            .reply
+                            .send(Err(self.push_error(e, tenant, slots, &pending.reqs)));
                     return;
                 }
                 pending.input_tokens = input_tokens;
@@ -430,19 +500,29 @@ impl AdmissionActor {
                     match b.reserve(most_tokens, now) {
                         Ok(()) => pending.reserved_tokens = most_tokens,
                         Err(e) => {
-                            let _ = pending.reply.send(Err(self.reserve_error(e, tenant, most_tokens)));
+                            let _ =
+                                pending
+                                    .reply
+                                    .send(Err(self.reserve_error(e, tenant, most_tokens)));
                             return;
                         }
                     }
                 }
                 let pending = *pending;
                 let input = usize::try_from(input_tokens).unwrap_or(usize::MAX);
-                if let Err((_, p)) = self.fq.push_class(tenant, class, priority, input, slots, pending) {
+                if let Err((_, p)) = self
+                    .fq
+                    .push_class(tenant, class, priority, input, slots, pending)
+                {
                     // Purge clients that left, then retry once before refusing.
                     self.purge_gone();
-                    if let Err((e, p)) = self.fq.push_class(tenant, class, priority, input, slots, p) {
+                    if let Err((e, p)) =
+                        self.fq.push_class(tenant, class, priority, input, slots, p)
+                    {
                         self.refund(tenant, p.reserved_tokens);
-                        let _ = p.reply.send(Err(self.push_error(e, tenant, slots, &p.reqs)));
+                        let _ = p
+                            .reply
+                            .send(Err(self.push_error(e, tenant, slots, &p.reqs)));
                     }
                 }
             }
@@ -451,7 +531,13 @@ impl AdmissionActor {
     }
 
     /// The client-facing error of a refused push.
-    fn push_error(&self, e: PushError, tenant: usize, slots: usize, reqs: &[ValidRequest]) -> ApiError {
+    fn push_error(
+        &self,
+        e: PushError,
+        tenant: usize,
+        slots: usize,
+        reqs: &[ValidRequest],
+    ) -> ApiError {
         let n = reqs.first().map_or(1, |r| r.params.n.max(1));
         let shape = format!("{} prompt(s) × n={n}", reqs.len());
         match e {
@@ -475,7 +561,11 @@ impl AdmissionActor {
 
     /// The client-facing error of a refused token reservation.
     fn reserve_error(&self, e: ReserveError, tenant: usize, tokens: u64) -> ApiError {
-        let name = self.shared.tenants.get(tenant).map_or("unknown", |t| t.name.as_str());
+        let name = self
+            .shared
+            .tenants
+            .get(tenant)
+            .map_or("unknown", |t| t.name.as_str());
         match e {
             ReserveError::Wait { wait_s, available } => ApiError::RateLimited {
                 message: format!(
@@ -514,7 +604,9 @@ impl AdmissionActor {
     fn fail_all_queued(&mut self) {
         for (k, p) in self.fq.drain_all() {
             self.refund(k, p.reserved_tokens);
-            let _ = p.reply.send(Err(ApiError::Unavailable("the server is shutting down".into())));
+            let _ = p.reply.send(Err(ApiError::Unavailable(
+                "the server is shutting down".into(),
+            )));
         }
     }
 
@@ -537,7 +629,9 @@ impl AdmissionActor {
                 self.fq.on_done(k, done);
             }
         }
-        self.shared.in_flight.store(self.fq.total_in_flight(), Ordering::Relaxed);
+        self.shared
+            .in_flight
+            .store(self.fq.total_in_flight(), Ordering::Relaxed);
     }
 
     fn dispatch(&mut self) {
@@ -548,7 +642,14 @@ impl AdmissionActor {
             }
             let Some(p) = self.fq.pop(free) else { break };
             let (tenant, slots, pending) = (p.tenant, p.slots, p.item);
-            let Pending { reqs, class, reply, span, input_tokens, reserved_tokens } = pending;
+            let Pending {
+                reqs,
+                class,
+                reply,
+                span,
+                input_tokens,
+                reserved_tokens,
+            } = pending;
             if reply.is_closed() {
                 self.fq.on_done(tenant, slots);
                 self.refund(tenant, reserved_tokens);
@@ -568,13 +669,28 @@ impl AdmissionActor {
                 Ok(streams) => {
                     tracing::debug!(engine_ids = ?streams.iter().map(|s| s.id).collect::<Vec<_>>(), "admitted");
                     if class == Class::Interactive {
-                        self.shared.interactive_running.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .interactive_running
+                            .fetch_add(1, Ordering::Relaxed);
                     }
-                    let ticket = Ticket { tenant, slots, reserved_tokens, used_tokens: input_tokens, class, shared: self.shared.clone() };
+                    let ticket = Ticket {
+                        tenant,
+                        slots,
+                        reserved_tokens,
+                        used_tokens: input_tokens,
+                        class,
+                        shared: self.shared.clone(),
+                    };
                     // Bookkeeping counts the slots as in flight until the ticket drops.
-                    self.shared.in_flight.store(self.fq.total_in_flight(), Ordering::Relaxed);
+                    self.shared
+                        .in_flight
+                        .store(self.fq.total_in_flight(), Ordering::Relaxed);
                     // Client gone → the Admitted drops here: cancel + ticket release.
-                    let _ = reply.send(Ok(Admitted { streams, ticket, admitted_at: Instant::now() }));
+                    let _ = reply.send(Ok(Admitted {
+                        streams,
+                        ticket,
+                        admitted_at: Instant::now(),
+                    }));
                 }
                 Err(e) => {
                     self.fq.on_done(tenant, slots);
@@ -583,18 +699,28 @@ impl AdmissionActor {
                 }
             }
         }
-        self.shared.in_flight.store(self.fq.total_in_flight(), Ordering::Relaxed);
+        self.shared
+            .in_flight
+            .store(self.fq.total_in_flight(), Ordering::Relaxed);
     }
 
     fn publish(&self) {
-        self.shared.queued.store(self.fq.total_queued(), Ordering::Relaxed);
-        self.shared.interactive_queued.store(self.fq.queued_class(Class::Interactive), Ordering::Relaxed);
+        self.shared
+            .queued
+            .store(self.fq.total_queued(), Ordering::Relaxed);
+        self.shared
+            .interactive_queued
+            .store(self.fq.queued_class(Class::Interactive), Ordering::Relaxed);
         let counters = self.fq.counters();
         for (k, t) in self.shared.tenants.iter().enumerate() {
             let c = counters.get(k).copied().unwrap_or(0.0);
-            self.metrics.set_tenant(&t.name, c, self.fq.queued(k), self.fq.in_flight(k));
+            self.metrics
+                .set_tenant(&t.name, c, self.fq.queued(k), self.fq.in_flight(k));
         }
-        let occupancy = self.tx_probe.upgrade().map_or(0, |tx| self.inbox_cap.saturating_sub(tx.capacity()));
+        let occupancy = self
+            .tx_probe
+            .upgrade()
+            .map_or(0, |tx| self.inbox_cap.saturating_sub(tx.capacity()));
         self.metrics.set_channel_occupancy("admission", occupancy);
     }
 }

@@ -135,7 +135,9 @@ impl<'de> Deserialize<'de> for Count {
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
                 match u64::try_from(v) {
                     Ok(v) => self.visit_u64(v),
-                    Err(_) => Err(E::custom(format!("must be a non-negative integer, got {v}"))),
+                    Err(_) => Err(E::custom(format!(
+                        "must be a non-negative integer, got {v}"
+                    ))),
                 }
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
@@ -143,7 +145,9 @@ impl<'de> Deserialize<'de> for Count {
                 if v.is_finite() && v.fract() == 0.0 && v >= u64::MAX as f64 {
                     Ok(Count(usize::MAX))
                 } else if v < 0.0 {
-                    Err(E::custom(format!("must be a non-negative integer, got {v}")))
+                    Err(E::custom(format!(
+                        "must be a non-negative integer, got {v}"
+                    )))
                 } else {
                     Err(E::custom(format!("must be an integer, got {v}")))
                 }
@@ -294,7 +298,11 @@ pub struct ChatRequest {
 impl ChatRequest {
     /// The request's tools, checked (`None` without tools).
     pub fn tool_request(&self) -> Result<Option<tools::ToolRequest>, ApiError> {
-        tools::ToolRequest::parse(self.tools.as_ref(), self.tool_choice.as_ref(), self.parallel_tool_calls)
+        tools::ToolRequest::parse(
+            self.tools.as_ref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls,
+        )
     }
 }
 
@@ -327,7 +335,10 @@ pub struct DetokenizeRequest {
 /// Converts client messages to template messages.
 pub fn messages(input: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiError> {
     if input.is_empty() {
-        return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must contain at least one message",
+        ));
     }
     input
         .iter()
@@ -342,7 +353,10 @@ pub fn messages(input: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiError> {
                         if p.kind != "text" {
                             return Err(ApiError::invalid(
                                 &format!("messages[{i}].content"),
-                                format!("content part type `{}` is not supported (only `text`)", p.kind),
+                                format!(
+                                    "content part type `{}` is not supported (only `text`)",
+                                    p.kind
+                                ),
                             ));
                         }
                         s.push_str(p.text.as_deref().unwrap_or(""));
@@ -357,7 +371,10 @@ pub fn messages(input: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiError> {
                 msg.tool_calls = tools::history_tool_calls(i, calls)?;
             }
             if m.role == "tool" && m.tool_call_id.is_none() {
-                return Err(ApiError::invalid(&format!("messages[{i}].tool_call_id"), "`tool` messages need the `tool_call_id` of the call they answer"));
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].tool_call_id"),
+                    "`tool` messages need the `tool_call_id` of the call they answer",
+                ));
             }
             Ok(msg)
         })
@@ -394,17 +411,21 @@ impl CommonParams {
         }
         if let Some(bias) = &self.logit_bias {
             for (k, &b) in bias {
-                let id: u32 = k
-                    .trim()
-                    .parse()
-                    .map_err(|_| ApiError::invalid("logit_bias", format!("logit_bias keys must be token ids, got {k:?}")))?;
+                let id: u32 = k.trim().parse().map_err(|_| {
+                    ApiError::invalid(
+                        "logit_bias",
+                        format!("logit_bias keys must be token ids, got {k:?}"),
+                    )
+                })?;
                 p.logit_bias.insert(id, b);
             }
         }
         if let Some(s) = &self.seed {
             // Negative seeds are valid in OpenAI's API: use their two's-complement bits.
             let v = s.as_u64().or_else(|| s.as_i64().map(|i| i as u64));
-            p.seed = Some(v.ok_or_else(|| ApiError::invalid("seed", format!("seed must be a 64-bit integer, got {s}")))?);
+            p.seed = Some(v.ok_or_else(|| {
+                ApiError::invalid("seed", format!("seed must be a 64-bit integer, got {s}"))
+            })?);
         }
         p.stop = match &self.stop {
             None => Vec::new(),
@@ -430,7 +451,11 @@ impl CommonParams {
     /// Whether to stream, and whether to send a usage chunk.
     pub fn streaming(&self) -> (bool, bool) {
         let stream = self.stream.unwrap_or(false);
-        let usage = stream && self.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let usage = stream
+            && self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage);
         (stream, usage)
     }
 }
@@ -471,19 +496,48 @@ const COMMON_FIELDS: &[&str] = &[
     "priority",
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "max_tokens", "logprobs", "echo", "suffix"];
-const CHAT_FIELDS: &[&str] = &["messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"];
-const TOKENIZE_FIELDS: &[&str] = &["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"];
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
+const TOKENIZE_FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "messages",
+    "add_special_tokens",
+    "add_generation_prompt",
+    "return_token_strs",
+];
 const DETOKENIZE_FIELDS: &[&str] = &["model", "tokens"];
 
 /// Accepted on every endpoint and ignored: they do not change what is generated.
-pub const BOOKKEEPING_FIELDS: &[&str] =
-    &["user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key", "request_id", "cache_prompt"];
+pub const BOOKKEEPING_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+    "request_id",
+    "cache_prompt",
+];
 
 impl Endpoint {
     /// Whether `field` is parsed and acted on by this endpoint.
     fn honours(self, field: &str) -> bool {
         let lists: &[&[&str]] = match self {
-            Endpoint::Completions => &[COMMON_FIELDS, COMPLETION_FIELDS, crate::guidance::request::FIELDS],
+            Endpoint::Completions => &[
+                COMMON_FIELDS,
+                COMPLETION_FIELDS,
+                crate::guidance::request::FIELDS,
+            ],
             Endpoint::Chat => &[COMMON_FIELDS, CHAT_FIELDS, crate::guidance::request::FIELDS],
             Endpoint::Tokenize => &[TOKENIZE_FIELDS],
             Endpoint::Detokenize => &[DETOKENIZE_FIELDS],
@@ -496,19 +550,32 @@ impl Endpoint {
 /// `Some(true)` when `v` is a no-op value that may be accepted, `Some(false)`
 /// when it must be refused; `None` for fields this table does not know.
 /// (`null`, a no-op for all of them, is accepted by [`check_fields`].)
-pub fn unsupported_no_op(ep: Endpoint, field: &str, v: &Value, body: &Map<String, Value>) -> Option<bool> {
-    let empty = |v: Option<&Value>| v.is_none_or(|v| v.is_null() || v.as_array().is_some_and(|a| a.is_empty()));
+pub fn unsupported_no_op(
+    ep: Endpoint,
+    field: &str,
+    v: &Value,
+    body: &Map<String, Value>,
+) -> Option<bool> {
+    let empty = |v: Option<&Value>| {
+        v.is_none_or(|v| v.is_null() || v.as_array().is_some_and(|a| a.is_empty()))
+    };
     let num = |x: f64| v.as_f64() == Some(x);
     let n = body.get("n").and_then(Value::as_u64).unwrap_or(1);
     Some(match field {
-        "response_format" => v.as_object().is_some_and(|o| o.len() == 1 && o.get("type").is_some_and(|t| t == "text")),
+        "response_format" => v
+            .as_object()
+            .is_some_and(|o| o.len() == 1 && o.get("type").is_some_and(|t| t == "text")),
         "structured_outputs" | "grammar" | "json_schema" => false,
         "tools" | "functions" => empty(Some(v)),
         "tool_choice" => v == "none" || (v == "auto" && empty(body.get("tools"))),
         "function_call" => v == "none" || (v == "auto" && empty(body.get("functions"))),
         "best_of" => v.as_u64().is_some_and(|b| b == 1 || b == n),
-        "modalities" => v.as_array().is_some_and(|a| a.len() == 1 && a.first().is_some_and(|m| m == "text")),
-        "echo" | "continue_final_message" | "include_stop_str_in_output" | "use_beam_search" => v == false,
+        "modalities" => v
+            .as_array()
+            .is_some_and(|a| a.len() == 1 && a.first().is_some_and(|m| m == "text")),
+        "echo" | "continue_final_message" | "include_stop_str_in_output" | "use_beam_search" => {
+            v == false
+        }
         "add_generation_prompt" | "spaces_between_special_tokens" => v == true,
         // Completions add BOS (true); chat renders its template without (false).
         "add_special_tokens" => *v == Value::Bool(ep == Endpoint::Completions),
@@ -570,12 +637,20 @@ pub fn check_fields(ep: Endpoint, body: &Map<String, Value>) -> Result<(), ApiEr
 }
 
 /// Fields of a message that the template would drop: accepted only empty.
-const MESSAGE_EMPTY_ONLY_FIELDS: &[&str] = &["function_call", "audio", "refusal", "annotations", "reasoning_content"];
+const MESSAGE_EMPTY_ONLY_FIELDS: &[&str] = &[
+    "function_call",
+    "audio",
+    "refusal",
+    "annotations",
+    "reasoning_content",
+];
 
 /// Refuses (400 naming `messages[i].field`) message fields that would be
 /// silently dropped, and the legacy `function` role (module docs).
 pub fn check_message_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
-    let Some(Value::Array(msgs)) = body.get("messages") else { return Ok(()) }; // type errors: serde's
+    let Some(Value::Array(msgs)) = body.get("messages") else {
+        return Ok(());
+    }; // type errors: serde's
     for (i, m) in msgs.iter().enumerate() {
         let Some(m) = m.as_object() else { continue };
         for (field, v) in m {
@@ -588,7 +663,9 @@ pub fn check_message_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
                 }
                 "content" | "name" | "tool_calls" | "tool_call_id" => {} // checked by `messages`
                 f if MESSAGE_EMPTY_ONLY_FIELDS.contains(&f) => {
-                    let empty = v.is_null() || v.as_str().is_some_and(str::is_empty) || v.as_array().is_some_and(|a| a.is_empty());
+                    let empty = v.is_null()
+                        || v.as_str().is_some_and(str::is_empty)
+                        || v.as_array().is_some_and(|a| a.is_empty());
                     if !empty {
                         return Err(ApiError::invalid(
                             &param,
@@ -596,7 +673,12 @@ pub fn check_message_fields(body: &Map<String, Value>) -> Result<(), ApiError> {
                         ));
                     }
                 }
-                _ => return Err(ApiError::invalid(&param, format!("Unrecognized request argument supplied: {param}"))),
+                _ => {
+                    return Err(ApiError::invalid(
+                        &param,
+                        format!("Unrecognized request argument supplied: {param}"),
+                    ))
+                }
             }
         }
     }
@@ -613,13 +695,22 @@ pub trait ApiRequest: Sized {
 fn parse_object(ep: Endpoint, bytes: &[u8]) -> Result<Value, ApiError> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
-            ApiError::Invalid { param: None, message: format!("the body is not valid JSON: {e}") }
+            ApiError::Invalid {
+                param: None,
+                message: format!("the body is not valid JSON: {e}"),
+            }
         } else {
-            ApiError::Invalid { param: None, message: format!("invalid request body: {e}") }
+            ApiError::Invalid {
+                param: None,
+                message: format!("invalid request body: {e}"),
+            }
         }
     })?;
     let Value::Object(body) = &v else {
-        return Err(ApiError::Invalid { param: None, message: "invalid request body: expected a JSON object".into() });
+        return Err(ApiError::Invalid {
+            param: None,
+            message: "invalid request body: expected a JSON object".into(),
+        });
     };
     check_fields(ep, body)?;
     if matches!(ep, Endpoint::Chat | Endpoint::Tokenize) {
@@ -662,7 +753,9 @@ impl ApiRequest for ChatRequest {
 
 /// The structured-output constraint of a body (a 400 naming the field when wrong).
 fn constraint(v: &Value) -> Result<Option<crate::guidance::Constraint>, ApiError> {
-    let Value::Object(body) = v else { return Ok(None) };
+    let Value::Object(body) = v else {
+        return Ok(None);
+    };
     crate::guidance::request::parse(body).map_err(|e| ApiError::invalid(&e.param, e.message))
 }
 
@@ -694,12 +787,19 @@ mod tests {
         assert!(e.to_string().contains("messages"), "{e}");
         let e = ChatRequest::parse(b"{not json").unwrap_err();
         assert!(e.to_string().contains("not valid JSON"), "{e}");
-        let ok = CompletionRequest::parse(br#"{"prompt":[1,2,3],"user":"u","metadata":{"a":1},"seed":-1,"stop":"x"}"#).unwrap();
+        let ok = CompletionRequest::parse(
+            br#"{"prompt":[1,2,3],"user":"u","metadata":{"a":1},"seed":-1,"stop":"x"}"#,
+        )
+        .unwrap();
         assert!(matches!(ok.prompt, PromptInput::Tokens(_)));
         assert_eq!(ok.common.sampling().unwrap().seed, Some(u64::MAX));
         let e = CompletionRequest::parse(br#"{"prompt":"x","unknown_field":{"a":1}}"#).unwrap_err();
         assert_eq!(e.body()["error"]["param"], "unknown_field", "{e}");
-        assert!(e.to_string().contains("Unrecognized request argument supplied: unknown_field"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("Unrecognized request argument supplied: unknown_field"),
+            "{e}"
+        );
         let e = CompletionRequest::parse(b"[1]").unwrap_err();
         assert!(e.to_string().contains("JSON object"), "{e}");
     }
@@ -709,11 +809,17 @@ mod tests {
     #[test]
     fn counts_saturate_and_refuse_negatives() {
         let r = CompletionRequest::parse(br#"{"prompt":"x","max_tokens":18446744073709551615,"n":1e30,"min_tokens":100000000000000000000000}"#).unwrap();
-        assert_eq!((r.max_tokens, r.common.n, r.common.min_tokens), (Some(usize::MAX), Some(usize::MAX), Some(usize::MAX)));
+        assert_eq!(
+            (r.max_tokens, r.common.n, r.common.min_tokens),
+            (Some(usize::MAX), Some(usize::MAX), Some(usize::MAX))
+        );
         for (body, param) in [
             (r#"{"prompt":"x","max_tokens":-1}"#, "max_tokens"),
             (r#"{"prompt":"x","n":-3}"#, "n"),
-            (r#"{"prompt":"x","min_tokens":-9223372036854775808}"#, "min_tokens"),
+            (
+                r#"{"prompt":"x","min_tokens":-9223372036854775808}"#,
+                "min_tokens",
+            ),
             (r#"{"prompt":"x","logprobs":-1}"#, "logprobs"),
             (r#"{"prompt":"x","max_tokens":1.5}"#, "max_tokens"),
         ] {
@@ -721,7 +827,10 @@ mod tests {
             assert_eq!(e.body()["error"]["param"], param, "{body}: {e}");
         }
         for (body, param) in [
-            (r#"{"messages":[],"max_completion_tokens":-1}"#, "max_completion_tokens"),
+            (
+                r#"{"messages":[],"max_completion_tokens":-1}"#,
+                "max_completion_tokens",
+            ),
             (r#"{"messages":[],"top_logprobs":-2}"#, "top_logprobs"),
         ] {
             let e = ChatRequest::parse(body.as_bytes()).unwrap_err();
@@ -735,10 +844,19 @@ mod tests {
     #[test]
     fn unsupported_fields_refused_unless_no_op() {
         for (body, param) in [
-            (r#"{"messages":[],"response_format":{"type":"json_object"},"guided_regex":"a"}"#, "guided_regex"),
+            (
+                r#"{"messages":[],"response_format":{"type":"json_object"},"guided_regex":"a"}"#,
+                "guided_regex",
+            ),
             (r#"{"messages":[],"functions":[{"name":"f"}]}"#, "functions"),
-            (r#"{"messages":[],"guided_json":{"type":"objekt"}}"#, "guided_json"),
-            (r#"{"messages":[],"modalities":["text","audio"]}"#, "modalities"),
+            (
+                r#"{"messages":[],"guided_json":{"type":"objekt"}}"#,
+                "guided_json",
+            ),
+            (
+                r#"{"messages":[],"modalities":["text","audio"]}"#,
+                "modalities",
+            ),
             (r#"{"messages":[],"dry_multiplier":0.8}"#, "dry_multiplier"),
             (r#"{"messages":[],"echo":true}"#, "echo"),
         ] {
@@ -752,11 +870,13 @@ mod tests {
         ] {
             ChatRequest::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
         }
-        CompletionRequest::parse(br#"{"prompt":"x","n":3,"best_of":3,"add_special_tokens":true}"#).unwrap();
+        CompletionRequest::parse(br#"{"prompt":"x","n":3,"best_of":3,"add_special_tokens":true}"#)
+            .unwrap();
         CompletionRequest::parse(br#"{"prompt":"x","n":3,"best_of":1}"#).unwrap();
         let e = CompletionRequest::parse(br#"{"prompt":"x","n":2,"best_of":4}"#).unwrap_err();
         assert_eq!(e.body()["error"]["param"], "best_of", "{e}");
-        let e = TokenizeRequest::parse(br#"{"prompt":"x","tools":[{"type":"function"}]}"#).unwrap_err();
+        let e =
+            TokenizeRequest::parse(br#"{"prompt":"x","tools":[{"type":"function"}]}"#).unwrap_err();
         assert_eq!(e.body()["error"]["param"], "tools", "{e}");
     }
 
@@ -764,9 +884,18 @@ mod tests {
     #[test]
     fn message_fields_refused_unless_empty() {
         for (body, param) in [
-            (r#"{"messages":[{"role":"function","content":"42","name":"f"}]}"#, "messages[0].role"),
-            (r#"{"messages":[{"role":"user","content":"x","function_call":{"name":"f"}}]}"#, "messages[0].function_call"),
-            (r#"{"messages":[{"role":"user","content":"x","weight":1}]}"#, "messages[0].weight"),
+            (
+                r#"{"messages":[{"role":"function","content":"42","name":"f"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x","function_call":{"name":"f"}}]}"#,
+                "messages[0].function_call",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x","weight":1}]}"#,
+                "messages[0].weight",
+            ),
         ] {
             let e = ChatRequest::parse(body.as_bytes()).unwrap_err();
             assert_eq!(e.body()["error"]["param"], param, "{body}: {e}");
@@ -780,16 +909,37 @@ mod tests {
         let msgs = messages(&r.messages).unwrap();
         assert_eq!(msgs[0].name.as_deref(), Some("bob"));
         let calls = msgs[1].tool_calls.as_ref().unwrap();
-        assert_eq!((calls[0].function.name.as_str(), &calls[0].function.arguments), ("f", &serde_json::json!({"a": 1})));
-        assert_eq!((msgs[2].role.as_str(), msgs[2].tool_call_id.as_deref()), ("tool", Some("call_1")));
+        assert_eq!(
+            (
+                calls[0].function.name.as_str(),
+                &calls[0].function.arguments
+            ),
+            ("f", &serde_json::json!({"a": 1}))
+        );
+        assert_eq!(
+            (msgs[2].role.as_str(), msgs[2].tool_call_id.as_deref()),
+            ("tool", Some("call_1"))
+        );
         let r = ChatRequest::parse(br#"{"messages":[{"role":"tool","content":"42"}]}"#).unwrap();
-        assert_eq!(messages(&r.messages).unwrap_err().body()["error"]["param"], "messages[0].tool_call_id");
+        assert_eq!(
+            messages(&r.messages).unwrap_err().body()["error"]["param"],
+            "messages[0].tool_call_id"
+        );
         // tools / tool_choice are checked by the tools module, naming the field.
         let r = ChatRequest::parse(br#"{"messages":[],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"nope"}}}}}]}"#).unwrap();
-        assert_eq!(r.tool_request().unwrap_err().body()["error"]["param"], "tools[0].function.parameters.properties.a.type");
+        assert_eq!(
+            r.tool_request().unwrap_err().body()["error"]["param"],
+            "tools[0].function.parameters.properties.a.type"
+        );
         let e = ChatRequest::parse(br#"{"messages":[],"function_call":{"name":"f"}}"#).unwrap_err();
-        assert!(e.to_string().contains("send `tools` and `tool_choice`"), "{e}");
+        assert!(
+            e.to_string().contains("send `tools` and `tool_choice`"),
+            "{e}"
+        );
         let r = ChatRequest::parse(br#"{"messages":[],"tool_choice":"required"}"#).unwrap();
-        assert_eq!(r.tool_request().unwrap_err().body()["error"]["param"], "tool_choice");
+        assert_eq!(
+            r.tool_request().unwrap_err().body()["error"]["param"],
+            "tool_choice"
+        );
     }
 }

@@ -109,8 +109,13 @@ impl KeyDirectory {
         if self.open {
             return Ok(0);
         }
-        let key = authorization.and_then(bearer_token).ok_or(AuthFailure::Missing)?;
-        self.by_hash.get(&KeyHash::of_key(key)).copied().ok_or(AuthFailure::Unknown)
+        let key = authorization
+            .and_then(bearer_token)
+            .ok_or(AuthFailure::Missing)?;
+        self.by_hash
+            .get(&KeyHash::of_key(key))
+            .copied()
+            .ok_or(AuthFailure::Unknown)
     }
 }
 
@@ -121,10 +126,16 @@ mod tests {
     #[test]
     fn hash_is_sha256_hex() {
         // sha256("abc")
-        assert_eq!(hash_key("abc"), "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hash_key("abc"),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         let h = KeyHash::parse(&hash_key("x")).unwrap();
         assert_eq!(h, KeyHash::of_key("x"));
-        assert_eq!(KeyHash::parse(&hash_key("x").trim_start_matches("sha256:").to_uppercase()), Ok(h));
+        assert_eq!(
+            KeyHash::parse(&hash_key("x").trim_start_matches("sha256:").to_uppercase()),
+            Ok(h)
+        );
         assert_eq!(KeyHash::parse("sha256:xyz"), Err(KeyHashError));
         assert_eq!(KeyHash::parse("plain-key"), Err(KeyHashError));
         assert_eq!(String::from(h), hash_key("x"));
@@ -132,7 +143,13 @@ mod tests {
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
-        for v in ["Bearer k", "BEARER k", "bearer k", "bEaReR    k ", " Bearer k"] {
+        for v in [
+            "Bearer k",
+            "BEARER k",
+            "bearer k",
+            "bEaReR    k ",
+            " Bearer k",
+        ] {
             assert_eq!(bearer_token(v), Some("k"), "{v:?}");
         }
         for v in ["Basic k", "Bearer", "Bearer ", "Bearerk", "k"] {
@@ -143,7 +160,9 @@ mod tests {
     #[test]
     fn lookup() {
         let a = [KeyHash::of_key("ka")];
-        let b = [KeyHash::parse(&hash_key("kb").trim_start_matches("sha256:").to_uppercase()).unwrap()];
+        let b = [
+            KeyHash::parse(&hash_key("kb").trim_start_matches("sha256:").to_uppercase()).unwrap(),
+        ];
         let d = KeyDirectory::new([&a[..], &b[..]], false);
         assert_eq!(d.authenticate(Some("Bearer ka")), Ok(0));
         assert_eq!(d.authenticate(Some("BEARER kb")), Ok(1));

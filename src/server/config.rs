@@ -183,11 +183,17 @@ fn valid_origin(origin: &str) -> bool {
     if origin == "*" {
         return true;
     }
-    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
     !scheme.is_empty()
-        && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
         && !rest.is_empty()
-        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
 }
 
 impl Default for ServerConfig {
@@ -230,12 +236,18 @@ impl ServerConfig {
     pub fn from_table(table: Option<&toml::Table>) -> Result<Self, ServerConfigError> {
         let cfg = match table {
             // The path names the entry (`tenants[0].api_keys[1]`) when a value is wrong.
-            Some(t) => serde_path_to_error::deserialize(toml::Value::Table(t.clone())).map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner().to_string();
-                let inner = inner.trim();
-                ServerConfigError::Parse(if path == "." { inner.to_string() } else { format!("`{path}`: {inner}") })
-            })?,
+            Some(t) => {
+                serde_path_to_error::deserialize(toml::Value::Table(t.clone())).map_err(|e| {
+                    let path = e.path().to_string();
+                    let inner = e.into_inner().to_string();
+                    let inner = inner.trim();
+                    ServerConfigError::Parse(if path == "." {
+                        inner.to_string()
+                    } else {
+                        format!("`{path}`: {inner}")
+                    })
+                })?
+            }
             None => ServerConfig::default(),
         };
         cfg.validate()?;
@@ -244,88 +256,186 @@ impl ServerConfig {
 
     /// Parses the body of a `[server]` section given as TOML text (for tests and tools).
     pub fn from_toml_str(text: &str) -> Result<Self, ServerConfigError> {
-        let t: toml::Table = toml::from_str(text).map_err(|e| ServerConfigError::Parse(e.to_string().trim().to_string()))?;
+        let t: toml::Table = toml::from_str(text)
+            .map_err(|e| ServerConfigError::Parse(e.to_string().trim().to_string()))?;
         Self::from_table(Some(&t))
     }
 
     /// Range checks naming the key.
     pub fn validate(&self) -> Result<(), ServerConfigError> {
-        let inv = |key: &str, message: String| Err(ServerConfigError::Invalid { key: format!("server.{key}"), message });
+        let inv = |key: &str, message: String| {
+            Err(ServerConfigError::Invalid {
+                key: format!("server.{key}"),
+                message,
+            })
+        };
         if !(1024..=1 << 30).contains(&self.max_body_bytes) {
-            return inv("max_body_bytes", format!("must be in 1024..=1073741824, got {}", self.max_body_bytes));
+            return inv(
+                "max_body_bytes",
+                format!("must be in 1024..=1073741824, got {}", self.max_body_bytes),
+            );
         }
-        if !(self.shutdown_timeout_s.is_finite() && (0.0..=3600.0).contains(&self.shutdown_timeout_s)) {
-            return inv("shutdown_timeout_s", format!("must be in [0, 3600], got {}", self.shutdown_timeout_s));
+        if !(self.shutdown_timeout_s.is_finite()
+            && (0.0..=3600.0).contains(&self.shutdown_timeout_s))
+        {
+            return inv(
+                "shutdown_timeout_s",
+                format!("must be in [0, 3600], got {}", self.shutdown_timeout_s),
+            );
         }
         if self.max_running > 65536 {
-            return inv("max_running", format!("must be in 0..=65536, got {}", self.max_running));
+            return inv(
+                "max_running",
+                format!("must be in 0..=65536, got {}", self.max_running),
+            );
         }
         if !(1..=1_000_000).contains(&self.admission_inbox) {
-            return inv("admission_inbox", format!("must be in 1..=1000000, got {}", self.admission_inbox));
+            return inv(
+                "admission_inbox",
+                format!("must be in 1..=1000000, got {}", self.admission_inbox),
+            );
         }
         if !(1..=1_000_000).contains(&self.default_max_queued) {
-            return inv("default_max_queued", format!("must be in 1..=1000000, got {}", self.default_max_queued));
+            return inv(
+                "default_max_queued",
+                format!("must be in 1..=1000000, got {}", self.default_max_queued),
+            );
         }
         if !(1..=1_000_000).contains(&self.max_connections) {
-            return inv("max_connections", format!("must be in 1..=1000000, got {}", self.max_connections));
+            return inv(
+                "max_connections",
+                format!("must be in 1..=1000000, got {}", self.max_connections),
+            );
         }
-        for (k, v) in [("header_read_timeout_s", self.header_read_timeout_s), ("keep_alive_timeout_s", self.keep_alive_timeout_s)] {
+        for (k, v) in [
+            ("header_read_timeout_s", self.header_read_timeout_s),
+            ("keep_alive_timeout_s", self.keep_alive_timeout_s),
+        ] {
             if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
                 return inv(k, format!("must be in (0, 3600], got {v}"));
             }
         }
         if !(1024..=MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
-            return inv("max_header_bytes", format!("must be in 1024..={MAX_HEADER_BYTES}, got {}", self.max_header_bytes));
+            return inv(
+                "max_header_bytes",
+                format!(
+                    "must be in 1024..={MAX_HEADER_BYTES}, got {}",
+                    self.max_header_bytes
+                ),
+            );
         }
         if !(256..=MAX_URI_BYTES).contains(&self.max_uri_bytes) {
-            return inv("max_uri_bytes", format!("must be in 256..={MAX_URI_BYTES}, got {}", self.max_uri_bytes));
+            return inv(
+                "max_uri_bytes",
+                format!(
+                    "must be in 256..={MAX_URI_BYTES}, got {}",
+                    self.max_uri_bytes
+                ),
+            );
         }
         for (i, h) in self.allowed_hosts.iter().enumerate() {
             let name = h.strip_prefix("*.").unwrap_or(h);
-            let ok = h == "*" || (!name.is_empty() && name.len() <= 253 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)));
+            let ok = h == "*"
+                || (!name.is_empty()
+                    && name.len() <= 253
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)));
             if !ok {
-                return inv(&format!("allowed_hosts[{i}]"), format!("must be a host name or IP address, `*.domain` or `*`, got {h:?}"));
+                return inv(
+                    &format!("allowed_hosts[{i}]"),
+                    format!("must be a host name or IP address, `*.domain` or `*`, got {h:?}"),
+                );
             }
         }
         let mut served = std::collections::HashSet::new();
         for (i, n) in self.served_model_name.iter().enumerate() {
             if !valid_model_name(n) {
-                return inv(&format!("served_model_name[{i}]"), format!("must be 1..=256 printable characters without spaces, got {n:?}"));
+                return inv(
+                    &format!("served_model_name[{i}]"),
+                    format!("must be 1..=256 printable characters without spaces, got {n:?}"),
+                );
             }
             if !served.insert(n.as_str()) {
-                return inv(&format!("served_model_name[{i}]"), format!("duplicate name {n:?}"));
+                return inv(
+                    &format!("served_model_name[{i}]"),
+                    format!("duplicate name {n:?}"),
+                );
             }
         }
         for (i, o) in self.allowed_origins.iter().enumerate() {
             if !valid_origin(o) {
-                return inv(&format!("allowed_origins[{i}]"), format!("must be `*` or an origin `scheme://host[:port]` (no path), got {o:?}"));
+                return inv(
+                    &format!("allowed_origins[{i}]"),
+                    format!("must be `*` or an origin `scheme://host[:port]` (no path), got {o:?}"),
+                );
             }
         }
         if !(1..=1_000_000).contains(&self.responses_store_max) {
-            return inv("responses_store_max", format!("must be in 1..=1000000, got {}", self.responses_store_max));
+            return inv(
+                "responses_store_max",
+                format!("must be in 1..=1000000, got {}", self.responses_store_max),
+            );
         }
         if !(1..=1 << 40).contains(&self.batch_max_file_bytes) {
-            return inv("batch_max_file_bytes", format!("must be in 1..=1099511627776, got {}", self.batch_max_file_bytes));
+            return inv(
+                "batch_max_file_bytes",
+                format!(
+                    "must be in 1..=1099511627776, got {}",
+                    self.batch_max_file_bytes
+                ),
+            );
         }
         if !(1..=10_000_000).contains(&self.batch_max_requests) {
-            return inv("batch_max_requests", format!("must be in 1..=10000000, got {}", self.batch_max_requests));
+            return inv(
+                "batch_max_requests",
+                format!("must be in 1..=10000000, got {}", self.batch_max_requests),
+            );
         }
         if self.batch_max_in_flight > 100_000 {
-            return inv("batch_max_in_flight", format!("must be in 0..=100000, got {}", self.batch_max_in_flight));
+            return inv(
+                "batch_max_in_flight",
+                format!("must be in 0..=100000, got {}", self.batch_max_in_flight),
+            );
         }
         if !(1..=100_000).contains(&self.batch_busy_in_flight) {
-            return inv("batch_busy_in_flight", format!("must be in 1..=100000, got {}", self.batch_busy_in_flight));
+            return inv(
+                "batch_busy_in_flight",
+                format!("must be in 1..=100000, got {}", self.batch_busy_in_flight),
+            );
         }
         if !(1..=1_000_000).contains(&self.batch_background_every) {
-            return inv("batch_background_every", format!("must be in 1..=1000000, got {}", self.batch_background_every));
+            return inv(
+                "batch_background_every",
+                format!(
+                    "must be in 1..=1000000, got {}",
+                    self.batch_background_every
+                ),
+            );
         }
-        if self.batch_data_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
-            return inv("batch_data_dir", "must not be empty (leave it out to turn the Batch API off)".into());
+        if self
+            .batch_data_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return inv(
+                "batch_data_dir",
+                "must not be empty (leave it out to turn the Batch API off)".into(),
+            );
         }
         if !matches!(self.metrics_prefix.as_str(), "brigade" | "vllm") {
-            return inv("metrics_prefix", format!("must be \"brigade\" or \"vllm\", got {:?}", self.metrics_prefix));
+            return inv(
+                "metrics_prefix",
+                format!(
+                    "must be \"brigade\" or \"vllm\", got {:?}",
+                    self.metrics_prefix
+                ),
+            );
         }
-        for (k, v) in [("vtc_input_weight", self.vtc_input_weight), ("vtc_output_weight", self.vtc_output_weight)] {
+        for (k, v) in [
+            ("vtc_input_weight", self.vtc_input_weight),
+            ("vtc_output_weight", self.vtc_output_weight),
+        ] {
             if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
                 return inv(k, format!("must be in [0, 1000], got {v}"));
             }
@@ -336,21 +446,36 @@ impl ServerConfig {
             let key = |f: &str| format!("tenants[{i}].{f}");
             let ok_name = !t.name.is_empty()
                 && t.name.len() <= 64
-                && t.name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+                && t.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
             if !ok_name {
-                return inv(&key("name"), format!("must match [A-Za-z0-9_.-]{{1,64}}, got {:?}", t.name));
+                return inv(
+                    &key("name"),
+                    format!("must match [A-Za-z0-9_.-]{{1,64}}, got {:?}", t.name),
+                );
             }
             if !names.insert(t.name.clone()) {
                 return inv(&key("name"), format!("duplicate tenant name {:?}", t.name));
             }
             if !(t.weight.is_finite() && t.weight > 0.0 && t.weight <= 1e6) {
-                return inv(&key("weight"), format!("must be in (0, 1e6], got {}", t.weight));
+                return inv(
+                    &key("weight"),
+                    format!("must be in (0, 1e6], got {}", t.weight),
+                );
             }
             if !(1..=1_000_000).contains(&t.max_queued) {
-                return inv(&key("max_queued"), format!("must be in 1..=1000000, got {}", t.max_queued));
+                return inv(
+                    &key("max_queued"),
+                    format!("must be in 1..=1000000, got {}", t.max_queued),
+                );
             }
             if t.api_keys.is_empty() {
-                return inv(&key("api_keys"), "a configured tenant needs at least one API key hash (`brigade hash-key`)".into());
+                return inv(
+                    &key("api_keys"),
+                    "a configured tenant needs at least one API key hash (`brigade hash-key`)"
+                        .into(),
+                );
             }
             for h in &t.api_keys {
                 if !keys.insert(*h) {
@@ -379,19 +504,36 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = ServerConfig::from_toml_str("hots = \"x\"\n").unwrap_err().to_string();
+        let e = ServerConfig::from_toml_str("hots = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hots"), "{e}");
-        let e = ServerConfig::from_toml_str("[[tenants]]\nname = \"a\"\napi_keys = []\nwieght = 2\n").unwrap_err().to_string();
+        let e =
+            ServerConfig::from_toml_str("[[tenants]]\nname = \"a\"\napi_keys = []\nwieght = 2\n")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("wieght"), "{e}");
     }
 
     #[test]
     fn bad_values_name_the_key() {
         let h = super::super::auth::hash_key("k");
-        let e = ServerConfig::from_toml_str(&format!("[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\", \"nope\"]\n")).unwrap_err().to_string();
-        assert!(e.contains("tenants[0].api_keys[1]") && e.contains("brigade hash-key"), "{e}");
-        let e = ServerConfig::from_toml_str("metrics_api_keys = [\"secret\"]\n").unwrap_err().to_string();
-        assert!(e.contains("metrics_api_keys[0]") && !e.contains("secret"), "{e}");
+        let e = ServerConfig::from_toml_str(&format!(
+            "[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\", \"nope\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tenants[0].api_keys[1]") && e.contains("brigade hash-key"),
+            "{e}"
+        );
+        let e = ServerConfig::from_toml_str("metrics_api_keys = [\"secret\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics_api_keys[0]") && !e.contains("secret"),
+            "{e}"
+        );
         for (text, key) in [
             ("max_connections = 0", "server.max_connections"),
             ("header_read_timeout_s = 0", "server.header_read_timeout_s"),
@@ -399,31 +541,61 @@ mod tests {
             ("max_header_bytes = 10", "server.max_header_bytes"),
             ("max_uri_bytes = 100000", "server.max_uri_bytes"),
             ("allowed_hosts = [\"a b\"]", "server.allowed_hosts[0]"),
-            ("allowed_origins = [\"https://a.com/path\"]", "server.allowed_origins[0]"),
-            ("served_model_name = [\"a\", \"b c\"]", "server.served_model_name[1]"),
-            ("served_model_name = [\"a\", \"a\"]", "server.served_model_name[1]"),
+            (
+                "allowed_origins = [\"https://a.com/path\"]",
+                "server.allowed_origins[0]",
+            ),
+            (
+                "served_model_name = [\"a\", \"b c\"]",
+                "server.served_model_name[1]",
+            ),
+            (
+                "served_model_name = [\"a\", \"a\"]",
+                "server.served_model_name[1]",
+            ),
             ("responses_store_max = 0", "server.responses_store_max"),
             ("metrics_prefix = \"tgi\"", "server.metrics_prefix"),
             ("batch_max_requests = 0", "server.batch_max_requests"),
-            ("batch_background_every = 0", "server.batch_background_every"),
+            (
+                "batch_background_every = 0",
+                "server.batch_background_every",
+            ),
             ("batch_max_file_bytes = 0", "server.batch_max_file_bytes"),
             ("batch_data_dir = \"\"", "server.batch_data_dir"),
         ] {
             let e = ServerConfig::from_toml_str(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
-        let e = ServerConfig::from_toml_str(&format!("[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\nweight = 0\n")).unwrap_err().to_string();
+        let e = ServerConfig::from_toml_str(&format!(
+            "[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\nweight = 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("server.tenants[0].weight"), "{e}");
-        let e = ServerConfig::from_toml_str("[[tenants]]\nname = \"a\"\napi_keys = [\"plain-key\"]\n").unwrap_err().to_string();
+        let e =
+            ServerConfig::from_toml_str("[[tenants]]\nname = \"a\"\napi_keys = [\"plain-key\"]\n")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("api_keys"), "{e}");
-        let ok = ServerConfig::from_toml_str(&format!("port = 0\n[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\n")).unwrap();
+        let ok = ServerConfig::from_toml_str(&format!(
+            "port = 0\n[[tenants]]\nname = \"a\"\napi_keys = [\"{h}\"]\n"
+        ))
+        .unwrap();
         assert_eq!(ok.tenants[0].max_queued, 256);
     }
 
     #[test]
     fn served_names_and_origins() {
-        assert_eq!(ServerConfig::from_toml_str("served_model_name = \"m\"").unwrap().served_model_name, ["m"]);
-        assert!(ServerConfig::from_toml_str("served_model_name = \"\"").unwrap().served_model_name.is_empty());
+        assert_eq!(
+            ServerConfig::from_toml_str("served_model_name = \"m\"")
+                .unwrap()
+                .served_model_name,
+            ["m"]
+        );
+        assert!(ServerConfig::from_toml_str("served_model_name = \"\"")
+            .unwrap()
+            .served_model_name
+            .is_empty());
         let c = ServerConfig::from_toml_str("served_model_name = [\"a\", \"b\"]\nallowed_origins = [\"*\", \"http://localhost:3000\"]").unwrap();
         assert_eq!(c.served_model_name, ["a", "b"]);
         assert_eq!(c.allowed_origins.len(), 2);
@@ -433,15 +605,29 @@ mod tests {
     fn default_file_matches_the_serde_defaults() {
         // Every [server] key, commented out, with its default value.
         let text = include_str!("../../config/default.toml");
-        let section = text.split("\n[server]\n").nth(1).expect("a [server] section in default.toml");
-        let body: String = section.lines().filter_map(|l| l.strip_prefix("# "))
-            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))).map(|l| format!("{l}\n")).collect();
+        let section = text
+            .split("\n[server]\n")
+            .nth(1)
+            .expect("a [server] section in default.toml");
+        let body: String = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                })
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
         let parsed = ServerConfig::from_toml_str(&body).unwrap();
         assert_eq!(parsed, ServerConfig::default());
         let table: toml::Table = toml::from_str(&body).unwrap();
         let all = toml::Table::try_from(ServerConfig::default()).unwrap();
         for k in all.keys() {
-            assert!(table.contains_key(k) || k == "tenants", "config/default.toml does not document server.{k}");
+            assert!(
+                table.contains_key(k) || k == "tenants",
+                "config/default.toml does not document server.{k}"
+            );
         }
     }
 

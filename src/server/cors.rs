@@ -50,7 +50,12 @@ impl Cors {
         } else if allowed_origins.iter().any(|o| o == "*") {
             Cors::Any
         } else {
-            Cors::List(allowed_origins.iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect())
+            Cors::List(
+                allowed_origins
+                    .iter()
+                    .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                    .collect(),
+            )
         }
     }
 
@@ -62,14 +67,17 @@ impl Cors {
             Cors::Any => Some(HeaderValue::from_static("*")),
             Cors::List(list) => {
                 let o = origin.to_ascii_lowercase();
-                list.contains(&o).then(|| HeaderValue::from_str(origin).ok()).flatten()
+                list.contains(&o)
+                    .then(|| HeaderValue::from_str(origin).ok())
+                    .flatten()
             }
         }
     }
 
     /// The preflight answer for `headers`, when it is a preflight from an allowed origin.
     fn preflight(&self, method: &Method, headers: &HeaderMap) -> Option<Response> {
-        if method != Method::OPTIONS || !headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+        if method != Method::OPTIONS || !headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
             return None;
         }
         let origin = headers.get(header::ORIGIN)?.to_str().ok()?;
@@ -82,9 +90,15 @@ impl Cors {
         let mut resp = StatusCode::NO_CONTENT.into_response();
         let h = resp.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(ALLOW_METHODS));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static(ALLOW_METHODS),
+        );
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(MAX_AGE_S));
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static(MAX_AGE_S),
+        );
         self.vary(h);
         Some(resp)
     }
@@ -106,12 +120,19 @@ pub(crate) async fn layer(State(app): State<App>, req: Request, next: Next) -> R
     if let Some(resp) = cors.preflight(req.method(), req.headers()) {
         return resp;
     }
-    let allow = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).and_then(|o| cors.allow_origin(o));
+    let allow = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|o| cors.allow_origin(o));
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
     if let Some(allow) = allow {
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSE_HEADERS));
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSE_HEADERS),
+        );
     }
     cors.vary(h);
     resp
@@ -124,9 +145,15 @@ mod tests {
     fn preflight_headers(origin: &str, req_headers: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(header::ORIGIN, HeaderValue::from_str(origin).unwrap());
-        h.insert(header::ACCESS_CONTROL_REQUEST_METHOD, HeaderValue::from_static("POST"));
+        h.insert(
+            header::ACCESS_CONTROL_REQUEST_METHOD,
+            HeaderValue::from_static("POST"),
+        );
         if let Some(r) = req_headers {
-            h.insert(header::ACCESS_CONTROL_REQUEST_HEADERS, HeaderValue::from_str(r).unwrap());
+            h.insert(
+                header::ACCESS_CONTROL_REQUEST_HEADERS,
+                HeaderValue::from_str(r).unwrap(),
+            );
         }
         h
     }
@@ -136,8 +163,14 @@ mod tests {
         assert_eq!(Cors::new(&[]), Cors::Off);
         assert_eq!(Cors::new(&["http://a.com".into(), "*".into()]), Cors::Any);
         let c = Cors::new(&["https://App.example.com/".into()]);
-        assert_eq!(c.allow_origin("https://app.example.com").unwrap(), "https://app.example.com");
-        assert_eq!(c.allow_origin("HTTPS://APP.EXAMPLE.COM").unwrap(), "HTTPS://APP.EXAMPLE.COM");
+        assert_eq!(
+            c.allow_origin("https://app.example.com").unwrap(),
+            "https://app.example.com"
+        );
+        assert_eq!(
+            c.allow_origin("HTTPS://APP.EXAMPLE.COM").unwrap(),
+            "HTTPS://APP.EXAMPLE.COM"
+        );
         assert!(c.allow_origin("https://app.example.com.evil.org").is_none());
         assert!(c.allow_origin("http://app.example.com").is_none());
         assert_eq!(Cors::Any.allow_origin("null").unwrap(), "*");
@@ -147,15 +180,45 @@ mod tests {
     #[test]
     fn preflight_answers_allowed_origins_only() {
         let c = Cors::new(&["http://localhost:3000".into()]);
-        let r = c.preflight(&Method::OPTIONS, &preflight_headers("http://localhost:3000", Some("authorization, x-stainless-os"))).unwrap();
+        let r = c
+            .preflight(
+                &Method::OPTIONS,
+                &preflight_headers(
+                    "http://localhost:3000",
+                    Some("authorization, x-stainless-os"),
+                ),
+            )
+            .unwrap();
         assert_eq!(r.status(), StatusCode::NO_CONTENT);
-        assert_eq!(r.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "http://localhost:3000");
-        assert_eq!(r.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS], "authorization, x-stainless-os");
-        assert!(r.headers()[header::ACCESS_CONTROL_ALLOW_METHODS].to_str().unwrap().contains("POST"));
+        assert_eq!(
+            r.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "http://localhost:3000"
+        );
+        assert_eq!(
+            r.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS],
+            "authorization, x-stainless-os"
+        );
+        assert!(r.headers()[header::ACCESS_CONTROL_ALLOW_METHODS]
+            .to_str()
+            .unwrap()
+            .contains("POST"));
         assert_eq!(r.headers()[header::VARY], "origin");
-        let r = c.preflight(&Method::OPTIONS, &preflight_headers("http://localhost:3000", None)).unwrap();
-        assert_eq!(r.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS], DEFAULT_ALLOW_HEADERS);
-        assert!(c.preflight(&Method::OPTIONS, &preflight_headers("http://evil.com", None)).is_none());
+        let r = c
+            .preflight(
+                &Method::OPTIONS,
+                &preflight_headers("http://localhost:3000", None),
+            )
+            .unwrap();
+        assert_eq!(
+            r.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS],
+            DEFAULT_ALLOW_HEADERS
+        );
+        assert!(c
+            .preflight(
+                &Method::OPTIONS,
+                &preflight_headers("http://evil.com", None)
+            )
+            .is_none());
         // Not a preflight: a plain OPTIONS, or another method.
         let mut plain = preflight_headers("http://localhost:3000", None);
         assert!(c.preflight(&Method::POST, &plain).is_none());

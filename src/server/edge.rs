@@ -85,14 +85,18 @@ impl RequestChecks {
         Self {
             hosts: HostPolicy::new(&cfg.allowed_hosts, loopback_listener),
             max_uri_bytes: cfg.max_uri_bytes,
-            metrics_keys: (!cfg.metrics_api_keys.is_empty()).then(|| KeyDirectory::new([cfg.metrics_api_keys.as_slice()], false)),
+            metrics_keys: (!cfg.metrics_api_keys.is_empty())
+                .then(|| KeyDirectory::new([cfg.metrics_api_keys.as_slice()], false)),
         }
     }
 
     /// Host, URI length and the `/metrics` key; the error to answer instead of routing.
     pub(crate) fn check(&self, req: &Request) -> Result<(), ApiError> {
         // No Host (HTTP/1.0) passes: browsers always send one.
-        let host = req.headers().get(header::HOST).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         if let Some(host) = host {
             if !self.hosts.allows(&host) {
                 return Err(ApiError::HostNotAllowed(host.chars().take(256).collect()));
@@ -101,10 +105,15 @@ impl RequestChecks {
         // The request target as sent (path and query), within hyper's own 65534.
         let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
         if uri_len > self.max_uri_bytes {
-            return Err(ApiError::UriTooLong { limit: self.max_uri_bytes });
+            return Err(ApiError::UriTooLong {
+                limit: self.max_uri_bytes,
+            });
         }
         if let (Some(keys), "/metrics") = (&self.metrics_keys, req.uri().path()) {
-            let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            let auth = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
             if keys.authenticate(auth).is_err() {
                 return Err(ApiError::Unauthorized("/metrics requires `Authorization: Bearer <key>` with a key of server.metrics_api_keys".into()));
             }
@@ -130,7 +139,12 @@ impl HostPolicy {
         if allowed.iter().any(|h| h == "*") {
             HostPolicy::Any
         } else if !allowed.is_empty() {
-            HostPolicy::List(allowed.iter().map(|h| h.strip_prefix('*').unwrap_or(h).to_ascii_lowercase()).collect())
+            HostPolicy::List(
+                allowed
+                    .iter()
+                    .map(|h| h.strip_prefix('*').unwrap_or(h).to_ascii_lowercase())
+                    .collect(),
+            )
         } else if loopback_listener {
             HostPolicy::Loopback
         } else {
@@ -148,8 +162,18 @@ impl HostPolicy {
         }
         match self {
             HostPolicy::Any => true,
-            HostPolicy::Loopback => name == "localhost" || name.ends_with(".localhost") || (!name.is_empty() && !name.contains('.')),
-            HostPolicy::List(list) => list.iter().any(|p| if p.starts_with('.') { name.ends_with(p.as_str()) } else { name == *p }),
+            HostPolicy::Loopback => {
+                name == "localhost"
+                    || name.ends_with(".localhost")
+                    || (!name.is_empty() && !name.contains('.'))
+            }
+            HostPolicy::List(list) => list.iter().any(|p| {
+                if p.starts_with('.') {
+                    name.ends_with(p.as_str())
+                } else {
+                    name == *p
+                }
+            }),
         }
     }
 }
@@ -160,7 +184,13 @@ fn host_name(host_header: &str) -> String {
     let name = if let Some(rest) = h.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
-        h.rsplit_once(':').map_or(h, |(n, port)| if port.bytes().all(|b| b.is_ascii_digit()) { n } else { h })
+        h.rsplit_once(':').map_or(h, |(n, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                n
+            } else {
+                h
+            }
+        })
     };
     name.trim_end_matches('.').to_ascii_lowercase()
 }
@@ -168,7 +198,12 @@ fn host_name(host_header: &str) -> String {
 /// Whether a `Content-Type` value is JSON: `application/json` or
 /// `application/*+json`, any case, with or without parameters (`charset`).
 fn is_json_content_type(value: &str) -> bool {
-    let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
@@ -186,11 +221,16 @@ pub(crate) async fn require_json(req: Request, next: Next) -> Response {
             Some(v) => {
                 let value = String::from_utf8_lossy(v.as_bytes());
                 if !is_json_content_type(&value) {
-                    return ApiError::UnsupportedMediaType(format!("{:?}", value.chars().take(128).collect::<String>())).into_response();
+                    return ApiError::UnsupportedMediaType(format!(
+                        "{:?}",
+                        value.chars().take(128).collect::<String>()
+                    ))
+                    .into_response();
                 }
             }
             None if req.headers().contains_key(header::ORIGIN) => {
-                return ApiError::UnsupportedMediaType("no Content-Type (from a browser)".into()).into_response();
+                return ApiError::UnsupportedMediaType("no Content-Type (from a browser)".into())
+                    .into_response();
             }
             None => {}
         }
@@ -236,7 +276,12 @@ pub(crate) struct Edge {
 
 impl Edge {
     /// Starts accepting on `listener`, serving `router` on each connection.
-    pub(crate) fn spawn(listener: TcpListener, router: Router, cfg: &ServerConfig, metrics: Arc<Metrics>) -> Edge {
+    pub(crate) fn spawn(
+        listener: TcpListener,
+        router: Router,
+        cfg: &ServerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Edge {
         let shared = Arc::new(ConnShared {
             metrics,
             header_read_timeout: Duration::from_secs_f64(cfg.header_read_timeout_s),
@@ -260,8 +305,20 @@ impl Edge {
         );
         let (stage, stage_rx) = watch::channel(Stage::Serving);
         let slots = Arc::new(Semaphore::new(cfg.max_connections));
-        let accept_task = tokio::spawn(accept_loop(listener, router, shared, slots.clone(), stage_rx, over_cap));
-        Edge { stage, slots, max_connections: cfg.max_connections, accept_task }
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            router,
+            shared,
+            slots.clone(),
+            stage_rx,
+            over_cap,
+        ));
+        Edge {
+            stage,
+            slots,
+            max_connections: cfg.max_connections,
+            accept_task,
+        }
     }
 
     /// Drain: every connection stops keep-alive; idle ones close at once, busy
@@ -276,19 +333,34 @@ impl Edge {
         self.stage.send_replace(Stage::Stopped);
         let _ = self.accept_task.await; // ends at Stopped; a panic there has been reported already
         let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
-        if tokio::time::timeout(grace, self.slots.acquire_many(all)).await.is_err() {
-            let open = self.max_connections.saturating_sub(self.slots.available_permits());
-            tracing::warn!(open, grace_s = grace.as_secs_f64(), "connections still open after the drain; closing them");
+        if tokio::time::timeout(grace, self.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            let open = self
+                .max_connections
+                .saturating_sub(self.slots.available_permits());
+            tracing::warn!(
+                open,
+                grace_s = grace.as_secs_f64(),
+                "connections still open after the drain; closing them"
+            );
             self.stage.send_replace(Stage::Forced);
             // Dropping a connection is immediate; this only waits for the tasks to see it.
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.slots.acquire_many(all)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.slots.acquire_many(all)).await;
         }
     }
 }
 
 /// Errors of one connection, not of the listener: go on at once.
 fn is_connection_error(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset)
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
 }
 
 async fn accept_loop(
@@ -333,7 +405,14 @@ async fn accept_loop(
             }
             Ok(permit) => {
                 let draining = *stage.borrow() >= Stage::Draining;
-                tokio::spawn(serve_connection(stream, router.clone(), shared.clone(), stage.clone(), permit, draining));
+                tokio::spawn(serve_connection(
+                    stream,
+                    router.clone(),
+                    shared.clone(),
+                    stage.clone(),
+                    permit,
+                    draining,
+                ));
             }
         }
     }
@@ -385,7 +464,12 @@ struct ConnState {
 
 impl ConnState {
     fn new() -> Self {
-        Self { phase: AtomicU8::new(Phase::Fresh as u8), since_ms: AtomicU64::new(0), epoch: Instant::now(), changed: Notify::new() }
+        Self {
+            phase: AtomicU8::new(Phase::Fresh as u8),
+            since_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            changed: Notify::new(),
+        }
     }
 
     fn phase(&self) -> Phase {
@@ -458,7 +542,10 @@ impl http_body::Body for GuardedBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -486,7 +573,9 @@ impl EdgeIo {
     /// Sends what is left of the replacement response.
     fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some((bytes, pos)) = &mut self.replacement {
-            let Some(rest) = bytes.get(*pos..).filter(|r| !r.is_empty()) else { break };
+            let Some(rest) = bytes.get(*pos..).filter(|r| !r.is_empty()) else {
+                break;
+            };
             match Pin::new(&mut self.inner).poll_write(cx, rest) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => *pos += n,
@@ -499,13 +588,24 @@ impl EdgeIo {
 
     /// The JSON response for one of hyper's automatic ones (`HTTP/1.1 NNN …`).
     fn replacement_for(&self, buf: &[u8]) -> Option<Bytes> {
-        let code: u16 = std::str::from_utf8(buf.strip_prefix(b"HTTP/1.1 ")?.get(..3)?).ok()?.parse().ok()?;
-        self.shared.auto_responses.iter().find(|(c, _)| *c == code).map(|(_, b)| b.clone())
+        let code: u16 = std::str::from_utf8(buf.strip_prefix(b"HTTP/1.1 ")?.get(..3)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        self.shared
+            .auto_responses
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, b)| b.clone())
     }
 }
 
 impl AsyncRead for EdgeIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -516,7 +616,11 @@ impl AsyncRead for EdgeIo {
 }
 
 impl AsyncWrite for EdgeIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if self.replacement.is_some() {
             return Poll::Ready(Ok(buf.len()));
         }
@@ -556,7 +660,12 @@ async fn serve_connection(
     accepted_draining: bool,
 ) {
     let state = Arc::new(ConnState::new());
-    let io = TokioIo::new(EdgeIo { inner: stream, state: state.clone(), shared: shared.clone(), replacement: None });
+    let io = TokioIo::new(EdgeIo {
+        inner: stream,
+        state: state.clone(),
+        shared: shared.clone(),
+        replacement: None,
+    });
     let svc_state = state.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         svc_state.set(Phase::Busy, false);
@@ -567,12 +676,18 @@ async fn serve_connection(
                 Ok(r) => r,
                 Err(never) => match never {},
             };
-            Ok::<_, Infallible>(resp.map(|inner| GuardedBody { inner, _guard: guard }))
+            Ok::<_, Infallible>(resp.map(|inner| GuardedBody {
+                inner,
+                _guard: guard,
+            }))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Our own timers (ConnState) replace hyper's, whose header timer also ends idle keep-alive.
-    builder.header_read_timeout(None).max_header_size(shared.max_header_bytes).keep_alive(!accepted_draining);
+    builder
+        .header_read_timeout(None)
+        .max_header_size(shared.max_header_bytes)
+        .keep_alive(!accepted_draining);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let mut draining = accepted_draining;
@@ -634,30 +749,65 @@ mod tests {
     #[test]
     fn host_policies() {
         let lo = HostPolicy::new(&[], true);
-        for ok in ["localhost:8000", "127.0.0.1:1", "[::1]:2", "10.1.2.3", "api.localhost", "myhost"] {
+        for ok in [
+            "localhost:8000",
+            "127.0.0.1:1",
+            "[::1]:2",
+            "10.1.2.3",
+            "api.localhost",
+            "myhost",
+        ] {
             assert!(lo.allows(ok), "{ok}");
         }
-        for bad in ["evil.example.com", "attacker.com:8000", "localhost.evil.com", ""] {
+        for bad in [
+            "evil.example.com",
+            "attacker.com:8000",
+            "localhost.evil.com",
+            "",
+        ] {
             assert!(!lo.allows(bad), "{bad}");
         }
         assert_eq!(HostPolicy::new(&[], false), HostPolicy::Any);
-        assert_eq!(HostPolicy::new(&["a.com".into(), "*".into()], true), HostPolicy::Any);
+        assert_eq!(
+            HostPolicy::new(&["a.com".into(), "*".into()], true),
+            HostPolicy::Any
+        );
         let list = HostPolicy::new(&["API.example.com".into(), "*.internal".into()], true);
-        for ok in ["api.example.com", "api.example.com:443", "x.internal", "a.b.internal"] {
+        for ok in [
+            "api.example.com",
+            "api.example.com:443",
+            "x.internal",
+            "a.b.internal",
+        ] {
             assert!(list.allows(ok), "{ok}");
         }
         for bad in ["example.com", "internal", "xinternal", "localhost"] {
             assert!(!list.allows(bad), "{bad}");
         }
-        assert!(list.allows("10.0.0.7:8000") && list.allows("[fe80::1]"), "IP addresses always pass");
+        assert!(
+            list.allows("10.0.0.7:8000") && list.allows("[fe80::1]"),
+            "IP addresses always pass"
+        );
     }
 
     #[test]
     fn json_content_types() {
-        for ok in ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"] {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/vnd.api+json",
+        ] {
             assert!(is_json_content_type(ok), "{ok}");
         }
-        for bad in ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "", "json"] {
+        for bad in [
+            "text/plain",
+            "text/plain;charset=UTF-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "",
+            "json",
+        ] {
             assert!(!is_json_content_type(bad), "{bad}");
         }
     }
@@ -675,7 +825,11 @@ mod tests {
         let fresh = s.deadline(&shared).unwrap();
         s.on_bytes_read();
         assert_eq!(s.phase(), Phase::Head);
-        assert_eq!(s.deadline(&shared), Some(fresh), "the header timer runs from the connection's start");
+        assert_eq!(
+            s.deadline(&shared),
+            Some(fresh),
+            "the header timer runs from the connection's start"
+        );
         assert!(s.no_response_pending());
         s.set(Phase::Busy, false);
         assert_eq!(s.deadline(&shared), None);

@@ -91,7 +91,10 @@ pub enum ApiError {
 impl ApiError {
     /// A 400 naming `param`.
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        ApiError::Invalid { param: Some(param.to_string()), message: message.into() }
+        ApiError::Invalid {
+            param: Some(param.to_string()),
+            message: message.into(),
+        }
     }
 
     /// The HTTP status.
@@ -186,8 +189,13 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Invalid { param, message } => ApiError::Invalid { param, message },
-            EngineError::Overloaded => ApiError::RateLimited { message: e.to_string(), retry_after_s: 1 },
-            EngineError::ShuttingDown => ApiError::Unavailable("the server is shutting down".into()),
+            EngineError::Overloaded => ApiError::RateLimited {
+                message: e.to_string(),
+                retry_after_s: 1,
+            },
+            EngineError::ShuttingDown => {
+                ApiError::Unavailable("the server is shutting down".into())
+            }
             EngineError::Internal(m) => ApiError::Internal(m),
             EngineError::Dead(m) => ApiError::Unavailable(format!("the engine has stopped: {m}")),
         }
@@ -202,10 +210,12 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
         if let ApiError::RateLimited { retry_after_s, .. } = &self {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }
         if let ApiError::Unavailable(_) = &self {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
         resp.extensions_mut().insert(ErrorKind(self.error_type()));
         resp
@@ -229,9 +239,27 @@ mod tests {
             (ApiError::TooLarge { limit: 10 }, 413, None),
             (ApiError::HostNotAllowed("evil.com".into()), 403, None),
             (ApiError::UriTooLong { limit: 10 }, 414, None),
-            (ApiError::UnsupportedMediaType("text/plain".into()), 415, None),
-            (ApiError::HeadersTooLarge { limit: 10, max_fields: 100 }, 431, None),
-            (ApiError::RateLimited { message: "slow".into(), retry_after_s: 3 }, 429, None),
+            (
+                ApiError::UnsupportedMediaType("text/plain".into()),
+                415,
+                None,
+            ),
+            (
+                ApiError::HeadersTooLarge {
+                    limit: 10,
+                    max_fields: 100,
+                },
+                431,
+                None,
+            ),
+            (
+                ApiError::RateLimited {
+                    message: "slow".into(),
+                    retry_after_s: 3,
+                },
+                429,
+                None,
+            ),
             (ApiError::Unavailable("draining".into()), 503, None),
             (ApiError::Internal("boom".into()), 500, None),
         ];
@@ -246,8 +274,15 @@ mod tests {
             let raw = String::from_utf8(e.http1_close_response()).unwrap();
             assert!(raw.starts_with(&format!("HTTP/1.1 {status} ")), "{raw}");
             let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-            assert!(head.contains(&format!("content-length: {}", body.len())) && head.contains("connection: close"), "{raw}");
-            assert_eq!(serde_json::from_str::<serde_json::Value>(body).unwrap(), e.body());
+            assert!(
+                head.contains(&format!("content-length: {}", body.len()))
+                    && head.contains("connection: close"),
+                "{raw}"
+            );
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(body).unwrap(),
+                e.body()
+            );
         }
     }
 }

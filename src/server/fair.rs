@@ -155,19 +155,41 @@ pub struct FairQueue<T> {
 
 impl<T> std::fmt::Debug for FairQueue<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FairQueue").field("counters", &self.counters()).field("queued", &self.total_queued()).finish()
+        f.debug_struct("FairQueue")
+            .field("counters", &self.counters())
+            .field("queued", &self.total_queued())
+            .finish()
     }
 }
 
 impl<T> FairQueue<T> {
     /// Empty queues for `shares`, with at most `max_slots` slots in flight in all;
     /// `input_weight`/`output_weight` price prompt and generated tokens.
-    pub fn new(shares: Vec<TenantShare>, max_slots: usize, input_weight: f64, output_weight: f64) -> Self {
+    pub fn new(
+        shares: Vec<TenantShare>,
+        max_slots: usize,
+        input_weight: f64,
+        output_weight: f64,
+    ) -> Self {
         let tenants = shares
             .into_iter()
-            .map(|share| Tenant { share, counter: 0.0, queues: [BinaryHeap::new(), BinaryHeap::new()], in_flight: 0 })
+            .map(|share| Tenant {
+                share,
+                counter: 0.0,
+                queues: [BinaryHeap::new(), BinaryHeap::new()],
+                in_flight: 0,
+            })
             .collect();
-        Self { tenants, max_slots: max_slots.max(1), input_weight, output_weight, last_left: None, next_seq: 0, passed_over: 0, background_every: 16 }
+        Self {
+            tenants,
+            max_slots: max_slots.max(1),
+            input_weight,
+            output_weight,
+            last_left: None,
+            next_seq: 0,
+            passed_over: 0,
+            background_every: 16,
+        }
     }
 
     /// Sets how many interactive admissions may pass a waiting background
@@ -178,9 +200,13 @@ impl<T> FairQueue<T> {
 
     /// Whether a request of tenant `k` occupying `slots` sequences can ever be admitted.
     pub fn check_fits(&self, k: usize, slots: usize) -> Result<(), PushError> {
-        let Some(t) = self.tenants.get(k) else { return Err(PushError::TenantQueueFull) };
+        let Some(t) = self.tenants.get(k) else {
+            return Err(PushError::TenantQueueFull);
+        };
         if slots > self.max_slots {
-            return Err(PushError::ExceedsMaxSlots { limit: self.max_slots });
+            return Err(PushError::ExceedsMaxSlots {
+                limit: self.max_slots,
+            });
         }
         let cap = t.share.max_concurrent;
         if cap > 0 && slots > cap {
@@ -206,7 +232,10 @@ impl<T> FairQueue<T> {
 
     /// Queued requests of `class` over all tenants.
     pub fn queued_class(&self, class: Class) -> usize {
-        self.tenants.iter().map(|t| t.queues[class.index()].len()).sum()
+        self.tenants
+            .iter()
+            .map(|t| t.queues[class.index()].len())
+            .sum()
     }
 
     /// Sequences of tenant `k` in flight.
@@ -227,17 +256,34 @@ impl<T> FairQueue<T> {
     /// Enqueues a request of tenant `k` costing `input_tokens` prompt tokens and
     /// occupying `slots` engine sequences; lifts an idle tenant's counter first.
     /// Refuses a request that could never fit ([`FairQueue::check_fits`]).
-    pub fn push(&mut self, k: usize, priority: i32, input_tokens: usize, slots: usize, item: T) -> Result<(), (PushError, T)> {
+    pub fn push(
+        &mut self,
+        k: usize,
+        priority: i32,
+        input_tokens: usize,
+        slots: usize,
+        item: T,
+    ) -> Result<(), (PushError, T)> {
         self.push_class(k, Class::Interactive, priority, input_tokens, slots, item)
     }
 
     /// [`FairQueue::push`] in `class`; `max_queued` bounds both classes together.
-    pub fn push_class(&mut self, k: usize, class: Class, priority: i32, input_tokens: usize, slots: usize, item: T) -> Result<(), (PushError, T)> {
+    pub fn push_class(
+        &mut self,
+        k: usize,
+        class: Class,
+        priority: i32,
+        input_tokens: usize,
+        slots: usize,
+        item: T,
+    ) -> Result<(), (PushError, T)> {
         let slots = slots.max(1);
         if let Err(e) = self.check_fits(k, slots) {
             return Err((e, item));
         }
-        let Some(t) = self.tenants.get(k) else { return Err((PushError::TenantQueueFull, item)) };
+        let Some(t) = self.tenants.get(k) else {
+            return Err((PushError::TenantQueueFull, item));
+        };
         if t.queued() >= t.share.max_queued {
             return Err((PushError::TenantQueueFull, item));
         }
@@ -249,7 +295,11 @@ impl<T> FairQueue<T> {
                 .filter(|o| !o.is_idle())
                 .map(|o| o.counter)
                 .min_by(f64::total_cmp)
-                .or_else(|| self.last_left.and_then(|l| self.tenants.get(l)).map(|o| o.counter));
+                .or_else(|| {
+                    self.last_left
+                        .and_then(|l| self.tenants.get(l))
+                        .map(|o| o.counter)
+                });
             if let (Some(floor), Some(t)) = (floor, self.tenants.get_mut(k)) {
                 t.counter = t.counter.max(floor);
             }
@@ -257,7 +307,13 @@ impl<T> FairQueue<T> {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(t) = self.tenants.get_mut(k) {
-            t.queues[class.index()].push(Entry { priority, seq, input_tokens, slots, item });
+            t.queues[class.index()].push(Entry {
+                priority,
+                seq,
+                input_tokens,
+                slots,
+                item,
+            });
         }
         Ok(())
     }
@@ -274,7 +330,9 @@ impl<T> FairQueue<T> {
         } else {
             [Class::Interactive, Class::Background]
         };
-        let (k, class) = order.into_iter().find_map(|c| self.pick(c, free_slots).map(|k| (k, c)))?;
+        let (k, class) = order
+            .into_iter()
+            .find_map(|c| self.pick(c, free_slots).map(|k| (k, c)))?;
         match class {
             Class::Interactive if background_waiting => self.passed_over += 1,
             Class::Interactive => {}
@@ -288,7 +346,12 @@ impl<T> FairQueue<T> {
         if t.is_idle() {
             self.last_left = Some(k);
         }
-        Some(Popped { tenant: k, slots: e.slots, input_tokens: e.input_tokens, item: e.item })
+        Some(Popped {
+            tenant: k,
+            slots: e.slots,
+            input_tokens: e.input_tokens,
+            item: e.item,
+        })
     }
 
     /// The tenant whose `class` head request would leave now (lowest counter among those that fit).
@@ -319,7 +382,11 @@ impl<T> FairQueue<T> {
     /// Returns `slots` engine sequences of tenant `k` (its request ended).
     pub fn on_done(&mut self, k: usize, slots: usize) {
         if let Some(t) = self.tenants.get_mut(k) {
-            debug_assert!(t.in_flight >= slots, "tenant {k}: done {slots} > in flight {}", t.in_flight);
+            debug_assert!(
+                t.in_flight >= slots,
+                "tenant {k}: done {slots} > in flight {}",
+                t.in_flight
+            );
             t.in_flight = t.in_flight.saturating_sub(slots);
         }
     }
@@ -384,7 +451,11 @@ pub enum ReserveError {
 impl TokenBucket {
     /// A full bucket at time `now_s`.
     pub fn new(per_minute: u64, now_s: f64) -> Self {
-        Self { per_minute: per_minute as f64, level: per_minute as f64, last_s: now_s }
+        Self {
+            per_minute: per_minute as f64,
+            level: per_minute as f64,
+            last_s: now_s,
+        }
     }
 
     fn refill(&mut self, now_s: f64) {
@@ -398,11 +469,16 @@ impl TokenBucket {
         self.refill(now_s);
         let want = tokens as f64;
         if want > self.per_minute {
-            return Err(ReserveError::TooLarge { capacity: self.per_minute as u64 });
+            return Err(ReserveError::TooLarge {
+                capacity: self.per_minute as u64,
+            });
         }
         if want > self.level {
             let wait_s = (want - self.level) * 60.0 / self.per_minute;
-            return Err(ReserveError::Wait { wait_s, available: self.level.max(0.0) as u64 });
+            return Err(ReserveError::Wait {
+                wait_s,
+                available: self.level.max(0.0) as u64,
+            });
         }
         self.level -= want;
         Ok(())
@@ -420,14 +496,24 @@ mod tests {
     use super::*;
 
     fn share(weight: f64) -> TenantShare {
-        TenantShare { weight, max_concurrent: 0, max_queued: 1000 }
+        TenantShare {
+            weight,
+            max_concurrent: 0,
+            max_queued: 1000,
+        }
     }
 
     /// Simulates a server with `slots` sequences; each request has `inp` prompt
     /// tokens and generates `out` tokens, one per step. Returns the tokens served
     /// per tenant, the largest |counter difference| seen while all tenants were
     /// backlogged, and the order requests were admitted in.
-    fn simulate(q: &mut FairQueue<u32>, slots: usize, inp: usize, out: u64, steps: usize) -> (Vec<f64>, f64, Vec<usize>) {
+    fn simulate(
+        q: &mut FairQueue<u32>,
+        slots: usize,
+        inp: usize,
+        out: u64,
+        steps: usize,
+    ) -> (Vec<f64>, f64, Vec<usize>) {
         let n = q.num_tenants();
         let mut running: Vec<(usize, u64)> = Vec::new();
         let mut served = vec![0.0; n];
@@ -435,7 +521,9 @@ mod tests {
         let mut order = Vec::new();
         for _ in 0..steps {
             while running.len() < slots {
-                let Some(p) = q.pop(slots - running.len()) else { break };
+                let Some(p) = q.pop(slots - running.len()) else {
+                    break;
+                };
                 served[p.tenant] += inp as f64;
                 order.push(p.tenant);
                 running.push((p.tenant, out));
@@ -451,7 +539,8 @@ mod tests {
             running.retain(|r| r.1 > 0);
             if (0..n).all(|k| q.queued(k) > 0) {
                 let c = q.counters();
-                let gap = c.iter().cloned().fold(f64::MIN, f64::max) - c.iter().cloned().fold(f64::MAX, f64::min);
+                let gap = c.iter().cloned().fold(f64::MIN, f64::max)
+                    - c.iter().cloned().fold(f64::MAX, f64::min);
                 max_gap = max_gap.max(gap);
             }
         }
@@ -477,7 +566,10 @@ mod tests {
         // B's 20 requests are all admitted within the first ~40 admissions (alternating), not after A's backlog.
         let last_b = order.iter().rposition(|&t| t == 1).unwrap();
         assert!(order.iter().filter(|&&t| t == 1).count() == 20);
-        assert!(last_b < 45, "last B admission at {last_b}; A had {before} queued; order {order:?}");
+        assert!(
+            last_b < 45,
+            "last B admission at {last_b}; A had {before} queued; order {order:?}"
+        );
     }
 
     #[test]
@@ -494,15 +586,33 @@ mod tests {
         let u = (1.0 * inp as f64).max(2.0 * out as f64) + 2.0 * 8.0;
         assert!(gap <= 2.0 * u * 8.0, "gap {gap} > bound");
         let ratio = served[0] / served[1];
-        assert!((ratio - 3.0).abs() < 0.35, "ratio {ratio}, served {served:?}");
+        assert!(
+            (ratio - 3.0).abs() < 0.35,
+            "ratio {ratio}, served {served:?}"
+        );
     }
 
     #[test]
     fn bounds_priorities_and_caps() {
-        let mut q = FairQueue::new(vec![TenantShare { weight: 1.0, max_concurrent: 1, max_queued: 2 }, share(1.0)], 64, 1.0, 2.0);
+        let mut q = FairQueue::new(
+            vec![
+                TenantShare {
+                    weight: 1.0,
+                    max_concurrent: 1,
+                    max_queued: 2,
+                },
+                share(1.0),
+            ],
+            64,
+            1.0,
+            2.0,
+        );
         q.push(0, 5, 1, 1, "late").unwrap();
         q.push(0, -1, 1, 1, "urgent").unwrap();
-        assert_eq!(q.push(0, 0, 1, 1, "x").unwrap_err().0, PushError::TenantQueueFull);
+        assert_eq!(
+            q.push(0, 0, 1, 1, "x").unwrap_err().0,
+            PushError::TenantQueueFull
+        );
         q.push(1, 0, 1, 1, "other").unwrap();
         let a = q.pop(10).unwrap();
         assert_eq!((a.tenant, a.item), (0, "urgent"));
@@ -516,7 +626,10 @@ mod tests {
         q.push(1, 0, 1, 3, "n3").unwrap();
         assert!(q.pop(2).is_none());
         assert_eq!(q.pop(3).unwrap().slots, 3);
-        let gone = { q.push(1, 0, 1, 1, "gone").unwrap(); q.remove_where(|s| *s == "gone") };
+        let gone = {
+            q.push(1, 0, 1, 1, "gone").unwrap();
+            q.remove_where(|s| *s == "gone")
+        };
         assert_eq!(gone, vec![(1, "gone")]);
     }
 
@@ -525,16 +638,29 @@ mod tests {
     /// admitted whole (never partly), counting all its slots against the caps.
     #[test]
     fn whole_requests_only_and_never_fitting_ones_refused() {
-        let capped = TenantShare { weight: 1.0, max_concurrent: 8, max_queued: 10 };
+        let capped = TenantShare {
+            weight: 1.0,
+            max_concurrent: 8,
+            max_queued: 10,
+        };
         let mut q = FairQueue::new(vec![share(1.0), capped], 64, 1.0, 2.0);
         // 5 prompts × n=16 = 80 > 64: refused, nothing queued or held.
-        assert_eq!(q.push(0, 0, 5, 80, "big").unwrap_err().0, PushError::ExceedsMaxSlots { limit: 64 });
+        assert_eq!(
+            q.push(0, 0, 5, 80, "big").unwrap_err().0,
+            PushError::ExceedsMaxSlots { limit: 64 }
+        );
         // 2 prompts × n=8 = 16 > tenant 1's max_concurrent 8.
-        assert_eq!(q.push(1, 0, 2, 16, "b16").unwrap_err().0, PushError::ExceedsTenantCap { limit: 8 });
+        assert_eq!(
+            q.push(1, 0, 2, 16, "b16").unwrap_err().0,
+            PushError::ExceedsTenantCap { limit: 8 }
+        );
         assert_eq!((q.total_queued(), q.total_in_flight()), (0, 0));
         // Exactly at the limits: admitted whole.
         q.push(0, 0, 4, 64, "a64").unwrap();
-        assert!(q.pop(63).is_none(), "64 slots do not fit in 63; nothing is taken partly");
+        assert!(
+            q.pop(63).is_none(),
+            "64 slots do not fit in 63; nothing is taken partly"
+        );
         let p = q.pop(64).unwrap();
         assert_eq!((p.item, p.slots), ("a64", 64));
         q.on_done(0, 64);
@@ -554,19 +680,37 @@ mod tests {
         let mut b = TokenBucket::new(600, 0.0); // 10 tokens/s
         b.reserve(400, 0.0).unwrap();
         // 200 left: a 300-token reservation waits 10 s, never drives the level negative.
-        assert_eq!(b.reserve(300, 0.0), Err(ReserveError::Wait { wait_s: 10.0, available: 200 }));
+        assert_eq!(
+            b.reserve(300, 0.0),
+            Err(ReserveError::Wait {
+                wait_s: 10.0,
+                available: 200
+            })
+        );
         b.reserve(200, 0.0).unwrap();
         assert!(matches!(b.reserve(1, 0.0), Err(ReserveError::Wait { .. })));
         // More than the whole bucket: never.
-        assert_eq!(b.reserve(601, 100.0), Err(ReserveError::TooLarge { capacity: 600 }));
+        assert_eq!(
+            b.reserve(601, 100.0),
+            Err(ReserveError::TooLarge { capacity: 600 })
+        );
         // A request that used 150 of its 400 refunds 250 (capped at the capacity).
         let mut b = TokenBucket::new(600, 0.0);
         b.reserve(400, 0.0).unwrap();
         b.refund(250, 0.0);
-        assert_eq!(b.reserve(451, 0.0), Err(ReserveError::Wait { wait_s: 0.1, available: 450 }));
+        assert_eq!(
+            b.reserve(451, 0.0),
+            Err(ReserveError::Wait {
+                wait_s: 0.1,
+                available: 450
+            })
+        );
         b.reserve(450, 0.0).unwrap();
         b.refund(10_000, 1.0);
-        assert!(matches!(b.reserve(601, 1.0), Err(ReserveError::TooLarge { .. })));
+        assert!(matches!(
+            b.reserve(601, 1.0),
+            Err(ReserveError::TooLarge { .. })
+        ));
         b.reserve(600, 1.0).unwrap();
     }
 
@@ -588,7 +732,8 @@ mod tests {
         q.set_background_every(3);
         // Tenant 0's batch arrived first and its counter is the lowest: still after B's interactive work.
         for i in 0..4 {
-            q.push_class(0, Class::Background, 0, 1, 1, 100 + i).unwrap();
+            q.push_class(0, Class::Background, 0, 1, 1, 100 + i)
+                .unwrap();
         }
         q.on_output(1, 1000);
         for i in 0..7 {
@@ -600,7 +745,11 @@ mod tests {
         // Three interactive, one background, three interactive, one background, then the rest.
         assert_eq!(order, vec![0, 1, 2, 100, 3, 4, 5, 101, 6, 102, 103]);
         // Interactive blocked by its tenant's cap: background uses the free slots.
-        let capped = TenantShare { weight: 1.0, max_concurrent: 1, max_queued: 10 };
+        let capped = TenantShare {
+            weight: 1.0,
+            max_concurrent: 1,
+            max_queued: 10,
+        };
         let mut q = FairQueue::new(vec![capped, share(1.0)], 64, 1.0, 2.0);
         q.push(0, 0, 1, 1, "a1").unwrap();
         q.push(0, 0, 1, 1, "a2").unwrap();
@@ -609,11 +758,20 @@ mod tests {
         assert_eq!(q.pop(64).unwrap().item, "b");
         assert!(q.pop(64).is_none());
         // max_queued bounds both classes; removal sees both.
-        let small = TenantShare { weight: 1.0, max_concurrent: 0, max_queued: 2 };
+        let small = TenantShare {
+            weight: 1.0,
+            max_concurrent: 0,
+            max_queued: 2,
+        };
         let mut q = FairQueue::new(vec![small], 64, 1.0, 2.0);
         q.push(0, 0, 1, 1, 1).unwrap();
         q.push_class(0, Class::Background, 0, 1, 1, 2).unwrap();
-        assert_eq!(q.push_class(0, Class::Background, 0, 1, 1, 3).unwrap_err().0, PushError::TenantQueueFull);
+        assert_eq!(
+            q.push_class(0, Class::Background, 0, 1, 1, 3)
+                .unwrap_err()
+                .0,
+            PushError::TenantQueueFull
+        );
         assert_eq!(q.drain_all().len(), 2);
         assert_eq!(q.total_queued(), 0);
     }

@@ -104,7 +104,9 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("model_name", &self.model_name).finish_non_exhaustive()
+        f.debug_struct("AppState")
+            .field("model_name", &self.model_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -113,18 +115,30 @@ pub type App = Arc<AppState>;
 
 /// Unix seconds now.
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The handlers' state for `cfg` over `engine`: served names (default: the
 /// model's name without spaces), metrics, the admission actor, keys and
 /// request checks. Shared by [`serve_with`] and `brigade run-batch` (which
 /// drives the same router in-process).
-pub(crate) fn build_app(engine: &EngineHandle, cfg: ServerConfig, loopback: bool) -> Result<App, ServeError> {
+pub(crate) fn build_app(
+    engine: &EngineHandle,
+    cfg: ServerConfig,
+    loopback: bool,
+) -> Result<App, ServeError> {
     let model = engine.model().clone();
     let served_names = if cfg.served_model_name.is_empty() {
         // No spaces: clients put the name in URLs (`/v1/models/{id}`).
-        vec![model.config.name.split_whitespace().collect::<Vec<_>>().join("-")]
+        vec![model
+            .config
+            .name
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join("-")]
     } else {
         cfg.served_model_name.clone()
     };
@@ -141,7 +155,11 @@ pub(crate) fn build_app(engine: &EngineHandle, cfg: ServerConfig, loopback: bool
         num_tokens: num_blocks * econf.kv_cache.block_size,
     });
     let tenants = cfg.effective_tenants();
-    let max_running = if cfg.max_running == 0 { econf.runtime.max_seqs } else { cfg.max_running };
+    let max_running = if cfg.max_running == 0 {
+        econf.runtime.max_seqs
+    } else {
+        cfg.max_running
+    };
     let admission = admission::AdmissionHandle::spawn(
         admission::AdmissionConfig {
             tenants: tenants.clone(),
@@ -161,7 +179,10 @@ pub(crate) fn build_app(engine: &EngineHandle, cfg: ServerConfig, loopback: bool
     };
     Ok(Arc::new(AppState {
         batches,
-        keys: auth::KeyDirectory::new(tenants.iter().map(|t| t.api_keys.as_slice()), cfg.tenants.is_empty()),
+        keys: auth::KeyDirectory::new(
+            tenants.iter().map(|t| t.api_keys.as_slice()),
+            cfg.tenants.is_empty(),
+        ),
         tenants,
         engine: engine.clone(),
         model_name,
@@ -192,7 +213,12 @@ pub async fn serve_with(
     let loopback = listener.local_addr()?.ip().is_loopback();
     let app = build_app(&engine, cfg.clone(), loopback)?;
     let admission = app.admission.clone();
-    let edge = edge::Edge::spawn(listener, routes::router(app.clone()), &cfg, app.metrics.clone());
+    let edge = edge::Edge::spawn(
+        listener,
+        routes::router(app.clone()),
+        &cfg,
+        app.metrics.clone(),
+    );
     // The Batch API's runner (when on): resumes the batches a previous run left.
     let _batch_runner = crate::batch::runner::spawn(app.clone());
     // Until asked to stop, or until the engine dies (then /health is already
@@ -205,13 +231,20 @@ pub async fn serve_with(
         // Every open request already has its error. Keep answering (503 for
         // /health, /ready and every request) for the drain timeout, so probes
         // and clients see why, then stop non-zero.
-        tracing::error!(reason = engine.health().err().unwrap_or_default(), timeout_s = cfg.shutdown_timeout_s, "the engine died: answering 503 until the drain timeout, then exiting");
+        tracing::error!(
+            reason = engine.health().err().unwrap_or_default(),
+            timeout_s = cfg.shutdown_timeout_s,
+            "the engine died: answering 503 until the drain timeout, then exiting"
+        );
         tokio::time::sleep(Duration::from_secs_f64(cfg.shutdown_timeout_s)).await;
     }
 
     // Drain: refuse new work, let admitted and queued work finish up to the timeout.
     // Idle connections close now; busy ones after their response.
-    tracing::info!(timeout_s = cfg.shutdown_timeout_s, "shutdown requested: draining");
+    tracing::info!(
+        timeout_s = cfg.shutdown_timeout_s,
+        "shutdown requested: draining"
+    );
     app.draining.store(true, Ordering::SeqCst);
     admission.start_draining();
     edge.start_draining();
@@ -220,7 +253,11 @@ pub async fn serve_with(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if admission.queued() > 0 || admission.in_flight() > 0 {
-        tracing::warn!(queued = admission.queued(), in_flight = admission.in_flight(), "shutdown timeout: aborting the rest");
+        tracing::warn!(
+            queued = admission.queued(),
+            in_flight = admission.in_flight(),
+            "shutdown timeout: aborting the rest"
+        );
         admission.fail_queued().await;
         engine.abort_all();
         let grace = Instant::now() + Duration::from_secs(10);

@@ -111,7 +111,12 @@ pub struct OutputText {
 
 impl OutputText {
     fn new(text: String) -> Self {
-        Self { kind: "output_text", text, annotations: Vec::new(), logprobs: Vec::new() }
+        Self {
+            kind: "output_text",
+            text,
+            annotations: Vec::new(),
+            logprobs: Vec::new(),
+        }
     }
 }
 
@@ -401,8 +406,12 @@ impl StreamEvent {
             StreamEvent::OutputTextDelta { .. } => "response.output_text.delta",
             StreamEvent::OutputTextDone { .. } => "response.output_text.done",
             StreamEvent::ContentPartDone { .. } => "response.content_part.done",
-            StreamEvent::FunctionCallArgumentsDelta { .. } => "response.function_call_arguments.delta",
-            StreamEvent::FunctionCallArgumentsDone { .. } => "response.function_call_arguments.done",
+            StreamEvent::FunctionCallArgumentsDelta { .. } => {
+                "response.function_call_arguments.delta"
+            }
+            StreamEvent::FunctionCallArgumentsDone { .. } => {
+                "response.function_call_arguments.done"
+            }
             StreamEvent::OutputItemDone { .. } => "response.output_item.done",
             StreamEvent::Completed { .. } => "response.completed",
             StreamEvent::Incomplete { .. } => "response.incomplete",
@@ -414,7 +423,10 @@ impl StreamEvent {
     fn frame(&self) -> Bytes {
         match serde_json::to_string(self) {
             Ok(s) => Bytes::from(format!("event: {}\ndata: {s}\n\n", self.kind())),
-            Err(e) => Bytes::from(format!("event: error\ndata: {}\n\n", json!({"type": "error", "message": format!("serializing an event failed: {e}")}))),
+            Err(e) => Bytes::from(format!(
+                "event: error\ndata: {}\n\n",
+                json!({"type": "error", "message": format!("serializing an event failed: {e}")})
+            )),
         }
     }
 }
@@ -454,7 +466,10 @@ struct StoreInner {
 impl ResponseStore {
     /// An empty store of at most `capacity` (>= 1) responses.
     pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), inner: Mutex::new(StoreInner::default()) }
+        Self {
+            capacity: capacity.max(1),
+            inner: Mutex::new(StoreInner::default()),
+        }
     }
 
     /// Stores `s` under its response id, evicting the oldest beyond capacity.
@@ -465,7 +480,9 @@ impl ResponseStore {
             g.order.push_back(id);
         }
         while g.map.len() > self.capacity {
-            let Some(old) = g.order.pop_front() else { break };
+            let Some(old) = g.order.pop_front() else {
+                break;
+            };
             g.map.remove(&old);
         }
     }
@@ -478,7 +495,9 @@ impl ResponseStore {
 
     /// Deletes `id` of `tenant`; false when there is none.
     pub fn remove(&self, id: &str, tenant: usize) -> bool {
-        let Ok(mut g) = self.inner.lock() else { return false };
+        let Ok(mut g) = self.inner.lock() else {
+            return false;
+        };
         if g.map.get(id).is_none_or(|s| s.tenant != tenant) {
             return false;
         }
@@ -508,11 +527,18 @@ impl ApiRequest for ResponsesBody {
     fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::Invalid {
             param: None,
-            message: if e.is_syntax() || e.is_eof() { format!("the body is not valid JSON: {e}") } else { format!("invalid request body: {e}") },
+            message: if e.is_syntax() || e.is_eof() {
+                format!("the body is not valid JSON: {e}")
+            } else {
+                format!("invalid request body: {e}")
+            },
         })?;
         match v {
             Value::Object(m) => Ok(ResponsesBody(m)),
-            _ => Err(ApiError::Invalid { param: None, message: "invalid request body: expected a JSON object".into() }),
+            _ => Err(ApiError::Invalid {
+                param: None,
+                message: "invalid request body: expected a JSON object".into(),
+            }),
         }
     }
 }
@@ -536,13 +562,24 @@ const HONOURED: &[&str] = &[
     "user",
 ];
 /// Sampling extensions handed to chat unchanged (chat honours and checks them).
-const PASSTHROUGH: &[&str] = &["top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "priority"];
+const PASSTHROUGH: &[&str] = &[
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "priority",
+];
 /// Accepted and ignored: they do not change what is generated.
 const BOOKKEEPING: &[&str] = &["service_tier", "safety_identifier", "prompt_cache_key"];
 
 /// Whether `v` is the no-op value of a known but unsupported field (`None`: not such a field).
 fn no_op(field: &str, v: &Value) -> Option<bool> {
-    let empty_obj = |v: &Value| v.as_object().is_some_and(|o| o.values().all(Value::is_null));
+    let empty_obj = |v: &Value| {
+        v.as_object()
+            .is_some_and(|o| o.values().all(Value::is_null))
+    };
     Some(match field {
         "background" => v == false,
         "include" => v.as_array().is_some_and(Vec::is_empty),
@@ -550,13 +587,19 @@ fn no_op(field: &str, v: &Value) -> Option<bool> {
         "reasoning" => empty_obj(v),
         "max_tool_calls" | "conversation" | "prompt" => false,
         "top_logprobs" => v.as_u64() == Some(0),
-        "stream_options" => v.as_object().is_some_and(|o| o.iter().all(|(k, x)| k == "include_obfuscation" && (x.is_boolean() || x.is_null()))),
+        "stream_options" => v.as_object().is_some_and(|o| {
+            o.iter()
+                .all(|(k, x)| k == "include_obfuscation" && (x.is_boolean() || x.is_null()))
+        }),
         _ => return None,
     })
 }
 
 fn unsupported(field: &str, why: &str) -> ApiError {
-    ApiError::invalid(field, format!("`{field}` {why}; this server does not support it"))
+    ApiError::invalid(
+        field,
+        format!("`{field}` {why}; this server does not support it"),
+    )
 }
 
 /// A validated Responses request: the chat body it becomes, and how to name
@@ -579,16 +622,29 @@ pub struct Translation {
 
 /// Builds the chat body of a Responses request (checking every field), given
 /// the stored previous response when `previous_response_id` names one.
-pub fn translate(body: &Map<String, Value>, previous: Option<&Stored>, default_model: &str) -> Result<Translation, ApiError> {
+pub fn translate(
+    body: &Map<String, Value>,
+    previous: Option<&Stored>,
+    default_model: &str,
+) -> Result<Translation, ApiError> {
     for (field, v) in body {
         let f = field.as_str();
-        if HONOURED.contains(&f) || PASSTHROUGH.contains(&f) || BOOKKEEPING.contains(&f) || v.is_null() {
+        if HONOURED.contains(&f)
+            || PASSTHROUGH.contains(&f)
+            || BOOKKEEPING.contains(&f)
+            || v.is_null()
+        {
             continue;
         }
         match no_op(f, v) {
             Some(true) => {}
             Some(false) => return Err(unsupported(f, &format!("with value {v}"))),
-            None => return Err(ApiError::invalid(f, format!("Unrecognized request argument supplied: {f}"))),
+            None => {
+                return Err(ApiError::invalid(
+                    f,
+                    format!("Unrecognized request argument supplied: {f}"),
+                ))
+            }
         }
     }
     let get = |k: &str| body.get(k).filter(|v| !v.is_null());
@@ -596,20 +652,31 @@ pub fn translate(body: &Map<String, Value>, previous: Option<&Stored>, default_m
         match get(k) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(ApiError::invalid(k, format!("invalid value for `{k}`: expected a string, got {v}"))),
+            Some(v) => Err(ApiError::invalid(
+                k,
+                format!("invalid value for `{k}`: expected a string, got {v}"),
+            )),
         }
     };
     let boolean = |k: &str, default: bool| -> Result<bool, ApiError> {
         match get(k) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(ApiError::invalid(k, format!("invalid value for `{k}`: expected a boolean, got {v}"))),
+            Some(v) => Err(ApiError::invalid(
+                k,
+                format!("invalid value for `{k}`: expected a boolean, got {v}"),
+            )),
         }
     };
     let number = |k: &str| -> Result<Option<f64>, ApiError> {
         match get(k) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| ApiError::invalid(k, format!("invalid value for `{k}`: expected a number, got {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                ApiError::invalid(
+                    k,
+                    format!("invalid value for `{k}`: expected a number, got {v}"),
+                )
+            }),
         }
     };
     let model = string("model")?;
@@ -711,7 +778,10 @@ pub fn translate(body: &Map<String, Value>, previous: Option<&Stored>, default_m
         service_tier: "default",
         store,
         temperature: temperature.unwrap_or(1.0),
-        text: TextConfig { format, verbosity: "medium" },
+        text: TextConfig {
+            format,
+            verbosity: "medium",
+        },
         tool_choice,
         tools,
         top_logprobs: 0,
@@ -721,27 +791,53 @@ pub fn translate(body: &Map<String, Value>, previous: Option<&Stored>, default_m
         user,
         metadata,
     };
-    Ok(Translation { chat, origins, conversation, input_items, skeleton, stream })
+    Ok(Translation {
+        chat,
+        origins,
+        conversation,
+        input_items,
+        skeleton,
+        stream,
+    })
 }
 
 /// `metadata`: at most 16 pairs, keys ≤ 64 characters, string values ≤ 512 (OpenAI's limits).
 fn check_metadata(v: Option<&Value>) -> Result<Map<String, Value>, ApiError> {
     let Some(v) = v else { return Ok(Map::new()) };
     let Some(m) = v.as_object() else {
-        return Err(ApiError::invalid("metadata", format!("invalid value for `metadata`: expected an object of strings, got {v}")));
+        return Err(ApiError::invalid(
+            "metadata",
+            format!("invalid value for `metadata`: expected an object of strings, got {v}"),
+        ));
     };
     if m.len() > 16 {
-        return Err(ApiError::invalid("metadata", format!("`metadata` may hold at most 16 pairs, got {}", m.len())));
+        return Err(ApiError::invalid(
+            "metadata",
+            format!("`metadata` may hold at most 16 pairs, got {}", m.len()),
+        ));
     }
     for (k, x) in m {
         let param = format!("metadata.{k}");
         if k.chars().count() > 64 {
-            return Err(ApiError::invalid(&param, "metadata keys are at most 64 characters"));
+            return Err(ApiError::invalid(
+                &param,
+                "metadata keys are at most 64 characters",
+            ));
         }
         match x.as_str() {
             Some(s) if s.chars().count() <= 512 => {}
-            Some(_) => return Err(ApiError::invalid(&param, "metadata values are at most 512 characters")),
-            None => return Err(ApiError::invalid(&param, format!("metadata values must be strings, got {x}"))),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    &param,
+                    "metadata values are at most 512 characters",
+                ))
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    &param,
+                    format!("metadata values must be strings, got {x}"),
+                ))
+            }
         }
     }
     Ok(m.clone())
@@ -750,13 +846,21 @@ fn check_metadata(v: Option<&Value>) -> Result<Map<String, Value>, ApiError> {
 /// Refuses keys of `obj` outside `allowed`, naming `at.key`.
 fn only_keys(obj: &Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), ApiError> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::invalid(&format!("{at}.{k}"), format!("Unrecognized request argument supplied: {at}.{k}"))),
+        Some(k) => Err(ApiError::invalid(
+            &format!("{at}.{k}"),
+            format!("Unrecognized request argument supplied: {at}.{k}"),
+        )),
         None => Ok(()),
     }
 }
 
 fn str_field<'a>(obj: &'a Map<String, Value>, key: &str, at: &str) -> Result<&'a str, ApiError> {
-    obj.get(key).and_then(Value::as_str).ok_or_else(|| ApiError::invalid(&format!("{at}.{key}"), format!("`{at}.{key}` is required and must be a string")))
+    obj.get(key).and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid(
+            &format!("{at}.{key}"),
+            format!("`{at}.{key}` is required and must be a string"),
+        )
+    })
 }
 
 /// The text of a content value: a string, or `input_text` / `output_text` parts.
@@ -768,7 +872,12 @@ fn content_text(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
             let mut s = String::new();
             for (j, p) in parts.iter().enumerate() {
                 let pat = format!("{at}[{j}]");
-                let Some(o) = p.as_object() else { return Err(ApiError::invalid(&pat, format!("`{pat}` must be an object"))) };
+                let Some(o) = p.as_object() else {
+                    return Err(ApiError::invalid(
+                        &pat,
+                        format!("`{pat}` must be an object"),
+                    ));
+                };
                 match o.get("type").and_then(Value::as_str) {
                     Some("input_text" | "output_text") => {
                         only_keys(o, &["type", "text", "annotations", "logprobs"], &pat)?;
@@ -780,13 +889,18 @@ fn content_text(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
             }
             Ok(s)
         }
-        Some(v) => Err(ApiError::invalid(at, format!("`{at}` must be a string or a list of content parts, got {v}"))),
+        Some(v) => Err(ApiError::invalid(
+            at,
+            format!("`{at}` must be a string or a list of content parts, got {v}"),
+        )),
     }
 }
 
 /// `input` as chat messages (with the field each came from) and as stored items.
 #[allow(clippy::type_complexity)]
-fn input_messages(input: Option<&Value>) -> Result<(Vec<Value>, Vec<String>, Vec<Value>), ApiError> {
+fn input_messages(
+    input: Option<&Value>,
+) -> Result<(Vec<Value>, Vec<String>, Vec<Value>), ApiError> {
     let (mut msgs, mut origins, mut items) = (Vec::new(), Vec::new(), Vec::new());
     let list = match input {
         None => return Ok((msgs, origins, items)),
@@ -797,15 +911,27 @@ fn input_messages(input: Option<&Value>) -> Result<(Vec<Value>, Vec<String>, Vec
             return Ok((msgs, origins, items));
         }
         Some(Value::Array(a)) => a,
-        Some(v) => return Err(ApiError::invalid("input", format!("`input` must be a string or a list of items, got {v}"))),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "input",
+                format!("`input` must be a string or a list of items, got {v}"),
+            ))
+        }
     };
     for (i, item) in list.iter().enumerate() {
         let at = format!("input[{i}]");
-        let Some(o) = item.as_object() else { return Err(ApiError::invalid(&at, format!("`{at}` must be an object"))) };
+        let Some(o) = item.as_object() else {
+            return Err(ApiError::invalid(&at, format!("`{at}` must be an object")));
+        };
         let kind = match o.get("type").and_then(Value::as_str) {
             Some(t) => t,
             None if o.contains_key("role") => "message",
-            None => return Err(ApiError::invalid(&format!("{at}.type"), format!("`{at}.type` is required"))),
+            None => {
+                return Err(ApiError::invalid(
+                    &format!("{at}.type"),
+                    format!("`{at}.type` is required"),
+                ))
+            }
         };
         let mut stored = o.clone();
         if !stored.contains_key("id") {
@@ -866,15 +992,27 @@ fn input_messages(input: Option<&Value>) -> Result<(Vec<Value>, Vec<String>, Vec
 
 /// `text` → the response's `text.format`, and chat's `response_format` into `chat`.
 fn text_format(t: &Value, chat: &mut Map<String, Value>) -> Result<Value, ApiError> {
-    let Some(o) = t.as_object() else { return Err(ApiError::invalid("text", format!("`text` must be an object, got {t}"))) };
+    let Some(o) = t.as_object() else {
+        return Err(ApiError::invalid(
+            "text",
+            format!("`text` must be an object, got {t}"),
+        ));
+    };
     only_keys(o, &["format", "verbosity"], "text")?;
     if let Some(v) = o.get("verbosity").filter(|v| !v.is_null()) {
         if v != "medium" {
             return Err(unsupported("text.verbosity", &format!("with value {v}")));
         }
     }
-    let Some(f) = o.get("format").filter(|v| !v.is_null()) else { return Ok(json!({"type": "text"})) };
-    let Some(fo) = f.as_object() else { return Err(ApiError::invalid("text.format", format!("`text.format` must be an object, got {f}"))) };
+    let Some(f) = o.get("format").filter(|v| !v.is_null()) else {
+        return Ok(json!({"type": "text"}));
+    };
+    let Some(fo) = f.as_object() else {
+        return Err(ApiError::invalid(
+            "text.format",
+            format!("`text.format` must be an object, got {f}"),
+        ));
+    };
     match fo.get("type").and_then(Value::as_str) {
         Some("text") => only_keys(fo, &["type"], "text.format")?,
         Some("json_object") => {
@@ -882,10 +1020,17 @@ fn text_format(t: &Value, chat: &mut Map<String, Value>) -> Result<Value, ApiErr
             chat.insert("response_format".into(), json!({"type": "json_object"}));
         }
         Some("json_schema") => {
-            only_keys(fo, &["type", "name", "schema", "strict", "description"], "text.format")?;
+            only_keys(
+                fo,
+                &["type", "name", "schema", "strict", "description"],
+                "text.format",
+            )?;
             let name = str_field(fo, "name", "text.format")?;
             let Some(schema) = fo.get("schema").filter(|s| s.is_object()) else {
-                return Err(ApiError::invalid("text.format.schema", "`text.format.schema` is required and must be a JSON Schema object"));
+                return Err(ApiError::invalid(
+                    "text.format.schema",
+                    "`text.format.schema` is required and must be a JSON Schema object",
+                ));
             };
             let mut js = Map::new();
             js.insert("name".into(), json!(name));
@@ -895,27 +1040,61 @@ fn text_format(t: &Value, chat: &mut Map<String, Value>) -> Result<Value, ApiErr
                     js.insert(k.into(), v.clone());
                 }
             }
-            chat.insert("response_format".into(), json!({"type": "json_schema", "json_schema": js}));
+            chat.insert(
+                "response_format".into(),
+                json!({"type": "json_schema", "json_schema": js}),
+            );
         }
-        Some(t) => return Err(ApiError::invalid("text.format.type", format!("format type `{t}` is not supported (text, json_schema, json_object)"))),
-        None => return Err(ApiError::invalid("text.format.type", "`text.format.type` is required")),
+        Some(t) => {
+            return Err(ApiError::invalid(
+                "text.format.type",
+                format!("format type `{t}` is not supported (text, json_schema, json_object)"),
+            ))
+        }
+        None => {
+            return Err(ApiError::invalid(
+                "text.format.type",
+                "`text.format.type` is required",
+            ))
+        }
     }
     Ok(f.clone())
 }
 
 /// `tools` (Responses' flat function tools) → (as given, chat's nested shape).
 fn tools_of(t: &Value) -> Result<(Vec<Value>, Vec<Value>), ApiError> {
-    let Some(list) = t.as_array() else { return Err(ApiError::invalid("tools", format!("`tools` must be a list, got {t}"))) };
+    let Some(list) = t.as_array() else {
+        return Err(ApiError::invalid(
+            "tools",
+            format!("`tools` must be a list, got {t}"),
+        ));
+    };
     let mut chat = Vec::with_capacity(list.len());
     for (i, tool) in list.iter().enumerate() {
         let at = format!("tools[{i}]");
-        let Some(o) = tool.as_object() else { return Err(ApiError::invalid(&at, format!("`{at}` must be an object"))) };
+        let Some(o) = tool.as_object() else {
+            return Err(ApiError::invalid(&at, format!("`{at}` must be an object")));
+        };
         match o.get("type").and_then(Value::as_str) {
             Some("function") => {}
-            Some(k) => return Err(ApiError::invalid(&format!("{at}.type"), format!("tool type `{k}` is not supported (only `function` tools)"))),
-            None => return Err(ApiError::invalid(&format!("{at}.type"), format!("`{at}.type` is required"))),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    &format!("{at}.type"),
+                    format!("tool type `{k}` is not supported (only `function` tools)"),
+                ))
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    &format!("{at}.type"),
+                    format!("`{at}.type` is required"),
+                ))
+            }
         }
-        only_keys(o, &["type", "name", "description", "parameters", "strict"], &at)?;
+        only_keys(
+            o,
+            &["type", "name", "description", "parameters", "strict"],
+            &at,
+        )?;
         let mut f = Map::new();
         f.insert("name".into(), json!(str_field(o, "name", &at)?));
         for k in ["description", "parameters", "strict"] {
@@ -961,12 +1140,18 @@ impl Translation {
         }
         if let Some(rest) = p.strip_prefix("messages[") {
             if let Some((k, tail)) = rest.split_once(']') {
-                if let Some((k, origin)) = k.parse::<usize>().ok().and_then(|k| Some((k, self.origins.get(k)?))) {
+                if let Some((k, origin)) = k
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|k| Some((k, self.origins.get(k)?)))
+                {
                     // Only message items share chat's fields (`role`, `content`); a
                     // string `input`, the instructions, the stored conversation and
                     // function-call items are named whole.
                     let m = &self.chat["messages"][k];
-                    let message_item = origin.starts_with("input[") && m["role"] != "tool" && m.get("tool_calls").is_none();
+                    let message_item = origin.starts_with("input[")
+                        && m["role"] != "tool"
+                        && m.get("tool_calls").is_none();
                     let tail = if message_item { tail } else { "" };
                     return format!("{origin}{tail}");
                 }
@@ -981,13 +1166,31 @@ impl Translation {
     /// A chat-side error, naming the Responses field.
     pub fn map_error(&self, e: ApiError) -> ApiError {
         match e {
-            ApiError::Invalid { param: Some(p), message } => {
+            ApiError::Invalid {
+                param: Some(p),
+                message,
+            } => {
                 let q = self.responses_param(&p);
-                let message = message.replace(&format!("`{p}`"), &format!("`{q}`")).replace(&p, &q);
-                let message = if p == "max_tokens" { message } else { message.replace("max_tokens", "max_output_tokens") };
-                ApiError::Invalid { param: Some(q), message }
+                let message = message
+                    .replace(&format!("`{p}`"), &format!("`{q}`"))
+                    .replace(&p, &q);
+                let message = if p == "max_tokens" {
+                    message
+                } else {
+                    message.replace("max_tokens", "max_output_tokens")
+                };
+                ApiError::Invalid {
+                    param: Some(q),
+                    message,
+                }
             }
-            ApiError::Invalid { param: None, message } => ApiError::Invalid { param: None, message: message.replace("max_tokens", "max_output_tokens") },
+            ApiError::Invalid {
+                param: None,
+                message,
+            } => ApiError::Invalid {
+                param: None,
+                message: message.replace("max_tokens", "max_output_tokens"),
+            },
             e => e,
         }
     }
@@ -1015,7 +1218,12 @@ fn chat_frames(resp: Response) -> impl Stream<Item = ChatFrame> + Send {
         ended: bool,
     }
     let body = resp.into_body().into_data_stream();
-    let st = St { body, buf: Vec::new(), pending: VecDeque::new(), ended: false };
+    let st = St {
+        body,
+        buf: Vec::new(),
+        pending: VecDeque::new(),
+        ended: false,
+    };
     fstream::unfold(st, |mut st| async move {
         loop {
             if let Some(f) = st.pending.pop_front() {
@@ -1029,11 +1237,14 @@ fn chat_frames(resp: Response) -> impl Stream<Item = ChatFrame> + Send {
                     st.buf.extend_from_slice(&bytes);
                     while let Some(pos) = st.buf.windows(2).position(|w| w == b"\n\n") {
                         let frame: Vec<u8> = st.buf.drain(..pos + 2).collect();
-                        st.pending.extend(parse_frame(&String::from_utf8_lossy(&frame)));
+                        st.pending
+                            .extend(parse_frame(&String::from_utf8_lossy(&frame)));
                     }
                 }
                 Some(Err(e)) => {
-                    st.pending.push_back(ChatFrame::Error(ApiError::Internal(format!("reading the generation failed: {e}")).body()));
+                    st.pending.push_back(ChatFrame::Error(
+                        ApiError::Internal(format!("reading the generation failed: {e}")).body(),
+                    ));
                     st.ended = true;
                 }
                 None => st.ended = true,
@@ -1044,7 +1255,12 @@ fn chat_frames(resp: Response) -> impl Stream<Item = ChatFrame> + Send {
 
 /// The frame of one SSE event's text.
 fn parse_frame(frame: &str) -> Option<ChatFrame> {
-    let data: String = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect::<Vec<_>>().join("\n");
+    let data: String = frame
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim_start)
+        .collect::<Vec<_>>()
+        .join("\n");
     if data.is_empty() {
         return None;
     }
@@ -1061,12 +1277,26 @@ fn parse_frame(frame: &str) -> Option<ChatFrame> {
 /// The [`ApiError`] of an `{"error": {...}}` body.
 fn api_error_of(body: &Value) -> ApiError {
     let e = &body["error"];
-    let message = e["message"].as_str().unwrap_or("generation failed").to_string();
+    let message = e["message"]
+        .as_str()
+        .unwrap_or("generation failed")
+        .to_string();
     match e["type"].as_str() {
-        Some("invalid_request_error") => ApiError::Invalid { param: e["param"].as_str().map(str::to_string), message },
-        Some("rate_limit_error") => ApiError::RateLimited { message, retry_after_s: 1 },
+        Some("invalid_request_error") => ApiError::Invalid {
+            param: e["param"].as_str().map(str::to_string),
+            message,
+        },
+        Some("rate_limit_error") => ApiError::RateLimited {
+            message,
+            retry_after_s: 1,
+        },
         Some("service_unavailable_error") => ApiError::Unavailable(message),
-        _ => ApiError::Internal(message.strip_prefix("internal error: ").unwrap_or(&message).to_string()),
+        _ => ApiError::Internal(
+            message
+                .strip_prefix("internal error: ")
+                .unwrap_or(&message)
+                .to_string(),
+        ),
     }
 }
 
@@ -1101,7 +1331,13 @@ pub struct Translator {
 impl Translator {
     /// A translator for the response `skeleton` (status `in_progress`, no output).
     pub fn new(skeleton: ResponseObject) -> Self {
-        Self { resp: skeleton, seq: 0, text: None, call: None, finish: None }
+        Self {
+            resp: skeleton,
+            seq: 0,
+            text: None,
+            call: None,
+            finish: None,
+        }
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -1114,8 +1350,14 @@ impl Translator {
     pub fn begin(&mut self) -> Vec<StreamEvent> {
         let (a, b) = (self.next_seq(), self.next_seq());
         vec![
-            StreamEvent::Created { sequence_number: a, response: Box::new(self.resp.clone()) },
-            StreamEvent::InProgress { sequence_number: b, response: Box::new(self.resp.clone()) },
+            StreamEvent::Created {
+                sequence_number: a,
+                response: Box::new(self.resp.clone()),
+            },
+            StreamEvent::InProgress {
+                sequence_number: b,
+                response: Box::new(self.resp.clone()),
+            },
         ]
     }
 
@@ -1126,13 +1368,21 @@ impl Translator {
             let count = |k: &str| u[k].as_u64().unwrap_or(0) as usize;
             self.resp.usage = Some(ResponseUsage {
                 input_tokens: count("prompt_tokens"),
-                input_tokens_details: InputTokensDetails { cached_tokens: u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) as usize },
+                input_tokens_details: InputTokensDetails {
+                    cached_tokens: u["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .unwrap_or(0) as usize,
+                },
                 output_tokens: count("completion_tokens"),
-                output_tokens_details: OutputTokensDetails { reasoning_tokens: 0 },
+                output_tokens_details: OutputTokensDetails {
+                    reasoning_tokens: 0,
+                },
                 total_tokens: count("total_tokens"),
             });
         }
-        let Some(choice) = c["choices"].as_array().and_then(|a| a.first()) else { return out };
+        let Some(choice) = c["choices"].as_array().and_then(|a| a.first()) else {
+            return out;
+        };
         let delta = &choice["delta"];
         if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
             self.close_call(&mut out);
@@ -1153,13 +1403,32 @@ impl Translator {
         if self.text.is_none() {
             let output_index = self.resp.output.len();
             let item_id = new_id("msg_");
-            let item = OutputItem::Message { id: item_id.clone(), status: "in_progress", role: "assistant", content: Vec::new() };
+            let item = OutputItem::Message {
+                id: item_id.clone(),
+                status: "in_progress",
+                role: "assistant",
+                content: Vec::new(),
+            };
             self.resp.output.push(item.clone());
             let s = self.next_seq();
-            out.push(StreamEvent::OutputItemAdded { sequence_number: s, output_index, item });
+            out.push(StreamEvent::OutputItemAdded {
+                sequence_number: s,
+                output_index,
+                item,
+            });
             let s = self.next_seq();
-            out.push(StreamEvent::ContentPartAdded { sequence_number: s, item_id: item_id.clone(), output_index, content_index: 0, part: OutputText::new(String::new()) });
-            self.text = Some(TextState { output_index, item_id, text: String::new() });
+            out.push(StreamEvent::ContentPartAdded {
+                sequence_number: s,
+                item_id: item_id.clone(),
+                output_index,
+                content_index: 0,
+                part: OutputText::new(String::new()),
+            });
+            self.text = Some(TextState {
+                output_index,
+                item_id,
+                text: String::new(),
+            });
         }
         let s = self.next_seq();
         if let Some(t) = self.text.as_mut() {
@@ -1182,19 +1451,48 @@ impl Translator {
             self.close_call(out);
             let output_index = self.resp.output.len();
             let item_id = new_id("fc_");
-            let call_id = tc["id"].as_str().map_or_else(|| new_id("call_"), str::to_string);
+            let call_id = tc["id"]
+                .as_str()
+                .map_or_else(|| new_id("call_"), str::to_string);
             let name = tc["function"]["name"].as_str().unwrap_or("").to_string();
-            let item = OutputItem::FunctionCall { id: item_id.clone(), call_id: call_id.clone(), name: name.clone(), arguments: String::new(), status: "in_progress" };
+            let item = OutputItem::FunctionCall {
+                id: item_id.clone(),
+                call_id: call_id.clone(),
+                name: name.clone(),
+                arguments: String::new(),
+                status: "in_progress",
+            };
             self.resp.output.push(item.clone());
             let s = self.next_seq();
-            out.push(StreamEvent::OutputItemAdded { sequence_number: s, output_index, item });
-            self.call = Some(CallState { chat_index: index, output_index, item_id, call_id, name, arguments: String::new() });
+            out.push(StreamEvent::OutputItemAdded {
+                sequence_number: s,
+                output_index,
+                item,
+            });
+            self.call = Some(CallState {
+                chat_index: index,
+                output_index,
+                item_id,
+                call_id,
+                name,
+                arguments: String::new(),
+            });
         }
-        let Some(args) = tc["function"]["arguments"].as_str().filter(|a| !a.is_empty()) else { return };
+        let Some(args) = tc["function"]["arguments"]
+            .as_str()
+            .filter(|a| !a.is_empty())
+        else {
+            return;
+        };
         let s = self.next_seq();
         if let Some(c) = self.call.as_mut() {
             c.arguments.push_str(args);
-            out.push(StreamEvent::FunctionCallArgumentsDelta { sequence_number: s, item_id: c.item_id.clone(), output_index: c.output_index, delta: args.to_string() });
+            out.push(StreamEvent::FunctionCallArgumentsDelta {
+                sequence_number: s,
+                item_id: c.item_id.clone(),
+                output_index: c.output_index,
+                delta: args.to_string(),
+            });
         }
     }
 
@@ -1210,7 +1508,12 @@ impl Translator {
         let Some(t) = self.text.take() else { return };
         let status = self.item_status();
         let part = OutputText::new(t.text.clone());
-        let item = OutputItem::Message { id: t.item_id.clone(), status, role: "assistant", content: vec![part.clone()] };
+        let item = OutputItem::Message {
+            id: t.item_id.clone(),
+            status,
+            role: "assistant",
+            content: vec![part.clone()],
+        };
         if let Some(slot) = self.resp.output.get_mut(t.output_index) {
             *slot = item.clone();
         }
@@ -1223,19 +1526,45 @@ impl Translator {
             text: t.text,
             logprobs: Vec::new(),
         });
-        out.push(StreamEvent::ContentPartDone { sequence_number: b, item_id: t.item_id, output_index: t.output_index, content_index: 0, part });
-        out.push(StreamEvent::OutputItemDone { sequence_number: c, output_index: t.output_index, item });
+        out.push(StreamEvent::ContentPartDone {
+            sequence_number: b,
+            item_id: t.item_id,
+            output_index: t.output_index,
+            content_index: 0,
+            part,
+        });
+        out.push(StreamEvent::OutputItemDone {
+            sequence_number: c,
+            output_index: t.output_index,
+            item,
+        });
     }
 
     fn close_call(&mut self, out: &mut Vec<StreamEvent>) {
         let Some(c) = self.call.take() else { return };
-        let item = OutputItem::FunctionCall { id: c.item_id.clone(), call_id: c.call_id, name: c.name.clone(), arguments: c.arguments.clone(), status: "completed" };
+        let item = OutputItem::FunctionCall {
+            id: c.item_id.clone(),
+            call_id: c.call_id,
+            name: c.name.clone(),
+            arguments: c.arguments.clone(),
+            status: "completed",
+        };
         if let Some(slot) = self.resp.output.get_mut(c.output_index) {
             *slot = item.clone();
         }
         let (a, b) = (self.next_seq(), self.next_seq());
-        out.push(StreamEvent::FunctionCallArgumentsDone { sequence_number: a, item_id: c.item_id, output_index: c.output_index, name: c.name, arguments: c.arguments });
-        out.push(StreamEvent::OutputItemDone { sequence_number: b, output_index: c.output_index, item });
+        out.push(StreamEvent::FunctionCallArgumentsDone {
+            sequence_number: a,
+            item_id: c.item_id,
+            output_index: c.output_index,
+            name: c.name,
+            arguments: c.arguments,
+        });
+        out.push(StreamEvent::OutputItemDone {
+            sequence_number: b,
+            output_index: c.output_index,
+            item,
+        });
     }
 
     /// Closes open items and ends the response (`response.completed`, or
@@ -1253,17 +1582,28 @@ impl Translator {
         match self.finish.as_deref() {
             Some("length") => {
                 self.resp.status = "incomplete";
-                self.resp.incomplete_details = Some(IncompleteDetails { reason: "max_output_tokens" });
-                out.push(StreamEvent::Incomplete { sequence_number: s, response: Box::new(self.resp.clone()) });
+                self.resp.incomplete_details = Some(IncompleteDetails {
+                    reason: "max_output_tokens",
+                });
+                out.push(StreamEvent::Incomplete {
+                    sequence_number: s,
+                    response: Box::new(self.resp.clone()),
+                });
             }
             Some("abort") => {
                 self.resp.status = "incomplete";
                 self.resp.incomplete_details = Some(IncompleteDetails { reason: "abort" });
-                out.push(StreamEvent::Incomplete { sequence_number: s, response: Box::new(self.resp.clone()) });
+                out.push(StreamEvent::Incomplete {
+                    sequence_number: s,
+                    response: Box::new(self.resp.clone()),
+                });
             }
             _ => {
                 self.resp.status = "completed";
-                out.push(StreamEvent::Completed { sequence_number: s, response: Box::new(self.resp.clone()) });
+                out.push(StreamEvent::Completed {
+                    sequence_number: s,
+                    response: Box::new(self.resp.clone()),
+                });
             }
         }
         out
@@ -1280,9 +1620,15 @@ impl Translator {
         self.text = None;
         self.call = None;
         self.resp.status = "failed";
-        self.resp.error = Some(ResponseError { code: code.into(), message: e.to_string() });
+        self.resp.error = Some(ResponseError {
+            code: code.into(),
+            message: e.to_string(),
+        });
         let s = self.next_seq();
-        vec![StreamEvent::Failed { sequence_number: s, response: Box::new(self.resp.clone()) }]
+        vec![StreamEvent::Failed {
+            sequence_number: s,
+            response: Box::new(self.resp.clone()),
+        }]
     }
 }
 
@@ -1292,8 +1638,15 @@ fn output_messages(output: &[OutputItem]) -> Vec<Value> {
     let mut calls = Vec::new();
     for item in output {
         match item {
-            OutputItem::Message { content, .. } => content.iter().for_each(|p| text.push_str(&p.text)),
-            OutputItem::FunctionCall { call_id, name, arguments, .. } => {
+            OutputItem::Message { content, .. } => {
+                content.iter().for_each(|p| text.push_str(&p.text))
+            }
+            OutputItem::FunctionCall {
+                call_id,
+                name,
+                arguments,
+                ..
+            } => {
                 calls.push(json!({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}));
             }
         }
@@ -1320,30 +1673,53 @@ impl StoreCtx {
         }
         let mut conversation = self.conversation;
         conversation.extend(output_messages(&resp.output));
-        self.app.responses.put(Stored { tenant: self.tenant, response: resp.clone(), conversation, input_items: self.input_items });
+        self.app.responses.put(Stored {
+            tenant: self.tenant,
+            response: resp.clone(),
+            conversation,
+            input_items: self.input_items,
+        });
     }
 }
 
 // ---------------------------------------------------------------- handlers
 
 /// `POST /v1/responses`.
-pub(crate) async fn create(State(app): State<App>, tenant: Tenant, Body(body): Body<ResponsesBody>) -> Result<Response, ApiError> {
+pub(crate) async fn create(
+    State(app): State<App>,
+    tenant: Tenant,
+    Body(body): Body<ResponsesBody>,
+) -> Result<Response, ApiError> {
     let previous = match body.0.get("previous_response_id").filter(|v| !v.is_null()) {
         None => None,
-        Some(Value::String(id)) => Some(
-            app.responses
-                .get(id, tenant.0)
-                .ok_or_else(|| ApiError::invalid("previous_response_id", format!("Previous response with id '{id}' not found.")))?,
-        ),
-        Some(v) => return Err(ApiError::invalid("previous_response_id", format!("invalid value for `previous_response_id`: expected a string, got {v}"))),
+        Some(Value::String(id)) => Some(app.responses.get(id, tenant.0).ok_or_else(|| {
+            ApiError::invalid(
+                "previous_response_id",
+                format!("Previous response with id '{id}' not found."),
+            )
+        })?),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "previous_response_id",
+                format!("invalid value for `previous_response_id`: expected a string, got {v}"),
+            ))
+        }
     };
     let tr = translate(&body.0, previous.as_ref(), &app.model_name)?;
     routes::check_model(&app, body.0.get("model").and_then(Value::as_str))?;
-    let chat_body = serde_json::to_vec(&tr.chat).map_err(|e| ApiError::Internal(format!("building the chat request failed: {e}")))?;
+    let chat_body = serde_json::to_vec(&tr.chat)
+        .map_err(|e| ApiError::Internal(format!("building the chat request failed: {e}")))?;
     let chat = ChatRequest::parse(&chat_body).map_err(|e| tr.map_error(e))?;
-    let resp = routes::chat_completions(State(app.clone()), tenant, Body(chat)).await.map_err(|e| tr.map_error(e))?;
+    let resp = routes::chat_completions(State(app.clone()), tenant, Body(chat))
+        .await
+        .map_err(|e| tr.map_error(e))?;
     let frames = Box::pin(chat_frames(resp));
-    let ctx = StoreCtx { app, tenant: tenant.0, conversation: tr.conversation, input_items: tr.input_items };
+    let ctx = StoreCtx {
+        app,
+        tenant: tenant.0,
+        conversation: tr.conversation,
+        input_items: tr.input_items,
+    };
     let mut t = Translator::new(tr.skeleton);
     if tr.stream {
         return Ok(sse(t, frames, ctx));
@@ -1365,7 +1741,11 @@ pub(crate) async fn create(State(app): State<App>, tenant: Tenant, Body(body): B
 }
 
 /// The SSE body of a streamed response; dropping it (client gone) cancels generation.
-fn sse(t: Translator, frames: std::pin::Pin<Box<dyn Stream<Item = ChatFrame> + Send>>, ctx: StoreCtx) -> Response {
+fn sse(
+    t: Translator,
+    frames: std::pin::Pin<Box<dyn Stream<Item = ChatFrame> + Send>>,
+    ctx: StoreCtx,
+) -> Response {
     struct St {
         t: Translator,
         frames: std::pin::Pin<Box<dyn Stream<Item = ChatFrame> + Send>>,
@@ -1373,7 +1753,13 @@ fn sse(t: Translator, frames: std::pin::Pin<Box<dyn Stream<Item = ChatFrame> + S
         ctx: Option<StoreCtx>,
         finished: bool,
     }
-    let mut st = St { t, frames, pending: VecDeque::new(), ctx: Some(ctx), finished: false };
+    let mut st = St {
+        t,
+        frames,
+        pending: VecDeque::new(),
+        ctx: Some(ctx),
+        finished: false,
+    };
     let begin = st.t.begin();
     st.pending.extend(begin.iter().map(StreamEvent::frame));
     let body = fstream::unfold(st, |mut st| async move {
@@ -1403,7 +1789,14 @@ fn sse(t: Translator, frames: std::pin::Pin<Box<dyn Stream<Item = ChatFrame> + S
             }
         }
     });
-    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], axum::body::Body::from_stream(body)).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -1413,18 +1806,29 @@ fn not_found(id: &str) -> ApiError {
 /// Refuses query parameters other than `allowed`.
 fn check_query(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
     match q.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::invalid(k, format!("query parameter `{k}` is not supported here"))),
+        Some(k) => Err(ApiError::invalid(
+            k,
+            format!("query parameter `{k}` is not supported here"),
+        )),
         None => Ok(()),
     }
 }
 
 /// `GET /v1/responses/{id}`.
-pub(crate) async fn retrieve(State(app): State<App>, tenant: Tenant, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Json<ResponseObject>, ApiError> {
+pub(crate) async fn retrieve(
+    State(app): State<App>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<ResponseObject>, ApiError> {
     check_query(&q, &["include"])?;
     if q.get("include").is_some_and(|v| !v.is_empty()) {
         return Err(unsupported("include", "with a value"));
     }
-    app.responses.get(&id, tenant.0).map(|s| Json(s.response)).ok_or_else(|| not_found(&id))
+    app.responses
+        .get(&id, tenant.0)
+        .map(|s| Json(s.response))
+        .ok_or_else(|| not_found(&id))
 }
 
 /// `DELETE /v1/responses/{id}` body.
@@ -1439,9 +1843,17 @@ pub struct Deleted {
 }
 
 /// `DELETE /v1/responses/{id}`.
-pub(crate) async fn delete(State(app): State<App>, tenant: Tenant, Path(id): Path<String>) -> Result<Json<Deleted>, ApiError> {
+pub(crate) async fn delete(
+    State(app): State<App>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Deleted>, ApiError> {
     if app.responses.remove(&id, tenant.0) {
-        Ok(Json(Deleted { id, object: "response", deleted: true }))
+        Ok(Json(Deleted {
+            id,
+            object: "response",
+            deleted: true,
+        }))
     } else {
         Err(not_found(&id))
     }
@@ -1473,25 +1885,50 @@ pub(crate) async fn input_items(
     if q.get("include").is_some_and(|v| !v.is_empty()) {
         return Err(unsupported("include", "with a value"));
     }
-    let s = app.responses.get(&id, tenant.0).ok_or_else(|| not_found(&id))?;
+    let s = app
+        .responses
+        .get(&id, tenant.0)
+        .ok_or_else(|| not_found(&id))?;
     let mut items = s.input_items;
     match q.get("order").map(String::as_str) {
         None | Some("desc") => items.reverse(),
         Some("asc") => {}
-        Some(o) => return Err(ApiError::invalid("order", format!("`order` must be `asc` or `desc`, got {o:?}"))),
+        Some(o) => {
+            return Err(ApiError::invalid(
+                "order",
+                format!("`order` must be `asc` or `desc`, got {o:?}"),
+            ))
+        }
     }
     let limit = match q.get("limit") {
         None => 20,
-        Some(l) => l.parse::<usize>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| ApiError::invalid("limit", format!("`limit` must be in 1..=100, got {l:?}")))?,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid("limit", format!("`limit` must be in 1..=100, got {l:?}"))
+            })?,
     };
     if let Some(after) = q.get("after") {
-        let pos = items.iter().position(|i| i["id"] == after.as_str()).ok_or_else(|| ApiError::invalid("after", format!("no input item with id {after:?}")))?;
+        let pos = items
+            .iter()
+            .position(|i| i["id"] == after.as_str())
+            .ok_or_else(|| {
+                ApiError::invalid("after", format!("no input item with id {after:?}"))
+            })?;
         items.drain(..=pos);
     }
     let has_more = items.len() > limit;
     items.truncate(limit);
     let id_of = |v: Option<&Value>| v.and_then(|i| i["id"].as_str()).map(str::to_string);
-    Ok(Json(InputItemList { object: "list", first_id: id_of(items.first()), last_id: id_of(items.last()), has_more, data: items }))
+    Ok(Json(InputItemList {
+        object: "list",
+        first_id: id_of(items.first()),
+        last_id: id_of(items.last()),
+        has_more,
+        data: items,
+    }))
 }
 
 #[cfg(test)]
@@ -1516,23 +1953,42 @@ mod tests {
         }))
         .unwrap();
         let c = Value::Object(t.chat.clone());
-        assert_eq!(c["messages"], json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]));
+        assert_eq!(
+            c["messages"],
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        );
         assert_eq!(c["max_tokens"], 7);
         assert_eq!(c["temperature"], 0);
         assert_eq!(c["seed"], 3);
-        assert_eq!(c["response_format"], json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": true}}));
-        assert_eq!(c["tools"], json!([{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]));
-        assert_eq!(c["tool_choice"], json!({"type": "function", "function": {"name": "f"}}));
+        assert_eq!(
+            c["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": true}})
+        );
+        assert_eq!(
+            c["tools"],
+            json!([{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}])
+        );
+        assert_eq!(
+            c["tool_choice"],
+            json!({"type": "function", "function": {"name": "f"}})
+        );
         assert_eq!(c["stream"], true);
         assert_eq!(c["stream_options"], json!({"include_usage": true}));
         assert!(c.get("metadata").is_none() && c.get("user").is_none() && c.get("store").is_none());
         assert_eq!(t.skeleton.temperature, 0.0);
         assert!(!t.skeleton.store);
         assert_eq!(t.skeleton.metadata["k"], "v");
-        assert_eq!(t.conversation, vec![json!({"role": "user", "content": "Hi"})], "instructions are not part of the conversation");
+        assert_eq!(
+            t.conversation,
+            vec![json!({"role": "user", "content": "Hi"})],
+            "instructions are not part of the conversation"
+        );
         // The chat side accepts every field of the translation it does not refuse itself.
         let ok = tr(json!({"input": [{"role": "developer", "content": "sys"}, {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]}]})).unwrap();
-        assert_eq!(Value::Object(ok.chat.clone())["messages"], json!([{"role": "system", "content": "sys"}, {"role": "user", "content": "ab"}]));
+        assert_eq!(
+            Value::Object(ok.chat.clone())["messages"],
+            json!([{"role": "system", "content": "sys"}, {"role": "user", "content": "ab"}])
+        );
         ChatRequest::parse(&serde_json::to_vec(&ok.chat).unwrap()).unwrap();
     }
 
@@ -1547,14 +2003,24 @@ mod tests {
         .unwrap();
         let m = &Value::Object(t.chat.clone())["messages"];
         assert_eq!(m[1]["role"], "assistant");
-        assert_eq!(m[1]["tool_calls"].as_array().unwrap().len(), 2, "calls of one turn form one message");
+        assert_eq!(
+            m[1]["tool_calls"].as_array().unwrap().len(),
+            2,
+            "calls of one turn form one message"
+        );
         assert_eq!(m[1]["tool_calls"][1]["function"]["arguments"], "{\"a\":1}");
-        assert_eq!(m[2], json!({"role": "tool", "tool_call_id": "call_1", "content": "sunny"}));
+        assert_eq!(
+            m[2],
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "sunny"})
+        );
         assert_eq!(t.input_items.len(), 4);
         assert_eq!(t.input_items[2]["id"], "fc_x");
         assert!(t.input_items[0]["id"].as_str().unwrap().starts_with("msg_"));
         // The chat side's refusal of message fields names the Responses item.
-        let e = t.map_error(ApiError::invalid("messages[2].role", "`messages[2].role` is not supported"));
+        let e = t.map_error(ApiError::invalid(
+            "messages[2].role",
+            "`messages[2].role` is not supported",
+        ));
         assert_eq!(e.body()["error"]["param"], "input[3]", "{e}");
         assert!(e.to_string().contains("`input[3]`"), "{e}");
     }
@@ -1565,23 +2031,65 @@ mod tests {
             (json!({"input": "x", "frobnicate": 1}), "frobnicate"),
             (json!({"input": "x", "background": true}), "background"),
             (json!({"input": "x", "truncation": "auto"}), "truncation"),
-            (json!({"input": "x", "include": ["message.output_text.logprobs"]}), "include"),
+            (
+                json!({"input": "x", "include": ["message.output_text.logprobs"]}),
+                "include",
+            ),
             (json!({"input": "x", "top_logprobs": 3}), "top_logprobs"),
-            (json!({"input": "x", "conversation": "conv_1"}), "conversation"),
-            (json!({"input": "x", "reasoning": {"effort": "high"}}), "reasoning"),
+            (
+                json!({"input": "x", "conversation": "conv_1"}),
+                "conversation",
+            ),
+            (
+                json!({"input": "x", "reasoning": {"effort": "high"}}),
+                "reasoning",
+            ),
             (json!({"input": 5}), "input"),
-            (json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}), "input[0].content[0].type"),
-            (json!({"input": [{"role": "critic", "content": "x"}]}), "input[0].role"),
-            (json!({"input": [{"type": "reasoning", "summary": []}]}), "input[0].type"),
-            (json!({"input": [{"role": "user", "content": "x", "weight": 2}]}), "input[0].weight"),
-            (json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}), "text.format.schema"),
-            (json!({"input": "x", "text": {"format": {"type": "grammar"}}}), "text.format.type"),
-            (json!({"input": "x", "text": {"verbosity": "high"}}), "text.verbosity"),
-            (json!({"input": "x", "tools": [{"type": "web_search"}]}), "tools[0].type"),
-            (json!({"input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}), "tools[0].function"),
-            (json!({"input": "x", "tool_choice": {"type": "file_search"}}), "tool_choice"),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}),
+                "input[0].content[0].type",
+            ),
+            (
+                json!({"input": [{"role": "critic", "content": "x"}]}),
+                "input[0].role",
+            ),
+            (
+                json!({"input": [{"type": "reasoning", "summary": []}]}),
+                "input[0].type",
+            ),
+            (
+                json!({"input": [{"role": "user", "content": "x", "weight": 2}]}),
+                "input[0].weight",
+            ),
+            (
+                json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}),
+                "text.format.schema",
+            ),
+            (
+                json!({"input": "x", "text": {"format": {"type": "grammar"}}}),
+                "text.format.type",
+            ),
+            (
+                json!({"input": "x", "text": {"verbosity": "high"}}),
+                "text.verbosity",
+            ),
+            (
+                json!({"input": "x", "tools": [{"type": "web_search"}]}),
+                "tools[0].type",
+            ),
+            (
+                json!({"input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "tools[0].function",
+            ),
+            (
+                json!({"input": "x", "tool_choice": {"type": "file_search"}}),
+                "tool_choice",
+            ),
             (json!({"input": "x", "metadata": {"k": 1}}), "metadata.k"),
-            (json!({"input": "x", "max_output_tokens": -1}), "max_output_tokens"),
+            (
+                json!({"input": "x", "max_output_tokens": -1}),
+                "max_output_tokens",
+            ),
             (json!({"input": "x", "stream": "yes"}), "stream"),
         ] {
             let e = tr(b.clone()).unwrap_err();
@@ -1611,7 +2119,10 @@ mod tests {
         ] {
             assert_eq!(t.responses_param(chat), want, "{chat}");
         }
-        let e = t.map_error(ApiError::invalid("max_tokens", "`max_tokens` must be at least 1"));
+        let e = t.map_error(ApiError::invalid(
+            "max_tokens",
+            "`max_tokens` must be at least 1",
+        ));
         assert_eq!(e.to_string(), "`max_output_tokens` must be at least 1");
     }
 
@@ -1620,15 +2131,36 @@ mod tests {
         let prev = Stored {
             tenant: 0,
             response: tr(json!({"input": "a"})).unwrap().skeleton,
-            conversation: vec![json!({"role": "user", "content": "a"}), json!({"role": "assistant", "content": "b"})],
+            conversation: vec![
+                json!({"role": "user", "content": "a"}),
+                json!({"role": "assistant", "content": "b"}),
+            ],
             input_items: vec![],
         };
-        let t = translate(&body(json!({"input": "c", "instructions": "new"})), Some(&prev), "m").unwrap();
+        let t = translate(
+            &body(json!({"input": "c", "instructions": "new"})),
+            Some(&prev),
+            "m",
+        )
+        .unwrap();
         let m = &Value::Object(t.chat.clone())["messages"];
         assert_eq!(m.as_array().unwrap().len(), 4);
-        assert_eq!((m[0]["role"].as_str(), m[1]["content"].as_str(), m[3]["content"].as_str()), (Some("system"), Some("a"), Some("c")));
-        assert_eq!(t.skeleton.previous_response_id.as_deref(), Some(prev.response.id.as_str()));
-        assert_eq!(t.responses_param("messages[2].content"), "previous_response_id");
+        assert_eq!(
+            (
+                m[0]["role"].as_str(),
+                m[1]["content"].as_str(),
+                m[3]["content"].as_str()
+            ),
+            (Some("system"), Some("a"), Some("c"))
+        );
+        assert_eq!(
+            t.skeleton.previous_response_id.as_deref(),
+            Some(prev.response.id.as_str())
+        );
+        assert_eq!(
+            t.responses_param("messages[2].content"),
+            "previous_response_id"
+        );
         assert_eq!(t.conversation.len(), 3);
     }
 
@@ -1662,18 +2194,30 @@ mod tests {
                 "response.completed"
             ]
         );
-        let seqs: Vec<u64> = ev.iter().map(|e| serde_json::to_value(e).unwrap()["sequence_number"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = ev
+            .iter()
+            .map(|e| {
+                serde_json::to_value(e).unwrap()["sequence_number"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
         assert_eq!(seqs, (0..ev.len() as u64).collect::<Vec<_>>());
         let done = serde_json::to_value(ev.last().unwrap()).unwrap();
         assert_eq!(done["type"], "response.completed");
         assert_eq!(done["response"]["status"], "completed");
         assert_eq!(done["response"]["output"][0]["content"][0]["text"], "Hello");
         assert_eq!(done["response"]["output"][0]["status"], "completed");
-        assert_eq!(done["response"]["usage"], json!({"input_tokens": 5, "input_tokens_details": {"cached_tokens": 1}, "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 7}));
+        assert_eq!(
+            done["response"]["usage"],
+            json!({"input_tokens": 5, "input_tokens_details": {"cached_tokens": 1}, "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 7})
+        );
         let delta = serde_json::to_value(&ev[4]).unwrap();
         assert_eq!(delta["delta"], "Hel");
         assert_eq!(delta["item_id"], done["response"]["output"][0]["id"]);
-        assert!(ev[4].frame().starts_with(b"event: response.output_text.delta\ndata: {"));
+        assert!(ev[4]
+            .frame()
+            .starts_with(b"event: response.output_text.delta\ndata: {"));
     }
 
     #[test]
@@ -1681,8 +2225,14 @@ mod tests {
         let mut t = Translator::new(tr(json!({"input": "x"})).unwrap().skeleton);
         let _ = t.begin();
         let mut ev = t.chunk(&chunk(json!({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]}), None));
-        ev.extend(t.chunk(&chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"x\":"}}]}), None)));
-        ev.extend(t.chunk(&chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}), None)));
+        ev.extend(t.chunk(&chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"x\":"}}]}),
+            None,
+        )));
+        ev.extend(t.chunk(&chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+            None,
+        )));
         ev.extend(t.chunk(&chunk(json!({"tool_calls": [{"index": 1, "id": "call_b", "function": {"name": "g", "arguments": "{}"}}]}), Some("tool_calls"))));
         ev.extend(t.end());
         let kinds: Vec<&str> = ev.iter().map(StreamEvent::kind).collect();
@@ -1703,10 +2253,19 @@ mod tests {
         );
         let out = serde_json::to_value(&t.resp.output).unwrap();
         assert_eq!(out[0]["type"], "function_call");
-        assert_eq!((out[0]["call_id"].as_str(), out[0]["arguments"].as_str()), (Some("call_a"), Some("{\"x\":1}")));
-        assert_eq!((out[1]["name"].as_str(), out[1]["status"].as_str()), (Some("g"), Some("completed")));
+        assert_eq!(
+            (out[0]["call_id"].as_str(), out[0]["arguments"].as_str()),
+            (Some("call_a"), Some("{\"x\":1}"))
+        );
+        assert_eq!(
+            (out[1]["name"].as_str(), out[1]["status"].as_str()),
+            (Some("g"), Some("completed"))
+        );
         let conv = output_messages(&t.resp.output);
-        assert_eq!(conv[0]["tool_calls"][0]["function"]["arguments"], "{\"x\":1}");
+        assert_eq!(
+            conv[0]["tool_calls"][0]["function"]["arguments"],
+            "{\"x\":1}"
+        );
 
         let mut t = Translator::new(tr(json!({"input": "x"})).unwrap().skeleton);
         let _ = t.begin();
@@ -1714,8 +2273,19 @@ mod tests {
         let ev = t.end();
         assert_eq!(ev.last().unwrap().kind(), "response.incomplete");
         assert_eq!(t.resp.status, "incomplete");
-        assert_eq!(t.resp.incomplete_details, Some(IncompleteDetails { reason: "max_output_tokens" }));
-        assert!(matches!(&t.resp.output[0], OutputItem::Message { status: "incomplete", .. }));
+        assert_eq!(
+            t.resp.incomplete_details,
+            Some(IncompleteDetails {
+                reason: "max_output_tokens"
+            })
+        );
+        assert!(matches!(
+            &t.resp.output[0],
+            OutputItem::Message {
+                status: "incomplete",
+                ..
+            }
+        ));
 
         // Nothing generated: one empty message, as OpenAI answers.
         let mut t = Translator::new(tr(json!({"input": "x"})).unwrap().skeleton);
@@ -1723,7 +2293,9 @@ mod tests {
         let _ = t.chunk(&chunk(json!({}), Some("stop")));
         let ev = t.end();
         assert!(ev.iter().all(|e| e.kind() != "response.output_text.delta"));
-        assert!(matches!(&t.resp.output[..], [OutputItem::Message { content, .. }] if content[0].text.is_empty()));
+        assert!(
+            matches!(&t.resp.output[..], [OutputItem::Message { content, .. }] if content[0].text.is_empty())
+        );
     }
 
     #[test]
@@ -1733,22 +2305,43 @@ mod tests {
         let ev = t.fail(&ApiError::Internal("boom".into()).body());
         assert_eq!(ev[0].kind(), "response.failed");
         assert_eq!(t.resp.error.as_ref().unwrap().code, "server_error");
-        assert_eq!(t.resp.error.as_ref().unwrap().message, "internal error: boom");
+        assert_eq!(
+            t.resp.error.as_ref().unwrap().message,
+            "internal error: boom"
+        );
         assert_eq!(parse_frame("data: [DONE]\n\n"), Some(ChatFrame::Done));
-        assert_eq!(parse_frame("data: {\"a\":1}\n\n"), Some(ChatFrame::Chunk(json!({"a": 1}))));
-        assert!(matches!(parse_frame("data: {\"error\":{}}\n\n"), Some(ChatFrame::Error(_))));
+        assert_eq!(
+            parse_frame("data: {\"a\":1}\n\n"),
+            Some(ChatFrame::Chunk(json!({"a": 1})))
+        );
+        assert!(matches!(
+            parse_frame("data: {\"error\":{}}\n\n"),
+            Some(ChatFrame::Error(_))
+        ));
         assert_eq!(parse_frame(": keep-alive\n\n"), None);
     }
 
     #[test]
     fn store_is_bounded_and_per_tenant() {
         let s = ResponseStore::new(2);
-        let mk = |tenant| Stored { tenant, response: tr(json!({"input": "x"})).unwrap().skeleton, conversation: vec![], input_items: vec![] };
+        let mk = |tenant| Stored {
+            tenant,
+            response: tr(json!({"input": "x"})).unwrap().skeleton,
+            conversation: vec![],
+            input_items: vec![],
+        };
         let (a, b, c) = (mk(0), mk(0), mk(1));
-        let (ia, ib, ic) = (a.response.id.clone(), b.response.id.clone(), c.response.id.clone());
+        let (ia, ib, ic) = (
+            a.response.id.clone(),
+            b.response.id.clone(),
+            c.response.id.clone(),
+        );
         s.put(a);
         s.put(b);
-        assert!(s.get(&ia, 0).is_some() && s.get(&ia, 1).is_none(), "another tenant does not see it");
+        assert!(
+            s.get(&ia, 0).is_some() && s.get(&ia, 1).is_none(),
+            "another tenant does not see it"
+        );
         s.put(c);
         assert_eq!(s.len(), 2);
         assert!(s.get(&ia, 0).is_none(), "the oldest is evicted");

@@ -348,27 +348,67 @@ mod tests {
     /// The typed bodies serialize exactly as the `json!` bodies they replaced.
     #[test]
     fn shapes_match_the_openai_bodies() {
-        let usage = Usage { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5, prompt_tokens_details: PromptTokensDetails { cached_tokens: 1 } };
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            total_tokens: 5,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: 1 },
+        };
         let chunk = CompletionChunk {
             id: "cmpl-1".into(),
             object: "text_completion",
             created: 7,
             model: "m".into(),
-            choices: vec![CompletionChoice { index: 0, text: "a".into(), logprobs: None, finish_reason: None }],
+            choices: vec![CompletionChoice {
+                index: 0,
+                text: "a".into(),
+                logprobs: None,
+                finish_reason: None,
+            }],
             usage: Some(None),
         };
         assert_eq!(
             serde_json::to_value(&chunk).unwrap(),
             json!({"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m", "choices": [{"index": 0, "text": "a", "logprobs": null, "finish_reason": null}], "usage": null})
         );
-        let last = CompletionChunk { choices: vec![], usage: Some(Some(usage.clone())), ..chunk.clone() };
-        assert_eq!(serde_json::to_value(&last).unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
-        let plain = CompletionChunk { usage: None, ..chunk };
+        let last = CompletionChunk {
+            choices: vec![],
+            usage: Some(Some(usage.clone())),
+            ..chunk.clone()
+        };
+        assert_eq!(
+            serde_json::to_value(&last).unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"],
+            1
+        );
+        let plain = CompletionChunk {
+            usage: None,
+            ..chunk
+        };
         assert!(serde_json::to_value(&plain).unwrap().get("usage").is_none());
-        let first = ChatChunkChoice { index: 1, delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None }, logprobs: None, finish_reason: None };
-        assert_eq!(serde_json::to_value(&first).unwrap(), json!({"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
-        let end = ChatChunkChoice { index: 0, delta: ChatDelta::default(), logprobs: None, finish_reason: Some("stop") };
-        assert_eq!(serde_json::to_value(&end).unwrap(), json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}));
+        let first = ChatChunkChoice {
+            index: 1,
+            delta: ChatDelta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+                tool_calls: None,
+            },
+            logprobs: None,
+            finish_reason: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&first).unwrap(),
+            json!({"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})
+        );
+        let end = ChatChunkChoice {
+            index: 0,
+            delta: ChatDelta::default(),
+            logprobs: None,
+            finish_reason: Some("stop"),
+        };
+        assert_eq!(
+            serde_json::to_value(&end).unwrap(),
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"})
+        );
         let lp = CompletionLogprobs {
             tokens: vec!["a".into(), "b".into()],
             token_logprobs: vec![None, Some(-0.5)],
@@ -382,23 +422,71 @@ mod tests {
         let msg = ChatMessageOut {
             role: "assistant",
             content: None,
-            tool_calls: Some(vec![ToolCallOut { id: "call_1".into(), kind: "function", function: FunctionOut { name: "f".into(), arguments: "{}".into() } }]),
+            tool_calls: Some(vec![ToolCallOut {
+                id: "call_1".into(),
+                kind: "function",
+                function: FunctionOut {
+                    name: "f".into(),
+                    arguments: "{}".into(),
+                },
+            }]),
         };
         assert_eq!(
             serde_json::to_value(&msg).unwrap(),
             json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
         );
-        let plain = ChatMessageOut { role: "assistant", content: Some("hi".into()), tool_calls: None };
-        assert_eq!(serde_json::to_value(&plain).unwrap(), json!({"role": "assistant", "content": "hi"}));
-        let head = ToolCallDelta { index: 0, id: Some("call_1".into()), kind: Some("function"), function: FunctionDelta { name: Some("f".into()), arguments: Some(String::new()) } };
-        let more = ToolCallDelta { index: 0, id: None, kind: None, function: FunctionDelta { name: None, arguments: Some("{}".into()) } };
-        let delta = ChatDelta { tool_calls: Some(vec![head, more]), ..ChatDelta::default() };
+        let plain = ChatMessageOut {
+            role: "assistant",
+            content: Some("hi".into()),
+            tool_calls: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            json!({"role": "assistant", "content": "hi"})
+        );
+        let head = ToolCallDelta {
+            index: 0,
+            id: Some("call_1".into()),
+            kind: Some("function"),
+            function: FunctionDelta {
+                name: Some("f".into()),
+                arguments: Some(String::new()),
+            },
+        };
+        let more = ToolCallDelta {
+            index: 0,
+            id: None,
+            kind: None,
+            function: FunctionDelta {
+                name: None,
+                arguments: Some("{}".into()),
+            },
+        };
+        let delta = ChatDelta {
+            tool_calls: Some(vec![head, more]),
+            ..ChatDelta::default()
+        };
         assert_eq!(
             serde_json::to_value(&delta).unwrap(),
             json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}, {"index": 0, "function": {"arguments": "{}"}}]})
         );
-        let t = TokenizeResponse { count: 1, max_model_len: 9, tokens: vec![4], token_strs: None };
-        assert_eq!(serde_json::to_value(&t).unwrap(), json!({"count": 1, "max_model_len": 9, "tokens": [4], "token_strs": null}));
-        assert_eq!(serde_json::to_value(StatusResponse { status: "ok", model: None }).unwrap(), json!({"status": "ok"}));
+        let t = TokenizeResponse {
+            count: 1,
+            max_model_len: 9,
+            tokens: vec![4],
+            token_strs: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&t).unwrap(),
+            json!({"count": 1, "max_model_len": 9, "tokens": [4], "token_strs": null})
+        );
+        assert_eq!(
+            serde_json::to_value(StatusResponse {
+                status: "ok",
+                model: None
+            })
+            .unwrap(),
+            json!({"status": "ok"})
+        );
     }
 }

@@ -27,8 +27,9 @@ use tracing::Instrument;
 use super::admission::{Admitted, Ticket};
 use super::error::ApiError;
 use super::responses::{
-    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
-    ChatTopLogprob, Chunk, Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, PromptTokensDetails, TopLogprobMap, Usage,
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
+    ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, Chunk, Completion, CompletionChoice,
+    CompletionChunk, CompletionLogprobs, PromptTokensDetails, TopLogprobMap, Usage,
 };
 use super::tools::{self, ToolItem, ToolParser};
 use super::App;
@@ -103,7 +104,10 @@ struct Generation {
 }
 
 fn event_stream(p: usize, rs: ResponseStream) -> EventStream {
-    Box::pin(fstream::unfold(rs, |mut rs| async move { rs.next().await.map(|e| (e, rs)) }).map(move |e| (p, e)))
+    Box::pin(
+        fstream::unfold(rs, |mut rs| async move { rs.next().await.map(|e| (e, rs)) })
+            .map(move |e| (p, e)),
+    )
 }
 
 /// Submits the request (every prompt, as one admission entry), waits for it to
@@ -119,7 +123,18 @@ pub async fn generate(
     include_usage: bool,
     arrival: Instant,
 ) -> Result<Response, ApiError> {
-    generate_with_tools(app, tenant, kind, prompts, params, streaming, include_usage, arrival, None).await
+    generate_with_tools(
+        app,
+        tenant,
+        kind,
+        prompts,
+        params,
+        streaming,
+        include_usage,
+        arrival,
+        None,
+    )
+    .await
 }
 
 /// [`generate`] for a chat request with tools: every choice's output is parsed
@@ -140,7 +155,13 @@ pub async fn generate_with_tools(
     let priority = prompts.first().map_or(0, |p| p.valid.priority());
     let reqs = prompts.iter().map(|p| p.valid.clone()).collect();
     let reply = app.admission.enqueue(tenant, priority, reqs)?;
-    let Admitted { streams, ticket, admitted_at } = reply.await.map_err(|_| ApiError::Unavailable("the server is shutting down".into()))??;
+    let Admitted {
+        streams,
+        ticket,
+        admitted_at,
+    } = reply
+        .await
+        .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))??;
     let tenant_name = app.admission.tenant_name(tenant).to_string();
     let mut subs = Vec::with_capacity(streams.len());
     let mut events: SelectAll<EventStream> = SelectAll::new();
@@ -149,15 +170,29 @@ pub async fn generate_with_tools(
         match stream.next().await {
             Some(Event::Started { prompt_tokens, .. }) => {
                 app.metrics.on_prompt(&tenant_name, prompt_tokens.len());
-                subs.push(Sub { prompt_ids: prompt_tokens, prompt_text: spec.text, prompt_lp: None, remaining: n, cached: 0 });
+                subs.push(Sub {
+                    prompt_ids: prompt_tokens,
+                    prompt_text: spec.text,
+                    prompt_lp: None,
+                    remaining: n,
+                    cached: 0,
+                });
                 events.push(event_stream(i, stream));
             }
             Some(Event::Error(e)) => return Err(e.into()),
-            Some(_) => return Err(ApiError::Internal("the engine sent an event before `Started`".into())),
+            Some(_) => {
+                return Err(ApiError::Internal(
+                    "the engine sent an event before `Started`".into(),
+                ))
+            }
             None => return Err(ApiError::Unavailable("the engine stopped".into())),
         }
     }
-    let prefix = if matches!(kind, Kind::Chat { .. }) { "chatcmpl-" } else { "cmpl-" };
+    let prefix = if matches!(kind, Kind::Chat { .. }) {
+        "chatcmpl-"
+    } else {
+        "cmpl-"
+    };
     let num_choices = subs.len() * n;
     let g = Generation {
         app,
@@ -170,7 +205,12 @@ pub async fn generate_with_tools(
         id: format!("{prefix}{}", uuid::Uuid::new_v4().simple()),
         created: super::unix_now(),
         subs,
-        choices: (0..num_choices).map(|_| Choice { tools: tools.clone(), ..Choice::default() }).collect(),
+        choices: (0..num_choices)
+            .map(|_| Choice {
+                tools: tools.clone(),
+                ..Choice::default()
+            })
+            .collect(),
         events,
         include_usage,
     };
@@ -183,7 +223,11 @@ pub async fn generate_with_tools(
 
 /// Token text as clients see it (raw bytes, lossy UTF-8).
 fn token_text(app: &App, id: u32) -> (String, Vec<u8>) {
-    let bytes = app.engine.tokenizer().token_to_piece_bytes(id).unwrap_or_default();
+    let bytes = app
+        .engine
+        .tokenizer()
+        .token_to_piece_bytes(id)
+        .unwrap_or_default();
     (String::from_utf8_lossy(&bytes).into_owned(), bytes)
 }
 
@@ -209,7 +253,13 @@ impl Generation {
 
     /// Whether generated tokens carry log-probabilities.
     fn wants_logprobs(&self) -> bool {
-        matches!(self.kind, Kind::Completion { logprobs: Some(_), .. } | Kind::Chat { logprobs: true })
+        matches!(
+            self.kind,
+            Kind::Completion {
+                logprobs: Some(_),
+                ..
+            } | Kind::Chat { logprobs: true }
+        )
     }
 
     /// Applies one event; returns the streaming chunks it produces (when `emit`).
@@ -225,14 +275,22 @@ impl Generation {
             Event::Token { index, token, text } => {
                 let ci = p * self.n + index;
                 let now = Instant::now();
-                let since = self.choices.get(ci).and_then(|c| c.last_token_at).map(|t| now.duration_since(t).as_secs_f64());
-                self.app.metrics.on_token(self.app.admission.tenant_name(self.tenant), since);
+                let since = self
+                    .choices
+                    .get(ci)
+                    .and_then(|c| c.last_token_at)
+                    .map(|t| now.duration_since(t).as_secs_f64());
+                self.app
+                    .metrics
+                    .on_token(self.app.admission.tenant_name(self.tenant), since);
                 if let Some(t) = self.ticket.as_mut() {
                     t.add_output(1);
                 }
                 let echo = emit.then(|| self.echo_chunk(p, ci)).flatten();
                 out.extend(echo);
-                let Some(c) = self.choices.get_mut(ci) else { return Ok(out) };
+                let Some(c) = self.choices.get_mut(ci) else {
+                    return Ok(out);
+                };
                 c.first_token_at.get_or_insert(now);
                 c.last_token_at = Some(now);
                 c.completion_tokens += 1;
@@ -249,7 +307,13 @@ impl Generation {
                     c.tokens.push(token);
                 }
             }
-            Event::Finished { index, reason, text, usage, timings } => {
+            Event::Finished {
+                index,
+                reason,
+                text,
+                usage,
+                timings,
+            } => {
                 let ci = p * self.n + index;
                 let now = Instant::now();
                 if emit {
@@ -258,7 +322,9 @@ impl Generation {
                     }
                 }
                 let tenant = self.tenant_name().to_string();
-                let Some(sub) = self.subs.get_mut(p) else { return Ok(out) };
+                let Some(sub) = self.subs.get_mut(p) else {
+                    return Ok(out);
+                };
                 sub.cached = sub.cached.max(usage.cached_tokens);
                 sub.remaining = sub.remaining.saturating_sub(1);
                 // This completion's engine sequence is free again.
@@ -269,7 +335,9 @@ impl Generation {
                     self.ticket = None; // refunds the unused token reservation
                 }
                 let admitted_at = self.admitted_at;
-                let Some(c) = self.choices.get_mut(ci) else { return Ok(out) };
+                let Some(c) = self.choices.get_mut(ci) else {
+                    return Ok(out);
+                };
                 c.text.push_str(&text);
                 c.finish = Some(reason.as_str());
                 let tool_items = c.tools.as_mut().map(|parser| {
@@ -280,19 +348,33 @@ impl Generation {
                 let scheduled = admitted_at + timings.queue;
                 let first = c.first_token_at.unwrap_or(now);
                 let times = RequestTimes {
-                    queue_s: scheduled.saturating_duration_since(self.arrival).as_secs_f64(),
+                    queue_s: scheduled
+                        .saturating_duration_since(self.arrival)
+                        .as_secs_f64(),
                     prefill_s: first.saturating_duration_since(scheduled).as_secs_f64(),
                     decode_s: now.saturating_duration_since(first).as_secs_f64(),
                     ttft_s: first.saturating_duration_since(self.arrival).as_secs_f64(),
                     e2e_s: now.saturating_duration_since(self.arrival).as_secs_f64(),
                 };
-                self.app.metrics.on_finish(&tenant, reason.as_str(), usage.completion_tokens, times);
+                self.app.metrics.on_finish(
+                    &tenant,
+                    reason.as_str(),
+                    usage.completion_tokens,
+                    times,
+                );
                 match (emit, tool_items) {
                     (false, _) => {}
-                    (true, None) => out.push(self.delta_chunk(ci, &text, None, Some(reason.as_str()))),
+                    (true, None) => {
+                        out.push(self.delta_chunk(ci, &text, None, Some(reason.as_str())))
+                    }
                     (true, Some((items, num_calls))) => {
                         out.extend(self.tool_chunks(ci, items, None));
-                        out.push(self.delta_chunk(ci, "", None, Some(tools::finish_reason(reason.as_str(), num_calls))));
+                        out.push(self.delta_chunk(
+                            ci,
+                            "",
+                            None,
+                            Some(tools::finish_reason(reason.as_str(), num_calls)),
+                        ));
                     }
                 }
             }
@@ -303,27 +385,44 @@ impl Generation {
 
     /// The prompt text (and prompt log-probabilities) as the first chunk of an echoing choice.
     fn echo_chunk(&mut self, p: usize, ci: usize) -> Option<Chunk> {
-        let Kind::Completion { echo: true, .. } = self.kind else { return None };
+        let Kind::Completion { echo: true, .. } = self.kind else {
+            return None;
+        };
         let c = self.choices.get_mut(ci)?;
         if c.echoed {
             return None;
         }
         c.echoed = true;
         let sub = self.subs.get(p)?;
-        let choice = CompletionChoice { index: ci, text: self.prompt_text(sub), logprobs: self.prompt_logprobs(sub), finish_reason: None };
+        let choice = CompletionChoice {
+            index: ci,
+            text: self.prompt_text(sub),
+            logprobs: self.prompt_logprobs(sub),
+            finish_reason: None,
+        };
         Some(self.completion_chunk(choice))
     }
 
     fn prompt_text(&self, sub: &Sub) -> String {
         match &sub.prompt_text {
             Some(t) => t.clone(),
-            None => self.app.engine.tokenizer().decode(&sub.prompt_ids, false).unwrap_or_default(),
+            None => self
+                .app
+                .engine
+                .tokenizer()
+                .decode(&sub.prompt_ids, false)
+                .unwrap_or_default(),
         }
     }
 
     /// Completions-style logprobs of the prompt tokens (first token: null); None when not requested.
     fn prompt_logprobs(&self, sub: &Sub) -> Option<CompletionLogprobs> {
-        let Kind::Completion { logprobs: Some(_), .. } = self.kind else { return None };
+        let Kind::Completion {
+            logprobs: Some(_), ..
+        } = self.kind
+        else {
+            return None;
+        };
         let mut lp = CompletionLogprobs::default();
         let mut off = 0usize;
         for (i, &id) in sub.prompt_ids.iter().enumerate() {
@@ -331,7 +430,11 @@ impl Generation {
             lp.text_offset.push(off);
             off += s.chars().count();
             lp.tokens.push(s);
-            let entry = sub.prompt_lp.as_ref().and_then(|v| v.get(i)).and_then(|x| x.as_ref());
+            let entry = sub
+                .prompt_lp
+                .as_ref()
+                .and_then(|v| v.get(i))
+                .and_then(|x| x.as_ref());
             lp.token_logprobs.push(entry.map(|e| f64::from(e.logprob)));
             lp.top_logprobs.push(entry.map(|e| self.top_map(e)));
         }
@@ -344,12 +447,17 @@ impl Generation {
             m.entry(token_text(&self.app, id).0).or_insert(f64::from(v));
         }
         // OpenAI always lists the chosen token too.
-        m.entry(token_text(&self.app, lp.token).0).or_insert(f64::from(lp.logprob));
+        m.entry(token_text(&self.app, lp.token).0)
+            .or_insert(f64::from(lp.logprob));
         m
     }
 
     /// Completions-style log-probabilities of generated tokens, offsets from `start_offset`.
-    fn completion_logprobs(&self, tokens: &[TokenLogprob], start_offset: usize) -> CompletionLogprobs {
+    fn completion_logprobs(
+        &self,
+        tokens: &[TokenLogprob],
+        start_offset: usize,
+    ) -> CompletionLogprobs {
         let mut out = CompletionLogprobs::default();
         let mut off = start_offset;
         for lp in tokens {
@@ -374,10 +482,19 @@ impl Generation {
                     .iter()
                     .map(|&(id, v)| {
                         let (token, bytes) = token_text(&self.app, id);
-                        ChatTopLogprob { token, logprob: f64::from(v), bytes }
+                        ChatTopLogprob {
+                            token,
+                            logprob: f64::from(v),
+                            bytes,
+                        }
                     })
                     .collect();
-                ChatTokenLogprob { token, logprob: f64::from(lp.logprob), bytes, top_logprobs }
+                ChatTokenLogprob {
+                    token,
+                    logprob: f64::from(lp.logprob),
+                    bytes,
+                    top_logprobs,
+                }
             })
             .collect();
         ChatLogprobs { content }
@@ -413,20 +530,44 @@ impl Generation {
     /// The chunks of parsed tool output (content deltas and each call's two
     /// deltas); `token`'s log-probabilities ride on the first, or on an empty
     /// delta when the token produced nothing yet.
-    fn tool_chunks(&self, ci: usize, items: Vec<ToolItem>, token: Option<&TokenLogprob>) -> Vec<Chunk> {
-        let mut logprobs = token.filter(|_| self.wants_logprobs()).map(|t| self.chat_logprobs(std::slice::from_ref(t)));
-        let family = self.choices.get(ci).and_then(|c| c.tools.as_ref()).map(ToolParser::family);
+    fn tool_chunks(
+        &self,
+        ci: usize,
+        items: Vec<ToolItem>,
+        token: Option<&TokenLogprob>,
+    ) -> Vec<Chunk> {
+        let mut logprobs = token
+            .filter(|_| self.wants_logprobs())
+            .map(|t| self.chat_logprobs(std::slice::from_ref(t)));
+        let family = self
+            .choices
+            .get(ci)
+            .and_then(|c| c.tools.as_ref())
+            .map(ToolParser::family);
         let mut deltas: Vec<ChatDelta> = Vec::new();
-        let mut next_index = self.choices.get(ci).and_then(|c| c.tools.as_ref()).map_or(0, ToolParser::num_calls);
-        let num_new_calls = items.iter().filter(|i| matches!(i, ToolItem::Call(_))).count();
+        let mut next_index = self
+            .choices
+            .get(ci)
+            .and_then(|c| c.tools.as_ref())
+            .map_or(0, ToolParser::num_calls);
+        let num_new_calls = items
+            .iter()
+            .filter(|i| matches!(i, ToolItem::Call(_)))
+            .count();
         next_index -= num_new_calls.min(next_index);
         for item in items {
             match item {
-                ToolItem::Content(text) => deltas.push(ChatDelta { content: Some(text), ..ChatDelta::default() }),
+                ToolItem::Content(text) => deltas.push(ChatDelta {
+                    content: Some(text),
+                    ..ChatDelta::default()
+                }),
                 ToolItem::Call(call) => {
                     let Some(family) = family else { continue };
                     for d in tools::call_deltas(family, next_index, &call) {
-                        deltas.push(ChatDelta { tool_calls: Some(vec![d]), ..ChatDelta::default() });
+                        deltas.push(ChatDelta {
+                            tool_calls: Some(vec![d]),
+                            ..ChatDelta::default()
+                        });
                     }
                     next_index += 1;
                 }
@@ -437,32 +578,77 @@ impl Generation {
         }
         deltas
             .into_iter()
-            .map(|delta| self.chat_chunk(ChatChunkChoice { index: ci, delta, logprobs: logprobs.take(), finish_reason: None }))
+            .map(|delta| {
+                self.chat_chunk(ChatChunkChoice {
+                    index: ci,
+                    delta,
+                    logprobs: logprobs.take(),
+                    finish_reason: None,
+                })
+            })
             .collect()
     }
 
     /// A chunk of new text (with the token's log-probabilities when requested) or a finish.
-    fn delta_chunk(&self, ci: usize, text: &str, token: Option<&TokenLogprob>, finish: Option<&'static str>) -> Chunk {
+    fn delta_chunk(
+        &self,
+        ci: usize,
+        text: &str,
+        token: Option<&TokenLogprob>,
+        finish: Option<&'static str>,
+    ) -> Chunk {
         let token = token.filter(|_| self.wants_logprobs());
         match self.kind {
             Kind::Chat { .. } => {
-                let delta = ChatDelta { content: (!text.is_empty()).then(|| text.to_string()), ..ChatDelta::default() };
+                let delta = ChatDelta {
+                    content: (!text.is_empty()).then(|| text.to_string()),
+                    ..ChatDelta::default()
+                };
                 let logprobs = token.map(|t| self.chat_logprobs(std::slice::from_ref(t)));
-                self.chat_chunk(ChatChunkChoice { index: ci, delta, logprobs, finish_reason: finish })
+                self.chat_chunk(ChatChunkChoice {
+                    index: ci,
+                    delta,
+                    logprobs,
+                    finish_reason: finish,
+                })
             }
             Kind::Completion { .. } => {
                 let logprobs = token.map(|t| self.completion_logprobs(std::slice::from_ref(t), 0));
-                self.completion_chunk(CompletionChoice { index: ci, text: text.to_string(), logprobs, finish_reason: finish })
+                self.completion_chunk(CompletionChoice {
+                    index: ci,
+                    text: text.to_string(),
+                    logprobs,
+                    finish_reason: finish,
+                })
             }
         }
     }
 
     /// The last chunk of a stream with `include_usage`: no choices, the usage.
     fn usage_chunk(&self) -> Chunk {
-        let (id, created, model, usage) = (self.id.clone(), self.created, self.app.model_name.clone(), Some(Some(self.usage())));
+        let (id, created, model, usage) = (
+            self.id.clone(),
+            self.created,
+            self.app.model_name.clone(),
+            Some(Some(self.usage())),
+        );
         match self.kind {
-            Kind::Chat { .. } => Chunk::Chat(ChatCompletionChunk { id, object: "chat.completion.chunk", created, model, choices: vec![], usage }),
-            Kind::Completion { .. } => Chunk::Completion(CompletionChunk { id, object: "text_completion", created, model, choices: vec![], usage }),
+            Kind::Chat { .. } => Chunk::Chat(ChatCompletionChunk {
+                id,
+                object: "chat.completion.chunk",
+                created,
+                model,
+                choices: vec![],
+                usage,
+            }),
+            Kind::Completion { .. } => Chunk::Completion(CompletionChunk {
+                id,
+                object: "text_completion",
+                created,
+                model,
+                choices: vec![],
+                usage,
+            }),
         }
     }
 
@@ -474,7 +660,9 @@ impl Generation {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt + completion,
-            prompt_tokens_details: PromptTokensDetails { cached_tokens: cached },
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: cached,
+            },
         }
     }
 
@@ -485,7 +673,11 @@ impl Generation {
                 Some((p, ev)) => {
                     self.apply(p, ev, false)?;
                 }
-                None => return Err(ApiError::Internal("the engine ended a request without finishing it".into())),
+                None => {
+                    return Err(ApiError::Internal(
+                        "the engine ended a request without finishing it".into(),
+                    ))
+                }
             }
         }
         let (id, created, model) = (self.id.clone(), self.created, self.app.model_name.clone());
@@ -498,18 +690,49 @@ impl Generation {
                     .map(|(ci, c)| {
                         let finish = c.finish.unwrap_or("abort");
                         let (message, finish) = match c.tools.as_ref().map(ToolParser::family) {
-                            None => (ChatMessageOut { role: "assistant", content: Some(c.text.clone()), tool_calls: None }, finish),
+                            None => (
+                                ChatMessageOut {
+                                    role: "assistant",
+                                    content: Some(c.text.clone()),
+                                    tool_calls: None,
+                                },
+                                finish,
+                            ),
                             Some(family) => {
                                 let (content, calls) = ToolParser::parse_all(family, &c.text);
                                 let finish = tools::finish_reason(finish, calls.len());
-                                let calls = (!calls.is_empty()).then(|| calls.iter().map(|call| tools::call_out(family, call)).collect());
-                                (ChatMessageOut { role: "assistant", content, tool_calls: calls }, finish)
+                                let calls = (!calls.is_empty()).then(|| {
+                                    calls
+                                        .iter()
+                                        .map(|call| tools::call_out(family, call))
+                                        .collect()
+                                });
+                                (
+                                    ChatMessageOut {
+                                        role: "assistant",
+                                        content,
+                                        tool_calls: calls,
+                                    },
+                                    finish,
+                                )
                             }
                         };
-                        ChatChoice { index: ci, message, logprobs: self.wants_logprobs().then(|| self.chat_logprobs(&c.tokens)), finish_reason: Some(finish) }
+                        ChatChoice {
+                            index: ci,
+                            message,
+                            logprobs: self.wants_logprobs().then(|| self.chat_logprobs(&c.tokens)),
+                            finish_reason: Some(finish),
+                        }
                     })
                     .collect();
-                let body = ChatCompletion { id, object: "chat.completion", created, model, choices, usage: self.usage() };
+                let body = ChatCompletion {
+                    id,
+                    object: "chat.completion",
+                    created,
+                    model,
+                    choices,
+                    usage: self.usage(),
+                };
                 Ok(axum::Json(body).into_response())
             }
             Kind::Completion { echo, .. } => {
@@ -531,9 +754,21 @@ impl Generation {
                         });
                     }
                     text.push_str(&c.text);
-                    choices.push(CompletionChoice { index: ci, text, logprobs, finish_reason: Some(c.finish.unwrap_or("abort")) });
+                    choices.push(CompletionChoice {
+                        index: ci,
+                        text,
+                        logprobs,
+                        finish_reason: Some(c.finish.unwrap_or("abort")),
+                    });
                 }
-                let body = Completion { id, object: "text_completion", created, model, choices, usage: self.usage() };
+                let body = Completion {
+                    id,
+                    object: "text_completion",
+                    created,
+                    model,
+                    choices,
+                    usage: self.usage(),
+                };
                 Ok(axum::Json(body).into_response())
             }
         }
@@ -550,12 +785,25 @@ impl Generation {
         let mut pending = VecDeque::new();
         if let Kind::Chat { .. } = self.kind {
             for ci in 0..self.choices.len() {
-                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
-                let v = self.chat_chunk(ChatChunkChoice { index: ci, delta, logprobs: None, finish_reason: None });
+                let delta = ChatDelta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                    tool_calls: None,
+                };
+                let v = self.chat_chunk(ChatChunkChoice {
+                    index: ci,
+                    delta,
+                    logprobs: None,
+                    finish_reason: None,
+                });
                 pending.push_back(frame(&v));
             }
         }
-        let st = St { g: self, pending, finished: false };
+        let st = St {
+            g: self,
+            pending,
+            finished: false,
+        };
         let body = fstream::unfold(st, move |mut st| {
             let span = span.clone();
             async move {
@@ -574,21 +822,26 @@ impl Generation {
                                     if st.g.include_usage {
                                         st.pending.push_back(frame(&st.g.usage_chunk()));
                                     }
-                                    st.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                                    st.pending
+                                        .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                                     st.finished = true;
                                 }
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "request failed mid-stream");
                                 st.pending.push_back(frame(&e.body()));
-                                st.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                                st.pending
+                                    .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                                 st.finished = true;
                             }
                         },
                         None => {
-                            let e = ApiError::Internal("the engine ended a request without finishing it".into());
+                            let e = ApiError::Internal(
+                                "the engine ended a request without finishing it".into(),
+                            );
                             st.pending.push_back(frame(&e.body()));
-                            st.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                            st.pending
+                                .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                             st.finished = true;
                         }
                     }
@@ -597,7 +850,10 @@ impl Generation {
             .instrument(span)
         });
         (
-            [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
             axum::body::Body::from_stream(body),
         )
             .into_response()

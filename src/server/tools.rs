@@ -41,7 +41,7 @@ use super::error::ApiError;
 use super::responses::{FunctionDelta, FunctionOut, ToolCallDelta, ToolCallOut};
 use crate::guidance::{Constraint, Grammar};
 use crate::sampling::SamplingParams;
-use crate::tokenizer::{FunctionCall, ToolCall, Tokenizer};
+use crate::tokenizer::{FunctionCall, Tokenizer, ToolCall};
 
 /// One function tool of a request, checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,7 +79,9 @@ pub struct ToolRequest {
 }
 
 /// JSON Schema `type` names.
-const SCHEMA_TYPES: [&str; 7] = ["string", "number", "integer", "boolean", "object", "array", "null"];
+const SCHEMA_TYPES: [&str; 7] = [
+    "string", "number", "integer", "boolean", "object", "array", "null",
+];
 
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::invalid(param, message)
@@ -89,15 +91,26 @@ impl ToolRequest {
     /// Checks `tools`, `tool_choice` and `parallel_tool_calls` (each as given in
     /// the body; `None` = absent or `null`). No tools (absent, `null` or `[]`)
     /// gives `None`; then `tool_choice` may only be `none` or `auto`.
-    pub fn parse(tools: Option<&Value>, tool_choice: Option<&Value>, parallel: Option<bool>) -> Result<Option<Self>, ApiError> {
+    pub fn parse(
+        tools: Option<&Value>,
+        tool_choice: Option<&Value>,
+        parallel: Option<bool>,
+    ) -> Result<Option<Self>, ApiError> {
         let tools = match tools {
             None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a.iter().enumerate().map(|(i, t)| parse_tool(i, t)).collect::<Result<Vec<_>, _>>()?,
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, t)| parse_tool(i, t))
+                .collect::<Result<Vec<_>, _>>()?,
             Some(_) => return Err(bad("tools", "`tools` must be an array of function tools")),
         };
         for (i, t) in tools.iter().enumerate() {
             if tools[..i].iter().any(|u| u.name == t.name) {
-                return Err(bad(&format!("tools[{i}].function.name"), format!("two tools are named `{}`", t.name)));
+                return Err(bad(
+                    &format!("tools[{i}].function.name"),
+                    format!("two tools are named `{}`", t.name),
+                ));
             }
         }
         let choice = match tool_choice {
@@ -114,15 +127,25 @@ impl ToolRequest {
         if tools.is_empty() {
             return match choice {
                 None | Some(ToolChoice::None | ToolChoice::Auto) => Ok(None),
-                Some(_) => Err(bad("tool_choice", "`tool_choice` `required` or a named function needs `tools`")),
+                Some(_) => Err(bad(
+                    "tool_choice",
+                    "`tool_choice` `required` or a named function needs `tools`",
+                )),
             };
         }
         if let Some(ToolChoice::Named(name)) = &choice {
             if !tools.iter().any(|t| &t.name == name) {
-                return Err(bad("tool_choice.function.name", format!("`tool_choice` names `{name}`, which is not one of `tools`")));
+                return Err(bad(
+                    "tool_choice.function.name",
+                    format!("`tool_choice` names `{name}`, which is not one of `tools`"),
+                ));
             }
         }
-        Ok(Some(Self { tools, choice: choice.unwrap_or(ToolChoice::Auto), parallel: parallel.unwrap_or(true) }))
+        Ok(Some(Self {
+            tools,
+            choice: choice.unwrap_or(ToolChoice::Auto),
+            parallel: parallel.unwrap_or(true),
+        }))
     }
 
     /// The tools as the chat template receives them (OpenAI's spec objects).
@@ -134,49 +157,100 @@ impl ToolRequest {
 fn parse_named_choice(o: &Map<String, Value>) -> Result<ToolChoice, ApiError> {
     for k in o.keys() {
         if k != "type" && k != "function" {
-            return Err(bad(&format!("tool_choice.{k}"), format!("Unrecognized request argument supplied: tool_choice.{k}")));
+            return Err(bad(
+                &format!("tool_choice.{k}"),
+                format!("Unrecognized request argument supplied: tool_choice.{k}"),
+            ));
         }
     }
     if o.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(bad("tool_choice.type", "`tool_choice.type` must be `function`"));
+        return Err(bad(
+            "tool_choice.type",
+            "`tool_choice.type` must be `function`",
+        ));
     }
-    let f = o.get("function").and_then(Value::as_object).ok_or_else(|| bad("tool_choice.function", "`tool_choice.function` must be an object with a `name`"))?;
+    let f = o
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            bad(
+                "tool_choice.function",
+                "`tool_choice.function` must be an object with a `name`",
+            )
+        })?;
     for k in f.keys() {
         if k != "name" {
-            return Err(bad(&format!("tool_choice.function.{k}"), format!("Unrecognized request argument supplied: tool_choice.function.{k}")));
+            return Err(bad(
+                &format!("tool_choice.function.{k}"),
+                format!("Unrecognized request argument supplied: tool_choice.function.{k}"),
+            ));
         }
     }
-    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| bad("tool_choice.function.name", "`tool_choice.function.name` must be a string"))?;
+    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+        bad(
+            "tool_choice.function.name",
+            "`tool_choice.function.name` must be a string",
+        )
+    })?;
     Ok(ToolChoice::Named(name.to_string()))
 }
 
 /// Whether `name` is a valid function name (OpenAI: `[A-Za-z0-9_-]{1,64}`).
 fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Checks `tools[i]`.
 fn parse_tool(i: usize, t: &Value) -> Result<FunctionTool, ApiError> {
     let at = |k: &str| format!("tools[{i}].{k}");
-    let o = t.as_object().ok_or_else(|| bad(&format!("tools[{i}]"), "each tool must be an object `{\"type\": \"function\", \"function\": {...}}`"))?;
+    let o = t.as_object().ok_or_else(|| {
+        bad(
+            &format!("tools[{i}]"),
+            "each tool must be an object `{\"type\": \"function\", \"function\": {...}}`",
+        )
+    })?;
     match o.get("type").and_then(Value::as_str) {
         Some("function") => {}
-        Some(other) => return Err(bad(&at("type"), format!("tool type `{other}` is not supported (only `function`)"))),
+        Some(other) => {
+            return Err(bad(
+                &at("type"),
+                format!("tool type `{other}` is not supported (only `function`)"),
+            ))
+        }
         None => return Err(bad(&at("type"), "`type` must be `function`")),
     }
     for k in o.keys() {
         if k != "type" && k != "function" {
-            return Err(bad(&at(k), format!("Unrecognized request argument supplied: tools[{i}].{k}")));
+            return Err(bad(
+                &at(k),
+                format!("Unrecognized request argument supplied: tools[{i}].{k}"),
+            ));
         }
     }
-    let f = o.get("function").and_then(Value::as_object).ok_or_else(|| bad(&at("function"), "`function` must be an object with a `name`"))?;
+    let f = o
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            bad(
+                &at("function"),
+                "`function` must be an object with a `name`",
+            )
+        })?;
     for (k, v) in f {
         let ok = match k.as_str() {
             "name" => v.is_string(),
             "description" => v.is_string() || v.is_null(),
             "parameters" => v.is_object() || v.is_null(),
             "strict" => v.is_boolean() || v.is_null(),
-            _ => return Err(bad(&at(&format!("function.{k}")), format!("Unrecognized request argument supplied: tools[{i}].function.{k}"))),
+            _ => {
+                return Err(bad(
+                    &at(&format!("function.{k}")),
+                    format!("Unrecognized request argument supplied: tools[{i}].function.{k}"),
+                ))
+            }
         };
         if !ok {
             let want = match k.as_str() {
@@ -184,12 +258,23 @@ fn parse_tool(i: usize, t: &Value) -> Result<FunctionTool, ApiError> {
                 "parameters" => "a JSON Schema object",
                 _ => "a boolean",
             };
-            return Err(bad(&at(&format!("function.{k}")), format!("`tools[{i}].function.{k}` must be {want}")));
+            return Err(bad(
+                &at(&format!("function.{k}")),
+                format!("`tools[{i}].function.{k}` must be {want}"),
+            ));
         }
     }
-    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| bad(&at("function.name"), "`function.name` is required"))?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(&at("function.name"), "`function.name` is required"))?;
     if !valid_name(name) {
-        return Err(bad(&at("function.name"), format!("function name `{name}` must be 1 to 64 characters of a-z, A-Z, 0-9, `_` and `-`")));
+        return Err(bad(
+            &at("function.name"),
+            format!(
+                "function name `{name}` must be 1 to 64 characters of a-z, A-Z, 0-9, `_` and `-`"
+            ),
+        ));
     }
     let parameters = match f.get("parameters") {
         Some(p @ Value::Object(_)) => {
@@ -197,7 +282,10 @@ fn parse_tool(i: usize, t: &Value) -> Result<FunctionTool, ApiError> {
             check_schema(p, p, &path)?;
             if let Some(ty) = p.get("type") {
                 if ty != "object" {
-                    return Err(bad(&format!("{path}.type"), "function parameters must be an object schema (`\"type\": \"object\"`)"));
+                    return Err(bad(
+                        &format!("{path}.type"),
+                        "function parameters must be an object schema (`\"type\": \"object\"`)",
+                    ));
                 }
             }
             p.clone()
@@ -207,7 +295,11 @@ fn parse_tool(i: usize, t: &Value) -> Result<FunctionTool, ApiError> {
     let mut function = f.clone();
     function.insert("parameters".into(), parameters.clone());
     let spec = serde_json::json!({"type": "function", "function": Value::Object(function)});
-    Ok(FunctionTool { name: name.to_string(), parameters, spec })
+    Ok(FunctionTool {
+        name: name.to_string(),
+        parameters,
+        spec,
+    })
 }
 
 /// Checks that `s` (found at `path` inside the document `root`) is a
@@ -219,50 +311,108 @@ pub fn check_schema(root: &Value, s: &Value, path: &str) -> Result<(), ApiError>
     let o = match s {
         Value::Bool(_) => return Ok(()),
         Value::Object(o) => o,
-        _ => return Err(bad(path, format!("`{path}` must be a JSON Schema (an object or a boolean)"))),
+        _ => {
+            return Err(bad(
+                path,
+                format!("`{path}` must be a JSON Schema (an object or a boolean)"),
+            ))
+        }
     };
     let sub = |k: &str, v: &Value| check_schema(root, v, &format!("{path}.{k}"));
     let schema_map = |k: &str, v: &Value| -> Result<(), ApiError> {
-        let m = v.as_object().ok_or_else(|| bad(&format!("{path}.{k}"), format!("`{k}` must be an object of schemas")))?;
-        m.iter().try_for_each(|(name, s)| check_schema(root, s, &format!("{path}.{k}.{name}")))
+        let m = v.as_object().ok_or_else(|| {
+            bad(
+                &format!("{path}.{k}"),
+                format!("`{k}` must be an object of schemas"),
+            )
+        })?;
+        m.iter()
+            .try_for_each(|(name, s)| check_schema(root, s, &format!("{path}.{k}.{name}")))
     };
     let schema_list = |k: &str, v: &Value, non_empty: bool| -> Result<(), ApiError> {
-        let a = v.as_array().filter(|a| !non_empty || !a.is_empty()).ok_or_else(|| bad(&format!("{path}.{k}"), format!("`{k}` must be a non-empty array of schemas")))?;
-        a.iter().enumerate().try_for_each(|(j, s)| check_schema(root, s, &format!("{path}.{k}[{j}]")))
+        let a = v
+            .as_array()
+            .filter(|a| !non_empty || !a.is_empty())
+            .ok_or_else(|| {
+                bad(
+                    &format!("{path}.{k}"),
+                    format!("`{k}` must be a non-empty array of schemas"),
+                )
+            })?;
+        a.iter()
+            .enumerate()
+            .try_for_each(|(j, s)| check_schema(root, s, &format!("{path}.{k}[{j}]")))
     };
-    let number = |k: &str, v: &Value| -> Result<f64, ApiError> { v.as_f64().ok_or_else(|| bad(&format!("{path}.{k}"), format!("`{k}` must be a number"))) };
-    let count = |k: &str, v: &Value| -> Result<u64, ApiError> { v.as_u64().ok_or_else(|| bad(&format!("{path}.{k}"), format!("`{k}` must be a non-negative integer"))) };
+    let number = |k: &str, v: &Value| -> Result<f64, ApiError> {
+        v.as_f64()
+            .ok_or_else(|| bad(&format!("{path}.{k}"), format!("`{k}` must be a number")))
+    };
+    let count = |k: &str, v: &Value| -> Result<u64, ApiError> {
+        v.as_u64().ok_or_else(|| {
+            bad(
+                &format!("{path}.{k}"),
+                format!("`{k}` must be a non-negative integer"),
+            )
+        })
+    };
     for (k, v) in o {
         match k.as_str() {
             "type" => {
                 let names: Vec<&Value> = match v {
                     Value::Array(a) if !a.is_empty() => a.iter().collect(),
                     Value::String(_) => vec![v],
-                    _ => return Err(bad(&format!("{path}.type"), "`type` must be a type name or a non-empty array of them")),
+                    _ => {
+                        return Err(bad(
+                            &format!("{path}.type"),
+                            "`type` must be a type name or a non-empty array of them",
+                        ))
+                    }
                 };
                 for n in names {
                     if !n.as_str().is_some_and(|n| SCHEMA_TYPES.contains(&n)) {
-                        return Err(bad(&format!("{path}.type"), format!("unknown JSON Schema type {n} (one of {})", SCHEMA_TYPES.join(", "))));
+                        return Err(bad(
+                            &format!("{path}.type"),
+                            format!(
+                                "unknown JSON Schema type {n} (one of {})",
+                                SCHEMA_TYPES.join(", ")
+                            ),
+                        ));
                     }
                 }
             }
-            "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" => schema_map(k, v)?,
+            "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" => {
+                schema_map(k, v)?
+            }
             "items" => match v {
                 Value::Array(_) => schema_list(k, v, false)?,
                 _ => sub(k, v)?,
             },
             "prefixItems" => schema_list(k, v, false)?,
             "anyOf" | "oneOf" | "allOf" => schema_list(k, v, true)?,
-            "additionalProperties" | "additionalItems" | "unevaluatedProperties" | "unevaluatedItems" | "not" | "contains" | "propertyNames" | "if"
-            | "then" | "else" => sub(k, v)?,
+            "additionalProperties"
+            | "additionalItems"
+            | "unevaluatedProperties"
+            | "unevaluatedItems"
+            | "not"
+            | "contains"
+            | "propertyNames"
+            | "if"
+            | "then"
+            | "else" => sub(k, v)?,
             "required" => {
                 if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
-                    return Err(bad(&format!("{path}.required"), "`required` must be an array of property names"));
+                    return Err(bad(
+                        &format!("{path}.required"),
+                        "`required` must be an array of property names",
+                    ));
                 }
             }
             "enum" => {
                 if !v.as_array().is_some_and(|a| !a.is_empty()) {
-                    return Err(bad(&format!("{path}.enum"), "`enum` must be a non-empty array"));
+                    return Err(bad(
+                        &format!("{path}.enum"),
+                        "`enum` must be a non-empty array",
+                    ));
                 }
             }
             "minimum" | "maximum" => {
@@ -275,34 +425,61 @@ pub fn check_schema(root: &Value, s: &Value, path: &str) -> Result<(), ApiError>
             }
             "multipleOf" => {
                 if number(k, v)? <= 0.0 {
-                    return Err(bad(&format!("{path}.multipleOf"), "`multipleOf` must be greater than 0"));
+                    return Err(bad(
+                        &format!("{path}.multipleOf"),
+                        "`multipleOf` must be greater than 0",
+                    ));
                 }
             }
-            "minLength" | "maxLength" | "minItems" | "maxItems" | "minProperties" | "maxProperties" | "minContains" | "maxContains" => {
+            "minLength" | "maxLength" | "minItems" | "maxItems" | "minProperties"
+            | "maxProperties" | "minContains" | "maxContains" => {
                 count(k, v)?;
             }
-            "pattern" | "format" | "title" | "description" | "$schema" | "$id" | "$comment" | "$anchor" => {
+            "pattern" | "format" | "title" | "description" | "$schema" | "$id" | "$comment"
+            | "$anchor" => {
                 if !v.is_string() {
-                    return Err(bad(&format!("{path}.{k}"), format!("`{k}` must be a string")));
+                    return Err(bad(
+                        &format!("{path}.{k}"),
+                        format!("`{k}` must be a string"),
+                    ));
                 }
             }
             "$ref" => {
-                let r = v.as_str().ok_or_else(|| bad(&format!("{path}.$ref"), "`$ref` must be a string"))?;
+                let r = v
+                    .as_str()
+                    .ok_or_else(|| bad(&format!("{path}.$ref"), "`$ref` must be a string"))?;
                 if let Some(pointer) = r.strip_prefix('#') {
                     if root.pointer(pointer).is_none() {
-                        return Err(bad(&format!("{path}.$ref"), format!("`$ref` `{r}` does not resolve inside the parameters schema")));
+                        return Err(bad(
+                            &format!("{path}.$ref"),
+                            format!("`$ref` `{r}` does not resolve inside the parameters schema"),
+                        ));
                     }
                 } else {
-                    return Err(bad(&format!("{path}.$ref"), format!("only local `$ref`s (`#/...`) are supported, got `{r}`")));
+                    return Err(bad(
+                        &format!("{path}.$ref"),
+                        format!("only local `$ref`s (`#/...`) are supported, got `{r}`"),
+                    ));
                 }
             }
             _ => {} // annotations (`default`, `examples`, `const`, ...) and vocabulary extensions
         }
     }
-    for (lo, hi) in [("minimum", "maximum"), ("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties")] {
-        if let (Some(a), Some(b)) = (o.get(lo).and_then(Value::as_f64), o.get(hi).and_then(Value::as_f64)) {
+    for (lo, hi) in [
+        ("minimum", "maximum"),
+        ("minLength", "maxLength"),
+        ("minItems", "maxItems"),
+        ("minProperties", "maxProperties"),
+    ] {
+        if let (Some(a), Some(b)) = (
+            o.get(lo).and_then(Value::as_f64),
+            o.get(hi).and_then(Value::as_f64),
+        ) {
             if a > b {
-                return Err(bad(&format!("{path}.{lo}"), format!("`{lo}` ({a}) is greater than `{hi}` ({b})")));
+                return Err(bad(
+                    &format!("{path}.{lo}"),
+                    format!("`{lo}` ({a}) is greater than `{hi}` ({b})"),
+                ));
             }
         }
     }
@@ -317,16 +494,29 @@ pub fn history_tool_calls(i: usize, v: &Value) -> Result<Option<Vec<ToolCall>>, 
         Value::Null => return Ok(None),
         Value::Array(a) if a.is_empty() => return Ok(None),
         Value::Array(a) => a,
-        _ => return Err(bad(&format!("messages[{i}].tool_calls"), "`tool_calls` must be an array")),
+        _ => {
+            return Err(bad(
+                &format!("messages[{i}].tool_calls"),
+                "`tool_calls` must be an array",
+            ))
+        }
     };
     a.iter()
         .enumerate()
         .map(|(j, c)| {
             let at = |k: &str| format!("messages[{i}].tool_calls[{j}]{k}");
-            let o = c.as_object().ok_or_else(|| bad(&at(""), "each tool call must be an object"))?;
+            let o = c
+                .as_object()
+                .ok_or_else(|| bad(&at(""), "each tool call must be an object"))?;
             for k in o.keys() {
                 if !matches!(k.as_str(), "id" | "type" | "function") {
-                    return Err(bad(&at(&format!(".{k}")), format!("Unrecognized request argument supplied: {}", at(&format!(".{k}")))));
+                    return Err(bad(
+                        &at(&format!(".{k}")),
+                        format!(
+                            "Unrecognized request argument supplied: {}",
+                            at(&format!(".{k}"))
+                        ),
+                    ));
                 }
             }
             if o.get("type").is_some_and(|t| t != "function") {
@@ -337,15 +527,40 @@ pub fn history_tool_calls(i: usize, v: &Value) -> Result<Option<Vec<ToolCall>>, 
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(_) => return Err(bad(&at(".id"), "tool call `id` must be a string")),
             };
-            let f = o.get("function").and_then(Value::as_object).ok_or_else(|| bad(&at(".function"), "tool call `function` must be an object"))?;
-            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| bad(&at(".function.name"), "tool call `function.name` must be a string"))?;
+            let f = o
+                .get("function")
+                .and_then(Value::as_object)
+                .ok_or_else(|| bad(&at(".function"), "tool call `function` must be an object"))?;
+            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+                bad(
+                    &at(".function.name"),
+                    "tool call `function.name` must be a string",
+                )
+            })?;
             let arguments = match f.get("arguments") {
-                Some(Value::String(s)) => serde_json::from_str::<Value>(s).map_err(|e| bad(&at(".function.arguments"), format!("`arguments` is not valid JSON: {e}")))?,
+                Some(Value::String(s)) => serde_json::from_str::<Value>(s).map_err(|e| {
+                    bad(
+                        &at(".function.arguments"),
+                        format!("`arguments` is not valid JSON: {e}"),
+                    )
+                })?,
                 Some(v @ Value::Object(_)) => v.clone(),
                 None | Some(Value::Null) => Value::Object(Map::new()),
-                Some(_) => return Err(bad(&at(".function.arguments"), "`arguments` must be a string holding a JSON object")),
+                Some(_) => {
+                    return Err(bad(
+                        &at(".function.arguments"),
+                        "`arguments` must be a string holding a JSON object",
+                    ))
+                }
             };
-            Ok(ToolCall { id, kind: "function".into(), function: FunctionCall { name: name.to_string(), arguments } })
+            Ok(ToolCall {
+                id,
+                kind: "function".into(),
+                function: FunctionCall {
+                    name: name.to_string(),
+                    arguments,
+                },
+            })
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
@@ -381,9 +596,15 @@ impl Family {
             return (!xml_body).then_some(Family::Hermes);
         }
         if template.contains(MISTRAL_OPEN) {
-            return Some(if template.contains(MISTRAL_ARGS) { Family::MistralArgs } else { Family::MistralJson });
+            return Some(if template.contains(MISTRAL_ARGS) {
+                Family::MistralArgs
+            } else {
+                Family::MistralJson
+            });
         }
-        if template.contains(PYTHON_TAG) || (template.contains("<|start_header_id|>") && template.contains("\"parameters\"")) {
+        if template.contains(PYTHON_TAG)
+            || (template.contains("<|start_header_id|>") && template.contains("\"parameters\""))
+        {
             return Some(Family::Llama3Json);
         }
         None
@@ -460,18 +681,25 @@ impl ToolPlan {
     /// when the vocabulary has them as special tokens. A request that already has a
     /// constraint (`response_format`, ...) cannot also be constrained to tool calls.
     pub fn apply(&self, tok: &Tokenizer, params: &mut SamplingParams) -> Result<(), ApiError> {
-        let Some(family) = self.family else { return Ok(()) };
+        let Some(family) = self.family else {
+            return Ok(());
+        };
         if self.request.choice == ToolChoice::None {
             return Ok(());
         }
         if params.constraint.is_some() {
             return Err(bad("tool_choice", "tool calling cannot be combined with another output constraint (`response_format`, `structured_outputs`, ...); use `tool_choice: \"none\"` or drop the other"));
         }
-        if family.markers().iter().any(|m| special_id(tok, m).is_some()) {
+        if family
+            .markers()
+            .iter()
+            .any(|m| special_id(tok, m).is_some())
+        {
             params.skip_special_tokens = false;
         }
         let grammar = Grammar::Lark(self.grammar(family, tok));
-        let trigger = (self.request.choice == ToolChoice::Auto).then(|| family.opening().to_string());
+        let trigger =
+            (self.request.choice == ToolChoice::Auto).then(|| family.opening().to_string());
         params.constraint = Some(Constraint { grammar, trigger });
         Ok(())
     }
@@ -479,7 +707,10 @@ impl ToolPlan {
     /// The Lark grammar of the calls this request allows (see [`grammar`]).
     fn grammar(&self, family: Family, tok: &Tokenizer) -> String {
         let (tools, parallel): (Vec<&FunctionTool>, bool) = match &self.request.choice {
-            ToolChoice::Named(n) => (self.request.tools.iter().filter(|t| &t.name == n).collect(), false),
+            ToolChoice::Named(n) => (
+                self.request.tools.iter().filter(|t| &t.name == n).collect(),
+                false,
+            ),
             _ => (self.request.tools.iter().collect(), self.request.parallel),
         };
         grammar(family, &tools, parallel, &|m| special_id(tok, m))
@@ -507,32 +738,59 @@ fn lit(s: &str) -> String {
 /// schema (so its `$ref`s keep their root); the wrapper is spelled literally,
 /// beginning with [`Family::opening`]. A marker that is a special token
 /// (`special_id` gives its id) is written `<[id]>`, which matches that token.
-pub fn grammar(family: Family, tools: &[&FunctionTool], parallel: bool, special_id: &dyn Fn(&str) -> Option<u32>) -> String {
+pub fn grammar(
+    family: Family,
+    tools: &[&FunctionTool],
+    parallel: bool,
+    special_id: &dyn Fn(&str) -> Option<u32>,
+) -> String {
     let mark = |m: &str| match special_id(m) {
         Some(id) => format!("<[{id}]>"),
         None => lit(m),
     };
     let mut g = String::new();
-    let key = if family == Family::Llama3Json { "parameters" } else { "arguments" };
+    let key = if family == Family::Llama3Json {
+        "parameters"
+    } else {
+        "arguments"
+    };
     let mut alts = Vec::new();
     for (i, t) in tools.iter().enumerate() {
         let schema = serde_json::to_string(&t.parameters).unwrap_or_else(|_| "{}".into());
         match family {
-            Family::MistralArgs => g.push_str(&format!("fn_{i}: {} {} args_{i}\n", lit(&t.name), mark(MISTRAL_ARGS))),
-            _ => g.push_str(&format!("fn_{i}: {} args_{i} \"}}\"\n", lit(&format!("{{\"name\": \"{}\", \"{key}\": ", t.name)))),
+            Family::MistralArgs => g.push_str(&format!(
+                "fn_{i}: {} {} args_{i}\n",
+                lit(&t.name),
+                mark(MISTRAL_ARGS)
+            )),
+            _ => g.push_str(&format!(
+                "fn_{i}: {} args_{i} \"}}\"\n",
+                lit(&format!("{{\"name\": \"{}\", \"{key}\": ", t.name))
+            )),
         }
         g.push_str(&format!("args_{i}: %json {schema}\n"));
         alts.push(format!("fn_{i}"));
     }
     g.push_str(&format!("body: {}\n", alts.join(" | ")));
     let (call, sep) = match family {
-        Family::Hermes => (format!("{} \"\\n\" body \"\\n\" {}", mark(HERMES_OPEN), mark(HERMES_CLOSE)), "\"\\n\" "),
+        Family::Hermes => (
+            format!(
+                "{} \"\\n\" body \"\\n\" {}",
+                mark(HERMES_OPEN),
+                mark(HERMES_CLOSE)
+            ),
+            "\"\\n\" ",
+        ),
         Family::Llama3Json => ("body".to_string(), "\"; \" "),
         Family::MistralJson => ("body".to_string(), "\", \" "),
         Family::MistralArgs => (format!("{} body", mark(MISTRAL_OPEN)), ""),
     };
     g.push_str(&format!("call: {call}\n"));
-    let calls = if parallel { format!("call ({sep}call)*") } else { "call".to_string() };
+    let calls = if parallel {
+        format!("call ({sep}call)*")
+    } else {
+        "call".to_string()
+    };
     let start = match family {
         Family::MistralJson => format!("start: {} \"[\" {calls} \"]\"\n", mark(MISTRAL_OPEN)),
         _ => format!("start: {calls}\n"),
@@ -588,7 +846,14 @@ pub struct ToolParser {
 impl ToolParser {
     /// A parser for `family`'s format.
     pub fn new(family: Family) -> Self {
-        Self { family, mode: Mode::Text, pending: String::new(), content_started: false, held_ws: String::new(), num_calls: 0 }
+        Self {
+            family,
+            mode: Mode::Text,
+            pending: String::new(),
+            content_started: false,
+            held_ws: String::new(),
+            num_calls: 0,
+        }
     }
 
     /// Parses a whole output: its content (`None` when empty) and calls.
@@ -677,7 +942,11 @@ impl ToolParser {
             return;
         }
         let mut s = std::mem::take(&mut self.held_ws);
-        s.push_str(if self.content_started { trimmed } else { trimmed.trim_start() });
+        s.push_str(if self.content_started {
+            trimmed
+        } else {
+            trimmed.trim_start()
+        });
         self.content_started = true;
         self.held_ws.push_str(&text[trimmed.len()..]);
         out.push(ToolItem::Content(s));
@@ -704,7 +973,11 @@ impl ToolParser {
                     }
                     return;
                 }
-                let keep = if at_end { 0 } else { partial_suffix(&pending, open) };
+                let keep = if at_end {
+                    0
+                } else {
+                    partial_suffix(&pending, open)
+                };
                 let cut = pending.len() - keep;
                 self.content(out, &pending[..cut]);
                 self.pending = pending[cut..].to_string();
@@ -737,7 +1010,10 @@ impl ToolParser {
     fn step_hermes_call(&mut self, out: &mut Vec<ToolItem>, at_end: bool) {
         let end = self.pending.find(HERMES_CLOSE);
         let (inner, rest) = match (end, at_end) {
-            (Some(e), _) => (self.pending[..e].to_string(), self.pending[e + HERMES_CLOSE.len()..].to_string()),
+            (Some(e), _) => (
+                self.pending[..e].to_string(),
+                self.pending[e + HERMES_CLOSE.len()..].to_string(),
+            ),
             (None, true) => (std::mem::take(&mut self.pending), String::new()),
             (None, false) => return,
         };
@@ -747,7 +1023,10 @@ impl ToolParser {
                 out.push(ToolItem::Call(call));
             }
             None => {
-                let raw = format!("{HERMES_OPEN}{inner}{}", if end.is_some() { HERMES_CLOSE } else { "" });
+                let raw = format!(
+                    "{HERMES_OPEN}{inner}{}",
+                    if end.is_some() { HERMES_CLOSE } else { "" }
+                );
                 self.content(out, &raw);
             }
         }
@@ -758,7 +1037,10 @@ impl ToolParser {
 
 /// Length of the longest suffix of `s` that is a proper prefix of `marker`.
 fn partial_suffix(s: &str, marker: &str) -> usize {
-    (1..marker.len().min(s.len() + 1)).rev().find(|&n| s.is_char_boundary(s.len() - n) && marker.starts_with(&s[s.len() - n..])).unwrap_or(0)
+    (1..marker.len().min(s.len() + 1))
+        .rev()
+        .find(|&n| s.is_char_boundary(s.len() - n) && marker.starts_with(&s[s.len() - n..]))
+        .unwrap_or(0)
 }
 
 /// `{"name": N, "<key>": A}` (one of `keys`) as a call; `A` must be an object
@@ -766,12 +1048,19 @@ fn partial_suffix(s: &str, marker: &str) -> usize {
 fn call_from_value(v: &Value, keys: &[&str]) -> Option<ParsedCall> {
     let o = v.as_object()?;
     let name = o.get("name")?.as_str()?.to_string();
-    let args = keys.iter().find_map(|k| o.get(*k)).cloned().unwrap_or_else(|| Value::Object(Map::new()));
+    let args = keys
+        .iter()
+        .find_map(|k| o.get(*k))
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Map::new()));
     let args = match args {
         Value::String(s) => serde_json::from_str::<Value>(&s).ok()?,
         a => a,
     };
-    args.is_object().then(|| ParsedCall { name, arguments: serde_json::to_string(&args).unwrap_or_default() })
+    args.is_object().then(|| ParsedCall {
+        name,
+        arguments: serde_json::to_string(&args).unwrap_or_default(),
+    })
 }
 
 fn parse_call_object(text: &str, keys: &[&str]) -> Option<ParsedCall> {
@@ -800,14 +1089,21 @@ fn parse_tail(family: Family, tail: &str) -> Option<Vec<ParsedCall>> {
     let calls = match family {
         Family::Llama3Json => {
             let body = tail.trim_start().strip_prefix(PYTHON_TAG).unwrap_or(tail);
-            json_sequence(body, ';')?.iter().map(|v| call_from_value(v, &["parameters", "arguments"])).collect::<Option<Vec<_>>>()?
+            json_sequence(body, ';')?
+                .iter()
+                .map(|v| call_from_value(v, &["parameters", "arguments"]))
+                .collect::<Option<Vec<_>>>()?
         }
         Family::MistralJson => {
             let mut calls = Vec::new();
             for part in tail.split(MISTRAL_OPEN).skip(1) {
                 for v in json_sequence(part, ',')? {
                     match v {
-                        Value::Array(a) => calls.extend(a.iter().map(|c| call_from_value(c, &["arguments"])).collect::<Option<Vec<_>>>()?),
+                        Value::Array(a) => calls.extend(
+                            a.iter()
+                                .map(|c| call_from_value(c, &["arguments"]))
+                                .collect::<Option<Vec<_>>>()?,
+                        ),
                         v => calls.push(call_from_value(&v, &["arguments"])?),
                     }
                 }
@@ -823,7 +1119,10 @@ fn parse_tail(family: Family, tail: &str) -> Option<Vec<ParsedCall>> {
                     return None;
                 }
                 let v: Value = serde_json::from_str(args.trim()).ok()?;
-                calls.push(call_from_value(&serde_json::json!({"name": name, "arguments": v}), &["arguments"])?);
+                calls.push(call_from_value(
+                    &serde_json::json!({"name": name, "arguments": v}),
+                    &["arguments"],
+                )?);
             }
             calls
         }
@@ -834,7 +1133,14 @@ fn parse_tail(family: Family, tail: &str) -> Option<Vec<ParsedCall>> {
 
 /// A parsed call as OpenAI's `tool_calls[]` entry, with a new id.
 pub fn call_out(family: Family, call: &ParsedCall) -> ToolCallOut {
-    ToolCallOut { id: family.new_call_id(), kind: "function", function: FunctionOut { name: call.name.clone(), arguments: call.arguments.clone() } }
+    ToolCallOut {
+        id: family.new_call_id(),
+        kind: "function",
+        function: FunctionOut {
+            name: call.name.clone(),
+            arguments: call.arguments.clone(),
+        },
+    }
 }
 
 /// The stream deltas of call number `index`: its header (`id`, `type`, `name`,
@@ -842,8 +1148,24 @@ pub fn call_out(family: Family, call: &ParsedCall) -> ToolCallOut {
 pub fn call_deltas(family: Family, index: usize, call: &ParsedCall) -> [ToolCallDelta; 2] {
     let out = call_out(family, call);
     [
-        ToolCallDelta { index, id: Some(out.id), kind: Some("function"), function: FunctionDelta { name: Some(out.function.name), arguments: Some(String::new()) } },
-        ToolCallDelta { index, id: None, kind: None, function: FunctionDelta { name: None, arguments: Some(out.function.arguments) } },
+        ToolCallDelta {
+            index,
+            id: Some(out.id),
+            kind: Some("function"),
+            function: FunctionDelta {
+                name: Some(out.function.name),
+                arguments: Some(String::new()),
+            },
+        },
+        ToolCallDelta {
+            index,
+            id: None,
+            kind: None,
+            function: FunctionDelta {
+                name: None,
+                arguments: Some(out.function.arguments),
+            },
+        },
     ]
 }
 
@@ -872,36 +1194,104 @@ mod tests {
     }
 
     fn param(e: ApiError) -> String {
-        e.body()["error"]["param"].as_str().unwrap_or("").to_string()
+        e.body()["error"]["param"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     #[test]
     fn requests_parse_and_bad_ones_name_the_field() {
         let r = req(json!([weather()]), json!("auto")).unwrap().unwrap();
-        assert_eq!((r.tools[0].name.as_str(), &r.choice, r.parallel), ("get_weather", &ToolChoice::Auto, true));
+        assert_eq!(
+            (r.tools[0].name.as_str(), &r.choice, r.parallel),
+            ("get_weather", &ToolChoice::Auto, true)
+        );
         assert_eq!(r.template_tools()[0]["function"]["name"], "get_weather");
-        let r = ToolRequest::parse(Some(&json!([weather()])), Some(&json!({"type": "function", "function": {"name": "get_weather"}})), Some(false)).unwrap().unwrap();
-        assert_eq!((r.choice, r.parallel), (ToolChoice::Named("get_weather".into()), false));
+        let r = ToolRequest::parse(
+            Some(&json!([weather()])),
+            Some(&json!({"type": "function", "function": {"name": "get_weather"}})),
+            Some(false),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (r.choice, r.parallel),
+            (ToolChoice::Named("get_weather".into()), false)
+        );
         // No parameters: any object.
-        let r = req(json!([{"type": "function", "function": {"name": "now"}}]), json!("required")).unwrap().unwrap();
+        let r = req(
+            json!([{"type": "function", "function": {"name": "now"}}]),
+            json!("required"),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.tools[0].parameters["type"], "object");
         assert!(req(json!([]), json!("auto")).unwrap().is_none());
         assert!(ToolRequest::parse(None, None, None).unwrap().is_none());
         for (tools, choice, p) in [
             (json!({"a": 1}), json!("auto"), "tools"),
-            (json!([{"type": "custom", "custom": {}}]), json!("auto"), "tools[0].type"),
-            (json!([{"type": "function"}]), json!("auto"), "tools[0].function"),
-            (json!([{"type": "function", "function": {"name": "bad name"}}]), json!("auto"), "tools[0].function.name"),
-            (json!([{"type": "function", "function": {"name": "f", "extra": 1}}]), json!("auto"), "tools[0].function.extra"),
-            (json!([weather(), weather()]), json!("auto"), "tools[1].function.name"),
-            (json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]), json!("auto"), "tools[0].function.parameters.type"),
-            (json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "strin"}}}}}]), json!("auto"), "tools[0].function.parameters.properties.x.type"),
-            (json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"$ref": "#/$defs/Y"}}}}}]), json!("auto"), "tools[0].function.parameters.properties.x.$ref"),
-            (json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"n": {"minimum": 5, "maximum": 1}}}}}]), json!("auto"), "tools[0].function.parameters.properties.n.minimum"),
-            (json!([{"type": "function", "function": {"name": "f", "parameters": {"required": "x"}}}]), json!("auto"), "tools[0].function.parameters.required"),
-            (json!([{"type": "function", "function": {"name": "f", "parameters": {"anyOf": []}}}]), json!("auto"), "tools[0].function.parameters.anyOf"),
+            (
+                json!([{"type": "custom", "custom": {}}]),
+                json!("auto"),
+                "tools[0].type",
+            ),
+            (
+                json!([{"type": "function"}]),
+                json!("auto"),
+                "tools[0].function",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "bad name"}}]),
+                json!("auto"),
+                "tools[0].function.name",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "extra": 1}}]),
+                json!("auto"),
+                "tools[0].function.extra",
+            ),
+            (
+                json!([weather(), weather()]),
+                json!("auto"),
+                "tools[1].function.name",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
+                json!("auto"),
+                "tools[0].function.parameters.type",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "strin"}}}}}]),
+                json!("auto"),
+                "tools[0].function.parameters.properties.x.type",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"$ref": "#/$defs/Y"}}}}}]),
+                json!("auto"),
+                "tools[0].function.parameters.properties.x.$ref",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"n": {"minimum": 5, "maximum": 1}}}}}]),
+                json!("auto"),
+                "tools[0].function.parameters.properties.n.minimum",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"required": "x"}}}]),
+                json!("auto"),
+                "tools[0].function.parameters.required",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": {"anyOf": []}}}]),
+                json!("auto"),
+                "tools[0].function.parameters.anyOf",
+            ),
             (json!([weather()]), json!("sometimes"), "tool_choice"),
-            (json!([weather()]), json!({"type": "function", "function": {"name": "nope"}}), "tool_choice.function.name"),
+            (
+                json!([weather()]),
+                json!({"type": "function", "function": {"name": "nope"}}),
+                "tool_choice.function.name",
+            ),
             (json!([]), json!("required"), "tool_choice"),
         ] {
             let e = req(tools.clone(), choice.clone()).unwrap_err();
@@ -919,7 +1309,11 @@ mod tests {
         assert_eq!(calls[0].function.arguments, json!({"a": 1}));
         assert_eq!(calls[0].id.as_deref(), Some("call_1"));
         assert!(history_tool_calls(0, &json!([])).unwrap().is_none());
-        let e = history_tool_calls(2, &json!([{"function": {"name": "f", "arguments": "{not json"}}])).unwrap_err();
+        let e = history_tool_calls(
+            2,
+            &json!([{"function": {"name": "f", "arguments": "{not json"}}]),
+        )
+        .unwrap_err();
         assert_eq!(param(e), "messages[2].tool_calls[0].function.arguments");
     }
 
@@ -927,17 +1321,41 @@ mod tests {
     fn families_are_detected_from_template_text() {
         let qwen = "{%- if tools %}<tools>{{ tool | tojson }}</tools> <tool_call>\\n{\"name\": ...}</tool_call>{% endif %}";
         assert_eq!(Family::detect(qwen), Some(Family::Hermes));
-        assert_eq!(Family::detect("{% if tools %}<tool_call>\n<function=x>{% endif %}"), None);
+        assert_eq!(
+            Family::detect("{% if tools %}<tool_call>\n<function=x>{% endif %}"),
+            None
+        );
         let llama = "<|start_header_id|>{% if tools %}Respond in the format {\"name\": function name, \"parameters\": dictionary}{% endif %}";
         assert_eq!(Family::detect(llama), Some(Family::Llama3Json));
-        assert_eq!(Family::detect("{% if tools %}<|python_tag|>{% endif %}"), Some(Family::Llama3Json));
-        assert_eq!(Family::detect("[AVAILABLE_TOOLS]{{ tools }}[TOOL_CALLS][{{ x }}]"), Some(Family::MistralJson));
-        assert_eq!(Family::detect("[TOOL_CALLS]{{ name }}[ARGS]{{ args }}"), Some(Family::MistralArgs));
+        assert_eq!(
+            Family::detect("{% if tools %}<|python_tag|>{% endif %}"),
+            Some(Family::Llama3Json)
+        );
+        assert_eq!(
+            Family::detect("[AVAILABLE_TOOLS]{{ tools }}[TOOL_CALLS][{{ x }}]"),
+            Some(Family::MistralJson)
+        );
+        assert_eq!(
+            Family::detect("[TOOL_CALLS]{{ name }}[ARGS]{{ args }}"),
+            Some(Family::MistralArgs)
+        );
         assert_eq!(Family::detect("<|im_start|>{{ message.content }}"), None);
         let r = req(json!([weather()]), json!("auto")).unwrap().unwrap();
-        assert_eq!(param(ToolPlan::new(r.clone(), Some("<|im_start|>{{ m }}")).unwrap_err()), "tools");
-        assert_eq!(param(ToolPlan::new(r.clone(), Some("{% for t in tools %}{{ t }}{% endfor %}")).unwrap_err()), "tools");
-        let none = ToolRequest { choice: ToolChoice::None, ..r };
+        assert_eq!(
+            param(ToolPlan::new(r.clone(), Some("<|im_start|>{{ m }}")).unwrap_err()),
+            "tools"
+        );
+        assert_eq!(
+            param(
+                ToolPlan::new(r.clone(), Some("{% for t in tools %}{{ t }}{% endfor %}"))
+                    .unwrap_err()
+            ),
+            "tools"
+        );
+        let none = ToolRequest {
+            choice: ToolChoice::None,
+            ..r
+        };
         let plan = ToolPlan::new(none, Some("{% for t in tools %}{{ t }}{% endfor %}")).unwrap();
         assert!(plan.parser().is_none());
     }
@@ -948,34 +1366,76 @@ mod tests {
         let (content, calls) = ToolParser::parse_all(Family::Hermes, text);
         assert_eq!(content.as_deref(), Some("Let me check."));
         assert_eq!(calls.len(), 2);
-        assert_eq!(calls[0], ParsedCall { name: "get_weather".into(), arguments: r#"{"city":"Paris"}"#.into() });
+        assert_eq!(
+            calls[0],
+            ParsedCall {
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into()
+            }
+        );
         assert_eq!(calls[1].arguments, r#"{"city":"Rome","unit":"c"}"#);
         // Only calls: null content; a call cut short by max_tokens without its close still parses when its JSON is whole.
-        let (content, calls) = ToolParser::parse_all(Family::Hermes, "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n");
+        let (content, calls) = ToolParser::parse_all(
+            Family::Hermes,
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n",
+        );
         assert_eq!((content, calls.len()), (None, 1));
         // Bad JSON stays text; no calls.
-        let (content, calls) = ToolParser::parse_all(Family::Hermes, "<tool_call>\n{\"name\": \"f\", \"argu\n</tool_call>");
-        assert_eq!((content.as_deref(), calls.len()), (Some("<tool_call>\n{\"name\": \"f\", \"argu\n</tool_call>"), 0));
+        let (content, calls) = ToolParser::parse_all(
+            Family::Hermes,
+            "<tool_call>\n{\"name\": \"f\", \"argu\n</tool_call>",
+        );
+        assert_eq!(
+            (content.as_deref(), calls.len()),
+            (
+                Some("<tool_call>\n{\"name\": \"f\", \"argu\n</tool_call>"),
+                0
+            )
+        );
         // Plain text passes through (trimmed).
-        assert_eq!(ToolParser::parse_all(Family::Hermes, "  Hello <tool there "), (Some("Hello <tool there".into()), vec![]));
+        assert_eq!(
+            ToolParser::parse_all(Family::Hermes, "  Hello <tool there "),
+            (Some("Hello <tool there".into()), vec![])
+        );
     }
 
     #[test]
     fn llama_and_mistral_parse() {
         let (c, calls) = ToolParser::parse_all(Family::Llama3Json, "<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 1}}; {\"name\": \"g\", \"parameters\": {}}");
-        assert_eq!((c, calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>()), (None, vec!["f", "g"]));
+        assert_eq!(
+            (c, calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>()),
+            (None, vec!["f", "g"])
+        );
         assert_eq!(calls[0].arguments, r#"{"x":1}"#);
-        let (c, calls) = ToolParser::parse_all(Family::Llama3Json, " {\"name\": \"f\", \"parameters\": {\"x\": \"y\"}}");
+        let (c, calls) = ToolParser::parse_all(
+            Family::Llama3Json,
+            " {\"name\": \"f\", \"parameters\": {\"x\": \"y\"}}",
+        );
         assert_eq!((c, calls.len()), (None, 1));
         let (c, calls) = ToolParser::parse_all(Family::Llama3Json, "The answer is {1}.");
         assert_eq!((c.as_deref(), calls.len()), (Some("The answer is {1}."), 0));
         let (c, calls) = ToolParser::parse_all(Family::MistralJson, "Sure.[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"a\": [1, 2]}}, {\"name\": \"g\", \"arguments\": {}}]");
         assert_eq!((c.as_deref(), calls.len()), (Some("Sure."), 2));
         assert_eq!(calls[0].arguments, r#"{"a":[1,2]}"#);
-        let (c, calls) = ToolParser::parse_all(Family::MistralArgs, "[TOOL_CALLS]f[ARGS]{\"a\": 1}[TOOL_CALLS]g[CALL_ID]abc123456[ARGS]{}");
-        assert_eq!((c, calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect::<Vec<_>>()), (None, vec![("f", r#"{"a":1}"#), ("g", "{}")]));
+        let (c, calls) = ToolParser::parse_all(
+            Family::MistralArgs,
+            "[TOOL_CALLS]f[ARGS]{\"a\": 1}[TOOL_CALLS]g[CALL_ID]abc123456[ARGS]{}",
+        );
+        assert_eq!(
+            (
+                c,
+                calls
+                    .iter()
+                    .map(|c| (c.name.as_str(), c.arguments.as_str()))
+                    .collect::<Vec<_>>()
+            ),
+            (None, vec![("f", r#"{"a":1}"#), ("g", "{}")])
+        );
         let (c, calls) = ToolParser::parse_all(Family::MistralArgs, "[TOOL_CALLS]f[ARGS]{\"a\": ");
-        assert_eq!((c.as_deref(), calls.len()), (Some("[TOOL_CALLS]f[ARGS]{\"a\":"), 0));
+        assert_eq!(
+            (c.as_deref(), calls.len()),
+            (Some("[TOOL_CALLS]f[ARGS]{\"a\":"), 0)
+        );
     }
 
     /// Feeding the text in any split gives the items of the whole (stream == non-stream).
@@ -996,32 +1456,77 @@ mod tests {
                 let mut p = ToolParser::new(family);
                 let mut items = Vec::new();
                 for chunk in chars.chunks(step) {
-                    let (s, e) = (chunk[0].0, chunk.last().map_or(0, |(i, c)| i + c.len_utf8()));
+                    let (s, e) = (
+                        chunk[0].0,
+                        chunk.last().map_or(0, |(i, c)| i + c.len_utf8()),
+                    );
                     items.extend(p.feed(&text[s..e]));
                 }
                 items.extend(p.finish());
-                let content: String = items.iter().filter_map(|i| if let ToolItem::Content(c) = i { Some(c.as_str()) } else { None }).collect();
-                let calls: Vec<ParsedCall> = items.iter().filter_map(|i| if let ToolItem::Call(c) = i { Some(c.clone()) } else { None }).collect();
-                assert_eq!(((!content.is_empty()).then_some(content), calls), whole, "{family:?} step {step}: {text:?}");
+                let content: String = items
+                    .iter()
+                    .filter_map(|i| {
+                        if let ToolItem::Content(c) = i {
+                            Some(c.as_str())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                let calls: Vec<ParsedCall> = items
+                    .iter()
+                    .filter_map(|i| {
+                        if let ToolItem::Call(c) = i {
+                            Some(c.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                assert_eq!(
+                    ((!content.is_empty()).then_some(content), calls),
+                    whole,
+                    "{family:?} step {step}: {text:?}"
+                );
             }
         }
         // The second case keeps the lone `<`s as content.
         let (c, calls) = ToolParser::parse_all(Family::Hermes, cases[1].1);
-        assert_eq!((c.as_deref(), calls.len()), (Some("x < y <tool_ca and  tail"), 1));
+        assert_eq!(
+            (c.as_deref(), calls.len()),
+            (Some("x < y <tool_ca and  tail"), 1)
+        );
     }
 
     #[test]
     fn grammars_spell_each_format() {
-        let r = req(json!([weather(), {"type": "function", "function": {"name": "now"}}]), json!("required")).unwrap().unwrap();
+        let r = req(
+            json!([weather(), {"type": "function", "function": {"name": "now"}}]),
+            json!("required"),
+        )
+        .unwrap()
+        .unwrap();
         let tools: Vec<&FunctionTool> = r.tools.iter().collect();
         let plain = |_: &str| None;
         let g = grammar(Family::Hermes, &tools, true, &plain);
         assert!(g.starts_with("start: call (\"\\n\" call)*\n"), "{g}");
-        assert!(g.contains("call: \"<tool_call>\" \"\\n\" body \"\\n\" \"</tool_call>\"\n"), "{g}");
-        assert!(g.contains(r#"fn_0: "{\"name\": \"get_weather\", \"arguments\": " args_0 "}""#), "{g}");
+        assert!(
+            g.contains("call: \"<tool_call>\" \"\\n\" body \"\\n\" \"</tool_call>\"\n"),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"fn_0: "{\"name\": \"get_weather\", \"arguments\": " args_0 "}""#),
+            "{g}"
+        );
         assert!(g.contains("body: fn_0 | fn_1\n"), "{g}");
-        let schema0 = g.lines().find_map(|l| l.strip_prefix("args_0: %json ")).unwrap();
-        assert_eq!(serde_json::from_str::<Value>(schema0).unwrap(), r.tools[0].parameters);
+        let schema0 = g
+            .lines()
+            .find_map(|l| l.strip_prefix("args_0: %json "))
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(schema0).unwrap(),
+            r.tools[0].parameters
+        );
         // One call only; special-token markers as `<...>`.
         let special = |m: &str| match m {
             HERMES_OPEN => Some(151657),
@@ -1029,18 +1534,41 @@ mod tests {
             _ => None,
         };
         let g = grammar(Family::Hermes, &tools[..1], false, &special);
-        assert!(g.starts_with("start: call\n") && g.contains("call: <[151657]> \"\\n\" body \"\\n\" <[151658]>\n"), "{g}");
+        assert!(
+            g.starts_with("start: call\n")
+                && g.contains("call: <[151657]> \"\\n\" body \"\\n\" <[151658]>\n"),
+            "{g}"
+        );
         let g = grammar(Family::Llama3Json, &tools, true, &plain);
-        assert!(g.contains(r#"fn_1: "{\"name\": \"now\", \"parameters\": " args_1 "}""#) && g.starts_with("start: call (\"; \" call)*"), "{g}");
+        assert!(
+            g.contains(r#"fn_1: "{\"name\": \"now\", \"parameters\": " args_1 "}""#)
+                && g.starts_with("start: call (\"; \" call)*"),
+            "{g}"
+        );
         let g = grammar(Family::MistralJson, &tools, false, &plain);
-        assert!(g.starts_with("start: \"[TOOL_CALLS]\" \"[\" call \"]\"\n"), "{g}");
+        assert!(
+            g.starts_with("start: \"[TOOL_CALLS]\" \"[\" call \"]\"\n"),
+            "{g}"
+        );
         let g = grammar(Family::MistralArgs, &tools, true, &plain);
-        assert!(g.contains("fn_0: \"get_weather\" \"[ARGS]\" args_0\n") && g.contains("call: \"[TOOL_CALLS]\" body\n"), "{g}");
+        assert!(
+            g.contains("fn_0: \"get_weather\" \"[ARGS]\" args_0\n")
+                && g.contains("call: \"[TOOL_CALLS]\" body\n"),
+            "{g}"
+        );
         // Each grammar's first literal starts with the family's opening (auto's trigger).
         let first = |f: Family, rule: &str| {
             let g = grammar(f, &tools, true, &plain);
-            let line = g.lines().find_map(|l| l.strip_prefix(rule)).unwrap_or_else(|| panic!("{rule} in {g}")).to_string();
-            let lit_text: String = serde_json::Deserializer::from_str(line.trim_start()).into_iter::<String>().next().unwrap().unwrap();
+            let line = g
+                .lines()
+                .find_map(|l| l.strip_prefix(rule))
+                .unwrap_or_else(|| panic!("{rule} in {g}"))
+                .to_string();
+            let lit_text: String = serde_json::Deserializer::from_str(line.trim_start())
+                .into_iter::<String>()
+                .next()
+                .unwrap()
+                .unwrap();
             assert!(lit_text.starts_with(f.opening()), "{f:?}: {lit_text:?}");
         };
         first(Family::Hermes, "call: ");
@@ -1054,11 +1582,25 @@ mod tests {
         assert_eq!(finish_reason("stop", 1), "tool_calls");
         assert_eq!(finish_reason("length", 1), "length");
         assert_eq!(finish_reason("stop", 0), "stop");
-        let call = ParsedCall { name: "f".into(), arguments: "{}".into() };
+        let call = ParsedCall {
+            name: "f".into(),
+            arguments: "{}".into(),
+        };
         let out = call_out(Family::Hermes, &call);
-        assert!(out.id.starts_with("call_") && out.id.len() == 29, "{}", out.id);
+        assert!(
+            out.id.starts_with("call_") && out.id.len() == 29,
+            "{}",
+            out.id
+        );
         assert_eq!(call_out(Family::MistralJson, &call).id.len(), 9);
         let [head, args] = call_deltas(Family::Hermes, 3, &call);
-        assert_eq!((head.index, head.function.name.as_deref(), args.function.arguments.as_deref()), (3, Some("f"), Some("{}")));
+        assert_eq!(
+            (
+                head.index,
+                head.function.name.as_deref(),
+                args.function.arguments.as_deref()
+            ),
+            (3, Some("f"), Some("{}"))
+        );
     }
 }

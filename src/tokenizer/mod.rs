@@ -558,9 +558,8 @@ impl Tokenizer {
         // We do the same (`spm::SpaceRuns`). llama.cpp matches them in the raw text, longest
         // first: the same ids, but where a typed `▁` touches a space (`"▁ "` is `▁▁` here,
         // `▁` + `▁…` in llama.cpp) and on runs longer than the longest piece (31 + 9).
-        let space_run = |token: &str| {
-            model == "llama" && token.len() >= 2 && token.bytes().all(|b| b == b' ')
-        };
+        let space_run =
+            |token: &str| model == "llama" && token.len() >= 2 && token.bytes().all(|b| b == b' ');
         // Phi-3 marks `</s>` as user-defined, with rstrip (llama.cpp sets it by name).
         let user_defined = ControlTokens::new(
             added(&[TOKEN_TYPE_USER_DEFINED])
@@ -942,7 +941,11 @@ impl Tokenizer {
 
     /// The vocabulary entry of `id` as stored (e.g. `"Ġthe"`, `"▁the"`).
     pub fn token_str(&self, id: u32) -> Option<&str> {
-        self.inner.vocab.tokens().get(id as usize).map(String::as_str)
+        self.inner
+            .vocab
+            .tokens()
+            .get(id as usize)
+            .map(String::as_str)
     }
 
     /// The id of a vocabulary entry given in its stored spelling (the first id when the
@@ -962,9 +965,17 @@ impl Tokenizer {
     /// strings; a source that does not parse is an error
     /// ([`TokenizerError::TemplateSyntax`]). The vocabulary tables are shared.
     pub fn with_chat_template(&self, source: &str) -> Result<Self, TokenizerError> {
-        let token_string = |id: Option<u32>| id.and_then(|id| self.token_str(id)).map(str::to_owned);
-        let template = ChatTemplate::new(source, token_string(self.inner.bos), token_string(self.inner.eos))?;
-        Ok(Self { inner: self.inner.clone(), chat_template: Some(template) })
+        let token_string =
+            |id: Option<u32>| id.and_then(|id| self.token_str(id)).map(str::to_owned);
+        let template = ChatTemplate::new(
+            source,
+            token_string(self.inner.bos),
+            token_string(self.inner.eos),
+        )?;
+        Ok(Self {
+            inner: self.inner.clone(),
+            chat_template: Some(template),
+        })
     }
 }
 

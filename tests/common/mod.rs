@@ -14,12 +14,17 @@ use brigade::tokenizer::Tokenizer;
 /// is a test failure rather than a skip. `fetch` names the model for
 /// `scripts/fetch-model.sh`.
 fn find_model(env_var: &str, default: PathBuf, fetch: &str) -> Option<PathBuf> {
-    let p = std::env::var_os(env_var).map(PathBuf::from).unwrap_or(default);
+    let p = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .unwrap_or(default);
     if p.is_file() {
         return Some(p);
     }
     if std::env::var("BRIGADE_REQUIRE_MODEL").as_deref() == Ok("1") {
-        panic!("model not found at {} (run scripts/fetch-model.sh {fetch}, or set {env_var})", p.display());
+        panic!(
+            "model not found at {} (run scripts/fetch-model.sh {fetch}, or set {env_var})",
+            p.display()
+        );
     }
     eprintln!("note: model not found at {}; skipping (run scripts/fetch-model.sh {fetch}, or set {env_var})", p.display());
     None
@@ -27,19 +32,28 @@ fn find_model(env_var: &str, default: PathBuf, fetch: &str) -> Option<PathBuf> {
 
 /// Path of the real default model (SmolLM2, `$BRIGADE_MODEL`), if present.
 pub fn model_path() -> Option<PathBuf> {
-    find_model("BRIGADE_MODEL", brigade::paths::default_model_path(), "smollm2-135m")
+    find_model(
+        "BRIGADE_MODEL",
+        brigade::paths::default_model_path(),
+        "smollm2-135m",
+    )
 }
 
 /// Path of the real Gemma 3 270M Q4_K_M (`$BRIGADE_GEMMA_MODEL`), if present.
 pub fn gemma_model_path() -> Option<PathBuf> {
-    find_model("BRIGADE_GEMMA_MODEL", brigade::paths::model_cache_dir().join("gemma-3-270m-q4_k_m.gguf"), "gemma3-270m")
+    find_model(
+        "BRIGADE_GEMMA_MODEL",
+        brigade::paths::model_cache_dir().join("gemma-3-270m-q4_k_m.gguf"),
+        "gemma3-270m",
+    )
 }
 
 /// A loaded model and its tokenizer.
 pub type Loaded = (Arc<Model>, Arc<Tokenizer>);
 
 fn load(p: &std::path::Path) -> Loaded {
-    let file = Arc::new(GgufFile::open(p).unwrap_or_else(|e| panic!("opening {}: {e}", p.display())));
+    let file =
+        Arc::new(GgufFile::open(p).unwrap_or_else(|e| panic!("opening {}: {e}", p.display())));
     let tok = Tokenizer::from_gguf(&file).expect("tokenizer");
     let model = Model::from_gguf(file).expect("model");
     (Arc::new(model), Arc::new(tok))
@@ -56,7 +70,8 @@ pub fn real_model() -> Option<Loaded> {
 pub fn real_gemma_model() -> Option<Loaded> {
     use std::sync::OnceLock;
     static M: OnceLock<Option<Loaded>> = OnceLock::new();
-    M.get_or_init(|| gemma_model_path().map(|p| load(&p))).clone()
+    M.get_or_init(|| gemma_model_path().map(|p| load(&p)))
+        .clone()
 }
 
 /// A tiny random model (and its tokenizer) built in memory.
@@ -71,14 +86,22 @@ pub fn tiny_model(spec: &brigade::testing::TinyLlamaSpec) -> (Arc<Model>, Arc<To
 /// Reads the golden fixture `name` of `model` (`tests/fixtures/golden/<model>/`:
 /// `smollm2`, `gemma3`).
 pub fn golden(model: &str, name: &str) -> serde_json::Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(model).join(name);
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden")
+        .join(model)
+        .join(name);
+    let text =
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// Token ids of a JSON array.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 /// Teacher-forced agreement with a golden `logits.json`.
@@ -108,27 +131,41 @@ const FEED: usize = 64;
 pub fn teacher_forced(model: &Arc<Model>, fx: &serde_json::Value) -> LogitStats {
     let vocab = model.config.vocab_size;
     let prompts = fx["prompts"].as_array().expect("prompts");
-    let longest = prompts.iter().map(|p| p["ids"].as_array().map_or(0, Vec::len)).max().unwrap_or(1);
+    let longest = prompts
+        .iter()
+        .map(|p| p["ids"].as_array().map_or(0, Vec::len))
+        .max()
+        .unwrap_or(1);
     let mut runner = Runner::new(model.clone(), longest.max(512), 2).expect("runner");
     let mut st = LogitStats::default();
     let (mut sum, mut n) = (0.0f64, 0usize);
     for p in prompts {
         let tokens = ids(&p["ids"]);
         let name = p["name"].as_str().unwrap_or("?");
-        let positions: std::collections::HashMap<usize, &serde_json::Value> =
-            p["positions"].as_array().expect("positions").iter().map(|x| (x["pos"].as_u64().expect("pos") as usize, x)).collect();
+        let positions: std::collections::HashMap<usize, &serde_json::Value> = p["positions"]
+            .as_array()
+            .expect("positions")
+            .iter()
+            .map(|x| (x["pos"].as_u64().expect("pos") as usize, x))
+            .collect();
         runner.reset();
         let mut seen = 0;
         for (c, piece) in tokens.chunks(FEED).enumerate() {
             let logits = runner.feed(piece, true).expect("feed");
             for (j, row) in logits.chunks_exact(vocab).enumerate() {
                 let i = c * FEED + j;
-                let Some(pos) = positions.get(&i) else { continue };
+                let Some(pos) = positions.get(&i) else {
+                    continue;
+                };
                 seen += 1;
                 let lse = brigade::sampling::logsumexp(row);
                 let top_ids = ids(&pos["top_ids"]);
-                let top_lp: Vec<f32> =
-                    pos["top_logprobs"].as_array().expect("top_logprobs").iter().map(|v| v.as_f64().expect("lp") as f32).collect();
+                let top_lp: Vec<f32> = pos["top_logprobs"]
+                    .as_array()
+                    .expect("top_logprobs")
+                    .iter()
+                    .map(|v| v.as_f64().expect("lp") as f32)
+                    .collect();
                 st.total += 1;
                 if brigade::sampling::argmax(row) == top_ids[0] {
                     st.agree += 1;
@@ -147,7 +184,11 @@ pub fn teacher_forced(model: &Arc<Model>, fx: &serde_json::Value) -> LogitStats 
                 }
             }
         }
-        assert_eq!(seen, positions.len(), "{name}: a recorded position is outside the prompt");
+        assert_eq!(
+            seen,
+            positions.len(),
+            "{name}: a recorded position is outside the prompt"
+        );
     }
     st.mean_top5 = sum / n.max(1) as f64;
     st
@@ -182,7 +223,12 @@ pub fn engine_outputs(mut s: brigade::engine::ResponseStream) -> Vec<(u32, u32)>
 
 /// An engine configuration: `workers` workers of one thread, prefill chunks of
 /// `prefill_chunk` tokens (0: whole), a KV pool of `kv_tokens`, prefix caching.
-pub fn engine_config(workers: usize, prefill_chunk: usize, kv_tokens: usize, prefix: bool) -> brigade::config::Config {
+pub fn engine_config(
+    workers: usize,
+    prefill_chunk: usize,
+    kv_tokens: usize,
+    prefix: bool,
+) -> brigade::config::Config {
     use brigade::config::{Config, Count};
     let mut c = Config::default();
     c.runtime.workers = Count::N(workers);
@@ -191,6 +237,8 @@ pub fn engine_config(workers: usize, prefill_chunk: usize, kv_tokens: usize, pre
     c.runtime.max_batched_tokens = 256;
     c.kv_cache.capacity_tokens = kv_tokens;
     c.kv_cache.prefix_caching = prefix;
+    // Small pools here exist to force preemption: admit on the prompt alone.
+    c.runtime.admission_reserve_tokens = 0;
     c.validate().expect("config");
     c
 }

@@ -31,7 +31,11 @@ pub(crate) struct Supervisor {
 }
 
 /// Starts actor `name` on its own thread under `sup`.
-pub(crate) fn spawn(name: String, sup: &Supervisor, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StartError> {
+pub(crate) fn spawn(
+    name: String,
+    sup: &Supervisor,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, StartError> {
     let sup = sup.clone();
     let thread_name = name.clone();
     std::thread::Builder::new()
@@ -40,7 +44,10 @@ pub(crate) fn spawn(name: String, sup: &Supervisor, f: impl FnOnce() + Send + 's
             if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
                 let reason = format!("actor `{name}` died: {}", panic_message(&*payload));
                 sup.health.mark_died(reason.clone());
-                sup.control.send(Control::ActorDied { actor: name, reason });
+                sup.control.send(Control::ActorDied {
+                    actor: name,
+                    reason,
+                });
             }
         })
         .map_err(|e| StartError::Spawn(e.to_string()))

@@ -60,19 +60,44 @@ impl OutSeq {
         }
         let now = Instant::now();
         let timings = Timings {
-            queue: self.scheduled.unwrap_or(now).saturating_duration_since(self.arrival),
-            ttft: self.first_token.unwrap_or(now).saturating_duration_since(self.arrival),
+            queue: self
+                .scheduled
+                .unwrap_or(now)
+                .saturating_duration_since(self.arrival),
+            ttft: self
+                .first_token
+                .unwrap_or(now)
+                .saturating_duration_since(self.arrival),
             e2e: now.saturating_duration_since(self.arrival),
         };
-        let usage = Usage { prompt_tokens: self.prompt_len, completion_tokens: self.completion_tokens, cached_tokens: cached };
-        self.span.in_scope(|| tracing::debug!(index = self.index, reason = reason.as_str(), tokens = self.completion_tokens, "completion finished"));
-        self.send(Event::Finished { index: self.index, reason, text, usage, timings });
+        let usage = Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: cached,
+        };
+        self.span.in_scope(|| {
+            tracing::debug!(
+                index = self.index,
+                reason = reason.as_str(),
+                tokens = self.completion_tokens,
+                "completion finished"
+            )
+        });
+        self.send(Event::Finished {
+            index: self.index,
+            reason,
+            text,
+            usage,
+            timings,
+        });
         self.done = true;
     }
 
     /// Appends `piece`; returns the text that may be sent now, and whether a stop string ended it.
     fn push_text(&mut self, piece: String) -> (String, bool) {
-        let Some((m, state)) = self.stop.as_mut() else { return (piece, false) };
+        let Some((m, state)) = self.stop.as_mut() else {
+            return (piece, false);
+        };
         let held_before = self.pending.len();
         let hit = m.feed(state, piece.as_bytes());
         let mut text = std::mem::take(&mut self.pending);
@@ -133,14 +158,23 @@ impl OutputActor {
         faults: FaultPlan,
         open: Arc<AtomicUsize>,
     ) -> Self {
-        Self { rx, tok, control, health, faults, seqs: HashMap::new(), open }
+        Self {
+            rx,
+            tok,
+            control,
+            health,
+            faults,
+            seqs: HashMap::new(),
+            open,
+        }
     }
 
     pub(crate) fn run(mut self) {
         let mut handled: u64 = 0;
         while let Ok(m) = self.rx.recv() {
             handled += 1;
-            self.faults.trigger(FaultActor::Output, 0, handled, FaultKind::Die);
+            self.faults
+                .trigger(FaultActor::Output, 0, handled, FaultKind::Die);
             // What to fail if handling this message panics.
             let target = match &m {
                 OutMsg::Register { request_id, tx, .. } => Target::New(*request_id, tx.clone()),
@@ -181,7 +215,10 @@ impl OutputActor {
             self.open.store(self.seqs.len(), Ordering::Relaxed);
         }
         // Inbox closed. Normally nothing is open here; if the scheduler died, say so.
-        let why = self.health.dead_reason().unwrap_or_else(|| "the engine stopped".to_string());
+        let why = self
+            .health
+            .dead_reason()
+            .unwrap_or_else(|| "the engine stopped".to_string());
         let open: Vec<u64> = self.seqs.values().map(|s| s.request_id).collect();
         for r in open {
             self.fail_request(r, EngineError::Dead(why.clone()));
@@ -190,12 +227,18 @@ impl OutputActor {
 
     /// One error event for request `r`, then nothing more for any of its completions.
     fn fail_request(&mut self, r: u64, error: EngineError) {
-        let ids: Vec<u64> = self.seqs.iter().filter(|(_, s)| s.request_id == r).map(|(&id, _)| id).collect();
+        let ids: Vec<u64> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.request_id == r)
+            .map(|(&id, _)| id)
+            .collect();
         let mut sent = false;
         for id in ids {
             if let Some(mut s) = self.seqs.remove(&id) {
                 if !sent && !s.done {
-                    s.span.in_scope(|| tracing::warn!(error = %error, "request failed"));
+                    s.span
+                        .in_scope(|| tracing::warn!(error = %error, "request failed"));
                     s.send(Event::Error(error.clone()));
                     sent = true;
                 }
@@ -205,7 +248,17 @@ impl OutputActor {
 
     fn handle(&mut self, m: OutMsg) {
         match m {
-            OutMsg::Register { seq_id, request_id, index, prompt_len, params, stop, tx, arrival, span } => {
+            OutMsg::Register {
+                seq_id,
+                request_id,
+                index,
+                prompt_len,
+                params,
+                stop,
+                tx,
+                arrival,
+                span,
+            } => {
                 let dec = IncrementalDecoder::new(&self.tok, params.skip_special_tokens);
                 let stop = stop.map(|m| {
                     let st = m.start();
@@ -241,8 +294,15 @@ impl OutputActor {
                     s.prompt_lp.extend(entries);
                 }
             }
-            OutMsg::Token { seq_id, token, finish, cached } => {
-                let Some(s) = self.seqs.get_mut(&seq_id) else { return };
+            OutMsg::Token {
+                seq_id,
+                token,
+                finish,
+                cached,
+            } => {
+                let Some(s) = self.seqs.get_mut(&seq_id) else {
+                    return;
+                };
                 flush_prompt_logprobs(s);
                 if s.done {
                     if finish.is_some() {
@@ -253,14 +313,26 @@ impl OutputActor {
                 s.first_token.get_or_insert_with(Instant::now);
                 s.completion_tokens += 1;
                 // A stop/EOS token ends the text without contributing to it.
-                let piece = if finish == Some(FinishReason::Stop) { String::new() } else { s.dec.push(token.token).unwrap_or_default() };
+                let piece = if finish == Some(FinishReason::Stop) {
+                    String::new()
+                } else {
+                    s.dec.push(token.token).unwrap_or_default()
+                };
                 let (text, hit) = s.push_text(piece);
-                let reason = if hit { Some(FinishReason::Stop) } else { finish };
+                let reason = if hit {
+                    Some(FinishReason::Stop)
+                } else {
+                    finish
+                };
                 if finish.is_some() && !hit {
                     // The end: release what was held back.
                     let rest = std::mem::take(&mut s.pending);
                     let index = s.index;
-                    s.send(Event::Token { index, token, text: text + &rest });
+                    s.send(Event::Token {
+                        index,
+                        token,
+                        text: text + &rest,
+                    });
                 } else {
                     let index = s.index;
                     s.send(Event::Token { index, token, text });
@@ -277,7 +349,11 @@ impl OutputActor {
                     self.seqs.remove(&seq_id);
                 }
             }
-            OutMsg::Finish { seq_id, reason, cached } => {
+            OutMsg::Finish {
+                seq_id,
+                reason,
+                cached,
+            } => {
                 if let Some(mut s) = self.seqs.remove(&seq_id) {
                     flush_prompt_logprobs(&mut s);
                     s.finish(reason, cached);

@@ -69,7 +69,12 @@ type Slot = Option<Result<Guided, ()>>;
 
 /// The state of a constrained row, taken from `guides` and in step with the
 /// sequence (`generated` output tokens); `Err` when it cannot be made so.
-fn take_guide(guides: &mut HashMap<u64, Guided>, g: &Guidance, c: &ScheduledChunk, ctx: &SampleCtx) -> Slot {
+fn take_guide(
+    guides: &mut HashMap<u64, Guided>,
+    g: &Guidance,
+    c: &ScheduledChunk,
+    ctx: &SampleCtx,
+) -> Slot {
     let constraint = ctx.params.constraint.as_ref()?;
     let generated = (c.pos + c.tokens.len()).saturating_sub(ctx.prompt.len());
     let alive = Arc::downgrade(&ctx.params);
@@ -111,27 +116,43 @@ impl SamplerActor {
         let mut guides: HashMap<u64, Guided> = HashMap::new();
         while let Ok(m) = self.rx.recv() {
             let step = m.batch.step_id;
-            self.faults.trigger(FaultActor::Sampler, 0, step, FaultKind::Die);
+            self.faults
+                .trigger(FaultActor::Sampler, 0, step, FaultKind::Die);
             let span = m.span.clone();
             let _g = span.enter();
-            let LogitsMsg { batch, rows, logits, prompt_lp, mut failed, .. } = m;
+            let LogitsMsg {
+                batch,
+                rows,
+                logits,
+                prompt_lp,
+                mut failed,
+                ..
+            } = m;
             let mut sampled: Vec<Vec<Sampled>> = vec![Vec::new(); batch.chunks.len()];
             // Index of each logits row among its chunk's sampling rows (0 but for speculative chunks).
             let mut nth: Vec<usize> = Vec::with_capacity(rows.len());
             for (i, &ci) in rows.iter().enumerate() {
-                nth.push(if i > 0 && rows[i - 1] == ci { nth[i - 1] + 1 } else { 0 });
+                nth.push(if i > 0 && rows[i - 1] == ci {
+                    nth[i - 1] + 1
+                } else {
+                    0
+                });
             }
             // Constrained rows' states, in row order (taken out of `guides` for the step).
             let mut slots: Vec<Slot> = Vec::new();
             let guidance = self.guidance.built();
             if failed.is_none() {
                 let r = guarded(|| {
-                    self.faults.trigger(FaultActor::Sampler, 0, step, FaultKind::Panic);
+                    self.faults
+                        .trigger(FaultActor::Sampler, 0, step, FaultKind::Panic);
                     let vocab = self.vocab;
                     slots = rows
                         .iter()
                         .map(|&ci| {
-                            let (c, ctx) = batch.chunks.get(ci).and_then(|c| Some((c, c.ctx.as_ref()?)))?;
+                            let (c, ctx) = batch
+                                .chunks
+                                .get(ci)
+                                .and_then(|c| Some((c, c.ctx.as_ref()?)))?;
                             match guidance {
                                 Some(g) => take_guide(&mut guides, g, c, ctx),
                                 None => ctx.params.constraint.as_ref().map(|_| Err(())),
@@ -140,14 +161,23 @@ impl SamplerActor {
                         .collect();
                     // (chunk, logits row, its constraint state) -> its token; `work`: a scratch row
                     // per task (untouched, so never paged in, by greedy rows).
-                    let one = |work: &mut Vec<f32>, ((i, &ci), slot): ((usize, &usize), &mut Slot)| -> Option<(usize, Sampled)> {
-                        let (c, raw) = (batch.chunks.get(ci)?, logits.get(i * vocab..(i + 1) * vocab)?);
+                    let one = |work: &mut Vec<f32>,
+                               ((i, &ci), slot): ((usize, &usize), &mut Slot)|
+                     -> Option<(usize, Sampled)> {
+                        let (c, raw) = (
+                            batch.chunks.get(ci)?,
+                            logits.get(i * vocab..(i + 1) * vocab)?,
+                        );
                         let ctx = c.ctx.as_ref()?;
                         // A speculative chunk's row j chooses the token after draft j: its
                         // position and `min_tokens` mask are those plain decoding would have there.
                         let j = nth.get(i).copied().unwrap_or(0);
                         let position = c.pos + c.tokens.len() - c.draft.min(c.tokens.len()) + j;
-                        let mask_stop = if j == 0 { ctx.mask_stop } else { position.saturating_sub(ctx.prompt.len()) < ctx.params.min_tokens };
+                        let mask_stop = if j == 0 {
+                            ctx.mask_stop
+                        } else {
+                            position.saturating_sub(ctx.prompt.len()) < ctx.params.min_tokens
+                        };
                         let mut masked: Vec<u32> = Vec::new();
                         if mask_stop {
                             masked.extend_from_slice(&ctx.eog);
@@ -180,12 +210,24 @@ impl SamplerActor {
                                             }
                                         }
                                         if v.is_zero() {
-                                            sampling::sample_allowed(raw, work, &rp, Some(&end_only()))
+                                            sampling::sample_allowed(
+                                                raw,
+                                                work,
+                                                &rp,
+                                                Some(&end_only()),
+                                            )
                                         } else {
-                                            sampling::sample_allowed(raw, work, &rp, Some(v.as_slice()))
+                                            sampling::sample_allowed(
+                                                raw,
+                                                work,
+                                                &rp,
+                                                Some(v.as_slice()),
+                                            )
                                         }
                                     }
-                                    Allowed::EndOnly => sampling::sample_allowed(raw, work, &rp, Some(&end_only())),
+                                    Allowed::EndOnly => {
+                                        sampling::sample_allowed(raw, work, &rp, Some(&end_only()))
+                                    }
                                 };
                                 gd.guide.advance(g, smp.token);
                                 smp
@@ -205,7 +247,12 @@ impl SamplerActor {
                                 .map_init(Vec::new, one)
                                 .collect()
                         }),
-                        _ => rows.iter().enumerate().zip(slots_iter.iter_mut()).map(|r| one(&mut serial_work, r)).collect(),
+                        _ => rows
+                            .iter()
+                            .enumerate()
+                            .zip(slots_iter.iter_mut())
+                            .map(|r| one(&mut serial_work, r))
+                            .collect(),
                     };
                     slots = slots_iter;
                     for (ci, smp) in out.into_iter().flatten() {
@@ -214,7 +261,12 @@ impl SamplerActor {
                         }
                     }
                     // Speculative chunks: the accepted drafts and the token after them.
-                    for (c, toks) in batch.chunks.iter().zip(sampled.iter_mut()).filter(|(c, _)| c.draft > 0) {
+                    for (c, toks) in batch
+                        .chunks
+                        .iter()
+                        .zip(sampled.iter_mut())
+                        .filter(|(c, _)| c.draft > 0)
+                    {
                         let drafts = &c.tokens[c.tokens.len() - c.draft.min(c.tokens.len())..];
                         let chosen: Vec<u32> = toks.iter().map(|t| t.token).collect();
                         toks.truncate(spec::accepted_prefix(drafts, &chosen) + 1);
@@ -228,28 +280,47 @@ impl SamplerActor {
                 }
             }
             let _ = self.recycle.try_send(logits); // full: let the buffer go
-            // States of sequences that go on, with the chunk they sampled for.
+                                                   // States of sequences that go on, with the chunk they sampled for.
             let mut next: Vec<(u64, Guided)> = Vec::new();
             if failed.is_none() {
                 for (slot, &ci) in slots.into_iter().zip(&rows) {
-                    let (Some(Ok(gd)), Some(c), Some(smp)) = (slot, batch.chunks.get(ci), sampled.get(ci).and_then(|v| v.last())) else { continue };
+                    let (Some(Ok(gd)), Some(c), Some(smp)) = (
+                        slot,
+                        batch.chunks.get(ci),
+                        sampled.get(ci).and_then(|v| v.last()),
+                    ) else {
+                        continue;
+                    };
                     let Some(ctx) = c.ctx.as_ref() else { continue };
                     let p = &ctx.params;
                     let generated = (c.pos + c.tokens.len() + 1).saturating_sub(ctx.prompt.len());
-                    let ends = ctx.eog.contains(&smp.token) || p.stop_token_ids.contains(&smp.token) || generated >= p.max_tokens;
+                    let ends = ctx.eog.contains(&smp.token)
+                        || p.stop_token_ids.contains(&smp.token)
+                        || generated >= p.max_tokens;
                     if !ends {
                         next.push((c.seq_id, gd));
                     }
                 }
             }
-            if self.tx.send(StepResult { batch, sampled, prompt_lp, failed }).is_err() {
+            if self
+                .tx
+                .send(StepResult {
+                    batch,
+                    sampled,
+                    prompt_lp,
+                    failed,
+                })
+                .is_err()
+            {
                 return;
             }
             // The next masks, while the workers compute the next step.
             if let Some(g) = guidance {
                 let prepare = |(_, gd): &mut (u64, Guided)| gd.guide.prepare(g);
                 let r = guarded(|| match &self.pool {
-                    Some(p) if next.len() > 1 => p.install(|| next.par_iter_mut().for_each(prepare)),
+                    Some(p) if next.len() > 1 => {
+                        p.install(|| next.par_iter_mut().for_each(prepare))
+                    }
                     _ => next.iter_mut().for_each(prepare),
                 });
                 if let Err(panic) = r {

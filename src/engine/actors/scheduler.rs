@@ -122,7 +122,10 @@ impl SchedulerActor {
                 Wake::Result(r) => self.on_result(r),
                 Wake::Control(c) => self.on_control(c),
                 Wake::Admit(a) => self.on_admit(a),
-                Wake::FeedbackClosed => return self.die("the step pipeline stopped (a worker or the sampler exited)".into()),
+                Wake::FeedbackClosed => {
+                    return self
+                        .die("the step pipeline stopped (a worker or the sampler exited)".into())
+                }
                 Wake::ControlClosed => self.state.control_closed = true,
                 Wake::InboxClosed => self.state.inbox_closed = true,
                 Wake::Timer => self.release_kv_if_idle(),
@@ -132,9 +135,21 @@ impl SchedulerActor {
 
     /// Blocks until something happens.
     fn wait(&self) -> Wake {
-        let inbox = if self.state.inbox_closed { never() } else { self.inbox.clone() };
-        let control = if self.state.control_closed { never() } else { self.control.rx.clone() };
-        let timer = match (self.release_idle, self.state.idle_since, self.state.kv_dirty) {
+        let inbox = if self.state.inbox_closed {
+            never()
+        } else {
+            self.inbox.clone()
+        };
+        let control = if self.state.control_closed {
+            never()
+        } else {
+            self.control.rx.clone()
+        };
+        let timer = match (
+            self.release_idle,
+            self.state.idle_since,
+            self.state.kv_dirty,
+        ) {
             (Some(after), Some(since), true) => crossbeam_channel::at(since + after),
             _ => never(),
         };
@@ -154,16 +169,25 @@ impl SchedulerActor {
             let failed = self.sched.take_failed();
             self.fail_updates(failed);
             let Some(batch) = formed else { break };
-            self.faults.trigger(FaultActor::Scheduler, 0, batch.step_id, FaultKind::Die);
-            self.faults.trigger(FaultActor::Scheduler, 0, batch.step_id, FaultKind::Panic);
+            self.faults
+                .trigger(FaultActor::Scheduler, 0, batch.step_id, FaultKind::Die);
+            self.faults
+                .trigger(FaultActor::Scheduler, 0, batch.step_id, FaultKind::Panic);
             let span = tracing::debug_span!(parent: None, "step", step = batch.step_id, tokens = batch.num_tokens(), seqs = batch.chunks.len());
             let now = Instant::now();
             for c in &batch.chunks {
                 if self.state.scheduled_once.insert(c.seq_id) {
-                    let _ = self.out.send(OutMsg::Scheduled { seq_id: c.seq_id, at: now });
+                    let _ = self.out.send(OutMsg::Scheduled {
+                        seq_id: c.seq_id,
+                        at: now,
+                    });
                 }
                 if !span.is_disabled() {
-                    if let Some((rs, _)) = self.sched.get(c.seq_id).and_then(|s| self.state.spans.get(&s.request_id)) {
+                    if let Some((rs, _)) = self
+                        .sched
+                        .get(c.seq_id)
+                        .and_then(|s| self.state.spans.get(&s.request_id))
+                    {
                         span.follows_from(rs);
                     }
                 }
@@ -176,7 +200,12 @@ impl SchedulerActor {
     }
 
     fn send_item(&mut self, batch: SchedulerOutput, span: tracing::Span) -> Result<(), String> {
-        let item = WorkItem { batch: Arc::new(batch), x: Vec::new(), failed: None, span };
+        let item = WorkItem {
+            batch: Arc::new(batch),
+            x: Vec::new(),
+            failed: None,
+            span,
+        };
         match self.worker0.try_send(item) {
             Ok(()) => {
                 self.state.in_flight += 1;
@@ -207,14 +236,25 @@ impl SchedulerActor {
         tracing::debug!("idle: releasing KV memory");
         self.state.kv_dirty = false;
         let step_id = self.sched.next_step_id();
-        let batch = SchedulerOutput { step_id, reset_kv: true, ..SchedulerOutput::default() };
+        let batch = SchedulerOutput {
+            step_id,
+            reset_kv: true,
+            ..SchedulerOutput::default()
+        };
         if let Err(why) = self.send_item(batch, tracing::Span::none()) {
             self.health.mark_dead(why);
         }
     }
 
     fn on_admit(&mut self, a: Admit) {
-        let Admit { id, valid, tx, cancel, arrival, span } = a;
+        let Admit {
+            id,
+            valid,
+            tx,
+            cancel,
+            arrival,
+            span,
+        } = a;
         if self.state.draining {
             let _ = tx.try_send(Event::Error(EngineError::ShuttingDown)); // caller may have gone
             return;
@@ -260,7 +300,14 @@ impl SchedulerActor {
                 spec: Default::default(),
             });
         }
-        span.in_scope(|| tracing::debug!(request_id = id, completions = n, prompt_tokens = valid.prompt.len(), "admitted to the scheduler"));
+        span.in_scope(|| {
+            tracing::debug!(
+                request_id = id,
+                completions = n,
+                prompt_tokens = valid.prompt.len(),
+                "admitted to the scheduler"
+            )
+        });
         self.state.spans.insert(id, (span, n));
         // Siblings ride on the first completion until it forks them.
         let mut parent = seqs.remove(0);
@@ -324,10 +371,17 @@ impl SchedulerActor {
             self.note_idle();
             return;
         }
-        let tokens: Vec<Vec<u32>> = r.sampled.iter().map(|s| s.iter().map(|s| s.token).collect()).collect();
+        let tokens: Vec<Vec<u32>> = r
+            .sampled
+            .iter()
+            .map(|s| s.iter().map(|s| s.token).collect())
+            .collect();
         for (c, lp) in r.batch.chunks.iter().zip(r.prompt_lp) {
             if !lp.is_empty() {
-                let _ = self.out.send(OutMsg::PromptLogprobs { seq_id: c.seq_id, entries: lp });
+                let _ = self.out.send(OutMsg::PromptLogprobs {
+                    seq_id: c.seq_id,
+                    entries: lp,
+                });
             }
         }
         // Each sequence's tokens in order (several for a speculative chunk).
@@ -343,15 +397,32 @@ impl SchedulerActor {
                 failed.push(u);
                 continue;
             }
-            let next = if u.token.is_some() { sampled.get_mut(&u.seq_id).and_then(|q| q.pop_front()) } else { None };
+            let next = if u.token.is_some() {
+                sampled.get_mut(&u.seq_id).and_then(|q| q.pop_front())
+            } else {
+                None
+            };
             match (u.token, next) {
                 (Some(_), Some(s)) => {
-                    let token = TokenLogprob { token: s.token, logprob: s.logprob, top: s.top };
-                    let _ = self.out.send(OutMsg::Token { seq_id: u.seq_id, token, finish: u.finish, cached: u.num_cached });
+                    let token = TokenLogprob {
+                        token: s.token,
+                        logprob: s.logprob,
+                        top: s.top,
+                    };
+                    let _ = self.out.send(OutMsg::Token {
+                        seq_id: u.seq_id,
+                        token,
+                        finish: u.finish,
+                        cached: u.num_cached,
+                    });
                 }
                 _ => {
                     if let Some(reason) = u.finish {
-                        let _ = self.out.send(OutMsg::Finish { seq_id: u.seq_id, reason, cached: u.num_cached });
+                        let _ = self.out.send(OutMsg::Finish {
+                            seq_id: u.seq_id,
+                            reason,
+                            cached: u.num_cached,
+                        });
                     }
                 }
             }
@@ -368,7 +439,10 @@ impl SchedulerActor {
     fn fail_updates(&mut self, updates: Vec<SeqUpdate>) {
         let mut requests: Vec<(u64, String)> = Vec::new();
         for u in updates {
-            let why = u.error.as_ref().map_or_else(|| "the sequence failed".to_string(), ToString::to_string);
+            let why = u
+                .error
+                .as_ref()
+                .map_or_else(|| "the sequence failed".to_string(), ToString::to_string);
             if let Some(&r) = self.state.seq_request.get(&u.seq_id) {
                 if !requests.iter().any(|(q, _)| *q == r) {
                     requests.push((r, why));
@@ -377,7 +451,10 @@ impl SchedulerActor {
             self.forget_seq(u.seq_id);
         }
         for (request, why) in requests {
-            let _ = self.out.send(OutMsg::Fail { request_id: request, error: EngineError::Internal(why) });
+            let _ = self.out.send(OutMsg::Fail {
+                request_id: request,
+                error: EngineError::Internal(why),
+            });
             for s in self.sched.cancel_request(request) {
                 self.forget_seq(s.id);
             }
@@ -385,13 +462,19 @@ impl SchedulerActor {
     }
 
     fn finish(&mut self, seq_id: u64, reason: FinishReason, cached: usize) {
-        let _ = self.out.send(OutMsg::Finish { seq_id, reason, cached });
+        let _ = self.out.send(OutMsg::Finish {
+            seq_id,
+            reason,
+            cached,
+        });
         self.forget_seq(seq_id);
     }
 
     fn forget_seq(&mut self, seq_id: u64) {
         self.state.scheduled_once.remove(&seq_id);
-        let Some(request_id) = self.state.seq_request.remove(&seq_id) else { return };
+        let Some(request_id) = self.state.seq_request.remove(&seq_id) else {
+            return;
+        };
         if let Some((_, open)) = self.state.spans.get_mut(&request_id) {
             *open = open.saturating_sub(1);
             if *open == 0 {
@@ -412,7 +495,10 @@ impl SchedulerActor {
         self.health.mark_dead(why.clone());
         let error = EngineError::Dead(why);
         for request in self.sched.request_ids() {
-            let _ = self.out.try_send(OutMsg::Fail { request_id: request, error: error.clone() });
+            let _ = self.out.try_send(OutMsg::Fail {
+                request_id: request,
+                error: error.clone(),
+            });
         }
         // Requests not yet admitted.
         while let Ok(a) = self.inbox.try_recv() {
@@ -425,7 +511,11 @@ impl SchedulerActor {
 
     fn publish_stats(&mut self) {
         let kv = self.sched.kv.stats();
-        let usage = if kv.num_blocks > 0 { kv.num_used_blocks as f64 / kv.num_blocks as f64 } else { 0.0 };
+        let usage = if kv.num_blocks > 0 {
+            kv.num_used_blocks as f64 / kv.num_blocks as f64
+        } else {
+            0.0
+        };
         self.state.kv_peak = self.state.kv_peak.max(usage);
         let (queries, hits) = self.sched.prefix_stats();
         if let Ok(mut s) = self.stats.lock() {
@@ -446,7 +536,11 @@ impl SchedulerActor {
             s.spec_steps = self.sched.counters.spec_steps;
             s.spec_draft_tokens = self.sched.counters.spec_draft_tokens;
             s.spec_accepted_tokens = self.sched.counters.spec_accepted_tokens;
-            s.worker_busy_s = self.busy.iter().map(|b| b.load(Ordering::Relaxed) as f64 * 1e-9).collect();
+            s.worker_busy_s = self
+                .busy
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed) as f64 * 1e-9)
+                .collect();
             s.channels = self
                 .probes
                 .iter()
@@ -456,7 +550,10 @@ impl SchedulerActor {
                 })
                 .collect();
             s.in_flight = self.state.in_flight;
-            s.uptime_s = self.state.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            s.uptime_s = self
+                .state
+                .started
+                .map_or(0.0, |t| t.elapsed().as_secs_f64());
         }
     }
 }

@@ -26,12 +26,21 @@ impl TokenizerActor {
         let mut handled: u64 = 0;
         while let Ok(sub) = self.inbox.recv() {
             handled += 1;
-            self.faults.trigger(FaultActor::Tokenizer, 0, handled, FaultKind::Die);
+            self.faults
+                .trigger(FaultActor::Tokenizer, 0, handled, FaultKind::Die);
             let span = sub.span.clone();
             let _g = span.enter();
-            let Submission { id, body, tx, cancel, arrival, span } = sub;
+            let Submission {
+                id,
+                body,
+                tx,
+                cancel,
+                arrival,
+                span,
+            } = sub;
             let checked = guarded(|| {
-                self.faults.trigger(FaultActor::Tokenizer, 0, handled, FaultKind::Panic);
+                self.faults
+                    .trigger(FaultActor::Tokenizer, 0, handled, FaultKind::Panic);
                 match body {
                     SubmissionBody::Raw(req) => self.validator.validate(req),
                     SubmissionBody::Valid(v) => Ok(v),
@@ -45,13 +54,29 @@ impl TokenizerActor {
                 }
                 Err(panic) => {
                     tracing::error!(request_id = id, %panic, "tokenizer failed on a request");
-                    let _ = tx.try_send(Event::Error(EngineError::Internal(format!("tokenizing the request failed: {panic}"))));
+                    let _ = tx.try_send(Event::Error(EngineError::Internal(format!(
+                        "tokenizing the request failed: {panic}"
+                    ))));
                     continue;
                 }
             };
-            let started = Event::Started { prompt_tokens: valid.prompt.to_vec(), seed: valid.seed };
+            let started = Event::Started {
+                prompt_tokens: valid.prompt.to_vec(),
+                seed: valid.seed,
+            };
             let _ = tx.try_send(started); // caller may have gone
-            if self.scheduler.send(Admit { id, valid, tx, cancel, arrival, span }).is_err() {
+            if self
+                .scheduler
+                .send(Admit {
+                    id,
+                    valid,
+                    tx,
+                    cancel,
+                    arrival,
+                    span,
+                })
+                .is_err()
+            {
                 return; // scheduler gone: the engine is stopping (streams report it)
             }
         }

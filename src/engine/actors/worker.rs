@@ -52,6 +52,8 @@ pub(crate) struct WorkerActor {
     pub(crate) next: Next,
     pub(crate) busy: Arc<Vec<AtomicU64>>,
     pub(crate) scratch: Scratch,
+    /// Activation digits of the output head (`runtime.head_activation_digits`).
+    pub(crate) head_digits: crate::kernels::Digits,
     pub(crate) faults: FaultPlan,
 }
 
@@ -60,7 +62,8 @@ impl WorkerActor {
         while let Ok(mut item) = self.rx.recv() {
             let t0 = Instant::now();
             let step = item.batch.step_id;
-            self.faults.trigger(FaultActor::Worker, self.k, step, FaultKind::Die);
+            self.faults
+                .trigger(FaultActor::Worker, self.k, step, FaultKind::Die);
             let span = item.span.clone();
             let _g = span.enter();
             if item.batch.reset_kv {
@@ -119,26 +122,55 @@ impl WorkerActor {
             item.x.resize(n * dim, 0.0);
             let mut row = 0;
             for c in &batch.chunks {
-                self.model.embed(&c.tokens, &mut item.x[row * dim..(row + c.tokens.len()) * dim]);
+                self.model.embed(
+                    &c.tokens,
+                    &mut item.x[row * dim..(row + c.tokens.len()) * dim],
+                );
                 row += c.tokens.len();
             }
         }
-        let chunks: Vec<SeqChunk<'_>> =
-            batch.chunks.iter().map(|c| SeqChunk { pos: c.pos, len: c.tokens.len(), block_table: &c.block_table }).collect();
+        let chunks: Vec<SeqChunk<'_>> = batch
+            .chunks
+            .iter()
+            .map(|c| SeqChunk {
+                pos: c.pos,
+                len: c.tokens.len(),
+                block_table: &c.block_table,
+            })
+            .collect();
         // Run on the worker's own pool: the nested parallel loops of every
         // matmul are then cheap work-stealing forks, not cross-thread wakeups.
-        let (model, range, kv, scratch) = (&self.model, self.range.clone(), &mut self.kv, &mut self.scratch);
+        let (model, range, kv, scratch) = (
+            &self.model,
+            self.range.clone(),
+            &mut self.kv,
+            &mut self.scratch,
+        );
         match &self.pool {
-            Some(p) => p.install(|| model.forward_layers(range, &mut item.x, &chunks, kv, scratch, Some(p))),
+            Some(p) => p.install(|| {
+                model.forward_layers(range, &mut item.x, &chunks, kv, scratch, Some(p))
+            }),
             None => model.forward_layers(range, &mut item.x, &chunks, kv, scratch, None),
         }
     }
 
     /// The last worker: final norm + output head for the rows that need logits.
     fn head(&mut self, item: WorkItem) -> LogitsMsg {
-        let WorkItem { batch, x, failed, span } = item;
+        let WorkItem {
+            batch,
+            x,
+            failed,
+            span,
+        } = item;
         let nchunks = batch.chunks.len();
-        let mut msg = LogitsMsg { batch: batch.clone(), rows: Vec::new(), logits: Vec::new(), prompt_lp: vec![Vec::new(); nchunks], failed, span };
+        let mut msg = LogitsMsg {
+            batch: batch.clone(),
+            rows: Vec::new(),
+            logits: Vec::new(),
+            prompt_lp: vec![Vec::new(); nchunks],
+            failed,
+            span,
+        };
         if msg.failed.is_some() || nchunks == 0 {
             return msg;
         }
@@ -158,7 +190,11 @@ impl WorkerActor {
         msg
     }
 
-    fn head_rows(&mut self, batch: &SchedulerOutput, x: &[f32]) -> (Vec<usize>, Vec<f32>, PromptLogprobs) {
+    fn head_rows(
+        &mut self,
+        batch: &SchedulerOutput,
+        x: &[f32],
+    ) -> (Vec<usize>, Vec<f32>, PromptLogprobs) {
         let dim = self.model.config.dim;
         let vocab = self.model.config.vocab_size;
         let mut offsets = Vec::with_capacity(batch.chunks.len());
@@ -194,10 +230,14 @@ impl WorkerActor {
         let mut prompt_lp: PromptLogprobs = vec![Vec::new(); batch.chunks.len()];
         let mut buf = Vec::new();
         for (ci, c) in batch.chunks.iter().enumerate() {
-            let Some(ctx) = c.ctx.as_ref().filter(|_| c.all_logits) else { continue };
+            let Some(ctx) = c.ctx.as_ref().filter(|_| c.all_logits) else {
+                continue;
+            };
             let top_n = ctx.params.prompt_logprobs.unwrap_or(0);
             // Row r (position c.pos + r) predicts the token at c.pos + r + 1.
-            let wanted: Vec<usize> = (0..c.tokens.len()).filter(|r| c.pos + r + 1 < ctx.prompt.len()).collect();
+            let wanted: Vec<usize> = (0..c.tokens.len())
+                .filter(|r| c.pos + r + 1 < ctx.prompt.len())
+                .collect();
             for group in wanted.chunks(PROMPT_LOGPROB_ROWS) {
                 xs.clear();
                 for &r in group {
@@ -213,7 +253,12 @@ impl WorkerActor {
                     (pos, prompt_logprob(raw, next, top_n))
                 };
                 let entries: Vec<(usize, TokenLogprob)> = match &self.pool {
-                    Some(p) => p.install(|| buf.par_chunks_exact(vocab).enumerate().map(reduce).collect()),
+                    Some(p) => p.install(|| {
+                        buf.par_chunks_exact(vocab)
+                            .enumerate()
+                            .map(reduce)
+                            .collect()
+                    }),
                     None => buf.chunks_exact(vocab).enumerate().map(reduce).collect(),
                 };
                 prompt_lp[ci].extend(entries);
@@ -223,10 +268,10 @@ impl WorkerActor {
     }
 
     fn logits(&mut self, xs: &[f32], out: &mut [f32]) {
-        let (model, scratch) = (&self.model, &mut self.scratch);
+        let (model, scratch, digits) = (&self.model, &mut self.scratch, self.head_digits);
         match &self.pool {
-            Some(p) => p.install(|| model.logits(xs, out, scratch, Some(p))),
-            None => model.logits(xs, out, scratch, None),
+            Some(p) => p.install(|| model.logits(xs, out, scratch, Some(p), digits)),
+            None => model.logits(xs, out, scratch, None, digits),
         }
     }
 
@@ -240,7 +285,20 @@ impl WorkerActor {
 /// One prompt position's entry: the log-probability of the actual `next` token and the top `n`.
 fn prompt_logprob(raw: &[f32], next: u32, n: usize) -> TokenLogprob {
     let lse = sampling::logsumexp(raw);
-    let top = if n > 0 { sampling::top_k_entries(raw, n).into_iter().map(|(t, v)| (t, v - lse)).collect() } else { Vec::new() };
-    let logprob = raw.get(next as usize).map_or(f32::NEG_INFINITY, |v| v - lse);
-    TokenLogprob { token: next, logprob, top }
+    let top = if n > 0 {
+        sampling::top_k_entries(raw, n)
+            .into_iter()
+            .map(|(t, v)| (t, v - lse))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let logprob = raw
+        .get(next as usize)
+        .map_or(f32::NEG_INFINITY, |v| v - lse);
+    TokenLogprob {
+        token: next,
+        logprob,
+        top,
+    }
 }
