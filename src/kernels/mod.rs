@@ -756,6 +756,7 @@ type ActLine = ();
 
 /// `act`: the [`amx_rows`] of every macro tile repacked for AMX (empty: VNNI
 /// only; AMX checked available by the caller).
+#[allow(clippy::too_many_arguments)]
 fn matmul_packed_groups(
     isa: Isa,
     p: &PackedMatrix,
