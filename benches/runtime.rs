@@ -56,6 +56,7 @@ fn scheduler_step(c: &mut Criterion) {
             num_blocks: n * 64,
             prefix_caching: true,
             background_rows: 0,
+            admission_reserve: 0,
         };
         // Prefilled and decoding; rebuilt when the sequences outgrow the pool
         // (every ~900 steps, a small amortized cost).
