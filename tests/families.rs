@@ -359,6 +359,102 @@ fn every_family_is_batch_invariant() {
     }
 }
 
+/// Long contexts, whose attention rows are split into segments (1024 keys):
+/// every row's logits are the same bits whole-prefill alone without a pool,
+/// and in chunks and single decode rows on a 2-thread pool (a decode row's
+/// segments then run as separate tasks) or without one; the decode rows
+/// cross segment boundaries, with the 8-token windows of sliding layers
+/// starting inside a segment.
+#[test]
+fn long_context_rows_are_invariant_to_segment_threads() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("pool");
+    let seg = brigade::kernels::attention::seg_keys(BS);
+    for family in [TinyFamily::Llama, TinyFamily::Gemma2, TinyFamily::Gemma3] {
+        let m = model(family);
+        let vocab = m.config.vocab_size;
+        let n = 2 * seg + 12;
+        let a = tokens(5, n, vocab);
+        let nblk = n.div_ceil(BS);
+        let table: Vec<u32> = (0..nblk as u32).rev().collect();
+        let mut kv = kv_store(&m, nblk);
+        let alone = run_batch(
+            &m,
+            &mut kv,
+            &mut Scratch::default(),
+            &[Chunk {
+                pos: 0,
+                tokens: &a,
+                table: &table,
+            }],
+            None,
+        );
+        // Chunks up to just before the first boundary, decode rows across it
+        // (pool, then none), a chunk to just before the second, decode rows.
+        let mut kv = kv_store(&m, nblk);
+        let mut s = Scratch::default();
+        let mut got = run_batch(
+            &m,
+            &mut kv,
+            &mut s,
+            &[Chunk {
+                pos: 0,
+                tokens: &a[..seg - 3],
+                table: &table,
+            }],
+            Some(&pool),
+        );
+        for p in seg - 3..seg + 6 {
+            let pl = if p % 2 == 0 { Some(&pool) } else { None };
+            got.extend(run_batch(
+                &m,
+                &mut kv,
+                &mut s,
+                &[Chunk {
+                    pos: p,
+                    tokens: &a[p..p + 1],
+                    table: &table,
+                }],
+                pl,
+            ));
+        }
+        got.extend(run_batch(
+            &m,
+            &mut kv,
+            &mut s,
+            &[Chunk {
+                pos: seg + 6,
+                tokens: &a[seg + 6..2 * seg - 2],
+                table: &table,
+            }],
+            Some(&pool),
+        ));
+        for p in 2 * seg - 2..n {
+            got.extend(run_batch(
+                &m,
+                &mut kv,
+                &mut s,
+                &[Chunk {
+                    pos: p,
+                    tokens: &a[p..p + 1],
+                    table: &table,
+                }],
+                Some(&pool),
+            ));
+        }
+        assert_eq!(got.len(), alone.len());
+        for (r, (x, y)) in got.chunks(vocab).zip(alone.chunks(vocab)).enumerate() {
+            assert!(
+                x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{}: row {r} differs",
+                family.name()
+            );
+        }
+    }
+}
+
 #[test]
 fn sliding_window_layers_do_not_read_blocks_before_the_window() {
     for family in TinyFamily::ALL {

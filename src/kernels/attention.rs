@@ -90,6 +90,273 @@ pub enum KvView<'a> {
     Q8(Q8Kv<'a>),
 }
 
+/// Keys per attention segment (for block size 16; see [`seg_keys`]).
+pub const SEG_KEYS: usize = 1024;
+
+/// Keys of one segment for block size `bs`: whole blocks, [`SEG_KEYS`] keys
+/// (rounded down to blocks, at least one block).
+///
+/// A row's keys are split at the multiples of this length (absolute key
+/// positions, so the split never depends on the row's range, its tile or
+/// the batch); each segment's softmax state (max, sum of exponentials,
+/// unnormalised values) is computed from scratch by every path with the
+/// same chunk grid and steps, and the segments are folded in order by
+/// [`fold_part`]'s formula, then normalised. Segments can therefore run on
+/// different threads ([`attend_part`], [`merge_parts`]) without changing a
+/// bit.
+pub fn seg_keys(bs: usize) -> usize {
+    (SEG_KEYS / bs).max(1) * bs
+}
+
+/// The segments of the key range `keys` (block size `bs`): `keys` cut at the
+/// multiples of [`seg_keys`], in order. Empty for an empty range.
+pub fn segments(bs: usize, keys: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let sl = seg_keys(bs);
+    let (first, end) = if keys.start < keys.end {
+        (keys.start / sl, (keys.end - 1) / sl + 1)
+    } else {
+        (0, 0)
+    };
+    (first..end).map(move |i| keys.start.max(i * sl)..keys.end.min((i + 1) * sl))
+}
+
+/// Floats of one segment's state for shape `s` ([`attend_part`]'s output):
+/// `[m; group][l; group][acc; group * head_dim]`.
+pub fn part_len(s: &AttnShape) -> usize {
+    s.group * (2 + s.head_dim)
+}
+
+/// Folds the softmax state of the next segment (`sm`, `sl`, `sacc`) into
+/// the running state (`m`, `l`, `acc`) of `g` heads of `hd` elements:
+/// `M = max(m, sm)`, `l = l * e^(m - M) + sl * e^(sm - M)`, likewise `acc`.
+/// Every path merges segments with this function, in key order.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn merge_state(
+    g: usize,
+    hd: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+    sm: &[f32],
+    sl: &[f32],
+    sacc: &[f32],
+) {
+    for gi in 0..g {
+        let mx = m[gi].max(sm[gi]);
+        let (a, b) = ((m[gi] - mx).exp(), (sm[gi] - mx).exp());
+        l[gi] = l[gi] * a + sl[gi] * b;
+        m[gi] = mx;
+        for (x, &y) in acc[gi * hd..(gi + 1) * hd]
+            .iter_mut()
+            .zip(&sacc[gi * hd..(gi + 1) * hd])
+        {
+            *x = *x * a + y * b;
+        }
+    }
+}
+
+/// `out = acc / l` per head (`acc * (1 / l)`, as every kernel normalises).
+pub(super) fn finish_state(g: usize, hd: usize, l: &[f32], acc: &[f32], out: &mut [f32]) {
+    for gi in 0..g {
+        let inv = 1.0 / l[gi];
+        for (o, &x) in out[gi * hd..(gi + 1) * hd]
+            .iter_mut()
+            .zip(&acc[gi * hd..(gi + 1) * hd])
+        {
+            *o = x * inv;
+        }
+    }
+}
+
+/// Runs a row's segments through `f(segment keys, m, l, acc)` (which must
+/// write that segment's state from scratch: `m`, `l` per head, `acc`
+/// `group x head_dim`), folds them in order ([`merge_state`]) with the first
+/// segment's state kept in `out`, and normalises `out` in place: the
+/// one-row path of every kernel.
+pub(super) fn run_segments(
+    s: &AttnShape,
+    keys: Range<usize>,
+    out: &mut [f32],
+    mut f: impl FnMut(Range<usize>, &mut [f32], &mut [f32], &mut [f32]),
+) {
+    let (g, hd) = (s.group, s.head_dim);
+    let mut ml = [0.0f32; 2 * MAX_GROUP];
+    let (m, l) = ml.split_at_mut(MAX_GROUP);
+    let (m, l, acc) = (&mut m[..g], &mut l[..g], &mut out[..g * hd]);
+    let mut next: Vec<f32> = Vec::new();
+    for (i, seg) in segments(s.block_size, keys).enumerate() {
+        if i == 0 {
+            f(seg, m, l, acc);
+        } else {
+            next.resize(part_len(s), 0.0);
+            let (sm, rest) = next.split_at_mut(g);
+            let (sl, sacc) = rest.split_at_mut(g);
+            f(seg, sm, sl, sacc);
+            merge_state(g, hd, m, l, acc, sm, sl, sacc);
+        }
+    }
+    for gi in 0..g {
+        let inv = 1.0 / l[gi];
+        for o in acc[gi * hd..(gi + 1) * hd].iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+/// Segment bookkeeping of a tile (both tiled engines): each row's state in
+/// the tile's arrays covers its current segment only; on entering the next
+/// segment it is folded ([`merge_state`], the first one copied) into the
+/// row's folded state here and reset, and [`Folds::finish_row`] folds the
+/// last one and puts the result back. So each row goes through exactly the
+/// steps of [`run_segments`].
+pub(super) struct Folds {
+    /// Segment index of each row's current state (`usize::MAX`: none yet).
+    seg: [usize; MAX_TILE_ROWS],
+    /// Whether each row has folded state.
+    folded: [bool; MAX_TILE_ROWS],
+    /// Folded max per (row, head).
+    m: [f32; MAX_PAIRS],
+    /// Folded sum per (row, head).
+    l: [f32; MAX_PAIRS],
+    /// Folded accumulators, `[row][head][head_dim]` (allocated on the
+    /// first fold).
+    acc: Vec<f32>,
+}
+
+impl Folds {
+    pub(super) fn new() -> Self {
+        Folds {
+            seg: [usize::MAX; MAX_TILE_ROWS],
+            folded: [false; MAX_TILE_ROWS],
+            m: [0.0; MAX_PAIRS],
+            l: [0.0; MAX_PAIRS],
+            acc: Vec::new(),
+        }
+    }
+
+    /// Row `i` is about to read block `bi`: when that starts a new segment
+    /// for it, folds and resets its state (`m`, `l`, `acc`: the tile's
+    /// arrays, pairs `i * g..` and `[i * g * hd..]`).
+    pub(super) fn enter(
+        &mut self,
+        s: &AttnShape,
+        i: usize,
+        bi: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        acc: &mut [f32],
+    ) {
+        let (g, hd) = (s.group, s.head_dim);
+        let sidx = bi * s.block_size / seg_keys(s.block_size);
+        if self.seg[i] == sidx {
+            return;
+        }
+        if self.seg[i] != usize::MAX {
+            let (p, a) = (i * g..(i + 1) * g, i * g * hd..(i + 1) * g * hd);
+            if self.folded[i] {
+                merge_state(
+                    g,
+                    hd,
+                    &mut self.m[p.clone()],
+                    &mut self.l[p.clone()],
+                    &mut self.acc[a.clone()],
+                    &m[p.clone()],
+                    &l[p.clone()],
+                    &acc[a.clone()],
+                );
+            } else {
+                if self.acc.len() < a.end {
+                    self.acc.resize(TILE_STATE.max(a.end), 0.0);
+                }
+                self.m[p.clone()].copy_from_slice(&m[p.clone()]);
+                self.l[p.clone()].copy_from_slice(&l[p.clone()]);
+                self.acc[a.clone()].copy_from_slice(&acc[a.clone()]);
+                self.folded[i] = true;
+            }
+            m[p.clone()].fill(f32::NEG_INFINITY);
+            l[p].fill(0.0);
+            acc[a].fill(0.0);
+        }
+        self.seg[i] = sidx;
+    }
+
+    /// After the last block: row `i`'s whole state (all its segments
+    /// folded in order) into the tile's arrays.
+    pub(super) fn finish_row(
+        &mut self,
+        s: &AttnShape,
+        i: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        acc: &mut [f32],
+    ) {
+        if !self.folded[i] {
+            return;
+        }
+        let (g, hd) = (s.group, s.head_dim);
+        let (p, a) = (i * g..(i + 1) * g, i * g * hd..(i + 1) * g * hd);
+        merge_state(
+            g,
+            hd,
+            &mut self.m[p.clone()],
+            &mut self.l[p.clone()],
+            &mut self.acc[a.clone()],
+            &m[p.clone()],
+            &l[p.clone()],
+            &acc[a.clone()],
+        );
+        m[p.clone()].copy_from_slice(&self.m[p.clone()]);
+        l[p.clone()].copy_from_slice(&self.l[p]);
+        acc[a.clone()].copy_from_slice(&self.acc[a]);
+    }
+}
+
+/// Folds segment state `part` (layout of [`part_len`]) into `merged`: a
+/// copy when `first`, else [`merge_state`].
+pub fn fold_part(s: &AttnShape, first: bool, merged: &mut [f32], part: &[f32]) {
+    let (g, hd) = (s.group, s.head_dim);
+    let n = part_len(s);
+    if first {
+        merged[..n].copy_from_slice(&part[..n]);
+        return;
+    }
+    let (mm, rest) = merged[..n].split_at_mut(g);
+    let (ml, macc) = rest.split_at_mut(g);
+    merge_state(
+        g,
+        hd,
+        mm,
+        ml,
+        macc,
+        &part[..g],
+        &part[g..2 * g],
+        &part[2 * g..n],
+    );
+}
+
+/// The attention output of `parts` (the states of a row's consecutive
+/// segments, [`part_len`] floats each, from [`attend_part`]): folded in
+/// order and normalised into `out` (`group * head_dim`). Bit-identical to
+/// [`attend_rows`] on that row.
+pub fn merge_parts(s: &AttnShape, parts: &[f32], out: &mut [f32]) {
+    let (g, hd, n) = (s.group, s.head_dim, part_len(s));
+    assert!(
+        n > 0 && parts.len() >= n && parts.len().is_multiple_of(n) && out.len() >= g * hd,
+        "merge_parts: bad sizes"
+    );
+    let mut merged = vec![0.0f32; n];
+    for (i, p) in parts.chunks_exact(n).enumerate() {
+        fold_part(s, i == 0, &mut merged, p);
+    }
+    finish_state(
+        g,
+        hd,
+        &merged[g..2 * g],
+        &merged[2 * g..],
+        &mut out[..g * hd],
+    );
+}
+
 /// Scale groups of one `q8_0` row of `kv_dim` elements.
 pub fn q8_groups(kv_dim: usize) -> usize {
     kv_dim.div_ceil(Q8_GROUP)
@@ -180,24 +447,109 @@ pub fn attend_rows_isa(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    tiles(
+        isa, s, kv, kvh, table, keys, q, q_stride, out, out_stride, false,
+    )
+}
+
+/// The state of one row's segment: like [`attend_rows`] on the one row
+/// `keys` (which must lie inside one segment of [`segments`]), but writes
+/// the softmax state (`part_len(s)` floats: max and sum of exponentials per
+/// head, then the unnormalised output) into `part`. [`merge_parts`] over
+/// the states of a row's segments, in order, gives exactly the bits of
+/// [`attend_rows`] on that row, so segments can run on different threads.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_part(
+    s: &AttnShape,
+    kv: KvView<'_>,
+    kvh: usize,
+    table: &[u32],
+    keys: Range<usize>,
+    q: &[f32],
+    part: &mut [f32],
+) {
+    attend_part_isa(super::isa(), s, kv, kvh, table, keys, q, part)
+}
+
+/// [`attend_part`] with an explicit instruction set (capped at
+/// [`super::detected_isa`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_part_isa(
+    isa: Isa,
+    s: &AttnShape,
+    kv: KvView<'_>,
+    kvh: usize,
+    table: &[u32],
+    keys: Range<usize>,
+    q: &[f32],
+    part: &mut [f32],
+) {
+    let n = part_len(s);
+    assert!(
+        part.len() >= n,
+        "attend_part: state buffer shorter than part_len"
+    );
+    assert!(
+        segments(s.block_size, keys.clone()).count() == 1,
+        "attend_part: key range {keys:?} crosses a segment boundary"
+    );
     let w = s.group * s.head_dim;
+    tiles(
+        isa,
+        s,
+        kv,
+        kvh,
+        table,
+        std::slice::from_ref(&keys),
+        &q[..w.min(q.len())],
+        w,
+        &mut part[..n],
+        n,
+        true,
+    )
+}
+
+/// [`attend_rows_isa`], or with `raw` ([`attend_part_isa`]) each row's
+/// state (`part_len` floats at `out[i * out_stride..]`; rows inside one
+/// segment).
+#[allow(clippy::too_many_arguments)]
+fn tiles(
+    isa: Isa,
+    s: &AttnShape,
+    kv: KvView<'_>,
+    kvh: usize,
+    table: &[u32],
+    keys: &[Range<usize>],
+    q: &[f32],
+    q_stride: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    raw: bool,
+) {
+    let w = s.group * s.head_dim;
+    // Where a row's output (or, with `raw`, its unnormalised output) is.
+    let (ow, o0) = if raw {
+        (part_len(s), 2 * s.group)
+    } else {
+        (w, 0)
+    };
     let t = keys.len();
     if t == 0 {
         return;
     }
     assert!(
-        q_stride >= w && out_stride >= w,
+        q_stride >= w && out_stride >= ow,
         "attend_rows: row strides must hold group x head_dim"
     );
     assert!(
-        q.len() >= (t - 1) * q_stride + w && out.len() >= (t - 1) * out_stride + w,
+        q.len() >= (t - 1) * q_stride + w && out.len() >= (t - 1) * out_stride + ow,
         "attend_rows: q/out hold too few rows"
     );
     // Every row's own preconditions (those of the one-row kernels).
     for (i, r) in keys.iter().enumerate() {
         let (qi, oi) = (
             &q[i * q_stride..i * q_stride + w],
-            &out[i * out_stride..i * out_stride + w],
+            &out[i * out_stride + o0..i * out_stride + o0 + w],
         );
         match kv {
             KvView::F16(k, v) => s.check(qi, kvh, k, v, table, r, oi),
@@ -223,7 +575,8 @@ pub fn attend_rows_isa(
         let (qt, ot) = (&q[i0 * q_stride..], &mut out[i0 * out_stride..]);
         match kv {
             KvView::F16(k, v) => {
-                if isa >= Isa::Avx512Vnni && avx512_f16_shape(s.head_dim, s.group) && n > 1 {
+                if isa >= Isa::Avx512Vnni && avx512_f16_shape(s.head_dim, s.group) && n > 1 && !raw
+                {
                     #[cfg(target_arch = "x86_64")]
                     {
                         // SAFETY: AVX-512 was detected (`isa` is capped at
@@ -231,7 +584,8 @@ pub fn attend_rows_isa(
                         // sizes, KV head, key range, table length, block
                         // ids inside `k` and `v`); the shape has head_dim a
                         // multiple of 16 and at most 256, and `n` rows of
-                        // `group` heads fit the tile state (`tile_rows`).
+                        // `group` heads fit the tile state (`tile_rows`);
+                        // with `raw` each output row holds `part_len` floats.
                         unsafe {
                             super::avx512::attention::tile(
                                 &super::avx512::attention::Src::F16 {
@@ -246,6 +600,7 @@ pub fn attend_rows_isa(
                                 q_stride,
                                 ot.as_mut_ptr(),
                                 out_stride,
+                                raw,
                             )
                         };
                         continue;
@@ -253,11 +608,25 @@ pub fn attend_rows_isa(
                 }
                 // The one-row kernels, row by row (their own ISA choice).
                 for (i, r) in rows.iter().enumerate() {
-                    let (qi, oi) = (
-                        &qt[i * q_stride..i * q_stride + w],
-                        &mut ot[i * out_stride..i * out_stride + w],
-                    );
-                    super::attend_f16_isa(isa, s, qi, kvh, k, v, table, r.clone(), oi);
+                    let qi = &qt[i * q_stride..i * q_stride + w];
+                    if raw {
+                        let (m, rest) =
+                            ot[i * out_stride..i * out_stride + ow].split_at_mut(s.group);
+                        let (l, acc) = rest.split_at_mut(s.group);
+                        super::attend_f16_part(isa, s, qi, kvh, k, v, table, r.clone(), m, l, acc);
+                    } else {
+                        super::attend_f16_isa(
+                            isa,
+                            s,
+                            qi,
+                            kvh,
+                            k,
+                            v,
+                            table,
+                            r.clone(),
+                            &mut ot[i * out_stride..i * out_stride + w],
+                        );
+                    }
                 }
             }
             KvView::Bf16(k, v) => tile_scalar(
@@ -274,6 +643,7 @@ pub fn attend_rows_isa(
                 q_stride,
                 ot,
                 out_stride,
+                raw,
             ),
             KvView::F32(k, v) => tile_scalar(
                 s,
@@ -289,6 +659,7 @@ pub fn attend_rows_isa(
                 q_stride,
                 ot,
                 out_stride,
+                raw,
             ),
             KvView::Q8(a) => {
                 if isa >= Isa::Avx512Vnni && simd_hd {
@@ -312,12 +683,13 @@ pub fn attend_rows_isa(
                                 q_stride,
                                 ot.as_mut_ptr(),
                                 out_stride,
+                                raw,
                             )
                         };
                         continue;
                     }
                 }
-                tile_scalar(s, &a, kvh, table, rows, qt, q_stride, ot, out_stride)
+                tile_scalar(s, &a, kvh, table, rows, qt, q_stride, ot, out_stride, raw)
             }
         }
     }
@@ -448,7 +820,9 @@ pub(super) fn for_each_block(
     }
 }
 
-/// The scalar tiled engine: [`super::scalar::attend`]'s steps for each row.
+/// The scalar tiled engine: [`super::scalar::attend`]'s steps for each row
+/// (segments folded as in [`run_segments`]). With `raw`, writes each row's
+/// state instead ([`part_len`] floats; rows then lie in one segment).
 #[allow(clippy::too_many_arguments)]
 fn tile_scalar(
     s: &AttnShape,
@@ -460,22 +834,24 @@ fn tile_scalar(
     qs: usize,
     out: &mut [f32],
     os: usize,
+    raw: bool,
 ) {
     const C: usize = ATT_CHUNK;
     let (hd, g, bs) = (s.head_dim, s.group, s.block_size);
     if hd > MAX_TILE_HEAD_DIM {
         // One row at a time through the one-row reference (same steps).
         for (i, r) in keys.iter().enumerate() {
-            let oi = &mut out[i * os..i * os + g * hd];
-            one_row_scalar(
-                s,
-                src,
-                kvh,
-                table,
-                r.clone(),
-                &q[i * qs..i * qs + g * hd],
-                oi,
-            );
+            let qi = &q[i * qs..i * qs + g * hd];
+            if raw {
+                let (m, rest) = out[i * os..i * os + part_len(s)].split_at_mut(g);
+                let (l, acc) = rest.split_at_mut(g);
+                one_row_scalar(s, src, kvh, table, r.clone(), qi, m, l, acc);
+            } else {
+                let oi = &mut out[i * os..i * os + g * hd];
+                run_segments(s, r.clone(), oi, |seg, m, l, acc| {
+                    one_row_scalar(s, src, kvh, table, seg, qi, m, l, acc)
+                });
+            }
         }
         return;
     }
@@ -487,8 +863,12 @@ fn tile_scalar(
     let mut acc = [0.0f32; TILE_STATE];
     let mut kf = [0.0f32; MAX_TILE_HEAD_DIM * C];
     let mut vf = [0.0f32; MAX_TILE_HEAD_DIM * C];
+    let mut folds = Folds::new();
     for_each_block(bs, keys, |bi, off, rows| {
         let blk = table[bi] as usize;
+        for &i in rows {
+            folds.enter(s, i, bi, &mut m, &mut l, &mut acc);
+        }
         let cnt = |i: usize| bs.min(keys[i].end - bi * bs);
         let cmax = rows.iter().map(|&i| cnt(i)).max().unwrap_or(0);
         let mut c = off;
@@ -518,15 +898,15 @@ fn tile_scalar(
         }
     });
     for i in 0..t {
-        for gi in 0..g {
-            let inv = 1.0 / l[i * g + gi];
-            let a = &acc[(i * g + gi) * hd..(i * g + gi + 1) * hd];
-            for (o, &x) in out[i * os + gi * hd..i * os + (gi + 1) * hd]
-                .iter_mut()
-                .zip(a)
-            {
-                *o = x * inv;
-            }
+        folds.finish_row(s, i, &mut m, &mut l, &mut acc);
+        let (p, a) = (i * g..(i + 1) * g, i * g * hd..(i + 1) * g * hd);
+        if raw {
+            let o = &mut out[i * os..i * os + part_len(s)];
+            o[..g].copy_from_slice(&m[p.clone()]);
+            o[g..2 * g].copy_from_slice(&l[p]);
+            o[2 * g..].copy_from_slice(&acc[a]);
+        } else {
+            finish_state(g, hd, &l[p], &acc[a], &mut out[i * os..i * os + g * hd]);
         }
     }
 }
@@ -588,7 +968,9 @@ fn chunk_scalar(
     }
 }
 
-/// One row through [`chunk_scalar`] with heap state (heads above 256).
+/// One segment of one row through [`chunk_scalar`] with heap state (heads
+/// above 256): its max `mo`, sum `lo` per head and unnormalised output `out`.
+#[allow(clippy::too_many_arguments)]
 fn one_row_scalar(
     s: &AttnShape,
     src: &impl ChunkSrc,
@@ -596,6 +978,8 @@ fn one_row_scalar(
     table: &[u32],
     keys: Range<usize>,
     q: &[f32],
+    mo: &mut [f32],
+    lo: &mut [f32],
     out: &mut [f32],
 ) {
     const C: usize = ATT_CHUNK;
@@ -617,15 +1001,9 @@ fn one_row_scalar(
             chunk_scalar(s, q, &kf, &vf, n, &mut m, &mut l, &mut p, &mut acc);
         }
     });
-    for gi in 0..g {
-        let inv = 1.0 / l[gi];
-        for (o, &x) in out[gi * hd..(gi + 1) * hd]
-            .iter_mut()
-            .zip(&acc[gi * hd..(gi + 1) * hd])
-        {
-            *o = x * inv;
-        }
-    }
+    mo[..g].copy_from_slice(&m);
+    lo[..g].copy_from_slice(&l);
+    out[..g * hd].copy_from_slice(&acc);
 }
 
 #[cfg(test)]
@@ -952,6 +1330,243 @@ mod tests {
             }
         }
         assert!(cases > 1000, "{cases}");
+    }
+
+    /// Rows whose keys cross several segment boundaries (windows starting
+    /// inside a segment, block sizes dividing the segment or not): the tiled
+    /// engines, the one-row kernels and segment states merged with
+    /// [`merge_parts`] (each segment alone, as on separate threads, computed
+    /// last first) give the same bits, per ISA and storage type, and stay
+    /// close to exact attention.
+    #[test]
+    fn segmented_rows_are_bit_identical_across_paths() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(21);
+        let shapes = [(64, 3, 3), (256, 4, 1), (128, 2, 1), (64, 5, 1)];
+        let (mut cases, mut crossing) = (0, 0);
+        for &(hd, group, kvn) in &shapes {
+            for (bs, window, softcap) in [
+                (16usize, None, None),
+                (16, Some(1500), None),
+                (32, Some(600), Some(5.0f32)),
+                (48, Some(2100), None),
+                (4, None, None),
+            ] {
+                let n_ctx = 2 * SEG_KEYS + 300 + rng.gen_range(0..100);
+                let kv_dim = kvn * hd;
+                let scale = if softcap.is_some() {
+                    4.0
+                } else {
+                    1.0 / (hd as f32).sqrt()
+                };
+                let s = AttnShape {
+                    head_dim: hd,
+                    group,
+                    block_size: bs,
+                    kv_dim,
+                    scale,
+                    softcap,
+                };
+                let c = Cache::new(&mut rng, s, n_ctx);
+                let w = group * hd;
+                let sl = seg_keys(bs);
+                // Rows: a tile across the second segment boundary, and the last rows.
+                let mut pos: Vec<usize> = (2 * sl - 5..2 * sl + 4).collect();
+                pos.extend(n_ctx - 6..n_ctx);
+                let keys: Vec<Range<usize>> = pos
+                    .iter()
+                    .map(|&p| window.map_or(0, |wn| (p + 1).saturating_sub(wn))..p + 1)
+                    .collect();
+                crossing += keys
+                    .iter()
+                    .filter(|r| segments(bs, (*r).clone()).count() >= 2)
+                    .count();
+                let t = keys.len();
+                let q: Vec<f32> = (0..t * kvn * w)
+                    .map(|_| rng.gen_range(-1.0f32..1.0))
+                    .collect();
+                let case = format!(
+                    "hd {hd} g {group} kvh {kvn} bs {bs} window {window:?} cap {softcap:?}"
+                );
+                let kvs = [
+                    ("f16", KvView::F16(&c.kf16, &c.vf16)),
+                    ("bf16", KvView::Bf16(&c.kbf, &c.vbf)),
+                    ("f32", KvView::F32(&c.k32, &c.v32)),
+                    ("q8_0", KvView::Q8(c.q8())),
+                ];
+                for kvh in 0..kvn {
+                    let qh = &q[kvh * w..];
+                    let row = |i: usize| &qh[i * kvn * w..i * kvn * w + w];
+                    // f32 keys / values of this head per position.
+                    let f32kv = |p: usize| -> (Vec<f32>, Vec<f32>) {
+                        let (blk, off) = (c.table[p / bs] as usize, p % bs);
+                        let k = (0..hd)
+                            .map(|d| c.k32[blk * bs * kv_dim + kvh * hd * bs + d * bs + off])
+                            .collect();
+                        let v = (0..hd)
+                            .map(|d| c.v32[(blk * bs + off) * kv_dim + kvh * hd + d])
+                            .collect();
+                        (k, v)
+                    };
+                    for isa in available_isas() {
+                        for (name, kv) in kvs {
+                            // Tiled: consecutive rows in tiles, the two groups separately.
+                            let mut tiled = vec![f32::NAN; t * w];
+                            for (a, b) in [(0, 9), (9, t)] {
+                                attend_rows_isa(
+                                    isa,
+                                    &s,
+                                    kv,
+                                    kvh,
+                                    &c.table,
+                                    &keys[a..b],
+                                    &qh[a * kvn * w..],
+                                    kvn * w,
+                                    &mut tiled[a * w..],
+                                    w,
+                                );
+                            }
+                            for i in 0..t {
+                                let got = &tiled[i * w..(i + 1) * w];
+                                let mut one = vec![f32::NAN; w];
+                                attend_rows_isa(
+                                    isa,
+                                    &s,
+                                    kv,
+                                    kvh,
+                                    &c.table,
+                                    &keys[i..i + 1],
+                                    row(i),
+                                    w,
+                                    &mut one,
+                                    w,
+                                );
+                                assert_eq!(
+                                    bits(got),
+                                    bits(&one),
+                                    "{name} {isa:?} {case} row {i}: tiled vs one row"
+                                );
+                                // The one-row kernels themselves.
+                                let mut want = vec![f32::NAN; w];
+                                match kv {
+                                    KvView::F16(k, v) => attend_f16_isa(
+                                        isa,
+                                        &s,
+                                        row(i),
+                                        kvh,
+                                        k,
+                                        v,
+                                        &c.table,
+                                        keys[i].clone(),
+                                        &mut want,
+                                    ),
+                                    KvView::Bf16(k, v) => attend_ref(
+                                        &s,
+                                        row(i),
+                                        kvh,
+                                        k,
+                                        v,
+                                        &c.table,
+                                        keys[i].clone(),
+                                        &mut want,
+                                        bf16::to_f32,
+                                    ),
+                                    KvView::F32(k, v) => attend_ref(
+                                        &s,
+                                        row(i),
+                                        kvh,
+                                        k,
+                                        v,
+                                        &c.table,
+                                        keys[i].clone(),
+                                        &mut want,
+                                        |x| x,
+                                    ),
+                                    KvView::Q8(_) => want.copy_from_slice(&one),
+                                }
+                                assert_eq!(
+                                    bits(got),
+                                    bits(&want),
+                                    "{name} {isa:?} {case} row {i}: tiled vs one-row kernel"
+                                );
+                                // Segment states computed separately (last first), merged in order.
+                                let segs: Vec<Range<usize>> =
+                                    segments(bs, keys[i].clone()).collect();
+                                let pl = part_len(&s);
+                                let mut parts = vec![f32::NAN; segs.len() * pl];
+                                for (j, seg) in segs.iter().enumerate().rev() {
+                                    attend_part_isa(
+                                        isa,
+                                        &s,
+                                        kv,
+                                        kvh,
+                                        &c.table,
+                                        seg.clone(),
+                                        row(i),
+                                        &mut parts[j * pl..(j + 1) * pl],
+                                    );
+                                }
+                                let mut merged = vec![f32::NAN; w];
+                                merge_parts(&s, &parts, &mut merged);
+                                assert_eq!(
+                                    bits(got),
+                                    bits(&merged),
+                                    "{name} {isa:?} {case} row {i}: merged segments"
+                                );
+                                // Close to exact attention (q8_0 over its dequantized cache).
+                                if name == "q8_0" || name == "f32" {
+                                    let r = keys[i].clone();
+                                    let (dk, dv): (Rows, Rows) = if name == "q8_0" {
+                                        (
+                                            c.deq[kvh].0[r.clone()].to_vec(),
+                                            c.deq[kvh].1[r.clone()].to_vec(),
+                                        )
+                                    } else {
+                                        r.clone().map(f32kv).unzip()
+                                    };
+                                    let tol = if softcap.is_some() { 3e-5 } else { 1e-5 };
+                                    for gi in 0..group {
+                                        let e = exact(
+                                            &row(i)[gi * hd..(gi + 1) * hd],
+                                            &dk,
+                                            &dv,
+                                            scale,
+                                            softcap,
+                                        );
+                                        for (a, b) in got[gi * hd..(gi + 1) * hd].iter().zip(&e) {
+                                            assert!(
+                                                (*a as f64 - b).abs() < tol,
+                                                "{name} {isa:?} {case} row {i}: {a} vs {b}"
+                                            );
+                                        }
+                                    }
+                                }
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(cases > 500 && crossing > 200, "{cases} {crossing}");
+    }
+
+    #[test]
+    fn segments_are_aligned_to_absolute_positions() {
+        assert_eq!(seg_keys(16), SEG_KEYS);
+        assert_eq!(seg_keys(48), SEG_KEYS / 48 * 48);
+        assert_eq!(seg_keys(4096), 4096);
+        let sl = SEG_KEYS;
+        assert_eq!(segments(16, 0..5).collect::<Vec<_>>(), vec![0..5]);
+        assert_eq!(segments(16, 10..sl).collect::<Vec<_>>(), vec![10..sl]);
+        assert_eq!(
+            segments(16, 10..sl + 1).collect::<Vec<_>>(),
+            vec![10..sl, sl..sl + 1]
+        );
+        assert_eq!(
+            segments(16, sl + 3..3 * sl + 7).collect::<Vec<_>>(),
+            vec![sl + 3..2 * sl, 2 * sl..3 * sl, 3 * sl..3 * sl + 7]
+        );
+        assert_eq!(segments(16, 4..4).count(), 0);
     }
 
     /// The scalar engine on one row is the scalar one-row reference.

@@ -7,7 +7,8 @@
 //!
 //! Bit-exactness with the one-row kernel: per lane (one key) the same fused
 //! multiply-adds over `d` in the same order into the same two partial sums,
-//! the same masked max, `exp16`, horizontal sum and rescale per chunk, and
+//! the same masked max, `exp16`, horizontal sum and rescale per chunk (and
+//! the same shortcut when no score exceeds the running max), and
 //! the same order of value accumulation over keys; the f32 buffers hold the
 //! values `cvtph` produces, so reading them instead of converting in place
 //! changes nothing.
@@ -19,7 +20,9 @@ use std::ops::Range;
 use half::f16;
 
 use super::{exp16, tanh16};
-use crate::kernels::attention::{for_each_block, q8_groups, MAX_TILE_ROWS, Q8_GROUP};
+use crate::kernels::attention::{
+    for_each_block, part_len, q8_groups, Folds, MAX_TILE_ROWS, Q8_GROUP,
+};
 use crate::kernels::{AttnShape, MAX_GROUP};
 
 /// Largest head size (floats of one buffered key column set).
@@ -64,7 +67,10 @@ struct State {
 }
 
 /// Tiled attention of the query heads of KV head `kvh` for the rows `keys`
-/// (row `i`: query at `q + i * qs`, output at `out + i * os`).
+/// (row `i`: query at `q + i * qs`, output at `out + i * os`), each row's
+/// segments folded as in `attention::run_segments`. With `raw`, writes
+/// each row's state instead (`part_len` floats: max and sum per head, then
+/// the unnormalised output).
 ///
 /// # Safety
 /// CPU supports avx512f/bw/vl and f16c; `s.head_dim` is a multiple of 16 and
@@ -72,7 +78,8 @@ struct State {
 /// 16`, `s.group <= 16`; every row satisfies the one-row kernel's
 /// preconditions (q/out hold `group * head_dim` floats at its offset, the
 /// table covers its keys, every block id of its key range is inside the K/V
-/// arrays, and for `q8_0` inside the scale arrays).
+/// arrays, and for `q8_0` inside the scale arrays); with `raw`, `out + i *
+/// os` holds `part_len(s)` floats.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
 pub(in crate::kernels) unsafe fn tile(
@@ -85,6 +92,7 @@ pub(in crate::kernels) unsafe fn tile(
     qs: usize,
     out: *mut f32,
     os: usize,
+    raw: bool,
 ) {
     let (hd, g) = (s.head_dim, s.group);
     debug_assert!(
@@ -102,7 +110,11 @@ pub(in crate::kernels) unsafe fn tile(
         kf: [0.0; MAX_HD * 16],
         vf: [0.0; MAX_HD * 16],
     };
+    let mut folds = Folds::new();
     for_each_block(s.block_size, keys, |bi, off, rows| {
+        for &i in rows {
+            folds.enter(s, i, bi, &mut st.m, &mut st.l, &mut st.acc);
+        }
         // SAFETY: the caller's contract; `bi` is a block some row reads.
         unsafe {
             block(
@@ -121,6 +133,17 @@ pub(in crate::kernels) unsafe fn tile(
         }
     });
     for i in 0..keys.len() {
+        folds.finish_row(s, i, &mut st.m, &mut st.l, &mut st.acc);
+        if raw {
+            let o = out.add(i * os);
+            for gi in 0..g {
+                *o.add(gi) = st.m[i * g + gi];
+                *o.add(g + gi) = st.l[i * g + gi];
+            }
+            std::ptr::copy_nonoverlapping(st.acc.as_ptr().add(i * g * hd), o.add(2 * g), g * hd);
+            debug_assert_eq!(part_len(s), 2 * g + g * hd);
+            continue;
+        }
         for gi in 0..g {
             let pi = i * g + gi;
             let inv = _mm512_set1_ps(1.0 / st.l[pi]);
@@ -194,6 +217,16 @@ unsafe fn block(
                     _mm512_set1_ps(cap),
                     tanh16(_mm512_mul_ps(sv, _mm512_set1_ps(1.0 / cap))),
                 );
+            }
+            let mo = _mm512_set1_ps(st.m[pi]);
+            if _mm512_mask_cmp_ps_mask(mask, sv, mo, _CMP_GT_OQ) == 0 {
+                // No score above the running max: correction exp16(0) = 1
+                // (as in the one-row kernel).
+                let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, mo)));
+                st.l[pi] += _mm512_reduce_add_ps(pv);
+                _mm512_storeu_ps(st.p[pi].as_mut_ptr(), pv);
+                st.corr[pi] = 1.0;
+                continue;
             }
             let bm = _mm512_mask_reduce_max_ps(mask, sv);
             let m_new = st.m[pi].max(bm);

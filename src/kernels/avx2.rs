@@ -556,14 +556,18 @@ unsafe fn tanh8(x: __m256) -> __m256 {
     _mm256_or_ps(t, _mm256_and_ps(sign, x))
 }
 
-/// Paged attention of `G` query heads sharing KV head `kvh` (head size
+/// One segment's softmax state (running max and sum per head into `m_out`
+/// / `l_out`, unnormalised output into `out`; see
+/// [`super::attention::segments`]) of the paged attention of `G` query
+/// heads sharing KV head `kvh` (head size
 /// `8 * HV`) over the keys at positions `start..n_ctx`, scores soft-capped
 /// when `softcap` is given: the AVX2 counterpart of `avx512::attend_f16`, with 8 keys per
 /// online-softmax step (so results agree with the scalar reference, which
 /// steps by 16, to f32 rounding).
 ///
 /// # Safety
-/// CPU supports avx2, fma and f16c; `q` and `out` hold `G * 8 * HV` floats;
+/// CPU supports avx2, fma and f16c; `q` and `out` hold `G * 8 * HV` floats,
+/// `m_out` and `l_out` `G`;
 /// `table` holds `n_ctx.div_ceil(bs)` block ids, those from `start / bs` on
 /// each `< nblk` where `k` and `v` hold `nblk * bs * kv_dim` elements;
 /// `(kvh + 1) * 8 * HV <= kv_dim`; `start < n_ctx`.
@@ -581,6 +585,8 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
     n_ctx: usize,
     scale: f32,
     softcap: Option<f32>,
+    m_out: *mut f32,
+    l_out: *mut f32,
     out: *mut f32,
 ) {
     let hd = 8 * HV;
@@ -668,10 +674,7 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
         }
     }
     for g in 0..G {
-        let inv = _mm256_set1_ps(1.0 / l[g]);
-        for h in 0..HV {
-            let o = out.add(g * hd + 8 * h);
-            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), inv));
-        }
+        *m_out.add(g) = m[g];
+        *l_out.add(g) = l[g];
     }
 }

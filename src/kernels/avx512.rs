@@ -661,7 +661,10 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
     lanes.iter().map(|&x| x as f64).sum()
 }
 
-/// Paged attention of `G` query heads sharing KV head `kvh` (head size
+/// One segment's softmax state (running max and sum per head into `m_out`
+/// / `l_out`, unnormalised output into `out`; see
+/// [`super::attention::segments`]) of the paged attention of `G` query
+/// heads sharing KV head `kvh` (head size
 /// `16 * HV`) for one query row over the keys at positions `start..n_ctx`,
 /// scores soft-capped when `softcap` is given; see
 /// [`super::scalar::attend`] for the layout and the steps, which this follows
@@ -672,7 +675,7 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
 ///
 /// # Safety
 /// CPU supports avx512f/bw/vl and f16c; `q` and `out` hold `G * 16 * HV`
-/// floats; `table` holds `n_ctx.div_ceil(bs)` block ids, those from
+/// floats, `m_out` and `l_out` `G`; `table` holds `n_ctx.div_ceil(bs)` block ids, those from
 /// `start / bs` on each `< nblk` where `k` and `v` hold `nblk * bs * kv_dim`
 /// elements; `(kvh + 1) * 16 * HV <= kv_dim`; `start < n_ctx`.
 #[allow(clippy::too_many_arguments)]
@@ -689,6 +692,8 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
     n_ctx: usize,
     scale: f32,
     softcap: Option<f32>,
+    m_out: *mut f32,
+    l_out: *mut f32,
     out: *mut f32,
 ) {
     const { assert!(HC > 0 && HV % HC == 0) };
@@ -726,6 +731,8 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
                     sg[d % 2] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(g * hd + d)), kd, sg[d % 2]);
                 }
             }
+            // Whether some head's max moved (else every correction is 1).
+            let mut rescale = false;
             for g in 0..G {
                 let mut sv = _mm512_mul_ps(_mm512_add_ps(s[g][0], s[g][1]), scv);
                 if let Some(cap) = softcap {
@@ -734,6 +741,19 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
                         tanh16(_mm512_mul_ps(sv, _mm512_set1_ps(1.0 / cap))),
                     );
                 }
+                let mo = _mm512_set1_ps(m[g]);
+                if _mm512_mask_cmp_ps_mask(mask, sv, mo, _CMP_GT_OQ) == 0 {
+                    // No score above the running max: the max stays and the
+                    // correction is exp16(0) = 1 exactly (the same bits as
+                    // the general step below, without its reduction and
+                    // exponential).
+                    let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, mo)));
+                    l[g] += _mm512_reduce_add_ps(pv);
+                    _mm512_storeu_ps(p[g].as_mut_ptr(), pv);
+                    corr_v[g] = _mm512_set1_ps(1.0);
+                    continue;
+                }
+                rescale = true;
                 let bm = _mm512_mask_reduce_max_ps(mask, sv);
                 let m_new = m[g].max(bm);
                 let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[g] - m_new)));
@@ -750,7 +770,12 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
                 let mut a = [[_mm512_setzero_ps(); HC]; G];
                 for g in 0..G {
                     for (h, x) in a[g].iter_mut().enumerate() {
-                        *x = _mm512_mul_ps(acc[g][h0 + h], corr_v[g]);
+                        // `acc * 1` is `acc`: skip the multiply then.
+                        *x = if rescale {
+                            _mm512_mul_ps(acc[g][h0 + h], corr_v[g])
+                        } else {
+                            acc[g][h0 + h]
+                        };
                     }
                 }
                 for j in 0..n {
@@ -774,9 +799,10 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
         }
     }
     for g in 0..G {
-        let inv = _mm512_set1_ps(1.0 / l[g]);
+        *m_out.add(g) = m[g];
+        *l_out.add(g) = l[g];
         for (h, a) in acc[g].iter().enumerate() {
-            _mm512_storeu_ps(out.add(g * hd + 16 * h), _mm512_mul_ps(*a, inv));
+            _mm512_storeu_ps(out.add(g * hd + 16 * h), *a);
         }
     }
 }

@@ -1045,9 +1045,37 @@ pub fn attend_f16_isa(
     out: &mut [f32],
 ) {
     s.check(q, kvh, k, v, table, &keys, out);
+    attention::run_segments(s, keys, out, |seg, m, l, acc| {
+        attend_f16_part(isa, s, q, kvh, k, v, table, seg, m, l, acc)
+    });
+}
+
+/// One segment of [`attend_f16_isa`] (`keys` inside one segment of
+/// [`attention::segments`]): its running max
+/// `m` and sum `l` per head and unnormalised output `acc`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_f16_part(
+    isa: Isa,
+    s: &AttnShape,
+    q: &[f32],
+    kvh: usize,
+    k: &[f16],
+    v: &[f16],
+    table: &[u32],
+    keys: Range<usize>,
+    m: &mut [f32],
+    l: &mut [f32],
+    acc: &mut [f32],
+) {
+    s.check(q, kvh, k, v, table, &keys, acc);
+    assert!(
+        m.len() >= s.group && l.len() >= s.group,
+        "attend: state buffers too small"
+    );
     #[cfg(target_arch = "x86_64")]
     {
-        let (qp, op, kp, vp) = (q.as_ptr(), out.as_mut_ptr(), k.as_ptr(), v.as_ptr());
+        let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
+        let (mp, lp, op) = (m.as_mut_ptr(), l.as_mut_ptr(), acc.as_mut_ptr());
         let (bs, kd, sc, cap) = (s.block_size, s.kv_dim, s.scale, s.softcap);
         let (start, n_ctx) = (keys.start, keys.end);
         macro_rules! go {
@@ -1059,11 +1087,11 @@ pub fn attend_f16_isa(
             };
             (@ $m:ident, $g:literal, $hv:literal, $($gen:tt)*) => {
                 // SAFETY: the ISA's features were detected (`isa` is capped at
-                // `detected_isa`); `check` verified the q/out sizes (group x
+                // `detected_isa`); `check` verified the q/acc sizes (group x
                 // head_dim), the KV head range, `start < n_ctx`, the table
                 // length and that every block id of the key range lies
-                // inside `k` and `v`.
-                return unsafe { $m::attend_f16$($gen)*(qp, kvh, kp, vp, bs, kd, table, start, n_ctx, sc, cap, op) }
+                // inside `k` and `v`; `m` and `l` hold group floats.
+                return unsafe { $m::attend_f16$($gen)*(qp, kvh, kp, vp, bs, kd, table, start, n_ctx, sc, cap, mp, lp, op) }
             };
         }
         // Register-resident accumulators: (group, head_dim / lanes) pairs per ISA
@@ -1092,7 +1120,7 @@ pub fn attend_f16_isa(
         }
     }
     let _ = isa;
-    scalar::attend(s, q, kvh, k, v, table, keys, out, f16::to_f32)
+    scalar::attend_part(s, q, kvh, k, v, table, keys, m, l, acc, f16::to_f32)
 }
 
 /// Scalar attention for any stored element type (bf16 and f32 caches), with

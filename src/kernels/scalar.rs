@@ -455,6 +455,29 @@ pub fn attend<T: Copy>(
     out: &mut [f32],
     cvt: impl Fn(T) -> f32,
 ) {
+    super::attention::run_segments(s, keys, out, |seg, m, l, acc| {
+        attend_part(s, q, kvh, k, v, table, seg, m, l, acc, &cvt)
+    });
+}
+
+/// One segment of [`attend`] (keys `keys`, inside one segment of
+/// [`super::attention::segments`]): its softmax state from scratch, the
+/// running max `m` and sum `l` per head and the unnormalised output `acc`
+/// (`group x head_dim`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_part<T: Copy>(
+    s: &super::AttnShape,
+    q: &[f32],
+    kvh: usize,
+    k: &[T],
+    v: &[T],
+    table: &[u32],
+    keys: std::ops::Range<usize>,
+    m_out: &mut [f32],
+    l_out: &mut [f32],
+    out: &mut [f32],
+    cvt: impl Fn(T) -> f32,
+) {
     const C: usize = super::ATT_CHUNK;
     let (start, n_ctx) = (keys.start, keys.end);
     let (hd, g, bs, kv_dim) = (s.head_dim, s.group, s.block_size, s.kv_dim);
@@ -534,10 +557,6 @@ pub fn attend<T: Copy>(
             }
         }
     }
-    for gi in 0..g {
-        let inv = 1.0 / l[gi];
-        for o in out[gi * hd..(gi + 1) * hd].iter_mut() {
-            *o *= inv;
-        }
-    }
+    m_out[..g].copy_from_slice(&m[..g]);
+    l_out[..g].copy_from_slice(&l[..g]);
 }

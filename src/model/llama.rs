@@ -517,14 +517,42 @@ struct RowMap<'a> {
     seq: &'a [usize],
 }
 
+/// One task of [`attention`].
+enum AttnWork<'a> {
+    /// Rows `r0..r0 + t` of one sequence, every KV head, into `out`.
+    Tile {
+        r0: usize,
+        t: usize,
+        out: &'a mut [f32],
+    },
+    /// Row `r0`, KV head `kvh`, into `out`.
+    Head {
+        r0: usize,
+        kvh: usize,
+        out: &'a mut [f32],
+    },
+    /// The state of one segment `keys` of row `r0`, KV head `kvh`
+    /// ([`kernels::attention::attend_part`]).
+    Seg {
+        r0: usize,
+        kvh: usize,
+        keys: Range<usize>,
+        part: &'a mut [f32],
+    },
+}
+
 /// Attention for every row of the batch (over the last `window` positions
 /// when given), in parallel over `pool`: consecutive rows of one sequence (a
 /// prefill chunk) in tiles of [`kernels::attention::tile_rows`] rows, each
 /// tile reading its KV blocks once per KV head
 /// ([`kernels::attention::attend_rows`]); a lone row (a decode step) as one
-/// task per KV head — the query heads sharing it — so even a single decode
-/// row keeps every thread busy. A row's result is the same whatever tile it
-/// lands in (bit for bit), so it never depends on the rest of the batch.
+/// task per KV head — the query heads sharing it — or, when its keys span
+/// several segments ([`kernels::attention::segments`]) and a pool is given,
+/// one task per KV head and segment, whose states are merged in order
+/// ([`kernels::attention::merge_parts`]), so even a single decode row of a
+/// one-KV-head model keeps every thread busy. A row's result is the same
+/// whatever tile it lands in and however its segments are run (bit for
+/// bit), so it never depends on the rest of the batch or on the threads.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     c: &super::ModelConfig,
@@ -537,6 +565,9 @@ fn attention(
     att: &mut [f32],
     pool: Option<&rayon::ThreadPool>,
 ) {
+    use kernels::attention::{
+        attend_part, attend_rows, merge_parts, part_len, segments, tile_rows,
+    };
     let (hd, nkv) = (c.head_dim, c.n_kv_heads);
     let group = c.n_heads / nkv;
     let w = group * hd;
@@ -550,71 +581,125 @@ fn attention(
         scale: c.attn_scale,
         softcap: c.attn_softcap,
     };
-    let tr = kernels::attention::tile_rows(&shape);
-    // Work items: (first row, rows, one KV head or all) and their output.
-    let mut items: Vec<(usize, usize, Option<usize>, &mut [f32])> = Vec::new();
-    let mut rest = att;
+    let tr = tile_rows(&shape);
+    let pl = part_len(&shape);
+    // A sliding-window row reads positions > pos - window only.
+    let row_keys = |r: usize| {
+        let end = rows.pos[r] + 1;
+        window.map_or(0, |w| end.saturating_sub(w))..end
+    };
+    // Rows (first row, rows) of the work items.
+    let mut spans: Vec<(usize, usize)> = Vec::new();
     let mut r = 0;
     while r < n {
         let mut e = r + 1;
         while e < n && e - r < tr && rows.seq[e] == rows.seq[r] {
             e += 1;
         }
-        if e - r == 1 {
+        spans.push((r, e - r));
+        r = e;
+    }
+    // Lone rows whose segments run as separate tasks.
+    let split = |r0: usize, t: usize| {
+        pool.is_some() && t == 1 && segments(bs, row_keys(r0)).nth(1).is_some()
+    };
+    let nparts: usize = spans
+        .iter()
+        .filter(|&&(r0, t)| split(r0, t))
+        .map(|&(r0, _)| nkv * segments(bs, row_keys(r0)).count())
+        .sum();
+    let mut pbuf = vec![0.0f32; nparts * pl];
+    // Work items, and (first part, parts, output) of each split row and KV head.
+    let mut items: Vec<AttnWork<'_>> = Vec::new();
+    let mut merges: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    let mut rest = att;
+    let mut prest = &mut pbuf[..];
+    let mut np = 0;
+    for &(r0, t) in &spans {
+        if split(r0, t) {
             for kvh in 0..nkv {
                 let (a, b) = std::mem::take(&mut rest).split_at_mut(w);
-                items.push((r, 1, Some(kvh), a));
+                rest = b;
+                let p0 = np;
+                for seg in segments(bs, row_keys(r0)) {
+                    let (pa, pb) = std::mem::take(&mut prest).split_at_mut(pl);
+                    prest = pb;
+                    items.push(AttnWork::Seg {
+                        r0,
+                        kvh,
+                        keys: seg,
+                        part: pa,
+                    });
+                    np += 1;
+                }
+                merges.push((p0, np - p0, a));
+            }
+        } else if t == 1 {
+            for kvh in 0..nkv {
+                let (a, b) = std::mem::take(&mut rest).split_at_mut(w);
+                items.push(AttnWork::Head { r0, kvh, out: a });
                 rest = b;
             }
         } else {
-            let (a, b) = std::mem::take(&mut rest).split_at_mut((e - r) * qd);
-            items.push((r, e - r, None, a));
+            let (a, b) = std::mem::take(&mut rest).split_at_mut(t * qd);
+            items.push(AttnWork::Tile { r0, t, out: a });
             rest = b;
         }
-        r = e;
     }
-    let run = |item: &mut (usize, usize, Option<usize>, &mut [f32])| {
-        let (r0, t) = (item.0, item.1);
-        let table = seqs[rows.seq[r0]].block_table;
-        let mut keys: [Range<usize>; kernels::attention::MAX_TILE_ROWS] = Default::default();
-        for (i, k) in keys.iter_mut().enumerate().take(t) {
-            let end = rows.pos[r0 + i] + 1;
-            // A sliding-window row reads positions > pos - window only.
-            *k = window.map_or(0, |w| end.saturating_sub(w))..end;
+    let run = |item: &mut AttnWork<'_>| match item {
+        AttnWork::Tile { r0, t, out } => {
+            let (r0, t) = (*r0, *t);
+            let table = seqs[rows.seq[r0]].block_table;
+            let mut keys: [Range<usize>; kernels::attention::MAX_TILE_ROWS] = Default::default();
+            for (i, k) in keys.iter_mut().enumerate().take(t) {
+                *k = row_keys(r0 + i);
+            }
+            for h in 0..nkv {
+                attend_rows(
+                    &shape,
+                    kv,
+                    h,
+                    table,
+                    &keys[..t],
+                    &q[r0 * qd + h * w..],
+                    qd,
+                    &mut out[h * w..],
+                    qd,
+                );
+            }
         }
-        let out = &mut *item.3;
-        match item.2 {
-            Some(h) => kernels::attention::attend_rows(
+        AttnWork::Head { r0, kvh, out } => {
+            let table = seqs[rows.seq[*r0]].block_table;
+            attend_rows(
                 &shape,
                 kv,
-                h,
+                *kvh,
                 table,
-                &keys[..1],
-                &q[r0 * qd + h * w..],
+                std::slice::from_ref(&row_keys(*r0)),
+                &q[*r0 * qd + *kvh * w..],
                 qd,
                 out,
                 w,
-            ),
-            None => {
-                for h in 0..nkv {
-                    kernels::attention::attend_rows(
-                        &shape,
-                        kv,
-                        h,
-                        table,
-                        &keys[..t],
-                        &q[r0 * qd + h * w..],
-                        qd,
-                        &mut out[h * w..],
-                        qd,
-                    );
-                }
-            }
+            );
+        }
+        AttnWork::Seg {
+            r0,
+            kvh,
+            keys,
+            part,
+        } => {
+            let table = seqs[rows.seq[*r0]].block_table;
+            let qh = &q[*r0 * qd + *kvh * w..*r0 * qd + (*kvh + 1) * w];
+            attend_part(&shape, kv, *kvh, table, keys.clone(), qh, part);
         }
     };
     match pool {
         Some(p) if items.len() > 1 => p.install(|| items.par_iter_mut().for_each(run)),
         _ => items.iter_mut().for_each(run),
+    }
+    drop(items);
+    for (p0, cnt, out) in merges {
+        merge_parts(&shape, &pbuf[p0 * pl..(p0 + cnt) * pl], out);
     }
 }
 
