@@ -20,12 +20,13 @@ use std::sync::Arc;
 
 use brigade::gguf::GgufFile;
 use brigade::model::kv::KvStore;
-use brigade::model::llama::{Scratch, SeqChunk};
+use brigade::model::llama::Scratch;
 use brigade::model::Model;
 use brigade::runner::Runner;
 use brigade::testing::{
     load_family_fixture, tiny_family_gguf, FamilyFixture, TinyFamily, TinyFamilySpec,
 };
+use common::batch::{family_model as model, run_batch, tokens, Chunk};
 use common::{engine_config, engine_outputs};
 
 /// A reference top-1 / top-2 log-probability gap below this is a near-tie
@@ -41,12 +42,6 @@ const NEAR_TIE: f32 = 1e-2;
 /// 1.3e-2, gemma3 7.4e-3, qwen2 7.3e-3, gemma2 6.8e-3, llama3 6.7e-3,
 /// mistral 5.8e-3, qwen3 2.9e-3.
 const MAX_DLOGPROB: f32 = 0.03;
-
-fn model(family: TinyFamily) -> Arc<Model> {
-    let bytes = tiny_family_gguf(&TinyFamilySpec::standard(family));
-    let file = Arc::new(GgufFile::from_bytes(bytes).expect("tiny family gguf"));
-    Arc::new(Model::from_gguf(file).unwrap_or_else(|e| panic!("{}: {e}", family.name())))
-}
 
 fn fixture(family: TinyFamily) -> Option<FamilyFixture> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -187,48 +182,6 @@ fn phi3_matches_transformers() {
     check_parity(TinyFamily::Phi3);
 }
 
-/// One sequence chunk of a batch: start position, tokens, block table.
-struct Chunk<'a> {
-    pos: usize,
-    tokens: &'a [u32],
-    table: &'a [u32],
-}
-
-/// Runs one batch through every layer and the head; logits of every row.
-fn run_batch(
-    m: &Model,
-    kv: &mut KvStore,
-    s: &mut Scratch,
-    chunks: &[Chunk<'_>],
-    pool: Option<&rayon::ThreadPool>,
-) -> Vec<f32> {
-    let (dim, vocab) = (m.config.dim, m.config.vocab_size);
-    let tokens: Vec<u32> = chunks
-        .iter()
-        .flat_map(|c| c.tokens.iter().copied())
-        .collect();
-    let mut x = vec![0.0; tokens.len() * dim];
-    m.embed(&tokens, &mut x);
-    let seqs: Vec<SeqChunk<'_>> = chunks
-        .iter()
-        .map(|c| SeqChunk {
-            pos: c.pos,
-            len: c.tokens.len(),
-            block_table: c.table,
-        })
-        .collect();
-    m.forward_layers(0..m.config.n_layers, &mut x, &seqs, kv, s, pool);
-    let mut logits = vec![0.0; tokens.len() * vocab];
-    m.logits(
-        &x,
-        &mut logits,
-        s,
-        pool,
-        brigade::config::RuntimeConfig::default().head_digits(),
-    );
-    logits
-}
-
 const BS: usize = 4;
 
 fn kv_store(m: &Model, num_blocks: usize) -> KvStore {
@@ -240,12 +193,6 @@ fn kv_store(m: &Model, num_blocks: usize) -> KvStore {
         m.config.kv_dim,
         m.config.head_dim,
     )
-}
-
-fn tokens(seed: u32, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 97) >> 7) % vocab as u32)
-        .collect()
 }
 
 #[test]

@@ -1068,7 +1068,6 @@ async fn shutdown_timeout_aborts_with_finish_reason_abort() {
 /// request completes normally, and the process exits 0.
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     brigade::testing::write_tiny_llama(
@@ -1091,17 +1090,7 @@ fn sigterm_drains_and_exits_zero() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(addr) = line.strip_prefix("brigade: listening on ") {
-            break addr.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {}); // keep draining stderr
+    let base = common::wait_listening(&mut child);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

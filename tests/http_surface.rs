@@ -808,7 +808,6 @@ async fn vllm_metric_rows_and_prefix() {
 
 /// Starts the built binary with `args`; returns it and its base URL.
 fn spawn_serve(args: &[&str]) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
         .arg("serve")
         .args(args)
@@ -818,17 +817,7 @@ fn spawn_serve(args: &[&str]) -> (std::process::Child, String) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(addr) = line.strip_prefix("brigade: listening on ") {
-            break addr.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let base = common::wait_listening(&mut child);
     (child, base)
 }
 

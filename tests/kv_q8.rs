@@ -17,64 +17,13 @@ use std::sync::Arc;
 use brigade::engine::{Engine, GenerateRequest, SamplingParams};
 use brigade::gguf::GgufFile;
 use brigade::model::kv::{KvDType, KvStore};
-use brigade::model::llama::{Scratch, SeqChunk};
+use brigade::model::llama::Scratch;
 use brigade::model::Model;
 use brigade::testing::{tiny_family_gguf, TinyFamily, TinyFamilySpec};
+use common::batch::{family_model as model, run_batch, tokens, Chunk};
 use common::{engine_config, engine_outputs};
 
 const BS: usize = 4;
-
-fn model(family: TinyFamily) -> Arc<Model> {
-    let bytes = tiny_family_gguf(&TinyFamilySpec::standard(family));
-    let file = Arc::new(GgufFile::from_bytes(bytes).expect("tiny family gguf"));
-    Arc::new(Model::from_gguf(file).unwrap_or_else(|e| panic!("{}: {e}", family.name())))
-}
-
-fn tokens(seed: u32, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 97) >> 7) % vocab as u32)
-        .collect()
-}
-
-struct Chunk<'a> {
-    pos: usize,
-    tokens: &'a [u32],
-    table: &'a [u32],
-}
-
-fn run_batch(
-    m: &Model,
-    kv: &mut KvStore,
-    s: &mut Scratch,
-    chunks: &[Chunk<'_>],
-    pool: Option<&rayon::ThreadPool>,
-) -> Vec<f32> {
-    let (dim, vocab) = (m.config.dim, m.config.vocab_size);
-    let toks: Vec<u32> = chunks
-        .iter()
-        .flat_map(|c| c.tokens.iter().copied())
-        .collect();
-    let mut x = vec![0.0; toks.len() * dim];
-    m.embed(&toks, &mut x);
-    let seqs: Vec<SeqChunk<'_>> = chunks
-        .iter()
-        .map(|c| SeqChunk {
-            pos: c.pos,
-            len: c.tokens.len(),
-            block_table: c.table,
-        })
-        .collect();
-    m.forward_layers(0..m.config.n_layers, &mut x, &seqs, kv, s, pool);
-    let mut logits = vec![0.0; toks.len() * vocab];
-    m.logits(
-        &x,
-        &mut logits,
-        s,
-        pool,
-        brigade::config::RuntimeConfig::default().head_digits(),
-    );
-    logits
-}
 
 fn store(m: &Model, blocks: usize, dtype: KvDType) -> KvStore {
     KvStore::with_dtype(

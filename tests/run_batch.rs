@@ -7,6 +7,8 @@
 //! Requests are greedy or seeded, so answers are comparable across runs
 //! (`id`, `created`, `request_id` and `cached_tokens` differ by design).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -345,7 +347,6 @@ fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
 
 #[test]
 fn bodies_are_the_servers_bodies() {
-    use std::io::BufRead;
     let d = tmp("same");
     let bodies = [
         (
@@ -382,14 +383,8 @@ fn bodies_are_the_servers_bodies() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let l = lines.next().expect("server exited").unwrap();
-        if let Some(a) = l.strip_prefix("brigade: listening on http://") {
-            break a.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {}); // keep draining the server's log
+    let base = common::wait_listening(&mut server);
+    let addr = base.strip_prefix("http://").unwrap_or(&base).to_string();
     for (i, (url, body)) in bodies.iter().enumerate() {
         let (status, mut want) = post(&addr, url, body);
         let mut got = m[&format!("r{i}")]["response"].clone();

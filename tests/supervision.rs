@@ -263,7 +263,6 @@ fn an_actor_that_dies_fails_every_open_request_and_the_engine() {
 
 #[test]
 fn a_dead_engine_makes_health_503_and_serve_exit_non_zero() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     brigade::testing::write_tiny_llama(
@@ -286,17 +285,7 @@ fn a_dead_engine_makes_health_503_and_serve_exit_non_zero() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(addr) = line.strip_prefix("brigade: listening on ") {
-            break addr.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let base = common::wait_listening(&mut child);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

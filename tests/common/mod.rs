@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests.
 #![allow(dead_code)]
 
+pub mod batch;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -241,4 +243,24 @@ pub fn engine_config(
     c.runtime.admission_reserve_tokens = 0;
     c.validate().expect("config");
     c
+}
+
+/// Waits until a spawned `brigade serve` (stderr piped) logs its address and
+/// returns it (`http://host:port`); its stderr is then drained on a thread so
+/// the server never blocks on a full pipe. Panics if it exits first.
+pub fn wait_listening(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().expect("serve spawned with stderr piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .expect("server stderr");
+        if let Some(addr) = line.strip_prefix("brigade: listening on ") {
+            break addr.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    base
 }
