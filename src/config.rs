@@ -485,7 +485,7 @@ impl Default for SpeculativeConfig {
     fn default() -> Self {
         Self {
             method: SpecMethod::Ngram,
-            num_tokens: 4,
+            num_tokens: 8,
             ngram_min: 2,
             ngram_max: 4,
             max_running: 4,

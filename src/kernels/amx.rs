@@ -475,32 +475,61 @@ unsafe fn gemm_group_k<const K: u8>(
             let (dw, mw) = block_scales::<K>(rec, sd, sdm);
             // (16,) per-row scalars of block b: d / 128, s, half sums
             let xs = xt.add((b * ACT_LINES + TILE_ROWS) * 64) as *const f32;
-            for (r, f) in accf.iter_mut().enumerate() {
-                let sx = _mm512_set1_ps(*xs.add(r));
-                for h in 0..halves {
-                    // pair of half h: s % 2 for the one-half kinds, h for the others
-                    let pair = if halves == 1 { s % 2 } else { h };
-                    let s1 = _mm512_load_si512(
-                        cp.add((2 * pair * TILE_ROWS + r) * GROUP) as *const __m512i
-                    );
-                    let s2 = _mm512_load_si512(
-                        cp.add(((2 * pair + 1) * TILE_ROWS + r) * GROUP) as *const __m512i
-                    );
-                    let a = _mm512_add_epi32(_mm512_slli_epi32(s1, 7), s2);
-                    *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(dw[h], sx), *f);
-                }
-                if halves == 1 {
-                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(TILE_ROWS + r)), *f);
-                } else {
-                    *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(2 * TILE_ROWS + r)), *f);
-                    *f = _mm512_fmadd_ps(mw[1], _mm512_set1_ps(*xs.add(3 * TILE_ROWS + r)), *f);
-                }
+            // One row's epilogue; expanded for the 16 rows with literal
+            // indices so the accumulators stay in registers (a loop over
+            // `accf` kept them on the stack: a store and a reload per row and
+            // block). Same operations in the same order as before.
+            macro_rules! row {
+                ($r:literal) => {{
+                    let f = &mut accf[$r];
+                    let sx = _mm512_set1_ps(*xs.add($r));
+                    for h in 0..halves {
+                        // pair of half h: s % 2 for the one-half kinds, h for the others
+                        let pair = if halves == 1 { s % 2 } else { h };
+                        let s1 = _mm512_load_si512(
+                            cp.add((2 * pair * TILE_ROWS + $r) * GROUP) as *const __m512i
+                        );
+                        let s2 = _mm512_load_si512(
+                            cp.add(((2 * pair + 1) * TILE_ROWS + $r) * GROUP) as *const __m512i
+                        );
+                        let a = _mm512_add_epi32(_mm512_slli_epi32(s1, 7), s2);
+                        *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(dw[h], sx), *f);
+                    }
+                    if halves == 1 {
+                        *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(TILE_ROWS + $r)), *f);
+                    } else {
+                        *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(2 * TILE_ROWS + $r)), *f);
+                        *f = _mm512_fmadd_ps(mw[1], _mm512_set1_ps(*xs.add(3 * TILE_ROWS + $r)), *f);
+                    }
+                }};
             }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            row!(4);
+            row!(5);
+            row!(6);
+            row!(7);
+            row!(8);
+            row!(9);
+            row!(10);
+            row!(11);
+            row!(12);
+            row!(13);
+            row!(14);
+            row!(15);
         }
         let rows = if t + 1 == tiles { last_rows } else { TILE_ROWS };
-        for (r, f) in accf.iter().enumerate().take(rows) {
-            _mm512_mask_storeu_ps(out.add((t * TILE_ROWS + r) * out_stride), lanes, *f);
+        // Literal indices again (see `row!`): a loop would put `accf` in memory.
+        macro_rules! put {
+            ($($r:literal)*) => {$(
+                if $r < rows {
+                    _mm512_mask_storeu_ps(out.add((t * TILE_ROWS + $r) * out_stride), lanes, accf[$r]);
+                }
+            )*};
         }
+        put!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
     }
 }
 
