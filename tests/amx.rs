@@ -100,7 +100,7 @@ fn amx_matches_vnni_and_scalar_bit_for_bit() {
         .unwrap();
     // (output columns, inputs, batch rows): 1..64 blocks, ragged groups and tiles.
     // Batches under 16 rows and the tails of 16-row tiles run on zero-padded
-    // tiles (5 rows and more) or VNNI (fewer).
+    // tiles (12 rows and more, `AMX_MIN_ROWS`) or VNNI (fewer).
     let shapes = [
         (16usize, 32usize, 16usize),
         (17, 64, 17),

@@ -32,7 +32,7 @@
 //! the two-half kinds). Each row's float operations are therefore the VNNI
 //! kernel's and the scalar reference's, bit for bit, whatever the number of
 //! rows in the batch: [`super::matmul_packed`] runs a batch's 16-row tiles
-//! (and a last tile of 5 rows or more, zero-padded) on AMX and the rest on
+//! (and a last tile of 12 rows or more, zero-padded) on AMX and the rest on
 //! VNNI, and a row's output does not depend on which one ran it.
 //!
 //! B tiles: Q8_0's record bytes are already the B tile (loaded in place, stride
@@ -68,7 +68,10 @@
 //! ```
 //!
 //! At 4 rows a padded tile costs about what VNNI does (3.63 vs 3.71 ms for
-//! Q8_0; Q6_K and Q5_0 slower), from 5 rows on AMX is ahead. End to end
+//! Q8_0; Q6_K and Q5_0 slower), from 5 rows on AMX is ahead (this table: dev
+//! profile, loaded machine). In the release (bench) profile on a quiet
+//! machine VNNI is much faster at few rows and a padded tile only pays from
+//! about 8 (Q8_0) to 16 (Q6_K) rows, so `AMX_MIN_ROWS` is 12 (see there). End to end
 //! (`brigade bench`, dev-profile build, Gemma 3 270M Q4_K_M, 32 requests x
 //! 16 + 32 tokens, concurrency 32, same loaded machine): steady decode 141
 //! tok/s with AMX vs 40 with `BRIGADE_AMX=0` (load 8-10), 205 vs 88 (load

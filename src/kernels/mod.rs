@@ -25,7 +25,7 @@
 //!
 //! On CPUs with AMX-INT8 (and the OS's permission, see `amx`), the packed
 //! matmul runs the integer part of `gemm_group` on AMX tiles for every tile
-//! of 16 activation rows, a batch's last 5 to 15 rows zero-padded to one
+//! of 16 activation rows, a batch's last 12 to 15 rows zero-padded to one
 //! ([`amx_enabled`]; 3-6x the VNNI kernel's throughput from 8 rows on);
 //! results are bit-identical.
 //!
@@ -732,9 +732,13 @@ const MACRO_ROWS: usize = 64;
 
 /// Computes the output columns of column groups `groups` for every row.
 /// Fewest rows run on an AMX tile (zero-padded to 16); fewer stay on VNNI,
-/// which is faster there (measured: see `amx`).
+/// which is faster there. Measured (`benches/kernels.rs` group `matmul_amx`,
+/// one thread, Xeon with AMX): a padded tile costs AMX the same at 5, 8 or
+/// 16 rows, and VNNI's cost grows with the rows; they cross at about 8 rows
+/// for Q8_0, 10 for Q5_0, 11 for Q4_K and 16 for Q6_K (at 5 rows AMX took
+/// 1.2-2.7x VNNI's time). Outputs are the same bits either way.
 #[cfg(target_arch = "x86_64")]
-const AMX_MIN_ROWS: usize = 5;
+const AMX_MIN_ROWS: usize = 12;
 
 /// Rows of a macro tile of `rows` rows that AMX runs: its 16-row tiles, and
 /// its last rows too when there are [`AMX_MIN_ROWS`] of them.
