@@ -482,8 +482,8 @@ unsafe fn gemm_group_k<const K: u8>(
             // indices so the accumulators stay in registers (a loop over
             // `accf` kept them on the stack: a store and a reload per row and
             // block). Same operations in the same order as before.
-            macro_rules! row {
-                ($r:literal) => {{
+            macro_rules! rows {
+                ($($r:literal)*) => {$({
                     let f = &mut accf[$r];
                     let sx = _mm512_set1_ps(*xs.add($r));
                     for h in 0..halves {
@@ -504,27 +504,12 @@ unsafe fn gemm_group_k<const K: u8>(
                         *f = _mm512_fmadd_ps(mw[0], _mm512_set1_ps(*xs.add(2 * TILE_ROWS + $r)), *f);
                         *f = _mm512_fmadd_ps(mw[1], _mm512_set1_ps(*xs.add(3 * TILE_ROWS + $r)), *f);
                     }
-                }};
+                })*};
             }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            row!(4);
-            row!(5);
-            row!(6);
-            row!(7);
-            row!(8);
-            row!(9);
-            row!(10);
-            row!(11);
-            row!(12);
-            row!(13);
-            row!(14);
-            row!(15);
+            rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
         }
         let rows = if t + 1 == tiles { last_rows } else { TILE_ROWS };
-        // Literal indices again (see `row!`): a loop would put `accf` in memory.
+        // Literal indices again (see `rows!`): a loop would put `accf` in memory.
         macro_rules! put {
             ($($r:literal)*) => {$(
                 if $r < rows {

@@ -26,7 +26,8 @@
 //! On CPUs with AMX-INT8 (and the OS's permission, see `amx`), the packed
 //! matmul runs the integer part of `gemm_group` on AMX tiles for every tile
 //! of 16 activation rows, a batch's last 12 to 15 rows zero-padded to one
-//! ([`amx_enabled`]; 3-6x the VNNI kernel's throughput from 8 rows on);
+//! ([`amx_enabled`]; 1.5-2.2x the VNNI kernel's throughput from 16 rows on,
+//! 1.1-1.2x for Q6_K, release build, one thread);
 //! results are bit-identical.
 //!
 //! Environment: `BRIGADE_FORCE_SCALAR=1` forces the scalar kernels;
@@ -730,7 +731,6 @@ pub fn matmul_packed_digits(
 /// its column groups (weights are then read once per macro tile).
 const MACRO_ROWS: usize = 64;
 
-/// Computes the output columns of column groups `groups` for every row.
 /// Fewest rows run on an AMX tile (zero-padded to 16); fewer stay on VNNI,
 /// which is faster there. Measured (`benches/kernels.rs` group `matmul_amx`,
 /// one thread, Xeon with AMX): a padded tile costs AMX the same at 5, 8 or
@@ -758,6 +758,7 @@ type ActLine = amx::Line;
 #[cfg(not(target_arch = "x86_64"))]
 type ActLine = ();
 
+/// Computes the output columns of column groups `groups` for every row.
 /// `act`: the [`amx_rows`] of every macro tile repacked for AMX (empty: VNNI
 /// only; AMX checked available by the caller).
 #[allow(clippy::too_many_arguments)]
