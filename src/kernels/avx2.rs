@@ -614,24 +614,31 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize>(
         while c < cnt {
             let n = 8.min(cnt - c);
             let valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane));
-            // (G, 8) scores: lane j = key c + j; two partial sums over d.
-            let mut s = [[_mm256_setzero_ps(); 2]; G];
-            for d in 0..hd {
+            // (G, 8) scores: lane j = key c + j; two partial sums over d
+            // (even d into `s0`, odd into `s1`: two named arrays, d stepped
+            // by 2, so they stay in registers). Same operations, same order.
+            let key_row = |d: usize| {
                 let row = kt.add(d * bs + c);
-                let kd = if n == 8 {
+                if n == 8 {
                     _mm256_cvtph_ps(_mm_loadu_si128(row as *const __m128i))
                 } else {
                     let mut tmp = [0u16; 8];
                     std::ptr::copy_nonoverlapping(row as *const u16, tmp.as_mut_ptr(), n);
                     _mm256_cvtph_ps(_mm_loadu_si128(tmp.as_ptr() as *const __m128i))
-                };
-                for (g, sg) in s.iter_mut().enumerate() {
-                    sg[d % 2] = _mm256_fmadd_ps(_mm256_set1_ps(*q.add(g * hd + d)), kd, sg[d % 2]);
+                }
+            };
+            let mut s0 = [_mm256_setzero_ps(); G];
+            let mut s1 = [_mm256_setzero_ps(); G];
+            for d in (0..hd).step_by(2) {
+                let (k0, k1) = (key_row(d), key_row(d + 1));
+                for g in 0..G {
+                    s0[g] = _mm256_fmadd_ps(_mm256_set1_ps(*q.add(g * hd + d)), k0, s0[g]);
+                    s1[g] = _mm256_fmadd_ps(_mm256_set1_ps(*q.add(g * hd + d + 1)), k1, s1[g]);
                 }
             }
             let mut corr = [0.0f32; G];
             for g in 0..G {
-                let mut sv = _mm256_mul_ps(_mm256_add_ps(s[g][0], s[g][1]), scv);
+                let mut sv = _mm256_mul_ps(_mm256_add_ps(s0[g], s1[g]), scv);
                 if let Some(cap) = softcap {
                     sv = _mm256_mul_ps(
                         _mm256_set1_ps(cap),

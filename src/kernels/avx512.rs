@@ -661,6 +661,24 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
     lanes.iter().map(|&x| x as f64).sum()
 }
 
+/// How many KV blocks ahead the attention kernels prefetch (measured on
+/// SmolLM2 decoding at 4,096 tokens of context, Zen 5: 2, 4 and 8 blocks ahead
+/// took 16.3, 15.0 and 13.8 ms/token, none 15.5; medians of 4 rounds).
+pub(super) const PREFETCH_BLOCKS: usize = 8;
+
+/// Prefetches (into L2) `rows` rows of `bytes` bytes each, `stride` bytes
+/// apart, from `p`. A hint only: never faults, changes no result.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn prefetch_rows(p: *const u8, rows: usize, bytes: usize, stride: usize) {
+    for j in 0..rows {
+        let row = p.wrapping_add(j * stride) as *const i8;
+        for o in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(o));
+        }
+    }
+}
+
 /// One segment's softmax state (running max and sum per head into `m_out`
 /// / `l_out`, unnormalised output into `out`; see
 /// [`super::attention::segments`]) of the paged attention of `G` query
@@ -715,26 +733,47 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
         let cnt = bs.min(n_ctx - bi * bs);
         let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
         let vb = v.add(blk * bs * kv_dim + kvh * hd);
+        // A head reads a slice of each block, and a sequence's blocks need
+        // not be adjacent in the pool: the hardware prefetchers do not
+        // follow that, so ask for the block PREFETCH_BLOCKS ahead.
+        if let Some(&ahead) = table[..n_ctx.div_ceil(bs)].get(bi + PREFETCH_BLOCKS) {
+            let ahead = ahead as usize;
+            // This head's keys (contiguous) and its slice of each value row.
+            let ka = k.wrapping_add(ahead * bs * kv_dim + kvh * hd * bs) as *const u8;
+            let va = v.wrapping_add(ahead * bs * kv_dim + kvh * hd) as *const u8;
+            prefetch_rows(ka, 1, bs * hd * 2, 0);
+            prefetch_rows(va, bs, hd * 2, kv_dim * 2);
+        }
         // The window's first block starts inside it.
         let mut c = if bi == first { start - bi * bs } else { 0 };
         while c < cnt {
             let n = 16.min(cnt - c);
             let mask: u16 = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
-            // (G, 16) scores: lane j = key c + j; two partial sums over d.
-            let mut s = [[_mm512_setzero_ps(); 2]; G];
-            for d in 0..hd {
-                let kd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+            // (G, 16) scores: lane j = key c + j; two partial sums over d
+            // (even d into `s0`, odd into `s1`), as two named arrays with
+            // the d loop stepped by 2 so they stay in registers (indexing
+            // one array by `d % 2` kept them on the stack: a store and a
+            // reload per multiply-add). Same operations, same order.
+            let mut s0 = [_mm512_setzero_ps(); G];
+            let mut s1 = [_mm512_setzero_ps(); G];
+            for d in (0..hd).step_by(2) {
+                let k0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
                     mask,
                     kt.add(d * bs + c) as *const i16,
                 ));
-                for (g, sg) in s.iter_mut().enumerate() {
-                    sg[d % 2] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(g * hd + d)), kd, sg[d % 2]);
+                let k1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    mask,
+                    kt.add((d + 1) * bs + c) as *const i16,
+                ));
+                for g in 0..G {
+                    s0[g] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(g * hd + d)), k0, s0[g]);
+                    s1[g] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(g * hd + d + 1)), k1, s1[g]);
                 }
             }
             // Whether some head's max moved (else every correction is 1).
             let mut rescale = false;
             for g in 0..G {
-                let mut sv = _mm512_mul_ps(_mm512_add_ps(s[g][0], s[g][1]), scv);
+                let mut sv = _mm512_mul_ps(_mm512_add_ps(s0[g], s1[g]), scv);
                 if let Some(cap) = softcap {
                     sv = _mm512_mul_ps(
                         _mm512_set1_ps(cap),
