@@ -17,6 +17,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use brigade::kernels::{self, Activations, BlockQ8, Isa, PackedMatrix, QMatrix, QK};
@@ -308,6 +309,59 @@ fn attention(c: &mut Criterion) {
                     },
                 );
             }
+        }
+    }
+    // Decode at long context as a model runs it: one row over 4,096 positions
+    // in each of 30 layers (SmolLM2's shape), each layer's K/V in its own
+    // arrays (94 MB in all, more than the L3 cache), blocks in a shuffled
+    // order: measures the kernel when its K/V come from memory.
+    {
+        let (hd, group, kvn, bs, n_ctx, layers) = (64usize, 3usize, 3usize, 16usize, 4096usize, 30usize);
+        let kv_dim = hd * kvn;
+        let shape = kernels::AttnShape {
+            head_dim: hd,
+            group,
+            block_size: bs,
+            kv_dim,
+            scale: 1.0 / (hd as f32).sqrt(),
+            softcap: None,
+        };
+        let nblk = n_ctx / bs;
+        let mut kv: Vec<(Vec<f16>, Vec<f16>)> = Vec::new();
+        for _ in 0..layers {
+            let mut gen = || -> Vec<f16> {
+                (0..nblk * bs * kv_dim)
+                    .map(|_| f16::from_f32(rng.gen_range(-1.0f32..1.0)))
+                    .collect()
+            };
+            kv.push((gen(), gen()));
+        }
+        let mut table: Vec<u32> = (0..nblk as u32).collect();
+        table.shuffle(&mut rng);
+        let q: Vec<f32> = (0..group * kvn * hd)
+            .map(|_| rng.gen_range(-1.0f32..1.0))
+            .collect();
+        let mut out = vec![0.0f32; group * kvn * hd];
+        g.throughput(Throughput::Elements((layers * group * kvn * n_ctx) as u64));
+        for isa in kernels::available_isas() {
+            g.bench_function(
+                BenchmarkId::new("row/9x64/ctx4096/30-layers-from-memory", isa.name()),
+                |b| {
+                    b.iter(|| {
+                        for (k, v) in &kv {
+                            for (kvh, (qg, og)) in q
+                                .chunks_exact(group * hd)
+                                .zip(out.chunks_exact_mut(group * hd))
+                                .enumerate()
+                            {
+                                kernels::attend_f16_isa(
+                                    isa, &shape, qg, kvh, k, v, &table, 0..n_ctx, og,
+                                );
+                            }
+                        }
+                    })
+                },
+            );
         }
     }
     g.finish();

@@ -723,24 +723,23 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
     let mut corr_v = [_mm512_setzero_ps(); G];
     let scv = _mm512_set1_ps(scale);
     let first = start / bs;
-    for (bi, &blk) in table
-        .iter()
-        .enumerate()
-        .take(n_ctx.div_ceil(bs))
-        .skip(first)
-    {
+    let n_blocks = n_ctx.div_ceil(bs);
+    for (bi, &blk) in table.iter().enumerate().take(n_blocks).skip(first) {
         let blk = blk as usize;
         let cnt = bs.min(n_ctx - bi * bs);
         let kt = k.add(blk * bs * kv_dim + kvh * hd * bs);
         let vb = v.add(blk * bs * kv_dim + kvh * hd);
         // A head reads a slice of each block, and a sequence's blocks need
         // not be adjacent in the pool: the hardware prefetchers do not
-        // follow that, so ask for the block PREFETCH_BLOCKS ahead.
-        if let Some(&ahead) = table[..n_ctx.div_ceil(bs)].get(bi + PREFETCH_BLOCKS) {
-            let ahead = ahead as usize;
+        // follow that, so ask for the block PREFETCH_BLOCKS ahead (at the
+        // first block, for that one and the PREFETCH_BLOCKS after it).
+        let hi = (bi + PREFETCH_BLOCKS + 1).min(n_blocks);
+        let lo = if bi == first { bi } else { bi + PREFETCH_BLOCKS };
+        for &blk_a in &table[lo.min(hi)..hi] {
+            let blk_a = blk_a as usize;
             // This head's keys (contiguous) and its slice of each value row.
-            let ka = k.wrapping_add(ahead * bs * kv_dim + kvh * hd * bs) as *const u8;
-            let va = v.wrapping_add(ahead * bs * kv_dim + kvh * hd) as *const u8;
+            let ka = k.wrapping_add(blk_a * bs * kv_dim + kvh * hd * bs) as *const u8;
+            let va = v.wrapping_add(blk_a * bs * kv_dim + kvh * hd) as *const u8;
             prefetch_rows(ka, 1, bs * hd * 2, 0);
             prefetch_rows(va, bs, hd * 2, kv_dim * 2);
         }
