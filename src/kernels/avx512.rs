@@ -663,7 +663,10 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
 
 /// How many KV blocks ahead the attention kernels prefetch (measured on
 /// SmolLM2 decoding at 4,096 tokens of context, Zen 5: 2, 4 and 8 blocks ahead
-/// took 16.3, 15.0 and 13.8 ms/token, none 15.5; medians of 4 rounds).
+/// took 16.3, 15.0 and 13.8 ms/token, none 15.5; medians of 4 rounds; in
+/// `benches/kernels.rs` `row/9x64/ctx4096/30-layers-from-memory`, one thread:
+/// 4, 8, 16 and 24 blocks 11.9, 11.1, 11.3 and 11.4 ms, `_MM_HINT_T0` instead
+/// of T1 no better).
 pub(super) const PREFETCH_BLOCKS: usize = 8;
 
 /// Prefetches (into L2) `rows` rows of `bytes` bytes each, `stride` bytes
