@@ -322,3 +322,71 @@ fn gemma_greedy_output_is_identical_with_and_without_speculation() {
     );
     assert!(st.spec_accepted_tokens > 0, "{st:?}");
 }
+
+/// `brigade bench --spec-compare --rounds N` alternates off / on N times and
+/// reports every round's speed-up and their median; the output token counts
+/// match (greedy, same text either way). `--rounds 0` and `--rounds` without
+/// `--spec-compare` are refused, naming the flag.
+#[test]
+fn bench_spec_compare_rounds_report_every_round_and_the_median() {
+    let Some(path) = common::model_path() else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_brigade");
+    let base = [
+        "bench",
+        "--model",
+        path.to_str().expect("utf-8 path"),
+        "--workload",
+        "grounded",
+        "--concurrency",
+        "1",
+        "--num-requests",
+        "1",
+        "--output-len",
+        "24",
+        "--json",
+        "--no-progress",
+        "--spec-compare",
+    ];
+    let out = std::process::Command::new(bin)
+        .args(base)
+        .args(["--rounds", "3"])
+        .output()
+        .expect("run brigade bench");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').expect("a JSON object")..]).expect("JSON");
+    let rounds: Vec<f64> = v["speedups"]
+        .as_array()
+        .expect("speedups")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect();
+    assert_eq!(rounds.len(), 3, "{v}");
+    assert!(rounds.iter().all(|&x| x > 0.0), "{rounds:?}");
+    let mut sorted = rounds.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(v["speedup"].as_f64(), Some(sorted[1]), "median of {rounds:?}");
+    assert_eq!(
+        v["off"]["total_output_tokens"], v["ngram"]["total_output_tokens"],
+        "{v}"
+    );
+    for bad in [&["--rounds", "0"][..], &["--rounds", "101"][..]] {
+        let out = std::process::Command::new(bin)
+            .args(base)
+            .args(bad)
+            .output()
+            .expect("run brigade bench");
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--rounds"));
+    }
+    let out = std::process::Command::new(bin)
+        .args(&base[..base.len() - 1])
+        .args(["--rounds", "2"])
+        .output()
+        .expect("run brigade bench");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--spec-compare"));
+}

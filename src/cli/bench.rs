@@ -63,9 +63,16 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     workload: Option<Workload>,
     /// Run the benchmark twice, speculative decoding off then on (the config's
-    /// `[speculative]` or --spec-ngram), and report both and the speed-up.
+    /// `[speculative]` or --spec-ngram), and report both and the speed-up
+    /// (see --rounds).
     #[arg(long, conflicts_with = "no_spec")]
     spec_compare: bool,
+    /// With --spec-compare: alternate off and on this many times and report
+    /// the median speed-up (with every round's), so that drift of a shared
+    /// machine hits both sides alike. 1..=100.
+    #[arg(long, default_value_t = 1, requires = "spec_compare",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     #[command(flatten)]
     spec: super::SpecArgs,
     /// Configuration file (TOML).
@@ -124,22 +131,36 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         off.speculative.method = brigade::config::SpecMethod::Off;
         let mut on = cfg;
         on.speculative.method = brigade::config::SpecMethod::Ngram;
-        let r_off = run_offline(&opts, model.clone(), tok.clone(), off)?;
-        let r_on = run_offline(&opts, model, tok, on)?;
-        let speedup = if r_off.output_tokens_per_s > 0.0 {
-            r_on.output_tokens_per_s / r_off.output_tokens_per_s
-        } else {
-            0.0
+        // Rounds of (off, on), alternating; the reports shown are the last round's.
+        let mut speedups = Vec::new();
+        let mut last = None;
+        for _ in 0..a.rounds {
+            let r_off = run_offline(&opts, model.clone(), tok.clone(), off.clone())?;
+            let r_on = run_offline(&opts, model.clone(), tok.clone(), on.clone())?;
+            speedups.push(if r_off.output_tokens_per_s > 0.0 {
+                r_on.output_tokens_per_s / r_off.output_tokens_per_s
+            } else {
+                0.0
+            });
+            last = Some((r_off, r_on));
+        }
+        let Some((r_off, r_on)) = last else {
+            return Ok(());
         };
+        let speedup = median(&speedups);
         if a.json {
             println!(
                 "{}",
-                serde_json::json!({ "off": r_off, "ngram": r_on, "speedup": speedup })
+                serde_json::json!({ "off": r_off, "ngram": r_on, "speedup": speedup, "speedups": speedups })
             );
         } else {
             for (name, r) in [("speculative off", &r_off), ("speculative ngram", &r_on)] {
                 println!("== {name}");
                 print_table(r);
+            }
+            if speedups.len() > 1 {
+                let all: Vec<String> = speedups.iter().map(|x| format!("{x:.3}")).collect();
+                println!("{:<34} {:>12}", "speed-up per round", all.join(" "));
             }
             println!(
                 "{:<34} {:>12.3}",
@@ -155,6 +176,17 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         print_table(&r);
     }
     Ok(())
+}
+
+/// The median of `v` (the mean of the middle two for an even count); 0 when empty.
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 /// Prints the report as a table.
