@@ -316,7 +316,8 @@ fn attention(c: &mut Criterion) {
     // arrays (94 MB in all, more than the L3 cache), blocks in a shuffled
     // order: measures the kernel when its K/V come from memory.
     {
-        let (hd, group, kvn, bs, n_ctx, layers) = (64usize, 3usize, 3usize, 16usize, 4096usize, 30usize);
+        let (hd, group, kvn, bs, n_ctx, layers) =
+            (64usize, 3usize, 3usize, 16usize, 4096usize, 30usize);
         let kv_dim = hd * kvn;
         let shape = kernels::AttnShape {
             head_dim: hd,
@@ -355,7 +356,15 @@ fn attention(c: &mut Criterion) {
                                 .enumerate()
                             {
                                 kernels::attend_f16_isa(
-                                    isa, &shape, qg, kvh, k, v, &table, 0..n_ctx, og,
+                                    isa,
+                                    &shape,
+                                    qg,
+                                    kvh,
+                                    k,
+                                    v,
+                                    &table,
+                                    0..n_ctx,
+                                    og,
                                 );
                             }
                         }

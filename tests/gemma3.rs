@@ -15,7 +15,7 @@ mod common;
 use brigade::engine::{Engine, GenerateRequest, SamplingParams};
 use brigade::runner::{perplexity, Runner};
 use common::{
-    engine_config, engine_outputs, golden, greedy, ids, real_gemma_model, teacher_forced,
+    engine_config, engine_outputs, floats, golden, greedy, ids, real_gemma_model, teacher_forced,
 };
 
 /// Reference top-1/top-2 logit gap under which a greedy divergence is a
@@ -185,12 +185,7 @@ fn gemma3_greedy_matches_transformers_up_to_near_ties() {
     for p in prompts {
         let name = p["name"].as_str().expect("name");
         let want = ids(&p["generated_ids"]);
-        let margins: Vec<f64> = p["top1_top2_margins"]
-            .as_array()
-            .expect("margins")
-            .iter()
-            .map(|v| v.as_f64().expect("margin"))
-            .collect();
+        let margins = floats(&p["top1_top2_margins"]);
         let got = greedy(&mut runner, &ids(&p["prompt_ids"]), want.len());
         match got.iter().zip(&want).position(|(g, w)| g != w) {
             None => report.push(format!("{name}: 32/32")),

@@ -354,21 +354,24 @@ fn bench_spec_compare_rounds_report_every_round_and_the_median() {
         .args(["--rounds", "3"])
         .output()
         .expect("run brigade bench");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value =
         serde_json::from_str(&text[text.find('{').expect("a JSON object")..]).expect("JSON");
-    let rounds: Vec<f64> = v["speedups"]
-        .as_array()
-        .expect("speedups")
-        .iter()
-        .map(|x| x.as_f64().expect("a number"))
-        .collect();
+    let rounds = common::floats(&v["speedups"]);
     assert_eq!(rounds.len(), 3, "{v}");
     assert!(rounds.iter().all(|&x| x > 0.0), "{rounds:?}");
     let mut sorted = rounds.clone();
     sorted.sort_by(f64::total_cmp);
-    assert_eq!(v["speedup"].as_f64(), Some(sorted[1]), "median of {rounds:?}");
+    assert_eq!(
+        v["speedup"].as_f64(),
+        Some(sorted[1]),
+        "median of {rounds:?}"
+    );
     assert_eq!(
         v["off"]["total_output_tokens"], v["ngram"]["total_output_tokens"],
         "{v}"

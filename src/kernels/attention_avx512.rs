@@ -19,7 +19,7 @@ use std::ops::Range;
 
 use half::f16;
 
-use super::{exp16, prefetch_rows, tanh16, PREFETCH_BLOCKS};
+use super::{exp16, prefetch_kv_block, tanh16, PREFETCH_BLOCKS};
 use crate::kernels::attention::{
     for_each_block, part_len, q8_groups, Folds, MAX_TILE_ROWS, Q8_GROUP,
 };
@@ -112,7 +112,11 @@ pub(in crate::kernels) unsafe fn tile(
     };
     let mut folds = Folds::new();
     // Blocks any row reads (for the prefetch).
-    let nblk = keys.iter().map(|k| k.end.div_ceil(s.block_size)).max().unwrap_or(0);
+    let nblk = keys
+        .iter()
+        .map(|k| k.end.div_ceil(s.block_size))
+        .max()
+        .unwrap_or(0);
     for_each_block(s.block_size, keys, |bi, off, rows| {
         for &i in rows {
             folds.enter(s, i, bi, &mut st.m, &mut st.l, &mut st.acc);
@@ -276,24 +280,14 @@ unsafe fn block(
 }
 
 /// Prefetches KV head `kvh`'s keys and values of block `blk` (see
-/// [`crate::kernels::avx512::prefetch_rows`]).
+/// [`crate::kernels::avx512::prefetch_kv_block`]).
 #[target_feature(enable = "avx512f")]
 unsafe fn prefetch_block(src: &Src, s: &AttnShape, kvh: usize, blk: usize) {
-    let (hd, bs, kv_dim) = (s.head_dim, s.block_size, s.kv_dim);
-    match *src {
-        Src::F16 { k, v } => {
-            let ka = k.wrapping_add(blk * bs * kv_dim + kvh * hd * bs) as *const u8;
-            let va = v.wrapping_add(blk * bs * kv_dim + kvh * hd) as *const u8;
-            prefetch_rows(ka, 1, bs * hd * 2, 0);
-            prefetch_rows(va, bs, hd * 2, kv_dim * 2);
-        }
-        Src::Q8 { k, v, .. } => {
-            let ka = k.wrapping_add(blk * bs * kv_dim + kvh * hd * bs) as *const u8;
-            let va = v.wrapping_add(blk * bs * kv_dim + kvh * hd) as *const u8;
-            prefetch_rows(ka, 1, bs * hd, 0);
-            prefetch_rows(va, bs, hd, kv_dim);
-        }
-    }
+    let (k, v, eb) = match *src {
+        Src::F16 { k, v } => (k as *const u8, v as *const u8, 2),
+        Src::Q8 { k, v, .. } => (k as *const u8, v as *const u8, 1),
+    };
+    prefetch_kv_block(k, v, eb, blk, s.block_size, s.head_dim, s.kv_dim, kvh);
 }
 
 /// Fills `st.kf` / `st.vf` with the `n` keys / values from offset `c` of

@@ -669,16 +669,37 @@ pub(super) unsafe fn sum_exp(v: &[f32], m: f32) -> f64 {
 /// of T1 no better).
 pub(super) const PREFETCH_BLOCKS: usize = 8;
 
-/// Prefetches (into L2) `rows` rows of `bytes` bytes each, `stride` bytes
-/// apart, from `p`. A hint only: never faults, changes no result.
+/// Prefetches (into L2) KV head `kvh`'s keys and values of physical block
+/// `blk` from the K/V arrays of one layer at `k` / `v`, whose elements take
+/// `eb` bytes (2 for f16, 1 for `q8_0`'s quants): the head's keys are
+/// contiguous (`bs * hd` elements, transposed per head), its values a slice
+/// of `hd` elements of each of the block's `bs` rows of `kv_dim`. A hint only:
+/// never faults, changes no result.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn prefetch_rows(p: *const u8, rows: usize, bytes: usize, stride: usize) {
-    for j in 0..rows {
-        let row = p.wrapping_add(j * stride) as *const i8;
+pub(super) unsafe fn prefetch_kv_block(
+    k: *const u8,
+    v: *const u8,
+    eb: usize,
+    blk: usize,
+    bs: usize,
+    hd: usize,
+    kv_dim: usize,
+    kvh: usize,
+) {
+    let lines = |p: *const u8, bytes: usize| {
         for o in (0..bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(o));
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o) as *const i8);
         }
+    };
+    lines(
+        k.wrapping_add((blk * bs * kv_dim + kvh * hd * bs) * eb),
+        bs * hd * eb,
+    );
+    let vb = v.wrapping_add((blk * bs * kv_dim + kvh * hd) * eb);
+    for j in 0..bs {
+        lines(vb.wrapping_add(j * kv_dim * eb), hd * eb);
     }
 }
 
@@ -737,14 +758,22 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
         // follow that, so ask for the block PREFETCH_BLOCKS ahead (at the
         // first block, for that one and the PREFETCH_BLOCKS after it).
         let hi = (bi + PREFETCH_BLOCKS + 1).min(n_blocks);
-        let lo = if bi == first { bi } else { bi + PREFETCH_BLOCKS };
+        let lo = if bi == first {
+            bi
+        } else {
+            bi + PREFETCH_BLOCKS
+        };
         for &blk_a in &table[lo.min(hi)..hi] {
-            let blk_a = blk_a as usize;
-            // This head's keys (contiguous) and its slice of each value row.
-            let ka = k.wrapping_add(blk_a * bs * kv_dim + kvh * hd * bs) as *const u8;
-            let va = v.wrapping_add(blk_a * bs * kv_dim + kvh * hd) as *const u8;
-            prefetch_rows(ka, 1, bs * hd * 2, 0);
-            prefetch_rows(va, bs, hd * 2, kv_dim * 2);
+            prefetch_kv_block(
+                k as *const u8,
+                v as *const u8,
+                2,
+                blk_a as usize,
+                bs,
+                hd,
+                kv_dim,
+                kvh,
+            );
         }
         // The window's first block starts inside it.
         let mut c = if bi == first { start - bi * bs } else { 0 };

@@ -106,6 +106,15 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+/// Numbers of a JSON array.
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
 /// Teacher-forced agreement with a golden `logits.json`.
 #[derive(Debug, Default)]
 pub struct LogitStats {
@@ -250,7 +259,10 @@ pub fn engine_config(
 /// the server never blocks on a full pipe. Panics if it exits first.
 pub fn wait_listening(child: &mut std::process::Child) -> String {
     use std::io::{BufRead, BufReader};
-    let stderr = child.stderr.take().expect("serve spawned with stderr piped");
+    let stderr = child
+        .stderr
+        .take()
+        .expect("serve spawned with stderr piped");
     let mut lines = BufReader::new(stderr).lines();
     let base = loop {
         let line = lines
