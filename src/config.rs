@@ -463,7 +463,9 @@ pub enum SpecMethod {
 pub struct SpeculativeConfig {
     /// `"ngram"` or `"off"`.
     pub method: SpecMethod,
-    /// Draft tokens proposed per step (1..=16).
+    /// The most draft tokens proposed per step (1..=16); each step's length is
+    /// the one that pays best at the sequence's acceptance and the measured
+    /// price of a verify row.
     pub num_tokens: usize,
     /// Shortest suffix n-gram looked up (1..=ngram_max).
     pub ngram_min: usize,
@@ -473,8 +475,8 @@ pub struct SpeculativeConfig {
     /// with a larger batch, the verify rows cost more than they save.
     pub max_running: usize,
     /// A sequence stops drafting when its acceptance rate (EWMA over verify
-    /// steps, weight 1/2, from 0.5; it also sets the draft length to
-    /// `ceil(num_tokens × EWMA)`) falls below this (0..=1) ...
+    /// steps, weight 1/2, from 0.5) falls below this (0..=1), or when no draft
+    /// length pays, ...
     pub min_acceptance: f64,
     /// ... for this many decode steps (doubled for each pause in a row, up to
     /// 8×), then tries again (0..=100000).

@@ -15,7 +15,8 @@
 //! `brigade:guided_decoding_mask_seconds` (per-token allowed-token mask time of
 //! constrained completions; process-wide, observed by the sampler through
 //! [`observe_guided_mask`]; `vllm:…` under that prefix),
-//! `brigade:spec_decode_tokens_per_step` (n-gram speculative decoding; with
+//! `brigade:spec_decode_tokens_per_step` and
+//! `brigade:spec_decode_row_cost_ratio` (n-gram speculative decoding; with
 //! vLLM's `spec_decode_num_drafts_total`, `…_num_draft_tokens_total` and
 //! `…_num_accepted_tokens_total`).
 //!
@@ -605,6 +606,7 @@ struct SpecMetrics {
     draft_tokens: IntCounterVec,
     accepted_tokens: IntCounterVec,
     tokens_per_step: GaugeVec,
+    row_cost_ratio: GaugeVec,
 }
 
 impl SpecMetrics {
@@ -624,7 +626,16 @@ impl SpecMetrics {
             m,
         )?;
         r.register(Box::new(g.clone()))?;
+        let ratio = GaugeVec::new(
+            opts(
+                &n("spec_decode_row_cost_ratio"),
+                "Measured cost of one more decode-step row over the step's fixed cost (prices draft tokens).",
+            ),
+            m,
+        )?;
+        r.register(Box::new(ratio.clone()))?;
         Ok(Self {
+            row_cost_ratio: ratio,
             drafts: counter(
                 "spec_decode_num_drafts_total",
                 "Speculative verify steps (decode steps that carried n-gram drafts).",
@@ -653,6 +664,11 @@ impl SpecMetrics {
             st.spec_accepted_tokens
                 .saturating_sub(last.spec_accepted_tokens),
         );
+        if st.spec_row_cost_ratio > 0.0 {
+            self.row_cost_ratio
+                .with_label_values(&m)
+                .set(st.spec_row_cost_ratio);
+        }
         if st.spec_steps > 0 {
             self.tokens_per_step
                 .with_label_values(&m)
@@ -858,6 +874,7 @@ mod tests {
                 spec_steps: 20,
                 spec_draft_tokens: 80,
                 spec_accepted_tokens: 30,
+                spec_row_cost_ratio: 0.3,
                 ..Default::default()
             },
             0,
@@ -873,6 +890,10 @@ mod tests {
         );
         assert!(
             text.contains("brigade:spec_decode_num_accepted_tokens_total{model_name=\"tiny\"} 30"),
+            "{text}"
+        );
+        assert!(
+            text.contains("brigade:spec_decode_row_cost_ratio{model_name=\"tiny\"} 0.3"),
             "{text}"
         );
         assert!(

@@ -372,6 +372,22 @@ fn bench_spec_compare_rounds_report_every_round_and_the_median() {
         Some(sorted[1]),
         "median of {rounds:?}"
     );
+    // Each round's speed-up is its own pair of runs' output tok/s.
+    let (off, on) = (
+        common::floats(&v["off_output_tokens_per_s"]),
+        common::floats(&v["ngram_output_tokens_per_s"]),
+    );
+    assert_eq!((off.len(), on.len()), (3, 3), "{v}");
+    for ((r, a), b) in rounds.iter().zip(&off).zip(&on) {
+        assert!(
+            (r - b / a).abs() < 1e-9 * r.abs().max(1.0),
+            "{rounds:?} {off:?} {on:?}"
+        );
+    }
+    assert_eq!(
+        v["ngram"]["output_tokens_per_s"].as_f64(),
+        on.last().copied()
+    );
     assert_eq!(
         v["off"]["total_output_tokens"], v["ngram"]["total_output_tokens"],
         "{v}"

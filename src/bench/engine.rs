@@ -317,6 +317,11 @@ pub struct BenchReport {
     pub spec_acceptance_rate: f64,
     /// Mean tokens a verify step yielded (accepted drafts + 1; 0 without drafts).
     pub spec_tokens_per_step: f64,
+    /// Draft tokens per verify step (0 without drafts).
+    pub spec_draft_per_step: f64,
+    /// The measured price of a decode-step row over the step's fixed cost at the
+    /// end of the run (it sets the draft length).
+    pub spec_row_cost_ratio: f64,
 }
 
 struct Job {
@@ -673,7 +678,9 @@ pub fn run_offline(
     if r.spec_steps > 0 {
         r.spec_acceptance_rate = accepted as f64 / drafted.max(1) as f64;
         r.spec_tokens_per_step = 1.0 + accepted as f64 / r.spec_steps as f64;
+        r.spec_draft_per_step = drafted as f64 / r.spec_steps as f64;
     }
+    r.spec_row_cost_ratio = stats.spec_row_cost_ratio;
     if let (Some(g), Some(m0)) = (engine.validator().guidance().built(), masks0) {
         let m = g.mask_times().snapshot().since(&m0);
         r.masks = m.count();

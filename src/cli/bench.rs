@@ -132,11 +132,13 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         let mut on = cfg;
         on.speculative.method = brigade::config::SpecMethod::Ngram;
         // Rounds of (off, on), alternating; the reports shown are the last round's.
-        let mut speedups = Vec::new();
+        let (mut speedups, mut tok_off, mut tok_on) = (Vec::new(), Vec::new(), Vec::new());
         let mut last = None;
         for _ in 0..a.rounds {
             let r_off = run_offline(&opts, model.clone(), tok.clone(), off.clone())?;
             let r_on = run_offline(&opts, model.clone(), tok.clone(), on.clone())?;
+            tok_off.push(r_off.output_tokens_per_s);
+            tok_on.push(r_on.output_tokens_per_s);
             speedups.push(if r_off.output_tokens_per_s > 0.0 {
                 r_on.output_tokens_per_s / r_off.output_tokens_per_s
             } else {
@@ -151,7 +153,14 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         if a.json {
             println!(
                 "{}",
-                serde_json::json!({ "off": r_off, "ngram": r_on, "speedup": speedup, "speedups": speedups })
+                serde_json::json!({
+                    "off": r_off,
+                    "ngram": r_on,
+                    "speedup": speedup,
+                    "speedups": speedups,
+                    "off_output_tokens_per_s": tok_off,
+                    "ngram_output_tokens_per_s": tok_on,
+                })
             );
         } else {
             for (name, r) in [("speculative off", &r_off), ("speculative ngram", &r_on)] {
@@ -159,8 +168,23 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
                 print_table(r);
             }
             if speedups.len() > 1 {
-                let all: Vec<String> = speedups.iter().map(|x| format!("{x:.3}")).collect();
-                println!("{:<34} {:>12}", "speed-up per round", all.join(" "));
+                let show = |v: &[f64], digits: usize| {
+                    v.iter()
+                        .map(|x| format!("{x:.digits$}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                println!(
+                    "{:<34} {:>12}",
+                    "off output tok/s per round",
+                    show(&tok_off, 1)
+                );
+                println!(
+                    "{:<34} {:>12}",
+                    "ngram output tok/s per round",
+                    show(&tok_on, 1)
+                );
+                println!("{:<34} {:>12}", "speed-up per round", show(&speedups, 3));
             }
             println!(
                 "{:<34} {:>12.3}",
@@ -255,6 +279,11 @@ fn print_table(r: &BenchReport) {
         println!(
             "{:<34} {:>12.2}",
             "tokens per verify step", r.spec_tokens_per_step
+        );
+        println!(
+            "{:<34} {:>12}",
+            "drafts per verify step, row price",
+            format!("{:.2}, {:.2}", r.spec_draft_per_step, r.spec_row_cost_ratio)
         );
     }
     let busy: Vec<String> = r

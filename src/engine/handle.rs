@@ -65,6 +65,9 @@ pub struct EngineStats {
     pub spec_draft_tokens: u64,
     /// Draft tokens accepted (each verify chunk also yields one more token).
     pub spec_accepted_tokens: u64,
+    /// The measured price of one more row of a decode step, relative to the
+    /// step's fixed cost (`t1 / t0`; it sets the draft length).
+    pub spec_row_cost_ratio: f64,
 }
 
 /// Whether the engine is alive; set once, when an actor dies for good.

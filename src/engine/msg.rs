@@ -16,7 +16,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
@@ -148,6 +148,8 @@ pub(crate) struct WorkItem {
     pub(crate) failed: Option<String>,
     /// The step span (follows from its requests' spans).
     pub(crate) span: tracing::Span,
+    /// Compute time of the stages so far (queueing excluded).
+    pub(crate) service: Duration,
 }
 
 /// Per chunk: `(position of the predicted prompt token, its log-probability entry)`.
@@ -165,6 +167,8 @@ pub(crate) struct LogitsMsg {
     pub(crate) prompt_lp: PromptLogprobs,
     pub(crate) failed: Option<String>,
     pub(crate) span: tracing::Span,
+    /// Compute time of every stage (queueing excluded).
+    pub(crate) service: Duration,
 }
 
 /// Sampler → scheduler.
@@ -176,6 +180,9 @@ pub(crate) struct StepResult {
     pub(crate) prompt_lp: PromptLogprobs,
     /// The micro-batch failed (a stage panicked): its requests end with an error.
     pub(crate) failed: Option<String>,
+    /// Compute time of every stage and the sampler (queueing excluded): the
+    /// step's cost, which prices speculative verify rows ([`super::spec::StepCost`]).
+    pub(crate) service: Duration,
 }
 
 /// Scheduler → output actor.

@@ -44,7 +44,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::request::{FinishReason, SamplingParams};
-use super::spec::{self, SpecState};
+use super::spec::{self, SpecState, StepCost};
 use crate::config::SpeculativeConfig;
 use crate::kv::{KvCacheManager, KvError};
 
@@ -365,6 +365,8 @@ pub struct Scheduler {
     stats_offset: (u64, u64),
     /// Speculative decoding settings (off unless [`Self::set_speculation`]).
     spec: SpeculativeConfig,
+    /// Measured cost of decode steps by rows: prices a verify row.
+    step_cost: StepCost,
 }
 
 impl Scheduler {
@@ -382,12 +384,34 @@ impl Scheduler {
             counters: SchedulerCounters::default(),
             stats_offset: (0, 0),
             spec: SpeculativeConfig::off(),
+            step_cost: StepCost::default(),
         })
     }
 
     /// Turns n-gram speculative decoding on or off ([`super::spec`]).
     pub fn set_speculation(&mut self, cfg: SpeculativeConfig) {
         self.spec = cfg;
+    }
+
+    /// Records what a finished step cost (every stage's compute and the
+    /// sampler's, queueing excluded): decode-only steps (every chunk one
+    /// sampled row plus its drafts) price speculative verify rows.
+    pub fn observe_step_cost(&mut self, batch: &SchedulerOutput, service: std::time::Duration) {
+        let decode_only = !batch.chunks.is_empty()
+            && batch
+                .chunks
+                .iter()
+                .all(|c| c.sample && !c.all_logits && c.tokens.len() == 1 + c.draft);
+        if decode_only {
+            self.step_cost
+                .observe(batch.num_tokens(), service.as_secs_f64());
+        }
+    }
+
+    /// The measured cost of one more row of a decode step relative to its fixed
+    /// cost ([`StepCost::row_ratio`]).
+    pub fn verify_row_ratio(&self) -> f64 {
+        self.step_cost.row_ratio()
     }
 
     /// Queues a new sequence (status Waiting). Ordered by class (interactive
@@ -910,6 +934,10 @@ impl Scheduler {
             return Vec::new();
         }
         let cfg = &self.spec;
+        let cost = spec::RowCost {
+            row_ratio: self.step_cost.row_ratio(),
+            batch: self.running.len(),
+        };
         let Some(s) = self.seqs.get_mut(&id) else {
             return Vec::new();
         };
@@ -921,12 +949,20 @@ impl Scheduler {
             return Vec::new();
         }
         // After the drafts and the extra token: tokens.len() + k + 1 <= max_len, generated + k + 1 <= max_tokens.
-        let k = s
-            .spec
-            .draft_len(cfg.num_tokens)
+        let room = cfg
+            .num_tokens
             .min(budget.saturating_sub(1))
             .min(s.max_len.saturating_sub(s.tokens.len() + 1))
             .min(s.params.max_tokens.saturating_sub(s.num_generated() + 1));
+        if room == 0 {
+            return Vec::new();
+        }
+        let k = s.spec.draft_len(room, cost);
+        if k == 0 {
+            // No draft length pays at this acceptance and row price.
+            s.spec.skip(cfg);
+            return Vec::new();
+        }
         spec::propose(&s.tokens, cfg.ngram_min, cfg.ngram_max, k)
     }
 
@@ -2133,6 +2169,8 @@ mod tests {
     /// A sequence whose drafts have always held: it drafts the full `num_tokens`.
     fn confident(mut q: Sequence) -> Sequence {
         q.spec.ewma = 1.0;
+        q.spec.accepted = [100.0; spec::MAX_DRAFT];
+        q.spec.checked = [100.0; spec::MAX_DRAFT];
         q
     }
 
@@ -2144,6 +2182,76 @@ mod tests {
             max_running: 2,
             ..SpeculativeConfig::default()
         });
+    }
+
+    /// Decode-only steps price verify rows; prefill chunks and prompt-logprob rows do not
+    /// count. Dear rows shorten a sequence's drafts; with no length paying it drafts none.
+    #[test]
+    fn measured_step_costs_set_the_draft_length() {
+        use std::time::Duration;
+        let mut s = scheduler(config(64, 8, 0, 4, 16));
+        speculative(&mut s, 3);
+        assert_eq!(s.verify_row_ratio(), StepCost::DEFAULT_ROW_RATIO);
+        // A prefill chunk: not observed.
+        s.add(seq(0, &[1, 2, 3, 1, 2], greedy(40)));
+        let (out, _) = step(&mut s, 3);
+        assert_eq!(rows(&out), vec![(0, 0, 5)]);
+        for _ in 0..20 {
+            s.observe_step_cost(&out, Duration::from_millis(100));
+        }
+        assert_eq!(s.verify_row_ratio(), StepCost::DEFAULT_ROW_RATIO);
+        // Decode-only steps of 1 and 4 rows: 4 ms + 3 ms per row, a ratio of 0.75.
+        let decode = |rows: usize| SchedulerOutput {
+            chunks: vec![ScheduledChunk {
+                seq_id: 0,
+                pos: 5,
+                tokens: vec![3; rows],
+                draft: rows - 1,
+                block_table: vec![0],
+                sample: true,
+                all_logits: false,
+                ctx: None,
+            }],
+            ..SchedulerOutput::default()
+        };
+        for i in 0..40 {
+            let rows = if i % 2 == 0 { 1 } else { 4 };
+            s.observe_step_cost(
+                &decode(rows),
+                Duration::from_micros(4000 + 3000 * rows as u64),
+            );
+        }
+        assert!(
+            (s.verify_row_ratio() - 0.75).abs() < 0.01,
+            "{}",
+            s.verify_row_ratio()
+        );
+        // At that price a first draft must hold > 0.75 / (1 + 0.75) = 43% of the time;
+        // drafts that held a quarter of the time do not pay: the decode step carries none.
+        let q = s.seqs.get_mut(&0).expect("seq 0");
+        q.spec.accepted = [1.0; spec::MAX_DRAFT];
+        q.spec.checked = [4.0; spec::MAX_DRAFT];
+        let out = s.schedule().expect("batch");
+        assert_eq!((rows(&out), out.chunks[0].draft), (vec![(0, 5, 1)], 0));
+        assert!(s.seqs[&0].spec.cooldown > 0, "no length paid: a pause");
+        // Cheap rows again (0.05): the same acceptance now drafts.
+        s.update_from_tokens(&out, &[vec![1]]);
+        for i in 0..400 {
+            let rows = if i % 2 == 0 { 1 } else { 4 };
+            s.observe_step_cost(
+                &decode(rows),
+                Duration::from_micros(4000 + 200 * rows as u64),
+            );
+        }
+        assert!(
+            (s.verify_row_ratio() - 0.05).abs() < 0.01,
+            "{}",
+            s.verify_row_ratio()
+        );
+        let q = s.seqs.get_mut(&0).expect("seq 0");
+        q.spec.cooldown = 0;
+        let out = s.schedule().expect("batch");
+        assert!(out.chunks[0].draft > 0, "{:?}", rows(&out));
     }
 
     #[test]

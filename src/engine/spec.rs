@@ -32,10 +32,15 @@
 //! `max_running` sequences running, the sequence decoding (prompt done, no
 //! siblings pending), no constraint (structured output, tools: the matcher
 //! would have to advance through drafts) and no repetition / presence /
-//! frequency penalty (they depend on the tokens before each row). Each
-//! sequence keeps an EWMA of its acceptance rate ([`SpecState`]): below
-//! `min_acceptance` it stops drafting for `cooldown_steps` decode steps, then
-//! tries again.
+//! frequency penalty (they depend on the tokens before each row).
+//!
+//! **How long a draft**: cost-aware. Each sequence tracks how often the draft
+//! at each position holds ([`SpecState`]); the scheduler measures what decode
+//! steps cost by rows on this machine and model ([`StepCost`]: the workers'
+//! and the sampler's compute time per step, fitted as `t0 + t1 × rows`). A
+//! step drafts the length with the most expected tokens per unit of cost,
+//! none when no length pays (then, or when the acceptance EWMA falls below
+//! `min_acceptance`, it pauses for `cooldown_steps` decode steps and retries).
 
 use crate::config::{SpecMethod, SpeculativeConfig};
 use crate::sampling::SamplingParams;
@@ -46,14 +51,37 @@ const EWMA_WEIGHT: f64 = 0.5;
 const MIN_TRIALS: u32 = 2;
 /// Consecutive cooldowns double the pause, up to `2^MAX_BACKOFF` times `cooldown_steps`.
 const MAX_BACKOFF: u32 = 3;
+/// Draft positions whose acceptance is tracked (the largest `num_tokens`).
+pub const MAX_DRAFT: usize = 16;
+/// Per verify step, earlier acceptance counts keep this weight (a window of ~10 steps).
+const COUNT_DECAY: f64 = 0.9;
+/// Weight, in verify steps, of each position's prior (the estimate one
+/// position earlier; [`FIRST_PRIOR`] for the first): half a step, so a
+/// sequence's own drafts outweigh it after one verify step.
+const PRIOR_WEIGHT: f64 = 0.5;
+/// Acceptance prior of the first draft position (a fresh sequence drafts 2
+/// tokens at the default row price). Chosen with a replay of greedy SmolLM2
+/// outputs (3 input-grounded, 3 prose prompts) under row prices 0.15-0.6:
+/// it matched or beat the old `ceil(k x EWMA)` rule on both kinds but at 0.15.
+const FIRST_PRIOR: f64 = 0.6;
 
-/// One sequence's speculation bookkeeping: an EWMA of its acceptance rate
-/// (starting at 0.5) sets the draft length (`ceil(k × ewma)`, at least 1), so a
-/// sequence whose drafts fail pays for short verify steps only; below
-/// `min_acceptance` (after 2 verify steps) it stops drafting for
-/// `cooldown_steps` decode steps, doubled for each consecutive pause (up to
-/// 8×), and retries with the EWMA at the threshold: one more failure pauses it
-/// again, one success resumes.
+/// One sequence's speculation bookkeeping.
+///
+/// **Draft length** ([`Self::draft_len`]): per draft position `j` the chance
+/// `p_j` that draft `j` is accepted once the drafts before it were (decayed
+/// counts over the last ~10 verify steps, each position's prior the estimate of
+/// the one before, 0.6 for the first); a draft of `k` tokens then yields
+/// `E(k) = 1 + p_1 + p_1 p_2 + ... + p_1...p_k` tokens, and the step costs
+/// the sequence its share of the batch's fixed cost plus `k` verify rows, each
+/// priced at the measured [`StepCost::row_ratio`]. The length that maximises
+/// tokens per unit of cost wins; `0` (drafting does not pay) skips the step
+/// and pauses like a low acceptance does.
+///
+/// **Pauses**: an EWMA of `accepted / drafted` (from 0.5) below `min_acceptance`
+/// after 2 verify steps, or a step where no length pays, stops drafting for
+/// `cooldown_steps` decode steps, doubled for each consecutive pause (up to 8×);
+/// it then retries on probation (EWMA at the threshold, at least one draft
+/// token): one more failure pauses it again, one success resumes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpecState {
     /// EWMA of `accepted / drafted` over verify steps.
@@ -64,6 +92,12 @@ pub struct SpecState {
     pub cooldown: usize,
     /// Consecutive pauses (the next one lasts `cooldown_steps << backoff`).
     pub backoff: u32,
+    /// On probation after a pause: the next draft has at least one token.
+    pub probation: bool,
+    /// Per draft position: decayed count of verify steps that accepted it ...
+    pub accepted: [f64; MAX_DRAFT],
+    /// ... out of those that checked it (the drafts before it accepted).
+    pub checked: [f64; MAX_DRAFT],
 }
 
 impl Default for SpecState {
@@ -73,8 +107,20 @@ impl Default for SpecState {
             trials: 0,
             cooldown: 0,
             backoff: 0,
+            probation: false,
+            accepted: [0.0; MAX_DRAFT],
+            checked: [0.0; MAX_DRAFT],
         }
     }
+}
+
+/// What a verify row costs, in units of the batch's fixed step cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowCost {
+    /// One more row of the step / the step's fixed cost (`t1 / t0`).
+    pub row_ratio: f64,
+    /// Sequences sharing the step (their rows and fixed cost).
+    pub batch: usize,
 }
 
 impl SpecState {
@@ -86,18 +132,66 @@ impl SpecState {
                 // Retry on probation.
                 self.ewma = cfg.min_acceptance;
                 self.trials = self.trials.max(MIN_TRIALS);
+                self.probation = true;
             }
             return false;
         }
         true
     }
 
-    /// Draft tokens to propose this step, out of at most `k`.
-    pub fn draft_len(&self, k: usize) -> usize {
+    /// Acceptance estimate of each draft position `0..n` (see the type's doc).
+    pub fn acceptance(&self, n: usize) -> Vec<f64> {
+        let mut prior = FIRST_PRIOR;
+        (0..n.min(MAX_DRAFT))
+            .map(|j| {
+                let p =
+                    (self.accepted[j] + PRIOR_WEIGHT * prior) / (self.checked[j] + PRIOR_WEIGHT);
+                prior = p;
+                p
+            })
+            .collect()
+    }
+
+    /// Draft tokens to propose this step, out of at most `k`: the length with the
+    /// most expected tokens per unit of cost under `cost`; 0 when no draft pays
+    /// (which pauses drafting, see [`Self::skip`]) unless on probation (then 1).
+    pub fn draft_len(&self, k: usize, cost: RowCost) -> usize {
+        let k = k.min(MAX_DRAFT);
         if k == 0 {
             return 0;
         }
-        ((k as f64 * self.ewma).ceil() as usize).clamp(1, k)
+        let b = cost.batch.max(1) as f64;
+        let rho = cost.row_ratio.max(0.0);
+        // The sequence's share of the step: fixed cost and its own row, then its drafts.
+        let share = 1.0 / b + rho;
+        let (mut best, mut best_rate) = (0, 1.0 / share);
+        let (mut expected, mut reach) = (1.0, 1.0);
+        for (j, p) in self.acceptance(k).into_iter().enumerate() {
+            reach *= p;
+            expected += reach;
+            let rate = expected / (share + rho * (j + 1) as f64);
+            if rate > best_rate * (1.0 + 1e-9) {
+                (best, best_rate) = (j + 1, rate);
+            }
+        }
+        if best == 0 && self.probation {
+            1
+        } else {
+            best
+        }
+    }
+
+    /// No draft length paid this step: pause as a low acceptance does.
+    pub fn skip(&mut self, cfg: &SpeculativeConfig) {
+        self.pause(cfg);
+    }
+
+    fn pause(&mut self, cfg: &SpeculativeConfig) {
+        if cfg.cooldown_steps > 0 {
+            self.cooldown = cfg.cooldown_steps << self.backoff.min(MAX_BACKOFF);
+            self.backoff = self.backoff.saturating_add(1);
+        }
+        self.probation = false;
     }
 
     /// Records a verify step of `drafted` tokens of which `accepted` were
@@ -106,15 +200,110 @@ impl SpecState {
         if drafted == 0 {
             return;
         }
+        let accepted = accepted.min(drafted);
+        for j in 0..MAX_DRAFT {
+            self.accepted[j] *= COUNT_DECAY;
+            self.checked[j] *= COUNT_DECAY;
+        }
+        // Drafts 0..accepted held; draft `accepted` (if any) was checked and failed.
+        for j in 0..(accepted + 1).min(drafted).min(MAX_DRAFT) {
+            self.checked[j] += 1.0;
+            if j < accepted {
+                self.accepted[j] += 1.0;
+            }
+        }
         let rate = accepted as f64 / drafted as f64;
         self.ewma = (1.0 - EWMA_WEIGHT) * self.ewma + EWMA_WEIGHT * rate;
         self.trials = self.trials.saturating_add(1);
         if self.trials >= MIN_TRIALS && self.ewma < cfg.min_acceptance && cfg.cooldown_steps > 0 {
-            self.cooldown = cfg.cooldown_steps << self.backoff.min(MAX_BACKOFF);
-            self.backoff = self.backoff.saturating_add(1);
-        } else if rate >= cfg.min_acceptance {
-            self.backoff = 0;
+            self.pause(cfg);
+        } else {
+            self.probation = false;
+            if rate >= cfg.min_acceptance {
+                self.backoff = 0;
+            }
         }
+    }
+}
+
+/// Decayed least-squares fit of a decode step's service time (every stage's
+/// compute plus the sampler) against its rows, `t = t0 + t1 × rows`, over
+/// decode-only steps (plain and verify rows) of at most [`StepCost::MAX_ROWS`]
+/// rows: the price of a verify row on this machine and model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepCost {
+    w: f64,
+    r: f64,
+    rr: f64,
+    y: f64,
+    ry: f64,
+}
+
+impl Default for StepCost {
+    fn default() -> Self {
+        Self {
+            w: 0.0,
+            r: 0.0,
+            rr: 0.0,
+            y: 0.0,
+            ry: 0.0,
+        }
+    }
+}
+
+impl StepCost {
+    /// Steps with more rows are not observed (a large batch, not speculation's regime).
+    pub const MAX_ROWS: usize = 64;
+    /// `t1 / t0` until the rows observed vary enough to fit it (measured on
+    /// SmolLM2, 2 cores: one row 4.6 ms, four 7.6, eight 12.5).
+    pub const DEFAULT_ROW_RATIO: f64 = 0.25;
+    /// Weight each earlier observation keeps per new one (a window of ~100 steps).
+    const DECAY: f64 = 0.99;
+    /// The fitted ratio is kept within these bounds.
+    const RATIO_RANGE: (f64, f64) = (0.01, 4.0);
+
+    /// Adds one decode step of `rows` rows that took `secs` of service time.
+    pub fn observe(&mut self, rows: usize, secs: f64) {
+        if rows == 0 || rows > Self::MAX_ROWS || !(secs.is_finite() && secs > 0.0) {
+            return;
+        }
+        // A step far slower than the fit (the thread was descheduled) says nothing about rows.
+        if let Some((t0, t1)) = self.fit() {
+            if secs > 3.0 * (t0 + t1 * rows as f64) {
+                return;
+            }
+        }
+        let r = rows as f64;
+        let d = Self::DECAY;
+        self.w = d * self.w + 1.0;
+        self.r = d * self.r + r;
+        self.rr = d * self.rr + r * r;
+        self.y = d * self.y + secs;
+        self.ry = d * self.ry + r * secs;
+    }
+
+    /// `(t0, t1)` in seconds, once the rows observed vary (a spread of at least
+    /// one row) and the fit is positive.
+    pub fn fit(&self) -> Option<(f64, f64)> {
+        if self.w < 2.0 {
+            return None;
+        }
+        let mean_r = self.r / self.w;
+        let var = self.rr / self.w - mean_r * mean_r;
+        if var < 0.25 {
+            return None;
+        }
+        let cov = self.ry / self.w - mean_r * self.y / self.w;
+        let t1 = cov / var;
+        let t0 = self.y / self.w - t1 * mean_r;
+        (t0 > 0.0 && t1 > 0.0).then_some((t0, t1))
+    }
+
+    /// `t1 / t0`: [`Self::DEFAULT_ROW_RATIO`] until [`Self::fit`] has one.
+    pub fn row_ratio(&self) -> f64 {
+        self.fit().map_or(Self::DEFAULT_ROW_RATIO, |(t0, t1)| {
+            (t1 / t0).clamp(Self::RATIO_RANGE.0, Self::RATIO_RANGE.1)
+        })
     }
 }
 
@@ -203,6 +392,12 @@ mod tests {
         assert_eq!(accepted_prefix(&[], &[7]), 0);
     }
 
+    /// Row price of a lone sequence at the default ratio.
+    const ALONE: RowCost = RowCost {
+        row_ratio: StepCost::DEFAULT_ROW_RATIO,
+        batch: 1,
+    };
+
     #[test]
     fn low_acceptance_pauses_drafting_then_retries() {
         let cfg = SpeculativeConfig {
@@ -212,30 +407,49 @@ mod tests {
             ..SpeculativeConfig::default()
         };
         let mut s = SpecState::default();
-        // ewma 0.5 → 2 of 4 drafts; failures: 0.25 (not below), 0.125 → pause of 3 steps.
-        assert_eq!((s.try_draft(&cfg), s.draft_len(4)), (true, 2));
+        // Prior 0.6 everywhere: E = 1, 1.6, 1.96, 2.18 for a cost of 1.25 + k / 4: two drafts.
+        assert_eq!((s.try_draft(&cfg), s.draft_len(4, ALONE)), (true, 2));
+        // Failures: EWMA 0.25 (not below), 0.125 -> pause of 3 steps.
         s.record(2, 0, &cfg);
-        assert_eq!((s.cooldown, s.draft_len(4)), (0, 1));
-        s.record(1, 0, &cfg);
+        assert_eq!(s.cooldown, 0);
+        s.record(2, 0, &cfg);
         assert_eq!((s.cooldown, s.backoff), (3, 1));
         assert_eq!(
             [s.try_draft(&cfg), s.try_draft(&cfg), s.try_draft(&cfg)],
             [false; 3]
         );
-        // Probation at the threshold: one draft token; a failure pauses twice as long.
-        assert_eq!((s.ewma, s.draft_len(4)), (0.25, 1));
+        // Probation: drafting does not pay at this acceptance, but one token is tried.
+        assert!(s.probation);
+        assert_eq!((s.ewma, s.draft_len(4, ALONE)), (0.25, 1));
         assert!(s.try_draft(&cfg));
         s.record(1, 0, &cfg);
-        assert_eq!((s.cooldown, s.backoff), (6, 2));
+        assert_eq!((s.cooldown, s.backoff, s.probation), (6, 2, false));
         (0..6).for_each(|_| assert!(!s.try_draft(&cfg)));
-        // A success resumes and resets the backoff; full acceptance grows the drafts to k.
+        // A success resumes and resets the backoff; steady full acceptance grows the drafts to k.
         assert!(s.try_draft(&cfg));
         s.record(1, 1, &cfg);
-        assert_eq!((s.cooldown, s.backoff, s.draft_len(4)), (0, 0, 3));
-        for _ in 0..4 {
+        assert_eq!((s.cooldown, s.backoff, s.probation), (0, 0, false));
+        for _ in 0..6 {
             s.record(4, 4, &cfg);
         }
-        assert_eq!((s.cooldown, s.draft_len(4)), (0, 4));
+        assert_eq!((s.cooldown, s.draft_len(4, ALONE)), (0, 4));
+        // Without probation a length that does not pay is 0, and skipping pauses.
+        // (min_acceptance 0: only the cost rule can stop it.)
+        let mut s = SpecState::default();
+        let no_floor = SpeculativeConfig {
+            min_acceptance: 0.0,
+            ..cfg.clone()
+        };
+        for _ in 0..3 {
+            s.record(2, 0, &no_floor);
+        }
+        assert_eq!((s.cooldown, s.backoff), (0, 0));
+        assert_eq!(s.draft_len(4, ALONE), 0);
+        s.skip(&no_floor);
+        assert_eq!((s.cooldown, s.backoff), (3, 1));
+        s.cooldown = 0;
+        s.skip(&no_floor);
+        assert_eq!((s.cooldown, s.backoff), (6, 2));
         // The pause is capped at 8 x cooldown_steps.
         let mut s = SpecState {
             backoff: 7,
@@ -254,6 +468,114 @@ mod tests {
             frequency_penalty: 0.5,
             ..SamplingParams::default()
         }));
+    }
+
+    #[test]
+    fn acceptance_is_tracked_per_draft_position() {
+        let cfg = SpeculativeConfig::default();
+        let mut s = SpecState::default();
+        assert_eq!(s.acceptance(3), vec![FIRST_PRIOR; 3]);
+        // 3 of 4 drafts held, then the 4th failed: positions 0..3 accepted, 3 checked and failed,
+        // 4.. never checked (their prior is the estimate one position earlier).
+        s.record(4, 3, &cfg);
+        let p = s.acceptance(6);
+        let w = PRIOR_WEIGHT;
+        let p0 = (1.0 + w * FIRST_PRIOR) / (1.0 + w);
+        let p1 = (1.0 + w * p0) / (1.0 + w);
+        let p2 = (1.0 + w * p1) / (1.0 + w);
+        let p3 = w * p2 / (1.0 + w);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(
+            close(p[0], p0) && close(p[1], p1) && close(p[2], p2),
+            "{p:?}"
+        );
+        assert!(close(p[3], p3) && p3 < 0.5, "{p:?}");
+        assert_eq!(p[4], p[3]);
+        assert_eq!(p[5], p[3]);
+        // Everything accepted; older counts decay by 0.9.
+        s.record(2, 2, &cfg);
+        assert_eq!(s.checked[0], 1.9);
+        assert_eq!(s.accepted[3], 0.0);
+        assert!((s.checked[3] - 0.9).abs() < 1e-12);
+        // `accepted` beyond `drafted` is clamped; nothing drafted records nothing.
+        let before = s.clone();
+        s.record(0, 0, &cfg);
+        assert_eq!(s, before);
+        s.record(1, 5, &cfg);
+        assert_eq!(s.checked[1], before.checked[1] * 0.9);
+    }
+
+    #[test]
+    fn the_draft_length_weighs_expected_tokens_against_the_row_price() {
+        let cfg = SpeculativeConfig::default();
+        // Drafts that always hold.
+        let mut sure = SpecState::default();
+        for _ in 0..30 {
+            sure.record(8, 8, &cfg);
+        }
+        // Cheap rows or dear (one costs the step's whole fixed part): the full length.
+        let cost = |row_ratio, batch| RowCost { row_ratio, batch };
+        assert_eq!(sure.draft_len(8, cost(0.1, 1)), 8);
+        assert_eq!(sure.draft_len(8, cost(1.0, 1)), 8);
+        // First draft held half the time, the later ones always (copying after a guess):
+        // worth it alone, not in a batch of 4 where the fixed cost is shared.
+        let mut half = SpecState::default();
+        for i in 0..40 {
+            half.record(8, if i % 2 == 0 { 8 } else { 0 }, &cfg);
+        }
+        assert_eq!(half.draft_len(8, cost(0.25, 1)), 8);
+        assert_eq!(half.draft_len(8, cost(1.0, 4)), 0);
+        // Drafts that hold 30% at each position: only a short draft pays when rows are cheap.
+        let mut weak = SpecState::default();
+        for i in 0..200 {
+            // 3 of 10 first drafts hold, 1 of 3 second ones.
+            let accepted = [1, 0, 0, 1, 0, 0, 0, 2, 0, 0][i % 10];
+            weak.record(3, accepted, &cfg);
+        }
+        let p = weak.acceptance(3);
+        assert!(p[0] > 0.2 && p[0] < 0.45, "{p:?}");
+        assert_eq!(weak.draft_len(8, cost(0.15, 1)), 1);
+        assert_eq!(weak.draft_len(8, cost(0.5, 1)), 0);
+        // At most `k`, and nothing for k = 0.
+        assert_eq!(sure.draft_len(3, cost(0.1, 1)), 3);
+        assert_eq!(sure.draft_len(0, cost(0.1, 1)), 0);
+    }
+
+    #[test]
+    fn step_cost_fits_the_price_of_a_row() {
+        let mut c = StepCost::default();
+        assert_eq!(c.fit(), None);
+        assert_eq!(c.row_ratio(), StepCost::DEFAULT_ROW_RATIO);
+        // Steps of one row only: no slope can be fitted.
+        for _ in 0..10 {
+            c.observe(1, 0.005);
+        }
+        assert_eq!(c.fit(), None);
+        // t = 4 ms + 1 ms per row, rows 1..=9.
+        for i in 0..200 {
+            let rows = 1 + i % 9;
+            c.observe(rows, 0.004 + 0.001 * rows as f64);
+        }
+        let (t0, t1) = c.fit().expect("fit");
+        assert!(
+            (t0 - 0.004).abs() < 2e-4 && (t1 - 0.001).abs() < 5e-5,
+            "{t0} {t1}"
+        );
+        assert!((c.row_ratio() - 0.25).abs() < 0.02);
+        // A descheduled step (10x slower), zero rows, huge batches and bad times are ignored.
+        let before = c.clone();
+        c.observe(2, 0.06);
+        c.observe(0, 0.004);
+        c.observe(StepCost::MAX_ROWS + 1, 1.0);
+        c.observe(3, f64::NAN);
+        c.observe(3, -1.0);
+        assert_eq!(c, before);
+        // The machine's price changes (rows now 2 ms each): the fit follows.
+        for i in 0..600 {
+            let rows = 1 + i % 9;
+            c.observe(rows, 0.004 + 0.002 * rows as f64);
+        }
+        assert!((c.row_ratio() - 0.5).abs() < 0.05, "{}", c.row_ratio());
     }
 
     use crate::sampling::{sample, RowParams};

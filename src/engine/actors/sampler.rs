@@ -115,6 +115,7 @@ impl SamplerActor {
         let mut serial_work: Vec<f32> = Vec::new();
         let mut guides: HashMap<u64, Guided> = HashMap::new();
         while let Ok(m) = self.rx.recv() {
+            let started = std::time::Instant::now();
             let step = m.batch.step_id;
             self.faults
                 .trigger(FaultActor::Sampler, 0, step, FaultKind::Die);
@@ -126,6 +127,7 @@ impl SamplerActor {
                 logits,
                 prompt_lp,
                 mut failed,
+                service,
                 ..
             } = m;
             let mut sampled: Vec<Vec<Sampled>> = vec![Vec::new(); batch.chunks.len()];
@@ -309,6 +311,7 @@ impl SamplerActor {
                     sampled,
                     prompt_lp,
                     failed,
+                    service: service + started.elapsed(),
                 })
                 .is_err()
             {

@@ -205,6 +205,7 @@ impl SchedulerActor {
             x: Vec::new(),
             failed: None,
             span,
+            service: Duration::ZERO,
         };
         match self.worker0.try_send(item) {
             Ok(()) => {
@@ -371,6 +372,7 @@ impl SchedulerActor {
             self.note_idle();
             return;
         }
+        self.sched.observe_step_cost(&r.batch, r.service);
         let tokens: Vec<Vec<u32>> = r
             .sampled
             .iter()
@@ -536,6 +538,7 @@ impl SchedulerActor {
             s.spec_steps = self.sched.counters.spec_steps;
             s.spec_draft_tokens = self.sched.counters.spec_draft_tokens;
             s.spec_accepted_tokens = self.sched.counters.spec_accepted_tokens;
+            s.spec_row_cost_ratio = self.sched.verify_row_ratio();
             s.worker_busy_s = self
                 .busy
                 .iter()

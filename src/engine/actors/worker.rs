@@ -91,13 +91,15 @@ impl WorkerActor {
                 }
             }
             let sent = if matches!(self.next, Next::Sampler(..)) {
-                let msg = self.head(item);
+                let mut msg = self.head(item);
+                msg.service += t0.elapsed();
                 self.add_busy(t0);
                 match &self.next {
                     Next::Sampler(tx, _) => tx.send(msg).is_ok(),
                     Next::Worker(_) => false,
                 }
             } else {
+                item.service += t0.elapsed();
                 self.add_busy(t0);
                 match &self.next {
                     Next::Worker(tx) => tx.send(item).is_ok(),
@@ -161,6 +163,7 @@ impl WorkerActor {
             x,
             failed,
             span,
+            service,
         } = item;
         let nchunks = batch.chunks.len();
         let mut msg = LogitsMsg {
@@ -170,6 +173,7 @@ impl WorkerActor {
             prompt_lp: vec![Vec::new(); nchunks],
             failed,
             span,
+            service,
         };
         if msg.failed.is_some() || nchunks == 0 {
             return msg;
