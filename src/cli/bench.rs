@@ -81,6 +81,10 @@ pub(crate) struct BenchArgs {
     /// Model file (GGUF) or known model name (smollm2-135m, gemma3-270m).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Jinja chat template file to use instead of the model's (`model.chat_template`),
+    /// for `--workload` (its prompts are chats).
+    #[arg(long, requires = "workload")]
+    chat_template: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -97,6 +101,9 @@ pub(crate) struct BenchArgs {
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
     let mut cfg = super::load_config(a.config.as_deref())?;
     a.spec.apply(&mut cfg)?;
+    if let Some(t) = &a.chat_template {
+        cfg.model.chat_template = Some(t.clone());
+    }
     let m = ModelArgs {
         model: a.model.clone(),
         threads: None,
@@ -220,6 +227,9 @@ fn print_table(r: &BenchReport) {
         "requests (ok / failed)",
         format!("{} / {}", r.num_requests, r.failed)
     );
+    if let Some(e) = &r.first_error {
+        println!("{:<34} {}", "first failure", e);
+    }
     println!(
         "{:<34} {:>12}",
         "workers x threads, concurrency",

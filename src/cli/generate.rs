@@ -18,6 +18,9 @@ pub(crate) struct GenerateArgs {
     /// Wrap the prompt as one user message through the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// Jinja chat template file to use instead of the model's (`model.chat_template`), for `--chat`.
+    #[arg(long, requires = "chat")]
+    chat_template: Option<std::path::PathBuf>,
     /// Maximum new tokens.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
@@ -73,6 +76,9 @@ pub(crate) struct GenerateArgs {
 pub(crate) fn run(a: GenerateArgs) -> Result<()> {
     let mut cfg = super::load_config(a.m.config.as_deref())?;
     a.spec.apply(&mut cfg)?;
+    if let Some(t) = &a.chat_template {
+        cfg.model.chat_template = Some(t.clone());
+    }
     let (model, tok) = super::load_with(&a.m, &cfg)?;
     let prompt = if a.chat {
         Prompt::Chat(vec![ChatMessage::new("user", a.prompt.clone())])

@@ -150,9 +150,11 @@ pub(crate) fn model_path(m: &ModelArgs, cfg: &Config) -> Result<PathBuf> {
     )?)
 }
 
-/// Loads the model and its tokenizer named by the flags under `cfg`.
+/// Loads the model and its tokenizer named by the flags under `cfg`, with the
+/// chat template of `model.chat_template` when given (`--chat-template` of
+/// `generate` and `bench` sets it).
 pub(crate) fn load_with(m: &ModelArgs, cfg: &Config) -> Result<(Arc<Model>, Arc<Tokenizer>)> {
-    Ok(brigade::model::load_with_tokenizer(&model_path(m, cfg)?)?)
+    serve::load_model(&model_path(m, cfg)?, cfg.model.chat_template.as_deref())
 }
 
 /// Loads the config named by the flags, then the model under it.
