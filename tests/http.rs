@@ -1111,6 +1111,9 @@ fn sigterm_drains_and_exits_zero() {
         let mut stream = resp.bytes_stream();
         let mut buf = Vec::new();
         buf.extend_from_slice(&stream.next().await.unwrap().unwrap());
+        // A kept-alive connection opened before the drain, for the probes.
+        let r = client.get(format!("{base}/health")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
         // SIGTERM while the request is running.
         let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         assert_eq!(rc, 0);
@@ -1119,7 +1122,10 @@ fn sigterm_drains_and_exits_zero() {
             // A kept-alive connection may be closed by the drain just as a probe
             // is sent on it (as with any server): that probe is retried.
             let r = client.get(format!("{base}/ready")).send().await;
-            if r.as_ref().is_ok_and(|r| r.status() == 503) {
+            if let Some(r) = r.as_ref().ok().filter(|r| r.status() == 503) {
+                // Answers during the drain close their connection, so the
+                // next request below cannot land on one the drain closes.
+                assert_eq!(r.headers()["connection"], "close");
                 break;
             }
             assert!(
@@ -1135,6 +1141,7 @@ fn sigterm_drains_and_exits_zero() {
             .await
             .unwrap();
         assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["connection"], "close");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"]["type"], "service_unavailable_error");
         while let Some(c) = stream.next().await {

@@ -177,6 +177,14 @@ async fn request_context(State(app): State<App>, mut req: Request, next: Next) -
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    // While draining, every answer closes its connection: a client must not
+    // reuse a kept-alive connection the drain is about to close under it.
+    if app.draining.load(Ordering::SeqCst) {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+    }
     resp
 }
 
