@@ -53,10 +53,10 @@ use super::{AttnShape, Isa, ATT_CHUNK, MAX_GROUP};
 pub const Q8_GROUP: usize = 32;
 
 /// Most query rows per tile.
-pub const MAX_TILE_ROWS: usize = 16;
+pub const MAX_TILE_ROWS: usize = 32;
 
 /// Most floats of per-tile accumulator state (rows x group x head_dim).
-const TILE_STATE: usize = 4096;
+const TILE_STATE: usize = 8192;
 
 /// Largest head size the tiled engines handle (larger heads run row by row).
 const MAX_TILE_HEAD_DIM: usize = 256;
@@ -234,6 +234,13 @@ impl Folds {
         }
     }
 
+    /// Whether row `i` reading block `bi` ends the segment it has state for
+    /// (so [`Self::enter`] will fold that state and reset it).
+    pub(super) fn leaves_segment(&self, s: &AttnShape, i: usize, bi: usize) -> bool {
+        let sidx = bi * s.block_size / seg_keys(s.block_size);
+        self.seg[i] != usize::MAX && self.seg[i] != sidx
+    }
+
     /// Row `i` is about to read block `bi`: when that starts a new segment
     /// for it, folds and resets its state (`m`, `l`, `acc`: the tile's
     /// arrays, pairs `i * g..` and `[i * g * hd..]`).
@@ -380,7 +387,7 @@ pub fn quantize_q8_group(x: &[f32], out: &mut [i8]) -> f16 {
 }
 
 /// Rows per tile for shape `s`: as many as keep the tile's accumulators
-/// (rows x group x head_dim floats) within 16 KiB, at most
+/// (rows x group x head_dim floats) within 32 KiB, at most
 /// [`MAX_TILE_ROWS`]; 1 for heads above 256.
 pub fn tile_rows(s: &AttnShape) -> usize {
     if s.head_dim > MAX_TILE_HEAD_DIM || s.group == 0 || s.head_dim == 0 {
@@ -1642,9 +1649,10 @@ mod tests {
             scale: 1.0,
             softcap: None,
         };
-        assert_eq!(tile_rows(&s(64, 3)), 16);
-        assert_eq!(tile_rows(&s(256, 4)), 4);
-        assert_eq!(tile_rows(&s(256, 16)), 1);
+        assert_eq!(tile_rows(&s(64, 3)), 32);
+        assert_eq!(tile_rows(&s(64, 8)), 16);
+        assert_eq!(tile_rows(&s(256, 4)), 8);
+        assert_eq!(tile_rows(&s(256, 16)), 2);
         assert_eq!(tile_rows(&s(512, 1)), 1);
     }
 }

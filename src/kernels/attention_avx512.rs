@@ -7,8 +7,9 @@
 //!
 //! Bit-exactness with the one-row kernel: per lane (one key) the same fused
 //! multiply-adds over `d` in the same order into the same two partial sums,
-//! the same masked max, `exp16`, horizontal sum and rescale per chunk (and
-//! the same shortcut when no score exceeds the running max), and
+//! the same masked max, `exp16` and rescale per chunk (and the same shortcut
+//! when no score exceeds the running max), the sums of exponentials kept per
+//! lane and reduced once per segment, and
 //! the same order of value accumulation over keys; the f32 buffers hold the
 //! values `cvtph` produces, so reading them instead of converting in place
 //! changes nothing.
@@ -30,7 +31,7 @@ const MAX_HD: usize = 256;
 /// Most (row, head) pairs of a tile.
 const MAX_PAIRS: usize = MAX_TILE_ROWS * MAX_GROUP;
 /// Floats of accumulator state (rows x group x head_dim).
-const STATE: usize = 4096;
+const STATE: usize = 8192;
 /// (row, head) pairs whose scores are accumulated in registers at once (two
 /// accumulators each: 12 registers, few enough to stay unrolled).
 const SCORE_PASS: usize = 6;
@@ -52,8 +53,12 @@ pub(in crate::kernels) enum Src {
 struct State {
     /// Running max per (row, head).
     m: [f32; MAX_PAIRS],
-    /// Running sum of exponentials per (row, head).
+    /// Sum of exponentials per (row, head), once reduced from `lv` (at a
+    /// segment's end).
     l: [f32; MAX_PAIRS],
+    /// Running sums of exponentials per (row, head) and lane (key offset
+    /// mod 16), as the one-row kernel keeps them.
+    lv: [[f32; 16]; MAX_PAIRS],
     /// This chunk's rescale factor per (row, head).
     corr: [f32; MAX_PAIRS],
     /// This chunk's scores, then its probabilities, per (row, head).
@@ -66,6 +71,36 @@ struct State {
     vf: [f32; MAX_HD * 16],
 }
 
+thread_local! {
+    /// Each thread's tile state (~134 KiB: built once, not zeroed per call).
+    static TILE: std::cell::RefCell<Box<State>> = std::cell::RefCell::new(Box::new(State::new()));
+}
+
+impl State {
+    fn new() -> Self {
+        State {
+            m: [f32::NEG_INFINITY; MAX_PAIRS],
+            l: [0.0; MAX_PAIRS],
+            lv: [[0.0; 16]; MAX_PAIRS],
+            corr: [0.0; MAX_PAIRS],
+            p: [[0.0; 16]; MAX_PAIRS],
+            acc: [0.0; STATE],
+            kf: [0.0; MAX_HD * 16],
+            vf: [0.0; MAX_HD * 16],
+        }
+    }
+
+    /// Fresh softmax state for `pairs` (row, head) pairs and `acc_len`
+    /// accumulators (the rest is written before it is read: scores and
+    /// probabilities per chunk, the chunk's keys and values).
+    fn reset(&mut self, pairs: usize, acc_len: usize) {
+        self.m[..pairs].fill(f32::NEG_INFINITY);
+        self.l[..pairs].fill(0.0);
+        self.lv[..pairs].fill([0.0; 16]);
+        self.acc[..acc_len].fill(0.0);
+    }
+}
+
 /// Tiled attention of the query heads of KV head `kvh` for the rows `keys`
 /// (row `i`: query at `q + i * qs`, output at `out + i * os`), each row's
 /// segments folded as in `attention::run_segments`. With `raw`, writes
@@ -74,8 +109,8 @@ struct State {
 ///
 /// # Safety
 /// CPU supports avx512f/bw/vl and f16c; `s.head_dim` is a multiple of 16 and
-/// at most 256; `keys.len() * s.group * s.head_dim <= 4096`, `keys.len() <=
-/// 16`, `s.group <= 16`; every row satisfies the one-row kernel's
+/// at most 256; `keys.len() * s.group * s.head_dim <= 8192`, `keys.len() <=
+/// 32`, `s.group <= 16`; every row satisfies the one-row kernel's
 /// preconditions (q/out hold `group * head_dim` floats at its offset, the
 /// table covers its keys, every block id of its key range is inside the K/V
 /// arrays, and for `q8_0` inside the scale arrays); with `raw`, `out + i *
@@ -101,15 +136,31 @@ pub(in crate::kernels) unsafe fn tile(
             && keys.len() * g * hd <= STATE
             && keys.len() <= MAX_TILE_ROWS
     );
-    let mut st = State {
-        m: [f32::NEG_INFINITY; MAX_PAIRS],
-        l: [0.0; MAX_PAIRS],
-        corr: [0.0; MAX_PAIRS],
-        p: [[0.0; 16]; MAX_PAIRS],
-        acc: [0.0; STATE],
-        kf: [0.0; MAX_HD * 16],
-        vf: [0.0; MAX_HD * 16],
-    };
+    TILE.with(|cell| {
+        let mut st = cell.borrow_mut();
+        st.reset(keys.len() * g, keys.len() * g * hd);
+        // SAFETY: the caller's contract.
+        unsafe { tile_with(&mut st, src, s, kvh, table, keys, q, qs, out, os, raw) }
+    });
+}
+
+/// [`tile`] on a reset state.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,f16c,fma")]
+unsafe fn tile_with(
+    st: &mut State,
+    src: &Src,
+    s: &AttnShape,
+    kvh: usize,
+    table: &[u32],
+    keys: &[Range<usize>],
+    q: *const f32,
+    qs: usize,
+    out: *mut f32,
+    os: usize,
+    raw: bool,
+) {
+    let (hd, g) = (s.head_dim, s.group);
     let mut folds = Folds::new();
     // Blocks any row reads (for the prefetch).
     let nblk = keys
@@ -119,6 +170,10 @@ pub(in crate::kernels) unsafe fn tile(
         .unwrap_or(0);
     for_each_block(s.block_size, keys, |bi, off, rows| {
         for &i in rows {
+            if folds.leaves_segment(s, i, bi) {
+                // SAFETY: the CPU features of this function.
+                unsafe { reduce_sums(&mut *st, i, g, true) };
+            }
             folds.enter(s, i, bi, &mut st.m, &mut st.l, &mut st.acc);
         }
         if let Some(&ahead) = table[..nblk.min(table.len())].get(bi + PREFETCH_BLOCKS) {
@@ -138,11 +193,12 @@ pub(in crate::kernels) unsafe fn tile(
                 keys,
                 q,
                 qs,
-                &mut st,
+                &mut *st,
             )
         }
     });
     for i in 0..keys.len() {
+        reduce_sums(&mut *st, i, g, false);
         folds.finish_row(s, i, &mut st.m, &mut st.l, &mut st.acc);
         if raw {
             let o = out.add(i * os);
@@ -161,6 +217,19 @@ pub(in crate::kernels) unsafe fn tile(
                 let a = _mm512_loadu_ps(st.acc.as_ptr().add(pi * hd + 16 * h));
                 _mm512_storeu_ps(out.add(i * os + gi * hd + 16 * h), _mm512_mul_ps(a, inv));
             }
+        }
+    }
+}
+
+/// Row `i`'s lane sums reduced into `st.l` (the one-row kernel's
+/// `_mm512_reduce_add_ps` at a segment's end); with `reset`, the lane sums
+/// start again from zero.
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce_sums(st: &mut State, i: usize, g: usize, reset: bool) {
+    for pi in i * g..(i + 1) * g {
+        st.l[pi] = _mm512_reduce_add_ps(_mm512_loadu_ps(st.lv[pi].as_ptr()));
+        if reset {
+            st.lv[pi] = [0.0; 16];
         }
     }
 }
@@ -233,7 +302,8 @@ unsafe fn block(
                 // No score above the running max: correction exp16(0) = 1
                 // (as in the one-row kernel).
                 let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, mo)));
-                st.l[pi] += _mm512_reduce_add_ps(pv);
+                let lv = st.lv[pi].as_mut_ptr();
+                _mm512_storeu_ps(lv, _mm512_add_ps(_mm512_loadu_ps(lv), pv));
                 _mm512_storeu_ps(st.p[pi].as_mut_ptr(), pv);
                 st.corr[pi] = 1.0;
                 continue;
@@ -242,7 +312,11 @@ unsafe fn block(
             let m_new = st.m[pi].max(bm);
             let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(st.m[pi] - m_new)));
             let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-            st.l[pi] = st.l[pi] * corr + _mm512_reduce_add_ps(pv);
+            let lv = st.lv[pi].as_mut_ptr();
+            _mm512_storeu_ps(
+                lv,
+                _mm512_fmadd_ps(_mm512_loadu_ps(lv), _mm512_set1_ps(corr), pv),
+            );
             st.m[pi] = m_new;
             _mm512_storeu_ps(st.p[pi].as_mut_ptr(), pv);
             st.corr[pi] = corr;
@@ -420,9 +494,12 @@ unsafe fn values<const NG: usize, const HC: usize>(p0: usize, n: usize, hd: usiz
     for h0 in (0..hd / 16).step_by(HC) {
         let mut a = [[_mm512_setzero_ps(); HC]; NG];
         for (x, ax) in a.iter_mut().enumerate() {
-            let cv = _mm512_set1_ps(st.corr[p0 + x]);
+            let corr = st.corr[p0 + x];
+            let cv = _mm512_set1_ps(corr);
             for (h, y) in ax.iter_mut().enumerate() {
-                *y = _mm512_mul_ps(_mm512_loadu_ps(acc.add((p0 + x) * hd + 16 * (h0 + h))), cv);
+                let v = _mm512_loadu_ps(acc.add((p0 + x) * hd + 16 * (h0 + h)));
+                // `acc * 1` is `acc` (the one-row kernel skips it too).
+                *y = if corr == 1.0 { v } else { _mm512_mul_ps(v, cv) };
             }
         }
         for j in 0..n {

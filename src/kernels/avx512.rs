@@ -711,7 +711,8 @@ pub(super) unsafe fn prefetch_kv_block(
 /// scores soft-capped when `softcap` is given; see
 /// [`super::scalar::attend`] for the layout and the steps, which this follows
 /// with 16 keys per register (scores of a chunk are one vector: no horizontal
-/// sums per key) and each K/V element converted once for all `G` heads.
+/// sums per key; the sum of exponentials is kept per lane and reduced once at
+/// the segment's end) and each K/V element converted once for all `G` heads.
 /// The output is accumulated `HC` vectors of the head at a time (`HC`
 /// divides `HV`; `G * HC` accumulators fit the 32 registers with the V row).
 ///
@@ -742,7 +743,9 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
     let hd = 16 * HV;
     let mut acc = [[_mm512_setzero_ps(); HV]; G];
     let mut m = [f32::NEG_INFINITY; G];
-    let mut l = [0.0f32; G];
+    // Sums of exponentials per lane (key offset mod 16), reduced once at
+    // the end: no horizontal sum per chunk.
+    let mut lv = [_mm512_setzero_ps(); G];
     let mut p = [[0.0f32; 16]; G];
     let mut corr_v = [_mm512_setzero_ps(); G];
     let scv = _mm512_set1_ps(scale);
@@ -818,7 +821,7 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
                     // the general step below, without its reduction and
                     // exponential).
                     let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, mo)));
-                    l[g] += _mm512_reduce_add_ps(pv);
+                    lv[g] = _mm512_add_ps(lv[g], pv);
                     _mm512_storeu_ps(p[g].as_mut_ptr(), pv);
                     corr_v[g] = _mm512_set1_ps(1.0);
                     continue;
@@ -828,10 +831,10 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
                 let m_new = m[g].max(bm);
                 let corr = _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[g] - m_new)));
                 let pv = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-                l[g] = l[g] * corr + _mm512_reduce_add_ps(pv);
+                corr_v[g] = _mm512_set1_ps(corr);
+                lv[g] = _mm512_fmadd_ps(lv[g], corr_v[g], pv);
                 m[g] = m_new;
                 _mm512_storeu_ps(p[g].as_mut_ptr(), pv);
-                corr_v[g] = _mm512_set1_ps(corr);
             }
             // (G, hd) = corr * (G, hd) + sum_j p[g][j] * V row of key c + j,
             // HC vectors of the head at a time: G x HC accumulators stay in
@@ -870,7 +873,7 @@ pub(super) unsafe fn attend_f16<const G: usize, const HV: usize, const HC: usize
     }
     for g in 0..G {
         *m_out.add(g) = m[g];
-        *l_out.add(g) = l[g];
+        *l_out.add(g) = _mm512_reduce_add_ps(lv[g]);
         for (h, a) in acc[g].iter().enumerate() {
             _mm512_storeu_ps(out.add(g * hd + 16 * h), *a);
         }
