@@ -481,14 +481,7 @@ fn gemma3_bench_workload_needs_and_takes_a_chat_template() {
         "{err}"
     );
     let out = run(&["--chat-template", "config/templates/gemma3.jinja"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value =
-        serde_json::from_str(&text[text.find('{').expect("a JSON object")..]).expect("JSON");
+    let v = common::bench_json(&out);
     assert_eq!(
         (v["num_requests"].as_u64(), v["failed"].as_u64()),
         (Some(2), Some(0)),

@@ -354,14 +354,7 @@ fn bench_spec_compare_rounds_report_every_round_and_the_median() {
         .args(["--rounds", "3"])
         .output()
         .expect("run brigade bench");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value =
-        serde_json::from_str(&text[text.find('{').expect("a JSON object")..]).expect("JSON");
+    let v = common::bench_json(&out);
     let rounds = common::floats(&v["speedups"]);
     assert_eq!(rounds.len(), 3, "{v}");
     assert!(rounds.iter().all(|&x| x > 0.0), "{rounds:?}");

@@ -115,6 +115,18 @@ pub fn floats(v: &serde_json::Value) -> Vec<f64> {
         .collect()
 }
 
+/// The JSON report of a successful `brigade bench --json` run (its stdout
+/// from the first `{`); panics with its stderr when it failed.
+pub fn bench_json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text[text.find('{').expect("a JSON object")..]).expect("JSON")
+}
+
 /// Teacher-forced agreement with a golden `logits.json`.
 #[derive(Debug, Default)]
 pub struct LogitStats {
