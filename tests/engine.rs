@@ -214,6 +214,22 @@ fn batch_invariance_bit_for_bit_across_workers_chunking_and_preemption() {
         }
         assert_pool_whole(&h);
     }
+    // One worker of two threads (whose pool threads poll for work while a
+    // micro-batch runs, when the cores allow): the same bits.
+    let mut c = config(1, 0, 8192, true);
+    c.runtime.threads_per_worker = Count::N(2);
+    let h = Engine::start(model.clone(), tok.clone(), c).unwrap();
+    let got = run_concurrent(&h, &many, &p);
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(
+            g,
+            &alone[i % prompts.len()],
+            "1 worker x 2 threads: request {i} ({:?}) differs from running alone",
+            many[i]
+        );
+    }
+    assert_pool_whole(&h);
+    drop(h);
     // The same tight pool with the admission reserve (the default policy): requests
     // wait instead of being admitted and preempted later; outputs unchanged.
     let mut c = config(2, 0, 320, true);

@@ -193,6 +193,7 @@ impl Engine {
                 scratch: Scratch::default(),
                 head_digits: config.runtime.head_digits(),
                 faults: faults.clone(),
+                keep_busy: workers * threads <= cores,
             };
             handles.push(spawn(format!("worker-{k}"), &sup, move || w.run())?);
             next_tx = Some(tx);
