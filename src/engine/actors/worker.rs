@@ -82,9 +82,16 @@ pub(crate) fn install_busy<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -
                 }
             }
         });
-        let r = f();
-        done.store(true, Ordering::Release);
-        r
+        // Set on return and on unwind (a panicking micro-batch is caught
+        // by the worker): the pollers always stop.
+        struct Done(Arc<AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _done = Done(done);
+        f()
     })
 }
 
@@ -367,6 +374,17 @@ mod tests {
                     (i * (19_999 * 20_000 / 2), 999 * 1000 / 2 + 1000 * i)
                 );
             }
+            // A panic inside stops the pollers too: the pool still serves.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                install_busy(&pool, || {
+                    (0..1000u64)
+                        .into_par_iter()
+                        .for_each(|x| assert!(x < 999, "boom"));
+                })
+            }));
+            assert!(r.is_err());
+            let n: u64 = install_busy(&pool, || (0..100u64).into_par_iter().sum());
+            assert_eq!(n, 4950);
         }
     }
 }
