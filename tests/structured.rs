@@ -249,12 +249,22 @@ fn json_schemas_validate_alone_and_64_at_once() {
             params: constrained(grammar, p),
             priority: 0,
         });
-        want.push((*name, schema));
+        want.push((*name, schema, i % 16 == 15));
     }
     let outs = run_all(&e, reqs);
     let mut bad = Vec::new();
-    for ((name, schema), (text, _, finish)) in want.iter().zip(&outs) {
-        if finish != &Some(FinishReason::Stop) {
+    for ((name, schema, free), (text, _, finish)) in want.iter().zip(&outs) {
+        if *free && finish == &Some(FinishReason::Length) {
+            // `json_object` does not bound the object: at temperature 0.9 the
+            // model may write one longer than max_tokens. What it wrote must
+            // still be an object cut short (a JSON prefix), never invalid.
+            let cut = serde_json::from_str::<Value>(text)
+                .err()
+                .is_some_and(|e| e.is_eof());
+            if !(text.trim_start().starts_with('{') && cut) {
+                bad.push(format!("{name} (json_object): cut at max_tokens but not a JSON object prefix: {text:?}"));
+            }
+        } else if finish != &Some(FinishReason::Stop) {
             bad.push(format!("{name}: finish {finish:?}: {text:?}"));
         } else if let Err(m) = validates(schema, text) {
             bad.push(format!("{name}: {m}"));
