@@ -170,33 +170,8 @@ fn batch_invariance_bit_for_bit_across_workers_chunking_and_preemption() {
     // 64 concurrent requests: each prompt twice.
     let mut many = prompts.clone();
     many.extend(prompts.iter().cloned());
-    let cases = [
-        (1, 0, 8192, true, "1 worker"),
-        (2, 0, 8192, true, "2 workers"),
-        (3, 0, 8192, false, "3 workers"),
-        (
-            2,
-            5,
-            8192,
-            true,
-            "2 workers, chunked prefill (5-token chunks)",
-        ),
-        (
-            2,
-            0,
-            320,
-            true,
-            "2 workers, KV pool of 320 tokens (forces preemption)",
-        ),
-    ];
-    for (workers, chunk, kv, prefix, name) in cases {
-        let h = Engine::start(
-            model.clone(),
-            tok.clone(),
-            config(workers, chunk, kv, prefix),
-        )
-        .unwrap();
-        let got = run_concurrent(&h, &many, &p);
+    // Every request of a concurrent run equals running it alone.
+    let same_as_alone = |name: &str, got: &[Vec<Out>]| {
         for (i, g) in got.iter().enumerate() {
             assert_eq!(
                 g,
@@ -205,6 +180,36 @@ fn batch_invariance_bit_for_bit_across_workers_chunking_and_preemption() {
                 many[i]
             );
         }
+    };
+    // (workers, threads per worker, prefill chunk, KV tokens, prefix cache, name).
+    let cases = [
+        (1, 1, 0, 8192, true, "1 worker"),
+        (2, 1, 0, 8192, true, "2 workers"),
+        (3, 1, 0, 8192, false, "3 workers"),
+        // Its pool threads poll for work while a micro-batch runs (when the cores allow).
+        (1, 2, 0, 8192, true, "1 worker x 2 threads"),
+        (
+            2,
+            1,
+            5,
+            8192,
+            true,
+            "2 workers, chunked prefill (5-token chunks)",
+        ),
+        (
+            2,
+            1,
+            0,
+            320,
+            true,
+            "2 workers, KV pool of 320 tokens (forces preemption)",
+        ),
+    ];
+    for (workers, threads, chunk, kv, prefix, name) in cases {
+        let mut c = config(workers, chunk, kv, prefix);
+        c.runtime.threads_per_worker = Count::N(threads);
+        let h = Engine::start(model.clone(), tok.clone(), c).unwrap();
+        same_as_alone(name, &run_concurrent(&h, &many, &p));
         let s = h.stats();
         if kv < 1000 {
             assert!(
@@ -214,36 +219,12 @@ fn batch_invariance_bit_for_bit_across_workers_chunking_and_preemption() {
         }
         assert_pool_whole(&h);
     }
-    // One worker of two threads (whose pool threads poll for work while a
-    // micro-batch runs, when the cores allow): the same bits.
-    let mut c = config(1, 0, 8192, true);
-    c.runtime.threads_per_worker = Count::N(2);
-    let h = Engine::start(model.clone(), tok.clone(), c).unwrap();
-    let got = run_concurrent(&h, &many, &p);
-    for (i, g) in got.iter().enumerate() {
-        assert_eq!(
-            g,
-            &alone[i % prompts.len()],
-            "1 worker x 2 threads: request {i} ({:?}) differs from running alone",
-            many[i]
-        );
-    }
-    assert_pool_whole(&h);
-    drop(h);
     // The same tight pool with the admission reserve (the default policy): requests
     // wait instead of being admitted and preempted later; outputs unchanged.
     let mut c = config(2, 0, 320, true);
     c.runtime.admission_reserve_tokens = 256;
     let h = Engine::start(model.clone(), tok.clone(), c).unwrap();
-    let got = run_concurrent(&h, &many, &p);
-    for (i, g) in got.iter().enumerate() {
-        assert_eq!(
-            g,
-            &alone[i % prompts.len()],
-            "admission reserve: request {i} ({:?}) differs from running alone",
-            many[i]
-        );
-    }
+    same_as_alone("admission reserve", &run_concurrent(&h, &many, &p));
     let s = h.stats();
     assert_eq!(
         s.preemptions, 0,
