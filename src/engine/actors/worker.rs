@@ -95,6 +95,15 @@ pub(crate) fn install_busy<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -
     })
 }
 
+/// `pool.install(f)`, with [`install_busy`] when `poll`.
+fn install_on<R: Send>(pool: &rayon::ThreadPool, poll: bool, f: impl FnOnce() -> R + Send) -> R {
+    if poll {
+        install_busy(pool, f)
+    } else {
+        pool.install(f)
+    }
+}
+
 impl WorkerActor {
     pub(crate) fn run(mut self) {
         while let Ok(mut item) = self.rx.recv() {
@@ -187,10 +196,7 @@ impl WorkerActor {
             &mut self.scratch,
         );
         match &self.pool {
-            Some(p) if self.keep_busy => install_busy(p, || {
-                model.forward_layers(range, &mut item.x, &chunks, kv, scratch, Some(p))
-            }),
-            Some(p) => p.install(|| {
+            Some(p) => install_on(p, self.keep_busy, || {
                 model.forward_layers(range, &mut item.x, &chunks, kv, scratch, Some(p))
             }),
             None => model.forward_layers(range, &mut item.x, &chunks, kv, scratch, None),
@@ -315,10 +321,9 @@ impl WorkerActor {
     fn logits(&mut self, xs: &[f32], out: &mut [f32]) {
         let (model, scratch, digits) = (&self.model, &mut self.scratch, self.head_digits);
         match &self.pool {
-            Some(p) if self.keep_busy => {
-                install_busy(p, || model.logits(xs, out, scratch, Some(p), digits))
-            }
-            Some(p) => p.install(|| model.logits(xs, out, scratch, Some(p), digits)),
+            Some(p) => install_on(p, self.keep_busy, || {
+                model.logits(xs, out, scratch, Some(p), digits)
+            }),
             None => model.logits(xs, out, scratch, None, digits),
         }
     }
